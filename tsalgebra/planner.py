@@ -1,0 +1,196 @@
+"""Contraction planning: choose a pairwise order for a tensor network.
+
+Path search is done by opt_einsum and is the expensive part, so orders are
+cached by topology (the einsum equation with canonical symbols): a second
+network with the same wiring but other sizes or data reuses the order and only
+recounts its cost.  Execution of a plan lives in :meth:`ContractionPlan.execute`
+and needs no further search.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import opt_einsum as oe
+
+from .expr import Network
+
+__all__ = ["ContractionStep", "ContractionPlan", "plan", "plan_equation", "plan_cache"]
+
+# Exhaustive search is affordable up to this many operands; beyond, greedy with
+# random restarts (opt_einsum's advice: 'optimal' explodes past ~8, 'dp' past ~16).
+_OPTIMAL_MAX = 6
+_DP_MAX = 14
+
+
+def choose_optimizer(n_operands: int) -> str:
+    """The opt_einsum optimizer used for a network of ``n_operands`` tensors."""
+    if n_operands <= _OPTIMAL_MAX:
+        return "optimal"
+    if n_operands <= _DP_MAX:
+        return "dp"
+    return "random-greedy-128"
+
+
+@dataclass(frozen=True)
+class ContractionStep:
+    """One pairwise contraction: ``operands`` index the current operand list
+    (contracted operands are removed, the result appended, as in opt_einsum)."""
+
+    operands: tuple[int, ...]
+    einsum: str
+
+
+@dataclass(frozen=True)
+class ContractionPlan:
+    """A contraction order for one equation at fixed shapes.
+
+    ``flops`` is opt_einsum's operation count and ``largest_intermediate`` the
+    element count of the biggest tensor formed on the way.
+    """
+
+    equation: str
+    shapes: tuple[tuple[int, ...], ...]
+    path: tuple[tuple[int, ...], ...]
+    steps: tuple[ContractionStep, ...]
+    flops: int
+    largest_intermediate: int
+    optimizer: str
+
+    def execute(self, *operands: Any, backend: str | None = None) -> Any:
+        """Contract ``operands`` (numpy, numpy object or torch arrays) in this order.
+
+        The backend is read from the operands unless given; torch operands may
+        live on any device.  Shapes must be those the plan was made for.
+        """
+        got = tuple(tuple(int(s) for s in op.shape) for op in operands)
+        if got != self.shapes:
+            raise ValueError(f"plan made for shapes {self.shapes}, called with {got}")
+        backend = backend or backend_of(operands)
+        if len(operands) == 1:  # nothing to pair; einsum still traces / transposes
+            return oe.contract(self.equation, operands[0], backend=backend)
+        return oe.contract(self.equation, *operands, optimize=[tuple(p) for p in self.path], backend=backend)
+
+    def summary(self) -> str:
+        lines = [
+            f"equation {self.equation}",
+            f"  optimizer {self.optimizer}, {len(self.steps)} pairwise steps, "
+            f"{self.flops:.3g} flops, largest intermediate {self.largest_intermediate} elements",
+        ]
+        lines += [f"  {s.operands}: {s.einsum}" for s in self.steps]
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "equation": self.equation,
+                "shapes": [list(s) for s in self.shapes],
+                "path": [list(p) for p in self.path],
+                "steps": [{"operands": list(s.operands), "einsum": s.einsum} for s in self.steps],
+                "flops": self.flops,
+                "largest_intermediate": self.largest_intermediate,
+                "optimizer": self.optimizer,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "ContractionPlan":
+        d = json.loads(text)
+        return cls(
+            d["equation"],
+            tuple(tuple(s) for s in d["shapes"]),
+            tuple(tuple(p) for p in d["path"]),
+            tuple(ContractionStep(tuple(s["operands"]), s["einsum"]) for s in d["steps"]),
+            int(d["flops"]),
+            int(d["largest_intermediate"]),
+            d["optimizer"],
+        )
+
+
+def backend_of(operands: Sequence[Any]) -> str:
+    """'torch' for torch tensors, 'object' for numpy object arrays, else 'numpy'."""
+    kinds = {type(op).__module__.split(".")[0] for op in operands}
+    if "torch" in kinds:
+        if kinds != {"torch"}:
+            raise TypeError("cannot mix torch tensors with other arrays in one contraction")
+        return "torch"
+    if any(getattr(op, "dtype", None) == object for op in operands):
+        return "object"
+    return "numpy"
+
+
+class PlanCache:
+    """Contraction orders keyed by equation (topology); counts hits and misses."""
+
+    def __init__(self) -> None:
+        self._paths: dict[str, tuple[tuple[tuple[int, ...], ...], str]] = {}
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, equation: str) -> tuple[tuple[tuple[int, ...], ...], str] | None:
+        with self._lock:
+            found = self._paths.get(equation)
+            if found is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+            return found
+
+    def put(self, equation: str, path: tuple[tuple[int, ...], ...], optimizer: str) -> None:
+        with self._lock:
+            self._paths[equation] = (path, optimizer)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._paths.clear()
+            self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def info(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "size": len(self._paths)}
+
+
+plan_cache = PlanCache()
+
+
+def plan_equation(equation: str, shapes: Sequence[Sequence[int]], optimizer: str | None = None) -> ContractionPlan:
+    """Plan ``equation`` for operands of ``shapes``, reusing a cached order.
+
+    A cache hit costs one cost count (linear in the number of steps); a miss
+    runs the path search of :func:`choose_optimizer` (or ``optimizer``).
+    """
+    shapes = tuple(tuple(int(s) for s in shape) for shape in shapes)
+    n = len(shapes)
+    cached = plan_cache.get(equation) if optimizer is None else None
+    if cached is None:
+        chosen = optimizer or choose_optimizer(n)
+        path, info = oe.contract_path(equation, *shapes, shapes=True, optimize=chosen)
+        if optimizer is None:
+            plan_cache.put(equation, tuple(tuple(p) for p in path), chosen)
+    else:
+        path, chosen = cached
+        path, info = oe.contract_path(equation, *shapes, shapes=True, optimize=[tuple(p) for p in path])
+    steps = tuple(ContractionStep(tuple(c[0]), c[2]) for c in info.contraction_list) if n > 1 else ()
+    return ContractionPlan(
+        equation,
+        shapes,
+        tuple(tuple(p) for p in path),
+        steps,
+        int(info.opt_cost),
+        int(info.largest_intermediate),
+        chosen,
+    )
+
+
+def plan(network: Network, output: Sequence[str] | None = None, optimizer: str | None = None) -> ContractionPlan:
+    """Plan the contraction of ``network``, keeping ``output`` legs open
+    (default: outputs, then inputs).  Tensors without data are fine: only
+    shapes matter.  See :func:`plan_equation` for caching."""
+    equation, tensors = network.einsum(output)
+    return plan_equation(equation, [t.shape for t in tensors], optimizer)
