@@ -10,10 +10,7 @@ import pytest
 import sympy
 import torch
 
-try:  # works whether or not tests/ is a package
-    from tests import oracles as O
-except ImportError:  # pragma: no cover
-    import oracles as O
+import oracles as O
 
 
 # ---------------------------------------------------------------------------
