@@ -234,12 +234,17 @@ def test_plan_json_round_trip():
     assert p.flops > 0 and p.largest_intermediate >= max(np.prod(s) for s in p.shapes[:1])
 
 
-def test_optimizer_choice_by_size():
+def test_optimizer_choice_by_size_and_cost():
     small = model_of(O.random_spec(np.random.default_rng(0), [2, 2], ["bilinear"]))
-    assert ts.plan(small.expression).optimizer == "optimal"
-    deep = model_of(O.random_spec(np.random.default_rng(0), [2, 2, 2, 2], ["bilinear"] * 3))
-    assert len(deep.expression.tensors) == 21
-    assert ts.plan(deep.expression).optimizer.startswith("random-greedy")
+    assert ts.plan(small.expression).optimizer == "optimal"  # few tensors: exhaustive
+    cheap = model_of(O.random_spec(np.random.default_rng(0), [2, 2, 2, 2], ["bilinear"] * 3))
+    assert len(cheap.expression.tensors) == 21
+    ts.plan_cache.clear()
+    assert ts.plan(cheap.expression).optimizer == "greedy"  # search cannot pay for itself
+    costly = model_of(O.random_spec(np.random.default_rng(0), [6, 6, 6, 6], ["bilinear"] * 3, hidden=8))
+    ts.plan_cache.clear()
+    p = ts.plan(costly.expression)
+    assert p.optimizer == "random-greedy-128" and p.flops > 1e6
 
 
 # ------------------------------------------------------------- bad input

@@ -26,3 +26,7 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+from .inner import CostError, InnerResult, inner, norm, similarity  # noqa: E402
+
+__all__ += ["CostError", "InnerResult", "inner", "norm", "similarity"]

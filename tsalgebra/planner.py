@@ -23,13 +23,21 @@ __all__ = ["ContractionStep", "ContractionPlan", "plan", "plan_equation", "plan_
 # Exhaustive search is affordable up to this many operands; beyond, greedy with
 # random restarts (opt_einsum's advice: 'optimal' explodes past ~8, 'dp' past ~16).
 _OPTIMAL_MAX = 6
-_DP_MAX = 14
+_DP_MAX = 16
+# A slow search only pays when the contraction itself is costly: below this many
+# flops (about a millisecond of work) the greedy order, found in about a
+# millisecond, is kept.  Sums over thousands of small pairing networks rely on it.
+SEARCH_WORTH_FLOPS = 1e6
 
 
-def choose_optimizer(n_operands: int) -> str:
-    """The opt_einsum optimizer used for a network of ``n_operands`` tensors."""
+def choose_optimizer(n_operands: int, greedy_flops: float | None = None) -> str:
+    """The opt_einsum optimizer for a network of ``n_operands`` tensors whose
+    greedy order costs ``greedy_flops``: exhaustive ('optimal', 'dp') for small
+    networks, 'random-greedy-128' beyond, 'greedy' when search cannot pay."""
     if n_operands <= _OPTIMAL_MAX:
         return "optimal"
+    if greedy_flops is not None and greedy_flops < SEARCH_WORTH_FLOPS:
+        return "greedy"
     if n_operands <= _DP_MAX:
         return "dp"
     return "random-greedy-128"
@@ -169,8 +177,14 @@ def plan_equation(equation: str, shapes: Sequence[Sequence[int]], optimizer: str
     n = len(shapes)
     cached = plan_cache.get(equation) if optimizer is None else None
     if cached is None:
-        chosen = optimizer or choose_optimizer(n)
-        path, info = oe.contract_path(equation, *shapes, shapes=True, optimize=chosen)
+        if optimizer is not None or n <= _OPTIMAL_MAX:
+            chosen = optimizer or "optimal"
+            path, info = oe.contract_path(equation, *shapes, shapes=True, optimize=chosen)
+        else:
+            path, info = oe.contract_path(equation, *shapes, shapes=True, optimize="greedy")
+            chosen = choose_optimizer(n, info.opt_cost)
+            if chosen != "greedy":
+                path, info = oe.contract_path(equation, *shapes, shapes=True, optimize=chosen)
         if optimizer is None:
             plan_cache.put(equation, tuple(tuple(p) for p in path), chosen)
     else:

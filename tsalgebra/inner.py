@@ -1,0 +1,456 @@
+"""Inner products, norms and similarities of tensor-based models.
+
+Three inner products (see docs/inner-products.md):
+
+- ``"gaussian"``: E over x ~ N(mean, cov) of f(x) . g(x);
+- ``"symmetric"``: Frobenius product of the symmetrized padded coefficient
+  tensors at a common degree k (the Bombieri product);
+- ``"network"``: the recursive per-layer product (a property of the
+  factorization, not only of the function, at depth >= 2).
+
+The exact methods of the first two share one mechanism: join the two
+networks, sum over pairings of their input legs (Gaussian: pairs joined by
+the padded covariance and singletons fed the padded mean; symmetric: cross
+pairs joined by the identity), one planned contraction per orbit of pairings
+under the declared symmetries, weighted by orbit size.  The constant output
+channel is always excluded.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable
+
+import numpy as np
+
+from . import pairings as P
+from .components import Component
+from .engine import contract
+from .expr import Network, Sum, Tensor
+from .planner import plan
+from .recursive import closure_moments, fold, network_gram
+
+__all__ = ["InnerResult", "CostError", "inner", "norm", "similarity", "DEFAULT_BUDGET", "MAX_PAIRINGS"]
+
+INNERS = ("gaussian", "symmetric", "network")
+METHODS = ("auto", "exact", "closure")
+DEFAULT_BUDGET = 1e11  # flops of all orbit contractions together
+MAX_PAIRINGS = 1_000_000  # pairings enumerated to find orbits (a Python-speed walk)
+
+
+class CostError(ValueError):
+    """A computation whose estimated cost exceeds the budget; nothing was allocated."""
+
+
+@dataclass(frozen=True)
+class InnerResult:
+    """A number with the facts needed to trust it.
+
+    ``value`` is a float (or an exact rational with exact weights, or a
+    vector with ``per_output``); ``exact`` is False only for approximations
+    (closure); ``contractions``/``flops`` are what was spent; ``pairings`` and
+    ``orbits`` count the raw and the contracted terms of exact enumeration.
+    """
+
+    value: Any
+    quantity: str  # "inner", "norm" or "similarity"
+    inner: str
+    method: str
+    exact: bool
+    algorithm: str
+    centered: bool = False
+    measure: str = ""
+    degree: int | None = None
+    lifted: bool = False
+    per_output: bool = False
+    contractions: int = 0
+    flops: int = 0
+    pairings: int = 0
+    orbits: int = 0
+    notes: tuple[str, ...] = field(default=())
+
+    def __float__(self) -> float:
+        if self.per_output:
+            raise TypeError("a per-output result is a vector; use .value")
+        return float(self.value)
+
+    def __repr__(self) -> str:
+        val = self.value if self.per_output else f"{float(self.value):.12g}"
+        flags = [self.inner, self.method + (" (approximate)" if not self.exact else ""), self.algorithm]
+        if self.centered:
+            flags.append("centred")
+        if self.measure:
+            flags.append(self.measure)
+        if self.degree is not None:
+            flags.append(f"degree {self.degree}" + (" (lifted)" if self.lifted else ""))
+        cost = f"{self.contractions} contractions, {self.flops:.3g} flops"
+        if self.pairings:
+            cost += f", {self.orbits} orbits of {self.pairings} pairings"
+        return f"{self.quantity} = {val}  [{', '.join(flags)}; {cost}]"
+
+
+# ----------------------------------------------------------------- inputs
+
+
+def _terms(model: Any) -> list[tuple[Any, Network]]:
+    """A model as weighted networks, bilinear nodes symmetrized so their
+    swaps are declared symmetries."""
+    if isinstance(model, Component):
+        return [(1, model.network(symmetric=True))]
+    if isinstance(model, Network):
+        return [(1, model)]
+    if isinstance(model, Sum):
+        return list(model.terms)
+    raise TypeError(f"expected a tsalgebra model, network or Sum, got {type(model).__name__}")
+
+
+def _widths(terms: list[tuple[Any, Network]], what: str) -> tuple[int, int]:
+    ins = {n.sizes[l] for _, n in terms for l in n.inputs}
+    outs = set()
+    for _, n in terms:
+        if len(n.outputs) != 1:
+            raise ValueError(f"{what}: inner products need one output leg, got {n.outputs}")
+        outs.add(n.sizes[n.outputs[0]])
+    if len(ins) > 1 or len(outs) != 1:
+        raise ValueError(f"{what}: terms disagree on widths (inputs {sorted(ins)}, outputs {sorted(outs)})")
+    return (ins.pop() if ins else 0), outs.pop()
+
+
+def _is_exact(terms: Iterable[tuple[Any, Network]]) -> bool:
+    return any(getattr(t.data, "dtype", None) == object for _, n in terms for t in n.tensors)
+
+
+def _array(values: Any, exact: bool) -> np.ndarray:
+    if type(values).__module__.split(".")[0] == "torch":
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype=object if exact else float)
+
+
+def _measure(d: int, mean: Any, cov: Any, exact: bool) -> tuple[np.ndarray, np.ndarray, str]:
+    """Padded mean [1; m] and covariance [[0, 0], [0, C]] of x ~ N(mean, cov)."""
+    m = np.zeros(d, dtype=object if exact else float) if mean is None else _array(mean, exact)
+    C = (np.eye(d, dtype=int).astype(object) if exact else np.eye(d)) if cov is None else _array(cov, exact)
+    if m.shape != (d,):
+        raise ValueError(f"mean has shape {m.shape}, expected ({d},) for input width {d}")
+    if C.shape != (d, d):
+        raise ValueError(f"cov has shape {C.shape}, expected ({d}, {d}) for input width {d}")
+    if not exact:
+        if not (np.isfinite(m).all() and np.isfinite(C).all()):
+            raise ValueError("mean or cov contains NaN or Inf")
+        if not np.allclose(C, C.T, rtol=0, atol=1e-12 * max(1.0, np.abs(C).max())):
+            raise ValueError("cov is not symmetric")
+        if np.linalg.eigvalsh(C).min() < -1e-10 * max(1.0, np.abs(C).max()):
+            raise ValueError("cov is not positive semi-definite")
+    elif not (C == C.T).all():
+        raise ValueError("cov is not symmetric")
+    mu = np.concatenate([np.array([1], dtype=m.dtype), m])
+    Ct = np.zeros((d + 1, d + 1), dtype=C.dtype)
+    Ct[1:, 1:] = C
+    label = "N(0, I)" if mean is None and cov is None else "N(mean, cov)"
+    return mu, Ct, label
+
+
+# ---------------------------------------------------- exact pairing sums
+
+
+def _lift(net: Network, k: int, exact: bool) -> Network:
+    """Raise a network to degree k with extra input legs fed the constant e0
+    (x~_0 = 1, so the function is unchanged).  The new legs are interchangeable."""
+    extra = k - net.degree
+    if extra <= 0:
+        return net
+    d1 = net.sizes[net.inputs[0]] if net.inputs else None
+    if d1 is None:
+        raise ValueError("cannot lift a constant network without knowing the input width")
+    e0 = np.zeros(d1, dtype=object if exact else float)
+    e0[0] = 1
+    new = tuple(Tensor.of(f"#e{j}", (f"#l{j}",), e0) for j in range(extra))
+    n0 = net.degree
+    syms = [tuple(p) + tuple(range(n0, k)) for p in net.symmetries]
+    for j in range(n0, k - 1):
+        syms.append(tuple(j + 1 if i == j else j if i == j + 1 else i for i in range(k)))
+    return Network(net.tensors + new, net.inputs + tuple(t.legs[0] for t in new), net.outputs, syms)
+
+
+def _same(a: Network, b: Network) -> bool:
+    """Identical networks (same wiring and equal data): the exchange of the
+    two sides is then a symmetry of every pairing term."""
+    if a is b:
+        return True
+    if a.einsum()[0] != b.einsum()[0] or a.symmetries != b.symmetries:
+        return False
+    return all(
+        x.shape == y.shape and x.data is not None and y.data is not None and bool(np.all(np.asarray(x.data) == np.asarray(y.data)))
+        for x, y in zip(a.tensors, b.tensors)
+    )
+
+
+@dataclass
+class _Tally:
+    contractions: int = 0
+    flops: int = 0
+    pairings: int = 0
+    orbits: int = 0
+
+    def add(self, other: "_Tally") -> None:
+        self.contractions += other.contractions
+        self.flops += other.flops
+        self.pairings += other.pairings
+        self.orbits += other.orbits
+
+
+def _pairing_network(A: Network, B: Network | None, partner: tuple[int, ...], kind: str,
+                     mu: np.ndarray | None, join: np.ndarray, out_join: np.ndarray | None) -> tuple[Network, tuple[str, ...]]:
+    """A and B joined under one pairing: pairs through ``join``, singletons fed
+    ``mu``; outputs through ``out_join`` (a scalar) or, if None, shared and
+    left open (one value per output channel)."""
+    legs = A.inputs + (B.inputs if B is not None else ())
+    tensors = list(A.tensors) + (list(B.tensors) if B is not None else [])
+    for i, j in enumerate(partner):
+        if j == i:
+            tensors.append(Tensor(f"#m{i}", (legs[i],), mu.shape, mu))
+        elif i < j:
+            tensors.append(Tensor(f"#c{i}", (legs[i], legs[j]), join.shape, join))
+    if B is None:
+        return Network(tuple(tensors), (), A.outputs), A.outputs
+    oa, ob = A.outputs[0], B.outputs[0]
+    if out_join is None:
+        tensors = tensors[: len(A.tensors)] + [t.relabel({ob: oa}) for t in tensors[len(A.tensors) :]]
+        return Network(tuple(tensors), (), (oa,)), (oa,)
+    tensors.append(Tensor("#out", (oa, ob), out_join.shape, out_join))
+    return Network(tuple(tensors), (), ()), ()
+
+
+def _orbit_sum(A: Network, B: Network | None, kind: str, mu: np.ndarray | None, join: np.ndarray,
+               out_join: np.ndarray | None, budget: float, use_orbits: bool = True) -> tuple[Any, _Tally]:
+    """Sum over every pairing of the input legs of A (and B) of the joined
+    contraction, taken once per orbit and weighted by the orbit size."""
+    ka = A.degree
+    kb = B.degree if B is not None else 0
+    n = ka + kb
+    raw = P.count_pairings(kind, n)
+    if raw > MAX_PAIRINGS:
+        raise CostError(
+            f"exact {kind} enumeration over {n} input legs has {raw:,} pairings (limit {MAX_PAIRINGS:,}); "
+            "use inner='network', or method='closure' (approximate, gaussian only)"
+        )
+    A = A.fresh("a.")
+    gens = [tuple(p) + tuple(range(ka, n)) for p in A.symmetries]
+    if B is not None:
+        B = B.fresh("b.")
+        gens += [tuple(range(ka)) + tuple(ka + q for q in p) for p in B.symmetries]
+        if ka == kb and _same(A, B):
+            gens.append(tuple(range(ka, n)) + tuple(range(ka)))
+    orbits = P.orbits(kind, n, tuple(gens) if use_orbits else ())
+    rep_net, _ = _pairing_network(A, B, orbits[0][0], kind, mu, join, out_join)
+    estimate = len(orbits) * plan(rep_net).flops
+    if estimate > budget:
+        raise CostError(
+            f"exact {kind} inner product: {len(orbits):,} orbit contractions of about "
+            f"{plan(rep_net).flops:.3g} flops each ({estimate:.3g} flops) exceed the budget of {budget:.3g}; "
+            "raise budget=..., or use inner='network', or method='closure' (approximate, gaussian only)"
+        )
+    total: Any = 0
+    tally = _Tally(pairings=raw, orbits=len(orbits))
+    for partner, size in orbits:
+        net, _ = _pairing_network(A, B, partner, kind, mu, join, out_join)
+        value, p = contract(net)
+        total = total + size * value
+        tally.contractions += 1
+        tally.flops += p.flops
+    return total, tally
+
+
+def _scale(value: Any, k: int, exact: bool) -> Any:
+    from fractions import Fraction
+
+    f = math.factorial(k)
+    return value * Fraction(1, f) if exact else value / f
+
+
+def _exact_inner(ta: list[tuple[Any, Network]], tb: list[tuple[Any, Network]], inner: str, *, mean: Any, cov: Any,
+                 centered: bool, per_output: bool, degree: int | None, budget: float,
+                 use_orbits: bool) -> tuple[Any, _Tally, dict[str, Any]]:
+    exact = _is_exact(ta) or _is_exact(tb)
+    d1, o1 = _widths(ta + tb, "a and b")
+    tally = _Tally()
+    info: dict[str, Any] = {}
+    out_join = None
+    if not per_output:
+        out_join = np.zeros((o1, o1), dtype=object if exact else float)
+        for o in range(1, o1):
+            out_join[o, o] = 1
+    total: Any = 0
+    if inner == "gaussian":
+        mu, C, info["measure"] = _measure(d1 - 1, mean, cov, exact)
+        for ca, A in ta:
+            for cb, B in tb:
+                v, t = _orbit_sum(A, B, "gaussian", mu, C, out_join, budget, use_orbits)
+                total = total + ca * cb * v
+                tally.add(t)
+        if centered:
+            means = []
+            for terms in (ta, tb):
+                m: Any = 0
+                for c, N in terms:
+                    v, t = _orbit_sum(N, None, "gaussian", mu, C, None, budget, use_orbits)
+                    m = m + c * v
+                    tally.add(t)
+                means.append(m)
+            prod = means[0][1:] * means[1][1:]
+            total = total - (prod if per_output else prod.sum())
+    else:
+        k = max(n.degree for _, n in ta + tb)
+        if degree is not None:
+            if degree < k:
+                raise ValueError(f"degree={degree} is below the models' degree {k}")
+            k = degree
+        eye = np.eye(d1, dtype=int).astype(object) if exact else np.eye(d1)
+        info["degree"], info["lifted"] = k, any(n.degree < k for _, n in ta + tb)
+        for ca, A in ta:
+            for cb, B in tb:
+                v, t = _orbit_sum(_lift(A, k, exact), _lift(B, k, exact), "symmetric", None, eye, out_join, budget, use_orbits)
+                total = total + ca * cb * _scale(v, k, exact)
+                tally.add(t)
+    if per_output:
+        total = total[1:]
+    return total, tally, info
+
+
+# ------------------------------------------------------------ public API
+
+
+def _check_args(inner_: str, method: str, centered: bool) -> None:
+    if inner_ not in INNERS:
+        raise ValueError(f"inner must be one of {INNERS}, got {inner_!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "closure" and inner_ != "gaussian":
+        raise ValueError("method='closure' is a Gaussian moment method; use it with inner='gaussian'")
+    if centered and inner_ != "gaussian":
+        raise ValueError("centered=True is defined for the gaussian inner product only")
+
+
+def _check_pair(a: Any, b: Any) -> None:
+    if isinstance(a, Component) and isinstance(b, Component):
+        if a.in_features != b.in_features:
+            raise ValueError(f"input widths differ: {a!r} takes {a.in_features}, {b!r} takes {b.in_features}")
+        if a.out_features != b.out_features:
+            raise ValueError(f"output widths differ: {a!r} gives {a.out_features}, {b!r} gives {b.out_features}")
+
+
+def inner(
+    a: Any,
+    b: Any,
+    inner: str = "gaussian",
+    method: str = "auto",
+    mean: Any = None,
+    cov: Any = None,
+    *,
+    centered: bool = False,
+    per_output: bool = False,
+    degree: int | None = None,
+    budget: float = DEFAULT_BUDGET,
+    orbits: bool = True,
+) -> InnerResult:
+    """<a, b> under the chosen inner product, summed over output channels
+    (constant channel excluded), or one value per channel with ``per_output``.
+
+    ``method``: "exact" (pairing orbits for gaussian/symmetric, the Gram
+    recursion for network), "closure" (Gaussian moment propagation;
+    approximate, gaussian only) or "auto" (exact if its estimated cost is
+    within ``budget`` flops, else :class:`CostError` naming the estimate and
+    the alternatives; never an approximation).  ``degree`` fixes the common
+    degree of the symmetric product (default: the larger model degree).
+    ``orbits=False`` sums every pairing one by one (slow; a check on the
+    declared symmetries, which orbit grouping trusts).
+
+    Cost: exact enumeration is exponential in the number of input copies
+    (orbits of pairings, each a contraction of the two factored models);
+    network and closure are O(depth h^2 d).
+    """
+    _check_args(inner, method, centered)
+    _check_pair(a, b)
+    if inner == "network":
+        for m in (a, b):
+            if not isinstance(m, Component):
+                raise TypeError("the network inner product needs layered models (Linear/Bilinear/Sequential)")
+        G = network_gram(a, b)
+        diag = np.diag(G)[1:]
+        n = len(fold(a)[0]) or 1
+        h2d = G.size * max(a.in_features, b.in_features)
+        return InnerResult(diag if per_output else float(diag.sum()), "inner", "network", "exact", True,
+                           "Gram recursion", per_output=per_output, contractions=n, flops=int(8 * h2d))
+    if method == "closure":
+        for m in (a, b):
+            if not isinstance(m, Component):
+                raise TypeError("closure needs layered models (Linear/Bilinear/Sequential)")
+        mu, C, label = _measure(a.in_features, mean, cov, False)
+        mom_mean, M, steps = closure_moments(a, b, mu[1:], C[1:, 1:])
+        oa = a.out_features + 1
+        cross = np.diag(M[:oa, oa:])[1:]
+        if centered:
+            cross = cross - mom_mean[1:oa] * mom_mean[oa + 1 :]
+        exact_here = steps <= 1
+        notes = () if exact_here else (f"Gaussian closure over {steps} bilinear layers: approximate",)
+        return InnerResult(cross if per_output else float(cross.sum()), "inner", "gaussian", "closure", exact_here,
+                           "moment closure", centered=centered, measure=label, per_output=per_output,
+                           contractions=steps, notes=notes)
+    value, tally, info = _exact_inner(_terms(a), _terms(b), inner, mean=mean, cov=cov, centered=centered,
+                                      per_output=per_output, degree=degree, budget=budget,
+                                      use_orbits=orbits)
+    if not per_output and not _is_exact(_terms(a) + _terms(b)):
+        value = float(value)
+    return InnerResult(value, "inner", inner, "exact", True, "pairing orbits", centered=centered,
+                       measure=info.get("measure", ""), degree=info.get("degree"), lifted=info.get("lifted", False),
+                       per_output=per_output, contractions=tally.contractions, flops=tally.flops,
+                       pairings=tally.pairings, orbits=tally.orbits)
+
+
+def norm(a: Any, inner: str = "gaussian", method: str = "auto", mean: Any = None, cov: Any = None,
+         **kwargs: Any) -> InnerResult:
+    """sqrt(<a, a>) with the metadata of :func:`inner`."""
+    r = globals()["inner"](a, a, inner, method, mean, cov, **kwargs)
+    v = np.sqrt(np.maximum(np.asarray(r.value, dtype=float), 0.0))
+    return replace(r, value=v if r.per_output else float(v), quantity="norm")
+
+
+def similarity(a: Any, b: Any, inner: str = "gaussian", method: str = "auto", mean: Any = None, cov: Any = None,
+               **kwargs: Any) -> InnerResult:
+    """The cosine <a, b> / sqrt(<a, a> <b, b>), with the metadata of :func:`inner`
+    and the summed cost of the three inner products.
+
+    A model of zero norm raises ValueError (the cosine is undefined); with
+    ``per_output`` a dead output channel gives NaN and a warning.  Round-off
+    beyond [-1, 1] (at most 1e-9) is clipped; more would be a bug and raises.
+    """
+    ip = globals()["inner"]
+    ab = ip(a, b, inner, method, mean, cov, **kwargs)
+    aa = ab if a is b else ip(a, a, inner, method, mean, cov, **kwargs)
+    bb = ab if a is b else ip(b, b, inner, method, mean, cov, **kwargs)
+    x, y, z = (np.asarray(r.value, dtype=float) for r in (ab, aa, bb))
+    if not ab.per_output and (y <= 0 or z <= 0):
+        which = "a" if y <= 0 else "b"
+        raise ValueError(f"model {which} has zero norm under the {inner} inner product; the similarity is undefined")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = x / np.sqrt(y * z)
+    if ab.per_output and not np.isfinite(cos).all():
+        warnings.warn("some output channels have zero norm; their similarity is NaN", RuntimeWarning, stacklevel=2)
+    excess = np.nanmax(np.abs(cos)) - 1 if np.isfinite(cos).any() else 0
+    if excess > 1e-9:
+        raise ArithmeticError(f"|cosine| exceeds 1 by {excess:.3g}: the inner product is not positive definite here")
+    cos = np.clip(cos, -1.0, 1.0)
+    spent = [r for r in ({id(r): r for r in (ab, aa, bb)}).values()]
+    return replace(
+        ab,
+        value=cos if ab.per_output else float(cos),
+        quantity="similarity",
+        exact=all(r.exact for r in spent),
+        contractions=sum(r.contractions for r in spent),
+        flops=sum(r.flops for r in spent),
+        pairings=sum(r.pairings for r in spent),
+        orbits=sum(r.orbits for r in spent),
+        notes=tuple(dict.fromkeys(n for r in spent for n in r.notes)),
+    )
