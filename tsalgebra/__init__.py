@@ -30,3 +30,9 @@ __version__ = "0.1.0"
 from .inner import CostError, InnerResult, inner, norm, similarity  # noqa: E402
 
 __all__ += ["CostError", "InnerResult", "inner", "norm", "similarity"]
+
+from . import circuits  # noqa: E402
+from .symbolic import Polynomial, from_sympy, to_sympy  # noqa: E402
+from .verify import Verification, exactify, verify  # noqa: E402
+
+__all__ += ["Polynomial", "Verification", "circuits", "exactify", "from_sympy", "to_sympy", "verify"]

@@ -12,7 +12,7 @@ x_i * 1, so the engine never meets a special case.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -86,6 +86,11 @@ class Component(ABC):
     def weights(self) -> list[np.ndarray]:
         """Every weight array (for hashing, equality and dtype checks)."""
 
+    @abstractmethod
+    def map_weights(self, fn: Callable[[np.ndarray], Any]) -> "Component":
+        """The same architecture with ``fn`` applied to every weight array
+        (e.g. to convert dtypes); the input is not modified."""
+
     @property
     def layers(self) -> tuple["Component", ...]:
         return (self,)
@@ -128,6 +133,9 @@ class Linear(Component):
 
     def weights(self) -> list[np.ndarray]:
         return [self.weight] + ([self.bias] if self.bias is not None else [])
+
+    def map_weights(self, fn: Callable[[np.ndarray], Any]) -> "Linear":
+        return Linear(fn(self.weight), None if self.bias is None else fn(self.bias), name=self.name)
 
     def padded(self) -> np.ndarray:
         """W~ of shape (out+1, in+1): [[1, 0], [bias, weight]]."""
@@ -187,6 +195,11 @@ class Bilinear(Component):
     def weights(self) -> list[np.ndarray]:
         ws = [self.left, self.right, self.down]
         return ws + [b for b in (self.left_bias, self.right_bias, self.down_bias) if b is not None]
+
+    def map_weights(self, fn: Callable[[np.ndarray], Any]) -> "Bilinear":
+        opt = lambda w: None if w is None else fn(w)  # noqa: E731
+        return Bilinear(fn(self.left), fn(self.right), fn(self.down), opt(self.left_bias), opt(self.right_bias),
+                        opt(self.down_bias), residual=self.residual, name=self.name)
 
     def padded(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(L~, R~, D~) with B~[o,i,j] = sum_u D~[o,u] L~[u,i] R~[u,j] on x~.
@@ -266,6 +279,9 @@ class Sequential(Component):
 
     def weights(self) -> list[np.ndarray]:
         return [w for layer in self._layers for w in layer.weights()]
+
+    def map_weights(self, fn: Callable[[np.ndarray], Any]) -> "Sequential":
+        return Sequential(*(layer.map_weights(fn) for layer in self._layers))
 
     def network(self, symmetric: bool = False, tag: str = "") -> Network:
         net = self._layers[0].network(symmetric, f"{tag}1")

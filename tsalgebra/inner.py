@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
 import numpy as np
+import sympy
 
 from . import pairings as P
 from .components import Component
@@ -77,7 +78,9 @@ class InnerResult:
         return float(self.value)
 
     def __repr__(self) -> str:
-        val = self.value if self.per_output else f"{float(self.value):.12g}"
+        val = self.value
+        if not self.per_output and isinstance(val, float):
+            val = f"{val:.12g}"
         flags = [self.inner, self.method + (" (approximate)" if not self.exact else ""), self.algorithm]
         if self.centered:
             flags.append("centred")
@@ -413,8 +416,32 @@ def norm(a: Any, inner: str = "gaussian", method: str = "auto", mean: Any = None
          **kwargs: Any) -> InnerResult:
     """sqrt(<a, a>) with the metadata of :func:`inner`."""
     r = globals()["inner"](a, a, inner, method, mean, cov, **kwargs)
+    if not r.per_output and not isinstance(r.value, float):
+        return replace(r, value=sympy.sqrt(_to_sympy(r.value)), quantity="norm")
     v = np.sqrt(np.maximum(np.asarray(r.value, dtype=float), 0.0))
     return replace(r, value=v if r.per_output else float(v), quantity="norm")
+
+
+def _to_sympy(v: Any) -> Any:
+    from fractions import Fraction
+
+    return sympy.Rational(v.numerator, v.denominator) if isinstance(v, Fraction) else sympy.sympify(v)
+
+
+def _float_cosine(ab: InnerResult, aa: InnerResult, bb: InnerResult, inner: str) -> Any:
+    x, y, z = (np.asarray(r.value, dtype=float) for r in (ab, aa, bb))
+    if not ab.per_output and (y <= 0 or z <= 0):
+        which = "a" if y <= 0 else "b"
+        raise ValueError(f"model {which} has zero norm under the {inner} inner product; the similarity is undefined")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = x / np.sqrt(y * z)
+    if ab.per_output and not np.isfinite(cos).all():
+        warnings.warn("some output channels have zero norm; their similarity is NaN", RuntimeWarning, stacklevel=3)
+    excess = np.nanmax(np.abs(cos)) - 1 if np.isfinite(cos).any() else 0
+    if excess > 1e-9:
+        raise ArithmeticError(f"|cosine| exceeds 1 by {excess:.3g}: the inner product is not positive definite here")
+    cos = np.clip(cos, -1.0, 1.0)
+    return cos if ab.per_output else float(cos)
 
 
 def similarity(a: Any, b: Any, inner: str = "gaussian", method: str = "auto", mean: Any = None, cov: Any = None,
@@ -430,22 +457,18 @@ def similarity(a: Any, b: Any, inner: str = "gaussian", method: str = "auto", me
     ab = ip(a, b, inner, method, mean, cov, **kwargs)
     aa = ab if a is b else ip(a, a, inner, method, mean, cov, **kwargs)
     bb = ab if a is b else ip(b, b, inner, method, mean, cov, **kwargs)
-    x, y, z = (np.asarray(r.value, dtype=float) for r in (ab, aa, bb))
-    if not ab.per_output and (y <= 0 or z <= 0):
-        which = "a" if y <= 0 else "b"
-        raise ValueError(f"model {which} has zero norm under the {inner} inner product; the similarity is undefined")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = x / np.sqrt(y * z)
-    if ab.per_output and not np.isfinite(cos).all():
-        warnings.warn("some output channels have zero norm; their similarity is NaN", RuntimeWarning, stacklevel=2)
-    excess = np.nanmax(np.abs(cos)) - 1 if np.isfinite(cos).any() else 0
-    if excess > 1e-9:
-        raise ArithmeticError(f"|cosine| exceeds 1 by {excess:.3g}: the inner product is not positive definite here")
-    cos = np.clip(cos, -1.0, 1.0)
+    if not ab.per_output and not isinstance(ab.value, float):  # exact or symbolic: keep it so
+        x, y, z = (_to_sympy(r.value) for r in (ab, aa, bb))
+        if y == 0 or z == 0:
+            raise ValueError(f"model {'a' if y == 0 else 'b'} has zero norm under the {inner} inner product; "
+                             "the similarity is undefined")
+        cos = sympy.simplify(x / sympy.sqrt(y * z))
+    else:
+        cos = _float_cosine(ab, aa, bb, inner)
     spent = [r for r in ({id(r): r for r in (ab, aa, bb)}).values()]
     return replace(
         ab,
-        value=cos if ab.per_output else float(cos),
+        value=cos,
         quantity="similarity",
         exact=all(r.exact for r in spent),
         contractions=sum(r.contractions for r in spent),

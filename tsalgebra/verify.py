@@ -1,0 +1,177 @@
+"""Is this circuit that component?  A verdict with its evidence.
+
+All figures come from one function-level inner product (gaussian by default):
+with <f,f>, <c,c>, <f,c> for the component f and the circuit c,
+
+- similarity        <f,c> / sqrt(<f,f><c,c>)
+- relative residual ||f - c||^2 / ||f||^2
+- explained         <f,c>^2 / (<f,f><c,c>): the share of ||f||^2 captured by
+                    the best multiple of c, which is scale = <f,c> / <c,c>.
+
+With exact weights (Fractions, sympy numbers) the verdict is exact: "equal",
+"equal up to scale" or "different", the last with the residual polynomial as
+a certificate.  In floating point it is a tolerance verdict and says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Sequence
+
+import numpy as np
+import sympy
+
+from .circuits import EigenCircuit, project, top_eigen
+from .components import Component
+from .inner import inner as inner_product
+from .symbolic import default_symbols, from_sympy, to_sympy
+
+__all__ = ["Verification", "verify", "exactify"]
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The report of :func:`verify`.  Per-output figures are arrays over the
+    component's outputs; ``faithfulness`` lists (k, similarity, residual) for
+    eigen-circuits as k grows."""
+
+    verdict: str
+    exact: bool
+    inner: str
+    similarity: Any
+    relative_residual: Any
+    explained: Any
+    scale: Any
+    per_output: dict[str, np.ndarray]
+    certificate: Any = None
+    tolerance: float | None = None
+    faithfulness: tuple[tuple[int, float, float], ...] = field(default=())
+
+    def __repr__(self) -> str:
+        how = "exact arithmetic" if self.exact else f"floating point, tolerance {self.tolerance:g}"
+        lines = [
+            f"verdict: {self.verdict} ({how}, {self.inner} inner product)",
+            f"  similarity {float(self.similarity):.12g}, relative residual {float(self.relative_residual):.6g}, "
+            f"explained {float(self.explained):.6g}, best scale {float(self.scale):.6g}",
+        ]
+        if self.certificate is not None:
+            lines.append(f"  certificate (component - circuit): {self.certificate}")
+        if self.faithfulness:
+            lines.append("  faithfulness as k grows: " + ", ".join(f"k={k}: {s:.4f}" for k, s, _ in self.faithfulness))
+        return "\n".join(lines)
+
+
+def _fractions(a: np.ndarray) -> np.ndarray:
+    return a if a.dtype == object else np.vectorize(lambda v: Fraction(float(v)), otypes=[object])(a)
+
+
+def exactify(model: Component) -> Component:
+    """The same model with every float weight replaced by the exact rational
+    it stores (a binary fraction), so exact verdicts apply to float weights."""
+    return model.map_weights(_fractions)
+
+
+def _as_model(circuit: Any, component: Component, symbols: Sequence[sympy.Symbol] | None) -> Component:
+    if isinstance(circuit, Component):
+        return circuit
+    if isinstance(circuit, (sympy.Basic, list, tuple, str)):
+        xs = tuple(symbols) if symbols is not None else default_symbols(component.in_features)
+        exprs = [sympy.sympify(c) for c in (circuit if isinstance(circuit, (list, tuple)) else [circuit])]
+        stray = set().union(*(e.free_symbols for e in exprs)) - set(xs)
+        if stray:
+            raise ValueError(f"the circuit uses symbols {sorted(map(str, stray))} that are not inputs {list(map(str, xs))}; "
+                             "pass symbols=[...] in input order")
+        if len(exprs) != component.out_features:
+            raise ValueError(f"the circuit has {len(exprs)} outputs, the component {component.out_features}")
+        return from_sympy(exprs, xs)
+    raise TypeError(f"a circuit is a sympy formula, a list of formulas or a tsalgebra model, not {type(circuit).__name__}")
+
+
+def _figures(ff: Any, cc: Any, fc: Any, exact: bool) -> tuple[Any, Any, Any, Any]:
+    if exact:
+        ff, cc, fc = (sympy.nsimplify(v) if isinstance(v, float) else sympy.sympify(
+            sympy.Rational(v.numerator, v.denominator) if isinstance(v, Fraction) else v) for v in (ff, cc, fc))
+        sim = sympy.simplify(fc / sympy.sqrt(ff * cc)) if ff and cc else sympy.nan
+        return sim, (ff + cc - 2 * fc) / ff, (fc**2 / (ff * cc) if cc else 0), (fc / cc if cc else 0)
+    ff, cc, fc = (np.asarray(v, dtype=float) for v in (ff, cc, fc))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sim = fc / np.sqrt(ff * cc)
+        residual = (ff + cc - 2 * fc) / ff
+        explained = np.where(cc > 0, fc**2 / (ff * cc), 0.0)
+        scale = np.where(cc > 0, fc / cc, 0.0)
+    return sim, np.maximum(residual, 0.0), explained, scale
+
+
+def verify(
+    circuit: Any,
+    component: Component,
+    inner: str = "gaussian",
+    exact: bool | None = None,
+    *,
+    symbols: Sequence[sympy.Symbol] | None = None,
+    tol: float = 1e-9,
+    **inner_kwargs: Any,
+) -> Verification:
+    """Compare ``circuit`` (a sympy formula or list of formulas in ``symbols``,
+    default x1..xd; a tsalgebra model; or ``circuits.top_eigen(...)``) with
+    ``component`` over all inputs.
+
+    ``exact=None`` uses exact arithmetic when both sides have exact weights;
+    ``exact=True`` converts float weights to the rationals they store
+    (slow; small models); ``exact=False`` works in float64 with tolerance
+    ``tol`` on the relative residual.  ``inner`` is "gaussian" (extra keyword
+    arguments such as mean and cov pass through) or "symmetric".
+    """
+    if inner not in ("gaussian", "symmetric"):
+        raise ValueError("verify needs a function-level inner product: 'gaussian' or 'symmetric' "
+                         "(the network product also depends on the factorization)")
+    c = _as_model(circuit, component, symbols)
+    if c.in_features != component.in_features or c.out_features != component.out_features:
+        raise ValueError(f"the circuit maps {c.in_features} -> {c.out_features}, "
+                         f"the component {component.in_features} -> {component.out_features}")
+    if exact is None:
+        exact = component.exact and c.exact
+    f = exactify(component) if exact and not component.exact else component
+    c = exactify(c) if exact and not c.exact else c
+    if not exact:
+        f, c = (m.map_weights(lambda w: np.asarray(w, dtype=float)) if m.exact else m for m in (f, c))
+    kw = dict(inner_kwargs)
+    if inner == "symmetric":
+        kw.setdefault("degree", max(f.degree, c.degree))
+    ff = inner_product(f, f, inner, **kw).value
+    if (ff == 0) if exact else (float(ff) <= 0):
+        raise ValueError("the component has zero norm: nothing to explain")
+    cc = inner_product(c, c, inner, **kw).value
+    fc = inner_product(f, c, inner, **kw).value
+    sim, residual, explained, scale = _figures(ff, cc, fc, exact)
+    pf, pc, pfc = (inner_product(x, y, inner, per_output=True, **kw).value for x, y in ((f, f), (c, c), (f, c)))
+    po = dict(zip(("similarity", "relative_residual", "explained", "scale"),
+                  (np.asarray(v, dtype=float) for v in _figures(pf.astype(float), pc.astype(float), pfc.astype(float), False))))
+    certificate = None
+    if exact:
+        if residual == 0:
+            verdict = "equal"
+        elif explained == 1:
+            verdict = "equal up to scale"
+        else:
+            verdict = "different"
+            try:
+                certificate = [sympy.expand(p - q) for p, q in zip(to_sympy(f, symbols), to_sympy(c, symbols))]
+            except ValueError:
+                certificate = None
+    else:
+        verdict = ("equal (within tolerance)" if residual <= tol
+                   else "equal up to scale (within tolerance)" if 1 - explained <= tol else "different")
+    curve: tuple[tuple[int, float, float], ...] = ()
+    if isinstance(circuit, EigenCircuit):
+        rows = []
+        for k in range(1, circuit.source.in_features + 2):
+            cut = top_eigen(circuit.source, circuit.output, k)
+            target = project(circuit.source, circuit.output)
+            a_, b_, ab_ = (inner_product(x, y, inner, **kw).value for x, y in ((target, target), (cut, cut), (target, cut)))
+            s_, r_, _, _ = _figures(a_, b_, ab_, False)
+            rows.append((k, float(s_), float(r_)))
+        curve = tuple(rows)
+    return Verification(verdict, bool(exact), inner, sim, residual, explained, scale, po, certificate,
+                        None if exact else tol, curve)
