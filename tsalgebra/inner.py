@@ -404,8 +404,10 @@ def inner(
     value, tally, info = _exact_inner(_terms(a), _terms(b), inner, mean=mean, cov=cov, centered=centered,
                                       per_output=per_output, degree=degree, budget=budget,
                                       use_orbits=orbits)
-    if not per_output and not _is_exact(_terms(a) + _terms(b)):
-        value = float(value)
+    if not _is_exact(_terms(a) + _terms(b)):
+        value = value if per_output else float(value)
+    else:
+        value = np.vectorize(_exact_number, otypes=[object])(value) if per_output else _exact_number(value)
     return InnerResult(value, "inner", inner, "exact", True, "pairing orbits", centered=centered,
                        measure=info.get("measure", ""), degree=info.get("degree"), lifted=info.get("lifted", False),
                        per_output=per_output, contractions=tally.contractions, flops=tally.flops,
@@ -420,6 +422,17 @@ def norm(a: Any, inner: str = "gaussian", method: str = "auto", mean: Any = None
         return replace(r, value=sympy.sqrt(_to_sympy(r.value)), quantity="norm")
     v = np.sqrt(np.maximum(np.asarray(r.value, dtype=float), 0.0))
     return replace(r, value=v if r.per_output else float(v), quantity="norm")
+
+
+def _exact_number(v: Any) -> Any:
+    """Exact results are Fractions when rational, sympy expressions when symbolic."""
+    if isinstance(v, sympy.Basic):
+        v = sympy.expand(v)
+        if v.is_Rational:
+            from fractions import Fraction
+
+            return Fraction(int(v.p), int(v.q))
+    return v
 
 
 def _to_sympy(v: Any) -> Any:
