@@ -63,5 +63,5 @@ def test_code_paths_agree_with_formula():
     point = {s: sympy.Rational(np.random.default_rng(0).integers(-9, 9), 7) for s in want.free_symbols}
     fA = A.map_weights(lambda w: np.array([[float(sympy.sympify(v).subs(point)) for v in row] for row in np.atleast_2d(w)]).reshape(w.shape))
     fB = B.map_weights(lambda w: np.array([[float(sympy.sympify(v).subs(point)) for v in row] for row in np.atleast_2d(w)]).reshape(w.shape))
-    G = network_gram(fA, fB)
+    G, _ = network_gram(fA, fB)
     assert abs(float(np.trace(G[1:, 1:])) - float(want.subs(point))) < 1e-9 * max(1.0, abs(float(want.subs(point))))

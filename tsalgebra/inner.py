@@ -26,11 +26,9 @@ from typing import Any, Iterable
 import numpy as np
 import sympy
 
-from . import pairings as P
 from .components import Component
-from .engine import contract
-from .expr import Network, Sum, Tensor
-from .planner import plan
+from .expr import Network, Sum
+from .pairing_sum import MAX_PAIRINGS, CostError, Joins, Tally, lift, orbit_sum
 from .recursive import closure_moments, fold, network_gram
 
 __all__ = ["InnerResult", "CostError", "inner", "norm", "similarity", "DEFAULT_BUDGET", "MAX_PAIRINGS"]
@@ -38,11 +36,6 @@ __all__ = ["InnerResult", "CostError", "inner", "norm", "similarity", "DEFAULT_B
 INNERS = ("gaussian", "symmetric", "network")
 METHODS = ("auto", "exact", "closure")
 DEFAULT_BUDGET = 1e11  # flops of all orbit contractions together
-MAX_PAIRINGS = 1_000_000  # pairings enumerated to find orbits (a Python-speed walk)
-
-
-class CostError(ValueError):
-    """A computation whose estimated cost exceeds the budget; nothing was allocated."""
 
 
 @dataclass(frozen=True)
@@ -139,14 +132,14 @@ def _measure(d: int, mean: Any, cov: Any, exact: bool) -> tuple[np.ndarray, np.n
         raise ValueError(f"mean has shape {m.shape}, expected ({d},) for input width {d}")
     if C.shape != (d, d):
         raise ValueError(f"cov has shape {C.shape}, expected ({d}, {d}) for input width {d}")
-    if not exact:
+    if not exact and (mean is not None or cov is not None):
         if not (np.isfinite(m).all() and np.isfinite(C).all()):
             raise ValueError("mean or cov contains NaN or Inf")
         if not np.allclose(C, C.T, rtol=0, atol=1e-12 * max(1.0, np.abs(C).max())):
             raise ValueError("cov is not symmetric")
         if np.linalg.eigvalsh(C).min() < -1e-10 * max(1.0, np.abs(C).max()):
             raise ValueError("cov is not positive semi-definite")
-    elif not (C == C.T).all():
+    elif exact and not (C == C.T).all():
         raise ValueError("cov is not symmetric")
     mu = np.concatenate([np.array([1], dtype=m.dtype), m])
     Ct = np.zeros((d + 1, d + 1), dtype=C.dtype)
@@ -158,114 +151,6 @@ def _measure(d: int, mean: Any, cov: Any, exact: bool) -> tuple[np.ndarray, np.n
 # ---------------------------------------------------- exact pairing sums
 
 
-def _lift(net: Network, k: int, exact: bool) -> Network:
-    """Raise a network to degree k with extra input legs fed the constant e0
-    (x~_0 = 1, so the function is unchanged).  The new legs are interchangeable."""
-    extra = k - net.degree
-    if extra <= 0:
-        return net
-    d1 = net.sizes[net.inputs[0]] if net.inputs else None
-    if d1 is None:
-        raise ValueError("cannot lift a constant network without knowing the input width")
-    e0 = np.zeros(d1, dtype=object if exact else float)
-    e0[0] = 1
-    new = tuple(Tensor.of(f"#e{j}", (f"#l{j}",), e0) for j in range(extra))
-    n0 = net.degree
-    syms = [tuple(p) + tuple(range(n0, k)) for p in net.symmetries]
-    for j in range(n0, k - 1):
-        syms.append(tuple(j + 1 if i == j else j if i == j + 1 else i for i in range(k)))
-    return Network(net.tensors + new, net.inputs + tuple(t.legs[0] for t in new), net.outputs, syms)
-
-
-def _same(a: Network, b: Network) -> bool:
-    """Identical networks (same wiring and equal data): the exchange of the
-    two sides is then a symmetry of every pairing term."""
-    if a is b:
-        return True
-    if a.einsum()[0] != b.einsum()[0] or a.symmetries != b.symmetries:
-        return False
-    return all(
-        x.shape == y.shape and x.data is not None and y.data is not None and bool(np.all(np.asarray(x.data) == np.asarray(y.data)))
-        for x, y in zip(a.tensors, b.tensors)
-    )
-
-
-@dataclass
-class _Tally:
-    contractions: int = 0
-    flops: int = 0
-    pairings: int = 0
-    orbits: int = 0
-
-    def add(self, other: "_Tally") -> None:
-        self.contractions += other.contractions
-        self.flops += other.flops
-        self.pairings += other.pairings
-        self.orbits += other.orbits
-
-
-def _pairing_network(A: Network, B: Network | None, partner: tuple[int, ...], kind: str,
-                     mu: np.ndarray | None, join: np.ndarray, out_join: np.ndarray | None) -> tuple[Network, tuple[str, ...]]:
-    """A and B joined under one pairing: pairs through ``join``, singletons fed
-    ``mu``; outputs through ``out_join`` (a scalar) or, if None, shared and
-    left open (one value per output channel)."""
-    legs = A.inputs + (B.inputs if B is not None else ())
-    tensors = list(A.tensors) + (list(B.tensors) if B is not None else [])
-    for i, j in enumerate(partner):
-        if j == i:
-            tensors.append(Tensor(f"#m{i}", (legs[i],), mu.shape, mu))
-        elif i < j:
-            tensors.append(Tensor(f"#c{i}", (legs[i], legs[j]), join.shape, join))
-    if B is None:
-        return Network(tuple(tensors), (), A.outputs), A.outputs
-    oa, ob = A.outputs[0], B.outputs[0]
-    if out_join is None:
-        tensors = tensors[: len(A.tensors)] + [t.relabel({ob: oa}) for t in tensors[len(A.tensors) :]]
-        return Network(tuple(tensors), (), (oa,)), (oa,)
-    tensors.append(Tensor("#out", (oa, ob), out_join.shape, out_join))
-    return Network(tuple(tensors), (), ()), ()
-
-
-def _orbit_sum(A: Network, B: Network | None, kind: str, mu: np.ndarray | None, join: np.ndarray,
-               out_join: np.ndarray | None, budget: float, use_orbits: bool = True) -> tuple[Any, _Tally]:
-    """Sum over every pairing of the input legs of A (and B) of the joined
-    contraction, taken once per orbit and weighted by the orbit size."""
-    ka = A.degree
-    kb = B.degree if B is not None else 0
-    n = ka + kb
-    raw = P.count_pairings(kind, n)
-    if raw > MAX_PAIRINGS:
-        raise CostError(
-            f"exact {kind} enumeration over {n} input legs has {raw:,} pairings (limit {MAX_PAIRINGS:,}); "
-            "use inner='network', or method='closure' (approximate, gaussian only)"
-        )
-    A = A.fresh("a.")
-    gens = [tuple(p) + tuple(range(ka, n)) for p in A.symmetries]
-    if B is not None:
-        B = B.fresh("b.")
-        gens += [tuple(range(ka)) + tuple(ka + q for q in p) for p in B.symmetries]
-        if ka == kb and _same(A, B):
-            gens.append(tuple(range(ka, n)) + tuple(range(ka)))
-    orbits = P.orbits(kind, n, tuple(gens) if use_orbits else ())
-    rep_net, _ = _pairing_network(A, B, orbits[0][0], kind, mu, join, out_join)
-    estimate = len(orbits) * plan(rep_net).flops
-    if estimate > budget:
-        raise CostError(
-            f"exact {kind} inner product: {len(orbits):,} orbit contractions of about "
-            f"{plan(rep_net).flops:.3g} flops each ({estimate:.3g} flops) exceed the budget of {budget:.3g}; "
-            "raise budget=..., or use inner='network', or method='closure' (approximate, gaussian only)"
-        )
-    total: Any = 0
-    tally = _Tally(pairings=raw, orbits=len(orbits))
-    for partner, size in orbits:
-        net, _ = _pairing_network(A, B, partner, kind, mu, join, out_join)
-        value, p = contract(net)
-        total = total + size * value
-        tally.contractions += 1
-        tally.flops += p.flops
-    return total, tally
-
-
 def _scale(value: Any, k: int, exact: bool) -> Any:
     from fractions import Fraction
 
@@ -275,22 +160,21 @@ def _scale(value: Any, k: int, exact: bool) -> Any:
 
 def _exact_inner(ta: list[tuple[Any, Network]], tb: list[tuple[Any, Network]], inner: str, *, mean: Any, cov: Any,
                  centered: bool, per_output: bool, degree: int | None, budget: float,
-                 use_orbits: bool) -> tuple[Any, _Tally, dict[str, Any]]:
+                 use_orbits: bool) -> tuple[Any, Tally, dict[str, Any]]:
     exact = _is_exact(ta) or _is_exact(tb)
     d1, o1 = _widths(ta + tb, "a and b")
-    tally = _Tally()
+    tally = Tally()
     info: dict[str, Any] = {}
-    out_join = None
+    out_mask = None
     if not per_output:
-        out_join = np.zeros((o1, o1), dtype=object if exact else float)
-        for o in range(1, o1):
-            out_join[o, o] = 1
+        out_mask = np.array([0] + [1] * (o1 - 1), dtype=object if exact else float)
     total: Any = 0
     if inner == "gaussian":
         mu, C, info["measure"] = _measure(d1 - 1, mean, cov, exact)
+        joins = Joins.gaussian(mu, C)
         for ca, A in ta:
             for cb, B in tb:
-                v, t = _orbit_sum(A, B, "gaussian", mu, C, out_join, budget, use_orbits)
+                v, t = orbit_sum(A, B, joins, out_mask, budget, use_orbits)
                 total = total + ca * cb * v
                 tally.add(t)
         if centered:
@@ -298,7 +182,7 @@ def _exact_inner(ta: list[tuple[Any, Network]], tb: list[tuple[Any, Network]], i
             for terms in (ta, tb):
                 m: Any = 0
                 for c, N in terms:
-                    v, t = _orbit_sum(N, None, "gaussian", mu, C, None, budget, use_orbits)
+                    v, t = orbit_sum(N, None, joins, None, budget, use_orbits)
                     m = m + c * v
                     tally.add(t)
                 means.append(m)
@@ -310,11 +194,11 @@ def _exact_inner(ta: list[tuple[Any, Network]], tb: list[tuple[Any, Network]], i
             if degree < k:
                 raise ValueError(f"degree={degree} is below the models' degree {k}")
             k = degree
-        eye = np.eye(d1, dtype=int).astype(object) if exact else np.eye(d1)
+        joins = Joins.identity(d1, exact)
         info["degree"], info["lifted"] = k, any(n.degree < k for _, n in ta + tb)
         for ca, A in ta:
             for cb, B in tb:
-                v, t = _orbit_sum(_lift(A, k, exact), _lift(B, k, exact), "symmetric", None, eye, out_join, budget, use_orbits)
+                v, t = orbit_sum(lift(A, k, exact), lift(B, k, exact), joins, out_mask, budget, use_orbits)
                 total = total + ca * cb * _scale(v, k, exact)
                 tally.add(t)
     if per_output:
@@ -380,18 +264,16 @@ def inner(
         for m in (a, b):
             if not isinstance(m, Component):
                 raise TypeError("the network inner product needs layered models (Linear/Bilinear/Sequential)")
-        G = network_gram(a, b)
+        G, flops = network_gram(a, b)
         diag = np.diag(G)[1:]
-        n = len(fold(a)[0]) or 1
-        h2d = G.size * max(a.in_features, b.in_features)
         return InnerResult(diag if per_output else float(diag.sum()), "inner", "network", "exact", True,
-                           "Gram recursion", per_output=per_output, contractions=n, flops=int(8 * h2d))
+                           "Gram recursion", per_output=per_output, contractions=len(fold(a)[0]) or 1, flops=flops)
     if method == "closure":
         for m in (a, b):
             if not isinstance(m, Component):
                 raise TypeError("closure needs layered models (Linear/Bilinear/Sequential)")
         mu, C, label = _measure(a.in_features, mean, cov, False)
-        mom_mean, M, steps = closure_moments(a, b, mu[1:], C[1:, 1:])
+        mom_mean, M, steps, flops = closure_moments(a, b, mu[1:], C[1:, 1:])
         oa = a.out_features + 1
         cross = np.diag(M[:oa, oa:])[1:]
         if centered:
@@ -400,7 +282,7 @@ def inner(
         notes = () if exact_here else (f"Gaussian closure over {steps} bilinear layers: approximate",)
         return InnerResult(cross if per_output else float(cross.sum()), "inner", "gaussian", "closure", exact_here,
                            "moment closure", centered=centered, measure=label, per_output=per_output,
-                           contractions=steps, notes=notes)
+                           contractions=steps, flops=flops, notes=notes)
     value, tally, info = _exact_inner(_terms(a), _terms(b), inner, mean=mean, cov=cov, centered=centered,
                                       per_output=per_output, degree=degree, budget=budget,
                                       use_orbits=orbits)

@@ -50,8 +50,17 @@ def fold(model: Component) -> tuple[list[Block], np.ndarray | None]:
     return blocks, (pending if not blocks else None)
 
 
-def network_gram(a: Component, b: Component) -> np.ndarray:
-    """The final cross Gram matrix (out+1, out+1) of the network inner product.
+def _chain_flops(*mats: np.ndarray) -> int:
+    """Flops of multiplying the matrices left to right."""
+    rows, total = mats[0].shape[0], 0
+    for m in mats[1:]:
+        total += 2 * rows * m.shape[0] * m.shape[1]
+    return total
+
+
+def network_gram(a: Component, b: Component) -> tuple[np.ndarray, int]:
+    """The final cross Gram matrix (out+1, out+1) of the network inner
+    product, and the flops spent.
 
     G_0 = I; G_{l+1} = Da [1/2 ((La G Lb^T) * (Ra G Rb^T) + (La G Rb^T) * (Ra G Lb^T))] Db^T.
     """
@@ -63,12 +72,14 @@ def network_gram(a: Component, b: Component) -> np.ndarray:
             f"layers and {b!r} has {len(bb)} (Linear layers fold into their neighbours)"
         )
     if not ba:
-        return wa @ wb.T
+        return wa @ wb.T, _chain_flops(wa, wb.T)
     G = np.eye(a.in_features + 1)
+    flops = 0
     for (La, Ra, Da), (Lb, Rb, Db) in zip(ba, bb):
         core = 0.5 * ((La @ G @ Lb.T) * (Ra @ G @ Rb.T) + (La @ G @ Rb.T) * (Ra @ G @ Lb.T))
+        flops += 4 * _chain_flops(La, G, Lb.T) + 3 * core.size + _chain_flops(Da, core, Db.T)
         G = Da @ core @ Db.T
-    return G
+    return G, flops
 
 
 def _linear_block(W: np.ndarray) -> Block:
@@ -85,10 +96,10 @@ def _block_diag(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return out
 
 
-def closure_moments(a: Component, b: Component, mean: np.ndarray, cov: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+def closure_moments(a: Component, b: Component, mean: np.ndarray, cov: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Joint (mean, second moment) of [f~(x); g~(x)] under Gaussian closure,
-    and the number of closure steps (bilinear layers beyond the first count
-    as approximations).  ``mean`` (d,), ``cov`` (d, d)."""
+    the number of closure steps (bilinear layers beyond the first count as
+    approximations) and the flops spent.  ``mean`` (d,), ``cov`` (d, d)."""
     ba, wa = fold(a)
     bb, wb = fold(b)
     ba = ba or [_linear_block(wa)]
@@ -100,6 +111,7 @@ def closure_moments(a: Component, b: Component, mean: np.ndarray, cov: np.ndarra
     M0 = C0 + np.outer(mu0, mu0)
     M = np.block([[M0, M0], [M0, M0]])
     steps = max(len(ba), len(bb))
+    flops = 0
     for t in range(steps):
         # the shallower model waits at its output (an identity block)
         blk_a = ba[t] if t < len(ba) else _linear_block(np.eye(ba[-1][2].shape[0]))
@@ -110,5 +122,6 @@ def closure_moments(a: Component, b: Component, mean: np.ndarray, cov: np.ndarra
         pair = np.diag(LMR)
         mean_prod = lm * rm
         Q = np.outer(pair, pair) + LML * RMR + LMR * LMR.T - 2 * np.outer(mean_prod, mean_prod)
+        flops += 3 * _chain_flops(L, M, R.T) + 2 * _chain_flops(L, mu[:, None]) + _chain_flops(D, Q, D.T) + 8 * Q.size
         mu, M = D @ pair, D @ Q @ D.T
-    return mu, M, steps
+    return mu, M, steps, flops
