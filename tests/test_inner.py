@@ -188,6 +188,43 @@ def test_network_needs_same_structure():
         ts.inner(a, b, "network")
 
 
+# ------------------------------------------------------------- quadrature
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_quadrature_agrees_with_enumeration(centered):
+    """Two independent exact algorithms on the same depth-2 pair."""
+    from tsalgebra.inner import _terms
+    from tsalgebra.quadrature import quadrature_inner
+
+    rng = np.random.default_rng(20)
+    a, b = (model_of(O.random_spec(rng, [2, 3, 2], ["bilinear", "bilinear"], hidden=2, residual=True)) for _ in range(2))
+    mean, cov = gaussian_params(2, 21)
+    enum = ts.inner(a, b, mean=mean, cov=cov, centered=centered, per_output=True)
+    quad, points, _ = quadrature_inner(_terms(a), _terms(b), mean, cov, centered, True, 1e12)
+    assert points == 5**2  # degree 8 in z: 5 nodes per coordinate
+    np.testing.assert_allclose(quad, enum.value, rtol=1e-10)
+
+
+def test_depth_three_gaussian_falls_back_to_quadrature():
+    """Depth 3 has 46 million pairings; at input width 2 the Gauss-Hermite grid
+    is exact.  The slow twin is sympy's exact integration of the expanded
+    polynomials (weights are multiples of 1/4, so exact in float)."""
+    rng = np.random.default_rng(22)
+    spec = O.random_spec(rng, [2, 2, 2, 2], ["bilinear"] * 3, hidden=2, residual=True, scale=0.6)
+    for layer in spec:
+        for key, val in layer.items():
+            if isinstance(val, np.ndarray):
+                layer[key] = np.round(val * 4) / 4
+    model = model_of(spec)
+    r = ts.inner(model, model)
+    assert r.exact and r.algorithm == "Gauss-Hermite quadrature" and r.notes
+    x = sympy.symbols("x1 x2")
+    polys = O.sympy_polynomials(spec, x)
+    want = float(O.sympy_gaussian_inner(polys, polys, x))
+    assert rel(r.value, want) < 1e-10
+
+
 # ------------------------------------------------------------- Monte Carlo
 
 
@@ -315,7 +352,7 @@ def test_bad_input():
         ts.inner(a, a, mean=np.zeros(2))
     with pytest.raises(ts.CostError, match="exceed the budget.*closure"):
         ts.inner(a, a, budget=10)
-    deep = model_of(O.random_spec(rng, [2, 2, 2, 2], ["bilinear"] * 3))
-    with pytest.raises(ts.CostError, match="pairings"):
-        ts.inner(deep, deep)  # 16 input legs: refused before any contraction
+    deep = model_of(O.random_spec(rng, [12, 2, 2, 2], ["bilinear"] * 3))
+    with pytest.raises(ts.CostError, match="pairings.*quadrature needs 9\\^12"):
+        ts.inner(deep, deep)  # 16 input legs and 12 input coordinates: refused before any contraction
     assert not ts.similarity(deep, deep, method="closure").exact  # the offered alternative works

@@ -13,7 +13,7 @@ import numpy as np
 from .expr import Network, Tensor
 from .planner import ContractionPlan, plan_equation
 
-__all__ = ["contract", "evaluate", "pad_input", "to_backend"]
+__all__ = ["contract", "evaluate", "evaluation_network", "pad_input", "to_backend"]
 
 BATCH = "#batch"  # reserved leg name: '#' never occurs in builder-made names
 
@@ -82,6 +82,13 @@ def contract(
     return p.execute(*arrays), p
 
 
+def evaluation_network(network: Network, n: int) -> Network:
+    """The model network fed n samples: one copy of x~ (shape (n, d+1)) per
+    input leg, the batch leg shared by all copies and left open first."""
+    copies = tuple(Tensor(f"#x{k}", (BATCH, leg), (n, network.sizes[leg])) for k, leg in enumerate(network.inputs))
+    return Network(network.tensors + copies, (), (BATCH,) + network.outputs)
+
+
 def evaluate(network: Network, x: Any) -> Any:
     """Apply a model network to a batch ``x`` of shape (n, d): contract it with
     one copy of x~ per input leg, the batch leg shared (a hyperedge).
@@ -98,11 +105,8 @@ def evaluate(network: Network, x: Any) -> Any:
             x = x.astype(np.float64)
     xt = pad_input(x)
     n = int(x.shape[0])
-    copies = tuple(Tensor(f"#x{k}", (BATCH, leg), xt.shape) for k, leg in enumerate(network.inputs))
-    full = Network(network.tensors + copies, (), (BATCH,) + network.outputs)
-    data = {c.name: xt for c in copies}
-    if not copies:  # a constant network: contract once, then repeat per sample
+    if not network.inputs:  # a constant network: contract once, then repeat per sample
         const, _ = contract(network, output=network.outputs, like=xt)
         return const[None].repeat(n, 0) if not _is_torch(const) else const.unsqueeze(0).expand(n, *const.shape)
-    out, _ = contract(full, data, like=xt)
+    out, _ = contract(evaluation_network(network, n), {f"#x{k}": xt for k in range(network.degree)}, like=xt)
     return out

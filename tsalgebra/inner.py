@@ -29,6 +29,7 @@ import sympy
 from .components import Component
 from .expr import Network, Sum
 from .pairing_sum import MAX_PAIRINGS, CostError, Joins, Tally, lift, orbit_sum
+from .quadrature import quadrature_inner
 from .recursive import closure_moments, fold, network_gram
 
 __all__ = ["InnerResult", "CostError", "inner", "norm", "similarity", "DEFAULT_BUDGET", "MAX_PAIRINGS"]
@@ -186,8 +187,8 @@ def _exact_inner(ta: list[tuple[Any, Network]], tb: list[tuple[Any, Network]], i
                     m = m + c * v
                     tally.add(t)
                 means.append(m)
-            prod = means[0][1:] * means[1][1:]
-            total = total - (prod if per_output else prod.sum())
+            prod = means[0] * means[1]  # per padded channel; channel 0 is dropped below
+            total = total - (prod if per_output else prod[1:].sum())
     else:
         k = max(n.degree for _, n in ta + tb)
         if degree is not None:
@@ -283,10 +284,25 @@ def inner(
         return InnerResult(cross if per_output else float(cross.sum()), "inner", "gaussian", "closure", exact_here,
                            "moment closure", centered=centered, measure=label, per_output=per_output,
                            contractions=steps, flops=flops, notes=notes)
-    value, tally, info = _exact_inner(_terms(a), _terms(b), inner, mean=mean, cov=cov, centered=centered,
-                                      per_output=per_output, degree=degree, budget=budget,
-                                      use_orbits=orbits)
-    if not _is_exact(_terms(a) + _terms(b)):
+    ta, tb = _terms(a), _terms(b)
+    exact_numbers = _is_exact(ta + tb)
+    try:
+        value, tally, info = _exact_inner(ta, tb, inner, mean=mean, cov=cov, centered=centered,
+                                          per_output=per_output, degree=degree, budget=budget, use_orbits=orbits)
+    except CostError as too_many:
+        if inner != "gaussian" or exact_numbers:
+            raise
+        # few input coordinates: integrate exactly on a Gauss-Hermite grid instead
+        d1, _ = _widths(ta + tb, "a and b")
+        mu, C, label = _measure(d1 - 1, mean, cov, False)
+        try:
+            value, points, flops = quadrature_inner(ta, tb, mu[1:], C[1:, 1:], centered, per_output, budget)
+        except CostError as too_wide:
+            raise CostError(f"{too_many}. {too_wide}") from None
+        return InnerResult(value, "inner", "gaussian", "exact", True, "Gauss-Hermite quadrature", centered=centered,
+                           measure=label, per_output=per_output, contractions=points, flops=flops,
+                           notes=(f"pairing enumeration refused ({too_many}); quadrature on {points:,} nodes",))
+    if not exact_numbers:
         value = value if per_output else float(value)
     else:
         value = np.vectorize(_exact_number, otypes=[object])(value) if per_output else _exact_number(value)
