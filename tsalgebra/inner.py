@@ -26,6 +26,7 @@ from typing import Any, Iterable
 import numpy as np
 import sympy
 
+from .attention import sequence_measure
 from .components import Component
 from .expr import Network, Sum
 from .pairing_sum import MAX_PAIRINGS, CostError, Joins, Tally, lift, orbit_sum
@@ -261,6 +262,8 @@ def inner(
     """
     _check_args(inner, method, centered)
     _check_pair(a, b)
+    if getattr(a, "n_ctx", 0):  # sequence models: per-feature mean/cov over independent positions
+        mean, cov = sequence_measure(mean, cov, a.n_ctx, a.d_model)
     if inner == "network":
         for m in (a, b):
             if not isinstance(m, Component):

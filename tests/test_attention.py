@@ -1,0 +1,195 @@
+"""Bilinear attention and transformers against direct implementations,
+sympy, Monte Carlo and full pairing enumeration."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import sympy
+import torch
+
+import oracles as O
+import tsalgebra as ts
+
+
+def rope(v, p, base):
+    """Rotate consecutive pairs of the last axis by p * base^(-2k/dh) (works on object arrays)."""
+    out = v.copy()
+    dh = v.shape[-1]
+    for k in range(dh // 2):
+        a = p * base ** (-2 * k / dh)
+        c, s = np.cos(a), np.sin(a)
+        x0, x1 = v[..., 2 * k].copy(), v[..., 2 * k + 1].copy()
+        out[..., 2 * k], out[..., 2 * k + 1] = c * x0 - s * x1, s * x0 + c * x1
+    return out
+
+
+def attention_direct(att: ts.BilinearAttention, x: np.ndarray) -> np.ndarray:
+    """Loops over batch, heads and positions; numpy object arrays allowed."""
+    w, b = att.weights_, att.biases
+    B, n, d = x.shape
+    zero = lambda k: b.get(k, np.zeros(w[k].shape[:2], dtype=w[k].dtype))  # noqa: E731
+    out = np.zeros((B, n, att.d_out), dtype=x.dtype)
+    for bi in range(B):
+        for h in range(att.heads):
+            proj = {k: np.stack([w[k][h] @ x[bi, p] + zero(k)[h] for p in range(n)]) for k in ("q1", "k1", "q2", "k2", "v")}
+            if att.rotary_base is not None:
+                for k in ("q1", "k1", "q2", "k2"):
+                    proj[k] = np.stack([rope(proj[k][p], p, att.rotary_base) for p in range(n)])
+            for i in range(n):
+                for j in range(n):
+                    if att.causal and j > i:
+                        continue
+                    score = att.scale * (proj["q1"][i] @ proj["k1"][j]) * (proj["q2"][i] @ proj["k2"][j])
+                    out[bi, i] = out[bi, i] + score * (w["o"][h] @ proj["v"][j])
+        if att.o_bias is not None:
+            out[bi] = out[bi] + att.o_bias
+        if att.residual:
+            out[bi] = out[bi] + x[bi]
+    return out
+
+
+def random_attention(rng, heads=2, dh=2, d=3, n_ctx=3, biases=True, quadratic=False, **flags):
+    W = lambda *s: rng.normal(size=s) * 0.5  # noqa: E731
+    q1, k1 = W(heads, dh, d), W(heads, dh, d)
+    q2, k2 = (q1, k1) if quadratic else (W(heads, dh, d), W(heads, dh, d))
+    extra = {}
+    if biases:
+        extra = dict(q1_bias=W(heads, dh), k1_bias=W(heads, dh), v_bias=W(heads, dh), o_bias=W(d))
+        if quadratic:
+            extra["q2_bias"], extra["k2_bias"] = extra["q1_bias"], extra["k1_bias"]
+    return ts.BilinearAttention(q1, k1, q2, k2, W(heads, dh, d), W(heads, d, dh), n_ctx=n_ctx, **flags, **extra)
+
+
+@pytest.mark.parametrize("flags", [{}, {"causal": True}, {"rotary_base": 100.0}, {"residual": True, "scale": 0.5},
+                                   {"causal": True, "rotary_base": 10.0, "residual": True}])
+def test_attention_matches_direct(flags):
+    rng = np.random.default_rng(0)
+    att = random_attention(rng, **flags)
+    x = rng.normal(size=(4, 3, 3))
+    np.testing.assert_allclose(att(x), attention_direct(att, x), rtol=1e-12, atol=1e-12)
+    xt = torch.tensor(x)
+    assert isinstance(att(xt), torch.Tensor)
+    np.testing.assert_allclose(att(xt).numpy(), attention_direct(att, x), rtol=1e-12, atol=1e-12)
+    assert att(x[0]).shape == (3, 3)
+
+
+def test_transformer_matches_direct():
+    rng = np.random.default_rng(1)
+    n, V, d = 3, 5, 4
+    embed = ts.Linear(rng.normal(size=(d, V)))
+    att = random_attention(rng, d=d, n_ctx=None, residual=True, causal=True)
+    mlp = ts.Bilinear(rng.normal(size=(6, d)) * 0.5, rng.normal(size=(6, d)) * 0.5, rng.normal(size=(d, 6)) * 0.5,
+                      residual=True)
+    unembed = ts.Linear(rng.normal(size=(V, d)), rng.normal(size=V))
+    model = ts.Transformer(embed, [(att, mlp)], unembed, n_ctx=n)
+    x = rng.normal(size=(2, n, V))
+    h = x @ embed.weight.T
+    h = attention_direct(att.at(n), h)
+    h = ((h @ mlp.left.T) * (h @ mlp.right.T)) @ mlp.down.T + h
+    want = h @ unembed.weight.T + unembed.bias
+    np.testing.assert_allclose(model(x), want, rtol=1e-12)
+    assert model.degree == 10
+
+
+def _tiny(rng, quadratic=False, **flags):
+    """One head, d_head 1, d 1, two positions: small enough for sympy."""
+    return random_attention(rng, heads=1, dh=1, d=1, n_ctx=2, quadratic=quadratic, **flags)
+
+
+@pytest.mark.parametrize("flags", [{}, {"causal": True, "residual": True}])
+def test_exact_gaussian_matches_sympy(flags):
+    rng = np.random.default_rng(2)
+    a, b = _tiny(rng, **flags), _tiny(rng, **flags)
+    x = sympy.symbols("x1 x2")
+    seq = np.array([[[x[0]], [x[1]]]], dtype=object)
+    polys = lambda m: [sympy.expand(v) for v in attention_direct(m, seq)[0].ravel()]  # noqa: E731
+    want = float(O.sympy_gaussian_inner(polys(a), polys(b), x))
+    got = ts.inner(a, b)
+    assert got.exact and abs(got.value - want) <= 1e-10 * abs(want)
+    want_s = None
+    # the symmetric product is function-level: it matches the sympy polynomials turned into a model
+    poly_model = ts.from_sympy(polys(a), x, degree=5)
+    assert abs(ts.inner(a, b, "symmetric").value - ts.inner(poly_model, b, "symmetric").value) < 1e-10 * (
+        1 + abs(ts.inner(a, b, "symmetric").value))
+    del want_s
+
+
+def test_declared_symmetries_only_for_equal_factors():
+    rng = np.random.default_rng(3)
+    distinct = random_attention(rng)
+    quad = random_attention(rng, quadratic=True)
+    assert distinct.expression.symmetries == ()
+    assert len(quad.expression.symmetries) == 2  # query swap and key swap (together: the factor exchange)
+    # swaps declared for distinct weights (the reference's bug) change the answer
+    net = distinct.expression
+    honest = ts.inner(distinct, distinct, "symmetric").value
+    for lie_perm in ((2, 1, 0, 3, 4), (2, 3, 0, 1, 4)):
+        lie = ts.Network(net.tensors, net.inputs, net.outputs, (lie_perm,))
+        assert abs(ts.inner(lie, lie, "symmetric").value - honest) > 1e-3 * abs(honest)
+
+
+def test_orbits_equal_full_enumeration():
+    """Every declared symmetry is checked against the plain sum over all pairings."""
+    rng = np.random.default_rng(4)
+    quad_a = _tiny(rng, quadratic=True, causal=True, residual=True)
+    quad_b = _tiny(rng, quadratic=True, rotary_base=10.0)
+    plain = _tiny(rng, causal=True)
+    cases = [("gaussian", quad_a, quad_a), ("symmetric", quad_a, quad_b), ("symmetric", quad_a, quad_a),
+             ("symmetric", plain, plain), ("gaussian", plain, quad_b)]
+    for kind, x, y in cases:
+        grouped, full = ts.inner(x, y, kind), ts.inner(x, y, kind, orbits=False)
+        assert grouped.orbits <= full.orbits == full.pairings
+        assert abs(grouped.value - full.value) <= 1e-10 * max(1.0, abs(full.value))
+    assert ts.inner(quad_a, quad_a).orbits < ts.inner(quad_a, quad_a, orbits=False).orbits / 6
+
+
+def test_exact_gaussian_against_monte_carlo_with_mean_and_cov():
+    rng = np.random.default_rng(5)
+    d, n = 2, 3
+    a = random_attention(rng, heads=1, dh=2, d=d, n_ctx=n, causal=True, residual=True)
+    b = random_attention(rng, heads=1, dh=2, d=d, n_ctx=n, rotary_base=10.0)
+    mean, A = np.array([0.3, -0.2]), rng.normal(size=(d, d))
+    cov = A @ A.T / d + 0.3 * np.eye(d)
+    exact = ts.inner(a, b, mean=mean, cov=cov).value
+    z = rng.normal(size=(200_000, n, d)) @ np.linalg.cholesky(cov).T + mean
+    prod = np.einsum("bio,bio->b", a(z), b(z))
+    se = prod.std(ddof=1) / np.sqrt(len(prod))
+    assert abs(prod.mean() - exact) < 4 * se and se < 0.1 * abs(exact)
+
+
+def test_constant_channel_is_shared_across_positions():
+    """A position-wise affine map on 2 positions: E[f.f] counts the bias once
+    per position, not once per constant channel copy (the reference doubled it)."""
+    layer = ts.position_wise(ts.Linear(np.array([[2.0]]), np.array([3.0])), 2)
+    # f(x) = (2 x1 + 3, 2 x2 + 3): E|f|^2 = 2 (4 + 9) = 26 under N(0, I)
+    assert ts.inner(layer, layer).value == pytest.approx(26.0, rel=1e-14)
+    att = random_attention(np.random.default_rng(6), heads=1, dh=1, d=1, n_ctx=2, biases=False)
+    zero_att = att.map_weights(lambda w: w * 0)
+    shifted = ts.BilinearAttention(*(zero_att.weights_[k] for k in ("q1", "k1", "q2", "k2", "v", "o")), n_ctx=2,
+                                   o_bias=np.array([1.5]))
+    assert ts.inner(shifted, shifted).value == pytest.approx(2 * 1.5**2, rel=1e-14)
+
+
+def test_exact_rational_attention():
+    half = Fraction(1, 2)
+    obj = lambda v: np.array(v, dtype=object).reshape(1, 1, 1)  # noqa: E731
+    att = ts.BilinearAttention(obj(1), obj(half), obj(2), obj(-1), obj(1), obj(3), n_ctx=2, causal=True)
+    r = ts.inner(att, att)
+    assert isinstance(r.value, Fraction) and r.value > 0
+    assert abs(float(r.value) - ts.inner(att.map_weights(lambda w: w.astype(float)),
+                                         att.map_weights(lambda w: w.astype(float))).value) < 1e-12 * float(r.value)
+
+
+def test_bad_attention_input():
+    rng = np.random.default_rng(7)
+    W = lambda *s: rng.normal(size=s)  # noqa: E731
+    with pytest.raises(ValueError, match="k1 has shape"):
+        ts.BilinearAttention(W(2, 2, 3), W(2, 2, 4), W(2, 2, 3), W(2, 2, 3), W(2, 2, 3), W(2, 3, 2))
+    with pytest.raises(ValueError, match="n_ctx"):
+        ts.inner(*(ts.BilinearAttention(W(1, 1, 2), W(1, 1, 2), W(1, 1, 2), W(1, 1, 2), W(1, 1, 2), W(1, 2, 1)),) * 2)
+    att = random_attention(rng)
+    with pytest.raises(ValueError, match="sequences of shape"):
+        att(np.zeros((2, 4, 3)))

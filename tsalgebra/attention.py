@@ -1,0 +1,294 @@
+"""Sequence models: bilinear attention, position-wise layers, transformers.
+
+A sequence x of shape (n_ctx, d) is held flat, position-major, as one padded
+vector x~ = [1; x_1; ...; x_n] of width 1 + n_ctx d, so a sequence model is
+an ordinary component on that width and every inner product applies.  The
+constant channel is one coordinate shared by all positions: it is 1 at every
+position, perfectly correlated across them.  Under the Gaussian measure the
+positions are independent with a shared per-feature mean and covariance
+(tiled by :func:`sequence_measure`).
+
+Bilinear attention, per head: score[i, j] = scale * mask[i, j] *
+(Q1 x~_i . K1 x~_j)(Q2 x~_i . K2 x~_j), output[i] = sum_j score[i, j] O V x~_j,
+heads summed.  In the network each of the five input legs reaches its
+position through a selection tensor S[p, f, u] (x~_p = S_p x~).  An extra
+"virtual" head with the diagonal mask, all four factors reading the constant
+channel, V = identity and O = [[1, 0], [bias, I or 0]] writes the constant
+channel, the output bias and the residual, so the whole layer is one network.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+
+from .components import Bilinear, Component, Linear, Sequential, _as_array, _bias, _zeros
+from .engine import _is_torch, evaluate
+from .expr import Network, Tensor
+
+__all__ = ["BilinearAttention", "Transformer", "position_wise", "sequence_measure"]
+
+
+def _selection(n: int, d: int, exact: bool) -> np.ndarray:
+    """S[p, f, u]: the padded features of position p inside the flat padded input."""
+    S = _zeros((n, d + 1, 1 + n * d), exact)
+    for p in range(n):
+        S[p, 0, 0] = 1
+        for f in range(d):
+            S[p, 1 + f, 1 + p * d + f] = 1
+    return S
+
+
+def _rotary(n: int, dh: int, base: float) -> np.ndarray:
+    """Rot[p, e, e']: rotate consecutive pairs of head dimensions by p * base^(-2k/dh)."""
+    rot = np.zeros((n, dh, dh))
+    for p in range(n):
+        for k in range(dh // 2):
+            angle = p * base ** (-2 * k / dh)
+            c, s = np.cos(angle), np.sin(angle)
+            rot[p, 2 * k : 2 * k + 2, 2 * k : 2 * k + 2] = [[c, -s], [s, c]]
+        if dh % 2:
+            rot[p, -1, -1] = 1.0
+    return rot
+
+
+def sequence_measure(mean: Any, cov: Any, n_ctx: int, d: int) -> tuple[Any, Any]:
+    """Per-feature mean (d,) and covariance (d, d) tiled over independent
+    positions (inputs already of the flat width pass through unchanged)."""
+    if mean is not None and np.shape(mean) == (d,):
+        mean = np.tile(np.asarray(mean), n_ctx)
+    if cov is not None and np.shape(cov) == (d, d):
+        cov = np.kron(np.eye(n_ctx), np.asarray(cov))
+    return mean, cov
+
+
+class _Sequence:
+    """Evaluation of flat components on sequences (..., n_ctx, d)."""
+
+    n_ctx: int
+    d_model: int
+    out_features: int
+
+    def __call__(self, x: Any) -> Any:
+        if len(x.shape) == 2 and x.shape == (self.n_ctx, self.d_model):
+            return self(x[None])[0]
+        if len(x.shape) != 3 or tuple(x.shape[1:]) != (self.n_ctx, self.d_model):
+            raise ValueError(f"{self!r} takes sequences of shape (batch, {self.n_ctx}, {self.d_model}), got {tuple(x.shape)}")
+        flat = x.reshape(x.shape[0], -1)
+        out = Component.__call__(self, flat)  # type: ignore[arg-type]
+        return out.reshape(x.shape[0], self.n_ctx, -1)
+
+
+class BilinearAttention(_Sequence, Component):
+    """Bilinear attention over ``n_ctx`` positions (see the module docstring).
+
+    q1, k1, q2, k2, v: (heads, d_head, d_model); o: (heads, d_model, d_head).
+    Optional biases: q1_bias, k1_bias, q2_bias, k2_bias, v_bias (heads, d_head)
+    and o_bias (d_model,).  ``causal`` zeroes score[i, j] for j > i;
+    ``rotary_base`` rotates query and key vectors by position (RoPE);
+    ``residual`` adds x.  Quadratic attention (q . k)^2 is q1 = q2, k1 = k2:
+    only then are the two query (key) legs declared interchangeable, and
+    only then are the two factors (q1, k1), (q2, k2) exchangeable.
+    """
+
+    def __init__(self, q1: Any, k1: Any, q2: Any, k2: Any, v: Any, o: Any, causal: bool = False,
+                 rotary_base: float | None = None, scale: float = 1.0, residual: bool = False, *,
+                 n_ctx: int | None = None, q1_bias: Any = None, k1_bias: Any = None, q2_bias: Any = None,
+                 k2_bias: Any = None, v_bias: Any = None, o_bias: Any = None, name: str = "BilinearAttention") -> None:
+        self.name = name
+        ws = {k: _as_array(w, k, name, 3) for k, w in (("q1", q1), ("k1", k1), ("q2", q2), ("k2", k2), ("v", v), ("o", o))}
+        H, dh, d = ws["q1"].shape
+        for k in ("k1", "q2", "k2", "v"):
+            if ws[k].shape[0] != H or ws[k].shape[2] != d:
+                raise ValueError(f"{name}: {k} has shape {ws[k].shape}, expected ({H}, d_head, {d})")
+        if ws["k1"].shape[1] != dh or ws["q2"].shape[1] != ws["k2"].shape[1]:
+            raise ValueError(f"{name}: query and key head widths differ")
+        if ws["o"].shape[0] != H or ws["o"].shape[2] != ws["v"].shape[1]:
+            raise ValueError(f"{name}: o has shape {ws['o'].shape}, expected ({H}, d_out, {ws['v'].shape[1]})")
+        self.weights_ = ws
+        self.biases = {}
+        for k, b in (("q1", q1_bias), ("k1", k1_bias), ("q2", q2_bias), ("k2", k2_bias), ("v", v_bias)):
+            if b is not None:
+                arr = _as_array(b, f"{k}_bias", name, 2)
+                if arr.shape != ws[k].shape[:2]:
+                    raise ValueError(f"{name}: {k}_bias has shape {arr.shape}, expected {ws[k].shape[:2]}")
+                self.biases[k] = arr
+        self.o_bias = _bias(o_bias, ws["o"].shape[1], "o_bias", name)
+        self.causal, self.rotary_base, self.residual = bool(causal), rotary_base, bool(residual)
+        self.scale = scale
+        self.heads, self.d_model, self.d_out = H, d, ws["o"].shape[1]
+        if self.residual and self.d_out != d:
+            raise ValueError(f"{name}: residual needs d_out == d_model, got {self.d_out} and {d}")
+        if rotary_base is not None and (ws["q1"].shape[1] != ws["q2"].shape[1]):
+            raise ValueError(f"{name}: rotary needs equal query widths")
+        self.n_ctx = 0
+        if n_ctx is not None:
+            self._bind(n_ctx)
+
+    def _bind(self, n_ctx: int) -> None:
+        if n_ctx < 1:
+            raise ValueError(f"{self.name}: n_ctx must be positive, got {n_ctx}")
+        self.n_ctx = int(n_ctx)
+
+    def _positions(self) -> int:
+        if not self.n_ctx:
+            raise ValueError(f"{self.name}: set the number of positions first (n_ctx=... or .at(n_ctx))")
+        return self.n_ctx
+
+    @property
+    def in_features(self) -> int:  # type: ignore[override]
+        return self._positions() * self.d_model
+
+    @property
+    def out_features(self) -> int:  # type: ignore[override]
+        return self._positions() * self.d_out
+
+    def at(self, n_ctx: int) -> "BilinearAttention":
+        """The same layer over ``n_ctx`` positions."""
+        new = self.map_weights(lambda w: w)
+        new._bind(n_ctx)
+        return new
+
+    @property
+    def degree(self) -> int:
+        return 5
+
+    def weights(self) -> list[np.ndarray]:
+        return list(self.weights_.values()) + list(self.biases.values()) + ([self.o_bias] if self.o_bias is not None else [])
+
+    def map_weights(self, fn: Any) -> "BilinearAttention":
+        w = {k: fn(a) for k, a in self.weights_.items()}
+        b = {f"{k}_bias": fn(a) for k, a in self.biases.items()}
+        return BilinearAttention(w["q1"], w["k1"], w["q2"], w["k2"], w["v"], w["o"], self.causal, self.rotary_base,
+                                 self.scale, self.residual, n_ctx=self.n_ctx or None,
+                                 o_bias=None if self.o_bias is None else fn(self.o_bias), name=self.name, **b)
+
+    def _padded_heads(self) -> dict[str, np.ndarray]:
+        """Per-factor (H+1, width, d+1) padded maps; head H is the virtual head."""
+        exact = self.exact
+        H, d = self.heads, self.d_model
+        out: dict[str, np.ndarray] = {}
+        for k in ("q1", "k1", "q2", "k2"):
+            w = self.weights_[k]
+            P = _zeros((H + 1, w.shape[1], d + 1), exact)
+            P[:H, :, 1:] = w
+            if k in self.biases:
+                P[:H, :, 0] = self.biases[k]
+            P[H, 0, 0] = 1  # the virtual head's factors are all 1
+            out[k] = P
+        w = self.weights_["v"]
+        dv = max(w.shape[1], d + 1)
+        V = _zeros((H + 1, dv, d + 1), exact)
+        V[:H, : w.shape[1], 1:] = w
+        if "v" in self.biases:
+            V[:H, : w.shape[1], 0] = self.biases["v"]
+        for f in range(d + 1):
+            V[H, f, f] = 1
+        O = _zeros((H + 1, self.d_out + 1, dv), exact)
+        O[:H, 1:, : w.shape[1]] = self.weights_["o"]
+        O[H, 0, 0] = 1
+        if self.o_bias is not None:
+            O[H, 1:, 0] = self.o_bias
+        if self.residual:
+            for f in range(d):
+                O[H, 1 + f, 1 + f] = 1
+        out["v"], out["o"] = V, O
+        return out
+
+    def network(self, symmetric: bool = False, tag: str = "") -> Network:
+        n, d, H = self._positions(), self.d_model, self.heads
+        exact = self.exact
+        P = self._padded_heads()
+        mask = _zeros((H + 1, n, n), exact)
+        scale = self.scale if not exact else Fraction(self.scale).limit_denominator() if isinstance(self.scale, float) else self.scale
+        for i in range(n):
+            for j in range(n):
+                if not self.causal or j <= i:
+                    mask[:H, i, j] = scale
+            mask[H, i, i] = 1
+        emb = _zeros((n, self.d_out + 1, 1 + n * self.d_out), exact)
+        for i in range(n):
+            emb[i, 0, 0] = Fraction(1, n) if exact else 1.0 / n  # n positions share one constant channel
+            for c in range(self.d_out):
+                emb[i, 1 + c, 1 + i * self.d_out + c] = 1
+        S = _selection(n, d, exact)
+        t = tag
+        a, i, j, out = f"a{t}", f"pi{t}", f"pj{t}", f"o{t}"
+        tensors = [Tensor.of(f"M{t}", (a, i, j), mask), Tensor.of(f"E{t}", (i, f"c{t}", out), emb)]
+        inputs = []
+        for name, pos in (("q1", i), ("k1", j), ("q2", i), ("k2", j), ("v", j)):
+            u, f = f"u{t}{name}", f"f{t}{name}"
+            inputs.append(u)
+            tensors.append(Tensor.of(f"S{t}{name}", (pos, f, u), S))
+            width = f"e{t}1" if name in ("q1", "k1") else f"e{t}2" if name in ("q2", "k2") else f"ev{t}"
+            if self.rotary_base is not None and name != "v":
+                rot = _rotary(n, P[name].shape[1], self.rotary_base)
+                tensors.append(Tensor.of(f"{name.upper()}{t}", (a, f"r{t}{name}", f), P[name]))
+                tensors.append(Tensor.of(f"Rot{t}{name}", (pos, width, f"r{t}{name}"), rot))
+            else:
+                tensors.append(Tensor.of(f"{name.upper()}{t}", (a, width, f), P[name]))
+        tensors.append(Tensor.of(f"O{t}", (a, f"c{t}", f"ev{t}"), P["o"]))
+        # Swapping the two query legs (or key legs) is exact only when their maps
+        # are equal: with distinct weights it changes the tensor (the reference's
+        # bug).  Both together give the exchange of the two factors.
+        same = lambda x, y: x.shape == y.shape and bool(np.all(x == y))  # noqa: E731
+        syms = []
+        if same(P["q1"], P["q2"]):
+            syms.append((2, 1, 0, 3, 4))
+        if same(P["k1"], P["k2"]):
+            syms.append((0, 3, 2, 1, 4))
+        return Network(tuple(tensors), tuple(inputs), (out,), tuple(syms))
+
+    def __repr__(self) -> str:
+        flags = [f for f, on in (("causal", self.causal), ("rotary", self.rotary_base is not None),
+                                 ("residual", self.residual)) if on]
+        ctx = f", n_ctx={self.n_ctx}" if self.n_ctx else ""
+        return f"{self.name}({self.heads} heads, {self.d_model} -> {self.d_out}{ctx}{''.join(', ' + f for f in flags)})"
+
+
+def position_wise(layer: Component, n_ctx: int) -> Component:
+    """A Linear or Bilinear layer applied at every position, as one flat layer
+    (block-diagonal weights, tiled biases) on the flat sequence."""
+    eye = np.eye(n_ctx, dtype=int)
+    kron = lambda w: np.kron(eye, w) if w.dtype != object else np.kron(eye.astype(object), w)  # noqa: E731
+    tile = lambda b: None if b is None else np.tile(b, n_ctx)  # noqa: E731
+    if isinstance(layer, Linear):
+        return Linear(kron(layer.weight), tile(layer.bias), name=f"{layer.name} x{n_ctx}")
+    if isinstance(layer, Bilinear):
+        return Bilinear(kron(layer.left), kron(layer.right), kron(layer.down), tile(layer.left_bias),
+                        tile(layer.right_bias), tile(layer.down_bias), residual=layer.residual,
+                        name=f"{layer.name} x{n_ctx}")
+    if isinstance(layer, Sequential):
+        return Sequential(*(position_wise(l, n_ctx) for l in layer.layers))
+    raise TypeError(f"position_wise takes Linear, Bilinear or Sequential, not {layer!r}")
+
+
+class Transformer(_Sequence, Sequential):
+    """embed -> [attention -> bilinear MLP] * blocks -> unembed, over ``n_ctx``
+    positions.  ``embed``/``unembed``/MLPs are position-wise Linear or
+    Bilinear layers (give residual=True to an MLP for a residual block);
+    attentions are :class:`BilinearAttention` layers (residual as built)."""
+
+    def __init__(self, embed: Component | None, blocks: list[tuple[BilinearAttention, Component | None]],
+                 unembed: Component | None, n_ctx: int) -> None:
+        layers: list[Component] = []
+        d_in = None
+        if embed is not None:
+            layers.append(position_wise(embed, n_ctx))
+            d_in = embed.in_features
+        for k, (attn, mlp) in enumerate(blocks):
+            if not isinstance(attn, BilinearAttention):
+                raise TypeError(f"Transformer: block {k} attention is {type(attn).__name__}, not BilinearAttention")
+            layers.append(attn.at(n_ctx))
+            d_in = d_in or attn.d_model
+            if mlp is not None:
+                layers.append(position_wise(mlp, n_ctx))
+        if unembed is not None:
+            layers.append(position_wise(unembed, n_ctx))
+        if not layers:
+            raise ValueError("Transformer: no layers")
+        super().__init__(*layers)
+        self.n_ctx = n_ctx
+        self.d_model = d_in if d_in is not None else layers[0].in_features // n_ctx
