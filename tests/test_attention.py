@@ -99,7 +99,7 @@ def _tiny(rng, quadratic=False, **flags):
     return random_attention(rng, heads=1, dh=1, d=1, n_ctx=2, quadratic=quadratic, **flags)
 
 
-@pytest.mark.parametrize("flags", [{}, {"causal": True, "residual": True}])
+@pytest.mark.parametrize("flags", [{}, {"causal": True, "residual": True, "rotary_base": 10.0}])
 def test_exact_gaussian_matches_sympy(flags):
     rng = np.random.default_rng(2)
     a, b = _tiny(rng, **flags), _tiny(rng, **flags)
@@ -107,8 +107,9 @@ def test_exact_gaussian_matches_sympy(flags):
     seq = np.array([[[x[0]], [x[1]]]], dtype=object)
     polys = lambda m: [sympy.expand(v) for v in attention_direct(m, seq)[0].ravel()]  # noqa: E731
     want = float(O.sympy_gaussian_inner(polys(a), polys(b), x))
-    got = ts.inner(a, b)
-    assert got.exact and abs(got.value - want) <= 1e-10 * abs(want)
+    for algorithm in ("pairings", "quadrature"):
+        got = ts.inner(a, b, algorithm=algorithm)
+        assert got.exact and abs(got.value - want) <= 1e-10 * abs(want)
     want_s = None
     # the symmetric product is function-level: it matches the sympy polynomials turned into a model
     poly_model = ts.from_sympy(polys(a), x, degree=5)
@@ -140,17 +141,28 @@ def test_orbits_equal_full_enumeration():
     cases = [("gaussian", quad_a, quad_a), ("symmetric", quad_a, quad_b), ("symmetric", quad_a, quad_a),
              ("symmetric", plain, plain), ("gaussian", plain, quad_b)]
     for kind, x, y in cases:
-        grouped, full = ts.inner(x, y, kind), ts.inner(x, y, kind, orbits=False)
+        alg = "pairings" if kind == "gaussian" else None
+        grouped, full = ts.inner(x, y, kind, algorithm=alg), ts.inner(x, y, kind, orbits=False, algorithm=alg)
         assert grouped.orbits <= full.orbits == full.pairings
         assert abs(grouped.value - full.value) <= 1e-10 * max(1.0, abs(full.value))
-    assert ts.inner(quad_a, quad_a).orbits < ts.inner(quad_a, quad_a, orbits=False).orbits / 6
+    assert ts.inner(quad_a, quad_a, algorithm="pairings").orbits < 9496 / 6
+
+
+def test_two_exact_algorithms_agree_with_mean_and_cov():
+    rng = np.random.default_rng(5)
+    a, b = _tiny(rng, causal=True, residual=True), _tiny(rng, rotary_base=10.0)
+    mean, cov = np.array([0.4]), np.array([[0.7]])
+    enum = ts.inner(a, b, mean=mean, cov=cov, algorithm="pairings", centered=True)
+    quad = ts.inner(a, b, mean=mean, cov=cov, algorithm="quadrature", centered=True)
+    assert enum.algorithm == "pairing orbits" and quad.algorithm == "Gauss-Hermite quadrature"
+    np.testing.assert_allclose(enum.value, quad.value, rtol=1e-10)
 
 
 def test_exact_gaussian_against_monte_carlo_with_mean_and_cov():
     rng = np.random.default_rng(5)
-    d, n = 2, 3
-    a = random_attention(rng, heads=1, dh=2, d=d, n_ctx=n, causal=True, residual=True)
-    b = random_attention(rng, heads=1, dh=2, d=d, n_ctx=n, rotary_base=10.0)
+    d, n = 2, 2
+    a = random_attention(rng, heads=2, dh=2, d=d, n_ctx=n, causal=True, residual=True)
+    b = random_attention(rng, heads=2, dh=2, d=d, n_ctx=n, rotary_base=10.0)
     mean, A = np.array([0.3, -0.2]), rng.normal(size=(d, d))
     cov = A @ A.T / d + 0.3 * np.eye(d)
     exact = ts.inner(a, b, mean=mean, cov=cov).value
@@ -176,7 +188,7 @@ def test_constant_channel_is_shared_across_positions():
 def test_exact_rational_attention():
     half = Fraction(1, 2)
     obj = lambda v: np.array(v, dtype=object).reshape(1, 1, 1)  # noqa: E731
-    att = ts.BilinearAttention(obj(1), obj(half), obj(2), obj(-1), obj(1), obj(3), n_ctx=2, causal=True)
+    att = ts.BilinearAttention(obj(1), obj(half), obj(1), obj(half), obj(-2), obj(3), n_ctx=2, causal=True)
     r = ts.inner(att, att)
     assert isinstance(r.value, Fraction) and r.value > 0
     assert abs(float(r.value) - ts.inner(att.map_weights(lambda w: w.astype(float)),

@@ -46,16 +46,17 @@ def _same_out(pair):
 
 
 @settings(max_examples=40)
-@given(small_pairs, st.integers(0, 2**31), st.booleans())
-def test_gaussian_matches_bruteforce(pair, seed, standard):
+@given(small_pairs, st.integers(0, 2**31), st.booleans(), st.sampled_from(["pairings", "quadrature"]))
+def test_gaussian_matches_bruteforce(pair, seed, standard, algorithm):
     a, b = pair
     mean, cov = (None, None) if standard else gaussian_params(a.in_features, seed)
     want = O.gaussian_inner_bruteforce(spec_of(a), spec_of(b), mean, cov)
-    got = ts.inner(a, b, "gaussian", mean=mean, cov=cov)
+    got = ts.inner(a, b, "gaussian", mean=mean, cov=cov, algorithm=algorithm)
     assert got.exact and got.method == "exact" and got.inner == "gaussian"
+    assert got.algorithm == {"pairings": "pairing orbits", "quadrature": "Gauss-Hermite quadrature"}[algorithm]
     assert rel(got.value, want) < 1e-10
     want_c = O.gaussian_inner_bruteforce(spec_of(a), spec_of(b), mean, cov, centered=True)
-    got_c = ts.inner(a, b, "gaussian", mean=mean, cov=cov, centered=True)
+    got_c = ts.inner(a, b, "gaussian", mean=mean, cov=cov, centered=True, algorithm=algorithm)
     assert got_c.centered and abs(got_c.value - want_c) <= 1e-10 * max(abs(want), abs(want_c), 1e-12)
 
 
@@ -66,8 +67,10 @@ def test_depth_two_pairs_match_bruteforce(kinds):
     sb = O.random_spec(rng, [2] * (len(kinds) + 1), kinds, hidden=3)
     a, b = model_of(sa), model_of(sb)
     mean, cov = gaussian_params(2, 3)
-    assert rel(ts.inner(a, b, mean=mean, cov=cov).value, O.gaussian_inner_bruteforce(sa, sb, mean, cov)) < 1e-10
-    assert rel(ts.inner(a, a, mean=mean, cov=cov).value, O.gaussian_inner_bruteforce(sa, sa, mean, cov)) < 1e-10
+    for algorithm in ("pairings", "quadrature"):
+        for x, y, sx, sy in ((a, b, sa, sb), (a, a, sa, sa)):
+            got = ts.inner(x, y, mean=mean, cov=cov, algorithm=algorithm).value
+            assert rel(got, O.gaussian_inner_bruteforce(sx, sy, mean, cov)) < 1e-10
     assert rel(ts.inner(a, b, "symmetric").value, O.symmetric_inner_bruteforce(sa, sb)) < 1e-10
     c = ts.inner(a, b, mean=mean, cov=cov, centered=True).value
     assert rel(c, O.gaussian_inner_bruteforce(sa, sb, mean, cov, centered=True)) < 1e-9
@@ -120,8 +123,8 @@ def test_orbit_sum_equals_full_sum(pair, kind, per_output):
     """Every declared symmetry is checked: grouping by orbits must equal the
     plain sum over all pairings, also for self terms (side exchange)."""
     a, b = pair
-    grouped = ts.inner(a, b, kind, per_output=per_output)
-    full = ts.inner(a, b, kind, per_output=per_output, orbits=False)
+    grouped = ts.inner(a, b, kind, per_output=per_output, algorithm="pairings" if kind == "gaussian" else None)
+    full = ts.inner(a, b, kind, per_output=per_output, orbits=False, algorithm="pairings" if kind == "gaussian" else None)
     assert full.orbits == full.pairings >= grouped.orbits
     np.testing.assert_allclose(grouped.value, full.value, rtol=1e-10, atol=1e-12)
 
@@ -136,16 +139,17 @@ def test_wrongly_declared_symmetry_is_caught():
     assert plain_a.symmetries == ()
     lie_a = ts.Network(plain_a.tensors, plain_a.inputs, plain_a.outputs, ((1, 0),))
     lie_b = ts.Network(plain_b.tensors, plain_b.inputs, plain_b.outputs, ((1, 0),))
-    honest = ts.inner(plain_a, plain_b).value
+    pairs = dict(algorithm="pairings")
+    honest = ts.inner(plain_a, plain_b, **pairs).value
     assert rel(honest, O.gaussian_inner_bruteforce(spec_of(a), spec_of(b))) < 1e-12
-    assert rel(ts.inner(lie_a, lie_b).value, honest) > 1e-3
-    assert ts.inner(lie_a, lie_b).orbits < ts.inner(plain_a, plain_b).orbits
+    assert rel(ts.inner(lie_a, lie_b, **pairs).value, honest) > 1e-3
+    assert ts.inner(lie_a, lie_b, **pairs).orbits < ts.inner(plain_a, plain_b, **pairs).orbits
 
 
 def test_orbits_reduce_depth_two_enumeration():
     rng = np.random.default_rng(6)
     a = model_of(O.random_spec(rng, [2, 2, 2], ["bilinear", "bilinear"], hidden=2))
-    r = ts.inner(a, a)
+    r = ts.inner(a, a, algorithm="pairings")
     assert r.pairings == 764 and r.orbits < 764 / 8
     s = ts.inner(a, a, "symmetric")
     assert s.pairings == 24 and s.orbits < 24

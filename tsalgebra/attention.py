@@ -218,18 +218,18 @@ class BilinearAttention(_Sequence, Component):
         a, i, j, out = f"a{t}", f"pi{t}", f"pj{t}", f"o{t}"
         tensors = [Tensor.of(f"M{t}", (a, i, j), mask), Tensor.of(f"E{t}", (i, f"c{t}", out), emb)]
         inputs = []
-        for name, pos in (("q1", i), ("k1", j), ("q2", i), ("k2", j), ("v", j)):
-            u, f = f"u{t}{name}", f"f{t}{name}"
-            inputs.append(u)
-            tensors.append(Tensor.of(f"S{t}{name}", (pos, f, u), S))
-            width = f"e{t}1" if name in ("q1", "k1") else f"e{t}2" if name in ("q2", "k2") else f"ev{t}"
-            if self.rotary_base is not None and name != "v":
-                rot = _rotary(n, P[name].shape[1], self.rotary_base)
-                tensors.append(Tensor.of(f"{name.upper()}{t}", (a, f"r{t}{name}", f), P[name]))
-                tensors.append(Tensor.of(f"Rot{t}{name}", (pos, width, f"r{t}{name}"), rot))
-            else:
-                tensors.append(Tensor.of(f"{name.upper()}{t}", (a, width, f), P[name]))
-        tensors.append(Tensor.of(f"O{t}", (a, f"c{t}", f"ev{t}"), P["o"]))
+        # one owner tensor per input leg: projection, rotation and position
+        # selection folded together, so a pairing network stays small
+        for name, pos in (("q1", i), ("k1", j), ("q2", i), ("k2", j)):
+            proj = np.einsum("aef,pfu->aepu", P[name], S)
+            if self.rotary_base is not None:
+                proj = np.einsum("prs,aspu->arpu", _rotary(n, P[name].shape[1], self.rotary_base), proj)
+            width = f"e{t}1" if name in ("q1", "k1") else f"e{t}2"
+            inputs.append(f"u{t}{name}")
+            tensors.append(Tensor.of(f"{name.upper()}{t}", (a, width, pos, inputs[-1]), proj))
+        ovs = np.einsum("acv,avf,pfu->acpu", P["o"], P["v"], S)  # value path, output map folded in
+        inputs.append(f"u{t}v")
+        tensors.append(Tensor.of(f"OV{t}", (a, f"c{t}", j, inputs[-1]), ovs))
         # Swapping the two query legs (or key legs) is exact only when their maps
         # are equal: with distinct weights it changes the tensor (the reference's
         # bug).  Both together give the exchange of the two factors.

@@ -1,12 +1,37 @@
-"""The ``tsalgebra`` command line.  Exit codes: 0 success, 1 a computation
-failed (bad model, budget exceeded), 2 bad usage."""
+"""The ``tsalgebra`` command line (also ``python -m tsalgebra``).
+
+Commands:
+
+  similarity A B       tensor similarity of two checkpoints
+  matrix PATHS...      N x N similarity matrix over checkpoints, as a heatmap (and CSV)
+  verify CIRCUIT COMP  is the circuit (sympy formulas or a checkpoint) that component?
+  plan A B             the contractions the exact engine would run, with FLOP and memory estimates
+  demo NAME            grokking | backdoor: train, checkpoint, compare, plot
+  summary              two small built-in models: expressions, plans, a self-check
+
+Checkpoints are safetensors or torch files (read with weights_only=True) in
+tsalgebra's native layout, or any layout with --template MODULE:FUNCTION
+naming a function that builds the torch module.  Every command takes --json
+for machine-readable output on stdout.
+
+Exit codes: 0 success; 1 a computation failed (malformed or unreadable
+checkpoint, a model that is not tensor-based, a cost above the budget, ...),
+with a message on stderr; 2 bad usage (unknown option, missing file).
+"""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import importlib
+import importlib.util
 import json
+import math
+import re
 import sys
-from typing import Any, Sequence
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -14,6 +39,12 @@ from .components import Bilinear, Component, Sequential
 from .engine import BATCH
 from .expr import Network, Tensor
 from .planner import plan, plan_cache
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad usage detected after parsing (exit code 2)."""
 
 
 def example_models(seed: int = 0) -> dict[str, Component]:
@@ -87,29 +118,609 @@ def _print_summary(rows: list[dict[str, Any]]) -> None:
     print(f"plan cache: {plan_cache.info()}")
 
 
+# ------------------------------------------------------------------ helpers
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return [_jsonable(x) for x in v.tolist()]
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        f = float(v)
+        return f if math.isfinite(f) else None
+    if isinstance(v, Path):
+        return str(v)
+    if v is None or isinstance(v, str):
+        return v
+    if isinstance(v, Fraction):
+        return float(v)
+    try:
+        import sympy
+
+        if isinstance(v, sympy.Basic) and v.is_number and v.is_real:
+            return float(v)
+    except (TypeError, ValueError):
+        pass
+    return str(v)
+
+
+def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
+    if args.json:
+        print(json.dumps(_jsonable(payload), indent=2))
+    else:
+        print(text)
+
+
+def _template(spec: str | None) -> Callable[[], Any] | None:
+    """--template MODULE:FUNCTION or FILE.py:FUNCTION -> the builder."""
+    if spec is None:
+        return None
+    mod_name, _, fn_name = spec.rpartition(":")
+    if not mod_name or not fn_name:
+        raise UsageError(f"--template {spec!r}: expected MODULE:FUNCTION or FILE.py:FUNCTION")
+    try:
+        if mod_name.endswith(".py"):
+            path = Path(mod_name)
+            if not path.is_file():
+                raise UsageError(f"--template: {path}: no such file")
+            spec_ = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(spec_)
+            assert spec_.loader is not None
+            spec_.loader.exec_module(module)
+        else:
+            module = importlib.import_module(mod_name)
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - user code: report, do not crash
+        raise UsageError(f"--template: cannot import {mod_name}: {exc}") from None
+    fn = getattr(module, fn_name, None)
+    if fn is None:
+        raise UsageError(f"--template: {mod_name} has no attribute {fn_name!r}")
+    return fn
+
+
+def _check_files(*paths: str) -> None:
+    """Missing inputs are usage errors, reported before anything heavy is imported."""
+    for path in paths:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path}: no such file or directory")
+
+
+def _load_one(path: str, template: Any) -> Component:
+    _check_files(path)
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{p} is a directory; this command takes one checkpoint file")
+    from .io import load
+
+    return load(p, template)  # type: ignore[return-value]
+
+
+def _result_dict(r: Any) -> dict[str, Any]:
+    return {
+        "value": r.value, "quantity": r.quantity, "inner": r.inner, "method": r.method, "exact": r.exact,
+        "algorithm": r.algorithm, "centered": r.centered, "measure": r.measure, "degree": r.degree,
+        "lifted": r.lifted, "per_output": r.per_output, "contractions": r.contractions, "flops": r.flops,
+        "pairings": r.pairings, "orbits": r.orbits, "notes": list(r.notes),
+    }
+
+
+# ------------------------------------------------------------- similarity
+
+
+def cmd_similarity(args: argparse.Namespace) -> int:
+    from .inner import similarity
+
+    _check_files(args.a, args.b)
+    tpl = _template(args.template)
+    a, b = _load_one(args.a, tpl), _load_one(args.b, tpl)
+    kw: dict[str, Any] = {"per_output": args.per_output, "budget": args.budget}
+    if args.centered:
+        kw["centered"] = True
+    r = similarity(a, b, args.inner, args.method, **kw)
+    payload = dict(_result_dict(r), a=args.a, b=args.b, model_a=repr(a), model_b=repr(b))
+    if args.per_output:
+        vals = np.asarray(r.value, dtype=float)
+        meta = repr(r).split("  [", 1)[1] if "  [" in repr(r) else ""
+        text = "\n".join([f"{args.a} vs {args.b}: per-output similarity  [{meta}",
+                          *(f"  output {k}: {v:.6f}" for k, v in enumerate(vals))])
+    else:
+        text = f"{args.a} vs {args.b}\n{r!r}"
+    _emit(args, payload, text)
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------- matrix
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    _check_files(*args.paths)
+    from .io import checkpoint_paths, model_from_state_dict, read_state_dict
+    from .plots import compute_matrix
+
+    tpl = _template(args.template)
+    files: list[Path] = []
+    for p in args.paths:
+        files.extend(checkpoint_paths(p))
+    if len(files) < 2:
+        raise UsageError(f"matrix needs at least two checkpoints, got {len(files)}")
+    labels = [f.stem for f in files]
+    if len(set(labels)) < len(labels):
+        labels = [str(f) for f in files]
+    models = [model_from_state_dict(read_state_dict(f), tpl, source=f) for f in files]
+    kw: dict[str, Any] = {}
+    if args.centered:
+        kw["centered"] = True
+    res = compute_matrix(models, inner=args.inner, progress=not args.no_progress, labels=labels, **kw)
+    values = np.asarray(res.values, dtype=float)
+    out = Path(args.out)
+    res_plot = getattr(res, "plot")
+    try:
+        res_plot(path=out, labels=labels)
+    except TypeError:
+        from .plots import plot_matrix
+
+        plot_matrix(values, out, labels=labels, title=f"{args.inner} similarity")
+    csv_path = None
+    if args.csv is not None:
+        csv_path = out.with_suffix(".csv") if args.csv is True else Path(args.csv)
+        with open(csv_path, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow([""] + labels)
+            for lab, row in zip(labels, values):
+                w.writerow([lab] + [repr(float(v)) for v in row])
+    payload = {"labels": labels, "files": [str(f) for f in files], "values": values, "inner": res.inner,
+               "method": res.method, "exact": res.exact, "route": res.route, "flops": res.flops,
+               "centered": bool(args.centered), "figure": out, "csv": csv_path}
+    lines = [f"{len(files)} checkpoints, {args.inner}{' centred' if args.centered else ''} similarity "
+             f"({res.method}, {'exact' if res.exact else 'approximate'}; route: {res.route}; {res.flops:.3g} flops)"]
+    if len(files) <= 12:
+        width = max(len(x) for x in labels)
+        lines.append(" " * (width + 1) + " ".join(f"{i:>7d}" for i in range(len(files))))
+        for k, (lab, row) in enumerate(zip(labels, values)):
+            lines.append(f"{lab:>{width}} " + " ".join(f"{v:7.4f}" for v in row) + f"   [{k}]")
+    lines.append(f"figure: {out}" + (f"; csv: {csv_path}" if csv_path else ""))
+    _emit(args, payload, "\n".join(lines))
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------- verify
+
+_TOKEN = re.compile(r"\s*(?:(?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)|(?P<name>[A-Za-z_]\w*)"
+                    r"|(?P<op>\*\*|[-+*/^()]))")
+
+
+def _names_in(line: str) -> list[str] | None:
+    """The identifiers of a formula line, or None when it holds anything but
+    numbers, identifiers, + - * / ^ ** ( ) and spaces."""
+    names, pos = [], 0
+    while pos < len(line):
+        m = _TOKEN.match(line, pos)
+        if m is None or m.end() == pos:
+            return None if line[pos:].strip() else names
+        if m.group("name"):
+            names.append(m.group("name"))
+        pos = m.end()
+    return names
+
+
+def parse_formulas(text: str, names: Sequence[str], source: str = "<formulas>") -> list[Any]:
+    """Polynomial formulas, one per non-empty line ('#' starts a comment),
+    in the symbols ``names``, with numbers and + - * / ^ ** ( ) only.  The
+    text is checked before sympy sees it, so no other names can be evaluated.
+    Raises ValueError naming ``source`` and the line."""
+    import sympy
+    from sympy.parsing.sympy_parser import convert_xor, parse_expr, standard_transformations
+
+    symbols = {n: sympy.Symbol(n) for n in names}
+    exprs = []
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        found = _names_in(line)
+        if found is None:
+            raise ValueError(f"{source}:{lineno}: only numbers, symbols and + - * / ^ ( ) are allowed: {line!r}")
+        stray = sorted(set(found) - set(names))
+        if stray:
+            raise ValueError(f"{source}:{lineno}: unknown names {stray}; the inputs are {list(names)[:4]}"
+                             f"{'...' if len(names) > 4 else ''} (see --symbols)")
+        try:
+            e = parse_expr(line, local_dict=dict(symbols), global_dict={"Integer": sympy.Integer, "Float": sympy.Float,
+                           "Rational": sympy.Rational, "Symbol": sympy.Symbol},
+                           transformations=standard_transformations + (convert_xor,))
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the file's fault
+            raise ValueError(f"{source}:{lineno}: cannot parse {line!r}: {exc}") from None
+        exprs.append(e)
+    if not exprs:
+        raise ValueError(f"{source}: no formulas (one polynomial per output line)")
+    return exprs
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    _check_files(args.circuit, args.component)
+    from .io import CHECKPOINT_SUFFIXES, is_checkpoint
+    from .verify import verify
+
+    tpl = _template(args.template)
+    component = _load_one(args.component, tpl)
+    cpath = Path(args.circuit)
+    if not cpath.exists():
+        raise FileNotFoundError(f"{cpath}: no such file or directory")
+    if cpath.suffix.lower() in CHECKPOINT_SUFFIXES or is_checkpoint(cpath):
+        circuit: Any = _load_one(args.circuit, tpl)
+        symbols = None
+    else:
+        names = args.symbols.replace(",", " ").split() if args.symbols else (
+            [f"x{i}" for i in range(1, component.in_features + 1)])
+        if len(names) != component.in_features:
+            raise UsageError(f"--symbols names {len(names)} inputs, the component has {component.in_features}")
+        try:
+            text = cpath.read_text()
+        except UnicodeDecodeError:
+            raise ValueError(f"{cpath}: neither a checkpoint nor a text file of formulas") from None
+        circuit = parse_formulas(text, names, str(cpath))
+        import sympy
+
+        symbols = [sympy.Symbol(n) for n in names]
+    exact = True if args.exact else None
+    rep = verify(circuit, component, args.inner, exact, symbols=symbols, tol=args.tol)
+    payload = {
+        "verdict": rep.verdict, "exact": rep.exact, "inner": rep.inner, "similarity": rep.similarity,
+        "relative_residual": rep.relative_residual, "explained": rep.explained, "scale": rep.scale,
+        "tolerance": rep.tolerance, "per_output": rep.per_output,
+        "certificate": None if rep.certificate is None else [str(c) for c in rep.certificate],
+        "circuit": args.circuit, "component": args.component,
+    }
+    if rep.exact:  # the exact figures as sympy writes them, beside their float values
+        payload["exact_figures"] = {k: str(getattr(rep, k)) for k in
+                                    ("similarity", "relative_residual", "explained", "scale")}
+    _emit(args, payload, f"{args.circuit} vs {args.component}\n{rep!r}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------- plan
+
+
+_PLAN_SAMPLE = 2000  # orbits planned one by one; beyond, an even sample estimates the total
+
+
+def _lift_shape(net: Network, k: int) -> Network:
+    """``net`` raised to degree k by extra input legs fed the constant e0 (as
+    the symmetric product does); the new legs are interchangeable."""
+    extra = k - net.degree
+    if extra <= 0:
+        return net
+    d1 = net.sizes[net.inputs[0]]
+    new = tuple(Tensor(f"#e{j}", (f"#l{j}",), (d1,)) for j in range(extra))
+    n0 = net.degree
+    syms = [tuple(p) + tuple(range(n0, k)) for p in net.symmetries]
+    for j in range(n0, k - 1):
+        syms.append(tuple(j + 1 if i == j else j if i == j + 1 else i for i in range(k)))
+    return Network(net.tensors + new, net.inputs + tuple(t.legs[0] for t in new), net.outputs, syms)
+
+
+def _orbit_plan(A: Network, B: Network | None, kind: str, same: bool, per_output: bool) -> dict[str, Any]:
+    """Orbits of the pairings of A's (and B's) input legs under the declared
+    symmetries (and the exchange of A and B when ``same``), and the plan of
+    the pairing network of a representative orbit: pairs joined by a d x d
+    matrix (covariance or identity), singletons by the mean vector, outputs
+    joined (or shared, ``per_output``).  Only shapes are used."""
+    from . import pairings as P
+    from .inner import MAX_PAIRINGS, CostError
+
+    ka = A.degree
+    n = ka + (B.degree if B is not None else 0)
+    raw = P.count_pairings(kind, n)
+    if raw > MAX_PAIRINGS:
+        raise CostError(f"exact {kind} enumeration over {n} input legs has {raw:,} pairings "
+                        f"(limit {MAX_PAIRINGS:,}); use --inner network")
+    A = A.fresh("a.")
+    gens = [tuple(p) + tuple(range(ka, n)) for p in A.symmetries]
+    tensors, legs = list(A.tensors), A.inputs
+    if B is not None:
+        B = B.fresh("b.")
+        gens += [tuple(range(ka)) + tuple(ka + q for q in p) for p in B.symmetries]
+        if same:
+            gens.append(tuple(range(ka, n)) + tuple(range(ka)))
+        tensors += list(B.tensors)
+        legs = legs + B.inputs
+    orbits = P.orbits(kind, n, tuple(gens))
+    sizes = {**A.sizes, **(B.sizes if B is not None else {})}
+    d1 = sizes[legs[0]]
+
+    def network(partner: tuple[int, ...]) -> Network:
+        ts_ = list(tensors)
+        for i, j in enumerate(partner):
+            if j == i:
+                ts_.append(Tensor(f"#mean{i}", (legs[i],), (d1,)))
+            elif i < j:
+                ts_.append(Tensor(f"#join{i}", (legs[i], legs[j]), (d1, d1)))
+        if B is None:
+            return Network(tuple(ts_), (), A.outputs)
+        oa, ob = A.outputs[0], B.outputs[0]
+        if per_output:
+            return Network(tuple(t.relabel({ob: oa}) for t in ts_), (), (oa,))
+        ts_.append(Tensor("#out", (oa, ob), (sizes[oa], sizes[ob])))
+        return Network(tuple(ts_), (), ())
+
+    # plan every orbit (plans are cached by topology), or an even sample of them when there are very many
+    step = max(1, len(orbits) // _PLAN_SAMPLE)
+    sample = orbits[::step]
+    plans = [(plan(network(partner)), size, partner) for partner, size in sample]
+    mean_flops = sum(p.flops for p, _, _ in plans) / len(plans)
+    worst, _, worst_partner = max(plans, key=lambda t: t[0].flops)
+    total = sum(p.flops for p, _, _ in plans) if step == 1 else int(mean_flops * len(orbits))
+    return {"input_legs": n, "pairings": raw, "orbits": len(orbits), "largest_orbit": max(s for _, s in orbits),
+            "planned_orbits": len(plans), "representative": json.loads(worst.to_json()),
+            "representative_pairing": list(worst_partner), "flops_per_orbit_max": worst.flops,
+            "flops_total": total, "flops_total_estimated": step != 1,
+            "largest_intermediate": max(p.largest_intermediate for p, _, _ in plans),
+            "largest_intermediate_bytes": 8 * max(p.largest_intermediate for p, _, _ in plans)}
+
+
+def _same_weights(a: Component, b: Component) -> bool:
+    try:
+        return a is b or a.same_weights(b)
+    except Exception:  # noqa: BLE001 - a model type without comparable weights
+        return False
+
+
+def plan_similarity(a: Component, b: Component, inner: str = "gaussian", *, centered: bool = False,
+                    per_output: bool = False, budget: float | None = None) -> dict[str, Any]:
+    """The contractions that ``ts.similarity(a, b, inner, centered=...)``
+    runs with the exact engine, planned from shapes alone (nothing is
+    contracted): for each of <a,b>, <a,a>, <b,b> (and E[a], E[b] when
+    centred) the number of pairings, their orbits under the declared
+    symmetries, the contraction plan of one representative orbit's pairing
+    network, FLOP and float64 memory estimates, and totals.  The engine may
+    fold the join matrices into the factors before contracting, so its own
+    flop count can be a little lower.  Raises CostError when the pairings
+    are too many to enumerate."""
+    from .inner import DEFAULT_BUDGET, CostError, similarity
+
+    budget = DEFAULT_BUDGET if budget is None else budget
+    if inner not in ("gaussian", "symmetric", "network"):
+        raise ValueError(f"inner must be gaussian, symmetric or network, got {inner!r}")
+    if centered and inner != "gaussian":
+        raise ValueError("centered is defined for the gaussian inner product only")
+    for name, m in (("a", a), ("b", b)):
+        if not isinstance(m, Component):
+            raise TypeError(f"plan needs tsalgebra models; {name} is {type(m).__name__}")
+    if (a.in_features, a.out_features) != (b.in_features, b.out_features):
+        raise ValueError(f"the models map {a.in_features} -> {a.out_features} and {b.in_features} -> "
+                         f"{b.out_features}; a similarity needs equal widths")
+    if inner == "network":
+        r = similarity(a, b, "network")
+        return {"inner": "network", "method": "Gram recursion", "note": "no pairing enumeration: one Gram "
+                "recursion per product, O(depth h^2 d)", "products": [], "total_flops": r.flops,
+                "total_contractions": r.contractions, "budget": budget, "within_budget": True}
+    na, nb = a.network(symmetric=True), b.network(symmetric=True)
+    products: list[dict[str, Any]] = []
+    info: dict[str, Any] = {}
+    pairs = {"<a,b>": (na, nb, _same_weights(a, b)), "<a,a>": (na, na, True), "<b,b>": (nb, nb, True)}
+    exact_numbers = a.exact or b.exact
+    if inner == "gaussian":
+        info["measure"] = "N(0, I)"
+        jobs = [(name, x, y, same and x.degree == y.degree, per_output, 1) for name, (x, y, same) in pairs.items()]
+        if centered:  # each centred product subtracts E[x] . E[y]: both means, once per product
+            jobs += [("E[a]", na, None, False, True, 3), ("E[b]", nb, None, False, True, 3)]
+        for name, x, y, same, po, times in jobs:
+            try:
+                products.append(dict(_orbit_plan(x, y, "gaussian", same, po), product=name, times=times))
+            except CostError as exc:
+                if exact_numbers:
+                    raise
+                products.append({"product": name, "times": times, "refused": str(exc)})
+        # the engine's choice (inner.py): Gauss-Hermite quadrature when its grid, (k//2 + 1)^d nodes for
+        # k = deg a + deg b, is smaller than the pairing count over 2^(declared symmetries), or when
+        # pairings are refused; exact numbers always use pairings
+        from . import pairings as P
+
+        k = na.degree + nb.degree
+        grid = (k // 2 + 1) ** a.in_features
+        pairings = P.count_pairings("gaussian", k) / 2 ** (len(na.symmetries) + len(nb.symmetries))
+        info["engine_algorithm"] = (
+            "pairing orbits" if exact_numbers else
+            "Gauss-Hermite quadrature" if any("refused" in p for p in products) or grid < pairings else
+            "pairing orbits")
+        info["quadrature_grid_points"] = grid
+    else:
+        k = max(na.degree, nb.degree)
+        info["degree"], info["lifted"] = k, na.degree != nb.degree
+        info["engine_algorithm"] = "pairing orbits"
+        for name, (x, y, same) in pairs.items():
+            products.append(dict(_orbit_plan(_lift_shape(x, k), _lift_shape(y, k), "symmetric", same, per_output),
+                                 product=name, times=1))
+    planned = [p for p in products if "refused" not in p]
+    total = sum(p["times"] * p["flops_total"] for p in planned)
+    return dict(info, inner=inner, method="exact (pairing orbits)", centered=centered, per_output=per_output,
+                products=products, total_contractions=sum(p["times"] * p["orbits"] for p in planned),
+                total_flops=total,
+                largest_intermediate_bytes=max((p["largest_intermediate_bytes"] for p in planned), default=0),
+                budget=budget, within_budget=len(planned) == len(products) and all(
+                    p["flops_total"] <= budget for p in planned))
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    _check_files(args.a, args.b)
+    tpl = _template(args.template)
+    a, b = _load_one(args.a, tpl), _load_one(args.b, tpl)
+    rep = plan_similarity(a, b, args.inner, centered=args.centered, per_output=args.per_output,
+                          budget=args.budget)
+    rep = dict(rep, a=args.a, b=args.b, model_a=repr(a), model_b=repr(b))
+    lines = [f"exact {args.inner}{' centred' if args.centered else ''} similarity of {args.a} and {args.b}: "
+             f"{rep['method']}"]
+    for p in rep["products"]:
+        if "refused" in p:
+            lines.append(f"  {p['product']}: pairings refused: {p['refused']}")
+            continue
+        r = p["representative"]
+        times = f" (x{p['times']}: once per centred product)" if p["times"] > 1 else ""
+        lines.append(f"  {p['product']}{times}: {p['pairings']} pairings of {p['input_legs']} legs in {p['orbits']} "
+                     f"orbits; all orbits {'~' if p['flops_total_estimated'] else ''}{p['flops_total']:.3g} flops, "
+                     f"largest intermediate {p['largest_intermediate']} elements "
+                     f"({p['largest_intermediate_bytes'] / 1e6:.3g} MB in float64)")
+        lines.append(f"      costliest orbit {r['equation']}  [{len(r['steps'])} pairwise steps, {r['optimizer']}, "
+                     f"{p['flops_per_orbit_max']:.3g} flops]")
+    if not rep["products"]:
+        lines.append(f"  {rep['note']}")
+    lines.append(f"total: {rep['total_contractions']} contractions, {rep['total_flops']:.3g} flops; budget "
+                 f"{rep['budget']:.3g} per product: {'within' if rep['within_budget'] else 'EXCEEDED'}")
+    if rep.get("engine_algorithm", "pairing orbits") != "pairing orbits":
+        lines.append(f"note: for these models the engine runs {rep['engine_algorithm']} "
+                     f"({rep['quadrature_grid_points']:,} nodes) instead of the pairing orbits planned above")
+    _emit(args, rep, "\n".join(lines))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------- demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if args.demo == "grokking":
+        from .demos import grokking as mod
+    else:
+        from .demos import backdoor as mod
+    result = mod.run(mod.config_from_args(args))
+    if args.json:
+        print(json.dumps(_jsonable(dict(result.numbers, summary=result.summary, figure=result.figure,
+                                        checkpoints=result.checkpoints)), indent=2))
+    else:
+        print(result.summary, end="")
+    return EXIT_OK
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    rows = summary(args.seed, args.batch)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _print_summary(rows)
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------- parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tsalgebra", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("summary", help="build two small models and print their expressions and contraction plans")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    models = argparse.ArgumentParser(add_help=False)
+    models.add_argument("--template", metavar="MODULE:FUNCTION",
+                        help="function building the torch module the checkpoints hold (default: native layout)")
+    inners = ("gaussian", "symmetric", "network")
+
+    parser = argparse.ArgumentParser(prog="tsalgebra", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"tsalgebra {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("similarity", parents=[common, models], help="tensor similarity of two checkpoints",
+                       description="Similarity (a cosine) of two checkpoints under one inner product, with the "
+                                   "method, exactness and cost.")
+    s.add_argument("a", help="checkpoint file")
+    s.add_argument("b", help="checkpoint file")
+    s.add_argument("--inner", choices=inners, default="gaussian", help="inner product (default gaussian)")
+    s.add_argument("--per-output", action="store_true", help="one similarity per output channel")
+    s.add_argument("--centered", action="store_true", help="centred gaussian (covariance of the outputs)")
+    s.add_argument("--method", choices=("auto", "exact", "closure"), default="auto",
+                   help="auto: exact within the budget, else an error (never an approximation); "
+                        "closure: Gaussian moment closure (approximate)")
+    s.add_argument("--budget", type=float, default=1e11, help="flop budget of exact enumeration (default 1e11)")
+    s.set_defaults(func=cmd_similarity)
+
+    m = sub.add_parser("matrix", parents=[common, models], help="similarity matrix over checkpoints, as a heatmap",
+                       description="N x N similarity matrix over checkpoint files and directories (their files in "
+                                   "natural step order), drawn as a heatmap; progress on stderr.")
+    m.add_argument("paths", nargs="+", help="checkpoint files and/or directories of checkpoints")
+    m.add_argument("--out", default="matrix.png", help="figure path (default matrix.png; format from the suffix)")
+    m.add_argument("--csv", nargs="?", const=True, default=None, metavar="PATH",
+                   help="also write the matrix as CSV (default: the figure path with .csv)")
+    m.add_argument("--inner", choices=inners, default="gaussian", help="inner product (default gaussian)")
+    m.add_argument("--centered", action="store_true", help="centred gaussian")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.set_defaults(func=cmd_matrix)
+
+    v = sub.add_parser("verify", parents=[common, models], help="is a circuit faithful to a component?",
+                       description="Compare a circuit with a component over all inputs. CIRCUIT is a checkpoint, "
+                                   "or a text file with one polynomial per output line in x1..xd (numbers, "
+                                   "symbols, + - * / ^ ( ); '#' comments).")
+    v.add_argument("circuit", help="formula file or checkpoint")
+    v.add_argument("component", help="checkpoint file")
+    v.add_argument("--inner", choices=("gaussian", "symmetric"), default="gaussian")
+    v.add_argument("--exact", action="store_true", help="exact arithmetic on the stored floats (small models)")
+    v.add_argument("--tol", type=float, default=1e-9, help="tolerance on the relative residual (float mode)")
+    v.add_argument("--symbols", help="input names in order, e.g. 'a b c' (default x1..xd)")
+    v.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("plan", parents=[common, models], help="contraction plans and cost estimates",
+                       description="The contractions the exact engine would run for the similarity of A and B: "
+                                   "per inner product the pairings, their orbits, the plan of a representative "
+                                   "orbit network, FLOP and memory estimates, and totals. Nothing is contracted.")
+    p.add_argument("a", help="checkpoint file")
+    p.add_argument("b", help="checkpoint file")
+    p.add_argument("--inner", choices=inners, default="gaussian")
+    p.add_argument("--centered", action="store_true")
+    p.add_argument("--per-output", action="store_true")
+    p.add_argument("--budget", type=float, default=1e11)
+    p.set_defaults(func=cmd_plan)
+
+    d = sub.add_parser("demo", help="grokking | backdoor: train, checkpoint, compare, plot",
+                       description="Self-contained demonstrations (no download). See docs/user-guide.md.")
+    dsub = d.add_subparsers(dest="demo", required=True, metavar="DEMO")
+    from .demos import backdoor as _bd
+    from .demos import grokking as _gk
+
+    g = dsub.add_parser("grokking", parents=[common], help="modular addition: memorization, grokking, similarity",
+                        description=_gk.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _gk.add_arguments(g)
+    b = dsub.add_parser("backdoor", parents=[common], help="digits with a trigger: which class changed",
+                        description=_bd.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _bd.add_arguments(b)
+    d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("summary", parents=[common], help="build two small models and print their expressions and contraction plans")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch", type=int, default=32, help="batch size of the evaluation plan")
-    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_summary)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit code (argparse itself exits
+    with 2 on a usage error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        if args.command == "summary":
-            rows = summary(args.seed, args.batch)
-            if args.json:
-                print(json.dumps(rows, indent=2))
-            else:
-                _print_summary(rows)
-    except (ValueError, TypeError) as exc:
+        return args.func(args)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
         print(f"tsalgebra: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_USAGE
+    except FileNotFoundError as exc:
+        print(f"tsalgebra: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`): not our failure
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except (ValueError, TypeError, ArithmeticError, RuntimeError, OSError) as exc:
+        print(f"tsalgebra: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("tsalgebra: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ from .attention import sequence_measure
 from .components import Component
 from .expr import Network, Sum
 from .pairing_sum import MAX_PAIRINGS, CostError, Joins, Tally, lift, orbit_sum
-from .quadrature import quadrature_inner
+from .pairings import count_pairings
+from .quadrature import grid_points, quadrature_inner
 from .recursive import closure_moments, fold, network_gram
 
 __all__ = ["InnerResult", "CostError", "inner", "norm", "similarity", "DEFAULT_BUDGET", "MAX_PAIRINGS"]
@@ -243,6 +244,7 @@ def inner(
     degree: int | None = None,
     budget: float = DEFAULT_BUDGET,
     orbits: bool = True,
+    algorithm: str | None = None,
 ) -> InnerResult:
     """<a, b> under the chosen inner product, summed over output channels
     (constant channel excluded), or one value per channel with ``per_output``.
@@ -254,7 +256,11 @@ def inner(
     the alternatives; never an approximation).  ``degree`` fixes the common
     degree of the symmetric product (default: the larger model degree).
     ``orbits=False`` sums every pairing one by one (slow; a check on the
-    declared symmetries, which orbit grouping trusts).
+    declared symmetries, which orbit grouping trusts).  ``algorithm`` picks
+    the exact Gaussian algorithm: "pairings" (orbit enumeration, exponential
+    in the number of input copies) or "quadrature" (Gauss-Hermite nodes,
+    exponential in the input width); by default the one with fewer
+    contractions, the other when the first is refused.
 
     Cost: exact enumeration is exponential in the number of input copies
     (orbits of pairings, each a contraction of the two factored models);
@@ -289,22 +295,26 @@ def inner(
                            contractions=steps, flops=flops, notes=notes)
     ta, tb = _terms(a), _terms(b)
     exact_numbers = _is_exact(ta + tb)
+    if algorithm not in (None, "pairings", "quadrature"):
+        raise ValueError(f"algorithm must be 'pairings' or 'quadrature', got {algorithm!r}")
+    if algorithm == "quadrature" and (inner != "gaussian" or exact_numbers):
+        raise ValueError("quadrature computes float Gaussian inner products only")
+    quadrature_first = algorithm == "quadrature"
+    if algorithm is None and inner == "gaussian" and not exact_numbers:
+        d1, _ = _widths(ta + tb, "a and b")
+        _, C, _ = _measure(d1 - 1, mean, cov, False)
+        n_legs = max(n.degree for _, n in ta) + max(n.degree for _, n in tb)
+        n_syms = max(len(n.symmetries) for _, n in ta) + max(len(n.symmetries) for _, n in tb)
+        quadrature_first = grid_points(ta, tb, C[1:, 1:]) < count_pairings("gaussian", n_legs) / 2**n_syms
+    if quadrature_first:
+        return _quadrature(ta, tb, mean, cov, centered, per_output, budget, None)
     try:
         value, tally, info = _exact_inner(ta, tb, inner, mean=mean, cov=cov, centered=centered,
                                           per_output=per_output, degree=degree, budget=budget, use_orbits=orbits)
     except CostError as too_many:
-        if inner != "gaussian" or exact_numbers:
+        if inner != "gaussian" or exact_numbers or algorithm == "pairings":
             raise
-        # few input coordinates: integrate exactly on a Gauss-Hermite grid instead
-        d1, _ = _widths(ta + tb, "a and b")
-        mu, C, label = _measure(d1 - 1, mean, cov, False)
-        try:
-            value, points, flops = quadrature_inner(ta, tb, mu[1:], C[1:, 1:], centered, per_output, budget)
-        except CostError as too_wide:
-            raise CostError(f"{too_many}. {too_wide}") from None
-        return InnerResult(value, "inner", "gaussian", "exact", True, "Gauss-Hermite quadrature", centered=centered,
-                           measure=label, per_output=per_output, contractions=points, flops=flops,
-                           notes=(f"pairing enumeration refused ({too_many}); quadrature on {points:,} nodes",))
+        return _quadrature(ta, tb, mean, cov, centered, per_output, budget, too_many)
     if not exact_numbers:
         value = value if per_output else float(value)
     else:
@@ -313,6 +323,20 @@ def inner(
                        measure=info.get("measure", ""), degree=info.get("degree"), lifted=info.get("lifted", False),
                        per_output=per_output, contractions=tally.contractions, flops=tally.flops,
                        pairings=tally.pairings, orbits=tally.orbits)
+
+
+def _quadrature(ta: list[tuple[Any, Network]], tb: list[tuple[Any, Network]], mean: Any, cov: Any, centered: bool,
+                per_output: bool, budget: float, refused: CostError | None) -> InnerResult:
+    d1, _ = _widths(ta + tb, "a and b")
+    mu, C, label = _measure(d1 - 1, mean, cov, False)
+    try:
+        value, points, flops = quadrature_inner(ta, tb, mu[1:], C[1:, 1:], centered, per_output, budget)
+    except CostError as too_wide:
+        raise (CostError(f"{refused}. {too_wide}") if refused else too_wide) from None
+    notes = (f"pairing enumeration refused ({refused})",) if refused else ()
+    return InnerResult(value, "inner", "gaussian", "exact", True, "Gauss-Hermite quadrature", centered=centered,
+                       measure=label, per_output=per_output, contractions=points, flops=flops,
+                       notes=notes + (f"exact on {points:,} quadrature nodes",))
 
 
 def norm(a: Any, inner: str = "gaussian", method: str = "auto", mean: Any = None, cov: Any = None,

@@ -17,13 +17,14 @@ per orbit, weighted by the orbit size.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import opt_einsum as oe
 
 from . import pairings as P
-from .engine import contract
 from .expr import Network, Tensor
 from .planner import plan
 
@@ -164,7 +165,10 @@ class _Joiner:
 
     def variant(self, t_idx: int, roles: dict[str, str], mask: Any = None) -> Tensor:
         t = self.tensors[t_idx]
-        key = (t_idx, tuple(sorted((l, r) for l, r in roles.items() if l in t.legs)))
+        return self.variant_by_key((t_idx, tuple(sorted((l, r) for l, r in roles.items() if l in t.legs))), mask)
+
+    def variant_by_key(self, key: tuple[int, tuple[tuple[str, str], ...]], mask: Any = None) -> Tensor:
+        t = self.tensors[key[0]]
         if key not in self.cache:
             data, legs = t.data, list(t.legs)
             for leg, role in key[1]:
@@ -174,12 +178,15 @@ class _Joiner:
             self.cache[key] = Tensor.of(t.name, tuple(legs), data)
         return self.cache[key]
 
-    def network(self, partner: tuple[int, ...], out_legs: tuple[str, ...], out_mask: np.ndarray | None) -> Network:
-        """``out_legs``: (a_out, b_out) joined and summed through ``out_mask``
-        (a vector over output channels), or left open when ``out_mask`` is None;
+    def network(self, partner: tuple[int, ...], out_legs: tuple[str, ...],
+                out_mask: np.ndarray | None) -> tuple[Network, list[tuple[Any, ...]]]:
+        """The pairing's network and, per tensor, a reference to where its data
+        comes from (so a compiled contraction can be rerun on new weights).
+        ``out_legs``: (a_out, b_out) joined and summed through ``out_mask`` (a
+        vector over output channels), or left open when ``out_mask`` is None;
         a single leg stays open."""
         legs, roles, rename = self.legs, {}, {}
-        extra: list[Tensor] = []
+        extra: list[tuple[Tensor, tuple[Any, ...]]] = []
         for i, j in enumerate(partner):
             if j == i:
                 roles[legs[i]] = "single"
@@ -187,7 +194,8 @@ class _Joiner:
                 oi, oj = self.owner[legs[i]], self.owner[legs[j]]
                 if oi is None or oj is None or oi == oj:  # rare: keep an explicit join matrix
                     roles[legs[i]] = roles[legs[j]] = "raw"
-                    extra.append(Tensor(f"#c{i}", (legs[i], legs[j]), self.joins.matrix.shape, self.joins.matrix))
+                    m = self.joins.matrix
+                    extra.append((Tensor(f"#c{i}", (legs[i], legs[j]), m.shape, m), ("matrix",)))
                     continue
                 roles[legs[i]], roles[legs[j]] = "pairw", "pair"
                 rename[legs[j]] = legs[i]
@@ -197,14 +205,41 @@ class _Joiner:
             out = (out_legs[0],)
             if out_mask is not None:
                 if self.owner[out_legs[0]] is None:
-                    extra.append(Tensor.of("#out", (out_legs[0],), out_mask))
+                    extra.append((Tensor.of("#out", (out_legs[0],), out_mask), ("mask",)))
                 else:
                     roles[out_legs[0]] = "mask"
                 out = ()
         touched = {self.owner[l] for l, r in roles.items() if r != "raw"} - {None}
-        tensors = [self.variant(k, roles, out_mask) if k in touched else t for k, t in enumerate(self.tensors)]
-        tensors = [t.relabel(rename) for t in tensors] + extra
-        return Network(tuple(tensors), (), out)
+        entries: list[tuple[Tensor, tuple[Any, ...]]] = []
+        for k, t in enumerate(self.tensors):
+            if k in touched:
+                key = (k, tuple(sorted((l, r) for l, r in roles.items() if l in t.legs)))
+                entries.append((self.variant_by_key(key, out_mask), ("variant", key)))
+            else:
+                entries.append((t, ("tensor", k)))
+        entries = [(t.relabel(rename), ref) for t, ref in entries] + extra
+        return Network(tuple(t for t, _ in entries), (), out), [ref for _, ref in entries]
+
+    def resolve(self, ref: tuple[Any, ...], out_mask: Any) -> Any:
+        """The array a reference of :meth:`network` points to, for this call's weights."""
+        if ref[0] == "variant":
+            return self.variant_by_key(ref[1], out_mask).data
+        if ref[0] == "tensor":
+            return self.tensors[ref[1]].data
+        return {"matrix": self.joins.matrix, "mask": out_mask}[ref[0]]
+
+
+# Compiled orbit contractions, keyed by everything but the weights: a warm call
+# (same architectures, new or same weights) reruns them without planning.
+_RECIPES: "OrderedDict[Any, list[tuple[int, Any, list[tuple[Any, ...]], int]]]" = OrderedDict()
+_RECIPES_MAX = 64
+
+
+def _recipe_key(tensors: list[Tensor], legs: tuple[str, ...], out_legs: tuple[str, ...], joins: Joins,
+                masked: bool, gens: tuple[tuple[int, ...], ...]) -> Any:
+    shape = lambda a: None if a is None else tuple(np.shape(a))  # noqa: E731
+    return (tuple((t.name, t.legs, t.shape) for t in tensors), legs, out_legs, joins.kind, shape(joins.factor),
+            shape(joins.weights), shape(joins.mean), masked, gens)
 
 
 def orbit_sum(A: Network, B: Network | None, joins: Joins, out_mask: np.ndarray | None,
@@ -237,22 +272,39 @@ def orbit_sum(A: Network, B: Network | None, joins: Joins, out_mask: np.ndarray 
             gens.append(tuple(range(ka, n)) + tuple(range(ka)))
         tensors += list(B.tensors)
         legs, out_legs = legs + B.inputs, out_legs + B.outputs
-    orbits = P.orbits(joins.kind, n, tuple(gens) if use_orbits else ())
+    gens_used = tuple(gens) if use_orbits else ()
+    orbits = P.orbits(joins.kind, n, gens_used)
     joiner = _Joiner(legs, tensors, joins, out_legs[0] if B is not None else None)
-    rep_flops = plan(joiner.network(orbits[0][0], out_legs, out_mask)).flops
-    estimate = len(orbits) * rep_flops
+    key = _recipe_key(tensors, legs, out_legs, joins, out_mask is not None, gens_used)
+    recipe = _RECIPES.get(key)
+    estimate = (sum(f for _, _, _, f in recipe) if recipe is not None
+                else len(orbits) * plan(joiner.network(orbits[0][0], out_legs, out_mask)[0]).flops)
     if estimate > budget:
         raise CostError(
-            f"exact {joins.kind} inner product: {len(orbits):,} orbit contractions of about {rep_flops:.3g} flops "
-            f"each ({estimate:.3g} flops) exceed the budget of {budget:.3g}; raise budget=..., or use "
-            "inner='network', or method='closure' (approximate, gaussian only)"
+            f"exact {joins.kind} inner product: {len(orbits):,} orbit contractions, about {estimate:.3g} flops, "
+            f"exceed the budget of {budget:.3g}; raise budget=..., or use inner='network', "
+            "or method='closure' (approximate, gaussian only)"
         )
+    if recipe is None:
+        recipe = []
+        for partner, size in orbits:
+            net, refs = joiner.network(partner, out_legs, out_mask)
+            p = plan(net)
+            expr = oe.contract_expression(p.equation, *p.shapes, optimize=[tuple(q) for q in p.path] or [(0,)])
+            recipe.append((size, expr, refs, p.flops))
+        _RECIPES[key] = recipe
+        if len(_RECIPES) > _RECIPES_MAX:
+            _RECIPES.popitem(last=False)
+    else:
+        _RECIPES.move_to_end(key)
+    exact = any(getattr(t.data, "dtype", None) == object for t in tensors) or joins.matrix.dtype == object
+    backend = "object" if exact else "numpy"
     total: Any = 0
     tally = Tally(pairings=raw, orbits=len(orbits))
-    for partner, size in orbits:
-        value, p = contract(joiner.network(partner, out_legs, out_mask))
+    for size, expr, refs, flops in recipe:
+        value = expr(*(joiner.resolve(r, out_mask) for r in refs), backend=backend)
         total = total + size * value
         tally.contractions += 1
-        tally.flops += p.flops
+        tally.flops += flops
     tally.flops += joiner.flops
     return total, tally

@@ -21,7 +21,7 @@ from .expr import Network
 from .pairing_sum import CostError
 from .planner import plan
 
-__all__ = ["quadrature_inner"]
+__all__ = ["grid_points", "quadrature_inner"]
 
 _CHUNK = 4096
 
@@ -39,6 +39,12 @@ def _evaluate(terms: list[tuple[Any, Network]], x: np.ndarray) -> np.ndarray:
 def _eval_flops(terms: list[tuple[Any, Network]]) -> int:
     """Flops of evaluating the terms on one sample."""
     return sum(plan(evaluation_network(n, 1)).flops for _, n in terms)
+
+
+def grid_points(ta: list[tuple[Any, Network]], tb: list[tuple[Any, Network]], cov: np.ndarray) -> int:
+    """Number of Gauss-Hermite nodes an exact product needs: q^rank(cov)."""
+    k = max(n.degree for _, n in ta) + max(n.degree for _, n in tb)
+    return (k // 2 + 1) ** _factor(cov).shape[1]
 
 
 def quadrature_inner(ta: list[tuple[Any, Network]], tb: list[tuple[Any, Network]], mean: np.ndarray,

@@ -1,0 +1,1193 @@
+"""Similarity matrices of many models at once.
+
+:func:`similarity_matrix` (N x N) and :func:`cross_similarity_matrix` (N x M)
+compute every model's norm once and every pair's inner product in batch,
+from stacked weights, with batched matrix products.  The whole computation
+is one tensor network with a model leg per side, e.g. for one bilinear layer
+
+    'ahi,ahj,aoh,bki,bkj,bok->ab'   (L, R, D of model a; L, R, D of model b)
+
+and two of its contraction orders are executed as *routes*:
+
+- ``"pairwise-gram"``: the cross Grams La Lb^T, Ra Rb^T, La Rb^T, Ra Lb^T and
+  Da^T Db of every pair, as one big matrix product per block of models, then
+  the Hadamard core of section 3.2 of the design note (for stacks: the Gram
+  recursion of section 3.3 batched over pairs, G of shape (a, w_a, b, w_b)).
+  About 8 h^2 d + 2 h^2 o flops per pair.
+- ``"materialize"`` (one bilinear layer): each model's symmetric padded
+  coefficient tensor S[o, i, j] is formed once (about 2 o h d^2 flops per
+  model) and the matrix is one Gram of the flattened tensors (about 2 o d^2
+  per pair).  Wins by a wide margin when h^2 > o d.
+
+The flops of each route are counted by the planner
+(:func:`tsalgebra.planner.plan_equation`, one plan per einsum step) for the
+block sizes that fit the memory bound ``max_memory``; ``route="auto"`` takes
+the cheaper route that fits, and the result says which route ran and what
+each candidate would have cost.  Anything the batched routes do not cover
+(deeper models under the gaussian or symmetric product, Polynomial models,
+exact/symbolic weights that do not convert to floats, ``method="closure"``,
+another ``degree``) takes route ``"pairwise"``: each norm once with
+:func:`tsalgebra.inner` and each pair with it, behind a progress bar.
+
+Inner products in batch, on padded factors L~, R~ (H, d+1), D~ (o+1, H), outputs
+1..o:
+
+- symmetric: <a, b>_S = sum_{o,i,j} S_a[o,i,j] S_b[o,i,j],
+  S[o,i,j] = sum_h D[o,h] (L[h,i] R[h,j] + R[h,i] L[h,j]) / 2;
+- network: the Gram recursion (equal to the symmetric one at depth 1);
+- gaussian, x ~ N(m, C): the input is rewritten x = m + F z with C = F F^T,
+  z ~ N(0, I), so L~ and R~ become L~ P, R~ P with P = [[1, 0], [m, F]].  For
+  z ~ N(0, I) and f_o = c + b.z + z'Az (c = S[o,0,0], b = 2 S[o,0,1:],
+  A = S[o,1:,1:]),  E[f_o g_o] = 2 tr(A_f A_g) + b_f.b_g + (c_f + tr A_f)(c_g + tr A_g),
+  which is the Frobenius product of S' = sqrt(2) S + m' e0 e0^T with
+  m' = (1 - sqrt 2) c + tr A (centred: m' = -sqrt(2) c, dropping the mean
+  product).  S' is again a symmetric CP tensor: D' = [sqrt(2) D, m'],
+  L' = [L; e0], R' = [R; e0].  So every batched inner product is a Frobenius
+  product of symmetric CP tensors, or the Gram recursion.
+
+Scale: each factor is divided by its Frobenius norm before anything is
+formed, and in stacks each intermediate Gram G[a, b] by sqrt(|G[a,a]| |G[b,b]|);
+the cosine is invariant to both, the norms are rebuilt in float64 logarithms.
+So float32 and vocabulary-scale outputs do not overflow.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .components import Component
+from .inner import inner as _pair_inner
+from .planner import ContractionPlan, plan_equation
+from .recursive import fold
+
+__all__ = ["SimilarityMatrix", "RouteCost", "StepTime", "similarity_matrix", "cross_similarity_matrix", "ROUTES"]
+
+ROUTES = ("auto", "materialize", "pairwise-gram", "pairwise")
+_INNERS = ("gaussian", "symmetric", "network")
+_METHODS = ("auto", "exact", "closure")
+_SQRT2 = math.sqrt(2.0)
+_FALLBACK_MEMORY = 2 * 2**30
+# A progress bar is offered (progress=None: shown on a terminal) above this much work.
+_LONG_FLOPS = 2e10
+_LONG_PAIRS = 50
+# Blocks of the pairwise-gram route: at least this many stacked rows per block
+# (smaller matrix products lose BLAS efficiency) and at most this many blocks
+# per side when memory does not force more (more blocks skip more of the
+# symmetric matrix's lower triangle, at smaller products).
+_MIN_BLOCK_ROWS = 1024
+_MAX_SYM_BLOCKS = 8
+
+
+# ------------------------------------------------------------ results
+
+
+@dataclass(frozen=True)
+class RouteCost:
+    """A candidate route: planner flops for the block sizes that fit the memory
+    bound, the estimated peak bytes of its blocks, and how it is blocked."""
+
+    route: str
+    flops: int
+    peak_bytes: int
+    fits: bool
+    blocking: str
+    plans: tuple[tuple[str, ContractionPlan], ...] = ()
+
+    def __repr__(self) -> str:
+        fit = "" if self.fits else ", does not fit"
+        return f"RouteCost({self.route}: {self.flops:.3g} flops, {self.peak_bytes / 2**20:.1f} MiB peak, {self.blocking}{fit})"
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Wall time and planner flops spent in one kind of step of the chosen route."""
+
+    name: str
+    flops: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.flops / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class SimilarityMatrix:
+    """A matrix of cosines with the facts needed to trust it.
+
+    ``values[i, j]`` is the cosine of row model i and column model j;
+    ``norms`` / ``col_norms`` the norms sqrt(<m, m>) of the row / column models
+    (float64; the same array for :func:`similarity_matrix`).  ``route`` is the
+    route that ran, ``flops`` its planner flop count, ``candidates`` what every
+    route would have cost; ``exact`` is False only for approximations (closure).
+    """
+
+    values: np.ndarray
+    route: str
+    flops: int
+    inner: str
+    method: str
+    exact: bool
+    norms: np.ndarray
+    col_norms: np.ndarray
+    symmetric: bool
+    centered: bool = False
+    measure: str = ""
+    dtype: str = "float64"
+    device: str = "numpy"
+    max_memory: int = 0
+    candidates: Mapping[str, RouteCost] = field(default_factory=dict)
+    steps: tuple[StepTime, ...] = ()
+    seconds: float = 0.0
+    labels: tuple[str, ...] | None = None
+    col_labels: tuple[str, ...] | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.values.shape  # type: ignore[return-value]
+
+    def dominant_step(self) -> StepTime | None:
+        """The step that took the most time (None for the pairwise route)."""
+        return max(self.steps, key=lambda s: s.seconds) if self.steps else None
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(self.values, dtype=dtype)
+
+    def __repr__(self) -> str:
+        n, m = self.values.shape
+        flags = [self.inner, self.method + ("" if self.exact else " (approximate)"), f"route {self.route}"]
+        if self.centered:
+            flags.append("centred")
+        if self.measure:
+            flags.append(self.measure)
+        flags.append(f"{self.dtype} on {self.device}")
+        return (f"SimilarityMatrix({n} x {m}{', symmetric' if self.symmetric else ''}; {', '.join(flags)}; "
+                f"{self.flops:.3g} flops in {self.seconds:.3g} s)")
+
+    def plot(self, path: str | os.PathLike | None = None, ax: Any = None, labels: Sequence[str] | None = None,
+             col_labels: Sequence[str] | None = None, title: str | None = None, annotate: bool | None = None) -> Any:
+        """A heatmap of the cosines (colour scale fixed to [-1, 1]); returns the figure.
+
+        Draws into ``ax`` when given; otherwise on a new figure made without
+        pyplot (Agg canvas), saved to ``path`` when given.  ``labels`` name the
+        rows (and the columns of a symmetric matrix); by default the labels the
+        models were given under, if any.  ``annotate`` writes the values in the
+        cells (default: for matrices up to 12 x 12).
+        """
+        from matplotlib.figure import Figure
+
+        vals = np.asarray(self.values, dtype=float)
+        n, m = vals.shape
+        rows = list(labels) if labels is not None else (list(self.labels) if self.labels else None)
+        if col_labels is not None:
+            cols = list(col_labels)
+        elif self.symmetric:
+            cols = rows
+        else:
+            cols = list(self.col_labels) if self.col_labels else None
+        if ax is None:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+            size = min(12.0, 3.0 + 0.25 * max(n, m))
+            fig = Figure(figsize=(size * 1.15, size))
+            FigureCanvasAgg(fig)
+            ax = fig.add_subplot(1, 1, 1)
+        else:
+            fig = ax.figure
+        im = ax.imshow(vals, cmap="RdBu_r", vmin=-1.0, vmax=1.0, interpolation="nearest")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="cosine")
+        for setter, names, count in ((ax.set_yticks, rows, n), (ax.set_xticks, cols, m)):
+            if names is not None:
+                if len(names) != count:
+                    raise ValueError(f"{len(names)} labels for {count} models")
+                setter(range(count), labels=[str(x) for x in names])
+        if cols is not None:
+            for lab in ax.get_xticklabels():
+                lab.set_rotation(90)
+        if annotate is None:
+            annotate = max(n, m) <= 12
+        if annotate:
+            for i in range(n):
+                for j in range(m):
+                    ax.text(j, i, f"{vals[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if abs(vals[i, j]) > 0.6 else "black")
+        ax.set_title(title or f"{self.inner} similarity ({self.route})")
+        if path is not None:
+            fig.savefig(path, bbox_inches="tight")
+        return fig
+
+
+# ------------------------------------------------------------ backends
+
+
+def _parse_dtype(dtype: Any) -> str:
+    if dtype is None:
+        return "float64"
+    name = str(dtype).replace("torch.", "").replace("numpy.", "").lower()
+    name = {"double": "float64", "float": "float32", "single": "float32", "f8": "float64", "f4": "float32",
+            "<f8": "float64", "<f4": "float32", "d": "float64", "f": "float32"}.get(name, name)
+    if name not in ("float64", "float32"):
+        raise ValueError(f"dtype must be float64 or float32, got {dtype!r}")
+    return name
+
+
+class _Ops:
+    """The few array operations the routes need, on numpy or on torch (any device)."""
+
+    def __init__(self, dtype: str, device: Any) -> None:
+        self.dtype_name = dtype
+        self.itemsize = 8 if dtype == "float64" else 4
+        self.is_torch = device is not None
+        if self.is_torch:
+            import torch
+
+            self.t = torch
+            self.device = torch.device(device)
+            self.dtype = getattr(torch, dtype)
+            self.cuda = self.device.type == "cuda"
+            self.name = str(self.device)
+        else:
+            self.device = None
+            self.dtype = np.dtype(dtype)
+            self.cuda = False
+            self.name = "numpy"
+
+    def put(self, a: np.ndarray) -> Any:
+        if self.is_torch:
+            return self.t.as_tensor(np.ascontiguousarray(a), dtype=self.dtype, device=self.device)
+        return np.ascontiguousarray(a, dtype=self.dtype)
+
+    def get(self, x: Any) -> np.ndarray:
+        if self.is_torch:
+            return x.detach().to("cpu").numpy()
+        return np.asarray(x)
+
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        if self.is_torch:
+            return self.t.zeros(shape, dtype=self.dtype, device=self.device)
+        return np.zeros(shape, dtype=self.dtype)
+
+    def perm(self, x: Any, axes: tuple[int, ...]) -> Any:
+        return x.permute(*axes) if self.is_torch else x.transpose(axes)
+
+    def mT(self, x: Any) -> Any:
+        return x.transpose(-1, -2) if self.is_torch else x.swapaxes(-1, -2)
+
+    def contig(self, x: Any) -> Any:
+        return x.contiguous() if self.is_torch else np.ascontiguousarray(x)
+
+    def einsum(self, eq: str, *ops: Any) -> Any:
+        return self.t.einsum(eq, *ops) if self.is_torch else np.einsum(eq, *ops)
+
+    def sum_sq(self, x: Any, axes: tuple[int, ...]) -> Any:
+        return (x * x).sum(dim=axes) if self.is_torch else (x * x).sum(axis=axes)
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.t.cuda.synchronize(self.device)
+
+    def default_memory(self) -> int:
+        if self.cuda:
+            try:
+                free, _ = self.t.cuda.mem_get_info(self.device)
+                return int(free) // 4
+            except Exception:  # pragma: no cover - depends on the device
+                return _FALLBACK_MEMORY
+        return _available_ram() // 4
+
+
+def _available_ram() -> int:
+    try:
+        import psutil  # type: ignore[import-not-found]
+
+        return int(psutil.virtual_memory().available)
+    except Exception:
+        pass
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * _FALLBACK_MEMORY
+
+
+class _Clock:
+    """Accumulates wall time and planner flops per step name."""
+
+    def __init__(self, ops: _Ops) -> None:
+        self.ops = ops
+        self.seconds: dict[str, float] = {}
+        self.flops: dict[str, int] = {}
+        self._t = 0.0
+
+    def start(self) -> None:
+        self.ops.sync()
+        self._t = time.perf_counter()
+
+    def lap(self, name: str, flops: float) -> None:
+        self.ops.sync()
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._t
+        self.flops[name] = self.flops.get(name, 0) + int(flops)
+        self._t = now
+
+    def steps(self) -> tuple[StepTime, ...]:
+        return tuple(StepTime(k, self.flops[k], self.seconds[k]) for k in self.seconds)
+
+    @property
+    def total_flops(self) -> int:
+        return sum(self.flops.values())
+
+
+def _progress(total: int, desc: str, unit: str, show: bool | None) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=(None if show is None else not show),
+                file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+# ------------------------------------------------------ planner costs
+
+
+class _Costs:
+    """Planner flop counts of the einsum steps, memoized by shapes."""
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple[str, tuple[tuple[int, ...], ...]], ContractionPlan] = {}
+
+    def plan(self, eq: str, *shapes: tuple[int, ...]) -> ContractionPlan:
+        key = (eq, tuple(tuple(int(s) for s in sh) for sh in shapes))
+        p = self._memo.get(key)
+        if p is None:
+            p = self._memo[key] = plan_equation(eq, key[1])
+        return p
+
+    def flops(self, eq: str, *shapes: tuple[int, ...]) -> int:
+        return self.plan(eq, *shapes).flops
+
+
+_COSTS = _Costs()
+
+
+# ------------------------------------------------------ model preparation
+
+
+@dataclass
+class _Chain:
+    """A model as normalized bilinear blocks (L, R, D) on padded widths; the
+    last D without the constant channel.  ``log_scales[l]`` is
+    log(|L~| |R~| |D~|) of the layer (Frobenius norms divided out)."""
+
+    blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    log_scales: np.ndarray
+
+
+def _measure_factor(d: int, mean: Any, cov: Any) -> tuple[np.ndarray | None, str]:
+    """P with x~ = P z~ for x ~ N(mean, cov), z ~ N(0, I_r); None for N(0, I)."""
+    if mean is None and cov is None:
+        return None, "N(0, I)"
+
+    def arr(v: Any) -> np.ndarray:
+        if type(v).__module__.split(".")[0] == "torch":
+            v = v.detach().cpu().numpy()
+        return np.asarray(v, dtype=float)
+
+    m = np.zeros(d) if mean is None else arr(mean)
+    if m.shape != (d,):
+        raise ValueError(f"mean has shape {m.shape}, expected ({d},) for input width {d}")
+    if cov is None:
+        F = np.eye(d)
+    else:
+        C = arr(cov)
+        if C.shape != (d, d):
+            raise ValueError(f"cov has shape {C.shape}, expected ({d}, {d}) for input width {d}")
+        if not (np.isfinite(m).all() and np.isfinite(C).all()):
+            raise ValueError("mean or cov contains NaN or Inf")
+        scale = max(1.0, float(np.abs(C).max()))
+        if not np.allclose(C, C.T, rtol=0, atol=1e-12 * scale):
+            raise ValueError("cov is not symmetric")
+        lam, V = np.linalg.eigh((C + C.T) / 2)
+        if lam.size and lam.min() < -1e-10 * scale:
+            raise ValueError("cov is not positive semi-definite")
+        keep = lam > 1e-14 * max(float(lam.max(initial=0.0)), 1e-300)
+        F = V[:, keep] * np.sqrt(lam[keep])
+    if not np.isfinite(m).all():
+        raise ValueError("mean contains NaN or Inf")
+    P = np.zeros((d + 1, F.shape[1] + 1))
+    P[0, 0] = 1.0
+    P[1:, 0] = m
+    P[1:, 1:] = F
+    return P, "N(mean, cov)"
+
+
+def _unit(x: np.ndarray) -> tuple[np.ndarray, float]:
+    s = float(np.linalg.norm(x))
+    if s == 0.0 or not math.isfinite(s):
+        return x, 0.0
+    return x / s, math.log(s)
+
+
+def _prepare(models: Sequence[Any], inner: str, centered: bool, P: np.ndarray | None) -> list[_Chain] | None:
+    """The models as normalized chains, or None when a batched route does not
+    cover them (the caller then takes the pairwise route)."""
+    chains = []
+    for m in models:
+        if not isinstance(m, Component):
+            return None
+        try:
+            blocks, _ = fold(m)
+            blocks = [tuple(np.asarray(x, dtype=float) for x in blk) for blk in blocks]
+        except (TypeError, ValueError):
+            return None
+        if not blocks:
+            return None  # a linear model: degree 1, lifting rules live in ts.inner
+        if inner != "network" and len(blocks) != 1:
+            return None
+        if not all(np.isfinite(x).all() for blk in blocks for x in blk):
+            return None
+        L, R, D = blocks[-1]
+        blocks[-1] = (L, R, D[1:])
+        if inner == "gaussian" and P is not None:
+            L, R, D = blocks[0]
+            blocks[0] = (L @ P, R @ P, D)
+        norm_blocks, logs = [], []
+        for L, R, D in blocks:
+            (L, a), (R, b), (D, c) = _unit(L), _unit(R), _unit(D)
+            norm_blocks.append((L, R, D))
+            logs.append(a + b + c)
+        if inner == "gaussian":
+            L, R, D = norm_blocks[0]
+            const = L[:, 0] * R[:, 0]
+            if centered:
+                mprime = -_SQRT2 * (D @ const)
+            else:
+                mprime = D @ ((1.0 - _SQRT2) * const + np.einsum("hi,hi->h", L[:, 1:], R[:, 1:]))
+            e0 = np.zeros((1, L.shape[1]))
+            e0[0, 0] = 1.0
+            norm_blocks[0] = (np.vstack([L, e0]), np.vstack([R, e0]), np.hstack([_SQRT2 * D, mprime[:, None]]))
+        chains.append(_Chain(norm_blocks, np.asarray(logs)))
+    return chains
+
+
+@dataclass
+class _Dims:
+    """Common padded sizes of a set of chains: input width n; per layer the
+    hidden width H and the output width w (the last: o, channel 0 excluded)."""
+
+    n: int
+    H: list[int]
+    w: list[int]
+
+    @property
+    def depth(self) -> int:
+        return len(self.H)
+
+    def w_in(self, layer: int) -> int:
+        return self.n if layer == 0 else self.w[layer - 1]
+
+
+def _dims(*groups: list[_Chain]) -> _Dims:
+    chains = [c for g in groups for c in g]
+    depth = {len(c.blocks) for c in chains}
+    if len(depth) != 1:
+        raise ValueError(
+            "the network inner product needs the same layer structure: the models have "
+            f"{sorted(depth)} bilinear layers (Linear layers fold into their neighbours)"
+        )
+    ns = {c.blocks[0][0].shape[1] for c in chains}
+    if len(ns) != 1:  # pragma: no cover - guarded by the in_features check
+        raise ValueError(f"input widths differ: {sorted(ns)}")
+    L = depth.pop()
+    H = [max(c.blocks[l][0].shape[0] for c in chains) for l in range(L)]
+    w = [max(c.blocks[l][2].shape[0] for c in chains) for l in range(L)]
+    return _Dims(ns.pop(), H, w)
+
+
+def _stack(chains: Sequence[_Chain], dims: _Dims, ops: _Ops) -> tuple[list[Any], list[Any]]:
+    """Per layer: X = [L; R] of shape (c, 2H, w_in) and D / sqrt(2) of shape
+    (c, w, H), zero-padded (padding leaves every function unchanged)."""
+    Xs, Ds = [], []
+    for l in range(dims.depth):
+        H, wi, wo = dims.H[l], dims.w_in(l), dims.w[l]
+        X = np.zeros((len(chains), 2 * H, wi))
+        D = np.zeros((len(chains), wo, H))
+        for k, ch in enumerate(chains):
+            Lm, Rm, Dm = ch.blocks[l]
+            h, i = Lm.shape
+            X[k, :h, :i] = Lm
+            X[k, H : H + h, :i] = Rm
+            D[k, : Dm.shape[0], :h] = Dm / _SQRT2
+        Xs.append(ops.put(X))
+        Ds.append(ops.put(D))
+    return Xs, Ds
+
+
+# ---------------------------------------------------- pairwise-gram route
+
+
+def _partition(n: int, c: int) -> list[tuple[int, int]]:
+    c = max(1, min(c, n))
+    k = -(-n // c)
+    base, extra = divmod(n, k)
+    out, start = [], 0
+    for j in range(k):
+        size = base + (1 if j < extra else 0)
+        out.append((start, start + size))
+        start += size
+    return out
+
+
+def _pg_pair_elements(dims: _Dims) -> int:
+    """Elements held per pair of models at the peak of one block."""
+    worst = 0
+    for l in range(dims.depth):
+        H, wi, wo = dims.H[l], dims.w_in(l), dims.w[l]
+        e = 4 * H * H + 3 * H * H  # Z, core and one temporary
+        if l > 0:
+            e += wi * wi + 4 * H * wi  # G in, Y and its transposed copy
+        e += H * H if l == dims.depth - 1 else 2 * wo * H + 2 * wo * wo  # DD, or U, its copy, G, its copy
+        worst = max(worst, e)
+    return worst
+
+
+def _pg_phase_flops(cI: int, cJ: int, dims: _Dims, same: bool, numpy_syrk: bool) -> list[dict[str, int]]:
+    """Planner flops of one block of pairs (cI x cJ models): per layer, per phase
+    ("in": the cross Gram (layer 1) or propagation through G (later layers);
+    "core": the Hadamard core; "out": Da^T Db (last layer) or G = Da core Db^T;
+    "reduce": the final sum (last layer))."""
+    half = 0.5 if (same and numpy_syrk) else 1.0  # numpy multiplies X @ X.T by syrk (one triangle)
+    layers = []
+    for l in range(dims.depth):
+        H, wi, wo = dims.H[l], dims.w_in(l), dims.w[l]
+        ph: dict[str, int] = {}
+        if l == 0:
+            ph["in"] = int(half * _COSTS.flops("xi,yi->xy", (cI * 2 * H, wi), (cJ * 2 * H, wi)))
+        else:
+            ph["in"] = (_COSTS.flops("axi,aibj->axbj", (cI, 2 * H, wi), (cI, wi, cJ, wi))
+                        + _COSTS.flops("axbj,byj->axby", (cI, 2 * H, cJ, wi), (cJ, 2 * H, wi)))
+        ph["core"] = 3 * cI * cJ * H * H  # LL*RR + LR*RL
+        if l == dims.depth - 1:
+            ph["out"] = int(half * _COSTS.flops("ox,oy->xy", (wo, cI * H), (wo, cJ * H)))
+            ph["reduce"] = _COSTS.flops("ahbk,ahbk->ab", (cI, H, cJ, H), (cI, H, cJ, H))
+        else:
+            ph["out"] = (_COSTS.flops("aoh,ahbk->aobk", (cI, wo, H), (cI, H, cJ, H))
+                         + _COSTS.flops("aobk,bpk->aobp", (cI, wo, cJ, H), (cJ, wo, H)) + cI * cJ * wo * wo)
+        layers.append(ph)
+    return layers
+
+
+def _pg_block_flops(cI: int, cJ: int, dims: _Dims, same: bool, numpy_syrk: bool) -> int:
+    return sum(sum(ph.values()) for ph in _pg_phase_flops(cI, cJ, dims, same, numpy_syrk))
+
+
+def _pg_diag_flops(c: int, dims: _Dims) -> int:
+    f = 0
+    for l in range(dims.depth):
+        H, wi, wo = dims.H[l], dims.w_in(l), dims.w[l]
+        if l > 0:
+            f += _COSTS.flops("mxi,mij->mxj", (c, 2 * H, wi), (c, wi, wi))
+        f += _COSTS.flops("mxj,myj->mxy", (c, 2 * H, wi), (c, 2 * H, wi)) + 3 * c * H * H
+        if l == dims.depth - 1:
+            f += _COSTS.flops("moh,mok->mhk", (c, wo, H), (c, wo, H)) + 2 * c * H * H
+        else:
+            f += _COSTS.flops("moh,mhk->mok", (c, wo, H), (c, H, H)) + _COSTS.flops("mok,mpk->mop", (c, wo, H), (c, wo, H))
+    return f
+
+
+def _pg_plans(dims: _Dims, cI: int, cJ: int) -> tuple[tuple[str, ContractionPlan], ...]:
+    H, n, o = dims.H[0], dims.n, dims.w[-1]
+    plans = [("cross-gram", _COSTS.plan("xi,yi->xy", (cI * 2 * H, n), (cJ * 2 * H, n)))]
+    Hl = dims.H[-1]
+    plans.append(("down-gram", _COSTS.plan("ox,oy->xy", (o, cI * Hl), (o, cJ * Hl))))
+    plans.append(("hadamard", _COSTS.plan("ahbk,ahbk->ab", (cI, Hl, cJ, Hl), (cI, Hl, cJ, Hl))))
+    return tuple(plans)
+
+
+def _pg_layout(NA: int, NB: int, sym: bool, dims: _Dims, itemsize: int, budget: int, numpy_syrk: bool
+               ) -> tuple[RouteCost, int]:
+    per_pair = _pg_pair_elements(dims) * itemsize
+    per_model = sum(2 * dims.H[l] * dims.w_in(l) + dims.w[l] * dims.H[l] for l in range(dims.depth)) * itemsize
+    need = lambda c: c * c * per_pair + 2 * c * per_model  # noqa: E731
+    lo, hi = 1, max(NA, NB)
+    while lo < hi:  # the largest block size that fits
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if need(mid) <= budget else (lo, mid - 1)
+    c_mem = lo
+    fits = need(c_mem) <= budget
+    c = c_mem
+    if sym:
+        # prefer a few blocks per side: blocks below the diagonal are skipped
+        rows = 2 * dims.H[0]
+        want = max(1, min(_MAX_SYM_BLOCKS, (NA * rows) // _MIN_BLOCK_ROWS))
+        c = min(c, -(-NA // want))
+    parts_a = _partition(NA, c)
+    parts_b = parts_a if sym else _partition(NB, c)
+    flops = 0
+    for i, (a0, a1) in enumerate(parts_a):
+        for j, (b0, b1) in enumerate(parts_b):
+            if sym and j < i:
+                continue
+            flops += _pg_block_flops(a1 - a0, b1 - b0, dims, sym and i == j, numpy_syrk)
+    if dims.depth > 1 or not sym:
+        flops += _pg_diag_flops(NA, dims) + (0 if sym else _pg_diag_flops(NB, dims))
+    cmax = max(b - a for a, b in parts_a)
+    peak = cmax * max(b - a for a, b in parts_b) * per_pair + 2 * cmax * per_model
+    nblocks = len(parts_a) * (len(parts_a) + 1) // 2 if sym else len(parts_a) * len(parts_b)
+    blocking = f"{nblocks} block{'s' if nblocks != 1 else ''} of up to {cmax} x {max(b - a for a, b in parts_b)} models"
+    return RouteCost("pairwise-gram", int(flops), int(peak), bool(fits), blocking,
+                     _pg_plans(dims, cmax, max(b - a for a, b in parts_b))), c
+
+
+def _core(ops: _Ops, Z: Any, H: int, axes_h: int) -> Any:
+    """(LL * RR + LR * RL) from Z = [L; R] G [L; R]^T, hidden axes at ``axes_h``
+    (1 and 3: layout (a, x, b, y); -2 and -1: (..., x, y))."""
+    if axes_h == 1:
+        LL, RR = Z[:, :H, :, :H], Z[:, H:, :, H:]
+        LR, RL = Z[:, :H, :, H:], Z[:, H:, :, :H]
+    else:
+        LL, RR = Z[..., :H, :H], Z[..., H:, H:]
+        LR, RL = Z[..., :H, H:], Z[..., H:, :H]
+    core = LL * RR
+    core += LR * RL
+    return core
+
+
+def _pg_diag(ops: _Ops, Xs: list[Any], Ds: list[Any], dims: _Dims) -> tuple[np.ndarray, np.ndarray]:
+    """Self terms of a block of models: (K^[a, a], r[layer, a]) with r the
+    rescaling 1/sqrt(|G[a,a]|_F) of each intermediate Gram (1 at the last layer)."""
+    c = Xs[0].shape[0]
+    rs = np.ones((dims.depth, c))
+    G = None
+    K = None
+    for l in range(dims.depth):
+        H = dims.H[l]
+        X = Xs[l]
+        Y = X if G is None else X @ G
+        Z = Y @ ops.mT(X)
+        core = _core(ops, Z, H, -1)
+        D = Ds[l]
+        if l == dims.depth - 1:
+            DD = ops.mT(D) @ D
+            K = ops.get((core * DD).sum(dim=(1, 2)) if ops.is_torch else (core * DD).sum(axis=(1, 2)))
+        else:
+            G = D @ core @ ops.mT(D)
+            fro = np.sqrt(ops.get(ops.sum_sq(G, (1, 2))).astype(float))
+            r = np.where(fro > 0, 1.0 / np.sqrt(np.where(fro > 0, fro, 1.0)), 1.0)
+            rs[l] = r
+            rr = ops.put(r * r)
+            G = G * rr[:, None, None]
+    return np.asarray(K, dtype=float), rs
+
+
+def _pg_block(ops: _Ops, XA: list[Any], DA: list[Any], XB: list[Any], DB: list[Any], rA: np.ndarray, rB: np.ndarray,
+              dims: _Dims, same: bool, clock: _Clock, numpy_syrk: bool) -> Any:
+    """K^[a, b] for a block of pairs (all a in A, all b in B)."""
+    cI, cJ = XA[0].shape[0], XB[0].shape[0]
+    phases = _pg_phase_flops(cI, cJ, dims, same, numpy_syrk)
+    G = None
+    for l in range(dims.depth):
+        H, wi, wo = dims.H[l], dims.w_in(l), dims.w[l]
+        ph = phases[l]
+        clock.start()
+        if l == 0:
+            XAf = XA[0].reshape(cI * 2 * H, wi)
+            XBf = XAf if same else XB[0].reshape(cJ * 2 * H, wi)
+            Z = (XAf @ ops.mT(XBf)).reshape(cI, 2 * H, cJ, 2 * H)  # (a, x, b, y)
+            clock.lap("cross-gram", ph["in"])
+            core = _core(ops, Z, H, 1)  # (a, h, b, k)
+            del Z
+        else:
+            Y = XA[l] @ G.reshape(cI, wi, cJ * wi)  # (a, x, b*j)
+            del G
+            Y = ops.contig(ops.perm(Y.reshape(cI, 2 * H, cJ, wi), (2, 0, 1, 3))).reshape(cJ, cI * 2 * H, wi)
+            Z = (Y @ ops.mT(XB[l])).reshape(cJ, cI, 2 * H, 2 * H)  # (b, a, x, y)
+            del Y
+            clock.lap("propagate", ph["in"])
+            core = ops.contig(ops.perm(_core(ops, Z, H, -1), (1, 2, 0, 3)))  # (a, h, b, k)
+            del Z
+        clock.lap("hadamard", ph["core"])
+        if l == dims.depth - 1:
+            DAt = ops.contig(ops.perm(DA[l], (0, 2, 1))).reshape(cI * H, wo)
+            DBt = DAt if same else ops.contig(ops.perm(DB[l], (0, 2, 1))).reshape(cJ * H, wo)
+            DD = (DAt @ ops.mT(DBt)).reshape(cI, H, cJ, H)
+            clock.lap("down-gram", ph["out"])
+            K = ops.einsum("ahbk,ahbk->ab", core, DD)
+            clock.lap("hadamard", ph["reduce"])
+            return K
+        U = (DA[l] @ core.reshape(cI, H, cJ * H)).reshape(cI, wo, cJ, H)  # (a, o, b, k)
+        del core
+        U = ops.contig(ops.perm(U, (2, 0, 1, 3))).reshape(cJ, cI * wo, H)
+        G = (U @ ops.mT(DB[l])).reshape(cJ, cI, wo, wo)  # (b, a, o, p)
+        del U
+        G = ops.contig(ops.perm(G, (1, 2, 0, 3)))  # (a, o, b, p)
+        scale = ops.put(np.outer(rA[l], rB[l]))
+        G = G * scale[:, None, :, None]
+        clock.lap("propagate", ph["out"])
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _log_scale(chains: Sequence[_Chain], rs: np.ndarray) -> np.ndarray:
+    """log U per model: true <a, b> = K^[a, b] U_a U_b (see module docstring)."""
+    logs = np.array([c.log_scales for c in chains], dtype=float).T  # (depth, N)
+    logU = np.zeros(len(chains))
+    with np.errstate(divide="ignore"):
+        for l in range(logs.shape[0]):
+            logU = 2 * logU + logs[l] - np.log(rs[l])
+    return logU
+
+
+def _run_pairwise_gram(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, ops: _Ops, c: int, clock: _Clock,
+                       show: bool | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(K^ (NA, NB), K^ diagonal of A, of B, log U of A, of B)."""
+    sym = B is None
+    numpy_syrk = not ops.is_torch
+    parts_a = _partition(len(A), c)
+    parts_b = parts_a if sym else _partition(len(B), c)
+    need_diag = dims.depth > 1 or not sym
+
+    def diag(chains: list[_Chain]) -> tuple[np.ndarray, np.ndarray]:
+        Ks, rs = [], []
+        for a0, a1 in parts_a if chains is A else parts_b:
+            Xs, Ds = _stack(chains[a0:a1], dims, ops)
+            clock.start()
+            k, r = _pg_diag(ops, Xs, Ds, dims)
+            clock.lap("self-terms", _pg_diag_flops(a1 - a0, dims))
+            Ks.append(k)
+            rs.append(r)
+        return np.concatenate(Ks), np.concatenate(rs, axis=1)
+
+    if need_diag:
+        kA, rA = diag(A)
+        kB, rB = (kA, rA) if sym else diag(B)
+    else:
+        rA = rB = np.ones((dims.depth, len(A)))
+        kA = kB = None
+    NB = len(A) if sym else len(B)
+    K = np.zeros((len(A), NB))
+    units = len(parts_a) * (len(parts_a) + 1) // 2 if sym else len(parts_a) * len(parts_b)
+    bar = _progress(units, "similarity matrix (pairwise-gram)", "block", show)
+    try:
+        for i, (a0, a1) in enumerate(parts_a):
+            XA, DA = _stack(A[a0:a1], dims, ops)
+            for j, (b0, b1) in enumerate(parts_b):
+                if sym and j < i:
+                    continue
+                same = sym and i == j
+                XB, DB = (XA, DA) if same else _stack((A if sym else B)[b0:b1], dims, ops)
+                blk = ops.get(_pg_block(ops, XA, DA, XB, DB, rA[:, a0:a1], rB[:, b0:b1], dims, same, clock,
+                                        numpy_syrk)).astype(float)
+                K[a0:a1, b0:b1] = blk
+                if sym and not same:
+                    K[b0:b1, a0:a1] = blk.T
+                bar.update(1)
+    finally:
+        bar.close()
+    if sym:
+        kA = kB = np.diag(K).copy()
+    return K, kA, kB, _log_scale(A, rA), _log_scale(B if B is not None else A, rB)
+
+
+# ------------------------------------------------------ materialize route
+
+
+def _mat_form_flops(oc: int, n: int, H: int) -> int:
+    return (_COSTS.flops("oh,hi->ohi", (oc, H), (H, n)) + _COSTS.flops("ohi,hj->oij", (oc, H, n), (H, n))
+            + oc * n * n)  # symmetrization
+
+
+def _mat_gram_flops(cI: int, cJ: int, F: int, same: bool, numpy_syrk: bool) -> int:
+    f = _COSTS.flops("xf,yf->xy", (cI, F), (cJ, F))
+    return f // 2 if (same and numpy_syrk) else f  # numpy multiplies X @ X.T by syrk (one triangle)
+
+
+def _mat_layout(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, itemsize: int, budget: int,
+                numpy_syrk: bool) -> tuple[RouteCost, int, int]:
+    """(cost, model block size, output chunk)."""
+    sym = B is None
+    NA, NB = len(A), (0 if sym else len(B))
+    n, o = dims.n, dims.w[-1]
+    Hmax = dims.H[0]
+    kbytes = 8 * NA * max(NA, NB)  # the accumulated matrix
+    per_oc_temp = (2 * n * Hmax + n * n) * itemsize  # D*L (and its transposed copy) and T of one model
+    row = n * n * itemsize  # one output of one model's S
+    cap = NA if sym else NA + NB
+    oc = min(o, (budget - kbytes) // (cap * row + per_oc_temp)) if budget > kbytes else 0
+    if oc >= 1:
+        c, fits = max(NA, NB), True
+    else:
+        oc = 1
+        c = max(1, (budget - kbytes - per_oc_temp) // (2 * row))
+        fits = 2 * row + per_oc_temp + kbytes <= budget
+    parts_a = _partition(NA, c)
+    parts_b = parts_a if sym else _partition(NB, c)
+    out_chunks = _partition(o, oc)
+    HA = [ch.blocks[0][0].shape[0] for ch in A]
+    HB = HA if sym else [ch.blocks[0][0].shape[0] for ch in B]
+    flops = 0
+    for o0, o1 in out_chunks:
+        k = o1 - o0
+        F = k * n * n
+        for i, (a0, a1) in enumerate(parts_a):
+            flops += sum(_mat_form_flops(k, n, h) for h in HA[a0:a1])
+            for j, (b0, b1) in enumerate(parts_b):
+                if sym and j < i:
+                    continue
+                if not (sym and i == j):
+                    flops += sum(_mat_form_flops(k, n, h) for h in HB[b0:b1])
+                flops += _mat_gram_flops(a1 - a0, b1 - b0, F, sym and i == j, numpy_syrk)
+    cmax = max(b - a for a, b in parts_a)
+    if len(parts_a) == 1 and len(parts_b) == 1:
+        peak = cap * oc * row + oc * per_oc_temp + kbytes
+    else:
+        peak = 2 * cmax * oc * row + oc * per_oc_temp + kbytes
+    blocking = (f"{len(out_chunks)} output chunk{'s' if len(out_chunks) != 1 else ''} of up to {oc}, "
+                f"model blocks of up to {cmax}")
+    plans = (("form", _COSTS.plan("oh,hi,hj->oij", (oc, Hmax), (Hmax, n), (Hmax, n))),
+             ("gram", _COSTS.plan("xf,yf->xy", (cmax, oc * n * n), (cmax, oc * n * n))))
+    return RouteCost("materialize", int(flops), int(peak), bool(fits), blocking, plans), c, oc
+
+
+def _form(ops: _Ops, chains: Sequence[_Chain], o0: int, o1: int, n: int, clock: _Clock) -> Any:
+    """Rows S[m, o0:o1, :, :] (flattened) of the symmetric padded tensors."""
+    k = o1 - o0
+    X = ops.zeros((len(chains), k * n * n))
+    for m, ch in enumerate(chains):
+        L, R, D = ch.blocks[0]
+        H = L.shape[0]
+        clock.start()
+        Dh = ops.put(0.5 * D[o0:o1])
+        Lb, Rb = ops.put(L), ops.put(R)
+        DL = ops.contig(ops.perm(Dh[:, :, None] * Lb[None], (0, 2, 1))).reshape(k * n, H)
+        T = (DL @ Rb).reshape(k, n, n)
+        clock.lap("form", _mat_form_flops(k, n, H) - k * n * n)
+        Xm = X[m].reshape(k, n, n)
+        if ops.is_torch:
+            ops.t.add(T, T.transpose(1, 2), out=Xm)
+        else:
+            np.add(T, T.swapaxes(1, 2), out=Xm)
+        clock.lap("symmetrize", k * n * n)
+    return X
+
+
+def _run_materialize(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, ops: _Ops, c: int, oc: int,
+                     clock: _Clock, show: bool | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(K^ (NA, NB), K^ diagonal of A, of B)."""
+    sym = B is None
+    n, o = dims.n, dims.w[-1]
+    parts_a = _partition(len(A), c)
+    parts_b = parts_a if sym else _partition(len(B), c)
+    chunks = _partition(o, oc)
+    NB = len(A) if sym else len(B)
+    K = ops.zeros((len(A), NB))
+    nA = np.zeros(len(A))
+    nB = np.zeros(NB)
+    per_chunk = len(parts_a) * (len(parts_a) + 1) // 2 if sym else len(parts_a) * len(parts_b)
+    bar = _progress(len(chunks) * per_chunk, "similarity matrix (materialize)", "block", show)
+    try:
+        for o0, o1 in chunks:
+            F = (o1 - o0) * n * n
+            for i, (a0, a1) in enumerate(parts_a):
+                XA = _form(ops, A[a0:a1], o0, o1, n, clock)
+                if not sym:
+                    nA[a0:a1] += ops.get(ops.sum_sq(XA, (1,))).astype(float)
+                for j, (b0, b1) in enumerate(parts_b):
+                    if sym and j < i:
+                        continue
+                    same = sym and i == j
+                    XB = XA if same else _form(ops, (A if sym else B)[b0:b1], o0, o1, n, clock)
+                    if not sym and i == 0:
+                        nB[b0:b1] += ops.get(ops.sum_sq(XB, (1,))).astype(float)
+                    clock.start()
+                    blk = XA @ ops.mT(XB)
+                    K[a0:a1, b0:b1] += blk
+                    if sym and not same:
+                        K[b0:b1, a0:a1] += ops.mT(blk)
+                    clock.lap("gram", _mat_gram_flops(a1 - a0, b1 - b0, F, same, not ops.is_torch))
+                    del XB
+                    bar.update(1)
+                del XA
+    finally:
+        bar.close()
+    Kn = ops.get(K).astype(float)
+    if sym:
+        nA = nB = np.diag(Kn).copy()
+    return Kn, nA, nB
+
+
+# ------------------------------------------------------------ pairwise route
+
+
+def _as_float(v: Any) -> float:
+    try:
+        return float(v)
+    except TypeError:
+        import sympy
+
+        return float(sympy.N(v))
+
+
+def _run_pairwise(A: Sequence[Any], B: Sequence[Any] | None, inner: str, method: str, mean: Any, cov: Any,
+                  centered: bool, kwargs: dict[str, Any], show: bool | None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool, str, int]:
+    """Cosines with ts.inner: each norm once, then the pairs."""
+    sym = B is None
+    Bs = A if sym else B
+    n_pairs = len(A) * (len(A) - 1) // 2 if sym else len(A) * len(Bs)
+    n_self = len(A) + (0 if sym else len(Bs))
+    show_now = show if show is not None else (None if n_pairs + n_self > _LONG_PAIRS else False)
+    bar = _progress(n_pairs + n_self, f"similarity matrix (pairwise {inner})", "inner", show_now)
+    results = []
+
+    def ip(a: Any, b: Any) -> float:
+        r = _pair_inner(a, b, inner, method, mean, cov, centered=centered, **kwargs)
+        results.append(r)
+        bar.update(1)
+        return _as_float(r.value)
+
+    try:
+        sA = np.array([ip(m, m) for m in A])
+        sB = sA if sym else np.array([ip(m, m) for m in Bs])
+        K = np.zeros((len(A), len(Bs)))
+        for i, a in enumerate(A):
+            for j, b in enumerate(Bs):
+                if sym and j <= i:
+                    continue
+                K[i, j] = sA[i] if a is b else ip(a, b)
+                if sym:
+                    K[j, i] = K[i, j]
+        if sym:
+            K[np.diag_indices(len(A))] = sA
+    finally:
+        bar.close()
+    exact = all(r.exact for r in results)
+    methods = sorted({r.method for r in results}) or ["exact"]
+    return K, sA, sB, exact, "/".join(methods), sum(r.flops for r in results)
+
+
+# ------------------------------------------------------------ public API
+
+
+def _models(models: Any, what: str) -> tuple[list[Any], tuple[str, ...] | None]:
+    if isinstance(models, Mapping):
+        return list(models.values()), tuple(str(k) for k in models.keys())
+    if isinstance(models, (Component,)) or not isinstance(models, Iterable):
+        raise TypeError(f"{what}: expected a sequence (or a mapping name -> model) of models")
+    out = list(models)
+    if not out:
+        raise ValueError(f"{what}: no models")
+    return out, None
+
+
+def _widths(models: Sequence[Any]) -> None:
+    ins = {getattr(m, "in_features", None) for m in models}
+    outs = {getattr(m, "out_features", None) for m in models}
+    if len(ins) > 1:
+        raise ValueError(f"input widths differ across the models: {sorted(map(str, ins))}")
+    if len(outs) > 1:
+        raise ValueError(f"output widths differ across the models: {sorted(map(str, outs))}")
+
+
+def _cosines(K: np.ndarray, sA: np.ndarray, sB: np.ndarray, inner: str, dtype: str, sym: bool) -> np.ndarray:
+    for s, side in ((sA, "row"), (sB, "column")):
+        bad = np.flatnonzero(~(s > 0))
+        if bad.size:
+            raise ValueError(f"{side} model {int(bad[0])} has zero norm under the {inner} inner product; "
+                             "the similarity is undefined")
+    cos = K / np.sqrt(np.outer(sA, sB))
+    tol = 1e-8 if dtype == "float64" else 1e-3
+    excess = float(np.nanmax(np.abs(cos))) - 1.0
+    if excess > tol:
+        raise ArithmeticError(f"|cosine| exceeds 1 by {excess:.3g}: the inner product is not positive definite here")
+    cos = np.clip(cos, -1.0, 1.0)
+    if sym:
+        cos = (cos + cos.T) / 2
+        np.fill_diagonal(cos, 1.0)
+    return cos.astype(dtype)
+
+
+def _norms(s: np.ndarray, logU: np.ndarray | None) -> np.ndarray:
+    s = np.maximum(np.asarray(s, dtype=float), 0.0)
+    if logU is None:
+        return np.sqrt(s)
+    with np.errstate(over="ignore", divide="ignore"):
+        return np.exp(0.5 * np.log(s) + logU)
+
+
+def _compute(A_in: Any, B_in: Any | None, inner: str, method: str, mean: Any, cov: Any, centered: bool, route: str,
+             dtype: Any, device: Any, max_memory: int | None, progress: bool | None,
+             kwargs: dict[str, Any]) -> SimilarityMatrix:
+    t_start = time.perf_counter()
+    if inner not in _INNERS:
+        raise ValueError(f"inner must be one of {_INNERS}, got {inner!r}")
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    if method == "closure" and inner != "gaussian":
+        raise ValueError("method='closure' is a Gaussian moment method; use it with inner='gaussian'")
+    if centered and inner != "gaussian":
+        raise ValueError("centered=True is defined for the gaussian inner product only")
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    if kwargs.get("per_output"):
+        raise TypeError("per_output is not available for similarity matrices; use ts.similarity per pair")
+    kwargs = {k: v for k, v in kwargs.items() if k != "per_output"}
+    unknown = set(kwargs) - {"degree", "budget", "orbits"}
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
+    sym = B_in is None
+    A, labels = _models(A_in, "models" if sym else "models_a")
+    B, col_labels = (None, None) if sym else _models(B_in, "models_b")
+    _widths(A + (B or []))
+    dname = _parse_dtype(dtype)
+    if device is None and any(type(w).__module__.split(".")[0] == "torch"
+                              for m in A + (B or []) if isinstance(m, Component) for w in m.weights()):
+        device = "cpu"  # pragma: no cover - components store numpy weights
+    ops = _Ops(dname, device)
+    budget = int(max_memory) if max_memory is not None else ops.default_memory()
+    if budget <= 0:
+        raise ValueError(f"max_memory must be positive, got {max_memory}")
+
+    d = next((m.in_features for m in A if hasattr(m, "in_features")), None)
+    batched_ok = method != "closure" and (kwargs.get("degree") in (None, 2) or inner != "symmetric")
+    chains_A = chains_B = None
+    measure = ""
+    if inner == "gaussian":
+        P, measure = _measure_factor(d, mean, cov) if d is not None else (None, "N(0, I)")
+    else:
+        P = None
+    if batched_ok:
+        chains_A = _prepare(A, inner, centered, P)
+        chains_B = None if sym else _prepare(B, inner, centered, P)
+        if chains_A is None or (not sym and chains_B is None):
+            chains_A = chains_B = None
+    dims = None if chains_A is None else _dims(chains_A, *([] if sym else [chains_B]))
+
+    candidates: dict[str, RouteCost] = {}
+    notes: list[str] = []
+    if dims is not None:
+        pg_cost, c_pg = _pg_layout(len(chains_A), len(A) if sym else len(chains_B), sym, dims, ops.itemsize, budget,
+                                   not ops.is_torch)
+        candidates["pairwise-gram"] = pg_cost
+        if dims.depth == 1:
+            mat_cost, c_mat, oc_mat = _mat_layout(chains_A, chains_B, dims, ops.itemsize, budget,
+                                                   not ops.is_torch)
+            candidates["materialize"] = mat_cost
+    if route == "auto":
+        fitting = [c for c in candidates.values() if c.fits]
+        if fitting:
+            chosen = min(fitting, key=lambda c: c.flops).route
+        elif candidates:
+            chosen = min(candidates.values(), key=lambda c: c.peak_bytes).route
+            notes.append(f"no batched route fits max_memory={budget} bytes; took the smallest")
+        else:
+            chosen = "pairwise"
+    else:
+        chosen = route
+        if chosen != "pairwise" and chosen not in candidates:
+            why = ("the models are not all layered bilinear models of one block" if dims is None
+                   else "it needs exactly one bilinear layer")
+            if dims is None and inner == "network":
+                why = "the models are not all layered bilinear models"
+            elif dims is None and inner != "network":
+                why = ("the gaussian/symmetric product is batched for models that fold to one bilinear layer "
+                       "(with the default degree and an exact method)")
+            raise ValueError(f"route={route!r} is not available here: {why}")
+        if chosen in candidates and not candidates[chosen].fits:
+            raise MemoryError(f"route {chosen!r} needs about {candidates[chosen].peak_bytes} bytes at its smallest "
+                              f"blocks; max_memory is {budget}")
+    if chosen == "pairwise" and dims is None and route == "auto":
+        notes.append("no batched route covers these models/arguments: each pair with ts.inner")
+
+    est = candidates[chosen].flops if chosen in candidates else 0
+    show = progress if progress is not None else (None if est > _LONG_FLOPS else False)
+    clock = _Clock(ops)
+    exact, meth = True, "exact"
+    if chosen == "pairwise":
+        K, sA, sB, exact, meth, flops = _run_pairwise(A, B, inner, method, mean, cov, centered, kwargs, progress)
+        cos = _cosines(K, sA, sB, inner, "float64", sym)
+        normsA, normsB = _norms(sA, None), _norms(sB, None)
+        steps: tuple[StepTime, ...] = ()
+    else:
+        if chosen == "materialize":
+            K, sA, sB = _run_materialize(chains_A, chains_B, dims, ops, c_mat, oc_mat, clock, show)
+            logA = np.array([c.log_scales.sum() for c in chains_A])
+            logB = logA if sym else np.array([c.log_scales.sum() for c in chains_B])
+        else:
+            K, sA, sB, logA, logB = _run_pairwise_gram(chains_A, chains_B, dims, ops, c_pg, clock, show)
+        cos = _cosines(K, sA, sB, inner, dname, sym)
+        normsA, normsB = _norms(sA, logA), (None if sym else _norms(sB, logB))
+        if sym:
+            normsB = normsA
+        flops = clock.total_flops
+        steps = clock.steps()
+    return SimilarityMatrix(
+        values=cos, route=chosen, flops=int(flops), inner=inner, method=meth, exact=exact, norms=normsA,
+        col_norms=normsB, symmetric=sym, centered=centered, measure=measure if inner == "gaussian" else "",
+        dtype=dname if chosen != "pairwise" else "float64", device=ops.name if chosen != "pairwise" else "numpy",
+        max_memory=budget, candidates=candidates, steps=steps, seconds=time.perf_counter() - t_start,
+        labels=labels, col_labels=labels if sym else col_labels, notes=tuple(notes),
+    )
+
+
+def similarity_matrix(
+    models: Sequence[Any] | Mapping[str, Any],
+    inner: str = "gaussian",
+    method: str = "auto",
+    mean: Any = None,
+    cov: Any = None,
+    *,
+    centered: bool = False,
+    route: str = "auto",
+    dtype: Any = None,
+    device: Any = None,
+    max_memory: int | None = None,
+    progress: bool | None = None,
+    **kwargs: Any,
+) -> SimilarityMatrix:
+    """The N x N matrix of cosines <a, b> / sqrt(<a, a> <b, b>) between ``models``.
+
+    ``inner``, ``method``, ``mean``, ``cov``, ``centered`` (and ``degree``,
+    ``budget``, ``orbits`` for the pairwise route) mean what they mean in
+    :func:`tsalgebra.similarity`.  ``route``: "auto" (the cheaper batched route
+    within ``max_memory``; "pairwise" where none applies), "materialize",
+    "pairwise-gram" or "pairwise".  ``dtype``: float64 (default) or float32
+    (numpy, torch or string spelling).  ``device``: a torch device ("cpu",
+    "cuda", "cuda:1"...) to compute with torch there; None computes with numpy.
+    ``max_memory``: bytes for the route's blocks (default a quarter of the
+    available memory of the device).  ``progress``: True / False, or None for
+    a tqdm bar on a terminal when the work is long.  ``models`` may be a mapping
+    name -> model; the names label the plot.
+    """
+    return _compute(models, None, inner, method, mean, cov, centered, route, dtype, device, max_memory, progress,
+                    kwargs)
+
+
+def cross_similarity_matrix(
+    models_a: Sequence[Any] | Mapping[str, Any],
+    models_b: Sequence[Any] | Mapping[str, Any],
+    inner: str = "gaussian",
+    method: str = "auto",
+    mean: Any = None,
+    cov: Any = None,
+    *,
+    centered: bool = False,
+    route: str = "auto",
+    dtype: Any = None,
+    device: Any = None,
+    max_memory: int | None = None,
+    progress: bool | None = None,
+    **kwargs: Any,
+) -> SimilarityMatrix:
+    """The N x M matrix of cosines between ``models_a`` (rows) and ``models_b``
+    (columns); arguments as in :func:`similarity_matrix`."""
+    return _compute(models_a, models_b, inner, method, mean, cov, centered, route, dtype, device, max_memory,
+                    progress, kwargs)
