@@ -1,0 +1,285 @@
+"""Is a transformed model the same function?  :func:`check_invariance`.
+
+Two witnesses, both reported:
+
+- exact: the relative functional distance
+  ||f - g||^2 / ||f||^2 = (<f,f> + <g,g> - 2 <f,g>) / <f,f>
+  from the weights (Gaussian inner product by default; the symmetric one at
+  the common degree when the Gaussian enumeration is too expensive; none when
+  both are), per output channel as well;
+- sampled: the worst |f(x) - g(x)| over random inputs, relative to the
+  largest |f(x)| seen.
+
+When the function changed the report names the output channels that moved
+and the layers whose weights differ from the original.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .components import Bilinear, Component, Linear
+from .inner import DEFAULT_BUDGET, CostError, inner as inner_product
+
+__all__ = ["InvarianceReport", "check_invariance"]
+
+
+@dataclass(frozen=True)
+class InvarianceReport:
+    """The verdict of :func:`check_invariance` and the evidence for it.
+
+    ``invariant`` is True when every available check passed: the exact
+    relative distance is at most ``tol`` (if it could be computed) and the
+    worst sampled difference is at most ``sample_tol``.
+
+    - ``method``: how the exact distance was obtained ("gaussian (exact)",
+      "symmetric (exact, degree k)", with "; gaussian over budget" after a
+      fallback) or "samples only"; ``notes`` say why a method was refused.
+    - ``relative_distance``: ||f - g||^2 / ||f||^2 (a Fraction with exact
+      weights; None when no exact method was feasible).
+    - ``per_output_distance``: ||f_o - g_o||^2 / ||f||^2 per output channel
+      (normalized by the whole model's norm, so the entries sum to
+      ``relative_distance`` and round-off in a tiny channel is not flagged).
+    - ``max_sample_difference``: max over samples and channels of
+      |f(x) - g(x)| / max |f(x)|; ``per_output_sample_difference`` per channel.
+    - ``changed_outputs``: channels (0-based) whose exact distance exceeds
+      ``tol`` or whose sampled difference exceeds ``sample_tol``.
+    - ``changed_layers``: positions in ``model.layers`` whose weights differ
+      from the original's (not identical, or of another shape or kind);
+      ``layer_changes`` says how, one line per changed layer.
+    """
+
+    invariant: bool
+    method: str
+    relative_distance: Any
+    per_output_distance: tuple[Any, ...] | None
+    max_sample_difference: float
+    per_output_sample_difference: tuple[float, ...]
+    changed_outputs: tuple[int, ...]
+    changed_layers: tuple[int, ...]
+    layer_changes: tuple[str, ...]
+    tol: float
+    sample_tol: float
+    n_samples: int
+    transform: str = ""
+    notes: tuple[str, ...] = ()
+
+    @property
+    def exact_available(self) -> bool:
+        return self.relative_distance is not None
+
+    def __repr__(self) -> str:
+        verdict = "INVARIANT" if self.invariant else "NOT INVARIANT"
+        lines = [f"InvarianceReport: {verdict} [{self.method}; {self.n_samples} samples]"]
+        if self.transform:
+            lines.append(f"  transform: {self.transform}")
+        if self.relative_distance is not None:
+            lines.append(f"  relative distance ||f-g||^2/||f||^2 = {_fmt(self.relative_distance)} (tol {self.tol:g})")
+        else:
+            lines.append("  relative distance: unavailable (no exact method within budget; see notes)")
+        lines.append(f"  worst sampled output difference = {self.max_sample_difference:.3g} "
+                     f"of the output scale (tol {self.sample_tol:g})")
+        lines.append("  changed outputs: " + (", ".join(map(str, self.changed_outputs)) or "none"))
+        lines.append("  layers with different weights: " + (", ".join(map(str, self.changed_layers)) or "none"))
+        lines += [f"    {c}" for c in self.layer_changes]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    return str(v) if not isinstance(v, float) else f"{v:.3g}"
+
+
+# ------------------------------------------------------------- exact part
+
+
+def _exact_distance(f: Component, g: Component, inner: str, mean: Any, cov: Any, budget: float
+                    ) -> tuple[Any, tuple[Any, ...] | None, str, list[str]]:
+    """(relative distance, per-output distances, method, notes); the first two
+    are None when every exact method is over budget."""
+    tries = [inner] if inner == "symmetric" else ["gaussian", "symmetric"]
+    refused: list[str] = []
+    for kind in tries:
+        kw = {"mean": mean, "cov": cov} if kind == "gaussian" else {}
+        try:
+            ff = inner_product(f, f, kind, per_output=True, budget=budget, **kw)
+            gg = inner_product(g, g, kind, per_output=True, budget=budget, **kw)
+            fg = inner_product(f, g, kind, per_output=True, budget=budget, **kw)
+        except CostError as exc:
+            refused.append(f"exact {kind} refused: {exc}")
+            continue
+        diff = ff.value + gg.value - 2 * fg.value
+        total_f, total_d = ff.value.sum(), diff.sum()
+        if total_f == 0:  # f is the zero function: any nonzero g is infinitely far
+            zero = gg.value.sum() == 0
+            rel = total_d * 0 if zero else float("inf")
+            per = tuple(d * 0 if zero or d == 0 else float("inf") for d in diff)
+        else:
+            rel = total_d / total_f
+            per = tuple(d / total_f for d in diff)
+        if ff.value.dtype != object:
+            rel, per = float(rel), tuple(float(p) for p in per)
+        label = f"{kind} (exact" + (f", degree {ff.degree})" if kind == "symmetric" else ")")
+        if kind != inner:
+            label += f"; {inner} over budget"
+        return rel, per, label, refused
+    return None, None, "samples only", refused + ["exact check unavailable: the verdict rests on samples only"]
+
+
+# ----------------------------------------------------------- sampled part
+
+
+def _samples(d: int, n: int, rng: np.random.Generator, mean: Any, cov: Any) -> np.ndarray:
+    m = np.zeros(d) if mean is None else np.asarray(mean, dtype=float)
+    if cov is None:
+        return m + rng.normal(size=(n, d))
+    return rng.multivariate_normal(m, np.asarray(cov, dtype=float), size=n)
+
+
+def _outputs(model: Component, x: np.ndarray) -> np.ndarray:
+    return np.asarray(model(x), dtype=float)
+
+
+# ----------------------------------------------------------- layer part
+
+
+def _named_weights(layer: Component) -> dict[str, Any]:
+    if isinstance(layer, Linear):
+        return {"weight": layer.weight, "bias": layer.bias}
+    if isinstance(layer, Bilinear):
+        return {"left": layer.left, "right": layer.right, "down": layer.down, "left_bias": layer.left_bias,
+                "right_bias": layer.right_bias, "down_bias": layer.down_bias, "residual": layer.residual}
+    return {"weights": layer.weights()}
+
+
+def _differs(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a != b
+    if a is None and b is None:
+        return False
+    if a is None or b is None:
+        other = b if a is None else a
+        return bool(np.any(np.asarray(other) != 0))
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape != b.shape or not bool(np.all(a == b))
+
+
+def compare_layers(original: Component, other: Component) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """Positions of the layers of ``other`` that differ from ``original``'s, and
+    one line per such layer saying how (kind, shape, or which weights).  An
+    absent bias counts as a zero vector."""
+    la, lb = original.layers, other.layers
+    changed: list[int] = []
+    how: list[str] = []
+    for k in range(max(len(la), len(lb))):
+        if k >= len(la) or k >= len(lb):
+            changed.append(k)
+            how.append(f"layer {k}: only in the {'transformed' if k >= len(la) else 'original'} model")
+            continue
+        a, b = la[k], lb[k]
+        if type(a) is not type(b):
+            changed.append(k)
+            how.append(f"layer {k}: {a!r} became {b!r}")
+            continue
+        if (a.in_features, a.out_features, getattr(a, "hidden", None)) != (b.in_features, b.out_features,
+                                                                              getattr(b, "hidden", None)):
+            changed.append(k)
+            how.append(f"layer {k}: shape changed, {a!r} became {b!r}")
+            continue
+        wa, wb = _named_weights(a), _named_weights(b)
+        names = [n for n in wa if _differs(wa[n], wb[n])]
+        if names:
+            changed.append(k)
+            how.append(f"layer {k} ({a!r}): changed {', '.join(names)}")
+    return tuple(changed), tuple(how)
+
+
+# ------------------------------------------------------------ public API
+
+
+def check_invariance(
+    model: Component,
+    transform: Callable[[Component], Component] | Component,
+    *,
+    inner: str = "gaussian",
+    mean: Any = None,
+    cov: Any = None,
+    tol: float = 1e-9,
+    sample_tol: float = 1e-8,
+    n_samples: int = 256,
+    rng: np.random.Generator | int | None = None,
+    budget: float = DEFAULT_BUDGET,
+) -> InvarianceReport:
+    """Does ``transform`` leave the function of ``model`` unchanged?
+
+    ``transform``: a :class:`~tsalgebra.symmetries.Symmetry`, any callable
+    model -> model, or an already-transformed model.  ``inner``: "gaussian"
+    (x ~ N(mean, cov), default N(0, I)) or "symmetric"; both are
+    function-level, so a zero distance means the same polynomial.  When the
+    exact Gaussian enumeration is over budget the symmetric product (at the
+    common degree) is tried, and when that is too, the verdict rests on the
+    ``n_samples`` inputs drawn from N(mean, cov) (``rng``: a Generator or a
+    seed; None means seed 0, so reports are reproducible) and says so.
+
+    ``invariant`` requires the exact relative distance <= ``tol`` (when
+    available) and the worst sampled difference, relative to max |f(x)|, <=
+    ``sample_tol``.  Input and output widths must agree.  ``budget``: flops
+    allowed to each exact inner product (see :func:`tsalgebra.inner`).
+    """
+    if inner not in ("gaussian", "symmetric"):
+        raise ValueError(f"inner must be 'gaussian' or 'symmetric' (function-level inner products), got {inner!r}; "
+                         "the network inner product depends on the factorization, not only on the function")
+    if not isinstance(model, Component):
+        raise TypeError(f"model must be a tsalgebra component, got {type(model).__name__}")
+    if isinstance(transform, Component):
+        other, label = transform, "a given model"
+    elif callable(transform):
+        other = transform(model)
+        label = repr(transform) if hasattr(transform, "description") else getattr(transform, "__name__", repr(transform))
+        if not isinstance(other, Component):
+            raise TypeError(f"the transform returned {type(other).__name__}, not a tsalgebra model")
+    else:
+        raise TypeError(f"transform must be a callable or a model, got {type(transform).__name__}")
+    if (other.in_features, other.out_features) != (model.in_features, model.out_features):
+        raise ValueError(f"the transformed model maps {other.in_features} -> {other.out_features}, the original "
+                         f"{model.in_features} -> {model.out_features}: it cannot compute the same function")
+
+    rel, per, method, notes = _exact_distance(model, other, inner, mean, cov, budget)
+
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(0 if rng is None else rng)
+    x = _samples(model.in_features, n_samples, rng, mean, cov)
+    fx, gx = _outputs(model, x), _outputs(other, x)
+    scale = float(np.abs(fx).max()) or float(np.abs(gx).max()) or 1.0
+    per_sample = tuple(float(v) for v in (np.abs(fx - gx).max(axis=0) / scale))
+    worst = max(per_sample)
+
+    exact_ok = rel is None or rel <= tol
+    samples_ok = worst <= sample_tol
+    if rel is not None and exact_ok != samples_ok:
+        notes.append("the exact distance and the samples disagree: "
+                     + ("a change below tol (tol bounds a squared relative distance)" if exact_ok
+                        else "sampled differences below sample_tol despite an exact distance above tol"))
+    moved = {o for o, d in enumerate(per_sample) if d > sample_tol}
+    if rel is not None:
+        moved |= {o for o, d in enumerate(per) if d > tol}
+    changed_out = tuple(sorted(moved))
+    changed_layers, how = compare_layers(model, other)
+    return InvarianceReport(
+        invariant=bool(exact_ok and samples_ok),
+        method=method,
+        relative_distance=rel,
+        per_output_distance=per,
+        max_sample_difference=worst,
+        per_output_sample_difference=per_sample,
+        changed_outputs=changed_out,
+        changed_layers=changed_layers,
+        layer_changes=how,
+        tol=tol,
+        sample_tol=sample_tol,
+        n_samples=n_samples,
+        transform=label,
+        notes=tuple(notes),
+    )

@@ -1,0 +1,511 @@
+"""Weight-space symmetries of tensor-based models, as first-class objects.
+
+A :class:`Symmetry` takes a model (``Linear``, ``Bilinear`` or ``Sequential``)
+and returns a new model computing the same function with different weights;
+the input is never mutated.  A bare layer comes back as a bare layer of the
+same kind, a ``Sequential`` as a ``Sequential``.
+
+Conventions: layers are the positions in ``model.layers``; wire ``k`` is the
+vector passed from layer ``k`` to layer ``k + 1`` (so a model of n layers has
+wires 0..n-2; the model's input and output are not wires).
+
+The generators (see docs/symmetries.md for why each preserves the function):
+
+- :func:`permute_hidden`: hidden-unit permutation of a bilinear layer;
+- :func:`swap_left_right`: exchange of a bilinear layer's two factors;
+- :func:`rescale_hidden`: L_h -> a_h L_h, R_h -> b_h R_h, D_:h -> D_:h / (a_h b_h);
+- :func:`change_wire_basis`: the affine change y -> M y + c of one wire,
+  compensated in the consuming layer.
+
+A Linear layer has no symmetry of its own; it is moved by the wire changes
+next to it.  :func:`random_symmetry` draws a group element that touches every
+layer.  Float64 weights are supported throughout; exact weights (numpy object
+arrays of Fractions) stay exact when the transform's own numbers are exact
+(ints or Fractions), and are converted to float64 otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Callable, Sequence, TypeVar
+
+import numpy as np
+
+from .components import Bilinear, Component, Linear, Sequential
+
+__all__ = [
+    "Symmetry",
+    "compose",
+    "identity",
+    "permute_hidden",
+    "swap_left_right",
+    "rescale_hidden",
+    "change_wire_basis",
+    "unfold_residual",
+    "random_generators",
+    "random_symmetry",
+]
+
+Model = TypeVar("Model", bound=Component)
+Layers = tuple[Component, ...]
+
+
+# ------------------------------------------------------------ the object
+
+
+@dataclass(frozen=True, eq=False)
+class Symmetry:
+    """A function-preserving transformation of a model's weights.
+
+    ``symmetry(model)`` returns a new model (same kind as ``model``: a bare
+    layer stays a bare layer) that computes the same function; ``model`` is
+    not modified.  ``name`` is the generator's name ("permute_hidden", ...,
+    or "composite"), ``description`` says what it does to which layer or wire.
+    A composite keeps its generators, in the order applied, in ``parts``.
+    """
+
+    name: str
+    description: str
+    act: Callable[[Layers], Layers] = field(repr=False)
+    parts: tuple["Symmetry", ...] = ()
+
+    def __call__(self, model: Model) -> Model:
+        layers = _layers_of(model)
+        new = _harmonize(self.act(layers))
+        if isinstance(model, Sequential):
+            return Sequential(*new)  # type: ignore[return-value]
+        if len(new) != 1:
+            raise AssertionError(f"{self.description}: a one-layer model became {len(new)} layers")
+        return new[0]  # type: ignore[return-value]
+
+    def then(self, other: "Symmetry") -> "Symmetry":
+        """``self`` followed by ``other``: ``self.then(other)(m) == other(self(m))``."""
+        return compose(self, other)
+
+    def __repr__(self) -> str:
+        return f"Symmetry({self.description})"
+
+
+def compose(*symmetries: Symmetry) -> Symmetry:
+    """The symmetries applied left to right: ``compose(s, t)(m) == t(s(m))``.
+
+    Nested composites are flattened; ``compose()`` is the identity."""
+    flat: list[Symmetry] = []
+    for s in symmetries:
+        if not isinstance(s, Symmetry):
+            raise TypeError(f"compose: expected Symmetry objects, got {type(s).__name__}")
+        flat.extend(s.parts if s.name == "composite" else (s,))
+    if not flat:
+        return identity()
+    if len(flat) == 1:
+        return flat[0]
+
+    def act(layers: Layers) -> Layers:
+        for s in flat:
+            layers = _harmonize(s.act(layers))
+        return layers
+
+    return Symmetry("composite", "; ".join(s.description for s in flat), act, tuple(flat))
+
+
+def identity() -> Symmetry:
+    """The identity element (returns an equal model)."""
+    return Symmetry("identity", "identity", lambda layers: tuple(layers))
+
+
+# --------------------------------------------------------------- numbers
+
+
+def _is_exact_number(x: Any) -> bool:
+    return isinstance(x, (int, np.integer, Fraction)) and not isinstance(x, bool) or bool(getattr(x, "is_Rational", False))
+
+
+def _param(value: Any, what: str) -> np.ndarray:
+    """A transform's numbers as an array: object (exact) when every entry is an
+    int, Fraction or sympy Rational, else float64."""
+    arr = np.asarray(value)
+    if arr.dtype == bool:
+        raise TypeError(f"{what}: expected numbers, got booleans")
+    if arr.dtype == object:
+        if all(_is_exact_number(v) for v in arr.ravel()):
+            return arr
+        return arr.astype(np.float64)
+    if np.issubdtype(arr.dtype, np.integer):
+        return arr.astype(object)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise TypeError(f"{what}: expected real numbers, got dtype {arr.dtype}")
+    arr = arr.astype(np.float64)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{what}: contains NaN or Inf")
+    return arr
+
+
+def _exact(*arrays: np.ndarray | None) -> bool:
+    """Exact arithmetic is kept only when every operand is an object array."""
+    return all(a.dtype == object for a in arrays if a is not None)
+
+
+def _cast(a: np.ndarray | None, exact: bool) -> np.ndarray | None:
+    if a is None:
+        return None
+    return a if (exact and a.dtype == object) else a.astype(np.float64)
+
+
+def _zeros(n: int | tuple[int, ...], exact: bool) -> np.ndarray:
+    return np.full(n, 0, dtype=object) if exact else np.zeros(n)
+
+
+def _eye(n: int, exact: bool) -> np.ndarray:
+    return np.eye(n, dtype=int).astype(object) if exact else np.eye(n)
+
+
+def _reciprocal(x: Any) -> Any:
+    """1 / x, exactly for ints (as a Fraction), Fractions and sympy numbers."""
+    return Fraction(1, int(x)) if isinstance(x, (int, np.integer)) else 1 / x
+
+
+def _exact_inverse(M: np.ndarray, what: str) -> np.ndarray:
+    """Gauss-Jordan inverse in exact arithmetic (Fractions; sympy numbers via sympy)."""
+    n = M.shape[0]
+    if not all(isinstance(v, (int, np.integer, Fraction)) for v in M.ravel()):
+        import sympy
+
+        inv = sympy.Matrix(M.tolist())
+        if inv.det() == 0:
+            raise ValueError(f"{what}: the matrix is singular")
+        return np.array(inv.inv().tolist(), dtype=object)
+    A = [[Fraction(int(v)) if isinstance(v, (int, np.integer)) else v for v in row] for row in M.tolist()]
+    B = [[Fraction(int(i == j)) for j in range(n)] for i in range(n)]
+    for col in range(n):
+        pivot = next((r for r in range(col, n) if A[r][col] != 0), None)
+        if pivot is None:
+            raise ValueError(f"{what}: the matrix is singular")
+        A[col], A[pivot], B[col], B[pivot] = A[pivot], A[col], B[pivot], B[col]
+        p = A[col][col]
+        A[col] = [v / p for v in A[col]]
+        B[col] = [v / p for v in B[col]]
+        for r in range(n):
+            if r != col and A[r][col] != 0:
+                f = A[r][col]
+                A[r] = [x - f * y for x, y in zip(A[r], A[col])]
+                B[r] = [x - f * y for x, y in zip(B[r], B[col])]
+    return np.array(B, dtype=object)
+
+
+# ---------------------------------------------------------------- layers
+
+
+def _layers_of(model: Component) -> Layers:
+    if not isinstance(model, (Linear, Bilinear, Sequential)):
+        raise TypeError(f"symmetries act on Linear, Bilinear or Sequential models, got {type(model).__name__}")
+    return tuple(model.layers)
+
+
+def _harmonize(layers: Layers) -> Layers:
+    """Float64 everywhere as soon as one layer is float (no exact/float mix)."""
+    kinds = {w.dtype == object for layer in layers for w in layer.weights()}
+    if len(kinds) < 2:
+        return tuple(layers)
+    return tuple(_float_layer(layer) for layer in layers)
+
+
+def _float_layer(layer: Component) -> Component:
+    if isinstance(layer, Linear):
+        return Linear(_cast(layer.weight, False), _cast(layer.bias, False), name=layer.name)
+    assert isinstance(layer, Bilinear)
+    return _bilinear(layer, **{k: _cast(getattr(layer, k), False) for k in
+                               ("left", "right", "down", "left_bias", "right_bias", "down_bias")})
+
+
+def _bilinear(like: Bilinear, **changes: Any) -> Bilinear:
+    """A new Bilinear with ``like``'s fields, some replaced."""
+    fields = {k: getattr(like, k) for k in ("left", "right", "down", "left_bias", "right_bias", "down_bias", "residual")}
+    fields.update(changes)
+    return Bilinear(**fields, name=like.name)
+
+
+def _bilinear_at(layers: Layers, k: int, what: str) -> Bilinear:
+    if not isinstance(k, (int, np.integer)) or not 0 <= k < len(layers):
+        raise IndexError(f"{what}: layer {k} is out of range for a model of {len(layers)} layers")
+    layer = layers[k]
+    if not isinstance(layer, Bilinear):
+        raise TypeError(f"{what}: layer {k} is {layer!r}; this generator acts on Bilinear layers")
+    return layer
+
+
+def _replace(layers: Layers, k: int, layer: Component) -> Layers:
+    return tuple(layer if i == k else old for i, old in enumerate(layers))
+
+
+def unfold_residual(model: Model) -> Model:
+    """The same model with every residual Bilinear rewritten as a non-residual one.
+
+    The residual ``+ x`` becomes d extra hidden units computing x_i * 1: left
+    rows e_i (left bias 0), right rows 0 with right bias 1, down columns e_i.
+    The function is unchanged (and so is the padded factorization the inner
+    products see: the components already fold a residual this way).  Accepts
+    a Bilinear (returns a Bilinear), a Linear (returned as is) or a Sequential.
+    """
+    if isinstance(model, Sequential):
+        return Sequential(*(unfold_residual(layer) for layer in model.layers))  # type: ignore[return-value]
+    if isinstance(model, Linear):
+        return model
+    if not isinstance(model, Bilinear):
+        raise TypeError(f"unfold_residual: expected a tsalgebra model, got {type(model).__name__}")
+    if not model.residual:
+        return model
+    h, d = model.left.shape
+    exact = model.exact
+    eye, zeros = _eye(d, exact), _zeros((d, d), exact)
+    lb = None if model.left_bias is None else np.concatenate([model.left_bias, _zeros(d, exact)])
+    rb = np.concatenate([_zeros(h, exact) if model.right_bias is None else model.right_bias,
+                         np.full(d, 1, dtype=object) if exact else np.ones(d)])
+    return _bilinear(  # type: ignore[return-value]
+        model,
+        left=np.concatenate([model.left, eye]),
+        right=np.concatenate([model.right, zeros]),
+        down=np.concatenate([model.down, eye], axis=1),
+        left_bias=lb,
+        right_bias=rb,
+        residual=False,
+    )
+
+
+# ------------------------------------------------------------ generators
+
+
+def permute_hidden(layer: int, permutation: Sequence[int]) -> Symmetry:
+    """Reorder the hidden units of Bilinear ``layer``: new unit j is old unit
+    ``permutation[j]`` (rows of left, right and their biases, columns of down)."""
+    perm = np.asarray(permutation)
+    what = f"permute_hidden(layer {layer})"
+
+    def act(layers: Layers) -> Layers:
+        b = _bilinear_at(layers, layer, what)
+        if perm.shape != (b.hidden,) or sorted(perm.tolist()) != list(range(b.hidden)):
+            raise ValueError(f"{what}: {perm.tolist()} is not a permutation of the layer's {b.hidden} hidden units")
+        take = lambda v: None if v is None else v[perm]  # noqa: E731
+        return _replace(layers, layer, _bilinear(
+            b, left=b.left[perm], right=b.right[perm], down=b.down[:, perm],
+            left_bias=take(b.left_bias), right_bias=take(b.right_bias)))
+
+    return Symmetry("permute_hidden", f"permute hidden units of layer {layer} by {perm.tolist()}", act)
+
+
+def swap_left_right(layer: int) -> Symmetry:
+    """Exchange the left and right factors (and their biases) of Bilinear ``layer``."""
+    what = f"swap_left_right(layer {layer})"
+
+    def act(layers: Layers) -> Layers:
+        b = _bilinear_at(layers, layer, what)
+        return _replace(layers, layer, _bilinear(b, left=b.right, right=b.left,
+                                                 left_bias=b.right_bias, right_bias=b.left_bias))
+
+    return Symmetry("swap_left_right", f"swap left and right factors of layer {layer}", act)
+
+
+def rescale_hidden(layer: int, left: Any, right: Any) -> Symmetry:
+    """Per-unit rescaling of Bilinear ``layer``: L_h -> a_h L_h (and its bias),
+    R_h -> b_h R_h (and its bias), D_:h -> D_:h / (a_h b_h).
+
+    ``left`` (a) and ``right`` (b): one nonzero number per hidden unit, or a
+    scalar for all units."""
+    a, b_ = _param(left, "rescale_hidden left"), _param(right, "rescale_hidden right")
+    what = f"rescale_hidden(layer {layer})"
+    if np.any(a == 0) or np.any(b_ == 0):
+        raise ValueError(f"{what}: scale factors must be nonzero")
+
+    def act(layers: Layers) -> Layers:
+        bl = _bilinear_at(layers, layer, what)
+        h = bl.hidden
+        sa, sb = (np.broadcast_to(s, (h,)) if s.ndim == 0 else s for s in (a, b_))
+        if sa.shape != (h,) or sb.shape != (h,):
+            raise ValueError(f"{what}: need {h} factors (one per hidden unit), got {a.shape} and {b_.shape}")
+        exact = _exact(sa, sb, *bl.weights())
+        sa, sb = _cast(sa, exact), _cast(sb, exact)
+        c = lambda v: _cast(v, exact)  # noqa: E731
+        inv = np.array([_reciprocal(x * y) for x, y in zip(sa, sb)], dtype=object) if exact else 1.0 / (sa * sb)
+        return _replace(layers, layer, _bilinear(
+            bl,
+            left=c(bl.left) * sa[:, None], right=c(bl.right) * sb[:, None], down=c(bl.down) * inv[None, :],
+            left_bias=None if bl.left_bias is None else c(bl.left_bias) * sa,
+            right_bias=None if bl.right_bias is None else c(bl.right_bias) * sb,
+            down_bias=c(bl.down_bias)))
+
+    return Symmetry("rescale_hidden", f"rescale hidden units of layer {layer} (left by {_short(a)}, right by {_short(b_)})", act)
+
+
+def change_wire_basis(wire: int, matrix: Any, shift: Any = None) -> Symmetry:
+    """The affine change y -> M y + c of wire ``wire`` (between layers ``wire``
+    and ``wire + 1``), for invertible M (width x width) and shift c.
+
+    The producing layer's output becomes M y + c (Linear: W -> M W,
+    b -> M b + c; Bilinear: D -> M D, down bias -> M db + c); the consuming
+    layer undoes it on its input (Linear: W -> W M^-1, b -> b - W M^-1 c;
+    Bilinear: L -> L M^-1, lb -> lb - L M^-1 c, likewise R).  A residual
+    Bilinear on either side is first rewritten by :func:`unfold_residual`.
+    In padded form this is M~ = [[1, 0], [c, M]] on the wire, which keeps
+    the constant channel.
+    """
+    M = _param(matrix, "change_wire_basis matrix")
+    c = None if shift is None else _param(shift, "change_wire_basis shift")
+    what = f"change_wire_basis(wire {wire})"
+    if M.ndim != 2 or M.shape[0] != M.shape[1]:
+        raise ValueError(f"{what}: the matrix must be square, got shape {M.shape}")
+    if c is not None and c.shape != (M.shape[0],):
+        raise ValueError(f"{what}: the shift has shape {c.shape}, expected ({M.shape[0]},)")
+    if M.dtype == object:
+        M_inv = _exact_inverse(M, what)
+    else:
+        cond = np.linalg.cond(M)
+        if not np.isfinite(cond) or cond > 1e12:
+            raise ValueError(f"{what}: the matrix is singular or ill-conditioned (condition number {cond:.3g})")
+        M_inv = np.linalg.inv(M)
+
+    def act(layers: Layers) -> Layers:
+        if not isinstance(wire, (int, np.integer)) or not 0 <= wire < len(layers) - 1:
+            raise IndexError(f"{what}: a model of {len(layers)} layers has wires 0..{len(layers) - 2}")
+        prod, cons = (unfold_residual(layers[k]) for k in (wire, wire + 1))
+        if prod.out_features != M.shape[0]:
+            raise ValueError(f"{what}: the wire has width {prod.out_features}, the matrix is {M.shape}")
+        return _replace(_replace(layers, wire, _produce(prod, M, c)), wire + 1, _consume(cons, M_inv, c))
+
+    desc = f"change basis of wire {wire} ({M.shape[0]}x{M.shape[0]} matrix{', with shift' if c is not None else ''})"
+    return Symmetry("change_wire_basis", desc, act)
+
+
+def _produce(layer: Component, M: np.ndarray, c: np.ndarray | None) -> Component:
+    """``layer`` with output M y + c."""
+    weight, bias = (layer.weight, layer.bias) if isinstance(layer, Linear) else (layer.down, layer.down_bias)
+    exact = _exact(M, c, *layer.weights())
+    M_, w_, b_, c_ = (_cast(v, exact) for v in (M, weight, bias, c))
+    new_bias = None if b_ is None else M_ @ b_
+    if c_ is not None:
+        new_bias = c_ if new_bias is None else new_bias + c_
+    if isinstance(layer, Linear):
+        return Linear(M_ @ w_, new_bias, name=layer.name)
+    assert isinstance(layer, Bilinear) and not layer.residual
+    return _bilinear(layer, down=M_ @ w_, down_bias=new_bias,
+                     **{k: _cast(getattr(layer, k), exact) for k in ("left", "right", "left_bias", "right_bias")})
+
+
+def _consume(layer: Component, M_inv: np.ndarray, c: np.ndarray | None) -> Component:
+    """``layer`` reading x' = M x + c: every input map A, bias a become
+    A M^-1 and a - A M^-1 c."""
+    exact = _exact(M_inv, c, *layer.weights())
+    Mi, c_ = _cast(M_inv, exact), _cast(c, exact)
+
+    def remap(A: np.ndarray, a: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        A2 = _cast(A, exact) @ Mi
+        if c_ is None:
+            return A2, _cast(a, exact)
+        shift = -(A2 @ c_)
+        return A2, shift if a is None else _cast(a, exact) + shift
+
+    if isinstance(layer, Linear):
+        w, b = remap(layer.weight, layer.bias)
+        return Linear(w, b, name=layer.name)
+    assert isinstance(layer, Bilinear) and not layer.residual
+    L, lb = remap(layer.left, layer.left_bias)
+    R, rb = remap(layer.right, layer.right_bias)
+    return _bilinear(layer, left=L, right=R, left_bias=lb, right_bias=rb,
+                     down=_cast(layer.down, exact), down_bias=_cast(layer.down_bias, exact))
+
+
+def _short(a: np.ndarray) -> str:
+    if a.ndim == 0:
+        return str(a.item())
+    vals = [f"{float(v):.3g}" if not isinstance(v, (int, Fraction)) else str(v) for v in a.ravel()[:4]]
+    return "[" + ", ".join(vals) + (", ...]" if a.size > 4 else "]")
+
+
+# ---------------------------------------------------------------- random
+
+
+def _random_scales(rng: np.random.Generator, n: int, exact: bool) -> np.ndarray:
+    signs = rng.choice([-1, 1], size=n)
+    if exact:
+        return np.array([Fraction(int(s) * int(p), int(q)) for s, p, q in
+                         zip(signs, rng.integers(1, 5, n), rng.integers(1, 5, n))], dtype=object)
+    return signs * np.exp(rng.normal(0.0, 0.5, n))
+
+
+def _random_basis(rng: np.random.Generator, scale: np.ndarray, exact: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(M, c) for a wire whose coordinates have typical sizes ``scale``.
+
+    Float: M = S Q1 diag(exp N(0, 0.3)) Q2 S^-1 with S = diag(scale) and Q1, Q2
+    random orthogonal, so M is well conditioned in the wire's own units (no
+    cancellation when the consumer undoes it); c_i = +-U(0.25, 1) scale_i, a
+    shift of the wire's order of size.  Exact: unit-triangular factors with
+    small integer entries around a diagonal of small rationals, and a small
+    rational shift."""
+    n = len(scale)
+    if exact:
+        lo = np.tril(rng.integers(-2, 3, (n, n)), -1) + np.eye(n, dtype=int)
+        up = np.triu(rng.integers(-2, 3, (n, n)), 1) + np.eye(n, dtype=int)
+        diag = _random_scales(rng, n, True)
+        M = lo.astype(object) @ (diag[:, None] * up.astype(object))
+        c = np.array([Fraction(int(p), int(q)) for p, q in zip(rng.integers(-3, 4, n), rng.integers(1, 4, n))],
+                     dtype=object)
+        return M, c
+    q1, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    q2, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    core = (q1 * np.exp(rng.normal(0.0, 0.3, n))) @ q2
+    M = scale[:, None] * core / scale[None, :]
+    c = scale * rng.choice([-1.0, 1.0], n) * rng.uniform(0.25, 1.0, n)
+    return M, c
+
+
+def _wire_scales(layers: Layers, rng: np.random.Generator, n: int = 32) -> list[np.ndarray]:
+    """Root mean square of every coordinate of every wire on standard normal
+    inputs (1 for a coordinate that is identically zero there)."""
+    y = rng.normal(size=(n, layers[0].in_features))
+    out = []
+    for layer in layers[:-1]:
+        y = np.asarray(layer(y), dtype=float)
+        rms = np.sqrt(np.mean(y**2, axis=0))
+        good = rms[(rms > 0) & np.isfinite(rms)]
+        out.append(np.where((rms > 0) & np.isfinite(rms), rms, good.max() if good.size else 1.0))
+    return out
+
+
+def random_generators(model: Component, rng: np.random.Generator | int | None = None, *,
+                      exact: bool | None = None) -> list[Symmetry]:
+    """One random instance of every generator that applies to ``model``, in an
+    order in which they compose: for each Bilinear layer a hidden permutation,
+    a left/right swap (with probability 1/2) and a rescaling (factors
+    +-exp(N(0, 0.5)), random signs); then an affine change y -> M y + c of
+    every internal wire, well conditioned relative to the size of the wire's
+    values on standard normal inputs (see ``_random_basis``), with a shift c
+    of that size.  Each element is valid on ``model`` alone as well.
+
+    ``exact`` (default: ``model.exact``) draws rational numbers instead, so an
+    exact model stays exact.  A lone Linear layer has no generators: [].
+    """
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    layers = _layers_of(model)
+    exact = model.exact if exact is None else exact
+    out: list[Symmetry] = []
+    for k, layer in enumerate(layers):
+        if isinstance(layer, Bilinear):
+            out.append(permute_hidden(k, rng.permutation(layer.hidden)))
+            if rng.random() < 0.5:
+                out.append(swap_left_right(k))
+            out.append(rescale_hidden(k, _random_scales(rng, layer.hidden, exact),
+                                      _random_scales(rng, layer.hidden, exact)))
+    scales = _wire_scales(layers, rng) if len(layers) > 1 and not exact else [np.ones(l.out_features) for l in layers]
+    for k in range(len(layers) - 1):
+        M, c = _random_basis(rng, scales[k], exact)
+        out.append(change_wire_basis(k, M, c))
+    return out
+
+
+def random_symmetry(model: Component, rng: np.random.Generator | int | None = None, *,
+                    exact: bool | None = None) -> Symmetry:
+    """A random group element for ``model`` touching every layer: the
+    composition of :func:`random_generators` (every Bilinear layer is
+    permuted, maybe swapped, rescaled; every internal wire gets a random
+    well-conditioned affine change, which also moves the Linear layers).
+    The identity for a lone Linear layer (its group is trivial)."""
+    return compose(*random_generators(model, rng, exact=exact))
