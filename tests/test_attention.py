@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import sympy
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import oracles as O
 import tsalgebra as ts
@@ -123,13 +125,14 @@ def test_declared_symmetries_only_for_equal_factors():
     distinct = random_attention(rng)
     quad = random_attention(rng, quadratic=True)
     assert distinct.expression.symmetries == ()
-    assert len(quad.expression.symmetries) == 2  # query swap and key swap (together: the factor exchange)
-    # swaps declared for distinct weights (the reference's bug) change the answer
-    net = distinct.expression
-    honest = ts.inner(distinct, distinct, "symmetric").value
-    for lie_perm in ((2, 1, 0, 3, 4), (2, 3, 0, 1, 4)):
+    assert quad.expression.symmetries == ((2, 3, 0, 1, 4),)  # both factors exchanged at once
+    # undeclared swaps (the reference's bug) change the answer; d_head = 2 so
+    # that products of dot products do not commute by accident
+    honest = {m: ts.inner(m, m, "symmetric").value for m in (distinct, quad)}
+    for model, lie_perm in ((distinct, (2, 3, 0, 1, 4)), (quad, (2, 1, 0, 3, 4)), (quad, (0, 3, 2, 1, 4))):
+        net = model.expression
         lie = ts.Network(net.tensors, net.inputs, net.outputs, (lie_perm,))
-        assert abs(ts.inner(lie, lie, "symmetric").value - honest) > 1e-3 * abs(honest)
+        assert abs(ts.inner(lie, lie, "symmetric").value - honest[model]) > 1e-6 * abs(honest[model])
 
 
 def test_orbits_equal_full_enumeration():
@@ -138,14 +141,17 @@ def test_orbits_equal_full_enumeration():
     quad_a = _tiny(rng, quadratic=True, causal=True, residual=True)
     quad_b = _tiny(rng, quadratic=True, rotary_base=10.0)
     plain = _tiny(rng, causal=True)
+    wide = lambda **f: random_attention(rng, heads=2, dh=2, d=1, n_ctx=2, **f)  # noqa: E731  (d_head 2)
+    wide_q, wide_p = wide(quadratic=True, rotary_base=10.0), wide(causal=True)
     cases = [("gaussian", quad_a, quad_a), ("symmetric", quad_a, quad_b), ("symmetric", quad_a, quad_a),
-             ("symmetric", plain, plain), ("gaussian", plain, quad_b)]
+             ("symmetric", plain, plain), ("gaussian", plain, quad_b), ("symmetric", wide_q, wide_q),
+             ("symmetric", wide_q, wide_p)]
     for kind, x, y in cases:
         alg = "pairings" if kind == "gaussian" else None
         grouped, full = ts.inner(x, y, kind, algorithm=alg), ts.inner(x, y, kind, orbits=False, algorithm=alg)
         assert grouped.orbits <= full.orbits == full.pairings
         assert abs(grouped.value - full.value) <= 1e-10 * max(1.0, abs(full.value))
-    assert ts.inner(quad_a, quad_a, algorithm="pairings").orbits < 9496 / 6
+    assert ts.inner(quad_a, quad_a, algorithm="pairings").orbits < 9496 / 3
 
 
 def test_two_exact_algorithms_agree_with_mean_and_cov():
@@ -205,3 +211,44 @@ def test_bad_attention_input():
     att = random_attention(rng)
     with pytest.raises(ValueError, match="sequences of shape"):
         att(np.zeros((2, 4, 3)))
+
+
+# -------------------------------------------------------------- symmetries
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**31), st.sampled_from([{}, {"causal": True, "residual": True}, {"rotary_base": 10.0}]),
+       st.booleans())
+def test_attention_symmetries_leave_every_similarity_at_one(seed, flags, quadratic):
+    from tsalgebra import symmetries as S
+    from tsalgebra.baselines import weight_cosine
+
+    rng = np.random.default_rng(seed)
+    att = random_attention(rng, heads=2, dh=2, d=1, n_ctx=2, quadratic=quadratic, **flags)
+    moved = S.random_symmetry(att, rng)(att)
+    x = rng.normal(size=(4, 2, 1))
+    np.testing.assert_allclose(moved(x), att(x), rtol=1e-10, atol=1e-12)
+    for kind in ("gaussian", "symmetric"):
+        assert ts.similarity(att, moved, kind).value == pytest.approx(1, abs=1e-10)
+    assert weight_cosine(att, moved) < 1 - 1e-3
+    other = random_attention(rng, heads=2, dh=2, d=1, n_ctx=2, **flags)
+    s1 = ts.similarity(att, other, "symmetric").value
+    s2 = ts.similarity(moved, S.random_symmetry(other, rng)(other), "symmetric").value
+    assert s1 == pytest.approx(s2, abs=1e-9)
+
+
+def test_each_attention_generator_preserves_the_function():
+    from tsalgebra import symmetries as S
+
+    rng = np.random.default_rng(8)
+    att = random_attention(rng, heads=3, dh=2, d=2, n_ctx=3, causal=True)
+    x = rng.normal(size=(3, 3, 2))
+    A = rng.normal(size=(2, 2)) + 2 * np.eye(2)
+    for g in (S.permute_heads(0, [2, 0, 1]), S.swap_query_key_factors(0), S.map_query_key(0, 1, 1, A),
+              S.map_query_key(0, 2, 0, A), S.map_value_output(0, 2, A)):
+        moved = g(att)
+        assert not moved.same_weights(att)
+        np.testing.assert_allclose(moved(x), att(x), rtol=1e-10, atol=1e-12)
+    rot = random_attention(rng, n_ctx=3, rotary_base=10.0)
+    with pytest.raises(ValueError, match="commute with the rotations"):
+        S.map_query_key(0, 1, 0, A)(rot)

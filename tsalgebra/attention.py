@@ -89,8 +89,8 @@ class BilinearAttention(_Sequence, Component):
     and o_bias (d_model,).  ``causal`` zeroes score[i, j] for j > i;
     ``rotary_base`` rotates query and key vectors by position (RoPE);
     ``residual`` adds x.  Quadratic attention (q . k)^2 is q1 = q2, k1 = k2:
-    only then are the two query (key) legs declared interchangeable, and
-    only then are the two factors (q1, k1), (q2, k2) exchangeable.
+    only then is the exchange of the two query-key factors (both query legs
+    and both key legs at once) declared as a symmetry of the expression.
     """
 
     def __init__(self, q1: Any, k1: Any, q2: Any, k2: Any, v: Any, o: Any, causal: bool = False,
@@ -230,15 +230,13 @@ class BilinearAttention(_Sequence, Component):
         ovs = np.einsum("acv,avf,pfu->acpu", P["o"], P["v"], S)  # value path, output map folded in
         inputs.append(f"u{t}v")
         tensors.append(Tensor.of(f"OV{t}", (a, f"c{t}", j, inputs[-1]), ovs))
-        # Swapping the two query legs (or key legs) is exact only when their maps
-        # are equal: with distinct weights it changes the tensor (the reference's
-        # bug).  Both together give the exchange of the two factors.
+        # (q1.k1)(q2.k2) = (q2.k2)(q1.k1): exchanging both factors' legs at once
+        # leaves the tensor unchanged exactly when the factors share their maps
+        # (quadratic attention).  Swapping only the query legs (or only the key
+        # legs) is never exact in general, and with distinct factors nothing
+        # is: declaring either is the reference's bug.
         same = lambda x, y: x.shape == y.shape and bool(np.all(x == y))  # noqa: E731
-        syms = []
-        if same(P["q1"], P["q2"]):
-            syms.append((2, 1, 0, 3, 4))
-        if same(P["k1"], P["k2"]):
-            syms.append((0, 3, 2, 1, 4))
+        syms = [(2, 3, 0, 1, 4)] if same(P["q1"], P["q2"]) and same(P["k1"], P["k2"]) else []
         return Network(tuple(tensors), tuple(inputs), (out,), tuple(syms))
 
     def __repr__(self) -> str:

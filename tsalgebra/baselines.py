@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .attention import BilinearAttention
 from .components import Bilinear, Component, Linear
 from .symmetries import unfold_residual
 
@@ -35,6 +36,11 @@ def _layer_vector(layer: Component) -> list[np.ndarray]:
                  layer.left_bias if layer.left_bias is not None else np.zeros(h),
                  layer.right_bias if layer.right_bias is not None else np.zeros(h),
                  layer.down_bias if layer.down_bias is not None else np.zeros(o)]
+    elif isinstance(layer, BilinearAttention):
+        w, b = layer.weights_, layer.biases
+        parts = [w[k] for k in ("q1", "k1", "q2", "k2", "v", "o")]
+        parts += [b.get(k, np.zeros(w[k].shape[:2])) for k in ("q1", "k1", "q2", "k2", "v")]
+        parts.append(layer.o_bias if layer.o_bias is not None else np.zeros(layer.d_out))
     else:
         raise TypeError(f"weight_cosine: no flat weights for {layer!r}")
     return [np.asarray(p, dtype=float).ravel() for p in parts]

@@ -15,7 +15,12 @@ The generators (see docs/symmetries.md for why each preserves the function):
 - :func:`swap_left_right`: exchange of a bilinear layer's two factors;
 - :func:`rescale_hidden`: L_h -> a_h L_h, R_h -> b_h R_h, D_:h -> D_:h / (a_h b_h);
 - :func:`change_wire_basis`: the affine change y -> M y + c of one wire,
-  compensated in the consuming layer.
+  compensated in the consuming layer;
+- attention (:class:`~tsalgebra.BilinearAttention`): :func:`permute_heads`,
+  :func:`swap_query_key_factors`, :func:`map_query_key` (Q -> A Q,
+  K -> A^-T K in one head's query-key space), :func:`map_value_output`
+  (V -> B V, O -> O B^-1).  Wires into or out of an attention layer are not
+  among the random generators.
 
 A Linear layer has no symmetry of its own; it is moved by the wire changes
 next to it.  :func:`random_symmetry` draws a group element that touches every
@@ -32,6 +37,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
+from .attention import BilinearAttention
 from .components import Bilinear, Component, Linear, Sequential
 
 __all__ = [
@@ -43,6 +49,10 @@ __all__ = [
     "rescale_hidden",
     "change_wire_basis",
     "unfold_residual",
+    "permute_heads",
+    "swap_query_key_factors",
+    "map_query_key",
+    "map_value_output",
     "random_generators",
     "random_symmetry",
 ]
@@ -197,8 +207,9 @@ def _exact_inverse(M: np.ndarray, what: str) -> np.ndarray:
 
 
 def _layers_of(model: Component) -> Layers:
-    if not isinstance(model, (Linear, Bilinear, Sequential)):
-        raise TypeError(f"symmetries act on Linear, Bilinear or Sequential models, got {type(model).__name__}")
+    if not isinstance(model, (Linear, Bilinear, Sequential, BilinearAttention)):
+        raise TypeError(f"symmetries act on Linear, Bilinear, BilinearAttention or Sequential models, "
+                        f"got {type(model).__name__}")
     return tuple(model.layers)
 
 
@@ -211,6 +222,8 @@ def _harmonize(layers: Layers) -> Layers:
 
 
 def _float_layer(layer: Component) -> Component:
+    if isinstance(layer, BilinearAttention):
+        return layer.map_weights(lambda w: _cast(w, False))
     if isinstance(layer, Linear):
         return Linear(_cast(layer.weight, False), _cast(layer.bias, False), name=layer.name)
     assert isinstance(layer, Bilinear)
@@ -470,6 +483,131 @@ def _wire_scales(layers: Layers, rng: np.random.Generator, n: int = 32) -> list[
     return out
 
 
+# ------------------------------------------------------------- attention
+
+
+def _attention_at(layers: Layers, k: int, what: str) -> BilinearAttention:
+    if not isinstance(k, (int, np.integer)) or not 0 <= k < len(layers):
+        raise IndexError(f"{what}: layer {k} is out of range for a model of {len(layers)} layers")
+    if not isinstance(layers[k], BilinearAttention):
+        raise TypeError(f"{what}: layer {k} is {layers[k]!r}; this generator acts on BilinearAttention layers")
+    return layers[k]
+
+
+def _attention(like: BilinearAttention, weights: dict[str, np.ndarray], biases: dict[str, np.ndarray],
+               o_bias: np.ndarray | None) -> BilinearAttention:
+    return BilinearAttention(weights["q1"], weights["k1"], weights["q2"], weights["k2"], weights["v"], weights["o"],
+                             like.causal, like.rotary_base, like.scale, like.residual, n_ctx=like.n_ctx or None,
+                             o_bias=o_bias, name=like.name, **{f"{k}_bias": b for k, b in biases.items()})
+
+
+def permute_heads(layer: int, permutation: Sequence[int]) -> Symmetry:
+    """Reorder the heads of an attention layer (heads are summed)."""
+    perm = np.asarray(permutation)
+
+    def act(layers: Layers) -> Layers:
+        att = _attention_at(layers, layer, "permute_heads")
+        if sorted(perm.tolist()) != list(range(att.heads)):
+            raise ValueError(f"permute_heads: {perm.tolist()} is not a permutation of {att.heads} heads")
+        w = {k: a[perm] for k, a in att.weights_.items()}
+        return _replace(layers, layer, _attention(att, w, {k: b[perm] for k, b in att.biases.items()}, att.o_bias))
+
+    return Symmetry("permute_heads", f"permute the heads of layer {layer} by {perm.tolist()}", act)
+
+
+def swap_query_key_factors(layer: int) -> Symmetry:
+    """Exchange (q1, k1) with (q2, k2): the two factors of the score commute."""
+
+    def act(layers: Layers) -> Layers:
+        att = _attention_at(layers, layer, "swap_query_key_factors")
+        swap = {"q1": "q2", "q2": "q1", "k1": "k2", "k2": "k1", "v": "v", "o": "o"}
+        w = {k: att.weights_[swap[k]] for k in att.weights_}
+        b = {swap[k]: v for k, v in att.biases.items()}
+        return _replace(layers, layer, _attention(att, w, b, att.o_bias))
+
+    return Symmetry("swap_query_key_factors", f"exchange the two query-key factors of layer {layer}", act)
+
+
+def _commutes_with_rotary(att: BilinearAttention, A: np.ndarray) -> bool:
+    from .attention import _rotary
+
+    rot = _rotary(max(att.n_ctx, 2), A.shape[0], att.rotary_base)
+    return all(np.allclose(A.astype(float) @ r, r @ A.astype(float), atol=1e-12) for r in rot)
+
+
+def map_query_key(layer: int, factor: int, head: int, matrix: Any) -> Symmetry:
+    """Q -> A Q, K -> A^-T K (biases alike) inside one head's query-key space
+    of factor 1 or 2: q . k is unchanged.  With rotary factors, A must commute
+    with the rotations (e.g. scaled 2x2 rotations on each rotated pair)."""
+    A = _param(matrix, "map_query_key")
+
+    def act(layers: Layers) -> Layers:
+        att = _attention_at(layers, layer, "map_query_key")
+        q, k = f"q{factor}", f"k{factor}"
+        dh = att.weights_[q].shape[1]
+        if A.shape != (dh, dh):
+            raise ValueError(f"map_query_key: matrix has shape {A.shape}, expected ({dh}, {dh})")
+        if att.rotary_base is not None and not _commutes_with_rotary(att, A):
+            raise ValueError("map_query_key: with rotary factors the map must commute with the rotations")
+        exact = _exact(A, att.weights_[q])
+        A_inv_T = (_exact_inverse(A, "map_query_key") if exact else np.linalg.inv(A)).T
+        w = {key: _cast(a, exact).copy() for key, a in att.weights_.items()}
+        b = {key: _cast(a, exact).copy() for key, a in att.biases.items()}
+        w[q][head], w[k][head] = A @ w[q][head], A_inv_T @ w[k][head]
+        if q in b:
+            b[q][head] = A @ b[q][head]
+        if k in b:
+            b[k][head] = A_inv_T @ b[k][head]
+        return _replace(layers, layer, _attention(att, w, b, _cast(att.o_bias, exact)))
+
+    return Symmetry("map_query_key", f"map head {head}'s query-key space {factor} of layer {layer}", act)
+
+
+def map_value_output(layer: int, head: int, matrix: Any) -> Symmetry:
+    """V -> B V (bias alike), O -> O B^-1 in one head: O V is unchanged."""
+    B = _param(matrix, "map_value_output")
+
+    def act(layers: Layers) -> Layers:
+        att = _attention_at(layers, layer, "map_value_output")
+        exact = _exact(B, att.weights_["v"])
+        B_inv = _exact_inverse(B, "map_value_output") if exact else np.linalg.inv(B)
+        w = {key: _cast(a, exact).copy() for key, a in att.weights_.items()}
+        b = {key: _cast(a, exact).copy() for key, a in att.biases.items()}
+        w["v"][head], w["o"][head] = B @ w["v"][head], w["o"][head] @ B_inv
+        if "v" in b:
+            b["v"][head] = B @ b["v"][head]
+        return _replace(layers, layer, _attention(att, w, b, _cast(att.o_bias, exact)))
+
+    return Symmetry("map_value_output", f"map head {head}'s value space of layer {layer}", act)
+
+
+def _random_head_map(rng: np.random.Generator, n: int, rotary: bool) -> np.ndarray:
+    """Well conditioned; for rotary, scaled rotations on each pair (they commute with RoPE)."""
+    if not rotary:
+        q1, _ = np.linalg.qr(rng.normal(size=(n, n)))
+        q2, _ = np.linalg.qr(rng.normal(size=(n, n)))
+        return (q1 * np.exp(rng.normal(0.0, 0.3, n))) @ q2
+    A = np.zeros((n, n))
+    for k in range(0, n - 1, 2):
+        r, t = np.exp(rng.normal(0.0, 0.3)), rng.uniform(0, 2 * np.pi)
+        A[k : k + 2, k : k + 2] = r * np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    if n % 2:
+        A[-1, -1] = np.exp(rng.normal(0.0, 0.3))
+    return A
+
+
+def _attention_generators(k: int, att: BilinearAttention, rng: np.random.Generator) -> list[Symmetry]:
+    out = [permute_heads(k, rng.permutation(att.heads))]
+    if rng.random() < 0.5:
+        out.append(swap_query_key_factors(k))
+    for h in range(att.heads):
+        for factor in (1, 2):
+            out.append(map_query_key(k, factor, h, _random_head_map(rng, att.weights_[f"q{factor}"].shape[1],
+                                                                      att.rotary_base is not None)))
+        out.append(map_value_output(k, h, _random_head_map(rng, att.weights_["v"].shape[1], False)))
+    return out
+
+
 def random_generators(model: Component, rng: np.random.Generator | int | None = None, *,
                       exact: bool | None = None) -> list[Symmetry]:
     """One random instance of every generator that applies to ``model``, in an
@@ -488,6 +626,8 @@ def random_generators(model: Component, rng: np.random.Generator | int | None = 
     exact = model.exact if exact is None else exact
     out: list[Symmetry] = []
     for k, layer in enumerate(layers):
+        if isinstance(layer, BilinearAttention):
+            out.extend(_attention_generators(k, layer, rng))
         if isinstance(layer, Bilinear):
             out.append(permute_hidden(k, rng.permutation(layer.hidden)))
             if rng.random() < 0.5:
@@ -496,6 +636,8 @@ def random_generators(model: Component, rng: np.random.Generator | int | None = 
                                       _random_scales(rng, layer.hidden, exact)))
     scales = _wire_scales(layers, rng) if len(layers) > 1 and not exact else [np.ones(l.out_features) for l in layers]
     for k in range(len(layers) - 1):
+        if isinstance(layers[k], BilinearAttention) or isinstance(layers[k + 1], BilinearAttention):
+            continue  # wires into or out of attention: not among the generators here
         M, c = _random_basis(rng, scales[k], exact)
         out.append(change_wire_basis(k, M, c))
     return out
