@@ -1,4 +1,4 @@
-"""The ``tsalgebra`` command line (also ``python -m tsalgebra``).
+"""The tsalgebra command line (also: python -m tsalgebra).
 
 Commands:
 
@@ -261,13 +261,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     res = compute_matrix(models, inner=args.inner, progress=not args.no_progress, labels=labels, **kw)
     values = np.asarray(res.values, dtype=float)
     out = Path(args.out)
-    res_plot = getattr(res, "plot")
-    try:
-        res_plot(path=out, labels=labels)
-    except TypeError:
-        from .plots import plot_matrix
-
-        plot_matrix(values, out, labels=labels, title=f"{args.inner} similarity")
+    res.plot(path=out, labels=labels)
     csv_path = None
     if args.csv is not None:
         csv_path = out.with_suffix(".csv") if args.csv is True else Path(args.csv)
@@ -280,7 +274,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
                "method": res.method, "exact": res.exact, "route": res.route, "flops": res.flops,
                "centered": bool(args.centered), "figure": out, "csv": csv_path}
     lines = [f"{len(files)} checkpoints, {args.inner}{' centred' if args.centered else ''} similarity "
-             f"({res.method}, {'exact' if res.exact else 'approximate'}; route: {res.route}; {res.flops:.3g} flops)"]
+             f"({res.method}{'' if res.exact else ', approximate'}; route: {res.route}; {res.flops:.3g} flops)"]
     if len(files) <= 12:
         width = max(len(x) for x in labels)
         lines.append(" " * (width + 1) + " ".join(f"{i:>7d}" for i in range(len(files))))
@@ -592,7 +586,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     result = mod.run(mod.config_from_args(args))
     if args.json:
         print(json.dumps(_jsonable(dict(result.numbers, summary=result.summary, figure=result.figure,
-                                        checkpoints=result.checkpoints)), indent=2))
+                                        checkpoint_dir=result.checkpoints)), indent=2))
     else:
         print(result.summary, end="")
     return EXIT_OK

@@ -1,0 +1,253 @@
+"""The command line, end to end: error paths and JSON in a subprocess
+(exactly as a user runs it), functional checks in-process through
+``tsalgebra.cli.main`` (the same code, without paying for a new
+interpreter each time)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tsalgebra as ts
+from tsalgebra.adapters import BilinearLayer
+from tsalgebra.cli import main, parse_formulas
+from tsalgebra.io import save
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tsalgebra", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """Three one-layer checkpoints (4 -> 5 -> 3), one of another width, a
+    malformed file, a formula file and a deep model, in the native layout."""
+    d = tmp_path_factory.mktemp("ck")
+    rng = np.random.default_rng(0)
+    (d / "run").mkdir()
+    models = []
+    for step in (10, 2, 1):
+        m = ts.Bilinear(rng.normal(size=(5, 4)), rng.normal(size=(5, 4)), rng.normal(size=(3, 5)),
+                        left_bias=rng.normal(size=5))
+        save(m, d / "run" / f"step_{step}.safetensors")
+        models.append(m)
+    save(ts.Bilinear(rng.normal(size=(5, 6)), rng.normal(size=(5, 6)), rng.normal(size=(3, 5))), d / "wide.safetensors")
+    (d / "broken.safetensors").write_bytes((d / "wide.safetensors").read_bytes()[:60])
+    exact = ts.Bilinear(np.array([[1.0, 1.0]]), np.array([[1.0, -1.0]]), np.array([[1.0]]), down_bias=np.array([3.0]))
+    save(exact, d / "square.safetensors")
+    (d / "good.txt").write_text("# (x1 + x2)(x1 - x2) + 3\nx1^2 - x2**2 + 3\n")
+    (d / "wrong.txt").write_text("x1^2 - x2^2 + x1\n")
+    (d / "evil.txt").write_text("__import__('os').system('echo owned')\n")
+    layer = lambda: ts.Bilinear(rng.normal(size=(2, 2)), rng.normal(size=(2, 2)), rng.normal(size=(2, 2)))  # noqa: E731
+    save(ts.Sequential(layer(), layer(), layer()), d / "deep.safetensors")  # degree 8: too many pairings
+    return d
+
+
+# ------------------------------------------------------------ subprocess
+
+
+def test_help_lists_every_command():
+    r = run("--help")
+    assert r.returncode == 0
+    for cmd in ("similarity", "matrix", "verify", "plan", "demo", "summary", "Exit codes"):
+        assert cmd in r.stdout
+
+
+def test_usage_errors_exit_2():
+    for args in (["similarity", "only-one.pt"], ["similarity", "a", "b", "--inner", "bogus"]):
+        r = run(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert "usage:" in r.stderr
+        assert r.stdout == ""
+
+
+def test_missing_file_exits_2_naming_it(ckpts):
+    r = run("similarity", ckpts / "nope.safetensors", ckpts / "wide.safetensors")
+    assert r.returncode == 2
+    assert "nope.safetensors" in r.stderr and r.stdout == ""
+
+
+def test_malformed_file_exits_1_naming_it(ckpts):
+    r = run("similarity", ckpts / "broken.safetensors", ckpts / "wide.safetensors", "--json")
+    assert r.returncode == 1
+    assert str(ckpts / "broken.safetensors") in r.stderr and "truncated" in r.stderr
+    assert r.stdout == ""
+
+
+def test_model_error_exits_1_with_message(ckpts):
+    r = run("similarity", ckpts / "run" / "step_1.safetensors", ckpts / "wide.safetensors")
+    assert r.returncode == 1
+    assert r.stderr.startswith("tsalgebra: error: ") and "input widths differ" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_similarity_json_parses_and_matches_the_library(ckpts):
+    a, b = ckpts / "run" / "step_1.safetensors", ckpts / "run" / "step_2.safetensors"
+    r = run("similarity", a, b, "--inner", "symmetric", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    want = ts.similarity(ts.load(a), ts.load(b), "symmetric")
+    assert out["value"] == pytest.approx(want.value, rel=1e-12)
+    assert out["inner"] == "symmetric" and out["exact"] is True and out["method"] == "exact"
+
+
+def test_console_script_and_summary_json():
+    script = Path(sys.executable).parent / "tsalgebra"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "tsalgebra"]
+    r = subprocess.run(cmd + ["summary", "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0
+    rows = json.loads(r.stdout)
+    assert {row["name"] for row in rows} == {"residual block", "two-layer stack"}
+
+
+# -------------------------------------------------------------- in-process
+
+
+def call(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_per_output_similarity(ckpts, capsys):
+    a, b = ckpts / "run" / "step_1.safetensors", ckpts / "run" / "step_10.safetensors"
+    code, out, _ = call(capsys, "similarity", a, b, "--per-output", "--json")
+    assert code == 0
+    vals = json.loads(out)["value"]
+    want = ts.similarity(ts.load(a), ts.load(b), per_output=True).value
+    np.testing.assert_allclose(vals, want, rtol=1e-12)
+    code, out, _ = call(capsys, "similarity", a, b, "--per-output")
+    assert code == 0 and "output 2:" in out
+
+
+@pytest.mark.parametrize("inner,centered", [("gaussian", False), ("gaussian", True), ("symmetric", False)])
+def test_plan_counts_what_the_engine_contracts(ckpts, capsys, inner, centered):
+    a, b = ckpts / "run" / "step_1.safetensors", ckpts / "run" / "step_2.safetensors"
+    code, out, _ = call(capsys, "plan", a, b, "--inner", inner, "--json", *(["--centered"] if centered else []))
+    assert code == 0
+    rep = json.loads(out)
+    done = ts.similarity(ts.load(a), ts.load(b), inner, centered=centered)
+    assert rep["total_contractions"] == done.contractions
+    ab = next(p for p in rep["products"] if p["product"] == "<a,b>")
+    assert ab["orbits"] == ts.inner(ts.load(a), ts.load(b), inner).orbits
+    assert ab["representative"]["flops"] == ab["flops_per_orbit_max"] > 0
+    assert rep["within_budget"] and rep["largest_intermediate_bytes"] > 0
+    code, out, _ = call(capsys, "plan", a, b, "--inner", inner)
+    assert code == 0 and "costliest orbit" in out
+
+
+def test_plan_reports_the_engines_algorithm(ckpts, capsys):
+    one, deep = ckpts / "run" / "step_1.safetensors", ckpts / "deep.safetensors"
+    for path in (one, deep):
+        code, out, err = call(capsys, "plan", path, path, "--json")
+        assert code == 0, err
+        rep = json.loads(out)
+        m = ts.load(path)
+        assert rep["engine_algorithm"] == ts.inner(m, m).algorithm
+    assert rep["engine_algorithm"] == "Gauss-Hermite quadrature"  # degree 8: pairings refused
+    assert any("refused" in p for p in rep["products"]) and not rep["within_budget"]
+    code, out, _ = call(capsys, "plan", deep, deep)
+    assert code == 0 and "pairings refused" in out and "quadrature" in out
+    code, out, _ = call(capsys, "similarity", deep, deep, "--inner", "network", "--json")
+    assert code == 0 and json.loads(out)["value"] == pytest.approx(1.0)
+
+
+def test_cost_error_exits_1(ckpts, capsys):
+    a, b = ckpts / "run" / "step_1.safetensors", ckpts / "run" / "step_2.safetensors"
+    code, out, err = call(capsys, "similarity", a, b, "--inner", "symmetric", "--budget", "1")
+    assert code == 1 and "budget" in err and out == ""
+    deep = ckpts / "deep.safetensors"
+    code, out, err = call(capsys, "plan", deep, deep, "--inner", "symmetric", "--budget", "1", "--json")
+    assert code == 0 and json.loads(out)["within_budget"] is False
+
+
+def test_matrix_over_a_directory(ckpts, capsys, tmp_path):
+    png = tmp_path / "m.png"
+    code, out, err = call(capsys, "matrix", ckpts / "run", "--out", png, "--csv", "--json", "--inner", "symmetric",
+                          "--no-progress")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["labels"] == ["step_1", "step_2", "step_10"]  # natural order
+    v = np.array(rep["values"])
+    assert np.allclose(v, v.T) and np.allclose(np.diag(v), 1)
+    models = ts.load(ckpts / "run")
+    assert v[0, 2] == pytest.approx(ts.similarity(models[0], models[2], "symmetric").value, rel=1e-9)
+    assert png.stat().st_size > 0
+    rows = list(csv.reader(open(tmp_path / "m.csv")))
+    assert rows[0] == ["", "step_1", "step_2", "step_10"] and float(rows[3][3]) == pytest.approx(1.0)
+    code, out, _ = call(capsys, "matrix", ckpts / "run" / "step_1.safetensors", "--out", png)
+    assert code == 2  # one checkpoint is not a matrix
+
+
+def test_verify_formula_files(ckpts, capsys):
+    sq = ckpts / "square.safetensors"
+    code, out, _ = call(capsys, "verify", ckpts / "good.txt", sq, "--exact", "--json")
+    assert code == 0
+    rep = json.loads(out)
+    assert rep["verdict"] == "equal" and rep["exact"] and rep["similarity"] == 1.0
+    code, out, _ = call(capsys, "verify", ckpts / "wrong.txt", sq, "--exact")
+    assert code == 0 and "different" in out and "3 - x1" in out
+    code, out, err = call(capsys, "verify", ckpts / "evil.txt", sq)
+    assert code == 1 and "only numbers" in err and out == ""
+    code, out, _ = call(capsys, "verify", sq, sq)  # a checkpoint as the circuit
+    assert code == 0 and "equal" in out
+    with pytest.raises(ValueError, match="unknown names"):
+        parse_formulas("x1 + y", ["x1", "x2"])
+    assert str(parse_formulas("1e-3*x1^2 + .5*x2", ["x1", "x2"])[0]) == "0.001*x1**2 + 0.5*x2"
+
+
+def test_template_builds_the_architecture(tmp_path, capsys):
+    (tmp_path / "arch.py").write_text(
+        "from torch import nn\n"
+        "class Fused(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.w = nn.Linear(3, 8); self.p = nn.Linear(4, 2)\n"
+        "    def forward(self, x):\n"
+        "        l, r = self.w(x).chunk(2, -1); return self.p(l * r)\n"
+        "def build():\n"
+        "    return Fused()\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import arch
+
+        for s in (1, 2):
+            torch.manual_seed(s)
+            torch.save(arch.build().state_dict(), tmp_path / f"f{s}.pt")
+        code, out, err = call(capsys, "similarity", tmp_path / "f1.pt", tmp_path / "f2.pt", "--template",
+                              f"{tmp_path / 'arch.py'}:build", "--json")
+        assert code == 0, err
+        assert -1 <= json.loads(out)["value"] <= 1
+        code, _, err = call(capsys, "similarity", tmp_path / "f1.pt", tmp_path / "f2.pt")  # no template
+        assert code == 1 and "template" in err
+        code, _, err = call(capsys, "similarity", tmp_path / "f1.pt", tmp_path / "f2.pt", "--template", "nope:build")
+        assert code == 2 and "--template" in err
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("arch", None)
+
+
+def test_usage_errors_in_process(capsys):
+    for args in (["frobnicate"], []):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_subcommand_help_exits_0(capsys):
+    for cmd in ("similarity", "matrix", "verify", "plan", "summary"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "grokking", "--help"])
+    assert e.value.code == 0
+    assert "--modulus" in capsys.readouterr().out

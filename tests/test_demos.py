@@ -1,0 +1,73 @@
+"""The demos at a tiny size: their files are written and their claims hold."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tsalgebra as ts
+from tsalgebra.demos import backdoor, grokking
+
+
+@pytest.fixture(scope="module")
+def grok(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grok")
+    return grokking.run(modulus=11, width=16, steps=300, checkpoint_every=50, train_fraction=0.5, weight_decay=1.0,
+                        out=out, progress=False)
+
+
+def test_grokking_writes_its_files(grok):
+    assert grok.figure.exists() and grok.figure.stat().st_size > 10_000
+    assert grok.summary_path.read_text() == grok.summary
+    numbers = json.loads(grok.json_path.read_text())
+    assert numbers["checkpoints"] == 7 and numbers["steps"] == [0, 50, 100, 150, 200, 250, 300]
+    assert len(list(grok.checkpoints.glob("step_*.safetensors"))) == 7
+    for word in ("Pearson r", "first (step 0) vs last (step 300)", "symmetric", "centred gaussian", "weight cosine"):
+        assert word in grok.summary
+
+
+def test_grokking_claims(grok):
+    n = grok.numbers
+    assert n["memorized_step"] is not None  # the training split is learnt
+    # the two tensor similarities coincide for bias-free one-layer models
+    assert n["max_abs_symmetric_minus_centred_gaussian"] < 1e-9
+    # tensor similarity tracks the behaviour over all inputs
+    assert n["pearson_tensor_symmetric_vs_logit"] > 0.9
+    to_final = n["similarity_to_final"]["tensor (symmetric)"]
+    assert to_final[-1] == pytest.approx(1.0) and to_final[0] < to_final[-2]
+    # the numbers in the summary are the library's own
+    models = ts.load(grok.checkpoints)
+    first_last = ts.similarity(models[0], models[-1], "symmetric").value
+    assert n["first_vs_last"]["tensor (symmetric)"] == pytest.approx(first_last, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("target,seed", [(3, 0), (5, 3)])
+def test_backdoor_finds_the_poisoned_class(tmp_path, target, seed):
+    pytest.importorskip("sklearn")
+    r = backdoor.run(hidden=16, target=target, seed=seed, clean_steps=150, poison_steps=150, checkpoint_every=50,
+                     out=tmp_path, progress=False)
+    n = r.numbers
+    assert n["attack_success_after_poison"] > 0.9 and n["attack_success_after_clean"] < 0.2
+    per_class = np.array(n["per_class_similarity"])
+    assert int(np.argmin(per_class)) == target == n["class_that_changed_most"]
+    # the weights see the change more than behaviour on clean inputs does
+    gap = n["gap_clean_vs_poisoned"]
+    assert gap["tensor similarity (symmetric)"] > gap["behavioural cosine (clean test inputs)"]
+    assert r.figure.exists() and r.figure.stat().st_size > 10_000
+    assert f"class that changed most: {target}" in r.summary
+
+
+def test_demo_through_the_cli(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "tsalgebra", "demo", "grokking", "-P", "7", "--width", "8",
+                        "--steps", "60", "--checkpoint-every", "20", "--out", str(tmp_path), "--no-progress",
+                        "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["checkpoints"] == 4 and (tmp_path / "grokking.png").stat().st_size > 0
+    bad = subprocess.run([sys.executable, "-m", "tsalgebra", "demo", "grokking", "-P", "8", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "prime" in bad.stderr

@@ -1,0 +1,545 @@
+"""PyTorch modules to tsalgebra models.
+
+:func:`from_torch` walks a torch module and converts every part into a
+tsalgebra component, or refuses with an :class:`AdapterError` that names the
+module path (``"<root>"`` for the module itself, else the dotted name that
+``module.named_modules()`` uses, e.g. ``"2.mlp.act"``).  Weights are copied
+to float64 numpy arrays; the torch module is never modified.
+
+What is recognized (see docs/user-guide.md for the full table):
+
+- registered classes, looked up along the class's MRO (most specific first):
+  ``nn.Linear``; ``nn.Sequential`` (children in order, skipped ones dropped);
+  ``nn.Identity`` and ``nn.Dropout*`` in eval mode (or with ``p == 0``)
+  are skipped; :class:`Residual` (``x + inner(x)``); :class:`BilinearLayer`;
+  everything added with :func:`register_adapter`.  A subclass that overrides
+  ``forward`` does not inherit its parent's adapter (its forward may do
+  anything); it goes through the conventions below instead.
+- attribute conventions, for any other module.  They are guesses about a
+  forward that cannot be read, so each candidate is checked numerically
+  against the module's own forward (float64, random inputs) and accepted only
+  if it matches:
+
+  * bilinear, separate factors: three ``nn.Linear`` attributes, one name from
+    each of ``LEFT_NAMES``, ``RIGHT_NAMES`` and ``DOWN_NAMES``, with
+    ``forward(x) == down(left(x) * right(x))``;
+  * bilinear, fused: one ``nn.Linear`` named in ``FUSED_NAMES`` with 2h
+    outputs whose halves are left and right (``.chunk(2, -1)``), and a
+    ``DOWN_NAMES`` Linear: ``forward(x) == down(l * r)``;
+  * bilinear without a down projection: a subclass of ``nn.Linear`` whose
+    forward returns ``l * r`` of its two output halves (the "Bilinear(nn.Linear)"
+    idiom); the down projection is the identity;
+  * residual wrapper: exactly one child module, named in ``WRAPPER_NAMES``,
+    with ``forward(x) == x + inner(x)``; a plain wrapper
+    ``forward(x) == inner(x)`` with the same names is accepted too.
+
+- refused with a reason: non-polynomial activations, normalizations, softmax
+  attention, embeddings, dropout in train mode (p > 0), anything else.
+
+A registered adapter is ``fn(module, path) -> Component | None`` (``None``
+means "skip: the identity"); it may call :func:`convert` on children to
+recurse with correct paths.  Adding support for a class, e.g. a bilinear
+attention module, is one call: ``register_adapter(MyAttention, fn)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .components import Bilinear, Component, Linear, Sequential
+
+__all__ = [
+    "AdapterError",
+    "BilinearLayer",
+    "Residual",
+    "from_torch",
+    "to_torch",
+    "convert",
+    "register_adapter",
+    "unregister_adapter",
+    "registered_adapters",
+    "fold_linear",
+    "LEFT_NAMES",
+    "RIGHT_NAMES",
+    "DOWN_NAMES",
+    "FUSED_NAMES",
+    "WRAPPER_NAMES",
+]
+
+Adapter = Callable[[nn.Module, str], "Component | None"]
+
+# attribute conventions (documented in docs/user-guide.md)
+LEFT_NAMES = ("left", "w_l", "l", "left_proj", "w1")
+RIGHT_NAMES = ("right", "w_r", "r", "right_proj", "w2")
+DOWN_NAMES = ("down", "proj", "d", "down_proj", "out", "out_proj", "w_o", "w_out", "p", "w3")
+FUSED_NAMES = ("w", "in_proj", "w_in", "up", "fused", "lr")
+WRAPPER_NAMES = ("inner", "block", "fn", "mlp", "module", "layer", "sublayer", "body", "f")
+
+_CHECK_SAMPLES = 8
+_CHECK_RTOL = 1e-6
+
+
+class AdapterError(ValueError):
+    """A module that cannot be converted; ``path`` names it (``"<root>"`` for
+    the top-level module) and the message says why and what to do."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path or "<root>"
+        super().__init__(f"{self.path}: {message}")
+
+
+# ------------------------------------------------------- torch reference modules
+
+
+class BilinearLayer(nn.Module):
+    """The torch twin of :class:`tsalgebra.Bilinear`:
+    ``down(left(x) * right(x))`` with three ``nn.Linear`` layers.
+
+    Its state dict (``left.weight``, ``right.weight``, ``down.weight`` and the
+    optional ``.bias`` entries) is tsalgebra's native checkpoint layout.
+    """
+
+    def __init__(self, d_in: int, hidden: int, d_out: int, bias: bool = False) -> None:
+        super().__init__()
+        self.left = nn.Linear(d_in, hidden, bias=bias)
+        self.right = nn.Linear(d_in, hidden, bias=bias)
+        self.down = nn.Linear(hidden, d_out, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.left(x) * self.right(x))
+
+
+class Residual(nn.Module):
+    """``x + inner(x)``: the residual wrapper that :func:`from_torch` folds into
+    a residual tsalgebra layer.  ``inner`` must convert to a single polynomial
+    layer of degree <= 2 once Linear layers are folded in (see
+    :func:`fold_linear`), with as many outputs as inputs."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.inner(x)
+
+
+# ----------------------------------------------------------------- registry
+
+_REGISTRY: dict[type, Adapter] = {}
+
+
+def register_adapter(cls: type, fn: Adapter | None = None) -> Any:
+    """Convert modules of class ``cls`` (and of subclasses that keep its
+    ``forward``) with ``fn(module, path) -> Component | None``; ``None`` means
+    the module is the identity and is skipped.  Replaces any adapter already
+    registered for ``cls``.  Usable as a decorator: ``@register_adapter(cls)``.
+    Returns ``fn``.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_adapter: {cls!r} is not an nn.Module subclass")
+
+    def add(f: Adapter) -> Adapter:
+        if not callable(f):
+            raise TypeError(f"register_adapter: adapter for {cls.__name__} is not callable")
+        _REGISTRY[cls] = f
+        return f
+
+    return add if fn is None else add(fn)
+
+
+def unregister_adapter(cls: type) -> None:
+    """Remove the adapter registered for exactly ``cls`` (KeyError if none)."""
+    del _REGISTRY[cls]
+
+
+def registered_adapters() -> dict[type, Adapter]:
+    """A copy of the registry: class -> adapter."""
+    return dict(_REGISTRY)
+
+
+def _overrides_forward(cls: type, base: type) -> bool:
+    """True when some class between ``cls`` and ``base`` (exclusive) defines its own forward."""
+    for k in cls.__mro__:
+        if k is base:
+            return False
+        if "forward" in vars(k):
+            return True
+    return False
+
+
+def _lookup(module: nn.Module) -> Adapter | None:
+    cls = type(module)
+    for k in cls.__mro__:
+        if k in _REGISTRY:
+            if k is not cls and _overrides_forward(cls, k):
+                return None  # a subclass with its own forward: the parent's adapter may be wrong
+            return _REGISTRY[k]
+    return None
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _np(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.detach().to("cpu", torch.float64).numpy().copy()
+
+
+def _name(kind: str, path: str) -> str:
+    return f"{kind}[{path}]" if path else kind
+
+
+def _child(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _linear(module: nn.Linear, path: str) -> Linear:
+    return Linear(_np(module.weight), _np(module.bias), name=_name("Linear", path))
+
+
+def _bilinear(left: nn.Linear, right: nn.Linear, down: nn.Linear | None, path: str) -> Bilinear:
+    lw, rw = _np(left.weight), _np(right.weight)
+    if down is None:
+        dw, db = np.eye(lw.shape[0]), None
+    else:
+        dw, db = _np(down.weight), _np(down.bias)
+    try:
+        return Bilinear(lw, rw, dw, _np(left.bias), _np(right.bias), db, name=_name("Bilinear", path))
+    except ValueError as exc:
+        raise AdapterError(path, str(exc)) from None
+
+
+def _fused(fused: nn.Linear, down: nn.Linear | None, path: str) -> Bilinear:
+    w, b = _np(fused.weight), _np(fused.bias)
+    if w.shape[0] % 2:
+        raise AdapterError(path, f"fused projection has {w.shape[0]} outputs, not an even number to split in halves")
+    h = w.shape[0] // 2
+    dw, db = (np.eye(h), None) if down is None else (_np(down.weight), _np(down.bias))
+    try:
+        return Bilinear(w[:h], w[h:], dw, None if b is None else b[:h], None if b is None else b[h:], db,
+                        name=_name("Bilinear", path))
+    except ValueError as exc:
+        raise AdapterError(path, str(exc)) from None
+
+
+def _with_flag(layer: Bilinear, residual: bool) -> Bilinear:
+    return Bilinear(layer.left, layer.right, layer.down, layer.left_bias, layer.right_bias, layer.down_bias,
+                    residual=residual, name=layer.name)
+
+
+def _unfold(layer: Bilinear) -> Bilinear:
+    """The same function without the residual flag: the skip x_i becomes d
+    extra hidden units computing x_i * 1 (left row e_i, right bias 1)."""
+    if not layer.residual:
+        return layer
+    d, h = layer.in_features, layer.hidden
+    z = np.zeros
+    lb = layer.left_bias if layer.left_bias is not None else z(h)
+    rb = layer.right_bias if layer.right_bias is not None else z(h)
+    return Bilinear(
+        np.concatenate([layer.left, np.eye(d)]), np.concatenate([layer.right, z((d, d))]),
+        np.concatenate([layer.down, np.eye(d)], axis=1),
+        np.concatenate([lb, z(d)]), np.concatenate([rb, np.ones(d)]), layer.down_bias, name=layer.name)
+
+
+def _add_identity(layer: Bilinear) -> Bilinear:
+    """x + layer(x) as one Bilinear: the residual flag when the layer has none,
+    else the layer unfolded (its own skip explicit) with the flag set."""
+    if layer.out_features != layer.in_features:
+        raise ValueError(f"a residual needs out == in, got {layer.in_features} -> {layer.out_features}")
+    return _with_flag(_unfold(layer), True)
+
+
+def _compose(first: Component, second: Component) -> Component | None:
+    """One layer computing second(first(x)) when one of them is Linear, else None."""
+    if isinstance(first, Linear) and isinstance(second, Linear):
+        b1 = first.bias if first.bias is not None else np.zeros(first.out_features)
+        b2 = second.bias if second.bias is not None else np.zeros(second.out_features)
+        return Linear(second.weight @ first.weight, second.weight @ b1 + b2, name=second.name)
+    if isinstance(first, Linear) and isinstance(second, Bilinear):
+        s = _unfold(second)
+        b1 = first.bias if first.bias is not None else np.zeros(first.out_features)
+        lb = (s.left_bias if s.left_bias is not None else 0) + s.left @ b1
+        rb = (s.right_bias if s.right_bias is not None else 0) + s.right @ b1
+        return Bilinear(s.left @ first.weight, s.right @ first.weight, s.down, lb, rb, s.down_bias, name=s.name)
+    if isinstance(first, Bilinear) and isinstance(second, Linear):
+        f = _unfold(first)
+        db = f.down_bias if f.down_bias is not None else np.zeros(f.out_features)
+        b2 = second.bias if second.bias is not None else 0
+        return Bilinear(f.left, f.right, second.weight @ f.down, f.left_bias, f.right_bias,
+                        second.weight @ db + b2, name=f.name)
+    return None
+
+
+def fold_linear(model: Component) -> Component:
+    """The same function with every Linear layer multiplied into a neighbouring
+    layer (Linear into Linear, Linear into the factors of the next Bilinear,
+    or into the down projection of the previous one).  A residual Bilinear
+    that absorbs a Linear has its skip made explicit as extra hidden units.
+    Returns a single layer when the model has at most one Bilinear layer."""
+    layers = list(model.layers)
+    changed = True
+    while changed and len(layers) > 1:
+        changed = False
+        for k in range(len(layers) - 1):
+            merged = _compose(layers[k], layers[k + 1])
+            if merged is not None:
+                layers[k : k + 2] = [merged]
+                changed = True
+                break
+    return layers[0] if len(layers) == 1 else Sequential(*layers)
+
+
+def _residual_of(inner: Component | None, path: str) -> Component:
+    """x + inner(x) as one layer."""
+    if inner is None:
+        raise AdapterError(path, "residual around the identity (2 x) is not a tsalgebra layer; "
+                                 "use a Linear with weight 2 I")
+    folded = fold_linear(inner)
+    if isinstance(folded, Linear):
+        if folded.out_features != folded.in_features:
+            raise AdapterError(path, f"residual needs out == in, inner maps {folded.in_features} -> {folded.out_features}")
+        return Linear(folded.weight + np.eye(folded.in_features), folded.bias, name=folded.name)
+    if isinstance(folded, Bilinear):
+        try:
+            return _add_identity(folded)
+        except ValueError as exc:
+            raise AdapterError(path, str(exc)) from None
+    raise AdapterError(
+        path,
+        f"residual around {len(folded.layers)} polynomial layers ({folded!r}); tsalgebra layers carry a skip "
+        "around one bilinear layer only. Wrap each bilinear block in its own Residual.")
+
+
+# ------------------------------------------------------------ built-in adapters
+
+
+def _seq(module: nn.Sequential, path: str) -> Component | None:
+    parts = [convert(child, _child(path, name)) for name, child in module.named_children()]
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    try:
+        return parts[0] if len(parts) == 1 else Sequential(*parts)
+    except ValueError as exc:
+        raise AdapterError(path, str(exc)) from None
+
+
+def _dropout(module: nn.Module, path: str) -> None:
+    if module.training and float(getattr(module, "p", 0.0)) > 0:
+        raise AdapterError(path, f"{type(module).__name__}(p={module.p}) is in train mode: it is random, not a "
+                                 "polynomial. Call model.eval() first (dropout is then the identity)")
+    return None
+
+
+register_adapter(nn.Linear, lambda m, p: _linear(m, p))
+register_adapter(nn.Identity, lambda m, p: None)
+register_adapter(nn.Sequential, _seq)
+register_adapter(BilinearLayer, lambda m, p: _bilinear(m.left, m.right, m.down, p))
+register_adapter(Residual, lambda m, p: _residual_of(convert(m.inner, _child(p, "inner")), p))
+for _cls in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout):
+    register_adapter(_cls, _dropout)
+
+# classes refused with a specific reason (matched along the MRO)
+_REFUSED: tuple[tuple[tuple[type, ...], str], ...] = (
+    ((nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.LeakyReLU, nn.Softplus, nn.Mish, nn.Hardtanh,
+      nn.PReLU, nn.SELU, nn.CELU, nn.GLU, nn.Hardswish, nn.Hardsigmoid, nn.LogSigmoid, nn.Softsign),
+     "is a non-polynomial activation; tensor-based models are multilinear (use a bilinear layer instead)"),
+    ((nn.Softmax, nn.LogSoftmax, nn.Softmin), "is a softmax, not a polynomial"),
+    ((nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.Transformer),
+     "is softmax attention, not a polynomial; only bilinear attention has an adapter (register_adapter)"),
+    ((nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm),
+     "is a normalization (a division by a data-dependent norm), not a polynomial"),
+    ((nn.Embedding, nn.EmbeddingBag), "takes integer indices; feed one-hot vectors to a Linear layer instead"),
+    ((nn.Bilinear,), "takes two inputs (torch's x1^T A x2); tsalgebra bilinear layers take one input x twice"),
+    ((nn.ModuleList, nn.ModuleDict), "has no forward of its own; convert its elements or wrap them in nn.Sequential"),
+)
+
+
+def _refusal(module: nn.Module) -> str | None:
+    for classes, why in _REFUSED:
+        if isinstance(module, classes):
+            return f"{type(module).__name__} {why}"
+    return None
+
+
+# ------------------------------------------------------------ conventions
+
+
+def _attr_linear(module: nn.Module, names: Iterable[str]) -> list[tuple[str, nn.Linear]]:
+    found = []
+    for n in names:
+        sub = module._modules.get(n)
+        if isinstance(sub, nn.Linear) and type(sub).forward is nn.Linear.forward:
+            found.append((n, sub))
+    return found
+
+
+def _candidates(module: nn.Module, path: str) -> list[tuple[str, Callable[[], Component | None]]]:
+    """Interpretations of an unregistered module by attribute conventions,
+    each a (description, builder) pair to be checked against the forward."""
+    out: list[tuple[str, Callable[[], Component | None]]] = []
+    lefts = _attr_linear(module, LEFT_NAMES)
+    rights = _attr_linear(module, RIGHT_NAMES)
+    downs = _attr_linear(module, DOWN_NAMES)
+    fused = _attr_linear(module, FUSED_NAMES)
+    for ln, lm in lefts:
+        for rn, rm in rights:
+            for dn, dm in downs:
+                if len({id(lm), id(rm), id(dm)}) == 3:
+                    out.append((f"bilinear {dn}({ln}(x) * {rn}(x))",
+                                lambda lm=lm, rm=rm, dm=dm: _bilinear(lm, rm, dm, path)))
+    for fn_, fm in fused:
+        for dn, dm in downs:
+            if dm is not fm:
+                out.append((f"fused bilinear {dn}(l * r) with l, r = {fn_}(x).chunk(2, -1)",
+                            lambda fm=fm, dm=dm: _fused(fm, dm, path)))
+    if isinstance(module, nn.Linear):
+        out.append(("Bilinear(nn.Linear): l * r with l, r = linear(x).chunk(2, -1)",
+                    lambda: _fused(module, None, path)))
+    kids = list(module.named_children())
+    if len(kids) == 1 and kids[0][0] in WRAPPER_NAMES:
+        name, child = kids[0]
+        out.append((f"residual x + {name}(x)",
+                    lambda: _residual_of(convert(child, _child(path, name)), path)))
+        out.append((f"wrapper {name}(x)", lambda: convert(child, _child(path, name))))
+    return out
+
+
+def _mismatch(module: nn.Module, model: Component) -> float:
+    """Largest relative difference between the module's forward (in float64)
+    and ``model`` on random inputs; inf when the forward fails or the shapes
+    disagree."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(_CHECK_SAMPLES, model.in_features, generator=gen, dtype=torch.float64)
+    params = {k: v.detach().to(torch.float64) if v.is_floating_point() else v
+              for k, v in list(module.named_parameters()) + list(module.named_buffers())}
+    try:
+        with torch.no_grad():
+            want = torch.func.functional_call(module, params, (x,))
+    except Exception:  # noqa: BLE001 - any failure means "not this interpretation"
+        return float("inf")
+    if not isinstance(want, torch.Tensor) or tuple(want.shape) != (_CHECK_SAMPLES, model.out_features):
+        return float("inf")
+    got = model(x.numpy())
+    want_np = want.numpy()
+    scale = max(1.0, float(np.abs(want_np).max()))
+    return float(np.abs(got - want_np).max() / scale)
+
+
+def _nonpolynomial_children(module: nn.Module, path: str) -> list[str]:
+    found = []
+    for name, sub in module.named_modules():
+        if name and _refusal(sub) is not None:
+            found.append(f"{_child(path, name)} ({type(sub).__name__})")
+    return found
+
+
+def _by_convention(module: nn.Module, path: str) -> Component | None:
+    cands = _candidates(module, path)
+    cls = type(module).__name__
+    bad = _nonpolynomial_children(module, path)
+    if not cands:
+        hint = f"; it contains {', '.join(bad)}" if bad else ""
+        raise AdapterError(
+            path,
+            f"no adapter for {cls}{hint}. Recognized: nn.Linear, nn.Sequential, Residual, BilinearLayer, "
+            "modules with left/right/down (or fused) Linear attributes (see docs/user-guide.md), or register one "
+            f"with tsalgebra.register_adapter({cls}, fn)")
+    tried = []
+    for what, build in cands:
+        try:
+            model = build()
+        except AdapterError as exc:
+            if exc.path != (path or "<root>"):
+                raise  # a child failed: that error names the real culprit
+            tried.append(f"{what}: {exc.args[0].split(': ', 1)[-1]}")
+            continue
+        if model is None:
+            continue
+        err = _mismatch(module, model)
+        if err <= _CHECK_RTOL:
+            return model
+        tried.append(f"{what}: forward differs (max relative error {err:.3g})")
+    hint = f"; it contains {', '.join(bad)}" if bad else ""
+    raise AdapterError(
+        path,
+        f"{cls} looks like a known layout by its attributes, but its forward matches none of them{hint} "
+        f"(tried: {'; '.join(tried)}). Register an adapter with tsalgebra.register_adapter({cls}, fn)")
+
+
+# ---------------------------------------------------------------- public
+
+
+def convert(module: nn.Module, path: str = "") -> Component | None:
+    """Convert one module found at ``path`` (the dotted name of
+    ``named_modules()``; "" for the root), or None when it is the identity.
+    Registered adapters call this on children so errors name the right path."""
+    if not isinstance(module, nn.Module):
+        raise AdapterError(path, f"expected a torch nn.Module, got {type(module).__name__}")
+    fn = _lookup(module)
+    if fn is not None:
+        try:
+            result = fn(module, path)
+        except AdapterError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise AdapterError(path, f"{type(module).__name__}: {exc}") from exc
+        if result is not None and not isinstance(result, Component):
+            raise AdapterError(path, f"the adapter for {type(module).__name__} returned {type(result).__name__}, "
+                                     "not a tsalgebra component or None")
+        return result
+    why = _refusal(module)
+    if why is not None:
+        raise AdapterError(path, why)
+    return _by_convention(module, path)
+
+
+def from_torch(module: Any) -> Component:
+    """The tsalgebra model computing the same function as ``module``.
+
+    ``module`` is an ``nn.Module`` (a tsalgebra component is returned as is).
+    Raises :class:`AdapterError` (a ValueError) naming the module path of the
+    first part that is not a polynomial layer or has no adapter, and when the
+    whole module is the identity.  Weights are copied as float64; the module
+    is not modified (train/eval mode included).
+    """
+    if isinstance(module, Component):
+        return module
+    model = convert(module, "")
+    if model is None:
+        raise AdapterError("", f"{type(module).__name__} converts to the identity (only skipped parts); "
+                               "there is no layer to compare")
+    return model
+
+
+def to_torch(model: Component, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A torch module computing ``model`` (Linear -> nn.Linear, Bilinear ->
+    :class:`BilinearLayer`, wrapped in :class:`Residual` when residual,
+    Sequential -> nn.Sequential).  Float weights only."""
+    def t(a: np.ndarray | None) -> nn.Parameter | None:
+        return None if a is None else nn.Parameter(torch.as_tensor(np.asarray(a, dtype=float), dtype=dtype))
+
+    def lin(w: np.ndarray, b: np.ndarray | None) -> nn.Linear:
+        m = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=dtype)
+        m.weight = t(w)
+        if b is not None:
+            m.bias = t(b)
+        return m
+
+    def one(layer: Component) -> nn.Module:
+        if isinstance(layer, Linear):
+            return lin(layer.weight, layer.bias)
+        if isinstance(layer, Bilinear) and type(layer).network is Bilinear.network:
+            m = BilinearLayer(layer.in_features, layer.hidden, layer.out_features)
+            m.left, m.right, m.down = (lin(layer.left, layer.left_bias), lin(layer.right, layer.right_bias),
+                                       lin(layer.down, layer.down_bias))
+            return Residual(m) if layer.residual else m
+        raise TypeError(f"to_torch: no torch module for {layer!r}")
+
+    if isinstance(model, Sequential):
+        return nn.Sequential(*(one(layer) for layer in model.layers))
+    return one(model)

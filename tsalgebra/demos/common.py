@@ -1,0 +1,149 @@
+"""Shared pieces of the demos: baselines, statistics, figures, results."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from ..components import Bilinear, Component, Linear
+
+__all__ = ["DemoResult", "weight_cosine", "cosine_matrix", "pearson", "upper", "torch_threads", "labelled_steps",
+           "write_outputs"]
+
+
+def _local_flat(model: Component) -> np.ndarray:
+    parts: list[np.ndarray] = []
+    for layer in model.layers:
+        if isinstance(layer, Linear):
+            parts += [layer.weight, layer.bias if layer.bias is not None else np.zeros(layer.out_features)]
+        elif isinstance(layer, Bilinear):
+            z = np.zeros
+            parts += [layer.left, layer.right, layer.down,
+                      layer.left_bias if layer.left_bias is not None else z(layer.hidden),
+                      layer.right_bias if layer.right_bias is not None else z(layer.hidden),
+                      layer.down_bias if layer.down_bias is not None else z(layer.out_features)]
+        else:
+            raise TypeError(f"no flat weights for {layer!r}")
+    return np.concatenate([np.asarray(p, dtype=float).ravel() for p in parts])
+
+
+def weight_cosine(a: Component, b: Component) -> float:
+    """Cosine of the concatenated raw weights (the basis-dependent baseline):
+    ``tsalgebra.baselines.weight_cosine`` when available, else the same
+    definition here (layer order; Bilinear: left, right, down, then biases,
+    absent biases as zeros)."""
+    try:
+        from ..baselines import weight_cosine as wc
+    except ImportError:
+        va, vb = _local_flat(a), _local_flat(b)
+        if va.shape != vb.shape:
+            raise ValueError("weight_cosine needs identical architectures") from None
+        return float(np.clip(va @ vb / (np.linalg.norm(va) * np.linalg.norm(vb)), -1, 1))
+    return wc(a, b)
+
+
+def cosine_matrix(rows: np.ndarray) -> np.ndarray:
+    """Cosines between the rows of ``rows`` (N x M), accumulated in float64."""
+    r = np.asarray(rows)
+    gram = np.zeros((r.shape[0], r.shape[0]))
+    step = max(1, 4_000_000 // max(1, r.shape[0]))
+    for s in range(0, r.shape[1], step):
+        block = r[:, s : s + step].astype(np.float64)
+        gram += block @ block.T
+    n = np.sqrt(np.diag(gram))
+    if np.any(n == 0):
+        raise ValueError("a zero row has no direction")
+    return np.clip(gram / np.outer(n, n), -1.0, 1.0)
+
+
+def upper(m: np.ndarray) -> np.ndarray:
+    """The strictly upper-triangular entries (one per unordered pair)."""
+    i, j = np.triu_indices(m.shape[0], k=1)
+    return np.asarray(m)[i, j]
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson correlation; NaN when either side is constant."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if a.size < 2 or np.std(a) == 0 or np.std(b) == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run torch on ``n`` threads inside the block (tiny full-batch models
+    train fastest on one), restoring the previous setting after."""
+    import torch
+
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def labelled_steps(paths: Sequence[Path]) -> list[int]:
+    """The step number in each checkpoint file name (the last digit run)."""
+    import re
+
+    steps = []
+    for p in paths:
+        found = re.findall(r"\d+", p.stem)
+        if not found:
+            raise ValueError(f"{p}: no step number in the file name")
+        steps.append(int(found[-1]))
+    return steps
+
+
+@dataclass
+class DemoResult:
+    """What a demo produced: ``summary`` (the printed text), ``numbers`` (a
+    JSON-able dict), and the paths it wrote."""
+
+    name: str
+    summary: str
+    numbers: dict[str, Any]
+    figure: Path
+    summary_path: Path
+    json_path: Path
+    checkpoints: Path
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, (np.floating, float)):
+        v = float(x)
+        return v if np.isfinite(v) else None
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def write_outputs(name: str, out: Path, summary: str, numbers: dict[str, Any], figure: Path,
+                  checkpoints: Path, started: float) -> DemoResult:
+    """Write summary.txt and summary.json next to the figure; return the result."""
+    seconds = time.perf_counter() - started
+    numbers = dict(numbers, seconds=round(seconds, 2))
+    summary = summary.rstrip() + f"\nwall time {seconds:.1f} s; figure {figure}; numbers {out / 'summary.json'}\n"
+    (out / "summary.txt").write_text(summary)
+    (out / "summary.json").write_text(json.dumps(_jsonable(numbers), indent=2))
+    return DemoResult(name, summary, _jsonable(numbers), figure, out / "summary.txt", out / "summary.json",
+                      checkpoints, seconds)

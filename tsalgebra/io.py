@@ -1,0 +1,329 @@
+"""Loading checkpoints into tsalgebra models, and saving them.
+
+Formats, recognized by their first bytes (not their names):
+
+- safetensors (``.safetensors``): read with safetensors' numpy reader (its
+  torch reader for dtypes numpy lacks, such as bfloat16);
+- torch checkpoints (``torch.save``, zip or legacy): read with
+  ``torch.load(..., weights_only=True)``, which unpickles tensors and plain
+  containers only and refuses every other Python object.
+
+A checkpoint is a state dict (names -> tensors).  A dict that also holds
+other entries is accepted when exactly one of ``state_dict``,
+``model_state_dict``, ``model``, ``module``, ``weights`` holds the tensors
+(the usual ``{"step": ..., "model": state_dict, "optimizer": ...}`` training
+checkpoint).
+
+The architecture comes from one of two places:
+
+- ``template=``: a torch module, or a function with no arguments building one.
+  A copy is put in eval mode, loaded with the state dict (strict by
+  default), and converted with :func:`~tsalgebra.adapters.from_torch`; the
+  template itself is never modified.
+- the native layout (no template needed): the state dict of an
+  ``nn.Sequential`` of tsalgebra's torch twins, one index per layer:
+
+  =====================================  ==========================================
+  keys of layer k                        layer
+  =====================================  ==========================================
+  ``k.weight`` [, ``k.bias``]            Linear (weight: out x in)
+  ``k.left.weight``, ``k.right.weight``, Bilinear ``down((left x) * (right x))``;
+  ``k.down.weight`` [+ their ``.bias``]  left/right: hidden x in, down: out x hidden
+  ``k.inner.`` + the above               residual: ``x + layer(x)``
+  =====================================  ==========================================
+
+  Layers are numbered 0, 1, 2, ... without gaps; a one-layer model may omit
+  the ``k.`` prefix (the state dict of a single :class:`BilinearLayer`).
+  :func:`save` writes this layout (float64 safetensors), so
+  ``load(save(model, p))`` round-trips exactly.  Native safetensors files
+  are read and converted without importing torch.
+
+Directories load every checkpoint file inside (``.safetensors``, ``.pt``,
+``.pth``, ``.ckpt``, ``.bin``) in natural order: ``step_2`` before ``step_10``.
+Every failure to read or interpret a file raises :class:`LoadError` (a
+ValueError) whose message starts with the file's path; a missing path raises
+FileNotFoundError.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Union
+
+if TYPE_CHECKING:  # torch is imported only where a torch file or a template needs it
+    import torch
+
+import numpy as np
+
+from .components import Bilinear, Component, Linear, Sequential
+
+__all__ = ["LoadError", "load", "save", "checkpoint_paths", "read_state_dict", "model_from_state_dict",
+           "natural_key", "is_checkpoint", "CHECKPOINT_SUFFIXES", "NATIVE_FORMAT"]
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
+NATIVE_FORMAT = "tsalgebra-native-v1"
+_NESTED = ("state_dict", "model_state_dict", "model", "module", "weights")
+
+Template = Union["torch.nn.Module", Callable[[], "torch.nn.Module"], None]
+
+
+class LoadError(ValueError):
+    """A file that cannot be read or interpreted; the message starts with its path."""
+
+    def __init__(self, path: Any, message: str) -> None:
+        self.path = str(path)
+        super().__init__(f"{self.path}: {message}")
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key comparing digit runs as numbers: "step_2" < "step_10"."""
+    return tuple((0, int(p), p) if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name) if p != "")
+
+
+def checkpoint_paths(path: str | Path) -> list[Path]:
+    """The checkpoint files under ``path`` in natural order (a file: itself).
+    Raises FileNotFoundError for a missing path and LoadError for a directory
+    without checkpoint files."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or directory")
+    if p.is_file():
+        return [p]
+    files = [f for f in p.iterdir() if f.is_file() and f.suffix.lower() in CHECKPOINT_SUFFIXES]
+    if not files:
+        raise LoadError(p, f"directory holds no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)})")
+    return sorted(files, key=lambda f: natural_key(f.name))
+
+
+def _sniff(path: Path) -> str:
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if size == 0:
+        raise LoadError(path, "file is empty")
+    if head[:4] == b"PK\x03\x04":
+        return "torch"
+    if head[:1] == b"\x80":  # pickle protocol >= 2: torch's legacy format
+        return "torch"
+    if len(head) == 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if head[8:9] == b"{":
+            if 8 + n > size:
+                raise LoadError(path, f"truncated safetensors file: header claims {n} bytes, file has {size}")
+            return "safetensors"
+    raise LoadError(path, "not a safetensors file or a torch checkpoint (unrecognized first bytes)")
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """True when ``path`` is a file whose first bytes are those of a
+    safetensors file or a torch checkpoint (nothing is unpickled)."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    try:
+        _sniff(p)
+    except LoadError:
+        return False
+    return True
+
+
+def _is_array(v: Any) -> bool:
+    return isinstance(v, np.ndarray) or type(v).__module__.split(".")[0] == "torch" and hasattr(v, "shape")
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(obj, Mapping):
+        raise LoadError(path, f"holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors)")
+    if obj and all(_is_array(v) for v in obj.values()):
+        return {str(k): v for k, v in obj.items()}
+    nested = [k for k in _NESTED if isinstance(obj.get(k), Mapping)
+              and obj[k] and all(_is_array(v) for v in obj[k].values())]
+    if len(nested) == 1:
+        return {str(k): v for k, v in obj[nested[0]].items()}
+    keys = ", ".join(map(str, list(obj)[:8]))
+    raise LoadError(path, f"holds no state dict: top-level keys are [{keys}]; expected tensors, or one of "
+                          f"{', '.join(_NESTED)} holding them")
+
+
+def read_state_dict(path: str | Path) -> dict[str, Any]:
+    """The state dict stored in one file, never unpickling anything but
+    tensors and plain containers: numpy arrays from safetensors files (torch
+    tensors for dtypes numpy lacks), torch tensors from torch files."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or directory")
+    if p.is_dir():
+        raise LoadError(p, "is a directory; load it with tsalgebra.load(dir) for a list of models")
+    kind = _sniff(p)
+    try:
+        if kind == "safetensors":
+            obj = _read_safetensors(p)
+        else:
+            import torch
+
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except LoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every reader failure becomes one clear error
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            msg = ("refused: the file holds Python objects other than tensors, and tsalgebra loads with "
+                   "weights_only=True (save model.state_dict() instead of the model object)")
+        raise LoadError(p, f"cannot read {kind} file (malformed or truncated?): {msg}") from None
+    return _unwrap(obj, p)
+
+
+def _read_safetensors(p: Path) -> dict[str, Any]:
+    import json as _json
+
+    with open(p, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = _json.loads(fh.read(n))
+    dtypes = {v["dtype"] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    if dtypes <= {"F64", "F32", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL"}:
+        from safetensors.numpy import load_file
+
+        return load_file(str(p))
+    from safetensors.torch import load_file as load_torch
+
+    return load_torch(str(p), device="cpu")
+
+
+def _f64(v: Any) -> np.ndarray:
+    """A weight as float64 numpy (from numpy or torch, any float dtype)."""
+    if type(v).__module__.split(".")[0] == "torch":
+        import torch
+
+        return v.detach().to("cpu", torch.float64).numpy().copy()
+    return np.asarray(v, dtype=np.float64)
+
+
+_LINEAR = re.compile(r"^(weight|bias)$")
+_BILINEAR = re.compile(r"^(left|right|down)\.(weight|bias)$")
+
+
+def _native_layer(keys: dict[str, Any], where: str, name: str) -> Component:
+    """One layer of the native layout (sub-keys without the index)."""
+    if all(k.startswith("inner.") for k in keys):
+        inner = _native_layer({k[len("inner."):]: v for k, v in keys.items()}, where + "inner.", name)
+        if isinstance(inner, Linear):
+            if inner.in_features != inner.out_features:
+                raise ValueError(f"{where}inner: a residual Linear needs out == in, got {inner.weight.shape}")
+            return Linear(inner.weight + np.eye(inner.in_features), inner.bias, name=inner.name)
+        if isinstance(inner, Bilinear) and not inner.residual:
+            return Bilinear(inner.left, inner.right, inner.down, inner.left_bias, inner.right_bias,
+                            inner.down_bias, residual=True, name=inner.name)
+        raise ValueError(f"{where}inner: nested residuals are not part of the native layout")
+    names = set(keys)
+    get = lambda k: _f64(keys[k]) if k in keys else None  # noqa: E731
+    if names and all(_LINEAR.match(k) for k in names) and "weight" in names:
+        return Linear(get("weight"), get("bias"), name=f"Linear[{name}]")
+    if names and all(_BILINEAR.match(k) for k in names) and {"left.weight", "right.weight", "down.weight"} <= names:
+        return Bilinear(get("left.weight"), get("right.weight"), get("down.weight"), get("left.bias"),
+                        get("right.bias"), get("down.bias"), name=f"Bilinear[{name}]")
+    raise ValueError(f"keys {sorted(where + k for k in names)[:6]} are not a native layer "
+                     "(weight[/bias], or left/right/down.weight[/bias], optionally under inner.)")
+
+
+def _native_model(sd: Mapping[str, Any]) -> Component:
+    if all(re.match(r"^\d+\.", k) for k in sd):
+        groups: dict[int, dict[str, Any]] = {}
+        for k, v in sd.items():
+            idx, rest = k.split(".", 1)
+            groups.setdefault(int(idx), {})[rest] = v
+        if sorted(groups) != list(range(len(groups))):
+            raise ValueError(f"layer indices {sorted(groups)} are not 0..{len(groups) - 1}")
+        layers = [_native_layer(groups[i], f"{i}.", str(i)) for i in range(len(groups))]
+        return layers[0] if len(layers) == 1 else Sequential(*layers)
+    return _native_layer(dict(sd), "", "0")
+
+
+def model_from_state_dict(sd: Mapping[str, Any], template: Template = None,
+                          *, strict: bool = True, source: Any = "<state dict>") -> Component:
+    """Convert a state dict: through ``template`` (a torch module or a
+    builder; a copy in eval mode is loaded, then :func:`from_torch`), or by
+    the native layout (no torch needed).  Errors are :class:`LoadError`
+    naming ``source``."""
+    if template is None:
+        try:
+            return _native_model(sd)
+        except (ValueError, TypeError) as exc:
+            msg = str(exc).strip().replace("\n", " ")
+            raise LoadError(source, "cannot interpret the state dict by tsalgebra's native layout (keys like "
+                                    f"0.left.weight); pass template=... for other layouts: {msg}") from None
+    import torch
+    from torch import nn
+
+    from .adapters import AdapterError, from_torch
+
+    try:
+        module = template() if not isinstance(template, nn.Module) and callable(template) else template
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"template must be an nn.Module or a function returning one, got {type(module).__name__}")
+        module = copy.deepcopy(module)
+        tensors = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))
+                   for k, v in sd.items()}
+        module.load_state_dict(tensors, strict=strict)
+        module.eval()
+    except (ValueError, TypeError, RuntimeError, KeyError) as exc:
+        msg = str(exc).strip().replace("\n", " ")
+        raise LoadError(source, f"cannot interpret the state dict with the template: {msg}") from None
+    try:
+        return from_torch(module)
+    except AdapterError as exc:
+        raise LoadError(source, f"cannot convert the loaded module: {exc}") from None
+
+
+def load(path: str | Path, template: Template = None, *, strict: bool = True) -> Component | list[Component]:
+    """Load a checkpoint file as a tsalgebra model, or a directory of them as
+    a list in natural step order.
+
+    ``template``: a torch module or a no-argument function building one whose
+    state dict the checkpoint holds (see the module docstring); without it the
+    native layout is expected.  ``strict`` is passed to ``load_state_dict``.
+    Raises FileNotFoundError for a missing path and :class:`LoadError` (naming
+    the file) for anything unreadable, malformed or of the wrong layout.
+    """
+    p = Path(path)
+    files = checkpoint_paths(p)
+    models = [model_from_state_dict(read_state_dict(f), template, strict=strict, source=f) for f in files]
+    return models if p.is_dir() else models[0]
+
+
+def save(model: Component, path: str | Path, *, dtype: Any = np.float64,
+         metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``model`` (Linear, Bilinear or a Sequential of them, float
+    weights) as a safetensors file in the native layout, float64 unless
+    ``dtype`` says otherwise (a numpy float dtype); :func:`load` reads it
+    back without a template.  Returns the path."""
+    if not isinstance(model, Component):
+        raise TypeError(f"save expects a tsalgebra model, got {type(model).__name__}")
+    if model.exact:
+        raise TypeError("save: exact (object-array) weights have no safetensors form; convert to float first")
+    sd: dict[str, np.ndarray] = {}
+    for k, layer in enumerate(model.layers):
+        arr = lambda a: np.ascontiguousarray(np.asarray(a, dtype=dtype))  # noqa: E731
+        if isinstance(layer, Linear) and type(layer) is Linear:
+            sd[f"{k}.weight"] = arr(layer.weight)
+            if layer.bias is not None:
+                sd[f"{k}.bias"] = arr(layer.bias)
+        elif isinstance(layer, Bilinear) and type(layer) is Bilinear:
+            pre = f"{k}.inner." if layer.residual else f"{k}."
+            for part, w, b in (("left", layer.left, layer.left_bias), ("right", layer.right, layer.right_bias),
+                               ("down", layer.down, layer.down_bias)):
+                sd[f"{pre}{part}.weight"] = arr(w)
+                if b is not None:
+                    sd[f"{pre}{part}.bias"] = arr(b)
+        else:
+            raise TypeError(f"save: the native layout has no form for {layer!r}")
+    meta = {"format": "pt", "tsalgebra": NATIVE_FORMAT, "model": repr(model)}
+    meta.update(metadata or {})
+    from safetensors.numpy import save_file
+
+    p = Path(path)
+    save_file(sd, str(p), metadata=meta)
+    return p
