@@ -147,8 +147,12 @@ def fmt_time(s: float) -> str:
 
 
 def clear_caches() -> None:
+    """Forget contraction orders, orbits and compiled orbit contractions (a cold start)."""
+    from tsalgebra import pairing_sum
+
     ts.plan_cache.clear()
     PAIRINGS.orbits.cache_clear()
+    pairing_sum._RECIPES.clear()
 
 
 # ------------------------------------------------------ formula self-check

@@ -6,7 +6,6 @@ import copy
 from fractions import Fraction
 
 import numpy as np
-import opt_einsum as oe
 import pytest
 import torch
 from hypothesis import given

@@ -10,7 +10,7 @@ import sympy
 
 import oracles as O
 import tsalgebra as ts
-from helpers import model_of, spec_of
+from helpers import model_of
 
 x1, x2, x3 = sympy.symbols("x1 x2 x3")
 

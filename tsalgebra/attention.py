@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 
 from .components import Bilinear, Component, Linear, Sequential, _as_array, _bias, _zeros
-from .engine import _is_torch, evaluate
 from .expr import Network, Tensor
 
 __all__ = ["BilinearAttention", "Transformer", "position_wise", "sequence_measure"]

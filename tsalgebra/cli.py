@@ -36,8 +36,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .components import Bilinear, Component, Sequential
-from .engine import BATCH
-from .expr import Network, Tensor
+from .engine import evaluation_network
 from .planner import plan, plan_cache
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -61,12 +60,6 @@ def example_models(seed: int = 0) -> dict[str, Component]:
         Bilinear(rng.normal(size=(h, d)), rng.normal(size=(h, d)), rng.normal(size=(3, h))),
     )
     return {"residual block": block, "two-layer stack": stack}
-
-
-def _with_batch(net: Network, n: int) -> Network:
-    """The evaluation network: the model fed n samples of x~ on every input."""
-    copies = tuple(Tensor(f"#x{k}", (BATCH, leg), (n, net.sizes[leg])) for k, leg in enumerate(net.inputs))
-    return Network(net.tensors + copies, (), (BATCH,) + net.outputs)
 
 
 def summary(seed: int = 0, batch: int = 32) -> list[dict[str, Any]]:
@@ -94,7 +87,7 @@ def summary(seed: int = 0, batch: int = 32) -> list[dict[str, Any]]:
                 "out": model.out_features,
                 "expression": str(net),
                 "declared_symmetries": len(model.network(symmetric=True).symmetries),
-                "evaluation_plan": json.loads(plan(_with_batch(net, batch)).to_json()),
+                "evaluation_plan": json.loads(plan(evaluation_network(net, batch)).to_json()),
                 "materialization_plan": json.loads(plan(net).to_json()),
                 "max_abs_error_vs_direct": err,
             }
@@ -383,83 +376,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------- plan
 
 
-_PLAN_SAMPLE = 2000  # orbits planned one by one; beyond, an even sample estimates the total
-
-
-def _lift_shape(net: Network, k: int) -> Network:
-    """``net`` raised to degree k by extra input legs fed the constant e0 (as
-    the symmetric product does); the new legs are interchangeable."""
-    extra = k - net.degree
-    if extra <= 0:
-        return net
-    d1 = net.sizes[net.inputs[0]]
-    new = tuple(Tensor(f"#e{j}", (f"#l{j}",), (d1,)) for j in range(extra))
-    n0 = net.degree
-    syms = [tuple(p) + tuple(range(n0, k)) for p in net.symmetries]
-    for j in range(n0, k - 1):
-        syms.append(tuple(j + 1 if i == j else j if i == j + 1 else i for i in range(k)))
-    return Network(net.tensors + new, net.inputs + tuple(t.legs[0] for t in new), net.outputs, syms)
-
-
-def _orbit_plan(A: Network, B: Network | None, kind: str, same: bool, per_output: bool) -> dict[str, Any]:
-    """Orbits of the pairings of A's (and B's) input legs under the declared
-    symmetries (and the exchange of A and B when ``same``), and the plan of
-    the pairing network of a representative orbit: pairs joined by a d x d
-    matrix (covariance or identity), singletons by the mean vector, outputs
-    joined (or shared, ``per_output``).  Only shapes are used."""
-    from . import pairings as P
-    from .inner import MAX_PAIRINGS, CostError
-
-    ka = A.degree
-    n = ka + (B.degree if B is not None else 0)
-    raw = P.count_pairings(kind, n)
-    if raw > MAX_PAIRINGS:
-        raise CostError(f"exact {kind} enumeration over {n} input legs has {raw:,} pairings "
-                        f"(limit {MAX_PAIRINGS:,}); use --inner network")
-    A = A.fresh("a.")
-    gens = [tuple(p) + tuple(range(ka, n)) for p in A.symmetries]
-    tensors, legs = list(A.tensors), A.inputs
-    if B is not None:
-        B = B.fresh("b.")
-        gens += [tuple(range(ka)) + tuple(ka + q for q in p) for p in B.symmetries]
-        if same:
-            gens.append(tuple(range(ka, n)) + tuple(range(ka)))
-        tensors += list(B.tensors)
-        legs = legs + B.inputs
-    orbits = P.orbits(kind, n, tuple(gens))
-    sizes = {**A.sizes, **(B.sizes if B is not None else {})}
-    d1 = sizes[legs[0]]
-
-    def network(partner: tuple[int, ...]) -> Network:
-        ts_ = list(tensors)
-        for i, j in enumerate(partner):
-            if j == i:
-                ts_.append(Tensor(f"#mean{i}", (legs[i],), (d1,)))
-            elif i < j:
-                ts_.append(Tensor(f"#join{i}", (legs[i], legs[j]), (d1, d1)))
-        if B is None:
-            return Network(tuple(ts_), (), A.outputs)
-        oa, ob = A.outputs[0], B.outputs[0]
-        if per_output:
-            return Network(tuple(t.relabel({ob: oa}) for t in ts_), (), (oa,))
-        ts_.append(Tensor("#out", (oa, ob), (sizes[oa], sizes[ob])))
-        return Network(tuple(ts_), (), ())
-
-    # plan every orbit (plans are cached by topology), or an even sample of them when there are very many
-    step = max(1, len(orbits) // _PLAN_SAMPLE)
-    sample = orbits[::step]
-    plans = [(plan(network(partner)), size, partner) for partner, size in sample]
-    mean_flops = sum(p.flops for p, _, _ in plans) / len(plans)
-    worst, _, worst_partner = max(plans, key=lambda t: t[0].flops)
-    total = sum(p.flops for p, _, _ in plans) if step == 1 else int(mean_flops * len(orbits))
-    return {"input_legs": n, "pairings": raw, "orbits": len(orbits), "largest_orbit": max(s for _, s in orbits),
-            "planned_orbits": len(plans), "representative": json.loads(worst.to_json()),
-            "representative_pairing": list(worst_partner), "flops_per_orbit_max": worst.flops,
-            "flops_total": total, "flops_total_estimated": step != 1,
-            "largest_intermediate": max(p.largest_intermediate for p, _, _ in plans),
-            "largest_intermediate_bytes": 8 * max(p.largest_intermediate for p, _, _ in plans)}
-
-
 def _same_weights(a: Component, b: Component) -> bool:
     try:
         return a is b or a.same_weights(b)
@@ -470,15 +386,13 @@ def _same_weights(a: Component, b: Component) -> bool:
 def plan_similarity(a: Component, b: Component, inner: str = "gaussian", *, centered: bool = False,
                     per_output: bool = False, budget: float | None = None) -> dict[str, Any]:
     """The contractions that ``ts.similarity(a, b, inner, centered=...)``
-    runs with the exact engine, planned from shapes alone (nothing is
-    contracted): for each of <a,b>, <a,a>, <b,b> (and E[a], E[b] when
-    centred) the number of pairings, their orbits under the declared
-    symmetries, the contraction plan of one representative orbit's pairing
-    network, FLOP and float64 memory estimates, and totals.  The engine may
-    fold the join matrices into the factors before contracting, so its own
-    flop count can be a little lower.  Raises CostError when the pairings
-    are too many to enumerate."""
-    from .inner import DEFAULT_BUDGET, CostError, similarity
+    runs, planned from shapes alone by the engine itself
+    (:func:`tsalgebra.inner.plan_inner` for each of <a,b>, <a,a>, <b,b>):
+    per orbit sum the pairings, orbits, the costliest orbit's contraction
+    plan, FLOP and float64 memory estimates; totals; and the algorithm the
+    engine runs (pairing orbits, or Gauss-Hermite quadrature when that needs
+    fewer contractions or the pairings are refused)."""
+    from .inner import DEFAULT_BUDGET, plan_inner, similarity
 
     budget = DEFAULT_BUDGET if budget is None else budget
     if inner not in ("gaussian", "symmetric", "network"):
@@ -496,48 +410,38 @@ def plan_similarity(a: Component, b: Component, inner: str = "gaussian", *, cent
         return {"inner": "network", "method": "Gram recursion", "note": "no pairing enumeration: one Gram "
                 "recursion per product, O(depth h^2 d)", "products": [], "total_flops": r.flops,
                 "total_contractions": r.contractions, "budget": budget, "within_budget": True}
-    na, nb = a.network(symmetric=True), b.network(symmetric=True)
     products: list[dict[str, Any]] = []
-    info: dict[str, Any] = {}
-    pairs = {"<a,b>": (na, nb, _same_weights(a, b)), "<a,a>": (na, na, True), "<b,b>": (nb, nb, True)}
-    exact_numbers = a.exact or b.exact
-    if inner == "gaussian":
-        info["measure"] = "N(0, I)"
-        jobs = [(name, x, y, same and x.degree == y.degree, per_output, 1) for name, (x, y, same) in pairs.items()]
-        if centered:  # each centred product subtracts E[x] . E[y]: both means, once per product
-            jobs += [("E[a]", na, None, False, True, 3), ("E[b]", nb, None, False, True, 3)]
-        for name, x, y, same, po, times in jobs:
-            try:
-                products.append(dict(_orbit_plan(x, y, "gaussian", same, po), product=name, times=times))
-            except CostError as exc:
-                if exact_numbers:
-                    raise
-                products.append({"product": name, "times": times, "refused": str(exc)})
-        # the engine's choice (inner.py): Gauss-Hermite quadrature when its grid, (k//2 + 1)^d nodes for
-        # k = deg a + deg b, is smaller than the pairing count over 2^(declared symmetries), or when
-        # pairings are refused; exact numbers always use pairings
-        from . import pairings as P
-
-        k = na.degree + nb.degree
-        grid = (k // 2 + 1) ** a.in_features
-        pairings = P.count_pairings("gaussian", k) / 2 ** (len(na.symmetries) + len(nb.symmetries))
-        info["engine_algorithm"] = (
-            "pairing orbits" if exact_numbers else
-            "Gauss-Hermite quadrature" if any("refused" in p for p in products) or grid < pairings else
-            "pairing orbits")
-        info["quadrature_grid_points"] = grid
-    else:
-        k = max(na.degree, nb.degree)
-        info["degree"], info["lifted"] = k, na.degree != nb.degree
-        info["engine_algorithm"] = "pairing orbits"
-        for name, (x, y, same) in pairs.items():
-            products.append(dict(_orbit_plan(_lift_shape(x, k), _lift_shape(y, k), "symmetric", same, per_output),
-                                 product=name, times=1))
+    contractions = 0
+    algorithms = set()
+    points = None
+    calls = [("a", "b", a, b)] if a is b else [("a", "b", a, b), ("a", "a", a, a), ("b", "b", b, b)]
+    for x_name, y_name, x, y in calls:
+        rep = plan_inner(x, y, inner, centered=centered, per_output=per_output, budget=budget)
+        algorithms.add(rep["algorithm"])
+        points = rep["quadrature_points"]
+        names = {"<a,b>": f"<{x_name},{y_name}>", "E[a]": f"E[{x_name}]", "E[b]": f"E[{y_name}]"}
+        for item in rep["products"]:
+            if "refused" in item:
+                products.append({"product": f"<{x_name},{y_name}>", "times": 1, "refused": item["refused"]})
+                continue
+            pp = item["plan"]
+            products.append({
+                "product": names[item["product"]], "times": 1, "input_legs": pp.input_legs, "pairings": pp.pairings,
+                "orbits": pp.orbits, "largest_orbit": max(pp.orbit_sizes), "flops_total": pp.flops,
+                "flops_total_estimated": False, "flops_per_orbit_max": pp.costliest.flops,
+                "representative": json.loads(pp.costliest.to_json()),
+                "largest_intermediate": pp.largest_intermediate,
+                "largest_intermediate_bytes": 8 * pp.largest_intermediate,
+            })
+        if rep["algorithm"] == "pairing orbits":
+            contractions += sum(p["plan"].orbits for p in rep["products"] if "plan" in p)
+        else:
+            contractions += rep["quadrature_points"]
     planned = [p for p in products if "refused" not in p]
-    total = sum(p["times"] * p["flops_total"] for p in planned)
-    return dict(info, inner=inner, method="exact (pairing orbits)", centered=centered, per_output=per_output,
-                products=products, total_contractions=sum(p["times"] * p["orbits"] for p in planned),
-                total_flops=total,
+    engine = "Gauss-Hermite quadrature" if "Gauss-Hermite quadrature" in algorithms else "pairing orbits"
+    return dict(inner=inner, method="exact (pairing orbits)", centered=centered, per_output=per_output,
+                engine_algorithm=engine, quadrature_grid_points=points, products=products,
+                total_contractions=contractions, total_flops=sum(p["flops_total"] for p in planned),
                 largest_intermediate_bytes=max((p["largest_intermediate_bytes"] for p in planned), default=0),
                 budget=budget, within_budget=len(planned) == len(products) and all(
                     p["flops_total"] <= budget for p in planned))

@@ -29,12 +29,12 @@ import sympy
 from .attention import sequence_measure
 from .components import Component
 from .expr import Network, Sum
-from .pairing_sum import MAX_PAIRINGS, CostError, Joins, Tally, lift, orbit_sum
+from .pairing_sum import MAX_PAIRINGS, CostError, Joins, PairingPlan, Tally, lift, orbit_sum, plan_pairings
 from .pairings import count_pairings
 from .quadrature import grid_points, quadrature_inner
 from .recursive import closure_moments, fold, network_gram
 
-__all__ = ["InnerResult", "CostError", "inner", "norm", "similarity", "DEFAULT_BUDGET", "MAX_PAIRINGS"]
+__all__ = ["InnerResult", "CostError", "inner", "norm", "plan_inner", "similarity", "DEFAULT_BUDGET", "MAX_PAIRINGS"]
 
 INNERS = ("gaussian", "symmetric", "network")
 METHODS = ("auto", "exact", "closure")
@@ -163,7 +163,16 @@ def _scale(value: Any, k: int, exact: bool) -> Any:
 
 def _exact_inner(ta: list[tuple[Any, Network]], tb: list[tuple[Any, Network]], inner: str, *, mean: Any, cov: Any,
                  centered: bool, per_output: bool, degree: int | None, budget: float,
-                 use_orbits: bool) -> tuple[Any, Tally, dict[str, Any]]:
+                 use_orbits: bool, plans: list[tuple[str, PairingPlan]] | None = None) -> tuple[Any, Tally, dict[str, Any]]:
+    """The exact value by pairing orbits, or, when ``plans`` is a list, only
+    the plans of every orbit sum it would run (appended there)."""
+
+    def run(A: Network, B: Network | None, joins: Joins, mask: Any, label: str) -> tuple[Any, Tally]:
+        if plans is None:
+            return orbit_sum(A, B, joins, mask, budget, use_orbits)
+        plans.append((label, plan_pairings(A, B, joins, mask, budget, use_orbits)))
+        return 0, Tally()
+
     exact = _is_exact(ta) or _is_exact(tb)
     d1, o1 = _widths(ta + tb, "a and b")
     tally = Tally()
@@ -177,18 +186,20 @@ def _exact_inner(ta: list[tuple[Any, Network]], tb: list[tuple[Any, Network]], i
         joins = Joins.gaussian(mu, C)
         for ca, A in ta:
             for cb, B in tb:
-                v, t = orbit_sum(A, B, joins, out_mask, budget, use_orbits)
+                v, t = run(A, B, joins, out_mask, "<a,b>")
                 total = total + ca * cb * v
                 tally.add(t)
         if centered:
             means = []
-            for terms in (ta, tb):
+            for side, terms in (("a", ta), ("b", tb)):
                 m: Any = 0
                 for c, N in terms:
-                    v, t = orbit_sum(N, None, joins, None, budget, use_orbits)
+                    v, t = run(N, None, joins, None, f"E[{side}]")
                     m = m + c * v
                     tally.add(t)
                 means.append(m)
+            if plans is not None:
+                return 0, tally, info
             prod = means[0] * means[1]  # per padded channel; channel 0 is dropped below
             total = total - (prod if per_output else prod[1:].sum())
     else:
@@ -201,10 +212,10 @@ def _exact_inner(ta: list[tuple[Any, Network]], tb: list[tuple[Any, Network]], i
         info["degree"], info["lifted"] = k, any(n.degree < k for _, n in ta + tb)
         for ca, A in ta:
             for cb, B in tb:
-                v, t = orbit_sum(lift(A, k, exact), lift(B, k, exact), joins, out_mask, budget, use_orbits)
+                v, t = run(lift(A, k, exact), lift(B, k, exact), joins, out_mask, "<a,b>")
                 total = total + ca * cb * _scale(v, k, exact)
                 tally.add(t)
-    if per_output:
+    if per_output and plans is None:
         total = total[1:]
     return total, tally, info
 
@@ -295,17 +306,7 @@ def inner(
                            contractions=steps, flops=flops, notes=notes)
     ta, tb = _terms(a), _terms(b)
     exact_numbers = _is_exact(ta + tb)
-    if algorithm not in (None, "pairings", "quadrature"):
-        raise ValueError(f"algorithm must be 'pairings' or 'quadrature', got {algorithm!r}")
-    if algorithm == "quadrature" and (inner != "gaussian" or exact_numbers):
-        raise ValueError("quadrature computes float Gaussian inner products only")
-    quadrature_first = algorithm == "quadrature"
-    if algorithm is None and inner == "gaussian" and not exact_numbers:
-        d1, _ = _widths(ta + tb, "a and b")
-        _, C, _ = _measure(d1 - 1, mean, cov, False)
-        n_legs = max(n.degree for _, n in ta) + max(n.degree for _, n in tb)
-        n_syms = max(len(n.symmetries) for _, n in ta) + max(len(n.symmetries) for _, n in tb)
-        quadrature_first = grid_points(ta, tb, C[1:, 1:]) < count_pairings("gaussian", n_legs) / 2**n_syms
+    quadrature_first = _quadrature_first(ta, tb, inner, mean, cov, exact_numbers, algorithm)
     if quadrature_first:
         return _quadrature(ta, tb, mean, cov, centered, per_output, budget, None)
     try:
@@ -323,6 +324,58 @@ def inner(
                        measure=info.get("measure", ""), degree=info.get("degree"), lifted=info.get("lifted", False),
                        per_output=per_output, contractions=tally.contractions, flops=tally.flops,
                        pairings=tally.pairings, orbits=tally.orbits)
+
+
+def _quadrature_first(ta: list[tuple[Any, Network]], tb: list[tuple[Any, Network]], inner: str, mean: Any, cov: Any,
+                      exact_numbers: bool, algorithm: str | None) -> bool:
+    """Whether the exact Gaussian value is first tried by quadrature: when
+    asked, or by default when its grid is smaller than the pairings divided
+    by the declared symmetry group (a proxy for the orbit count)."""
+    if algorithm not in (None, "pairings", "quadrature"):
+        raise ValueError(f"algorithm must be 'pairings' or 'quadrature', got {algorithm!r}")
+    if algorithm == "quadrature" and (inner != "gaussian" or exact_numbers):
+        raise ValueError("quadrature computes float Gaussian inner products only")
+    if algorithm is not None or inner != "gaussian" or exact_numbers:
+        return algorithm == "quadrature"
+    d1, _ = _widths(ta + tb, "a and b")
+    _, C, _ = _measure(d1 - 1, mean, cov, False)
+    n_legs = max(n.degree for _, n in ta) + max(n.degree for _, n in tb)
+    n_syms = max(len(n.symmetries) for _, n in ta) + max(len(n.symmetries) for _, n in tb)
+    return grid_points(ta, tb, C[1:, 1:]) < count_pairings("gaussian", n_legs) / 2**n_syms
+
+
+def plan_inner(a: Any, b: Any, inner: str = "gaussian", mean: Any = None, cov: Any = None, *, centered: bool = False,
+               per_output: bool = False, degree: int | None = None, budget: float = DEFAULT_BUDGET,
+               orbits: bool = True, algorithm: str | None = None) -> dict[str, Any]:
+    """What :func:`inner` with the same arguments (exact method) would run,
+    planned from shapes without contracting: ``algorithm`` ("pairing orbits"
+    or "Gauss-Hermite quadrature"), ``products`` (for each orbit sum, its
+    label "<a,b>", "E[a]" or "E[b]" and a :class:`~tsalgebra.pairing_sum.PairingPlan`,
+    or the CostError message under "refused"), and ``quadrature_points``."""
+    _check_args(inner, "exact", centered)
+    _check_pair(a, b)
+    if getattr(a, "n_ctx", 0):
+        mean, cov = sequence_measure(mean, cov, a.n_ctx, a.d_model)
+    ta, tb = _terms(a), _terms(b)
+    exact_numbers = _is_exact(ta + tb)
+    plans: list[tuple[str, PairingPlan]] = []
+    refused = None
+    try:
+        _exact_inner(ta, tb, inner, mean=mean, cov=cov, centered=centered, per_output=per_output, degree=degree,
+                     budget=budget, use_orbits=orbits, plans=plans)
+    except CostError as exc:
+        refused = str(exc)
+    points = None
+    if inner == "gaussian" and not exact_numbers:
+        d1, _ = _widths(ta + tb, "a and b")
+        points = grid_points(ta, tb, _measure(d1 - 1, mean, cov, False)[1][1:, 1:])
+    quad = _quadrature_first(ta, tb, inner, mean, cov, exact_numbers, algorithm) or (
+        refused is not None and points is not None and algorithm != "pairings")
+    products: list[dict[str, Any]] = [{"product": label, "plan": p} for label, p in plans]
+    if refused is not None:
+        products.append({"refused": refused})
+    return {"inner": inner, "algorithm": "Gauss-Hermite quadrature" if quad else "pairing orbits",
+            "products": products, "quadrature_points": points}
 
 
 def _quadrature(ta: list[tuple[Any, Network]], tb: list[tuple[Any, Network]], mean: Any, cov: Any, centered: bool,

@@ -26,9 +26,9 @@ import opt_einsum as oe
 
 from . import pairings as P
 from .expr import Network, Tensor
-from .planner import plan
+from .planner import ContractionPlan, plan
 
-__all__ = ["CostError", "Joins", "orbit_sum", "lift", "MAX_PAIRINGS"]
+__all__ = ["CostError", "Joins", "PairingPlan", "orbit_sum", "plan_pairings", "lift", "MAX_PAIRINGS"]
 
 MAX_PAIRINGS = 1_000_000  # pairings walked to find orbits (a Python-speed loop)
 
@@ -231,7 +231,7 @@ class _Joiner:
 
 # Compiled orbit contractions, keyed by everything but the weights: a warm call
 # (same architectures, new or same weights) reruns them without planning.
-_RECIPES: "OrderedDict[Any, list[tuple[int, Any, list[tuple[Any, ...]], int]]]" = OrderedDict()
+_RECIPES: "OrderedDict[Any, list[tuple[int, Any, list[tuple[Any, ...]], ContractionPlan]]]" = OrderedDict()
 _RECIPES_MAX = 64
 
 
@@ -242,17 +242,39 @@ def _recipe_key(tensors: list[Tensor], legs: tuple[str, ...], out_legs: tuple[st
             shape(joins.weights), shape(joins.mean), masked, gens)
 
 
-def orbit_sum(A: Network, B: Network | None, joins: Joins, out_mask: np.ndarray | None,
-              budget: float, use_orbits: bool = True) -> tuple[Any, Tally]:
-    """Sum over every pairing of the input legs of A (and B) of the joined
-    contraction, once per orbit and weighted by the orbit size.
+@dataclass(frozen=True)
+class PairingPlan:
+    """What :func:`orbit_sum` contracts: the raw pairings, their orbits, and
+    one contraction plan per orbit (planned from shapes; nothing contracted)."""
 
-    With B, the outputs are summed through ``out_mask`` (a 0/1 vector over
-    channels) or, if it is None, kept as one value per channel; without B the
-    result is A's expectation, one value per output channel.  Raises
-    :class:`CostError` before contracting anything when the pairings are too
-    many to walk or the orbit contractions exceed ``budget`` flops.
-    """
+    kind: str
+    input_legs: int
+    pairings: int
+    orbit_sizes: tuple[int, ...]
+    plans: tuple[ContractionPlan, ...]
+
+    @property
+    def orbits(self) -> int:
+        return len(self.orbit_sizes)
+
+    @property
+    def flops(self) -> int:
+        return sum(p.flops for p in self.plans)
+
+    @property
+    def largest_intermediate(self) -> int:
+        return max(p.largest_intermediate for p in self.plans)
+
+    @property
+    def costliest(self) -> ContractionPlan:
+        return max(self.plans, key=lambda p: p.flops)
+
+
+def _recipe(A: Network, B: Network | None, joins: Joins, out_mask: np.ndarray | None, budget: float,
+            use_orbits: bool) -> tuple[_Joiner, list[tuple[int, Any, list[tuple[Any, ...]], ContractionPlan]], int, int]:
+    """(joiner for this call's weights, compiled orbit contractions, raw pairings, input legs).
+    Raises :class:`CostError` before planning when the pairings are too many
+    to walk or the estimated flops exceed ``budget``."""
     ka = A.degree
     n = ka + (B.degree if B is not None else 0)
     raw = P.count_pairings(joins.kind, n)
@@ -277,7 +299,7 @@ def orbit_sum(A: Network, B: Network | None, joins: Joins, out_mask: np.ndarray 
     joiner = _Joiner(legs, tensors, joins, out_legs[0] if B is not None else None)
     key = _recipe_key(tensors, legs, out_legs, joins, out_mask is not None, gens_used)
     recipe = _RECIPES.get(key)
-    estimate = (sum(f for _, _, _, f in recipe) if recipe is not None
+    estimate = (sum(p.flops for _, _, _, p in recipe) if recipe is not None
                 else len(orbits) * plan(joiner.network(orbits[0][0], out_legs, out_mask)[0]).flops)
     if estimate > budget:
         raise CostError(
@@ -291,20 +313,43 @@ def orbit_sum(A: Network, B: Network | None, joins: Joins, out_mask: np.ndarray 
             net, refs = joiner.network(partner, out_legs, out_mask)
             p = plan(net)
             expr = oe.contract_expression(p.equation, *p.shapes, optimize=[tuple(q) for q in p.path] or [(0,)])
-            recipe.append((size, expr, refs, p.flops))
+            recipe.append((size, expr, refs, p))
         _RECIPES[key] = recipe
         if len(_RECIPES) > _RECIPES_MAX:
             _RECIPES.popitem(last=False)
     else:
         _RECIPES.move_to_end(key)
-    exact = any(getattr(t.data, "dtype", None) == object for t in tensors) or joins.matrix.dtype == object
+    return joiner, recipe, raw, n
+
+
+def plan_pairings(A: Network, B: Network | None, joins: Joins, out_mask: np.ndarray | None,
+                  budget: float = float("inf"), use_orbits: bool = True) -> PairingPlan:
+    """The plan of :func:`orbit_sum` with the same arguments (and the same
+    CostError), without contracting; the compiled orbits are kept for it."""
+    _, recipe, raw, n = _recipe(A, B, joins, out_mask, budget, use_orbits)
+    return PairingPlan(joins.kind, n, raw, tuple(size for size, _, _, _ in recipe), tuple(p for _, _, _, p in recipe))
+
+
+def orbit_sum(A: Network, B: Network | None, joins: Joins, out_mask: np.ndarray | None,
+              budget: float, use_orbits: bool = True) -> tuple[Any, Tally]:
+    """Sum over every pairing of the input legs of A (and B) of the joined
+    contraction, once per orbit and weighted by the orbit size.
+
+    With B, the outputs are summed through ``out_mask`` (a 0/1 vector over
+    channels) or, if it is None, kept as one value per channel; without B the
+    result is A's expectation, one value per output channel.  Raises
+    :class:`CostError` before contracting anything when the pairings are too
+    many to walk or the orbit contractions exceed ``budget`` flops.
+    """
+    joiner, recipe, raw, _ = _recipe(A, B, joins, out_mask, budget, use_orbits)
+    exact = any(getattr(t.data, "dtype", None) == object for t in joiner.tensors) or joins.matrix.dtype == object
     backend = "object" if exact else "numpy"
     total: Any = 0
-    tally = Tally(pairings=raw, orbits=len(orbits))
-    for size, expr, refs, flops in recipe:
+    tally = Tally(pairings=raw, orbits=len(recipe))
+    for size, expr, refs, p in recipe:
         value = expr(*(joiner.resolve(r, out_mask) for r in refs), backend=backend)
         total = total + size * value
         tally.contractions += 1
-        tally.flops += flops
+        tally.flops += p.flops
     tally.flops += joiner.flops
     return total, tally
