@@ -34,9 +34,10 @@ def attention(rng: np.random.Generator, d: int, dh: int, heads: int, n_ctx: int,
     w = lambda *s: rng.normal(size=s) / np.sqrt(s[-1])  # noqa: E731
     q1, k1 = w(heads, dh, d), w(heads, dh, d)
     q2, k2 = (q1, k1) if quadratic else (w(heads, dh, d), w(heads, dh, d))
+    b1 = 0.1 * rng.normal(size=(heads, dh))
+    b2 = b1 if quadratic else 0.1 * rng.normal(size=(heads, dh))  # quadratic: the factors share everything
     return ts.BilinearAttention(q1, k1, q2, k2, w(heads, dh, d), w(heads, d, dh), causal=True, n_ctx=n_ctx,
-                                q1_bias=0.1 * rng.normal(size=(heads, dh)),
-                                q2_bias=0.1 * rng.normal(size=(heads, dh)) if not quadratic else None)
+                                q1_bias=b1, q2_bias=b2)
 
 
 def orbit_table() -> None:
