@@ -19,6 +19,7 @@ channel is always excluded.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
@@ -127,8 +128,28 @@ def _array(values: Any, exact: bool) -> np.ndarray:
     return np.asarray(values, dtype=object if exact else float)
 
 
+@lru_cache(maxsize=16)
+def _standard(d: int, exact: bool) -> tuple[np.ndarray, np.ndarray, Joins]:
+    """Padded mean, covariance and joins of N(0, I): built once per width
+    (they are (d+1)^2 arrays, costly to rebuild at d ~ 1000), read-only."""
+    mu = np.zeros(d + 1, dtype=object if exact else float)
+    mu[0] = 1
+    C = np.eye(d + 1, dtype=int).astype(object) if exact else np.eye(d + 1)
+    C[0, 0] = 0
+    for arr in (mu, C):
+        arr.setflags(write=False)
+    return mu, C, Joins.gaussian(mu, C)
+
+
+def _joins(mu: np.ndarray, C: np.ndarray, label: str) -> Joins:
+    return _standard(len(mu) - 1, mu.dtype == object)[2] if label == "N(0, I)" else Joins.gaussian(mu, C)
+
+
 def _measure(d: int, mean: Any, cov: Any, exact: bool) -> tuple[np.ndarray, np.ndarray, str]:
     """Padded mean [1; m] and covariance [[0, 0], [0, C]] of x ~ N(mean, cov)."""
+    if mean is None and cov is None:
+        mu, C, _ = _standard(d, exact)
+        return mu, C, "N(0, I)"
     m = np.zeros(d, dtype=object if exact else float) if mean is None else _array(mean, exact)
     C = (np.eye(d, dtype=int).astype(object) if exact else np.eye(d)) if cov is None else _array(cov, exact)
     if m.shape != (d,):
@@ -183,7 +204,7 @@ def _exact_inner(ta: list[tuple[Any, Network]], tb: list[tuple[Any, Network]], i
     total: Any = 0
     if inner == "gaussian":
         mu, C, info["measure"] = _measure(d1 - 1, mean, cov, exact)
-        joins = Joins.gaussian(mu, C)
+        joins = _joins(mu, C, info["measure"])
         for ca, A in ta:
             for cb, B in tb:
                 v, t = run(A, B, joins, out_mask, "<a,b>")

@@ -58,7 +58,9 @@ class Joins:
     @classmethod
     def gaussian(cls, mean: np.ndarray, cov: np.ndarray) -> "Joins":
         """Padded mean [1; m] and padded covariance [[0, 0], [0, C]]."""
-        if not np.any(cov - np.diag(np.diag(cov))):  # diagonal: no factor needed
+        off_diagonal = cov.copy()
+        np.fill_diagonal(off_diagonal, 0)
+        if not off_diagonal.any():  # diagonal: no factor needed
             return cls("gaussian", cov, None, np.diag(cov).copy(), mean)
         F, w = _factor(cov)
         return cls("gaussian", cov, F, w, mean)

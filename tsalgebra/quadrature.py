@@ -42,9 +42,13 @@ def _eval_flops(terms: list[tuple[Any, Network]]) -> int:
 
 
 def grid_points(ta: list[tuple[Any, Network]], tb: list[tuple[Any, Network]], cov: np.ndarray) -> int:
-    """Number of Gauss-Hermite nodes an exact product needs: q^rank(cov)."""
+    """Number of Gauss-Hermite nodes an exact product needs: q^rank(cov)
+    (the rank read off the diagonal when cov is diagonal: no decomposition)."""
     k = max(n.degree for _, n in ta) + max(n.degree for _, n in tb)
-    return (k // 2 + 1) ** _factor(cov).shape[1]
+    off_diagonal = cov.copy()
+    np.fill_diagonal(off_diagonal, 0)
+    rank = int(np.count_nonzero(np.diag(cov))) if not off_diagonal.any() else _factor(cov).shape[1]
+    return (k // 2 + 1) ** rank
 
 
 def quadrature_inner(ta: list[tuple[Any, Network]], tb: list[tuple[Any, Network]], mean: np.ndarray,
