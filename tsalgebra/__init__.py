@@ -2,37 +2,52 @@
 
 Models and circuits are tensor networks over the padded input x~ = [1; x];
 a planner picks contraction orders and a numeric engine executes them.
+
+    import tsalgebra as ts
+    ts.similarity(a, b)                     # Gaussian, exact, labelled
+    ts.similarity(a, b, inner="symmetric")  # Bombieri product at a common degree
+    ts.verify(circuit, component)           # is this circuit that component?
 """
 
+from . import baselines, circuits, symmetries
+from .attention import BilinearAttention, Transformer, position_wise, sequence_measure
+from .baselines import weight_cosine
+from .batched import cross_similarity_matrix, similarity_matrix
 from .components import Bilinear, Component, Linear, Sequential
 from .engine import contract, evaluate
 from .expr import Network, Sum, Tensor
+from .inner import CostError, InnerResult, inner, norm, plan_inner, similarity
+from .invariance import InvarianceReport, check_invariance
 from .planner import ContractionPlan, ContractionStep, plan, plan_cache
-
-__all__ = [
-    "Bilinear",
-    "Component",
-    "ContractionPlan",
-    "ContractionStep",
-    "Linear",
-    "Network",
-    "Sequential",
-    "Sum",
-    "Tensor",
-    "contract",
-    "evaluate",
-    "plan",
-    "plan_cache",
-]
+from .symbolic import Polynomial, from_sympy, to_sympy
+from .symmetries import Symmetry, random_symmetry
+from .verify import Verification, exactify, verify
 
 __version__ = "0.1.0"
 
-from .inner import CostError, InnerResult, inner, norm, similarity  # noqa: E402
+# PyTorch adapters and checkpoints load on first use (PEP 562): they import
+# torch, and `import tsalgebra` stays fast for users who never touch a module.
+_TORCH_SIDE = {
+    "AdapterError": "adapters", "from_torch": "adapters", "register_adapter": "adapters", "to_torch": "adapters",
+    "LoadError": "io", "load": "io", "save": "io",
+}
 
-__all__ += ["CostError", "InnerResult", "inner", "norm", "similarity"]
 
-from . import circuits  # noqa: E402
-from .symbolic import Polynomial, from_sympy, to_sympy  # noqa: E402
-from .verify import Verification, exactify, verify  # noqa: E402
+def __getattr__(name: str):  # noqa: ANN201
+    if name in _TORCH_SIDE:
+        import importlib
 
-__all__ += ["Polynomial", "Verification", "circuits", "exactify", "from_sympy", "to_sympy", "verify"]
+        value = getattr(importlib.import_module(f".{_TORCH_SIDE[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "Bilinear", "BilinearAttention", "Component", "ContractionPlan", "ContractionStep", "CostError",
+    "InnerResult", "InvarianceReport", "Linear", "Network", "Polynomial", "Sequential", "Sum", "Symmetry",
+    "Tensor", "Transformer", "Verification", "baselines", "check_invariance", "circuits", "contract",
+    "cross_similarity_matrix", "evaluate", "exactify", "from_sympy", "inner", "norm", "plan", "plan_cache",
+    "plan_inner", "position_wise", "random_symmetry", "sequence_measure", "similarity", "similarity_matrix",
+    "symmetries", "to_sympy", "verify", "weight_cosine",
+] + list(_TORCH_SIDE)
