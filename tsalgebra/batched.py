@@ -7,7 +7,8 @@ is one tensor network with a model leg per side, e.g. for one bilinear layer
 
     'ahi,ahj,aoh,bki,bkj,bok->ab'   (L, R, D of model a; L, R, D of model b)
 
-and two of its contraction orders are executed as *routes*:
+and two of its contraction orders are executed as *routes* (plus the
+pairwise fallback):
 
 - ``"pairwise-gram"``: the cross Grams La Lb^T, Ra Rb^T, La Rb^T, Ra Lb^T and
   Da^T Db of every pair, as one big matrix product per block of models, then
@@ -16,8 +17,14 @@ and two of its contraction orders are executed as *routes*:
   About 8 h^2 d + 2 h^2 o flops per pair.
 - ``"materialize"`` (one bilinear layer): each model's symmetric padded
   coefficient tensor S[o, i, j] is formed once (about 2 o h d^2 flops per
-  model) and the matrix is one Gram of the flattened tensors (about 2 o d^2
-  per pair).  Wins by a wide margin when h^2 > o d.
+  model), only its upper triangle kept (off-diagonal entries times sqrt 2), and
+  the matrix is one Gram of those rows (about o d^2 per pair).  Wins by a wide
+  margin when h^2 > o d.  Two formations (see :class:`_Formation`): a GEMM per
+  output then symmetrize-and-pack (large h), or the upper block triangle
+  straight from the symmetric CP form (small h); the planner picks by cost.
+- symmetric matrices use the symmetry: pairwise-gram computes the blocks
+  i <= j only (numpy multiplies a diagonal block by syrk), materialize one
+  Gram of one set of rows.
 
 The flops of each route are counted by the planner
 (:func:`tsalgebra.planner.plan_equation`, one plan per einsum step) for the
@@ -45,6 +52,13 @@ Inner products in batch, on padded factors L~, R~ (H, d+1), D~ (o+1, H), outputs
   L' = [L; e0], R' = [R; e0].  So every batched inner product is a Frobenius
   product of symmetric CP tensors, or the Gram recursion.
 
+Engines: with ``device=None`` the inputs and the result are numpy; one-layer
+routes compute in numpy (the materialize Gram, a short very wide product, in
+torch on the same memory) and stacks in torch on the CPU (batched products of
+small matrices: one parallel call each, where numpy calls BLAS once per
+matrix); ``device="numpy"`` forces numpy throughout.  A torch device
+(``"cpu"``, ``"cuda"``...) computes everything in torch there.
+
 Scale: each factor is divided by its Frobenius norm before anything is
 formed, and in stacks each intermediate Gram G[a, b] by sqrt(|G[a,a]| |G[b,b]|);
 the cosine is invariant to both, the norms are rebuilt in float64 logarithms.
@@ -62,7 +76,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .components import Component
+from .components import Bilinear, Component
 from .inner import inner as _pair_inner
 from .planner import ContractionPlan, plan_equation
 from .recursive import fold
@@ -83,6 +97,29 @@ _LONG_PAIRS = 50
 # symmetric matrix's lower triangle, at smaller products).
 _MIN_BLOCK_ROWS = 1024
 _MAX_SYM_BLOCKS = 8
+# On CPUs the blocks are also kept near these sizes when memory allows more:
+# buffers of pairwise-gram blocks that small are recycled by the allocator,
+# while fresh large ones cost page faults (on the VMs measured, touching new
+# memory took up to ~2 ms per MiB), and the products are already large enough
+# for full BLAS speed.  The materialize route's buffer of flattened tensors is
+# allocated once per call; one output chunk (one Gram) is best there.
+_PG_WORKING_SET = 64 * 2**20
+_MAT_WORKING_SET = 512 * 2**20
+# The materialize route forms each model's tensors a few outputs at a time, so
+# that the scaled operand and the product stay near this size.
+_FORM_CACHE = 8 * 2**20
+# Formation of the materialize route (see _Formation): rows per product of the
+# triangle formation, and the flop-equivalent of one pass over one entry
+# (measured here: symmetrizing and packing a 257 x 257 output, two passes, took
+# about as long as 100 GEMM flops per entry).
+_TRI_ROWS = 256
+_PASS_FLOPS = 50
+# On numpy, the materialize route's Gram of the flattened tensors (a short, very
+# wide product, once per output chunk) runs in torch on the same memory: MKL's
+# GEMM was about 3x faster than OpenBLAS's on that shape here.  Everything else
+# stays in numpy (interleaving the two libraries' thread pools in the
+# pairwise-gram loop was measured slower).
+_WIDE_GRAM_VIA_TORCH = True
 
 
 # ------------------------------------------------------------ results
@@ -231,7 +268,14 @@ class SimilarityMatrix:
 def _parse_dtype(dtype: Any) -> str:
     if dtype is None:
         return "float64"
-    name = str(dtype).replace("torch.", "").replace("numpy.", "").lower()
+    if type(dtype).__module__.split(".")[0] == "torch":
+        name = str(dtype).replace("torch.", "")
+    else:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = str(dtype)
+    name = name.lower()
     name = {"double": "float64", "float": "float32", "single": "float32", "f8": "float64", "f4": "float32",
             "<f8": "float64", "<f4": "float32", "d": "float64", "f": "float32"}.get(name, name)
     if name not in ("float64", "float32"):
@@ -284,11 +328,54 @@ class _Ops:
     def contig(self, x: Any) -> Any:
         return x.contiguous() if self.is_torch else np.ascontiguousarray(x)
 
+    def put_index(self, idx: np.ndarray) -> Any:
+        if self.is_torch:
+            return self.t.as_tensor(idx, dtype=self.t.int64, device=self.device)
+        return np.asarray(idx, dtype=np.intp)
+
+    def empty(self, size: int) -> Any:
+        if self.is_torch:
+            return self.t.empty(size, dtype=self.dtype, device=self.device)
+        return np.empty(size, dtype=self.dtype)
+
     def einsum(self, eq: str, *ops: Any) -> Any:
         return self.t.einsum(eq, *ops) if self.is_torch else np.einsum(eq, *ops)
 
-    def sum_sq(self, x: Any, axes: tuple[int, ...]) -> Any:
-        return (x * x).sum(dim=axes) if self.is_torch else (x * x).sum(axis=axes)
+    def row_sq(self, X: Any) -> np.ndarray:
+        """Squared norms of the rows of a 2-D array (no temporary of X's size)."""
+        if self.is_torch:
+            return self.get(self.t.linalg.vector_norm(X, dim=1) ** 2).astype(float)
+        return np.einsum("ij,ij->i", X, X).astype(float)
+
+    def wide_gram(self, X: Any, Y: Any) -> Any:
+        """X @ Y^T for short, very wide X and Y (see _WIDE_GRAM_VIA_TORCH)."""
+        if self.is_torch or not _WIDE_GRAM_VIA_TORCH:
+            return X @ self.mT(Y)
+        import torch
+
+        return (torch.from_numpy(X) @ torch.from_numpy(Y).T).numpy()
+
+    def core(self, Z: Any, p: int, q: int) -> Any:
+        """LL * RR + LR * RL from the quadrants of Z = [L; R] G [L; R]^T
+        (2-D, L rows first: p of them, L columns first: q of them)."""
+        out = Z[:p, :q] * Z[p:, q:]
+        out += Z[:p, q:] * Z[p:, :q]
+        return out
+
+    def core_batched(self, Z: Any, H: int, out: Any = None) -> Any:
+        """The same with the hidden axes last: Z of shape (..., 2H, 2H); into
+        ``out`` (any strides) when given."""
+        LL, RR, LR, RL = Z[..., :H, :H], Z[..., H:, H:], Z[..., :H, H:], Z[..., H:, :H]
+        if self.is_torch:
+            if out is None:
+                out = LL * RR
+            else:
+                out.copy_(LL)
+                out *= RR
+            return out.addcmul_(LR, RL)
+        out = np.multiply(LL, RR, out=out)
+        out += LR * RL
+        return out
 
     def sync(self) -> None:
         if self.cuda:
@@ -445,7 +532,10 @@ def _prepare(models: Sequence[Any], inner: str, centered: bool, P: np.ndarray | 
         if not isinstance(m, Component):
             return None
         try:
-            blocks, _ = fold(m)
+            if isinstance(m, Bilinear) and not m.exact:
+                blocks = [m.padded()]  # float64 already; what fold would return, without its copies
+            else:
+                blocks, _ = fold(m)
             blocks = [tuple(np.asarray(x, dtype=float) for x in blk) for blk in blocks]
         except (TypeError, ValueError):
             return None
@@ -513,9 +603,12 @@ def _dims(*groups: list[_Chain]) -> _Dims:
     return _Dims(ns.pop(), H, w)
 
 
-def _stack(chains: Sequence[_Chain], dims: _Dims, ops: _Ops) -> tuple[list[Any], list[Any]]:
+def _stack(chains: Sequence[_Chain], dims: _Dims, ops: _Ops, fused: Sequence[bool] = ()
+           ) -> tuple[list[Any], list[Any], list[Any]]:
     """Per layer: X = [L; R] of shape (c, 2H, w_in) and D / sqrt(2) of shape
-    (c, w, H), zero-padded (padding leaves every function unchanged)."""
+    (c, w, H), zero-padded (padding leaves every function unchanged); and for
+    the layers l >= 1 propagated in the fused order, P = X_l D_{l-1} / sqrt(2)
+    of shape (c, 2H_l, H_{l-1}) (else None)."""
     Xs, Ds = [], []
     for l in range(dims.depth):
         H, wi, wo = dims.H[l], dims.w_in(l), dims.w[l]
@@ -529,7 +622,8 @@ def _stack(chains: Sequence[_Chain], dims: _Dims, ops: _Ops) -> tuple[list[Any],
             D[k, : Dm.shape[0], :h] = Dm / _SQRT2
         Xs.append(ops.put(X))
         Ds.append(ops.put(D))
-    return Xs, Ds
+    Ps = [None] + [Xs[l] @ Ds[l - 1] if (l < len(fused) and fused[l]) else None for l in range(1, dims.depth)]
+    return Xs, Ds, Ps
 
 
 # ---------------------------------------------------- pairwise-gram route
@@ -547,47 +641,95 @@ def _partition(n: int, c: int) -> list[tuple[int, int]]:
     return out
 
 
+def _pg_fused(dims: _Dims) -> list[bool]:
+    key = (dims.n, tuple(dims.H), tuple(dims.w))
+    if key not in _FUSED_MEMO:
+        _FUSED_MEMO[key] = _pg_fused_uncached(dims)
+    return _FUSED_MEMO[key]
+
+
+_FUSED_MEMO: dict[tuple[Any, ...], list[bool]] = {}
+
+
+def _pg_fused_uncached(dims: _Dims) -> list[bool]:
+    """Per layer l >= 1, the planner's choice between the two orders of the
+    chain X_a D_a core D_b^T X_b^T: fused (P_a = X_a D_a once per model, then
+    P_a core P_b^T per pair) or through G = D_a core D_b^T (better when the
+    intermediate width w is below the hidden width)."""
+    out = [False]
+    for l in range(1, dims.depth):
+        H, Hp, w = dims.H[l], dims.H[l - 1], dims.w[l - 1]
+        via_g = (_COSTS.flops("oh,hk->ok", (w, Hp), (Hp, Hp)) + _COSTS.flops("ok,pk->op", (w, Hp), (w, Hp))
+                 + _COSTS.flops("xi,ij->xj", (2 * H, w), (w, w)) + _COSTS.flops("xj,yj->xy", (2 * H, w), (2 * H, w)))
+        fused = _COSTS.flops("xh,hk->xk", (2 * H, Hp), (Hp, Hp)) + _COSTS.flops("xk,yk->xy", (2 * H, Hp), (2 * H, Hp))
+        out.append(fused < via_g)
+    return out
+
+
 def _pg_pair_elements(dims: _Dims) -> int:
     """Elements held per pair of models at the peak of one block."""
+    fused = _pg_fused(dims)
     worst = 0
     for l in range(dims.depth):
-        H, wi, wo = dims.H[l], dims.w_in(l), dims.w[l]
+        H, wi = dims.H[l], dims.w_in(l)
         e = 4 * H * H + 3 * H * H  # Z, core and one temporary
         if l > 0:
-            e += wi * wi + 4 * H * wi  # G in, Y and its transposed copy
-        e += H * H if l == dims.depth - 1 else 2 * wo * H + 2 * wo * wo  # DD, or U, its copy, G, its copy
+            Hp = dims.H[l - 1]
+            e += Hp * Hp + (4 * H * Hp if fused[l] else 2 * wi * Hp + 2 * wi * wi + 4 * H * wi)
+        if l == dims.depth - 1:
+            e += H * H  # Da^T Db
         worst = max(worst, e)
     return worst
 
 
 def _pg_phase_flops(cI: int, cJ: int, dims: _Dims, same: bool, numpy_syrk: bool) -> list[dict[str, int]]:
     """Planner flops of one block of pairs (cI x cJ models): per layer, per phase
-    ("in": the cross Gram (layer 1) or propagation through G (later layers);
-    "core": the Hadamard core; "out": Da^T Db (last layer) or G = Da core Db^T;
-    "reduce": the final sum (last layer))."""
+    ("in": the cross Gram (layer 1) or the propagation to Z = [L; R] G [L; R]^T
+    (later layers); "core": the Hadamard core and its rescaling; "out": Da^T Db
+    and "reduce": the final sum (last layer))."""
     half = 0.5 if (same and numpy_syrk) else 1.0  # numpy multiplies X @ X.T by syrk (one triangle)
+    fused = _pg_fused(dims)
     layers = []
     for l in range(dims.depth):
         H, wi, wo = dims.H[l], dims.w_in(l), dims.w[l]
         ph: dict[str, int] = {}
         if l == 0:
             ph["in"] = int(half * _COSTS.flops("xi,yi->xy", (cI * 2 * H, wi), (cJ * 2 * H, wi)))
+        elif fused[l]:
+            Hp = dims.H[l - 1]
+            ph["in"] = (_COSTS.flops("axh,ahbk->axbk", (cI, 2 * H, Hp), (cI, Hp, cJ, Hp))
+                        + _COSTS.flops("axbk,byk->axby", (cI, 2 * H, cJ, Hp), (cJ, 2 * H, Hp)))
         else:
-            ph["in"] = (_COSTS.flops("axi,aibj->axbj", (cI, 2 * H, wi), (cI, wi, cJ, wi))
+            Hp = dims.H[l - 1]
+            ph["in"] = (_COSTS.flops("aoh,ahbk->aobk", (cI, wi, Hp), (cI, Hp, cJ, Hp))
+                        + _COSTS.flops("aobk,bpk->aobp", (cI, wi, cJ, Hp), (cJ, wi, Hp)) + cI * cJ * wi * wi
+                        + _COSTS.flops("axi,aibj->axbj", (cI, 2 * H, wi), (cI, wi, cJ, wi))
                         + _COSTS.flops("axbj,byj->axby", (cI, 2 * H, cJ, wi), (cJ, 2 * H, wi)))
         ph["core"] = 3 * cI * cJ * H * H  # LL*RR + LR*RL
         if l == dims.depth - 1:
             ph["out"] = int(half * _COSTS.flops("ox,oy->xy", (wo, cI * H), (wo, cJ * H)))
             ph["reduce"] = _COSTS.flops("ahbk,ahbk->ab", (cI, H, cJ, H), (cI, H, cJ, H))
-        else:
-            ph["out"] = (_COSTS.flops("aoh,ahbk->aobk", (cI, wo, H), (cI, H, cJ, H))
-                         + _COSTS.flops("aobk,bpk->aobp", (cI, wo, cJ, H), (cJ, wo, H)) + cI * cJ * wo * wo)
+        elif fused[l + 1]:
+            ph["core"] += cI * cJ * H * H  # rescaling
         layers.append(ph)
     return layers
 
 
 def _pg_block_flops(cI: int, cJ: int, dims: _Dims, same: bool, numpy_syrk: bool) -> int:
     return sum(sum(ph.values()) for ph in _pg_phase_flops(cI, cJ, dims, same, numpy_syrk))
+
+
+def _count_blocks(parts_a: list[tuple[int, int]], parts_b: list[tuple[int, int]], sym: bool
+                  ) -> dict[tuple[int, int, bool], int]:
+    """How many blocks of each (rows, columns, diagonal) size a blocking has."""
+    counts: dict[tuple[int, int, bool], int] = {}
+    for i, (a0, a1) in enumerate(parts_a):
+        for j, (b0, b1) in enumerate(parts_b):
+            if sym and j < i:
+                continue
+            key = (a1 - a0, b1 - b0, sym and i == j)
+            counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def _pg_diag_flops(c: int, dims: _Dims) -> int:
@@ -613,18 +755,22 @@ def _pg_plans(dims: _Dims, cI: int, cJ: int) -> tuple[tuple[str, ContractionPlan
     return tuple(plans)
 
 
-def _pg_layout(NA: int, NB: int, sym: bool, dims: _Dims, itemsize: int, budget: int, numpy_syrk: bool
-               ) -> tuple[RouteCost, int]:
+def _pg_layout(NA: int, NB: int, sym: bool, dims: _Dims, itemsize: int, budget: int, numpy_syrk: bool,
+               target: int) -> tuple[RouteCost, int]:
     per_pair = _pg_pair_elements(dims) * itemsize
     per_model = sum(2 * dims.H[l] * dims.w_in(l) + dims.w[l] * dims.H[l] for l in range(dims.depth)) * itemsize
     need = lambda c: c * c * per_pair + 2 * c * per_model  # noqa: E731
-    lo, hi = 1, max(NA, NB)
-    while lo < hi:  # the largest block size that fits
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if need(mid) <= budget else (lo, mid - 1)
-    c_mem = lo
+
+    def largest(limit: int) -> int:
+        lo, hi = 1, max(NA, NB)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if need(mid) <= limit else (lo, mid - 1)
+        return lo
+
+    c_mem = largest(budget)
     fits = need(c_mem) <= budget
-    c = c_mem
+    c = min(c_mem, largest(min(budget, target)))
     if sym:
         # prefer a few blocks per side: blocks below the diagonal are skipped
         rows = 2 * dims.H[0]
@@ -632,12 +778,8 @@ def _pg_layout(NA: int, NB: int, sym: bool, dims: _Dims, itemsize: int, budget: 
         c = min(c, -(-NA // want))
     parts_a = _partition(NA, c)
     parts_b = parts_a if sym else _partition(NB, c)
-    flops = 0
-    for i, (a0, a1) in enumerate(parts_a):
-        for j, (b0, b1) in enumerate(parts_b):
-            if sym and j < i:
-                continue
-            flops += _pg_block_flops(a1 - a0, b1 - b0, dims, sym and i == j, numpy_syrk)
+    flops = sum(k * _pg_block_flops(cI, cJ, dims, same, numpy_syrk)
+                for (cI, cJ, same), k in _count_blocks(parts_a, parts_b, sym).items())
     if dims.depth > 1 or not sym:
         flops += _pg_diag_flops(NA, dims) + (0 if sym else _pg_diag_flops(NB, dims))
     cmax = max(b - a for a, b in parts_a)
@@ -646,20 +788,6 @@ def _pg_layout(NA: int, NB: int, sym: bool, dims: _Dims, itemsize: int, budget: 
     blocking = f"{nblocks} block{'s' if nblocks != 1 else ''} of up to {cmax} x {max(b - a for a, b in parts_b)} models"
     return RouteCost("pairwise-gram", int(flops), int(peak), bool(fits), blocking,
                      _pg_plans(dims, cmax, max(b - a for a, b in parts_b))), c
-
-
-def _core(ops: _Ops, Z: Any, H: int, axes_h: int) -> Any:
-    """(LL * RR + LR * RL) from Z = [L; R] G [L; R]^T, hidden axes at ``axes_h``
-    (1 and 3: layout (a, x, b, y); -2 and -1: (..., x, y))."""
-    if axes_h == 1:
-        LL, RR = Z[:, :H, :, :H], Z[:, H:, :, H:]
-        LR, RL = Z[:, :H, :, H:], Z[:, H:, :, :H]
-    else:
-        LL, RR = Z[..., :H, :H], Z[..., H:, H:]
-        LR, RL = Z[..., :H, H:], Z[..., H:, :H]
-    core = LL * RR
-    core += LR * RL
-    return core
 
 
 def _pg_diag(ops: _Ops, Xs: list[Any], Ds: list[Any], dims: _Dims) -> tuple[np.ndarray, np.ndarray]:
@@ -674,14 +802,14 @@ def _pg_diag(ops: _Ops, Xs: list[Any], Ds: list[Any], dims: _Dims) -> tuple[np.n
         X = Xs[l]
         Y = X if G is None else X @ G
         Z = Y @ ops.mT(X)
-        core = _core(ops, Z, H, -1)
+        core = ops.core_batched(Z, H)
         D = Ds[l]
         if l == dims.depth - 1:
             DD = ops.mT(D) @ D
             K = ops.get((core * DD).sum(dim=(1, 2)) if ops.is_torch else (core * DD).sum(axis=(1, 2)))
         else:
             G = D @ core @ ops.mT(D)
-            fro = np.sqrt(ops.get(ops.sum_sq(G, (1, 2))).astype(float))
+            fro = np.sqrt(ops.row_sq(G.reshape(G.shape[0], -1)))
             r = np.where(fro > 0, 1.0 / np.sqrt(np.where(fro > 0, fro, 1.0)), 1.0)
             rs[l] = r
             rr = ops.put(r * r)
@@ -689,50 +817,65 @@ def _pg_diag(ops: _Ops, Xs: list[Any], Ds: list[Any], dims: _Dims) -> tuple[np.n
     return np.asarray(K, dtype=float), rs
 
 
-def _pg_block(ops: _Ops, XA: list[Any], DA: list[Any], XB: list[Any], DB: list[Any], rA: np.ndarray, rB: np.ndarray,
-              dims: _Dims, same: bool, clock: _Clock, numpy_syrk: bool) -> Any:
-    """K^[a, b] for a block of pairs (all a in A, all b in B)."""
+def _pg_block(ops: _Ops, A: tuple[list[Any], list[Any], list[Any]], B: tuple[list[Any], list[Any], list[Any]],
+              rA: np.ndarray, rB: np.ndarray, dims: _Dims, same: bool, clock: _Clock, numpy_syrk: bool) -> Any:
+    """K^[a, b] for a block of pairs (all a in A, all b in B); A and B as made by _stack."""
+    XA, DA, PA = A
+    XB, DB, PB = B
     cI, cJ = XA[0].shape[0], XB[0].shape[0]
     phases = _pg_phase_flops(cI, cJ, dims, same, numpy_syrk)
-    G = None
+    fused = _pg_fused(dims)
+    core = None
     for l in range(dims.depth):
         H, wi, wo = dims.H[l], dims.w_in(l), dims.w[l]
         ph = phases[l]
         clock.start()
         if l == 0:
-            XAf = XA[0].reshape(cI * 2 * H, wi)
-            XBf = XAf if same else XB[0].reshape(cJ * 2 * H, wi)
-            Z = (XAf @ ops.mT(XBf)).reshape(cI, 2 * H, cJ, 2 * H)  # (a, x, b, y)
+            # rows (L or R, model, hidden): the four cross Grams are the quadrants
+            XAf = ops.contig(ops.perm(XA[0].reshape(cI, 2, H, wi), (1, 0, 2, 3))).reshape(2 * cI * H, wi)
+            XBf = XAf if same else ops.contig(ops.perm(XB[0].reshape(cJ, 2, H, wi), (1, 0, 2, 3))).reshape(2 * cJ * H, wi)
+            Z = XAf @ ops.mT(XBf)
             clock.lap("cross-gram", ph["in"])
-            core = _core(ops, Z, H, 1)  # (a, h, b, k)
-            del Z
+            core = ops.core(Z, cI * H, cJ * H).reshape(cI, H, cJ, H)  # (a, h, b, k)
+            del Z, XAf, XBf
         else:
-            Y = XA[l] @ G.reshape(cI, wi, cJ * wi)  # (a, x, b*j)
-            del G
-            Y = ops.contig(ops.perm(Y.reshape(cI, 2 * H, cJ, wi), (2, 0, 1, 3))).reshape(cJ, cI * 2 * H, wi)
-            Z = (Y @ ops.mT(XB[l])).reshape(cJ, cI, 2 * H, 2 * H)  # (b, a, x, y)
+            Hp = dims.H[l - 1]
+            if fused[l]:  # Z = P_a core P_b^T
+                Y = PA[l] @ core.reshape(cI, Hp, cJ * Hp)  # (a, x, b*k)
+                del core
+                Y = ops.contig(ops.perm(Y.reshape(cI, 2 * H, cJ, Hp), (2, 0, 1, 3))).reshape(cJ, cI * 2 * H, Hp)
+                Z = (Y @ ops.mT(PB[l])).reshape(cJ, cI, 2 * H, 2 * H)  # (b, a, x, y)
+            else:  # G = D_a core D_b^T (rescaled), then Z = X_a G X_b^T
+                U = (DA[l - 1] @ core.reshape(cI, Hp, cJ * Hp)).reshape(cI, wi, cJ, Hp)  # (a, o, b, k)
+                del core
+                U = ops.contig(ops.perm(U, (2, 0, 1, 3))).reshape(cJ, cI * wi, Hp)
+                G = (U @ ops.mT(DB[l - 1])).reshape(cJ, cI, wi, wi)  # (b, a, o, p)
+                del U
+                G = ops.contig(ops.perm(G, (1, 2, 0, 3)))  # (a, o, b, p)
+                G *= ops.put(np.outer(rA[l - 1], rB[l - 1]))[:, None, :, None]
+                Y = XA[l] @ G.reshape(cI, wi, cJ * wi)  # (a, x, b*j)
+                del G
+                Y = ops.contig(ops.perm(Y.reshape(cI, 2 * H, cJ, wi), (2, 0, 1, 3))).reshape(cJ, cI * 2 * H, wi)
+                Z = (Y @ ops.mT(XB[l])).reshape(cJ, cI, 2 * H, 2 * H)  # (b, a, x, y)
             del Y
             clock.lap("propagate", ph["in"])
-            core = ops.contig(ops.perm(_core(ops, Z, H, -1), (1, 2, 0, 3)))  # (a, h, b, k)
+            if l == dims.depth - 1:
+                core = ops.core_batched(Z, H)  # (b, a, h, k): reduced as it is
+            else:  # written straight into the layout (a, h, b, k) of the next layer's products
+                core = ops.core_batched(Z, H, out=ops.perm(ops.zeros((cI, H, cJ, H)), (2, 0, 1, 3)))
+                core = ops.perm(core, (1, 2, 0, 3))
             del Z
+        if l < dims.depth - 1 and fused[l + 1]:
+            core *= ops.put(np.outer(rA[l], rB[l]))[:, None, :, None]
         clock.lap("hadamard", ph["core"])
         if l == dims.depth - 1:
             DAt = ops.contig(ops.perm(DA[l], (0, 2, 1))).reshape(cI * H, wo)
             DBt = DAt if same else ops.contig(ops.perm(DB[l], (0, 2, 1))).reshape(cJ * H, wo)
             DD = (DAt @ ops.mT(DBt)).reshape(cI, H, cJ, H)
             clock.lap("down-gram", ph["out"])
-            K = ops.einsum("ahbk,ahbk->ab", core, DD)
+            K = ops.einsum("ahbk,ahbk->ab" if l == 0 else "bahk,ahbk->ab", core, DD)
             clock.lap("hadamard", ph["reduce"])
             return K
-        U = (DA[l] @ core.reshape(cI, H, cJ * H)).reshape(cI, wo, cJ, H)  # (a, o, b, k)
-        del core
-        U = ops.contig(ops.perm(U, (2, 0, 1, 3))).reshape(cJ, cI * wo, H)
-        G = (U @ ops.mT(DB[l])).reshape(cJ, cI, wo, wo)  # (b, a, o, p)
-        del U
-        G = ops.contig(ops.perm(G, (1, 2, 0, 3)))  # (a, o, b, p)
-        scale = ops.put(np.outer(rA[l], rB[l]))
-        G = G * scale[:, None, :, None]
-        clock.lap("propagate", ph["out"])
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -758,7 +901,7 @@ def _run_pairwise_gram(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, ops
     def diag(chains: list[_Chain]) -> tuple[np.ndarray, np.ndarray]:
         Ks, rs = [], []
         for a0, a1 in parts_a if chains is A else parts_b:
-            Xs, Ds = _stack(chains[a0:a1], dims, ops)
+            Xs, Ds, _ = _stack(chains[a0:a1], dims, ops)
             clock.start()
             k, r = _pg_diag(ops, Xs, Ds, dims)
             clock.lap("self-terms", _pg_diag_flops(a1 - a0, dims))
@@ -777,14 +920,15 @@ def _run_pairwise_gram(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, ops
     units = len(parts_a) * (len(parts_a) + 1) // 2 if sym else len(parts_a) * len(parts_b)
     bar = _progress(units, "similarity matrix (pairwise-gram)", "block", show)
     try:
+        fused = _pg_fused(dims)
         for i, (a0, a1) in enumerate(parts_a):
-            XA, DA = _stack(A[a0:a1], dims, ops)
+            SA = _stack(A[a0:a1], dims, ops, fused)
             for j, (b0, b1) in enumerate(parts_b):
                 if sym and j < i:
                     continue
                 same = sym and i == j
-                XB, DB = (XA, DA) if same else _stack((A if sym else B)[b0:b1], dims, ops)
-                blk = ops.get(_pg_block(ops, XA, DA, XB, DB, rA[:, a0:a1], rB[:, b0:b1], dims, same, clock,
+                SB = SA if same else _stack((A if sym else B)[b0:b1], dims, ops, fused)
+                blk = ops.get(_pg_block(ops, SA, SB, rA[:, a0:a1], rB[:, b0:b1], dims, same, clock,
                                         numpy_syrk)).astype(float)
                 K[a0:a1, b0:b1] = blk
                 if sym and not same:
@@ -800,34 +944,106 @@ def _run_pairwise_gram(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, ops
 # ------------------------------------------------------ materialize route
 
 
-def _mat_form_flops(oc: int, n: int, H: int) -> int:
-    return (_COSTS.flops("oh,hi->ohi", (oc, H), (H, n)) + _COSTS.flops("ohi,hj->oij", (oc, H, n), (H, n))
-            + oc * n * n)  # symmetrization
+def _packing(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices of the upper triangle of an n x n matrix and the weights
+    (1 on the diagonal, sqrt 2 off it) that make the packed dot product equal
+    the Frobenius product of symmetric matrices."""
+    iu, ju = np.triu_indices(n)
+    return iu * n + ju, np.where(iu == ju, 1.0, _SQRT2)
 
 
-def _mat_gram_flops(cI: int, cJ: int, F: int, same: bool, numpy_syrk: bool) -> int:
-    f = _COSTS.flops("xf,yf->xy", (cI, F), (cJ, F))
-    return f // 2 if (same and numpy_syrk) else f  # numpy multiplies X @ X.T by syrk (one triangle)
+@dataclass(frozen=True)
+class _Formation:
+    """How the materialize route writes a model's symmetric tensors as rows.
+
+    "packed": T = (D o L~)^T R~ per output (a GEMM with inner size H), then the
+    upper triangle of T + T^T, off-diagonal entries times sqrt 2 (two passes
+    over n^2 entries per output).  "triangle": the rows of the upper block
+    triangle of S straight from the symmetric CP form, S[o, I, i0:] =
+    1/2 [D o L~, D o R~][:, I] [R~; L~][:, i0:] for row blocks I = [i0, i1)
+    (columns beyond the block times sqrt 2): about (1 + rb/n) times the GEMM
+    flops with inner size 2H, but no passes.  The planner takes the one with
+    fewer flops, counting a pass over an entry as _PASS_FLOPS."""
+
+    kind: str
+    n: int
+    rows: tuple[tuple[int, int], ...] = ()  # row blocks (triangle)
+
+    @property
+    def per_output(self) -> int:
+        """Features per output."""
+        if self.kind == "packed":
+            return self.n * (self.n + 1) // 2
+        return sum((i1 - i0) * (self.n - i0) for i0, i1 in self.rows)
+
+    def flops(self, k: int, H: int) -> int:
+        """Planner flops of forming ``k`` outputs of one model of hidden width H."""
+        n = self.n
+        if self.kind == "packed":
+            return k * (n * H + _COSTS.flops("ih,hj->ij", (n, H), (H, n)) + n * n + n * (n + 1) // 2)
+        return sum(k * (i1 - i0) * 2 * H + _COSTS.flops("xh,hj->xj", (k * (i1 - i0), 2 * H), (2 * H, n - i0))
+                   + 2 * H * (n - i0) for i0, i1 in self.rows)
+
+    def temp(self, k: int, H: int, itemsize: int) -> int:
+        """Bytes of the temporaries of forming ``k`` outputs of one model."""
+        n = self.n
+        if self.kind == "packed":
+            return (k * n * H + 3 * k * n * n) * itemsize
+        rb = max(i1 - i0 for i0, i1 in self.rows)
+        return (k * rb * 2 * H + 6 * H * n) * itemsize
+
+
+def _formation(n: int, H: int, o: int, models: int) -> _Formation:
+    """The cheaper formation for one output of one model: forming flops, passes
+    (packed), and its share of the Gram over ``models`` rows."""
+    rb = min(n, max(8, min(-(-_TRI_ROWS // max(1, o)), -(-n // 8))))
+    tri = _Formation("triangle", n, tuple(_partition(n, rb)))
+    packed = _Formation("packed", n)
+    cost = {f: f.flops(1, H) + 2 * models * f.per_output + (_PASS_FLOPS * 2 * n * n if f.kind == "packed" else 0)
+            for f in (tri, packed)}
+    return min(cost, key=cost.get)
+
+
+def _mat_gram_flops(cI: int, cJ: int, F: int) -> int:
+    return _COSTS.flops("xf,yf->xy", (cI, F), (cJ, F))  # a full GEMM (see _Ops.wide_gram)
+
+
+def _mat_sub_outputs(form: _Formation, H: int, itemsize: int, cuda: bool, o: int) -> int:
+    """Outputs formed per product: as many as keep the temporaries near
+    _FORM_CACHE on a CPU (all of them on a GPU)."""
+    if cuda:
+        return o
+    fixed = form.temp(0, H, itemsize)
+    per_output = max(1, form.temp(1, H, itemsize) - fixed)
+    return int(max(1, min(o, (_FORM_CACHE - fixed) // per_output)))
 
 
 def _mat_layout(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, itemsize: int, budget: int,
-                numpy_syrk: bool) -> tuple[RouteCost, int, int]:
-    """(cost, model block size, output chunk)."""
+                target: int, cuda: bool) -> tuple[RouteCost, int, int, _Formation]:
+    """(cost, model block size, output chunk, formation).  All models of a side
+    in one block when one output of theirs fits ``budget`` (the output chunk
+    then as large as ``target`` allows); otherwise blocks of models, re-forming
+    a block's tensors for every block it meets."""
     sym = B is None
-    NA, NB = len(A), (0 if sym else len(B))
+    NA, NB = len(A), (len(A) if sym else len(B))
     n, o = dims.n, dims.w[-1]
-    Hmax = dims.H[0]
-    kbytes = 8 * NA * max(NA, NB)  # the accumulated matrix
-    per_oc_temp = (2 * n * Hmax + n * n) * itemsize  # D*L (and its transposed copy) and T of one model
-    row = n * n * itemsize  # one output of one model's S
+    Hmax = max(dims.H[0], 1)
+    form = _formation(n, Hmax, o, NA + (0 if sym else NB))
+    P = form.per_output
+    q = _mat_sub_outputs(form, Hmax, itemsize, cuda, o)
+    kbytes = 8 * NA * NB + 16 * n * n  # the accumulated matrix, packing indices and weights
+    temp = form.temp(q, Hmax, itemsize)
+    row = P * itemsize  # one output of one model
     cap = NA if sym else NA + NB
-    oc = min(o, (budget - kbytes) // (cap * row + per_oc_temp)) if budget > kbytes else 0
-    if oc >= 1:
+    avail = budget - kbytes - temp
+    oc_budget = avail // (cap * row) if avail > 0 else 0
+    if oc_budget >= 1:
+        oc = int(max(1, min(o, oc_budget, (min(budget, target) - kbytes - temp) // (cap * row))))
         c, fits = max(NA, NB), True
     else:
         oc = 1
-        c = max(1, (budget - kbytes - per_oc_temp) // (2 * row))
-        fits = 2 * row + per_oc_temp + kbytes <= budget
+        c = int(max(1, avail // (2 * row))) if avail > 0 else 1
+        fits = avail >= 2 * row
     parts_a = _partition(NA, c)
     parts_b = parts_a if sym else _partition(NB, c)
     out_chunks = _partition(o, oc)
@@ -836,92 +1052,129 @@ def _mat_layout(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, itemsize: 
     flops = 0
     for o0, o1 in out_chunks:
         k = o1 - o0
-        F = k * n * n
         for i, (a0, a1) in enumerate(parts_a):
-            flops += sum(_mat_form_flops(k, n, h) for h in HA[a0:a1])
+            flops += sum(form.flops(k, h) for h in HA[a0:a1])
             for j, (b0, b1) in enumerate(parts_b):
                 if sym and j < i:
                     continue
                 if not (sym and i == j):
-                    flops += sum(_mat_form_flops(k, n, h) for h in HB[b0:b1])
-                flops += _mat_gram_flops(a1 - a0, b1 - b0, F, sym and i == j, numpy_syrk)
-    cmax = max(b - a for a, b in parts_a)
+                    flops += sum(form.flops(k, h) for h in HB[b0:b1])
+                flops += _mat_gram_flops(a1 - a0, b1 - b0, k * P)
+    cmax = max(b - a for a, b in parts_a + parts_b)
     if len(parts_a) == 1 and len(parts_b) == 1:
-        peak = cap * oc * row + oc * per_oc_temp + kbytes
+        peak = cap * oc * row + temp + kbytes
     else:
-        peak = 2 * cmax * oc * row + oc * per_oc_temp + kbytes
-    blocking = (f"{len(out_chunks)} output chunk{'s' if len(out_chunks) != 1 else ''} of up to {oc}, "
-                f"model blocks of up to {cmax}")
-    plans = (("form", _COSTS.plan("oh,hi,hj->oij", (oc, Hmax), (Hmax, n), (Hmax, n))),
-             ("gram", _COSTS.plan("xf,yf->xy", (cmax, oc * n * n), (cmax, oc * n * n))))
-    return RouteCost("materialize", int(flops), int(peak), bool(fits), blocking, plans), c, oc
+        peak = 2 * cmax * oc * row + temp + kbytes
+    blocking = (f"{form.kind} formation, {len(out_chunks)} output chunk{'s' if len(out_chunks) != 1 else ''} of up to "
+                f"{max(b - a for a, b in out_chunks)}, model blocks of up to {cmax}")
+    plans = (("form", _COSTS.plan("oh,hi,hj->oij", (q, Hmax), (Hmax, n), (Hmax, n))),
+             ("gram", _COSTS.plan("xf,yf->xy", (cmax, oc * P), (cmax, oc * P))))
+    return RouteCost("materialize", int(flops), int(peak), bool(fits), blocking, plans), c, oc, form
 
 
-def _form(ops: _Ops, chains: Sequence[_Chain], o0: int, o1: int, n: int, clock: _Clock) -> Any:
-    """Rows S[m, o0:o1, :, :] (flattened) of the symmetric padded tensors."""
+def _form(ops: _Ops, chains: Sequence[_Chain], o0: int, o1: int, form: _Formation, buf: Any,
+          pack: tuple[Any, Any] | None, clock: _Clock) -> Any:
+    """Rows of the symmetric tensors S[m, o0:o1] as ``form`` lays them out
+    (weighted so that row dot products are Frobenius products), written into
+    the front of the flat buffer ``buf``."""
     k = o1 - o0
-    X = ops.zeros((len(chains), k * n * n))
+    n = form.n
+    P = form.per_output
+    X = buf[: len(chains) * k * P].reshape(len(chains), k * P)
+    Hmax = max(ch.blocks[0][0].shape[0] for ch in chains)
+    q = _mat_sub_outputs(form, Hmax, ops.itemsize, ops.cuda, k)  # shared: the layout must not depend on H
     for m, ch in enumerate(chains):
         L, R, D = ch.blocks[0]
         H = L.shape[0]
         clock.start()
-        Dh = ops.put(0.5 * D[o0:o1])
-        Lb, Rb = ops.put(L), ops.put(R)
-        DL = ops.contig(ops.perm(Dh[:, :, None] * Lb[None], (0, 2, 1))).reshape(k * n, H)
-        T = (DL @ Rb).reshape(k, n, n)
-        clock.lap("form", _mat_form_flops(k, n, H) - k * n * n)
-        Xm = X[m].reshape(k, n, n)
-        if ops.is_torch:
-            ops.t.add(T, T.transpose(1, 2), out=Xm)
+        if form.kind == "packed":
+            flat, weight = pack
+            Lt, Rb = ops.put(L.T), ops.put(R)
+            Dh = ops.put(0.5 * D[o0:o1])
+            for s0 in range(0, k, q):
+                s1 = min(k, s0 + q)
+                A = (Dh[s0:s1, None, :] * Lt[None]).reshape((s1 - s0) * n, H)
+                T = (A @ Rb).reshape(s1 - s0, n, n)
+                S = (T + ops.mT(T)).reshape(s1 - s0, n * n)
+                out = X[m, s0 * P : s1 * P].reshape(s1 - s0, P)
+                if ops.is_torch:
+                    ops.t.index_select(S, 1, flat, out=out)
+                else:
+                    np.take(S, flat, axis=1, out=out)
+                out *= weight
         else:
-            np.add(T, T.swapaxes(1, 2), out=Xm)
-        clock.lap("symmetrize", k * n * n)
+            LRt = ops.put(np.concatenate([L, R]).T)  # (n, 2H)
+            RL = ops.put(np.concatenate([R, L]))  # (2H, n)
+            Dc = ops.put(0.5 * np.concatenate([D[o0:o1], D[o0:o1]], axis=1))  # (k, 2H)
+            off = 0
+            for s0 in range(0, k, q):
+                s1 = min(k, s0 + q)
+                for i0, i1 in form.rows:
+                    b = i1 - i0
+                    A = (Dc[s0:s1, None, :] * LRt[None, i0:i1, :]).reshape((s1 - s0) * b, 2 * H)
+                    Bm = RL[:, i0:] * 1.0  # a copy; the columns beyond the block count twice
+                    Bm[:, b:] *= _SQRT2
+                    size = (s1 - s0) * b * (n - i0)
+                    out = X[m, off : off + size].reshape((s1 - s0) * b, n - i0)
+                    if ops.is_torch:
+                        ops.t.matmul(A, Bm, out=out)
+                    else:
+                        np.matmul(A, Bm, out=out)
+                    off += size
+        clock.lap("form", form.flops(k, H))
     return X
 
 
 def _run_materialize(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, ops: _Ops, c: int, oc: int,
-                     clock: _Clock, show: bool | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     form: _Formation, clock: _Clock, show: bool | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(K^ (NA, NB), K^ diagonal of A, of B)."""
     sym = B is None
+    Bs = A if sym else B
     n, o = dims.n, dims.w[-1]
+    P = form.per_output
+    pack = None
+    if form.kind == "packed":
+        flat, weight = _packing(n)
+        pack = (ops.put_index(flat), ops.put(weight))
     parts_a = _partition(len(A), c)
     parts_b = parts_a if sym else _partition(len(B), c)
     chunks = _partition(o, oc)
-    NB = len(A) if sym else len(B)
-    K = ops.zeros((len(A), NB))
+    NB = len(Bs)
+    single = len(parts_a) == 1 and len(parts_b) == 1
+    cmax = max(b - a for a, b in parts_a + parts_b)
+    bufA = ops.empty((len(A) if single else cmax) * oc * P)
+    bufB = None if (sym and single) else ops.empty((NB if single else cmax) * oc * P)
+    K = np.zeros((len(A), NB))
     nA = np.zeros(len(A))
     nB = np.zeros(NB)
     per_chunk = len(parts_a) * (len(parts_a) + 1) // 2 if sym else len(parts_a) * len(parts_b)
     bar = _progress(len(chunks) * per_chunk, "similarity matrix (materialize)", "block", show)
     try:
         for o0, o1 in chunks:
-            F = (o1 - o0) * n * n
+            F = (o1 - o0) * P
             for i, (a0, a1) in enumerate(parts_a):
-                XA = _form(ops, A[a0:a1], o0, o1, n, clock)
+                XA = _form(ops, A[a0:a1], o0, o1, form, bufA, pack, clock)
                 if not sym:
-                    nA[a0:a1] += ops.get(ops.sum_sq(XA, (1,))).astype(float)
+                    nA[a0:a1] += ops.row_sq(XA)
                 for j, (b0, b1) in enumerate(parts_b):
                     if sym and j < i:
                         continue
                     same = sym and i == j
-                    XB = XA if same else _form(ops, (A if sym else B)[b0:b1], o0, o1, n, clock)
+                    XB = XA if same else _form(ops, Bs[b0:b1], o0, o1, form, bufB, pack, clock)
                     if not sym and i == 0:
-                        nB[b0:b1] += ops.get(ops.sum_sq(XB, (1,))).astype(float)
+                        nB[b0:b1] += ops.row_sq(XB)
                     clock.start()
-                    blk = XA @ ops.mT(XB)
+                    blk = ops.get(ops.wide_gram(XA, XB)).astype(float)
                     K[a0:a1, b0:b1] += blk
                     if sym and not same:
-                        K[b0:b1, a0:a1] += ops.mT(blk)
-                    clock.lap("gram", _mat_gram_flops(a1 - a0, b1 - b0, F, same, not ops.is_torch))
-                    del XB
+                        K[b0:b1, a0:a1] += blk.T
+                    clock.lap("gram", _mat_gram_flops(a1 - a0, b1 - b0, F))
                     bar.update(1)
-                del XA
     finally:
         bar.close()
-    Kn = ops.get(K).astype(float)
     if sym:
-        nA = nB = np.diag(Kn).copy()
-    return Kn, nA, nB
+        nA = nB = np.diag(K).copy()
+    return K, nA, nB
 
 
 # ------------------------------------------------------------ pairwise route
@@ -1051,6 +1304,9 @@ def _compute(A_in: Any, B_in: Any | None, inner: str, method: str, mean: Any, co
     if device is None and any(type(w).__module__.split(".")[0] == "torch"
                               for m in A + (B or []) if isinstance(m, Component) for w in m.weights()):
         device = "cpu"  # pragma: no cover - components store numpy weights
+    force_numpy = isinstance(device, str) and device == "numpy"
+    if force_numpy:
+        device = None
     ops = _Ops(dname, device)
     budget = int(max_memory) if max_memory is not None else ops.default_memory()
     if budget <= 0:
@@ -1070,16 +1326,21 @@ def _compute(A_in: Any, B_in: Any | None, inner: str, method: str, mean: Any, co
         if chains_A is None or (not sym and chains_B is None):
             chains_A = chains_B = None
     dims = None if chains_A is None else _dims(chains_A, *([] if sym else [chains_B]))
+    if device is None and not force_numpy and dims is not None and dims.depth > 1:
+        # stacks: batched products of small matrices, which torch runs as one
+        # parallel call each (numpy calls BLAS once per matrix); numpy in and out
+        ops = _Ops(dname, "cpu")
 
     candidates: dict[str, RouteCost] = {}
     notes: list[str] = []
     if dims is not None:
+        target = budget if ops.cuda else min(budget, _PG_WORKING_SET * (4 if ops.is_torch else 1))
         pg_cost, c_pg = _pg_layout(len(chains_A), len(A) if sym else len(chains_B), sym, dims, ops.itemsize, budget,
-                                   not ops.is_torch)
+                                   not ops.is_torch, target)
         candidates["pairwise-gram"] = pg_cost
         if dims.depth == 1:
-            mat_cost, c_mat, oc_mat = _mat_layout(chains_A, chains_B, dims, ops.itemsize, budget,
-                                                   not ops.is_torch)
+            mat_cost, c_mat, oc_mat, form_mat = _mat_layout(chains_A, chains_B, dims, ops.itemsize, budget,
+                                                  budget if ops.cuda else min(budget, _MAT_WORKING_SET), ops.cuda)
             candidates["materialize"] = mat_cost
     if route == "auto":
         fitting = [c for c in candidates.values() if c.fits]
@@ -1093,14 +1354,14 @@ def _compute(A_in: Any, B_in: Any | None, inner: str, method: str, mean: Any, co
     else:
         chosen = route
         if chosen != "pairwise" and chosen not in candidates:
-            why = ("the models are not all layered bilinear models of one block" if dims is None
-                   else "it needs exactly one bilinear layer")
-            if dims is None and inner == "network":
-                why = "the models are not all layered bilinear models"
-            elif dims is None and inner != "network":
-                why = ("the gaussian/symmetric product is batched for models that fold to one bilinear layer "
-                       "(with the default degree and an exact method)")
-            raise ValueError(f"route={route!r} is not available here: {why}")
+            if dims is not None:
+                why = "materialize needs models of exactly one bilinear layer"
+            elif inner == "network":
+                why = "the network product is batched for Linear/Bilinear stacks with bilinear layers"
+            else:
+                why = ("the gaussian and symmetric products are batched for models that fold to one bilinear "
+                       "layer, with the default degree and an exact method")
+            raise ValueError(f"route={route!r} is not available here: {why}; use route='pairwise'")
         if chosen in candidates and not candidates[chosen].fits:
             raise MemoryError(f"route {chosen!r} needs about {candidates[chosen].peak_bytes} bytes at its smallest "
                               f"blocks; max_memory is {budget}")
@@ -1114,11 +1375,12 @@ def _compute(A_in: Any, B_in: Any | None, inner: str, method: str, mean: Any, co
     if chosen == "pairwise":
         K, sA, sB, exact, meth, flops = _run_pairwise(A, B, inner, method, mean, cov, centered, kwargs, progress)
         cos = _cosines(K, sA, sB, inner, "float64", sym)
-        normsA, normsB = _norms(sA, None), _norms(sB, None)
+        normsA = _norms(sA, None)
+        normsB = normsA if sym else _norms(sB, None)
         steps: tuple[StepTime, ...] = ()
     else:
         if chosen == "materialize":
-            K, sA, sB = _run_materialize(chains_A, chains_B, dims, ops, c_mat, oc_mat, clock, show)
+            K, sA, sB = _run_materialize(chains_A, chains_B, dims, ops, c_mat, oc_mat, form_mat, clock, show)
             logA = np.array([c.log_scales.sum() for c in chains_A])
             logB = logA if sym else np.array([c.log_scales.sum() for c in chains_B])
         else:

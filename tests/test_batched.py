@@ -1,0 +1,358 @@
+"""Similarity matrices (tsalgebra.batched) against the pairwise API.
+
+ts.inner / ts.similarity are the independent slow twin here: every batched
+route must reproduce them to round-off (1e-10 on cosines and relative on
+norms, float64)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tsalgebra as ts
+from tsalgebra.batched import SimilarityMatrix, cross_similarity_matrix, similarity_matrix
+
+TOL = 1e-10
+
+
+def bilinear(rng, d, h, o, residual=False, biases=True, scale=1.0):
+    return ts.Bilinear(
+        scale * rng.normal(size=(h, d)), scale * rng.normal(size=(h, d)), scale * rng.normal(size=(o, h)),
+        scale * rng.normal(size=h) if biases else None, scale * rng.normal(size=h) if biases else None,
+        scale * rng.normal(size=o) if biases else None, residual=residual,
+    )
+
+
+def one_layer_models(seed=0, d=4, o=4):
+    """Mixed hidden widths, a residual block, no biases, Linear layers folded in."""
+    rng = np.random.default_rng(seed)
+    return [
+        bilinear(rng, d, 3, o),
+        bilinear(rng, d, 5, o),
+        bilinear(rng, d, 2, o, residual=(d == o)),
+        bilinear(rng, d, 1, o, biases=False),
+        ts.Sequential(ts.Linear(rng.normal(size=(3, d)), rng.normal(size=3)), bilinear(rng, 3, 3, 5),
+                      ts.Linear(rng.normal(size=(o, 5)))),
+    ]
+
+
+def stacks(seed=0, d=3, o=2):
+    rng = np.random.default_rng(seed)
+    return [
+        ts.Sequential(bilinear(rng, d, 4, 5), bilinear(rng, 5, 3, 4), bilinear(rng, 4, 2, o)),
+        ts.Sequential(bilinear(rng, d, 2, 6), bilinear(rng, 6, 5, 4), bilinear(rng, 4, 3, o)),
+        ts.Sequential(bilinear(rng, d, 3, d, residual=True), bilinear(rng, d, 2, 3), bilinear(rng, 3, 4, o)),
+        ts.Sequential(bilinear(rng, d, 1, 2), bilinear(rng, 2, 2, 2), bilinear(rng, 2, 2, o)),
+    ]
+
+
+def pairwise(rows, cols, inner, **kw):
+    return np.array([[ts.similarity(a, b, inner=inner, **kw).value for b in cols] for a in rows])
+
+
+def norms(models, inner, **kw):
+    return np.array([ts.norm(m, inner=inner, **kw).value for m in models])
+
+
+def rel(x, y):
+    return float(np.max(np.abs(np.asarray(x) - np.asarray(y)) / np.abs(np.asarray(y))))
+
+
+@pytest.fixture(scope="module")
+def models():
+    return one_layer_models()
+
+
+# ------------------------------------------------------------ equality
+
+
+@pytest.mark.parametrize("inner", ["symmetric", "gaussian", "network"])
+@pytest.mark.parametrize("route", ["materialize", "pairwise-gram", "pairwise", "auto"])
+def test_matches_pairwise_api(models, inner, route):
+    r = similarity_matrix(models, inner=inner, route=route, progress=False)
+    assert isinstance(r, SimilarityMatrix) and r.values.shape == (5, 5) and r.values.dtype == np.float64
+    assert r.route == (route if route != "auto" else r.route) and r.route != "auto"
+    assert r.inner == inner and r.method == "exact" and r.exact and r.symmetric
+    assert np.max(np.abs(r.values - pairwise(models, models, inner))) < TOL
+    assert rel(r.norms, norms(models, inner)) < TOL
+    assert r.col_norms is r.norms
+
+
+@pytest.mark.parametrize("kw", [dict(centered=True), dict(mean="m", cov="C"), dict(mean="m", cov="C", centered=True),
+                                dict(mean="m"), dict(cov="singular")])
+@pytest.mark.parametrize("route", ["materialize", "pairwise-gram"])
+def test_gaussian_measures(models, kw, route):
+    rng = np.random.default_rng(5)
+    A = rng.normal(size=(4, 4))
+    vals = {"m": rng.normal(size=4), "C": A @ A.T / 4 + 0.2 * np.eye(4), "singular": A[:, :2] @ A[:, :2].T}
+    kw = {k: vals.get(v, v) if isinstance(v, str) else v for k, v in kw.items()}
+    r = similarity_matrix(models, inner="gaussian", route=route, progress=False, **kw)
+    assert np.max(np.abs(r.values - pairwise(models, models, "gaussian", **kw))) < TOL
+    assert rel(r.norms, norms(models, "gaussian", **kw)) < TOL
+    assert r.centered == kw.get("centered", False)
+    assert r.measure == ("N(0, I)" if set(kw) <= {"centered"} else "N(mean, cov)")
+
+
+@pytest.mark.parametrize("inner", ["symmetric", "gaussian", "network"])
+@pytest.mark.parametrize("route", ["materialize", "pairwise-gram", "pairwise"])
+def test_cross_matrix(models, inner, route):
+    cols = one_layer_models(seed=1)[:3] + [models[0]]
+    r = cross_similarity_matrix(models, cols, inner=inner, route=route, progress=False)
+    assert r.values.shape == (5, 4) and not r.symmetric
+    assert np.max(np.abs(r.values - pairwise(models, cols, inner))) < TOL
+    assert rel(r.norms, norms(models, inner)) < TOL and rel(r.col_norms, norms(cols, inner)) < TOL
+    assert abs(r.values[0, 3] - 1.0) < TOL  # the same model in both lists
+
+
+def test_diagonal_symmetry_and_one_model(models):
+    r = similarity_matrix(models, progress=False)
+    assert np.all(np.diag(r.values) == 1.0)
+    assert np.array_equal(r.values, r.values.T)
+    assert np.all(np.abs(r.values) <= 1.0)
+    one = similarity_matrix(models[:1], progress=False)
+    assert one.values.shape == (1, 1) and one.values[0, 0] == 1.0
+
+
+def test_mixed_hidden_widths_are_zero_padded():
+    rng = np.random.default_rng(3)
+    ms = [bilinear(rng, 5, h, 3) for h in (1, 2, 7, 16)]
+    want = pairwise(ms, ms, "symmetric")
+    for route in ("materialize", "pairwise-gram"):
+        assert np.max(np.abs(similarity_matrix(ms, inner="symmetric", route=route, progress=False).values - want)) < TOL
+
+
+# ------------------------------------------------------------ stacks
+
+
+@pytest.mark.parametrize("device", [None, "numpy"])
+def test_network_stacks(device):
+    ms = stacks()
+    r = similarity_matrix(ms, inner="network", device=device, progress=False)
+    assert r.route == "pairwise-gram" and list(r.candidates) == ["pairwise-gram"]
+    assert np.max(np.abs(r.values - pairwise(ms, ms, "network"))) < TOL
+    assert rel(r.norms, norms(ms, "network")) < TOL
+    cols = stacks(seed=2)[:2]
+    rc = cross_similarity_matrix(ms, cols, inner="network", device=device, progress=False)
+    assert np.max(np.abs(rc.values - pairwise(ms, cols, "network"))) < TOL
+    # blocks of one or two models, both orders of the layer products
+    small = similarity_matrix(ms, inner="network", device=device, max_memory=30_000, progress=False)
+    assert "1 block" not in small.candidates["pairwise-gram"].blocking
+    assert np.max(np.abs(small.values - r.values)) < TOL
+
+
+def test_network_stack_orders_chosen_by_cost():
+    from tsalgebra.batched import _dims, _pg_fused, _prepare
+
+    rng = np.random.default_rng(4)
+    wide = [ts.Sequential(bilinear(rng, 3, 2, 8), bilinear(rng, 8, 2, 9), bilinear(rng, 9, 3, 2)) for _ in range(3)]
+    narrow = [ts.Sequential(bilinear(rng, 3, 8, 2), bilinear(rng, 2, 9, 2), bilinear(rng, 2, 7, 2)) for _ in range(3)]
+    assert _pg_fused(_dims(_prepare(wide, "network", False, None))) == [False, True, True]
+    assert _pg_fused(_dims(_prepare(narrow, "network", False, None))) == [False, False, False]
+    for ms in (wide, narrow):
+        r = similarity_matrix(ms, inner="network", progress=False)
+        assert np.max(np.abs(r.values - pairwise(ms, ms, "network"))) < TOL
+
+
+def test_network_needs_equal_depths():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="same layer structure"):
+        similarity_matrix([bilinear(rng, 3, 2, 3), ts.Sequential(bilinear(rng, 3, 2, 3), bilinear(rng, 3, 2, 3))],
+                          inner="network", progress=False)
+
+
+def test_fallback_depth2_gaussian():
+    rng = np.random.default_rng(6)
+    ms = [ts.Sequential(bilinear(rng, 2, 2, 2), bilinear(rng, 2, 2, 1)) for _ in range(3)]
+    r = similarity_matrix(ms, inner="gaussian", progress=False)
+    assert r.route == "pairwise" and r.candidates == {} and r.exact and r.method == "exact"
+    assert np.max(np.abs(r.values - pairwise(ms, ms, "gaussian"))) < TOL
+    assert rel(r.norms, norms(ms, "gaussian")) < TOL
+    with pytest.raises(ValueError, match="not available"):
+        similarity_matrix(ms, inner="gaussian", route="materialize", progress=False)
+    closure = similarity_matrix(ms, inner="gaussian", method="closure", progress=False)
+    assert closure.route == "pairwise" and not closure.exact and closure.method == "closure"
+
+
+def test_fallback_polynomial_and_degree():
+    T = np.zeros((2, 3, 3))
+    T[1] = [[1.0, 0.5, 0.0], [0.5, 2.0, 1.0], [0.0, 1.0, -1.0]]
+    rng = np.random.default_rng(7)
+    ms = [ts.Polynomial(T), bilinear(rng, 2, 2, 1)]
+    r = similarity_matrix(ms, inner="symmetric", progress=False)
+    assert r.route == "pairwise"
+    assert np.max(np.abs(r.values - pairwise(ms, ms, "symmetric"))) < TOL
+    lifted = similarity_matrix(ms[1:] * 2, inner="symmetric", degree=3, progress=False)
+    assert lifted.route == "pairwise"
+
+
+# ------------------------------------------------------------ routes and memory
+
+
+def test_auto_takes_the_cheaper_route():
+    rng = np.random.default_rng(8)
+    mat = similarity_matrix([bilinear(rng, 16, 64, 2) for _ in range(4)], inner="symmetric", progress=False)
+    pg = similarity_matrix([bilinear(rng, 64, 4, 2) for _ in range(4)], inner="symmetric", progress=False)
+    assert mat.route == "materialize" and pg.route == "pairwise-gram"
+    for r in (mat, pg):
+        assert set(r.candidates) == {"materialize", "pairwise-gram"}
+        assert r.flops == r.candidates[r.route].flops > 0
+        assert min(c.flops for c in r.candidates.values()) == r.flops
+        assert all(isinstance(p, ts.ContractionPlan) for _, p in r.candidates[r.route].plans)
+    # the counts follow the closed forms: ~8 h^2 d per pair against ~2 o h d^2 per model
+    assert pg.candidates["pairwise-gram"].flops < pg.candidates["materialize"].flops
+    assert mat.candidates["materialize"].flops * 10 < mat.candidates["pairwise-gram"].flops
+
+
+@pytest.mark.parametrize("route", ["materialize", "pairwise-gram"])
+def test_memory_bound_chunks(models, route):
+    want = pairwise(models, models, "gaussian")
+    cols = models[2:]
+    blockings = set()
+    for memory in range(2_000, 40_000, 700):
+        try:
+            r = similarity_matrix(models, route=route, max_memory=memory, progress=False)
+            rc = cross_similarity_matrix(models, cols, route=route, max_memory=memory, progress=False)
+        except MemoryError:
+            continue
+        blockings.add(r.candidates[route].blocking)
+        assert r.max_memory == memory and r.candidates[route].fits
+        assert r.candidates[route].peak_bytes <= memory
+        assert np.max(np.abs(r.values - want)) < TOL
+        assert np.max(np.abs(rc.values - want[:, 2:])) < TOL
+    if route == "materialize":  # output chunks, model blocks, and all at once were all exercised
+        assert any("model blocks of up to 1" in b for b in blockings)
+        assert any("4 output chunks" in b for b in blockings)
+        assert any("1 output chunk" in b for b in blockings)
+    else:
+        assert any("of up to 1 x 1" in b for b in blockings) and len(blockings) >= 2
+
+
+def test_memory_too_small(models):
+    with pytest.raises(MemoryError):
+        similarity_matrix(models, route="materialize", max_memory=1_000, progress=False)
+    r = similarity_matrix(models, max_memory=100, progress=False)  # auto: the smallest, with a note
+    assert r.notes and np.max(np.abs(r.values - pairwise(models, models, "gaussian"))) < TOL
+
+
+def test_default_memory_bound(models):
+    r = similarity_matrix(models, progress=False)
+    assert 2**20 < r.max_memory
+
+
+# ------------------------------------------------------------ dtype, device, scale
+
+
+@pytest.mark.parametrize("dtype", [np.float32, "float32", torch.float32])
+def test_float32(models, dtype):
+    want = pairwise(models, models, "gaussian")
+    for route in ("materialize", "pairwise-gram"):
+        r = similarity_matrix(models, dtype=dtype, route=route, progress=False)
+        assert r.values.dtype == np.float32 and r.dtype == "float32"
+        assert np.max(np.abs(r.values - want)) < 1e-4
+        assert rel(r.norms, norms(models, "gaussian")) < 1e-4
+
+
+def test_torch_device(models):
+    for route in ("materialize", "pairwise-gram"):
+        r = similarity_matrix(models, device="cpu", route=route, progress=False)
+        assert r.device == "cpu" and isinstance(r.values, np.ndarray)
+        assert np.max(np.abs(r.values - pairwise(models, models, "gaussian"))) < TOL
+    r = similarity_matrix(models, device=torch.device("cpu"), dtype=torch.float32, progress=False)
+    assert r.values.dtype == np.float32
+
+
+def test_large_magnitudes_float32(models):
+    """Weights times 1e12: <f, f> ~ 1e72 overflows float32 (and squares of it float64)."""
+    big = [m.map_weights(lambda w: w * 1e12) for m in models]
+    for inner in ("gaussian", "symmetric"):
+        want = pairwise(big, big, inner)
+        for route in ("materialize", "pairwise-gram"):
+            r = similarity_matrix(big, inner=inner, dtype="float32", route=route, progress=False)
+            assert np.isfinite(r.values).all() and np.max(np.abs(r.values - want)) < 1e-4
+            assert rel(r.norms, norms(big, inner)) < 1e-4 and np.all(r.norms > 1e30)
+    deep = [m.map_weights(lambda w: w * 1e6) for m in stacks()]
+    K = np.array([[ts.inner(a, b, inner="network").value for b in deep] for a in deep])  # up to ~1e250
+    s = np.sqrt(np.diag(K))
+    want = K / s[:, None] / s[None, :]  # (ts.similarity forms <a,a><b,b> first, which overflows here)
+    r = similarity_matrix(deep, inner="network", dtype="float32", progress=False)
+    assert np.isfinite(r.values).all() and np.max(np.abs(r.values - want)) < 1e-4
+    assert rel(r.norms, s) < 1e-4 and np.all(s > 1e100)
+
+
+def test_vocabulary_scale_outputs_float32():
+    """50,000 outputs: the naive float32 Frobenius product of the padded tensors overflows."""
+    rng = np.random.default_rng(9)
+    o, d, h = 50_000, 6, 3
+    ms = [bilinear(rng, d, h, o, scale=1e6) for _ in range(3)]
+    S = []
+    for m in ms:  # dense symmetric padded tensors, outputs 1..o (float64: an independent check)
+        L, R, D = m.padded()
+        T = np.einsum("ou,ui,uj->oij", D[1:], L, R)
+        S.append(((T + T.transpose(0, 2, 1)) / 2).reshape(-1))
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(np.dot(S[0].astype(np.float32), S[0].astype(np.float32)))
+    G = np.array([[x @ y for y in S] for x in S])
+    want = G / np.sqrt(np.outer(np.diag(G), np.diag(G)))
+    for route in ("materialize", "pairwise-gram"):
+        r64 = similarity_matrix(ms, inner="symmetric", route=route, progress=False)
+        assert np.max(np.abs(r64.values - want)) < TOL and rel(r64.norms, np.sqrt(np.diag(G))) < TOL
+        r = similarity_matrix(ms, inner="symmetric", dtype="float32", route=route, progress=False)
+        assert np.isfinite(r.values).all() and np.max(np.abs(r.values - want)) < 1e-4
+        assert rel(r.norms, np.sqrt(np.diag(G))) < 1e-4
+
+
+# ------------------------------------------------------------ progress, plot, errors
+
+
+def test_progress_false_prints_nothing(models, capfd):
+    similarity_matrix(models, progress=False)
+    similarity_matrix(models, route="pairwise", progress=False)
+    cross_similarity_matrix(models, models, route="pairwise-gram", progress=False)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+def test_progress_true_shows_a_bar(models, capfd):
+    similarity_matrix(models, route="pairwise", progress=True)
+    assert "similarity matrix" in capfd.readouterr().err
+
+
+def test_result_and_plot(tmp_path, models):
+    named = {f"m{i}": m for i, m in enumerate(models)}
+    r = similarity_matrix(named, progress=False)
+    assert r.labels == tuple(named) and r.shape == (5, 5)
+    assert "SimilarityMatrix(5 x 5" in repr(r) and r.route in repr(r)
+    assert np.asarray(r).shape == (5, 5)
+    assert {s.name for s in r.steps} and r.dominant_step() is not None and r.seconds > 0
+    path = tmp_path / "sim.png"
+    fig = r.plot(path)
+    assert path.exists() and path.stat().st_size > 0 and fig.axes
+    from matplotlib.figure import Figure
+
+    ax = Figure().add_subplot()
+    assert r.plot(ax=ax, labels=list("abcde")) is ax.figure
+    with pytest.raises(ValueError, match="labels"):
+        r.plot(labels=["x"])
+
+
+def test_errors(models):
+    rng = np.random.default_rng(10)
+    zero = ts.Bilinear(np.zeros((2, 4)), np.zeros((2, 4)), np.zeros((4, 2)))
+    for route in ("materialize", "pairwise-gram", "pairwise"):
+        with pytest.raises(ValueError, match="zero norm"):
+            similarity_matrix(models[:2] + [zero], route=route, progress=False)
+    with pytest.raises(ValueError, match="output widths"):
+        similarity_matrix([models[0], bilinear(rng, 4, 2, 3)], progress=False)
+    with pytest.raises(ValueError, match="route"):
+        similarity_matrix(models, route="fastest", progress=False)
+    with pytest.raises(ValueError, match="materialize"):
+        similarity_matrix(stacks(), inner="network", route="materialize", progress=False)
+    with pytest.raises(TypeError):
+        similarity_matrix(models, per_output=True, progress=False)
+    with pytest.raises(ValueError, match="dtype"):
+        similarity_matrix(models, dtype="float16", progress=False)
+    with pytest.raises(ValueError, match="centered"):
+        similarity_matrix(models, inner="symmetric", centered=True, progress=False)
+    with pytest.raises(ValueError, match="no models"):
+        similarity_matrix([], progress=False)
