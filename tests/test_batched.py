@@ -356,3 +356,11 @@ def test_errors(models):
         similarity_matrix(models, inner="symmetric", centered=True, progress=False)
     with pytest.raises(ValueError, match="no models"):
         similarity_matrix([], progress=False)
+
+
+def test_pairwise_symmetric_matrix_uses_one_common_degree():
+    W = np.random.default_rng(0).normal(size=(2, 3))
+    lin = ts.Linear(W)
+    same = ts.Bilinear(W, np.zeros((2, 3)), np.eye(2), right_bias=np.ones(2))  # the same function
+    m = ts.similarity_matrix([lin, same], inner="symmetric", progress=False)
+    np.testing.assert_allclose(m.values, np.ones((2, 2)), atol=1e-12)

@@ -87,6 +87,25 @@ def test_symmetric_matches_bruteforce(pair):
     assert abs(got.value - want) <= 1e-10 * max(abs(want), 1e-12) + 1e-13
 
 
+def test_symmetric_similarity_lifts_norms_to_the_common_degree():
+    """The same function as a linear and as a bilinear model: similarity 1."""
+    W = np.random.default_rng(0).normal(size=(2, 3))
+    lin = ts.Linear(W)
+    same = ts.Bilinear(W, np.zeros((2, 3)), np.eye(2), right_bias=np.ones(2))
+    r = ts.similarity(lin, same, "symmetric")
+    assert r.value == pytest.approx(1, abs=1e-12) and r.degree == 2
+
+
+def test_similarity_does_not_overflow_when_the_norm_product_would():
+    rng = np.random.default_rng(0)
+    b = lambda d, h, o: ts.Bilinear(rng.normal(size=(h, d)), rng.normal(size=(h, d)), rng.normal(size=(o, h)))  # noqa: E731
+    a, c = (ts.Sequential(b(3, 4, 3), b(3, 4, 3), b(3, 4, 2)) for _ in range(2))
+    big = lambda m: m.map_weights(lambda w: w * 1e6)  # noqa: E731
+    want = ts.similarity(a, c, "network").value
+    assert abs(want) > 1e-3
+    assert ts.similarity(big(a), big(c), "network").value == pytest.approx(want, rel=1e-9)
+
+
 def test_symmetric_lift_to_higher_degree_is_reported():
     rng = np.random.default_rng(3)
     lin = model_of(O.random_spec(rng, [3, 2], ["linear"]))

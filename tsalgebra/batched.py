@@ -1195,6 +1195,10 @@ def _run_pairwise(A: Sequence[Any], B: Sequence[Any] | None, inner: str, method:
     """Cosines with ts.inner: each norm once, then the pairs."""
     sym = B is None
     Bs = A if sym else B
+    if inner == "symmetric" and kwargs.get("degree") is None:  # one common degree, as ts.similarity does
+        from .inner import _degree
+
+        kwargs = dict(kwargs, degree=max(_degree(m) for m in list(A) + list(Bs)))
     n_pairs = len(A) * (len(A) - 1) // 2 if sym else len(A) * len(Bs)
     n_self = len(A) + (0 if sym else len(Bs))
     show_now = show if show is not None else (None if n_pairs + n_self > _LONG_PAIRS else False)

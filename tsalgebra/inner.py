@@ -440,13 +440,17 @@ def _to_sympy(v: Any) -> Any:
     return sympy.Rational(v.numerator, v.denominator) if isinstance(v, Fraction) else sympy.sympify(v)
 
 
+def _degree(model: Any) -> int:
+    return max(n.degree for _, n in _terms(model))
+
+
 def _float_cosine(ab: InnerResult, aa: InnerResult, bb: InnerResult, inner: str) -> Any:
     x, y, z = (np.asarray(r.value, dtype=float) for r in (ab, aa, bb))
     if not ab.per_output and (y <= 0 or z <= 0):
         which = "a" if y <= 0 else "b"
         raise ValueError(f"model {which} has zero norm under the {inner} inner product; the similarity is undefined")
     with np.errstate(invalid="ignore", divide="ignore"):
-        cos = x / np.sqrt(y * z)
+        cos = x / np.sqrt(y) / np.sqrt(z)  # sqrt(y * z) can overflow where each factor does not
     if ab.per_output and not np.isfinite(cos).all():
         warnings.warn("some output channels have zero norm; their similarity is NaN", RuntimeWarning, stacklevel=3)
     excess = np.nanmax(np.abs(cos)) - 1 if np.isfinite(cos).any() else 0
@@ -466,6 +470,10 @@ def similarity(a: Any, b: Any, inner: str = "gaussian", method: str = "auto", me
     beyond [-1, 1] (at most 1e-9) is clipped; more would be a bug and raises.
     """
     ip = globals()["inner"]
+    if inner == "symmetric" and kwargs.get("degree") is None:
+        # all three products at the common degree: a norm at a model's own
+        # degree would mix Bombieri weights of different k
+        kwargs = dict(kwargs, degree=max(_degree(a), _degree(b)))
     ab = ip(a, b, inner, method, mean, cov, **kwargs)
     aa = ab if a is b else ip(a, a, inner, method, mean, cov, **kwargs)
     bb = ab if a is b else ip(b, b, inner, method, mean, cov, **kwargs)
@@ -474,7 +482,7 @@ def similarity(a: Any, b: Any, inner: str = "gaussian", method: str = "auto", me
         if y == 0 or z == 0:
             raise ValueError(f"model {'a' if y == 0 else 'b'} has zero norm under the {inner} inner product; "
                              "the similarity is undefined")
-        cos = sympy.simplify(x / sympy.sqrt(y * z))
+        cos = sympy.simplify(x / (sympy.sqrt(y) * sympy.sqrt(z)))
     else:
         cos = _float_cosine(ab, aa, bb, inner)
     spent = [r for r in ({id(r): r for r in (ab, aa, bb)}).values()]
