@@ -428,3 +428,16 @@ def test_pairwise_matrix_matches_similarity_and_plots(tmp_path):
     zero = ts.Bilinear(np.zeros((3, 4)), rng.normal(size=(3, 4)), rng.normal(size=(2, 3)))
     with pytest.raises(ValueError, match="zero norm"):
         pairwise_matrix([models[0], zero], "symmetric", progress=False)
+
+
+@pytest.mark.parametrize("flags", [{}, {"causal": True, "rotary_base": 10.0, "residual": True, "bias": True}])
+def test_attention_module_converts(flags):
+    from tsalgebra.adapters import BilinearAttentionModule
+
+    torch.manual_seed(0)
+    module = BilinearAttentionModule(2, 2, 3, n_ctx=4, scale=0.5, **flags).double()
+    model = ts.from_torch(module)
+    assert isinstance(model, ts.BilinearAttention) and model.n_ctx == 4
+    x = torch.randn(5, 4, 3, dtype=torch.float64)
+    np.testing.assert_allclose(model(x.numpy()), module(x).detach().numpy(), rtol=1e-12, atol=1e-12)
+    assert ts.similarity(model, ts.from_torch(module), "symmetric").value == pytest.approx(1, abs=1e-12)

@@ -127,6 +127,71 @@ class Residual(nn.Module):
         return x + self.inner(x)
 
 
+class BilinearAttentionModule(nn.Module):
+    """The torch twin of :class:`tsalgebra.BilinearAttention`, and the layout
+    :func:`from_torch` reads for attention: parameters ``q1, k1, q2, k2, v``
+    (heads, d_head, d_model) and ``o`` (heads, d_model, d_head), optional
+    ``q1_bias ... v_bias`` (heads, d_head) and ``o_bias`` (d_model,), and the
+    attributes ``causal``, ``rotary_base``, ``scale``, ``residual``, ``n_ctx``.
+    Input (batch, n_ctx, d_model).  Any module with these attribute names can
+    be converted with ``register_adapter(MyClass, attention_adapter)``."""
+
+    def __init__(self, heads: int, d_head: int, d_model: int, *, causal: bool = False,
+                 rotary_base: float | None = None, scale: float = 1.0, residual: bool = False,
+                 n_ctx: int | None = None, bias: bool = False) -> None:
+        super().__init__()
+        w = lambda *s: nn.Parameter(torch.randn(*s) / s[-1] ** 0.5)  # noqa: E731
+        self.q1, self.k1, self.q2, self.k2, self.v = (w(heads, d_head, d_model) for _ in range(5))
+        self.o = w(heads, d_model, d_head)
+        for name in ("q1_bias", "k1_bias", "q2_bias", "k2_bias", "v_bias"):
+            setattr(self, name, nn.Parameter(0.1 * torch.randn(heads, d_head)) if bias else None)
+        self.o_bias = nn.Parameter(0.1 * torch.randn(d_model)) if bias else None
+        self.causal, self.rotary_base, self.scale, self.residual, self.n_ctx = causal, rotary_base, scale, residual, n_ctx
+
+    def _rope(self, t: torch.Tensor) -> torch.Tensor:  # (batch, pos, heads, d_head)
+        if self.rotary_base is None:
+            return t
+        n, dh = t.shape[1], t.shape[-1]
+        out = t.clone()
+        pos = torch.arange(n, dtype=t.dtype)[:, None]
+        for k in range(dh // 2):
+            angle = pos * self.rotary_base ** (-2 * k / dh)
+            c, s_ = torch.cos(angle), torch.sin(angle)
+            x0, x1 = t[..., 2 * k], t[..., 2 * k + 1]
+            out[..., 2 * k], out[..., 2 * k + 1] = c * x0 - s_ * x1, s_ * x0 + c * x1
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def proj(name: str) -> torch.Tensor:
+            y = torch.einsum("hed,bpd->bphe", getattr(self, name), x)
+            b = getattr(self, f"{name}_bias")
+            return y if b is None else y + b
+
+        q1, k1, q2, k2 = (self._rope(proj(n)) for n in ("q1", "k1", "q2", "k2"))
+        score = self.scale * torch.einsum("bihe,bjhe->bhij", q1, k1) * torch.einsum("bihe,bjhe->bhij", q2, k2)
+        if self.causal:
+            score = score * torch.tril(torch.ones(x.shape[1], x.shape[1], dtype=x.dtype))
+        out = torch.einsum("bhij,bjhe,hce->bic", score, proj("v"), self.o)
+        if self.o_bias is not None:
+            out = out + self.o_bias
+        return out + x if self.residual else out
+
+
+def attention_adapter(module: nn.Module, path: str) -> Component:
+    """Convert a module with the :class:`BilinearAttentionModule` attribute layout."""
+    from .attention import BilinearAttention
+
+    try:
+        ws = [_np(getattr(module, n)) for n in ("q1", "k1", "q2", "k2", "v", "o")]
+        biases = {f"{n}_bias": _np(getattr(module, f"{n}_bias", None)) for n in ("q1", "k1", "q2", "k2", "v", "o")}
+    except AttributeError as exc:
+        raise AdapterError(f"{path or 'the module'}: not in the bilinear-attention layout ({exc})") from None
+    return BilinearAttention(*ws, causal=bool(getattr(module, "causal", False)),
+                             rotary_base=getattr(module, "rotary_base", None), scale=getattr(module, "scale", 1.0),
+                             residual=bool(getattr(module, "residual", False)), n_ctx=getattr(module, "n_ctx", None),
+                             name=_name("BilinearAttention", path), **biases)
+
+
 # ----------------------------------------------------------------- registry
 
 _REGISTRY: dict[type, Adapter] = {}
@@ -339,6 +404,7 @@ register_adapter(nn.Linear, lambda m, p: _linear(m, p))
 register_adapter(nn.Identity, lambda m, p: None)
 register_adapter(nn.Sequential, _seq)
 register_adapter(BilinearLayer, lambda m, p: _bilinear(m.left, m.right, m.down, p))
+register_adapter(BilinearAttentionModule, attention_adapter)
 register_adapter(Residual, lambda m, p: _residual_of(convert(m.inner, _child(p, "inner")), p))
 for _cls in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout):
     register_adapter(_cls, _dropout)
