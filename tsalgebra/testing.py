@@ -88,7 +88,8 @@ def stacks(draw, min_depth: int = 1, max_depth: int = 3, max_width: int = 16, in
     out: list[Component] = []
     degree = 1
     for _ in range(depth):
-        allowed = kinds if max_degree is None or degree * 2 <= max_degree else tuple(k for k in kinds if k == "linear") or ("linear",)
+        room = max_degree is None or degree * 2 <= max_degree  # may this layer still be bilinear?
+        allowed = kinds if room else ("linear",)
         layer = draw(layers(d, max_width=max_width, kinds=allowed, **kwargs))
         degree *= layer.degree
         out.append(layer)
