@@ -252,3 +252,33 @@ def test_each_attention_generator_preserves_the_function():
     rot = random_attention(rng, n_ctx=3, rotary_base=10.0)
     with pytest.raises(ValueError, match="commute with the rotations"):
         S.map_query_key(0, 1, 0, A)(rot)
+
+
+# ----------------------------------------------------------------- closure
+
+
+def test_closure_through_attention():
+    """The head (through the attention layer) is exact; only bilinear layers
+    after it are closed as if Gaussian, and then the result says so."""
+    rng = np.random.default_rng(9)
+    a = random_attention(rng, heads=1, dh=2, d=1, n_ctx=2, residual=True, causal=True)
+    b = random_attention(rng, heads=1, dh=2, d=1, n_ctx=2, rotary_base=10.0)
+    mean, cov = np.array([0.3]), np.array([[0.8]])
+    for kw in ({}, {"centered": True}, {"per_output": True}):
+        closed = ts.inner(a, b, method="closure", mean=mean, cov=cov, **kw)
+        exact = ts.inner(a, b, mean=mean, cov=cov, algorithm="quadrature", **kw)
+        assert closed.exact and closed.method == "closure"
+        np.testing.assert_allclose(closed.value, exact.value, rtol=1e-10)
+    unembed = ts.position_wise(ts.Linear(rng.normal(size=(2, 1)), rng.normal(size=2)), 2)
+    lin_a, lin_b = ts.Sequential(a, unembed), ts.Sequential(b, unembed)
+    assert ts.inner(lin_a, lin_b, method="closure").exact  # a linear tail keeps closure exact
+    np.testing.assert_allclose(ts.inner(lin_a, lin_b, method="closure").value, ts.inner(lin_a, lin_b).value,
+                               rtol=1e-10)
+    mlp = ts.position_wise(ts.Bilinear(rng.normal(size=(2, 1)), rng.normal(size=(2, 1)), rng.normal(size=(1, 2)),
+                                       residual=True), 2)
+    block_a, block_b = ts.Sequential(a, mlp), ts.Sequential(b, mlp)
+    approx = ts.similarity(block_a, block_b, method="closure")
+    assert not approx.exact and approx.notes and "approximate" in repr(approx)
+    assert abs(approx.value - ts.similarity(block_a, block_b).value) > 1e-6
+    with pytest.raises(ValueError, match="second attention layer"):
+        ts.inner(ts.Sequential(a, a), ts.Sequential(a, a), method="closure")

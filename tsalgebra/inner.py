@@ -27,13 +27,13 @@ from typing import Any, Iterable
 import numpy as np
 import sympy
 
-from .attention import sequence_measure
-from .components import Component
+from .attention import BilinearAttention, sequence_measure
+from .components import Component, Sequential
 from .expr import Network, Sum
-from .pairing_sum import MAX_PAIRINGS, CostError, Joins, PairingPlan, Tally, lift, orbit_sum, plan_pairings
+from .pairing_sum import MAX_PAIRINGS, OUTER, CostError, Joins, PairingPlan, Tally, lift, orbit_sum, plan_pairings
 from .pairings import count_pairings
 from .quadrature import grid_points, quadrature_inner
-from .recursive import closure_moments, fold, network_gram
+from .recursive import _linear_block, closure_moments, closure_steps, fold, network_gram
 
 __all__ = ["InnerResult", "CostError", "inner", "norm", "plan_inner", "similarity", "DEFAULT_BUDGET", "MAX_PAIRINGS"]
 
@@ -313,18 +313,22 @@ def inner(
     if method == "closure":
         for m in (a, b):
             if not isinstance(m, Component):
-                raise TypeError("closure needs layered models (Linear/Bilinear/Sequential)")
+                raise TypeError("closure needs layered models (Linear/Bilinear/BilinearAttention/Sequential)")
         mu, C, label = _measure(a.in_features, mean, cov, False)
-        mom_mean, M, steps, flops = closure_moments(a, b, mu[1:], C[1:, 1:])
+        if any(isinstance(layer, BilinearAttention) for m in (a, b) for layer in m.layers):
+            mom_mean, M, approx, flops, contractions = _attention_closure(a, b, mu, C, label, budget)
+        else:
+            mom_mean, M, steps, flops = closure_moments(a, b, mu[1:], C[1:, 1:])
+            approx, contractions = max(steps - 1, 0), steps
         oa = a.out_features + 1
         cross = np.diag(M[:oa, oa:])[1:]
         if centered:
             cross = cross - mom_mean[1:oa] * mom_mean[oa + 1 :]
-        exact_here = steps <= 1
-        notes = () if exact_here else (f"Gaussian closure over {steps} bilinear layers: approximate",)
-        return InnerResult(cross if per_output else float(cross.sum()), "inner", "gaussian", "closure", exact_here,
+        notes = (f"Gaussian closure over {approx} bilinear layer(s) after an exact first stage: approximate",
+                 ) if approx else ()
+        return InnerResult(cross if per_output else float(cross.sum()), "inner", "gaussian", "closure", not approx,
                            "moment closure", centered=centered, measure=label, per_output=per_output,
-                           contractions=steps, flops=flops, notes=notes)
+                           contractions=contractions, flops=flops, notes=notes)
     ta, tb = _terms(a), _terms(b)
     exact_numbers = _is_exact(ta + tb)
     quadrature_first = _quadrature_first(ta, tb, inner, mean, cov, exact_numbers, algorithm)
@@ -345,6 +349,51 @@ def inner(
                        measure=info.get("measure", ""), degree=info.get("degree"), lifted=info.get("lifted", False),
                        per_output=per_output, contractions=tally.contractions, flops=tally.flops,
                        pairings=tally.pairings, orbits=tally.orbits)
+
+
+def _split_at_attention(model: Component) -> tuple[Component, Component | None]:
+    """(head, tail): the head runs through the first attention layer (or the
+    first bilinear layer when there is none); its moments are computed
+    exactly, the tail's by closure."""
+    layers = model.layers
+    kinds = [isinstance(l, BilinearAttention) for l in layers]
+    cut = kinds.index(True) if any(kinds) else next(
+        (k for k, l in enumerate(layers) if l.degree > 1), len(layers) - 1)
+    if any(kinds[cut + 1 :]):
+        raise ValueError(f"closure through a second attention layer is not implemented ({model!r})")
+    head = Sequential(*layers[: cut + 1])
+    return head, (Sequential(*layers[cut + 1 :]) if cut + 1 < len(layers) else None)
+
+
+def _attention_closure(a: Component, b: Component, mu: np.ndarray, C: np.ndarray, label: str,
+                       budget: float) -> tuple[np.ndarray, np.ndarray, int, int, int]:
+    """Closure for models with attention: the joint moments of the two heads
+    (through the first attention layer) exactly, by pairing sums with both
+    outputs open; then Gaussian closure through the bilinear tails.
+    Returns (mean, second moment, approximate steps, flops, contractions)."""
+    (head_a, tail_a), (head_b, tail_b) = _split_at_attention(a), _split_at_attention(b)
+    joins = _joins(mu, C, label)
+    Ha, Hb = head_a.network(symmetric=True), head_b.network(symmetric=True)
+    tally = Tally()
+    moments = []
+    for x, y in ((Ha, Hb), (Ha, Ha), (Hb, Hb)):
+        value, t = orbit_sum(x, y, joins, OUTER, budget)
+        moments.append(value)
+        tally.add(t)
+    means = []
+    for x in (Ha, Hb):
+        value, t = orbit_sum(x, None, joins, None, budget)
+        means.append(value)
+        tally.add(t)
+    M_ab, M_aa, M_bb = moments
+    state_mu, state_M = np.concatenate(means), np.block([[M_aa, M_ab], [M_ab.T, M_bb]])
+    chains, approx = [], 0
+    for head, tail in ((head_a, tail_a), (head_b, tail_b)):
+        blocks, linear = fold(tail) if tail is not None else ([], np.eye(head.out_features + 1))
+        approx = max(approx, len(blocks))
+        chains.append(blocks or [_linear_block(linear)])
+    mean_out, M_out, steps, flops = closure_steps(chains[0], chains[1], state_mu, state_M)
+    return mean_out, M_out, approx, tally.flops + flops, tally.contractions + steps
 
 
 def _quadrature_first(ta: list[tuple[Any, Network]], tb: list[tuple[Any, Network]], inner: str, mean: Any, cov: Any,

@@ -31,6 +31,7 @@ from .planner import ContractionPlan, plan
 __all__ = ["CostError", "Joins", "PairingPlan", "orbit_sum", "plan_pairings", "lift", "MAX_PAIRINGS"]
 
 MAX_PAIRINGS = 1_000_000  # pairings walked to find orbits (a Python-speed loop)
+OUTER = "outer"  # out_mask value: keep both output legs open (the matrix E[f_o g_o'])
 
 
 class CostError(ValueError):
@@ -185,7 +186,8 @@ class _Joiner:
         """The pairing's network and, per tensor, a reference to where its data
         comes from (so a compiled contraction can be rerun on new weights).
         ``out_legs``: (a_out, b_out) joined and summed through ``out_mask`` (a
-        vector over output channels), or left open when ``out_mask`` is None;
+        vector over output channels), shared and left open when ``out_mask`` is
+        None, or both left open (a matrix) when it is :data:`OUTER`;
         a single leg stays open."""
         legs, roles, rename = self.legs, {}, {}
         extra: list[tuple[Tensor, tuple[Any, ...]]] = []
@@ -202,7 +204,9 @@ class _Joiner:
                 roles[legs[i]], roles[legs[j]] = "pairw", "pair"
                 rename[legs[j]] = legs[i]
         out: tuple[str, ...] = out_legs
-        if len(out_legs) == 2:
+        if len(out_legs) == 2 and isinstance(out_mask, str):  # OUTER: both outputs stay open
+            pass
+        elif len(out_legs) == 2:
             rename[out_legs[1]] = out_legs[0]
             out = (out_legs[0],)
             if out_mask is not None:
@@ -238,7 +242,7 @@ _RECIPES_MAX = 64
 
 
 def _recipe_key(tensors: list[Tensor], legs: tuple[str, ...], out_legs: tuple[str, ...], joins: Joins,
-                masked: bool, gens: tuple[tuple[int, ...], ...]) -> Any:
+                masked: Any, gens: tuple[tuple[int, ...], ...]) -> Any:
     shape = lambda a: None if a is None else tuple(np.shape(a))  # noqa: E731
     return (tuple((t.name, t.legs, t.shape) for t in tensors), legs, out_legs, joins.kind, shape(joins.factor),
             shape(joins.weights), shape(joins.mean), masked, gens)
@@ -292,14 +296,16 @@ def _recipe(A: Network, B: Network | None, joins: Joins, out_mask: np.ndarray | 
     if B is not None:
         B = B.fresh("b.")
         gens += [tuple(range(ka)) + tuple(ka + q for q in p) for p in B.symmetries]
-        if ka == B.degree and same_network(A, B):
+        # exchanging the sides transposes an OUTER result: not a symmetry there
+        if ka == B.degree and not isinstance(out_mask, str) and same_network(A, B):
             gens.append(tuple(range(ka, n)) + tuple(range(ka)))
         tensors += list(B.tensors)
         legs, out_legs = legs + B.inputs, out_legs + B.outputs
     gens_used = tuple(gens) if use_orbits else ()
     orbits = P.orbits(joins.kind, n, gens_used)
     joiner = _Joiner(legs, tensors, joins, out_legs[0] if B is not None else None)
-    key = _recipe_key(tensors, legs, out_legs, joins, out_mask is not None, gens_used)
+    mode = out_mask if isinstance(out_mask, str) else out_mask is not None
+    key = _recipe_key(tensors, legs, out_legs, joins, mode, gens_used)
     recipe = _RECIPES.get(key)
     estimate = (sum(p.flops for _, _, _, p in recipe) if recipe is not None
                 else len(orbits) * plan(joiner.network(orbits[0][0], out_legs, out_mask)[0]).flops)
@@ -338,7 +344,8 @@ def orbit_sum(A: Network, B: Network | None, joins: Joins, out_mask: np.ndarray 
     contraction, once per orbit and weighted by the orbit size.
 
     With B, the outputs are summed through ``out_mask`` (a 0/1 vector over
-    channels) or, if it is None, kept as one value per channel; without B the
+    channels), kept as one value per channel if it is None, or as the full
+    matrix over pairs of channels if it is :data:`OUTER`; without B the
     result is A's expectation, one value per output channel.  Raises
     :class:`CostError` before contracting anything when the pairings are too
     many to walk or the orbit contractions exceed ``budget`` flops.

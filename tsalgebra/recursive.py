@@ -20,7 +20,7 @@ import numpy as np
 
 from .components import Bilinear, Component, Linear
 
-__all__ = ["fold", "network_gram", "closure_moments"]
+__all__ = ["fold", "network_gram", "closure_moments", "closure_steps", "gaussian_state"]
 
 Block = tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -96,20 +96,31 @@ def _block_diag(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return out
 
 
+def gaussian_state(mean: np.ndarray, cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The joint (mean, second moment) of [x~; x~] for x ~ N(mean, cov): both
+    models start from the same input."""
+    mu0 = np.concatenate([[1.0], mean])
+    C0 = np.zeros((len(mu0), len(mu0)))
+    C0[1:, 1:] = cov
+    M0 = C0 + np.outer(mu0, mu0)
+    return np.concatenate([mu0, mu0]), np.block([[M0, M0], [M0, M0]])
+
+
 def closure_moments(a: Component, b: Component, mean: np.ndarray, cov: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Joint (mean, second moment) of [f~(x); g~(x)] under Gaussian closure,
     the number of closure steps (bilinear layers beyond the first count as
     approximations) and the flops spent.  ``mean`` (d,), ``cov`` (d, d)."""
     ba, wa = fold(a)
     bb, wb = fold(b)
-    ba = ba or [_linear_block(wa)]
-    bb = bb or [_linear_block(wb)]
-    mu0 = np.concatenate([[1.0], mean])
-    C0 = np.zeros((len(mu0), len(mu0)))
-    C0[1:, 1:] = cov
-    mu = np.concatenate([mu0, mu0])
-    M0 = C0 + np.outer(mu0, mu0)
-    M = np.block([[M0, M0], [M0, M0]])
+    mu, M = gaussian_state(mean, cov)
+    return closure_steps(ba or [_linear_block(wa)], bb or [_linear_block(wb)], mu, M)
+
+
+def closure_steps(ba: list[Block], bb: list[Block], mu: np.ndarray, M: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Propagate a joint state (mean ``mu``, second moment ``M`` of the padded
+    [u_a; u_b]) through two chains of bilinear blocks, taking each layer's
+    fourth moments as if its input were Gaussian.  Returns (mu, M, steps, flops)."""
     steps = max(len(ba), len(bb))
     flops = 0
     for t in range(steps):
