@@ -30,7 +30,8 @@ import sympy
 from .attention import BilinearAttention, sequence_measure
 from .components import Component, Sequential
 from .expr import Network, Sum
-from .pairing_sum import MAX_PAIRINGS, OUTER, CostError, Joins, PairingPlan, Tally, lift, orbit_sum, plan_pairings
+from .pairing_sum import (MAX_PAIRINGS, OUTER, CostError, Joins, PairingPlan, Tally, lift, orbit_sum, plan_pairings,
+                           same_network)
 from .pairings import count_pairings
 from .quadrature import grid_points, quadrature_inner
 from .recursive import _linear_block, closure_moments, closure_steps, fold, network_gram
@@ -375,17 +376,17 @@ def _attention_closure(a: Component, b: Component, mu: np.ndarray, C: np.ndarray
     joins = _joins(mu, C, label)
     Ha, Hb = head_a.network(symmetric=True), head_b.network(symmetric=True)
     tally = Tally()
-    moments = []
-    for x, y in ((Ha, Hb), (Ha, Ha), (Hb, Hb)):
-        value, t = orbit_sum(x, y, joins, OUTER, budget)
-        moments.append(value)
+    same = same_network(Ha, Hb)  # a self product: one moment matrix serves all three blocks
+
+    def moment(x: Network, y: Network | None, mask: Any) -> Any:
+        value, t = orbit_sum(x, y, joins, mask, budget)
         tally.add(t)
-    means = []
-    for x in (Ha, Hb):
-        value, t = orbit_sum(x, None, joins, None, budget)
-        means.append(value)
-        tally.add(t)
-    M_ab, M_aa, M_bb = moments
+        return value
+
+    M_aa = moment(Ha, Ha, OUTER)
+    M_ab, M_bb = (M_aa, M_aa) if same else (moment(Ha, Hb, OUTER), moment(Hb, Hb, OUTER))
+    mean_a = moment(Ha, None, None)
+    means = [mean_a, mean_a if same else moment(Hb, None, None)]
     state_mu, state_M = np.concatenate(means), np.block([[M_aa, M_ab], [M_ab.T, M_bb]])
     chains, approx = [], 0
     for head, tail in ((head_a, tail_a), (head_b, tail_b)):
