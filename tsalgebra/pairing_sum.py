@@ -31,6 +31,7 @@ from .planner import ContractionPlan, plan
 __all__ = ["CostError", "Joins", "PairingPlan", "orbit_sum", "plan_pairings", "lift", "MAX_PAIRINGS"]
 
 MAX_PAIRINGS = 1_000_000  # pairings walked to find orbits (a Python-speed loop)
+_SEARCH_ORBITS = 64  # above this many orbits, plan each with the greedy optimizer
 OUTER = "outer"  # out_mask value: keep both output legs open (the matrix E[f_o g_o'])
 
 
@@ -317,9 +318,12 @@ def _recipe(A: Network, B: Network | None, joins: Joins, out_mask: np.ndarray | 
         )
     if recipe is None:
         recipe = []
+        # thousands of orbit networks: an exhaustive search for each would cost
+        # more than the contractions it saves, so many orbits take greedy orders
+        optimizer = "greedy" if len(orbits) > _SEARCH_ORBITS else None
         for partner, size in orbits:
             net, refs = joiner.network(partner, out_legs, out_mask)
-            p = plan(net)
+            p = plan(net, optimizer=optimizer)
             expr = oe.contract_expression(p.equation, *p.shapes, optimize=[tuple(q) for q in p.path] or [(0,)])
             recipe.append((size, expr, refs, p))
         _RECIPES[key] = recipe
