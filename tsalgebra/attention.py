@@ -196,10 +196,10 @@ class BilinearAttention(_Sequence, Component):
         out["v"], out["o"] = V, O
         return out
 
-    def network(self, symmetric: bool = False, tag: str = "") -> Network:
-        n, d, H = self._positions(), self.d_model, self.heads
-        exact = self.exact
-        P = self._padded_heads()
+    def _mask(self) -> np.ndarray:
+        """(H+1, n, n): scale times the causal mask per head; the virtual head
+        (last) acts only at j = i."""
+        n, H, exact = self._positions(), self.heads, self.exact
         mask = _zeros((H + 1, n, n), exact)
         scale = self.scale if not exact else Fraction(self.scale).limit_denominator() if isinstance(self.scale, float) else self.scale
         for i in range(n):
@@ -207,6 +207,13 @@ class BilinearAttention(_Sequence, Component):
                 if not self.causal or j <= i:
                     mask[:H, i, j] = scale
             mask[H, i, i] = 1
+        return mask
+
+    def network(self, symmetric: bool = False, tag: str = "") -> Network:
+        n, d, H = self._positions(), self.d_model, self.heads
+        exact = self.exact
+        P = self._padded_heads()
+        mask = self._mask()
         emb = _zeros((n, self.d_out + 1, 1 + n * self.d_out), exact)
         for i in range(n):
             emb[i, 0, 0] = Fraction(1, n) if exact else 1.0 / n  # n positions share one constant channel
