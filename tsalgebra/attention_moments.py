@@ -36,31 +36,17 @@ import numpy as np
 from .attention import BilinearAttention, _rotary
 from .components import Component, Linear
 
-__all__ = ["attention_moments", "moment_head", "MAX_WHITENED"]
+__all__ = ["attention_moments", "moment_head", "moments_cost", "per_position_measure", "whitened_rank", "MAX_WHITENED"]
 
 MAX_WHITENED = 24  # monomial codes in base 6 fit in int64 up to 24 variables
 
 
-class _Scatter:
-    """Sum columns into target slots: out[:, t] = sum of vals[:, s] with target[s] = t."""
-
-    def __init__(self, target: np.ndarray, n_out: int) -> None:
-        self.order = np.argsort(target, kind="stable")
-        t = target[self.order]
-        self.starts = np.flatnonzero(np.r_[True, t[1:] != t[:-1]])
-        self.slots = t[self.starts]
-        self.n_out = n_out
-
-    def __call__(self, vals: np.ndarray) -> np.ndarray:
-        out = np.zeros((vals.shape[0], self.n_out))
-        out[:, self.slots] = np.add.reduceat(vals[:, self.order], self.starts, axis=1)
-        return out
-
-
-class _Basis:
-    """Monomials of degree <= k in r variables, graded (those of degree <= j
-    first, so a polynomial of degree j lives in a prefix), with product maps
-    and the change to Hermite polynomials He_b, where E[He_b He_c] = b! [b = c]."""
+class _Hermite:
+    """Multivariate Hermite polynomials He_b(z) of degree <= k in r variables,
+    graded (those of degree <= j first, so a polynomial of degree j is a
+    prefix of coefficients), with E[He_b He_c] = b! [b = c] under N(0, I).
+    Products are built one linear factor at a time from
+    z_i He_b = He_{b + e_i} + b_i He_{b - e_i}."""
 
     def __init__(self, r: int, k: int) -> None:
         exps = [np.bincount(np.array(c, dtype=int), minlength=r) if c else np.zeros(r, dtype=int)
@@ -68,57 +54,78 @@ class _Basis:
         self.r, self.k = r, k
         self.exps = np.array(exps, dtype=np.int64).reshape(-1, r)
         self.sizes = [math.comb(r + j, j) for j in range(k + 1)]
-        self.powers = (k + 1) ** np.arange(r, dtype=np.int64)
-        codes = self.exps @ self.powers
-        self.sorter = np.argsort(codes)
-        self.sorted_codes = codes[self.sorter]
         self.norms = np.array([math.prod(math.factorial(int(e)) for e in row) for row in self.exps], dtype=float)
-        self._products: dict[tuple[int, int], _Scatter] = {}
-        self._hermite: dict[int, tuple[_Scatter, np.ndarray, np.ndarray]] = {}
+        powers = (k + 1) ** np.arange(r, dtype=np.int64)
+        codes = self.exps @ powers
+        sorter = np.argsort(codes)
+        index = lambda e: sorter[np.searchsorted(codes[sorter], e @ powers)]  # noqa: E731
+        low = self.exps[: self.sizes[k - 1]]
+        self.up = [index(low + np.eye(r, dtype=np.int64)[i]) for i in range(r)]  # b -> b + e_i
+        self.down = []  # (b with b_i > 0, index of b - e_i, b_i), b ascending
+        for i in range(r):
+            src = np.flatnonzero(self.exps[:, i] > 0)
+            self.down.append((src, index(self.exps[src] - np.eye(r, dtype=np.int64)[i]), self.exps[src, i].astype(float)))
 
-    def index(self, exps: np.ndarray) -> np.ndarray:
-        return self.sorter[np.searchsorted(self.sorted_codes, exps @ self.powers)]
+    def times_linear(self, P: np.ndarray, L: np.ndarray, a: int) -> np.ndarray:
+        """Row-wise products of polynomials P (rows, degree <= a) and linear
+        forms L (rows, [constant, z_1 .. z_r])."""
+        n_in = self.sizes[a]
+        out = np.zeros((P.shape[0], self.sizes[a + 1]))
+        out[:, :n_in] = P * L[:, :1]
+        for i in range(self.r):
+            c = L[:, i + 1 : i + 2]
+            out[:, self.up[i][:n_in]] += P * c
+            src, dst, w = self.down[i]
+            m = np.searchsorted(src, n_in)
+            out[:, dst[:m]] += P[:, src[:m]] * (w[:m] * c)
+        return out
 
-    def product(self, a: int, b: int) -> _Scatter:
-        """Scatter of the outer product of coefficients (degree <= a) x (degree <= b)."""
-        if (a, b) not in self._products:
-            na, nb = self.sizes[a], self.sizes[b]
-            s = (self.exps[:na, None, :] + self.exps[None, :nb, :]).reshape(-1, self.r)
-            self._products[a, b] = _Scatter(self.index(s), self.sizes[a + b])
-        return self._products[a, b]
+    def shifts(self, P: np.ndarray, a: int) -> np.ndarray:
+        """(rows, r + 1, size a + 1): each row of P (degree <= a) times 1, z_1, ..., z_r."""
+        n_in = self.sizes[a]
+        out = np.zeros((P.shape[0], self.r + 1, self.sizes[a + 1]))
+        out[:, 0, :n_in] = P
+        for i in range(self.r):
+            out[:, i + 1, self.up[i][:n_in]] = P
+            src, dst, w = self.down[i]
+            m = np.searchsorted(src, n_in)
+            out[:, i + 1, dst[:m]] += P[:, src[:m]] * w[:m]
+        return out
 
-    def multiply(self, p: np.ndarray, a: int, q: np.ndarray, b: int) -> np.ndarray:
-        """Row-wise products of polynomials p (rows, size a) and q (rows, size b)."""
-        outer = (p[:, :, None] * q[:, None, :]).reshape(p.shape[0], -1)
-        return self.product(a, b)(outer)
+    def degrees(self, X: np.ndarray) -> np.ndarray:
+        """The degree of each row (highest non-zero coefficient)."""
+        nz = X != 0
+        last = np.where(nz.any(1), X.shape[1] - 1 - np.argmax(nz[:, ::-1], axis=1), 0)
+        return np.searchsorted(self.sizes, last, side="right")
 
-    def hermite(self, p: np.ndarray, deg: int) -> np.ndarray:
-        """Coefficients of He_b for polynomials of degree <= deg given by monomials."""
-        if deg not in self._hermite:
-            n = self.sizes[deg]
-            src, ex, w = np.arange(n), self.exps[:n].copy(), np.ones(n)
-            for i in range(self.r):  # x^m = sum_t m! / (2^t t! (m-2t)!) He_{m-2t}, variable by variable
-                parts = [(src, ex, w)]
-                m = ex[:, i]
-                for t in range(1, deg // 2 + 1):
-                    sel = m >= 2 * t
-                    e2 = ex[sel].copy()
-                    e2[:, i] -= 2 * t
-                    mm = m[sel]
-                    coef = np.array([math.factorial(v) / (2**t * math.factorial(t) * math.factorial(v - 2 * t))
-                                     for v in mm])
-                    parts.append((src[sel], e2, w[sel] * coef))
-                src = np.concatenate([p_[0] for p_ in parts])
-                ex = np.concatenate([p_[1] for p_ in parts])
-                w = np.concatenate([p_[2] for p_ in parts])
-            self._hermite[deg] = (_Scatter(self.index(ex), n), src, w)
-        scatter, src, w = self._hermite[deg]
-        return scatter(p[:, src] * w)
+    def _by_degree(self, blocks: list[np.ndarray]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Rows of the stacked blocks grouped by degree: {g: (row indices, coefficients up to degree g)}."""
+        parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        offset = 0
+        for X in blocks:
+            deg = self.degrees(X)
+            for g in np.unique(deg):
+                rows = np.flatnonzero(deg == g)
+                parts.setdefault(int(g), []).append((rows + offset, X[rows, : self.sizes[g]]))
+            offset += len(X)
+        return {g: (np.concatenate([r for r, _ in p]), np.concatenate([x for _, x in p])) for g, p in parts.items()}
+
+    def covariance(self, xs: list[np.ndarray], ys: list[np.ndarray]) -> np.ndarray:
+        """Cov(p, q) = sum over b != 0 of b! p_b q_b for the rows p of the
+        stacked blocks xs and q of ys (each block at its own width), every
+        pair of degree groups over its shortest common prefix."""
+        gx, gy = self._by_degree(xs), self._by_degree(ys)
+        out = np.zeros((sum(len(x) for x in xs), sum(len(y) for y in ys)))
+        for dx, (ix, X) in gx.items():
+            for dy, (iy, Y) in gy.items():
+                m = self.sizes[min(dx, dy)]
+                out[np.ix_(ix, iy)] = (X[:, 1:m] * self.norms[1:m]) @ Y[:, 1:m].T
+        return out
 
 
 @lru_cache(maxsize=8)
-def _basis(r: int, k: int = 5) -> _Basis:
-    return _Basis(r, k)
+def _basis(r: int, k: int = 5) -> _Hermite:
+    return _Hermite(r, k)
 
 
 # ----------------------------------------------------------- the model side
@@ -126,7 +133,7 @@ def _basis(r: int, k: int = 5) -> _Basis:
 
 def _per_position(layer: Component, n: int) -> np.ndarray | None:
     """The padded per-position map of a position-wise Linear layer, else None."""
-    if not isinstance(layer, Linear):
+    if not isinstance(layer, Linear) or layer.exact:
         return None
     W = layer.padded()
     o, d = (W.shape[0] - 1) // n, (W.shape[1] - 1) // n
@@ -168,60 +175,65 @@ def moment_head(model: Component) -> tuple[BilinearAttention, np.ndarray, list[C
 
 @dataclass
 class _Features:
-    """One attention layer's per-position features as Hermite coefficients."""
+    """One attention layer's per-position features as Hermite coefficient
+    rows X = [Cd (all heads); Aq (pair heads); Bk (pair heads)]."""
 
     n: int
     d_out: int
     mask: np.ndarray  # (H+1, n, n) scale and causal mask per head
     O: list[np.ndarray]  # per head (d_out, dv_h)
-    pair_heads: list[int]
-    rot: tuple[np.ndarray, np.ndarray]  # per factor (n, w, w) rotations (identity without rotary)
-    cd: np.ndarray  # (sum dv_h, N5) Hermite coefficients of Cd, all heads
-    aq: np.ndarray  # (P * w1 * w2, N2) for the pair heads
-    bk: np.ndarray  # (P * w1 * w2 * dv, N3)
+    pair_heads: list[int]  # heads with a non-zero score off the diagonal
+    coupling: np.ndarray  # (n, n, q, q): kron(R1_ij, R2_ij), query index (r, s) at i to key index at j
+    X: list[np.ndarray]  # [Cd (degree 5), Aq (2), Bk (3)], each at its own width
     shape: tuple[int, int, int]  # (w1, w2, dv) of the pair heads
 
+    @property
+    def rows(self) -> int:
+        return sum(len(x) for x in self.X)
 
-def _features(attn: BilinearAttention, E: np.ndarray, T: np.ndarray, basis: _Basis) -> _Features:
+    def mean(self) -> np.ndarray:
+        return np.concatenate([x[:, 0] for x in self.X])
+
+    def blocks(self) -> tuple[slice, slice, slice]:
+        a, b = len(self.X[0]), len(self.X[0]) + len(self.X[1])
+        return slice(0, a), slice(a, b), slice(b, self.rows)
+
+
+def _features(attn: BilinearAttention, E: np.ndarray, T: np.ndarray, basis: _Hermite) -> _Features:
     """Features of ``attn`` read through the per-position map E (padded) from
     the whitened padded input z~ (x~ = T z~)."""
     n, H = attn.n_ctx, attn.heads
     P = attn._padded_heads()
     F = {k: np.einsum("hwd,de->hwe", P[k].astype(float), E @ T) for k in ("q1", "k1", "q2", "k2", "v")}
-    dv_real = attn.weights_["v"].shape[1]
-    dvs = [dv_real] * H + [P["v"].shape[1]]
+    dv = attn.weights_["v"].shape[1]
+    dvs = [dv] * H + [P["v"].shape[1]]
     O = [P["o"][h, 1:, : dvs[h]].astype(float) for h in range(H + 1)]
     mask = attn._mask().astype(float)
     w1, w2 = P["q1"].shape[1], P["q2"].shape[1]
-    if attn.rotary_base is not None:
-        rot = (_rotary(n, w1, attn.rotary_base), _rotary(n, w2, attn.rotary_base))
-    else:
-        rot = (np.broadcast_to(np.eye(w1), (n, w1, w1)), np.broadcast_to(np.eye(w2), (n, w2, w2)))
-    lin = basis.sizes[1]
-    cds = []
-    for h in range(H + 1):
-        g1 = basis.multiply(F["q1"][h], 1, F["k1"][h], 1).sum(0, keepdims=True)  # x~' Q1' K1 x~
-        g2 = basis.multiply(F["q2"][h], 1, F["k2"][h], 1).sum(0, keepdims=True)
-        quartic = basis.multiply(g1, 2, g2, 2)
-        v = F["v"][h, : dvs[h]]
-        cds.append(basis.multiply(np.repeat(quartic, len(v), 0), 4, v, 1))
+    eye = lambda w: np.broadcast_to(np.eye(w), (n, w, w))  # noqa: E731
+    rot1, rot2 = ((_rotary(n, w1, attn.rotary_base), _rotary(n, w2, attn.rotary_base))
+                  if attn.rotary_base is not None else (eye(w1), eye(w2)))
+    coupling = np.einsum("irk,jrl,isu,jsv->ijkulv", rot1, rot1, rot2, rot2).reshape(n, n, w1 * w2, w1 * w2)
+    tl, r1 = basis.times_linear, T.shape[1]
+    rows = lambda k, heads: F[k][heads].reshape(-1, r1)  # noqa: E731
+    every = list(range(H + 1))
+    g1 = tl(rows("q1", every), rows("k1", every), 1).reshape(H + 1, w1, -1).sum(1)  # x~' Q1' K1 x~ per head
+    quartic = tl(tl(np.repeat(g1, w2, 0), rows("q2", every), 2), rows("k2", every), 3).reshape(H + 1, w2, -1).sum(1)
+    cd = F["v"] @ basis.shifts(quartic, 4)  # (H+1, dv, N5)
+    cds = [cd[h, : dvs[h]] for h in every]
     off = ~np.eye(n, dtype=bool)
-    pair_heads = [h for h in range(H + 1) if np.any(mask[h][off] != 0)]
+    pair_heads = [h for h in every if np.any(mask[h][off] != 0)]
     aqs, bks = [], []
-    for h in pair_heads:
-        q12 = basis.multiply(np.repeat(F["q1"][h], w2, 0), 1, np.tile(F["q2"][h], (w1, 1)), 1)  # (w1 w2, N2)
-        k12 = basis.multiply(np.repeat(F["k1"][h], w2, 0), 1, np.tile(F["k2"][h], (w1, 1)), 1)
-        v = F["v"][h, :dv_real]
-        aqs.append(q12)
-        bks.append(basis.multiply(np.repeat(k12, dv_real, 0), 2, np.tile(v, (w1 * w2, 1)), 1))
+    if pair_heads:
+        ph = pair_heads
+        outer = lambda x, y: tl(np.repeat(F[x][ph], w2, 1).reshape(-1, r1),  # noqa: E731
+                                np.tile(F[y][ph], (1, w1, 1)).reshape(-1, r1), 1)  # (P w1 w2, N2), index (p, r, s)
+        aqs.append(outer("q1", "q2"))
+        v = np.repeat(F["v"][ph, :dv][:, None], w1 * w2, 1).reshape(-1, r1)
+        bks.append(tl(np.repeat(outer("k1", "k2"), dv, 0), v, 2))
     empty = lambda deg: np.zeros((0, basis.sizes[deg]))  # noqa: E731
-    return _Features(
-        n, attn.d_out, mask, O, pair_heads, rot,
-        basis.hermite(np.concatenate(cds), 5),
-        basis.hermite(np.concatenate(aqs), 2) if aqs else empty(2),
-        basis.hermite(np.concatenate(bks), 3) if bks else empty(3),
-        (w1, w2, dv_real),
-    )
+    X = [np.concatenate(cds), np.concatenate(aqs) if aqs else empty(2), np.concatenate(bks) if bks else empty(3)]
+    return _Features(n, attn.d_out, mask, O, pair_heads, coupling, X, (w1, w2, dv))
 
 
 # ------------------------------------------------------------ the moments
@@ -240,10 +252,19 @@ def per_position_measure(mean: Any, cov: Any, n: int, d: int) -> tuple[np.ndarra
     return m0, C0
 
 
+def _spectrum(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    vals, vecs = np.linalg.eigh(cov)
+    return vals, vecs, vals > 1e-12 * max(vals.max(initial=0.0), 1e-300)
+
+
+def whitened_rank(cov: np.ndarray) -> int:
+    """r: the number of independent normal variables behind one position."""
+    return int(_spectrum(np.asarray(cov, dtype=float))[2].sum())
+
+
 def _whitening(mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
     """T with x~ = T z~ for x ~ N(mean, cov), z ~ N(0, I_r), r = rank of cov."""
-    vals, vecs = np.linalg.eigh(cov)
-    keep = vals > 1e-12 * max(vals.max(initial=0.0), 1e-300)
+    vals, vecs, keep = _spectrum(cov)
     d, r = len(mean), int(keep.sum())
     T = np.zeros((d + 1, r + 1))
     T[0, 0] = 1
@@ -252,47 +273,30 @@ def _whitening(mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
     return T
 
 
-def _cov(x: np.ndarray, dx: int, y: np.ndarray, dy: int, basis: _Basis) -> np.ndarray:
-    m = basis.sizes[min(dx, dy)]
-    return (x[:, 1:m] * basis.norms[1:m]) @ y[:, 1:m].T
-
-
-def _coupling(F: _Features, i: int, j: int) -> np.ndarray:
-    """kron(R1_ij, R2_ij): query index (r, s) at i to key index (k, l) at j."""
-    return np.kron(F.rot[0][i].T @ F.rot[0][j], F.rot[1][i].T @ F.rot[1][j])
-
-
-def _split(F: _Features) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Means of (cd, aq as (P, q), bk as (P, q, dv))."""
-    w1, w2, dv = F.shape
-    P = len(F.pair_heads)
-    return F.cd[:, 0], F.aq[:, 0].reshape(P, w1 * w2), F.bk[:, 0].reshape(P, w1 * w2, dv)
-
-
 def _mean_and_linear(F: _Features) -> tuple[np.ndarray, np.ndarray]:
     """The output mean (n d_out,) and the coefficients U (n, n d_out, features)
-    of the parts that depend on one position, on the centred features
-    [cd; aq; bk] of that position."""
+    of the parts that depend on one position p (U[p]), on the centred
+    features X of that position."""
     n, do = F.n, F.d_out
-    m_cd, m_aq, m_bk = _split(F)
-    n_cd, n_aq = len(F.cd), len(F.aq)
+    P, (w1, w2, dv) = len(F.pair_heads), F.shape
+    q = w1 * w2
+    cd, aq, bk = F.blocks()
+    m = F.mean()
+    m_aq, m_bk = m[aq].reshape(P, q), m[bk].reshape(P, q, dv)
     mean = np.zeros(n * do)
-    U = np.zeros((n, n * do, n_cd + n_aq + len(F.bk)))
-    P = len(F.pair_heads)
-    q = F.aq.shape[0] // max(P, 1)
-    dv = F.shape[2]
+    U = np.zeros((n, n * do, F.rows))
     for i in range(n):
         rows = slice(i * do, (i + 1) * do)
         start = 0
-        for h, O in enumerate(F.O):
-            c = F.mask[h, i, i]
-            mean[rows] += c * O @ m_cd[start : start + O.shape[1]]
-            U[i, rows, start : start + O.shape[1]] = c * O
+        for h, O in enumerate(F.O):  # the j = i terms: Cd
+            c, cols = F.mask[h, i, i], slice(start, start + O.shape[1])
+            mean[rows] += c * O @ m[cols]
+            U[i, rows, cols] = c * O
             start += O.shape[1]
         for j in range(n):
             if j == i or P == 0:
                 continue
-            R = _coupling(F, i, j)
+            R = F.coupling[i, j]
             a_R = m_aq @ R  # (P, q): the query mean carried to key space
             R_b = np.einsum("rk,pke->pre", R, m_bk)  # (P, q, dv)
             for p, h in enumerate(F.pair_heads):
@@ -300,64 +304,50 @@ def _mean_and_linear(F: _Features) -> tuple[np.ndarray, np.ndarray]:
                 if c == 0:
                     continue
                 mean[rows] += c * O @ (a_R[p] @ m_bk[p])
-                U[i, rows, n_cd + p * q : n_cd + (p + 1) * q] += c * O @ R_b[p].T
-                bk = slice(n_cd + n_aq + p * q * dv, n_cd + n_aq + (p + 1) * q * dv)
-                U[j, rows, bk] += c * np.einsum("ae,k->ake", O, a_R[p]).reshape(do, q * dv)
+                U[i, rows, aq.start + p * q : aq.start + (p + 1) * q] += c * O @ R_b[p].T
+                cols = slice(bk.start + p * q * dv, bk.start + (p + 1) * q * dv)
+                U[j, rows, cols] += c * np.einsum("ae,k->ake", O, a_R[p]).reshape(do, q * dv)
     return mean, U
 
 
-def _pair_part(FA: _Features, FB: _Features, CA: dict[str, np.ndarray]) -> np.ndarray:
-    """Second moments of the parts that depend on two positions."""
+def _pair_part(FA: _Features, FB: _Features, G: np.ndarray) -> np.ndarray:
+    """Second moments of the parts that depend on two positions i != j:
+    a's pair (i, j) meets b's pair (i, j) (outputs both at i) or (j, i)."""
     n, da, db = FA.n, FA.d_out, FB.d_out
-    M = np.zeros((n * da, n * db))
+    M = np.zeros((n, da, n, db))
     PA, PB = len(FA.pair_heads), len(FB.pair_heads)
     if PA == 0 or PB == 0:
-        return M
-    qa, qb = FA.aq.shape[0] // PA, FB.aq.shape[0] // PB
-    dva, dvb = FA.shape[2], FB.shape[2]
+        return M.reshape(n * da, n * db)
+    (wa1, wa2, dva), (wb1, wb2, dvb) = FA.shape, FB.shape
+    qa, qb = wa1 * wa2, wb1 * wb2
+    _, aq_a, bk_a = FA.blocks()
+    _, aq_b, bk_b = FB.blocks()
+    aa = G[aq_a, aq_b].reshape(PA, qa, PB, qb)
+    bb = G[bk_a, bk_b].reshape(PA, qa, dva, PB, qb, dvb)
+    ab = G[aq_a, bk_b].reshape(PA, qa, PB, qb, dvb)
+    ba = G[bk_a, aq_b].reshape(PA, qa, dva, PB, qb)
     OA = np.stack([FA.O[h] for h in FA.pair_heads])
     OB = np.stack([FB.O[h] for h in FB.pair_heads])
-    aa = CA["aq,aq"].reshape(PA, qa, PB, qb)
-    bb = CA["bk,bk"].reshape(PA, qa, dva, PB, qb, dvb)
-    ab = CA["aq,bk"].reshape(PA, qa, PB, qb, dvb)
-    ba = CA["bk,aq"].reshape(PA, qa, dva, PB, qb)
-    for i in range(n):
-        for j in range(n):
-            if i == j:
-                continue
-            cA = FA.mask[FA.pair_heads, i, j]
-            RA = _coupling(FA, i, j)
-            # both outputs at i: queries at i, keys at j on both sides
-            K = np.einsum("rk,prPs,sl->pkPl", RA, aa, _coupling(FB, i, j))
-            N = np.einsum("pkPl,pkePlf->pePf", K, bb)
-            cB = FB.mask[FB.pair_heads, i, j]
-            M[i * da : (i + 1) * da, i * db : (i + 1) * db] += np.einsum(
-                "p,pae,pePf,P,Pbf->ab", cA, OA, N, cB, OB, optimize=True)
-            # output of a at i, of b at j: a's query meets b's key at i, and the reverse at j
-            cB = FB.mask[FB.pair_heads, j, i]
-            S1 = np.einsum("rk,prPlf->pkPlf", RA, ab)
-            S2 = np.einsum("pkePs,sl->pkePl", ba, _coupling(FB, j, i))
-            N = np.einsum("pkPlf,pkePl->pePf", S1, S2)
-            M[i * da : (i + 1) * da, j * db : (j + 1) * db] += np.einsum(
-                "p,pae,pePf,P,Pbf->ab", cA, OA, N, cB, OB, optimize=True)
-    return M
+    ii, jj = np.nonzero(~np.eye(n, dtype=bool))
+    RA, RB, RBt = FA.coupling[ii, jj], FB.coupling[ii, jj], FB.coupling[jj, ii]
+    cA = FA.mask[FA.pair_heads][:, ii, jj].T  # (pairs, PA)
+    K = np.einsum("xrk,prPs,xsl->xpkPl", RA, aa, RB, optimize=True)
+    same = np.einsum("xpkPl,pkePlf->xpePf", K, bb, optimize=True)
+    S1 = np.einsum("xrk,prPlf->xpkPlf", RA, ab, optimize=True)
+    S2 = np.einsum("pkePs,xsl->xpkePl", ba, RBt, optimize=True)
+    swapped = np.einsum("xpkPlf,xpkePl->xpePf", S1, S2, optimize=True)
+    for N, cB, cols in ((same, FB.mask[FB.pair_heads][:, ii, jj].T, ii), (swapped, FB.mask[FB.pair_heads][:, jj, ii].T, jj)):
+        blocks = np.einsum("xp,pae,xpePf,xP,Pbf->xab", cA, OA, N, cB, OB, optimize=True)
+        np.add.at(M, (ii, slice(None), cols), blocks)
+    return M.reshape(n * da, n * db)
 
 
-def _covariances(FA: _Features, FB: _Features, basis: _Basis) -> dict[str, np.ndarray]:
-    groups = {"cd": 5, "aq": 2, "bk": 3}
-    return {f"{x},{y}": _cov(getattr(FA, x), dx, getattr(FB, y), dy, basis)
-            for x, dx in groups.items() for y, dy in groups.items()}
-
-
-def _second_moment(FA: _Features, FB: _Features, basis: _Basis) -> np.ndarray:
-    """E[y_a y_b'] (n da, n db), exact."""
-    CA = _covariances(FA, FB, basis)
-    order = ("cd", "aq", "bk")
-    G = np.block([[CA[f"{x},{y}"] for y in order] for x in order])
+def _second_moment(FA: _Features, FB: _Features, G: np.ndarray) -> np.ndarray:
+    """E[y_a y_b'] (n da, n db), exact, from G = Cov(X_a, X_b)."""
     mean_a, UA = _mean_and_linear(FA)
     mean_b, UB = _mean_and_linear(FB)
     M = np.outer(mean_a, mean_b) + np.einsum("pif,fg,pjg->ij", UA, G, UB, optimize=True)
-    return M + _pair_part(FA, FB, CA)
+    return M + _pair_part(FA, FB, G)
 
 
 @dataclass(frozen=True)
@@ -370,6 +360,8 @@ class HeadMoments:
     aa: np.ndarray | None
     bb: np.ndarray | None
     whitened: int  # r, the rank of the per-position covariance
+    flops: int  # estimated, as moments_cost
+    products: int  # covariance blocks and pair contractions computed
 
 
 def _padded(mean_a: np.ndarray, mean_b: np.ndarray, M: np.ndarray) -> np.ndarray:
@@ -395,11 +387,43 @@ def attention_moments(a: Component, b: Component, mean: np.ndarray, cov: np.ndar
     basis = _basis(r)
     FA = _features(heads[0][0], heads[0][1], T, basis)
     FB = FA if a is b else _features(heads[1][0], heads[1][1], T, basis)
-    ma, _ = _mean_and_linear(FA)
-    mb = ma if FB is FA else _mean_and_linear(FB)[0]
-    ab = _padded(ma, mb, _second_moment(FA, FB, basis))
-    aa = bb = None
-    if joint:
-        aa = ab if FB is FA else _padded(ma, ma, _second_moment(FA, FA, basis))
-        bb = ab if FB is FA else _padded(mb, mb, _second_moment(FB, FB, basis))
-    return HeadMoments(np.r_[1.0, ma], np.r_[1.0, mb], ab, aa, bb, r)
+    ma, mb = _mean_and_linear(FA)[0], _mean_and_linear(FB)[0]
+    if joint and FB is not FA:  # one Gram matrix of both models' features serves all three blocks
+        G = basis.covariance(FA.X + FB.X, FA.X + FB.X)
+        k = FA.rows
+        ab = _padded(ma, mb, _second_moment(FA, FB, G[:k, k:]))
+        aa = _padded(ma, ma, _second_moment(FA, FA, G[:k, :k]))
+        bb = _padded(mb, mb, _second_moment(FB, FB, G[k:, k:]))
+    else:
+        ab = _padded(ma, mb, _second_moment(FA, FB, basis.covariance(FA.X, FB.X)))
+        aa = bb = (ab if FB is FA else None) if joint else None
+    crosses = 1 if FB is FA or not joint else 3
+    products = crosses * (9 + 2 * FA.n * (FA.n - 1))
+    return HeadMoments(np.r_[1.0, ma], np.r_[1.0, mb], ab, aa, bb, r, moments_cost(a, b, cov, joint), products)
+
+
+def _sizes(model: Component) -> tuple[int, int, int]:
+    """(Cd rows, Aq rows, Bk rows) of a model's features."""
+    attn = moment_head(model)[0]  # type: ignore[index]
+    H = attn.heads
+    w1, w2 = attn.weights_["q1"].shape[1], attn.weights_["q2"].shape[1]
+    dv = attn.weights_["v"].shape[1]
+    pairs = H if attn.n_ctx > 1 else 0
+    return H * dv + attn.d_model + 1, pairs * w1 * w2, pairs * w1 * w2 * dv
+
+
+def moments_cost(a: Component, b: Component, cov: np.ndarray, joint: bool = False) -> int:
+    """Estimated flops of :func:`attention_moments` (forming the features'
+    Hermite coefficients and their covariance Gram matrices)."""
+    r = whitened_rank(cov)
+    N = [math.comb(r + j, j) for j in range(6)]
+    form = gram = 0
+    rows = [_sizes(m) for m in (a, b)]
+    for cd, aq, bk in rows:
+        form += 2 * (cd * N[4] * (r + 1) + bk * N[2] * (r + 1) + aq * (r + 1) ** 2)
+        form += 2 * (cd * N[5] + bk * N[3] + aq * N[2])  # the change to Hermite coefficients
+    pairs = [(rows[0], rows[1])] + ([(rows[0], rows[0]), (rows[1], rows[1])] if joint else [])
+    for (cda, aqa, bka), (cdb, aqb, bkb) in pairs:
+        gram += 2 * (cda * cdb * N[5] + (cda * bkb + bka * cdb + bka * bkb) * N[3]
+                     + (cda * aqb + aqa * cdb + aqa * aqb + aqa * bkb + bka * aqb) * N[2])
+    return int(form + gram)

@@ -28,7 +28,9 @@ import numpy as np
 import sympy
 
 from .attention import BilinearAttention, sequence_measure
-from .components import Component, Sequential
+from .attention_moments import (MAX_WHITENED, attention_moments, moment_head, moments_cost, per_position_measure,
+                                whitened_rank)
+from .components import Component, Linear, Sequential
 from .expr import Network, Sum
 from .pairing_sum import (MAX_PAIRINGS, OUTER, CostError, Joins, PairingPlan, Tally, lift, orbit_sum, plan_pairings,
                            same_network)
@@ -299,6 +301,18 @@ def inner(
     (orbits of pairings, each a contraction of the two factored models);
     network and closure are O(depth h^2 d).
     """
+    return _results(a, b, inner, method, mean, cov, joint=False, centered=centered, per_output=per_output,
+                    degree=degree, budget=budget, orbits=orbits, algorithm=algorithm)[0]
+
+
+Triple = tuple[InnerResult, "InnerResult | None", "InnerResult | None"]
+
+
+def _results(a: Any, b: Any, inner: str, method: str, mean: Any, cov: Any, *, joint: bool, centered: bool,
+             per_output: bool, degree: int | None, budget: float, orbits: bool, algorithm: str | None) -> Triple:
+    """(<a, b>, <a, a>, <b, b>) as InnerResults; the last two only where one
+    computation yields all three (``joint`` closure or attention moments),
+    else None."""
     _check_args(inner, method, centered)
     _check_pair(a, b)
     if getattr(a, "n_ctx", 0):  # sequence models: per-feature mean/cov over independent positions
@@ -310,7 +324,8 @@ def inner(
         G, flops = network_gram(a, b)
         diag = np.diag(G)[1:]
         return InnerResult(diag if per_output else float(diag.sum()), "inner", "network", "exact", True,
-                           "Gram recursion", per_output=per_output, contractions=len(fold(a)[0]) or 1, flops=flops)
+                           "Gram recursion", per_output=per_output, contractions=len(fold(a)[0]) or 1,
+                           flops=flops), None, None
     if method == "closure":
         for m in (a, b):
             if not isinstance(m, Component):
@@ -322,26 +337,29 @@ def inner(
             mom_mean, M, steps, flops = closure_moments(a, b, mu[1:], C[1:, 1:])
             approx, contractions = max(steps - 1, 0), steps
         oa = a.out_features + 1
-        cross = np.diag(M[:oa, oa:])[1:]
-        if centered:
-            cross = cross - mom_mean[1:oa] * mom_mean[oa + 1 :]
         notes = (f"Gaussian closure over {approx} bilinear layer(s) after an exact first stage: approximate",
                  ) if approx else ()
-        return InnerResult(cross if per_output else float(cross.sum()), "inner", "gaussian", "closure", not approx,
-                           "moment closure", centered=centered, measure=label, per_output=per_output,
-                           contractions=contractions, flops=flops, notes=notes)
+        result = lambda x, y: InnerResult(  # noqa: E731
+            _diagonal(M[x, y], mom_mean[x], mom_mean[y], centered, per_output), "inner", "gaussian", "closure",
+            not approx, "moment closure", centered=centered, measure=label, per_output=per_output,
+            contractions=contractions, flops=flops, notes=notes)
+        A, B = slice(0, oa), slice(oa, None)
+        return result(A, B), (result(A, A) if joint else None), (result(B, B) if joint else None)
+    measure = _moments_measure(a, b, inner, mean, cov, algorithm, orbits, tail="linear")
+    if measure is not None:
+        return _moments_inner(a, b, measure, centered, per_output, budget, joint)
     ta, tb = _terms(a), _terms(b)
     exact_numbers = _is_exact(ta + tb)
     quadrature_first = _quadrature_first(ta, tb, inner, mean, cov, exact_numbers, algorithm)
     if quadrature_first:
-        return _quadrature(ta, tb, mean, cov, centered, per_output, budget, None)
+        return _quadrature(ta, tb, mean, cov, centered, per_output, budget, None), None, None
     try:
         value, tally, info = _exact_inner(ta, tb, inner, mean=mean, cov=cov, centered=centered,
                                           per_output=per_output, degree=degree, budget=budget, use_orbits=orbits)
     except CostError as too_many:
         if inner != "gaussian" or exact_numbers or algorithm == "pairings":
             raise
-        return _quadrature(ta, tb, mean, cov, centered, per_output, budget, too_many)
+        return _quadrature(ta, tb, mean, cov, centered, per_output, budget, too_many), None, None
     if not exact_numbers:
         value = value if per_output else float(value)
     else:
@@ -349,7 +367,76 @@ def inner(
     return InnerResult(value, "inner", inner, "exact", True, "pairing orbits", centered=centered,
                        measure=info.get("measure", ""), degree=info.get("degree"), lifted=info.get("lifted", False),
                        per_output=per_output, contractions=tally.contractions, flops=tally.flops,
-                       pairings=tally.pairings, orbits=tally.orbits)
+                       pairings=tally.pairings, orbits=tally.orbits), None, None
+
+
+def _moments_measure(a: Any, b: Any, inner_: str, mean: Any, cov: Any, algorithm: str | None, orbits: bool,
+                     tail: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The per-position (mean, cov) when the attention-moments algorithm
+    applies: Gaussian, float models of position-wise Linear layers, one
+    BilinearAttention and (``tail="linear"``) only Linear layers after it,
+    positions independent and identically distributed, whitened width within
+    MAX_WHITENED.  None otherwise; a ValueError naming the reason when
+    ``algorithm="moments"`` was asked for."""
+    def refuse(why: str) -> None:
+        if algorithm == "moments":
+            raise ValueError(f"algorithm='moments' does not apply: {why}")
+        return None
+
+    if algorithm not in (None, "moments") or not orbits:
+        return None
+    if inner_ != "gaussian":
+        return refuse("it computes the gaussian inner product only")
+    heads = [moment_head(m) if isinstance(m, Component) else None for m in (a, b)]
+    if heads[0] is None or heads[1] is None:
+        return refuse("each model must be position-wise Linear layers, then a float BilinearAttention")
+    if tail == "linear" and not all(isinstance(l, Linear) for h in heads for l in h[2]):
+        return refuse("only Linear layers may follow the attention (use method='closure' for deeper models)")
+    attn = heads[0][0]
+    n, d = attn.n_ctx, heads[0][1].shape[1] - 1
+    measure = per_position_measure(mean, cov, n, d)
+    if measure is None:
+        return refuse("the measure is not independent and identical across positions")
+    if whitened_rank(measure[1]) > MAX_WHITENED:
+        return refuse(f"the per-position input rank exceeds {MAX_WHITENED}")
+    return measure
+
+
+def _padded_tail(model: Component) -> np.ndarray:
+    """The padded linear map after the attention layer (identity if none)."""
+    attn, _, tail = moment_head(model)  # type: ignore[misc]
+    if not tail:
+        return np.eye(model.out_features + 1)
+    return fold(Sequential(*tail))[1]  # type: ignore[return-value]
+
+
+def _diagonal(M: np.ndarray, mean_x: np.ndarray, mean_y: np.ndarray, centered: bool, per_output: bool) -> Any:
+    """Sum (or per channel) of E[x_c y_c] over the non-constant padded channels, centred on request."""
+    v = np.diag(M)[1:] - (mean_x[1:] * mean_y[1:] if centered else 0)
+    return v if per_output else float(v.sum())
+
+
+def _moments_inner(a: Component, b: Component, measure: tuple[np.ndarray, np.ndarray], centered: bool,
+                   per_output: bool, budget: float, joint: bool) -> Triple:
+    cost = moments_cost(a, b, measure[1], joint)
+    if cost > budget:
+        raise CostError(f"the attention-moments algorithm would cost about {cost:.3g} flops, above the budget "
+                        f"{budget:.3g}; raise budget=")
+    hm = attention_moments(a, b, *measure, joint=joint)
+    Wa, Wb = _padded_tail(a), _padded_tail(b)
+    plain = not measure[0].any() and np.array_equal(measure[1], np.eye(len(measure[0])))
+
+    def result(Wx: np.ndarray, mx: np.ndarray, M: np.ndarray, Wy: np.ndarray, my: np.ndarray) -> InnerResult:
+        return InnerResult(_diagonal(Wx @ M @ Wy.T, Wx @ mx, Wy @ my, centered, per_output), "inner", "gaussian",
+                           "exact", True, "attention moments", centered=centered,
+                           measure="N(0, I)" if plain else "N(mean, cov)", per_output=per_output,
+                           contractions=hm.products, flops=hm.flops,
+                           notes=(f"per-position feature moments over {hm.whitened} whitened dimensions",))
+
+    ab = result(Wa, hm.mean_a, hm.ab, Wb, hm.mean_b)
+    if not joint:
+        return ab, None, None
+    return ab, result(Wa, hm.mean_a, hm.aa, Wa, hm.mean_a), result(Wb, hm.mean_b, hm.bb, Wb, hm.mean_b)
 
 
 def _split_at_attention(model: Component) -> tuple[Component, Component | None]:
@@ -373,20 +460,26 @@ def _attention_closure(a: Component, b: Component, mu: np.ndarray, C: np.ndarray
     outputs open; then Gaussian closure through the bilinear tails.
     Returns (mean, second moment, approximate steps, flops, contractions)."""
     (head_a, tail_a), (head_b, tail_b) = _split_at_attention(a), _split_at_attention(b)
-    joins = _joins(mu, C, label)
-    Ha, Hb = head_a.network(symmetric=True), head_b.network(symmetric=True)
     tally = Tally()
-    same = same_network(Ha, Hb)  # a self product: one moment matrix serves all three blocks
+    measure = _moments_measure(head_a, head_b, "gaussian", mu[1:], C[1:, 1:], None, True, tail="any")
+    if measure is not None:
+        hm = attention_moments(head_a, head_b, *measure, joint=True)
+        means, (M_aa, M_ab, M_bb) = [hm.mean_a, hm.mean_b], (hm.aa, hm.ab, hm.bb)
+        tally.flops, tally.contractions = hm.flops, hm.products
+    else:
+        joins = _joins(mu, C, label)
+        Ha, Hb = head_a.network(symmetric=True), head_b.network(symmetric=True)
+        same = same_network(Ha, Hb)  # a self product: one moment matrix serves all three blocks
 
-    def moment(x: Network, y: Network | None, mask: Any) -> Any:
-        value, t = orbit_sum(x, y, joins, mask, budget)
-        tally.add(t)
-        return value
+        def moment(x: Network, y: Network | None, mask: Any) -> Any:
+            value, t = orbit_sum(x, y, joins, mask, budget)
+            tally.add(t)
+            return value
 
-    M_aa = moment(Ha, Ha, OUTER)
-    M_ab, M_bb = (M_aa, M_aa) if same else (moment(Ha, Hb, OUTER), moment(Hb, Hb, OUTER))
-    mean_a = moment(Ha, None, None)
-    means = [mean_a, mean_a if same else moment(Hb, None, None)]
+        M_aa = moment(Ha, Ha, OUTER)
+        M_ab, M_bb = (M_aa, M_aa) if same else (moment(Ha, Hb, OUTER), moment(Hb, Hb, OUTER))
+        mean_a = moment(Ha, None, None)
+        means = [mean_a, mean_a if same else moment(Hb, None, None)]
     state_mu, state_M = np.concatenate(means), np.block([[M_aa, M_ab], [M_ab.T, M_bb]])
     chains, approx = [], 0
     for head, tail in ((head_a, tail_a), (head_b, tail_b)):
@@ -524,9 +617,17 @@ def similarity(a: Any, b: Any, inner: str = "gaussian", method: str = "auto", me
         # all three products at the common degree: a norm at a model's own
         # degree would mix Bombieri weights of different k
         kwargs = dict(kwargs, degree=max(_degree(a), _degree(b)))
-    ab = ip(a, b, inner, method, mean, cov, **kwargs)
-    aa = ab if a is b else ip(a, a, inner, method, mean, cov, **kwargs)
-    bb = ab if a is b else ip(b, b, inner, method, mean, cov, **kwargs)
+    options = dict(centered=False, per_output=False, degree=None, budget=DEFAULT_BUDGET, orbits=True, algorithm=None)
+    unknown = set(kwargs) - set(options)
+    if unknown:
+        raise TypeError(f"similarity() got unexpected keyword arguments {sorted(unknown)}")
+    ab, aa, bb = _results(a, b, inner, method, mean, cov, joint=a is not b, **{**options, **kwargs})
+    spent = [ab]  # a joint computation (closure, attention moments) yields all three at its own cost
+    if a is b:
+        aa = bb = ab
+    elif aa is None or bb is None:
+        aa, bb = ip(a, a, inner, method, mean, cov, **kwargs), ip(b, b, inner, method, mean, cov, **kwargs)
+        spent += [aa, bb]
     if not ab.per_output and not isinstance(ab.value, float):  # exact or symbolic: keep it so
         x, y, z = (_to_sympy(r.value) for r in (ab, aa, bb))
         if y == 0 or z == 0:
@@ -535,7 +636,6 @@ def similarity(a: Any, b: Any, inner: str = "gaussian", method: str = "auto", me
         cos = sympy.simplify(x / (sympy.sqrt(y) * sympy.sqrt(z)))
     else:
         cos = _float_cosine(ab, aa, bb, inner)
-    spent = [r for r in ({id(r): r for r in (ab, aa, bb)}).values()]
     return replace(
         ab,
         value=cos,
