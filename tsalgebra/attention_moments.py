@@ -66,20 +66,6 @@ class _Hermite:
             src = np.flatnonzero(self.exps[:, i] > 0)
             self.down.append((src, index(self.exps[src] - np.eye(r, dtype=np.int64)[i]), self.exps[src, i].astype(float)))
 
-    def times_linear(self, P: np.ndarray, L: np.ndarray, a: int) -> np.ndarray:
-        """Row-wise products of polynomials P (rows, degree <= a) and linear
-        forms L (rows, [constant, z_1 .. z_r])."""
-        n_in = self.sizes[a]
-        out = np.zeros((P.shape[0], self.sizes[a + 1]))
-        out[:, :n_in] = P * L[:, :1]
-        for i in range(self.r):
-            c = L[:, i + 1 : i + 2]
-            out[:, self.up[i][:n_in]] += P * c
-            src, dst, w = self.down[i]
-            m = np.searchsorted(src, n_in)
-            out[:, dst[:m]] += P[:, src[:m]] * (w[:m] * c)
-        return out
-
     def shifts(self, P: np.ndarray, a: int) -> np.ndarray:
         """(rows, r + 1, size a + 1): each row of P (degree <= a) times 1, z_1, ..., z_r."""
         n_in = self.sizes[a]
@@ -90,6 +76,19 @@ class _Hermite:
             src, dst, w = self.down[i]
             m = np.searchsorted(src, n_in)
             out[:, i + 1, dst[:m]] += P[:, src[:m]] * w[:m]
+        return out
+
+    def shift_sum(self, U: np.ndarray, a: int) -> np.ndarray:
+        """(rows, size a + 1): U[:, 0] + sum_i z_i U[:, i] for U (rows, r + 1, size a),
+        i.e. sum_i l_i p_i without forming each product."""
+        n_in = self.sizes[a]
+        out = np.zeros((U.shape[0], self.sizes[a + 1]))
+        out[:, :n_in] = U[:, 0]
+        for i in range(self.r):
+            out[:, self.up[i][:n_in]] += U[:, i + 1]
+            src, dst, w = self.down[i]
+            m = np.searchsorted(src, n_in)
+            out[:, dst[:m]] += U[:, i + 1, src[:m]] * w[:m]
         return out
 
     def degrees(self, X: np.ndarray) -> np.ndarray:
@@ -110,16 +109,28 @@ class _Hermite:
             offset += len(X)
         return {g: (np.concatenate([r for r, _ in p]), np.concatenate([x for _, x in p])) for g, p in parts.items()}
 
-    def covariance(self, xs: list[np.ndarray], ys: list[np.ndarray]) -> np.ndarray:
+    def covariance(self, xs: list[np.ndarray], ys: list[np.ndarray] | None = None) -> np.ndarray:
         """Cov(p, q) = sum over b != 0 of b! p_b q_b for the rows p of the
-        stacked blocks xs and q of ys (each block at its own width), every
-        pair of degree groups over its shortest common prefix."""
-        gx, gy = self._by_degree(xs), self._by_degree(ys)
-        out = np.zeros((sum(len(x) for x in xs), sum(len(y) for y in ys)))
+        stacked blocks xs and q of ys (default: xs, a symmetric result), each
+        block at its own width, every pair of degree groups over its
+        shortest common prefix."""
+        gx = self._by_degree(xs)
+        gy = gx if ys is None else self._by_degree(ys)
+        out = np.zeros((sum(len(x) for x in xs), sum(len(y) for y in (xs if ys is None else ys))))
+        root = np.sqrt(self.norms)
         for dx, (ix, X) in gx.items():
             for dy, (iy, Y) in gy.items():
+                if ys is None and dy < dx:
+                    continue  # mirrored below
                 m = self.sizes[min(dx, dy)]
-                out[np.ix_(ix, iy)] = (X[:, 1:m] * self.norms[1:m]) @ Y[:, 1:m].T
+                if ys is None and dx == dy:
+                    R = X[:, 1:m] * root[1:m]
+                    block = R @ R.T  # symmetric: half the work
+                else:
+                    block = (X[:, 1:m] * self.norms[1:m]) @ Y[:, 1:m].T
+                out[np.ix_(ix, iy)] = block
+                if ys is None:
+                    out[np.ix_(iy, ix)] = block.T
         return out
 
 
@@ -184,7 +195,7 @@ class _Features:
     O: list[np.ndarray]  # per head (d_out, dv_h)
     pair_heads: list[int]  # heads with a non-zero score off the diagonal
     coupling: np.ndarray  # (n, n, q, q): kron(R1_ij, R2_ij), query index (r, s) at i to key index at j
-    X: list[np.ndarray]  # [Cd (degree 5), Aq (2), Bk (3)], each at its own width
+    X: list[np.ndarray]  # [Cd per head (degree <= 5), Aq (2), Bk (3)], each at its own width
     shape: tuple[int, int, int]  # (w1, w2, dv) of the pair heads
 
     @property
@@ -195,7 +206,9 @@ class _Features:
         return np.concatenate([x[:, 0] for x in self.X])
 
     def blocks(self) -> tuple[slice, slice, slice]:
-        a, b = len(self.X[0]), len(self.X[0]) + len(self.X[1])
+        """Rows of Cd (all heads), Aq and Bk in the stacked features."""
+        a = sum(len(x) for x in self.X[:-2])
+        b = a + len(self.X[-2])
         return slice(0, a), slice(a, b), slice(b, self.rows)
 
 
@@ -214,25 +227,28 @@ def _features(attn: BilinearAttention, E: np.ndarray, T: np.ndarray, basis: _Her
     rot1, rot2 = ((_rotary(n, w1, attn.rotary_base), _rotary(n, w2, attn.rotary_base))
                   if attn.rotary_base is not None else (eye(w1), eye(w2)))
     coupling = np.einsum("irk,jrl,isu,jsv->ijkulv", rot1, rot1, rot2, rot2).reshape(n, n, w1 * w2, w1 * w2)
-    tl, r1 = basis.times_linear, T.shape[1]
-    rows = lambda k, heads: F[k][heads].reshape(-1, r1)  # noqa: E731
-    every = list(range(H + 1))
-    g1 = tl(rows("q1", every), rows("k1", every), 1).reshape(H + 1, w1, -1).sum(1)  # x~' Q1' K1 x~ per head
-    quartic = tl(tl(np.repeat(g1, w2, 0), rows("q2", every), 2), rows("k2", every), 3).reshape(H + 1, w2, -1).sum(1)
-    cd = F["v"] @ basis.shifts(quartic, 4)  # (H+1, dv, N5)
-    cds = [cd[h, : dvs[h]] for h in every]
+    sh = basis.shifts
+    lin = {k: F[k].reshape(-1, F[k].shape[-1]) for k in ("q1", "k1")}
+    S1 = {k: sh(lin[k], 1).reshape(H + 1, -1, basis.r + 1, basis.sizes[2]) for k in lin}  # per row: (r+1, N2)
+    # sum_r (Q1 x~)_r (K1 x~)_r = sum_i z~_i p_i with p_i = sum_r K1[r, i] (Q1 x~)_r
+    g1 = basis.shift_sum(np.matmul(F["k1"].transpose(0, 2, 1), F["q1"]), 1)  # x~' Q1' K1 x~ per head
+    g1q2 = np.matmul(F["q2"], sh(g1, 2))  # (H+1, w2, N3): g1 times each row of Q2 x~
+    quartic = basis.shift_sum(np.matmul(F["k2"].transpose(0, 2, 1), g1q2), 3)  # (H+1, N4): times x~' Q2' K2 x~
+    cds = []
+    for h in range(H + 1):  # at its own degree: the virtual head's quartic is the constant 1
+        deg = int(basis.degrees(quartic[h][None])[0])
+        cds.append(F["v"][h, : dvs[h]] @ sh(quartic[h, : basis.sizes[deg]][None], deg)[0])
     off = ~np.eye(n, dtype=bool)
-    pair_heads = [h for h in every if np.any(mask[h][off] != 0)]
+    pair_heads = [h for h in range(H + 1) if np.any(mask[h][off] != 0)]
     aqs, bks = [], []
     if pair_heads:
         ph = pair_heads
-        outer = lambda x, y: tl(np.repeat(F[x][ph], w2, 1).reshape(-1, r1),  # noqa: E731
-                                np.tile(F[y][ph], (1, w1, 1)).reshape(-1, r1), 1)  # (P w1 w2, N2), index (p, r, s)
-        aqs.append(outer("q1", "q2"))
-        v = np.repeat(F["v"][ph, :dv][:, None], w1 * w2, 1).reshape(-1, r1)
-        bks.append(tl(np.repeat(outer("k1", "k2"), dv, 0), v, 2))
+        aqs.append(np.matmul(F["q2"][ph][:, None], S1["q1"][ph]).reshape(-1, basis.sizes[2]))  # (p, r, s)
+        k12 = np.matmul(F["k2"][ph][:, None], S1["k1"][ph]).reshape(-1, basis.sizes[2])
+        S2 = sh(k12, 2).reshape(len(ph), w1 * w2, basis.r + 1, -1)
+        bks.append(np.matmul(F["v"][ph, :dv][:, None], S2).reshape(-1, basis.sizes[3]))  # (p, r, s, e)
     empty = lambda deg: np.zeros((0, basis.sizes[deg]))  # noqa: E731
-    X = [np.concatenate(cds), np.concatenate(aqs) if aqs else empty(2), np.concatenate(bks) if bks else empty(3)]
+    X = cds + [np.concatenate(aqs) if aqs else empty(2), np.concatenate(bks) if bks else empty(3)]
     return _Features(n, attn.d_out, mask, O, pair_heads, coupling, X, (w1, w2, dv))
 
 
@@ -389,7 +405,7 @@ def attention_moments(a: Component, b: Component, mean: np.ndarray, cov: np.ndar
     FB = FA if a is b else _features(heads[1][0], heads[1][1], T, basis)
     ma, mb = _mean_and_linear(FA)[0], _mean_and_linear(FB)[0]
     if joint and FB is not FA:  # one Gram matrix of both models' features serves all three blocks
-        G = basis.covariance(FA.X + FB.X, FA.X + FB.X)
+        G = basis.covariance(FA.X + FB.X)
         k = FA.rows
         ab = _padded(ma, mb, _second_moment(FA, FB, G[:k, k:]))
         aa = _padded(ma, ma, _second_moment(FA, FA, G[:k, :k]))
