@@ -36,7 +36,7 @@ import numpy as np
 from .attention import BilinearAttention, _rotary
 from .components import Component, Linear
 
-__all__ = ["attention_moments", "moment_head", "moments_cost", "per_position_measure", "whitened_rank", "MAX_WHITENED"]
+__all__ = ["attention_moments", "moment_head", "moment_products", "moments_cost", "per_position_measure", "whitened_rank", "MAX_WHITENED"]
 
 MAX_WHITENED = 24  # monomial codes in base 6 fit in int64 up to 24 variables
 
@@ -413,33 +413,37 @@ def attention_moments(a: Component, b: Component, mean: np.ndarray, cov: np.ndar
     else:
         ab = _padded(ma, mb, _second_moment(FA, FB, basis.covariance(FA.X, FB.X)))
         aa = bb = (ab if FB is FA else None) if joint else None
-    crosses = 1 if FB is FA or not joint else 3
-    products = crosses * (9 + 2 * FA.n * (FA.n - 1))
-    return HeadMoments(np.r_[1.0, ma], np.r_[1.0, mb], ab, aa, bb, r, moments_cost(a, b, cov, joint), products)
+    return HeadMoments(np.r_[1.0, ma], np.r_[1.0, mb], ab, aa, bb, r, moments_cost(a, b, cov, joint),
+                       moment_products(FA.n, joint and FB is not FA))
 
 
-def _sizes(model: Component) -> tuple[int, int, int]:
-    """(Cd rows, Aq rows, Bk rows) of a model's features."""
+def moment_products(n_ctx: int, joint: bool) -> int:
+    """Matrix products of one computation: per moment block, 9 covariance
+    blocks of the feature groups and 2 contractions per ordered pair of positions."""
+    return (3 if joint else 1) * (9 + 2 * n_ctx * (n_ctx - 1))
+
+
+def _groups(model: Component, r: int) -> tuple[list[tuple[int, int]], int]:
+    """(rows, degree) of a model's feature groups and the flops of forming them."""
     attn = moment_head(model)[0]  # type: ignore[index]
-    H = attn.heads
+    H, d = attn.heads, attn.d_model
     w1, w2 = attn.weights_["q1"].shape[1], attn.weights_["q2"].shape[1]
     dv = attn.weights_["v"].shape[1]
-    pairs = H if attn.n_ctx > 1 else 0
-    return H * dv + attn.d_model + 1, pairs * w1 * w2, pairs * w1 * w2 * dv
+    P = H if attn.n_ctx > 1 else 0
+    N, r1 = [math.comb(r + j, j) for j in range(6)], r + 1
+    form = 2 * (H + 1) * (w1 * r1 * N[2] + (1 + w2) * r1 * N[3] + r1 * N[3])  # Q1 K1 products, the quartics
+    form += 2 * H * (1 + dv) * r1 * N[5] + 2 * P * w1 * w2 * (1 + dv) * r1 * N[3]  # Cd, Bk
+    groups = [(H * dv, 5), (d + 1, 1), (P * w1 * w2, 2), (P * w1 * w2 * dv, 3)]
+    return groups, form
 
 
 def moments_cost(a: Component, b: Component, cov: np.ndarray, joint: bool = False) -> int:
-    """Estimated flops of :func:`attention_moments` (forming the features'
-    Hermite coefficients and their covariance Gram matrices)."""
+    """Estimated flops of :func:`attention_moments`: forming the features'
+    Hermite coefficients and their covariance Gram matrices (the products
+    per pair of positions are negligible beside them)."""
     r = whitened_rank(cov)
     N = [math.comb(r + j, j) for j in range(6)]
-    form = gram = 0
-    rows = [_sizes(m) for m in (a, b)]
-    for cd, aq, bk in rows:
-        form += 2 * (cd * N[4] * (r + 1) + bk * N[2] * (r + 1) + aq * (r + 1) ** 2)
-        form += 2 * (cd * N[5] + bk * N[3] + aq * N[2])  # the change to Hermite coefficients
-    pairs = [(rows[0], rows[1])] + ([(rows[0], rows[0]), (rows[1], rows[1])] if joint else [])
-    for (cda, aqa, bka), (cdb, aqb, bkb) in pairs:
-        gram += 2 * (cda * cdb * N[5] + (cda * bkb + bka * cdb + bka * bkb) * N[3]
-                     + (cda * aqb + aqa * cdb + aqa * aqb + aqa * bkb + bka * aqb) * N[2])
-    return int(form + gram)
+    (ga, fa), (gb, fb) = _groups(a, r), _groups(b, r)
+    gram = lambda xs, ys: sum(2 * x * y * N[min(dx, dy)] for x, dx in xs for y, dy in ys)  # noqa: E731
+    cost = fa + fb + (gram(ga + gb, ga + gb) // 2 if joint else gram(ga, gb))
+    return int(cost)

@@ -391,7 +391,8 @@ def plan_similarity(a: Component, b: Component, inner: str = "gaussian", *, cent
     per orbit sum the pairings, orbits, the costliest orbit's contraction
     plan, FLOP and float64 memory estimates; totals; and the algorithm the
     engine runs (pairing orbits, or Gauss-Hermite quadrature when that needs
-    fewer contractions or the pairings are refused)."""
+    fewer contractions or the pairings are refused; attention layers under
+    the sequence measure take per-position attention moments instead)."""
     from .inner import DEFAULT_BUDGET, plan_inner, similarity
 
     budget = DEFAULT_BUDGET if budget is None else budget
@@ -410,6 +411,13 @@ def plan_similarity(a: Component, b: Component, inner: str = "gaussian", *, cent
         return {"inner": "network", "method": "Gram recursion", "note": "no pairing enumeration: one Gram "
                 "recursion per product, O(depth h^2 d)", "products": [], "total_flops": r.flops,
                 "total_contractions": r.contractions, "budget": budget, "within_budget": True}
+    first = plan_inner(a, b, inner, centered=centered, per_output=per_output, budget=budget)
+    if first["algorithm"] == "attention moments":
+        return {"inner": inner, "method": "exact (attention moments)", "note": "no pairing enumeration: means and "
+                "covariances of per-position features, one joint computation for <a,b>, <a,a> and <b,b>",
+                "products": [], "total_flops": first["flops_with_norms"],
+                "total_contractions": first["contractions_with_norms"], "budget": budget,
+                "within_budget": first["flops_with_norms"] <= budget}
     products: list[dict[str, Any]] = []
     contractions = 0
     algorithms = set()

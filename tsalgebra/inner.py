@@ -28,8 +28,8 @@ import numpy as np
 import sympy
 
 from .attention import BilinearAttention, sequence_measure
-from .attention_moments import (MAX_WHITENED, attention_moments, moment_head, moments_cost, per_position_measure,
-                                whitened_rank)
+from .attention_moments import (MAX_WHITENED, attention_moments, moment_head, moment_products, moments_cost,
+                                per_position_measure, whitened_rank)
 from .components import Component, Linear, Sequential
 from .expr import Network, Sum
 from .pairing_sum import (MAX_PAIRINGS, OUTER, CostError, Joins, PairingPlan, Tally, lift, orbit_sum, plan_pairings,
@@ -512,14 +512,22 @@ def plan_inner(a: Any, b: Any, inner: str = "gaussian", mean: Any = None, cov: A
                per_output: bool = False, degree: int | None = None, budget: float = DEFAULT_BUDGET,
                orbits: bool = True, algorithm: str | None = None) -> dict[str, Any]:
     """What :func:`inner` with the same arguments (exact method) would run,
-    planned from shapes without contracting: ``algorithm`` ("pairing orbits"
-    or "Gauss-Hermite quadrature"), ``products`` (for each orbit sum, its
-    label "<a,b>", "E[a]" or "E[b]" and a :class:`~tsalgebra.pairing_sum.PairingPlan`,
-    or the CostError message under "refused"), and ``quadrature_points``."""
+    planned from shapes without contracting: ``algorithm`` ("pairing orbits",
+    "Gauss-Hermite quadrature" or "attention moments"), ``products`` (for
+    each orbit sum, its label "<a,b>", "E[a]" or "E[b]" and a
+    :class:`~tsalgebra.pairing_sum.PairingPlan`, or the CostError message
+    under "refused"), ``quadrature_points``, and for attention moments the
+    estimated ``flops`` (and ``flops_with_norms`` for a similarity)."""
     _check_args(inner, "exact", centered)
     _check_pair(a, b)
     if getattr(a, "n_ctx", 0):
         mean, cov = sequence_measure(mean, cov, a.n_ctx, a.d_model)
+    measure = _moments_measure(a, b, inner, mean, cov, algorithm, orbits, tail="linear")
+    if measure is not None:
+        return {"inner": inner, "algorithm": "attention moments", "products": [], "quadrature_points": None,
+                "flops": moments_cost(a, b, measure[1]), "flops_with_norms": moments_cost(a, b, measure[1], True),
+                "contractions": moment_products(a.in_features // len(measure[0]), False),
+                "contractions_with_norms": moment_products(a.in_features // len(measure[0]), a is not b)}
     ta, tb = _terms(a), _terms(b)
     exact_numbers = _is_exact(ta + tb)
     plans: list[tuple[str, PairingPlan]] = []
