@@ -357,6 +357,9 @@ def test_attention_moments_route_and_its_refusals():
         ts.inner(ts.Sequential(a, mlp), ts.Sequential(b, mlp), algorithm="moments")
     with pytest.raises(ts.CostError, match="attention-moments"):
         ts.inner(a, b, budget=10)
+    with pytest.raises(ValueError, match="positions of different widths"):  # 2 x 3 and 3 x 2 inputs
+        ts.inner(random_attention(rng, heads=1, dh=1, d=3, n_ctx=2), random_attention(rng, heads=1, dh=1, d=2, n_ctx=3),
+                 algorithm="moments")
     # a similarity takes all three products from one joint computation: same as three separate ones
     s = ts.similarity(la, lb)
     ab, aa, bb = (ts.inner(x, y).value for x, y in ((la, lb), (la, la), (lb, lb)))

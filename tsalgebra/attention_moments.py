@@ -396,6 +396,11 @@ def attention_moments(a: Component, b: Component, mean: np.ndarray, cov: np.ndar
     heads = [moment_head(m) for m in (a, b)]
     if heads[0] is None or heads[1] is None:
         raise ValueError("attention_moments needs position-wise Linear layers, then a float BilinearAttention")
+    if heads[0][0].n_ctx != heads[1][0].n_ctx or heads[0][1].shape[1] != heads[1][1].shape[1]:
+        raise ValueError("attention_moments: the two models split their input into different positions")
+    if heads[0][1].shape[1] != len(mean) + 1:
+        raise ValueError(f"attention_moments: mean has {len(mean)} features per position, the models read "
+                         f"{heads[0][1].shape[1] - 1}")
     T = _whitening(np.asarray(mean, dtype=float), np.asarray(cov, dtype=float))
     r = T.shape[1] - 1
     if r > MAX_WHITENED:

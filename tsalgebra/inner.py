@@ -293,13 +293,17 @@ def inner(
     ``orbits=False`` sums every pairing one by one (slow; a check on the
     declared symmetries, which orbit grouping trusts).  ``algorithm`` picks
     the exact Gaussian algorithm: "pairings" (orbit enumeration, exponential
-    in the number of input copies) or "quadrature" (Gauss-Hermite nodes,
-    exponential in the input width); by default the one with fewer
-    contractions, the other when the first is refused.
+    in the number of input copies), "quadrature" (Gauss-Hermite nodes,
+    exponential in the input width) or "moments" (per-position attention
+    moments: one attention layer between position-wise linear maps, under
+    the sequence measure; ValueError naming the reason where it does not
+    apply); by default "moments" where it applies, else the one of the other
+    two with fewer contractions, the other when the first is refused.
 
     Cost: exact enumeration is exponential in the number of input copies
     (orbits of pairings, each a contraction of the two factored models);
-    network and closure are O(depth h^2 d).
+    attention moments are polynomial (C(r+5, 5) coefficients per feature,
+    r the per-position input rank); network and closure are O(depth h^2 d).
     """
     return _results(a, b, inner, method, mean, cov, joint=False, centered=centered, per_output=per_output,
                     degree=degree, budget=budget, orbits=orbits, algorithm=algorithm)[0]
@@ -392,8 +396,10 @@ def _moments_measure(a: Any, b: Any, inner_: str, mean: Any, cov: Any, algorithm
         return refuse("each model must be position-wise Linear layers, then a float BilinearAttention")
     if tail == "linear" and not all(isinstance(l, Linear) for h in heads for l in h[2]):
         return refuse("only Linear layers may follow the attention (use method='closure' for deeper models)")
-    attn = heads[0][0]
-    n, d = attn.n_ctx, heads[0][1].shape[1] - 1
+    (attn, E, _), (other, E_b, _) = heads
+    if (attn.n_ctx, E.shape[1]) != (other.n_ctx, E_b.shape[1]):
+        return refuse(f"the models read {attn.n_ctx} and {other.n_ctx} positions of different widths")
+    n, d = attn.n_ctx, E.shape[1] - 1
     measure = per_position_measure(mean, cov, n, d)
     if measure is None:
         return refuse("the measure is not independent and identical across positions")
@@ -495,8 +501,8 @@ def _quadrature_first(ta: list[tuple[Any, Network]], tb: list[tuple[Any, Network
     """Whether the exact Gaussian value is first tried by quadrature: when
     asked, or by default when its grid is smaller than the pairings divided
     by the declared symmetry group (a proxy for the orbit count)."""
-    if algorithm not in (None, "pairings", "quadrature"):
-        raise ValueError(f"algorithm must be 'pairings' or 'quadrature', got {algorithm!r}")
+    if algorithm not in (None, "pairings", "quadrature", "moments"):
+        raise ValueError(f"algorithm must be 'pairings', 'quadrature' or 'moments', got {algorithm!r}")
     if algorithm == "quadrature" and (inner != "gaussian" or exact_numbers):
         raise ValueError("quadrature computes float Gaussian inner products only")
     if algorithm is not None or inner != "gaussian" or exact_numbers:
