@@ -364,3 +364,19 @@ def test_pairwise_symmetric_matrix_uses_one_common_degree():
     same = ts.Bilinear(W, np.zeros((2, 3)), np.eye(2), right_bias=np.ones(2))  # the same function
     m = ts.similarity_matrix([lin, same], inner="symmetric", progress=False)
     np.testing.assert_allclose(m.values, np.ones((2, 2)), atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["packed", "triangle"])
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_both_formations_of_the_materialize_route(models, monkeypatch, kind, device):
+    """Each way of writing the symmetric tensors (numpy's per-output packing,
+    torch's batched one, the CP triangle) against the pairwise API, the
+    planner's choice overridden."""
+    import tsalgebra.batched as B
+
+    monkeypatch.setattr(B, "_formation", lambda n, H, o, m: B._Formation(kind, n, tuple(B._partition(n, 2)))
+                        if kind == "triangle" else B._Formation("packed", n))
+    for inner in ("symmetric", "gaussian"):
+        r = similarity_matrix(models, inner=inner, route="materialize", device=device, progress=False)
+        assert f"{kind} formation" in r.candidates["materialize"].blocking
+        assert np.max(np.abs(r.values - pairwise(models, models, inner))) < TOL

@@ -120,6 +120,7 @@ _PASS_FLOPS = 50
 # stays in numpy (interleaving the two libraries' thread pools in the
 # pairwise-gram loop was measured slower).
 _WIDE_GRAM_VIA_TORCH = True
+_GRAM_COLUMNS = 8192
 
 
 # ------------------------------------------------------------ results
@@ -348,12 +349,18 @@ class _Ops:
         return np.einsum("ij,ij->i", X, X).astype(float)
 
     def wide_gram(self, X: Any, Y: Any) -> Any:
-        """X @ Y^T for short, very wide X and Y (see _WIDE_GRAM_VIA_TORCH)."""
-        if self.is_torch or not _WIDE_GRAM_VIA_TORCH:
+        """X @ Y^T for short, very wide X and Y (see _WIDE_GRAM_VIA_TORCH), on
+        CPUs summed over column chunks of _GRAM_COLUMNS (measured 20 % faster
+        than one call on 100 x 330,000 operands here)."""
+        if self.cuda or not (self.is_torch or _WIDE_GRAM_VIA_TORCH):
             return X @ self.mT(Y)
         import torch
 
-        return (torch.from_numpy(X) @ torch.from_numpy(Y).T).numpy()
+        Xt, Yt = (X, Y) if self.is_torch else (torch.from_numpy(X), torch.from_numpy(Y))
+        G = torch.zeros((Xt.shape[0], Yt.shape[0]), dtype=Xt.dtype, device=Xt.device)
+        for c in range(0, Xt.shape[1], _GRAM_COLUMNS):
+            G += Xt[:, c : c + _GRAM_COLUMNS] @ Yt[:, c : c + _GRAM_COLUMNS].T
+        return G if self.is_torch else G.numpy()
 
     def core(self, Z: Any, p: int, q: int) -> Any:
         """LL * RR + LR * RL from the quadrants of Z = [L; R] G [L; R]^T
@@ -1087,7 +1094,21 @@ def _form(ops: _Ops, chains: Sequence[_Chain], o0: int, o1: int, form: _Formatio
         L, R, D = ch.blocks[0]
         H = L.shape[0]
         clock.start()
-        if form.kind == "packed":
+        if form.kind == "packed" and not ops.is_torch:
+            # one output at a time: the scaled operand (n x H) and the product
+            # (n x n) stay in cache, and BLAS gets a full-size GEMM each time
+            flat, weight = pack
+            Lt, Rb = ops.put(L.T), ops.put(R)
+            Dh = 0.5 * D[o0:o1]
+            scaled, T, S = np.empty((n, H)), np.empty((n, n)), np.empty((n, n))
+            for j in range(k):
+                np.multiply(Lt, Dh[j], out=scaled)
+                np.matmul(scaled, Rb, out=T)
+                np.add(T, T.T, out=S)
+                row = X[m, j * P : (j + 1) * P]
+                np.take(S.reshape(-1), flat, out=row)
+                row *= weight
+        elif form.kind == "packed":
             flat, weight = pack
             Lt, Rb = ops.put(L.T), ops.put(R)
             Dh = ops.put(0.5 * D[o0:o1])
