@@ -36,7 +36,8 @@ import numpy as np
 from .attention import BilinearAttention, _rotary
 from .components import Component, Linear
 
-__all__ = ["attention_moments", "moment_head", "moment_products", "moments_cost", "per_position_measure", "whitened_rank", "MAX_WHITENED"]
+__all__ = ["attention_moments", "moment_head", "moment_products", "moments_cost", "per_position_measure",
+           "whitened_rank", "MAX_WHITENED"]
 
 MAX_WHITENED = 24  # monomial codes in base 6 fit in int64 up to 24 variables
 
@@ -64,7 +65,8 @@ class _Hermite:
         self.down = []  # (b with b_i > 0, index of b - e_i, b_i), b ascending
         for i in range(r):
             src = np.flatnonzero(self.exps[:, i] > 0)
-            self.down.append((src, index(self.exps[src] - np.eye(r, dtype=np.int64)[i]), self.exps[src, i].astype(float)))
+            lowered = index(self.exps[src] - np.eye(r, dtype=np.int64)[i])
+            self.down.append((src, lowered, self.exps[src, i].astype(float)))
 
     def shifts(self, P: np.ndarray, a: int) -> np.ndarray:
         """(rows, r + 1, size a + 1): each row of P (degree <= a) times 1, z_1, ..., z_r."""
@@ -352,7 +354,8 @@ def _pair_part(FA: _Features, FB: _Features, G: np.ndarray) -> np.ndarray:
     S1 = np.einsum("xrk,prPlf->xpkPlf", RA, ab, optimize=True)
     S2 = np.einsum("pkePs,xsl->xpkePl", ba, RBt, optimize=True)
     swapped = np.einsum("xpkPlf,xpkePl->xpePf", S1, S2, optimize=True)
-    for N, cB, cols in ((same, FB.mask[FB.pair_heads][:, ii, jj].T, ii), (swapped, FB.mask[FB.pair_heads][:, jj, ii].T, jj)):
+    mask_b = FB.mask[FB.pair_heads]
+    for N, cB, cols in ((same, mask_b[:, ii, jj].T, ii), (swapped, mask_b[:, jj, ii].T, jj)):
         blocks = np.einsum("xp,pae,xpePf,xP,Pbf->xab", cA, OA, N, cB, OB, optimize=True)
         np.add.at(M, (ii, slice(None), cols), blocks)
     return M.reshape(n * da, n * db)
