@@ -350,6 +350,10 @@ def test_attention_moments_route_and_its_refusals():
     assert ts.inner(a, b, cov=cov).algorithm != "attention moments"
     with pytest.raises(ValueError, match="not independent and identical across positions"):
         ts.inner(a, b, cov=cov, algorithm="moments")
+    with pytest.raises(ValueError, match="not positive semi-definite"):  # checked as on every route
+        ts.inner(a, b, cov=np.array([[1.0, 0.0], [0.0, -1.0]]))
+    with pytest.raises(ValueError, match="NaN"):
+        ts.inner(a, b, mean=np.array([np.nan, 0.0]))
     with pytest.raises(ValueError, match="gaussian inner product only"):
         ts.inner(a, b, "symmetric", algorithm="moments")
     mlp = ts.position_wise(ts.Bilinear(rng.normal(size=(2, 2)), rng.normal(size=(2, 2)), rng.normal(size=(2, 2))), 2)

@@ -400,6 +400,7 @@ def _moments_measure(a: Any, b: Any, inner_: str, mean: Any, cov: Any, algorithm
     if (attn.n_ctx, E.shape[1]) != (other.n_ctx, E_b.shape[1]):
         return refuse(f"the models read {attn.n_ctx} and {other.n_ctx} positions of different widths")
     n, d = attn.n_ctx, E.shape[1] - 1
+    _measure(n * d, mean, cov, False)  # the same checks as every route: shapes, NaN/Inf, symmetric, PSD
     measure = per_position_measure(mean, cov, n, d)
     if measure is None:
         return refuse("the measure is not independent and identical across positions")
