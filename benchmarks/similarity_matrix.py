@@ -48,6 +48,7 @@ Targets (from the issue): batched >= 3x the loop at (256, 64, 10), >= 30x at
 the matmul rate.
 
 Run:  python benchmarks/similarity_matrix.py        (about 2 minutes on 2 idle cores, longer under load)
+      python benchmarks/similarity_matrix.py --only "(256, 64"     (the cases whose label contains the text)
 """
 
 from __future__ import annotations
@@ -238,6 +239,11 @@ def time_batched(models, inner: str, threads: Threads) -> tuple[SimilarityMatrix
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--only", metavar="TEXT", help="run only the cases whose label contains TEXT, e.g. '(256, 64'")
+    args = parser.parse_args()
     t_start = time.perf_counter()
     print(__doc__.strip().splitlines()[0])
     print(f"python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}, "
@@ -255,6 +261,7 @@ def main() -> None:
 
     rows = []
     cases = [("one layer", "symmetric", c) for c in ONE_LAYER] + [("depth 3", "network", c) for c in DEPTH3]
+    cases = [c for c in cases if args.only is None or args.only in f"{c[0]} {c[2]}"]
     for kind, inner, shape in cases:
         rng = np.random.default_rng(SEED)
         if kind == "one layer":

@@ -374,9 +374,29 @@ def test_both_formations_of_the_materialize_route(models, monkeypatch, kind, dev
     planner's choice overridden."""
     import tsalgebra.batched as B
 
-    monkeypatch.setattr(B, "_formation", lambda n, H, o, m: B._Formation(kind, n, tuple(B._partition(n, 2)))
-                        if kind == "triangle" else B._Formation("packed", n))
+    monkeypatch.setattr(B, "_formation", lambda n, H, o, m, itemsize, cuda: B._Formation(kind, n, 2, tuple(B._partition(n, 2)))
+                        if kind == "triangle" else B._Formation("packed", n, 2))
     for inner in ("symmetric", "gaussian"):
         r = similarity_matrix(models, inner=inner, route="materialize", device=device, progress=False)
         assert f"{kind} formation" in r.candidates["materialize"].blocking
         assert np.max(np.abs(r.values - pairwise(models, models, inner))) < TOL
+
+
+def test_formation_layout_is_shared_by_both_sides(monkeypatch):
+    """A cross matrix whose sides have different hidden widths: the triangle
+    formation's outputs per product are sized for the wider side, so both
+    sides' rows list the features in the same order."""
+    import tsalgebra.batched as B
+
+    rng = np.random.default_rng(5)
+    narrow = [bilinear(rng, 4, 2, 4) for _ in range(3)]
+    wide = [bilinear(rng, 4, 16, 4) for _ in range(2)]
+    n = 5
+    # temporaries for one output of the wide side fit, two do not; the narrow side alone would take all four
+    monkeypatch.setattr(B, "_FORM_CACHE", B._formation_temp("triangle", n, 1, 16, 8) + 8)
+    form = B._formation(n, 16, 4, 5, 8, False)
+    assert form.sub == 1 and B._formation(n, 2, 4, 5, 8, False).sub == 4
+    monkeypatch.setattr(B, "_formation", lambda n, H, o, m, itemsize, cuda: B._Formation(
+        "triangle", n, form.sub, tuple(B._partition(n, 2))))
+    r = cross_similarity_matrix(narrow, wide, inner="symmetric", route="materialize", progress=False)
+    assert np.max(np.abs(r.values - pairwise(narrow, wide, "symmetric"))) < TOL

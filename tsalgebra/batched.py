@@ -53,8 +53,7 @@ Inner products in batch, on padded factors L~, R~ (H, d+1), D~ (o+1, H), outputs
   product of symmetric CP tensors, or the Gram recursion.
 
 Engines: with ``device=None`` the inputs and the result are numpy; one-layer
-routes compute in numpy (the materialize Gram, a short very wide product, in
-torch on the same memory) and stacks in torch on the CPU (batched products of
+routes compute in numpy and stacks in torch on the CPU (batched products of
 small matrices: one parallel call each, where numpy calls BLAS once per
 matrix); ``device="numpy"`` forces numpy throughout.  A torch device
 (``"cpu"``, ``"cuda"``...) computes everything in torch there.
@@ -114,12 +113,13 @@ _FORM_CACHE = 8 * 2**20
 # about as long as 100 GEMM flops per entry).
 _TRI_ROWS = 256
 _PASS_FLOPS = 50
-# On numpy, the materialize route's Gram of the flattened tensors (a short, very
-# wide product, once per output chunk) runs in torch on the same memory: MKL's
-# GEMM was about 3x faster than OpenBLAS's on that shape here.  Everything else
-# stays in numpy (interleaving the two libraries' thread pools in the
-# pairwise-gram loop was measured slower).
-_WIDE_GRAM_VIA_TORCH = True
+# The materialize route's Gram of the flattened tensors (a short, very wide
+# product, once per output chunk) stays in the engine that formed them: on
+# numpy, handing it to torch (MKL) was faster alone but slower after numpy's
+# formation here (both libraries' thread pools then compete for the cores).
+# Numpy takes it in row blocks (OpenBLAS's syrk on that shape ran at a third of
+# its GEMM rate), torch in column chunks.
+_GRAM_ROWS = 25
 _GRAM_COLUMNS = 8192
 
 
@@ -349,18 +349,24 @@ class _Ops:
         return np.einsum("ij,ij->i", X, X).astype(float)
 
     def wide_gram(self, X: Any, Y: Any) -> Any:
-        """X @ Y^T for short, very wide X and Y (see _WIDE_GRAM_VIA_TORCH), on
-        CPUs summed over column chunks of _GRAM_COLUMNS (measured 20 % faster
-        than one call on 100 x 330,000 operands here)."""
-        if self.cuda or not (self.is_torch or _WIDE_GRAM_VIA_TORCH):
+        """X @ Y^T for short, very wide X and Y.  On torch CPUs summed over
+        column chunks of _GRAM_COLUMNS (measured 20 % faster than one call on
+        100 x 330,000 operands here); on numpy, X @ X^T by row blocks of
+        _GRAM_ROWS, the blocks on and above the diagonal only."""
+        if self.cuda:
             return X @ self.mT(Y)
-        import torch
-
-        Xt, Yt = (X, Y) if self.is_torch else (torch.from_numpy(X), torch.from_numpy(Y))
-        G = torch.zeros((Xt.shape[0], Yt.shape[0]), dtype=Xt.dtype, device=Xt.device)
-        for c in range(0, Xt.shape[1], _GRAM_COLUMNS):
-            G += Xt[:, c : c + _GRAM_COLUMNS] @ Yt[:, c : c + _GRAM_COLUMNS].T
-        return G if self.is_torch else G.numpy()
+        if self.is_torch:
+            G = self.t.zeros((X.shape[0], Y.shape[0]), dtype=X.dtype, device=X.device)
+            for c in range(0, X.shape[1], _GRAM_COLUMNS):
+                G += X[:, c : c + _GRAM_COLUMNS] @ Y[:, c : c + _GRAM_COLUMNS].T
+            return G
+        if X is not Y:
+            return X @ Y.T
+        G = np.empty((X.shape[0], X.shape[0]), dtype=X.dtype)
+        for a0, a1 in _partition(X.shape[0], _GRAM_ROWS):
+            G[a0:a1, a0:] = X[a0:a1] @ X[a0:].T
+            G[a1:, a0:a1] = G[a0:a1, a1:].T
+        return G
 
     def core(self, Z: Any, p: int, q: int) -> Any:
         """LL * RR + LR * RL from the quadrants of Z = [L; R] G [L; R]^T
@@ -969,11 +975,14 @@ class _Formation:
     triangle of S straight from the symmetric CP form, S[o, I, i0:] =
     1/2 [D o L~, D o R~][:, I] [R~; L~][:, i0:] for row blocks I = [i0, i1)
     (columns beyond the block times sqrt 2): about (1 + rb/n) times the GEMM
-    flops with inner size 2H, but no passes.  The planner takes the one with
-    fewer flops, counting a pass over an entry as _PASS_FLOPS."""
+    flops with inner size 2H, but no passes.  ``sub`` outputs go into one
+    product (their rows stacked); it is part of the layout, so both sides of a
+    cross matrix share it.  The planner takes the formation with fewer flops,
+    counting a pass over an entry as _PASS_FLOPS."""
 
     kind: str
     n: int
+    sub: int
     rows: tuple[tuple[int, int], ...] = ()  # row blocks (triangle)
 
     @property
@@ -988,41 +997,43 @@ class _Formation:
         n = self.n
         if self.kind == "packed":
             return k * (n * H + _COSTS.flops("ih,hj->ij", (n, H), (H, n)) + n * n + n * (n + 1) // 2)
-        return sum(k * (i1 - i0) * 2 * H + _COSTS.flops("xh,hj->xj", (k * (i1 - i0), 2 * H), (2 * H, n - i0))
-                   + 2 * H * (n - i0) for i0, i1 in self.rows)
+        return k * n * 2 * H + sum(_COSTS.flops("xh,hj->xj", (k * (i1 - i0), 2 * H), (2 * H, n - i0))
+                                   for i0, i1 in self.rows)
 
     def temp(self, k: int, H: int, itemsize: int) -> int:
         """Bytes of the temporaries of forming ``k`` outputs of one model."""
-        n = self.n
-        if self.kind == "packed":
-            return (k * n * H + 3 * k * n * n) * itemsize
-        rb = max(i1 - i0 for i0, i1 in self.rows)
-        return (k * rb * 2 * H + 6 * H * n) * itemsize
+        return _formation_temp(self.kind, self.n, k, H, itemsize)
 
 
-def _formation(n: int, H: int, o: int, models: int) -> _Formation:
+def _formation_temp(kind: str, n: int, k: int, H: int, itemsize: int) -> int:
+    if kind == "packed":  # (numpy forms one output at a time; this bounds both engines)
+        return (k * n * H + 3 * k * n * n) * itemsize
+    return (k * n * 2 * H + 6 * H * n) * itemsize  # the scaled operand of all rows, [L; R] and [R; L] * sqrt 2
+
+
+def _formation(n: int, H: int, o: int, models: int, itemsize: int, cuda: bool) -> _Formation:
     """The cheaper formation for one output of one model: forming flops, passes
-    (packed), and its share of the Gram over ``models`` rows."""
-    rb = min(n, max(8, min(-(-_TRI_ROWS // max(1, o)), -(-n // 8))))
-    tri = _Formation("triangle", n, tuple(_partition(n, rb)))
-    packed = _Formation("packed", n)
+    (packed), and its share of the Gram over ``models`` rows.  On a CPU each
+    product takes as many outputs as keep its temporaries near _FORM_CACHE
+    (all of them on a GPU); the triangle's row blocks give its products about
+    _TRI_ROWS rows."""
+    forms = []
+    for kind in ("triangle", "packed"):
+        if cuda:
+            sub = o
+        else:
+            fixed = _formation_temp(kind, n, 0, H, itemsize)
+            per_output = max(1, _formation_temp(kind, n, 1, H, itemsize) - fixed)
+            sub = int(max(1, min(o, (_FORM_CACHE - fixed) // per_output)))
+        rb = min(n, max(8, min(-(-_TRI_ROWS // sub), -(-n // 8))))
+        forms.append(_Formation(kind, n, sub, tuple(_partition(n, rb)) if kind == "triangle" else ()))
     cost = {f: f.flops(1, H) + 2 * models * f.per_output + (_PASS_FLOPS * 2 * n * n if f.kind == "packed" else 0)
-            for f in (tri, packed)}
+            for f in forms}
     return min(cost, key=cost.get)
 
 
 def _mat_gram_flops(cI: int, cJ: int, F: int) -> int:
     return _COSTS.flops("xf,yf->xy", (cI, F), (cJ, F))  # a full GEMM (see _Ops.wide_gram)
-
-
-def _mat_sub_outputs(form: _Formation, H: int, itemsize: int, cuda: bool, o: int) -> int:
-    """Outputs formed per product: as many as keep the temporaries near
-    _FORM_CACHE on a CPU (all of them on a GPU)."""
-    if cuda:
-        return o
-    fixed = form.temp(0, H, itemsize)
-    per_output = max(1, form.temp(1, H, itemsize) - fixed)
-    return int(max(1, min(o, (_FORM_CACHE - fixed) // per_output)))
 
 
 def _mat_layout(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, itemsize: int, budget: int,
@@ -1035,9 +1046,9 @@ def _mat_layout(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, itemsize: 
     NA, NB = len(A), (len(A) if sym else len(B))
     n, o = dims.n, dims.w[-1]
     Hmax = max(dims.H[0], 1)
-    form = _formation(n, Hmax, o, NA + (0 if sym else NB))
+    form = _formation(n, Hmax, o, NA + (0 if sym else NB), itemsize, cuda)
     P = form.per_output
-    q = _mat_sub_outputs(form, Hmax, itemsize, cuda, o)
+    q = form.sub
     kbytes = 8 * NA * NB + 16 * n * n  # the accumulated matrix, packing indices and weights
     temp = form.temp(q, Hmax, itemsize)
     row = P * itemsize  # one output of one model
@@ -1085,11 +1096,8 @@ def _form(ops: _Ops, chains: Sequence[_Chain], o0: int, o1: int, form: _Formatio
     (weighted so that row dot products are Frobenius products), written into
     the front of the flat buffer ``buf``."""
     k = o1 - o0
-    n = form.n
-    P = form.per_output
+    n, P, q = form.n, form.per_output, form.sub
     X = buf[: len(chains) * k * P].reshape(len(chains), k * P)
-    Hmax = max(ch.blocks[0][0].shape[0] for ch in chains)
-    q = _mat_sub_outputs(form, Hmax, ops.itemsize, ops.cuda, k)  # shared: the layout must not depend on H
     for m, ch in enumerate(chains):
         L, R, D = ch.blocks[0]
         H = L.shape[0]
@@ -1118,29 +1126,29 @@ def _form(ops: _Ops, chains: Sequence[_Chain], o0: int, o1: int, form: _Formatio
                 T = (A @ Rb).reshape(s1 - s0, n, n)
                 S = (T + ops.mT(T)).reshape(s1 - s0, n * n)
                 out = X[m, s0 * P : s1 * P].reshape(s1 - s0, P)
-                if ops.is_torch:
-                    ops.t.index_select(S, 1, flat, out=out)
-                else:
-                    np.take(S, flat, axis=1, out=out)
+                ops.t.index_select(S, 1, flat, out=out)
                 out *= weight
         else:
+            # rows (i, output) of a product: the scaled operand of all rows is
+            # one elementwise product per sub-chunk and each row block a
+            # contiguous slice of it; the right operand is a view, every
+            # column times sqrt 2, and the block's own columns are scaled back
             LRt = ops.put(np.concatenate([L, R]).T)  # (n, 2H)
-            RL = ops.put(np.concatenate([R, L]))  # (2H, n)
+            RL = ops.put(_SQRT2 * np.concatenate([R, L]))  # (2H, n)
             Dc = ops.put(0.5 * np.concatenate([D[o0:o1], D[o0:o1]], axis=1))  # (k, 2H)
             off = 0
             for s0 in range(0, k, q):
                 s1 = min(k, s0 + q)
+                A = (LRt[:, None, :] * Dc[None, s0:s1, :]).reshape(n * (s1 - s0), 2 * H)
                 for i0, i1 in form.rows:
                     b = i1 - i0
-                    A = (Dc[s0:s1, None, :] * LRt[None, i0:i1, :]).reshape((s1 - s0) * b, 2 * H)
-                    Bm = RL[:, i0:] * 1.0  # a copy; the columns beyond the block count twice
-                    Bm[:, b:] *= _SQRT2
                     size = (s1 - s0) * b * (n - i0)
                     out = X[m, off : off + size].reshape((s1 - s0) * b, n - i0)
                     if ops.is_torch:
-                        ops.t.matmul(A, Bm, out=out)
+                        ops.t.matmul(A[i0 * (s1 - s0) : i1 * (s1 - s0)], RL[:, i0:], out=out)
                     else:
-                        np.matmul(A, Bm, out=out)
+                        np.matmul(A[i0 * (s1 - s0) : i1 * (s1 - s0)], RL[:, i0:], out=out)
+                    out[:, :b] *= 1 / _SQRT2
                     off += size
         clock.lap("form", form.flops(k, H))
     return X
