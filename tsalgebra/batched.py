@@ -315,11 +315,6 @@ class _Ops:
             return x.detach().to("cpu").numpy()
         return np.asarray(x)
 
-    def zeros(self, shape: tuple[int, ...]) -> Any:
-        if self.is_torch:
-            return self.t.zeros(shape, dtype=self.dtype, device=self.device)
-        return np.zeros(shape, dtype=self.dtype)
-
     def perm(self, x: Any, axes: tuple[int, ...]) -> Any:
         return x.permute(*axes) if self.is_torch else x.transpose(axes)
 
@@ -884,8 +879,8 @@ def _pg_block(ops: _Ops, A: tuple[list[Any], list[Any], list[Any]], B: tuple[lis
             clock.lap("propagate", ph["in"])
             if l == dims.depth - 1:
                 core = ops.core_batched(Z, H)  # (b, a, h, k): reduced as it is
-            else:  # written straight into the layout (a, h, b, k) of the next layer's products
-                core = ops.perm(ops.core_batched(Z, H), (1, 2, 0, 3))  # (a, h, b, k) view
+            else:  # in Z's memory order (b, k, a, h); the next layer reads it as an (a, h, b*k) view
+                core = ops.perm(ops.core_batched(Z, H), (1, 2, 0, 3))
             del Z
         if l < dims.depth - 1 and fused[l + 1]:
             core *= ops.put(np.outer(rA[l], rB[l]))[:, None, :, None]
