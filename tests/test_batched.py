@@ -368,14 +368,16 @@ def test_pairwise_symmetric_matrix_uses_one_common_degree():
 
 @pytest.mark.parametrize("kind", ["packed", "triangle"])
 @pytest.mark.parametrize("device", [None, "cpu"])
-def test_both_formations_of_the_materialize_route(models, monkeypatch, kind, device):
-    """Each way of writing the symmetric tensors (numpy's per-output packing,
-    torch's batched one, the CP triangle) against the pairwise API, the
-    planner's choice overridden."""
+@pytest.mark.parametrize("sub", [2, 3])
+def test_both_formations_of_the_materialize_route(models, monkeypatch, kind, device, sub):
+    """Each way of writing the symmetric tensors (numpy's and torch's packing,
+    the CP triangle), ``sub`` outputs per product (3 leaves a short last
+    product at 4 outputs), against the pairwise API, the planner's choice
+    overridden."""
     import tsalgebra.batched as B
 
-    monkeypatch.setattr(B, "_formation", lambda n, H, o, m, itemsize, cuda: B._Formation(kind, n, 2, tuple(B._partition(n, 2)))
-                        if kind == "triangle" else B._Formation("packed", n, 2))
+    monkeypatch.setattr(B, "_formation", lambda n, H, o, m, itemsize, cuda: B._Formation(
+        kind, n, sub, tuple(B._partition(n, 2)) if kind == "triangle" else ()))
     for inner in ("symmetric", "gaussian"):
         r = similarity_matrix(models, inner=inner, route="materialize", device=device, progress=False)
         assert f"{kind} formation" in r.candidates["materialize"].blocking
@@ -400,3 +402,29 @@ def test_formation_layout_is_shared_by_both_sides(monkeypatch):
         "triangle", n, form.sub, tuple(B._partition(n, 2))))
     r = cross_similarity_matrix(narrow, wide, inner="symmetric", route="materialize", progress=False)
     assert np.max(np.abs(r.values - pairwise(narrow, wide, "symmetric"))) < TOL
+
+
+def test_models_are_left_unchanged():
+    """The routes scale copies of the weights in place, never the models'."""
+    ms = one_layer_models() + [stacks()[0]]
+    before = [[w.copy() for w in m.weights()] if isinstance(m, ts.Bilinear) else
+              [w.copy() for layer in m.layers for w in layer.weights()] for m in ms]
+    for inner, group in (("symmetric", ms[:5]), ("gaussian", ms[:5]), ("network", [ms[5]] + stacks()[1:])):
+        similarity_matrix(group, inner=inner, progress=False)
+    after = [[w for w in m.weights()] if isinstance(m, ts.Bilinear) else
+             [w for layer in m.layers for w in layer.weights()] for m in ms]
+    for b, a in zip(before, after):
+        for x, y in zip(b, a):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_padded_into_given_arrays():
+    rng = np.random.default_rng(3)
+    for layer in (bilinear(rng, 3, 2, 3, residual=True), bilinear(rng, 4, 2, 3, biases=False)):
+        out = tuple(np.zeros(shape) for shape in layer.padded_shapes())
+        got = layer.padded(out=out)
+        assert all(g is o for g, o in zip(got, out))
+        for g, want in zip(got, layer.padded()):
+            np.testing.assert_array_equal(g, want)
+        with pytest.raises(ValueError, match="padded needs"):
+            layer.padded(out=(out[0], out[1], np.zeros((1, 1))))

@@ -201,18 +201,32 @@ class Bilinear(Component):
         return Bilinear(fn(self.left), fn(self.right), fn(self.down), opt(self.left_bias), opt(self.right_bias),
                         opt(self.down_bias), residual=self.residual, name=self.name)
 
-    def padded(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def padded_shapes(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """The shapes of (L~, R~, D~) in ``padded``."""
+        h, d = self.left.shape
+        units = 1 + h + (d if self.residual else 0)
+        return (units, d + 1), (units, d + 1), (self.out_features + 1, units)
+
+    def padded(self, out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(L~, R~, D~) with B~[o,i,j] = sum_u D~[o,u] L~[u,i] R~[u,j] on x~.
 
         Hidden unit 0 computes 1 * 1 and carries the down bias and the
         constant output channel; units 1..h are the layer's own, their biases
-        in column 0; with a residual, d more units compute x_i * 1.
+        in column 0; with a residual, d more units compute x_i * 1.  Written
+        into ``out`` when given: three zero-filled float arrays of the shapes
+        ``padded_shapes`` gives (a caller can lay many models into one
+        allocation); new arrays otherwise.
         """
         h, d = self.left.shape
-        o = self.out_features
         extra = d if self.residual else 0
-        exact = self.exact
-        L, R, D = _zeros((1 + h + extra, d + 1), exact), _zeros((1 + h + extra, d + 1), exact), _zeros((o + 1, 1 + h + extra), exact)
+        if out is None:
+            L, R, D = (_zeros(shape, self.exact) for shape in self.padded_shapes())
+        else:
+            L, R, D = out
+            if tuple(x.shape for x in out) != self.padded_shapes():
+                raise ValueError(f"{self.name}: out has shapes {[x.shape for x in out]}, "
+                                 f"padded needs {self.padded_shapes()}")
         L[0, 0] = R[0, 0] = D[0, 0] = 1
         if self.down_bias is not None:
             D[1:, 0] = self.down_bias
