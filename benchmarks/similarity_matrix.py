@@ -308,7 +308,8 @@ def main() -> None:
         print("matmul rate before this case: " + ", ".join(f"{k} thread{'s' if k > 1 else ''} {v / 1e9:.1f}"
                                                             for k, v in mm.items()) + " GFLOP/s")
         print(f"planner: candidates (flops) {cand}; chose {res.route}; {res.candidates[res.route].blocking}")
-        print(f"batched probe, fastest of {PROBE_CALLS} calls in seconds by thread count: " + ", ".join(f"{k}: {v:.3f}" for k, v in b_probes.items())
+        print(f"batched probe, fastest of {PROBE_CALLS} calls in seconds by thread count: "
+              + ", ".join(f"{k}: {v:.3f}" for k, v in b_probes.items())
               + f" -> timed with {b_threads}")
         print(f"batched: median {fmt_time(t_b)} (runs: {', '.join(fmt_time(t) for t in times)}); "
               f"{res.flops:.3g} flops -> {res.flops / t_b / 1e9:.1f} GFLOP/s overall; engine {res.device}")
