@@ -104,7 +104,8 @@ _MAX_SYM_BLOCKS = 8
 # allocated once per call and reused by every output chunk: at 263 MB (all ten
 # outputs of 100 models at d = 256) its page faults took 0.25-0.4 s of kernel
 # time per call here, at 105 MB (four outputs) 0.03 s, for 20-25 % less wall
-# time at (d, h, o) = (256, 512, 10) and (256, 64, 10).
+# time at (d, h, o) = (256, 512, 10).  (A chunk still holds the outputs of one
+# product: the triangle formation takes all ten at (256, 64, 10).)
 _PG_WORKING_SET = 64 * 2**20
 _MAT_WORKING_SET = 128 * 2**20
 # The materialize route forms each model's tensors a few outputs at a time, so
@@ -1063,7 +1064,7 @@ def _mat_layout(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, itemsize: 
                 target: int, cuda: bool) -> tuple[RouteCost, int, int, _Formation]:
     """(cost, model block size, output chunk, formation).  All models of a side
     in one block when one output of theirs fits ``budget`` (the output chunk
-    then as large as ``target`` allows); otherwise blocks of models, re-forming
+    then near ``target``, at least the outputs of one product); otherwise blocks of models, re-forming
     a block's tensors for every block it meets."""
     sym = B is None
     NA, NB = len(A), (len(A) if sym else len(B))
@@ -1079,7 +1080,9 @@ def _mat_layout(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, itemsize: 
     avail = budget - kbytes - temp
     oc_budget = avail // (cap * row) if avail > 0 else 0
     if oc_budget >= 1:
-        oc = int(max(1, min(o, oc_budget, (min(budget, target) - kbytes - temp) // (cap * row))))
+        # near ``target``, but never fewer outputs than one product takes (the
+        # triangle's row blocks are sized for that many rows)
+        oc = int(max(1, min(o, oc_budget, max(q, (min(budget, target) - kbytes - temp) // (cap * row)))))
         c, fits = max(NA, NB), True
     else:
         oc = 1
