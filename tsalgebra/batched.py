@@ -1064,8 +1064,8 @@ def _mat_layout(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, itemsize: 
                 target: int, cuda: bool) -> tuple[RouteCost, int, int, _Formation]:
     """(cost, model block size, output chunk, formation).  All models of a side
     in one block when one output of theirs fits ``budget`` (the output chunk
-    then near ``target``, at least the outputs of one product); otherwise blocks of models, re-forming
-    a block's tensors for every block it meets."""
+    then near ``target``, at least the outputs of one product); otherwise
+    blocks of models, re-forming a block's tensors for every block it meets."""
     sym = B is None
     NA, NB = len(A), (len(A) if sym else len(B))
     n, o = dims.n, dims.w[-1]
