@@ -102,9 +102,9 @@ _MAX_SYM_BLOCKS = 8
 # memory took up to ~2 ms per MiB), and the products are already large enough
 # for full BLAS speed.  The materialize route's buffer of flattened tensors is
 # allocated once per call and reused by every output chunk: at 263 MB (all ten
-# outputs of 100 models at d = 256) its page faults took 0.25-0.4 s of kernel
-# time per call here, at 105 MB (four outputs) 0.03 s, for 20-25 % less wall
-# time at (d, h, o) = (256, 512, 10).  (A chunk still holds the outputs of one
+# outputs of 100 models at d = 256) its page faults took 0.22-0.44 s of kernel
+# time per call here, at 105 MB (four outputs) 0.03-0.18 s, and the calls at
+# (d, h, o) = (256, 512, 10) took 1.16-1.29 s against 1.50-1.88 s.  (A chunk still holds the outputs of one
 # product: the triangle formation takes all ten at (256, 64, 10).)
 _PG_WORKING_SET = 64 * 2**20
 _MAT_WORKING_SET = 128 * 2**20
