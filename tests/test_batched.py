@@ -366,6 +366,32 @@ def test_pairwise_symmetric_matrix_uses_one_common_degree():
     np.testing.assert_allclose(m.values, np.ones((2, 2)), atol=1e-12)
 
 
+@pytest.mark.parametrize("n, leaf", [(1, 32), (5, 2), (9, 3), (257, 32)])
+def test_packed_layout(n, leaf):
+    """The packed layout covers each upper-triangle entry of an n x n matrix
+    once (whole diagonal blocks: each lower entry of them once more), and its
+    weighted dot product is the Frobenius product of symmetric matrices."""
+    import tsalgebra.batched as B
+
+    blocks = B._packed_blocks(n, leaf)
+    assert all(r1 - r0 <= leaf for r0, r1, c0, c1 in blocks if r0 == c0)
+    flat, weight = B._packing(blocks, n)
+    i, j = np.divmod(flat, n)
+    covered = np.zeros((n, n), int)
+    np.add.at(covered, (np.minimum(i, j), np.maximum(i, j)), 1)
+    whole = np.zeros((n, n), bool)
+    for r0, r1, c0, c1 in blocks:
+        if r0 == c0:
+            whole[r0:r1, r0:r1] = True
+    expect = np.triu(np.where(whole, 2, 1)) - np.diag(np.where(np.diag(whole), 1, 0))
+    np.testing.assert_array_equal(covered, expect)
+    rng = np.random.default_rng(n)
+    A, C = rng.normal(size=(2, n, n))
+    A, C = A + A.T, C + C.T
+    x, y = A.ravel()[flat] * weight, C.ravel()[flat] * weight
+    assert abs(x @ y - np.sum(A * C)) < 1e-10 * n * n
+
+
 @pytest.mark.parametrize("kind", ["packed", "triangle"])
 @pytest.mark.parametrize("device", [None, "cpu"])
 @pytest.mark.parametrize("sub", [2, 3])
@@ -376,8 +402,9 @@ def test_both_formations_of_the_materialize_route(models, monkeypatch, kind, dev
     overridden."""
     import tsalgebra.batched as B
 
+    # blocks of two rows: the packed layout then has rectangles and whole diagonal blocks at n = 5
     monkeypatch.setattr(B, "_formation", lambda n, H, o, m, itemsize, cuda: B._Formation(
-        kind, n, sub, tuple(B._partition(n, 2)) if kind == "triangle" else ()))
+        kind, n, sub, tuple(B._partition(n, 2)) if kind == "triangle" else B._packed_blocks(n, 2)))
     for inner in ("symmetric", "gaussian"):
         r = similarity_matrix(models, inner=inner, route="materialize", device=device, progress=False)
         assert f"{kind} formation" in r.candidates["materialize"].blocking

@@ -117,6 +117,11 @@ _FORM_CACHE = 8 * 2**20
 # about as long as 100 GEMM flops per entry).
 _TRI_ROWS = 256
 _PASS_FLOPS = 50
+# Diagonal blocks of the packed layout (see _packed_blocks) have at most this
+# many rows: larger ones add Gram features, smaller ones more calls (a 257 x 257
+# output took 49 us at 32, 63 us at 16, against 94 us for a gather of the
+# triangle here).
+_PACK_LEAF = 32
 # The materialize route's Gram of the flattened tensors (a short, very wide
 # product, once per output chunk) stays in the engine that formed them: on
 # numpy, handing it to torch (MKL) was faster alone but slower after numpy's
@@ -981,48 +986,74 @@ def _run_pairwise_gram(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, ops
 # ------------------------------------------------------ materialize route
 
 
-def _packing(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Flat indices of the upper triangle of an n x n matrix and the weights
-    (1 on the diagonal, sqrt 2 off it) that make the packed dot product equal
-    the Frobenius product of symmetric matrices."""
-    iu, ju = np.triu_indices(n)
-    return iu * n + ju, np.where(iu == ju, 1.0, _SQRT2)
+def _packed_blocks(n: int, leaf: int) -> tuple[tuple[int, int, int, int], ...]:
+    """The packed layout of a symmetric n x n matrix: blocks (r0, r1, c0, c1)
+    in feature order, row-major within each.  Halving [a, b) recursively: the
+    off-diagonal rectangle [a, m) x [m, b), then both halves, down to diagonal
+    blocks of at most ``leaf`` rows kept whole (r0 == c0).  Each block is one
+    contiguous add of T and T^T (no gather), at about 11 % more features than
+    the triangle at n = 257."""
+    out: list[tuple[int, int, int, int]] = []
+
+    def split(a: int, b: int) -> None:
+        if b - a <= leaf:
+            out.append((a, b, a, b))
+            return
+        m = (a + b) // 2
+        out.append((a, m, m, b))
+        split(a, m)
+        split(m, b)
+
+    split(0, n)
+    return tuple(out)
+
+
+def _packing(blocks: Sequence[tuple[int, ...]], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices into an n x n matrix of the packed layout's features and the
+    weights (1 in the whole diagonal blocks, sqrt 2 in the rectangles) that make
+    the packed dot product equal the Frobenius product of symmetric matrices."""
+    idx, w = [], []
+    for r0, r1, c0, c1 in blocks:
+        idx.append((np.arange(r0, r1)[:, None] * n + np.arange(c0, c1)[None, :]).ravel())
+        w.append(np.full((r1 - r0) * (c1 - c0), 1.0 if r0 == c0 else _SQRT2))
+    return np.concatenate(idx), np.concatenate(w)
 
 
 @dataclass(frozen=True)
 class _Formation:
     """How the materialize route writes a model's symmetric tensors as rows.
 
-    "packed": T = (D o L~)^T R~ per output (a GEMM with inner size H), then the
-    upper triangle of T + T^T, off-diagonal entries times sqrt 2 (two passes
-    over n^2 entries per output).  "triangle": the rows of the upper block
+    "packed": T = (D o L~)^T R~ per output (a GEMM with inner size H), then
+    the blocks of T + T^T that _packed_blocks lists (rectangles times sqrt 2;
+    one pass over the features on numpy, two over n^2 entries on torch).
+    "triangle": the rows of the upper block
     triangle of S straight from the symmetric CP form, S[o, I, i0:] =
     1/2 [D o L~, D o R~][:, I] [R~; L~][:, i0:] for row blocks I = [i0, i1)
     (columns beyond the block times sqrt 2): about (1 + rb/n) times the GEMM
     flops with inner size 2H, but no passes.  ``sub`` outputs go into one
     product (their rows stacked); it is part of the layout, so both sides of a
     cross matrix share it.  The planner takes the formation with fewer flops,
-    counting a pass over an entry as _PASS_FLOPS."""
+    counting a pass over an entry as _PASS_FLOPS (an add of T and T^T as two)."""
 
     kind: str
     n: int
     sub: int
-    rows: tuple[tuple[int, int], ...] = ()  # row blocks (triangle)
+    blocks: tuple[tuple[int, ...], ...] = ()  # row blocks (i0, i1) (triangle), _packed_blocks (packed)
 
     @property
     def per_output(self) -> int:
         """Features per output."""
         if self.kind == "packed":
-            return self.n * (self.n + 1) // 2
-        return sum((i1 - i0) * (self.n - i0) for i0, i1 in self.rows)
+            return sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in self.blocks)
+        return sum((i1 - i0) * (self.n - i0) for i0, i1 in self.blocks)
 
     def flops(self, k: int, H: int) -> int:
         """Planner flops of forming ``k`` outputs of one model of hidden width H."""
         n = self.n
         if self.kind == "packed":
-            return k * (n * H + _COSTS.flops("ih,hj->ij", (n, H), (H, n)) + n * n + n * (n + 1) // 2)
+            return k * (n * H + _COSTS.flops("ih,hj->ij", (n, H), (H, n)) + 2 * self.per_output)
         return k * n * 2 * H + sum(_COSTS.flops("xh,hj->xj", (k * (i1 - i0), 2 * H), (2 * H, n - i0))
-                                   for i0, i1 in self.rows)
+                                   for i0, i1 in self.blocks)
 
     def temp(self, k: int, H: int, itemsize: int) -> int:
         """Bytes of the temporaries of forming ``k`` outputs of one model."""
@@ -1050,8 +1081,9 @@ def _formation(n: int, H: int, o: int, models: int, itemsize: int, cuda: bool) -
             per_output = max(1, _formation_temp(kind, n, 1, H, itemsize) - fixed)
             sub = int(max(1, min(o, (_FORM_CACHE - fixed) // per_output)))
         rb = min(n, max(8, min(-(-_TRI_ROWS // sub), -(-n // 8))))
-        forms.append(_Formation(kind, n, sub, tuple(_partition(n, rb)) if kind == "triangle" else ()))
-    cost = {f: f.flops(1, H) + 2 * models * f.per_output + (_PASS_FLOPS * 2 * n * n if f.kind == "packed" else 0)
+        forms.append(_Formation(kind, n, sub, tuple(_partition(n, rb)) if kind == "triangle"
+                                else _packed_blocks(n, _PACK_LEAF)))
+    cost = {f: f.flops(1, H) + 2 * models * f.per_output + (_PASS_FLOPS * 2 * f.per_output if f.kind == "packed" else 0)
             for f in forms}
     return min(cost, key=cost.get)
 
@@ -1124,27 +1156,35 @@ def _form(ops: _Ops, chains: Sequence[_Chain], o0: int, o1: int, form: _Formatio
     k = o1 - o0
     n, P, q = form.n, form.per_output, form.sub
     X = buf[: len(chains) * k * P].reshape(len(chains), k * P)
+    if form.kind == "packed" and not ops.is_torch:
+        sizes = [(r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in form.blocks]
+        blocks = list(zip(form.blocks, np.cumsum([0] + sizes[:-1]).tolist()))
+        # one set of temporaries for all models (fresh ones per model cost page faults)
+        scaled_buf = np.empty(q * n * max(ch.blocks[0][0].shape[0] for ch in chains))
+        T = np.empty((q, n, n))
     for m, ch in enumerate(chains):
         L, R, D = ch.blocks[0]
         H = L.shape[0]
         clock.start()
         if form.kind == "packed" and not ops.is_torch:
             # q outputs per product, into buffers reused across the model's
-            # outputs (they stay in cache)
-            flat, weight = pack
+            # outputs (they stay in cache); then one add of T and T^T per block
+            # of the layout for all q outputs, sqrt 2 folded into the scaled
+            # operand and taken back out of the whole diagonal blocks
             Lt, Rb = ops.put(L.T), ops.put(R)
-            Dh = 0.5 * D[o0:o1]
-            scaled, T, S = np.empty((q, n, H)), np.empty((q * n, n)), np.empty((n, n))
+            Dh = D[o0:o1] / _SQRT2
+            scaled = scaled_buf[: q * n * H].reshape(q, n, H)
+            rows = X[m].reshape(k, P)
             for s0 in range(0, k, q):
                 s1 = min(k, s0 + q)
+                t = T[: s1 - s0]
                 np.multiply(Lt[None], Dh[s0:s1, None, :], out=scaled[: s1 - s0])
-                np.matmul(scaled[: s1 - s0].reshape(-1, H), Rb, out=T[: (s1 - s0) * n])
-                for j in range(s0, s1):
-                    Tj = T[(j - s0) * n : (j - s0 + 1) * n]
-                    np.add(Tj, Tj.T, out=S)
-                    row = X[m, j * P : (j + 1) * P]
-                    np.take(S.reshape(-1), flat, out=row)
-                    row *= weight
+                np.matmul(scaled[: s1 - s0].reshape(-1, H), Rb, out=t.reshape(-1, n))
+                for (r0, r1, c0, c1), off in blocks:
+                    out = rows[s0:s1, off : off + (r1 - r0) * (c1 - c0)].reshape(s1 - s0, r1 - r0, c1 - c0)
+                    np.add(t[:, r0:r1, c0:c1], t[:, c0:c1, r0:r1].transpose(0, 2, 1), out=out)
+                    if r0 == c0:
+                        out *= 1 / _SQRT2
         elif form.kind == "packed":
             flat, weight = pack
             Lt, Rb = ops.put(L.T), ops.put(R)
@@ -1169,7 +1209,7 @@ def _form(ops: _Ops, chains: Sequence[_Chain], o0: int, o1: int, form: _Formatio
             for s0 in range(0, k, q):
                 s1 = min(k, s0 + q)
                 A = (LRt[:, None, :] * Dc[None, s0:s1, :]).reshape(n * (s1 - s0), 2 * H)
-                for i0, i1 in form.rows:
+                for i0, i1 in form.blocks:
                     b = i1 - i0
                     size = (s1 - s0) * b * (n - i0)
                     out = X[m, off : off + size].reshape((s1 - s0) * b, n - i0)
@@ -1191,8 +1231,8 @@ def _run_materialize(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, ops: 
     n, o = dims.n, dims.w[-1]
     P = form.per_output
     pack = None
-    if form.kind == "packed":
-        flat, weight = _packing(n)
+    if form.kind == "packed" and ops.is_torch:
+        flat, weight = _packing(form.blocks, n)
         pack = (ops.put_index(flat), ops.put(weight))
     parts_a = _partition(len(A), c)
     parts_b = parts_a if sym else _partition(len(B), c)
