@@ -209,7 +209,7 @@ def test_memory_bound_chunks(models, route):
     want = pairwise(models, models, "gaussian")
     cols = models[2:]
     blockings = set()
-    for memory in range(2_000, 40_000, 700):
+    for memory in range(2_000, 40_000, 100):
         try:
             r = similarity_matrix(models, route=route, max_memory=memory, progress=False)
             rc = cross_similarity_matrix(models, cols, route=route, max_memory=memory, progress=False)
@@ -403,7 +403,7 @@ def test_both_formations_of_the_materialize_route(models, monkeypatch, kind, dev
     import tsalgebra.batched as B
 
     # blocks of two rows: the packed layout then has rectangles and whole diagonal blocks at n = 5
-    monkeypatch.setattr(B, "_formation", lambda n, H, o, m, itemsize, cuda: B._Formation(
+    monkeypatch.setattr(B, "_formation", lambda n, *_: B._Formation(
         kind, n, sub, tuple(B._partition(n, 2)) if kind == "triangle" else B._packed_blocks(n, 2)))
     for inner in ("symmetric", "gaussian"):
         r = similarity_matrix(models, inner=inner, route="materialize", device=device, progress=False)
@@ -425,10 +425,28 @@ def test_formation_layout_is_shared_by_both_sides(monkeypatch):
     monkeypatch.setattr(B, "_FORM_CACHE", B._formation_temp("triangle", n, 1, 16, 8) + 8)
     form = B._formation(n, 16, 4, 5, 8, False)
     assert form.sub == 1 and B._formation(n, 2, 4, 5, 8, False).sub == 4
-    monkeypatch.setattr(B, "_formation", lambda n, H, o, m, itemsize, cuda: B._Formation(
+    monkeypatch.setattr(B, "_formation", lambda n, *_: B._Formation(
         "triangle", n, form.sub, tuple(B._partition(n, 2))))
     r = cross_similarity_matrix(narrow, wide, inner="symmetric", route="materialize", progress=False)
     assert np.max(np.abs(r.values - pairwise(narrow, wide, "symmetric"))) < TOL
+
+
+def test_output_chunks_bound_the_products(models):
+    """A chunk near a small working-set target takes fewer outputs than the
+    formation would put into one product: the products shrink to the chunk
+    (instead of the chunk growing past the target)."""
+    import tsalgebra.batched as B
+
+    chains = B._prepare(models, "symmetric", False, None)
+    dims = B._dims(chains)
+    wide, _, oc_wide, form_wide = B._mat_layout(chains, None, dims, 8, 10**9, 10**9, False)
+    assert oc_wide == dims.w[-1] == form_wide.sub == 4
+    seen = set()
+    for target in range(1_000, 20_000, 250):
+        cost, c, oc, form = B._mat_layout(chains, None, dims, 8, 10**9, target, False)
+        assert form.sub <= oc and c == len(chains)
+        seen.add(oc)
+    assert {1, 2, 4} <= seen
 
 
 def test_models_are_left_unchanged():

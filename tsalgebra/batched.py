@@ -101,13 +101,13 @@ _MAX_SYM_BLOCKS = 8
 # while fresh large ones cost page faults (on the VMs measured, touching new
 # memory took up to ~2 ms per MiB), and the products are already large enough
 # for full BLAS speed.  The materialize route's buffer of flattened tensors is
-# allocated once per call and reused by every output chunk: at 263 MB (all ten
-# outputs of 100 models at d = 256) its page faults took 0.22-0.44 s of kernel
-# time per call here, at 105 MB (four outputs) 0.03-0.18 s, and the calls at
-# (d, h, o) = (256, 512, 10) took 1.16-1.29 s against 1.50-1.88 s.  (A chunk still holds the outputs of one
-# product: the triangle formation takes all ten at (256, 64, 10).)
+# allocated once per call and reused by every output chunk: its huge-page
+# faults took 0.03-0.7 s of kernel time per call here at 263-290 MB (all ten
+# outputs of 100 models at d = 256), 0.00-0.04 s at 145 MB (five), and the
+# formation's products are cut to the chunk's outputs rather than the chunk
+# grown to a product's.
 _PG_WORKING_SET = 64 * 2**20
-_MAT_WORKING_SET = 128 * 2**20
+_MAT_WORKING_SET = 160 * 2**20
 # The materialize route forms each model's tensors a few outputs at a time, so
 # that the scaled operand and the product stay near this size.
 _FORM_CACHE = 8 * 2**20
@@ -1066,12 +1066,13 @@ def _formation_temp(kind: str, n: int, k: int, H: int, itemsize: int) -> int:
     return (k * n * 2 * H + 6 * H * n) * itemsize  # the scaled operand of all rows, [L; R] and [R; L] * sqrt 2
 
 
-def _formation(n: int, H: int, o: int, models: int, itemsize: int, cuda: bool) -> _Formation:
+def _formation(n: int, H: int, o: int, models: int, itemsize: int, cuda: bool, max_sub: int | None = None
+               ) -> _Formation:
     """The cheaper formation for one output of one model: forming flops, passes
     (packed), and its share of the Gram over ``models`` rows.  On a CPU each
     product takes as many outputs as keep its temporaries near _FORM_CACHE
-    (all of them on a GPU); the triangle's row blocks give its products about
-    _TRI_ROWS rows."""
+    (all of them on a GPU), at most ``max_sub``; the triangle's row blocks give
+    its products about _TRI_ROWS rows."""
     forms = []
     for kind in ("triangle", "packed"):
         if cuda:
@@ -1080,6 +1081,7 @@ def _formation(n: int, H: int, o: int, models: int, itemsize: int, cuda: bool) -
             fixed = _formation_temp(kind, n, 0, H, itemsize)
             per_output = max(1, _formation_temp(kind, n, 1, H, itemsize) - fixed)
             sub = int(max(1, min(o, (_FORM_CACHE - fixed) // per_output)))
+        sub = min(sub, max_sub or sub)
         rb = min(n, max(8, min(-(-_TRI_ROWS // sub), -(-n // 8))))
         forms.append(_Formation(kind, n, sub, tuple(_partition(n, rb)) if kind == "triangle"
                                 else _packed_blocks(n, _PACK_LEAF)))
@@ -1096,25 +1098,32 @@ def _mat_layout(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, itemsize: 
                 target: int, cuda: bool) -> tuple[RouteCost, int, int, _Formation]:
     """(cost, model block size, output chunk, formation).  All models of a side
     in one block when one output of theirs fits ``budget`` (the output chunk
-    then near ``target``, at least the outputs of one product); otherwise
-    blocks of models, re-forming a block's tensors for every block it meets."""
+    then near ``target``, and a product of the formation no larger than a
+    chunk); otherwise blocks of models, re-forming a block's tensors for every
+    block it meets."""
     sym = B is None
     NA, NB = len(A), (len(A) if sym else len(B))
     n, o = dims.n, dims.w[-1]
     Hmax = max(dims.H[0], 1)
-    form = _formation(n, Hmax, o, NA + (0 if sym else NB), itemsize, cuda)
+    kbytes = 8 * NA * NB + 16 * n * n  # the accumulated matrix, packing indices and weights
+    cap = NA if sym else NA + NB
+
+    def sized(max_sub: int | None) -> tuple[_Formation, int, int, int]:
+        """The formation, its temporaries, bytes of one output of one model, and
+        the outputs per chunk near the target."""
+        form = _formation(n, Hmax, o, NA + (0 if sym else NB), itemsize, cuda, max_sub)
+        temp, row = form.temp(form.sub, Hmax, itemsize), form.per_output * itemsize
+        return form, temp, row, (min(budget, target) - kbytes - temp) // (cap * row)
+
+    form, temp, row, oc_target = sized(None)
+    if oc_target < form.sub:
+        form, temp, row, oc_target = sized(max(1, oc_target))
     P = form.per_output
     q = form.sub
-    kbytes = 8 * NA * NB + 16 * n * n  # the accumulated matrix, packing indices and weights
-    temp = form.temp(q, Hmax, itemsize)
-    row = P * itemsize  # one output of one model
-    cap = NA if sym else NA + NB
     avail = budget - kbytes - temp
     oc_budget = avail // (cap * row) if avail > 0 else 0
     if oc_budget >= 1:
-        # near ``target``, but never fewer outputs than one product takes (the
-        # triangle's row blocks are sized for that many rows)
-        oc = int(max(1, min(o, oc_budget, max(q, (min(budget, target) - kbytes - temp) // (cap * row)))))
+        oc = int(max(1, min(o, oc_budget, max(q, oc_target))))
         c, fits = max(NA, NB), True
     else:
         oc = 1
