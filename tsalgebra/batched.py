@@ -17,11 +17,12 @@ pairwise fallback):
   About 8 h^2 d + 2 h^2 o flops per pair.
 - ``"materialize"`` (one bilinear layer): each model's symmetric padded
   coefficient tensor S[o, i, j] is formed once (about 2 o h d^2 flops per
-  model), only its upper triangle kept (off-diagonal entries times sqrt 2), and
-  the matrix is one Gram of those rows (about o d^2 per pair).  Wins by a wide
-  margin when h^2 > o d.  Two formations (see :class:`_Formation`): a GEMM per
-  output then symmetrize-and-pack (large h), or the upper block triangle
-  straight from the symmetric CP form (small h); the planner picks by cost.
+  model), only its upper triangle kept (in blocks; entries off the diagonal
+  blocks times sqrt 2), and the matrix is one Gram of those rows (about o d^2
+  per pair).  Wins by a wide margin when h^2 > o d.  Two formations (see
+  :class:`_Formation`): a GEMM per output, then the blocks of T + T^T (large
+  h), or the upper block triangle straight from the symmetric CP form (small
+  h); the planner picks by cost.
 - symmetric matrices use the symmetry: pairwise-gram computes the blocks
   i <= j only (numpy multiplies a diagonal block by syrk), materialize one
   Gram of one set of rows.
@@ -1026,14 +1027,14 @@ class _Formation:
     "packed": T = (D o L~)^T R~ per output (a GEMM with inner size H), then
     the blocks of T + T^T that _packed_blocks lists (rectangles times sqrt 2;
     one pass over the features on numpy, two over n^2 entries on torch).
-    "triangle": the rows of the upper block
-    triangle of S straight from the symmetric CP form, S[o, I, i0:] =
-    1/2 [D o L~, D o R~][:, I] [R~; L~][:, i0:] for row blocks I = [i0, i1)
-    (columns beyond the block times sqrt 2): about (1 + rb/n) times the GEMM
-    flops with inner size 2H, but no passes.  ``sub`` outputs go into one
-    product (their rows stacked); it is part of the layout, so both sides of a
-    cross matrix share it.  The planner takes the formation with fewer flops,
-    counting a pass over an entry as _PASS_FLOPS (an add of T and T^T as two)."""
+    "triangle": the rows of the upper block triangle of S straight from the
+    symmetric CP form, S[o, I, i0:] = 1/2 [D o L~, D o R~][:, I] [R~; L~][:, i0:]
+    for row blocks I = [i0, i1) (columns beyond the block times sqrt 2):
+    about (1 + rb/n) times the GEMM flops with inner size 2H, but no passes.
+    ``sub`` outputs go into one product (their rows stacked); it is part of the
+    layout, so both sides of a cross matrix share it.  The planner takes the
+    formation with fewer flops, counting a pass over an entry as _PASS_FLOPS
+    (an add of T and T^T as two)."""
 
     kind: str
     n: int
