@@ -15,11 +15,11 @@ For each case:
   float64, numpy in and out; one untimed warm-up call, PROBE_CALLS timed
   probe calls with each thread count (numpy's default and 1, for OpenBLAS and
   torch together; the fastest call of each count counts), then the median of
-  REPEATS calls at the faster count, one per round (see below; the whole
+  REPEATS calls at the faster count (the whole
   call: folding and normalizing the models included).  Printed: the route the
   planner chose and what each candidate route would have cost, the plan's
   flops and the achieved rate, and the dominant step (the step that took the
-  most time in the median call) with its own flops and rate.
+  most time) with its own flops and rate.
 * the loop: a pair-by-pair numpy loop of the same formula over the N(N+1)/2
   pairs i <= j (the norms are the pairs i = j), from padded factors prepared
   once per model (untimed).  One layer: the core formula
@@ -28,15 +28,10 @@ For each case:
   from G = I, then the trace over outputs 1..o.  The loop runs with the
   OpenBLAS thread count (1, or numpy's default) that was faster on a probe of
   its first pairs: small products lose to thread synchronization, more so
-  when other processes share the cores.  Where the full loop would take more
-  than LOOP_SECONDS, only its first pairs are timed.  The loop's time is the
-  median time per pair over the rounds times the number of pairs (the sum
-  over the pairs run is printed too).  The loop's cosines on the pairs it ran
+  when other processes share the cores.  Where the full loop would take too
+  long, only the first pairs are timed and the time per pair is extrapolated
+  to all pairs (said in the output).  The loop's cosines on the pairs it ran
   are compared with the batched matrix.
-* rounds: the timed batched calls and the loop alternate, REPEATS rounds of
-  one batched call and one slice of the loop (a REPEATS-th of its pairs, or
-  of LOOP_SECONDS), so that both sides see the same load: the cores are
-  shared with other processes, whose load comes in spells longer than a call.
 * the float64 matmul rate of this machine: a square 2500 x 2500 product in
   numpy (OpenBLAS) and in torch (MKL), best of 3, with the default thread
   count and with 1 thread, measured at the start and again before every case.
@@ -71,7 +66,7 @@ from tsalgebra.batched import SimilarityMatrix, similarity_matrix
 
 N_MODELS = 100
 SEED = 0
-REPEATS = 5
+REPEATS = 3
 LOOP_SECONDS = 15.0  # time the full loop when it is expected to finish within this; else extrapolate
 MIN_LOOP_PAIRS = 40
 ONE_LAYER = [(1024, 64, 10), (256, 64, 10), (256, 512, 10)]
@@ -123,16 +118,18 @@ def pair_network(a, b) -> float:
     return float(np.trace(G[1:, 1:]))
 
 
-def run_loop(factors, pair_fn, pairs, vals: dict[tuple[int, int], float], max_seconds: float = float("inf"),
-             min_pairs: int = 1) -> tuple[float, int]:
-    """Inner products of ``pairs`` in order, into ``vals``; stops after
-    ``max_seconds`` (at least ``min_pairs`` pairs).  Returns (seconds, pairs run)."""
+def run_loop(factors, pair_fn, max_seconds: float) -> tuple[dict[tuple[int, int], float], float, int, int]:
+    """Inner products of pairs i <= j in row order; stops after ``max_seconds``
+    (at least MIN_LOOP_PAIRS pairs).  Returns (values, seconds, pairs run, all pairs)."""
+    n = len(factors)
+    pairs = [(i, j) for i in range(n) for j in range(i, n)]
+    vals: dict[tuple[int, int], float] = {}
     t0 = time.perf_counter()
     for k, (i, j) in enumerate(pairs):
         vals[(i, j)] = pair_fn(factors[i], factors[j])
-        if k + 1 >= min_pairs and time.perf_counter() - t0 > max_seconds:
-            return time.perf_counter() - t0, k + 1
-    return time.perf_counter() - t0, len(pairs)
+        if k + 1 >= MIN_LOOP_PAIRS and time.perf_counter() - t0 > max_seconds:
+            break
+    return vals, time.perf_counter() - t0, len(vals), len(pairs)
 
 
 def loop_check(vals: dict[tuple[int, int], float], matrix: np.ndarray) -> float | None:
@@ -220,10 +217,8 @@ def fmt_time(s: float) -> str:
     return f"{s / 60:.1f} min"
 
 
-def probe_batched(models, inner: str, threads: Threads) -> tuple[dict[int, float], int]:
-    """Seconds of the fastest of PROBE_CALLS calls per thread count (after an
-    untimed warm-up), and the faster count."""
-    similarity_matrix(models, inner=inner, progress=False)
+def time_batched(models, inner: str, threads: Threads) -> tuple[SimilarityMatrix, list[float], dict[int, float], int]:
+    similarity_matrix(models, inner=inner, progress=False)  # warm-up (untimed)
     probes = {}
     for count in threads.counts():
         threads.set(count)
@@ -232,46 +227,16 @@ def probe_batched(models, inner: str, threads: Threads) -> tuple[dict[int, float
             t0 = time.perf_counter()
             similarity_matrix(models, inner=inner, progress=False)
             probes[count] = min(probes[count], time.perf_counter() - t0)
-    threads.reset()
-    return probes, min(probes, key=probes.get)
-
-
-def probe_loop(factors, pair_fn, pairs, threads: Threads) -> tuple[dict[int, float], int]:
-    """Seconds per pair on the first pairs per thread count, and the faster count."""
-    probes = {}
-    for count in threads.counts():
-        threads.set(count)
-        seconds, ran = run_loop(factors, pair_fn, pairs, {}, PROBE_SECONDS, MIN_LOOP_PAIRS)
-        probes[count] = seconds / ran
-    threads.reset()
-    return probes, min(probes, key=probes.get)
-
-
-def time_rounds(models, inner: str, factors, pair_fn, pairs, threads: Threads, b_threads: int, l_threads: int,
-                full: bool):
-    """REPEATS rounds of one batched call and a slice of the loop, so that both
-    sides are timed under the same load.  The loop's slices are its pairs in
-    order: all of them split in REPEATS parts when ``full``, else about
-    LOOP_SECONDS / REPEATS seconds each.  Returns (the result of the median
-    batched call, whose steps are reported; batched seconds per round, loop
-    (seconds, pairs) per round, loop values)."""
-    times, slices, vals, results = [], [], {}, []
-    start = 0
-    for r in range(REPEATS):
-        threads.set(b_threads)
+    best = min(probes, key=probes.get)
+    threads.set(best)
+    times, res = [], None
+    for _ in range(REPEATS):
+        res = None
         t0 = time.perf_counter()
-        results.append(similarity_matrix(models, inner=inner, progress=False))
+        res = similarity_matrix(models, inner=inner, progress=False)
         times.append(time.perf_counter() - t0)
-        threads.set(l_threads)
-        if full:
-            part = pairs[len(pairs) * r // REPEATS : len(pairs) * (r + 1) // REPEATS]
-            slices.append(run_loop(factors, pair_fn, part, vals))
-        else:
-            slices.append(run_loop(factors, pair_fn, pairs[start:], vals, LOOP_SECONDS / REPEATS,
-                                   -(-MIN_LOOP_PAIRS // REPEATS)))
-        start += slices[-1][1]
     threads.reset()
-    return results[int(np.argsort(times)[len(times) // 2])], times, slices, vals
+    return res, times, probes, best
 
 
 # ------------------------------------------------------------------- main
@@ -316,17 +281,23 @@ def main() -> None:
         mm = matmul_rate(threads)
         for k, v in mm.items():
             best_mm[k] = max(best_mm[k], v)
-        pairs = [(i, j) for i in range(N_MODELS) for j in range(i, N_MODELS)]
-        b_probes, b_threads = probe_batched(models, inner, threads)
-        probes, l_threads = probe_loop(factors, pair_fn, pairs, threads)
-        full = probes[l_threads] * len(pairs) <= LOOP_SECONDS
-        res, times, slices, vals = time_rounds(models, inner, factors, pair_fn, pairs, threads, b_threads,
-                                               l_threads, full)
+        res, times, b_probes, b_threads = time_batched(models, inner, threads)
         t_b = float(np.median(times))
-        per_pair = [sec / ran for sec, ran in slices]
-        t_loop = float(np.median(per_pair)) * len(pairs)
-        ran, t_loop_run = sum(r for _, r in slices), sum(sec for sec, _ in slices)
-        n_pairs = len(pairs)
+
+        # the loop: probe with each thread count, then the full loop or a timed prefix
+        probes = {}
+        for count in threads.counts():
+            threads.set(count)
+            _, probe_t, probe_n, n_pairs = run_loop(factors, pair_fn, PROBE_SECONDS)
+            probes[count] = probe_t / probe_n
+        l_threads = min(probes, key=probes.get)
+        threads.set(l_threads)
+        est_full = probes[l_threads] * n_pairs
+        budget = LOOP_SECONDS if est_full > LOOP_SECONDS else 10 * LOOP_SECONDS
+        vals, t_loop_run, ran, n_pairs = run_loop(factors, pair_fn, budget)
+        threads.reset()
+        full = ran == n_pairs
+        t_loop = t_loop_run if full else t_loop_run / ran * n_pairs
         check = loop_check(vals, res.values)
         ref = best_mm[b_threads]
         peak = max(best_mm.values())
@@ -340,9 +311,9 @@ def main() -> None:
         print(f"batched probe, fastest of {PROBE_CALLS} calls in seconds by thread count: "
               + ", ".join(f"{k}: {v:.3f}" for k, v in b_probes.items())
               + f" -> timed with {b_threads}")
-        print(f"batched: median {fmt_time(t_b)} (rounds: {', '.join(fmt_time(t) for t in times)}); "
+        print(f"batched: median {fmt_time(t_b)} (runs: {', '.join(fmt_time(t) for t in times)}); "
               f"{res.flops:.3g} flops -> {res.flops / t_b / 1e9:.1f} GFLOP/s overall; engine {res.device}")
-        print("  steps of the median run: " + "; ".join(
+        print("  steps of the last run: " + "; ".join(
             f"{s.name} {fmt_time(s.seconds)}, {s.flops:.3g} flops, {s.rate / 1e9:.1f} GFLOP/s" for s in res.steps))
         print(f"  dominant step: {dom.name} ({dom.seconds / sum(s.seconds for s in res.steps):.0%} of step time) at "
               f"{dom.rate / 1e9:.1f} GFLOP/s = {dom.rate / ref:.0%} of the matmul rate with {b_threads} "
@@ -350,9 +321,11 @@ def main() -> None:
               f"{dom.rate / peak:.0%} of the highest ({peak / 1e9:.1f})")
         print("loop probe, ms per pair by thread count: " + ", ".join(
             f"{k}: {v * 1e3:.3f}" for k, v in probes.items()) + f" -> ran with {l_threads}")
-        print(f"loop: {'all' if full else 'the first'} {ran} of {n_pairs} pairs in {fmt_time(t_loop_run)}, ms per pair "
-              f"by round {', '.join(f'{p * 1e3:.3f}' for p in per_pair)}; median x {n_pairs} pairs = {fmt_time(t_loop)}"
-              + ("" if full else " (extrapolated)"))
+        if full:
+            print(f"loop: all {n_pairs} pairs in {fmt_time(t_loop)} ({t_loop / n_pairs * 1e3:.3f} ms per pair)")
+        else:
+            print(f"loop: first {ran} of {n_pairs} pairs in {fmt_time(t_loop_run)} "
+                  f"({t_loop_run / ran * 1e3:.3f} ms per pair) -> extrapolated to all pairs: {fmt_time(t_loop)}")
         print(f"  max |cosine difference| loop vs batched on the pairs the loop ran: "
               f"{'n/a' if check is None else f'{check:.2e}'}")
         speed = t_loop / t_b
