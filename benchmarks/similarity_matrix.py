@@ -48,8 +48,16 @@ Targets (from the issue): batched >= 3x the loop at (256, 64, 10), >= 30x at
 (256, 512, 10), never slower than the loop, and the dominant step at >= 50% of
 the matmul rate.
 
+With ``--device cuda`` the same cases run on the GPU: the batched call with
+``device="cuda"`` (still the whole call from numpy models to the numpy
+matrix), the loop as the same formula in torch on the GPU from factors put
+there once (each pair's value read back, as a loop must), and the matmul rate
+is a float64 8192^3 torch product on the GPU.  There are no thread counts to
+probe there.
+
 Run:  python benchmarks/similarity_matrix.py        (about 2 minutes on 2 idle cores, longer under load)
       python benchmarks/similarity_matrix.py --only "(256, 64"     (the cases whose label contains the text)
+      python benchmarks/similarity_matrix.py --device cuda        (on a CUDA GPU)
 """
 
 from __future__ import annotations
@@ -62,7 +70,7 @@ import numpy as np
 import torch
 
 import tsalgebra as ts
-from tsalgebra.batched import SimilarityMatrix, similarity_matrix
+from tsalgebra.batched import SimilarityMatrix
 
 N_MODELS = 100
 SEED = 0
@@ -94,19 +102,22 @@ def random_stack(rng: np.random.Generator, d: int, h: int, w: int, o: int) -> ts
     return ts.Sequential(random_bilinear(rng, d, h, w), random_bilinear(rng, w, h, w), random_bilinear(rng, w, h, o))
 
 
-def padded_blocks(model: ts.Component) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(L~, R~, D~) of every bilinear layer, read from the layers themselves."""
-    return [tuple(np.ascontiguousarray(x) for x in layer.padded()) for layer in model.layers]
+def padded_blocks(model: ts.Component, device: str | None) -> list[tuple]:
+    """(L~, R~, D~) of every bilinear layer, read from the layers themselves
+    (numpy; torch tensors on ``device`` when one is given)."""
+    put = np.ascontiguousarray if device is None else (lambda x: torch.as_tensor(np.asarray(x), device=device))
+    return [tuple(put(x) for x in layer.padded()) for layer in model.layers]
 
 
 # ------------------------------------------------------------ the loops
+# (numpy arrays or torch tensors alike; float() reads each value back)
 
 
 def pair_one_layer(a, b) -> float:
     La, Ra, Da = a
     Lb, Rb, Db = b
     core = (La @ Lb.T) * (Ra @ Rb.T) + (La @ Rb.T) * (Ra @ Lb.T)
-    return 0.5 * float(np.sum(core * (Da[1:].T @ Db[1:])))
+    return 0.5 * float((core * (Da[1:].T @ Db[1:])).sum())
 
 
 def pair_network(a, b) -> float:
@@ -115,7 +126,7 @@ def pair_network(a, b) -> float:
         LG, RG = (La, Ra) if G is None else (La @ G, Ra @ G)
         core = 0.5 * ((LG @ Lb.T) * (RG @ Rb.T) + (LG @ Rb.T) * (RG @ Lb.T))
         G = Da @ core @ Db.T
-    return float(np.trace(G[1:, 1:]))
+    return float(G[1:, 1:].diagonal().sum())
 
 
 def run_loop(factors, pair_fn, max_seconds: float) -> tuple[dict[tuple[int, int], float], float, int, int]:
@@ -172,14 +183,19 @@ class BlasThreads:
 
 
 class Threads:
-    """One thread count for OpenBLAS (numpy) and torch together."""
+    """One thread count for OpenBLAS (numpy) and torch together (on a GPU: the
+    default only, nothing to probe)."""
 
-    def __init__(self) -> None:
+    def __init__(self, gpu: bool = False) -> None:
         self.blas = BlasThreads()
+        self.gpu = gpu
         self.default = max(self.blas.get() or 1, torch.get_num_threads())
 
     def counts(self) -> list[int]:
-        return [self.default, 1] if self.default > 1 else [1]
+        return [self.default, 1] if self.default > 1 and not self.gpu else [self.default]
+
+    def label(self, n: int) -> str:
+        return "GPU" if self.gpu else f"{n} thread{'s' if n > 1 else ''}"
 
     def set(self, n: int) -> None:
         self.blas.set(n)
@@ -190,7 +206,20 @@ class Threads:
 
 
 def matmul_rate(threads: Threads) -> dict[int, float]:
-    """Best-of-3 float64 rate of a 2500^3 product, numpy or torch, per thread count."""
+    """Best-of-3 float64 rate of a 2500^3 product, numpy or torch, per thread
+    count; on a GPU of an 8192^3 torch product there (after a warm-up)."""
+    if threads.gpu:
+        n = 8192
+        X, Y = (torch.randn(n, n, dtype=torch.float64, device="cuda") for _ in range(2))
+        X @ Y
+        best = np.inf
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            X @ Y
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        return {threads.default: 2 * n**3 / best}
     n = 2500
     rng = np.random.default_rng(7)
     X, Y = rng.normal(size=(n, n)), rng.normal(size=(n, n))
@@ -217,15 +246,16 @@ def fmt_time(s: float) -> str:
     return f"{s / 60:.1f} min"
 
 
-def time_batched(models, inner: str, threads: Threads) -> tuple[SimilarityMatrix, list[float], dict[int, float], int]:
-    similarity_matrix(models, inner=inner, progress=False)  # warm-up (untimed)
+def time_batched(models, inner: str, threads: Threads, device: str | None
+                 ) -> tuple[SimilarityMatrix, list[float], dict[int, float], int]:
+    ts.similarity_matrix(models, inner=inner, device=device, progress=False)  # warm-up (untimed)
     probes = {}
     for count in threads.counts():
         threads.set(count)
         probes[count] = float("inf")
         for _ in range(PROBE_CALLS):  # the faster of a few: one slow call must not pick the count
             t0 = time.perf_counter()
-            similarity_matrix(models, inner=inner, progress=False)
+            ts.similarity_matrix(models, inner=inner, device=device, progress=False)
             probes[count] = min(probes[count], time.perf_counter() - t0)
     best = min(probes, key=probes.get)
     threads.set(best)
@@ -233,7 +263,7 @@ def time_batched(models, inner: str, threads: Threads) -> tuple[SimilarityMatrix
     for _ in range(REPEATS):
         res = None
         t0 = time.perf_counter()
-        res = similarity_matrix(models, inner=inner, progress=False)
+        res = ts.similarity_matrix(models, inner=inner, device=device, progress=False)
         times.append(time.perf_counter() - t0)
     threads.reset()
     return res, times, probes, best
@@ -247,7 +277,13 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--only", metavar="TEXT", help="run only the cases whose label contains TEXT, e.g. '(256, 64'")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cpu: numpy engine and loop (default); cuda: torch on the GPU for both")
     args = parser.parse_args()
+    gpu = args.device == "cuda"
+    if gpu and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    device = "cuda" if gpu else None
     t_start = time.perf_counter()
     print(__doc__.strip().splitlines()[0])
     print(f"python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}, "
@@ -255,12 +291,14 @@ def main() -> None:
     load = os.getloadavg()
     print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
           "(other processes on this machine share the cores; all rates are wall-clock)")
-    threads = Threads()
+    threads = Threads(gpu)
     print(f"default threads: OpenBLAS {threads.blas.get() or 'unknown'}, torch {torch.get_num_threads()}")
+    if gpu:
+        print(f"device: {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}")
     mm = matmul_rate(threads)
     best_mm = dict(mm)
-    print("float64 matmul 2500^3 at start: " + ", ".join(f"{k} thread{'s' if k > 1 else ''} {v / 1e9:.1f} GFLOP/s"
-                                                          for k, v in mm.items()))
+    print(f"float64 matmul {8192 if gpu else 2500}^3 at start: "
+          + ", ".join(f"{threads.label(k)} {v / 1e9:.1f} GFLOP/s" for k, v in mm.items()))
     print()
 
     rows = []
@@ -276,12 +314,12 @@ def main() -> None:
             d, h, w, o = shape
             models = [random_stack(rng, d, h, w, o) for _ in range(N_MODELS)]
             pair_fn, label = pair_network, f"depth-3 stack (d, h, w, o) = {shape}"
-        factors = [padded_blocks(m) if kind == "depth 3" else padded_blocks(m)[0] for m in models]
+        factors = [padded_blocks(m, device) if kind == "depth 3" else padded_blocks(m, device)[0] for m in models]
 
         mm = matmul_rate(threads)
         for k, v in mm.items():
             best_mm[k] = max(best_mm[k], v)
-        res, times, b_probes, b_threads = time_batched(models, inner, threads)
+        res, times, b_probes, b_threads = time_batched(models, inner, threads, device)
         t_b = float(np.median(times))
 
         # the loop: probe with each thread count, then the full loop or a timed prefix
@@ -305,7 +343,7 @@ def main() -> None:
         dom = res.dominant_step()
         cand = ", ".join(f"{c.route} {c.flops:.3g}" + ("" if c.fits else " (does not fit)") for c in res.candidates.values())
         print(f"== {label}, {inner} inner product, N = {N_MODELS} ==")
-        print("matmul rate before this case: " + ", ".join(f"{k} thread{'s' if k > 1 else ''} {v / 1e9:.1f}"
+        print("matmul rate before this case: " + ", ".join(f"{threads.label(k)} {v / 1e9:.1f}"
                                                             for k, v in mm.items()) + " GFLOP/s")
         print(f"planner: candidates (flops) {cand}; chose {res.route}; {res.candidates[res.route].blocking}")
         print(f"batched probe, fastest of {PROBE_CALLS} calls in seconds by thread count: "
@@ -316,8 +354,8 @@ def main() -> None:
         print("  steps of the last run: " + "; ".join(
             f"{s.name} {fmt_time(s.seconds)}, {s.flops:.3g} flops, {s.rate / 1e9:.1f} GFLOP/s" for s in res.steps))
         print(f"  dominant step: {dom.name} ({dom.seconds / sum(s.seconds for s in res.steps):.0%} of step time) at "
-              f"{dom.rate / 1e9:.1f} GFLOP/s = {dom.rate / ref:.0%} of the matmul rate with {b_threads} "
-              f"thread{'s' if b_threads > 1 else ''} ({ref / 1e9:.1f} GFLOP/s), "
+              f"{dom.rate / 1e9:.1f} GFLOP/s = {dom.rate / ref:.0%} of the matmul rate with {threads.label(b_threads)} "
+              f"({ref / 1e9:.1f} GFLOP/s), "
               f"{dom.rate / peak:.0%} of the highest ({peak / 1e9:.1f})")
         print("loop probe, ms per pair by thread count: " + ", ".join(
             f"{k}: {v * 1e3:.3f}" for k, v in probes.items()) + f" -> ran with {l_threads}")
@@ -336,7 +374,7 @@ def main() -> None:
     peak = max(best_mm.values())
     print("== summary ==")
     print("highest float64 matmul rate seen: " + ", ".join(
-        f"{k} thread{'s' if k > 1 else ''} {v / 1e9:.1f} GFLOP/s" for k, v in best_mm.items()))
+        f"{threads.label(k)} {v / 1e9:.1f} GFLOP/s" for k, v in best_mm.items()))
     print(f"{'case':<48} {'route':<14} {'batched':>9} {'loop':>10} {'threads':>8} {'speedup':>8} {'dominant step':>22}")
     ok_all = True
     for label, route, t_b, t_loop, full, speed, dom, shape, check, ref, bt, lt in rows:

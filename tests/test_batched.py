@@ -14,6 +14,8 @@ import tsalgebra as ts
 from tsalgebra.batched import SimilarityMatrix, cross_similarity_matrix, similarity_matrix
 
 TOL = 1e-10
+# The CUDA engine is checked wherever a GPU is present; CI has none and skips it.
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
 
 
 def bilinear(rng, d, h, o, residual=False, biases=True, scale=1.0):
@@ -67,10 +69,11 @@ def models():
 # ------------------------------------------------------------ equality
 
 
+@pytest.mark.parametrize("device", [None, CUDA])
 @pytest.mark.parametrize("inner", ["symmetric", "gaussian", "network"])
 @pytest.mark.parametrize("route", ["materialize", "pairwise-gram", "pairwise", "auto"])
-def test_matches_pairwise_api(models, inner, route):
-    r = similarity_matrix(models, inner=inner, route=route, progress=False)
+def test_matches_pairwise_api(models, inner, route, device):
+    r = similarity_matrix(models, inner=inner, route=route, device=device, progress=False)
     assert isinstance(r, SimilarityMatrix) and r.values.shape == (5, 5) and r.values.dtype == np.float64
     assert r.route == (route if route != "auto" else r.route) and r.route != "auto"
     assert r.inner == inner and r.method == "exact" and r.exact and r.symmetric
@@ -82,12 +85,13 @@ def test_matches_pairwise_api(models, inner, route):
 @pytest.mark.parametrize("kw", [dict(centered=True), dict(mean="m", cov="C"), dict(mean="m", cov="C", centered=True),
                                 dict(mean="m"), dict(cov="singular")])
 @pytest.mark.parametrize("route", ["materialize", "pairwise-gram"])
-def test_gaussian_measures(models, kw, route):
+@pytest.mark.parametrize("device", [None, CUDA])
+def test_gaussian_measures(models, kw, route, device):
     rng = np.random.default_rng(5)
     A = rng.normal(size=(4, 4))
     vals = {"m": rng.normal(size=4), "C": A @ A.T / 4 + 0.2 * np.eye(4), "singular": A[:, :2] @ A[:, :2].T}
     kw = {k: vals.get(v, v) if isinstance(v, str) else v for k, v in kw.items()}
-    r = similarity_matrix(models, inner="gaussian", route=route, progress=False, **kw)
+    r = similarity_matrix(models, inner="gaussian", route=route, device=device, progress=False, **kw)
     assert np.max(np.abs(r.values - pairwise(models, models, "gaussian", **kw))) < TOL
     assert rel(r.norms, norms(models, "gaussian", **kw)) < TOL
     assert r.centered == kw.get("centered", False)
@@ -96,9 +100,10 @@ def test_gaussian_measures(models, kw, route):
 
 @pytest.mark.parametrize("inner", ["symmetric", "gaussian", "network"])
 @pytest.mark.parametrize("route", ["materialize", "pairwise-gram", "pairwise"])
-def test_cross_matrix(models, inner, route):
+@pytest.mark.parametrize("device", [None, CUDA])
+def test_cross_matrix(models, inner, route, device):
     cols = one_layer_models(seed=1)[:3] + [models[0]]
-    r = cross_similarity_matrix(models, cols, inner=inner, route=route, progress=False)
+    r = cross_similarity_matrix(models, cols, inner=inner, route=route, device=device, progress=False)
     assert r.values.shape == (5, 4) and not r.symmetric
     assert np.max(np.abs(r.values - pairwise(models, cols, inner))) < TOL
     assert rel(r.norms, norms(models, inner)) < TOL and rel(r.col_norms, norms(cols, inner)) < TOL
@@ -125,7 +130,7 @@ def test_mixed_hidden_widths_are_zero_padded():
 # ------------------------------------------------------------ stacks
 
 
-@pytest.mark.parametrize("device", [None, "numpy"])
+@pytest.mark.parametrize("device", [None, "numpy", CUDA])
 def test_network_stacks(device):
     ms = stacks()
     r = similarity_matrix(ms, inner="network", device=device, progress=False)
@@ -205,14 +210,15 @@ def test_auto_takes_the_cheaper_route():
 
 
 @pytest.mark.parametrize("route", ["materialize", "pairwise-gram"])
-def test_memory_bound_chunks(models, route):
+@pytest.mark.parametrize("device", [None, CUDA])
+def test_memory_bound_chunks(models, route, device):
     want = pairwise(models, models, "gaussian")
     cols = models[2:]
     blockings = set()
     for memory in range(2_000, 40_000, 100):
         try:
-            r = similarity_matrix(models, route=route, max_memory=memory, progress=False)
-            rc = cross_similarity_matrix(models, cols, route=route, max_memory=memory, progress=False)
+            r = similarity_matrix(models, route=route, max_memory=memory, device=device, progress=False)
+            rc = cross_similarity_matrix(models, cols, route=route, max_memory=memory, device=device, progress=False)
         except MemoryError:
             continue
         blockings.add(r.candidates[route].blocking)
@@ -253,34 +259,38 @@ def test_float32(models, dtype):
         assert rel(r.norms, norms(models, "gaussian")) < 1e-4
 
 
-def test_torch_device(models):
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_torch_device(models, device):
     for route in ("materialize", "pairwise-gram"):
-        r = similarity_matrix(models, device="cpu", route=route, progress=False)
-        assert r.device == "cpu" and isinstance(r.values, np.ndarray)
+        r = similarity_matrix(models, device=device, route=route, progress=False)
+        assert r.device.startswith(device) and isinstance(r.values, np.ndarray)
         assert np.max(np.abs(r.values - pairwise(models, models, "gaussian"))) < TOL
-    r = similarity_matrix(models, device=torch.device("cpu"), dtype=torch.float32, progress=False)
+    r = similarity_matrix(models, device=torch.device(device), dtype=torch.float32, progress=False)
     assert r.values.dtype == np.float32
+    assert np.max(np.abs(r.values - pairwise(models, models, "gaussian"))) < 1e-4
 
 
-def test_large_magnitudes_float32(models):
+@pytest.mark.parametrize("device", [None, CUDA])
+def test_large_magnitudes_float32(models, device):
     """Weights times 1e12: <f, f> ~ 1e72 overflows float32 (and squares of it float64)."""
     big = [m.map_weights(lambda w: w * 1e12) for m in models]
     for inner in ("gaussian", "symmetric"):
         want = pairwise(big, big, inner)
         for route in ("materialize", "pairwise-gram"):
-            r = similarity_matrix(big, inner=inner, dtype="float32", route=route, progress=False)
+            r = similarity_matrix(big, inner=inner, dtype="float32", route=route, device=device, progress=False)
             assert np.isfinite(r.values).all() and np.max(np.abs(r.values - want)) < 1e-4
             assert rel(r.norms, norms(big, inner)) < 1e-4 and np.all(r.norms > 1e30)
     deep = [m.map_weights(lambda w: w * 1e6) for m in stacks()]
     K = np.array([[ts.inner(a, b, inner="network").value for b in deep] for a in deep])  # up to ~1e250
     s = np.sqrt(np.diag(K))
     want = K / s[:, None] / s[None, :]  # (ts.similarity forms <a,a><b,b> first, which overflows here)
-    r = similarity_matrix(deep, inner="network", dtype="float32", progress=False)
+    r = similarity_matrix(deep, inner="network", dtype="float32", device=device, progress=False)
     assert np.isfinite(r.values).all() and np.max(np.abs(r.values - want)) < 1e-4
     assert rel(r.norms, s) < 1e-4 and np.all(s > 1e100)
 
 
-def test_vocabulary_scale_outputs_float32():
+@pytest.mark.parametrize("device", [None, CUDA])
+def test_vocabulary_scale_outputs_float32(device):
     """50,000 outputs: the naive float32 Frobenius product of the padded tensors overflows."""
     rng = np.random.default_rng(9)
     o, d, h = 50_000, 6, 3
@@ -295,9 +305,9 @@ def test_vocabulary_scale_outputs_float32():
     G = np.array([[x @ y for y in S] for x in S])
     want = G / np.sqrt(np.outer(np.diag(G), np.diag(G)))
     for route in ("materialize", "pairwise-gram"):
-        r64 = similarity_matrix(ms, inner="symmetric", route=route, progress=False)
+        r64 = similarity_matrix(ms, inner="symmetric", route=route, device=device, progress=False)
         assert np.max(np.abs(r64.values - want)) < TOL and rel(r64.norms, np.sqrt(np.diag(G))) < TOL
-        r = similarity_matrix(ms, inner="symmetric", dtype="float32", route=route, progress=False)
+        r = similarity_matrix(ms, inner="symmetric", dtype="float32", route=route, device=device, progress=False)
         assert np.isfinite(r.values).all() and np.max(np.abs(r.values - want)) < 1e-4
         assert rel(r.norms, np.sqrt(np.diag(G))) < 1e-4
 
@@ -393,7 +403,7 @@ def test_packed_layout(n, leaf):
 
 
 @pytest.mark.parametrize("kind", ["packed", "triangle"])
-@pytest.mark.parametrize("device", [None, "cpu"])
+@pytest.mark.parametrize("device", [None, "cpu", CUDA])
 @pytest.mark.parametrize("sub", [2, 3])
 def test_both_formations_of_the_materialize_route(models, monkeypatch, kind, device, sub):
     """Each way of writing the symmetric tensors (numpy's and torch's packing,
