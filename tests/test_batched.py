@@ -230,8 +230,9 @@ def test_memory_bound_chunks(models, route, device):
         assert any("model blocks of up to 1" in b for b in blockings)
         assert any("4 output chunks" in b for b in blockings)
         assert any("1 output chunk" in b for b in blockings)
-    else:
+    else:  # blocks stacked once and kept, and (at less memory) stacked per block pair
         assert any("of up to 1 x 1" in b for b in blockings) and len(blockings) >= 2
+        assert any("stacked once" in b for b in blockings) and any("stacked once" not in b for b in blockings)
 
 
 def test_memory_too_small(models):
@@ -419,6 +420,23 @@ def test_both_formations_of_the_materialize_route(models, monkeypatch, kind, dev
         r = similarity_matrix(models, inner=inner, route="materialize", device=device, progress=False)
         assert f"{kind} formation" in r.candidates["materialize"].blocking
         assert np.max(np.abs(r.values - pairwise(models, models, inner))) < TOL
+
+
+@pytest.mark.parametrize("per_product", [2, 3])
+def test_packed_formation_batched_over_models(models, monkeypatch, per_product):
+    """torch's packed formation with several models per batched product (as on
+    a GPU): mixed hidden widths zero-padded within a batch, 3 of 5 models
+    leaving a short last batch; sym and cross matrices against the pairwise API."""
+    import tsalgebra.batched as B
+
+    monkeypatch.setattr(B, "_formation", lambda n, *_: B._Formation(
+        "packed", n, 2, B._packed_blocks(n, 2), models=per_product))
+    cols = one_layer_models(seed=1)[:3]
+    for inner in ("symmetric", "gaussian"):
+        r = similarity_matrix(models, inner=inner, route="materialize", device="cpu", progress=False)
+        assert np.max(np.abs(r.values - pairwise(models, models, inner))) < TOL
+        rc = cross_similarity_matrix(models, cols, inner=inner, route="materialize", device="cpu", progress=False)
+        assert np.max(np.abs(rc.values - pairwise(models, cols, inner))) < TOL
 
 
 def test_formation_layout_is_shared_by_both_sides(monkeypatch):

@@ -71,7 +71,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -790,7 +790,12 @@ def _pg_plans(dims: _Dims, cI: int, cJ: int) -> tuple[tuple[str, ContractionPlan
 
 
 def _pg_layout(NA: int, NB: int, sym: bool, dims: _Dims, itemsize: int, budget: int, numpy_syrk: bool,
-               target: int) -> tuple[RouteCost, int]:
+               target: int) -> tuple[RouteCost, int, bool]:
+    """(cost, models per block, whether each block is stacked once per call).
+    Blocks are stacked once and kept when all of them fit within ``target``
+    beside the largest block's work (on a GPU: the host-side stacking and the
+    transfer per block pair otherwise took ten times the products' time);
+    otherwise each block pair stacks its two blocks."""
     per_pair = _pg_pair_elements(dims) * itemsize
     per_model = sum(2 * dims.H[l] * dims.w_in(l) + dims.w[l] * dims.H[l] for l in range(dims.depth)) * itemsize
     need = lambda c: c * c * per_pair + 2 * c * per_model  # noqa: E731
@@ -818,10 +823,15 @@ def _pg_layout(NA: int, NB: int, sym: bool, dims: _Dims, itemsize: int, budget: 
         flops += _pg_diag_flops(NA, dims) + (0 if sym else _pg_diag_flops(NB, dims))
     cmax = max(b - a for a, b in parts_a)
     peak = cmax * max(b - a for a, b in parts_b) * per_pair + 2 * cmax * per_model
+    stacked = (NA + (0 if sym else NB)) * per_model
+    keep = len(parts_a) * len(parts_b) > 1 and peak - 2 * cmax * per_model + stacked <= min(budget, target)
+    if keep:
+        peak += stacked - 2 * cmax * per_model
     nblocks = len(parts_a) * (len(parts_a) + 1) // 2 if sym else len(parts_a) * len(parts_b)
-    blocking = f"{nblocks} block{'s' if nblocks != 1 else ''} of up to {cmax} x {max(b - a for a, b in parts_b)} models"
+    blocking = (f"{nblocks} block{'s' if nblocks != 1 else ''} of up to {cmax} x {max(b - a for a, b in parts_b)} models"
+                + (", each stacked once" if keep else ""))
     return RouteCost("pairwise-gram", int(flops), int(peak), bool(fits), blocking,
-                     _pg_plans(dims, cmax, max(b - a for a, b in parts_b))), c
+                     _pg_plans(dims, cmax, max(b - a for a, b in parts_b))), c, keep
 
 
 def _pg_diag(ops: _Ops, Xs: list[Any], Ds: list[Any], dims: _Dims) -> tuple[np.ndarray, np.ndarray]:
@@ -932,19 +942,35 @@ def _log_scale(chains: Sequence[_Chain], rs: np.ndarray) -> np.ndarray:
     return logU
 
 
-def _run_pairwise_gram(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, ops: _Ops, c: int, clock: _Clock,
-                       show: bool | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(K^ (NA, NB), K^ diagonal of A, of B, log U of A, of B)."""
+def _run_pairwise_gram(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, ops: _Ops, c: int, keep: bool,
+                       clock: _Clock, show: bool | None
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(K^ (NA, NB), K^ diagonal of A, of B, log U of A, of B); ``keep``: stack
+    each block once and keep it for all its block pairs."""
     sym = B is None
     numpy_syrk = not ops.is_torch
     parts_a = _partition(len(A), c)
     parts_b = parts_a if sym else _partition(len(B), c)
     need_diag = dims.depth > 1 or not sym
+    fused = _pg_fused(dims)
+    kept: dict[tuple[str, int], Any] = {}
 
-    def diag(chains: list[_Chain]) -> tuple[np.ndarray, np.ndarray]:
+    def stacked(side: str, part: int, with_p: bool = True) -> Any:
+        """The stacked block ``part`` of side "a" or "b" (kept when ``keep``)."""
+        if (side, part) in kept:
+            return kept[(side, part)]
+        chains, (p0, p1) = (A, parts_a[part]) if side == "a" else (B, parts_b[part])
+        clock.start()
+        S = _stack(chains[p0:p1], dims, ops, fused if (with_p or keep) else ())
+        clock.lap("stack", 0)
+        if keep:
+            kept[(side, part)] = S
+        return S
+
+    def diag(side: str) -> tuple[np.ndarray, np.ndarray]:
         Ks, rs = [], []
-        for a0, a1 in parts_a if chains is A else parts_b:
-            Xs, Ds, _ = _stack(chains[a0:a1], dims, ops)
+        for part, (a0, a1) in enumerate(parts_a if side == "a" else parts_b):
+            Xs, Ds, _ = stacked(side, part, with_p=False)
             clock.start()
             k, r = _pg_diag(ops, Xs, Ds, dims)
             clock.lap("self-terms", _pg_diag_flops(a1 - a0, dims))
@@ -953,8 +979,8 @@ def _run_pairwise_gram(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, ops
         return np.concatenate(Ks), np.concatenate(rs, axis=1)
 
     if need_diag:
-        kA, rA = diag(A)
-        kB, rB = (kA, rA) if sym else diag(B)
+        kA, rA = diag("a")
+        kB, rB = (kA, rA) if sym else diag("b")
     else:
         rA = rB = np.ones((dims.depth, len(A)))
         kA = kB = None
@@ -963,14 +989,13 @@ def _run_pairwise_gram(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, ops
     units = len(parts_a) * (len(parts_a) + 1) // 2 if sym else len(parts_a) * len(parts_b)
     bar = _progress(units, "similarity matrix (pairwise-gram)", "block", show)
     try:
-        fused = _pg_fused(dims)
         for i, (a0, a1) in enumerate(parts_a):
-            SA = _stack(A[a0:a1], dims, ops, fused)
+            SA = stacked("a", i)
             for j, (b0, b1) in enumerate(parts_b):
                 if sym and j < i:
                     continue
                 same = sym and i == j
-                SB = SA if same else _stack((A if sym else B)[b0:b1], dims, ops, fused)
+                SB = SA if same else stacked("a" if sym else "b", j)
                 blk = ops.get(_pg_block(ops, SA, SB, rA[:, a0:a1], rB[:, b0:b1], dims, same, clock,
                                         numpy_syrk)).astype(float)
                 K[a0:a1, b0:b1] = blk
@@ -1034,12 +1059,15 @@ class _Formation:
     ``sub`` outputs go into one product (their rows stacked); it is part of the
     layout, so both sides of a cross matrix share it.  The planner takes the
     formation with fewer flops, counting a pass over an entry as _PASS_FLOPS
-    (an add of T and T^T as two)."""
+    (an add of T and T^T as two).  On a GPU: "packed", with ``models`` models
+    per batched product (a few launches per output chunk, where launches, not
+    flops, set the time)."""
 
     kind: str
     n: int
     sub: int
     blocks: tuple[tuple[int, ...], ...] = ()  # row blocks (i0, i1) (triangle), _packed_blocks (packed)
+    models: int = 1
 
     @property
     def per_output(self) -> int:
@@ -1075,7 +1103,7 @@ def _formation(n: int, H: int, o: int, models: int, itemsize: int, cuda: bool, m
     (all of them on a GPU), at most ``max_sub``; the triangle's row blocks give
     its products about _TRI_ROWS rows."""
     forms = []
-    for kind in ("triangle", "packed"):
+    for kind in ("packed",) if cuda else ("triangle", "packed"):
         if cuda:
             sub = o
         else:
@@ -1151,7 +1179,13 @@ def _mat_layout(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, itemsize: 
         peak = cap * oc * row + temp + kbytes
     else:
         peak = 2 * cmax * oc * row + temp + kbytes
-    blocking = (f"{form.kind} formation, {len(out_chunks)} output chunk{'s' if len(out_chunks) != 1 else ''} of up to "
+    if cuda:  # as many models per product as the spare memory holds, with their stacked factors
+        per_model = temp + (2 * n + q) * Hmax * itemsize
+        models = int(max(1, min(cmax, 1 + (budget - peak - per_model) // per_model)))
+        form = replace(form, models=models)
+        peak += models * per_model - temp
+    blocking = (f"{form.kind} formation" + (f" of {form.models} models per product" if cuda else "")
+                + f", {len(out_chunks)} output chunk{'s' if len(out_chunks) != 1 else ''} of up to "
                 f"{max(b - a for a, b in out_chunks)}, model blocks of up to {cmax}")
     plans = (("form", _COSTS.plan("oh,hi,hj->oij", (q, Hmax), (Hmax, n), (Hmax, n))),
              ("gram", _COSTS.plan("xf,yf->xy", (cmax, oc * P), (cmax, oc * P))))
@@ -1172,11 +1206,14 @@ def _form(ops: _Ops, chains: Sequence[_Chain], o0: int, o1: int, form: _Formatio
         # one set of temporaries for all models (fresh ones per model cost page faults)
         scaled_buf = np.empty(q * n * max(ch.blocks[0][0].shape[0] for ch in chains))
         T = np.empty((q, n, n))
+    if form.kind == "packed" and ops.is_torch:
+        _form_batched(ops, chains, o0, o1, form, X, pack, clock)
+        return X
     for m, ch in enumerate(chains):
         L, R, D = ch.blocks[0]
         H = L.shape[0]
         clock.start()
-        if form.kind == "packed" and not ops.is_torch:
+        if form.kind == "packed":
             # q outputs per product, into buffers reused across the model's
             # outputs (they stay in cache); then one add of T and T^T per block
             # of the layout for all q outputs, sqrt 2 folded into the scaled
@@ -1195,18 +1232,6 @@ def _form(ops: _Ops, chains: Sequence[_Chain], o0: int, o1: int, form: _Formatio
                     np.add(t[:, r0:r1, c0:c1], t[:, c0:c1, r0:r1].transpose(0, 2, 1), out=out)
                     if r0 == c0:
                         out *= 1 / _SQRT2
-        elif form.kind == "packed":
-            flat, weight = pack
-            Lt, Rb = ops.put(L.T), ops.put(R)
-            Dh = ops.put(0.5 * D[o0:o1])
-            for s0 in range(0, k, q):
-                s1 = min(k, s0 + q)
-                A = (Dh[s0:s1, None, :] * Lt[None]).reshape((s1 - s0) * n, H)
-                T = (A @ Rb).reshape(s1 - s0, n, n)
-                S = (T + ops.mT(T)).reshape(s1 - s0, n * n)
-                out = X[m, s0 * P : s1 * P].reshape(s1 - s0, P)
-                ops.t.index_select(S, 1, flat, out=out)
-                out *= weight
         else:
             # rows (i, output) of a product: the scaled operand of all rows is
             # one elementwise product per sub-chunk and each row block a
@@ -1231,6 +1256,36 @@ def _form(ops: _Ops, chains: Sequence[_Chain], o0: int, o1: int, form: _Formatio
                     off += size
         clock.lap("form", form.flops(k, H))
     return X
+
+
+def _form_batched(ops: _Ops, chains: Sequence[_Chain], o0: int, o1: int, form: _Formation, X: Any,
+                  pack: tuple[Any, Any], clock: _Clock) -> None:
+    """The packed formation in torch, ``form.models`` models per batched
+    product (their factors zero-padded to the widest hidden width among them),
+    then T + T^T and the layout's entries gathered and weighted."""
+    t, flat, weight = ops.t, *pack
+    k, n, P, q = o1 - o0, form.n, form.per_output, form.sub
+    for b0 in range(0, len(chains), form.models):
+        batch = chains[b0 : b0 + form.models]
+        M, H = len(batch), max(ch.blocks[0][0].shape[0] for ch in batch)
+        clock.start()
+        Lt = t.zeros((M, n, H), dtype=ops.dtype, device=ops.device)
+        Rb = t.zeros((M, H, n), dtype=ops.dtype, device=ops.device)
+        Dh = t.zeros((M, k, H), dtype=ops.dtype, device=ops.device)
+        for j, ch in enumerate(batch):
+            L, R, D = ch.blocks[0]
+            h = L.shape[0]
+            Lt[j, :, :h] = t.from_numpy(np.ascontiguousarray(L.T))
+            Rb[j, :h] = t.from_numpy(R)
+            Dh[j, :, :h] = t.from_numpy(0.5 * D[o0:o1])
+        rows = X[b0 : b0 + M].view(M, k, P)
+        for s0 in range(0, k, q):
+            s1 = min(k, s0 + q)
+            A = (Dh[:, s0:s1, None, :] * Lt[:, None]).reshape(M, (s1 - s0) * n, H)
+            T = (A @ Rb).reshape(M, s1 - s0, n, n)
+            S = (T + ops.mT(T)).reshape(M * (s1 - s0), n * n)
+            rows[:, s0:s1] = t.index_select(S, 1, flat).view(M, s1 - s0, P) * weight
+        clock.lap("form", sum(form.flops(k, ch.blocks[0][0].shape[0]) for ch in batch))
 
 
 def _run_materialize(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, ops: _Ops, c: int, oc: int,
@@ -1432,12 +1487,14 @@ def _compute(A_in: Any, B_in: Any | None, inner: str, method: str, mean: Any, co
         P, measure = _measure_factor(d, mean, cov) if d is not None else (None, "N(0, I)")
     else:
         P = None
+    t_prepare = time.perf_counter()
     if batched_ok:
         chains_A = _prepare(A, inner, centered, P)
         chains_B = None if sym else _prepare(B, inner, centered, P)
         if chains_A is None or (not sym and chains_B is None):
             chains_A = chains_B = None
     dims = None if chains_A is None else _dims(chains_A, *([] if sym else [chains_B]))
+    t_prepare = time.perf_counter() - t_prepare
     if device is None and not force_numpy and dims is not None and dims.depth > 1:
         # stacks: batched products of small matrices, which torch runs as one
         # parallel call each (numpy calls BLAS once per matrix); numpy in and out
@@ -1447,7 +1504,7 @@ def _compute(A_in: Any, B_in: Any | None, inner: str, method: str, mean: Any, co
     notes: list[str] = []
     if dims is not None:
         target = budget if ops.cuda else min(budget, _PG_WORKING_SET * (4 if ops.is_torch else 1))
-        pg_cost, c_pg = _pg_layout(len(chains_A), len(A) if sym else len(chains_B), sym, dims, ops.itemsize, budget,
+        pg_cost, c_pg, keep_pg = _pg_layout(len(chains_A), len(A) if sym else len(chains_B), sym, dims, ops.itemsize, budget,
                                    not ops.is_torch, target)
         candidates["pairwise-gram"] = pg_cost
         if dims.depth == 1:
@@ -1483,6 +1540,7 @@ def _compute(A_in: Any, B_in: Any | None, inner: str, method: str, mean: Any, co
     est = candidates[chosen].flops if chosen in candidates else 0
     show = progress if progress is not None else (None if est > _LONG_FLOPS else False)
     clock = _Clock(ops)
+    clock.seconds["prepare"], clock.flops["prepare"] = t_prepare, 0  # folding and normalizing, on the host
     exact, meth = True, "exact"
     if chosen == "pairwise":
         K, sA, sB, exact, meth, flops = _run_pairwise(A, B, inner, method, mean, cov, centered, kwargs, progress)
@@ -1496,7 +1554,7 @@ def _compute(A_in: Any, B_in: Any | None, inner: str, method: str, mean: Any, co
             logA = np.array([c.log_scales.sum() for c in chains_A])
             logB = logA if sym else np.array([c.log_scales.sum() for c in chains_B])
         else:
-            K, sA, sB, logA, logB = _run_pairwise_gram(chains_A, chains_B, dims, ops, c_pg, clock, show)
+            K, sA, sB, logA, logB = _run_pairwise_gram(chains_A, chains_B, dims, ops, c_pg, keep_pg, clock, show)
         cos = _cosines(K, sA, sB, inner, dname, sym)
         normsA, normsB = _norms(sA, logA), (None if sym else _norms(sB, logB))
         if sym:
