@@ -501,3 +501,22 @@ def test_padded_into_given_arrays():
             np.testing.assert_array_equal(g, want)
         with pytest.raises(ValueError, match="padded needs"):
             layer.padded(out=(out[0], out[1], np.zeros((1, 1))))
+
+
+def test_padded_scales_and_norms():
+    """``padded(scales=...)`` equals the padded factors times the scales, and
+    ``padded_norms`` their Frobenius norms (residual, biases and none)."""
+    rng = np.random.default_rng(4)
+    for layer in (bilinear(rng, 3, 2, 3, residual=True), bilinear(rng, 4, 2, 3, biases=False), bilinear(rng, 5, 4, 2)):
+        plain = layer.padded()
+        np.testing.assert_allclose(layer.padded_norms(), [np.linalg.norm(x) for x in plain], rtol=1e-14)
+        for got, want, s in zip(layer.padded(scales=(0.5, 3.0, -2.0)), plain, (0.5, 3.0, -2.0)):
+            np.testing.assert_allclose(got, want * s, rtol=1e-15)
+    huge = bilinear(rng, 3, 2, 3, scale=1e200)  # finite weights whose squares overflow: _prepare checks the entries
+    assert not all(np.isfinite(huge.padded_norms())) and all(np.isfinite(x).all() for x in huge.padded())
+    from fractions import Fraction
+
+    exact = ts.Bilinear(*(np.array(w, dtype=object) for w in ([[Fraction(1, 2)]], [[Fraction(1)]], [[Fraction(3)]])))
+    assert exact.exact
+    with pytest.raises(ValueError, match="float weights"):
+        exact.padded(scales=(1, 1, 1))

@@ -536,11 +536,14 @@ def _measure_factor(d: int, mean: Any, cov: Any) -> tuple[np.ndarray | None, str
 
 
 def _unit(x: np.ndarray) -> tuple[np.ndarray, float]:
-    """x scaled to unit Frobenius norm, in place (``x`` is a fresh array of
-    _prepare's: a second copy of every model cost as much as the first, both
-    in page faults on new memory), and the log of the factor taken out."""
+    """x scaled to about unit Frobenius norm, in place (``x`` is a fresh array
+    of _prepare's: a second copy of every model cost as much as the first, both
+    in page faults on new memory), and the log of the factor taken out.  A
+    norm within [1/2, 2] is left as it is (the scale only keeps magnitudes
+    near 1; the log is exact either way), which saves a pass over blocks that
+    _prepare scaled as it wrote them."""
     s = float(np.linalg.norm(x))
-    if s == 0.0 or not math.isfinite(s):
+    if s == 0.0 or not math.isfinite(s) or 0.5 <= s <= 2.0:
         return x, 0.0
     x /= s
     return x, math.log(s)
@@ -552,7 +555,8 @@ def _prepare(models: Sequence[Any], inner: str, centered: bool, P: np.ndarray | 
     chains = []
     # Plain float layers are padded into one allocation: one page fault per
     # huge page instead of one per 4 KiB page of every model's own arrays
-    # (at (d, h) = (256, 512) that halved this function's time here).  L~ is
+    # (at (d, h) = (256, 512) that halved this function's time here), and
+    # scaled to unit norm as they are written (norms from the weights).  L~ is
     # stored transposed, as the materialize route's formation reads it.
     plain = [m for m in models if isinstance(m, Bilinear) and not m.exact]
     arena = np.zeros(sum(math.prod(s) for m in plain for s in m.padded_shapes()))
@@ -560,6 +564,7 @@ def _prepare(models: Sequence[Any], inner: str, centered: bool, P: np.ndarray | 
     for m in models:
         if not isinstance(m, Component):
             return None
+        pre = np.zeros(3)  # logs of the factors taken out as the blocks were written
         try:
             if isinstance(m, Bilinear) and not m.exact:
                 out = []
@@ -567,8 +572,13 @@ def _prepare(models: Sequence[Any], inner: str, centered: bool, P: np.ndarray | 
                     part = arena[used : used + math.prod(shape)]
                     out.append(part.reshape(shape[::-1]).T if k == 0 else part.reshape(shape))
                     used += math.prod(shape)
-                blocks = [m.padded(out=tuple(out))]  # what fold would return, without its copies
+                norms = m.padded_norms()  # all finite: so is every entry (their squares sum to a finite number)
+                finite = all(math.isfinite(s) and s > 0 for s in norms)
+                if finite:
+                    pre = np.log(norms)
+                blocks = [m.padded(out=tuple(out), scales=tuple(1 / s for s in norms) if finite else None)]
             else:
+                finite = False
                 blocks, _ = fold(m)
             blocks = [tuple(np.asarray(x, dtype=float) for x in blk) for blk in blocks]
         except (TypeError, ValueError):
@@ -577,7 +587,7 @@ def _prepare(models: Sequence[Any], inner: str, centered: bool, P: np.ndarray | 
             return None  # a linear model: degree 1, lifting rules live in ts.inner
         if inner != "network" and len(blocks) != 1:
             return None
-        if not all(np.isfinite(x).all() for blk in blocks for x in blk):
+        if not finite and not all(np.isfinite(x).all() for blk in blocks for x in blk):
             return None
         L, R, D = blocks[-1]
         blocks[-1] = (L, R, D[1:])
@@ -588,7 +598,7 @@ def _prepare(models: Sequence[Any], inner: str, centered: bool, P: np.ndarray | 
         for L, R, D in blocks:
             (L, a), (R, b), (D, c) = _unit(L), _unit(R), _unit(D)
             norm_blocks.append((L, R, D))
-            logs.append(a + b + c)
+            logs.append(a + b + c + (pre.sum() if not logs else 0.0))
         if inner == "gaussian":
             L, R, D = norm_blocks[0]
             const = L[:, 0] * R[:, 0]
@@ -1142,6 +1152,8 @@ def _mat_layout(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, itemsize: 
         the outputs per chunk near the target."""
         form = _formation(n, Hmax, o, NA + (0 if sym else NB), itemsize, cuda, max_sub)
         temp, row = form.temp(form.sub, Hmax, itemsize), form.per_output * itemsize
+        if cuda:  # a model's factors, stacked on the device for the batched products
+            temp += (2 * n + form.sub) * Hmax * itemsize
         return form, temp, row, (min(budget, target) - kbytes - temp) // (cap * row)
 
     form, temp, row, oc_target = sized(None)
@@ -1179,11 +1191,9 @@ def _mat_layout(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, itemsize: 
         peak = cap * oc * row + temp + kbytes
     else:
         peak = 2 * cmax * oc * row + temp + kbytes
-    if cuda:  # as many models per product as the spare memory holds, with their stacked factors
-        per_model = temp + (2 * n + q) * Hmax * itemsize
-        models = int(max(1, min(cmax, 1 + (budget - peak - per_model) // per_model)))
-        form = replace(form, models=models)
-        peak += models * per_model - temp
+    if cuda:  # as many models per product as the spare memory holds
+        form = replace(form, models=int(max(1, min(cmax, 1 + (budget - peak) // temp))))
+        peak += (form.models - 1) * temp
     blocking = (f"{form.kind} formation" + (f" of {form.models} models per product" if cuda else "")
                 + f", {len(out_chunks)} output chunk{'s' if len(out_chunks) != 1 else ''} of up to "
                 f"{max(b - a for a, b in out_chunks)}, model blocks of up to {cmax}")

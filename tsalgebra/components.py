@@ -207,8 +207,8 @@ class Bilinear(Component):
         units = 1 + h + (d if self.residual else 0)
         return (units, d + 1), (units, d + 1), (self.out_features + 1, units)
 
-    def padded(self, out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def padded(self, out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+               scales: tuple[float, float, float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(L~, R~, D~) with B~[o,i,j] = sum_u D~[o,u] L~[u,i] R~[u,j] on x~.
 
         Hidden unit 0 computes 1 * 1 and carries the down bias and the
@@ -216,7 +216,9 @@ class Bilinear(Component):
         in column 0; with a residual, d more units compute x_i * 1.  Written
         into ``out`` when given: three zero-filled float arrays of the shapes
         ``padded_shapes`` gives (a caller can lay many models into one
-        allocation); new arrays otherwise.
+        allocation); new arrays otherwise.  ``scales`` (float weights only):
+        factors of L~, R~, D~ applied as they are written (one pass instead of
+        two for a caller that normalizes them).
         """
         h, d = self.left.shape
         extra = d if self.residual else 0
@@ -227,19 +229,46 @@ class Bilinear(Component):
             if tuple(x.shape for x in out) != self.padded_shapes():
                 raise ValueError(f"{self.name}: out has shapes {[x.shape for x in out]}, "
                                  f"padded needs {self.padded_shapes()}")
-        L[0, 0] = R[0, 0] = D[0, 0] = 1
+        if scales is None:
+            sL = sR = sD = 1
+
+            def put(dst: np.ndarray, src: np.ndarray, s: Any) -> None:
+                dst[...] = src
+        else:
+            if self.exact:
+                raise ValueError(f"{self.name}: scales apply to float weights, not exact ones")
+            sL, sR, sD = (float(s) for s in scales)
+
+            def put(dst: np.ndarray, src: np.ndarray, s: Any) -> None:
+                np.multiply(src, s, out=dst)
+        L[0, 0], R[0, 0], D[0, 0] = sL, sR, sD
         if self.down_bias is not None:
-            D[1:, 0] = self.down_bias
-        L[1 : h + 1, 1:], R[1 : h + 1, 1:], D[1:, 1 : h + 1] = self.left, self.right, self.down
+            put(D[1:, 0], self.down_bias, sD)
+        put(L[1 : h + 1, 1:], self.left, sL)
+        put(R[1 : h + 1, 1:], self.right, sR)
+        put(D[1:, 1 : h + 1], self.down, sD)
         if self.left_bias is not None:
-            L[1 : h + 1, 0] = self.left_bias
+            put(L[1 : h + 1, 0], self.left_bias, sL)
         if self.right_bias is not None:
-            R[1 : h + 1, 0] = self.right_bias
+            put(R[1 : h + 1, 0], self.right_bias, sR)
         for i in range(extra):
-            L[h + 1 + i, 1 + i] = 1
-            R[h + 1 + i, 0] = 1
-            D[1 + i, h + 1 + i] = 1
+            L[h + 1 + i, 1 + i] = sL
+            R[h + 1 + i, 0] = sR
+            D[1 + i, h + 1 + i] = sD
         return L, R, D
+
+    def padded_norms(self) -> tuple[float, float, float]:
+        """Frobenius norms of (L~, R~, D~) from the weights, without forming
+        them (float weights; inf or nan where a weight is not finite)."""
+        extra = self.left.shape[1] if self.residual else 0
+
+        def norm(*ws: np.ndarray | None) -> float:
+            with np.errstate(over="ignore"):  # inf is the answer then
+                sq = 1.0 + extra + sum(float(np.dot(w.ravel(), w.ravel())) for w in ws if w is not None)
+            return float(np.sqrt(sq))
+
+        return (norm(self.left, self.left_bias), norm(self.right, self.right_bias),
+                norm(self.down, self.down_bias))
 
     def network(self, symmetric: bool = False, tag: str = "") -> Network:
         L, R, D = self.padded()
