@@ -1514,8 +1514,8 @@ def _compute(A_in: Any, B_in: Any | None, inner: str, method: str, mean: Any, co
     notes: list[str] = []
     if dims is not None:
         target = budget if ops.cuda else min(budget, _PG_WORKING_SET * (4 if ops.is_torch else 1))
-        pg_cost, c_pg, keep_pg = _pg_layout(len(chains_A), len(A) if sym else len(chains_B), sym, dims, ops.itemsize, budget,
-                                   not ops.is_torch, target)
+        pg_cost, c_pg, keep_pg = _pg_layout(len(chains_A), len(A) if sym else len(chains_B), sym, dims,
+                                            ops.itemsize, budget, not ops.is_torch, target)
         candidates["pairwise-gram"] = pg_cost
         if dims.depth == 1:
             mat_cost, c_mat, oc_mat, form_mat = _mat_layout(chains_A, chains_B, dims, ops.itemsize, budget,

@@ -229,17 +229,14 @@ class Bilinear(Component):
             if tuple(x.shape for x in out) != self.padded_shapes():
                 raise ValueError(f"{self.name}: out has shapes {[x.shape for x in out]}, "
                                  f"padded needs {self.padded_shapes()}")
-        if scales is None:
-            sL = sR = sD = 1
+        if scales is not None and self.exact:
+            raise ValueError(f"{self.name}: scales apply to float weights, not exact ones")
+        sL, sR, sD = (1, 1, 1) if scales is None else (float(s) for s in scales)
 
-            def put(dst: np.ndarray, src: np.ndarray, s: Any) -> None:
+        def put(dst: np.ndarray, src: np.ndarray, s: Any) -> None:
+            if s == 1:
                 dst[...] = src
-        else:
-            if self.exact:
-                raise ValueError(f"{self.name}: scales apply to float weights, not exact ones")
-            sL, sR, sD = (float(s) for s in scales)
-
-            def put(dst: np.ndarray, src: np.ndarray, s: Any) -> None:
+            else:
                 np.multiply(src, s, out=dst)
         L[0, 0], R[0, 0], D[0, 0] = sL, sR, sD
         if self.down_bias is not None:
