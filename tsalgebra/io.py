@@ -105,16 +105,17 @@ def _sniff(path: Path) -> str:
         head = fh.read(9)
     if size == 0:
         raise LoadError(path, "file is empty")
-    if head[:4] == b"PK\x03\x04":
-        return "torch"
-    if head[:1] == b"\x80":  # pickle protocol >= 2: torch's legacy format
-        return "torch"
-    if len(head) == 9:
+    torch_magic = head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"  # zip, or pickle protocol >= 2 (legacy)
+    # safetensors first: its header length can begin with the byte 0x80 too
+    # (a 128-byte header), while a torch file never has '{' at byte 8
+    if len(head) == 9 and head[8:9] == b"{":
         (n,) = struct.unpack("<Q", head[:8])
-        if head[8:9] == b"{":
-            if 8 + n > size:
-                raise LoadError(path, f"truncated safetensors file: header claims {n} bytes, file has {size}")
+        if 8 + n <= size:
             return "safetensors"
+        if not torch_magic:
+            raise LoadError(path, f"truncated safetensors file: header claims {n} bytes, file has {size}")
+    if torch_magic:
+        return "torch"
     raise LoadError(path, "not a safetensors file or a torch checkpoint (unrecognized first bytes)")
 
 
