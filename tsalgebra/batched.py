@@ -557,7 +557,9 @@ def _prepare(models: Sequence[Any], inner: str, centered: bool, P: np.ndarray | 
     # huge page instead of one per 4 KiB page of every model's own arrays
     # (at (d, h) = (256, 512) that halved this function's time here), and
     # scaled to unit norm as they are written (norms from the weights).  L~ is
-    # stored transposed, as the materialize route's formation reads it.
+    # stored transposed, as the materialize route's formation reads it.  (Two
+    # to sixteen threads writing the models were slower, here and on a 16-core
+    # GPU host: the page faults of the fresh memory did not run in parallel.)
     plain = [m for m in models if isinstance(m, Bilinear) and not m.exact]
     arena = np.zeros(sum(math.prod(s) for m in plain for s in m.padded_shapes()))
     used = 0
