@@ -459,22 +459,47 @@ def test_formation_layout_is_shared_by_both_sides(monkeypatch):
     assert np.max(np.abs(r.values - pairwise(narrow, wide, "symmetric"))) < TOL
 
 
-def test_output_chunks_bound_the_products(models):
-    """A chunk near a small working-set target takes fewer outputs than the
-    formation would put into one product: the products shrink to the chunk
-    (instead of the chunk growing past the target)."""
+def test_feature_chunks(monkeypatch):
+    """The materialize route's buffer holds one chunk of features at a time:
+    row blocks of all outputs when each row block fits (the triangle's
+    products keep all outputs), ranges of outputs otherwise (the products
+    shrink to the chunk instead of the chunk growing past the target).  Every
+    (output, row block) lands in exactly one chunk, and the matrices equal
+    the pairwise API's at every layout, on both engines and for cross
+    matrices."""
     import tsalgebra.batched as B
 
-    chains = B._prepare(models, "symmetric", False, None)
+    rng = np.random.default_rng(6)
+    ms = [bilinear(rng, 20, h, 4) for h in (3, 6, 2, 5)]  # n = 21: three row blocks of the triangle
+    cols = [bilinear(rng, 20, 4, 4) for _ in range(2)]
+    chains = B._prepare(ms, "symmetric", False, None)
     dims = B._dims(chains)
-    wide, _, oc_wide, form_wide = B._mat_layout(chains, None, dims, 8, 10**9, 10**9, False)
-    assert oc_wide == dims.w[-1] == form_wide.sub == 4
-    seen = set()
-    for target in range(1_000, 20_000, 250):
-        cost, c, oc, form = B._mat_layout(chains, None, dims, 8, 10**9, target, False)
-        assert form.sub <= oc and c == len(chains)
-        seen.add(oc)
-    assert {1, 2, 4} <= seen
+    *_, form_all = B._mat_layout(chains, None, dims, 8, 10**9, 10**9, False)
+    assert form_all.kind == "triangle" and len(form_all.blocks) == 3 and form_all.sub == 4
+    seen = {}
+    for target in range(2_000, 80_000, 500):
+        cost, c, chunks, form = B._mat_layout(chains, None, dims, 8, 10**9, target, False)
+        assert c == len(chains) and form.kind == "triangle"
+        cells = [(o, g) for o0, o1, g0, g1 in chunks for o in range(o0, o1) for g in range(g0, g1)]
+        assert sorted(cells) == [(o, g) for o in range(4) for g in range(len(form.blocks))]
+        assert form.sub <= max(o1 - o0 for o0, o1, _, _ in chunks)
+        kind = ("rows" if chunks[0][3] - chunks[0][2] < len(form.blocks) else
+                "outputs" if len(chunks) > 1 else "one")
+        assert ("chunks of row blocks" in cost.blocking) == (kind == "rows")
+        if kind != "rows" or form.sub == 4:  # row blocks with all outputs per product
+            seen.setdefault(kind, target)
+    assert set(seen) == {"rows", "outputs", "one"}
+    want = pairwise(ms, ms, "symmetric")
+    want_cross = pairwise(ms, cols, "symmetric")
+    for kind, target in seen.items():
+        monkeypatch.setattr(B, "_MAT_WORKING_SET", target)
+        for device in (None, "cpu"):
+            r = similarity_matrix(ms, inner="symmetric", route="materialize", device=device, progress=False)
+            assert ("chunks of row blocks" in r.candidates["materialize"].blocking) == (kind == "rows")
+            assert np.max(np.abs(r.values - want)) < TOL
+            rc = cross_similarity_matrix(ms, cols, inner="symmetric", route="materialize", device=device,
+                                         progress=False)
+            assert np.max(np.abs(rc.values - want_cross)) < TOL
 
 
 def test_models_are_left_unchanged():

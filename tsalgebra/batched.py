@@ -1068,12 +1068,13 @@ class _Formation:
     symmetric CP form, S[o, I, i0:] = 1/2 [D o L~, D o R~][:, I] [R~; L~][:, i0:]
     for row blocks I = [i0, i1) (columns beyond the block times sqrt 2):
     about (1 + rb/n) times the GEMM flops with inner size 2H, but no passes.
-    ``sub`` outputs go into one product (their rows stacked); it is part of the
-    layout, so both sides of a cross matrix share it.  The planner takes the
-    formation with fewer flops, counting a pass over an entry as _PASS_FLOPS
-    (an add of T and T^T as two).  On a GPU: "packed", with ``models`` models
-    per batched product (a few launches per output chunk, where launches, not
-    flops, set the time)."""
+    Its features can be chunked by row blocks as well as by outputs (see
+    _feature_chunks).  ``sub`` outputs go into one product (their rows
+    stacked); it is part of the layout, so both sides of a cross matrix share
+    it.  The planner takes the formation with fewer flops, counting a pass
+    over an entry as _PASS_FLOPS (an add of T and T^T as two).  On a GPU:
+    "packed", with ``models`` models per batched product (a few launches per
+    output chunk, where launches, not flops, set the time)."""
 
     kind: str
     n: int
@@ -1081,20 +1082,25 @@ class _Formation:
     blocks: tuple[tuple[int, ...], ...] = ()  # row blocks (i0, i1) (triangle), _packed_blocks (packed)
     models: int = 1
 
+    def features(self, g0: int = 0, g1: int | None = None) -> int:
+        """Features per output of row blocks g0:g1 (triangle) or of the whole layout."""
+        if self.kind == "packed":
+            return sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in self.blocks)
+        return sum((i1 - i0) * (self.n - i0) for i0, i1 in self.blocks[g0:g1])
+
     @property
     def per_output(self) -> int:
         """Features per output."""
-        if self.kind == "packed":
-            return sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in self.blocks)
-        return sum((i1 - i0) * (self.n - i0) for i0, i1 in self.blocks)
+        return self.features()
 
-    def flops(self, k: int, H: int) -> int:
-        """Planner flops of forming ``k`` outputs of one model of hidden width H."""
+    def flops(self, k: int, H: int, g0: int = 0, g1: int | None = None) -> int:
+        """Planner flops of forming ``k`` outputs (row blocks g0:g1 of the
+        triangle) of one model of hidden width H."""
         n = self.n
         if self.kind == "packed":
             return k * (n * H + _COSTS.flops("ih,hj->ij", (n, H), (H, n)) + 2 * self.per_output)
-        return k * n * 2 * H + sum(_COSTS.flops("xh,hj->xj", (k * (i1 - i0), 2 * H), (2 * H, n - i0))
-                                   for i0, i1 in self.blocks)
+        return sum(k * (i1 - i0) * 2 * H + _COSTS.flops("xh,hj->xj", (k * (i1 - i0), 2 * H), (2 * H, n - i0))
+                   for i0, i1 in self.blocks[g0:g1])
 
     def temp(self, k: int, H: int, itemsize: int) -> int:
         """Bytes of the temporaries of forming ``k`` outputs of one model."""
@@ -1104,7 +1110,7 @@ class _Formation:
 def _formation_temp(kind: str, n: int, k: int, H: int, itemsize: int) -> int:
     if kind == "packed":  # the scaled operand, the product, and its symmetrization (both engines)
         return (k * n * H + 3 * k * n * n) * itemsize
-    return (k * n * 2 * H + 6 * H * n) * itemsize  # the scaled operand of all rows, [L; R] and [R; L] * sqrt 2
+    return (k * n * 2 * H + 6 * H * n) * itemsize  # the scaled operand (at most all rows), [L; R] and [R; L] * sqrt 2
 
 
 def _formation(n: int, H: int, o: int, models: int, itemsize: int, cuda: bool, max_sub: int | None = None
@@ -1131,17 +1137,50 @@ def _formation(n: int, H: int, o: int, models: int, itemsize: int, cuda: bool, m
     return min(cost, key=cost.get)
 
 
+def _feature_chunks(form: _Formation, o: int, oc: int, oc_max: int | None = None
+                    ) -> tuple[tuple[int, int, int, int], ...]:
+    """The chunks (o0, o1, g0, g1) of the features a model block's buffer holds
+    in turn: outputs o0:o1 of the formation's blocks g0:g1, about ``oc``
+    outputs' worth each (at most ``oc_max``'s).  The triangle's are row blocks
+    of all outputs when every row block fits ``oc``: its products then take
+    all outputs' rows (up to ``sub``), which ran at ~85 against ~68 GFLOP/s
+    for five outputs per product here (100 models at (256, 64, 10));
+    otherwise ranges of outputs."""
+    nb = len(form.blocks)
+    by_output = tuple((o0, o1, 0, nb) for o0, o1 in _partition(o, oc))
+    sizes = np.array([o * form.features(g, g + 1) for g in range(nb)])
+    if form.kind != "triangle" or oc >= o or sizes.max() > oc * form.per_output:
+        return by_output
+    # as few chunks as the target allows, balanced (their size is a target
+    # for the working set, not a bound): cut where the running sum is nearest
+    # to an equal share
+    cs = np.cumsum(sizes)
+    for m in range(-(-int(cs[-1]) // (oc * form.per_output)), nb + 1):
+        cuts = sorted({0, nb, *(int(np.argmin(np.abs(cs - cs[-1] * j / m))) + 1 for j in range(1, m))})
+        if max(cs[b - 1] - (cs[a - 1] if a else 0) for a, b in zip(cuts, cuts[1:])) <= (oc_max or oc) * form.per_output:
+            break
+    return tuple((0, o, g0, g1) for g0, g1 in zip(cuts, cuts[1:]))
+
+
+def _describe_chunks(chunks: Sequence[tuple[int, int, int, int]], form: _Formation) -> str:
+    if chunks[0][3] - chunks[0][2] < len(form.blocks):
+        sizes = "+".join(str(g1 - g0) for _, _, g0, g1 in chunks)
+        return f"{len(chunks)} chunks of row blocks ({sizes} of {len(form.blocks)}) of all {chunks[0][1]} outputs"
+    most = max(o1 - o0 for o0, o1, _, _ in chunks)
+    return f"{len(chunks)} output chunk{'s' if len(chunks) != 1 else ''} of up to {most}"
+
+
 def _mat_gram_flops(cI: int, cJ: int, F: int) -> int:
     return _COSTS.flops("xf,yf->xy", (cI, F), (cJ, F))  # a full GEMM (see _Ops.wide_gram)
 
 
 def _mat_layout(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, itemsize: int, budget: int,
-                target: int, cuda: bool) -> tuple[RouteCost, int, int, _Formation]:
-    """(cost, model block size, output chunk, formation).  All models of a side
-    in one block when one output of theirs fits ``budget`` (the output chunk
-    then near ``target``, and a product of the formation no larger than a
-    chunk); otherwise blocks of models, re-forming a block's tensors for every
-    block it meets."""
+                target: int, cuda: bool) -> tuple[RouteCost, int, tuple[tuple[int, int, int, int], ...], _Formation]:
+    """(cost, model block size, feature chunks (see _feature_chunks), formation).
+    All models of a side in one block when one output of theirs fits
+    ``budget`` (a chunk then near ``target``, and a product of the formation
+    no larger than a chunk); otherwise blocks of models, re-forming a block's
+    tensors for every block it meets."""
     sym = B is None
     NA, NB = len(A), (len(A) if sym else len(B))
     n, o = dims.n, dims.w[-1]
@@ -1159,14 +1198,16 @@ def _mat_layout(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, itemsize: 
         return form, temp, row, (min(budget, target) - kbytes - temp) // (cap * row)
 
     form, temp, row, oc_target = sized(None)
-    if oc_target < form.sub:
+    # chunks of row blocks take all outputs, so the products keep their size;
+    # chunks of outputs cut the products to theirs
+    rows = oc_target >= 1 and _feature_chunks(form, o, oc_target)[0][1] == o
+    if oc_target < form.sub and not rows:
         form, temp, row, oc_target = sized(max(1, oc_target))
-    P = form.per_output
     q = form.sub
     avail = budget - kbytes - temp
     oc_budget = avail // (cap * row) if avail > 0 else 0
     if oc_budget >= 1:
-        oc = int(max(1, min(o, oc_budget, max(q, oc_target))))
+        oc = int(max(1, min(o, oc_budget, oc_target if rows else max(q, oc_target))))
         c, fits = max(NA, NB), True
     else:
         oc = 1
@@ -1174,44 +1215,48 @@ def _mat_layout(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, itemsize: 
         fits = avail >= 2 * row
     parts_a = _partition(NA, c)
     parts_b = parts_a if sym else _partition(NB, c)
-    out_chunks = _partition(o, oc)
+    chunks = _feature_chunks(form, o, oc, oc_budget if oc_budget >= 1 else None)
     HA = [ch.blocks[0][0].shape[0] for ch in A]
     HB = HA if sym else [ch.blocks[0][0].shape[0] for ch in B]
     flops = 0
-    for o0, o1 in out_chunks:
+    for o0, o1, g0, g1 in chunks:
         k = o1 - o0
         for i, (a0, a1) in enumerate(parts_a):
-            flops += sum(form.flops(k, h) for h in HA[a0:a1])
+            flops += sum(form.flops(k, h, g0, g1) for h in HA[a0:a1])
             for j, (b0, b1) in enumerate(parts_b):
                 if sym and j < i:
                     continue
                 if not (sym and i == j):
-                    flops += sum(form.flops(k, h) for h in HB[b0:b1])
-                flops += _mat_gram_flops(a1 - a0, b1 - b0, k * P)
+                    flops += sum(form.flops(k, h, g0, g1) for h in HB[b0:b1])
+                flops += _mat_gram_flops(a1 - a0, b1 - b0, k * form.features(g0, g1))
     cmax = max(b - a for a, b in parts_a + parts_b)
+    chunk_bytes = max((o1 - o0) * form.features(g0, g1) for o0, o1, g0, g1 in chunks) * itemsize
     if len(parts_a) == 1 and len(parts_b) == 1:
-        peak = cap * oc * row + temp + kbytes
+        peak = cap * chunk_bytes + temp + kbytes
     else:
-        peak = 2 * cmax * oc * row + temp + kbytes
+        peak = 2 * cmax * chunk_bytes + temp + kbytes
     if cuda:  # as many models per product as the spare memory holds
         form = replace(form, models=int(max(1, min(cmax, 1 + (budget - peak) // temp))))
         peak += (form.models - 1) * temp
     blocking = (f"{form.kind} formation" + (f" of {form.models} models per product" if cuda else "")
-                + f", {len(out_chunks)} output chunk{'s' if len(out_chunks) != 1 else ''} of up to "
-                f"{max(b - a for a, b in out_chunks)}, model blocks of up to {cmax}")
+                + f", {_describe_chunks(chunks, form)}, model blocks of up to {cmax}")
+    F = chunk_bytes // itemsize
     plans = (("form", _COSTS.plan("oh,hi,hj->oij", (q, Hmax), (Hmax, n), (Hmax, n))),
-             ("gram", _COSTS.plan("xf,yf->xy", (cmax, oc * P), (cmax, oc * P))))
-    return RouteCost("materialize", int(flops), int(peak), bool(fits), blocking, plans), c, oc, form
+             ("gram", _COSTS.plan("xf,yf->xy", (cmax, F), (cmax, F))))
+    return RouteCost("materialize", int(flops), int(peak), bool(fits), blocking, plans), c, chunks, form
 
 
-def _form(ops: _Ops, chains: Sequence[_Chain], o0: int, o1: int, form: _Formation, buf: Any,
+def _form(ops: _Ops, chains: Sequence[_Chain], chunk: tuple[int, int, int, int], form: _Formation, buf: Any,
           pack: tuple[Any, Any] | None, clock: _Clock) -> Any:
-    """Rows of the symmetric tensors S[m, o0:o1] as ``form`` lays them out
+    """Rows of the symmetric tensors S[m, o0:o1] (row blocks g0:g1 of the
+    triangle) for ``chunk`` = (o0, o1, g0, g1), as ``form`` lays them out
     (weighted so that row dot products are Frobenius products), written into
     the front of the flat buffer ``buf``."""
+    o0, o1, g0, g1 = chunk
     k = o1 - o0
     n, P, q = form.n, form.per_output, form.sub
-    X = buf[: len(chains) * k * P].reshape(len(chains), k * P)
+    F = k * form.features(g0, g1)
+    X = buf[: len(chains) * F].reshape(len(chains), F)
     if form.kind == "packed" and not ops.is_torch:
         sizes = [(r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in form.blocks]
         blocks = list(zip(form.blocks, np.cumsum([0] + sizes[:-1]).tolist()))
@@ -1245,28 +1290,27 @@ def _form(ops: _Ops, chains: Sequence[_Chain], o0: int, o1: int, form: _Formatio
                     if r0 == c0:
                         out *= 1 / _SQRT2
         else:
-            # rows (i, output) of a product: the scaled operand of all rows is
-            # one elementwise product per sub-chunk and each row block a
-            # contiguous slice of it; the right operand is a view, every
-            # column times sqrt 2, and the block's own columns are scaled back
-            LRt = ops.put(np.concatenate([L, R]).T)  # (n, 2H)
-            RL = ops.put(_SQRT2 * np.concatenate([R, L]))  # (2H, n)
+            # rows (i, output) of a product, from row st of the chunk's first
+            # block on; the right operand is a transposed view, every row
+            # times sqrt 2 until its block's turn: that block's diagonal
+            # square holds both S[i, j] and S[j, i], and no later block reads it
+            st = form.blocks[g0][0]
+            LRt = ops.put(np.concatenate([L[:, st:], R[:, st:]]).T)  # (n - st, 2H)
             Dc = ops.put(0.5 * np.concatenate([D[o0:o1], D[o0:o1]], axis=1))  # (k, 2H)
             off = 0
             for s0 in range(0, k, q):
                 s1 = min(k, s0 + q)
-                A = (LRt[:, None, :] * Dc[None, s0:s1, :]).reshape(n * (s1 - s0), 2 * H)
-                for i0, i1 in form.blocks:
-                    b = i1 - i0
-                    size = (s1 - s0) * b * (n - i0)
-                    out = X[m, off : off + size].reshape((s1 - s0) * b, n - i0)
-                    if ops.is_torch:
-                        ops.t.matmul(A[i0 * (s1 - s0) : i1 * (s1 - s0)], RL[:, i0:], out=out)
-                    else:
-                        np.matmul(A[i0 * (s1 - s0) : i1 * (s1 - s0)], RL[:, i0:], out=out)
-                    out[:, :b] *= 1 / _SQRT2
+                RLt = ops.put(_SQRT2 * np.concatenate([R[:, st:], L[:, st:]]).T)  # fresh for each row set
+                for i0, i1 in form.blocks[g0:g1]:
+                    j0, j1 = i0 - st, i1 - st
+                    size = (s1 - s0) * (j1 - j0) * (n - i0)
+                    RLt[j0:j1] *= 1 / _SQRT2
+                    # the block's scaled rows (in cache; one operand for all rows ran slower)
+                    A = (LRt[j0:j1, None, :] * Dc[None, s0:s1, :]).reshape(-1, 2 * H)
+                    out = X[m, off : off + size].reshape((s1 - s0) * (j1 - j0), n - i0)
+                    (ops.t if ops.is_torch else np).matmul(A, RLt[j0:].T, out=out)
                     off += size
-        clock.lap("form", form.flops(k, H))
+        clock.lap("form", form.flops(k, H, g0, g1))
     return X
 
 
@@ -1300,42 +1344,41 @@ def _form_batched(ops: _Ops, chains: Sequence[_Chain], o0: int, o1: int, form: _
         clock.lap("form", sum(form.flops(k, ch.blocks[0][0].shape[0]) for ch in batch))
 
 
-def _run_materialize(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, ops: _Ops, c: int, oc: int,
-                     form: _Formation, clock: _Clock, show: bool | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(K^ (NA, NB), K^ diagonal of A, of B)."""
+def _run_materialize(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, ops: _Ops, c: int,
+                     chunks: Sequence[tuple[int, int, int, int]], form: _Formation, clock: _Clock, show: bool | None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(K^ (NA, NB), K^ diagonal of A, of B), summed over the feature chunks."""
     sym = B is None
     Bs = A if sym else B
-    n, o = dims.n, dims.w[-1]
-    P = form.per_output
+    n = dims.n
+    F = max((o1 - o0) * form.features(g0, g1) for o0, o1, g0, g1 in chunks)
     pack = None
     if form.kind == "packed" and ops.is_torch:
         flat, weight = _packing(form.blocks, n)
         pack = (ops.put_index(flat), ops.put(weight))
     parts_a = _partition(len(A), c)
     parts_b = parts_a if sym else _partition(len(B), c)
-    chunks = _partition(o, oc)
     NB = len(Bs)
     single = len(parts_a) == 1 and len(parts_b) == 1
     cmax = max(b - a for a, b in parts_a + parts_b)
-    bufA = ops.empty((len(A) if single else cmax) * oc * P)
-    bufB = None if (sym and single) else ops.empty((NB if single else cmax) * oc * P)
+    bufA = ops.empty((len(A) if single else cmax) * F)
+    bufB = None if (sym and single) else ops.empty((NB if single else cmax) * F)
     K = np.zeros((len(A), NB))
     nA = np.zeros(len(A))
     nB = np.zeros(NB)
     per_chunk = len(parts_a) * (len(parts_a) + 1) // 2 if sym else len(parts_a) * len(parts_b)
     bar = _progress(len(chunks) * per_chunk, "similarity matrix (materialize)", "block", show)
     try:
-        for o0, o1 in chunks:
-            F = (o1 - o0) * P
+        for chunk in chunks:
             for i, (a0, a1) in enumerate(parts_a):
-                XA = _form(ops, A[a0:a1], o0, o1, form, bufA, pack, clock)
+                XA = _form(ops, A[a0:a1], chunk, form, bufA, pack, clock)
                 if not sym:
                     nA[a0:a1] += ops.row_sq(XA)
                 for j, (b0, b1) in enumerate(parts_b):
                     if sym and j < i:
                         continue
                     same = sym and i == j
-                    XB = XA if same else _form(ops, Bs[b0:b1], o0, o1, form, bufB, pack, clock)
+                    XB = XA if same else _form(ops, Bs[b0:b1], chunk, form, bufB, pack, clock)
                     if not sym and i == 0:
                         nB[b0:b1] += ops.row_sq(XB)
                     clock.start()
@@ -1343,7 +1386,7 @@ def _run_materialize(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, ops: 
                     K[a0:a1, b0:b1] += blk
                     if sym and not same:
                         K[b0:b1, a0:a1] += blk.T
-                    clock.lap("gram", _mat_gram_flops(a1 - a0, b1 - b0, F))
+                    clock.lap("gram", _mat_gram_flops(a1 - a0, b1 - b0, XA.shape[1]))
                     bar.update(1)
     finally:
         bar.close()
@@ -1520,7 +1563,7 @@ def _compute(A_in: Any, B_in: Any | None, inner: str, method: str, mean: Any, co
                                             ops.itemsize, budget, not ops.is_torch, target)
         candidates["pairwise-gram"] = pg_cost
         if dims.depth == 1:
-            mat_cost, c_mat, oc_mat, form_mat = _mat_layout(chains_A, chains_B, dims, ops.itemsize, budget,
+            mat_cost, c_mat, chunks_mat, form_mat = _mat_layout(chains_A, chains_B, dims, ops.itemsize, budget,
                                                   budget if ops.cuda else min(budget, _MAT_WORKING_SET), ops.cuda)
             candidates["materialize"] = mat_cost
     if route == "auto":
@@ -1562,7 +1605,7 @@ def _compute(A_in: Any, B_in: Any | None, inner: str, method: str, mean: Any, co
         steps: tuple[StepTime, ...] = ()
     else:
         if chosen == "materialize":
-            K, sA, sB = _run_materialize(chains_A, chains_B, dims, ops, c_mat, oc_mat, form_mat, clock, show)
+            K, sA, sB = _run_materialize(chains_A, chains_B, dims, ops, c_mat, chunks_mat, form_mat, clock, show)
             logA = np.array([c.log_scales.sum() for c in chains_A])
             logB = logA if sym else np.array([c.log_scales.sum() for c in chains_B])
         else:
