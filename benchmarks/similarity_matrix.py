@@ -19,7 +19,7 @@ For each case:
   call: folding and normalizing the models included).  Printed: the route the
   planner chose and what each candidate route would have cost, the plan's
   flops and the achieved rate, and the dominant step (the step that took the
-  most time) with its own flops and rate.
+  most time in the median call) with its own flops and rate.
 * the loop: a pair-by-pair numpy loop of the same formula over the N(N+1)/2
   pairs i <= j (the norms are the pairs i = j), from padded factors prepared
   once per model (untimed).  One layer: the core formula
@@ -259,14 +259,14 @@ def time_batched(models, inner: str, threads: Threads, device: str | None
             probes[count] = min(probes[count], time.perf_counter() - t0)
     best = min(probes, key=probes.get)
     threads.set(best)
-    times, res = [], None
+    times, runs = [], []
     for _ in range(REPEATS):
-        res = None
         t0 = time.perf_counter()
-        res = ts.similarity_matrix(models, inner=inner, device=device, progress=False)
+        runs.append(ts.similarity_matrix(models, inner=inner, device=device, progress=False))
         times.append(time.perf_counter() - t0)
     threads.reset()
-    return res, times, probes, best
+    median_run = runs[sorted(range(len(times)), key=times.__getitem__)[len(times) // 2]]
+    return median_run, times, probes, best
 
 
 # ------------------------------------------------------------------- main
@@ -351,7 +351,7 @@ def main() -> None:
               + f" -> timed with {b_threads}")
         print(f"batched: median {fmt_time(t_b)} (runs: {', '.join(fmt_time(t) for t in times)}); "
               f"{res.flops:.3g} flops -> {res.flops / t_b / 1e9:.1f} GFLOP/s overall; engine {res.device}")
-        print("  steps of the last run: " + "; ".join(
+        print("  steps of the median run: " + "; ".join(
             f"{s.name} {fmt_time(s.seconds)}, {s.flops:.3g} flops, {s.rate / 1e9:.1f} GFLOP/s" for s in res.steps))
         print(f"  dominant step: {dom.name} ({dom.seconds / sum(s.seconds for s in res.steps):.0%} of step time) at "
               f"{dom.rate / 1e9:.1f} GFLOP/s = {dom.rate / ref:.0%} of the matmul rate with {threads.label(b_threads)} "
