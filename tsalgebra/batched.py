@@ -1294,13 +1294,14 @@ def _form(ops: _Ops, chains: Sequence[_Chain], chunk: tuple[int, int, int, int],
             # block on; the right operand is a transposed view, every row
             # times sqrt 2 until its block's turn: that block's diagonal
             # square holds both S[i, j] and S[j, i], and no later block reads it
-            st = form.blocks[g0][0]
-            LRt = ops.put(np.concatenate([L[:, st:], R[:, st:]]).T)  # (n - st, 2H)
+            st, en = form.blocks[g0][0], form.blocks[g1 - 1][1]
+            LRt = ops.put(np.concatenate([L[:, st:en].T, R[:, st:en].T], axis=1))  # (en - st, 2H)
             Dc = ops.put(0.5 * np.concatenate([D[o0:o1], D[o0:o1]], axis=1))  # (k, 2H)
             off = 0
             for s0 in range(0, k, q):
                 s1 = min(k, s0 + q)
-                RLt = ops.put(_SQRT2 * np.concatenate([R[:, st:], L[:, st:]]).T)  # fresh for each row set
+                RLt = ops.put(np.concatenate([R[:, st:].T, L[:, st:].T], axis=1))  # (n - st, 2H), fresh
+                RLt *= _SQRT2
                 for i0, i1 in form.blocks[g0:g1]:
                     j0, j1 = i0 - st, i1 - st
                     size = (s1 - s0) * (j1 - j0) * (n - i0)
