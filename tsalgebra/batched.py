@@ -380,18 +380,12 @@ class _Ops:
         out += Z[:p, q:] * Z[p:, :q]
         return out
 
-    def core_batched(self, Z: Any, H: int, out: Any = None) -> Any:
-        """The same with the hidden axes last: Z of shape (..., 2H, 2H); into
-        ``out`` (any strides) when given."""
+    def core_batched(self, Z: Any, H: int) -> Any:
+        """The same with the hidden axes last: Z of shape (..., 2H, 2H)."""
         LL, RR, LR, RL = Z[..., :H, :H], Z[..., H:, H:], Z[..., :H, H:], Z[..., H:, :H]
         if self.is_torch:
-            if out is None:
-                out = LL * RR
-            else:
-                out.copy_(LL)
-                out *= RR
-            return out.addcmul_(LR, RL)
-        out = np.multiply(LL, RR, out=out)
+            return (LL * RR).addcmul_(LR, RL)
+        out = LL * RR
         out += LR * RL
         return out
 
