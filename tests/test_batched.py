@@ -502,6 +502,40 @@ def test_feature_chunks(monkeypatch):
             assert np.max(np.abs(rc.values - want_cross)) < TOL
 
 
+def test_threaded_materialize(monkeypatch):
+    """On numpy the materialize route forms models and takes the Gram in
+    worker threads, each with one BLAS thread: the same matrices as one
+    thread (to round-off) and as the pairwise API, for both formations, sym
+    and cross, with groups of unequal size; the BLAS thread count is restored
+    afterwards."""
+    import tsalgebra.batched as B
+    from threadpoolctl import threadpool_info
+
+    rng = np.random.default_rng(7)
+    ms = [bilinear(rng, 20, h, 4) for h in (3, 6, 2, 5, 4)]
+    cols = [bilinear(rng, 20, 4, 4) for _ in range(2)]
+    serial = {}
+    for kind in ("triangle", "packed"):
+        if kind == "packed":
+            monkeypatch.setattr(B, "_formation", lambda n, *_: B._Formation("packed", n, 2, B._packed_blocks(n, 4)))
+        for threads in (1, 3):
+            monkeypatch.setattr(B, "_blas_threads", lambda: threads)
+            monkeypatch.setattr(B, "_THREADED_FLOPS", 0)
+            before = [lib["num_threads"] for lib in threadpool_info()]
+            r = similarity_matrix(ms, inner="symmetric", route="materialize", progress=False)
+            rc = cross_similarity_matrix(ms, cols, inner="symmetric", route="materialize", progress=False)
+            assert [lib["num_threads"] for lib in threadpool_info()] == before
+            blocking = r.candidates["materialize"].blocking
+            assert blocking.startswith(kind) and ("in 3 threads" in blocking) == (threads == 3)
+            assert np.max(np.abs(r.values - pairwise(ms, ms, "symmetric"))) < TOL
+            assert np.max(np.abs(rc.values - pairwise(ms, cols, "symmetric"))) < TOL
+            if threads == 1:
+                serial[kind] = (r.values, rc.values, r.norms)
+            else:
+                for got, want in zip((r.values, rc.values, r.norms), serial[kind]):
+                    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15)
+
+
 def test_models_are_left_unchanged():
     """The routes scale copies of the weights in place, never the models'."""
     ms = one_layer_models() + [stacks()[0]]

@@ -67,6 +67,7 @@ So float32 and vocabulary-scale outputs do not overflow.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -123,6 +124,10 @@ _PASS_FLOPS = 50
 # output took 49 us at 32, 63 us at 16, against 94 us for a gather of the
 # triangle here).
 _PACK_LEAF = 32
+# The materialize route runs in threads on numpy (see _run_materialize) when
+# forming one side's models takes at least this many flops (about a
+# millisecond of BLAS, what the thread pool and the BLAS limit cost).
+_THREADED_FLOPS = 10**8
 # The materialize route's Gram of the flattened tensors (a short, very wide
 # product, once per output chunk) stays in the engine that formed them: on
 # numpy, handing it to torch (MKL) was faster alone but slower after numpy's
@@ -353,11 +358,12 @@ class _Ops:
             return self.get(self.t.linalg.vector_norm(X, dim=1) ** 2).astype(float)
         return np.einsum("ij,ij->i", X, X).astype(float)
 
-    def wide_gram(self, X: Any, Y: Any) -> Any:
+    def wide_gram(self, X: Any, Y: Any, pool: Any = None, parts: int = 1) -> Any:
         """X @ Y^T for short, very wide X and Y.  On torch CPUs summed over
         column chunks of _GRAM_COLUMNS (measured 20 % faster than one call on
         100 x 330,000 operands here); on numpy, X @ X^T by row blocks of
-        _GRAM_ROWS, the blocks on and above the diagonal only."""
+        _GRAM_ROWS, the blocks on and above the diagonal only, and with a
+        ``pool``, ``parts`` column groups in its threads, summed."""
         if self.cuda:
             return X @ self.mT(Y)
         if self.is_torch:
@@ -365,13 +371,10 @@ class _Ops:
             for c in range(0, X.shape[1], _GRAM_COLUMNS):
                 G += X[:, c : c + _GRAM_COLUMNS] @ Y[:, c : c + _GRAM_COLUMNS].T
             return G
-        if X is not Y:
-            return X @ Y.T
-        G = np.empty((X.shape[0], X.shape[0]), dtype=X.dtype)
-        for a0, a1 in _partition(X.shape[0], _GRAM_ROWS):
-            G[a0:a1, a0:] = X[a0:a1] @ X[a0:].T
-            G[a1:, a0:a1] = G[a0:a1, a1:].T
-        return G
+        if pool is None or parts < 2:
+            return _numpy_gram(X, Y, X is Y)
+        cols = _partition(X.shape[1], -(-X.shape[1] // parts))
+        return sum(f.result() for f in [pool.submit(_numpy_gram, X[:, a:b], Y[:, a:b], X is Y) for a, b in cols])
 
     def core(self, Z: Any, p: int, q: int) -> Any:
         """LL * RR + LR * RL from the quadrants of Z = [L; R] G [L; R]^T
@@ -401,6 +404,23 @@ class _Ops:
             except Exception:  # pragma: no cover - depends on the device
                 return _FALLBACK_MEMORY
         return _available_ram() // 4
+
+
+def _numpy_gram(X: np.ndarray, Y: np.ndarray, same: bool) -> np.ndarray:
+    if not same:
+        return X @ Y.T
+    G = np.empty((X.shape[0], X.shape[0]), dtype=X.dtype)
+    for a0, a1 in _partition(X.shape[0], _GRAM_ROWS):
+        G[a0:a1, a0:] = X[a0:a1] @ X[a0:].T
+        G[a1:, a0:a1] = G[a0:a1, a1:].T
+    return G
+
+
+def _blas_threads() -> int:
+    """Threads of the BLAS library numpy calls (1 when none is found)."""
+    from threadpoolctl import ThreadpoolController
+
+    return max((lib.num_threads for lib in ThreadpoolController().select(user_api="blas").lib_controllers), default=1)
 
 
 def _available_ram() -> int:
@@ -1068,13 +1088,17 @@ class _Formation:
     it.  The planner takes the formation with fewer flops, counting a pass
     over an entry as _PASS_FLOPS (an add of T and T^T as two).  On a GPU:
     "packed", with ``models`` models per batched product (a few launches per
-    output chunk, where launches, not flops, set the time)."""
+    output chunk, where launches, not flops, set the time).  On numpy,
+    ``workers`` threads form disjoint groups of models and take the Gram over
+    disjoint groups of features, each with one BLAS thread (see
+    _run_materialize)."""
 
     kind: str
     n: int
     sub: int
     blocks: tuple[tuple[int, ...], ...] = ()  # row blocks (i0, i1) (triangle), _packed_blocks (packed)
     models: int = 1
+    workers: int = 1
 
     def features(self, g0: int = 0, g1: int | None = None) -> int:
         """Features per output of row blocks g0:g1 (triangle) or of the whole layout."""
@@ -1169,12 +1193,14 @@ def _mat_gram_flops(cI: int, cJ: int, F: int) -> int:
 
 
 def _mat_layout(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, itemsize: int, budget: int,
-                target: int, cuda: bool) -> tuple[RouteCost, int, tuple[tuple[int, int, int, int], ...], _Formation]:
+                target: int, cuda: bool, threads: int = 1
+                ) -> tuple[RouteCost, int, tuple[tuple[int, int, int, int], ...], _Formation]:
     """(cost, model block size, feature chunks (see _feature_chunks), formation).
     All models of a side in one block when one output of theirs fits
     ``budget`` (a chunk then near ``target``, and a product of the formation
     no larger than a chunk); otherwise blocks of models, re-forming a block's
-    tensors for every block it meets."""
+    tensors for every block it meets.  Up to ``threads`` workers on numpy,
+    their formation temporaries within a quarter of the target."""
     sym = B is None
     NA, NB = len(A), (len(A) if sym else len(B))
     n, o = dims.n, dims.w[-1]
@@ -1189,6 +1215,9 @@ def _mat_layout(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, itemsize: 
         temp, row = form.temp(form.sub, Hmax, itemsize), form.per_output * itemsize
         if cuda:  # a model's factors, stacked on the device for the batched products
             temp += (2 * n + form.sub) * Hmax * itemsize
+        elif form.flops(o, Hmax) * max(NA, NB) >= _THREADED_FLOPS:
+            form = replace(form, workers=int(max(1, min(threads, max(NA, NB), min(budget, target) // (4 * temp)))))
+            temp *= form.workers
         return form, temp, row, (min(budget, target) - kbytes - temp) // (cap * row)
 
     form, temp, row, oc_target = sized(None)
@@ -1233,6 +1262,7 @@ def _mat_layout(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, itemsize: 
         form = replace(form, models=int(max(1, min(cmax, 1 + (budget - peak) // temp))))
         peak += (form.models - 1) * temp
     blocking = (f"{form.kind} formation" + (f" of {form.models} models per product" if cuda else "")
+                + (f" in {form.workers} threads" if form.workers > 1 else "")
                 + f", {_describe_chunks(chunks, form)}, model blocks of up to {cmax}")
     F = chunk_bytes // itemsize
     plans = (("form", _COSTS.plan("oh,hi,hj->oij", (q, Hmax), (Hmax, n), (Hmax, n))),
@@ -1241,29 +1271,43 @@ def _mat_layout(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, itemsize: 
 
 
 def _form(ops: _Ops, chains: Sequence[_Chain], chunk: tuple[int, int, int, int], form: _Formation, buf: Any,
-          pack: tuple[Any, Any] | None, clock: _Clock) -> Any:
+          pack: tuple[Any, Any] | None, clock: _Clock, pool: Any = None) -> Any:
     """Rows of the symmetric tensors S[m, o0:o1] (row blocks g0:g1 of the
     triangle) for ``chunk`` = (o0, o1, g0, g1), as ``form`` lays them out
     (weighted so that row dot products are Frobenius products), written into
-    the front of the flat buffer ``buf``."""
+    the front of the flat buffer ``buf``; groups of models in the threads of
+    ``pool`` when given."""
+    o0, o1, g0, g1 = chunk
+    F = (o1 - o0) * form.features(g0, g1)
+    X = buf[: len(chains) * F].reshape(len(chains), F)
+    clock.start()
+    if form.kind == "packed" and ops.is_torch:
+        _form_batched(ops, chains, o0, o1, form, X, pack)
+    elif pool is not None:
+        groups = _partition(len(chains), -(-len(chains) // form.workers))
+        for done in [pool.submit(_form_rows, ops, chains[a:b], chunk, form, X[a:b]) for a, b in groups]:
+            done.result()
+    else:
+        _form_rows(ops, chains, chunk, form, X)
+    clock.lap("form", sum(form.flops(o1 - o0, ch.blocks[0][0].shape[0], g0, g1) for ch in chains))
+    return X
+
+
+def _form_rows(ops: _Ops, chains: Sequence[_Chain], chunk: tuple[int, int, int, int], form: _Formation, X: Any
+               ) -> None:
+    """_form's rows of ``chains``, one model at a time, into the rows of X."""
     o0, o1, g0, g1 = chunk
     k = o1 - o0
     n, P, q = form.n, form.per_output, form.sub
-    F = k * form.features(g0, g1)
-    X = buf[: len(chains) * F].reshape(len(chains), F)
     if form.kind == "packed" and not ops.is_torch:
         sizes = [(r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in form.blocks]
         blocks = list(zip(form.blocks, np.cumsum([0] + sizes[:-1]).tolist()))
         # one set of temporaries for all models (fresh ones per model cost page faults)
         scaled_buf = np.empty(q * n * max(ch.blocks[0][0].shape[0] for ch in chains))
         T = np.empty((q, n, n))
-    if form.kind == "packed" and ops.is_torch:
-        _form_batched(ops, chains, o0, o1, form, X, pack, clock)
-        return X
     for m, ch in enumerate(chains):
         L, R, D = ch.blocks[0]
         H = L.shape[0]
-        clock.start()
         if form.kind == "packed":
             # q outputs per product, into buffers reused across the model's
             # outputs (they stay in cache); then one add of T and T^T per block
@@ -1305,12 +1349,10 @@ def _form(ops: _Ops, chains: Sequence[_Chain], chunk: tuple[int, int, int, int],
                     out = X[m, off : off + size].reshape((s1 - s0) * (j1 - j0), n - i0)
                     (ops.t if ops.is_torch else np).matmul(A, RLt[j0:].T, out=out)
                     off += size
-        clock.lap("form", form.flops(k, H, g0, g1))
-    return X
 
 
 def _form_batched(ops: _Ops, chains: Sequence[_Chain], o0: int, o1: int, form: _Formation, X: Any,
-                  pack: tuple[Any, Any], clock: _Clock) -> None:
+                  pack: tuple[Any, Any]) -> None:
     """The packed formation in torch, ``form.models`` models per batched
     product (their factors zero-padded to the widest hidden width among them),
     then T + T^T and the layout's entries gathered and weighted."""
@@ -1319,7 +1361,6 @@ def _form_batched(ops: _Ops, chains: Sequence[_Chain], o0: int, o1: int, form: _
     for b0 in range(0, len(chains), form.models):
         batch = chains[b0 : b0 + form.models]
         M, H = len(batch), max(ch.blocks[0][0].shape[0] for ch in batch)
-        clock.start()
         Lt = t.zeros((M, n, H), dtype=ops.dtype, device=ops.device)
         Rb = t.zeros((M, H, n), dtype=ops.dtype, device=ops.device)
         Dh = t.zeros((M, k, H), dtype=ops.dtype, device=ops.device)
@@ -1336,7 +1377,6 @@ def _form_batched(ops: _Ops, chains: Sequence[_Chain], o0: int, o1: int, form: _
             T = (A @ Rb).reshape(M, s1 - s0, n, n)
             S = (T + ops.mT(T)).reshape(M * (s1 - s0), n * n)
             rows[:, s0:s1] = t.index_select(S, 1, flat).view(M, s1 - s0, P) * weight
-        clock.lap("form", sum(form.flops(k, ch.blocks[0][0].shape[0]) for ch in batch))
 
 
 def _run_materialize(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, ops: _Ops, c: int,
@@ -1363,31 +1403,46 @@ def _run_materialize(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, ops: 
     nB = np.zeros(NB)
     per_chunk = len(parts_a) * (len(parts_a) + 1) // 2 if sym else len(parts_a) * len(parts_b)
     bar = _progress(len(chunks) * per_chunk, "similarity matrix (materialize)", "block", show)
-    try:
-        for chunk in chunks:
-            for i, (a0, a1) in enumerate(parts_a):
-                XA = _form(ops, A[a0:a1], chunk, form, bufA, pack, clock)
-                if not sym:
-                    nA[a0:a1] += ops.row_sq(XA)
-                for j, (b0, b1) in enumerate(parts_b):
-                    if sym and j < i:
-                        continue
-                    same = sym and i == j
-                    XB = XA if same else _form(ops, Bs[b0:b1], chunk, form, bufB, pack, clock)
-                    if not sym and i == 0:
-                        nB[b0:b1] += ops.row_sq(XB)
-                    clock.start()
-                    blk = ops.get(ops.wide_gram(XA, XB)).astype(float)
-                    K[a0:a1, b0:b1] += blk
-                    if sym and not same:
-                        K[b0:b1, a0:a1] += blk.T
-                    clock.lap("gram", _mat_gram_flops(a1 - a0, b1 - b0, XA.shape[1]))
-                    bar.update(1)
-    finally:
-        bar.close()
+    with contextlib.ExitStack() as stack:
+        pool = _blas_worker_pool(stack, form.workers) if form.workers > 1 and not ops.is_torch else None
+        try:
+            for chunk in chunks:
+                for i, (a0, a1) in enumerate(parts_a):
+                    XA = _form(ops, A[a0:a1], chunk, form, bufA, pack, clock, pool)
+                    if not sym:
+                        nA[a0:a1] += ops.row_sq(XA)
+                    for j, (b0, b1) in enumerate(parts_b):
+                        if sym and j < i:
+                            continue
+                        same = sym and i == j
+                        XB = XA if same else _form(ops, Bs[b0:b1], chunk, form, bufB, pack, clock, pool)
+                        if not sym and i == 0:
+                            nB[b0:b1] += ops.row_sq(XB)
+                        clock.start()
+                        blk = ops.get(ops.wide_gram(XA, XB, pool, form.workers)).astype(float)
+                        K[a0:a1, b0:b1] += blk
+                        if sym and not same:
+                            K[b0:b1, a0:a1] += blk.T
+                        clock.lap("gram", _mat_gram_flops(a1 - a0, b1 - b0, XA.shape[1]))
+                        bar.update(1)
+        finally:
+            bar.close()
     if sym:
         nA = nB = np.diag(K).copy()
     return K, nA, nB
+
+
+def _blas_worker_pool(stack: contextlib.ExitStack, workers: int) -> Any:
+    """A pool of ``workers`` threads, with BLAS limited to one thread (process
+    wide) until ``stack`` closes: held for a whole route, since toggling the
+    limit per chunk, or BLAS threads left spinning after a product, cost the
+    workers their cores here."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    stack.enter_context(threadpool_limits(limits=1, user_api="blas"))
+    return stack.enter_context(ThreadPoolExecutor(workers))
 
 
 # ------------------------------------------------------------ pairwise route
@@ -1558,8 +1613,9 @@ def _compute(A_in: Any, B_in: Any | None, inner: str, method: str, mean: Any, co
                                             ops.itemsize, budget, not ops.is_torch, target)
         candidates["pairwise-gram"] = pg_cost
         if dims.depth == 1:
-            mat_cost, c_mat, chunks_mat, form_mat = _mat_layout(chains_A, chains_B, dims, ops.itemsize, budget,
-                                                  budget if ops.cuda else min(budget, _MAT_WORKING_SET), ops.cuda)
+            mat_cost, c_mat, chunks_mat, form_mat = _mat_layout(
+                chains_A, chains_B, dims, ops.itemsize, budget, budget if ops.cuda else min(budget, _MAT_WORKING_SET),
+                ops.cuda, 1 if ops.is_torch else _blas_threads())
             candidates["materialize"] = mat_cost
     if route == "auto":
         fitting = [c for c in candidates.values() if c.fits]
