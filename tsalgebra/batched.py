@@ -103,11 +103,11 @@ _MAX_SYM_BLOCKS = 8
 # while fresh large ones cost page faults (on the VMs measured, touching new
 # memory took up to ~2 ms per MiB), and the products are already large enough
 # for full BLAS speed.  The materialize route's buffer of flattened tensors is
-# allocated once per call and reused by every output chunk: its huge-page
+# allocated once per call and reused by every feature chunk: its huge-page
 # faults took 0.03-0.7 s of kernel time per call here at 263-290 MB (all ten
-# outputs of 100 models at d = 256), 0.00-0.04 s at 145 MB (five), and the
-# formation's products are cut to the chunk's outputs rather than the chunk
-# grown to a product's.
+# outputs of 100 models at d = 256), 0.00-0.04 s at 145 MB (five); where the
+# chunks are ranges of outputs, the formation's products are cut to the
+# chunk's outputs rather than the chunk grown to a product's.
 _PG_WORKING_SET = 64 * 2**20
 _MAT_WORKING_SET = 160 * 2**20
 # The materialize route forms each model's tensors a few outputs at a time, so
@@ -129,7 +129,7 @@ _PACK_LEAF = 32
 # millisecond of BLAS, what the thread pool and the BLAS limit cost).
 _THREADED_FLOPS = 10**8
 # The materialize route's Gram of the flattened tensors (a short, very wide
-# product, once per output chunk) stays in the engine that formed them: on
+# product, once per feature chunk) stays in the engine that formed them: on
 # numpy, handing it to torch (MKL) was faster alone but slower after numpy's
 # formation here (both libraries' thread pools then compete for the cores).
 # Numpy takes it in row blocks (OpenBLAS's syrk on that shape ran at a third of
