@@ -72,6 +72,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -1188,6 +1189,12 @@ def _describe_chunks(chunks: Sequence[tuple[int, int, int, int]], form: _Formati
     return f"{len(chunks)} output chunk{'s' if len(chunks) != 1 else ''} of up to {most}"
 
 
+def _form_flops(form: _Formation, chunk: tuple[int, int, int, int], widths: Sequence[int]) -> int:
+    """Planner flops of forming ``chunk`` for models of these hidden widths."""
+    o0, o1, g0, g1 = chunk
+    return sum(form.flops(o1 - o0, H, g0, g1) * count for H, count in Counter(widths).items())
+
+
 def _mat_gram_flops(cI: int, cJ: int, F: int) -> int:
     return _COSTS.flops("xf,yf->xy", (cI, F), (cJ, F))  # a full GEMM (see _Ops.wide_gram)
 
@@ -1242,16 +1249,16 @@ def _mat_layout(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, itemsize: 
     HA = [ch.blocks[0][0].shape[0] for ch in A]
     HB = HA if sym else [ch.blocks[0][0].shape[0] for ch in B]
     flops = 0
-    for o0, o1, g0, g1 in chunks:
-        k = o1 - o0
+    for chunk in chunks:
+        o0, o1, g0, g1 = chunk
         for i, (a0, a1) in enumerate(parts_a):
-            flops += sum(form.flops(k, h, g0, g1) for h in HA[a0:a1])
+            flops += _form_flops(form, chunk, HA[a0:a1])
             for j, (b0, b1) in enumerate(parts_b):
                 if sym and j < i:
                     continue
                 if not (sym and i == j):
-                    flops += sum(form.flops(k, h, g0, g1) for h in HB[b0:b1])
-                flops += _mat_gram_flops(a1 - a0, b1 - b0, k * form.features(g0, g1))
+                    flops += _form_flops(form, chunk, HB[b0:b1])
+                flops += _mat_gram_flops(a1 - a0, b1 - b0, (o1 - o0) * form.features(g0, g1))
     cmax = max(b - a for a, b in parts_a + parts_b)
     chunk_bytes = max((o1 - o0) * form.features(g0, g1) for o0, o1, g0, g1 in chunks) * itemsize
     if len(parts_a) == 1 and len(parts_b) == 1:
@@ -1280,6 +1287,7 @@ def _form(ops: _Ops, chains: Sequence[_Chain], chunk: tuple[int, int, int, int],
     o0, o1, g0, g1 = chunk
     F = (o1 - o0) * form.features(g0, g1)
     X = buf[: len(chains) * F].reshape(len(chains), F)
+    flops = _form_flops(form, chunk, [ch.blocks[0][0].shape[0] for ch in chains])  # before the clock starts
     clock.start()
     if form.kind == "packed" and ops.is_torch:
         _form_batched(ops, chains, o0, o1, form, X, pack)
@@ -1289,7 +1297,7 @@ def _form(ops: _Ops, chains: Sequence[_Chain], chunk: tuple[int, int, int, int],
             done.result()
     else:
         _form_rows(ops, chains, chunk, form, X)
-    clock.lap("form", sum(form.flops(o1 - o0, ch.blocks[0][0].shape[0], g0, g1) for ch in chains))
+    clock.lap("form", flops)
     return X
 
 
