@@ -557,7 +557,7 @@ def _unit(x: np.ndarray) -> tuple[np.ndarray, float]:
     norm within [1/2, 2] is left as it is (the scale only keeps magnitudes
     near 1; the log is exact either way), which saves a pass over blocks that
     _prepare scaled as it wrote them."""
-    s = float(np.linalg.norm(x))
+    s = math.sqrt(float(np.einsum("ij,ij->", x, x)))  # no BLAS (see Bilinear.padded_norms)
     if s == 0.0 or not math.isfinite(s) or 0.5 <= s <= 2.0:
         return x, 0.0
     x /= s

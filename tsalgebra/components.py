@@ -260,8 +260,11 @@ class Bilinear(Component):
         extra = self.left.shape[1] if self.residual else 0
 
         def norm(*ws: np.ndarray | None) -> float:
+            # einsum, not np.dot: a BLAS dot of this size wakes OpenBLAS's
+            # threads, which then spin for ~0.1 s and took a core from the
+            # threads of the batched route that follows (see batched._prepare)
             with np.errstate(over="ignore"):  # inf is the answer then
-                sq = 1.0 + extra + sum(float(np.dot(w.ravel(), w.ravel())) for w in ws if w is not None)
+                sq = 1.0 + extra + sum(float(np.einsum("i,i->", w.ravel(), w.ravel())) for w in ws if w is not None)
             return float(np.sqrt(sq))
 
         return (norm(self.left, self.left_bias), norm(self.right, self.right_bias),
