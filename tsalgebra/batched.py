@@ -461,6 +461,14 @@ class _Clock:
         self.flops[name] = self.flops.get(name, 0) + int(flops)
         self._t = now
 
+    def absorb(self, other: _Clock, share: float) -> None:
+        """Add ``other``'s steps, its times times ``share`` (1/workers for a
+        worker thread's clock: the steps then split the wall time the workers
+        spent together)."""
+        for k, s in other.seconds.items():
+            self.seconds[k] = self.seconds.get(k, 0.0) + share * s
+            self.flops[k] = self.flops.get(k, 0) + other.flops[k]
+
     def steps(self) -> tuple[StepTime, ...]:
         return tuple(StepTime(k, self.flops[k], self.seconds[k]) for k in self.seconds)
 
@@ -817,48 +825,59 @@ def _pg_plans(dims: _Dims, cI: int, cJ: int) -> tuple[tuple[str, ContractionPlan
 
 
 def _pg_layout(NA: int, NB: int, sym: bool, dims: _Dims, itemsize: int, budget: int, numpy_syrk: bool,
-               target: int) -> tuple[RouteCost, int, bool]:
-    """(cost, models per block, whether each block is stacked once per call).
-    Blocks are stacked once and kept when all of them fit within ``target``
-    beside the largest block's work (on a GPU: the host-side stacking and the
-    transfer per block pair otherwise took ten times the products' time);
-    otherwise each block pair stacks its two blocks."""
+               target: int, threads: int = 1) -> tuple[RouteCost, int, bool, int]:
+    """(cost, models per block, whether each block is stacked once per call,
+    worker threads).  Blocks are stacked once and kept when all of them fit
+    within ``target`` beside the largest block's work (on a GPU: the host-side
+    stacking and the transfer per block pair otherwise took ten times the
+    products' time); otherwise each block pair stacks its two blocks.  Up to
+    ``threads`` workers (numpy) take block pairs in turn when the blocks cost
+    at least _THREADED_FLOPS, each holding one block pair's work within the
+    target (``budget`` bounds all of them together)."""
     per_pair = _pg_pair_elements(dims) * itemsize
     per_model = sum(2 * dims.H[l] * dims.w_in(l) + dims.w[l] * dims.H[l] for l in range(dims.depth)) * itemsize
-    need = lambda c: c * c * per_pair + 2 * c * per_model  # noqa: E731
 
-    def largest(limit: int) -> int:
-        lo, hi = 1, max(NA, NB)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if need(mid) <= limit else (lo, mid - 1)
-        return lo
+    def layout(workers: int) -> tuple[RouteCost, int, bool, int]:
+        need = lambda c: c * c * per_pair + 2 * c * per_model  # noqa: E731  one worker's
 
-    c_mem = largest(budget)
-    fits = need(c_mem) <= budget
-    c = min(c_mem, largest(min(budget, target)))
-    if sym:
-        # prefer a few blocks per side: blocks below the diagonal are skipped
-        rows = 2 * dims.H[0]
-        want = max(1, min(_MAX_SYM_BLOCKS, (NA * rows) // _MIN_BLOCK_ROWS))
-        c = min(c, -(-NA // want))
-    parts_a = _partition(NA, c)
-    parts_b = parts_a if sym else _partition(NB, c)
-    flops = sum(k * _pg_block_flops(cI, cJ, dims, same, numpy_syrk)
-                for (cI, cJ, same), k in _count_blocks(parts_a, parts_b, sym).items())
-    if dims.depth > 1 or not sym:
-        flops += _pg_diag_flops(NA, dims) + (0 if sym else _pg_diag_flops(NB, dims))
-    cmax = max(b - a for a, b in parts_a)
-    peak = cmax * max(b - a for a, b in parts_b) * per_pair + 2 * cmax * per_model
-    stacked = (NA + (0 if sym else NB)) * per_model
-    keep = len(parts_a) * len(parts_b) > 1 and peak - 2 * cmax * per_model + stacked <= min(budget, target)
-    if keep:
-        peak += stacked - 2 * cmax * per_model
-    nblocks = len(parts_a) * (len(parts_a) + 1) // 2 if sym else len(parts_a) * len(parts_b)
-    blocking = (f"{nblocks} block{'s' if nblocks != 1 else ''} of up to {cmax} x {max(b - a for a, b in parts_b)} models"
-                + (", each stacked once" if keep else ""))
-    return RouteCost("pairwise-gram", int(flops), int(peak), bool(fits), blocking,
-                     _pg_plans(dims, cmax, max(b - a for a, b in parts_b))), c, keep
+        def largest(limit: int) -> int:
+            lo, hi = 1, max(NA, NB)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if need(mid) <= limit else (lo, mid - 1)
+            return lo
+
+        c_mem = largest(budget // workers)
+        fits = workers * need(c_mem) <= budget
+        c = min(c_mem, largest(min(budget // workers, target)))
+        if sym:
+            # prefer a few blocks per side: blocks below the diagonal are skipped
+            rows = 2 * dims.H[0]
+            want = max(1, min(_MAX_SYM_BLOCKS, (NA * rows) // _MIN_BLOCK_ROWS))
+            c = min(c, -(-NA // want))
+        parts_a = _partition(NA, c)
+        parts_b = parts_a if sym else _partition(NB, c)
+        flops = sum(k * _pg_block_flops(cI, cJ, dims, same, numpy_syrk)
+                    for (cI, cJ, same), k in _count_blocks(parts_a, parts_b, sym).items())
+        if dims.depth > 1 or not sym:
+            flops += _pg_diag_flops(NA, dims) + (0 if sym else _pg_diag_flops(NB, dims))
+        cmax, cmax_b = max(b - a for a, b in parts_a), max(b - a for a, b in parts_b)
+        work = workers * cmax * cmax_b * per_pair
+        stacked = (NA + (0 if sym else NB)) * per_model
+        nblocks = len(parts_a) * (len(parts_a) + 1) // 2 if sym else len(parts_a) * len(parts_b)
+        keep = nblocks > 1 and work + stacked <= min(budget, workers * target)
+        peak = work + (stacked if keep else workers * 2 * cmax * per_model)
+        blocking = (f"{nblocks} block{'s' if nblocks != 1 else ''} of up to {cmax} x {cmax_b} models"
+                    + (", each stacked once" if keep else "") + (f", in {workers} threads" if workers > 1 else ""))
+        return (RouteCost("pairwise-gram", int(flops), int(peak), bool(fits), blocking,
+                          _pg_plans(dims, cmax, cmax_b)), c, keep, workers)
+
+    serial = layout(1)
+    if threads < 2 or serial[0].flops < _THREADED_FLOPS:
+        return serial
+    parts = _partition(NA, serial[1])
+    nblocks = sum(_count_blocks(parts, parts if sym else _partition(NB, serial[1]), sym).values())
+    return layout(min(threads, nblocks)) if nblocks > 1 else serial
 
 
 def _pg_diag(ops: _Ops, Xs: list[Any], Ds: list[Any], dims: _Dims) -> tuple[np.ndarray, np.ndarray]:
@@ -970,10 +989,12 @@ def _log_scale(chains: Sequence[_Chain], rs: np.ndarray) -> np.ndarray:
 
 
 def _run_pairwise_gram(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, ops: _Ops, c: int, keep: bool,
-                       clock: _Clock, show: bool | None
+                       clock: _Clock, show: bool | None, workers: int = 1
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(K^ (NA, NB), K^ diagonal of A, of B, log U of A, of B); ``keep``: stack
-    each block once and keep it for all its block pairs."""
+    each block once and keep it for all its block pairs; ``workers`` > 1
+    (numpy): the blocks' self terms and the block pairs in that many threads,
+    each with one BLAS thread (see _run_jobs)."""
     sym = B is None
     numpy_syrk = not ops.is_torch
     parts_a = _partition(len(A), c)
@@ -982,58 +1003,87 @@ def _run_pairwise_gram(A: list[_Chain], B: list[_Chain] | None, dims: _Dims, ops
     fused = _pg_fused(dims)
     kept: dict[tuple[str, int], Any] = {}
 
-    def stacked(side: str, part: int, with_p: bool = True) -> Any:
+    def stacked(side: str, part: int, clk: _Clock, with_p: bool = True) -> Any:
         """The stacked block ``part`` of side "a" or "b" (kept when ``keep``)."""
         if (side, part) in kept:
             return kept[(side, part)]
         chains, (p0, p1) = (A, parts_a[part]) if side == "a" else (B, parts_b[part])
-        clock.start()
-        S = _stack(chains[p0:p1], dims, ops, fused if (with_p or keep) else ())
-        clock.lap("stack", 0)
-        if keep:
-            kept[(side, part)] = S
+        clk.start()
+        S = _stack(chains[p0:p1], dims, ops, fused if with_p else ())
+        clk.lap("stack", 0)
         return S
 
-    def diag(side: str) -> tuple[np.ndarray, np.ndarray]:
-        Ks, rs = [], []
-        for part, (a0, a1) in enumerate(parts_a if side == "a" else parts_b):
-            Xs, Ds, _ = stacked(side, part, with_p=False)
-            clock.start()
-            k, r = _pg_diag(ops, Xs, Ds, dims)
-            clock.lap("self-terms", _pg_diag_flops(a1 - a0, dims))
-            Ks.append(k)
-            rs.append(r)
-        return np.concatenate(Ks), np.concatenate(rs, axis=1)
+    def diag(side: str, part: int, clk: _Clock) -> tuple[np.ndarray, np.ndarray]:
+        Xs, Ds, _ = stacked(side, part, clk, with_p=False)
+        clk.start()
+        k, r = _pg_diag(ops, Xs, Ds, dims)
+        a0, a1 = (parts_a if side == "a" else parts_b)[part]
+        clk.lap("self-terms", _pg_diag_flops(a1 - a0, dims))
+        return k, r
 
-    if need_diag:
-        kA, rA = diag("a")
-        kB, rB = (kA, rA) if sym else diag("b")
-    else:
-        rA = rB = np.ones((dims.depth, len(A)))
-        kA = kB = None
-    NB = len(A) if sym else len(B)
-    K = np.zeros((len(A), NB))
-    units = len(parts_a) * (len(parts_a) + 1) // 2 if sym else len(parts_a) * len(parts_b)
-    bar = _progress(units, "similarity matrix (pairwise-gram)", "block", show)
-    try:
-        for i, (a0, a1) in enumerate(parts_a):
-            SA = stacked("a", i)
-            for j, (b0, b1) in enumerate(parts_b):
-                if sym and j < i:
-                    continue
-                same = sym and i == j
-                SB = SA if same else stacked("a" if sym else "b", j)
-                blk = ops.get(_pg_block(ops, SA, SB, rA[:, a0:a1], rB[:, b0:b1], dims, same, clock,
-                                        numpy_syrk)).astype(float)
-                K[a0:a1, b0:b1] = blk
-                if sym and not same:
-                    K[b0:b1, a0:a1] = blk.T
-                bar.update(1)
-    finally:
-        bar.close()
+    K = np.zeros((len(A), len(A) if sym else len(B)))
+
+    def block(i: int, j: int, clk: _Clock) -> None:
+        (a0, a1), (b0, b1) = parts_a[i], parts_b[j]
+        same = sym and i == j
+        SA = stacked("a", i, clk)
+        SB = SA if same else stacked("a" if sym else "b", j, clk)
+        blk = ops.get(_pg_block(ops, SA, SB, rA[:, a0:a1], rB[:, b0:b1], dims, same, clk, numpy_syrk)).astype(float)
+        K[a0:a1, b0:b1] = blk  # disjoint blocks: the workers write K in place
+        if sym and not same:
+            K[b0:b1, a0:a1] = blk.T
+
+    pairs = [(i, j) for i in range(len(parts_a)) for j in range(len(parts_b)) if not (sym and j < i)]
+    with contextlib.ExitStack() as stack:
+        pool = _blas_worker_pool(stack, workers) if workers > 1 and not ops.is_torch else None
+        if keep:
+            for side in ("a",) if sym else ("a", "b"):
+                for part in range(len(parts_a if side == "a" else parts_b)):
+                    kept[(side, part)] = stacked(side, part, clock)
+        if need_diag:
+            def side_diag(side: str) -> tuple[np.ndarray, np.ndarray]:
+                parts = parts_a if side == "a" else parts_b
+                out = _run_jobs([lambda clk, p=p: diag(side, p, clk) for p in range(len(parts))], clock, pool, workers)
+                return np.concatenate([k for k, _ in out]), np.concatenate([r for _, r in out], axis=1)
+
+            kA, rA = side_diag("a")
+            kB, rB = (kA, rA) if sym else side_diag("b")
+        else:
+            rA = rB = np.ones((dims.depth, len(A)))
+            kA = kB = None
+        bar = _progress(len(pairs), "similarity matrix (pairwise-gram)", "block", show)
+        try:
+            _run_jobs([lambda clk, i=i, j=j: block(i, j, clk) for i, j in pairs], clock, pool, workers, bar)
+        finally:
+            bar.close()
     if sym:
         kA = kB = np.diag(K).copy()
     return K, kA, kB, _log_scale(A, rA), _log_scale(B if B is not None else A, rB)
+
+
+def _run_jobs(jobs: Sequence[Any], clock: _Clock, pool: Any, workers: int, bar: Any = None) -> list[Any]:
+    """The results of ``jobs`` (callables taking a _Clock), in order: run one
+    after another on ``clock``, or in the ``workers`` threads of ``pool`` with
+    a clock each, absorbed into ``clock`` at 1/workers of their time (a step's
+    time is then its share of the wall time the workers spent together)."""
+    if pool is None:
+        out = []
+        for job in jobs:
+            out.append(job(clock))
+            if bar is not None:
+                bar.update(1)
+        return out
+    from concurrent.futures import as_completed
+
+    clocks = [_Clock(clock.ops) for _ in jobs]
+    futures = [pool.submit(job, clk) for job, clk in zip(jobs, clocks)]
+    for done in as_completed(futures):
+        done.result()  # the first failure is raised here
+        if bar is not None:
+            bar.update(1)
+    for clk in clocks:
+        clock.absorb(clk, 1 / workers)
+    return [f.result() for f in futures]
 
 
 # ------------------------------------------------------ materialize route
@@ -1618,22 +1668,24 @@ def _compute(A_in: Any, B_in: Any | None, inner: str, method: str, mean: Any, co
             chains_A = chains_B = None
     dims = None if chains_A is None else _dims(chains_A, *([] if sym else [chains_B]))
     t_prepare = time.perf_counter() - t_prepare
-    if device is None and not force_numpy and dims is not None and dims.depth > 1:
-        # stacks: batched products of small matrices, which torch runs as one
-        # parallel call each (numpy calls BLAS once per matrix); numpy in and out
+    if device is None and not force_numpy and dims is not None and dims.depth > 1 and _blas_threads() < 2:
+        # stacks on one thread: torch on the CPU, whose fused elementwise
+        # kernels took half numpy's time for the Hadamard cores here; with
+        # more BLAS threads numpy's worker threads won (see _run_jobs)
         ops = _Ops(dname, "cpu")
 
     candidates: dict[str, RouteCost] = {}
     notes: list[str] = []
     if dims is not None:
+        threads = 1 if ops.is_torch else _blas_threads()
         target = budget if ops.cuda else min(budget, _PG_WORKING_SET * (4 if ops.is_torch else 1))
-        pg_cost, c_pg, keep_pg = _pg_layout(len(chains_A), len(A) if sym else len(chains_B), sym, dims,
-                                            ops.itemsize, budget, not ops.is_torch, target)
+        pg_cost, c_pg, keep_pg, workers_pg = _pg_layout(len(chains_A), len(A) if sym else len(chains_B), sym, dims,
+                                                        ops.itemsize, budget, not ops.is_torch, target, threads)
         candidates["pairwise-gram"] = pg_cost
         if dims.depth == 1:
             mat_cost, c_mat, chunks_mat, form_mat = _mat_layout(
                 chains_A, chains_B, dims, ops.itemsize, budget, budget if ops.cuda else min(budget, _MAT_WORKING_SET),
-                ops.cuda, 1 if ops.is_torch else _blas_threads())
+                ops.cuda, threads)
             candidates["materialize"] = mat_cost
     if route == "auto":
         fitting = [c for c in candidates.values() if c.fits]
@@ -1678,7 +1730,8 @@ def _compute(A_in: Any, B_in: Any | None, inner: str, method: str, mean: Any, co
             logA = np.array([c.log_scales.sum() for c in chains_A])
             logB = logA if sym else np.array([c.log_scales.sum() for c in chains_B])
         else:
-            K, sA, sB, logA, logB = _run_pairwise_gram(chains_A, chains_B, dims, ops, c_pg, keep_pg, clock, show)
+            K, sA, sB, logA, logB = _run_pairwise_gram(chains_A, chains_B, dims, ops, c_pg, keep_pg, clock, show,
+                                                       workers_pg)
         cos = _cosines(K, sA, sB, inner, dname, sym)
         normsA, normsB = _norms(sA, logA), (None if sym else _norms(sB, logB))
         if sym:
