@@ -536,6 +536,89 @@ def test_threaded_materialize(monkeypatch):
                     np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15)
 
 
+def test_threaded_pairwise_gram(monkeypatch):
+    """On numpy the pairwise-gram route takes the blocks' self terms and the
+    block pairs in worker threads: the same matrices as one thread (to
+    round-off) and as the pairwise API, for one layer and stacks, sym and
+    cross, blocks kept or stacked per pair; the steps' times (each worker's at
+    1/workers) fit in the call's; the BLAS thread count is restored, also
+    after a worker fails; stacks default to numpy with threads, torch without."""
+    import tsalgebra.batched as B
+    from threadpoolctl import threadpool_info
+
+    rng = np.random.default_rng(11)
+    groups = {
+        "symmetric": ([bilinear(rng, 6, h, 3) for h in (3, 6, 2, 5, 4, 3, 2)], [bilinear(rng, 6, 4, 3) for _ in range(3)]),
+        "network": (stacks(seed=1) + stacks(seed=2), stacks(seed=3)[:3]),
+    }
+    monkeypatch.setattr(B, "_THREADED_FLOPS", 0)
+    monkeypatch.setattr(B, "_MIN_BLOCK_ROWS", 1)  # several blocks per side
+    before = [lib["num_threads"] for lib in threadpool_info()]
+    seen = set()
+    for inner, (ms, cols) in groups.items():
+        want, want_cross = pairwise(ms, ms, inner), pairwise(ms, cols, inner)
+        for target in (1, *(2**k for k in range(12, 22, 2)), 10**9):  # blocks kept or stacked per pair
+            monkeypatch.setattr(B, "_PG_WORKING_SET", target)
+            serial = None
+            for threads in (1, 3):
+                monkeypatch.setattr(B, "_blas_threads", lambda: threads)
+                kw = dict(inner=inner, route="pairwise-gram", device="numpy", progress=False)
+                r, rc = similarity_matrix(ms, **kw), cross_similarity_matrix(ms, cols, **kw)
+                assert [lib["num_threads"] for lib in threadpool_info()] == before
+                for res in (r, rc):
+                    blocking = res.candidates["pairwise-gram"].blocking
+                    nblocks = int(blocking.split()[0])
+                    threaded = threads == 3 and nblocks > 1
+                    assert blocking.endswith(f"in {min(3, nblocks)} threads") == threaded, blocking
+                    if threaded:
+                        seen.add((inner, res.symmetric, "each stacked once" in blocking))
+                    assert sum(s.seconds for s in res.steps) <= res.seconds
+                assert np.max(np.abs(r.values - want)) < TOL
+                assert np.max(np.abs(rc.values - want_cross)) < TOL
+                got = (r.values, rc.values, r.norms, rc.col_norms)
+                if serial is None:
+                    serial = got
+                else:
+                    for g, w in zip(got, serial):
+                        np.testing.assert_allclose(g, w, rtol=1e-13, atol=1e-15)
+            assert similarity_matrix(groups["network"][0], inner="network", progress=False).device == "numpy"
+    assert seen == {(inner, sym, kept) for inner in groups for sym in (True, False) for kept in (True, False)}
+    monkeypatch.setattr(B, "_blas_threads", lambda: 1)
+    assert similarity_matrix(groups["network"][0], inner="network", progress=False).device == "cpu"
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("block failed")
+
+    monkeypatch.setattr(B, "_blas_threads", lambda: 3)
+    monkeypatch.setattr(B, "_pg_block", fail)
+    with pytest.raises(RuntimeError, match="block failed"):
+        similarity_matrix(groups["symmetric"][0], inner="symmetric", route="pairwise-gram", device="numpy",
+                          progress=False)
+    assert [lib["num_threads"] for lib in threadpool_info()] == before
+
+
+def test_jobs_in_threads_share_the_clock():
+    """_run_jobs returns the jobs' results in order; in a pool each job's
+    clock counts at 1/workers of its seconds and all of its flops."""
+    import contextlib
+
+    import tsalgebra.batched as B
+
+    def job(k):
+        def run(clk):
+            clk.seconds["step"] = clk.seconds.get("step", 0.0) + 1.0  # as a lap of one second would
+            clk.flops["step"] = clk.flops.get("step", 0) + 5
+            return k * k
+        return run
+
+    for workers in (1, 2, 3):
+        clock = B._Clock(B._Ops("float64", None))
+        with contextlib.ExitStack() as stack:
+            pool = B._blas_worker_pool(stack, workers) if workers > 1 else None
+            assert B._run_jobs([job(k) for k in range(6)], clock, pool, workers) == [k * k for k in range(6)]
+        assert clock.seconds == {"step": pytest.approx(6.0 / workers)} and clock.flops == {"step": 30}
+
+
 def test_models_are_left_unchanged():
     """The routes scale copies of the weights in place, never the models'."""
     ms = one_layer_models() + [stacks()[0]]

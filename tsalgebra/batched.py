@@ -53,11 +53,12 @@ Inner products in batch, on padded factors L~, R~ (H, d+1), D~ (o+1, H), outputs
   L' = [L; e0], R' = [R; e0].  So every batched inner product is a Frobenius
   product of symmetric CP tensors, or the Gram recursion.
 
-Engines: with ``device=None`` the inputs and the result are numpy; one-layer
-routes compute in numpy and stacks in torch on the CPU (batched products of
-small matrices: one parallel call each, where numpy calls BLAS once per
-matrix); ``device="numpy"`` forces numpy throughout.  A torch device
-(``"cpu"``, ``"cuda"``...) computes everything in torch there.
+Engines: with ``device=None`` the inputs and the result are numpy and the
+routes compute in numpy, where large ones run one worker thread per BLAS
+thread, each with a single BLAS thread (materialize: groups of models and of
+features; pairwise-gram: block pairs in turn); stacks on a single BLAS thread
+compute in torch on the CPU.  ``device="numpy"`` forces numpy throughout.  A
+torch device (``"cpu"``, ``"cuda"``...) computes everything in torch there.
 
 Scale: each factor is divided by its Frobenius norm before anything is
 formed, and in stacks each intermediate Gram G[a, b] by sqrt(|G[a,a]| |G[b,b]|);
@@ -125,9 +126,9 @@ _PASS_FLOPS = 50
 # output took 49 us at 32, 63 us at 16, against 94 us for a gather of the
 # triangle here).
 _PACK_LEAF = 32
-# The materialize route runs in threads on numpy (see _run_materialize) when
-# forming one side's models takes at least this many flops (about a
-# millisecond of BLAS, what the thread pool and the BLAS limit cost).
+# The routes run in threads on numpy (see _run_materialize, _run_jobs) when
+# forming one side's models, or all block pairs, take at least this many flops
+# (about a millisecond of BLAS, what the thread pool and the BLAS limit cost).
 _THREADED_FLOPS = 10**8
 # The materialize route's Gram of the flattened tensors (a short, very wide
 # product, once per feature chunk) stays in the engine that formed them: on
@@ -161,7 +162,8 @@ class RouteCost:
 
 @dataclass(frozen=True)
 class StepTime:
-    """Wall time and planner flops spent in one kind of step of the chosen route."""
+    """Wall time and planner flops spent in one kind of step of the chosen route
+    (in worker threads: each worker's time in the step over their number)."""
 
     name: str
     flops: int
