@@ -211,7 +211,17 @@ def test_auto_takes_the_cheaper_route():
 
 @pytest.mark.parametrize("route", ["materialize", "pairwise-gram"])
 @pytest.mark.parametrize("device", [None, CUDA])
-def test_memory_bound_chunks(models, route, device):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_memory_bound_chunks(models, route, device, threads, monkeypatch):
+    """Every max_memory that fits gives blocks within it (worker threads'
+    temporaries counted) and the pairwise values."""
+    import tsalgebra.batched as B
+
+    if threads > 1:
+        if device is not None:
+            pytest.skip("worker threads are the numpy engine's")
+        monkeypatch.setattr(B, "_blas_threads", lambda: threads)
+        monkeypatch.setattr(B, "_THREADED_FLOPS", 0)
     want = pairwise(models, models, "gaussian")
     cols = models[2:]
     blockings = set()
@@ -226,13 +236,47 @@ def test_memory_bound_chunks(models, route, device):
         assert r.candidates[route].peak_bytes <= memory
         assert np.max(np.abs(r.values - want)) < TOL
         assert np.max(np.abs(rc.values - want[:, 2:])) < TOL
-    if route == "materialize":  # output chunks, model blocks, and all at once were all exercised
+    if threads > 1:  # layouts in threads were among them (the sweep's small bounds fit few workers)
+        assert any(" threads" in b for b in blockings)
+    elif route == "materialize":  # output chunks, model blocks, and all at once were all exercised
         assert any("model blocks of up to 1" in b for b in blockings)
         assert any("4 output chunks" in b for b in blockings)
         assert any("1 output chunk" in b for b in blockings)
     else:  # blocks stacked once and kept, and (at less memory) stacked per block pair
         assert any("of up to 1 x 1" in b for b in blockings) and len(blockings) >= 2
         assert any("stacked once" in b for b in blockings) and any("stacked once" not in b for b in blockings)
+
+
+def test_traced_memory_within_bound(monkeypatch):
+    """What the numpy routes allocate (tracemalloc, which sees numpy's arrays)
+    stays within max_memory, beside the prepared models and 256 KiB of Python
+    objects, on one thread and in worker threads."""
+    import tracemalloc
+
+    import tsalgebra.batched as B
+
+    rng = np.random.default_rng(5)
+    ones = [bilinear(rng, 40, 10, 4) for _ in range(48)]
+    deep = [ts.Sequential(bilinear(rng, 8, 6, 8), bilinear(rng, 8, 6, 8), bilinear(rng, 8, 6, 3)) for _ in range(48)]
+    monkeypatch.setattr(B, "_THREADED_FLOPS", 0)
+    for threads in (1, 3):
+        monkeypatch.setattr(B, "_blas_threads", lambda: threads)
+        for ms, inner, routes in ((ones, "symmetric", ("materialize", "pairwise-gram")),
+                                  (deep, "network", ("pairwise-gram",))):
+            chains = B._prepare(ms, inner, False, None)
+            prepared = sum(x.nbytes for ch in chains for blk in ch.blocks for x in blk)
+            del chains
+            for route in routes:
+                for memory in (2**20, 2**21, 2**22, 2**23):
+                    tracemalloc.start()
+                    try:
+                        r = similarity_matrix(ms, inner=inner, route=route, max_memory=memory, device="numpy",
+                                              progress=False)
+                        peak = tracemalloc.get_traced_memory()[1]
+                    finally:
+                        tracemalloc.stop()
+                    assert peak <= memory + prepared + 2**18, (threads, inner, route, memory, peak)
+                    assert r.candidates[route].peak_bytes <= memory
 
 
 def test_memory_too_small(models):

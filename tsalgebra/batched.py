@@ -1067,25 +1067,35 @@ def _run_jobs(jobs: Sequence[Any], clock: _Clock, pool: Any, workers: int, bar: 
     """The results of ``jobs`` (callables taking a _Clock), in order: run one
     after another on ``clock``, or in the ``workers`` threads of ``pool`` with
     a clock each, absorbed into ``clock`` at 1/workers of their time (a step's
-    time is then its share of the wall time the workers spent together)."""
+    time is then its share of the wall time the workers spent together).  At
+    most two jobs per worker are queued at a time, so the bookkeeping does not
+    grow with the number of jobs."""
+    out: list[Any] = [None] * len(jobs)
     if pool is None:
-        out = []
-        for job in jobs:
-            out.append(job(clock))
+        for k, job in enumerate(jobs):
+            out[k] = job(clock)
             if bar is not None:
                 bar.update(1)
         return out
-    from concurrent.futures import as_completed
+    from concurrent.futures import FIRST_COMPLETED, wait
 
-    clocks = [_Clock(clock.ops) for _ in jobs]
-    futures = [pool.submit(job, clk) for job, clk in zip(jobs, clocks)]
-    for done in as_completed(futures):
-        done.result()  # the first failure is raised here
-        if bar is not None:
-            bar.update(1)
-    for clk in clocks:
-        clock.absorb(clk, 1 / workers)
-    return [f.result() for f in futures]
+    todo = iter(enumerate(jobs))
+    running: dict[Any, tuple[int, _Clock]] = {}
+    while True:
+        for k, job in todo:
+            clk = _Clock(clock.ops)
+            running[pool.submit(job, clk)] = (k, clk)
+            if len(running) >= 2 * workers:
+                break
+        if not running:
+            return out
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        for f in done:
+            k, clk = running.pop(f)
+            out[k] = f.result()  # a failure is raised here
+            clock.absorb(clk, 1 / workers)
+            if bar is not None:
+                bar.update(1)
 
 
 # ------------------------------------------------------ materialize route
