@@ -623,7 +623,10 @@ def _prepare(models: Sequence[Any], inner: str, centered: bool, P: np.ndarray | 
             blocks[0] = (L @ P, R @ P, D)
         norm_blocks, logs = [], []
         for L, R, D in blocks:
-            (L, a), (R, b), (D, c) = _unit(L), _unit(R), _unit(D)
+            if finite and P is None:  # padded at unit norm: only D lost a row since
+                (L, a), (R, b), (D, c) = (L, 0.0), (R, 0.0), _unit(D)
+            else:
+                (L, a), (R, b), (D, c) = _unit(L), _unit(R), _unit(D)
             norm_blocks.append((L, R, D))
             logs.append(a + b + c + (pre.sum() if not logs else 0.0))
         if inner == "gaussian":
