@@ -1785,7 +1785,9 @@ def similarity_matrix(
     within ``max_memory``; "pairwise" where none applies), "materialize",
     "pairwise-gram" or "pairwise".  ``dtype``: float64 (default) or float32
     (numpy, torch or string spelling).  ``device``: a torch device ("cpu",
-    "cuda", "cuda:1"...) to compute with torch there; None computes with numpy.
+    "cuda", "cuda:1"...) to compute with torch there; None computes with numpy
+    (in threads when large; stacks on a single BLAS thread in torch on the CPU),
+    "numpy" with numpy only.
     ``max_memory``: bytes for the route's blocks (default a quarter of the
     available memory of the device).  ``progress``: True / False, or None for
     a tqdm bar on a terminal when the work is long.  ``models`` may be a mapping
