@@ -882,7 +882,11 @@ def _pg_layout(NA: int, NB: int, sym: bool, dims: _Dims, itemsize: int, budget: 
         return serial
     parts = _partition(NA, serial[1])
     nblocks = sum(_count_blocks(parts, parts if sym else _partition(NB, serial[1]), sym).values())
-    return layout(min(threads, nblocks)) if nblocks > 1 else serial
+    for workers in range(min(threads, nblocks), 1, -1):  # as many as fit the budget
+        threaded = layout(workers)
+        if threaded[0].fits:
+            return threaded
+    return serial
 
 
 def _pg_diag(ops: _Ops, Xs: list[Any], Ds: list[Any], dims: _Dims) -> tuple[np.ndarray, np.ndarray]:
