@@ -1687,7 +1687,8 @@ def _compute(A_in: Any, B_in: Any | None, inner: str, method: str, mean: Any, co
             chains_A = chains_B = None
     dims = None if chains_A is None else _dims(chains_A, *([] if sym else [chains_B]))
     t_prepare = time.perf_counter() - t_prepare
-    if device is None and not force_numpy and dims is not None and dims.depth > 1 and _blas_threads() < 2:
+    threads = _blas_threads() if dims is not None and not ops.is_torch else 1
+    if device is None and not force_numpy and dims is not None and dims.depth > 1 and threads < 2:
         # stacks on one thread: torch on the CPU, whose fused elementwise
         # kernels took half numpy's time for the Hadamard cores here; with
         # more BLAS threads numpy's worker threads won (see _run_jobs)
@@ -1696,7 +1697,6 @@ def _compute(A_in: Any, B_in: Any | None, inner: str, method: str, mean: Any, co
     candidates: dict[str, RouteCost] = {}
     notes: list[str] = []
     if dims is not None:
-        threads = 1 if ops.is_torch else _blas_threads()
         target = budget if ops.cuda else min(budget, _PG_WORKING_SET * (4 if ops.is_torch else 1))
         pg_cost, c_pg, keep_pg, workers_pg = _pg_layout(len(chains_A), len(A) if sym else len(chains_B), sym, dims,
                                                         ops.itemsize, budget, not ops.is_torch, target, threads)
