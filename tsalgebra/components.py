@@ -261,8 +261,8 @@ class Bilinear(Component):
 
         def norm(*ws: np.ndarray | None) -> float:
             # einsum, not np.dot: a BLAS dot of this size wakes OpenBLAS's
-            # threads, which then spin for ~0.1 s and took a core from the
-            # threads of the batched route that follows (see batched._prepare)
+            # other threads, which then spin for ~0.1 s; the batched engine
+            # calls this just before its own threads start, and lost a core
             with np.errstate(over="ignore"):  # inf is the answer then
                 sq = 1.0 + extra + sum(float(np.einsum("i,i->", w.ravel(), w.ravel())) for w in ws if w is not None)
             return float(np.sqrt(sq))
