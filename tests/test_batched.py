@@ -633,6 +633,8 @@ def test_threaded_pairwise_gram(monkeypatch):
                     for g, w in zip(got, serial):
                         np.testing.assert_allclose(g, w, rtol=1e-13, atol=1e-15)
             assert similarity_matrix(groups["network"][0], inner="network", progress=False).device == "numpy"
+        r32 = similarity_matrix(ms, inner=inner, route="pairwise-gram", device="numpy", dtype="float32", progress=False)
+        assert r32.values.dtype == np.float32 and np.max(np.abs(r32.values - want)) < 1e-4
     assert seen == {(inner, sym, kept) for inner in groups for sym in (True, False) for kept in (True, False)}
     monkeypatch.setattr(B, "_blas_threads", lambda: 1)
     assert similarity_matrix(groups["network"][0], inner="network", progress=False).device == "cpu"
