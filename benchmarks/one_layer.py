@@ -152,7 +152,7 @@ def clear_caches() -> None:
 
     ts.plan_cache.clear()
     PAIRINGS.orbits.cache_clear()
-    pairing_sum._RECIPES.clear()
+    pairing_sum._PLANS.clear()
 
 
 # ------------------------------------------------------ formula self-check

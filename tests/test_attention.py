@@ -160,7 +160,7 @@ def test_two_exact_algorithms_agree_with_mean_and_cov():
     mean, cov = np.array([0.4]), np.array([[0.7]])
     enum = ts.inner(a, b, mean=mean, cov=cov, algorithm="pairings", centered=True)
     quad = ts.inner(a, b, mean=mean, cov=cov, algorithm="quadrature", centered=True)
-    assert enum.algorithm == "pairing orbits" and quad.algorithm == "Gauss-Hermite quadrature"
+    assert enum.algorithm == "pairings" and quad.algorithm == "quadrature"
     np.testing.assert_allclose(enum.value, quad.value, rtol=1e-10)
 
 
@@ -290,13 +290,11 @@ def test_closure_through_attention():
 def _enumerated_moments(x, y, mean, cov):
     """Padded E[x~ y~'] and E[x~] by summing pairing orbits with both outputs
     open: the generic mechanism, independent of the per-position features."""
-    from tsalgebra.inner import _joins, _measure
-    from tsalgebra.pairing_sum import OUTER, orbit_sum
+    from tsalgebra.pairing_sum import OUTER, Joins, orbit_sum
 
     d = len(mean)
     n = x.in_features // d
-    mu, C, label = _measure(n * d, np.tile(mean, n), np.kron(np.eye(n), cov), False)
-    joins = _joins(mu, C, label)
+    joins = Joins.gaussian(ts.Gaussian(np.tile(mean, n), np.kron(np.eye(n), cov)))  # the flat law, tiled by hand
     X, Y = x.network(symmetric=True), y.network(symmetric=True)
     return orbit_sum(X, Y, joins, OUTER, 1e13)[0], orbit_sum(X, None, joins, None, 1e13)[0]
 
@@ -304,7 +302,7 @@ def _enumerated_moments(x, y, mean, cov):
 @pytest.mark.parametrize("flags", [{}, {"causal": True}, {"rotary_base": 10.0, "scale": 0.7},
                                    {"causal": True, "rotary_base": 5.0, "residual": True}])
 def test_attention_moments_equal_pairing_enumeration(flags):
-    from tsalgebra.attention_moments import attention_moments
+    from tsalgebra.algorithms.moments import attention_moments
 
     rng = np.random.default_rng(11)
     d = 2
@@ -312,7 +310,7 @@ def test_attention_moments_equal_pairing_enumeration(flags):
     b = random_attention(rng, heads=1, dh=2, d=d, n_ctx=2, quadratic=True, **flags)
     mean, A = np.array([0.4, -0.3]), rng.normal(size=(d, d))
     cov = A @ A.T / d + 0.2 * np.eye(d)
-    hm = attention_moments(a, b, mean, cov, joint=True)
+    hm = attention_moments(a, b, ts.Gaussian(mean, cov), joint=True)
     for got, x, y in ((hm.ab, a, b), (hm.aa, a, a), (hm.bb, b, b)):
         want, want_mean = _enumerated_moments(x, y, mean, cov)
         np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-11 * np.abs(want).max())
@@ -322,14 +320,14 @@ def test_attention_moments_equal_pairing_enumeration(flags):
 def test_attention_moments_through_an_embedding_and_a_singular_covariance():
     """Position-wise Linear layers before the attention are read through; a
     rank-deficient input covariance whitens to fewer variables."""
-    from tsalgebra.attention_moments import attention_moments
+    from tsalgebra.algorithms.moments import attention_moments
 
     rng = np.random.default_rng(12)
     embed = ts.position_wise(ts.Linear(rng.normal(size=(3, 2)), rng.normal(size=3)), 2)
     a = ts.Sequential(embed, random_attention(rng, heads=1, dh=2, d=3, n_ctx=2, causal=True))
     b = ts.Sequential(embed, random_attention(rng, heads=2, dh=1, d=3, n_ctx=2, residual=True))
     mean, cov = np.array([0.2, 0.1]), np.array([[1.0, 1.0], [1.0, 1.0]])  # rank 1
-    hm = attention_moments(a, b, mean, cov)
+    hm = attention_moments(a, b, ts.Gaussian(mean, cov))
     assert hm.whitened == 1
     want, want_mean = _enumerated_moments(a, b, mean, cov)
     np.testing.assert_allclose(hm.ab, want, rtol=1e-10, atol=1e-10 * np.abs(want).max())
@@ -341,13 +339,13 @@ def test_attention_moments_route_and_its_refusals():
     unembed = ts.position_wise(ts.Linear(rng.normal(size=(3, 2)), rng.normal(size=3)), 2)
     la, lb = ts.Sequential(small(causal=True), unembed), ts.Sequential(small(rotary_base=10.0), unembed)
     fast = ts.inner(la, lb, centered=True, per_output=True)
-    assert fast.algorithm == "attention moments" and fast.exact
+    assert fast.algorithm == "moments" and fast.exact
     slow = ts.inner(la, lb, centered=True, per_output=True, algorithm="pairings")
     np.testing.assert_allclose(fast.value, slow.value, rtol=1e-10)
     a, b = small(causal=True), small(rotary_base=10.0)
     # a measure that correlates positions is not the sequence measure: the generic route takes it
     cov = np.eye(4) + 0.3 * np.eye(4, k=2) + 0.3 * np.eye(4, k=-2)
-    assert ts.inner(a, b, cov=cov).algorithm != "attention moments"
+    assert ts.inner(a, b, cov=cov).algorithm != "moments"
     with pytest.raises(ValueError, match="not independent and identical across positions"):
         ts.inner(a, b, cov=cov, algorithm="moments")
     with pytest.raises(ValueError, match="not positive semi-definite"):  # checked as on every route
@@ -367,7 +365,7 @@ def test_attention_moments_route_and_its_refusals():
     # a similarity takes all three products from one joint computation: same as three separate ones
     s = ts.similarity(la, lb)
     ab, aa, bb = (ts.inner(x, y).value for x, y in ((la, lb), (la, la), (lb, lb)))
-    assert s.algorithm == "attention moments"
+    assert s.algorithm == "moments"
     assert s.value == pytest.approx(ab / np.sqrt(aa * bb), rel=1e-12)
 
 
@@ -384,7 +382,7 @@ def test_attention_moments_against_monte_carlo_at_benchmark_width():
     fa, fb = a(z), b(z)
     for x, y, fx, fy in ((a, a, fa, fa), (a, b, fa, fb)):
         exact = ts.inner(x, y, mean=mean, cov=cov)
-        assert exact.algorithm == "attention moments"
+        assert exact.algorithm == "moments"
         prod = np.einsum("bio,bio->b", fx, fy)
         se = prod.std(ddof=1) / np.sqrt(len(prod))
         assert abs(prod.mean() - exact.value) < 4 * se

@@ -135,11 +135,12 @@ def test_plan_counts_what_the_engine_contracts(ckpts, capsys, inner, centered):
     assert code == 0
     rep = json.loads(out)
     done = ts.similarity(ts.load(a), ts.load(b), inner, centered=centered)
-    assert rep["total_contractions"] == done.contractions
+    assert rep["total_contractions"] == done.contractions and rep["total_flops"] == done.flops
     ab = next(p for p in rep["products"] if p["product"] == "<a,b>")
-    assert ab["orbits"] == ts.inner(ts.load(a), ts.load(b), inner).orbits
-    assert ab["representative"]["flops"] == ab["flops_per_orbit_max"] > 0
-    assert rep["within_budget"] and rep["largest_intermediate_bytes"] > 0
+    sums = {s["sum"]: s for s in ab["sums"]}
+    assert sums["<a,b>"]["orbits"] == ts.inner(ts.load(a), ts.load(b), inner).orbits
+    assert sums["<a,b>"]["representative"]["flops"] == sums["<a,b>"]["flops_per_orbit_max"] > 0
+    assert rep["within_budget"] and rep["peak_bytes"] > 0
     code, out, _ = call(capsys, "plan", a, b, "--inner", inner)
     assert code == 0 and "costliest orbit" in out
 
@@ -151,9 +152,10 @@ def test_plan_reports_the_engines_algorithm(ckpts, capsys):
         assert code == 0, err
         rep = json.loads(out)
         m = ts.load(path)
-        assert rep["engine_algorithm"] == ts.inner(m, m).algorithm
-    assert rep["engine_algorithm"] == "Gauss-Hermite quadrature"  # degree 8: pairings refused
-    assert any("refused" in p for p in rep["products"]) and not rep["within_budget"]
+        assert rep["products"][0]["algorithm"] == ts.inner(m, m).algorithm
+    assert rep["products"][0]["algorithm"] == "quadrature"  # degree 8: pairings refused
+    refused = {r["algorithm"]: r["reason"] for r in rep["products"][0]["not_chosen"]}
+    assert "pairings (more than" in refused["pairings"] and rep["within_budget"]
     code, out, _ = call(capsys, "plan", deep, deep)
     assert code == 0 and "pairings refused" in out and "quadrature" in out
     code, out, _ = call(capsys, "similarity", deep, deep, "--inner", "network", "--json")

@@ -17,7 +17,7 @@ from helpers import model_of, spec_of
 from tsalgebra import symmetries as S
 from tsalgebra.baselines import weight_cosine
 from tsalgebra.invariance import check_invariance, compare_layers
-from tsalgebra.recursive import fold
+from tsalgebra.folding import fold
 from tsalgebra.testing import linear_layers, perturbations, stacks, symmetry_elements
 
 INNERS = ["gaussian", "symmetric", "network"]

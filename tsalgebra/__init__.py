@@ -9,16 +9,18 @@ a planner picks contraction orders and a numeric engine executes them.
     ts.verify(circuit, component)           # is this circuit that component?
 """
 
-from . import baselines, circuits, symmetries
+from . import algorithms, baselines, circuits, symmetries
 from .attention import BilinearAttention, Transformer, position_wise, sequence_measure
 from .baselines import weight_cosine
 from .batched import cross_similarity_matrix, similarity_matrix
 from .components import Bilinear, Component, Linear, Sequential
 from .engine import contract, evaluate
 from .expr import Network, Sum, Tensor
-from .inner import CostError, InnerResult, inner, norm, plan_inner, similarity
+from .inner import SimilarityPlan, inner, norm, plan_inner, plan_similarity, similarity
 from .invariance import InvarianceReport, check_invariance
+from .measure import Gaussian, Measure
 from .planner import ContractionPlan, ContractionStep, plan, plan_cache
+from .problem import CostError, InnerProblem, InnerResult, Plan
 from .symbolic import Polynomial, from_sympy, to_sympy
 from .symmetries import Symmetry, random_symmetry
 from .verify import Verification, exactify, verify
@@ -44,10 +46,11 @@ def __getattr__(name: str):  # noqa: ANN201
 
 
 __all__ = [
-    "Bilinear", "BilinearAttention", "Component", "ContractionPlan", "ContractionStep", "CostError",
-    "InnerResult", "InvarianceReport", "Linear", "Network", "Polynomial", "Sequential", "Sum", "Symmetry",
-    "Tensor", "Transformer", "Verification", "baselines", "check_invariance", "circuits", "contract",
-    "cross_similarity_matrix", "evaluate", "exactify", "from_sympy", "inner", "norm", "plan", "plan_cache",
-    "plan_inner", "position_wise", "random_symmetry", "sequence_measure", "similarity", "similarity_matrix",
-    "symmetries", "to_sympy", "verify", "weight_cosine",
+    "Bilinear", "BilinearAttention", "Component", "ContractionPlan", "ContractionStep", "CostError", "Gaussian",
+    "InnerProblem", "InnerResult", "InvarianceReport", "Linear", "Measure", "Network", "Plan", "Polynomial",
+    "Sequential", "SimilarityPlan", "Sum", "Symmetry", "Tensor", "Transformer", "Verification", "algorithms",
+    "baselines", "check_invariance", "circuits", "contract", "cross_similarity_matrix", "evaluate", "exactify",
+    "from_sympy", "inner", "norm", "plan", "plan_cache", "plan_inner", "plan_similarity", "position_wise",
+    "random_symmetry", "sequence_measure", "similarity", "similarity_matrix", "symmetries", "to_sympy", "verify",
+    "weight_cosine",
 ] + list(_TORCH_SIDE)

@@ -209,33 +209,47 @@ class BilinearAttention(_Sequence, Component):
             mask[H, i, i] = 1
         return mask
 
-    def network(self, symmetric: bool = False, tag: str = "") -> Network:
+    def network(self, symmetric: bool = False, tag: str = "", data: bool = True) -> Network:
         n, d, H = self._positions(), self.d_model, self.heads
         exact = self.exact
         P = self._padded_heads()
-        mask = self._mask()
-        emb = _zeros((n, self.d_out + 1, 1 + n * self.d_out), exact)
-        for i in range(n):
-            emb[i, 0, 0] = Fraction(1, n) if exact else 1.0 / n  # n positions share one constant channel
-            for c in range(self.d_out):
-                emb[i, 1 + c, 1 + i * self.d_out + c] = 1
-        S = _selection(n, d, exact)
+        flat_in, flat_out = 1 + n * d, 1 + n * self.d_out
+
+        def tensor(name: str, legs: tuple[str, ...], shape: tuple[int, ...], make: Any) -> Tensor:
+            # with data=False only the shape: these tensors grow as n^2 d^2
+            return Tensor.of(name, legs, make()) if data else Tensor(name, legs, shape)
+
+        def embedding() -> np.ndarray:
+            emb = _zeros((n, self.d_out + 1, flat_out), exact)
+            for i in range(n):
+                emb[i, 0, 0] = Fraction(1, n) if exact else 1.0 / n  # n positions share one constant channel
+                for c in range(self.d_out):
+                    emb[i, 1 + c, 1 + i * self.d_out + c] = 1
+            return emb
+
+        S = _selection(n, d, exact) if data else None
         t = tag
         a, i, j, out = f"a{t}", f"pi{t}", f"pj{t}", f"o{t}"
-        tensors = [Tensor.of(f"M{t}", (a, i, j), mask), Tensor.of(f"E{t}", (i, f"c{t}", out), emb)]
+        tensors = [Tensor.of(f"M{t}", (a, i, j), self._mask()),
+                   tensor(f"E{t}", (i, f"c{t}", out), (n, self.d_out + 1, flat_out), embedding)]
         inputs = []
-        # one owner tensor per input leg: projection, rotation and position
-        # selection folded together, so a pairing network stays small
-        for name, pos in (("q1", i), ("k1", j), ("q2", i), ("k2", j)):
+
+        def projection(name: str) -> np.ndarray:
             proj = np.einsum("aef,pfu->aepu", P[name], S)
             if self.rotary_base is not None:
                 proj = np.einsum("prs,aspu->arpu", _rotary(n, P[name].shape[1], self.rotary_base), proj)
+            return proj
+
+        # one owner tensor per input leg: projection, rotation and position
+        # selection folded together, so a pairing network stays small
+        for name, pos in (("q1", i), ("k1", j), ("q2", i), ("k2", j)):
             width = f"e{t}1" if name in ("q1", "k1") else f"e{t}2"
             inputs.append(f"u{t}{name}")
-            tensors.append(Tensor.of(f"{name.upper()}{t}", (a, width, pos, inputs[-1]), proj))
-        ovs = np.einsum("acv,avf,pfu->acpu", P["o"], P["v"], S)  # value path, output map folded in
-        inputs.append(f"u{t}v")
-        tensors.append(Tensor.of(f"OV{t}", (a, f"c{t}", j, inputs[-1]), ovs))
+            tensors.append(tensor(f"{name.upper()}{t}", (a, width, pos, inputs[-1]),
+                                  (H + 1, P[name].shape[1], n, flat_in), lambda name=name: projection(name)))
+        inputs.append(f"u{t}v")  # the value path, output map folded in
+        tensors.append(tensor(f"OV{t}", (a, f"c{t}", j, inputs[-1]), (H + 1, self.d_out + 1, n, flat_in),
+                              lambda: np.einsum("acv,avf,pfu->acpu", P["o"], P["v"], S)))
         # (q1.k1)(q2.k2) = (q2.k2)(q1.k1): exchanging both factors' legs at once
         # leaves the tensor unchanged exactly when the factors share their maps
         # (quadratic attention).  Swapping only the query legs (or only the key

@@ -82,7 +82,7 @@ import numpy as np
 from .components import Bilinear, Component
 from .inner import inner as _pair_inner
 from .planner import ContractionPlan, plan_equation
-from .recursive import fold
+from .folding import fold
 
 __all__ = ["SimilarityMatrix", "RouteCost", "StepTime", "similarity_matrix", "cross_similarity_matrix", "ROUTES"]
 
@@ -1551,9 +1551,9 @@ def _run_pairwise(A: Sequence[Any], B: Sequence[Any] | None, inner: str, method:
     sym = B is None
     Bs = A if sym else B
     if inner == "symmetric" and kwargs.get("degree") is None:  # one common degree, as ts.similarity does
-        from .inner import _degree
+        from .problem import InnerProblem
 
-        kwargs = dict(kwargs, degree=max(_degree(m) for m in list(A) + list(Bs)))
+        kwargs = dict(kwargs, degree=max(max(InnerProblem(m, m).degrees) for m in list(A) + list(Bs)))
     n_pairs = len(A) * (len(A) - 1) // 2 if sym else len(A) * len(Bs)
     n_self = len(A) + (0 if sym else len(Bs))
     show_now = show if show is not None else (None if n_pairs + n_self > _LONG_PAIRS else False)

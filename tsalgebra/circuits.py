@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .components import Bilinear, Component, Linear, Sequential
-from .recursive import fold
+from .folding import fold
 
 __all__ = ["project", "interaction_matrix", "top_eigen", "EigenCircuit"]
 

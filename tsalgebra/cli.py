@@ -38,6 +38,7 @@ import numpy as np
 from .components import Bilinear, Component, Sequential
 from .engine import evaluation_network
 from .planner import plan, plan_cache
+from .problem import CostError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -376,113 +377,32 @@ def cmd_verify(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------- plan
 
 
-def _same_weights(a: Component, b: Component) -> bool:
-    try:
-        return a is b or a.same_weights(b)
-    except Exception:  # noqa: BLE001 - a model type without comparable weights
-        return False
-
-
-def plan_similarity(a: Component, b: Component, inner: str = "gaussian", *, centered: bool = False,
-                    per_output: bool = False, budget: float | None = None) -> dict[str, Any]:
-    """The contractions that ``ts.similarity(a, b, inner, centered=...)``
-    runs, planned from shapes alone by the engine itself
-    (:func:`tsalgebra.inner.plan_inner` for each of <a,b>, <a,a>, <b,b>):
-    per orbit sum the pairings, orbits, the costliest orbit's contraction
-    plan, FLOP and float64 memory estimates; totals; and the algorithm the
-    engine runs (pairing orbits, or Gauss-Hermite quadrature when that needs
-    fewer contractions or the pairings are refused; attention layers under
-    the sequence measure take per-position attention moments instead)."""
-    from .inner import DEFAULT_BUDGET, plan_inner, similarity
-
-    budget = DEFAULT_BUDGET if budget is None else budget
-    if inner not in ("gaussian", "symmetric", "network"):
-        raise ValueError(f"inner must be gaussian, symmetric or network, got {inner!r}")
-    if centered and inner != "gaussian":
-        raise ValueError("centered is defined for the gaussian inner product only")
-    for name, m in (("a", a), ("b", b)):
-        if not isinstance(m, Component):
-            raise TypeError(f"plan needs tsalgebra models; {name} is {type(m).__name__}")
-    if (a.in_features, a.out_features) != (b.in_features, b.out_features):
-        raise ValueError(f"the models map {a.in_features} -> {a.out_features} and {b.in_features} -> "
-                         f"{b.out_features}; a similarity needs equal widths")
-    if inner == "network":
-        r = similarity(a, b, "network")
-        return {"inner": "network", "method": "Gram recursion", "note": "no pairing enumeration: one Gram "
-                "recursion per product, O(depth h^2 d)", "products": [], "total_flops": r.flops,
-                "total_contractions": r.contractions, "budget": budget, "within_budget": True}
-    first = plan_inner(a, b, inner, centered=centered, per_output=per_output, budget=budget)
-    if first["algorithm"] == "attention moments":
-        return {"inner": inner, "method": "exact (attention moments)", "note": "no pairing enumeration: means and "
-                "covariances of per-position features, one joint computation for <a,b>, <a,a> and <b,b>",
-                "products": [], "total_flops": first["flops_with_norms"],
-                "total_contractions": first["contractions_with_norms"], "budget": budget,
-                "within_budget": first["flops_with_norms"] <= budget}
-    products: list[dict[str, Any]] = []
-    contractions = 0
-    algorithms = set()
-    points = None
-    calls = [("a", "b", a, b)] if a is b else [("a", "b", a, b), ("a", "a", a, a), ("b", "b", b, b)]
-    for x_name, y_name, x, y in calls:
-        rep = plan_inner(x, y, inner, centered=centered, per_output=per_output, budget=budget)
-        algorithms.add(rep["algorithm"])
-        points = rep["quadrature_points"]
-        names = {"<a,b>": f"<{x_name},{y_name}>", "E[a]": f"E[{x_name}]", "E[b]": f"E[{y_name}]"}
-        for item in rep["products"]:
-            if "refused" in item:
-                products.append({"product": f"<{x_name},{y_name}>", "times": 1, "refused": item["refused"]})
-                continue
-            pp = item["plan"]
-            products.append({
-                "product": names[item["product"]], "times": 1, "input_legs": pp.input_legs, "pairings": pp.pairings,
-                "orbits": pp.orbits, "largest_orbit": max(pp.orbit_sizes), "flops_total": pp.flops,
-                "flops_total_estimated": False, "flops_per_orbit_max": pp.costliest.flops,
-                "representative": json.loads(pp.costliest.to_json()),
-                "largest_intermediate": pp.largest_intermediate,
-                "largest_intermediate_bytes": 8 * pp.largest_intermediate,
-            })
-        if rep["algorithm"] == "pairing orbits":
-            contractions += sum(p["plan"].orbits for p in rep["products"] if "plan" in p)
-        else:
-            contractions += rep["quadrature_points"]
-    planned = [p for p in products if "refused" not in p]
-    engine = "Gauss-Hermite quadrature" if "Gauss-Hermite quadrature" in algorithms else "pairing orbits"
-    return dict(inner=inner, method="exact (pairing orbits)", centered=centered, per_output=per_output,
-                engine_algorithm=engine, quadrature_grid_points=points, products=products,
-                total_contractions=contractions, total_flops=sum(p["flops_total"] for p in planned),
-                largest_intermediate_bytes=max((p["largest_intermediate_bytes"] for p in planned), default=0),
-                budget=budget, within_budget=len(planned) == len(products) and all(
-                    p["flops_total"] <= budget for p in planned))
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
+    from .inner import plan_similarity
+
     _check_files(args.a, args.b)
     tpl = _template(args.template)
     a, b = _load_one(args.a, tpl), _load_one(args.b, tpl)
-    rep = plan_similarity(a, b, args.inner, centered=args.centered, per_output=args.per_output,
-                          budget=args.budget)
-    rep = dict(rep, a=args.a, b=args.b, model_a=repr(a), model_b=repr(b))
-    lines = [f"exact {args.inner}{' centred' if args.centered else ''} similarity of {args.a} and {args.b}: "
-             f"{rep['method']}"]
-    for p in rep["products"]:
-        if "refused" in p:
-            lines.append(f"  {p['product']}: pairings refused: {p['refused']}")
+    sp = plan_similarity(a, b, args.inner, centered=args.centered, per_output=args.per_output, budget=args.budget)
+    rep = dict(sp.describe(), inner=args.inner, centered=args.centered, a=args.a, b=args.b, model_a=repr(a),
+               model_b=repr(b))
+    lines = [f"{args.inner}{' centred' if args.centered else ''} similarity of {args.a} and {args.b}, planned from "
+             f"shapes (budget {args.budget:.3g} flops per product):"]
+    for label, p in sp.products:
+        if isinstance(p, CostError):
+            lines.append(f"  {label}: refused: {p.explain(cli=True)}")
             continue
-        r = p["representative"]
-        times = f" (x{p['times']}: once per centred product)" if p["times"] > 1 else ""
-        lines.append(f"  {p['product']}{times}: {p['pairings']} pairings of {p['input_legs']} legs in {p['orbits']} "
-                     f"orbits; all orbits {'~' if p['flops_total_estimated'] else ''}{p['flops_total']:.3g} flops, "
-                     f"largest intermediate {p['largest_intermediate']} elements "
-                     f"({p['largest_intermediate_bytes'] / 1e6:.3g} MB in float64)")
-        lines.append(f"      costliest orbit {r['equation']}  [{len(r['steps'])} pairwise steps, {r['optimizer']}, "
-                     f"{p['flops_per_orbit_max']:.3g} flops]")
-    if not rep["products"]:
-        lines.append(f"  {rep['note']}")
-    lines.append(f"total: {rep['total_contractions']} contractions, {rep['total_flops']:.3g} flops; budget "
-                 f"{rep['budget']:.3g} per product: {'within' if rep['within_budget'] else 'EXCEEDED'}")
-    if rep.get("engine_algorithm", "pairing orbits") != "pairing orbits":
-        lines.append(f"note: for these models the engine runs {rep['engine_algorithm']} "
-                     f"({rep['quadrature_grid_points']:,} nodes) instead of the pairing orbits planned above")
+        joint = " (one joint computation for <a,b>, <a,a> and <b,b>)" if p.joint else ""
+        lines.append(f"  {label}: {p.algorithm}{joint}{'' if p.exact else ', approximate'}: {p.flops:.3g} flops, "
+                     f"{p.contractions} contractions, peak {p.peak_bytes / 1e6:.3g} MB")
+        for s in p.facts.get("sums", ()):
+            r = s["representative"]
+            lines.append(f"      sum {s['sum']}: {s['pairings']} pairings of {s['input_legs']} legs in {s['orbits']} "
+                         f"orbits, {s['flops_total']:.3g} flops; costliest orbit {r['equation']}  "
+                         f"[{len(r['steps'])} pairwise steps, {r['optimizer']}, {s['flops_per_orbit_max']:.3g} flops]")
+        lines += [f"      {name} refused: {why}" for name, why in p.refusals]
+    lines.append(f"total: {rep['total_contractions']} contractions, {rep['total_flops']:.3g} flops: "
+                 f"{'within the budget' if rep['within_budget'] else 'REFUSED'}")
     _emit(args, rep, "\n".join(lines))
     return EXIT_OK
 
@@ -621,6 +541,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except CostError as exc:  # the alternatives spelled as this command's flags
+        print(f"tsalgebra: error: {exc.explain(cli=True)}", file=sys.stderr)
+        return EXIT_FAILED
     except (ValueError, TypeError, ArithmeticError, RuntimeError, OSError) as exc:
         print(f"tsalgebra: error: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -54,6 +54,20 @@ def _zeros(shape: tuple[int, ...], exact: bool) -> np.ndarray:
     return np.full(shape, 0, dtype=object) if exact else np.zeros(shape)
 
 
+def _same_fields(x: Any, y: Any) -> bool:
+    """Equal values field by field: arrays by shape and entries, dicts by
+    key, names ignored."""
+    if isinstance(x, dict) and isinstance(y, dict):
+        keys = set(x) - {"name"}
+        return keys == set(y) - {"name"} and all(_same_fields(x[k], y[k]) for k in keys)
+    if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+        return (isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and x.shape == y.shape
+                and bool(np.all(x == y)))
+    if isinstance(x, (tuple, list)) and isinstance(y, (tuple, list)):
+        return len(x) == len(y) and all(_same_fields(a, b) for a, b in zip(x, y))
+    return bool(x == y)
+
+
 class Component(ABC):
     """A polynomial map from R^in to R^out held as a tensor network."""
 
@@ -66,11 +80,13 @@ class Component(ABC):
         """Number of copies of x~ in the expression (the polynomial degree bound)."""
 
     @abstractmethod
-    def network(self, symmetric: bool = False, tag: str = "") -> Network:
+    def network(self, symmetric: bool = False, tag: str = "", data: bool = True) -> Network:
         """The expression.  With ``symmetric=True`` every bilinear node is
         replaced by its symmetrization (same function, hidden width doubled),
         which makes the swap of its two inputs an exact symmetry that the
-        network declares.  ``tag`` is appended to tensor and leg names."""
+        network declares.  ``tag`` is appended to tensor and leg names.
+        ``data=False``: shapes and declared symmetries only, for planning
+        (a component whose tensors are large does not form them)."""
 
     @property
     def expression(self) -> Network:
@@ -107,15 +123,11 @@ class Component(ABC):
         return out[0] if single else out
 
     def same_weights(self, other: "Component") -> bool:
-        """True when ``other`` has the same structure and exactly equal weights."""
+        """True when ``other`` has the same structure and exactly equal weights
+        (every field but the name: a left bias and an equal right bias differ)."""
         if type(self) is not type(other) or len(self.layers) != len(other.layers):
             return False
-        if any(type(a) is not type(b) for a, b in zip(self.layers, other.layers)):
-            return False
-        wa, wb = self.weights(), other.weights()
-        return len(wa) == len(wb) and all(
-            a.shape == b.shape and bool(np.all(a == b)) for a, b in zip(wa, wb)
-        )
+        return all(type(a) is type(b) and _same_fields(vars(a), vars(b)) for a, b in zip(self.layers, other.layers))
 
 
 class Linear(Component):
@@ -147,9 +159,10 @@ class Linear(Component):
             w[1:, 0] = self.bias
         return w
 
-    def network(self, symmetric: bool = False, tag: str = "") -> Network:
+    def network(self, symmetric: bool = False, tag: str = "", data: bool = True) -> Network:
         w = Tensor.of(f"W{tag}", (f"o{tag}", f"i{tag}"), self.padded())
-        return Network((w,), (f"i{tag}",), (f"o{tag}",))
+        net = Network((w,), (f"i{tag}",), (f"o{tag}",))
+        return net if data else net.shapes_only()
 
     def __repr__(self) -> str:
         return f"{self.name}({self.in_features} -> {self.out_features}{', bias' if self.bias is not None else ''})"
@@ -270,7 +283,7 @@ class Bilinear(Component):
         return (norm(self.left, self.left_bias), norm(self.right, self.right_bias),
                 norm(self.down, self.down_bias))
 
-    def network(self, symmetric: bool = False, tag: str = "") -> Network:
+    def network(self, symmetric: bool = False, tag: str = "", data: bool = True) -> Network:
         L, R, D = self.padded()
         if symmetric:
             # (B + B^swap) / 2 as one CP form of twice the width
@@ -283,7 +296,8 @@ class Bilinear(Component):
             Tensor.of(f"R{tag}", (h, i1), R),
         )
         declared = symmetric or bool(np.all(L == R))
-        return Network(tensors, (i0, i1), (o,), ((1, 0),) if declared else ())
+        net = Network(tensors, (i0, i1), (o,), ((1, 0),) if declared else ())
+        return net if data else net.shapes_only()
 
     def __repr__(self) -> str:
         flags = [f for f, on in (("residual", self.residual), ("biases", any(
@@ -326,10 +340,10 @@ class Sequential(Component):
     def map_weights(self, fn: Callable[[np.ndarray], Any]) -> "Sequential":
         return Sequential(*(layer.map_weights(fn) for layer in self._layers))
 
-    def network(self, symmetric: bool = False, tag: str = "") -> Network:
-        net = self._layers[0].network(symmetric, f"{tag}1")
+    def network(self, symmetric: bool = False, tag: str = "", data: bool = True) -> Network:
+        net = self._layers[0].network(symmetric, f"{tag}1", data)
         for k, layer in enumerate(self._layers[1:], start=2):
-            net = layer.network(symmetric, f"{tag}{k}").substitute(net)
+            net = layer.network(symmetric, f"{tag}{k}", data).substitute(net)
         return net
 
     def __repr__(self) -> str:

@@ -214,6 +214,12 @@ class Network:
                 )
         return Network(self.tensors + tuple(tensors), tuple(inputs), self.outputs, tuple(syms))
 
+    def shapes_only(self) -> "Network":
+        """The same network with every tensor's data dropped (shapes and
+        declared symmetries kept): what planning needs, nothing it allocates."""
+        tensors = tuple(t if t.data is None else Tensor(t.name, t.legs, t.shape) for t in self.tensors)
+        return Network(tensors, self.inputs, self.outputs, self.symmetries)
+
     def permute_inputs(self, perm: Sequence[int]) -> "Network":
         """The network with input ``k`` moved to position ``perm[k]``."""
         new = [""] * len(self.inputs)

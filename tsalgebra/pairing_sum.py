@@ -17,8 +17,11 @@ per orbit, weighted by the orbit size.
 
 from __future__ import annotations
 
+import math
+import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -26,68 +29,83 @@ import opt_einsum as oe
 
 from . import pairings as P
 from .expr import Network, Tensor
+from .measure import Gaussian, _block_diagonal
 from .planner import ContractionPlan, plan
+from .problem import CostError, format_count
 
-__all__ = ["CostError", "Joins", "PairingPlan", "orbit_sum", "plan_pairings", "lift", "MAX_PAIRINGS"]
+__all__ = ["Joins", "PairingPlan", "Tally", "orbit_sum", "plan_pairings", "run_pairings", "lift", "MAX_PAIRINGS",
+           "OUTER"]
 
 MAX_PAIRINGS = 1_000_000  # pairings walked to find orbits (a Python-speed loop)
 _SEARCH_ORBITS = 64  # above this many orbits, plan each with the greedy optimizer
 OUTER = "outer"  # out_mask value: keep both output legs open (the matrix E[f_o g_o'])
 
 
-class CostError(ValueError):
-    """A computation whose estimated cost exceeds the budget; nothing was allocated."""
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Joins:
-    """How input legs meet: pairs through ``matrix`` = F diag(w) F^T
-    (``factor`` F is None for the identity, ``weights`` w None for ones),
-    singletons through ``mean`` (None: singletons are not allowed, as in the
-    symmetric product's bijections)."""
+    """How input legs meet: pairs through ``matrix`` = F diag(w) F^T (``factor``
+    F is None when the matrix is diagonal: then pairs are weighted by ``weights``
+    alone), singletons through ``mean`` (None: singletons are not allowed, as in
+    the symmetric product's bijections).  Made from shapes and a measure; the
+    arrays are formed on first use (planning reads only ``width`` and ``rank``)."""
 
     kind: str  # "gaussian" (partial matchings) or "symmetric" (bijections)
-    matrix: np.ndarray
-    factor: np.ndarray | None
-    weights: np.ndarray | None
-    mean: np.ndarray | None
+    width: int  # padded width of the legs
+    rank: int | None  # columns of the factor; None: no factor
+    exact: bool
+    measure: Gaussian | None = None
 
     @classmethod
     def identity(cls, width: int, exact: bool) -> "Joins":
-        eye = np.eye(width, dtype=int).astype(object) if exact else np.eye(width)
-        return cls("symmetric", eye, None, None, None)
+        return cls("symmetric", width, None, exact)
 
     @classmethod
-    def gaussian(cls, mean: np.ndarray, cov: np.ndarray) -> "Joins":
-        """Padded mean [1; m] and padded covariance [[0, 0], [0, C]]."""
-        off_diagonal = cov.copy()
-        np.fill_diagonal(off_diagonal, 0)
-        if not off_diagonal.any():  # diagonal: no factor needed
-            return cls("gaussian", cov, None, np.diag(cov).copy(), mean)
-        F, w = _factor(cov)
-        return cls("gaussian", cov, F, w, mean)
+    def gaussian(cls, measure: Gaussian, exact: bool = False) -> "Joins":
+        """Padded mean [1; m] and padded covariance [[0, 0], [0, C]] of the
+        measure (one value per measure and exactness, so its arrays are formed
+        once)."""
+        per = _JOINS.setdefault(measure, {})
+        if exact not in per:
+            rank = None if measure.diagonal else measure.positions * len(measure.decomposition[1])
+            per[exact] = cls("gaussian", measure.width + 1, rank, exact or measure.exact, measure)
+        return per[exact]
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """Everything a planned contraction depends on."""
+        return (self.kind, self.width, self.rank, self.exact)
+
+    @cached_property
+    def matrix(self) -> np.ndarray:
+        if self.measure is None:
+            return np.eye(self.width, dtype=int).astype(object) if self.exact else np.eye(self.width)
+        return self.measure.padded_cov(self.exact)
+
+    @cached_property
+    def factor(self) -> np.ndarray | None:
+        if self.rank is None:
+            return None
+        F, _ = self.measure.decomposition  # type: ignore[union-attr]
+        F = F.astype(object) if self.exact else F.astype(float)
+        out = np.zeros((self.width, self.rank), dtype=F.dtype)
+        out[1:] = _block_diagonal(F, self.measure.positions)  # type: ignore[union-attr]
+        return out
+
+    @cached_property
+    def weights(self) -> np.ndarray | None:
+        if self.measure is None:
+            return None
+        if self.rank is None:
+            return np.diag(self.matrix).copy()
+        w = self.measure.decomposition[1]
+        return np.tile(w.astype(object) if self.exact else w.astype(float), self.measure.positions)
+
+    @cached_property
+    def mean(self) -> np.ndarray | None:
+        return None if self.measure is None else self.measure.padded_mean(self.exact)
 
 
-def _factor(C: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """C = F diag(w) F^T with exact LDL^T for object arrays, eigh for floats
-    (zero directions dropped)."""
-    if C.dtype != object:
-        lam, V = np.linalg.eigh(C)
-        keep = lam > 1e-14 * max(1.0, float(np.abs(lam).max()))
-        return V[:, keep], lam[keep]
-    A = C.copy()
-    cols, ws = [], []
-    for k in range(A.shape[0]):
-        pivot = A[k, k]
-        if pivot == 0:
-            if any(A[i, k] != 0 for i in range(A.shape[0])):
-                raise ValueError("cov is not positive semi-definite")
-            continue
-        col = A[:, k] / pivot
-        cols.append(col)
-        ws.append(pivot)
-        A = A - pivot * np.outer(col, col)
-    return np.array(cols, dtype=object).T.reshape(C.shape[0], len(cols)), np.array(ws, dtype=object)
+_JOINS: "weakref.WeakKeyDictionary[Gaussian, dict[bool, Joins]]" = weakref.WeakKeyDictionary()
 
 
 def lift(net: Network, k: int, exact: bool) -> Network:
@@ -125,7 +143,7 @@ def same_network(a: Network, b: Network) -> bool:
 @dataclass
 class Tally:
     contractions: int = 0
-    flops: int = 0
+    flops: float = 0
     pairings: int = 0
     orbits: int = 0
 
@@ -137,11 +155,13 @@ class Tally:
 
 
 class _Joiner:
-    """Builds the network of one pairing.  Owner tensors get variants, cached
-    across pairings: a singleton leg contracted with the mean, a paired leg
-    multiplied by F (and, on one side of each pair, by the weights w), the
-    output leg of side A multiplied by the output mask.  Joined legs are then
-    identified, so every pairwise step stays a plain matrix product."""
+    """Builds the network of one pairing.  Owner tensors get variants: a
+    singleton leg contracted with the mean, a paired leg multiplied by F (and,
+    on one side of each pair, by the weights w), the output leg of side A
+    multiplied by the output mask.  Joined legs are then identified, so every
+    pairwise step stays a plain matrix product.  Planning builds the networks
+    from shapes (:meth:`network`); running forms the variants' data, cached
+    across pairings (:meth:`resolve`)."""
 
     def __init__(self, legs: tuple[str, ...], tensors: list[Tensor], joins: Joins, out_leg: str | None) -> None:
         self.legs, self.tensors, self.joins = legs, tensors, joins
@@ -153,7 +173,26 @@ class _Joiner:
         self.owner = {l: (ix[0] if len(ix) == 1 else None) for l, ix in owners.items()}
         self.out_leg = out_leg
         self.cache: dict[tuple[int, tuple[tuple[str, str], ...]], Tensor] = {}
-        self.flops = 0
+        self.variants: set[tuple[int, tuple[tuple[str, str], ...]]] = set()  # planned, for their flops
+
+    def _variant_shape(self, key: tuple[int, tuple[tuple[str, str], ...]]) -> Tensor:
+        """The variant's legs and shape, without data."""
+        t = self.tensors[key[0]]
+        legs, shape = list(t.legs), list(t.shape)
+        for leg, role in key[1]:
+            ax = legs.index(leg)
+            if role == "single":
+                legs.pop(ax)
+                shape.pop(ax)
+            elif role in ("pair", "pairw") and self.joins.rank is not None:
+                shape[ax] = self.joins.rank
+        return Tensor(t.name, tuple(legs), tuple(shape))
+
+    def variant_flops(self) -> int:
+        """Flops of forming every variant the planned networks use (each
+        applied role is one pass over the owner's entries)."""
+        return sum(2 * int(np.prod(self.tensors[k].shape)) * sum(r != "raw" for _, r in roles)
+                   for k, roles in self.variants)
 
     def _apply(self, data: Any, legs: list[str], leg: str, role: str, vector: Any) -> Any:
         ax = legs.index(leg)
@@ -167,29 +206,24 @@ class _Joiner:
             data = data * w.reshape((-1,) + (1,) * (data.ndim - ax - 1))
         return data
 
-    def variant(self, t_idx: int, roles: dict[str, str], mask: Any = None) -> Tensor:
-        t = self.tensors[t_idx]
-        return self.variant_by_key((t_idx, tuple(sorted((l, r) for l, r in roles.items() if l in t.legs))), mask)
-
-    def variant_by_key(self, key: tuple[int, tuple[tuple[str, str], ...]], mask: Any = None) -> Tensor:
+    def _variant(self, key: tuple[int, tuple[tuple[str, str], ...]], mask: Any) -> Tensor:
         t = self.tensors[key[0]]
         if key not in self.cache:
             data, legs = t.data, list(t.legs)
             for leg, role in key[1]:
                 if role != "raw":
                     data = self._apply(data, legs, leg, role, mask if role == "mask" else self.joins.mean)
-                    self.flops += 2 * int(np.prod(t.shape))
             self.cache[key] = Tensor.of(t.name, tuple(legs), data)
         return self.cache[key]
 
     def network(self, partner: tuple[int, ...], out_legs: tuple[str, ...],
-                out_mask: np.ndarray | None) -> tuple[Network, list[tuple[Any, ...]]]:
-        """The pairing's network and, per tensor, a reference to where its data
-        comes from (so a compiled contraction can be rerun on new weights).
-        ``out_legs``: (a_out, b_out) joined and summed through ``out_mask`` (a
-        vector over output channels), shared and left open when ``out_mask`` is
-        None, or both left open (a matrix) when it is :data:`OUTER`;
-        a single leg stays open."""
+                out_mask: Any) -> tuple[Network, list[tuple[Any, ...]]]:
+        """The pairing's network, shapes only, and per tensor a reference to
+        where its data comes from (:meth:`resolve` reads it for a call's
+        weights).  ``out_legs``: (a_out, b_out) joined and summed through
+        ``out_mask`` (a vector over output channels), shared and left open when
+        ``out_mask`` is None, or both left open (a matrix) when it is
+        :data:`OUTER`; a single leg stays open."""
         legs, roles, rename = self.legs, {}, {}
         extra: list[tuple[Tensor, tuple[Any, ...]]] = []
         for i, j in enumerate(partner):
@@ -199,8 +233,8 @@ class _Joiner:
                 oi, oj = self.owner[legs[i]], self.owner[legs[j]]
                 if oi is None or oj is None or oi == oj:  # rare: keep an explicit join matrix
                     roles[legs[i]] = roles[legs[j]] = "raw"
-                    m = self.joins.matrix
-                    extra.append((Tensor(f"#c{i}", (legs[i], legs[j]), m.shape, m), ("matrix",)))
+                    w = self.joins.width
+                    extra.append((Tensor(f"#c{i}", (legs[i], legs[j]), (w, w)), ("matrix",)))
                     continue
                 roles[legs[i]], roles[legs[j]] = "pairw", "pair"
                 rename[legs[j]] = legs[i]
@@ -212,7 +246,8 @@ class _Joiner:
             out = (out_legs[0],)
             if out_mask is not None:
                 if self.owner[out_legs[0]] is None:
-                    extra.append((Tensor.of("#out", (out_legs[0],), out_mask), ("mask",)))
+                    size = next(t.shape[t.legs.index(out_legs[0])] for t in self.tensors if out_legs[0] in t.legs)
+                    extra.append((Tensor("#out", (out_legs[0],), (size,)), ("mask",)))
                 else:
                     roles[out_legs[0]] = "mask"
                 out = ()
@@ -221,44 +256,36 @@ class _Joiner:
         for k, t in enumerate(self.tensors):
             if k in touched:
                 key = (k, tuple(sorted((l, r) for l, r in roles.items() if l in t.legs)))
-                entries.append((self.variant_by_key(key, out_mask), ("variant", key)))
+                self.variants.add(key)
+                entries.append((self._variant_shape(key), ("variant", key)))
             else:
-                entries.append((t, ("tensor", k)))
+                entries.append((Tensor(t.name, t.legs, t.shape), ("tensor", k)))
         entries = [(t.relabel(rename), ref) for t, ref in entries] + extra
         return Network(tuple(t for t, _ in entries), (), out), [ref for _, ref in entries]
 
     def resolve(self, ref: tuple[Any, ...], out_mask: Any) -> Any:
         """The array a reference of :meth:`network` points to, for this call's weights."""
         if ref[0] == "variant":
-            return self.variant_by_key(ref[1], out_mask).data
+            return self._variant(ref[1], out_mask).data
         if ref[0] == "tensor":
             return self.tensors[ref[1]].data
         return {"matrix": self.joins.matrix, "mask": out_mask}[ref[0]]
 
 
-# Compiled orbit contractions, keyed by everything but the weights: a warm call
-# (same architectures, new or same weights) reruns them without planning.
-_RECIPES: "OrderedDict[Any, list[tuple[int, Any, list[tuple[Any, ...]], ContractionPlan]]]" = OrderedDict()
-_RECIPES_MAX = 64
-
-
-def _recipe_key(tensors: list[Tensor], legs: tuple[str, ...], out_legs: tuple[str, ...], joins: Joins,
-                masked: Any, gens: tuple[tuple[int, ...], ...]) -> Any:
-    shape = lambda a: None if a is None else tuple(np.shape(a))  # noqa: E731
-    return (tuple((t.name, t.legs, t.shape) for t in tensors), legs, out_legs, joins.kind, shape(joins.factor),
-            shape(joins.weights), shape(joins.mean), masked, gens)
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PairingPlan:
     """What :func:`orbit_sum` contracts: the raw pairings, their orbits, and
-    one contraction plan per orbit (planned from shapes; nothing contracted)."""
+    one contraction plan per orbit (planned from shapes; nothing contracted),
+    compiled so that a run only feeds the weights."""
 
     kind: str
     input_legs: int
     pairings: int
     orbit_sizes: tuple[int, ...]
     plans: tuple[ContractionPlan, ...]
+    variant_flops: int = 0
+    compiled: tuple[Any, ...] = field(default=(), repr=False)
+    refs: tuple[list[tuple[Any, ...]], ...] = field(default=(), repr=False)
 
     @property
     def orbits(self) -> int:
@@ -266,31 +293,37 @@ class PairingPlan:
 
     @property
     def flops(self) -> int:
-        return sum(p.flops for p in self.plans)
+        """Every orbit's own contraction, plus forming the owners' variants."""
+        return sum(p.flops for p in self.plans) + self.variant_flops
 
     @property
     def largest_intermediate(self) -> int:
         return max(p.largest_intermediate for p in self.plans)
 
     @property
+    def peak_elements(self) -> int:
+        """Elements alive at once in the costliest orbit: its operands and its
+        largest intermediate (an upper bound of what one contraction holds)."""
+        return max(sum(int(np.prod(s)) for s in p.shapes) + p.largest_intermediate for p in self.plans)
+
+    @property
     def costliest(self) -> ContractionPlan:
         return max(self.plans, key=lambda p: p.flops)
 
 
-def _recipe(A: Network, B: Network | None, joins: Joins, out_mask: np.ndarray | None, budget: float,
-            use_orbits: bool) -> tuple[_Joiner, list[tuple[int, Any, list[tuple[Any, ...]], ContractionPlan]], int, int]:
-    """(joiner for this call's weights, compiled orbit contractions, raw pairings, input legs).
-    Raises :class:`CostError` before planning when the pairings are too many
-    to walk or the estimated flops exceed ``budget``."""
+# Planned orbit contractions, keyed by everything but the weights: a warm call
+# (same architectures, new or same weights) reruns them without planning.
+_PLANS: "OrderedDict[Any, PairingPlan]" = OrderedDict()
+_PLANS_MAX = 64
+
+
+def _side_by_side(A: Network, B: Network | None, out_mask: Any, use_orbits: bool, same: bool | None = None
+                  ) -> tuple[list[Tensor], tuple[str, ...], tuple[str, ...], tuple[tuple[int, ...], ...]]:
+    """(tensors, input legs, output legs, symmetry generators) of A beside B.
+    ``same``: whether A and B are one network with equal weights (None: read
+    it off their data)."""
     ka = A.degree
     n = ka + (B.degree if B is not None else 0)
-    raw = P.count_pairings(joins.kind, n)
-    if raw > MAX_PAIRINGS:
-        raise CostError(
-            f"exact {joins.kind} enumeration over {n} input legs has {raw:,} pairings (limit {MAX_PAIRINGS:,}); "
-            "use inner='network', or method='closure' (approximate, gaussian only), or a smaller input width "
-            "(Gauss-Hermite quadrature is exact when d is small)"
-        )
     A = A.fresh("a.")
     gens = [tuple(p) + tuple(range(ka, n)) for p in A.symmetries]
     tensors, legs, out_legs = list(A.tensors), A.inputs, A.outputs
@@ -298,48 +331,79 @@ def _recipe(A: Network, B: Network | None, joins: Joins, out_mask: np.ndarray | 
         B = B.fresh("b.")
         gens += [tuple(range(ka)) + tuple(ka + q for q in p) for p in B.symmetries]
         # exchanging the sides transposes an OUTER result: not a symmetry there
-        if ka == B.degree and not isinstance(out_mask, str) and same_network(A, B):
+        if ka == B.degree and not isinstance(out_mask, str) and (same_network(A, B) if same is None else same):
             gens.append(tuple(range(ka, n)) + tuple(range(ka)))
         tensors += list(B.tensors)
         legs, out_legs = legs + B.inputs, out_legs + B.outputs
-    gens_used = tuple(gens) if use_orbits else ()
-    orbits = P.orbits(joins.kind, n, gens_used)
-    joiner = _Joiner(legs, tensors, joins, out_legs[0] if B is not None else None)
+    return tensors, legs, out_legs, (tuple(gens) if use_orbits else ())
+
+
+def plan_pairings(A: Network, B: Network | None, joins: Joins, out_mask: Any, limit: float = math.inf,
+                  use_orbits: bool = True, same: bool | None = None) -> PairingPlan:
+    """The plan of :func:`orbit_sum` with the same arguments, from shapes
+    (A and B may be :meth:`~tsalgebra.expr.Network.shapes_only`).
+
+    Every orbit is planned with its own contraction order and its flops
+    counted, so the estimate is the same in a fresh process and a warm one.
+    Raises :class:`CostError` (with the estimate) when the pairings are too
+    many to walk, or as soon as the orbits planned so far exceed ``limit``
+    flops; a plan within the limit is cached for later calls.  ``same``
+    declares A and B one network with equal weights (the exchange of the two
+    sides is then a symmetry); None reads it off their data."""
+    n = A.degree + (B.degree if B is not None else 0)
+    raw = P.count_pairings(joins.kind, n)
+    if raw > MAX_PAIRINGS:
+        raise CostError(f"exact {joins.kind} enumeration over {n} input legs has {raw:,} pairings "
+                        f"(more than {MAX_PAIRINGS:,} to walk)")
+    tensors, legs, out_legs, gens = _side_by_side(A, B, out_mask, use_orbits, same)
     mode = out_mask if isinstance(out_mask, str) else out_mask is not None
-    key = _recipe_key(tensors, legs, out_legs, joins, mode, gens_used)
-    recipe = _RECIPES.get(key)
-    estimate = (sum(p.flops for _, _, _, p in recipe) if recipe is not None
-                else len(orbits) * plan(joiner.network(orbits[0][0], out_legs, out_mask)[0]).flops)
-    if estimate > budget:
-        raise CostError(
-            f"exact {joins.kind} inner product: {len(orbits):,} orbit contractions, about {estimate:.3g} flops, "
-            f"exceed the budget of {budget:.3g}; raise budget=..., or use inner='network', "
-            "or method='closure' (approximate, gaussian only)"
-        )
-    if recipe is None:
-        recipe = []
-        # thousands of orbit networks: an exhaustive search for each would cost
-        # more than the contractions it saves, so many orbits take greedy orders
-        optimizer = "greedy" if len(orbits) > _SEARCH_ORBITS else None
-        for partner, size in orbits:
-            net, refs = joiner.network(partner, out_legs, out_mask)
-            p = plan(net, optimizer=optimizer)
-            expr = oe.contract_expression(p.equation, *p.shapes, optimize=[tuple(q) for q in p.path] or [(0,)])
-            recipe.append((size, expr, refs, p))
-        _RECIPES[key] = recipe
-        if len(_RECIPES) > _RECIPES_MAX:
-            _RECIPES.popitem(last=False)
-    else:
-        _RECIPES.move_to_end(key)
-    return joiner, recipe, raw, n
+    key = (tuple((t.name, t.legs, t.shape) for t in tensors), legs, out_legs, joins.key, mode, gens)
+    found = _PLANS.get(key)
+    if found is not None:
+        _PLANS.move_to_end(key)
+        if found.flops > limit:
+            raise CostError(f"exact {joins.kind} enumeration: {found.orbits:,} orbit contractions of {raw:,} "
+                            f"pairings, {format_count(found.flops)} flops", flops=found.flops)
+        return found
+    orbits = P.orbits(joins.kind, n, gens)
+    joiner = _Joiner(legs, tensors, joins, out_legs[0] if B is not None else None)
+    # thousands of orbit networks: an exhaustive search for each would cost
+    # more than the contractions it saves, so many orbits take greedy orders
+    optimizer = "greedy" if len(orbits) > _SEARCH_ORBITS else None
+    plans, refs, total = [], [], 0
+    for k, (partner, _) in enumerate(orbits):
+        net, ref = joiner.network(partner, out_legs, out_mask)
+        p = plan(net, optimizer=optimizer)
+        plans.append(p)
+        refs.append(ref)
+        total += p.flops
+        if total + joiner.variant_flops() > limit:
+            total += joiner.variant_flops()
+            more = "" if k + 1 == len(orbits) else (
+                f"at least; {k + 1} of {len(orbits):,} orbits planned, about {format_count(total * len(orbits) / (k + 1))} "
+                "for all")
+            raise CostError(f"exact {joins.kind} enumeration: {len(orbits):,} orbit contractions of {raw:,} pairings, "
+                            f"{format_count(total)} flops{' (' + more + ')' if more else ''}", flops=total)
+    compiled = tuple(oe.contract_expression(p.equation, *p.shapes, optimize=[tuple(q) for q in p.path] or [(0,)])
+                     for p in plans)
+    found = PairingPlan(joins.kind, n, raw, tuple(size for _, size in orbits), tuple(plans), joiner.variant_flops(),
+                        compiled, tuple(refs))
+    _PLANS[key] = found
+    if len(_PLANS) > _PLANS_MAX:
+        _PLANS.popitem(last=False)
+    return found
 
 
-def plan_pairings(A: Network, B: Network | None, joins: Joins, out_mask: np.ndarray | None,
-                  budget: float = float("inf"), use_orbits: bool = True) -> PairingPlan:
-    """The plan of :func:`orbit_sum` with the same arguments (and the same
-    CostError), without contracting; the compiled orbits are kept for it."""
-    _, recipe, raw, n = _recipe(A, B, joins, out_mask, budget, use_orbits)
-    return PairingPlan(joins.kind, n, raw, tuple(size for size, _, _, _ in recipe), tuple(p for _, _, _, p in recipe))
+def run_pairings(pp: PairingPlan, A: Network, B: Network | None, joins: Joins, out_mask: Any) -> tuple[Any, Tally]:
+    """Execute a plan of :func:`plan_pairings` on the weights of A (and B)."""
+    tensors, legs, out_legs, _ = _side_by_side(A, B, out_mask, False)
+    joiner = _Joiner(legs, tensors, joins, out_legs[0] if B is not None else None)
+    exact = any(getattr(t.data, "dtype", None) == object for t in tensors) or joins.exact
+    backend = "object" if exact else "numpy"
+    total: Any = 0
+    for size, expr, refs in zip(pp.orbit_sizes, pp.compiled, pp.refs):
+        total = total + size * expr(*(joiner.resolve(r, out_mask) for r in refs), backend=backend)
+    return total, Tally(len(pp.plans), pp.flops, pp.pairings, pp.orbits)
 
 
 def orbit_sum(A: Network, B: Network | None, joins: Joins, out_mask: np.ndarray | None,
@@ -354,15 +418,7 @@ def orbit_sum(A: Network, B: Network | None, joins: Joins, out_mask: np.ndarray 
     :class:`CostError` before contracting anything when the pairings are too
     many to walk or the orbit contractions exceed ``budget`` flops.
     """
-    joiner, recipe, raw, _ = _recipe(A, B, joins, out_mask, budget, use_orbits)
-    exact = any(getattr(t.data, "dtype", None) == object for t in joiner.tensors) or joins.matrix.dtype == object
-    backend = "object" if exact else "numpy"
-    total: Any = 0
-    tally = Tally(pairings=raw, orbits=len(recipe))
-    for size, expr, refs, p in recipe:
-        value = expr(*(joiner.resolve(r, out_mask) for r in refs), backend=backend)
-        total = total + size * value
-        tally.contractions += 1
-        tally.flops += p.flops
-    tally.flops += joiner.flops
-    return total, tally
+    same = B is not None and same_network(A, B)
+    pp = plan_pairings(A.shapes_only(), None if B is None else B.shapes_only(), joins, out_mask, budget, use_orbits,
+                       same)
+    return run_pairings(pp, A, B, joins, out_mask)

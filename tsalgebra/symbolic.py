@@ -106,11 +106,12 @@ class Polynomial(Component):
     def map_weights(self, fn: Any) -> "Polynomial":
         return Polynomial(fn(self.tensor), name=self.name)
 
-    def network(self, symmetric: bool = False, tag: str = "") -> Network:
+    def network(self, symmetric: bool = False, tag: str = "", data: bool = True) -> Network:
         legs = tuple(f"i{tag}_{j}" for j in range(self._k))
         t = Tensor.of(f"P{tag}", (f"o{tag}",) + legs, self.tensor)
         swaps = [tuple(j + 1 if i == j else j if i == j + 1 else i for i in range(self._k)) for j in range(self._k - 1)]
-        return Network((t,), legs, (f"o{tag}",), swaps)
+        net = Network((t,), legs, (f"o{tag}",), swaps)
+        return net if data else net.shapes_only()
 
     def __repr__(self) -> str:
         return f"{self.name}(degree {self._k}, {self.in_features} -> {self.out_features})"

@@ -33,11 +33,14 @@ from typing import Any
 
 import numpy as np
 
-from .attention import BilinearAttention, _rotary
-from .components import Component, Linear
+from ..attention import BilinearAttention, _rotary
+from ..components import Component, Linear, Sequential
+from ..measure import Gaussian
+from ..problem import CostError, InnerProblem, InnerResult, Plan, format_count, positions_of
+from ..folding import fold
+from .registry import Algorithm, Triple
 
-__all__ = ["attention_moments", "moment_head", "moment_products", "moments_cost", "per_position_measure",
-           "whitened_rank", "MAX_WHITENED"]
+__all__ = ["AttentionMoments", "attention_moments", "moment_head", "moment_products", "moments_cost", "MAX_WHITENED"]
 
 MAX_WHITENED = 24  # monomial codes in base 6 fit in int64 up to 24 variables
 
@@ -257,40 +260,6 @@ def _features(attn: BilinearAttention, E: np.ndarray, T: np.ndarray, basis: _Her
 # ------------------------------------------------------------ the moments
 
 
-def per_position_measure(mean: Any, cov: Any, n: int, d: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """The per-position (mean, cov) of a flat sequence measure, or None when
-    the positions are not independent and identically distributed."""
-    m = np.zeros(n * d) if mean is None else np.asarray(mean, dtype=float).reshape(-1)
-    C = np.eye(n * d) if cov is None else np.asarray(cov, dtype=float)
-    if m.shape != (n * d,) or C.shape != (n * d, n * d):
-        return None
-    m0, C0 = m[:d], C[:d, :d]
-    if not (np.array_equal(m, np.tile(m0, n)) and np.array_equal(C, np.kron(np.eye(n), C0))):
-        return None
-    return m0, C0
-
-
-def _spectrum(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    vals, vecs = np.linalg.eigh(cov)
-    return vals, vecs, vals > 1e-12 * max(vals.max(initial=0.0), 1e-300)
-
-
-def whitened_rank(cov: np.ndarray) -> int:
-    """r: the number of independent normal variables behind one position."""
-    return int(_spectrum(np.asarray(cov, dtype=float))[2].sum())
-
-
-def _whitening(mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
-    """T with x~ = T z~ for x ~ N(mean, cov), z ~ N(0, I_r), r = rank of cov."""
-    vals, vecs, keep = _spectrum(cov)
-    d, r = len(mean), int(keep.sum())
-    T = np.zeros((d + 1, r + 1))
-    T[0, 0] = 1
-    T[1:, 0] = mean
-    T[1:, 1:] = vecs[:, keep] * np.sqrt(vals[keep])
-    return T
-
-
 def _mean_and_linear(F: _Features) -> tuple[np.ndarray, np.ndarray]:
     """The output mean (n d_out,) and the coefficients U (n, n d_out, features)
     of the parts that depend on one position p (U[p]), on the centred
@@ -389,22 +358,22 @@ def _padded(mean_a: np.ndarray, mean_b: np.ndarray, M: np.ndarray) -> np.ndarray
     return out
 
 
-def attention_moments(a: Component, b: Component, mean: np.ndarray, cov: np.ndarray,
-                      joint: bool = False) -> HeadMoments:
+def attention_moments(a: Component, b: Component, measure: Gaussian, joint: bool = False) -> HeadMoments:
     """Exact first and second moments of the outputs of ``a`` and ``b`` up
     to and including their first attention layer (see :func:`moment_head`),
-    for inputs whose positions are independent N(mean, cov) (per position).
-    ``joint`` adds the self blocks aa and bb.  Raises ValueError when a model
-    does not qualify or the whitened width exceeds MAX_WHITENED."""
+    for inputs whose positions are independent with law ``measure`` (that of
+    one position).  ``joint`` adds the self blocks aa and bb.  Raises
+    ValueError when a model does not qualify or the whitened width exceeds
+    MAX_WHITENED."""
     heads = [moment_head(m) for m in (a, b)]
     if heads[0] is None or heads[1] is None:
         raise ValueError("attention_moments needs position-wise Linear layers, then a float BilinearAttention")
     if heads[0][0].n_ctx != heads[1][0].n_ctx or heads[0][1].shape[1] != heads[1][1].shape[1]:
         raise ValueError("attention_moments: the two models split their input into different positions")
-    if heads[0][1].shape[1] != len(mean) + 1:
-        raise ValueError(f"attention_moments: mean has {len(mean)} features per position, the models read "
-                         f"{heads[0][1].shape[1] - 1}")
-    T = _whitening(np.asarray(mean, dtype=float), np.asarray(cov, dtype=float))
+    if heads[0][1].shape[1] != measure.width + 1:
+        raise ValueError(f"attention_moments: the measure has {measure.width} features per position, the models "
+                         f"read {heads[0][1].shape[1] - 1}")
+    T = measure.whitening()
     r = T.shape[1] - 1
     if r > MAX_WHITENED:
         raise ValueError(f"per-position input rank {r} exceeds {MAX_WHITENED}")
@@ -421,7 +390,7 @@ def attention_moments(a: Component, b: Component, mean: np.ndarray, cov: np.ndar
     else:
         ab = _padded(ma, mb, _second_moment(FA, FB, basis.covariance(FA.X, FB.X)))
         aa = bb = (ab if FB is FA else None) if joint else None
-    return HeadMoments(np.r_[1.0, ma], np.r_[1.0, mb], ab, aa, bb, r, moments_cost(a, b, cov, joint),
+    return HeadMoments(np.r_[1.0, ma], np.r_[1.0, mb], ab, aa, bb, r, moments_cost(a, b, r, joint),
                        moment_products(FA.n, joint and FB is not FA))
 
 
@@ -445,13 +414,88 @@ def _groups(model: Component, r: int) -> tuple[list[tuple[int, int]], int]:
     return groups, form
 
 
-def moments_cost(a: Component, b: Component, cov: np.ndarray, joint: bool = False) -> int:
-    """Estimated flops of :func:`attention_moments`: forming the features'
-    Hermite coefficients and their covariance Gram matrices (the products
-    per pair of positions are negligible beside them)."""
-    r = whitened_rank(cov)
+def moments_cost(a: Component, b: Component, r: int, joint: bool = False) -> int:
+    """Estimated flops of :func:`attention_moments` at whitened width ``r``:
+    forming the features' Hermite coefficients and their covariance Gram
+    matrices (the products per pair of positions are negligible beside them)."""
     N = [math.comb(r + j, j) for j in range(6)]
     (ga, fa), (gb, fb) = _groups(a, r), _groups(b, r)
     gram = lambda xs, ys: sum(2 * x * y * N[min(dx, dy)] for x, dx in xs for y, dy in ys)  # noqa: E731
     cost = fa + fb + (gram(ga + gb, ga + gb) // 2 if joint else gram(ga, gb))
     return int(cost)
+
+
+# ------------------------------------------------------------ the algorithm
+
+
+def _padded_tail(model: Component) -> np.ndarray:
+    """The padded linear map after the attention layer (identity if none)."""
+    _, _, tail = moment_head(model)  # type: ignore[misc]
+    if not tail:
+        return np.eye(model.out_features + 1)
+    return fold(Sequential(*tail))[1]  # type: ignore[return-value]
+
+
+def output_moment(M: np.ndarray, mean_x: np.ndarray, mean_y: np.ndarray, centered: bool, per_output: bool) -> Any:
+    """Sum (or per channel) of E[x_c y_c] over the non-constant padded
+    channels of a padded second moment M, centred on request."""
+    v = np.diag(M)[1:] - (mean_x[1:] * mean_y[1:] if centered else 0)
+    return v if per_output else float(v.sum())
+
+
+class AttentionMoments(Algorithm):
+    """Models of position-wise Linear layers, one float BilinearAttention and
+    Linear layers after it, under a Gaussian whose positions are independent
+    and identically distributed; joint (one computation for all three
+    products of a similarity)."""
+
+    name = "moments"
+    title = "attention moments"
+    measures = (Gaussian,)
+
+    def check(self, problem: InnerProblem, tail: str = "linear") -> str | None:
+        """``tail="any"`` accepts any layers after the attention (closure
+        takes the moments of the head only)."""
+        if not problem.orbits:
+            return "orbits=False asks for the plain sum over pairings"
+        heads = [moment_head(m) if isinstance(m, Component) else None for m in (problem.a, problem.b)]
+        if heads[0] is None or heads[1] is None:
+            return "each model must be position-wise Linear layers, then a float BilinearAttention"
+        if tail == "linear" and not all(isinstance(l, Linear) for h in heads for l in h[2]):
+            return "only Linear layers may follow the attention (use method='closure' for deeper models)"
+        (attn, E, _), (other, E_b, _) = heads
+        if (attn.n_ctx, E.shape[1]) != (other.n_ctx, E_b.shape[1]):
+            return f"the models read {attn.n_ctx} and {other.n_ctx} positions of different widths"
+        law = problem.measure.per_position(attn.n_ctx)  # type: ignore[union-attr]
+        if law is None:
+            return "the measure is not independent and identical across positions"
+        if law.rank > MAX_WHITENED:
+            return f"the per-position input rank {law.rank} exceeds {MAX_WHITENED}"
+        return None
+
+    def plan(self, problem: InnerProblem, limit: float) -> Plan:
+        a, b = problem.a, problem.b
+        law = problem.measure.per_position(positions_of(a))  # type: ignore[union-attr]
+        joint = problem.joint and a is not b
+        cost = moments_cost(a, b, law.rank, joint)
+        if cost > limit:
+            raise CostError(f"the attention-moments algorithm would cost about {format_count(cost)} flops", flops=cost)
+        r = law.rank
+        rows = sum(g for g, _ in _groups(a, r)[0]) + sum(g for g, _ in _groups(b, r)[0])
+        peak = 8.0 * (rows * math.comb(r + 5, 5) + rows * rows)  # feature coefficients, their Gram matrix
+        return Plan(self.name, problem, float(cost), peak, moment_products(moment_head(a)[0].n_ctx, joint),  # type: ignore[index]
+                    joint=joint, facts={"whitened": r},
+                    notes=(f"per-position feature moments over {r} whitened dimensions",), payload=law)
+
+    def run(self, plan: Plan) -> Triple:
+        p, law = plan.problem, plan.payload
+        hm = attention_moments(p.a, p.b, law, joint=plan.joint)
+        Wa, Wb = _padded_tail(p.a), _padded_tail(p.b)
+
+        def result(Wx: np.ndarray, mx: np.ndarray, M: np.ndarray, Wy: np.ndarray, my: np.ndarray) -> InnerResult:
+            return plan.result(output_moment(Wx @ M @ Wy.T, Wx @ mx, Wy @ my, p.centered, p.per_output))
+
+        ab = result(Wa, hm.mean_a, hm.ab, Wb, hm.mean_b)
+        if not plan.joint:
+            return ab, None, None
+        return ab, result(Wa, hm.mean_a, hm.aa, Wa, hm.mean_a), result(Wb, hm.mean_b, hm.bb, Wb, hm.mean_b)

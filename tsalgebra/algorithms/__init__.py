@@ -1,0 +1,27 @@
+"""The inner-product algorithms, one module each, in one registry.
+
+Registry order is the order in which :func:`choose` plans the candidates
+(cheap plans first, so that the pairing enumeration, whose planning walks
+every orbit, is planned against the best estimate so far):
+
+- ``moments`` (exact): attention layers under a per-position Gaussian;
+- ``gram`` (exact): the network inner product;
+- ``closure`` (approximate beyond the first nonlinear layer);
+- ``quadrature`` (exact): Gauss-Hermite nodes, exponential in the input rank;
+- ``pairings`` (exact): pairing orbits, exponential in the input copies.
+
+A new algorithm is a module with an :class:`Algorithm` subclass and a
+:func:`register` call (see docs/architecture.md).
+"""
+
+from .closure import GaussianClosure
+from .gram import GramRecursion
+from .moments import AttentionMoments
+from .pairings import PairingOrbits
+from .quadrature import Quadrature
+from .registry import Algorithm, Triple, choose, describe, register, registered, run, solve, unregister
+
+__all__ = ["Algorithm", "Triple", "choose", "describe", "register", "registered", "run", "solve", "unregister"]
+
+for _algorithm in (AttentionMoments(), GramRecursion(), GaussianClosure(), Quadrature(), PairingOrbits()):
+    register(_algorithm)

@@ -1,0 +1,205 @@
+"""One registry of inner-product algorithms and one rule for choosing among them.
+
+An :class:`Algorithm` says which problems it takes (:meth:`~Algorithm.supports`
+returns the reason it does not, or None), plans one from shapes with its cost
+(:meth:`~Algorithm.plan`, which raises :class:`~tsalgebra.problem.CostError`
+above a flop limit) and runs a plan (:meth:`~Algorithm.run`).  The algorithms
+register themselves in :mod:`tsalgebra.algorithms`; a new one is a module
+and a :func:`register` call.
+
+The rule (:func:`choose`): an ``algorithm=`` named by the caller is planned
+alone (ValueError with its reason when it does not apply).  Otherwise every
+registered algorithm of the method asked for (``"exact"`` for auto and exact:
+never an approximation; ``"closure"``) that supports the problem is planned,
+in registry order, each with a limit of the budget and of the cheapest plan so
+far, and the cheapest plan wins.  When none fits, one CostError states every
+algorithm's estimate or reason and the alternatives.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..measure import Measure
+from ..problem import Alternative, CostError, InnerProblem, InnerResult, Plan, format_count
+
+__all__ = ["Algorithm", "Triple", "choose", "register", "registered", "run", "solve", "unregister"]
+
+Triple = tuple[InnerResult, "InnerResult | None", "InnerResult | None"]
+
+
+class Algorithm:
+    """An inner-product algorithm.  Subclasses set the class attributes and
+    implement :meth:`check` (problem-specific conditions), :meth:`plan` and
+    :meth:`run`.
+
+    ``name``: the registry key, the ``algorithm=`` spelling and the result's
+    ``.algorithm``; ``title``: a phrase for reports; ``method``: "exact" or
+    "closure" (the rung of the ladder it serves); ``inners``: the inner
+    products it computes; ``measures``: the measure types it takes for the
+    functional (gaussian) product.
+    """
+
+    name: str = ""
+    title: str = ""
+    method: str = "exact"
+    inners: tuple[str, ...] = ("gaussian",)
+    measures: tuple[type[Measure], ...] = ()
+
+    def supports(self, problem: InnerProblem) -> str | None:
+        """None when this algorithm can compute ``problem``, else why not."""
+        if problem.inner not in self.inners:
+            return f"it computes the {' and '.join(self.inners)} inner product{'s' if len(self.inners) > 1 else ''} only"
+        if problem.measure is not None and not isinstance(problem.measure, self.measures):
+            return f"it does not take the measure {problem.measure.label}"
+        return self.check(problem)
+
+    def check(self, problem: InnerProblem) -> str | None:
+        """Conditions beyond the inner product and the measure type."""
+        return None
+
+    def plan(self, problem: InnerProblem, limit: float) -> Plan:
+        """The plan from shapes, with its cost; CostError (carrying the
+        estimate) when it exceeds ``limit`` flops.  Never computes the value."""
+        raise NotImplementedError
+
+    def run(self, plan: Plan) -> Triple:
+        """(<a, b>, <a, a>, <b, b>); the last two None unless ``plan.joint``."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<algorithm {self.name!r}: {self.title}>"
+
+
+_REGISTRY: dict[str, Algorithm] = {}
+
+
+def register(algorithm: Algorithm, *, before: str | None = None) -> Algorithm:
+    """Add ``algorithm`` (placed before the algorithm named ``before``, else
+    last); its name must be new.  Returns it."""
+    if not algorithm.name or algorithm.name in _REGISTRY:
+        raise ValueError(f"an algorithm needs a new name, got {algorithm.name!r}")
+    if algorithm.method not in ("exact", "closure"):
+        raise ValueError(f"method must be 'exact' or 'closure', got {algorithm.method!r}")
+    items = list(_REGISTRY.items())
+    at = next((k for k, (name, _) in enumerate(items) if name == before), len(items))
+    items.insert(at, (algorithm.name, algorithm))
+    _REGISTRY.clear()
+    _REGISTRY.update(items)
+    return algorithm
+
+
+def unregister(name: str) -> None:
+    """Remove the algorithm named ``name``."""
+    del _REGISTRY[name]
+
+
+def registered() -> tuple[Algorithm, ...]:
+    """The algorithms in the order the chooser plans them."""
+    return tuple(_REGISTRY.values())
+
+
+def _named(name: str) -> Algorithm:
+    if name not in _REGISTRY:
+        raise ValueError(f"algorithm must be one of {tuple(_REGISTRY)}, got {name!r}")
+    return _REGISTRY[name]
+
+
+def _method(problem: InnerProblem) -> str:
+    return "closure" if problem.method == "closure" else "exact"
+
+
+def _alternatives(problem: InnerProblem, estimates: list[float]) -> tuple[Alternative, ...]:
+    """Other questions some registered algorithm would answer: a larger
+    budget (the smallest estimate), another inner product, another method."""
+    out = []
+    finite = [f for f in estimates if f < math.inf]
+    if finite:
+        step = 10.0 ** (math.floor(math.log10(max(min(finite), 1.0))) - 1)  # rounded up to two digits
+        out.append(Alternative("budget", math.ceil(min(finite) / step) * step, "the cheapest estimate"))
+    for change, why in (({"inner": "network"}, "the layer-wise product, a property of the factorization"),
+                        ({"method": "closure"}, "Gaussian closure, approximate beyond the first layer")):
+        other = problem.replace(**change, algorithm=None)
+        if other.inner == "network":
+            other = other.replace(measure=None, centered=False, method="auto")
+        if any(getattr(other, k) != getattr(problem, k) for k in change) and any(
+                alg.method == _method(other) and alg.supports(other) is None for alg in _REGISTRY.values()):
+            key, value = next(iter(change.items()))
+            out.append(Alternative(key, value, why))
+    return tuple(out)
+
+
+def choose(problem: InnerProblem) -> Plan:
+    """The plan that :func:`run` executes for ``problem`` (see the module
+    docstring for the rule).  Raises ValueError when a named algorithm does
+    not apply, CostError when nothing fits the budget."""
+    if problem.algorithm is not None:
+        alg = _named(problem.algorithm)
+        why = alg.supports(problem)
+        if why is not None:
+            raise ValueError(f"algorithm={alg.name!r} does not apply: {why}")
+        if alg.method != _method(problem) and problem.method != "auto":
+            raise ValueError(f"algorithm={alg.name!r} is a {alg.method} algorithm; method={problem.method!r} asks "
+                             f"for another")
+        try:
+            return alg.plan(problem, problem.budget)
+        except CostError as exc:
+            raise CostError(f"{problem.describe()}: {alg.name}: {exc.reason}; the budget is "
+                            f"{format_count(problem.budget)} flops", flops=exc.flops,
+                            alternatives=_alternatives(problem.replace(algorithm=alg.name), [exc.flops])) from None
+    best: Plan | None = None
+    refusals: list[tuple[str, str]] = []
+    estimates: list[float] = []
+    for alg in _REGISTRY.values():
+        if alg.method != _method(problem):
+            continue
+        why = alg.supports(problem)
+        if why is not None:
+            if problem.inner in alg.inners:  # the others are not candidates worth naming
+                refusals.append((alg.name, f"does not apply: {why}"))
+            continue
+        limit = problem.budget if best is None else min(problem.budget, best.flops)
+        try:
+            plan = alg.plan(problem, limit)
+        except CostError as exc:
+            if exc.flops > problem.budget or best is None:
+                refusals.append((alg.name, exc.reason))
+                estimates.append(exc.flops)
+            else:
+                refusals.append((alg.name, f"costlier than {best.algorithm} ({exc.reason})"))
+            continue
+        if best is not None:
+            refusals.append((best.algorithm, f"costlier than {plan.algorithm} ({format_count(best.flops)} flops)"))
+        best = plan
+    if best is None:
+        what = "; ".join(f"{name}: {why}" for name, why in refusals) or "none is registered"
+        why = (f"every {_method(problem)} algorithm would exceed the budget of {format_count(problem.budget)} flops "
+               "or does not apply" if estimates else f"no {_method(problem)} algorithm applies")
+        raise CostError(f"{problem.describe()} refused: {why} ({what})", flops=min(estimates, default=math.inf),
+                        alternatives=_alternatives(problem, estimates))
+    return _with_refusals(best, tuple(r for r in refusals if r[0] != best.algorithm))
+
+
+def _with_refusals(plan: Plan, refusals: tuple[tuple[str, str], ...]) -> Plan:
+    from dataclasses import replace
+
+    return replace(plan, refusals=refusals)
+
+
+def run(plan: Plan) -> Triple:
+    """Execute a plan of :func:`choose`."""
+    return _named(plan.algorithm).run(plan)
+
+
+def solve(problem: InnerProblem) -> Triple:
+    """Choose, then run: (<a, b>, <a, a> or None, <b, b> or None)."""
+    return run(choose(problem))
+
+
+def describe(plan: Plan) -> dict[str, Any]:
+    """A JSON-able account of a plan: algorithm, cost and the others' reasons."""
+    return {"algorithm": plan.algorithm, "title": _named(plan.algorithm).title, "exact": plan.exact,
+            "joint": plan.joint, "flops": float(plan.flops), "peak_bytes": float(plan.peak_bytes),
+            "contractions": plan.contractions, **dict(plan.facts), "notes": list(plan.notes),
+            "not_chosen": [{"algorithm": n, "reason": r} for n, r in plan.refusals]}

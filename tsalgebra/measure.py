@@ -1,0 +1,310 @@
+"""Input measures: the law of x over which a functional inner product averages.
+
+A measure is a small frozen value.  It is validated once, when made; its
+factorisations are computed once and cached on it; it labels the results
+computed under it and draws samples from itself.  Algorithms read what they
+need from it (padded moments, a factor, the law of one position) and say in
+their ``supports`` which measures they take, so a new measure touches only
+the algorithms that can use it.
+
+:class:`Gaussian` is x ~ N(mean, cov), per feature.  A sequence model reads
+``positions`` independent copies of one per-position law, laid out flat and
+position-major (see :mod:`tsalgebra.attention`); :meth:`Gaussian.at` binds a
+measure to a model's flat input width, tiling a per-position law over the
+positions without forming the flat covariance.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+from typing import Any
+
+import numpy as np
+
+from .engine import _is_torch
+
+__all__ = ["Measure", "Gaussian", "TOLERANCE"]
+
+# Relative tolerance of every check on a covariance (symmetry, positive
+# semi-definiteness) and of the rank cut of its factorisations: eigenvalues
+# within TOLERANCE of the largest are zero directions, the same ones the
+# validation accepts as round-off below zero.
+TOLERANCE = 1e-10
+
+
+class Measure:
+    """The law of a model's input.  Subclasses are frozen values with a
+    ``label`` for results, :meth:`at` to bind them to an input width and
+    :meth:`sample` to draw inputs."""
+
+    label: str = "measure"
+
+    def at(self, width: int, positions: int = 1) -> "Measure":
+        """This measure on inputs of ``width`` features made of ``positions``
+        positions (raises ValueError naming the mismatch)."""
+        raise NotImplementedError
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """``n`` inputs drawn from the measure, shape (n, width)."""
+        raise NotImplementedError
+
+
+def _as_numbers(value: Any, what: str, rank: int) -> np.ndarray:
+    """A float64 array, or an object array of exact numbers (Fractions, sympy
+    rationals), of the given rank; ValueError/TypeError naming ``what``."""
+    if _is_torch(value):
+        value = value.detach().cpu().numpy()
+    arr = np.asarray(value)
+    if arr.dtype == object:
+        for x in arr.ravel():
+            if isinstance(x, bool) or not isinstance(x, numbers.Number) and not _is_sympy_number(x):
+                raise TypeError(f"{what} holds {type(x).__name__} entries; expected real numbers")
+        if all(isinstance(x, (float, np.floating)) for x in arr.ravel()):
+            arr = arr.astype(np.float64)
+    elif np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer):
+        arr = arr.astype(np.float64)
+    else:
+        raise TypeError(f"{what} has dtype {arr.dtype}; expected real numbers")
+    if arr.ndim != rank:
+        raise ValueError(f"{what} has shape {arr.shape}; expected {'a vector' if rank == 1 else 'a square matrix'}")
+    finite = np.isfinite(arr).all() if arr.dtype != object else all(
+        np.isfinite(float(x)) for x in arr.ravel() if isinstance(x, (float, np.floating)))
+    if not finite:
+        raise ValueError(f"mean or cov contains NaN or Inf ({what})")
+    return arr
+
+
+def _is_sympy_number(x: Any) -> bool:
+    return type(x).__module__.split(".")[0] == "sympy" and bool(getattr(x, "is_number", False))
+
+
+def _ldl(C: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """C = F diag(w) F^T in exact arithmetic (object arrays), zero pivots
+    dropped; ValueError when C is not positive semi-definite."""
+    A = C.copy()
+    cols, ws = [], []
+    for k in range(A.shape[0]):
+        pivot = A[k, k]
+        if pivot < 0 or pivot == 0 and any(A[i, k] != 0 for i in range(A.shape[0])):
+            raise ValueError("cov is not positive semi-definite")
+        if pivot == 0:
+            continue
+        col = A[:, k] / pivot
+        cols.append(col)
+        ws.append(pivot)
+        A = A - pivot * np.outer(col, col)
+    F = np.array(cols, dtype=object).T.reshape(C.shape[0], len(cols))
+    return F, np.array(ws, dtype=object)
+
+
+def _block_diagonal(F: np.ndarray, n: int) -> np.ndarray:
+    """kron(I_n, F): ``n`` copies of F down the diagonal (any dtype)."""
+    if n == 1:
+        return F
+    out = np.zeros((n * F.shape[0], n * F.shape[1]), dtype=F.dtype)
+    if F.dtype == object:
+        out[...] = 0
+    for p in range(n):
+        out[p * F.shape[0] : (p + 1) * F.shape[0], p * F.shape[1] : (p + 1) * F.shape[1]] = F
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class Gaussian(Measure):
+    """x ~ N(mean, cov): ``mean`` of shape (d,), ``cov`` (d, d), either None
+    for zero mean / identity covariance (then ``Gaussian()`` fits any width).
+
+    ``positions``: the number of independent copies of this law that make up
+    one input (a sequence model's positions), tiled without forming the flat
+    covariance; ``dim``: features per copy (read from mean/cov, or fixed by
+    :meth:`at` for N(0, I)).  Arrays may be floats, or exact numbers (object
+    arrays of Fractions) for exact computations.  Validated when made: shapes,
+    finiteness, symmetry and positive semi-definiteness (tolerance
+    :data:`TOLERANCE` relative to the largest entry).
+    """
+
+    mean: Any = None
+    cov: Any = None
+    positions: int = 1
+    dim: int | None = None
+
+    def __post_init__(self) -> None:
+        mean = None if self.mean is None else _as_numbers(self.mean, "mean", 1)
+        cov = None if self.cov is None else _as_numbers(self.cov, "cov", 2)
+        if cov is not None and cov.shape[0] != cov.shape[1]:
+            raise ValueError(f"cov has shape {cov.shape}; expected a square matrix")
+        dims = {x.shape[0] for x in (mean, cov) if x is not None} | ({self.dim} if self.dim is not None else set())
+        if len(dims) > 1:
+            raise ValueError(f"mean and cov disagree on the width: {sorted(dims)}")
+        if self.positions < 1:
+            raise ValueError(f"positions must be positive, got {self.positions}")
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "cov", cov)
+        object.__setattr__(self, "dim", dims.pop() if dims else None)
+        if cov is not None:
+            if cov.dtype == object:
+                if not (cov == cov.T).all():
+                    raise ValueError("cov is not symmetric")
+                self.decomposition  # noqa: B018 - raises when not positive semi-definite
+            else:
+                scale = max(1.0, float(np.abs(cov).max()))
+                if not np.allclose(cov, cov.T, rtol=0, atol=TOLERANCE * scale):
+                    raise ValueError("cov is not symmetric")
+                if self._spectrum[0].min(initial=0.0) < -TOLERANCE * scale:
+                    raise ValueError("cov is not positive semi-definite")
+
+    # ----------------------------------------------------------- facts
+    @property
+    def standard(self) -> bool:
+        """True for N(0, I) as given (no mean, no covariance)."""
+        return self.mean is None and self.cov is None
+
+    @property
+    def label(self) -> str:  # type: ignore[override]
+        return "N(0, I)" if self.standard else "N(mean, cov)"
+
+    @property
+    def exact(self) -> bool:
+        """True when mean or cov holds exact numbers."""
+        return any(x is not None and x.dtype == object for x in (self.mean, self.cov))
+
+    @property
+    def diagonal(self) -> bool:
+        """True when the covariance is diagonal (pairs join without a factor)."""
+        if self.cov is None:
+            return True
+        off = self.cov.copy()
+        np.fill_diagonal(off, 0)
+        return not off.any()
+
+    @property
+    def width(self) -> int:
+        """Features of one whole input (dim x positions)."""
+        if self.dim is None:
+            raise ValueError("N(0, I) has no width until it is bound to a model (Gaussian.at)")
+        return self.dim * self.positions
+
+    @cached_property
+    def _spectrum(self) -> tuple[np.ndarray, np.ndarray]:
+        """(eigenvalues, eigenvectors) of the per-position covariance (float)."""
+        C = np.eye(self.dim or 0) if self.cov is None else self.cov.astype(float)
+        return np.linalg.eigh((C + C.T) / 2)
+
+    @cached_property
+    def _kept(self) -> np.ndarray:
+        vals = self._spectrum[0]
+        return vals > TOLERANCE * max(float(vals.max(initial=0.0)), 1e-300)
+
+    @property
+    def rank(self) -> int:
+        """Independent normal variables behind one whole input."""
+        if self.cov is None:
+            return self.width
+        if self.diagonal:
+            return self.positions * int(np.count_nonzero(np.diag(self.cov)))
+        return self.positions * int(self._kept.sum())
+
+    # ----------------------------------------------------------- binding
+    def at(self, width: int, positions: int = 1) -> "Gaussian":
+        """This measure on a model's flat input of ``width`` features made of
+        ``positions`` positions: a per-position law (of width / positions
+        features) is tiled over them; a law of the whole width is kept."""
+        if self.dim is None:
+            per = width // positions if positions > 1 and width % positions == 0 else width
+            return _standard(per, width // per)
+        if self.width == width:
+            return self
+        if self.positions == 1 and positions > 1 and self.dim * positions == width:
+            return Gaussian(self.mean, self.cov, positions=positions)
+        per = f" or ({width // positions},) per position" if positions > 1 else ""
+        which = ("mean", self.mean) if self.mean is not None else ("cov", self.cov)
+        expect = f"({width},)" if which[0] == "mean" else f"({width}, {width})"
+        raise ValueError(f"{which[0]} has shape {which[1].shape}, expected {expect}{per} for input width {width}")
+
+    def per_position(self, positions: int) -> "Gaussian | None":
+        """The law of one of ``positions`` positions when they are independent
+        and identically distributed under this measure, else None."""
+        if self.positions == positions:
+            if positions == 1:
+                return self
+            return _standard(self.dim, 1) if self.standard else Gaussian(self.mean, self.cov)  # type: ignore[arg-type]
+        if self.positions != 1 or self.width % positions:
+            return None
+        d = self.width // positions
+        if self.standard:
+            return _standard(d, 1)
+        m = np.zeros(self.width) if self.mean is None else self.mean
+        C = np.eye(self.width) if self.cov is None else self.cov
+        m0, C0 = m[:d], C[:d, :d]
+        if not (np.array_equal(m, np.tile(m0, positions)) and np.array_equal(C, np.kron(np.eye(positions), C0))):
+            return None
+        return Gaussian(m0, C0)
+
+    # ----------------------------------------------------------- arrays
+    def block_mean(self, exact: bool = False) -> np.ndarray:
+        """The per-position mean (zeros when none was given)."""
+        m = np.zeros(self.dim or 0, dtype=int) if self.mean is None else self.mean  # int: exact zeros
+        return m.astype(object) if exact else m.astype(float)
+
+    def padded_mean(self, exact: bool = False) -> np.ndarray:
+        """[1; mean] over the whole input (width + 1,)."""
+        m = np.tile(self.block_mean(exact), self.positions)
+        return np.concatenate([np.array([1], dtype=m.dtype), m])
+
+    def padded_cov(self, exact: bool = False) -> np.ndarray:
+        """[[0, 0], [0, cov]] over the whole input, (width + 1, width + 1)."""
+        C = np.eye(self.dim or 0, dtype=int) if self.cov is None else self.cov
+        C = _block_diagonal(C.astype(object) if exact else C.astype(float), self.positions)
+        out = np.zeros((self.width + 1, self.width + 1), dtype=object if exact else float)
+        if exact:
+            out[...] = 0
+        out[1:, 1:] = C
+        return out
+
+    @cached_property
+    def decomposition(self) -> tuple[np.ndarray, np.ndarray]:
+        """(F, w) with the per-position cov = F diag(w) F^T: eigenvectors and
+        eigenvalues for floats, an exact LDL^T for exact numbers; zero
+        directions dropped."""
+        if self.cov is not None and self.cov.dtype == object:
+            return _ldl(self.cov)
+        vals, vecs = self._spectrum
+        return vecs[:, self._kept], vals[self._kept]
+
+    def factor(self) -> np.ndarray:
+        """F (width, rank) with cov = F F^T over the whole input (float)."""
+        if self.cov is None:
+            return np.eye(self.width)
+        F, w = self.decomposition
+        return _block_diagonal(F.astype(float) * np.sqrt(w.astype(float)), self.positions)
+
+    def whitening(self) -> np.ndarray:
+        """P (width + 1, rank + 1) with x~ = P z~ for z ~ N(0, I_rank): the
+        padded input as a padded map of independent standard normals."""
+        F = self.factor()
+        P = np.zeros((self.width + 1, F.shape[1] + 1))
+        P[0, 0] = 1.0
+        P[1:, 0] = self.padded_mean()[1:]
+        P[1:, 1:] = F
+        return P
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        F = self.factor()
+        return self.padded_mean()[1:] + rng.normal(size=(n, F.shape[1])) @ F.T
+
+    def __repr__(self) -> str:
+        parts = [self.label]
+        if self.dim is not None:
+            parts.append(f"{self.dim} features")
+        if self.positions > 1:
+            parts.append(f"x {self.positions} positions")
+        return f"Gaussian({', '.join(parts)})"
+
+
+@lru_cache(maxsize=32)
+def _standard(dim: int, positions: int) -> Gaussian:
+    """N(0, I) at one shape: one value per shape, so what is cached on it
+    (its joins, its factor) serves every call."""
+    return Gaussian(positions=positions, dim=dim)

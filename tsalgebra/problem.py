@@ -1,0 +1,319 @@
+"""The values the inner-product algorithms exchange.
+
+- :class:`InnerProblem`: what is asked (two models, an inner product, a
+  measure, options), validated once;
+- :class:`Plan`: what an algorithm would run for it, with its cost (flops,
+  peak bytes, contractions), made from shapes without contracting;
+- :class:`InnerResult`: a number with the facts needed to trust it;
+- :class:`CostError`: a refusal that states the estimate and the
+  alternatives, spelled for Python or for the command line.
+
+Nothing here computes: algorithms live in :mod:`tsalgebra.algorithms`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Any, Mapping
+
+
+from .components import Component
+from .expr import Network, Sum
+from .measure import Gaussian, Measure
+
+__all__ = ["Alternative", "CostError", "DEFAULT_BUDGET", "INNERS", "METHODS", "InnerProblem", "InnerResult", "Plan",
+           "format_count", "positions_of"]
+
+INNERS = ("gaussian", "symmetric", "network")
+METHODS = ("auto", "exact", "closure")
+DEFAULT_BUDGET = 1e11  # flops of one inner product's contractions together
+
+
+def format_count(x: float | int) -> str:
+    """A count or flop figure as text, for any magnitude (a Python int too
+    large for a float prints as a power of ten; never raises)."""
+    if isinstance(x, int) and not isinstance(x, bool):
+        if x.bit_length() < 1000:
+            return f"{float(x):.3g}"
+        return f"1e{math.log10(x):.1f}" if x > 0 else f"-1e{math.log10(-x):.1f}"
+    return f"{x:.3g}"
+
+
+# ---------------------------------------------------------------- refusals
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """Another way to ask: an option of :func:`tsalgebra.inner` (and of the
+    command line) with the value to give it, and what it would give."""
+
+    option: str
+    value: Any
+    why: str = ""
+
+    def spelled(self, cli: bool = False) -> str:
+        if cli:
+            value = format_count(self.value) if isinstance(self.value, (int, float)) else str(self.value)
+            text = f"--{self.option.replace('_', '-')} {value}"
+        else:
+            value = format_count(self.value) if isinstance(self.value, (int, float)) else repr(self.value)
+            text = f"{self.option}={value}"
+        return f"{text} ({self.why})" if self.why else text
+
+
+class CostError(ValueError):
+    """A refusal: the estimated cost exceeds the budget, or no algorithm
+    applies; nothing large was allocated.  ``flops`` is the cheapest estimate
+    (a float; inf when the work cannot even be enumerated or nothing applies),
+    ``alternatives`` other ways to ask."""
+
+    def __init__(self, reason: str, *, flops: float = math.inf,
+                 alternatives: tuple[Alternative, ...] = ()) -> None:
+        self.reason, self.flops, self.alternatives = reason, float(flops), tuple(alternatives)
+        super().__init__(self.explain())
+
+    def explain(self, cli: bool = False) -> str:
+        """The message, with the alternatives in Python (``budget=...``) or
+        command-line (``--budget ...``) spelling."""
+        if not self.alternatives:
+            return self.reason
+        return f"{self.reason}. Alternatives: " + "; ".join(a.spelled(cli) for a in self.alternatives)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across processes with its fields
+        return (_cost_error, (self.reason, self.flops, self.alternatives))
+
+
+def _cost_error(reason: str, flops: float, alternatives: tuple[Alternative, ...]) -> CostError:
+    return CostError(reason, flops=flops, alternatives=alternatives)
+
+
+# ---------------------------------------------------------------- problems
+
+
+def positions_of(model: Any) -> int:
+    """The positions a sequence model reads (its own ``n_ctx``, or that of its
+    first attention layer); 1 for models of one vector."""
+    n = getattr(model, "n_ctx", 0)
+    if n:
+        return int(n)
+    for layer in getattr(model, "layers", ()):
+        if getattr(layer, "n_ctx", 0):
+            return int(layer.n_ctx)
+    return 1
+
+
+def _terms(model: Any, data: bool = True) -> list[tuple[Any, Network]]:
+    """A model as weighted networks, bilinear nodes symmetrized so their swaps
+    are declared symmetries; with ``data=False`` shapes only (for planning)."""
+    if isinstance(model, Component):
+        return [(1, model.network(symmetric=True, data=data))]
+    if isinstance(model, Network):
+        return [(1, model)]
+    if isinstance(model, Sum):
+        return list(model.terms)
+    raise TypeError(f"expected a tsalgebra model, network or Sum, got {type(model).__name__}")
+
+
+def _widths(terms: list[tuple[Any, Network]], what: str) -> tuple[int, int]:
+    """(padded input width, padded output width) shared by the terms."""
+    ins = {n.sizes[l] for _, n in terms for l in n.inputs}
+    outs = set()
+    for _, n in terms:
+        if len(n.outputs) != 1:
+            raise ValueError(f"{what}: inner products need one output leg, got {n.outputs}")
+        outs.add(n.sizes[n.outputs[0]])
+    if len(ins) > 1 or len(outs) != 1:
+        raise ValueError(f"{what}: terms disagree on widths (inputs {sorted(ins)}, outputs {sorted(outs)})")
+    return (ins.pop() if ins else 0), outs.pop()
+
+
+def _exact_weights(model: Any) -> bool:
+    if isinstance(model, Component):
+        return model.exact
+    return any(getattr(t.data, "dtype", None) == object for _, n in _terms(model) for t in n.tensors)
+
+
+@dataclass(frozen=True, eq=False)
+class InnerProblem:
+    """<a, b> under ``inner`` (and ``measure`` for the gaussian product),
+    with the options of :func:`tsalgebra.inner`.  ``joint`` asks for <a, a>
+    and <b, b> too where one computation yields all three.  Make one with
+    :meth:`of`, which validates the arguments and binds the measure to the
+    models' input."""
+
+    a: Any
+    b: Any
+    inner: str = "gaussian"
+    measure: Measure | None = None
+    method: str = "auto"
+    centered: bool = False
+    per_output: bool = False
+    degree: int | None = None
+    budget: float = DEFAULT_BUDGET
+    orbits: bool = True
+    joint: bool = False
+    algorithm: str | None = None
+
+    @classmethod
+    def of(cls, a: Any, b: Any, inner: str = "gaussian", method: str = "auto", mean: Any = None, cov: Any = None,
+           measure: Measure | None = None, **options: Any) -> "InnerProblem":
+        if inner not in INNERS:
+            raise ValueError(f"inner must be one of {INNERS}, got {inner!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method == "closure" and inner != "gaussian":
+            raise ValueError("method='closure' is a Gaussian moment method; use it with inner='gaussian'")
+        if options.get("centered") and inner != "gaussian":
+            raise ValueError("centered=True is defined for the gaussian inner product only")
+        budget = options.get("budget", DEFAULT_BUDGET)
+        if not isinstance(budget, (int, float)) or not budget >= 0:
+            raise ValueError(f"budget must be a non-negative number of flops, got {budget!r}")
+        if isinstance(a, Component) and isinstance(b, Component):
+            if a.in_features != b.in_features:
+                raise ValueError(f"input widths differ: {a!r} takes {a.in_features}, {b!r} takes {b.in_features}")
+            if a.out_features != b.out_features:
+                raise ValueError(f"output widths differ: {a!r} gives {a.out_features}, {b!r} gives {b.out_features}")
+        if measure is not None and (mean is not None or cov is not None):
+            raise ValueError("give measure= or its shorthand mean=/cov=, not both")
+        if measure is not None and not isinstance(measure, Measure):
+            raise TypeError(f"measure must be a tsalgebra measure (ts.Gaussian(...)), got {type(measure).__name__}")
+        bound = None
+        if inner == "gaussian":
+            law = measure if measure is not None else Gaussian(mean, cov)
+            width = a.in_features if isinstance(a, Component) else _widths(_terms(a, False), "a")[0] - 1
+            bound = law.at(width, positions_of(a))
+        return cls(a, b, inner, bound, method, **options)
+
+    def replace(self, **changes: Any) -> "InnerProblem":
+        return replace(self, **changes)
+
+    def self_problem(self, side: str) -> "InnerProblem":
+        """<a, a> (``side="a"``) or <b, b> with the same options."""
+        m = self.a if side == "a" else self.b
+        return replace(self, a=m, b=m, joint=False)
+
+    # ------------------------------------------------------------ models
+    def terms(self, side: str, data: bool = True) -> list[tuple[Any, Network]]:
+        """The model of ``side`` ("a" or "b") as weighted networks (see _terms)."""
+        key = f"_terms_{side}_{data}"
+        if key not in self.__dict__:
+            self.__dict__[key] = _terms(self.a if side == "a" else self.b, data)
+        return self.__dict__[key]
+
+    @cached_property
+    def exact_numbers(self) -> bool:
+        """True when some weight is an exact number (Fraction, sympy)."""
+        return _exact_weights(self.a) or _exact_weights(self.b)
+
+    @cached_property
+    def widths(self) -> tuple[int, int]:
+        """(padded input width, padded output width) of both models."""
+        return _widths(self.terms("a", False) + self.terms("b", False), "a and b")
+
+    @cached_property
+    def degrees(self) -> tuple[int, int]:
+        """The largest number of input copies of a term of a and of b."""
+        return (max(n.degree for _, n in self.terms("a", False)), max(n.degree for _, n in self.terms("b", False)))
+
+    @property
+    def components(self) -> bool:
+        """True when both models are layered components (not bare networks)."""
+        return isinstance(self.a, Component) and isinstance(self.b, Component)
+
+    def describe(self) -> str:
+        what = f"{self.inner}{' centred' if self.centered else ''} inner product"
+        return what + (f" under {self.measure.label}" if self.measure is not None else "")
+
+
+# ------------------------------------------------------------------- plans
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """What one algorithm would run for a problem, planned from shapes.
+
+    ``flops`` estimates the arithmetic (the same cold and warm), ``peak_bytes``
+    the largest arrays alive at once, ``contractions`` the planned products;
+    ``exact`` whether the result will be exact, ``joint`` whether the run
+    also yields <a, a> and <b, b>.  ``facts`` are JSON-able details for
+    reports (orbits, nodes, ...); ``payload`` is what :meth:`run` needs;
+    ``refusals`` the other algorithms considered and why they were not taken.
+    """
+
+    algorithm: str
+    problem: InnerProblem = field(repr=False)
+    flops: float
+    peak_bytes: float
+    contractions: int
+    exact: bool = True
+    joint: bool = False
+    facts: Mapping[str, Any] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+    payload: Any = field(default=None, repr=False)
+    refusals: tuple[tuple[str, str], ...] = ()
+
+    def result(self, value: Any, **fields: Any) -> "InnerResult":
+        """An InnerResult of this plan's problem, algorithm and cost."""
+        p = self.problem
+        base = dict(quantity="inner", inner=p.inner, method="closure" if p.method == "closure" else "exact",
+                    exact=self.exact, algorithm=self.algorithm, centered=p.centered,
+                    measure=p.measure.label if p.measure is not None else "", per_output=p.per_output,
+                    contractions=self.contractions, flops=self.flops, notes=self.notes)
+        base.update(fields)
+        return InnerResult(value, **base)
+
+
+# ----------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class InnerResult:
+    """A number with the facts needed to trust it.
+
+    ``value`` is a float (or an exact rational with exact weights, or a
+    vector with ``per_output``); ``exact`` is False only for approximations
+    (closure); ``algorithm`` names the registered algorithm that computed it
+    (the vocabulary of the ``algorithm=`` argument); ``contractions``/``flops``
+    are what was spent; ``pairings`` and ``orbits`` count the raw and the
+    contracted terms of exact enumeration.
+    """
+
+    value: Any
+    quantity: str  # "inner", "norm" or "similarity"
+    inner: str
+    method: str
+    exact: bool
+    algorithm: str
+    centered: bool = False
+    measure: str = ""
+    degree: int | None = None
+    lifted: bool = False
+    per_output: bool = False
+    contractions: int = 0
+    flops: float = 0
+    pairings: int = 0
+    orbits: int = 0
+    notes: tuple[str, ...] = field(default=())
+
+    def __float__(self) -> float:
+        if self.per_output:
+            raise TypeError("a per-output result is a vector; use .value")
+        return float(self.value)
+
+    def __repr__(self) -> str:
+        val = self.value
+        if not self.per_output and isinstance(val, float):
+            val = f"{val:.12g}"
+        flags = [self.inner, self.method + (" (approximate)" if not self.exact else ""), self.algorithm]
+        if self.centered:
+            flags.append("centred")
+        if self.measure:
+            flags.append(self.measure)
+        if self.degree is not None:
+            flags.append(f"degree {self.degree}" + (" (lifted)" if self.lifted else ""))
+        cost = f"{self.contractions} contractions, {format_count(self.flops)} flops"
+        if self.pairings:
+            cost += f", {self.orbits} orbits of {self.pairings} pairings"
+        return f"{self.quantity} = {val}  [{', '.join(flags)}; {cost}]"
