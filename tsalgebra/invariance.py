@@ -22,7 +22,9 @@ from typing import Any, Callable
 import numpy as np
 
 from .components import Bilinear, Component, Linear
-from .inner import DEFAULT_BUDGET, CostError, inner as inner_product
+from .inner import inner as inner_product
+from .measure import Gaussian, Measure
+from .problem import DEFAULT_BUDGET, CostError, positions_of
 
 __all__ = ["InvarianceReport", "check_invariance"]
 
@@ -96,14 +98,14 @@ def _fmt(v: Any) -> str:
 # ------------------------------------------------------------- exact part
 
 
-def _exact_distance(f: Component, g: Component, inner: str, mean: Any, cov: Any, budget: float
+def _exact_distance(f: Component, g: Component, inner: str, measure: Measure, budget: float
                     ) -> tuple[Any, tuple[Any, ...] | None, str, list[str]]:
     """(relative distance, per-output distances, method, notes); the first two
     are None when every exact method is over budget."""
     tries = [inner] if inner == "symmetric" else ["gaussian", "symmetric"]
     refused: list[str] = []
     for kind in tries:
-        kw = {"mean": mean, "cov": cov} if kind == "gaussian" else {}
+        kw = {"measure": measure} if kind == "gaussian" else {}
         try:
             ff = inner_product(f, f, kind, per_output=True, budget=budget, **kw)
             gg = inner_product(g, g, kind, per_output=True, budget=budget, **kw)
@@ -130,13 +132,6 @@ def _exact_distance(f: Component, g: Component, inner: str, mean: Any, cov: Any,
 
 
 # ----------------------------------------------------------- sampled part
-
-
-def _samples(d: int, n: int, rng: np.random.Generator, mean: Any, cov: Any) -> np.ndarray:
-    m = np.zeros(d) if mean is None else np.asarray(mean, dtype=float)
-    if cov is None:
-        return m + rng.normal(size=(n, d))
-    return rng.multivariate_normal(m, np.asarray(cov, dtype=float), size=n)
 
 
 def _outputs(model: Component, x: np.ndarray) -> np.ndarray:
@@ -207,6 +202,7 @@ def check_invariance(
     inner: str = "gaussian",
     mean: Any = None,
     cov: Any = None,
+    measure: Measure | None = None,
     tol: float = 1e-9,
     sample_tol: float = 1e-8,
     n_samples: int = 256,
@@ -217,12 +213,13 @@ def check_invariance(
 
     ``transform``: a :class:`~tsalgebra.symmetries.Symmetry`, any callable
     model -> model, or an already-transformed model.  ``inner``: "gaussian"
-    (x ~ N(mean, cov), default N(0, I)) or "symmetric"; both are
-    function-level, so a zero distance means the same polynomial.  When the
-    exact Gaussian enumeration is over budget the symmetric product (at the
-    common degree) is tried, and when that is too, the verdict rests on the
-    ``n_samples`` inputs drawn from N(mean, cov) (``rng``: a Generator or a
-    seed; None means seed 0, so reports are reproducible) and says so.
+    (x ~ ``measure``, default N(0, I); ``mean``/``cov`` are shorthand for
+    ``Gaussian(mean, cov)``) or "symmetric"; both are function-level, so a
+    zero distance means the same polynomial.  When the exact Gaussian
+    computation is over budget the symmetric product (at the common degree)
+    is tried, and when that is too, the verdict rests on the ``n_samples``
+    inputs drawn from the measure (``rng``: a Generator or a seed; None means
+    seed 0, so reports are reproducible) and says so.
 
     ``invariant`` requires the exact relative distance <= ``tol`` (when
     available) and the worst sampled difference, relative to max |f(x)|, <=
@@ -247,10 +244,13 @@ def check_invariance(
         raise ValueError(f"the transformed model maps {other.in_features} -> {other.out_features}, the original "
                          f"{model.in_features} -> {model.out_features}: it cannot compute the same function")
 
-    rel, per, method, notes = _exact_distance(model, other, inner, mean, cov, budget)
+    if measure is not None and (mean is not None or cov is not None):
+        raise ValueError("give measure= or its shorthand mean=/cov=, not both")
+    law = (measure if measure is not None else Gaussian(mean, cov)).at(model.in_features, positions_of(model))
+    rel, per, method, notes = _exact_distance(model, other, inner, law, budget)
 
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(0 if rng is None else rng)
-    x = _samples(model.in_features, n_samples, rng, mean, cov)
+    x = law.sample(n_samples, rng)
     fx, gx = _outputs(model, x), _outputs(other, x)
     scale = float(np.abs(fx).max()) or float(np.abs(gx).max()) or 1.0
     per_sample = tuple(float(v) for v in (np.abs(fx - gx).max(axis=0) / scale))

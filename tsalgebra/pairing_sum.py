@@ -373,17 +373,19 @@ def plan_pairings(A: Network, B: Network | None, joins: Joins, out_mask: Any, li
     plans, refs, total = [], [], 0
     for k, (partner, _) in enumerate(orbits):
         net, ref = joiner.network(partner, out_legs, out_mask)
-        p = plan(net, optimizer=optimizer)
+        p = plan(net, optimizer=optimizer, cache=False)  # the estimate must not depend on what ran before
         plans.append(p)
         refs.append(ref)
         total += p.flops
         if total + joiner.variant_flops() > limit:
+            # planning stops here: the estimate extrapolates the orbits planned
+            # so far (which alone exceed the limit) to all of them
             total += joiner.variant_flops()
-            more = "" if k + 1 == len(orbits) else (
-                f"at least; {k + 1} of {len(orbits):,} orbits planned, about {format_count(total * len(orbits) / (k + 1))} "
-                "for all")
+            estimate = total * len(orbits) / (k + 1)
+            how = "" if k + 1 == len(orbits) else (
+                f" (extrapolated from {k + 1} of {len(orbits):,} orbits, which alone take {format_count(total)})")
             raise CostError(f"exact {joins.kind} enumeration: {len(orbits):,} orbit contractions of {raw:,} pairings, "
-                            f"{format_count(total)} flops{' (' + more + ')' if more else ''}", flops=total)
+                            f"about {format_count(estimate)} flops{how}", flops=estimate)
     compiled = tuple(oe.contract_expression(p.equation, *p.shapes, optimize=[tuple(q) for q in p.path] or [(0,)])
                      for p in plans)
     found = PairingPlan(joins.kind, n, raw, tuple(size for _, size in orbits), tuple(plans), joiner.variant_flops(),

@@ -167,15 +167,19 @@ class PlanCache:
 plan_cache = PlanCache()
 
 
-def plan_equation(equation: str, shapes: Sequence[Sequence[int]], optimizer: str | None = None) -> ContractionPlan:
+def plan_equation(equation: str, shapes: Sequence[Sequence[int]], optimizer: str | None = None,
+                  cache: bool = True) -> ContractionPlan:
     """Plan ``equation`` for operands of ``shapes``, reusing a cached order.
 
     A cache hit costs one cost count (linear in the number of steps); a miss
     runs the path search of :func:`choose_optimizer` (or ``optimizer``).
+    ``cache=False`` neither reads nor writes the cache: the order is then a
+    function of the equation and the shapes alone, whatever ran before (cost
+    estimates that must be the same in a fresh process and a warm one).
     """
     shapes = tuple(tuple(int(s) for s in shape) for shape in shapes)
     n = len(shapes)
-    cached = plan_cache.get(equation) if optimizer is None else None
+    cached = plan_cache.get(equation) if optimizer is None and cache else None
     if cached is None:
         if optimizer is not None or n <= _OPTIMAL_MAX:
             chosen = optimizer or "optimal"
@@ -185,7 +189,7 @@ def plan_equation(equation: str, shapes: Sequence[Sequence[int]], optimizer: str
             chosen = choose_optimizer(n, info.opt_cost)
             if chosen != "greedy":
                 path, info = oe.contract_path(equation, *shapes, shapes=True, optimize=chosen)
-        if optimizer is None:
+        if optimizer is None and cache:
             plan_cache.put(equation, tuple(tuple(p) for p in path), chosen)
     else:
         path, chosen = cached
@@ -202,9 +206,10 @@ def plan_equation(equation: str, shapes: Sequence[Sequence[int]], optimizer: str
     )
 
 
-def plan(network: Network, output: Sequence[str] | None = None, optimizer: str | None = None) -> ContractionPlan:
+def plan(network: Network, output: Sequence[str] | None = None, optimizer: str | None = None,
+         cache: bool = True) -> ContractionPlan:
     """Plan the contraction of ``network``, keeping ``output`` legs open
     (default: outputs, then inputs).  Tensors without data are fine: only
     shapes matter.  See :func:`plan_equation` for caching."""
     equation, tensors = network.einsum(output)
-    return plan_equation(equation, [t.shape for t in tensors], optimizer)
+    return plan_equation(equation, [t.shape for t in tensors], optimizer, cache)

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from ..engine import evaluate, evaluation_network
+from ..engine import evaluation_network, pad_input
 from ..expr import Network
 from ..measure import Gaussian
-from ..planner import plan as plan_network
+from ..planner import ContractionPlan, plan as plan_network
 from ..problem import CostError, InnerProblem, Plan, format_count
 from .registry import Algorithm, Triple
 
@@ -29,13 +29,31 @@ __all__ = ["Quadrature", "quadrature_inner"]
 _CHUNK = 4096  # nodes evaluated at once
 
 
-def _evaluate(terms: list[tuple[Any, Network]], x: np.ndarray) -> np.ndarray:
-    return sum(float(c) * evaluate(n, x)[:, 1:] for c, n in terms)
+def _evaluation_plans(terms: list[tuple[Any, Network]], batch: int) -> list[ContractionPlan]:
+    """The plan evaluating each term on ``batch`` inputs, a function of the
+    shapes alone (the flops estimated are the flops run)."""
+    return [plan_network(evaluation_network(n, batch) if n.inputs else n, n.outputs if not n.inputs else None,
+                         cache=False) for _, n in terms]
 
 
-def _eval_flops(terms: list[tuple[Any, Network]]) -> int:
-    """Flops of evaluating the terms on one sample (planned from shapes)."""
-    return sum(plan_network(evaluation_network(n, 1)).flops for _, n in terms)
+def _chunks(points: int) -> list[int]:
+    """Batch sizes of the evaluation: full chunks, then the rest."""
+    full, rest = divmod(points, _CHUNK)
+    return [_CHUNK] * full + ([rest] if rest else [])
+
+
+def _evaluate(terms: list[tuple[Any, Network]], plans: list[ContractionPlan], x: np.ndarray) -> np.ndarray:
+    xt = pad_input(x)
+    out: Any = 0
+    for (c, n), p in zip(terms, plans):
+        data = [np.asarray(t.data, dtype=float) for t in n.tensors]
+        if n.inputs:
+            value = p.execute(*data, *([xt] * n.degree))
+        else:  # a constant term: once, for every node
+            const = p.execute(*data)
+            value = np.broadcast_to(const, (len(x),) + const.shape)
+        out = out + float(c) * value[:, 1:]
+    return out
 
 
 def quadrature_inner(ta: list[tuple[Any, Network]], tb: list[tuple[Any, Network]], measure: Gaussian,
@@ -53,11 +71,16 @@ def quadrature_inner(ta: list[tuple[Any, Network]], tb: list[tuple[Any, Network]
     acc_fg: Any = 0
     acc_f: Any = 0
     acc_g: Any = 0
-    for start in range(0, points, _CHUNK):
-        idx = grid[start : start + _CHUNK]
+    plans: dict[int, tuple[list[ContractionPlan], list[ContractionPlan]]] = {}
+    start = 0
+    for batch in _chunks(points):
+        if batch not in plans:
+            plans[batch] = (_evaluation_plans(ta, batch), _evaluation_plans(tb, batch))
+        idx = grid[start : start + batch]
+        start += batch
         w = np.prod(weights[idx], axis=1)
         x = mean[None, :] + nodes[idx] @ F.T
-        f, g = _evaluate(ta, x), _evaluate(tb, x)
+        f, g = _evaluate(ta, plans[batch][0], x), _evaluate(tb, plans[batch][1], x)
         acc_fg = acc_fg + (w[:, None] * f * g).sum(axis=0)
         if centered:
             acc_f = acc_f + (w[:, None] * f).sum(axis=0)
@@ -83,8 +106,14 @@ class Quadrature(Algorithm):
         if r * math.log10(q) > 300:  # beyond any budget, and beyond a float
             raise CostError(f"Gauss-Hermite quadrature needs {q}^{r} nodes (about 1e{r * math.log10(q):.0f})")
         points = q**r
-        per_point = _eval_flops(problem.terms("a", False)) + _eval_flops(problem.terms("b", False))
-        flops = float(points) * per_point
+        ta, tb = problem.terms("a", False), problem.terms("b", False)
+        chunk = min(points, _CHUNK)  # a plan of the first chunk bounds the cost before any plan of the rest
+        per_chunk = sum(p.flops for p in _evaluation_plans(ta, chunk) + _evaluation_plans(tb, chunk))
+        flops = float(per_chunk) * (points / chunk)
+        if flops <= limit and points % chunk:
+            sizes = _chunks(points)
+            flops = float(per_chunk) * (len(sizes) - 1) + sum(
+                p.flops for p in _evaluation_plans(ta, sizes[-1]) + _evaluation_plans(tb, sizes[-1]))
         if flops > limit:
             raise CostError(f"Gauss-Hermite quadrature needs {q}^{r} = {points:,} evaluations "
                             f"({format_count(flops)} flops)", flops=flops)
