@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .components import Bilinear, Component, Linear
+from .components import Component
 from .inner import DEFAULT_BUDGET, CostError, inner as inner_product
 
 __all__ = ["InvarianceReport", "check_invariance"]
@@ -146,13 +146,10 @@ def _outputs(model: Component, x: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------- layer part
 
 
-def _named_weights(layer: Component) -> dict[str, Any]:
-    if isinstance(layer, Linear):
-        return {"weight": layer.weight, "bias": layer.bias}
-    if isinstance(layer, Bilinear):
-        return {"left": layer.left, "right": layer.right, "down": layer.down, "left_bias": layer.left_bias,
-                "right_bias": layer.right_bias, "down_bias": layer.down_bias, "residual": layer.residual}
-    return {"weights": layer.weights()}
+def _fields(layer: Component) -> dict[str, Any]:
+    """What makes the layer's function: its weights and settings, not its name."""
+    settings = {k: v for k, v in layer.settings().items() if k != "name"}
+    return {**layer.named_weights(), **settings}
 
 
 def _differs(a: Any, b: Any) -> bool:
@@ -189,7 +186,7 @@ def compare_layers(original: Component, other: Component) -> tuple[tuple[int, ..
             changed.append(k)
             how.append(f"layer {k}: shape changed, {a!r} became {b!r}")
             continue
-        wa, wb = _named_weights(a), _named_weights(b)
+        wa, wb = _fields(a), _fields(b)
         names = [n for n in wa if _differs(wa[n], wb[n])]
         if names:
             changed.append(k)

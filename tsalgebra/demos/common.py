@@ -1,4 +1,4 @@
-"""Shared pieces of the demos: baselines, statistics, figures, results."""
+"""Shared pieces of the demos: statistics, figures, results."""
 
 from __future__ import annotations
 
@@ -11,41 +11,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..components import Bilinear, Component, Linear
-
-__all__ = ["DemoResult", "weight_cosine", "cosine_matrix", "pearson", "upper", "torch_threads", "labelled_steps",
+__all__ = ["DemoResult", "cosine_matrix", "pearson", "upper", "torch_threads", "labelled_steps",
            "write_outputs"]
-
-
-def _local_flat(model: Component) -> np.ndarray:
-    parts: list[np.ndarray] = []
-    for layer in model.layers:
-        if isinstance(layer, Linear):
-            parts += [layer.weight, layer.bias if layer.bias is not None else np.zeros(layer.out_features)]
-        elif isinstance(layer, Bilinear):
-            z = np.zeros
-            parts += [layer.left, layer.right, layer.down,
-                      layer.left_bias if layer.left_bias is not None else z(layer.hidden),
-                      layer.right_bias if layer.right_bias is not None else z(layer.hidden),
-                      layer.down_bias if layer.down_bias is not None else z(layer.out_features)]
-        else:
-            raise TypeError(f"no flat weights for {layer!r}")
-    return np.concatenate([np.asarray(p, dtype=float).ravel() for p in parts])
-
-
-def weight_cosine(a: Component, b: Component) -> float:
-    """Cosine of the concatenated raw weights (the basis-dependent baseline):
-    ``tsalgebra.baselines.weight_cosine`` when available, else the same
-    definition here (layer order; Bilinear: left, right, down, then biases,
-    absent biases as zeros)."""
-    try:
-        from ..baselines import weight_cosine as wc
-    except ImportError:
-        va, vb = _local_flat(a), _local_flat(b)
-        if va.shape != vb.shape:
-            raise ValueError("weight_cosine needs identical architectures") from None
-        return float(np.clip(va @ vb / (np.linalg.norm(va) * np.linalg.norm(vb)), -1, 1))
-    return wc(a, b)
 
 
 def cosine_matrix(rows: np.ndarray) -> np.ndarray:
