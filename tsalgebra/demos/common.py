@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+from ..jsonable import dumps, jsonable
 
 __all__ = ["DemoResult", "cosine_matrix", "pearson", "upper", "torch_threads", "labelled_steps",
            "write_outputs"]
@@ -87,23 +88,6 @@ class DemoResult:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (np.floating, float)):
-        v = float(x)
-        return v if np.isfinite(v) else None
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
 def write_outputs(name: str, out: Path, summary: str, numbers: dict[str, Any], figure: Path,
                   checkpoints: Path, started: float) -> DemoResult:
     """Write summary.txt and summary.json next to the figure; return the result."""
@@ -111,6 +95,6 @@ def write_outputs(name: str, out: Path, summary: str, numbers: dict[str, Any], f
     numbers = dict(numbers, seconds=round(seconds, 2))
     summary = summary.rstrip() + f"\nwall time {seconds:.1f} s; figure {figure}; numbers {out / 'summary.json'}\n"
     (out / "summary.txt").write_text(summary)
-    (out / "summary.json").write_text(json.dumps(_jsonable(numbers), indent=2))
-    return DemoResult(name, summary, _jsonable(numbers), figure, out / "summary.txt", out / "summary.json",
+    (out / "summary.json").write_text(dumps(numbers, indent=2))
+    return DemoResult(name, summary, jsonable(numbers), figure, out / "summary.txt", out / "summary.json",
                       checkpoints, seconds)
