@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from fractions import Fraction
 from pathlib import Path
@@ -11,13 +10,8 @@ import numpy as np
 import pytest
 import sympy
 
+from helpers import strict_json
 from tsalgebra.jsonable import EXACT_INT_LIMIT, dumps, jsonable
-
-
-def strict(text: str):
-    def refuse(word):
-        raise ValueError(f"not JSON: {word}")
-    return json.loads(text, parse_constant=refuse)
 
 
 def test_large_integers_never_become_long_digit_strings():
@@ -28,7 +22,7 @@ def test_large_integers_never_become_long_digit_strings():
     huge = -(7**1000)  # beyond the float range
     out = jsonable(huge)
     assert out["sign"] == -1 and out["log10"] == pytest.approx(1000 * math.log10(7), rel=1e-12)
-    assert strict(dumps({"n": huge}))["n"]["log10"] == pytest.approx(845.098, abs=1e-3)
+    assert strict_json(dumps({"n": huge}))["n"]["log10"] == pytest.approx(845.098, abs=1e-3)
     assert jsonable(np.int64(-5)) == -5 and isinstance(jsonable(np.uint8(7)), int)
     assert jsonable(sympy.Integer(3**400)) == float(3**400)
 
@@ -37,7 +31,7 @@ def test_non_finite_floats_become_null():
     values = [math.nan, math.inf, -math.inf, np.float32("nan"), np.float64("inf"), sympy.nan, sympy.oo, -sympy.oo,
               sympy.zoo]
     assert jsonable(values) == [None] * len(values)
-    assert strict(dumps(np.array([1.0, np.nan, -np.inf]))) == [1.0, None, None]
+    assert strict_json(dumps(np.array([1.0, np.nan, -np.inf]))) == [1.0, None, None]
 
 
 def test_fractions_and_sympy_numbers():
@@ -60,6 +54,6 @@ def test_numpy_arrays_scalars_and_containers():
     assert jsonable(np.complex128(1 + 2j)) == "(1+2j)"
     payload = {"values": np.eye(2), "count": 5**300, "ratio": Fraction(2, 3), "where": Path("x.png"),
                "bad": np.nan, "exact": sympy.Rational(1, 4)}
-    assert strict(dumps(payload, indent=2)) == {"values": [[1.0, 0.0], [0.0, 1.0]], "count": float(5**300),
+    assert strict_json(dumps(payload, indent=2)) == {"values": [[1.0, 0.0], [0.0, 1.0]], "count": float(5**300),
                                                "ratio": pytest.approx(2 / 3), "where": "x.png", "bad": None,
                                                "exact": 0.25}

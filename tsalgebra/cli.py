@@ -343,13 +343,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------- plan
 
 
-def _same_weights(a: Component, b: Component) -> bool:
-    try:
-        return a is b or a.same_weights(b)
-    except Exception:  # noqa: BLE001 - a model type without comparable weights
-        return False
-
-
 def plan_similarity(a: Component, b: Component, inner: str = "gaussian", *, centered: bool = False,
                     per_output: bool = False, budget: float | None = None) -> dict[str, Any]:
     """The contractions that ``ts.similarity(a, b, inner, centered=...)``
