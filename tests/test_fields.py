@@ -12,6 +12,7 @@ import torch
 import tsalgebra as ts
 from tsalgebra.arrays import is_torch, torch_to_numpy
 from tsalgebra.circuits import top_eigen
+from tsalgebra.components import postcompose, precompose
 from tsalgebra.symbolic import Polynomial
 
 
@@ -193,3 +194,33 @@ def test_torch_helpers():
     assert w[0, 0].item() == 1.0
     layer = ts.Linear(torch.ones(2, 3, dtype=torch.bfloat16))  # numpy has no bfloat16: converted through float64
     assert layer.weight.dtype == np.float64 and layer.weight.sum() == 6
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_affine_maps_compose_into_the_layer(exact):
+    rng = np.random.default_rng(9)
+    quarters = np.vectorize(lambda v: Fraction(round(4 * v), 4), otypes=[object])
+    num = (lambda a: quarters(a)) if exact else (lambda a: a)  # noqa: E731
+    W, b = num(rng.normal(size=(3, 2))), num(rng.normal(size=3))  # x (2) -> y (3)
+    M = W @ W.T  # y (3) -> 3
+    lin = ts.Linear(num(rng.normal(size=(3, 3))), num(rng.normal(size=3)))
+    res = ts.Bilinear(num(rng.normal(size=(2, 3))), num(rng.normal(size=(2, 3))), num(rng.normal(size=(3, 2))),
+                      left_bias=num(rng.normal(size=2)), residual=True)
+    x = num(rng.normal(size=(4, 2)))
+    y = x @ W.T + b
+
+    def check(got, want):
+        if exact:
+            np.testing.assert_array_equal(got, want)
+        else:
+            np.testing.assert_allclose(got, want, rtol=1e-12)
+
+    for layer in (lin, res):
+        before = precompose(layer, W, b)
+        assert before.exact == exact and not getattr(before, "residual", False)
+        check(before(x), layer(y))
+        after = postcompose(layer, M, b)
+        assert after.exact == exact and not getattr(after, "residual", False)
+        check(after(y), layer(y) @ M.T + b)
+    mixed = precompose(lin, W.astype(float), None)  # one float operand: float64 throughout
+    assert not mixed.exact and mixed.weight.dtype == np.float64

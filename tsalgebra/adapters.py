@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from .arrays import torch_to_numpy
-from .components import Bilinear, Component, Linear, Sequential
+from .components import Bilinear, Component, Linear, Sequential, postcompose, precompose
 
 __all__ = [
     "AdapterError",
@@ -294,22 +294,10 @@ def _fused(fused: nn.Linear, down: nn.Linear | None, path: str) -> Bilinear:
 
 def _compose(first: Component, second: Component) -> Component | None:
     """One layer computing second(first(x)) when one of them is Linear, else None."""
-    if isinstance(first, Linear) and isinstance(second, Linear):
-        b1 = first.bias if first.bias is not None else np.zeros(first.out_features)
-        b2 = second.bias if second.bias is not None else np.zeros(second.out_features)
-        return Linear(second.weight @ first.weight, second.weight @ b1 + b2, name=second.name)
-    if isinstance(first, Linear) and isinstance(second, Bilinear):
-        s = second.unfolded()
-        b1 = first.bias if first.bias is not None else np.zeros(first.out_features)
-        lb = (s.left_bias if s.left_bias is not None else 0) + s.left @ b1
-        rb = (s.right_bias if s.right_bias is not None else 0) + s.right @ b1
-        return Bilinear(s.left @ first.weight, s.right @ first.weight, s.down, lb, rb, s.down_bias, name=s.name)
+    if isinstance(first, Linear) and isinstance(second, (Linear, Bilinear)):
+        return precompose(second, first.weight, first.bias)
     if isinstance(first, Bilinear) and isinstance(second, Linear):
-        f = first.unfolded()
-        db = f.down_bias if f.down_bias is not None else np.zeros(f.out_features)
-        b2 = second.bias if second.bias is not None else 0
-        return Bilinear(f.left, f.right, second.weight @ f.down, f.left_bias, f.right_bias,
-                        second.weight @ db + b2, name=f.name)
+        return postcompose(first, second.weight, second.bias)
     return None
 
 

@@ -12,7 +12,7 @@ x_i * 1, so the engine never meets a special case.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Union
 
 import numpy as np
 
@@ -61,6 +61,21 @@ def as_bias(value: Any, shape: tuple[int, ...], what: str, layer: str) -> np.nda
 def zeros(shape: int | tuple[int, ...], exact: bool) -> np.ndarray:
     """Zeros for weights of either kind: an object array of int 0 (exact), else float64."""
     return np.full(shape, 0, dtype=object) if exact else np.zeros(shape)
+
+
+def all_exact(*arrays: np.ndarray | None) -> bool:
+    """True when every given array (None: skipped) holds exact numbers, an
+    object array: arithmetic on weights stays exact only then, and is float64
+    as soon as one operand is float."""
+    return all(a.dtype == object for a in arrays if a is not None)
+
+
+def cast(a: np.ndarray | None, exact: bool) -> np.ndarray | None:
+    """``a`` for arithmetic of the kind :func:`all_exact` chose: an exact
+    array as it is, else a float64 copy; None stays None."""
+    if a is None:
+        return None
+    return a if (exact and a.dtype == object) else a.astype(np.float64)
 
 
 class Component(ABC):
@@ -181,6 +196,8 @@ class Linear(Component):
 
     weight_fields = ("weight", "bias")
     setting_fields = ("name",)
+    input_maps: ClassVar[tuple[tuple[str, str], ...]] = (("weight", "bias"),)  # (map, bias) pairs reading x
+    output_map: ClassVar[tuple[str, str]] = ("weight", "bias")  # the (map, bias) pair writing y
 
     def __init__(self, weight: Any, bias: Any = None, *, name: str = "Linear") -> None:
         self.name = name
@@ -230,6 +247,8 @@ class Bilinear(Component):
 
     weight_fields = ("left", "right", "down", "left_bias", "right_bias", "down_bias")
     setting_fields = ("residual", "name")
+    input_maps: ClassVar[tuple[tuple[str, str], ...]] = (("left", "left_bias"), ("right", "right_bias"))
+    output_map: ClassVar[tuple[str, str]] = ("down", "down_bias")
 
     def __init__(
         self,
@@ -379,6 +398,43 @@ class Bilinear(Component):
         flags = [f for f, on in (("residual", self.residual), ("biases", any(
             b is not None for b in (self.left_bias, self.right_bias, self.down_bias)))) if on]
         return f"{self.name}({self.in_features} -> {self.hidden} -> {self.out_features}{''.join(', ' + f for f in flags)})"
+
+
+AffineLayer = Union[Linear, Bilinear]
+
+
+def precompose(layer: AffineLayer, weight: np.ndarray, bias: np.ndarray | None = None) -> AffineLayer:
+    """``layer`` applied to ``weight @ x + bias``, as one layer of its kind:
+    every input map A and its bias a become A W and a + A b.  A residual
+    Bilinear is unfolded first (its skip reads x too).  Exact when the layer
+    and the map are (see :func:`all_exact`), float64 otherwise."""
+    if isinstance(layer, Bilinear):
+        layer = layer.unfolded()
+    exact = all_exact(weight, bias, *layer.weights())
+    W, b = cast(weight, exact), cast(bias, exact)
+    w = {k: cast(v, exact) for k, v in layer.named_weights().items()}
+    for A, a in layer.input_maps:
+        if b is not None:
+            w[a] = w[A] @ b if w[a] is None else w[a] + w[A] @ b
+        w[A] = w[A] @ W
+    return layer.replace(**w)  # type: ignore[return-value]
+
+
+def postcompose(layer: AffineLayer, weight: np.ndarray, bias: np.ndarray | None = None) -> AffineLayer:
+    """``weight @ layer(x) + bias`` as one layer of ``layer``'s kind: the
+    output map D and its bias d become W D and W d + b.  A residual Bilinear
+    is unfolded first (its skip is part of the output).  Exact when the layer
+    and the map are, float64 otherwise."""
+    if isinstance(layer, Bilinear):
+        layer = layer.unfolded()
+    exact = all_exact(weight, bias, *layer.weights())
+    W, b = cast(weight, exact), cast(bias, exact)
+    w = {k: cast(v, exact) for k, v in layer.named_weights().items()}
+    D, d = layer.output_map
+    w[D], w[d] = W @ w[D], None if w[d] is None else W @ w[d]
+    if b is not None:
+        w[d] = b if w[d] is None else w[d] + b
+    return layer.replace(**w)  # type: ignore[return-value]
 
 
 class Sequential(Component):

@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import numpy as np
 
 from .attention import BilinearAttention, rotary_matrices
-from .components import Bilinear, Component, Linear, Sequential
+from .components import Bilinear, Component, Linear, Sequential, all_exact, cast, postcompose, precompose
 
 __all__ = [
     "Symmetry",
@@ -151,17 +151,6 @@ def _param(value: Any, what: str) -> np.ndarray:
     return arr
 
 
-def _exact(*arrays: np.ndarray | None) -> bool:
-    """Exact arithmetic is kept only when every operand is an object array."""
-    return all(a.dtype == object for a in arrays if a is not None)
-
-
-def _cast(a: np.ndarray | None, exact: bool) -> np.ndarray | None:
-    if a is None:
-        return None
-    return a if (exact and a.dtype == object) else a.astype(np.float64)
-
-
 def _reciprocal(x: Any) -> Any:
     """1 / x, exactly for ints (as a Fraction), Fractions and sympy numbers."""
     return Fraction(1, int(x)) if isinstance(x, (int, np.integer)) else 1 / x
@@ -214,7 +203,7 @@ def _harmonize(layers: Layers) -> Layers:
 
 
 def _float_layer(layer: Component) -> Component:
-    return layer.map_weights(lambda w: _cast(w, False))
+    return layer.map_weights(lambda w: cast(w, False))
 
 
 def _bilinear_at(layers: Layers, k: int, what: str) -> Bilinear:
@@ -297,9 +286,9 @@ def rescale_hidden(layer: int, left: Any, right: Any) -> Symmetry:
         sa, sb = (np.broadcast_to(s, (h,)) if s.ndim == 0 else s for s in (a, b_))
         if sa.shape != (h,) or sb.shape != (h,):
             raise ValueError(f"{what}: need {h} factors (one per hidden unit), got {a.shape} and {b_.shape}")
-        exact = _exact(sa, sb, *bl.weights())
-        sa, sb = _cast(sa, exact), _cast(sb, exact)
-        c = lambda v: _cast(v, exact)  # noqa: E731
+        exact = all_exact(sa, sb, *bl.weights())
+        sa, sb = cast(sa, exact), cast(sb, exact)
+        c = lambda v: cast(v, exact)  # noqa: E731
         inv = np.array([_reciprocal(x * y) for x, y in zip(sa, sb)], dtype=object) if exact else 1.0 / (sa * sb)
         return _replace(layers, layer, bl.replace(
             left=c(bl.left) * sa[:, None], right=c(bl.right) * sb[:, None], down=c(bl.down) * inv[None, :],
@@ -343,39 +332,12 @@ def change_wire_basis(wire: int, matrix: Any, shift: Any = None) -> Symmetry:
         prod, cons = (unfold_residual(layers[k]) for k in (wire, wire + 1))
         if prod.out_features != M.shape[0]:
             raise ValueError(f"{what}: the wire has width {prod.out_features}, the matrix is {M.shape}")
-        return _replace(_replace(layers, wire, _produce(prod, M, c)), wire + 1, _consume(cons, M_inv, c))
+        exact = all_exact(M_inv, c)
+        undo = None if c is None else -(cast(M_inv, exact) @ cast(c, exact))  # x = M^-1 (M x + c) - M^-1 c
+        return _replace(_replace(layers, wire, postcompose(prod, M, c)), wire + 1, precompose(cons, M_inv, undo))
 
     desc = f"change basis of wire {wire} ({M.shape[0]}x{M.shape[0]} matrix{', with shift' if c is not None else ''})"
     return Symmetry("change_wire_basis", desc, act)
-
-
-def _produce(layer: Component, M: np.ndarray, c: np.ndarray | None) -> Component:
-    """``layer`` (Linear, or Bilinear without residual) with output M y + c."""
-    assert not getattr(layer, "residual", False)
-    out, bias = ("weight", "bias") if isinstance(layer, Linear) else ("down", "down_bias")
-    exact = _exact(M, c, *layer.weights())
-    w = {k: _cast(v, exact) for k, v in layer.named_weights().items()}
-    M_, c_ = _cast(M, exact), _cast(c, exact)
-    new_bias = None if w[bias] is None else M_ @ w[bias]
-    if c_ is not None:
-        new_bias = c_ if new_bias is None else new_bias + c_
-    return layer.replace(**dict(w, **{out: M_ @ w[out], bias: new_bias}))
-
-
-def _consume(layer: Component, M_inv: np.ndarray, c: np.ndarray | None) -> Component:
-    """``layer`` (Linear, or Bilinear without residual) reading x' = M x + c:
-    every input map A, bias a become A M^-1 and a - A M^-1 c."""
-    assert not getattr(layer, "residual", False)
-    exact = _exact(M_inv, c, *layer.weights())
-    w = {k: _cast(v, exact) for k, v in layer.named_weights().items()}
-    Mi, c_ = _cast(M_inv, exact), _cast(c, exact)
-    maps = (("weight", "bias"),) if isinstance(layer, Linear) else (("left", "left_bias"), ("right", "right_bias"))
-    for A, a in maps:
-        w[A] = w[A] @ Mi
-        if c_ is not None:
-            shift = -(w[A] @ c_)
-            w[a] = shift if w[a] is None else w[a] + shift
-    return layer.replace(**w)
 
 
 def _short(a: np.ndarray) -> str:
@@ -449,7 +411,7 @@ def _attention_at(layers: Layers, k: int, what: str) -> BilinearAttention:
 def _cast_copies(att: BilinearAttention, exact: bool) -> dict[str, np.ndarray | None]:
     """The layer's weights by name as new arrays (object when ``exact``, else
     float64), ready to be changed in place; absent biases stay None."""
-    return {k: None if a is None else _cast(a, exact).copy() for k, a in att.named_weights().items()}
+    return {k: None if a is None else cast(a, exact).copy() for k, a in att.named_weights().items()}
 
 
 def permute_heads(layer: int, permutation: Sequence[int]) -> Symmetry:
@@ -501,7 +463,7 @@ def map_query_key(layer: int, factor: int, head: int, matrix: Any) -> Symmetry:
             raise ValueError(f"map_query_key: matrix has shape {A.shape}, expected ({dh}, {dh})")
         if att.rotary_base is not None and not _commutes_with_rotary(att, A):
             raise ValueError("map_query_key: with rotary factors the map must commute with the rotations")
-        exact = _exact(A, getattr(att, q))
+        exact = all_exact(A, getattr(att, q))
         A_inv_T = (_exact_inverse(A, "map_query_key") if exact else np.linalg.inv(A)).T
         w = _cast_copies(att, exact)
         for name, M in ((q, A), (f"{q}_bias", A), (k, A_inv_T), (f"{k}_bias", A_inv_T)):
@@ -518,7 +480,7 @@ def map_value_output(layer: int, head: int, matrix: Any) -> Symmetry:
 
     def act(layers: Layers) -> Layers:
         att = _attention_at(layers, layer, "map_value_output")
-        exact = _exact(B, att.v)
+        exact = all_exact(B, att.v)
         B_inv = _exact_inverse(B, "map_value_output") if exact else np.linalg.inv(B)
         w = _cast_copies(att, exact)
         w["v"][head], w["o"][head] = B @ w["v"][head], w["o"][head] @ B_inv
