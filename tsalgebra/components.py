@@ -403,16 +403,23 @@ class Bilinear(Component):
 AffineLayer = Union[Linear, Bilinear]
 
 
+def _affine_operands(layer: AffineLayer, weight: np.ndarray, bias: np.ndarray | None
+                     ) -> tuple[AffineLayer, np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """(layer with any residual unfolded, W, b, its weights by name), all cast
+    to one kind of number: exact when every operand is (see :func:`all_exact`)."""
+    if isinstance(layer, Bilinear):
+        layer = layer.unfolded()  # the skip reads the input and is part of the output
+    exact = all_exact(weight, bias, *layer.weights())
+    weights = {k: cast(v, exact) for k, v in layer.named_weights().items()}
+    return layer, cast(weight, exact), cast(bias, exact), weights  # type: ignore[return-value]
+
+
 def precompose(layer: AffineLayer, weight: np.ndarray, bias: np.ndarray | None = None) -> AffineLayer:
     """``layer`` applied to ``weight @ x + bias``, as one layer of its kind:
     every input map A and its bias a become A W and a + A b.  A residual
-    Bilinear is unfolded first (its skip reads x too).  Exact when the layer
-    and the map are (see :func:`all_exact`), float64 otherwise."""
-    if isinstance(layer, Bilinear):
-        layer = layer.unfolded()
-    exact = all_exact(weight, bias, *layer.weights())
-    W, b = cast(weight, exact), cast(bias, exact)
-    w = {k: cast(v, exact) for k, v in layer.named_weights().items()}
+    Bilinear is unfolded first.  Exact when the layer and the map are (see
+    :func:`all_exact`), float64 otherwise."""
+    layer, W, b, w = _affine_operands(layer, weight, bias)
     for A, a in layer.input_maps:
         if b is not None:
             w[a] = w[A] @ b if w[a] is None else w[a] + w[A] @ b
@@ -423,13 +430,9 @@ def precompose(layer: AffineLayer, weight: np.ndarray, bias: np.ndarray | None =
 def postcompose(layer: AffineLayer, weight: np.ndarray, bias: np.ndarray | None = None) -> AffineLayer:
     """``weight @ layer(x) + bias`` as one layer of ``layer``'s kind: the
     output map D and its bias d become W D and W d + b.  A residual Bilinear
-    is unfolded first (its skip is part of the output).  Exact when the layer
-    and the map are, float64 otherwise."""
-    if isinstance(layer, Bilinear):
-        layer = layer.unfolded()
-    exact = all_exact(weight, bias, *layer.weights())
-    W, b = cast(weight, exact), cast(bias, exact)
-    w = {k: cast(v, exact) for k, v in layer.named_weights().items()}
+    is unfolded first.  Exact when the layer and the map are, float64
+    otherwise."""
+    layer, W, b, w = _affine_operands(layer, weight, bias)
     D, d = layer.output_map
     w[D], w[d] = W @ w[D], None if w[d] is None else W @ w[d]
     if b is not None:
