@@ -64,7 +64,7 @@ def test_replace_with_the_same_fields_gives_the_same_weights(kind):
     layer = _layers(np.random.default_rng(1))[kind]
     for copy in (layer.replace(), layer.replace(**layer.named_weights()), layer.map_weights(lambda w: w.copy())):
         assert copy is not layer and type(copy) is type(layer)
-        assert copy.same_weights(layer) and copy.settings() == layer.settings()
+        assert copy.same_weights(layer) and copy.settings() == layer.settings() and copy.name == "probe"
         x = np.random.default_rng(2).normal(size=(3, layer.in_features))
         if isinstance(layer, ts.BilinearAttention):  # it reads sequences
             x = x.reshape(3, layer.n_ctx, layer.d_model)

@@ -95,11 +95,11 @@ class BilinearAttention(_Sequence, Component):
 
     Fields: the twelve weights above, in that order (absent biases: None);
     settings ``causal``, ``rotary_base``, ``scale``, ``residual``, ``n_ctx``
-    (None until bound), ``name``.
+    (None until bound).
     """
 
     weight_fields = ("q1", "k1", "q2", "k2", "v", "o", "q1_bias", "k1_bias", "q2_bias", "k2_bias", "v_bias", "o_bias")
-    setting_fields = ("causal", "rotary_base", "scale", "residual", "n_ctx", "name")
+    setting_fields = ("causal", "rotary_base", "scale", "residual", "n_ctx")
     _PROJECTIONS = ("q1", "k1", "q2", "k2", "v")  # the maps of x with a (heads, d_head) bias each
 
     def __init__(self, q1: Any, k1: Any, q2: Any, k2: Any, v: Any, o: Any, causal: bool = False,

@@ -83,10 +83,12 @@ class Component(ABC):
 
     A layer kind declares its constructor's fields once, in two class
     attributes that name them in a fixed order: ``weight_fields`` (arrays;
-    biases may be absent, None) and ``setting_fields`` (everything else: flags,
-    sizes, the name).  Each field is both a constructor keyword and an
-    attribute, so :meth:`named_weights`, :meth:`settings`, :meth:`weights`,
-    :meth:`map_weights` and :meth:`replace` need no per-kind code.
+    biases may be absent, None) and ``setting_fields`` (the other arguments
+    that shape the function: flags, sizes).  Each field is both a
+    constructor keyword and an attribute, as is ``name`` (a label, no part of
+    the function), so :meth:`named_weights`, :meth:`settings`,
+    :meth:`weights`, :meth:`map_weights`, :meth:`replace` and
+    :meth:`same_weights` need no per-kind code.
     """
 
     in_features: int
@@ -129,8 +131,8 @@ class Component(ABC):
         return {k: getattr(self, k) for k in self.weight_fields}
 
     def settings(self) -> dict[str, Any]:
-        """The constructor's other fields by name (``setting_fields`` order),
-        as the constructor takes them."""
+        """The constructor's other arguments that shape the function, by name
+        (``setting_fields`` order), as the constructor takes them; not the name."""
         return {k: getattr(self, k) for k in self.setting_fields}
 
     def weights(self) -> list[np.ndarray]:
@@ -139,12 +141,13 @@ class Component(ABC):
         return [w for w in self.named_weights().values() if w is not None]
 
     def replace(self, **changes: Any) -> "Component":
-        """A copy with the named fields (weights or settings) replaced, built
-        and validated by the constructor: a bad shape raises naming the layer.
+        """A copy with the named fields (weights, settings or ``name``)
+        replaced, built and validated by the constructor: a bad shape raises
+        naming the layer.
         The copy is of the class that declares the fields (a subclass whose
         constructor takes other arguments comes back as that layer kind).
         Unknown field names raise TypeError."""
-        fields = {**self.named_weights(), **self.settings()}
+        fields = {**self.named_weights(), **self.settings(), "name": self.name}
         unknown = sorted(set(changes) - set(fields))
         if unknown:
             raise TypeError(f"{self!r}: no fields {unknown} to replace; its fields are {list(fields)}")
@@ -172,16 +175,15 @@ class Component(ABC):
         return out[0] if single else out
 
     def same_weights(self, other: "Component") -> bool:
-        """True when ``other`` has the same structure (layer kinds and every
-        setting but the name) and exactly equal weights, field by field (a
-        bias present on one side only is a difference)."""
+        """True when ``other`` has the same structure (layer kinds and
+        settings; names may differ) and exactly equal weights, field by field
+        (a bias present on one side only is a difference)."""
         if type(self) is not type(other) or len(self.layers) != len(other.layers):
             return False
         for a, b in zip(self.layers, other.layers):
             if type(a) is not type(b):
                 return False
-            if {k: v for k, v in a.settings().items() if k != "name"} != {
-                    k: v for k, v in b.settings().items() if k != "name"}:
+            if a.settings() != b.settings():
                 return False
             for x, y in zip(a.named_weights().values(), b.named_weights().values()):
                 if (x is None) != (y is None) or x is not None and (x.shape != y.shape or not bool(np.all(x == y))):
@@ -192,10 +194,9 @@ class Component(ABC):
 class Linear(Component):
     """y = weight @ x + bias, weight of shape (out, in).
 
-    Fields: weights ``weight``, ``bias`` (absent: None); setting ``name``."""
+    Fields: weights ``weight``, ``bias`` (absent: None); no settings."""
 
     weight_fields = ("weight", "bias")
-    setting_fields = ("name",)
     input_maps: ClassVar[tuple[tuple[str, str], ...]] = (("weight", "bias"),)  # (map, bias) pairs reading x
     output_map: ClassVar[tuple[str, str]] = ("weight", "bias")  # the (map, bias) pair writing y
 
@@ -242,11 +243,11 @@ class Bilinear(Component):
     plus x when ``residual``.  left, right: (hidden, in); down: (out, hidden).
 
     Fields: weights ``left``, ``right``, ``down``, ``left_bias``,
-    ``right_bias``, ``down_bias`` (absent biases: None); settings
-    ``residual``, ``name``."""
+    ``right_bias``, ``down_bias`` (absent biases: None); setting
+    ``residual``."""
 
     weight_fields = ("left", "right", "down", "left_bias", "right_bias", "down_bias")
-    setting_fields = ("residual", "name")
+    setting_fields = ("residual",)
     input_maps: ClassVar[tuple[tuple[str, str], ...]] = (("left", "left_bias"), ("right", "right_bias"))
     output_map: ClassVar[tuple[str, str]] = ("down", "down_bias")
 
@@ -475,7 +476,8 @@ class Sequential(Component):
         return {f"{k}.{n}": w for k, layer in enumerate(self._layers) for n, w in layer.named_weights().items()}
 
     def settings(self) -> dict[str, Any]:
-        """Every layer's settings, named like :meth:`named_weights`."""
+        """Every layer's settings, named like :meth:`named_weights` (the
+        layers' names can be replaced as ``"<layer index>.name"``)."""
         return {f"{k}.{n}": v for k, layer in enumerate(self._layers) for n, v in layer.settings().items()}
 
     def bias_shapes(self) -> dict[str, tuple[int, ...]]:

@@ -147,9 +147,8 @@ def _outputs(model: Component, x: np.ndarray) -> np.ndarray:
 
 
 def _fields(layer: Component) -> dict[str, Any]:
-    """What makes the layer's function: its weights and settings, not its name."""
-    settings = {k: v for k, v in layer.settings().items() if k != "name"}
-    return {**layer.named_weights(), **settings}
+    """What makes the layer's function: its weights and settings (not its name)."""
+    return {**layer.named_weights(), **layer.settings()}
 
 
 def _differs(a: Any, b: Any) -> bool:

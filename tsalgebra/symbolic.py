@@ -86,10 +86,9 @@ class Polynomial(Component):
     the constant.  Built by :func:`from_sympy`; T must be symmetric in its
     input axes, which makes every input swap a declared symmetry.
 
-    Fields: weight ``tensor``; setting ``name``."""
+    Fields: weight ``tensor``; no settings."""
 
     weight_fields = ("tensor",)
-    setting_fields = ("name",)
 
     def __init__(self, tensor: Any, name: str = "Polynomial") -> None:
         T = np.asarray(tensor)
