@@ -32,7 +32,8 @@ def attention_direct(att: ts.BilinearAttention, x: np.ndarray) -> np.ndarray:
     """Loops over batch, heads and positions; numpy object arrays allowed."""
     w = att.named_weights()
     B, n, d = x.shape
-    zero = lambda k: w[f"{k}_bias"] if w[f"{k}_bias"] is not None else np.zeros(w[k].shape[:2], dtype=w[k].dtype)  # noqa: E731
+    zero = lambda k: (w[f"{k}_bias"] if w[f"{k}_bias"] is not None  # noqa: E731
+                      else np.zeros(w[k].shape[:2], dtype=w[k].dtype))
     out = np.zeros((B, n, att.d_out), dtype=x.dtype)
     for bi in range(B):
         for h in range(att.heads):

@@ -213,7 +213,8 @@ def test_verify_json_in_float_mode(ckpts):
     assert r.returncode == 0, r.stderr
     same = strict_json(r.stdout)
     assert same["verdict"] == "equal (within tolerance)" and same["exact"] is False
-    assert same["similarity"] == pytest.approx(1, abs=1e-12) and same["relative_residual"] == pytest.approx(0, abs=1e-12)
+    assert same["similarity"] == pytest.approx(1, abs=1e-12)
+    assert same["relative_residual"] == pytest.approx(0, abs=1e-12)
     assert same["per_output"]["similarity"] == [pytest.approx(1, abs=1e-12)] and same["certificate"] is None
     r = run("verify", ckpts / "wrong.txt", sq, "--json")
     assert r.returncode == 0, r.stderr

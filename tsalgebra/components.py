@@ -217,8 +217,8 @@ class Linear(Component):
         """The layer computing x + self(x) (out == in): weight + I."""
         if self.out_features != self.in_features:
             raise ValueError(f"{self.name}: a residual needs out == in, got {self.in_features} -> {self.out_features}")
-        eye = np.eye(self.in_features, dtype=int)
-        return self.replace(weight=self.weight + (eye.astype(object) if self.exact else eye))  # type: ignore[return-value]
+        eye = np.eye(self.in_features, dtype=int).astype(object if self.exact else np.float64)
+        return self.replace(weight=self.weight + eye)  # type: ignore[return-value]
 
     def padded(self) -> np.ndarray:
         """W~ of shape (out+1, in+1): [[1, 0], [bias, weight]]."""

@@ -210,14 +210,14 @@ def _native_key(field: str) -> str:
     return f"{part}.{'bias' if bias else 'weight'}"
 
 
-def _native_layer(keys: dict[str, Any], where: str, name: str) -> Component:
+def _native_layer(keys: dict[str, Any], where: str, name: str) -> Linear | Bilinear:
     """One layer of the native layout (sub-keys without the index)."""
     if all(k.startswith("inner.") for k in keys):
         inner = _native_layer({k[len("inner."):]: v for k, v in keys.items()}, where + "inner.", name)
         if isinstance(inner, Bilinear) and inner.residual:
             raise ValueError(f"{where}inner: nested residuals are not part of the native layout")
         try:
-            return inner.with_residual()  # type: ignore[attr-defined]
+            return inner.with_residual()
         except ValueError as exc:
             raise ValueError(f"{where}inner: {exc}") from None
     names = set(keys)

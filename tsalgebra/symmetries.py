@@ -215,7 +215,8 @@ def _bilinear_at(layers: Layers, k: int, what: str) -> Bilinear:
     return layer
 
 
-def _replace(layers: Layers, k: int, layer: Component) -> Layers:
+def _with_layer(layers: Layers, k: int, layer: Component) -> Layers:
+    """``layers`` with the one at position k exchanged for ``layer``."""
     return tuple(layer if i == k else old for i, old in enumerate(layers))
 
 
@@ -250,7 +251,7 @@ def permute_hidden(layer: int, permutation: Sequence[int]) -> Symmetry:
         if perm.shape != (b.hidden,) or sorted(perm.tolist()) != list(range(b.hidden)):
             raise ValueError(f"{what}: {perm.tolist()} is not a permutation of the layer's {b.hidden} hidden units")
         take = lambda v: None if v is None else v[perm]  # noqa: E731
-        return _replace(layers, layer, b.replace(
+        return _with_layer(layers, layer, b.replace(
             left=b.left[perm], right=b.right[perm], down=b.down[:, perm],
             left_bias=take(b.left_bias), right_bias=take(b.right_bias)))
 
@@ -263,8 +264,8 @@ def swap_left_right(layer: int) -> Symmetry:
 
     def act(layers: Layers) -> Layers:
         b = _bilinear_at(layers, layer, what)
-        return _replace(layers, layer, b.replace(left=b.right, right=b.left,
-                                                 left_bias=b.right_bias, right_bias=b.left_bias))
+        return _with_layer(layers, layer, b.replace(left=b.right, right=b.left,
+                                                     left_bias=b.right_bias, right_bias=b.left_bias))
 
     return Symmetry("swap_left_right", f"swap left and right factors of layer {layer}", act)
 
@@ -290,7 +291,7 @@ def rescale_hidden(layer: int, left: Any, right: Any) -> Symmetry:
         sa, sb = cast(sa, exact), cast(sb, exact)
         c = lambda v: cast(v, exact)  # noqa: E731
         inv = np.array([_reciprocal(x * y) for x, y in zip(sa, sb)], dtype=object) if exact else 1.0 / (sa * sb)
-        return _replace(layers, layer, bl.replace(
+        return _with_layer(layers, layer, bl.replace(
             left=c(bl.left) * sa[:, None], right=c(bl.right) * sb[:, None], down=c(bl.down) * inv[None, :],
             left_bias=None if bl.left_bias is None else c(bl.left_bias) * sa,
             right_bias=None if bl.right_bias is None else c(bl.right_bias) * sb,
@@ -334,7 +335,7 @@ def change_wire_basis(wire: int, matrix: Any, shift: Any = None) -> Symmetry:
             raise ValueError(f"{what}: the wire has width {prod.out_features}, the matrix is {M.shape}")
         exact = all_exact(M_inv, c)
         undo = None if c is None else -(cast(M_inv, exact) @ cast(c, exact))  # x = M^-1 (M x + c) - M^-1 c
-        return _replace(_replace(layers, wire, postcompose(prod, M, c)), wire + 1, precompose(cons, M_inv, undo))
+        return _with_layer(_with_layer(layers, wire, postcompose(prod, M, c)), wire + 1, precompose(cons, M_inv, undo))
 
     desc = f"change basis of wire {wire} ({M.shape[0]}x{M.shape[0]} matrix{', with shift' if c is not None else ''})"
     return Symmetry("change_wire_basis", desc, act)
@@ -424,7 +425,7 @@ def permute_heads(layer: int, permutation: Sequence[int]) -> Symmetry:
             raise ValueError(f"permute_heads: {perm.tolist()} is not a permutation of {att.heads} heads")
         # every field but the output bias (one for the summed heads) has the head axis first
         w = {k: a if a is None or k == "o_bias" else a[perm] for k, a in att.named_weights().items()}
-        return _replace(layers, layer, att.replace(**w))
+        return _with_layer(layers, layer, att.replace(**w))
 
     return Symmetry("permute_heads", f"permute the heads of layer {layer} by {perm.tolist()}", act)
 
@@ -439,7 +440,7 @@ def swap_query_key_factors(layer: int) -> Symmetry:
 
     def act(layers: Layers) -> Layers:
         att = _attention_at(layers, layer, "swap_query_key_factors")
-        return _replace(layers, layer, att.replace(**{other(k): a for k, a in att.named_weights().items()}))
+        return _with_layer(layers, layer, att.replace(**{other(k): a for k, a in att.named_weights().items()}))
 
     return Symmetry("swap_query_key_factors", f"exchange the two query-key factors of layer {layer}", act)
 
@@ -469,7 +470,7 @@ def map_query_key(layer: int, factor: int, head: int, matrix: Any) -> Symmetry:
         for name, M in ((q, A), (f"{q}_bias", A), (k, A_inv_T), (f"{k}_bias", A_inv_T)):
             if w[name] is not None:
                 w[name][head] = M @ w[name][head]
-        return _replace(layers, layer, att.replace(**w))
+        return _with_layer(layers, layer, att.replace(**w))
 
     return Symmetry("map_query_key", f"map head {head}'s query-key space {factor} of layer {layer}", act)
 
@@ -486,7 +487,7 @@ def map_value_output(layer: int, head: int, matrix: Any) -> Symmetry:
         w["v"][head], w["o"][head] = B @ w["v"][head], w["o"][head] @ B_inv
         if w["v_bias"] is not None:
             w["v_bias"][head] = B @ w["v_bias"][head]
-        return _replace(layers, layer, att.replace(**w))
+        return _with_layer(layers, layer, att.replace(**w))
 
     return Symmetry("map_value_output", f"map head {head}'s value space of layer {layer}", act)
 
