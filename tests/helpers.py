@@ -1,10 +1,12 @@
-"""Bridges between tsalgebra models and the plain specs of `oracles`.
+"""Bridges between tsalgebra models and the plain specs of `oracles`, and a
+strict JSON reader for the tests of JSON output.
 
 Only public weight attributes are read, so the oracles stay independent of
 the expression code under test."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import tsalgebra as ts
@@ -35,3 +37,10 @@ def model_of(spec: list[dict[str, Any]]) -> ts.Sequential:
             layers.append(ts.Bilinear(layer["left"], layer["right"], layer["down"], layer["left_bias"],
                                       layer["right_bias"], layer["down_bias"], layer["residual"]))
     return ts.Sequential(*layers)
+
+
+def strict_json(text: str) -> Any:
+    """Parse ``text`` as strict JSON: NaN and Infinity are not JSON, and fail."""
+    def refuse(word: str) -> Any:
+        raise ValueError(f"not JSON: {word}")
+    return json.loads(text, parse_constant=refuse)

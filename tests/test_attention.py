@@ -30,9 +30,10 @@ def rope(v, p, base):
 
 def attention_direct(att: ts.BilinearAttention, x: np.ndarray) -> np.ndarray:
     """Loops over batch, heads and positions; numpy object arrays allowed."""
-    w, b = att.weights_, att.biases
+    w = att.named_weights()
     B, n, d = x.shape
-    zero = lambda k: b.get(k, np.zeros(w[k].shape[:2], dtype=w[k].dtype))  # noqa: E731
+    zero = lambda k: (w[f"{k}_bias"] if w[f"{k}_bias"] is not None  # noqa: E731
+                      else np.zeros(w[k].shape[:2], dtype=w[k].dtype))
     out = np.zeros((B, n, att.d_out), dtype=x.dtype)
     for bi in range(B):
         for h in range(att.heads):
@@ -186,7 +187,7 @@ def test_constant_channel_is_shared_across_positions():
     assert ts.inner(layer, layer).value == pytest.approx(26.0, rel=1e-14)
     att = random_attention(np.random.default_rng(6), heads=1, dh=1, d=1, n_ctx=2, biases=False)
     zero_att = att.map_weights(lambda w: w * 0)
-    shifted = ts.BilinearAttention(*(zero_att.weights_[k] for k in ("q1", "k1", "q2", "k2", "v", "o")), n_ctx=2,
+    shifted = ts.BilinearAttention(*(getattr(zero_att, k) for k in ("q1", "k1", "q2", "k2", "v", "o")), n_ctx=2,
                                    o_bias=np.array([1.5]))
     assert ts.inner(shifted, shifted).value == pytest.approx(2 * 1.5**2, rel=1e-14)
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import tsalgebra as ts
+from helpers import strict_json
 from tsalgebra.adapters import BilinearLayer
 from tsalgebra.cli import main, parse_formulas
 from tsalgebra.io import save
@@ -204,6 +205,27 @@ def test_verify_formula_files(ckpts, capsys):
     with pytest.raises(ValueError, match="unknown names"):
         parse_formulas("x1 + y", ["x1", "x2"])
     assert str(parse_formulas("1e-3*x1^2 + .5*x2", ["x1", "x2"])[0]) == "0.001*x1**2 + 0.5*x2"
+
+
+def test_verify_json_in_float_mode(ckpts):
+    """Float figures once came back as 0-d arrays that the JSON writer tried to
+    iterate: every verify --json without --exact failed."""
+    sq = ckpts / "square.safetensors"
+    r = run("verify", ckpts / "good.txt", sq, "--json")
+    assert r.returncode == 0, r.stderr
+    same = strict_json(r.stdout)
+    assert same["verdict"] == "equal (within tolerance)" and same["exact"] is False
+    assert same["similarity"] == pytest.approx(1, abs=1e-12)
+    assert same["relative_residual"] == pytest.approx(0, abs=1e-12)
+    assert same["per_output"]["similarity"] == [pytest.approx(1, abs=1e-12)] and same["certificate"] is None
+    r = run("verify", ckpts / "wrong.txt", sq, "--json")
+    assert r.returncode == 0, r.stderr
+    other = strict_json(r.stdout)
+    want = ts.verify(parse_formulas("x1^2 - x2^2 + x1", ["x1", "x2"]), ts.load(sq), exact=False)
+    assert other["verdict"] == "different" and other["exact"] is False
+    for key in ("similarity", "relative_residual", "explained", "scale"):
+        assert isinstance(other[key], float) and other[key] == pytest.approx(getattr(want, key), rel=1e-12)
+    assert other["tolerance"] == 1e-9 and other["circuit"].endswith("wrong.txt")
 
 
 def test_template_builds_the_architecture(tmp_path, capsys):

@@ -50,7 +50,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .components import Bilinear, Component, Linear, Sequential
+from .arrays import torch_to_numpy
+from .components import Bilinear, Component, Linear, Sequential, postcompose, precompose
 
 __all__ = [
     "AdapterError",
@@ -181,15 +182,15 @@ def attention_adapter(module: nn.Module, path: str) -> Component:
     """Convert a module with the :class:`BilinearAttentionModule` attribute layout."""
     from .attention import BilinearAttention
 
-    try:
-        ws = [_np(getattr(module, n)) for n in ("q1", "k1", "q2", "k2", "v", "o")]
-        biases = {f"{n}_bias": _np(getattr(module, f"{n}_bias", None)) for n in ("q1", "k1", "q2", "k2", "v", "o")}
+    try:  # the layout's parameter names are the layer's field names; biases may be missing
+        weights = {f: _np(getattr(module, f, None) if f.endswith("_bias") else getattr(module, f))
+                   for f in BilinearAttention.weight_fields}
     except AttributeError as exc:
         raise AdapterError(f"{path or 'the module'}: not in the bilinear-attention layout ({exc})") from None
-    return BilinearAttention(*ws, causal=bool(getattr(module, "causal", False)),
+    return BilinearAttention(**weights, causal=bool(getattr(module, "causal", False)),
                              rotary_base=getattr(module, "rotary_base", None), scale=getattr(module, "scale", 1.0),
                              residual=bool(getattr(module, "residual", False)), n_ctx=getattr(module, "n_ctx", None),
-                             name=_name("BilinearAttention", path), **biases)
+                             name=_name("BilinearAttention", path))
 
 
 # ----------------------------------------------------------------- registry
@@ -250,7 +251,8 @@ def _lookup(module: nn.Module) -> Adapter | None:
 
 
 def _np(t: torch.Tensor | None) -> np.ndarray | None:
-    return None if t is None else t.detach().to("cpu", torch.float64).numpy().copy()
+    """A parameter as a float64 numpy copy (None stays None: an absent bias)."""
+    return None if t is None else np.asarray(torch_to_numpy(t), dtype=np.float64)
 
 
 def _name(kind: str, path: str) -> str:
@@ -290,52 +292,12 @@ def _fused(fused: nn.Linear, down: nn.Linear | None, path: str) -> Bilinear:
         raise AdapterError(path, str(exc)) from None
 
 
-def _with_flag(layer: Bilinear, residual: bool) -> Bilinear:
-    return Bilinear(layer.left, layer.right, layer.down, layer.left_bias, layer.right_bias, layer.down_bias,
-                    residual=residual, name=layer.name)
-
-
-def _unfold(layer: Bilinear) -> Bilinear:
-    """The same function without the residual flag: the skip x_i becomes d
-    extra hidden units computing x_i * 1 (left row e_i, right bias 1)."""
-    if not layer.residual:
-        return layer
-    d, h = layer.in_features, layer.hidden
-    z = np.zeros
-    lb = layer.left_bias if layer.left_bias is not None else z(h)
-    rb = layer.right_bias if layer.right_bias is not None else z(h)
-    return Bilinear(
-        np.concatenate([layer.left, np.eye(d)]), np.concatenate([layer.right, z((d, d))]),
-        np.concatenate([layer.down, np.eye(d)], axis=1),
-        np.concatenate([lb, z(d)]), np.concatenate([rb, np.ones(d)]), layer.down_bias, name=layer.name)
-
-
-def _add_identity(layer: Bilinear) -> Bilinear:
-    """x + layer(x) as one Bilinear: the residual flag when the layer has none,
-    else the layer unfolded (its own skip explicit) with the flag set."""
-    if layer.out_features != layer.in_features:
-        raise ValueError(f"a residual needs out == in, got {layer.in_features} -> {layer.out_features}")
-    return _with_flag(_unfold(layer), True)
-
-
 def _compose(first: Component, second: Component) -> Component | None:
     """One layer computing second(first(x)) when one of them is Linear, else None."""
-    if isinstance(first, Linear) and isinstance(second, Linear):
-        b1 = first.bias if first.bias is not None else np.zeros(first.out_features)
-        b2 = second.bias if second.bias is not None else np.zeros(second.out_features)
-        return Linear(second.weight @ first.weight, second.weight @ b1 + b2, name=second.name)
-    if isinstance(first, Linear) and isinstance(second, Bilinear):
-        s = _unfold(second)
-        b1 = first.bias if first.bias is not None else np.zeros(first.out_features)
-        lb = (s.left_bias if s.left_bias is not None else 0) + s.left @ b1
-        rb = (s.right_bias if s.right_bias is not None else 0) + s.right @ b1
-        return Bilinear(s.left @ first.weight, s.right @ first.weight, s.down, lb, rb, s.down_bias, name=s.name)
+    if isinstance(first, Linear) and isinstance(second, (Linear, Bilinear)):
+        return precompose(second, first.weight, first.bias)
     if isinstance(first, Bilinear) and isinstance(second, Linear):
-        f = _unfold(first)
-        db = f.down_bias if f.down_bias is not None else np.zeros(f.out_features)
-        b2 = second.bias if second.bias is not None else 0
-        return Bilinear(f.left, f.right, second.weight @ f.down, f.left_bias, f.right_bias,
-                        second.weight @ db + b2, name=f.name)
+        return postcompose(first, second.weight, second.bias)
     return None
 
 
@@ -364,13 +326,9 @@ def _residual_of(inner: Component | None, path: str) -> Component:
         raise AdapterError(path, "residual around the identity (2 x) is not a tsalgebra layer; "
                                  "use a Linear with weight 2 I")
     folded = fold_linear(inner)
-    if isinstance(folded, Linear):
-        if folded.out_features != folded.in_features:
-            raise AdapterError(path, f"residual needs out == in, inner maps {folded.in_features} -> {folded.out_features}")
-        return Linear(folded.weight + np.eye(folded.in_features), folded.bias, name=folded.name)
-    if isinstance(folded, Bilinear):
+    if isinstance(folded, (Linear, Bilinear)):
         try:
-            return _add_identity(folded)
+            return folded.with_residual()
         except ValueError as exc:
             raise AdapterError(path, str(exc)) from None
     raise AdapterError(
@@ -437,8 +395,9 @@ def _refusal(module: nn.Module) -> str | None:
 
 def _attr_linear(module: nn.Module, names: Iterable[str]) -> list[tuple[str, nn.Linear]]:
     found = []
+    children = dict(module.named_children())
     for n in names:
-        sub = module._modules.get(n)
+        sub = children.get(n)
         if isinstance(sub, nn.Linear) and type(sub).forward is nn.Linear.forward:
             found.append((n, sub))
     return found

@@ -24,15 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from .components import Bilinear, Component, Linear, Sequential, _as_array, _bias, _zeros
+from .components import Bilinear, Component, Linear, Sequential, as_bias, as_weight, zeros
 from .expr import Network, Tensor
 
-__all__ = ["BilinearAttention", "Transformer", "position_wise", "sequence_measure"]
+__all__ = ["BilinearAttention", "Transformer", "position_wise", "rotary_matrices", "sequence_measure"]
 
 
 def _selection(n: int, d: int, exact: bool) -> np.ndarray:
     """S[p, f, u]: the padded features of position p inside the flat padded input."""
-    S = _zeros((n, d + 1, 1 + n * d), exact)
+    S = zeros((n, d + 1, 1 + n * d), exact)
     for p in range(n):
         S[p, 0, 0] = 1
         for f in range(d):
@@ -40,8 +40,10 @@ def _selection(n: int, d: int, exact: bool) -> np.ndarray:
     return S
 
 
-def _rotary(n: int, dh: int, base: float) -> np.ndarray:
-    """Rot[p, e, e']: rotate consecutive pairs of head dimensions by p * base^(-2k/dh)."""
+def rotary_matrices(n: int, dh: int, base: float) -> np.ndarray:
+    """Rot[p, e, e'] (n, dh, dh): the rotary position embedding (RoPE) at each
+    of n positions, rotating consecutive pairs (2k, 2k+1) of a head's dh
+    dimensions by p * base^(-2k/dh); an odd last dimension is left alone."""
     rot = np.zeros((n, dh, dh))
     for p in range(n):
         for k in range(dh // 2):
@@ -90,37 +92,43 @@ class BilinearAttention(_Sequence, Component):
     ``residual`` adds x.  Quadratic attention (q . k)^2 is q1 = q2, k1 = k2:
     only then is the exchange of the two query-key factors (both query legs
     and both key legs at once) declared as a symmetry of the expression.
+
+    Fields: the twelve weights above, in that order (absent biases: None);
+    settings ``causal``, ``rotary_base``, ``scale``, ``residual``, ``n_ctx``
+    (None until bound).
     """
+
+    weight_fields = ("q1", "k1", "q2", "k2", "v", "o", "q1_bias", "k1_bias", "q2_bias", "k2_bias", "v_bias", "o_bias")
+    setting_fields = ("causal", "rotary_base", "scale", "residual", "n_ctx")
+    _PROJECTIONS = ("q1", "k1", "q2", "k2", "v")  # the maps of x with a (heads, d_head) bias each
 
     def __init__(self, q1: Any, k1: Any, q2: Any, k2: Any, v: Any, o: Any, causal: bool = False,
                  rotary_base: float | None = None, scale: float = 1.0, residual: bool = False, *,
                  n_ctx: int | None = None, q1_bias: Any = None, k1_bias: Any = None, q2_bias: Any = None,
                  k2_bias: Any = None, v_bias: Any = None, o_bias: Any = None, name: str = "BilinearAttention") -> None:
         self.name = name
-        ws = {k: _as_array(w, k, name, 3) for k, w in (("q1", q1), ("k1", k1), ("q2", q2), ("k2", k2), ("v", v), ("o", o))}
-        H, dh, d = ws["q1"].shape
+        self.q1, self.k1, self.q2, self.k2, self.v, self.o = (
+            as_weight(w, k, name, 3) for k, w in (("q1", q1), ("k1", k1), ("q2", q2), ("k2", k2), ("v", v), ("o", o)))
+        H, dh, d = self.q1.shape
         for k in ("k1", "q2", "k2", "v"):
-            if ws[k].shape[0] != H or ws[k].shape[2] != d:
-                raise ValueError(f"{name}: {k} has shape {ws[k].shape}, expected ({H}, d_head, {d})")
-        if ws["k1"].shape[1] != dh or ws["q2"].shape[1] != ws["k2"].shape[1]:
+            w = getattr(self, k)
+            if w.shape[0] != H or w.shape[2] != d:
+                raise ValueError(f"{name}: {k} has shape {w.shape}, expected ({H}, d_head, {d})")
+        if self.k1.shape[1] != dh or self.q2.shape[1] != self.k2.shape[1]:
             raise ValueError(f"{name}: query and key head widths differ")
-        if ws["o"].shape[0] != H or ws["o"].shape[2] != ws["v"].shape[1]:
-            raise ValueError(f"{name}: o has shape {ws['o'].shape}, expected ({H}, d_out, {ws['v'].shape[1]})")
-        self.weights_ = ws
-        self.biases = {}
-        for k, b in (("q1", q1_bias), ("k1", k1_bias), ("q2", q2_bias), ("k2", k2_bias), ("v", v_bias)):
-            if b is not None:
-                arr = _as_array(b, f"{k}_bias", name, 2)
-                if arr.shape != ws[k].shape[:2]:
-                    raise ValueError(f"{name}: {k}_bias has shape {arr.shape}, expected {ws[k].shape[:2]}")
-                self.biases[k] = arr
-        self.o_bias = _bias(o_bias, ws["o"].shape[1], "o_bias", name)
+        if self.o.shape[0] != H or self.o.shape[2] != self.v.shape[1]:
+            raise ValueError(f"{name}: o has shape {self.o.shape}, expected ({H}, d_out, {self.v.shape[1]})")
+        self.heads, self.d_model, self.d_out = H, d, self.o.shape[1]
+        shapes = self.bias_shapes()
+        self.q1_bias, self.k1_bias, self.q2_bias, self.k2_bias, self.v_bias, self.o_bias = (
+            as_bias(b, shapes[k], k, name) for k, b in (("q1_bias", q1_bias), ("k1_bias", k1_bias),
+                                                       ("q2_bias", q2_bias), ("k2_bias", k2_bias),
+                                                       ("v_bias", v_bias), ("o_bias", o_bias)))
         self.causal, self.rotary_base, self.residual = bool(causal), rotary_base, bool(residual)
         self.scale = scale
-        self.heads, self.d_model, self.d_out = H, d, ws["o"].shape[1]
         if self.residual and self.d_out != d:
             raise ValueError(f"{name}: residual needs d_out == d_model, got {self.d_out} and {d}")
-        if rotary_base is not None and (ws["q1"].shape[1] != ws["q2"].shape[1]):
+        if rotary_base is not None and (self.q1.shape[1] != self.q2.shape[1]):
             raise ValueError(f"{name}: rotary needs equal query widths")
         self.n_ctx = 0
         if n_ctx is not None:
@@ -146,47 +154,47 @@ class BilinearAttention(_Sequence, Component):
 
     def at(self, n_ctx: int) -> "BilinearAttention":
         """The same layer over ``n_ctx`` positions."""
-        new = self.map_weights(lambda w: w)
-        new._bind(n_ctx)
-        return new
+        return self.replace(n_ctx=n_ctx)  # type: ignore[return-value]
 
     @property
     def degree(self) -> int:
         return 5
 
-    def weights(self) -> list[np.ndarray]:
-        return list(self.weights_.values()) + list(self.biases.values()) + ([self.o_bias] if self.o_bias is not None else [])
+    def settings(self) -> dict[str, Any]:
+        return dict(super().settings(), n_ctx=self.n_ctx or None)
 
-    def map_weights(self, fn: Any) -> "BilinearAttention":
-        w = {k: fn(a) for k, a in self.weights_.items()}
-        b = {f"{k}_bias": fn(a) for k, a in self.biases.items()}
-        return BilinearAttention(w["q1"], w["k1"], w["q2"], w["k2"], w["v"], w["o"], self.causal, self.rotary_base,
-                                 self.scale, self.residual, n_ctx=self.n_ctx or None,
-                                 o_bias=None if self.o_bias is None else fn(self.o_bias), name=self.name, **b)
+    def bias_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {f"{k}_bias": getattr(self, k).shape[:2] for k in self._PROJECTIONS}
+        return dict(shapes, o_bias=(self.d_out,))
 
-    def _padded_heads(self) -> dict[str, np.ndarray]:
-        """Per-factor (H+1, width, d+1) padded maps; head H is the virtual head."""
+    def padded_heads(self) -> dict[str, np.ndarray]:
+        """The padded per-head maps, by factor: "q1", "k1", "q2", "k2" of
+        shape (H+1, d_head, d+1) with the bias in column 0; "v" (H+1, dv,
+        d+1) with dv = max(d_head_v, d+1); "o" (H+1, d_out+1, dv).  Head H is
+        the virtual head: its four factors read the constant channel, its
+        value map is the identity and its output map writes the constant
+        channel, the output bias and the residual."""
         exact = self.exact
         H, d = self.heads, self.d_model
         out: dict[str, np.ndarray] = {}
         for k in ("q1", "k1", "q2", "k2"):
-            w = self.weights_[k]
-            P = _zeros((H + 1, w.shape[1], d + 1), exact)
+            w, b = getattr(self, k), getattr(self, f"{k}_bias")
+            P = zeros((H + 1, w.shape[1], d + 1), exact)
             P[:H, :, 1:] = w
-            if k in self.biases:
-                P[:H, :, 0] = self.biases[k]
+            if b is not None:
+                P[:H, :, 0] = b
             P[H, 0, 0] = 1  # the virtual head's factors are all 1
             out[k] = P
-        w = self.weights_["v"]
+        w = self.v
         dv = max(w.shape[1], d + 1)
-        V = _zeros((H + 1, dv, d + 1), exact)
+        V = zeros((H + 1, dv, d + 1), exact)
         V[:H, : w.shape[1], 1:] = w
-        if "v" in self.biases:
-            V[:H, : w.shape[1], 0] = self.biases["v"]
+        if self.v_bias is not None:
+            V[:H, : w.shape[1], 0] = self.v_bias
         for f in range(d + 1):
             V[H, f, f] = 1
-        O = _zeros((H + 1, self.d_out + 1, dv), exact)
-        O[:H, 1:, : w.shape[1]] = self.weights_["o"]
+        O = zeros((H + 1, self.d_out + 1, dv), exact)
+        O[:H, 1:, : w.shape[1]] = self.o
         O[H, 0, 0] = 1
         if self.o_bias is not None:
             O[H, 1:, 0] = self.o_bias
@@ -196,11 +204,12 @@ class BilinearAttention(_Sequence, Component):
         out["v"], out["o"] = V, O
         return out
 
-    def _mask(self) -> np.ndarray:
-        """(H+1, n, n): scale times the causal mask per head; the virtual head
-        (last) acts only at j = i."""
+    def score_mask(self) -> np.ndarray:
+        """(H+1, n, n): the factor each score[i, j] is multiplied by, per head:
+        ``scale`` where position i attends to j (j <= i when causal), else 0;
+        the virtual head (last) acts only at j = i, with factor 1."""
         n, H, exact = self._positions(), self.heads, self.exact
-        mask = _zeros((H + 1, n, n), exact)
+        mask = zeros((H + 1, n, n), exact)
         scale = self.scale if not exact else Fraction(self.scale).limit_denominator() if isinstance(self.scale, float) else self.scale
         for i in range(n):
             for j in range(n):
@@ -212,7 +221,7 @@ class BilinearAttention(_Sequence, Component):
     def network(self, symmetric: bool = False, tag: str = "", data: bool = True) -> Network:
         n, d, H = self._positions(), self.d_model, self.heads
         exact = self.exact
-        P = self._padded_heads()
+        P = self.padded_heads()
         flat_in, flat_out = 1 + n * d, 1 + n * self.d_out
 
         def tensor(name: str, legs: tuple[str, ...], shape: tuple[int, ...], make: Any) -> Tensor:
@@ -220,7 +229,7 @@ class BilinearAttention(_Sequence, Component):
             return Tensor.of(name, legs, make()) if data else Tensor(name, legs, shape)
 
         def embedding() -> np.ndarray:
-            emb = _zeros((n, self.d_out + 1, flat_out), exact)
+            emb = zeros((n, self.d_out + 1, flat_out), exact)
             for i in range(n):
                 emb[i, 0, 0] = Fraction(1, n) if exact else 1.0 / n  # n positions share one constant channel
                 for c in range(self.d_out):
@@ -230,14 +239,14 @@ class BilinearAttention(_Sequence, Component):
         S = _selection(n, d, exact) if data else None
         t = tag
         a, i, j, out = f"a{t}", f"pi{t}", f"pj{t}", f"o{t}"
-        tensors = [Tensor.of(f"M{t}", (a, i, j), self._mask()),
+        tensors = [Tensor.of(f"M{t}", (a, i, j), self.score_mask()),
                    tensor(f"E{t}", (i, f"c{t}", out), (n, self.d_out + 1, flat_out), embedding)]
         inputs = []
 
         def projection(name: str) -> np.ndarray:
             proj = np.einsum("aef,pfu->aepu", P[name], S)
             if self.rotary_base is not None:
-                proj = np.einsum("prs,aspu->arpu", _rotary(n, P[name].shape[1], self.rotary_base), proj)
+                proj = np.einsum("prs,aspu->arpu", rotary_matrices(n, P[name].shape[1], self.rotary_base), proj)
             return proj
 
         # one owner tensor per input leg: projection, rotation and position
@@ -269,18 +278,16 @@ class BilinearAttention(_Sequence, Component):
 def position_wise(layer: Component, n_ctx: int) -> Component:
     """A Linear or Bilinear layer applied at every position, as one flat layer
     (block-diagonal weights, tiled biases) on the flat sequence."""
-    eye = np.eye(n_ctx, dtype=int)
-    kron = lambda w: np.kron(eye, w) if w.dtype != object else np.kron(eye.astype(object), w)  # noqa: E731
-    tile = lambda b: None if b is None else np.tile(b, n_ctx)  # noqa: E731
-    if isinstance(layer, Linear):
-        return Linear(kron(layer.weight), tile(layer.bias), name=f"{layer.name} x{n_ctx}")
-    if isinstance(layer, Bilinear):
-        return Bilinear(kron(layer.left), kron(layer.right), kron(layer.down), tile(layer.left_bias),
-                        tile(layer.right_bias), tile(layer.down_bias), residual=layer.residual,
-                        name=f"{layer.name} x{n_ctx}")
     if isinstance(layer, Sequential):
         return Sequential(*(position_wise(l, n_ctx) for l in layer.layers))
-    raise TypeError(f"position_wise takes Linear, Bilinear or Sequential, not {layer!r}")
+    if not isinstance(layer, (Linear, Bilinear)):
+        raise TypeError(f"position_wise takes Linear, Bilinear or Sequential, not {layer!r}")
+    eye = np.eye(n_ctx, dtype=int)
+    kron = lambda w: np.kron(eye, w) if w.dtype != object else np.kron(eye.astype(object), w)  # noqa: E731
+    biases = layer.bias_shapes()
+    tiled = {k: None if w is None else np.tile(w, n_ctx) if k in biases else kron(w)
+             for k, w in layer.named_weights().items()}
+    return layer.replace(**tiled, name=f"{layer.name} x{n_ctx}")
 
 
 class Transformer(_Sequence, Sequential):

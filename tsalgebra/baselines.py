@@ -8,42 +8,34 @@ the function stays the same); see docs/symmetries.md.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
-from .attention import BilinearAttention
-from .components import Bilinear, Component, Linear
-from .symmetries import unfold_residual
+from .components import Bilinear, Component
 
 __all__ = ["flat_weights", "weight_cosine"]
 
 
-def _canonical_pair(a: Component, b: Component) -> tuple[Component, Component]:
+def _canonical_pair(a: Component, b: Component) -> tuple[list[Component], list[Component]]:
     """Unfold a residual layer when the other model's layer at that position is
     not residual, so that a residual model and its unfolded copy line up."""
     la, lb = list(a.layers), list(b.layers)
     for k, (x, y) in enumerate(zip(la, lb)):
         if isinstance(x, Bilinear) and isinstance(y, Bilinear) and x.residual != y.residual:
-            la[k], lb[k] = unfold_residual(x), unfold_residual(y)
-    return la, lb  # type: ignore[return-value]
+            la[k], lb[k] = x.unfolded(), y.unfolded()
+    return la, lb
 
 
-def _layer_vector(layer: Component) -> list[np.ndarray]:
-    if isinstance(layer, Linear):
-        parts = [layer.weight, layer.bias if layer.bias is not None else np.zeros(layer.out_features)]
-    elif isinstance(layer, Bilinear):
-        h, o = layer.hidden, layer.out_features
-        parts = [layer.left, layer.right, layer.down,
-                 layer.left_bias if layer.left_bias is not None else np.zeros(h),
-                 layer.right_bias if layer.right_bias is not None else np.zeros(h),
-                 layer.down_bias if layer.down_bias is not None else np.zeros(o)]
-    elif isinstance(layer, BilinearAttention):
-        w, b = layer.weights_, layer.biases
-        parts = [w[k] for k in ("q1", "k1", "q2", "k2", "v", "o")]
-        parts += [b.get(k, np.zeros(w[k].shape[:2])) for k in ("q1", "k1", "q2", "k2", "v")]
-        parts.append(layer.o_bias if layer.o_bias is not None else np.zeros(layer.d_out))
-    else:
-        raise TypeError(f"weight_cosine: no flat weights for {layer!r}")
-    return [np.asarray(p, dtype=float).ravel() for p in parts]
+def _flat(layers: Sequence[Component]) -> np.ndarray:
+    """The layers' weight fields in their declared order, concatenated as one
+    float64 vector; an absent bias as the zeros it stands for."""
+    parts = []
+    for layer in layers:
+        shapes = layer.bias_shapes()
+        parts += [np.asarray(np.zeros(shapes[k]) if w is None else w, dtype=float).ravel()
+                  for k, w in layer.named_weights().items()]
+    return np.concatenate(parts)
 
 
 def _describe(layer: Component) -> tuple:
@@ -52,10 +44,11 @@ def _describe(layer: Component) -> tuple:
 
 
 def flat_weights(model: Component) -> np.ndarray:
-    """Every weight of ``model`` concatenated in layer order (Linear: weight,
-    bias; Bilinear: left, right, down, left bias, right bias, down bias), as
-    float64; absent biases are zero vectors."""
-    return np.concatenate([p for layer in model.layers for p in _layer_vector(layer)])
+    """Every weight of ``model`` concatenated in layer order, each layer's in
+    the order of its ``named_weights`` (Linear: weight, bias; Bilinear: left,
+    right, down, left bias, right bias, down bias; BilinearAttention: q1, k1,
+    q2, k2, v, o, then their biases), as float64; absent biases are zeros."""
+    return _flat(model.layers)
 
 
 def weight_cosine(a: Component, b: Component) -> float:
@@ -63,7 +56,7 @@ def weight_cosine(a: Component, b: Component) -> float:
     architecture (same layer kinds and widths, position by position).
 
     Absent biases count as zeros; a residual Bilinear facing a non-residual
-    one is compared in its unfolded form (:func:`~tsalgebra.symmetries.unfold_residual`).
+    one is compared in its unfolded form (:meth:`~tsalgebra.Bilinear.unfolded`).
     Raises ValueError naming the first mismatching layer when the
     architectures differ, and when either model's weights are all zero.
     Basis-dependent: not invariant under weight-space symmetries.
@@ -75,8 +68,7 @@ def weight_cosine(a: Component, b: Component) -> float:
         if _describe(x) != _describe(y):
             raise ValueError(f"weight_cosine needs identical architectures: layer {k} is {x!r} in one model "
                              f"and {y!r} in the other")
-    va = np.concatenate([p for layer in la for p in _layer_vector(layer)])
-    vb = np.concatenate([p for layer in lb for p in _layer_vector(layer)])
+    va, vb = _flat(la), _flat(lb)
     na, nb = np.linalg.norm(va), np.linalg.norm(vb)
     if na == 0 or nb == 0:
         raise ValueError("weight_cosine: a model with all-zero weights has no direction")

@@ -26,10 +26,8 @@ import csv
 import importlib
 import importlib.util
 import json
-import math
 import re
 import sys
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -37,6 +35,7 @@ import numpy as np
 
 from .components import Bilinear, Component, Sequential
 from .engine import evaluation_network
+from .jsonable import dumps
 from .planner import plan, plan_cache
 from .problem import CostError
 
@@ -115,41 +114,9 @@ def _print_summary(rows: list[dict[str, Any]]) -> None:
 # ------------------------------------------------------------------ helpers
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return [_jsonable(x) for x in v.tolist()]
-    if isinstance(v, (bool, np.bool_)):
-        return bool(v)
-    if isinstance(v, (int, np.integer)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        f = float(v)
-        return f if math.isfinite(f) else None
-    if isinstance(v, Path):
-        return str(v)
-    if v is None or isinstance(v, str):
-        return v
-    if isinstance(v, Fraction):
-        return float(v)
-    try:
-        import sympy
-
-        if isinstance(v, sympy.Basic) and v.is_number and v.is_real:
-            return float(v)
-    except (TypeError, ValueError):
-        pass
-    return str(v)
-
-
 def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
-    if args.json:
-        print(json.dumps(_jsonable(payload), indent=2))
-    else:
-        print(text)
+    """The payload as JSON with --json, else the text."""
+    print(dumps(payload, indent=2) if args.json else text)
 
 
 def _template(spec: str | None) -> Callable[[], Any] | None:
@@ -416,18 +383,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         from .demos import backdoor as mod
     result = mod.run(mod.config_from_args(args))
-    if args.json:
-        print(json.dumps(_jsonable(dict(result.numbers, summary=result.summary, figure=result.figure,
-                                        checkpoint_dir=result.checkpoints)), indent=2))
-    else:
-        print(result.summary, end="")
+    payload = dict(result.numbers, summary=result.summary, figure=result.figure, checkpoint_dir=result.checkpoints)
+    _emit(args, payload, result.summary.rstrip("\n"))
     return EXIT_OK
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
     rows = summary(args.seed, args.batch)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(dumps(rows, indent=2))
     else:
         _print_summary(rows)
     return EXIT_OK

@@ -12,27 +12,32 @@ x_i * 1, so the engine never meets a special case.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Union
 
 import numpy as np
 
-from .engine import _is_torch, evaluate
+from .arrays import is_torch, torch_to_numpy
+from .engine import evaluate
 from .expr import Network, Tensor
 
 __all__ = ["Component", "Linear", "Bilinear", "Sequential"]
 
+_RANKS = {1: "a 1-D vector", 2: "a 2-D (out, in) matrix"}
 
-def _as_array(value: Any, what: str, layer: str, rank: int) -> np.ndarray:
-    """Validate and convert one weight to a numpy array of the given rank."""
-    if _is_torch(value):
-        value = value.detach().cpu().numpy()
+
+def as_weight(value: Any, what: str, layer: str, rank: int) -> np.ndarray:
+    """One weight validated and converted for the constructor of ``layer``: a
+    numpy array of the given rank, nonempty and finite, float64 (object arrays
+    of exact numbers are kept as they are).  Errors name ``layer`` and ``what``."""
+    if is_torch(value):
+        value = torch_to_numpy(value)
     arr = np.asarray(value)
     if arr.dtype != object:
         if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
             raise TypeError(f"{layer}: {what} has dtype {arr.dtype}, expected real numbers")
         arr = arr.astype(np.float64)
     if arr.ndim != rank:
-        expect = "a 2-D (out, in) matrix" if rank == 2 else "a 1-D vector"
+        expect = _RANKS.get(rank, f"a {rank}-D array")
         raise ValueError(f"{layer}: {what} has rank {arr.ndim} (shape {arr.shape}), expected {expect}")
     if 0 in arr.shape:
         raise ValueError(f"{layer}: {what} is empty (shape {arr.shape})")
@@ -41,38 +46,56 @@ def _as_array(value: Any, what: str, layer: str, rank: int) -> np.ndarray:
     return arr
 
 
-def _bias(value: Any, size: int, what: str, layer: str) -> np.ndarray | None:
+def as_bias(value: Any, shape: tuple[int, ...], what: str, layer: str) -> np.ndarray | None:
+    """An optional bias validated like :func:`as_weight` and checked against
+    the ``shape`` the layer's other weights give it; None stays None (absent)."""
     if value is None:
         return None
-    b = _as_array(value, what, layer, 1)
-    if b.shape[0] != size:
-        raise ValueError(f"{layer}: {what} has length {b.shape[0]}, expected {size}")
+    b = as_weight(value, what, layer, len(shape))
+    if b.shape != shape:
+        found = f"length {b.shape[0]}, expected {shape[0]}" if len(shape) == 1 else f"shape {b.shape}, expected {shape}"
+        raise ValueError(f"{layer}: {what} has {found}")
     return b
 
 
-def _zeros(shape: tuple[int, ...], exact: bool) -> np.ndarray:
+def zeros(shape: int | tuple[int, ...], exact: bool) -> np.ndarray:
+    """Zeros for weights of either kind: an object array of int 0 (exact), else float64."""
     return np.full(shape, 0, dtype=object) if exact else np.zeros(shape)
 
 
-def _same_fields(x: Any, y: Any) -> bool:
-    """Equal values field by field: arrays by shape and entries, dicts by
-    key, names ignored."""
-    if isinstance(x, dict) and isinstance(y, dict):
-        keys = set(x) - {"name"}
-        return keys == set(y) - {"name"} and all(_same_fields(x[k], y[k]) for k in keys)
-    if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
-        return (isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and x.shape == y.shape
-                and bool(np.all(x == y)))
-    if isinstance(x, (tuple, list)) and isinstance(y, (tuple, list)):
-        return len(x) == len(y) and all(_same_fields(a, b) for a, b in zip(x, y))
-    return bool(x == y)
+def all_exact(*arrays: np.ndarray | None) -> bool:
+    """True when every given array (None: skipped) holds exact numbers, an
+    object array: arithmetic on weights stays exact only then, and is float64
+    as soon as one operand is float."""
+    return all(a.dtype == object for a in arrays if a is not None)
+
+
+def cast(a: np.ndarray | None, exact: bool) -> np.ndarray | None:
+    """``a`` for arithmetic of the kind :func:`all_exact` chose: an exact
+    array as it is, else a float64 copy; None stays None."""
+    if a is None:
+        return None
+    return a if (exact and a.dtype == object) else a.astype(np.float64)
 
 
 class Component(ABC):
-    """A polynomial map from R^in to R^out held as a tensor network."""
+    """A polynomial map from R^in to R^out held as a tensor network.
+
+    A layer kind declares its constructor's fields once, in two class
+    attributes that name them in a fixed order: ``weight_fields`` (arrays;
+    biases may be absent, None) and ``setting_fields`` (the other arguments
+    that shape the function: flags, sizes).  Each field is both a
+    constructor keyword and an attribute, as is ``name`` (a label, no part of
+    the function), so :meth:`named_weights`, :meth:`settings`,
+    :meth:`weights`, :meth:`map_weights`, :meth:`replace` and
+    :meth:`same_weights` need no per-kind code.
+    """
 
     in_features: int
     out_features: int
+    name: str
+    weight_fields: ClassVar[tuple[str, ...]] = ()
+    setting_fields: ClassVar[tuple[str, ...]] = ()
 
     @property
     @abstractmethod
@@ -88,6 +111,12 @@ class Component(ABC):
         ``data=False``: shapes and declared symmetries only, for planning
         (a component whose tensors are large does not form them)."""
 
+    def bias_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of every bias field, present or absent (an absent bias
+        means zeros of this shape), in ``weight_fields`` order; none here: a
+        kind with optional biases overrides this."""
+        return {}
+
     @property
     def expression(self) -> Network:
         """The model's tensor network over x~ (see :meth:`network`)."""
@@ -98,14 +127,39 @@ class Component(ABC):
         """True when the weights are exact numbers (object arrays)."""
         return any(w.dtype == object for w in self.weights())
 
-    @abstractmethod
-    def weights(self) -> list[np.ndarray]:
-        """Every weight array (for hashing, equality and dtype checks)."""
+    def named_weights(self) -> dict[str, np.ndarray | None]:
+        """Every weight field by name in ``weight_fields`` order, an absent
+        bias as None (the dict is new; the arrays are the layer's own)."""
+        return {k: getattr(self, k) for k in self.weight_fields}
 
-    @abstractmethod
+    def settings(self) -> dict[str, Any]:
+        """The constructor's other arguments that shape the function, by name
+        (``setting_fields`` order), as the constructor takes them; not the name."""
+        return {k: getattr(self, k) for k in self.setting_fields}
+
+    def weights(self) -> list[np.ndarray]:
+        """Every present weight array, in ``named_weights`` order (for
+        hashing, equality and dtype checks)."""
+        return [w for w in self.named_weights().values() if w is not None]
+
+    def replace(self, **changes: Any) -> "Component":
+        """A copy with the named fields (weights, settings or ``name``)
+        replaced, built and validated by the constructor: a bad shape raises
+        naming the layer.
+        The copy is of the class that declares the fields (a subclass whose
+        constructor takes other arguments comes back as that layer kind).
+        Unknown field names raise TypeError."""
+        fields = {**self.named_weights(), **self.settings(), "name": self.name}
+        unknown = sorted(set(changes) - set(fields))
+        if unknown:
+            raise TypeError(f"{self!r}: no fields {unknown} to replace; its fields are {list(fields)}")
+        kind = next(c for c in type(self).__mro__ if "weight_fields" in vars(c))
+        return kind(**{**fields, **changes})
+
     def map_weights(self, fn: Callable[[np.ndarray], Any]) -> "Component":
-        """The same architecture with ``fn`` applied to every weight array
-        (e.g. to convert dtypes); the input is not modified."""
+        """The same architecture with ``fn`` applied to every present weight
+        array (e.g. to convert dtypes); the input is not modified."""
+        return self.replace(**{k: fn(w) for k, w in self.named_weights().items() if w is not None})
 
     @property
     def layers(self) -> tuple["Component", ...]:
@@ -123,36 +177,55 @@ class Component(ABC):
         return out[0] if single else out
 
     def same_weights(self, other: "Component") -> bool:
-        """True when ``other`` has the same structure and exactly equal weights
-        (every field but the name: a left bias and an equal right bias differ)."""
+        """True when ``other`` has the same structure (layer kinds and
+        settings; names may differ) and exactly equal weights, field by field
+        (a bias present on one side only is a difference)."""
         if type(self) is not type(other) or len(self.layers) != len(other.layers):
             return False
-        return all(type(a) is type(b) and _same_fields(vars(a), vars(b)) for a, b in zip(self.layers, other.layers))
+        for a, b in zip(self.layers, other.layers):
+            if type(a) is not type(b):
+                return False
+            if a.settings() != b.settings():
+                return False
+            for x, y in zip(a.named_weights().values(), b.named_weights().values()):
+                if (x is None) != (y is None) or x is not None and (x.shape != y.shape or not bool(np.all(x == y))):
+                    return False
+        return True
 
 
 class Linear(Component):
-    """y = weight @ x + bias, weight of shape (out, in)."""
+    """y = weight @ x + bias, weight of shape (out, in).
+
+    Fields: weights ``weight``, ``bias`` (absent: None); no settings."""
+
+    weight_fields = ("weight", "bias")
+    input_maps: ClassVar[tuple[tuple[str, str], ...]] = (("weight", "bias"),)  # (map, bias) pairs reading x
+    output_map: ClassVar[tuple[str, str]] = ("weight", "bias")  # the (map, bias) pair writing y
 
     def __init__(self, weight: Any, bias: Any = None, *, name: str = "Linear") -> None:
         self.name = name
-        self.weight = _as_array(weight, "weight", name, 2)
+        self.weight = as_weight(weight, "weight", name, 2)
         self.out_features, self.in_features = self.weight.shape
-        self.bias = _bias(bias, self.out_features, "bias", name)
+        self.bias = as_bias(bias, self.bias_shapes()["bias"], "bias", name)
 
     @property
     def degree(self) -> int:
         return 1
 
-    def weights(self) -> list[np.ndarray]:
-        return [self.weight] + ([self.bias] if self.bias is not None else [])
+    def bias_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"bias": (self.out_features,)}
 
-    def map_weights(self, fn: Callable[[np.ndarray], Any]) -> "Linear":
-        return Linear(fn(self.weight), None if self.bias is None else fn(self.bias), name=self.name)
+    def with_residual(self) -> "Linear":
+        """The layer computing x + self(x) (out == in): weight + I."""
+        if self.out_features != self.in_features:
+            raise ValueError(f"{self.name}: a residual needs out == in, got {self.in_features} -> {self.out_features}")
+        eye = np.eye(self.in_features, dtype=int).astype(object if self.exact else np.float64)
+        return self.replace(weight=self.weight + eye)  # type: ignore[return-value]
 
     def padded(self) -> np.ndarray:
         """W~ of shape (out+1, in+1): [[1, 0], [bias, weight]]."""
         o, d = self.weight.shape
-        w = _zeros((o + 1, d + 1), self.exact)
+        w = zeros((o + 1, d + 1), self.exact)
         w[0, 0] = 1
         w[1:, 1:] = self.weight
         if self.bias is not None:
@@ -170,7 +243,16 @@ class Linear(Component):
 
 class Bilinear(Component):
     """y = down @ ((left @ x + left_bias) * (right @ x + right_bias)) + down_bias,
-    plus x when ``residual``.  left, right: (hidden, in); down: (out, hidden)."""
+    plus x when ``residual``.  left, right: (hidden, in); down: (out, hidden).
+
+    Fields: weights ``left``, ``right``, ``down``, ``left_bias``,
+    ``right_bias``, ``down_bias`` (absent biases: None); setting
+    ``residual``."""
+
+    weight_fields = ("left", "right", "down", "left_bias", "right_bias", "down_bias")
+    setting_fields = ("residual",)
+    input_maps: ClassVar[tuple[tuple[str, str], ...]] = (("left", "left_bias"), ("right", "right_bias"))
+    output_map: ClassVar[tuple[str, str]] = ("down", "down_bias")
 
     def __init__(
         self,
@@ -185,18 +267,19 @@ class Bilinear(Component):
         name: str = "Bilinear",
     ) -> None:
         self.name = name
-        self.left = _as_array(left, "left", name, 2)
-        self.right = _as_array(right, "right", name, 2)
-        self.down = _as_array(down, "down", name, 2)
+        self.left = as_weight(left, "left", name, 2)
+        self.right = as_weight(right, "right", name, 2)
+        self.down = as_weight(down, "down", name, 2)
         h, d = self.left.shape
         if self.right.shape != (h, d):
             raise ValueError(f"{name}: right has shape {self.right.shape} but left has {self.left.shape}")
         if self.down.shape[1] != h:
             raise ValueError(f"{name}: down has {self.down.shape[1]} columns but left/right have {h} hidden rows")
         self.in_features, self.hidden, self.out_features = d, h, self.down.shape[0]
-        self.left_bias = _bias(left_bias, h, "left_bias", name)
-        self.right_bias = _bias(right_bias, h, "right_bias", name)
-        self.down_bias = _bias(down_bias, self.out_features, "down_bias", name)
+        shapes = self.bias_shapes()
+        self.left_bias = as_bias(left_bias, shapes["left_bias"], "left_bias", name)
+        self.right_bias = as_bias(right_bias, shapes["right_bias"], "right_bias", name)
+        self.down_bias = as_bias(down_bias, shapes["down_bias"], "down_bias", name)
         self.residual = bool(residual)
         if self.residual and self.out_features != d:
             raise ValueError(f"{name}: residual needs out == in, got out {self.out_features}, in {d}")
@@ -205,14 +288,31 @@ class Bilinear(Component):
     def degree(self) -> int:
         return 2
 
-    def weights(self) -> list[np.ndarray]:
-        ws = [self.left, self.right, self.down]
-        return ws + [b for b in (self.left_bias, self.right_bias, self.down_bias) if b is not None]
+    def bias_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"left_bias": (self.hidden,), "right_bias": (self.hidden,), "down_bias": (self.out_features,)}
 
-    def map_weights(self, fn: Callable[[np.ndarray], Any]) -> "Bilinear":
-        opt = lambda w: None if w is None else fn(w)  # noqa: E731
-        return Bilinear(fn(self.left), fn(self.right), fn(self.down), opt(self.left_bias), opt(self.right_bias),
-                        opt(self.down_bias), residual=self.residual, name=self.name)
+    def unfolded(self) -> "Bilinear":
+        """The same function without the residual flag: the skip ``+ x``
+        becomes d extra hidden units computing x_i * 1 (left rows e_i with
+        left bias 0, right rows 0 with right bias 1, down columns e_i), read
+        off :meth:`padded`, which already folds the residual this way; so the
+        padded factorization is unchanged.  A non-residual layer is returned
+        as is.  Exact weights stay exact; an absent left or down bias stays
+        absent (the right bias carries the units' 1s)."""
+        if not self.residual:
+            return self
+        L, R, D = self.padded()
+        return self.replace(left=L[1:, 1:], right=R[1:, 1:], down=D[1:, 1:],  # type: ignore[return-value]
+                            left_bias=None if self.left_bias is None else L[1:, 0], right_bias=R[1:, 0],
+                            residual=False)
+
+    def with_residual(self) -> "Bilinear":
+        """The layer computing x + self(x) (out == in) as one Bilinear: the
+        residual flag, after :meth:`unfolded` makes a skip the layer already
+        has explicit."""
+        if self.out_features != self.in_features:
+            raise ValueError(f"{self.name}: a residual needs out == in, got {self.in_features} -> {self.out_features}")
+        return self.unfolded().replace(residual=True)  # type: ignore[return-value]
 
     def padded_shapes(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
         """The shapes of (L~, R~, D~) in ``padded``."""
@@ -236,7 +336,7 @@ class Bilinear(Component):
         h, d = self.left.shape
         extra = d if self.residual else 0
         if out is None:
-            L, R, D = (_zeros(shape, self.exact) for shape in self.padded_shapes())
+            L, R, D = (zeros(shape, self.exact) for shape in self.padded_shapes())
         else:
             L, R, D = out
             if tuple(x.shape for x in out) != self.padded_shapes():
@@ -305,6 +405,46 @@ class Bilinear(Component):
         return f"{self.name}({self.in_features} -> {self.hidden} -> {self.out_features}{''.join(', ' + f for f in flags)})"
 
 
+AffineLayer = Union[Linear, Bilinear]
+
+
+def _affine_operands(layer: AffineLayer, weight: np.ndarray, bias: np.ndarray | None
+                     ) -> tuple[AffineLayer, np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """(layer with any residual unfolded, W, b, its weights by name), all cast
+    to one kind of number: exact when every operand is (see :func:`all_exact`)."""
+    if isinstance(layer, Bilinear):
+        layer = layer.unfolded()  # the skip reads the input and is part of the output
+    exact = all_exact(weight, bias, *layer.weights())
+    weights = {k: cast(v, exact) for k, v in layer.named_weights().items()}
+    return layer, cast(weight, exact), cast(bias, exact), weights  # type: ignore[return-value]
+
+
+def precompose(layer: AffineLayer, weight: np.ndarray, bias: np.ndarray | None = None) -> AffineLayer:
+    """``layer`` applied to ``weight @ x + bias``, as one layer of its kind:
+    every input map A and its bias a become A W and a + A b.  A residual
+    Bilinear is unfolded first.  Exact when the layer and the map are (see
+    :func:`all_exact`), float64 otherwise."""
+    layer, W, b, w = _affine_operands(layer, weight, bias)
+    for A, a in layer.input_maps:
+        if b is not None:
+            w[a] = w[A] @ b if w[a] is None else w[a] + w[A] @ b
+        w[A] = w[A] @ W
+    return layer.replace(**w)  # type: ignore[return-value]
+
+
+def postcompose(layer: AffineLayer, weight: np.ndarray, bias: np.ndarray | None = None) -> AffineLayer:
+    """``weight @ layer(x) + bias`` as one layer of ``layer``'s kind: the
+    output map D and its bias d become W D and W d + b.  A residual Bilinear
+    is unfolded first.  Exact when the layer and the map are, float64
+    otherwise."""
+    layer, W, b, w = _affine_operands(layer, weight, bias)
+    D, d = layer.output_map
+    w[D], w[d] = W @ w[D], None if w[d] is None else W @ w[d]
+    if b is not None:
+        w[d] = b if w[d] is None else w[d] + b
+    return layer.replace(**w)  # type: ignore[return-value]
+
+
 class Sequential(Component):
     """Layers applied in order; nested Sequentials are flattened."""
 
@@ -334,11 +474,31 @@ class Sequential(Component):
     def degree(self) -> int:
         return int(np.prod([layer.degree for layer in self._layers]))
 
-    def weights(self) -> list[np.ndarray]:
-        return [w for layer in self._layers for w in layer.weights()]
+    def named_weights(self) -> dict[str, np.ndarray | None]:
+        """Every layer's weight fields, layer by layer, named
+        ``"<layer index>.<field>"`` (e.g. ``"0.left"``, ``"1.bias"``)."""
+        return {f"{k}.{n}": w for k, layer in enumerate(self._layers) for n, w in layer.named_weights().items()}
 
-    def map_weights(self, fn: Callable[[np.ndarray], Any]) -> "Sequential":
-        return Sequential(*(layer.map_weights(fn) for layer in self._layers))
+    def settings(self) -> dict[str, Any]:
+        """Every layer's settings, named like :meth:`named_weights` (the
+        layers' names can be replaced as ``"<layer index>.name"``)."""
+        return {f"{k}.{n}": v for k, layer in enumerate(self._layers) for n, v in layer.settings().items()}
+
+    def bias_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {f"{k}.{n}": s for k, layer in enumerate(self._layers) for n, s in layer.bias_shapes().items()}
+
+    def replace(self, **changes: Any) -> "Sequential":
+        """A Sequential with fields of its layers replaced, named
+        ``"<layer index>.<field>"`` (pass them as ``**{"0.left": w}``); each
+        changed layer is rebuilt by its own :meth:`Component.replace`."""
+        per_layer: list[dict[str, Any]] = [{} for _ in self._layers]
+        for key, value in changes.items():
+            index, _, field = key.partition(".")
+            if not (index.isdigit() and int(index) < len(self._layers) and field):
+                raise TypeError(f"{self!r}: no field {key!r} to replace; fields are named "
+                                f"'<layer index>.<field>' with indices 0..{len(self._layers) - 1}")
+            per_layer[int(index)][field] = value
+        return Sequential(*(layer.replace(**c) if c else layer for layer, c in zip(self._layers, per_layer)))
 
     def network(self, symmetric: bool = False, tag: str = "", data: bool = True) -> Network:
         net = self._layers[0].network(symmetric, f"{tag}1", data)

@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .arrays import is_torch, torch_to_numpy
 from .expr import Network, Tensor
 from .planner import ContractionPlan, plan_equation
 
@@ -18,20 +19,16 @@ __all__ = ["contract", "evaluate", "evaluation_network", "pad_input", "to_backen
 BATCH = "#batch"  # reserved leg name: '#' never occurs in builder-made names
 
 
-def _is_torch(x: Any) -> bool:
-    return type(x).__module__.split(".")[0] == "torch"
-
-
 def to_backend(data: Any, like: Any) -> Any:
     """``data`` as an array of the same kind, dtype and device as ``like``."""
-    if _is_torch(like):
+    if is_torch(like):
         import torch
 
-        if _is_torch(data):
+        if is_torch(data):
             return data.to(device=like.device, dtype=like.dtype)
         return torch.as_tensor(np.asarray(data, dtype=np.float64), dtype=like.dtype, device=like.device)
-    if _is_torch(data):
-        data = data.detach().cpu().numpy()
+    if is_torch(data):
+        data = torch_to_numpy(data)
     if like.dtype == object:
         return np.asarray(data, dtype=object)
     return np.asarray(data, dtype=like.dtype)
@@ -39,7 +36,7 @@ def to_backend(data: Any, like: Any) -> Any:
 
 def pad_input(x: Any) -> Any:
     """x~ = [1; x] along the last axis, in x's backend."""
-    if _is_torch(x):
+    if is_torch(x):
         import torch
 
         ones = torch.ones(x.shape[:-1] + (1,), dtype=x.dtype, device=x.device)
@@ -71,8 +68,8 @@ def contract(
             raise ValueError(f"tensor {t.name!r} has no data; pass it in `data`")
         arrays.append(a)
     if like is None:
-        like = next((a for a in arrays if _is_torch(a)), arrays[0])
-        if not _is_torch(like):
+        like = next((a for a in arrays if is_torch(a)), arrays[0])
+        if not is_torch(like):
             like = np.asarray(like)
             if like.dtype != object:
                 like = like.astype(np.result_type(like.dtype, np.float64))
@@ -96,7 +93,7 @@ def evaluate(network: Network, x: Any) -> Any:
     Returns the padded output, shape (n, *output sizes); channel 0 is the
     constant channel.  Computes in x's dtype (float64 for integer input).
     """
-    if _is_torch(x):
+    if is_torch(x):
         if not x.is_floating_point():
             x = x.to(dtype=__import__("torch").float64)
     else:
@@ -107,6 +104,6 @@ def evaluate(network: Network, x: Any) -> Any:
     n = int(x.shape[0])
     if not network.inputs:  # a constant network: contract once, then repeat per sample
         const, _ = contract(network, output=network.outputs, like=xt)
-        return const[None].repeat(n, 0) if not _is_torch(const) else const.unsqueeze(0).expand(n, *const.shape)
+        return const[None].repeat(n, 0) if not is_torch(const) else const.unsqueeze(0).expand(n, *const.shape)
     out, _ = contract(evaluation_network(network, n), {f"#x{k}": xt for k in range(network.degree)}, like=xt)
     return out

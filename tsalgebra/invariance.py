@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .components import Bilinear, Component, Linear
+from .components import Component
 from .inner import inner as inner_product
 from .measure import Gaussian, Measure
 from .problem import DEFAULT_BUDGET, CostError, positions_of
@@ -141,13 +141,9 @@ def _outputs(model: Component, x: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------- layer part
 
 
-def _named_weights(layer: Component) -> dict[str, Any]:
-    if isinstance(layer, Linear):
-        return {"weight": layer.weight, "bias": layer.bias}
-    if isinstance(layer, Bilinear):
-        return {"left": layer.left, "right": layer.right, "down": layer.down, "left_bias": layer.left_bias,
-                "right_bias": layer.right_bias, "down_bias": layer.down_bias, "residual": layer.residual}
-    return {"weights": layer.weights()}
+def _fields(layer: Component) -> dict[str, Any]:
+    """What makes the layer's function: its weights and settings (not its name)."""
+    return {**layer.named_weights(), **layer.settings()}
 
 
 def _differs(a: Any, b: Any) -> bool:
@@ -184,7 +180,7 @@ def compare_layers(original: Component, other: Component) -> tuple[tuple[int, ..
             changed.append(k)
             how.append(f"layer {k}: shape changed, {a!r} became {b!r}")
             continue
-        wa, wb = _named_weights(a), _named_weights(b)
+        wa, wb = _fields(a), _fields(b)
         names = [n for n in wa if _differs(wa[n], wb[n])]
         if names:
             changed.append(k)

@@ -59,6 +59,7 @@ if TYPE_CHECKING:  # torch is imported only where a torch file or a template nee
 
 import numpy as np
 
+from .arrays import is_torch, torch_to_numpy
 from .components import Bilinear, Component, Linear, Sequential
 
 __all__ = ["LoadError", "load", "save", "checkpoint_paths", "read_state_dict", "model_from_state_dict",
@@ -133,7 +134,7 @@ def is_checkpoint(path: str | Path) -> bool:
 
 
 def _is_array(v: Any) -> bool:
-    return isinstance(v, np.ndarray) or type(v).__module__.split(".")[0] == "torch" and hasattr(v, "shape")
+    return isinstance(v, np.ndarray) or is_torch(v) and hasattr(v, "shape")
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, Any]:
@@ -196,36 +197,35 @@ def _read_safetensors(p: Path) -> dict[str, Any]:
 
 def _f64(v: Any) -> np.ndarray:
     """A weight as float64 numpy (from numpy or torch, any float dtype)."""
-    if type(v).__module__.split(".")[0] == "torch":
-        import torch
-
-        return v.detach().to("cpu", torch.float64).numpy().copy()
-    return np.asarray(v, dtype=np.float64)
+    return np.asarray(torch_to_numpy(v) if is_torch(v) else v, dtype=np.float64)
 
 
-_LINEAR = re.compile(r"^(weight|bias)$")
-_BILINEAR = re.compile(r"^(left|right|down)\.(weight|bias)$")
+def _native_key(field: str) -> str:
+    """The native state-dict key of a Linear or Bilinear weight field, as
+    nn.Linear names its parameters: "weight" -> "weight", "left" ->
+    "left.weight", "left_bias" -> "left.bias"."""
+    if field in ("weight", "bias"):
+        return field
+    part, _, bias = field.partition("_")
+    return f"{part}.{'bias' if bias else 'weight'}"
 
 
-def _native_layer(keys: dict[str, Any], where: str, name: str) -> Component:
+def _native_layer(keys: dict[str, Any], where: str, name: str) -> Linear | Bilinear:
     """One layer of the native layout (sub-keys without the index)."""
     if all(k.startswith("inner.") for k in keys):
         inner = _native_layer({k[len("inner."):]: v for k, v in keys.items()}, where + "inner.", name)
-        if isinstance(inner, Linear):
-            if inner.in_features != inner.out_features:
-                raise ValueError(f"{where}inner: a residual Linear needs out == in, got {inner.weight.shape}")
-            return Linear(inner.weight + np.eye(inner.in_features), inner.bias, name=inner.name)
-        if isinstance(inner, Bilinear) and not inner.residual:
-            return Bilinear(inner.left, inner.right, inner.down, inner.left_bias, inner.right_bias,
-                            inner.down_bias, residual=True, name=inner.name)
-        raise ValueError(f"{where}inner: nested residuals are not part of the native layout")
+        if isinstance(inner, Bilinear) and inner.residual:
+            raise ValueError(f"{where}inner: nested residuals are not part of the native layout")
+        try:
+            return inner.with_residual()
+        except ValueError as exc:
+            raise ValueError(f"{where}inner: {exc}") from None
     names = set(keys)
-    get = lambda k: _f64(keys[k]) if k in keys else None  # noqa: E731
-    if names and all(_LINEAR.match(k) for k in names) and "weight" in names:
-        return Linear(get("weight"), get("bias"), name=f"Linear[{name}]")
-    if names and all(_BILINEAR.match(k) for k in names) and {"left.weight", "right.weight", "down.weight"} <= names:
-        return Bilinear(get("left.weight"), get("right.weight"), get("down.weight"), get("left.bias"),
-                        get("right.bias"), get("down.bias"), name=f"Bilinear[{name}]")
+    for kind in (Linear, Bilinear):
+        native = {_native_key(f): f for f in kind.weight_fields}
+        matrices = {k for k in native if k.endswith("weight")}  # required; the biases are optional
+        if names and names <= set(native) and matrices <= names:
+            return kind(**{native[k]: _f64(v) for k, v in keys.items()}, name=f"{kind.__name__}[{name}]")
     raise ValueError(f"keys {sorted(where + k for k in names)[:6]} are not a native layer "
                      "(weight[/bias], or left/right/down.weight[/bias], optionally under inner.)")
 
@@ -308,19 +308,12 @@ def save(model: Component, path: str | Path, *, dtype: Any = np.float64,
     sd: dict[str, np.ndarray] = {}
     for k, layer in enumerate(model.layers):
         arr = lambda a: np.ascontiguousarray(np.asarray(a, dtype=dtype))  # noqa: E731
-        if isinstance(layer, Linear) and type(layer) is Linear:
-            sd[f"{k}.weight"] = arr(layer.weight)
-            if layer.bias is not None:
-                sd[f"{k}.bias"] = arr(layer.bias)
-        elif isinstance(layer, Bilinear) and type(layer) is Bilinear:
-            pre = f"{k}.inner." if layer.residual else f"{k}."
-            for part, w, b in (("left", layer.left, layer.left_bias), ("right", layer.right, layer.right_bias),
-                               ("down", layer.down, layer.down_bias)):
-                sd[f"{pre}{part}.weight"] = arr(w)
-                if b is not None:
-                    sd[f"{pre}{part}.bias"] = arr(b)
-        else:
+        if type(layer) not in (Linear, Bilinear):
             raise TypeError(f"save: the native layout has no form for {layer!r}")
+        pre = f"{k}.inner." if isinstance(layer, Bilinear) and layer.residual else f"{k}."
+        for field, w in layer.named_weights().items():
+            if w is not None:
+                sd[pre + _native_key(field)] = arr(w)
     meta = {"format": "pt", "tsalgebra": NATIVE_FORMAT, "model": repr(model)}
     meta.update(metadata or {})
     from safetensors.numpy import save_file

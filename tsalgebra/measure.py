@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .engine import _is_torch
+from .arrays import is_torch, torch_to_numpy
 
 __all__ = ["Measure", "Gaussian", "TOLERANCE"]
 
@@ -54,8 +54,8 @@ class Measure:
 def _as_numbers(value: Any, what: str, rank: int) -> np.ndarray:
     """A float64 array, or an object array of exact numbers (Fractions, sympy
     rationals), of the given rank; ValueError/TypeError naming ``what``."""
-    if _is_torch(value):
-        value = value.detach().cpu().numpy()
+    if is_torch(value):
+        value = torch_to_numpy(value)
     arr = np.asarray(value)
     if arr.dtype == object:
         for x in arr.ravel():

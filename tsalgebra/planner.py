@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import opt_einsum as oe
 
+from .arrays import is_torch
 from .expr import Network
 
 __all__ = ["ContractionStep", "ContractionPlan", "plan", "plan_equation", "plan_cache"]
@@ -120,9 +121,9 @@ class ContractionPlan:
 
 def backend_of(operands: Sequence[Any]) -> str:
     """'torch' for torch tensors, 'object' for numpy object arrays, else 'numpy'."""
-    kinds = {type(op).__module__.split(".")[0] for op in operands}
-    if "torch" in kinds:
-        if kinds != {"torch"}:
+    torch_operands = [is_torch(op) for op in operands]
+    if any(torch_operands):
+        if not all(torch_operands):
             raise TypeError("cannot mix torch tensors with other arrays in one contraction")
         return "torch"
     if any(getattr(op, "dtype", None) == object for op in operands):

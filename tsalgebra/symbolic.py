@@ -84,7 +84,11 @@ class Polynomial(Component):
     """A model given by its symmetric padded coefficient tensor T of shape
     (out+1, d+1, ..., d+1) (k input axes): f~(x) = T . x~ ... x~ with channel 0
     the constant.  Built by :func:`from_sympy`; T must be symmetric in its
-    input axes, which makes every input swap a declared symmetry."""
+    input axes, which makes every input swap a declared symmetry.
+
+    Fields: weight ``tensor``; no settings."""
+
+    weight_fields = ("tensor",)
 
     def __init__(self, tensor: Any, name: str = "Polynomial") -> None:
         T = np.asarray(tensor)
@@ -99,12 +103,6 @@ class Polynomial(Component):
     @property
     def degree(self) -> int:
         return self._k
-
-    def weights(self) -> list[np.ndarray]:
-        return [self.tensor]
-
-    def map_weights(self, fn: Any) -> "Polynomial":
-        return Polynomial(fn(self.tensor), name=self.name)
 
     def network(self, symmetric: bool = False, tag: str = "", data: bool = True) -> Network:
         legs = tuple(f"i{tag}_{j}" for j in range(self._k))

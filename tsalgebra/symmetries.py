@@ -37,8 +37,8 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
-from .attention import BilinearAttention
-from .components import Bilinear, Component, Linear, Sequential
+from .attention import BilinearAttention, rotary_matrices
+from .components import Bilinear, Component, Linear, Sequential, all_exact, cast, postcompose, precompose
 
 __all__ = [
     "Symmetry",
@@ -151,25 +151,6 @@ def _param(value: Any, what: str) -> np.ndarray:
     return arr
 
 
-def _exact(*arrays: np.ndarray | None) -> bool:
-    """Exact arithmetic is kept only when every operand is an object array."""
-    return all(a.dtype == object for a in arrays if a is not None)
-
-
-def _cast(a: np.ndarray | None, exact: bool) -> np.ndarray | None:
-    if a is None:
-        return None
-    return a if (exact and a.dtype == object) else a.astype(np.float64)
-
-
-def _zeros(n: int | tuple[int, ...], exact: bool) -> np.ndarray:
-    return np.full(n, 0, dtype=object) if exact else np.zeros(n)
-
-
-def _eye(n: int, exact: bool) -> np.ndarray:
-    return np.eye(n, dtype=int).astype(object) if exact else np.eye(n)
-
-
 def _reciprocal(x: Any) -> Any:
     """1 / x, exactly for ints (as a Fraction), Fractions and sympy numbers."""
     return Fraction(1, int(x)) if isinstance(x, (int, np.integer)) else 1 / x
@@ -222,20 +203,7 @@ def _harmonize(layers: Layers) -> Layers:
 
 
 def _float_layer(layer: Component) -> Component:
-    if isinstance(layer, BilinearAttention):
-        return layer.map_weights(lambda w: _cast(w, False))
-    if isinstance(layer, Linear):
-        return Linear(_cast(layer.weight, False), _cast(layer.bias, False), name=layer.name)
-    assert isinstance(layer, Bilinear)
-    return _bilinear(layer, **{k: _cast(getattr(layer, k), False) for k in
-                               ("left", "right", "down", "left_bias", "right_bias", "down_bias")})
-
-
-def _bilinear(like: Bilinear, **changes: Any) -> Bilinear:
-    """A new Bilinear with ``like``'s fields, some replaced."""
-    fields = {k: getattr(like, k) for k in ("left", "right", "down", "left_bias", "right_bias", "down_bias", "residual")}
-    fields.update(changes)
-    return Bilinear(**fields, name=like.name)
+    return layer.map_weights(lambda w: cast(w, False))
 
 
 def _bilinear_at(layers: Layers, k: int, what: str) -> Bilinear:
@@ -247,18 +215,18 @@ def _bilinear_at(layers: Layers, k: int, what: str) -> Bilinear:
     return layer
 
 
-def _replace(layers: Layers, k: int, layer: Component) -> Layers:
+def _with_layer(layers: Layers, k: int, layer: Component) -> Layers:
+    """``layers`` with the one at position k exchanged for ``layer``."""
     return tuple(layer if i == k else old for i, old in enumerate(layers))
 
 
 def unfold_residual(model: Model) -> Model:
     """The same model with every residual Bilinear rewritten as a non-residual one.
 
-    The residual ``+ x`` becomes d extra hidden units computing x_i * 1: left
-    rows e_i (left bias 0), right rows 0 with right bias 1, down columns e_i.
-    The function is unchanged (and so is the padded factorization the inner
-    products see: the components already fold a residual this way).  Accepts
-    a Bilinear (returns a Bilinear), a Linear (returned as is) or a Sequential.
+    The residual ``+ x`` becomes d extra hidden units computing x_i * 1 (see
+    :meth:`~tsalgebra.Bilinear.unfolded`, which this applies to every layer):
+    the function and the padded factorization are unchanged.  Accepts a
+    Bilinear (returns a Bilinear), a Linear (returned as is) or a Sequential.
     """
     if isinstance(model, Sequential):
         return Sequential(*(unfold_residual(layer) for layer in model.layers))  # type: ignore[return-value]
@@ -266,23 +234,7 @@ def unfold_residual(model: Model) -> Model:
         return model
     if not isinstance(model, Bilinear):
         raise TypeError(f"unfold_residual: expected a tsalgebra model, got {type(model).__name__}")
-    if not model.residual:
-        return model
-    h, d = model.left.shape
-    exact = model.exact
-    eye, zeros = _eye(d, exact), _zeros((d, d), exact)
-    lb = None if model.left_bias is None else np.concatenate([model.left_bias, _zeros(d, exact)])
-    rb = np.concatenate([_zeros(h, exact) if model.right_bias is None else model.right_bias,
-                         np.full(d, 1, dtype=object) if exact else np.ones(d)])
-    return _bilinear(  # type: ignore[return-value]
-        model,
-        left=np.concatenate([model.left, eye]),
-        right=np.concatenate([model.right, zeros]),
-        down=np.concatenate([model.down, eye], axis=1),
-        left_bias=lb,
-        right_bias=rb,
-        residual=False,
-    )
+    return model.unfolded()  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------ generators
@@ -299,8 +251,8 @@ def permute_hidden(layer: int, permutation: Sequence[int]) -> Symmetry:
         if perm.shape != (b.hidden,) or sorted(perm.tolist()) != list(range(b.hidden)):
             raise ValueError(f"{what}: {perm.tolist()} is not a permutation of the layer's {b.hidden} hidden units")
         take = lambda v: None if v is None else v[perm]  # noqa: E731
-        return _replace(layers, layer, _bilinear(
-            b, left=b.left[perm], right=b.right[perm], down=b.down[:, perm],
+        return _with_layer(layers, layer, b.replace(
+            left=b.left[perm], right=b.right[perm], down=b.down[:, perm],
             left_bias=take(b.left_bias), right_bias=take(b.right_bias)))
 
     return Symmetry("permute_hidden", f"permute hidden units of layer {layer} by {perm.tolist()}", act)
@@ -312,8 +264,8 @@ def swap_left_right(layer: int) -> Symmetry:
 
     def act(layers: Layers) -> Layers:
         b = _bilinear_at(layers, layer, what)
-        return _replace(layers, layer, _bilinear(b, left=b.right, right=b.left,
-                                                 left_bias=b.right_bias, right_bias=b.left_bias))
+        return _with_layer(layers, layer, b.replace(left=b.right, right=b.left,
+                                                     left_bias=b.right_bias, right_bias=b.left_bias))
 
     return Symmetry("swap_left_right", f"swap left and right factors of layer {layer}", act)
 
@@ -335,12 +287,11 @@ def rescale_hidden(layer: int, left: Any, right: Any) -> Symmetry:
         sa, sb = (np.broadcast_to(s, (h,)) if s.ndim == 0 else s for s in (a, b_))
         if sa.shape != (h,) or sb.shape != (h,):
             raise ValueError(f"{what}: need {h} factors (one per hidden unit), got {a.shape} and {b_.shape}")
-        exact = _exact(sa, sb, *bl.weights())
-        sa, sb = _cast(sa, exact), _cast(sb, exact)
-        c = lambda v: _cast(v, exact)  # noqa: E731
+        exact = all_exact(sa, sb, *bl.weights())
+        sa, sb = cast(sa, exact), cast(sb, exact)
+        c = lambda v: cast(v, exact)  # noqa: E731
         inv = np.array([_reciprocal(x * y) for x, y in zip(sa, sb)], dtype=object) if exact else 1.0 / (sa * sb)
-        return _replace(layers, layer, _bilinear(
-            bl,
+        return _with_layer(layers, layer, bl.replace(
             left=c(bl.left) * sa[:, None], right=c(bl.right) * sb[:, None], down=c(bl.down) * inv[None, :],
             left_bias=None if bl.left_bias is None else c(bl.left_bias) * sa,
             right_bias=None if bl.right_bias is None else c(bl.right_bias) * sb,
@@ -382,48 +333,12 @@ def change_wire_basis(wire: int, matrix: Any, shift: Any = None) -> Symmetry:
         prod, cons = (unfold_residual(layers[k]) for k in (wire, wire + 1))
         if prod.out_features != M.shape[0]:
             raise ValueError(f"{what}: the wire has width {prod.out_features}, the matrix is {M.shape}")
-        return _replace(_replace(layers, wire, _produce(prod, M, c)), wire + 1, _consume(cons, M_inv, c))
+        exact = all_exact(M_inv, c)
+        undo = None if c is None else -(cast(M_inv, exact) @ cast(c, exact))  # x = M^-1 (M x + c) - M^-1 c
+        return _with_layer(_with_layer(layers, wire, postcompose(prod, M, c)), wire + 1, precompose(cons, M_inv, undo))
 
     desc = f"change basis of wire {wire} ({M.shape[0]}x{M.shape[0]} matrix{', with shift' if c is not None else ''})"
     return Symmetry("change_wire_basis", desc, act)
-
-
-def _produce(layer: Component, M: np.ndarray, c: np.ndarray | None) -> Component:
-    """``layer`` with output M y + c."""
-    weight, bias = (layer.weight, layer.bias) if isinstance(layer, Linear) else (layer.down, layer.down_bias)
-    exact = _exact(M, c, *layer.weights())
-    M_, w_, b_, c_ = (_cast(v, exact) for v in (M, weight, bias, c))
-    new_bias = None if b_ is None else M_ @ b_
-    if c_ is not None:
-        new_bias = c_ if new_bias is None else new_bias + c_
-    if isinstance(layer, Linear):
-        return Linear(M_ @ w_, new_bias, name=layer.name)
-    assert isinstance(layer, Bilinear) and not layer.residual
-    return _bilinear(layer, down=M_ @ w_, down_bias=new_bias,
-                     **{k: _cast(getattr(layer, k), exact) for k in ("left", "right", "left_bias", "right_bias")})
-
-
-def _consume(layer: Component, M_inv: np.ndarray, c: np.ndarray | None) -> Component:
-    """``layer`` reading x' = M x + c: every input map A, bias a become
-    A M^-1 and a - A M^-1 c."""
-    exact = _exact(M_inv, c, *layer.weights())
-    Mi, c_ = _cast(M_inv, exact), _cast(c, exact)
-
-    def remap(A: np.ndarray, a: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
-        A2 = _cast(A, exact) @ Mi
-        if c_ is None:
-            return A2, _cast(a, exact)
-        shift = -(A2 @ c_)
-        return A2, shift if a is None else _cast(a, exact) + shift
-
-    if isinstance(layer, Linear):
-        w, b = remap(layer.weight, layer.bias)
-        return Linear(w, b, name=layer.name)
-    assert isinstance(layer, Bilinear) and not layer.residual
-    L, lb = remap(layer.left, layer.left_bias)
-    R, rb = remap(layer.right, layer.right_bias)
-    return _bilinear(layer, left=L, right=R, left_bias=lb, right_bias=rb,
-                     down=_cast(layer.down, exact), down_bias=_cast(layer.down_bias, exact))
 
 
 def _short(a: np.ndarray) -> str:
@@ -494,11 +409,10 @@ def _attention_at(layers: Layers, k: int, what: str) -> BilinearAttention:
     return layers[k]
 
 
-def _attention(like: BilinearAttention, weights: dict[str, np.ndarray], biases: dict[str, np.ndarray],
-               o_bias: np.ndarray | None) -> BilinearAttention:
-    return BilinearAttention(weights["q1"], weights["k1"], weights["q2"], weights["k2"], weights["v"], weights["o"],
-                             like.causal, like.rotary_base, like.scale, like.residual, n_ctx=like.n_ctx or None,
-                             o_bias=o_bias, name=like.name, **{f"{k}_bias": b for k, b in biases.items()})
+def _cast_copies(att: BilinearAttention, exact: bool) -> dict[str, np.ndarray | None]:
+    """The layer's weights by name as new arrays (object when ``exact``, else
+    float64), ready to be changed in place; absent biases stay None."""
+    return {k: None if a is None else cast(a, exact).copy() for k, a in att.named_weights().items()}
 
 
 def permute_heads(layer: int, permutation: Sequence[int]) -> Symmetry:
@@ -509,29 +423,30 @@ def permute_heads(layer: int, permutation: Sequence[int]) -> Symmetry:
         att = _attention_at(layers, layer, "permute_heads")
         if sorted(perm.tolist()) != list(range(att.heads)):
             raise ValueError(f"permute_heads: {perm.tolist()} is not a permutation of {att.heads} heads")
-        w = {k: a[perm] for k, a in att.weights_.items()}
-        return _replace(layers, layer, _attention(att, w, {k: b[perm] for k, b in att.biases.items()}, att.o_bias))
+        # every field but the output bias (one for the summed heads) has the head axis first
+        w = {k: a if a is None or k == "o_bias" else a[perm] for k, a in att.named_weights().items()}
+        return _with_layer(layers, layer, att.replace(**w))
 
     return Symmetry("permute_heads", f"permute the heads of layer {layer} by {perm.tolist()}", act)
 
 
 def swap_query_key_factors(layer: int) -> Symmetry:
     """Exchange (q1, k1) with (q2, k2): the two factors of the score commute."""
+    swap = {"q1": "q2", "q2": "q1", "k1": "k2", "k2": "k1"}
+
+    def other(field: str) -> str:  # "q1_bias" -> "q2_bias"; "v", "o" and their biases stay
+        base, sep, rest = field.partition("_")
+        return swap.get(base, base) + sep + rest
 
     def act(layers: Layers) -> Layers:
         att = _attention_at(layers, layer, "swap_query_key_factors")
-        swap = {"q1": "q2", "q2": "q1", "k1": "k2", "k2": "k1", "v": "v", "o": "o"}
-        w = {k: att.weights_[swap[k]] for k in att.weights_}
-        b = {swap[k]: v for k, v in att.biases.items()}
-        return _replace(layers, layer, _attention(att, w, b, att.o_bias))
+        return _with_layer(layers, layer, att.replace(**{other(k): a for k, a in att.named_weights().items()}))
 
     return Symmetry("swap_query_key_factors", f"exchange the two query-key factors of layer {layer}", act)
 
 
 def _commutes_with_rotary(att: BilinearAttention, A: np.ndarray) -> bool:
-    from .attention import _rotary
-
-    rot = _rotary(max(att.n_ctx, 2), A.shape[0], att.rotary_base)
+    rot = rotary_matrices(max(att.n_ctx, 2), A.shape[0], att.rotary_base)
     return all(np.allclose(A.astype(float) @ r, r @ A.astype(float), atol=1e-12) for r in rot)
 
 
@@ -544,21 +459,18 @@ def map_query_key(layer: int, factor: int, head: int, matrix: Any) -> Symmetry:
     def act(layers: Layers) -> Layers:
         att = _attention_at(layers, layer, "map_query_key")
         q, k = f"q{factor}", f"k{factor}"
-        dh = att.weights_[q].shape[1]
+        dh = getattr(att, q).shape[1]
         if A.shape != (dh, dh):
             raise ValueError(f"map_query_key: matrix has shape {A.shape}, expected ({dh}, {dh})")
         if att.rotary_base is not None and not _commutes_with_rotary(att, A):
             raise ValueError("map_query_key: with rotary factors the map must commute with the rotations")
-        exact = _exact(A, att.weights_[q])
+        exact = all_exact(A, getattr(att, q))
         A_inv_T = (_exact_inverse(A, "map_query_key") if exact else np.linalg.inv(A)).T
-        w = {key: _cast(a, exact).copy() for key, a in att.weights_.items()}
-        b = {key: _cast(a, exact).copy() for key, a in att.biases.items()}
-        w[q][head], w[k][head] = A @ w[q][head], A_inv_T @ w[k][head]
-        if q in b:
-            b[q][head] = A @ b[q][head]
-        if k in b:
-            b[k][head] = A_inv_T @ b[k][head]
-        return _replace(layers, layer, _attention(att, w, b, _cast(att.o_bias, exact)))
+        w = _cast_copies(att, exact)
+        for name, M in ((q, A), (f"{q}_bias", A), (k, A_inv_T), (f"{k}_bias", A_inv_T)):
+            if w[name] is not None:
+                w[name][head] = M @ w[name][head]
+        return _with_layer(layers, layer, att.replace(**w))
 
     return Symmetry("map_query_key", f"map head {head}'s query-key space {factor} of layer {layer}", act)
 
@@ -569,14 +481,13 @@ def map_value_output(layer: int, head: int, matrix: Any) -> Symmetry:
 
     def act(layers: Layers) -> Layers:
         att = _attention_at(layers, layer, "map_value_output")
-        exact = _exact(B, att.weights_["v"])
+        exact = all_exact(B, att.v)
         B_inv = _exact_inverse(B, "map_value_output") if exact else np.linalg.inv(B)
-        w = {key: _cast(a, exact).copy() for key, a in att.weights_.items()}
-        b = {key: _cast(a, exact).copy() for key, a in att.biases.items()}
+        w = _cast_copies(att, exact)
         w["v"][head], w["o"][head] = B @ w["v"][head], w["o"][head] @ B_inv
-        if "v" in b:
-            b["v"][head] = B @ b["v"][head]
-        return _replace(layers, layer, _attention(att, w, b, _cast(att.o_bias, exact)))
+        if w["v_bias"] is not None:
+            w["v_bias"][head] = B @ w["v_bias"][head]
+        return _with_layer(layers, layer, att.replace(**w))
 
     return Symmetry("map_value_output", f"map head {head}'s value space of layer {layer}", act)
 
@@ -602,9 +513,9 @@ def _attention_generators(k: int, att: BilinearAttention, rng: np.random.Generat
         out.append(swap_query_key_factors(k))
     for h in range(att.heads):
         for factor in (1, 2):
-            out.append(map_query_key(k, factor, h, _random_head_map(rng, att.weights_[f"q{factor}"].shape[1],
+            out.append(map_query_key(k, factor, h, _random_head_map(rng, getattr(att, f"q{factor}").shape[1],
                                                                       att.rotary_base is not None)))
-        out.append(map_value_output(k, h, _random_head_map(rng, att.weights_["v"].shape[1], False)))
+        out.append(map_value_output(k, h, _random_head_map(rng, att.v.shape[1], False)))
     return out
 
 

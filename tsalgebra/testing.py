@@ -121,9 +121,8 @@ def _rms(a: np.ndarray) -> float:
 
 
 def _floats(layer: Component) -> dict[str, np.ndarray | None]:
-    names = ("weight", "bias") if isinstance(layer, Linear) else (
-        "left", "right", "down", "left_bias", "right_bias", "down_bias")
-    return {n: None if getattr(layer, n) is None else np.asarray(getattr(layer, n), dtype=float).copy() for n in names}
+    """The layer's weights by name as new float64 arrays (absent biases: None)."""
+    return {n: None if w is None else np.asarray(w, dtype=float).copy() for n, w in layer.named_weights().items()}
 
 
 @st.composite
@@ -196,19 +195,9 @@ def perturbations(draw, model: Component, min_size: float = 1e-2, max_size: floa
             w[target][o] += delta
         else:
             w[target][o, j] += delta
-    if isinstance(last, Linear):
-        new_last: Component = Linear(w["weight"], w["bias"], name=last.name)
-    else:
-        new_last = Bilinear(**w, residual=last.residual, name=last.name)
-    layers_f = [_float_copy(layer) for layer in layers_[:-1]]
+    new_last = last.replace(**w)
+    layers_f = [layer.replace(**_floats(layer)) for layer in layers_[:-1]]
     perturbed = Sequential(*layers_f, new_last) if isinstance(model, Sequential) else new_last
     moved = _rms(np.asarray(perturbed(x), dtype=float) - fx) / scale
     assume(moved >= 0.5 * size)
     return perturbed
-
-
-def _float_copy(layer: Component) -> Component:
-    w = _floats(layer)
-    if isinstance(layer, Linear):
-        return Linear(w["weight"], w["bias"], name=layer.name)
-    return Bilinear(**w, residual=layer.residual, name=layer.name)

@@ -32,7 +32,9 @@ __all__ = ["Verification", "verify", "exactify"]
 
 @dataclass(frozen=True)
 class Verification:
-    """The report of :func:`verify`.  Per-output figures are arrays over the
+    """The report of :func:`verify`.  The whole-model figures (similarity,
+    relative_residual, explained, scale) are sympy numbers in exact mode and
+    floats otherwise; per-output figures are float arrays over the
     component's outputs; ``faithfulness`` lists (k, similarity, residual) for
     eigen-circuits as k grows."""
 
@@ -145,6 +147,8 @@ def verify(
     cc = inner_product(c, c, inner, **kw).value
     fc = inner_product(f, c, inner, **kw).value
     sim, residual, explained, scale = _figures(ff, cc, fc, exact)
+    if not exact:  # the float figures of whole models are numbers, not 0-d arrays
+        sim, residual, explained, scale = (float(v) for v in (sim, residual, explained, scale))
     pf, pc, pfc = (inner_product(x, y, inner, per_output=True, **kw).value for x, y in ((f, f), (c, c), (f, c)))
     po = dict(zip(("similarity", "relative_residual", "explained", "scale"),
                   (np.asarray(v, dtype=float) for v in _figures(pf.astype(float), pc.astype(float), pfc.astype(float), False))))

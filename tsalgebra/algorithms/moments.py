@@ -33,11 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from ..attention import BilinearAttention, _rotary
+from ..attention import BilinearAttention, rotary_matrices
 from ..components import Component, Linear, Sequential
+from ..folding import fold
 from ..measure import Gaussian
 from ..problem import CostError, InnerProblem, InnerResult, Plan, format_count, positions_of
-from ..folding import fold
 from .registry import Algorithm, Triple
 
 __all__ = ["AttentionMoments", "attention_moments", "moment_head", "moment_products", "moments_cost", "MAX_WHITENED"]
@@ -221,15 +221,15 @@ def _features(attn: BilinearAttention, E: np.ndarray, T: np.ndarray, basis: _Her
     """Features of ``attn`` read through the per-position map E (padded) from
     the whitened padded input z~ (x~ = T z~)."""
     n, H = attn.n_ctx, attn.heads
-    P = attn._padded_heads()
+    P = attn.padded_heads()
     F = {k: np.einsum("hwd,de->hwe", P[k].astype(float), E @ T) for k in ("q1", "k1", "q2", "k2", "v")}
-    dv = attn.weights_["v"].shape[1]
+    dv = attn.v.shape[1]
     dvs = [dv] * H + [P["v"].shape[1]]
     O = [P["o"][h, 1:, : dvs[h]].astype(float) for h in range(H + 1)]
-    mask = attn._mask().astype(float)
+    mask = attn.score_mask().astype(float)
     w1, w2 = P["q1"].shape[1], P["q2"].shape[1]
     eye = lambda w: np.broadcast_to(np.eye(w), (n, w, w))  # noqa: E731
-    rot1, rot2 = ((_rotary(n, w1, attn.rotary_base), _rotary(n, w2, attn.rotary_base))
+    rot1, rot2 = ((rotary_matrices(n, w1, attn.rotary_base), rotary_matrices(n, w2, attn.rotary_base))
                   if attn.rotary_base is not None else (eye(w1), eye(w2)))
     coupling = np.einsum("irk,jrl,isu,jsv->ijkulv", rot1, rot1, rot2, rot2).reshape(n, n, w1 * w2, w1 * w2)
     sh = basis.shifts
@@ -404,8 +404,8 @@ def _groups(model: Component, r: int) -> tuple[list[tuple[int, int]], int]:
     """(rows, degree) of a model's feature groups and the flops of forming them."""
     attn = moment_head(model)[0]  # type: ignore[index]
     H, d = attn.heads, attn.d_model
-    w1, w2 = attn.weights_["q1"].shape[1], attn.weights_["q2"].shape[1]
-    dv = attn.weights_["v"].shape[1]
+    w1, w2 = attn.q1.shape[1], attn.q2.shape[1]
+    dv = attn.v.shape[1]
     P = H if attn.n_ctx > 1 else 0
     N, r1 = [math.comb(r + j, j) for j in range(6)], r + 1
     form = 2 * (H + 1) * (w1 * r1 * N[2] + (1 + w2) * r1 * N[3] + r1 * N[3])  # Q1 K1 products, the quartics

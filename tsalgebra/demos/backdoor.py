@@ -34,9 +34,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..baselines import weight_cosine
 from ..inner import similarity
 from ..plots import _plt, compute_matrix, plot_matrix
-from .common import DemoResult, cosine_matrix, labelled_steps, torch_threads, weight_cosine, write_outputs
+from .common import DemoResult, cosine_matrix, labelled_steps, torch_threads, write_outputs
 
 __all__ = ["BackdoorConfig", "run", "add_arguments", "config_from_args", "main", "digits", "stamp"]
 

@@ -1,9 +1,8 @@
-"""Shared pieces of the demos: baselines, statistics, figures, results."""
+"""Shared pieces of the demos: statistics, figures, results."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,41 +10,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..components import Bilinear, Component, Linear
+from ..jsonable import dumps, jsonable
 
-__all__ = ["DemoResult", "weight_cosine", "cosine_matrix", "pearson", "upper", "torch_threads", "labelled_steps",
+__all__ = ["DemoResult", "cosine_matrix", "pearson", "upper", "torch_threads", "labelled_steps",
            "write_outputs"]
-
-
-def _local_flat(model: Component) -> np.ndarray:
-    parts: list[np.ndarray] = []
-    for layer in model.layers:
-        if isinstance(layer, Linear):
-            parts += [layer.weight, layer.bias if layer.bias is not None else np.zeros(layer.out_features)]
-        elif isinstance(layer, Bilinear):
-            z = np.zeros
-            parts += [layer.left, layer.right, layer.down,
-                      layer.left_bias if layer.left_bias is not None else z(layer.hidden),
-                      layer.right_bias if layer.right_bias is not None else z(layer.hidden),
-                      layer.down_bias if layer.down_bias is not None else z(layer.out_features)]
-        else:
-            raise TypeError(f"no flat weights for {layer!r}")
-    return np.concatenate([np.asarray(p, dtype=float).ravel() for p in parts])
-
-
-def weight_cosine(a: Component, b: Component) -> float:
-    """Cosine of the concatenated raw weights (the basis-dependent baseline):
-    ``tsalgebra.baselines.weight_cosine`` when available, else the same
-    definition here (layer order; Bilinear: left, right, down, then biases,
-    absent biases as zeros)."""
-    try:
-        from ..baselines import weight_cosine as wc
-    except ImportError:
-        va, vb = _local_flat(a), _local_flat(b)
-        if va.shape != vb.shape:
-            raise ValueError("weight_cosine needs identical architectures") from None
-        return float(np.clip(va @ vb / (np.linalg.norm(va) * np.linalg.norm(vb)), -1, 1))
-    return wc(a, b)
 
 
 def cosine_matrix(rows: np.ndarray) -> np.ndarray:
@@ -120,23 +88,6 @@ class DemoResult:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (np.floating, float)):
-        v = float(x)
-        return v if np.isfinite(v) else None
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
 def write_outputs(name: str, out: Path, summary: str, numbers: dict[str, Any], figure: Path,
                   checkpoints: Path, started: float) -> DemoResult:
     """Write summary.txt and summary.json next to the figure; return the result."""
@@ -144,6 +95,6 @@ def write_outputs(name: str, out: Path, summary: str, numbers: dict[str, Any], f
     numbers = dict(numbers, seconds=round(seconds, 2))
     summary = summary.rstrip() + f"\nwall time {seconds:.1f} s; figure {figure}; numbers {out / 'summary.json'}\n"
     (out / "summary.txt").write_text(summary)
-    (out / "summary.json").write_text(json.dumps(_jsonable(numbers), indent=2))
-    return DemoResult(name, summary, _jsonable(numbers), figure, out / "summary.txt", out / "summary.json",
+    (out / "summary.json").write_text(dumps(numbers, indent=2))
+    return DemoResult(name, summary, jsonable(numbers), figure, out / "summary.txt", out / "summary.json",
                       checkpoints, seconds)

@@ -38,8 +38,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..baselines import weight_cosine
 from ..plots import _plt, compute_matrix, plot_matrix
-from .common import DemoResult, cosine_matrix, labelled_steps, pearson, torch_threads, upper, weight_cosine, write_outputs
+from .common import DemoResult, cosine_matrix, labelled_steps, pearson, torch_threads, upper, write_outputs
 
 __all__ = ["GrokkingConfig", "run", "add_arguments", "config_from_args", "main"]
 
