@@ -402,6 +402,54 @@ def test_result_and_plot(tmp_path, models):
         r.plot(labels=["x"])
 
 
+def test_plot_draws_through_the_one_renderer(models):
+    """SimilarityMatrix.plot is plots.plot_matrix on its values and labels (the
+    same pixels), for a cross matrix with row and column names; more than 25
+    labels are thinned, and a wrong number of them is refused."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from tsalgebra.plots import plot_matrix
+
+    def pixels(draw):
+        fig = Figure(figsize=(4, 3))
+        canvas = FigureCanvasAgg(fig)
+        draw(fig.add_subplot())
+        canvas.draw()
+        return np.asarray(canvas.buffer_rgba()).copy()
+
+    rows = {f"r{i}": m for i, m in enumerate(models)}
+    cols = {f"c{i}": m for i, m in enumerate(one_layer_models(seed=1)[:3])}
+    r = cross_similarity_matrix(rows, cols, inner="symmetric", progress=False)
+    via_result = pixels(lambda ax: r.plot(ax=ax, title="t"))
+    direct = pixels(lambda ax: plot_matrix(r.values, ax=ax, labels=list(rows), col_labels=list(cols), title="t"))
+    unlabelled = pixels(lambda ax: plot_matrix(r.values, ax=ax, title="t"))
+    assert np.array_equal(via_result, direct) and not np.array_equal(via_result, unlabelled)
+    many = np.eye(30)
+    fig = plot_matrix(many, labels=[str(k) for k in range(30)], col_labels=[str(k) for k in range(30)])
+    assert 1 < len(fig.axes[0].get_yticks()) <= 25 and len(fig.axes[0].get_xticks()) <= 25
+    with pytest.raises(ValueError, match="labels"):
+        plot_matrix(r.values, col_labels=["x"] * 5)
+
+
+def test_routes_share_one_interface(models):
+    """Every route is listed under its name, and driven through applies,
+    layout and run alone gives a Gram whose cosines are the pairwise API's;
+    only the fallback is not costed."""
+    assert set(api.ROUTES) == {"auto", *api.REGISTRY}
+    job = api._job(models, None, "symmetric", "auto", None, None, False, None, None, None, False, {})
+    want = pairwise(models, models, "symmetric")
+    for name, route in api.REGISTRY.items():
+        assert route.NAME == name and route.applies(job) is None
+        cost = route.layout(job)
+        assert cost.route == name and cost.fits and (cost.flops > 0) == route.COSTED
+        gram = route.run(job, cost, ops.Clock(job.ops))
+        assert gram.cross.shape == (5, 5) and gram.row_self.shape == gram.col_self.shape == (5,)
+        cos = api._cosines(gram.cross, gram.row_self, gram.col_self, "symmetric", gram.dtype, True)
+        assert np.max(np.abs(cos - want)) < TOL
+    assert [name for name, route in api.REGISTRY.items() if not route.COSTED] == ["pairwise"]
+
+
 def test_errors(models):
     rng = np.random.default_rng(10)
     zero = ts.Bilinear(np.zeros((2, 4)), np.zeros((2, 4)), np.zeros((4, 2)))
@@ -562,7 +610,8 @@ def test_threaded_materialize(monkeypatch):
     serial = {}
     for kind in ("triangle", "packed"):
         if kind == "packed":
-            monkeypatch.setattr(MAT, "_formation", lambda n, *_: MAT._Formation("packed", n, 2, MAT._packed_blocks(n, 4)))
+            monkeypatch.setattr(MAT, "_formation",
+                                lambda n, *_: MAT._Formation("packed", n, 2, MAT._packed_blocks(n, 4)))
         for threads in (1, 3):
             monkeypatch.setattr(api, "blas_threads", lambda: threads)
             threads_at_any_size(monkeypatch)

@@ -17,15 +17,16 @@ from ..components import Component
 from . import materialize, pairwise, pairwise_gram
 from .job import Gram, Job, Route
 from .ops import Clock, Ops, blas_threads, parse_dtype
-from .prepare import prepare
+from .prepare import prepare_models
 from .results import RouteCost, SimilarityMatrix
 
 __all__ = ["ROUTES", "similarity_matrix", "cross_similarity_matrix"]
 
 ROUTES = ("auto", "materialize", "pairwise-gram", "pairwise")
-# The routes by name, in the order they are costed (auto takes the first of
-# equal flops).  Each is a module following the Route protocol.
-REGISTRY: Mapping[str, Route] = MappingProxyType({r.NAME: r for r in (pairwise_gram, materialize, pairwise)})
+# The routes, each a module following the Route protocol, in the order they
+# are costed (auto takes the first of equal flops); REGISTRY finds them by name.
+_ROUTE_MODULES: tuple[Route, ...] = (pairwise_gram, materialize, pairwise)
+REGISTRY: Mapping[str, Route] = MappingProxyType({r.NAME: r for r in _ROUTE_MODULES})
 _INNERS = ("gaussian", "symmetric", "network")
 _METHODS = ("auto", "exact", "closure")
 
@@ -107,7 +108,7 @@ def _job(rows: list[Any], cols: list[Any] | None, inner: str, method: str, mean:
     memory = int(max_memory) if max_memory is not None else ops.default_memory()
     if memory <= 0:
         raise ValueError(f"max_memory must be positive, got {max_memory}")
-    prepared, measure = prepare(rows, cols, inner, method, centered, mean, cov, options.get("degree"))
+    prepared, measure = prepare_models(rows, cols, inner, method, centered, mean, cov, options.get("degree"))
     threads = blas_threads() if prepared is not None and not ops.is_torch else 1
     if device is None and not force_numpy and prepared is not None and prepared.dims.depth > 1 and threads < 2:
         # stacks on one thread: torch on the CPU, whose fused elementwise

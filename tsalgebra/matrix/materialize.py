@@ -68,18 +68,21 @@ def applies(job: Job) -> str | None:
 
 
 def layout(job: Job) -> RouteCost:
+    """The formation, feature chunks and model blocks that fit ``job.memory``,
+    their flops and peak bytes."""
     prep, ops = job.prepared, job.ops
     assert prep is not None, "materialize laid out for a job it does not apply to"
-    # a GPU takes the chunks the memory bound allows (see _WORKING_SET)
+    # chunks near the working set on CPUs, as large as memory allows on a GPU
     target = job.memory if ops.cuda else min(job.memory, _WORKING_SET)
     return _layout(prep.rows, prep.cols, prep.dims, ops.itemsize, job.memory, target, ops.cuda, job.threads)
 
 
 def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
+    """The Gram of the job, feature chunk by feature chunk as ``cost.layout`` says."""
     prep, lay = job.prepared, cost.layout
     assert prep is not None and isinstance(lay, _Layout)
     K, kA, kB = _run(prep.rows, prep.cols, prep.dims, job.ops, lay, clock, job.progress, cost.flops > LONG_FLOPS)
-    # the tensors are linear in each factor: their scale is the product of the factors'
+    # one layer: U is the product of the scales taken out of L~, R~ and D~
     logA = np.array([c.log_scales.sum() for c in prep.rows])
     logB = logA if prep.cols is None else np.array([c.log_scales.sum() for c in prep.cols])
     return Gram(K, kA, kB, logA, logB, clock.total_flops, clock.steps(), job.ops.dtype_name, job.ops.name)

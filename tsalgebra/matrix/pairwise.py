@@ -28,10 +28,12 @@ _LONG_PAIRS = 50
 
 
 def applies(job: Job) -> str | None:
+    """Every job: ts.inner computes whatever the similarity matrix may be asked."""
     return None
 
 
 def layout(job: Job) -> RouteCost:
+    """How many calls of ts.inner at most; flops 0 (unknown) and no memory bound."""
     n = len(job.rows)
     calls = n * (n + 1) // 2 if job.cols is None else n * len(job.cols) + n + len(job.cols)
     return RouteCost(NAME, 0, 0, True, f"ts.inner per model and per pair, at most {calls} calls (flops unknown)")

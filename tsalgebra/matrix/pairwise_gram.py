@@ -65,9 +65,10 @@ def applies(job: Job) -> str | None:
 
 
 def layout(job: Job) -> RouteCost:
+    """The blocking that fits ``job.memory``, its flops and peak bytes."""
     prep, ops = job.prepared, job.ops
     assert prep is not None, "pairwise-gram laid out for a job it does not apply to"
-    # a GPU takes the blocks the memory bound allows (see _WORKING_SET)
+    # blocks near the working set on CPUs (four times it in torch), as large as memory allows on a GPU
     target = job.memory if ops.cuda else min(job.memory, _WORKING_SET * (4 if ops.is_torch else 1))
     NB = len(prep.rows) if prep.cols is None else len(prep.cols)
     return _layout(len(prep.rows), NB, job.symmetric, prep.dims, ops.itemsize, job.memory, not ops.is_torch, target,
@@ -75,6 +76,7 @@ def layout(job: Job) -> RouteCost:
 
 
 def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
+    """The Gram of the job, block pair by block pair as ``cost.layout`` says."""
     prep, blocks = job.prepared, cost.layout
     assert prep is not None and isinstance(blocks, _Blocks)
     K, kA, kB, logA, logB = _run(prep.rows, prep.cols, prep.dims, job.ops, blocks, clock, job.progress,
@@ -186,7 +188,8 @@ def _diag_flops(c: int, dims: Dims) -> int:
         if l == dims.depth - 1:
             f += COSTS.flops("moh,mok->mhk", (c, wo, H), (c, wo, H)) + 2 * c * H * H
         else:
-            f += COSTS.flops("moh,mhk->mok", (c, wo, H), (c, H, H)) + COSTS.flops("mok,mpk->mop", (c, wo, H), (c, wo, H))
+            f += (COSTS.flops("moh,mhk->mok", (c, wo, H), (c, H, H))
+                  + COSTS.flops("mok,mpk->mop", (c, wo, H), (c, wo, H)))
     return f
 
 

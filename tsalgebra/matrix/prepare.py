@@ -55,8 +55,12 @@ class Chain:
     log_scales: np.ndarray
 
 
+# ------------------------------------------------------------ the Gaussian measure
+
+
 def _measure_factor(d: int, mean: Any, cov: Any) -> tuple[np.ndarray | None, str]:
-    """P with x~ = P z~ for x ~ N(mean, cov), z ~ N(0, I_r); None for N(0, I)."""
+    """P with x~ = P z~ for x ~ N(mean, cov), z ~ N(0, I_r); None for N(0, I);
+    and the measure's label.  The matrix engine's one reader of mean and cov."""
     if mean is None and cov is None:
         return None, "N(0, I)"
 
@@ -93,6 +97,9 @@ def _measure_factor(d: int, mean: Any, cov: Any) -> tuple[np.ndarray | None, str
     return P, "N(mean, cov)"
 
 
+# ------------------------------------------------------------ preparation
+
+
 def _unit(x: np.ndarray) -> tuple[np.ndarray, float]:
     """x scaled to about unit Frobenius norm, in place (``x`` is a fresh array
     of to_chains': a second copy of every model cost as much as the first, both
@@ -105,9 +112,6 @@ def _unit(x: np.ndarray) -> tuple[np.ndarray, float]:
         return x, 0.0
     x /= s
     return x, math.log(s)
-
-
-# ------------------------------------------------------------ preparation
 
 
 def to_chains(models: Sequence[Any], inner: str, centered: bool, P: np.ndarray | None) -> list[Chain] | None:
@@ -253,8 +257,8 @@ class Prepared:
     seconds: float
 
 
-def prepare(rows: Sequence[Any], cols: Sequence[Any] | None, inner: str, method: str, centered: bool, mean: Any,
-            cov: Any, degree: Any) -> tuple[Prepared | None, str]:
+def prepare_models(rows: Sequence[Any], cols: Sequence[Any] | None, inner: str, method: str, centered: bool,
+                   mean: Any, cov: Any, degree: Any) -> tuple[Prepared | None, str]:
     """The models as chains (None where no batched route covers them: see
     :func:`uncovered`) and the label of the Gaussian measure ("" for the
     other inner products).  Raises ValueError for a malformed mean or cov,
@@ -275,7 +279,7 @@ def prepare(rows: Sequence[Any], cols: Sequence[Any] | None, inner: str, method:
 
 
 def uncovered(inner: str) -> str:
-    """Why no batched route covers models that :func:`prepare` returned None for."""
+    """Why no batched route covers models that :func:`prepare_models` returned None for."""
     if inner == "network":
         return "the network product is batched for Linear/Bilinear stacks with bilinear layers"
     return ("the gaussian and symmetric products are batched for models that fold to one bilinear layer, "
