@@ -70,7 +70,7 @@ import numpy as np
 import torch
 
 import tsalgebra as ts
-from tsalgebra.batched import SimilarityMatrix
+from tsalgebra.matrix import SimilarityMatrix
 
 N_MODELS = 100
 SEED = 0

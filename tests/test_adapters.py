@@ -31,7 +31,7 @@ from tsalgebra.adapters import (
     unregister_adapter,
 )
 from tsalgebra.io import LoadError, checkpoint_paths, load, natural_key, read_state_dict, save
-from tsalgebra.plots import compute_matrix, pairwise_matrix
+from tsalgebra.matrix import similarity_matrix
 
 
 def forward64(module: nn.Module, x: np.ndarray) -> np.ndarray:
@@ -414,23 +414,23 @@ def test_save_refuses_exact_weights(tmp_path):
         save(ts.Linear(obj), tmp_path / "x.safetensors")
 
 
-# --------------------------------------------------------- matrix helper
+# --------------------------------------------------------- matrix, pair by pair
 
 
-def test_pairwise_matrix_matches_similarity_and_plots(tmp_path):
+def test_pairwise_route_matches_similarity_and_plots(tmp_path):
     rng = np.random.default_rng(3)
     models = [ts.Bilinear(rng.normal(size=(3, 4)), rng.normal(size=(3, 4)), rng.normal(size=(2, 3))) for _ in range(3)]
-    res = pairwise_matrix(models, "symmetric", progress=False)
+    res = similarity_matrix(models, "symmetric", route="pairwise", progress=False)
     assert res.values.shape == (3, 3) and np.allclose(np.diag(res.values), 1)
     assert np.isclose(res.values[0, 2], ts.similarity(models[0], models[2], "symmetric").value, rtol=1e-12)
     assert res.exact and res.inner == "symmetric" and res.flops > 0
-    auto = compute_matrix(models, inner="symmetric", progress=False)
+    auto = similarity_matrix(models, inner="symmetric", progress=False)
     np.testing.assert_allclose(np.asarray(auto.values), res.values, rtol=1e-9, atol=1e-12)
     res.plot(tmp_path / "m.png", labels=["a", "b", "c"])
     assert (tmp_path / "m.png").stat().st_size > 0
     zero = ts.Bilinear(np.zeros((3, 4)), rng.normal(size=(3, 4)), rng.normal(size=(2, 3)))
     with pytest.raises(ValueError, match="zero norm"):
-        pairwise_matrix([models[0], zero], "symmetric", progress=False)
+        similarity_matrix([models[0], zero], "symmetric", route="pairwise", progress=False)
 
 
 @pytest.mark.parametrize("flags", [{}, {"causal": True, "rotary_base": 10.0, "residual": True, "bias": True}])

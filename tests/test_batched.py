@@ -1,4 +1,4 @@
-"""Similarity matrices (tsalgebra.batched) against the pairwise API.
+"""Similarity matrices (tsalgebra.matrix) against the pairwise API.
 
 ts.inner / ts.similarity are the independent slow twin here: every batched
 route must reproduce them to round-off (1e-10 on cosines and relative on
@@ -11,7 +11,10 @@ import pytest
 import torch
 
 import tsalgebra as ts
-from tsalgebra.batched import SimilarityMatrix, cross_similarity_matrix, similarity_matrix
+from tsalgebra.matrix import SimilarityMatrix, cross_similarity_matrix, similarity_matrix
+from tsalgebra.matrix import api, ops, prepare
+from tsalgebra.matrix import materialize as MAT
+from tsalgebra.matrix import pairwise_gram as PG
 
 TOL = 1e-10
 # The CUDA engine is checked wherever a GPU is present; CI has none and skips it.
@@ -47,6 +50,13 @@ def stacks(seed=0, d=3, o=2):
         ts.Sequential(bilinear(rng, d, 3, d, residual=True), bilinear(rng, d, 2, 3), bilinear(rng, 3, 4, o)),
         ts.Sequential(bilinear(rng, d, 1, 2), bilinear(rng, 2, 2, 2), bilinear(rng, 2, 2, o)),
     ]
+
+
+def threads_at_any_size(monkeypatch):
+    """Both batched routes take worker threads (where numpy has several BLAS
+    threads) however little work there is."""
+    for route in (MAT, PG):
+        monkeypatch.setattr(route, "THREADED_FLOPS", 0)
 
 
 def pairwise(rows, cols, inner, **kw):
@@ -147,13 +157,11 @@ def test_network_stacks(device):
 
 
 def test_network_stack_orders_chosen_by_cost():
-    from tsalgebra.batched import _dims, _pg_fused, _prepare
-
     rng = np.random.default_rng(4)
     wide = [ts.Sequential(bilinear(rng, 3, 2, 8), bilinear(rng, 8, 2, 9), bilinear(rng, 9, 3, 2)) for _ in range(3)]
     narrow = [ts.Sequential(bilinear(rng, 3, 8, 2), bilinear(rng, 2, 9, 2), bilinear(rng, 2, 7, 2)) for _ in range(3)]
-    assert _pg_fused(_dims(_prepare(wide, "network", False, None))) == [False, True, True]
-    assert _pg_fused(_dims(_prepare(narrow, "network", False, None))) == [False, False, False]
+    assert PG._fused(prepare.common_dims(prepare.to_chains(wide, "network", False, None))) == [False, True, True]
+    assert PG._fused(prepare.common_dims(prepare.to_chains(narrow, "network", False, None))) == [False, False, False]
     for ms in (wide, narrow):
         r = similarity_matrix(ms, inner="network", progress=False)
         assert np.max(np.abs(r.values - pairwise(ms, ms, "network"))) < TOL
@@ -215,13 +223,11 @@ def test_auto_takes_the_cheaper_route():
 def test_memory_bound_chunks(models, route, device, threads, monkeypatch):
     """Every max_memory that fits gives blocks within it (worker threads'
     temporaries counted) and the pairwise values."""
-    import tsalgebra.batched as B
-
     if threads > 1:
         if device is not None:
             pytest.skip("worker threads are the numpy engine's")
-        monkeypatch.setattr(B, "_blas_threads", lambda: threads)
-        monkeypatch.setattr(B, "_THREADED_FLOPS", 0)
+        monkeypatch.setattr(api, "blas_threads", lambda: threads)
+        threads_at_any_size(monkeypatch)
     want = pairwise(models, models, "gaussian")
     cols = models[2:]
     blockings = set()
@@ -231,12 +237,12 @@ def test_memory_bound_chunks(models, route, device, threads, monkeypatch):
             rc = cross_similarity_matrix(models, cols, route=route, max_memory=memory, device=device, progress=False)
         except MemoryError:
             if threads > 1:  # fewer workers, or one, where that fits
-                monkeypatch.setattr(B, "_blas_threads", lambda: 1)
+                monkeypatch.setattr(api, "blas_threads", lambda: 1)
                 with pytest.raises(MemoryError):
                     similarity_matrix(models, route=route, max_memory=memory, device=device, progress=False)
                     cross_similarity_matrix(models, cols, route=route, max_memory=memory, device=device,
                                             progress=False)
-                monkeypatch.setattr(B, "_blas_threads", lambda: threads)
+                monkeypatch.setattr(api, "blas_threads", lambda: threads)
             continue
         blockings.add(r.candidates[route].blocking)
         assert r.max_memory == memory and r.candidates[route].fits
@@ -260,17 +266,15 @@ def test_traced_memory_within_bound(monkeypatch):
     objects, on one thread and in worker threads."""
     import tracemalloc
 
-    import tsalgebra.batched as B
-
     rng = np.random.default_rng(5)
     ones = [bilinear(rng, 40, 10, 4) for _ in range(48)]
     deep = [ts.Sequential(bilinear(rng, 8, 6, 8), bilinear(rng, 8, 6, 8), bilinear(rng, 8, 6, 3)) for _ in range(48)]
-    monkeypatch.setattr(B, "_THREADED_FLOPS", 0)
+    threads_at_any_size(monkeypatch)
     for threads in (1, 3):
-        monkeypatch.setattr(B, "_blas_threads", lambda: threads)
+        monkeypatch.setattr(api, "blas_threads", lambda: threads)
         for ms, inner, routes in ((ones, "symmetric", ("materialize", "pairwise-gram")),
                                   (deep, "network", ("pairwise-gram",))):
-            chains = B._prepare(ms, inner, False, None)
+            chains = prepare.to_chains(ms, inner, False, None)
             prepared = sum(x.nbytes for ch in chains for blk in ch.blocks for x in blk)
             del chains
             for route in routes:
@@ -398,6 +402,54 @@ def test_result_and_plot(tmp_path, models):
         r.plot(labels=["x"])
 
 
+def test_plot_draws_through_the_one_renderer(models):
+    """SimilarityMatrix.plot is plots.plot_matrix on its values and labels (the
+    same pixels), for a cross matrix with row and column names; more than 25
+    labels are thinned, and a wrong number of them is refused."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from tsalgebra.plots import plot_matrix
+
+    def pixels(draw):
+        fig = Figure(figsize=(4, 3))
+        canvas = FigureCanvasAgg(fig)
+        draw(fig.add_subplot())
+        canvas.draw()
+        return np.asarray(canvas.buffer_rgba()).copy()
+
+    rows = {f"r{i}": m for i, m in enumerate(models)}
+    cols = {f"c{i}": m for i, m in enumerate(one_layer_models(seed=1)[:3])}
+    r = cross_similarity_matrix(rows, cols, inner="symmetric", progress=False)
+    via_result = pixels(lambda ax: r.plot(ax=ax, title="t"))
+    direct = pixels(lambda ax: plot_matrix(r.values, ax=ax, labels=list(rows), col_labels=list(cols), title="t"))
+    unlabelled = pixels(lambda ax: plot_matrix(r.values, ax=ax, title="t"))
+    assert np.array_equal(via_result, direct) and not np.array_equal(via_result, unlabelled)
+    many = np.eye(30)
+    fig = plot_matrix(many, labels=[str(k) for k in range(30)], col_labels=[str(k) for k in range(30)])
+    assert 1 < len(fig.axes[0].get_yticks()) <= 25 and len(fig.axes[0].get_xticks()) <= 25
+    with pytest.raises(ValueError, match="labels"):
+        plot_matrix(r.values, col_labels=["x"] * 5)
+
+
+def test_routes_share_one_interface(models):
+    """Every route is listed under its name, and driven through applies,
+    layout and run alone gives a Gram whose cosines are the pairwise API's;
+    only the fallback is not costed."""
+    assert set(api.ROUTES) == {"auto", *api.REGISTRY}
+    job = api._job(models, None, "symmetric", "auto", None, False, None, None, None, False, {})
+    want = pairwise(models, models, "symmetric")
+    for name, route in api.REGISTRY.items():
+        assert route.NAME == name and route.applies(job) is None
+        cost = route.layout(job)
+        assert cost.route == name and cost.fits and (cost.flops > 0) == route.COSTED
+        gram = route.run(job, cost, ops.Clock(job.ops))
+        assert gram.cross.shape == (5, 5) and gram.row_self.shape == gram.col_self.shape == (5,)
+        cos = api._cosines(gram.cross, gram.row_self, gram.col_self, "symmetric", gram.dtype, True)
+        assert np.max(np.abs(cos - want)) < TOL
+    assert [name for name, route in api.REGISTRY.items() if not route.COSTED] == ["pairwise"]
+
+
 def test_errors(models):
     rng = np.random.default_rng(10)
     zero = ts.Bilinear(np.zeros((2, 4)), np.zeros((2, 4)), np.zeros((4, 2)))
@@ -433,11 +485,9 @@ def test_packed_layout(n, leaf):
     """The packed layout covers each upper-triangle entry of an n x n matrix
     once (whole diagonal blocks: each lower entry of them once more), and its
     weighted dot product is the Frobenius product of symmetric matrices."""
-    import tsalgebra.batched as B
-
-    blocks = B._packed_blocks(n, leaf)
+    blocks = MAT._packed_blocks(n, leaf)
     assert all(r1 - r0 <= leaf for r0, r1, c0, c1 in blocks if r0 == c0)
-    flat, weight = B._packing(blocks, n)
+    flat, weight = MAT._packing(blocks, n)
     i, j = np.divmod(flat, n)
     covered = np.zeros((n, n), int)
     np.add.at(covered, (np.minimum(i, j), np.maximum(i, j)), 1)
@@ -462,11 +512,9 @@ def test_both_formations_of_the_materialize_route(models, monkeypatch, kind, dev
     the CP triangle), ``sub`` outputs per product (3 leaves a short last
     product at 4 outputs), against the pairwise API, the planner's choice
     overridden."""
-    import tsalgebra.batched as B
-
     # blocks of two rows: the packed layout then has rectangles and whole diagonal blocks at n = 5
-    monkeypatch.setattr(B, "_formation", lambda n, *_: B._Formation(
-        kind, n, sub, tuple(B._partition(n, 2)) if kind == "triangle" else B._packed_blocks(n, 2)))
+    monkeypatch.setattr(MAT, "_formation", lambda n, *_: MAT._Formation(
+        kind, n, sub, tuple(ops.partition(n, 2)) if kind == "triangle" else MAT._packed_blocks(n, 2)))
     for inner in ("symmetric", "gaussian"):
         r = similarity_matrix(models, inner=inner, route="materialize", device=device, progress=False)
         assert f"{kind} formation" in r.candidates["materialize"].blocking
@@ -478,10 +526,8 @@ def test_packed_formation_batched_over_models(models, monkeypatch, per_product):
     """torch's packed formation with several models per batched product (as on
     a GPU): mixed hidden widths zero-padded within a batch, 3 of 5 models
     leaving a short last batch; sym and cross matrices against the pairwise API."""
-    import tsalgebra.batched as B
-
-    monkeypatch.setattr(B, "_formation", lambda n, *_: B._Formation(
-        "packed", n, 2, B._packed_blocks(n, 2), models=per_product))
+    monkeypatch.setattr(MAT, "_formation", lambda n, *_: MAT._Formation(
+        "packed", n, 2, MAT._packed_blocks(n, 2), models=per_product))
     cols = one_layer_models(seed=1)[:3]
     for inner in ("symmetric", "gaussian"):
         r = similarity_matrix(models, inner=inner, route="materialize", device="cpu", progress=False)
@@ -494,18 +540,16 @@ def test_formation_layout_is_shared_by_both_sides(monkeypatch):
     """A cross matrix whose sides have different hidden widths: the triangle
     formation's outputs per product are sized for the wider side, so both
     sides' rows list the features in the same order."""
-    import tsalgebra.batched as B
-
     rng = np.random.default_rng(5)
     narrow = [bilinear(rng, 4, 2, 4) for _ in range(3)]
     wide = [bilinear(rng, 4, 16, 4) for _ in range(2)]
     n = 5
     # temporaries for one output of the wide side fit, two do not; the narrow side alone would take all four
-    monkeypatch.setattr(B, "_FORM_CACHE", B._formation_temp("triangle", n, 1, 16, 8) + 8)
-    form = B._formation(n, 16, 4, 5, 8, False)
-    assert form.sub == 1 and B._formation(n, 2, 4, 5, 8, False).sub == 4
-    monkeypatch.setattr(B, "_formation", lambda n, *_: B._Formation(
-        "triangle", n, form.sub, tuple(B._partition(n, 2))))
+    monkeypatch.setattr(MAT, "_FORM_CACHE", MAT._formation_temp("triangle", n, 1, 16, 8) + 8)
+    form = MAT._formation(n, 16, 4, 5, 8, False)
+    assert form.sub == 1 and MAT._formation(n, 2, 4, 5, 8, False).sub == 4
+    monkeypatch.setattr(MAT, "_formation", lambda n, *_: MAT._Formation(
+        "triangle", n, form.sub, tuple(ops.partition(n, 2))))
     r = cross_similarity_matrix(narrow, wide, inner="symmetric", route="materialize", progress=False)
     assert np.max(np.abs(r.values - pairwise(narrow, wide, "symmetric"))) < TOL
 
@@ -518,18 +562,17 @@ def test_feature_chunks(monkeypatch):
     (output, row block) lands in exactly one chunk, and the matrices equal
     the pairwise API's at every layout, on both engines and for cross
     matrices."""
-    import tsalgebra.batched as B
-
     rng = np.random.default_rng(6)
     ms = [bilinear(rng, 20, h, 4) for h in (3, 6, 2, 5)]  # n = 21: three row blocks of the triangle
     cols = [bilinear(rng, 20, 4, 4) for _ in range(2)]
-    chains = B._prepare(ms, "symmetric", False, None)
-    dims = B._dims(chains)
-    *_, form_all = B._mat_layout(chains, None, dims, 8, 10**9, 10**9, False)
+    chains = prepare.to_chains(ms, "symmetric", False, None)
+    dims = prepare.common_dims(chains)
+    form_all = MAT._layout(chains, None, dims, 8, 10**9, 10**9, False).layout.form
     assert form_all.kind == "triangle" and len(form_all.blocks) == 3 and form_all.sub == 4
     seen = {}
     for target in range(2_000, 80_000, 500):
-        cost, c, chunks, form = B._mat_layout(chains, None, dims, 8, 10**9, target, False)
+        cost = MAT._layout(chains, None, dims, 8, 10**9, target, False)
+        c, chunks, form = cost.layout.models, cost.layout.chunks, cost.layout.form
         assert c == len(chains) and form.kind == "triangle"
         cells = [(o, g) for o0, o1, g0, g1 in chunks for o in range(o0, o1) for g in range(g0, g1)]
         assert sorted(cells) == [(o, g) for o in range(4) for g in range(len(form.blocks))]
@@ -543,7 +586,7 @@ def test_feature_chunks(monkeypatch):
     want = pairwise(ms, ms, "symmetric")
     want_cross = pairwise(ms, cols, "symmetric")
     for kind, target in seen.items():
-        monkeypatch.setattr(B, "_MAT_WORKING_SET", target)
+        monkeypatch.setattr(MAT, "_WORKING_SET", target)
         for device in (None, "cpu"):
             r = similarity_matrix(ms, inner="symmetric", route="materialize", device=device, progress=False)
             assert ("chunks of row blocks" in r.candidates["materialize"].blocking) == (kind == "rows")
@@ -559,7 +602,6 @@ def test_threaded_materialize(monkeypatch):
     thread (to round-off) and as the pairwise API, for both formations, sym
     and cross, with groups of unequal size; the BLAS thread count is restored
     afterwards."""
-    import tsalgebra.batched as B
     from threadpoolctl import threadpool_info
 
     rng = np.random.default_rng(7)
@@ -568,10 +610,11 @@ def test_threaded_materialize(monkeypatch):
     serial = {}
     for kind in ("triangle", "packed"):
         if kind == "packed":
-            monkeypatch.setattr(B, "_formation", lambda n, *_: B._Formation("packed", n, 2, B._packed_blocks(n, 4)))
+            monkeypatch.setattr(MAT, "_formation",
+                                lambda n, *_: MAT._Formation("packed", n, 2, MAT._packed_blocks(n, 4)))
         for threads in (1, 3):
-            monkeypatch.setattr(B, "_blas_threads", lambda: threads)
-            monkeypatch.setattr(B, "_THREADED_FLOPS", 0)
+            monkeypatch.setattr(api, "blas_threads", lambda: threads)
+            threads_at_any_size(monkeypatch)
             before = [lib["num_threads"] for lib in threadpool_info()]
             r = similarity_matrix(ms, inner="symmetric", route="materialize", progress=False)
             rc = cross_similarity_matrix(ms, cols, inner="symmetric", route="materialize", progress=False)
@@ -594,7 +637,6 @@ def test_threaded_pairwise_gram(monkeypatch):
     cross, blocks kept or stacked per pair; the steps' times (each worker's at
     1/workers) fit in the call's; the BLAS thread count is restored, also
     after a worker fails; stacks default to numpy with threads, torch without."""
-    import tsalgebra.batched as B
     from threadpoolctl import threadpool_info
 
     rng = np.random.default_rng(11)
@@ -602,17 +644,17 @@ def test_threaded_pairwise_gram(monkeypatch):
         "symmetric": ([bilinear(rng, 6, h, 3) for h in (3, 6, 2, 5, 4, 3, 2)], [bilinear(rng, 6, 4, 3) for _ in range(3)]),
         "network": (stacks(seed=1) + stacks(seed=2), stacks(seed=3)[:3]),
     }
-    monkeypatch.setattr(B, "_THREADED_FLOPS", 0)
-    monkeypatch.setattr(B, "_MIN_BLOCK_ROWS", 1)  # several blocks per side
+    threads_at_any_size(monkeypatch)
+    monkeypatch.setattr(PG, "_MIN_BLOCK_ROWS", 1)  # several blocks per side
     before = [lib["num_threads"] for lib in threadpool_info()]
     seen = set()
     for inner, (ms, cols) in groups.items():
         want, want_cross = pairwise(ms, ms, inner), pairwise(ms, cols, inner)
         for target in (1, *(2**k for k in range(12, 22, 2)), 10**9):  # blocks kept or stacked per pair
-            monkeypatch.setattr(B, "_PG_WORKING_SET", target)
+            monkeypatch.setattr(PG, "_WORKING_SET", target)
             serial = None
             for threads in (1, 3):
-                monkeypatch.setattr(B, "_blas_threads", lambda: threads)
+                monkeypatch.setattr(api, "blas_threads", lambda: threads)
                 kw = dict(inner=inner, route="pairwise-gram", device="numpy", progress=False)
                 r, rc = similarity_matrix(ms, **kw), cross_similarity_matrix(ms, cols, **kw)
                 assert [lib["num_threads"] for lib in threadpool_info()] == before
@@ -636,26 +678,24 @@ def test_threaded_pairwise_gram(monkeypatch):
         r32 = similarity_matrix(ms, inner=inner, route="pairwise-gram", device="numpy", dtype="float32", progress=False)
         assert r32.values.dtype == np.float32 and np.max(np.abs(r32.values - want)) < 1e-4
     assert seen == {(inner, sym, kept) for inner in groups for sym in (True, False) for kept in (True, False)}
-    monkeypatch.setattr(B, "_blas_threads", lambda: 1)
+    monkeypatch.setattr(api, "blas_threads", lambda: 1)
     assert similarity_matrix(groups["network"][0], inner="network", progress=False).device == "cpu"
 
     def fail(*args, **kwargs):
         raise RuntimeError("block failed")
 
-    monkeypatch.setattr(B, "_blas_threads", lambda: 3)
-    monkeypatch.setattr(B, "_pg_block", fail)
+    monkeypatch.setattr(api, "blas_threads", lambda: 3)
+    monkeypatch.setattr(PG, "_block", fail)
     with pytest.raises(RuntimeError, match="block failed"):
         similarity_matrix(groups["symmetric"][0], inner="symmetric", route="pairwise-gram", device="numpy",
                           progress=False)
     assert [lib["num_threads"] for lib in threadpool_info()] == before
 
 
-def test_jobs_in_threads_share_the_clock():
-    """_run_jobs returns the jobs' results in order; in a pool each job's
+def test_tasks_in_threads_share_the_clock():
+    """run_tasks returns the tasks' results in order; in a pool each task's
     clock counts at 1/workers of its seconds and all of its flops."""
     import contextlib
-
-    import tsalgebra.batched as B
 
     def job(k):
         def run(clk):
@@ -665,10 +705,10 @@ def test_jobs_in_threads_share_the_clock():
         return run
 
     for workers in (1, 2, 3):
-        clock = B._Clock(B._Ops("float64", None))
+        clock = ops.Clock(ops.Ops("float64", None))
         with contextlib.ExitStack() as stack:
-            pool = B._blas_worker_pool(stack, workers) if workers > 1 else None
-            assert B._run_jobs([job(k) for k in range(6)], clock, pool, workers) == [k * k for k in range(6)]
+            pool = ops.blas_worker_pool(stack, workers) if workers > 1 else None
+            assert ops.run_tasks([job(k) for k in range(6)], clock, pool, workers) == [k * k for k in range(6)]
         assert clock.seconds == {"step": pytest.approx(6.0 / workers)} and clock.flops == {"step": 30}
 
 

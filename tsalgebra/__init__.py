@@ -12,7 +12,7 @@ a planner picks contraction orders and a numeric engine executes them.
 from . import algorithms, baselines, circuits, symmetries
 from .attention import BilinearAttention, Transformer, position_wise, sequence_measure
 from .baselines import weight_cosine
-from .batched import cross_similarity_matrix, similarity_matrix
+from .matrix import cross_similarity_matrix, similarity_matrix
 from .components import Bilinear, Component, Linear, Sequential
 from .engine import contract, evaluate
 from .expr import Network, Sum, Tensor

@@ -204,7 +204,7 @@ def cmd_similarity(args: argparse.Namespace) -> int:
 def cmd_matrix(args: argparse.Namespace) -> int:
     _check_files(*args.paths)
     from .io import checkpoint_paths, model_from_state_dict, read_state_dict
-    from .plots import compute_matrix
+    from .matrix import similarity_matrix
 
     tpl = _template(args.template)
     files: list[Path] = []
@@ -219,7 +219,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     kw: dict[str, Any] = {}
     if args.centered:
         kw["centered"] = True
-    res = compute_matrix(models, inner=args.inner, progress=not args.no_progress, labels=labels, **kw)
+    res = similarity_matrix(models, inner=args.inner, progress=not args.no_progress, **kw)
     values = np.asarray(res.values, dtype=float)
     out = Path(args.out)
     res.plot(path=out, labels=labels)

@@ -17,7 +17,6 @@ channel is always excluded.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any
@@ -26,8 +25,9 @@ import numpy as np
 import sympy
 
 from .algorithms import choose, describe, solve
+from .cosine import cosines
 from .measure import Measure
-from .problem import DEFAULT_BUDGET, CostError, InnerProblem, InnerResult, Plan, format_count
+from .problem import DEFAULT_BUDGET, CostError, InnerProblem, InnerResult, Plan, degree_of, format_count
 
 __all__ = ["InnerResult", "CostError", "SimilarityPlan", "inner", "norm", "plan_inner", "plan_similarity",
            "similarity", "DEFAULT_BUDGET"]
@@ -116,33 +116,19 @@ def _common_degree(a: Any, b: Any, inner_product: str, options: dict[str, Any]) 
     norm at a model's own degree would mix Bombieri weights of different k."""
     if inner_product != "symmetric" or options.get("degree") is not None:
         return options
-    probe = InnerProblem(a, b, "symmetric")
-    return dict(options, degree=max(probe.degrees))
+    return dict(options, degree=max(degree_of(a), degree_of(b)))
 
 
-def cosine(ab: InnerResult, aa: InnerResult, bb: InnerResult) -> Any:
+def _cosine(ab: InnerResult, aa: InnerResult, bb: InnerResult) -> Any:
     """<a, b> / sqrt(<a, a> <b, b>): exact (sympy) for exact values, else a
-    float or per-output vector.  A zero norm raises ValueError (undefined);
-    with ``per_output`` a dead channel gives NaN and a warning.  Round-off
-    beyond [-1, 1] (at most 1e-9) is clipped; more would be a bug and raises."""
+    float or per-output vector (:func:`tsalgebra.cosine.cosines`)."""
     if not ab.per_output and not isinstance(ab.value, float):  # exact or symbolic: keep it so
         x, y, z = (_to_sympy(r.value) for r in (ab, aa, bb))
         if y == 0 or z == 0:
             raise ValueError(f"model {'a' if y == 0 else 'b'} has zero norm under the {ab.inner} inner product; "
                              "the similarity is undefined")
         return sympy.simplify(x / (sympy.sqrt(y) * sympy.sqrt(z)))
-    x, y, z = (np.asarray(r.value, dtype=float) for r in (ab, aa, bb))
-    if not ab.per_output and (y <= 0 or z <= 0):
-        which = "a" if y <= 0 else "b"
-        raise ValueError(f"model {which} has zero norm under the {ab.inner} inner product; the similarity is undefined")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = x / np.sqrt(y) / np.sqrt(z)  # sqrt(y * z) can overflow where each factor does not
-    if ab.per_output and not np.isfinite(cos).all():
-        warnings.warn("some output channels have zero norm; their similarity is NaN", RuntimeWarning, stacklevel=3)
-    excess = np.nanmax(np.abs(cos)) - 1 if np.isfinite(cos).any() else 0
-    if excess > 1e-9:
-        raise ArithmeticError(f"|cosine| exceeds 1 by {excess:.3g}: the inner product is not positive definite here")
-    cos = np.clip(cos, -1.0, 1.0)
+    cos = cosines(ab.value, aa.value, bb.value, ab.inner, dead_channels=ab.per_output)
     return cos if ab.per_output else float(cos)
 
 
@@ -166,7 +152,7 @@ def similarity(a: Any, b: Any, inner: str = "gaussian", method: str = "auto", me
         spent += [aa, bb]
     return replace(
         ab,
-        value=cosine(ab, aa, bb),
+        value=_cosine(ab, aa, bb),
         quantity="similarity",
         exact=all(r.exact for r in spent),
         contractions=sum(r.contractions for r in spent),

@@ -25,7 +25,7 @@ import numpy as np
 
 from .arrays import is_torch, torch_to_numpy
 
-__all__ = ["Measure", "Gaussian", "TOLERANCE"]
+__all__ = ["Measure", "Gaussian", "TOLERANCE", "block_diagonal"]
 
 # Relative tolerance of every check on a covariance (symmetry, positive
 # semi-definiteness) and of the rank cut of its factorisations: eigenvalues
@@ -99,7 +99,7 @@ def _ldl(C: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return F, np.array(ws, dtype=object)
 
 
-def _block_diagonal(F: np.ndarray, n: int) -> np.ndarray:
+def block_diagonal(F: np.ndarray, n: int) -> np.ndarray:
     """kron(I_n, F): ``n`` copies of F down the diagonal (any dtype)."""
     if n == 1:
         return F
@@ -256,7 +256,7 @@ class Gaussian(Measure):
     def padded_cov(self, exact: bool = False) -> np.ndarray:
         """[[0, 0], [0, cov]] over the whole input, (width + 1, width + 1)."""
         C = np.eye(self.dim or 0, dtype=int) if self.cov is None else self.cov
-        C = _block_diagonal(C.astype(object) if exact else C.astype(float), self.positions)
+        C = block_diagonal(C.astype(object) if exact else C.astype(float), self.positions)
         out = np.zeros((self.width + 1, self.width + 1), dtype=object if exact else float)
         if exact:
             out[...] = 0
@@ -278,7 +278,7 @@ class Gaussian(Measure):
         if self.cov is None:
             return np.eye(self.width)
         F, w = self.decomposition
-        return _block_diagonal(F.astype(float) * np.sqrt(w.astype(float)), self.positions)
+        return block_diagonal(F.astype(float) * np.sqrt(w.astype(float)), self.positions)
 
     def whitening(self) -> np.ndarray:
         """P (width + 1, rank + 1) with x~ = P z~ for z ~ N(0, I_rank): the

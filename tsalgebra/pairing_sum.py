@@ -29,7 +29,7 @@ import opt_einsum as oe
 
 from . import pairings as P
 from .expr import Network, Tensor
-from .measure import Gaussian, _block_diagonal
+from .measure import Gaussian, block_diagonal
 from .planner import ContractionPlan, plan
 from .problem import CostError, format_count
 
@@ -88,7 +88,7 @@ class Joins:
         F, _ = self.measure.decomposition  # type: ignore[union-attr]
         F = F.astype(object) if self.exact else F.astype(float)
         out = np.zeros((self.width, self.rank), dtype=F.dtype)
-        out[1:] = _block_diagonal(F, self.measure.positions)  # type: ignore[union-attr]
+        out[1:] = block_diagonal(F, self.measure.positions)  # type: ignore[union-attr]
         return out
 
     @cached_property

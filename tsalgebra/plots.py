@@ -1,32 +1,30 @@
-"""Similarity matrices over many models, and their figures.
+"""Figures: the heatmap of a similarity matrix.
 
-:func:`compute_matrix` is the one place that computes an N x N similarity
-matrix for the CLI and the demos: it uses ``tsalgebra.similarity_matrix``
-(the batched engine in ``tsalgebra/batched.py``) when that exists, and
-otherwise a pairwise loop over :func:`tsalgebra.inner` that computes each
-model's norm once.  Both return an object with ``.values`` (N x N numpy
-array), ``.route``, ``.flops``, ``.inner``, ``.method``, ``.exact`` and
-``.plot(path=None, ax=None, labels=None)``.
-
-Figures use matplotlib's non-interactive Agg backend when a path is given,
-so nothing here needs a display.
+:func:`plot_matrix` is the one heatmap renderer: ``SimilarityMatrix.plot``,
+the ``tsalgebra matrix`` command and the demos all draw through it.  A new
+figure is made without pyplot (on an Agg canvas), so nothing here needs a
+display or leaves figures open; :func:`pyplot` gives pyplot to the demos, whose
+figures hold several panels.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["MatrixResult", "compute_matrix", "pairwise_matrix", "plot_matrix", "batched_available"]
+__all__ = ["plot_matrix", "pyplot"]
+
+# Tick labels per axis at most (more are thinned to every k-th), and the size
+# up to which the values are written in the cells by default.
+_MAX_TICKS = 25
+_ANNOTATE_UP_TO = 12
 
 
-def _plt() -> Any:
+def pyplot() -> Any:
     """pyplot, on the file-only Agg backend unless pyplot is already in use
     (a notebook or an interactive session keeps its own backend)."""
     import matplotlib
@@ -39,128 +37,53 @@ def _plt() -> Any:
 
 
 def plot_matrix(values: Any, path: str | Path | None = None, ax: Any = None, labels: Sequence[str] | None = None,
-                title: str | None = None, vmin: float | None = None, vmax: float | None = 1.0,
-                cmap: str = "viridis", colorbar: bool = True) -> Any:
-    """Draw an N x N matrix as a heatmap on ``ax`` (a new figure if None) and,
-    with ``path``, save the figure there (format from the suffix).  Labels are
-    thinned to at most 12 ticks.  Returns the Axes."""
-    plt = _plt()
-    m = np.asarray(values, dtype=float)
-    if m.ndim != 2 or m.shape[0] != m.shape[1]:
-        raise ValueError(f"plot_matrix needs a square matrix, got shape {m.shape}")
-    own = ax is None
-    if own:
-        fig, ax = plt.subplots(figsize=(5.2, 4.4))
+                col_labels: Sequence[str] | None = None, title: str | None = None, annotate: bool | None = None,
+                vmin: float = -1.0, vmax: float = 1.0) -> Any:
+    """Draw a matrix of cosines as a heatmap; returns the figure.
+
+    Draws into ``ax`` when given, otherwise on a new figure, and saves the
+    figure to ``path`` when given (format from the suffix).  ``labels`` name
+    the rows and ``col_labels`` the columns (raising ValueError when their
+    number differs from the matrix's); more than 25 are thinned.  The colour
+    scale runs from ``vmin`` to ``vmax`` (default the cosine's range, [-1, 1],
+    diverging at 0).  ``annotate`` writes the values in the cells (default:
+    for matrices up to 12 x 12).
+    """
+    vals = np.asarray(values, dtype=float)
+    if vals.ndim != 2:
+        raise ValueError(f"plot_matrix needs a 2-D matrix, got shape {vals.shape}")
+    n, m = vals.shape
+    if ax is None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        size = min(12.0, 3.0 + 0.25 * max(n, m))
+        fig = Figure(figsize=(size * 1.15, size))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
     else:
         fig = ax.figure
-    lo = vmin if vmin is not None else float(min(0.0, np.nanmin(m)))
-    im = ax.imshow(m, vmin=lo, vmax=vmax, cmap=cmap, interpolation="nearest")
-    if labels is not None:
-        if len(labels) != m.shape[0]:
-            raise ValueError(f"{len(labels)} labels for a {m.shape[0]} x {m.shape[0]} matrix")
-        step = max(1, math.ceil(len(labels) / 12))
-        ticks = list(range(0, len(labels), step))
-        ax.set_xticks(ticks, [str(labels[i]) for i in ticks], rotation=60, fontsize=7, ha="right")
-        ax.set_yticks(ticks, [str(labels[i]) for i in ticks], fontsize=7)
-    if title:
-        ax.set_title(title, fontsize=9)
-    if colorbar:
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    if path is not None:
-        fig.tight_layout()
-        fig.savefig(str(path), dpi=120)
-        if own:
-            plt.close(fig)
-    return ax
-
-
-@dataclass
-class MatrixResult:
-    """An N x N similarity matrix computed pairwise (the fallback route)."""
-
-    values: np.ndarray
-    inner: str
-    method: str
-    exact: bool
-    flops: int
-    route: str = "pairwise"
-    labels: tuple[str, ...] | None = None
-    notes: tuple[str, ...] = field(default=())
-
-    def plot(self, path: str | Path | None = None, ax: Any = None, labels: Sequence[str] | None = None) -> Any:
-        """Heatmap of :attr:`values` (see :func:`plot_matrix`)."""
-        return plot_matrix(self.values, path, ax, labels if labels is not None else self.labels,
-                           title=f"{self.inner} similarity")
-
-
-def pairwise_matrix(models: Sequence[Any], inner: str = "gaussian", progress: bool = True,
-                    labels: Sequence[str] | None = None, **kwargs: Any) -> MatrixResult:
-    """Cosine matrix by one :func:`tsalgebra.inner` per model (the norms) and
-    one per unordered pair; the diagonal is 1.  ``kwargs`` (method, centered,
-    mean, cov, degree, budget) go to ``tsalgebra.inner``.  Raises ValueError
-    for a model of zero norm.  With ``progress`` a tqdm bar goes to stderr."""
-    from tqdm.auto import tqdm
-
-    from .inner import inner as inner_product
-
-    n = len(models)
-    if n == 0:
-        raise ValueError("no models to compare")
-    total = n + n * (n - 1) // 2
-    flops, exact, method = 0, True, "exact"
-    notes: list[str] = []
-    values = np.eye(n)
-    with tqdm(total=total, desc=f"{inner} similarity", unit="product", disable=not progress,
-              file=sys.stderr, leave=False) as bar:
-        norms = []
-        for k, m in enumerate(models):
-            r = inner_product(m, m, inner, **kwargs)
-            flops, exact, method = flops + r.flops, exact and r.exact, r.method
-            notes.extend(r.notes)
-            v = float(r.value)
-            if not v > 0:
-                name = labels[k] if labels is not None else f"model {k}"
-                raise ValueError(f"{name} has zero norm under the {inner} inner product; its similarity is undefined")
-            norms.append(math.sqrt(v))
-            bar.update()
+    im = ax.imshow(vals, cmap="RdBu_r", vmin=vmin, vmax=vmax, interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="cosine")
+    for setter, names, count in ((ax.set_yticks, labels, n), (ax.set_xticks, col_labels, m)):
+        if names is not None:
+            if len(names) != count:
+                raise ValueError(f"{len(names)} labels for {count} models")
+            ticks = range(0, count, math.ceil(count / _MAX_TICKS))
+            small = {"fontsize": 7} if count > _ANNOTATE_UP_TO else {}
+            setter(ticks, labels=[str(names[k]) for k in ticks], **small)
+    if col_labels is not None:
+        for lab in ax.get_xticklabels():
+            lab.set_rotation(90)
+    if annotate is None:
+        annotate = max(n, m) <= _ANNOTATE_UP_TO
+    if annotate:
         for i in range(n):
-            for j in range(i + 1, n):
-                r = inner_product(models[i], models[j], inner, **kwargs)
-                flops, exact = flops + r.flops, exact and r.exact
-                cos = float(r.value) / (norms[i] * norms[j])
-                if abs(cos) > 1 + 1e-9:
-                    raise ArithmeticError(f"|cosine| of models {i} and {j} exceeds 1 ({cos!r})")
-                values[i, j] = values[j, i] = max(-1.0, min(1.0, cos))
-                bar.update()
-    return MatrixResult(values, inner, method, exact, flops, "pairwise (tsalgebra.inner, norms once)",
-                        tuple(labels) if labels is not None else None, tuple(dict.fromkeys(notes)))
-
-
-def batched_available() -> bool:
-    """True when ``tsalgebra.similarity_matrix`` (tsalgebra/batched.py) exists."""
-    return _batched() is not None
-
-
-def _batched() -> Any:
-    try:
-        mod = importlib.import_module("tsalgebra.batched")
-    except ImportError:
-        return None
-    return getattr(mod, "similarity_matrix", None)
-
-
-def compute_matrix(models: Sequence[Any], inner: str = "gaussian", progress: bool = True,
-                   labels: Sequence[str] | None = None, route: str = "auto", **kwargs: Any) -> Any:
-    """The N x N similarity matrix of ``models`` under ``inner``.
-
-    ``route``: "auto" (the batched ``tsalgebra.similarity_matrix`` when it
-    exists, else the pairwise loop), "batched" or "pairwise".  The result has
-    ``.values``, ``.route``, ``.flops``, ``.inner``, ``.method``, ``.exact``
-    and ``.plot(path=None, ax=None, labels=None)``.
-    """
-    fn = _batched() if route in ("auto", "batched") else None
-    if route == "batched" and fn is None:
-        raise RuntimeError("tsalgebra.similarity_matrix is not available in this installation")
-    if fn is not None:
-        return fn(list(models), inner=inner, progress=progress, **kwargs)
-    return pairwise_matrix(models, inner, progress, labels, **kwargs)
+            for j in range(m):
+                ax.text(j, i, f"{vals[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if abs(vals[i, j]) > 0.6 else "black")
+    if title:
+        ax.set_title(title)
+    if path is not None:
+        fig.savefig(str(path), bbox_inches="tight")
+    return fig

@@ -24,7 +24,7 @@ from .expr import Network, Sum
 from .measure import Gaussian, Measure
 
 __all__ = ["Alternative", "CostError", "DEFAULT_BUDGET", "INNERS", "METHODS", "InnerProblem", "InnerResult", "Plan",
-           "format_count", "positions_of"]
+           "degree_of", "format_count", "positions_of"]
 
 INNERS = ("gaussian", "symmetric", "network")
 METHODS = ("auto", "exact", "closure")
@@ -129,6 +129,11 @@ def _widths(terms: list[tuple[Any, Network]], what: str) -> tuple[int, int]:
     return (ins.pop() if ins else 0), outs.pop()
 
 
+def degree_of(model: Any) -> int:
+    """The largest number of input copies of a term of the model (its degree)."""
+    return max(n.degree for _, n in _terms(model, False))
+
+
 def _exact_weights(model: Any) -> bool:
     if isinstance(model, Component):
         return model.exact
@@ -215,7 +220,7 @@ class InnerProblem:
     @cached_property
     def degrees(self) -> tuple[int, int]:
         """The largest number of input copies of a term of a and of b."""
-        return (max(n.degree for _, n in self.terms("a", False)), max(n.degree for _, n in self.terms("b", False)))
+        return degree_of(self.a), degree_of(self.b)
 
     @property
     def components(self) -> bool:

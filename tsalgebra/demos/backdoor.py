@@ -36,7 +36,8 @@ import numpy as np
 
 from ..baselines import weight_cosine
 from ..inner import similarity
-from ..plots import _plt, compute_matrix, plot_matrix
+from ..matrix import similarity_matrix
+from ..plots import pyplot, plot_matrix
 from .common import DemoResult, cosine_matrix, labelled_steps, torch_threads, write_outputs
 
 __all__ = ["BackdoorConfig", "run", "add_arguments", "config_from_args", "main", "digits", "stamp"]
@@ -147,10 +148,10 @@ def _train(cfg: BackdoorConfig, ckdir: Path) -> dict[str, Any]:
 
 def _figure(path: Path, labels: list[str], mats: dict[str, np.ndarray], n_clean: int, per_class: np.ndarray,
             per_class_control: np.ndarray, log: dict[str, list], cfg: BackdoorConfig) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(15, 9.2))
     for ax, (name, m) in zip(axes[0], mats.items()):
-        plot_matrix(m, ax=ax, labels=labels, title=name, vmin=min(0.0, float(np.min(m))))
+        plot_matrix(m, ax=ax, labels=labels, col_labels=labels, title=name, vmin=min(0.0, float(np.min(m))))
         ax.axhline(n_clean - 0.5, color="white", lw=0.8)
         ax.axvline(n_clean - 0.5, color="white", lw=0.8)
     ax = axes[1, 0]
@@ -213,8 +214,8 @@ def run(cfg: BackdoorConfig | None = None, **overrides: Any) -> DemoResult:
     labels = [f"{'c' if p.name.startswith('clean') else 'p'}{s}" for p, s in zip(paths, steps)]
     xt = trained["x_test"].numpy().astype(np.float64)
     behaviour = np.stack([np.asarray(m(xt)).ravel() for m in models])
-    sym = compute_matrix(models, inner="symmetric", progress=cfg.progress, labels=labels)
-    gau = compute_matrix(models, inner="gaussian", progress=cfg.progress, labels=labels, centered=True)
+    sym = similarity_matrix(models, inner="symmetric", progress=cfg.progress)
+    gau = similarity_matrix(models, inner="gaussian", centered=True, progress=cfg.progress)
     n = len(models)
     wmat = np.eye(n)
     for i in range(n):

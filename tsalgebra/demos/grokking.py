@@ -39,7 +39,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..baselines import weight_cosine
-from ..plots import _plt, compute_matrix, plot_matrix
+from ..matrix import similarity_matrix
+from ..plots import pyplot, plot_matrix
 from .common import DemoResult, cosine_matrix, labelled_steps, pearson, torch_threads, upper, write_outputs
 
 __all__ = ["GrokkingConfig", "run", "add_arguments", "config_from_args", "main"]
@@ -155,12 +156,14 @@ def _nearest(ck_steps: Sequence[int], step: int | None) -> int | None:
 
 def _figure(path: Path, steps: list[int], mats: dict[str, np.ndarray], curve: dict[str, list[float]],
             r: float, cfg: GrokkingConfig) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(15, 9.2))
     labels = [str(s) for s in steps]
-    plot_matrix(mats["tensor (symmetric)"], ax=axes[0, 0], labels=labels, title="tensor similarity (symmetric)")
-    plot_matrix(mats["logit cosine"], ax=axes[0, 1], labels=labels, title=f"logit cosine (all {cfg.modulus}^2 inputs)")
-    plot_matrix(mats["weight cosine"], ax=axes[0, 2], labels=labels, title="flattened-weight cosine")
+    for ax, name, title in ((axes[0, 0], "tensor (symmetric)", "tensor similarity (symmetric)"),
+                            (axes[0, 1], "logit cosine", f"logit cosine (all {cfg.modulus}^2 inputs)"),
+                            (axes[0, 2], "weight cosine", "flattened-weight cosine")):
+        m = mats[name]
+        plot_matrix(m, ax=ax, labels=labels, col_labels=labels, title=title, vmin=min(0.0, float(np.nanmin(m))))
     ax = axes[1, 0]
     ax.plot(curve["step"], curve["train_acc"], label="train")
     ax.plot(curve["step"], curve["test_acc"], label="test")
@@ -225,9 +228,8 @@ def run(cfg: GrokkingConfig | None = None, **overrides: Any) -> DemoResult:
         logits[k] = out_k.ravel()
         centred[k] = (out_k - out_k.mean(0)).ravel()
     t0 = time.perf_counter()
-    sym = compute_matrix(models, inner="symmetric", progress=cfg.progress, labels=[str(s) for s in steps])
-    gau = compute_matrix(models, inner="gaussian", progress=cfg.progress, labels=[str(s) for s in steps],
-                         centered=True)
+    sym = similarity_matrix(models, inner="symmetric", progress=cfg.progress)
+    gau = similarity_matrix(models, inner="gaussian", centered=True, progress=cfg.progress)
     t_ts = time.perf_counter() - t0
     n = len(models)
     wmat = np.eye(n)

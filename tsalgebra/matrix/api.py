@@ -1,0 +1,260 @@
+"""The public API: :func:`similarity_matrix` and :func:`cross_similarity_matrix`.
+
+Each call checks its arguments and prepares the models into a :class:`Job`,
+costs the routes of :data:`REGISTRY` that apply, runs the chosen one, and
+turns the :class:`Gram` it returns into cosines and norms.
+"""
+
+from __future__ import annotations
+
+import time
+from types import MappingProxyType
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from ..arrays import is_torch
+from ..components import Component
+from ..cosine import cosines
+from ..measure import Gaussian, Measure
+from ..problem import positions_of
+from . import materialize, pairwise, pairwise_gram
+from .job import Gram, Job, Route
+from .ops import Clock, Ops, blas_threads, parse_dtype
+from .prepare import prepare_models
+from .results import RouteCost, SimilarityMatrix
+
+__all__ = ["ROUTES", "similarity_matrix", "cross_similarity_matrix"]
+
+ROUTES = ("auto", "materialize", "pairwise-gram", "pairwise")
+# The routes, each a module following the Route protocol, in the order they
+# are costed (auto takes the first of equal flops); REGISTRY finds them by name.
+_ROUTE_MODULES: tuple[Route, ...] = (pairwise_gram, materialize, pairwise)
+REGISTRY: Mapping[str, Route] = MappingProxyType({r.NAME: r for r in _ROUTE_MODULES})
+_INNERS = ("gaussian", "symmetric", "network")
+_METHODS = ("auto", "exact", "closure")
+
+
+# ------------------------------------------------------------ one call
+
+
+def _compute(rows_in: Any, cols_in: Any | None, inner: str, method: str, mean: Any, cov: Any, centered: bool,
+             route: str, dtype: Any, device: Any, max_memory: int | None, progress: bool | None,
+             options: dict[str, Any]) -> SimilarityMatrix:
+    started = time.perf_counter()
+    measure = options.pop("measure", None)
+    options = _checked(inner, method, centered, route, options)
+    rows, labels = _models(rows_in, "models" if cols_in is None else "models_a")
+    cols, col_labels = (None, None) if cols_in is None else _models(cols_in, "models_b")
+    law = _measure(rows, inner, mean, cov, measure)
+    job = _job(rows, cols, inner, method, law, centered, dtype, device, max_memory, progress, options)
+    costs = {name: r.layout(job) for name, r in REGISTRY.items() if r.COSTED and r.applies(job) is None}
+    chosen, notes = _choose(route, job, costs)
+    clock = Clock(job.ops)
+    if job.prepared is not None:
+        clock.add("prepare", job.prepared.seconds, 0)  # folding and normalizing, on the host
+    gram = REGISTRY[chosen].run(job, costs[chosen] if chosen in costs else REGISTRY[chosen].layout(job), clock)
+    return _result(job, gram, chosen, costs, notes, labels, col_labels, time.perf_counter() - started)
+
+
+def _checked(inner: str, method: str, centered: bool, route: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options for ts.inner (degree, budget, orbits), after checking the arguments."""
+    if inner not in _INNERS:
+        raise ValueError(f"inner must be one of {_INNERS}, got {inner!r}")
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    if method == "closure" and inner != "gaussian":
+        raise ValueError("method='closure' is a Gaussian moment method; use it with inner='gaussian'")
+    if centered and inner != "gaussian":
+        raise ValueError("centered=True is defined for the gaussian inner product only")
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    if options.get("per_output"):
+        raise TypeError("per_output is not available for similarity matrices; use ts.similarity per pair")
+    options = {k: v for k, v in options.items() if k != "per_output"}
+    unknown = set(options) - {"degree", "budget", "orbits"}
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
+    return options
+
+
+def _models(models: Any, what: str) -> tuple[list[Any], tuple[str, ...] | None]:
+    """The models of one side as a list, and their names when given as a mapping."""
+    if isinstance(models, Mapping):
+        return list(models.values()), tuple(str(k) for k in models.keys())
+    if isinstance(models, (Component,)) or not isinstance(models, Iterable):
+        raise TypeError(f"{what}: expected a sequence (or a mapping name -> model) of models")
+    out = list(models)
+    if not out:
+        raise ValueError(f"{what}: no models")
+    return out, None
+
+
+def _widths(models: Sequence[Any]) -> None:
+    ins = {getattr(m, "in_features", None) for m in models}
+    outs = {getattr(m, "out_features", None) for m in models}
+    if len(ins) > 1:
+        raise ValueError(f"input widths differ across the models: {sorted(map(str, ins))}")
+    if len(outs) > 1:
+        raise ValueError(f"output widths differ across the models: {sorted(map(str, outs))}")
+
+
+def _measure(rows: list[Any], inner: str, mean: Any, cov: Any, measure: Measure | None) -> Gaussian | None:
+    """The Gaussian measure (``measure``, or its shorthand mean/cov) bound to
+    the models' input; None for the other inner products."""
+    if measure is not None and (mean is not None or cov is not None):
+        raise ValueError("give measure= or its shorthand mean=/cov=, not both")
+    if inner != "gaussian":
+        return None
+    law = measure if measure is not None else Gaussian(mean, cov)
+    if not isinstance(law, Gaussian):
+        raise TypeError(f"the similarity matrix takes a Gaussian measure, got {law!r}")
+    first = rows[0]
+    return law.at(first.in_features, positions_of(first)) if hasattr(first, "in_features") else law
+
+
+def _job(rows: list[Any], cols: list[Any] | None, inner: str, method: str, measure: Gaussian | None, centered: bool,
+         dtype: Any, device: Any, max_memory: int | None, progress: bool | None, options: dict[str, Any]) -> Job:
+    """The job: the engine, the memory bound, and the models prepared."""
+    _widths(rows + (cols or []))
+    dname = parse_dtype(dtype)
+    if device is None and any(is_torch(w) for m in rows + (cols or []) if isinstance(m, Component) for w in m.weights()):
+        device = "cpu"  # pragma: no cover - components store numpy weights
+    force_numpy = isinstance(device, str) and device == "numpy"
+    if force_numpy:
+        device = None
+    ops = Ops(dname, device)
+    memory = int(max_memory) if max_memory is not None else ops.default_memory()
+    if memory <= 0:
+        raise ValueError(f"max_memory must be positive, got {max_memory}")
+    prepared = prepare_models(rows, cols, inner, method, centered, measure, options.get("degree"))
+    threads = blas_threads() if prepared is not None and not ops.is_torch else 1
+    if device is None and not force_numpy and prepared is not None and prepared.dims.depth > 1 and threads < 2:
+        # stacks on one thread: torch on the CPU, whose fused elementwise
+        # kernels took half numpy's time for the Hadamard cores here; with
+        # more BLAS threads numpy's worker threads won (see ops.run_tasks)
+        ops = Ops(dname, "cpu")
+    return Job(rows, cols, inner, method, centered, MappingProxyType(options), progress, measure, prepared, ops,
+               memory, threads)
+
+
+def _choose(route: str, job: Job, costs: Mapping[str, RouteCost]) -> tuple[str, tuple[str, ...]]:
+    """The route to run, and notes on the choice.  ``costs``: the costed
+    routes that apply.  Auto takes the fewest flops among those that fit,
+    else the smallest of them, else the fallback (a route that is not
+    costed); a route asked for by name must apply and fit."""
+    if route == "auto":
+        fitting = [c for c in costs.values() if c.fits]
+        if fitting:
+            return min(fitting, key=lambda c: c.flops).route, ()
+        if costs:
+            smallest = min(costs.values(), key=lambda c: c.peak_bytes).route
+            return smallest, (f"no batched route fits max_memory={job.memory} bytes; took the smallest",)
+        fallback = next(name for name, r in REGISTRY.items() if not r.COSTED and r.applies(job) is None)
+        return fallback, ("no batched route covers these models/arguments: each pair with ts.inner",)
+    why = REGISTRY[route].applies(job)
+    if why is not None:
+        raise ValueError(f"route={route!r} is not available here: {why}; use route='pairwise'")
+    if route in costs and not costs[route].fits:
+        raise MemoryError(f"route {route!r} needs about {costs[route].peak_bytes} bytes at its smallest "
+                          f"blocks; max_memory is {job.memory}")
+    return route, ()
+
+
+# ------------------------------------------------------------ the result
+
+
+def _result(job: Job, gram: Gram, route: str, costs: Mapping[str, RouteCost], notes: tuple[str, ...],
+            labels: tuple[str, ...] | None, col_labels: tuple[str, ...] | None, seconds: float) -> SimilarityMatrix:
+    sym = job.symmetric
+    cos = _cosines(gram.cross, gram.row_self, gram.col_self, job.inner, gram.dtype, sym)
+    norms = _norms(gram.row_self, gram.row_log_scale)
+    return SimilarityMatrix(
+        values=cos, route=route, flops=int(gram.flops), inner=job.inner, method=gram.method, exact=gram.exact,
+        norms=norms, col_norms=norms if sym else _norms(gram.col_self, gram.col_log_scale), symmetric=sym,
+        centered=job.centered, measure=job.measure.label if job.measure is not None else "", dtype=gram.dtype, device=gram.device, max_memory=job.memory,
+        candidates=dict(costs), steps=gram.steps, seconds=seconds, labels=labels,
+        col_labels=labels if sym else col_labels, notes=notes,
+    )
+
+
+def _cosines(K: np.ndarray, sA: np.ndarray, sB: np.ndarray, inner: str, dtype: str, sym: bool) -> np.ndarray:
+    """K / sqrt(sA sB^T) in ``dtype`` (:func:`tsalgebra.cosine.cosines`, with
+    the round-off tolerance of the dtype), symmetrized for a symmetric matrix."""
+    cos = cosines(K, np.asarray(sA)[:, None], np.asarray(sB)[None, :], inner,
+                  tol=1e-8 if dtype == "float64" else 1e-3, sides=("row model", "column model"))
+    if sym:
+        cos = (cos + cos.T) / 2
+        np.fill_diagonal(cos, 1.0)
+    return cos.astype(dtype)
+
+
+def _norms(s: np.ndarray, logU: np.ndarray | None) -> np.ndarray:
+    """sqrt(s U^2) per model, in float64 logarithms where scaled (U = exp(logU))."""
+    s = np.maximum(np.asarray(s, dtype=float), 0.0)
+    if logU is None:
+        return np.sqrt(s)
+    with np.errstate(over="ignore", divide="ignore"):
+        return np.exp(0.5 * np.log(s) + logU)
+
+
+# ------------------------------------------------------------ public functions
+
+
+def similarity_matrix(
+    models: Sequence[Any] | Mapping[str, Any],
+    inner: str = "gaussian",
+    method: str = "auto",
+    mean: Any = None,
+    cov: Any = None,
+    *,
+    measure: Measure | None = None,
+    centered: bool = False,
+    route: str = "auto",
+    dtype: Any = None,
+    device: Any = None,
+    max_memory: int | None = None,
+    progress: bool | None = None,
+    **kwargs: Any,
+) -> SimilarityMatrix:
+    """The N x N matrix of cosines <a, b> / sqrt(<a, a> <b, b>) between ``models``.
+
+    ``inner``, ``method``, ``measure`` (or its shorthand ``mean``/``cov``),
+    ``centered`` (and ``degree``, ``budget``, ``orbits`` for the pairwise
+    route) mean what they mean in :func:`tsalgebra.similarity`.  ``route``: "auto" (the cheaper batched route
+    within ``max_memory``; "pairwise" where none applies), "materialize",
+    "pairwise-gram" or "pairwise".  ``dtype``: float64 (default) or float32
+    (numpy, torch or string spelling).  ``device``: a torch device ("cpu",
+    "cuda", "cuda:1"...) to compute with torch there; None computes with numpy
+    (in threads when large; stacks on a single BLAS thread in torch on the CPU),
+    "numpy" with numpy only.
+    ``max_memory``: bytes for the route's blocks (default a quarter of the
+    available memory of the device).  ``progress``: True / False, or None for
+    a tqdm bar on a terminal when the work is long.  ``models`` may be a mapping
+    name -> model; the names label the plot.
+    """
+    return _compute(models, None, inner, method, mean, cov, centered, route, dtype, device, max_memory, progress,
+                    dict(kwargs, measure=measure))
+
+
+def cross_similarity_matrix(
+    models_a: Sequence[Any] | Mapping[str, Any],
+    models_b: Sequence[Any] | Mapping[str, Any],
+    inner: str = "gaussian",
+    method: str = "auto",
+    mean: Any = None,
+    cov: Any = None,
+    *,
+    measure: Measure | None = None,
+    centered: bool = False,
+    route: str = "auto",
+    dtype: Any = None,
+    device: Any = None,
+    max_memory: int | None = None,
+    progress: bool | None = None,
+    **kwargs: Any,
+) -> SimilarityMatrix:
+    """The N x M matrix of cosines between ``models_a`` (rows) and ``models_b``
+    (columns); arguments as in :func:`similarity_matrix`."""
+    return _compute(models_a, models_b, inner, method, mean, cov, centered, route, dtype, device, max_memory,
+                    progress, dict(kwargs, measure=measure))

@@ -1,0 +1,99 @@
+"""The interface between the public API and the routes: the :class:`Job` a
+route is given, the :class:`Gram` it gives back, and the :class:`Route`
+protocol every route module follows (a new route is one more module with
+these names, listed in ``tsalgebra.matrix.api.REGISTRY``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol
+
+import numpy as np
+
+from ..measure import Gaussian
+from .ops import Clock, Ops
+from .prepare import Prepared
+from .results import RouteCost, StepTime
+
+
+@dataclass(frozen=True)
+class Job:
+    """One similarity matrix to compute, its arguments checked.
+
+    ``rows`` / ``cols`` are the models of the rows and the columns (``cols``
+    None for a symmetric matrix: the rows are the columns); ``inner`` to
+    ``options`` mean what they mean in :func:`tsalgebra.inner` (``options``:
+    degree, budget, orbits), ``progress`` as in :func:`similarity_matrix`;
+    ``measure`` is the Gaussian measure bound to the models' input (None for
+    the other inner products).  ``prepared`` holds the models as chains for the
+    batched routes (None where none covers them), ``ops`` the engine they
+    compute with, ``memory`` the bound in bytes on their blocks
+    (``max_memory``), ``threads`` the worker threads numpy may use.
+    """
+
+    rows: list[Any]
+    cols: list[Any] | None
+    inner: str
+    method: str
+    centered: bool
+    options: Mapping[str, Any]
+    progress: bool | None
+    measure: Gaussian | None
+    prepared: Prepared | None
+    ops: Ops
+    memory: int
+    threads: int
+
+    @property
+    def symmetric(self) -> bool:
+        return self.cols is None
+
+
+@dataclass(frozen=True)
+class Gram:
+    """What a route computes, on the scale it computes it at.
+
+    ``cross[a, b]`` is the inner product of row model a and column model b,
+    ``row_self`` / ``col_self`` those of each model with itself (the same
+    array for a symmetric matrix), each up to the factors U of
+    ``row_log_scale`` / ``col_log_scale`` (log U per model: the true <a, b>
+    is cross[a, b] U_a U_b; None where the values are unscaled).  ``flops``
+    and ``steps`` are the work done and where the time went, ``dtype`` and
+    ``device`` what it was computed in, ``exact`` and ``method`` as in
+    :class:`tsalgebra.InnerResult`.
+    """
+
+    cross: np.ndarray
+    row_self: np.ndarray
+    col_self: np.ndarray
+    row_log_scale: np.ndarray | None
+    col_log_scale: np.ndarray | None
+    flops: int
+    steps: tuple[StepTime, ...]
+    dtype: str
+    device: str
+    exact: bool = True
+    method: str = "exact"
+
+
+class Route(Protocol):
+    """A way to compute a job's Gram: a module with these names.
+
+    ``NAME`` is its ``route=`` name.  ``COSTED``: whether :func:`layout`
+    counts its flops and memory, which makes it a candidate of
+    ``route="auto"`` (the routes that are not costed are the fallback, taken
+    by auto only where no costed route applies).  :func:`applies` says why
+    the route cannot compute the job (None when it can); :func:`layout` lays
+    the job out within ``job.memory`` and says what that costs; :func:`run`
+    computes it as laid out, timing its steps on ``clock`` (which holds the
+    preparation's time already).
+    """
+
+    NAME: str
+    COSTED: bool
+
+    def applies(self, job: Job) -> str | None: ...
+
+    def layout(self, job: Job) -> RouteCost: ...
+
+    def run(self, job: Job, cost: RouteCost, clock: Clock) -> Gram: ...

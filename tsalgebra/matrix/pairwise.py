@@ -1,0 +1,92 @@
+"""Route "pairwise": each norm once with :func:`tsalgebra.inner`, then each
+pair with it, behind a progress bar.
+
+The fallback for anything the batched routes do not cover (deeper models
+under the gaussian or symmetric product, Polynomial models, exact/symbolic
+weights that do not convert to floats, ``method="closure"``, another
+``degree``); it applies to every job.  It is not costed: ts.inner plans each
+pair itself, so :func:`layout` reports 0 flops and no memory (unknown, not an
+estimate), and ``route="auto"`` takes it only where no costed route applies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..inner import inner
+from ..problem import degree_of
+from .job import Gram, Job
+from .ops import Clock, progress_bar
+from .results import RouteCost
+
+NAME = "pairwise"
+COSTED = False
+
+# A progress bar is offered (progress=None: shown on a terminal) above this many inner products.
+_LONG_PAIRS = 50
+
+
+def applies(job: Job) -> str | None:
+    """Every job: ts.inner computes whatever the similarity matrix may be asked."""
+    return None
+
+
+def layout(job: Job) -> RouteCost:
+    """How many calls of ts.inner at most; flops 0 (unknown) and no memory bound."""
+    n = len(job.rows)
+    calls = n * (n + 1) // 2 if job.cols is None else n * len(job.cols) + n + len(job.cols)
+    return RouteCost(NAME, 0, 0, True, f"ts.inner per model and per pair, at most {calls} calls (flops unknown)")
+
+
+def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
+    """Cosines with ts.inner: each norm once, then the pairs (the clock is
+    not used: ts.inner's work is not split into steps)."""
+    A = job.rows
+    sym = job.cols is None
+    Bs = A if sym else job.cols
+    options = dict(job.options)
+    if job.inner == "symmetric" and options.get("degree") is None:  # one common degree, as ts.similarity does
+        options["degree"] = max(degree_of(m) for m in list(A) + list(Bs))
+    n_pairs = len(A) * (len(A) - 1) // 2 if sym else len(A) * len(Bs)
+    n_self = len(A) + (0 if sym else len(Bs))
+    bar = progress_bar(n_pairs + n_self, f"similarity matrix (pairwise {job.inner})", "inner", job.progress,
+                       n_pairs + n_self > _LONG_PAIRS)
+    results = []
+
+    def ip(a: Any, b: Any) -> float:
+        r = inner(a, b, job.inner, job.method, measure=job.measure, centered=job.centered, **options)
+        results.append(r)
+        bar.update(1)
+        return _as_float(r.value)
+
+    try:
+        sA = np.array([ip(m, m) for m in A])
+        sB = sA if sym else np.array([ip(m, m) for m in Bs])
+        K = np.zeros((len(A), len(Bs)))
+        for i, a in enumerate(A):
+            for j, b in enumerate(Bs):
+                if sym and j <= i:
+                    continue
+                K[i, j] = sA[i] if a is b else ip(a, b)
+                if sym:
+                    K[j, i] = K[i, j]
+        if sym:
+            K[np.diag_indices(len(A))] = sA
+    finally:
+        bar.close()
+    exact = all(r.exact for r in results)
+    methods = sorted({r.method for r in results}) or ["exact"]
+    return Gram(K, sA, sB, None, None, sum(r.flops for r in results), (), "float64", "numpy", exact,
+                "/".join(methods))
+
+
+def _as_float(v: Any) -> float:
+    """A float from an inner product's value (a sympy number evaluated)."""
+    try:
+        return float(v)
+    except TypeError:
+        import sympy
+
+        return float(sympy.N(v))

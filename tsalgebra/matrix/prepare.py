@@ -1,0 +1,239 @@
+"""Model preparation for the batched routes: each model folded into bilinear
+blocks on padded widths, normalized, and (Gaussian) rewritten so that every
+batched inner product is a Frobenius product of symmetric CP tensors, or the
+Gram recursion of stacks.
+
+Inner products in batch, on padded factors L~, R~ (H, d+1), D~ (o+1, H), outputs
+1..o:
+
+- symmetric: <a, b>_S = sum_{o,i,j} S_a[o,i,j] S_b[o,i,j],
+  S[o,i,j] = sum_h D[o,h] (L[h,i] R[h,j] + R[h,i] L[h,j]) / 2;
+- network: the Gram recursion (equal to the symmetric one at depth 1);
+- gaussian, x ~ N(m, C): the input is rewritten x = m + F z with C = F F^T,
+  z ~ N(0, I), so L~ and R~ become L~ P, R~ P with P = [[1, 0], [m, F]].  For
+  z ~ N(0, I) and f_o = c + b.z + z'Az (c = S[o,0,0], b = 2 S[o,0,1:],
+  A = S[o,1:,1:]),  E[f_o g_o] = 2 tr(A_f A_g) + b_f.b_g + (c_f + tr A_f)(c_g + tr A_g),
+  which is the Frobenius product of S' = sqrt(2) S + m' e0 e0^T with
+  m' = (1 - sqrt 2) c + tr A (centred: m' = -sqrt(2) c, dropping the mean
+  product).  S' is again a symmetric CP tensor: D' = [sqrt(2) D, m'],
+  L' = [L; e0], R' = [R; e0].
+
+Scale: each factor is divided by its Frobenius norm before anything is
+formed (the logs of the factors taken out are kept per layer); the routes
+rebuild the norms in float64 logarithms.
+
+The Gaussian measure arrives as a :class:`~tsalgebra.measure.Gaussian`;
+its whitening (cached on it) is the P above.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..components import Bilinear, Component
+from ..folding import fold
+from ..measure import Gaussian
+from .ops import Ops
+
+_SQRT2 = math.sqrt(2.0)
+
+
+# ------------------------------------------------------------ chains
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A model as normalized bilinear blocks (L, R, D) on padded widths; the
+    last D without the constant channel.  ``log_scales[l]`` is
+    log(|L~| |R~| |D~|) of the layer (Frobenius norms divided out)."""
+
+    blocks: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...]
+    log_scales: np.ndarray
+
+
+def _unit(x: np.ndarray) -> tuple[np.ndarray, float]:
+    """x scaled to about unit Frobenius norm, in place (``x`` is a fresh array
+    of to_chains': a second copy of every model cost as much as the first, both
+    in page faults on new memory), and the log of the factor taken out.  A
+    norm within [1/2, 2] is left as it is (the scale only keeps magnitudes
+    near 1; the log is exact either way), which saves a pass over blocks that
+    to_chains scaled as it wrote them."""
+    s = math.sqrt(float(np.einsum("ij,ij->", x, x)))  # no BLAS (see Bilinear.padded_norms)
+    if s == 0.0 or not math.isfinite(s) or 0.5 <= s <= 2.0:
+        return x, 0.0
+    x /= s
+    return x, math.log(s)
+
+
+def to_chains(models: Sequence[Any], inner: str, centered: bool, P: np.ndarray | None) -> list[Chain] | None:
+    """The models as normalized chains, or None when a batched route does not
+    cover them (the caller then takes the pairwise route)."""
+    chains = []
+    # Plain float layers are padded into one allocation: one page fault per
+    # huge page instead of one per 4 KiB page of every model's own arrays
+    # (at (d, h) = (256, 512) that halved this function's time here), and
+    # scaled to unit norm as they are written (norms from the weights).  L~ is
+    # stored transposed, as the materialize route's formation reads it.  (Two
+    # to sixteen threads writing the models were slower, here and on a 16-core
+    # GPU host: the page faults of the fresh memory did not run in parallel.)
+    plain = [m for m in models if isinstance(m, Bilinear) and not m.exact]
+    arena = np.zeros(sum(math.prod(s) for m in plain for s in m.padded_shapes()))
+    used = 0
+    for m in models:
+        if not isinstance(m, Component):
+            return None
+        pre = np.zeros(3)  # logs of the factors taken out as the blocks were written
+        try:
+            if isinstance(m, Bilinear) and not m.exact:
+                out = []
+                for k, shape in enumerate(m.padded_shapes()):
+                    part = arena[used : used + math.prod(shape)]
+                    out.append(part.reshape(shape[::-1]).T if k == 0 else part.reshape(shape))
+                    used += math.prod(shape)
+                norms = m.padded_norms()  # all finite: so is every entry (their squares sum to a finite number)
+                finite = all(math.isfinite(s) and s > 0 for s in norms)
+                if finite:
+                    pre = np.log(norms)
+                blocks = [m.padded(out=tuple(out), scales=tuple(1 / s for s in norms) if finite else None)]
+            else:
+                finite = False
+                blocks, _ = fold(m)
+            blocks = [tuple(np.asarray(x, dtype=float) for x in blk) for blk in blocks]
+        except (TypeError, ValueError):
+            return None
+        if not blocks:
+            return None  # a linear model: degree 1, lifting rules live in ts.inner
+        if inner != "network" and len(blocks) != 1:
+            return None
+        if not finite and not all(np.isfinite(x).all() for blk in blocks for x in blk):
+            return None
+        L, R, D = blocks[-1]
+        blocks[-1] = (L, R, D[1:])
+        if inner == "gaussian" and P is not None:
+            L, R, D = blocks[0]
+            blocks[0] = (L @ P, R @ P, D)
+        norm_blocks, logs = [], []
+        for L, R, D in blocks:
+            if finite and P is None:  # padded at unit norm: only D lost a row since
+                (L, a), (R, b), (D, c) = (L, 0.0), (R, 0.0), _unit(D)
+            else:
+                (L, a), (R, b), (D, c) = _unit(L), _unit(R), _unit(D)
+            norm_blocks.append((L, R, D))
+            logs.append(a + b + c + (pre.sum() if not logs else 0.0))
+        if inner == "gaussian":
+            L, R, D = norm_blocks[0]
+            const = L[:, 0] * R[:, 0]
+            if centered:
+                mprime = -_SQRT2 * (D @ const)
+            else:
+                mprime = D @ ((1.0 - _SQRT2) * const + np.einsum("hi,hi->h", L[:, 1:], R[:, 1:]))
+            e0 = np.zeros((1, L.shape[1]))
+            e0[0, 0] = 1.0
+            norm_blocks[0] = (np.vstack([L, e0]), np.vstack([R, e0]), np.hstack([_SQRT2 * D, mprime[:, None]]))
+        chains.append(Chain(tuple(norm_blocks), np.asarray(logs)))
+    return chains
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Common padded sizes of a set of chains: input width n; per layer the
+    hidden width H and the output width w (the last: o, channel 0 excluded)."""
+
+    n: int
+    H: tuple[int, ...]
+    w: tuple[int, ...]
+
+    @property
+    def depth(self) -> int:
+        return len(self.H)
+
+    def w_in(self, layer: int) -> int:
+        return self.n if layer == 0 else self.w[layer - 1]
+
+
+def common_dims(*groups: list[Chain]) -> Dims:
+    """The common sizes of the chains of all ``groups`` (the widest hidden and
+    output widths per layer: narrower models are zero-padded to them)."""
+    chains = [c for g in groups for c in g]
+    depth = {len(c.blocks) for c in chains}
+    if len(depth) != 1:
+        raise ValueError(
+            "the network inner product needs the same layer structure: the models have "
+            f"{sorted(depth)} bilinear layers (Linear layers fold into their neighbours)"
+        )
+    ns = {c.blocks[0][0].shape[1] for c in chains}
+    if len(ns) != 1:  # pragma: no cover - guarded by the in_features check
+        raise ValueError(f"input widths differ: {sorted(ns)}")
+    L = depth.pop()
+    H = tuple(max(c.blocks[l][0].shape[0] for c in chains) for l in range(L))
+    w = tuple(max(c.blocks[l][2].shape[0] for c in chains) for l in range(L))
+    return Dims(ns.pop(), H, w)
+
+
+def stack_models(chains: Sequence[Chain], dims: Dims, ops: Ops, fused: Sequence[bool] = ()
+           ) -> tuple[list[Any], list[Any], list[Any]]:
+    """Per layer: X = [L; R] of shape (c, 2H, w_in) and D / sqrt(2) of shape
+    (c, w, H), zero-padded (padding leaves every function unchanged); and for
+    the layers l >= 1 propagated in the fused order, P = X_l D_{l-1} / sqrt(2)
+    of shape (c, 2H_l, H_{l-1}) (else None)."""
+    Xs, Ds = [], []
+    for l in range(dims.depth):
+        H, wi, wo = dims.H[l], dims.w_in(l), dims.w[l]
+        X = np.zeros((len(chains), 2 * H, wi))
+        D = np.zeros((len(chains), wo, H))
+        for k, ch in enumerate(chains):
+            Lm, Rm, Dm = ch.blocks[l]
+            h, i = Lm.shape
+            X[k, :h, :i] = Lm
+            X[k, H : H + h, :i] = Rm
+            D[k, : Dm.shape[0], :h] = Dm / _SQRT2
+        Xs.append(ops.put(X))
+        Ds.append(ops.put(D))
+    Ps = [None] + [Xs[l] @ Ds[l - 1] if (l < len(fused) and fused[l]) else None for l in range(1, dims.depth)]
+    return Xs, Ds, Ps
+
+
+# ------------------------------------------------------------ both sides
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Both sides of a matrix as chains for the batched routes: the row
+    models', the column models' (None for a symmetric matrix: the rows are
+    the columns), their common sizes, and the seconds the preparation took."""
+
+    rows: list[Chain]
+    cols: list[Chain] | None
+    dims: Dims
+    seconds: float
+
+
+def prepare_models(rows: Sequence[Any], cols: Sequence[Any] | None, inner: str, method: str, centered: bool,
+                   measure: Gaussian | None, degree: Any) -> Prepared | None:
+    """The models as chains (None where no batched route covers them: see
+    :func:`uncovered`).  ``measure``: the Gaussian measure bound to the
+    models' input (gaussian product only).  Raises ValueError for stacks of
+    different depths under the network product."""
+    P = None if measure is None or measure.standard else measure.whitening()
+    if method == "closure" or (degree not in (None, 2) and inner == "symmetric"):
+        return None
+    started = time.perf_counter()
+    chains_rows = to_chains(rows, inner, centered, P)
+    chains_cols = None if cols is None else to_chains(cols, inner, centered, P)
+    if chains_rows is None or (cols is not None and chains_cols is None):
+        return None
+    dims = common_dims(chains_rows, *([] if chains_cols is None else [chains_cols]))
+    return Prepared(chains_rows, chains_cols, dims, time.perf_counter() - started)
+
+
+def uncovered(inner: str) -> str:
+    """Why no batched route covers models that :func:`prepare_models` returned None for."""
+    if inner == "network":
+        return "the network product is batched for Linear/Bilinear stacks with bilinear layers"
+    return ("the gaussian and symmetric products are batched for models that fold to one bilinear layer, "
+            "with the default degree and an exact method")

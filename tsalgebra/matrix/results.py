@@ -1,0 +1,119 @@
+"""What a similarity matrix call returns: the matrix with the facts needed to
+trust it, what each candidate route would have cost, and where the time went."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..planner import ContractionPlan
+
+
+@dataclass(frozen=True)
+class RouteCost:
+    """A candidate route: planner flops for the block sizes that fit the memory
+    bound, the estimated peak bytes of its blocks, and how it is blocked.
+    ``layout`` is the route's own description of those blocks, which its run
+    follows (private to the route)."""
+
+    route: str
+    flops: int
+    peak_bytes: int
+    fits: bool
+    blocking: str
+    plans: tuple[tuple[str, ContractionPlan], ...] = ()
+    layout: Any = field(default=None, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        fit = "" if self.fits else ", does not fit"
+        return f"RouteCost({self.route}: {self.flops:.3g} flops, {self.peak_bytes / 2**20:.1f} MiB peak, {self.blocking}{fit})"
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Wall time and planner flops spent in one kind of step of the chosen route
+    (in worker threads: each worker's time in the step over their number)."""
+
+    name: str
+    flops: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.flops / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class SimilarityMatrix:
+    """A matrix of cosines with the facts needed to trust it.
+
+    ``values[i, j]`` is the cosine of row model i and column model j;
+    ``norms`` / ``col_norms`` the norms sqrt(<m, m>) of the row / column models
+    (float64; the same array for :func:`similarity_matrix`).  ``route`` is the
+    route that ran, ``flops`` its planner flop count, ``candidates`` what every
+    route would have cost; ``exact`` is False only for approximations (closure).
+    """
+
+    values: np.ndarray
+    route: str
+    flops: int
+    inner: str
+    method: str
+    exact: bool
+    norms: np.ndarray
+    col_norms: np.ndarray
+    symmetric: bool
+    centered: bool = False
+    measure: str = ""
+    dtype: str = "float64"
+    device: str = "numpy"
+    max_memory: int = 0
+    candidates: Mapping[str, RouteCost] = field(default_factory=dict)
+    steps: tuple[StepTime, ...] = ()
+    seconds: float = 0.0
+    labels: tuple[str, ...] | None = None
+    col_labels: tuple[str, ...] | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.values.shape  # type: ignore[return-value]
+
+    def dominant_step(self) -> StepTime | None:
+        """The step that took the most time (None for the pairwise route)."""
+        return max(self.steps, key=lambda s: s.seconds) if self.steps else None
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(self.values, dtype=dtype)
+
+    def __repr__(self) -> str:
+        n, m = self.values.shape
+        flags = [self.inner, self.method + ("" if self.exact else " (approximate)"), f"route {self.route}"]
+        if self.centered:
+            flags.append("centred")
+        if self.measure:
+            flags.append(self.measure)
+        flags.append(f"{self.dtype} on {self.device}")
+        return (f"SimilarityMatrix({n} x {m}{', symmetric' if self.symmetric else ''}; {', '.join(flags)}; "
+                f"{self.flops:.3g} flops in {self.seconds:.3g} s)")
+
+    def plot(self, path: str | os.PathLike | None = None, ax: Any = None, labels: Sequence[str] | None = None,
+             col_labels: Sequence[str] | None = None, title: str | None = None, annotate: bool | None = None) -> Any:
+        """A heatmap of the cosines (see :func:`tsalgebra.plots.plot_matrix`);
+        returns the figure.  ``labels`` name the rows (and the columns of a
+        symmetric matrix); by default the labels the models were given under,
+        if any."""
+        from ..plots import plot_matrix
+
+        rows = list(labels) if labels is not None else (list(self.labels) if self.labels else None)
+        if col_labels is not None:
+            cols = list(col_labels)
+        elif self.symmetric:
+            cols = rows
+        else:
+            cols = list(self.col_labels) if self.col_labels else None
+        return plot_matrix(self.values, path, ax, labels=rows, col_labels=cols,
+                           title=title or f"{self.inner} similarity ({self.route})", annotate=annotate)
