@@ -23,8 +23,8 @@ import numpy as np
 
 from .components import Component
 from .inner import inner as inner_product
-from .measure import Gaussian, Measure
-from .problem import DEFAULT_BUDGET, CostError, positions_of
+from .measure import Measure
+from .problem import DEFAULT_BUDGET, CostError, bound_measure
 
 __all__ = ["InvarianceReport", "check_invariance"]
 
@@ -240,9 +240,7 @@ def check_invariance(
         raise ValueError(f"the transformed model maps {other.in_features} -> {other.out_features}, the original "
                          f"{model.in_features} -> {model.out_features}: it cannot compute the same function")
 
-    if measure is not None and (mean is not None or cov is not None):
-        raise ValueError("give measure= or its shorthand mean=/cov=, not both")
-    law = (measure if measure is not None else Gaussian(mean, cov)).at(model.in_features, positions_of(model))
+    law = bound_measure(model, mean, cov, measure)
     rel, per, method, notes = _exact_distance(model, other, inner, law, budget)
 
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(0 if rng is None else rng)

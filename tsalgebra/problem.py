@@ -24,7 +24,7 @@ from .expr import Network, Sum
 from .measure import Gaussian, Measure
 
 __all__ = ["Alternative", "CostError", "DEFAULT_BUDGET", "INNERS", "METHODS", "InnerProblem", "InnerResult", "Plan",
-           "degree_of", "format_count", "positions_of"]
+           "bound_measure", "check_arguments", "degree_of", "format_count", "positions_of"]
 
 INNERS = ("gaussian", "symmetric", "network")
 METHODS = ("auto", "exact", "closure")
@@ -134,6 +134,31 @@ def degree_of(model: Any) -> int:
     return max(n.degree for _, n in _terms(model, False))
 
 
+def check_arguments(inner: str, method: str, centered: bool) -> None:
+    """ValueError for an unknown inner product or method, or a combination
+    that is not defined (closure and centring are Gaussian notions)."""
+    if inner not in INNERS:
+        raise ValueError(f"inner must be one of {INNERS}, got {inner!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "closure" and inner != "gaussian":
+        raise ValueError("method='closure' is a Gaussian moment method; use it with inner='gaussian'")
+    if centered and inner != "gaussian":
+        raise ValueError("centered=True is defined for the gaussian inner product only")
+
+
+def bound_measure(model: Any, mean: Any, cov: Any, measure: Measure | None) -> Measure:
+    """``measure`` (default ``Gaussian(mean, cov)``: mean/cov are its
+    shorthand) bound to the input of ``model``: its flat width and positions."""
+    if measure is not None and (mean is not None or cov is not None):
+        raise ValueError("give measure= or its shorthand mean=/cov=, not both")
+    if measure is not None and not isinstance(measure, Measure):
+        raise TypeError(f"measure must be a tsalgebra measure (ts.Gaussian(...)), got {type(measure).__name__}")
+    law = measure if measure is not None else Gaussian(mean, cov)
+    width = model.in_features if isinstance(model, Component) else _widths(_terms(model, False), "a")[0] - 1
+    return law.at(width, positions_of(model))
+
+
 def _exact_weights(model: Any) -> bool:
     if isinstance(model, Component):
         return model.exact
@@ -164,14 +189,7 @@ class InnerProblem:
     @classmethod
     def of(cls, a: Any, b: Any, inner: str = "gaussian", method: str = "auto", mean: Any = None, cov: Any = None,
            measure: Measure | None = None, **options: Any) -> "InnerProblem":
-        if inner not in INNERS:
-            raise ValueError(f"inner must be one of {INNERS}, got {inner!r}")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if method == "closure" and inner != "gaussian":
-            raise ValueError("method='closure' is a Gaussian moment method; use it with inner='gaussian'")
-        if options.get("centered") and inner != "gaussian":
-            raise ValueError("centered=True is defined for the gaussian inner product only")
+        check_arguments(inner, method, options.get("centered", False))
         budget = options.get("budget", DEFAULT_BUDGET)
         if not isinstance(budget, (int, float)) or not budget >= 0:
             raise ValueError(f"budget must be a non-negative number of flops, got {budget!r}")
@@ -180,15 +198,9 @@ class InnerProblem:
                 raise ValueError(f"input widths differ: {a!r} takes {a.in_features}, {b!r} takes {b.in_features}")
             if a.out_features != b.out_features:
                 raise ValueError(f"output widths differ: {a!r} gives {a.out_features}, {b!r} gives {b.out_features}")
-        if measure is not None and (mean is not None or cov is not None):
-            raise ValueError("give measure= or its shorthand mean=/cov=, not both")
-        if measure is not None and not isinstance(measure, Measure):
-            raise TypeError(f"measure must be a tsalgebra measure (ts.Gaussian(...)), got {type(measure).__name__}")
-        bound = None
-        if inner == "gaussian":
-            law = measure if measure is not None else Gaussian(mean, cov)
-            width = a.in_features if isinstance(a, Component) else _widths(_terms(a, False), "a")[0] - 1
-            bound = law.at(width, positions_of(a))
+        if inner != "gaussian" and (measure is not None or mean is not None or cov is not None):
+            raise ValueError(f"a measure (mean, cov) belongs to the gaussian inner product, not to {inner!r}")
+        bound = bound_measure(a, mean, cov, measure) if inner == "gaussian" else None
         return cls(a, b, inner, bound, method, **options)
 
     def replace(self, **changes: Any) -> "InnerProblem":

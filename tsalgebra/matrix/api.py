@@ -17,7 +17,7 @@ from ..arrays import is_torch
 from ..components import Component
 from ..cosine import cosines
 from ..measure import Gaussian, Measure
-from ..problem import positions_of
+from ..problem import bound_measure, check_arguments
 from . import materialize, pairwise, pairwise_gram
 from .job import Gram, Job, Route
 from .ops import Clock, Ops, blas_threads, parse_dtype
@@ -31,8 +31,6 @@ ROUTES = ("auto", "materialize", "pairwise-gram", "pairwise")
 # are costed (auto takes the first of equal flops); REGISTRY finds them by name.
 _ROUTE_MODULES: tuple[Route, ...] = (pairwise_gram, materialize, pairwise)
 REGISTRY: Mapping[str, Route] = MappingProxyType({r.NAME: r for r in _ROUTE_MODULES})
-_INNERS = ("gaussian", "symmetric", "network")
-_METHODS = ("auto", "exact", "closure")
 
 
 # ------------------------------------------------------------ one call
@@ -59,14 +57,7 @@ def _compute(rows_in: Any, cols_in: Any | None, inner: str, method: str, mean: A
 
 def _checked(inner: str, method: str, centered: bool, route: str, options: dict[str, Any]) -> dict[str, Any]:
     """The options for ts.inner (degree, budget, orbits), after checking the arguments."""
-    if inner not in _INNERS:
-        raise ValueError(f"inner must be one of {_INNERS}, got {inner!r}")
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    if method == "closure" and inner != "gaussian":
-        raise ValueError("method='closure' is a Gaussian moment method; use it with inner='gaussian'")
-    if centered and inner != "gaussian":
-        raise ValueError("centered=True is defined for the gaussian inner product only")
+    check_arguments(inner, method, centered)
     if route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     if options.get("per_output"):
@@ -100,17 +91,16 @@ def _widths(models: Sequence[Any]) -> None:
 
 
 def _measure(rows: list[Any], inner: str, mean: Any, cov: Any, measure: Measure | None) -> Gaussian | None:
-    """The Gaussian measure (``measure``, or its shorthand mean/cov) bound to
-    the models' input; None for the other inner products."""
-    if measure is not None and (mean is not None or cov is not None):
-        raise ValueError("give measure= or its shorthand mean=/cov=, not both")
+    """The Gaussian measure bound to the models' input; None for the other
+    inner products."""
     if inner != "gaussian":
+        if measure is not None or mean is not None or cov is not None:
+            raise ValueError(f"a measure (mean, cov) belongs to the gaussian inner product, not to {inner!r}")
         return None
-    law = measure if measure is not None else Gaussian(mean, cov)
+    law = bound_measure(rows[0], mean, cov, measure)
     if not isinstance(law, Gaussian):
         raise TypeError(f"the similarity matrix takes a Gaussian measure, got {law!r}")
-    first = rows[0]
-    return law.at(first.in_features, positions_of(first)) if hasattr(first, "in_features") else law
+    return law
 
 
 def _job(rows: list[Any], cols: list[Any] | None, inner: str, method: str, measure: Gaussian | None, centered: bool,
