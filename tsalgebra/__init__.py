@@ -10,7 +10,7 @@ a planner picks contraction orders and a numeric engine executes them.
 """
 
 from . import algorithms, baselines, circuits, symmetries
-from .attention import BilinearAttention, Transformer, position_wise, sequence_measure
+from .attention import BilinearAttention, Transformer, position_wise
 from .baselines import weight_cosine
 from .matrix import cross_similarity_matrix, similarity_matrix
 from .components import Bilinear, Component, Linear, Sequential
@@ -18,7 +18,7 @@ from .engine import contract, evaluate
 from .expr import Network, Sum, Tensor
 from .inner import SimilarityPlan, inner, norm, plan_inner, plan_similarity, similarity
 from .invariance import InvarianceReport, check_invariance
-from .measure import Gaussian, Measure
+from .measure import Gaussian, Measure, sequence_measure
 from .planner import ContractionPlan, ContractionStep, plan, plan_cache
 from .problem import CostError, InnerProblem, InnerResult, Plan
 from .symbolic import Polynomial, from_sympy, to_sympy

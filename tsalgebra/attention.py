@@ -6,7 +6,7 @@ an ordinary component on that width and every inner product applies.  The
 constant channel is one coordinate shared by all positions: it is 1 at every
 position, perfectly correlated across them.  Under the Gaussian measure the
 positions are independent with a shared per-feature mean and covariance
-(tiled by :func:`sequence_measure`).
+(tiled by :meth:`tsalgebra.measure.Gaussian.at`).
 
 Bilinear attention, per head: score[i, j] = scale * mask[i, j] *
 (Q1 x~_i . K1 x~_j)(Q2 x~_i . K2 x~_j), output[i] = sum_j score[i, j] O V x~_j,
@@ -27,7 +27,7 @@ import numpy as np
 from .components import Bilinear, Component, Linear, Sequential, as_bias, as_weight, zeros
 from .expr import Network, Tensor
 
-__all__ = ["BilinearAttention", "Transformer", "position_wise", "rotary_matrices", "sequence_measure"]
+__all__ = ["BilinearAttention", "Transformer", "position_wise", "rotary_matrices"]
 
 
 def _selection(n: int, d: int, exact: bool) -> np.ndarray:
@@ -53,16 +53,6 @@ def rotary_matrices(n: int, dh: int, base: float) -> np.ndarray:
         if dh % 2:
             rot[p, -1, -1] = 1.0
     return rot
-
-
-def sequence_measure(mean: Any, cov: Any, n_ctx: int, d: int) -> tuple[Any, Any]:
-    """Per-feature mean (d,) and covariance (d, d) tiled over independent
-    positions (inputs already of the flat width pass through unchanged)."""
-    if mean is not None and np.shape(mean) == (d,):
-        mean = np.tile(np.asarray(mean), n_ctx)
-    if cov is not None and np.shape(cov) == (d, d):
-        cov = np.kron(np.eye(n_ctx), np.asarray(cov))
-    return mean, cov
 
 
 class _Sequence:

@@ -25,7 +25,7 @@ import numpy as np
 
 from .arrays import is_torch, torch_to_numpy
 
-__all__ = ["Measure", "Gaussian", "TOLERANCE", "block_diagonal"]
+__all__ = ["Measure", "Gaussian", "TOLERANCE", "block_diagonal", "sequence_measure"]
 
 # Relative tolerance of every check on a covariance (symmetry, positive
 # semi-definiteness) and of the rank cut of its factorisations: eigenvalues
@@ -308,3 +308,15 @@ def _standard(dim: int, positions: int) -> Gaussian:
     """N(0, I) at one shape: one value per shape, so what is cached on it
     (its joins, its factor) serves every call."""
     return Gaussian(positions=positions, dim=dim)
+
+
+def sequence_measure(mean: Any, cov: Any, n_ctx: int, d: int) -> tuple[Any, Any]:
+    """A per-feature mean (d,) and covariance (d, d) as the flat arrays of
+    ``n_ctx`` independent positions (arrays already of the flat width, and
+    None, pass through).  The algorithms never need this: :meth:`Gaussian.at`
+    tiles without forming the flat covariance."""
+    law = Gaussian(mean, cov)
+    if law.dim != d or n_ctx == 1:
+        return mean, cov
+    law = law.at(n_ctx * d, n_ctx)
+    return (None if mean is None else law.padded_mean()[1:]), (None if cov is None else law.padded_cov()[1:, 1:])
