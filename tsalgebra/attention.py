@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .components import Bilinear, Component, Linear, Sequential, as_bias, as_weight, zeros
+from .components import Bilinear, Component, Linear, PositionWise, Sequential, as_bias, as_weight, zeros
 from .expr import Network, Tensor
 
 __all__ = ["BilinearAttention", "Transformer", "position_wise", "rotary_matrices"]
@@ -266,18 +266,12 @@ class BilinearAttention(_Sequence, Component):
 
 
 def position_wise(layer: Component, n_ctx: int) -> Component:
-    """A Linear or Bilinear layer applied at every position, as one flat layer
-    (block-diagonal weights, tiled biases) on the flat sequence."""
+    """A Linear or Bilinear layer applied at every position (a
+    :class:`~tsalgebra.components.PositionWise`; a Sequential of them for a
+    Sequential)."""
     if isinstance(layer, Sequential):
         return Sequential(*(position_wise(l, n_ctx) for l in layer.layers))
-    if not isinstance(layer, (Linear, Bilinear)):
-        raise TypeError(f"position_wise takes Linear, Bilinear or Sequential, not {layer!r}")
-    eye = np.eye(n_ctx, dtype=int)
-    kron = lambda w: np.kron(eye, w) if w.dtype != object else np.kron(eye.astype(object), w)  # noqa: E731
-    biases = layer.bias_shapes()
-    tiled = {k: None if w is None else np.tile(w, n_ctx) if k in biases else kron(w)
-             for k, w in layer.named_weights().items()}
-    return layer.replace(**tiled, name=f"{layer.name} x{n_ctx}")
+    return PositionWise(layer, n_ctx)
 
 
 class Transformer(_Sequence, Sequential):

@@ -20,7 +20,7 @@ from .arrays import is_torch, torch_to_numpy
 from .engine import evaluate
 from .expr import Network, Tensor
 
-__all__ = ["Component", "Linear", "Bilinear", "Sequential"]
+__all__ = ["Component", "Linear", "Bilinear", "PositionWise", "Sequential"]
 
 _RANKS = {1: "a 1-D vector", 2: "a 2-D (out, in) matrix"}
 
@@ -233,9 +233,7 @@ class Linear(Component):
         return w
 
     def network(self, symmetric: bool = False, tag: str = "", data: bool = True) -> Network:
-        w = Tensor.of(f"W{tag}", (f"o{tag}", f"i{tag}"), self.padded())
-        net = Network((w,), (f"i{tag}",), (f"o{tag}",))
-        return net if data else net.shapes_only()
+        return _linear_expression(self.padded() if data else (self.out_features + 1, self.in_features + 1), tag)
 
     def __repr__(self) -> str:
         return f"{self.name}({self.in_features} -> {self.out_features}{', bias' if self.bias is not None else ''})"
@@ -317,8 +315,14 @@ class Bilinear(Component):
     def padded_shapes(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
         """The shapes of (L~, R~, D~) in ``padded``."""
         h, d = self.left.shape
-        units = 1 + h + (d if self.residual else 0)
-        return (units, d + 1), (units, d + 1), (self.out_features + 1, units)
+        return _bilinear_shapes(h, d, self.out_features, self.residual)
+
+    def left_is_right(self) -> bool:
+        """True when L~ == R~ (equal maps and biases, no residual units): the
+        swap of the two inputs is then an exact symmetry without symmetrizing."""
+        same = lambda x, y: x is y or x is not None and y is not None and bool(np.all(x == y))  # noqa: E731
+        return not self.residual and same(self.left, self.right) and (
+            self.left_bias is None and self.right_bias is None or same(self.left_bias, self.right_bias))
 
     def padded(self, out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
                scales: tuple[float, float, float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -384,25 +388,45 @@ class Bilinear(Component):
                 norm(self.down, self.down_bias))
 
     def network(self, symmetric: bool = False, tag: str = "", data: bool = True) -> Network:
+        declared = symmetric or self.left_is_right()
+        if not data:
+            return _bilinear_expression(self.padded_shapes(), tag, symmetric, declared)
         L, R, D = self.padded()
         if symmetric:
             # (B + B^swap) / 2 as one CP form of twice the width
             half = D / 2 if D.dtype != object else D * __import__("fractions").Fraction(1, 2)
             L, R, D = np.concatenate([L, R]), np.concatenate([R, L]), np.concatenate([half, half], axis=1)
-        h, o, i0, i1 = f"h{tag}", f"o{tag}", f"i{tag}a", f"i{tag}b"
-        tensors = (
-            Tensor.of(f"D{tag}", (o, h), D),
-            Tensor.of(f"L{tag}", (h, i0), L),
-            Tensor.of(f"R{tag}", (h, i1), R),
-        )
-        declared = symmetric or bool(np.all(L == R))
-        net = Network(tensors, (i0, i1), (o,), ((1, 0),) if declared else ())
-        return net if data else net.shapes_only()
+        return _bilinear_expression((L, R, D), tag, False, declared)
 
     def __repr__(self) -> str:
         flags = [f for f, on in (("residual", self.residual), ("biases", any(
             b is not None for b in (self.left_bias, self.right_bias, self.down_bias)))) if on]
         return f"{self.name}({self.in_features} -> {self.hidden} -> {self.out_features}{''.join(', ' + f for f in flags)})"
+
+
+def _linear_expression(W: np.ndarray | tuple[int, int], tag: str) -> Network:
+    """The network of a padded linear map W~ (an array, or its shape alone)."""
+    legs = (f"o{tag}", f"i{tag}")
+    w = Tensor.of(f"W{tag}", legs, W) if isinstance(W, np.ndarray) else Tensor(f"W{tag}", legs, W)
+    return Network((w,), (f"i{tag}",), (f"o{tag}",))
+
+
+def _bilinear_shapes(h: int, d: int, o: int, residual: bool) -> tuple[tuple[int, int], ...]:
+    """Shapes of (L~, R~, D~): unit 0 for the constant, h units, d residual units."""
+    units = 1 + h + (d if residual else 0)
+    return (units, d + 1), (units, d + 1), (o + 1, units)
+
+
+def _bilinear_expression(LRD: tuple[Any, Any, Any], tag: str, symmetrize_shapes: bool, declared: bool) -> Network:
+    """The network of padded factors (L~, R~, D~), arrays or shapes alone
+    (``symmetrize_shapes``: the shapes of the symmetrized form, twice the units)."""
+    L, R, D = LRD
+    if symmetrize_shapes:
+        L, R, D = (2 * L[0], L[1]), (2 * R[0], R[1]), (D[0], 2 * D[1])
+    h, o, i0, i1 = f"h{tag}", f"o{tag}", f"i{tag}a", f"i{tag}b"
+    make = lambda name, legs, x: Tensor.of(name, legs, x) if isinstance(x, np.ndarray) else Tensor(name, legs, x)  # noqa: E731
+    tensors = (make(f"D{tag}", (o, h), D), make(f"L{tag}", (h, i0), L), make(f"R{tag}", (h, i1), R))
+    return Network(tensors, (i0, i1), (o,), ((1, 0),) if declared else ())
 
 
 AffineLayer = Union[Linear, Bilinear]
@@ -508,3 +532,86 @@ class Sequential(Component):
 
     def __repr__(self) -> str:
         return "Sequential(" + ", ".join(repr(l) for l in self._layers) + ")"
+
+
+class PositionWise(Component):
+    """A Linear or Bilinear ``layer`` applied at each of ``n_ctx`` positions of
+    a flat, position-major sequence (``n_ctx`` blocks of the layer's input).
+
+    The layer is held once.  As one flat layer it is block-diagonal with tiled
+    biases (:meth:`flat`), which is formed only where an algorithm needs the
+    whole network with data (pairing orbits, quadrature: small models); the
+    attention algorithms, planning (``network(data=False)``) and evaluation
+    read the layer itself, so an embedding from a 4,096-token vocabulary over
+    64 positions never becomes a 16,385 x 262,145 matrix.  Fields: the
+    layer's, and the setting ``n_ctx``."""
+
+    def __init__(self, layer: Component, n_ctx: int, *, name: str | None = None) -> None:
+        if not isinstance(layer, (Linear, Bilinear)):
+            raise TypeError(f"PositionWise takes a Linear or Bilinear layer, not {layer!r}")
+        if int(n_ctx) < 1:
+            raise ValueError(f"{layer.name}: n_ctx must be positive, got {n_ctx}")
+        self.layer, self.n_ctx = layer, int(n_ctx)
+        self.name = name or f"{layer.name} x{self.n_ctx}"
+        self.in_features, self.out_features = self.n_ctx * layer.in_features, self.n_ctx * layer.out_features
+        self._flat: Component | None = None
+
+    @property
+    def degree(self) -> int:
+        return self.layer.degree
+
+    def named_weights(self) -> dict[str, np.ndarray | None]:
+        """The layer's own weights (one position's)."""
+        return self.layer.named_weights()
+
+    def settings(self) -> dict[str, Any]:
+        return {**self.layer.settings(), "n_ctx": self.n_ctx}
+
+    def bias_shapes(self) -> dict[str, tuple[int, ...]]:
+        return self.layer.bias_shapes()
+
+    def replace(self, **changes: Any) -> "PositionWise":
+        n_ctx, name = changes.pop("n_ctx", self.n_ctx), changes.pop("name", None)
+        return PositionWise(self.layer.replace(**changes) if changes else self.layer, n_ctx, name=name)
+
+    def flat(self) -> Component:
+        """The flat layer on the whole sequence: block-diagonal weights, tiled
+        biases (formed once, on first use)."""
+        if self._flat is None:
+            n, layer = self.n_ctx, self.layer
+            kron = lambda w: np.kron(np.eye(n, dtype=int).astype(w.dtype), w)  # noqa: E731
+            biases = layer.bias_shapes()
+            tiled = {k: None if w is None else np.tile(w, n) if k in biases else kron(w)
+                     for k, w in layer.named_weights().items()}
+            self._flat = layer.replace(**tiled, name=self.name)
+        return self._flat
+
+    def flat_padded_shapes(self) -> tuple[str, tuple[tuple[int, int], ...]]:
+        """("linear", (W~,)) or ("bilinear", (L~, R~, D~)): the padded shapes
+        of the flat layer, without forming it."""
+        if isinstance(self.layer, Linear):
+            return "linear", ((self.out_features + 1, self.in_features + 1),)
+        return "bilinear", _bilinear_shapes(self.n_ctx * self.layer.hidden, self.in_features, self.out_features,
+                                            self.layer.residual)
+
+    def network(self, symmetric: bool = False, tag: str = "", data: bool = True) -> Network:
+        if data or self._flat is not None:
+            return self.flat().network(symmetric, tag, data)
+        kind, shapes = self.flat_padded_shapes()
+        if kind == "linear":
+            return _linear_expression(shapes[0], tag)
+        return _bilinear_expression(shapes, tag, symmetric, symmetric or self.layer.left_is_right())
+
+    def __call__(self, x: Any) -> Any:
+        """Evaluate on a batch (batch, n_ctx * in) or one sample, position by position."""
+        single = len(x.shape) == 1
+        if single:
+            x = x[None]
+        if len(x.shape) != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"{self!r} takes inputs of shape (n, {self.in_features}), got {tuple(x.shape)}")
+        out = self.layer(x.reshape(x.shape[0] * self.n_ctx, self.layer.in_features))
+        out = out.reshape(x.shape[0], self.out_features)
+        return out[0] if single else out
+
+    def __repr__(self) -> str:
+        return f"{self.layer!r} x{self.n_ctx}"

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .components import Bilinear, Component, Linear
+from .components import Bilinear, Component, Linear, PositionWise
 
-__all__ = ["Block", "chain_flops", "fold", "folded_shapes"]
+__all__ = ["Block", "chain_flops", "fold", "folded_shapes", "padded_shapes"]
 
 Block = tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -27,6 +27,7 @@ def fold(model: Component) -> tuple[list[Block], np.ndarray | None]:
     blocks: list[Block] = []
     pending: np.ndarray | None = None  # product of linear maps not yet folded
     for layer in model.layers:
+        layer = layer.flat() if isinstance(layer, PositionWise) else layer
         if isinstance(layer, Linear):
             W = layer.padded().astype(float)
             if blocks and pending is None:
@@ -62,18 +63,30 @@ def folded_shapes(model: Component) -> tuple[list[Shapes], tuple[int, int] | Non
     blocks: list[Shapes] = []
     pending: tuple[int, int] | None = None
     for layer in model.layers:
-        if isinstance(layer, Linear):
-            W = (layer.out_features + 1, layer.in_features + 1)
+        kind, shapes = padded_shapes(layer)
+        if kind == "linear":
+            W = shapes[0]
             if blocks and pending is None:
                 L, R, D = blocks[-1]
                 blocks[-1] = (L, R, (W[0], D[1]))
             else:
                 pending = W if pending is None else (W[0], pending[1])
-        elif isinstance(layer, Bilinear):
-            L, R, D = layer.padded_shapes()
+        else:
+            L, R, D = shapes
             if pending is not None:
                 L, R, pending = (L[0], pending[1]), (R[0], pending[1]), None
             blocks.append((L, R, D))
-        else:
-            raise TypeError(f"layer-wise inner products need Linear/Bilinear layers, not {layer!r}")
     return blocks, (pending if not blocks else None)
+
+
+def padded_shapes(layer: Component) -> tuple[str, tuple[tuple[int, int], ...]]:
+    """("linear", (W~,)) or ("bilinear", (L~, R~, D~)): the padded shapes of
+    a layer as one flat layer (a position-wise one included, not formed);
+    TypeError for layers the layer-wise algorithms do not take."""
+    if isinstance(layer, PositionWise):
+        return layer.flat_padded_shapes()
+    if isinstance(layer, Linear):
+        return "linear", ((layer.out_features + 1, layer.in_features + 1),)
+    if isinstance(layer, Bilinear):
+        return "bilinear", layer.padded_shapes()
+    raise TypeError(f"layer-wise inner products need Linear/Bilinear layers, not {layer!r}")

@@ -290,6 +290,27 @@ class Gaussian(Measure):
         P[1:, 1:] = F
         return P
 
+    def images(self, maps: list[np.ndarray]) -> list[np.ndarray]:
+        """The law pushed through padded affine maps W~ (each (out + 1, width
+        + 1), row 0 = [1, 0, ...]): padded maps T_k with W~_k x~ = T_k u~ for
+        u ~ N(0, I_r), one u for all maps, r the rank of their joint image
+        (at most the sum of their output widths, whatever this law's rank).
+        So an embedding from a large vocabulary leaves r <= d_model."""
+        P = self.whitening()
+        images = [W.astype(float) @ P for W in maps]  # each (out + 1, rank + 1) over the whitened input
+        J = np.concatenate([T[1:, 1:] for T in images])
+        vals, vecs = np.linalg.eigh(J @ J.T)  # J = U sqrt(lam) V^T: keep U sqrt(lam), drop V (orthonormal)
+        keep = vals > TOLERANCE * max(float(vals.max(initial=0.0)), 1e-300)
+        B = vecs[:, keep] * np.sqrt(vals[keep])
+        out, row = [], 0
+        for T in images:
+            k = T.shape[0] - 1
+            U = np.zeros((k + 1, B.shape[1] + 1))
+            U[0, 0], U[1:, 0], U[1:, 1:] = 1.0, T[1:, 0], B[row : row + k]
+            out.append(U)
+            row += k
+        return out
+
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
         F = self.factor()
         return self.padded_mean()[1:] + rng.normal(size=(n, F.shape[1])) @ F.T

@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 
 from ..attention import BilinearAttention
-from ..components import Bilinear, Component, Linear, Sequential
+from ..components import Bilinear, Component, Linear, PositionWise, Sequential
 from ..folding import Block, chain_flops, fold, folded_shapes
 from ..measure import Gaussian
 from ..pairing_sum import OUTER, Joins, PairingPlan, plan_pairings, run_pairings
 from ..problem import CostError, InnerProblem, InnerResult, Plan, format_count
-from .moments import AttentionMoments, attention_moments, moments_cost, output_moment
+from .moments import AttentionMoments, attention_moments, attention_rank, moments_cost, output_moment
 from .registry import Algorithm, Triple
 
 __all__ = ["GaussianClosure", "closure_steps"]
@@ -115,7 +115,8 @@ class GaussianClosure(Algorithm):
         if problem.exact_numbers:
             return "closure computes with float weights only"
         for m in (problem.a, problem.b):
-            odd = next((l for l in m.layers if not isinstance(l, (Linear, Bilinear, BilinearAttention))), None)
+            odd = next((l for l in m.layers if not isinstance(l, (Linear, Bilinear, PositionWise, BilinearAttention))),
+                       None)
             if odd is not None:
                 return f"closure takes Linear, Bilinear and BilinearAttention layers, not {odd!r}"
             if sum(isinstance(l, BilinearAttention) for l in m.layers) > 1:
@@ -141,7 +142,7 @@ class GaussianClosure(Algorithm):
             hp = self._head_problem(problem)
             if AttentionMoments().check(hp, tail="any") is None:
                 law = hp.measure.per_position(hp.a.layers[-1].n_ctx)  # type: ignore[union-attr]
-                flops, head = float(moments_cost(ha, hb, law.rank, True)), ("moments", law)
+                flops, head = float(moments_cost(ha, hb, attention_rank(hp), True)), ("moments", law)
             else:
                 joins = Joins.gaussian(problem.measure, False)  # type: ignore[arg-type]
                 Ha, Hb = ha.network(symmetric=True, data=False), hb.network(symmetric=True, data=False)

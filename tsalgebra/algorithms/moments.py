@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..attention import BilinearAttention, rotary_matrices
-from ..components import Component, Linear, Sequential
+from ..components import Component, Linear, PositionWise, Sequential
 from ..folding import fold
 from ..measure import Gaussian
 from ..problem import CostError, InnerProblem, InnerResult, Plan, format_count, positions_of
@@ -180,7 +180,9 @@ def moment_head(model: Component) -> tuple[BilinearAttention, np.ndarray, list[C
     attn = layers[cut]
     if attn.exact or not attn.n_ctx:
         return None
-    maps = [_per_position(layer, attn.n_ctx) for layer in layers[:cut]]
+    maps = [layer.layer.padded() if isinstance(layer, PositionWise) and isinstance(layer.layer, Linear)
+            and layer.n_ctx == attn.n_ctx and not layer.exact else _per_position(layer, attn.n_ctx)
+            for layer in layers[:cut]]
     if any(m is None for m in maps):
         return None
     E = np.eye(attn.d_model + 1)
@@ -217,12 +219,12 @@ class _Features:
         return slice(0, a), slice(a, b), slice(b, self.rows)
 
 
-def _features(attn: BilinearAttention, E: np.ndarray, T: np.ndarray, basis: _Hermite) -> _Features:
-    """Features of ``attn`` read through the per-position map E (padded) from
-    the whitened padded input z~ (x~ = T z~)."""
+def _features(attn: BilinearAttention, ET: np.ndarray, basis: _Hermite) -> _Features:
+    """Features of ``attn`` whose padded input is ET z~ for the whitened
+    padded input z~ of one position."""
     n, H = attn.n_ctx, attn.heads
     P = attn.padded_heads()
-    F = {k: np.einsum("hwd,de->hwe", P[k].astype(float), E @ T) for k in ("q1", "k1", "q2", "k2", "v")}
+    F = {k: np.einsum("hwd,de->hwe", P[k].astype(float), ET) for k in ("q1", "k1", "q2", "k2", "v")}
     dv = attn.v.shape[1]
     dvs = [dv] * H + [P["v"].shape[1]]
     O = [P["o"][h, 1:, : dvs[h]].astype(float) for h in range(H + 1)]
@@ -373,13 +375,13 @@ def attention_moments(a: Component, b: Component, measure: Gaussian, joint: bool
     if heads[0][1].shape[1] != measure.width + 1:
         raise ValueError(f"attention_moments: the measure has {measure.width} features per position, the models "
                          f"read {heads[0][1].shape[1] - 1}")
-    T = measure.whitening()
-    r = T.shape[1] - 1
+    Ta, Tb = measure.images([heads[0][1], heads[1][1]])  # the input laws of the two attention layers
+    r = Ta.shape[1] - 1
     if r > MAX_WHITENED:
         raise ValueError(f"per-position input rank {r} exceeds {MAX_WHITENED}")
     basis = _basis(r)
-    FA = _features(heads[0][0], heads[0][1], T, basis)
-    FB = FA if a is b else _features(heads[1][0], heads[1][1], T, basis)
+    FA = _features(heads[0][0], Ta, basis)
+    FB = FA if a is b else _features(heads[1][0], Tb, basis)
     ma, mb = _mean_and_linear(FA)[0], _mean_and_linear(FB)[0]
     if joint and FB is not FA:  # one Gram matrix of both models' features serves all three blocks
         G = basis.covariance(FA.X + FB.X)
@@ -443,6 +445,22 @@ def output_moment(M: np.ndarray, mean_x: np.ndarray, mean_y: np.ndarray, centere
     return v if per_output else float(v.sum())
 
 
+def attention_rank(problem: InnerProblem) -> int:
+    """The rank of the joint law of the two attention layers' inputs at one
+    position: the measure pushed through the position-wise maps before them
+    (at most the sum of their widths, whatever the input width), read off
+    the maps' Gram matrix only where that bound and the input rank do not
+    settle it (remembered on the problem)."""
+    if "_attention_rank" not in problem.__dict__:
+        (_, Ea, _), (_, Eb, _) = moment_head(problem.a), moment_head(problem.b)  # type: ignore[misc]
+        law = problem.measure.per_position(positions_of(problem.a))  # type: ignore[union-attr]
+        shared = Ea is Eb or Ea.shape == Eb.shape and bool(np.array_equal(Ea, Eb))
+        bound = min(law.rank, Ea.shape[0] - 1 + (0 if shared else Eb.shape[0] - 1))
+        r = bound if bound <= MAX_WHITENED or bound == law.rank else law.images([Ea, Eb])[0].shape[1] - 1
+        problem.__dict__["_attention_rank"] = r
+    return problem.__dict__["_attention_rank"]
+
+
 class AttentionMoments(Algorithm):
     """Models of position-wise Linear layers, one float BilinearAttention and
     Linear layers after it, under a Gaussian whose positions are independent
@@ -461,7 +479,8 @@ class AttentionMoments(Algorithm):
         heads = [moment_head(m) if isinstance(m, Component) else None for m in (problem.a, problem.b)]
         if heads[0] is None or heads[1] is None:
             return "each model must be position-wise Linear layers, then a float BilinearAttention"
-        if tail == "linear" and not all(isinstance(l, Linear) for h in heads for l in h[2]):
+        if tail == "linear" and not all(isinstance(l, (Linear, PositionWise)) and l.degree == 1
+                                        for h in heads for l in h[2]):
             return "only Linear layers may follow the attention (use method='closure' for deeper models)"
         (attn, E, _), (other, E_b, _) = heads
         if (attn.n_ctx, E.shape[1]) != (other.n_ctx, E_b.shape[1]):
@@ -469,18 +488,19 @@ class AttentionMoments(Algorithm):
         law = problem.measure.per_position(attn.n_ctx)  # type: ignore[union-attr]
         if law is None:
             return "the measure is not independent and identical across positions"
-        if law.rank > MAX_WHITENED:
-            return f"the per-position input rank {law.rank} exceeds {MAX_WHITENED}"
+        r = attention_rank(problem)
+        if r > MAX_WHITENED:
+            return f"the attention layers' joint per-position input rank {r} exceeds {MAX_WHITENED}"
         return None
 
     def plan(self, problem: InnerProblem, limit: float) -> Plan:
         a, b = problem.a, problem.b
         law = problem.measure.per_position(positions_of(a))  # type: ignore[union-attr]
         joint = problem.joint and a is not b
-        cost = moments_cost(a, b, law.rank, joint)
+        r = attention_rank(problem)
+        cost = moments_cost(a, b, r, joint)
         if cost > limit:
             raise CostError(f"the attention-moments algorithm would cost about {format_count(cost)} flops", flops=cost)
-        r = law.rank
         rows = sum(g for g, _ in _groups(a, r)[0]) + sum(g for g, _ in _groups(b, r)[0])
         peak = 8.0 * (rows * math.comb(r + 5, 5) + rows * rows)  # feature coefficients, their Gram matrix
         return Plan(self.name, problem, float(cost), peak, moment_products(moment_head(a)[0].n_ctx, joint),  # type: ignore[index]
