@@ -75,7 +75,9 @@ def test_six_factors_against_quadrature(seed):
     factors = [Factor((leg("q1"), leg("k1")), bond(0, "q1", "k1")), Factor((leg("q2"), leg("k2")), bond(0, "q2", "k2")),
                Factor((leg("v"),)), Factor((leg("Q1"), leg("K1")), bond(1, "Q1", "K1")),
                Factor((leg("Q2"), leg("K2")), bond(1, "Q2", "K2")), Factor((leg("V"),))]
-    got, flops = moment(factors, gram, mean)
+    got, cost = moment(factors, gram, mean)
     want = _quadrature_moment(factors, forms, mu, D, heads)
     np.testing.assert_allclose(got[..., 0, 0], want, rtol=1e-10, atol=1e-10 * np.abs(want).max())
-    assert flops > 0
+    assert cost.flops > 0
+    dry, dry_cost = moment(factors, lambda x, y: np.empty(np.shape(gram(x, y))), lambda x: np.empty(np.shape(mean(x))), dry=True)
+    assert dry.shape == got.shape and dry_cost == cost  # the dry run counts what the run spends

@@ -19,11 +19,18 @@ width) and a bond: no matching is enumerated and nothing larger than the
 answer is formed.  The attention algorithm (:mod:`tsalgebra.algorithms.moments`)
 expresses the second moments of attention outputs this way.
 
+Every path and cycle is counted once: a path from its linear end (from the
+smaller linear factor when both ends are linear), else from the smaller of
+its two end factors (a lone factor from its first leg); a cycle from its
+smallest factor, entered through that factor's first leg.
+
 Tensors carry a fixed axis layout ``(P, A, B, E, F, S, X)``: position tuples,
-the heads of side a and of side b (each a factor belongs to one side; a
-side's factors share its head), the open outputs of side a's and side b's
-linear factors, a cycle's start leg, and the current exit leg; absent axes
-have size 1 and broadcast.
+the heads of side a and of side b (each factor belongs to one side; a side's
+factors share its head), the open outputs of side a's and side b's linear
+factors (at most one each), a cycle's start leg, and the current exit leg;
+absent axes have size 1 and broadcast.  The same dynamic programme runs on
+shapes alone (:func:`moment` with ``dry=True``) to count the flops and the
+largest tensor before anything is computed.
 """
 
 from __future__ import annotations
@@ -32,9 +39,11 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any, Callable
 
+import math
+
 import numpy as np
 
-__all__ = ["Factor", "Leg", "moment"]
+__all__ = ["Factor", "Leg", "MomentCost", "moment"]
 
 _P, _A, _B, _E, _F, _S, _X = range(7)
 
@@ -58,7 +67,7 @@ class Factor:
     linear factor, ``bond`` None: its index becomes the side's open output)."""
 
     legs: tuple[Leg, ...]
-    bond: np.ndarray | None = field(default=None, repr=False)
+    bond: Any = field(default=None, repr=False)
 
     @property
     def side(self) -> int:
@@ -69,159 +78,203 @@ class Factor:
         return len(self.legs) == 1
 
 
-Gram = Callable[[Leg, Leg], "np.ndarray | None"]
-Mean = Callable[[Leg], np.ndarray]
+@dataclass(frozen=True)
+class MomentCost:
+    """Flops of the matrix products, and the elements of the largest tensor."""
+
+    flops: int
+    largest: int
 
 
-def _as7(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
-    """``x`` with its axes placed at ``axes`` of the 7-axis layout, size 1 elsewhere."""
-    shape = [1] * 7
-    for ax, n in zip(axes, x.shape):
-        shape[ax] = n
-    order = np.argsort(axes)
-    return np.transpose(x, order).reshape(shape) if list(order) != list(range(len(axes))) else x.reshape(shape)
+class _Shape:
+    """An array reduced to its shape (the dry run's values)."""
+
+    __slots__ = ("shape",)
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = tuple(int(s) for s in shape)
+
+
+class _Ops:
+    """The array operations of the programme, on numpy arrays or, dry, on
+    shapes; counts flops and the largest tensor either way."""
+
+    def __init__(self, dry: bool) -> None:
+        self.dry, self.flops, self.largest = dry, 0, 0
+
+    def _seen(self, shape: tuple[int, ...]) -> None:
+        self.largest = max(self.largest, math.prod(shape))
+
+    def as7(self, x: Any, axes: tuple[int, ...]) -> Any:
+        """``x`` with its axes placed at ``axes`` of the layout, size 1 elsewhere."""
+        shape = [1] * 7
+        for ax, n in zip(axes, x.shape):
+            shape[ax] = n
+        if self.dry:
+            return _Shape(tuple(shape))
+        order = np.argsort(axes)
+        return np.transpose(x, order).reshape(shape)
+
+    def eye(self, dim: int, axes: tuple[int, int]) -> Any:
+        return self.as7(_Shape((dim, dim)) if self.dry else np.eye(dim), axes)
+
+    def matmul(self, T: Any, M: Any) -> Any:
+        batch = tuple(max(s, t) for s, t in zip(T.shape[:-2], M.shape[:-2]))  # both have 7 axes
+        self.flops += 2 * math.prod(batch) * T.shape[-2] * M.shape[-2] * M.shape[-1]
+        shape = tuple(batch) + (T.shape[-2], M.shape[-1])
+        self._seen(shape)
+        return _Shape(shape) if self.dry else np.matmul(T, M)
+
+    def mul(self, T: Any, U: Any) -> Any:
+        shape = tuple(max(s, t) for s, t in zip(T.shape, U.shape))
+        self._seen(shape)
+        return _Shape(shape) if self.dry else T * U
+
+    def add(self, T: Any, U: Any) -> Any:
+        return _Shape(tuple(max(s, t) for s, t in zip(T.shape, U.shape))) if self.dry else T + U
+
+    def sum(self, T: Any, axes: tuple[int, ...]) -> Any:
+        if self.dry:
+            return _Shape(tuple(1 if k in axes else s for k, s in enumerate(T.shape)))
+        return T.sum(axis=axes, keepdims=True)
+
+    def swap(self, T: Any, a: int, b: int) -> Any:
+        if self.dry:
+            s = list(T.shape)
+            s[a], s[b] = s[b], s[a]
+            return _Shape(tuple(s))
+        return np.swapaxes(T, a, b)
+
+    def ones(self) -> Any:
+        return _Shape((1,) * 7) if self.dry else np.ones((1,) * 7)
+
+
+Gram = Callable[[Leg, Leg], Any]
+Mean = Callable[[Leg], Any]
 
 
 class _Engine:
-    def __init__(self, factors: list[Factor], gram: Gram, mean: Mean) -> None:
+    def __init__(self, factors: list[Factor], gram: Gram, mean: Mean, dry: bool) -> None:
         self.factors, self.gram_of, self.mean_of = factors, gram, mean
-        self._gram: dict[tuple[Leg, Leg], Any] = {}
-        self.flops = 0
+        self.ops = _Ops(dry)
+        self._links: dict[tuple[Leg, Leg], Any] = {}
 
     # ------------------------------------------------------ building blocks
-    def link(self, x: Leg, y: Leg) -> np.ndarray | None:
-        """The covariance of legs x and y as a 7-axis matrix on (S, X) =
-        (x index, y index), heads on A/B; None when they are uncorrelated."""
-        key = (x, y)
-        if key not in self._gram:
+    def link(self, x: Leg, y: Leg) -> Any:
+        """The covariance of legs x and y as a matrix on (S, X) = (x index,
+        y index), heads on A/B; None when they are uncorrelated."""
+        if (x, y) not in self._links:
             g = self.gram_of(x, y)
-            if g is None:
-                self._gram[key] = None
-            elif x.side == y.side:  # (heads, dx, dy), one head for both
-                self._gram[key] = _as7(g, (_A if x.side == 0 else _B, _S, _X))
-            else:  # (heads of x, dx, heads of y, dy)
-                ax = (_A, _S, _B, _X) if x.side == 0 else (_B, _S, _A, _X)
-                self._gram[key] = _as7(g, ax)
-        return self._gram[key]
+            if g is not None:
+                if x.side == y.side:  # (heads, dx, dy), one head for both
+                    g = self.ops.as7(g, (_A if x.side == 0 else _B, _S, _X))
+                else:  # (heads of x, dx, heads of y, dy)
+                    g = self.ops.as7(g, (_A, _S, _B, _X) if x.side == 0 else (_B, _S, _A, _X))
+            self._links[(x, y)] = g
+        return self._links[(x, y)]
 
-    def bond(self, f: Factor, entry: int) -> np.ndarray:
-        """The bond as a 7-axis matrix (entry leg index, exit leg index)."""
-        W = f.bond if entry == 0 else np.swapaxes(f.bond, -1, -2)  # type: ignore[arg-type]
-        return _as7(W, (_P, _A if f.side == 0 else _B, _S, _X))
+    def bond(self, f: Factor, entry: int) -> Any:
+        """The bond as a matrix (entry leg index, exit leg index)."""
+        W = self.ops.as7(f.bond, (_P, _A if f.side == 0 else _B, _S, _X))
+        return W if entry == 0 else self.ops.swap(W, _S, _X)
 
-    def mean(self, x: Leg) -> np.ndarray:
-        """The leg's mean as a 7-axis vector on X."""
-        return _as7(self.mean_of(x), (_A if x.side == 0 else _B, _X))
+    def mean(self, x: Leg) -> Any:
+        """The leg's mean as a row vector on X."""
+        return self.ops.as7(self.mean_of(x), (_A if x.side == 0 else _B, _X))
 
-    def matmul(self, T: np.ndarray, M: np.ndarray) -> np.ndarray:
-        batch = int(np.prod(np.broadcast_shapes(T.shape[:-2], M.shape[:-2])))
-        self.flops += 2 * batch * T.shape[-2] * M.shape[-2] * M.shape[-1]
-        return np.matmul(T, M)
+    def to_open(self, T: Any, f: Factor) -> Any:
+        """The exit index of T becomes the open output of linear factor f."""
+        return self.ops.swap(T, _E if f.side == 0 else _F, _X)
 
     # ------------------------------------------------------------ cumulants
-    def cumulants(self) -> dict[int, np.ndarray]:
+    def cumulants(self) -> dict[int, Any]:
         """kappa(block) for every block (a bitmask of factors) with a nonzero
         value: the sum of the paths and cycles through exactly its factors."""
-        F = self.factors
-        kappa: dict[int, np.ndarray] = {}
+        F, ops = self.factors, self.ops
+        kappa: dict[int, Any] = {}
 
-        def add(mask: int, value: np.ndarray) -> None:
-            kappa[mask] = value if mask not in kappa else kappa[mask] + value
+        def add(mask: int, value: Any) -> None:
+            kappa[mask] = value if mask not in kappa else ops.add(kappa[mask], value)
 
-        # states: (mask, start, exit factor, exit leg) -> tensor; start is
-        # ("lin", f), ("mean", f, leg) or ("cycle", f)
-        frontier: dict[tuple[Any, ...], np.ndarray] = {}
+        # states (factors visited, start, exit factor, exit leg) -> tensor,
+        # the start being ("lin", f), ("mean", f, leg) or ("cycle", f)
+        frontier: dict[tuple[Any, ...], Any] = {}
         for k, f in enumerate(F):
-            if f.linear:  # its leg is the exit: closing it as a singleton gives the mean
+            if f.linear:  # its own leg is the exit: closed as a singleton, its mean
                 dim = self.mean_of(f.legs[0]).shape[-1]
-                frontier[(1 << k, ("lin", k), k, 0)] = self._open_identity(dim, f)
+                frontier[(1 << k, ("lin", k), k, 0)] = ops.eye(dim, (_E if f.side == 0 else _F, _X))
             else:
                 for l in (0, 1):
-                    m = self.matmul(self.mean(f.legs[l]), self.bond(f, l))  # (.., 1, exit)
-                    frontier[(1 << k, ("mean", k, l), k, 1 - l)] = m
+                    frontier[(1 << k, ("mean", k, l), k, 1 - l)] = ops.matmul(self.mean(f.legs[l]), self.bond(f, l))
                 frontier[(1 << k, ("cycle", k), k, 1)] = self.bond(f, 0)
         while frontier:
-            grown: dict[tuple[Any, ...], np.ndarray] = {}
+            grown: dict[tuple[Any, ...], Any] = {}
             for (mask, start, k, l), T in frontier.items():
                 x = F[k].legs[l]
                 self._close(mask, start, k, x, T, add)
                 for g, f in enumerate(F):
-                    if mask >> g & 1 or start[0] == "cycle" and g < start[1]:
-                        continue
-                    if start[0] == "cycle" and f.linear:
+                    if mask >> g & 1 or start[0] == "cycle" and (g < start[1] or f.linear):
                         continue
                     for y_leg in range(len(f.legs)):
                         G = self.link(x, f.legs[y_leg])
                         if G is None:
                             continue
                         if f.linear:  # the path ends here, at a linear factor
-                            if start[0] == "lin" and start[1] < g:  # counted once: from the smaller linear end
-                                add(mask | 1 << g, self._to_open(self.matmul(T, G), f))
+                            if start[0] == "lin" and start[1] < g:
+                                add(mask | 1 << g, self.to_open(ops.matmul(T, G), f))
                             continue
-                        U = self.matmul(self.matmul(T, G), self.bond(f, y_leg))
+                        U = ops.matmul(ops.matmul(T, G), self.bond(f, y_leg))
                         key = (mask | 1 << g, start, g, 1 - y_leg)
-                        grown[key] = U if key not in grown else grown[key] + U
+                        grown[key] = U if key not in grown else ops.add(grown[key], U)
             frontier = grown
         return kappa
 
-    def _close(self, mask: int, start: tuple[Any, ...], k: int, x: Leg, T: np.ndarray, add: Any) -> None:
+    def _close(self, mask: int, start: tuple[Any, ...], k: int, x: Leg, T: Any, add: Any) -> None:
         """Contributions of a state that ends at its exit leg x."""
+        ops = self.ops
         if start[0] == "cycle":
-            s = self.factors[start[1]]
-            G = self.link(x, s.legs[0])
-            if G is not None:  # back to the start's entry leg: a trace over (start, exit)
-                add(mask, (T * np.swapaxes(G, -1, -2)).sum(axis=(-1, -2), keepdims=True))
-            return
-        if start[0] == "lin" or start[1] < k or start[1] == k and start[2] == 0:
-            # a singleton at the exit: counted once (from the linear end; else
-            # from the smaller factor; a lone factor from its first leg)
-            add(mask, (T * self.mean(x)).sum(axis=-1, keepdims=True))
-
-    def _open_identity(self, dim: int, f: Factor) -> np.ndarray:
-        eye = np.eye(dim)
-        return _as7(eye, (_E if f.side == 0 else _F, _X))
-
-    def _to_open(self, T: np.ndarray, f: Factor) -> np.ndarray:
-        """The exit index of T becomes the open output of linear factor f."""
-        axis = _E if f.side == 0 else _F
-        return np.swapaxes(T, axis, _X)
+            G = self.link(x, self.factors[start[1]].legs[0])
+            if G is not None:  # back to the start's first leg: a trace over (start, exit)
+                add(mask, ops.sum(ops.mul(T, ops.swap(G, _S, _X)), (_S, _X)))
+        elif start[0] == "lin" or start[1] < k or start[1] == k and start[2] == 0:
+            add(mask, ops.sum(ops.mul(T, self.mean(x)), (_X,)))  # a singleton at the exit
 
     # --------------------------------------------------------- partitions
-    def moment(self) -> np.ndarray:
+    def moment(self) -> Any:
         kappa = self.cumulants()
-        n = len(self.factors)
-        memo: dict[int, np.ndarray | None] = {0: np.ones((1,) * 7)}
+        ops, n = self.ops, len(self.factors)
+        memo: dict[int, Any] = {0: ops.ones()}
 
-        def total(mask: int) -> np.ndarray | None:
+        def total(mask: int) -> Any:
+            """Sum over the set partitions of ``mask`` (None: every term vanishes)."""
             if mask not in memo:
                 low = mask & -mask  # the block holding the lowest factor
-                rest = mask & ~low
+                members = [b for b in range(n) if (mask & ~low) >> b & 1]
                 acc = None
-                members = [b for b in range(n) if rest >> b & 1]
                 for r in range(len(members) + 1):
                     for extra in combinations(members, r):
                         block = low | sum(1 << b for b in extra)
-                        if block not in kappa:
-                            continue
-                        others = total(mask & ~block)
-                        if others is None:
-                            continue
-                        term = kappa[block] * others
-                        acc = term if acc is None else acc + term
+                        others = total(mask & ~block) if block in kappa else None
+                        if others is not None:
+                            term = ops.mul(kappa[block], others)
+                            acc = term if acc is None else ops.add(acc, term)
                 memo[mask] = acc
             return memo[mask]
 
         out = total((1 << n) - 1)
-        return np.zeros((1,) * 7) if out is None else out
+        return out if out is not None else (_Shape((1,) * 7) if ops.dry else np.zeros((1,) * 7))
 
 
-def moment(factors: list[Factor], gram: Gram, mean: Mean) -> tuple[np.ndarray, int]:
-    """E[product of the factors] as a 7-axis tensor (P, A, B, E, F, 1, 1)
-    (see the module docstring), and the flops of the matrix products.
+def moment(factors: list[Factor], gram: Gram, mean: Mean, dry: bool = False) -> tuple[Any, MomentCost]:
+    """E[product of the factors] as a tensor (P, A, B, E, F, 1, 1) (see the
+    module docstring), and the cost of computing it.
 
     ``gram(x, y)``: the covariance of legs x and y, (heads, dx, dy) when they
     are on one side (the head shared), (heads of x, dx, heads of y, dy)
-    across sides, None when they are uncorrelated; ``mean(x)``: (heads, dx)."""
-    engine = _Engine(factors, gram, mean)
+    across sides, None when they are uncorrelated; ``mean(x)``: (heads, dx).
+    With ``dry`` the providers and bonds may answer anything with a
+    ``.shape``: the same programme runs on shapes, returns the result's shape
+    and its cost, and computes nothing."""
+    engine = _Engine(factors, gram, mean, dry)
     value = engine.moment()
-    return value, engine.flops
+    return value, MomentCost(engine.ops.flops, engine.ops.largest)

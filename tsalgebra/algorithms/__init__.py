@@ -4,7 +4,10 @@ Registry order is the order in which :func:`choose` plans the candidates
 (cheap plans first, so that the pairing enumeration, whose planning walks
 every orbit, is planned against the best estimate so far):
 
-- ``moments`` (exact): attention layers under a per-position Gaussian;
+- ``moments`` (exact): attention layers under a per-position Gaussian, by
+  Isserlis over Gram blocks (polynomial in every width);
+- ``hermite`` (exact): the same models by Hermite coefficients, for small
+  per-position ranks (its independent twin);
 - ``gram`` (exact): the network inner product;
 - ``closure`` (approximate beyond the first nonlinear layer);
 - ``quadrature`` (exact): Gauss-Hermite nodes, exponential in the input rank;
@@ -16,6 +19,7 @@ A new algorithm is a module with an :class:`Algorithm` subclass and a
 
 from .closure import GaussianClosure
 from .gram import GramRecursion
+from .hermite import HermiteMoments
 from .moments import AttentionMoments
 from .pairings import PairingOrbits
 from .quadrature import Quadrature
@@ -23,5 +27,6 @@ from .registry import Algorithm, Triple, choose, describe, register, registered,
 
 __all__ = ["Algorithm", "Triple", "choose", "describe", "register", "registered", "run", "solve", "unregister"]
 
-for _algorithm in (AttentionMoments(), GramRecursion(), GaussianClosure(), Quadrature(), PairingOrbits()):
+for _algorithm in (AttentionMoments(), HermiteMoments(), GramRecursion(), GaussianClosure(), Quadrature(),
+                   PairingOrbits()):
     register(_algorithm)

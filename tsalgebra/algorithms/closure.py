@@ -23,7 +23,8 @@ from ..folding import Block, chain_flops, fold, folded_shapes
 from ..measure import Gaussian
 from ..pairing_sum import OUTER, Joins, PairingPlan, plan_pairings, run_pairings
 from ..problem import CostError, InnerProblem, InnerResult, Plan, format_count
-from .moments import AttentionMoments, attention_moments, attention_rank, moments_cost, output_moment
+from .hermite import HermiteMoments, attention_moments, moments_cost
+from .moments import attention_rank, output_moment
 from .registry import Algorithm, Triple
 
 __all__ = ["GaussianClosure", "closure_steps"]
@@ -140,7 +141,7 @@ class GaussianClosure(Algorithm):
             width = 2 * (a.in_features + 1)
         else:
             hp = self._head_problem(problem)
-            if AttentionMoments().check(hp, tail="any") is None:
+            if HermiteMoments().check(hp, tail="any") is None:
                 law = hp.measure.per_position(hp.a.layers[-1].n_ctx)  # type: ignore[union-attr]
                 flops, head = float(moments_cost(ha, hb, attention_rank(hp), True)), ("moments", law)
             else:
