@@ -19,10 +19,12 @@ width) and a bond: no matching is enumerated and nothing larger than the
 answer is formed.  The attention algorithm (:mod:`tsalgebra.algorithms.moments`)
 expresses the second moments of attention outputs this way.
 
-Every path and cycle is counted once: a path from its linear end (from the
-smaller linear factor when both ends are linear), else from the smaller of
-its two end factors (a lone factor from its first leg); a cycle from its
-smallest factor, entered through that factor's first leg.
+Every path and cycle is counted once: a path with one linear end from its
+other end, so that the open index appears only at its last step (states
+carry no output axis); a path between two linear factors from the smaller
+one; a path between two singletons from the smaller of its end factors (a
+lone factor from its first leg); a cycle from its smallest factor, entered
+through that factor's first leg.
 
 Tensors carry a fixed axis layout ``(P, A, B, E, F, S, X)``: position tuples,
 the heads of side a and of side b (each factor belongs to one side; a side's
@@ -123,7 +125,7 @@ class _Ops:
         self.flops += 2 * math.prod(batch) * T.shape[-2] * M.shape[-2] * M.shape[-1]
         shape = tuple(batch) + (T.shape[-2], M.shape[-1])
         self._seen(shape)
-        return _Shape(shape) if self.dry else np.matmul(T, M)
+        return _Shape(shape) if self.dry else _folded_matmul(T, M, batch)
 
     def mul(self, T: Any, U: Any) -> Any:
         shape = tuple(max(s, t) for s, t in zip(T.shape, U.shape))
@@ -149,6 +151,24 @@ class _Ops:
         return _Shape((1,) * 7) if self.dry else np.ones((1,) * 7)
 
 
+def _folded_matmul(T: np.ndarray, M: np.ndarray, batch: tuple[int, ...]) -> np.ndarray:
+    """T @ M with every batch axis along which M is constant folded into the
+    rows of T: one matrix product per distinct M instead of one per row of
+    T (numpy's broadcast matmul loops over batch entries with products of a
+    single row, far below the machine's rate)."""
+    varying = [k for k in range(5) if M.shape[k] > 1]
+    rows = [k for k in range(5) if M.shape[k] == 1]
+    order = varying + rows + [5, 6]
+    Tb = np.broadcast_to(T, tuple(batch[k] if k in varying else T.shape[k] for k in range(5)) + T.shape[5:])
+    Tb = Tb.transpose(order)
+    nv = math.prod(batch[k] for k in varying)
+    nr = math.prod(Tb.shape[len(varying) : len(varying) + len(rows)]) * T.shape[5]
+    Mb = M.transpose(varying + rows + [5, 6]).reshape(nv, M.shape[5], M.shape[6])
+    out = np.matmul(Tb.reshape(nv, nr, T.shape[6]), Mb)
+    out = out.reshape(Tb.shape[:-1] + (M.shape[6],))
+    return out.transpose(np.argsort(order))
+
+
 Gram = Callable[[Leg, Leg], Any]
 Mean = Callable[[Leg], Any]
 
@@ -158,6 +178,7 @@ class _Engine:
         self.factors, self.gram_of, self.mean_of = factors, gram, mean
         self.ops = _Ops(dry)
         self._links: dict[tuple[Leg, Leg], Any] = {}
+        self._steps: dict[tuple[Any, ...], Any] = {}
 
     # ------------------------------------------------------ building blocks
     def link(self, x: Leg, y: Leg) -> Any:
@@ -172,6 +193,15 @@ class _Engine:
                     g = self.ops.as7(g, (_A, _S, _B, _X) if x.side == 0 else (_B, _S, _A, _X))
             self._links[(x, y)] = g
         return self._links[(x, y)]
+
+    def step(self, x: Leg, g: int, entry: int) -> Any:
+        """Covariance of exit leg x with factor g's leg ``entry``, times g's
+        bond from that leg: one matrix per step of a path, formed once."""
+        key = (x, g, entry)
+        if key not in self._steps:
+            G = self.link(x, self.factors[g].legs[entry])
+            self._steps[key] = None if G is None else self.ops.matmul(G, self.bond(self.factors[g], entry))
+        return self._steps[key]
 
     def bond(self, f: Factor, entry: int) -> Any:
         """The bond as a matrix (entry leg index, exit leg index)."""
@@ -199,10 +229,13 @@ class _Engine:
         # states (factors visited, start, exit factor, exit leg) -> tensor,
         # the start being ("lin", f), ("mean", f, leg) or ("cycle", f)
         frontier: dict[tuple[Any, ...], Any] = {}
+        last_linear = max((k for k, f in enumerate(F) if f.linear), default=-1)
         for k, f in enumerate(F):
-            if f.linear:  # its own leg is the exit: closed as a singleton, its mean
-                dim = self.mean_of(f.legs[0]).shape[-1]
-                frontier[(1 << k, ("lin", k), k, 0)] = ops.eye(dim, (_E if f.side == 0 else _F, _X))
+            if f.linear:
+                add(1 << k, self.to_open(self.mean(f.legs[0]), f))  # its leg a singleton
+                if k < last_linear:  # a path towards a later linear factor starts here
+                    dim = self.mean_of(f.legs[0]).shape[-1]
+                    frontier[(1 << k, ("lin", k), k, 0)] = ops.eye(dim, (_E if f.side == 0 else _F, _X))
             else:
                 for l in (0, 1):
                     frontier[(1 << k, ("mean", k, l), k, 1 - l)] = ops.matmul(self.mean(f.legs[l]), self.bond(f, l))
@@ -216,14 +249,15 @@ class _Engine:
                     if mask >> g & 1 or start[0] == "cycle" and (g < start[1] or f.linear):
                         continue
                     for y_leg in range(len(f.legs)):
-                        G = self.link(x, f.legs[y_leg])
-                        if G is None:
-                            continue
                         if f.linear:  # the path ends here, at a linear factor
-                            if start[0] == "lin" and start[1] < g:
+                            G = self.link(x, f.legs[y_leg])
+                            if G is not None and (start[0] == "mean" or start[1] < g):
                                 add(mask | 1 << g, self.to_open(ops.matmul(T, G), f))
                             continue
-                        U = ops.matmul(ops.matmul(T, G), self.bond(f, y_leg))
+                        GW = self.step(x, g, y_leg)
+                        if GW is None:
+                            continue
+                        U = ops.matmul(T, GW)
                         key = (mask | 1 << g, start, g, 1 - y_leg)
                         grown[key] = U if key not in grown else ops.add(grown[key], U)
             frontier = grown
@@ -236,7 +270,7 @@ class _Engine:
             G = self.link(x, self.factors[start[1]].legs[0])
             if G is not None:  # back to the start's first leg: a trace over (start, exit)
                 add(mask, ops.sum(ops.mul(T, ops.swap(G, _S, _X)), (_S, _X)))
-        elif start[0] == "lin" or start[1] < k or start[1] == k and start[2] == 0:
+        elif start[0] == "mean" and (start[1] < k or start[1] == k and start[2] == 0):
             add(mask, ops.sum(ops.mul(T, self.mean(x)), (_X,)))  # a singleton at the exit
 
     # --------------------------------------------------------- partitions

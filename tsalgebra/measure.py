@@ -296,8 +296,9 @@ class Gaussian(Measure):
         u ~ N(0, I_r), one u for all maps, r the rank of their joint image
         (at most the sum of their output widths, whatever this law's rank).
         So an embedding from a large vocabulary leaves r <= d_model."""
-        P = self.whitening()
-        images = [W.astype(float) @ P for W in maps]  # each (out + 1, rank + 1) over the whitened input
+        # each image over the whitened input, (out + 1, rank + 1): N(0, I) is
+        # already white (no product with an identity of the input's width)
+        images = [W.astype(float) if self.standard else W.astype(float) @ self.whitening() for W in maps]
         J = np.concatenate([T[1:, 1:] for T in images])
         vals, vecs = np.linalg.eigh(J @ J.T)  # J = U sqrt(lam) V^T: keep U sqrt(lam), drop V (orthonormal)
         keep = vals > TOLERANCE * max(float(vals.max(initial=0.0)), 1e-300)

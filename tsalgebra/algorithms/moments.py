@@ -32,6 +32,7 @@ small ranks.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -81,19 +82,29 @@ def position_maps(layers: list[Component], n: int, width: int) -> np.ndarray | N
     """The padded per-position map of position-wise Linear layers applied in
     order (identity of ``width`` when there are none); None when some layer
     is not a position-wise Linear map."""
-    M = np.eye(width + 1)
+    M = None
     for layer in layers:
         W = _per_position(layer, n)
         if W is None:
             return None
-        M = W @ M
-    return M
+        M = W if M is None else W @ M
+    return np.eye(width + 1) if M is None else M
+
+
+_HEADS: "weakref.WeakKeyDictionary[Component, Any]" = weakref.WeakKeyDictionary()
 
 
 def moment_head(model: Component) -> tuple[BilinearAttention, np.ndarray, list[Component]] | None:
     """(attention, padded per-position map before it, layers after it) when
     ``model`` is position-wise Linear layers, one float BilinearAttention and
-    anything after; None when it is not."""
+    anything after; None when it is not (remembered per model: the map of an
+    embedding is a vocabulary wide)."""
+    if model not in _HEADS:
+        _HEADS[model] = _moment_head(model)
+    return _HEADS[model]
+
+
+def _moment_head(model: Component) -> tuple[BilinearAttention, np.ndarray, list[Component]] | None:
     layers = getattr(model, "layers", [model])
     cut = next((k for k, l in enumerate(layers) if isinstance(l, BilinearAttention)), None)
     if cut is None:
@@ -141,6 +152,7 @@ class _Side:
     attn: BilinearAttention
     T: np.ndarray  # (d + 1, r + 1)
     tail: np.ndarray  # (out + 1, d_out + 1), per position
+    dry: bool = False  # forms of the right shapes, not computed (planning)
 
     @property
     def heads(self) -> int:
@@ -149,8 +161,12 @@ class _Side:
     @cached_property
     def forms(self) -> dict[str, np.ndarray]:
         P, H, dv = self.attn.padded_heads(), self.attn.heads, self.attn.v.shape[1]
-        out = {k: np.einsum("hwd,dr->hwr", P[k][:H].astype(float), self.T) for k in ("q1", "k1", "q2", "k2")}
-        out["v"] = np.einsum("hwd,dr->hwr", P["v"][:H, :dv].astype(float), self.T)
+        maps = {k: P[k][:H] for k in ("q1", "k1", "q2", "k2")}
+        maps["v"] = P["v"][:H, :dv]
+        if self.dry:
+            out = {k: np.empty(m.shape[:2] + (self.T.shape[1],)) for k, m in maps.items()}
+        else:
+            out = {k: np.einsum("hwd,dr->hwr", m.astype(float), self.T) for k, m in maps.items()}
         out["z"] = self.T[None]  # the virtual head reads the whole padded input
         return out
 
@@ -182,14 +198,64 @@ class _Side:
                 Factor((leg("v", slot_j),))]
 
 
+_DRY: dict[Any, Any] = {}  # planned costs of the programme's runs, by structure and shapes
+
+
+class _Grams:
+    """Covariances of every form of two models, one matrix product per pair
+    of models (all families and heads stacked: a few large products run at
+    the machine's matmul rate where many small ones would not), shared by the
+    pairs of a similarity; blocks are read off as views."""
+
+    FAMILIES = ("q1", "k1", "q2", "k2", "v", "z")
+
+    def __init__(self, dry: bool) -> None:
+        self.dry, self.flops = dry, 0
+        self._full: dict[tuple[int, int], np.ndarray] = {}
+        self._rows: dict[int, dict[str, tuple[int, int, int]]] = {}
+        self._blocks: dict[tuple[Any, ...], np.ndarray] = {}
+
+    def _stack(self, side: _Side) -> tuple[np.ndarray, dict[str, tuple[int, int, int]]]:
+        F = side.forms
+        rows, offsets, start = [], {}, 0
+        for fam in self.FAMILIES:
+            h, w, r1 = F[fam].shape
+            rows.append(F[fam].reshape(h * w, r1))
+            offsets[fam] = (start, h, w)
+            start += h * w
+        return np.concatenate(rows), offsets
+
+    def full(self, x: _Side, y: _Side) -> np.ndarray:
+        key = (id(x), id(y))
+        if key not in self._full:
+            if (id(y), id(x)) in self._full:
+                self._full[key] = self._full[(id(y), id(x))].T
+            else:
+                (Sx, ox), (Sy, oy) = self._stack(x), self._stack(y)
+                self._rows[id(x)], self._rows[id(y)] = ox, oy
+                self.flops += 2 * Sx.shape[0] * Sy.shape[0] * (Sx.shape[1] - 1)
+                self._full[key] = np.empty((Sx.shape[0], Sy.shape[0])) if self.dry else Sx[:, 1:] @ Sy[:, 1:].T
+        return self._full[key]
+
+    def block(self, x: _Side, fx: str, y: _Side, fy: str, same_head: bool) -> np.ndarray:
+        """Cov(fx of x, fy of y): (hx, dx, hy, dy), or (h, dx, dy) for one shared head."""
+        key = (id(x), fx, id(y), fy, same_head)
+        if key not in self._blocks:
+            G = self.full(x, y)
+            (sx, hx, wx), (sy, hy, wy) = self._rows[id(x)][fx], self._rows[id(y)][fy]
+            B = G[sx : sx + hx * wx, sy : sy + hy * wy].reshape(hx, wx, hy, wy)
+            self._blocks[key] = np.einsum("hxhy->hxy", B).copy() if same_head else B
+        return self._blocks[key]
+
+
 class _Pair:
     """The second moments and means of two sides' outputs, position by position."""
 
-    def __init__(self, x: _Side, y: _Side, dry: bool) -> None:
-        self.x, self.y, self.dry = x, y, dry
+    def __init__(self, x: _Side, y: _Side, grams: _Grams) -> None:
+        self.x, self.y, self.grams = x, y, grams
+        self.dry = grams.dry
         self.flops = 0
         self.largest = 0
-        self._gram: dict[tuple[Any, ...], Any] = {}
 
     def side(self, s: int) -> _Side:
         return self.x if s == 0 else self.y
@@ -197,25 +263,21 @@ class _Pair:
     def gram(self, a: Leg, b: Leg) -> Any:
         if a.slot != b.slot:
             return None
-        key = (a.family, a.side, b.family, b.side)
-        if key not in self._gram:
-            Fa, Fb = self.side(a.side).forms[a.family], self.side(b.side).forms[b.family]
-            if a.side == b.side:
-                shape = (Fa.shape[0], Fa.shape[1], Fb.shape[1])
-                self.flops += 2 * int(np.prod(shape)) * (Fa.shape[2] - 1)
-                g = np.empty(shape) if self.dry else np.einsum("hxr,hyr->hxy", Fa[..., 1:], Fb[..., 1:])
-            else:
-                shape = (Fa.shape[0], Fa.shape[1], Fb.shape[0], Fb.shape[1])
-                self.flops += 2 * int(np.prod(shape)) * (Fa.shape[2] - 1)
-                g = np.empty(shape) if self.dry else np.einsum("hxr,kyr->hxky", Fa[..., 1:], Fb[..., 1:])
-            self._gram[key] = g
-        return self._gram[key]
+        return self.grams.block(self.side(a.side), a.family, self.side(b.side), b.family, a.side == b.side)
 
     def mean(self, a: Leg) -> np.ndarray:
         return self.side(a.side).forms[a.family][..., 0]
 
     def _run(self, factors: list[Factor]) -> np.ndarray:
-        value, cost = moment(factors, self.gram, self.mean, dry=self.dry)
+        if self.dry:  # the cost is a function of the structure and the shapes: planned once per kind
+            forms = tuple(tuple((f, F.shape) for f, F in self.side(s).forms.items()) for s in (0, 1))
+            key = (tuple((tuple((l.family, l.side, l.slot) for l in f.legs), getattr(f.bond, "shape", None))
+                         for f in factors), forms)
+            if key not in _DRY:
+                _DRY[key] = moment(factors, self.gram, self.mean, dry=True)
+            value, cost = _DRY[key]
+        else:
+            value, cost = moment(factors, self.gram, self.mean)
         self.flops += cost.flops
         self.largest = max(self.largest, cost.largest)
         return value
@@ -342,12 +404,15 @@ class AttentionMoments(Algorithm):
             Ta, Tb = (np.empty((h[1].shape[0], r + 1)) for h in (ha, hb))
         else:
             Ta, Tb = law.images([ha[1], hb[1]])
-        sides = [_Side(h[0], T, position_maps(h[2], h[0].n_ctx, h[0].d_out)) for h, T in ((ha, Ta), (hb, Tb))]
+        sides = [_Side(h[0], T, position_maps(h[2], h[0].n_ctx, h[0].d_out), dry) for h, T in ((ha, Ta), (hb, Tb))]
         same = problem.a is problem.b
-        pairs = {"ab": _Pair(sides[0], sides[0] if same else sides[1], dry)}
+        grams = _Grams(dry)
+        pairs = {"ab": _Pair(sides[0], sides[0] if same else sides[1], grams)}
         if problem.joint and not same:
-            pairs["aa"] = _Pair(sides[0], sides[0], dry)
-            pairs["bb"] = _Pair(sides[1], sides[1], dry)
+            pairs["aa"] = _Pair(sides[0], sides[0], grams)
+            pairs["bb"] = _Pair(sides[1], sides[1], grams)
+        for p in pairs.values():  # every covariance the runs read: counted here, whatever they are asked
+            grams.full(p.x, p.x), grams.full(p.x, p.y), grams.full(p.y, p.y)
         return pairs, r
 
     def plan(self, problem: InnerProblem, limit: float) -> Plan:
@@ -360,7 +425,7 @@ class AttentionMoments(Algorithm):
             p.second_moments()
             if problem.centered:
                 p.means(0), p.means(1)
-        flops = prepare + sum(float(p.flops) for p in pairs.values())
+        flops = prepare + sum(float(p.flops) for p in pairs.values()) + next(iter(pairs.values())).grams.flops
         if flops > limit:
             raise CostError(f"the attention-moments algorithm would cost about {format_count(flops)} flops",
                             flops=flops)
@@ -375,11 +440,15 @@ class AttentionMoments(Algorithm):
         out = {}
         for key, pair in pairs.items():
             M = pair.second_moments()
-            mx, my = (pair.means(0), pair.means(1)) if p.centered else (M[:, :, 0], M[:, 0, :])  # unused uncentred
-            Wx, Wy = pair.x.tail, pair.y.tail
-            values = [output_moment(Wx @ M[i] @ Wy.T, Wx @ mx[i], Wy @ my[i], p.centered, p.per_output)
-                      for i in range(M.shape[0])]
-            out[key] = plan.result(np.concatenate(values) if p.per_output else float(sum(values)))
+            Wx, Wy = pair.x.tail[1:], pair.y.tail[1:]  # the output channels, the constant one dropped
+            if p.per_output:  # diag(Wx M_i Wy') per position, without forming the square
+                value = np.einsum("icr,cr->ic", np.matmul(Wx, M), Wy).ravel()
+            else:  # sum_i tr(Wx M_i Wy') = <Wx' Wy, sum_i M_i>
+                value = float(np.sum((Wx.T @ Wy) * M.sum(axis=0)))
+            if p.centered:
+                mx, my = pair.means(0) @ Wx.T, pair.means(1) @ Wy.T  # (n, channels)
+                value = value - ((mx * my).ravel() if p.per_output else float(np.sum(mx * my)))
+            out[key] = plan.result(value)
         return out["ab"], out.get("aa"), out.get("bb")
 
 
