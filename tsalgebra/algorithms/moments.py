@@ -31,6 +31,7 @@ small ranks.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from dataclasses import dataclass
@@ -44,7 +45,12 @@ from ..components import Component, Linear, PositionWise
 from ..form_moments import Factor, Leg, moment
 from ..measure import Gaussian
 from ..problem import CostError, InnerProblem, InnerResult, Plan, format_count, positions_of
+from ..threads import blas_threads, blas_worker_pool
 from .registry import Algorithm, Triple
+
+# The runs go to worker threads (one BLAS thread each) above this many planned
+# flops (about 0.1 s of the programme's many small products).
+_THREADED_FLOPS = 5e9
 
 __all__ = ["AttentionMoments", "attention_rank", "moment_head", "output_moment", "position_maps"]
 
@@ -256,6 +262,7 @@ class _Pair:
         self.dry = grams.dry
         self.flops = 0
         self.largest = 0
+        self.pool: Any = None  # worker threads for the runs, set by the caller
 
     def side(self, s: int) -> _Side:
         return self.x if s == 0 else self.y
@@ -320,30 +327,40 @@ class _Pair:
         x, y = self.x, self.y
         n = x.attn.n_ctx
         (Ox, Vx), (Oy, Vy) = x.out_maps, y.out_maps
-        M = None if self.dry else np.zeros((n, Ox.shape[1], Oy.shape[1]))
-        if M is not None:
-            M += Vx @ (x.T @ y.T.T) @ Vy.T  # the virtual heads, at every position
+        jobs: list[tuple[list[Factor], Any]] = []
         for slots, batches in self._configs((0, 1)).items():  # attention x attention
             offs = list(batches)
-            S = self._run(x.factors(0, [o[0] for o in offs], slots[0]) + y.factors(1, [o[1] for o in offs], slots[1]))
-            if M is not None:
-                entry, i, w = self._weights((0, 1), batches)
-                S = self._by_position(w[:, :, :, None, None] * S[entry][:, :, :, :, :, 0, 0], i, n)
-                M += np.einsum("iabef,aqe,brf->iqr", S, Ox, Oy, optimize=True)
+            jobs.append((x.factors(0, [o[0] for o in offs], slots[0]) + y.factors(1, [o[1] for o in offs], slots[1]),
+                         ((0, 1), batches)))
         for s in (0, 1):  # one side's virtual head x the other's attention
             other = self.side(1 - s)
             for slots, batches in self._configs((1 - s,)).items():
-                S = self._run([Factor((Leg("z", s, 0),))] + other.factors(1 - s, [o[0] for o in batches], slots[0]))
-                if M is not None:
-                    entry, i, w = self._weights((1 - s,), batches)
-                    S = S[entry][:, :, :, :, :, 0, 0]
-                    if s == 0:  # (tuples, 1, hy, d + 1, dv): the heads are on side b
-                        S = self._by_position(w[:, None, :, None, None] * S, i, n)
-                        M += np.einsum("iabef,qe,brf->iqr", S, Vx, Oy, optimize=True)
-                    else:
-                        S = self._by_position(w[:, :, None, None, None] * S, i, n)
-                        M += np.einsum("iabef,aqe,rf->iqr", S, Ox, Vy, optimize=True)
-        return M  # type: ignore[return-value]
+                jobs.append(([Factor((Leg("z", s, 0),))] + other.factors(1 - s, [o[0] for o in batches], slots[0]),
+                             ((1 - s,), batches)))
+        values = self._execute([factors for factors, _ in jobs])
+        if self.dry:
+            return None  # type: ignore[return-value]
+        M = np.zeros((n, Ox.shape[1], Oy.shape[1]))
+        M += Vx @ (x.T @ y.T.T) @ Vy.T  # the virtual heads, at every position
+        for S, (_, (which, batches)) in zip(values, jobs):
+            entry, i, w = self._weights(which, batches)
+            S = S[entry][:, :, :, :, :, 0, 0]  # (tuples, hx or 1, hy or 1, e, f)
+            if which == (0, 1):
+                S = self._by_position(w[:, :, :, None, None] * S, i, n)
+                M += np.einsum("iabef,aqe,brf->iqr", S, Ox, Oy, optimize=True)
+            elif which == (1,):  # x's virtual head, the heads on side b
+                S = self._by_position(w[:, None, :, None, None] * S, i, n)
+                M += np.einsum("iabef,qe,brf->iqr", S, Vx, Oy, optimize=True)
+            else:
+                S = self._by_position(w[:, :, None, None, None] * S, i, n)
+                M += np.einsum("iabef,aqe,rf->iqr", S, Ox, Vy, optimize=True)
+        return M
+
+    def _execute(self, jobs: list[list[Factor]]) -> list[Any]:
+        """The runs of the programme, in the worker threads of ``pool`` when there is one."""
+        if self.pool is None or self.dry:
+            return [self._run(factors) for factors in jobs]
+        return list(self.pool.map(self._run, jobs))
 
     def means(self, s: int) -> np.ndarray:
         """E[y~_i] (n, d_out + 1) of side s."""
@@ -438,8 +455,15 @@ class AttentionMoments(Algorithm):
         p = plan.problem
         pairs, _ = self._pairs(p, dry=False)
         out = {}
+        with contextlib.ExitStack() as stack:
+            workers = blas_threads()
+            if workers > 1 and plan.flops > _THREADED_FLOPS:
+                pool = blas_worker_pool(stack, workers)
+                for pair in pairs.values():
+                    pair.pool = pool
+            moments = {key: pair.second_moments() for key, pair in pairs.items()}
         for key, pair in pairs.items():
-            M = pair.second_moments()
+            M = moments[key]
             Wx, Wy = pair.x.tail[1:], pair.y.tail[1:]  # the output channels, the constant one dropped
             if p.per_output:  # diag(Wx M_i Wy') per position, without forming the square
                 value = np.einsum("icr,cr->ic", np.matmul(Wx, M), Wy).ravel()

@@ -115,7 +115,8 @@ class Quadrature(Algorithm):
             flops = float(per_chunk) * (len(sizes) - 1) + sum(
                 p.flops for p in _evaluation_plans(ta, sizes[-1]) + _evaluation_plans(tb, sizes[-1]))
         if flops > limit:
-            raise CostError(f"Gauss-Hermite quadrature needs {q}^{r} = {points:,} evaluations "
+            count = f"{points:,}" if points < 10**15 else f"about {format_count(points)}"
+            raise CostError(f"Gauss-Hermite quadrature needs {q}^{r} = {count} evaluations "
                             f"({format_count(flops)} flops)", flops=flops)
         width, out = problem.widths
         peak = 8.0 * min(points, _CHUNK) * (width + 4 * out) + 8.0 * points * r  # a chunk's inputs, outputs; the grid

@@ -20,7 +20,8 @@ from ..measure import Gaussian, Measure
 from ..problem import bound_measure, check_arguments
 from . import materialize, pairwise, pairwise_gram
 from .job import Gram, Job, Route
-from .ops import Clock, Ops, blas_threads, parse_dtype
+from ..threads import blas_threads
+from .ops import Clock, Ops, parse_dtype
 from .prepare import prepare_models
 from .results import RouteCost, SimilarityMatrix
 

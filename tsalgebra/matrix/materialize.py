@@ -23,7 +23,8 @@ import numpy as np
 
 from .costs import COSTS
 from .job import Gram, Job
-from .ops import LONG_FLOPS, THREADED_FLOPS, Clock, Ops, blas_worker_pool, partition, progress_bar
+from ..threads import blas_worker_pool
+from .ops import LONG_FLOPS, THREADED_FLOPS, Clock, Ops, partition, progress_bar
 from .prepare import Chain, Dims, uncovered
 from .results import RouteCost
 

@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+
 from .results import StepTime
 
 _FALLBACK_MEMORY = 2 * 2**30
@@ -174,13 +175,6 @@ def _numpy_gram(X: np.ndarray, Y: np.ndarray, same: bool) -> np.ndarray:
 # ------------------------------------------------------------ threads and clock
 
 
-def blas_threads() -> int:
-    """Threads of the BLAS library numpy calls (1 when none is found)."""
-    from threadpoolctl import ThreadpoolController
-
-    return max((lib.num_threads for lib in ThreadpoolController().select(user_api="blas").lib_controllers), default=1)
-
-
 def _available_ram() -> int:
     try:
         import psutil  # type: ignore[import-not-found]
@@ -261,19 +255,6 @@ def partition(n: int, c: int) -> list[tuple[int, int]]:
         out.append((start, start + size))
         start += size
     return out
-
-
-def blas_worker_pool(stack: contextlib.ExitStack, workers: int) -> Any:
-    """A pool of ``workers`` threads, with BLAS limited to one thread (process
-    wide) until ``stack`` closes: held for a whole route, since toggling the
-    limit per chunk, or BLAS threads left spinning after a product, cost the
-    workers their cores here."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from threadpoolctl import threadpool_limits
-
-    stack.enter_context(threadpool_limits(limits=1, user_api="blas"))
-    return stack.enter_context(ThreadPoolExecutor(workers))
 
 
 def run_tasks(tasks: Sequence[Callable[[Clock], Any]], clock: Clock, pool: Any, workers: int, bar: Any = None

@@ -23,7 +23,8 @@ import numpy as np
 from ..planner import ContractionPlan
 from .costs import COSTS
 from .job import Gram, Job
-from .ops import LONG_FLOPS, THREADED_FLOPS, Clock, Ops, blas_worker_pool, partition, progress_bar, run_tasks
+from ..threads import blas_worker_pool
+from .ops import LONG_FLOPS, THREADED_FLOPS, Clock, Ops, partition, progress_bar, run_tasks
 from .prepare import Chain, Dims, stack_models, uncovered
 from .results import RouteCost
 
