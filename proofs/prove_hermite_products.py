@@ -1,4 +1,4 @@
-"""The identities behind the attention-moments algorithm (tsalgebra/algorithms/moments.py).
+"""The identities behind the attention-moments algorithm (tsalgebra/algorithms/hermite.py).
 
 Claims:
 1. probabilists' Hermite polynomials satisfy x He_n = He_{n+1} + n He_{n-1}
@@ -23,7 +23,7 @@ import math
 import numpy as np
 import sympy
 
-from tsalgebra.algorithms.moments import _Hermite
+from tsalgebra.algorithms.hermite import _Hermite
 
 x, y = sympy.symbols("x y", real=True)
 

@@ -303,7 +303,7 @@ def _enumerated_moments(x, y, mean, cov):
 @pytest.mark.parametrize("flags", [{}, {"causal": True}, {"rotary_base": 10.0, "scale": 0.7},
                                    {"causal": True, "rotary_base": 5.0, "residual": True}])
 def test_attention_moments_equal_pairing_enumeration(flags):
-    from tsalgebra.algorithms.moments import attention_moments
+    from tsalgebra.algorithms.hermite import attention_moments
 
     rng = np.random.default_rng(11)
     d = 2
@@ -321,7 +321,7 @@ def test_attention_moments_equal_pairing_enumeration(flags):
 def test_attention_moments_through_an_embedding_and_a_singular_covariance():
     """Position-wise Linear layers before the attention are read through; a
     rank-deficient input covariance whitens to fewer variables."""
-    from tsalgebra.algorithms.moments import attention_moments
+    from tsalgebra.algorithms.hermite import attention_moments
 
     rng = np.random.default_rng(12)
     embed = ts.position_wise(ts.Linear(rng.normal(size=(3, 2)), rng.normal(size=3)), 2)

@@ -40,18 +40,20 @@ def _selection(n: int, d: int, exact: bool) -> np.ndarray:
     return S
 
 
-def rotary_matrices(n: int, dh: int, base: float) -> np.ndarray:
-    """Rot[p, e, e'] (n, dh, dh): the rotary position embedding (RoPE) at each
-    of n positions, rotating consecutive pairs (2k, 2k+1) of a head's dh
-    dimensions by p * base^(-2k/dh); an odd last dimension is left alone."""
-    rot = np.zeros((n, dh, dh))
-    for p in range(n):
-        for k in range(dh // 2):
-            angle = p * base ** (-2 * k / dh)
-            c, s = np.cos(angle), np.sin(angle)
-            rot[p, 2 * k : 2 * k + 2, 2 * k : 2 * k + 2] = [[c, -s], [s, c]]
-        if dh % 2:
-            rot[p, -1, -1] = 1.0
+def rotary_matrices(positions: Any, dh: int, base: float) -> np.ndarray:
+    """Rot[p, e, e'] (len(positions), dh, dh): the rotary position embedding
+    (RoPE) at each position p (``positions``: an int n for 0..n-1, or any
+    positions, negative ones included), rotating consecutive pairs (2k, 2k+1)
+    of a head's dh dimensions by p * base^(-2k/dh); an odd last dimension is
+    left alone.  Rotations compose: Rot_i' Rot_j = Rot_(j - i)."""
+    p = np.arange(positions) if np.ndim(positions) == 0 else np.asarray(positions)
+    angle = p[:, None] * base ** (-2 * np.arange(dh // 2) / dh)  # (positions, pairs)
+    c, s = np.cos(angle), np.sin(angle)
+    rot = np.zeros((len(p), dh, dh))
+    k = 2 * np.arange(dh // 2)
+    rot[:, k, k], rot[:, k, k + 1], rot[:, k + 1, k], rot[:, k + 1, k + 1] = c, -s, s, c
+    if dh % 2:
+        rot[:, -1, -1] = 1.0
     return rot
 
 

@@ -170,7 +170,7 @@ class _Side:
         maps = {k: P[k][:H] for k in ("q1", "k1", "q2", "k2")}
         maps["v"] = P["v"][:H, :dv]
         if self.dry:
-            out = {k: np.empty(m.shape[:2] + (self.T.shape[1],)) for k, m in maps.items()}
+            out = {k: np.broadcast_to(0.0, m.shape[:2] + (self.T.shape[1],)) for k, m in maps.items()}
         else:
             out = {k: np.einsum("hwd,dr->hwr", m.astype(float), self.T) for k, m in maps.items()}
         out["z"] = self.T[None]  # the virtual head reads the whole padded input
@@ -186,25 +186,36 @@ class _Side:
     def mask(self) -> np.ndarray:
         return self.attn.score_mask()[: self.attn.heads].astype(float)  # (heads, n, n)
 
-    def couplings(self, which: int, offset: int) -> np.ndarray:
-        """R_ij = Rot_i' Rot_j of query-key factor ``which`` (1 or 2) for
-        j - i = ``offset`` (rotations compose: only the offset matters)."""
+    def couplings(self, which: int, offsets: list[int]) -> np.ndarray:
+        """R_ij = Rot_i' Rot_j = Rot_(j - i) of query-key factor ``which`` (1 or
+        2), one per offset j - i: (offsets, 1, width, width); planning gets
+        a zero-strided view of that shape."""
         w = self.attn.q1.shape[1] if which == 1 else self.attn.q2.shape[1]
+        if self.dry:
+            return np.broadcast_to(0.0, (len(offsets) if self.attn.rotary_base is not None else 1, 1, w, w))
         if self.attn.rotary_base is None:
-            return np.eye(w)
-        rot = rotary_matrices(self.attn.n_ctx + abs(offset), w, self.attn.rotary_base)
-        return rot[0].T @ rot[offset] if offset >= 0 else rot[-offset].T @ rot[0]
+            return np.eye(w)[None, None]
+        return rotary_matrices(offsets, w, self.attn.rotary_base)[:, None]
 
     def factors(self, side: int, offsets: list[int], slot_j: int) -> list[Factor]:
         """(q1_i R1 k1_j), (q2_i R2 k2_j) and v_j, one batch entry per offset
         j - i (the mask is a factor of the whole product, applied by the caller)."""
         leg = lambda fam, slot: Leg(fam, side, slot)  # noqa: E731
-        bond = lambda which: np.stack([self.couplings(which, o) for o in offsets])[:, None]  # noqa: E731
-        return [Factor((leg("q1", 0), leg("k1", slot_j)), bond(1)), Factor((leg("q2", 0), leg("k2", slot_j)), bond(2)),
-                Factor((leg("v", slot_j),))]
+        return [Factor((leg("q1", 0), leg("k1", slot_j)), self.couplings(1, offsets)),
+                Factor((leg("q2", 0), leg("k2", slot_j)), self.couplings(2, offsets)), Factor((leg("v", slot_j),))]
 
 
 _DRY: dict[Any, Any] = {}  # planned costs of the programme's runs, by structure and shapes
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """Tuples of positions that run together: the distinct offsets (one batch
+    entry each), the tuples, and each tuple's entry."""
+
+    entries: np.ndarray  # (entries, keys)
+    tuples: np.ndarray  # (tuples, 1 + keys)
+    entry_of: np.ndarray  # (tuples,)
 
 
 class _Grams:
@@ -240,7 +251,8 @@ class _Grams:
                 (Sx, ox), (Sy, oy) = self._stack(x), self._stack(y)
                 self._rows[id(x)], self._rows[id(y)] = ox, oy
                 self.flops += 2 * Sx.shape[0] * Sy.shape[0] * (Sx.shape[1] - 1)
-                self._full[key] = np.empty((Sx.shape[0], Sy.shape[0])) if self.dry else Sx[:, 1:] @ Sy[:, 1:].T
+                self._full[key] = (np.broadcast_to(0.0, (Sx.shape[0], Sy.shape[0])) if self.dry  # planning: a shape
+                                   else Sx[:, 1:] @ Sy[:, 1:].T)
         return self._full[key]
 
     def block(self, x: _Side, fx: str, y: _Side, fy: str, same_head: bool) -> np.ndarray:
@@ -289,38 +301,37 @@ class _Pair:
         self.largest = max(self.largest, cost.largest)
         return value
 
-    def _configs(self, which: tuple[int, ...]) -> dict[tuple[int, ...], dict[tuple[int, ...], list[tuple[int, ...]]]]:
+    def _configs(self, which: tuple[int, ...]) -> dict[tuple[int, ...], "_Batch"]:
         """The tuples (i, j[, j']) of query and key positions with a nonzero
         mask on the sides in ``which``, grouped by their slots (the query
         position is slot 0, a key position equal to an earlier one shares its
-        slot, else takes a new one: one run of the programme), then by what
-        the moment depends on within a run: the offsets j - i where a side
-        rotates (one batch entry)."""
+        slot, else takes a new one: one run of the programme each), and
+        within a group by what the moment depends on: the offsets j - i where
+        a side rotates (one batch entry each)."""
         n = self.x.attn.n_ctx
         live = [np.any(self.side(s).mask != 0, axis=0) for s in which]  # (n, n) per side
         rotates = any(self.side(s).attn.rotary_base is not None for s in which)
-        out: dict[tuple[int, ...], dict[tuple[int, ...], list[tuple[int, ...]]]] = {}
-        for i in range(n):
-            for rest in np.ndindex(*(n,) * len(which)):
-                if not all(live[k][i, j] for k, j in enumerate(rest)):
-                    continue
-                seen, slots = [i], []
-                for p in rest:
-                    if p not in seen:
-                        seen.append(p)
-                    slots.append(seen.index(p))
-                offsets = tuple(p - i for p in rest) if rotates else (0,) * len(rest)
-                out.setdefault(tuple(slots), {}).setdefault(offsets, []).append((i,) + tuple(rest))
+        grid = np.stack(np.meshgrid(*[np.arange(n)] * (1 + len(which)), indexing="ij"), -1).reshape(-1, 1 + len(which))
+        t = grid[np.all([live[k][grid[:, 0], grid[:, 1 + k]] for k in range(len(which))], axis=0)]
+        slots = np.zeros((len(t), len(which)), dtype=int)
+        slots[:, 0] = t[:, 1] != t[:, 0]
+        if len(which) == 2:  # the second key position: at the query's slot, the first key's, or a new one
+            slots[:, 1] = np.where(t[:, 2] == t[:, 0], 0, np.where(t[:, 2] == t[:, 1], slots[:, 0], 1 + slots[:, 0]))
+        offsets = t[:, 1:] - t[:, :1] if rotates else np.zeros_like(t[:, 1:])
+        out = {}
+        groups, group_of = np.unique(slots, axis=0, return_inverse=True)
+        for g, key in enumerate(groups):
+            members = group_of.ravel() == g
+            entries, entry_of = np.unique(offsets[members], axis=0, return_inverse=True)
+            out[tuple(int(v) for v in key)] = _Batch(entries, t[members], entry_of.ravel())
         return out
 
-    def _weights(self, which: tuple[int, ...], batches: dict[tuple[int, ...], list[tuple[int, ...]]]
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _weights(self, which: tuple[int, ...], batch: "_Batch") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(batch entry, query position, product of the sides' masks (heads x[, heads y])) per tuple."""
-        entry = np.array([k for k, tuples in enumerate(batches.values()) for _ in tuples])
-        t = np.array([tup for tuples in batches.values() for tup in tuples])
+        t = batch.tuples
         masks = [self.side(s).mask[:, t[:, 0], t[:, 1 + k]].T for k, s in enumerate(which)]  # (tuples, heads)
         w = masks[0] if len(masks) == 1 else masks[0][:, :, None] * masks[1][:, None, :]
-        return entry, t[:, 0], w
+        return batch.entry_of, t[:, 0], w
 
     def second_moments(self) -> np.ndarray:
         """M[i] = E[y~_x,i y~_y,i] (n, d_out_x + 1, d_out_y + 1), padded."""
@@ -328,22 +339,21 @@ class _Pair:
         n = x.attn.n_ctx
         (Ox, Vx), (Oy, Vy) = x.out_maps, y.out_maps
         jobs: list[tuple[list[Factor], Any]] = []
-        for slots, batches in self._configs((0, 1)).items():  # attention x attention
-            offs = list(batches)
-            jobs.append((x.factors(0, [o[0] for o in offs], slots[0]) + y.factors(1, [o[1] for o in offs], slots[1]),
-                         ((0, 1), batches)))
+        for slots, batch in self._configs((0, 1)).items():  # attention x attention
+            offs = batch.entries
+            jobs.append((x.factors(0, offs[:, 0], slots[0]) + y.factors(1, offs[:, 1], slots[1]), ((0, 1), batch)))
         for s in (0, 1):  # one side's virtual head x the other's attention
             other = self.side(1 - s)
-            for slots, batches in self._configs((1 - s,)).items():
-                jobs.append(([Factor((Leg("z", s, 0),))] + other.factors(1 - s, [o[0] for o in batches], slots[0]),
-                             ((1 - s,), batches)))
+            for slots, batch in self._configs((1 - s,)).items():
+                jobs.append(([Factor((Leg("z", s, 0),))] + other.factors(1 - s, batch.entries[:, 0], slots[0]),
+                             ((1 - s,), batch)))
         values = self._execute([factors for factors, _ in jobs])
         if self.dry:
             return None  # type: ignore[return-value]
         M = np.zeros((n, Ox.shape[1], Oy.shape[1]))
         M += Vx @ (x.T @ y.T.T) @ Vy.T  # the virtual heads, at every position
-        for S, (_, (which, batches)) in zip(values, jobs):
-            entry, i, w = self._weights(which, batches)
+        for S, (_, (which, batch)) in zip(values, jobs):
+            entry, i, w = self._weights(which, batch)
             S = S[entry][:, :, :, :, :, 0, 0]  # (tuples, hx or 1, hy or 1, e, f)
             if which == (0, 1):
                 S = self._by_position(w[:, :, :, None, None] * S, i, n)
@@ -368,10 +378,10 @@ class _Pair:
         n = side.attn.n_ctx
         O, V = side.out_maps
         m = None if self.dry else np.tile(V @ side.T[:, 0], (n, 1))
-        for slots, batches in self._configs((s,)).items():
-            S = self._run(side.factors(s, [o[0] for o in batches], slots[0]))
+        for slots, batch in self._configs((s,)).items():
+            S = self._run(side.factors(s, batch.entries[:, 0], slots[0]))
             if m is not None:
-                entry, i, w = self._weights((s,), batches)
+                entry, i, w = self._weights((s,), batch)
                 S = S[entry][:, :, :, :, :, 0, 0].reshape(len(i), side.heads, -1)  # heads, output on side s's axes
                 m += np.einsum("ihe,hqe->iq", self._by_position(w[:, :, None] * S, i, n), O)
         return m  # type: ignore[return-value]
@@ -418,7 +428,7 @@ class AttentionMoments(Algorithm):
         law = problem.measure.per_position(positions_of(problem.a))  # type: ignore[union-attr]
         r = attention_rank(problem)
         if dry:
-            Ta, Tb = (np.empty((h[1].shape[0], r + 1)) for h in (ha, hb))
+            Ta, Tb = (np.broadcast_to(0.0, (h[1].shape[0], r + 1)) for h in (ha, hb))
         else:
             Ta, Tb = law.images([ha[1], hb[1]])
         sides = [_Side(h[0], T, position_maps(h[2], h[0].n_ctx, h[0].d_out), dry) for h, T in ((ha, Ta), (hb, Tb))]
