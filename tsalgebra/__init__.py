@@ -18,7 +18,7 @@ from .engine import contract, evaluate
 from .expr import Network, Sum, Tensor
 from .inner import SimilarityPlan, inner, norm, plan_inner, plan_similarity, similarity
 from .invariance import InvarianceReport, check_invariance
-from .measure import Gaussian, Measure, sequence_measure
+from .measure import Gaussian, Measure, Tokens, sequence_measure
 from .planner import ContractionPlan, ContractionStep, plan, plan_cache
 from .problem import CostError, InnerProblem, InnerResult, Plan
 from .symbolic import Polynomial, from_sympy, to_sympy
@@ -48,7 +48,7 @@ def __getattr__(name: str):  # noqa: ANN201
 __all__ = [
     "Bilinear", "BilinearAttention", "Component", "ContractionPlan", "ContractionStep", "CostError", "Gaussian",
     "InnerProblem", "InnerResult", "InvarianceReport", "Linear", "Measure", "Network", "Plan", "Polynomial", "PositionWise",
-    "Sequential", "SimilarityPlan", "Sum", "Symmetry", "Tensor", "Transformer", "Verification", "algorithms",
+    "Sequential", "SimilarityPlan", "Sum", "Symmetry", "Tensor", "Tokens", "Transformer", "Verification", "algorithms",
     "baselines", "check_invariance", "circuits", "contract", "cross_similarity_matrix", "evaluate", "exactify",
     "from_sympy", "inner", "norm", "plan", "plan_cache", "plan_inner", "plan_similarity", "position_wise",
     "random_symmetry", "sequence_measure", "similarity", "similarity_matrix", "symmetries", "to_sympy", "verify",

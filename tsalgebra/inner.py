@@ -35,7 +35,7 @@ __all__ = ["InnerResult", "CostError", "SimilarityPlan", "inner", "norm", "plan_
 _OPTIONS = ("centered", "per_output", "degree", "budget", "orbits", "algorithm")
 
 
-def _problem(a: Any, b: Any, inner_product: str, method: str, mean: Any, cov: Any, measure: Measure | None,
+def _problem(a: Any, b: Any, inner_product: str | None, method: str, mean: Any, cov: Any, measure: Measure | None,
              options: dict[str, Any], joint: bool = False) -> InnerProblem:
     unknown = set(options) - set(_OPTIONS)
     if unknown:
@@ -46,7 +46,7 @@ def _problem(a: Any, b: Any, inner_product: str, method: str, mean: Any, cov: An
 def inner(
     a: Any,
     b: Any,
-    inner: str = "gaussian",
+    inner: str | None = None,
     method: str = "auto",
     mean: Any = None,
     cov: Any = None,
@@ -62,11 +62,13 @@ def inner(
     """<a, b> under the chosen inner product, summed over output channels
     (constant channel excluded), or one value per channel with ``per_output``.
 
-    ``measure``: the input law of the gaussian product, a
-    :class:`~tsalgebra.measure.Gaussian` (default N(0, I)); ``mean``/``cov``
-    are shorthand for ``Gaussian(mean, cov)``.  For sequence models a
-    per-position mean (d,) and covariance (d, d) are tiled over independent
-    positions.
+    ``inner``: None (the functional product E[f . g] under ``measure``:
+    "gaussian" for a :class:`~tsalgebra.measure.Gaussian`, "tokens" for
+    :class:`~tsalgebra.measure.Tokens`; without a measure, the model's own
+    default (a token embedding's vocabulary), else N(0, I)), "gaussian",
+    "tokens", "symmetric" or "network".  ``mean``/``cov`` are shorthand for
+    ``measure=Gaussian(mean, cov)``; for sequence models a per-position mean
+    (d,) and covariance (d, d) are tiled over independent positions.
 
     ``method``: "exact", "closure" (Gaussian moment propagation; approximate
     beyond the first nonlinear layer, gaussian only) or "auto" (the cheapest
@@ -87,7 +89,7 @@ def inner(
     return solve(_problem(a, b, inner, method, mean, cov, measure, options))[0]
 
 
-def plan_inner(a: Any, b: Any, inner: str = "gaussian", method: str = "auto", mean: Any = None, cov: Any = None,
+def plan_inner(a: Any, b: Any, inner: str | None = None, method: str = "auto", mean: Any = None, cov: Any = None,
                *, measure: Measure | None = None, **options: Any) -> Plan:
     """The plan :func:`inner` with the same arguments would run: the
     algorithm, its flops, peak bytes and contractions, and why the other
@@ -96,7 +98,7 @@ def plan_inner(a: Any, b: Any, inner: str = "gaussian", method: str = "auto", me
     return choose(_problem(a, b, inner, method, mean, cov, measure, options))
 
 
-def norm(a: Any, inner: str = "gaussian", method: str = "auto", mean: Any = None, cov: Any = None,
+def norm(a: Any, inner: str | None = None, method: str = "auto", mean: Any = None, cov: Any = None,
          **options: Any) -> InnerResult:
     """sqrt(<a, a>) with the metadata of :func:`inner`."""
     measure = options.pop("measure", None)
@@ -111,7 +113,7 @@ def _to_sympy(v: Any) -> Any:
     return sympy.Rational(v.numerator, v.denominator) if isinstance(v, Fraction) else sympy.sympify(v)
 
 
-def _common_degree(a: Any, b: Any, inner_product: str, options: dict[str, Any]) -> dict[str, Any]:
+def _common_degree(a: Any, b: Any, inner_product: str | None, options: dict[str, Any]) -> dict[str, Any]:
     """All three products of a symmetric similarity at the common degree: a
     norm at a model's own degree would mix Bombieri weights of different k."""
     if inner_product != "symmetric" or options.get("degree") is not None:
@@ -132,7 +134,7 @@ def _cosine(ab: InnerResult, aa: InnerResult, bb: InnerResult) -> Any:
     return cos if ab.per_output else float(cos)
 
 
-def similarity(a: Any, b: Any, inner: str = "gaussian", method: str = "auto", mean: Any = None, cov: Any = None,
+def similarity(a: Any, b: Any, inner: str | None = None, method: str = "auto", mean: Any = None, cov: Any = None,
                **options: Any) -> InnerResult:
     """The cosine <a, b> / sqrt(<a, a> <b, b>), with the metadata of :func:`inner`
     and the summed cost of the three inner products (one computation where an
@@ -215,7 +217,7 @@ class SimilarityPlan:
         return "\n".join(lines)
 
 
-def plan_similarity(a: Any, b: Any, inner: str = "gaussian", method: str = "auto", mean: Any = None,
+def plan_similarity(a: Any, b: Any, inner: str | None = None, method: str = "auto", mean: Any = None,
                     cov: Any = None, **options: Any) -> SimilarityPlan:
     """What :func:`similarity` with the same arguments would run, planned from
     shapes (nothing contracted): the plan of <a,b> (joint when one

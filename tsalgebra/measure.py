@@ -16,6 +16,7 @@ positions without forming the flat covariance.
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -25,7 +26,7 @@ import numpy as np
 
 from .arrays import is_torch, torch_to_numpy
 
-__all__ = ["Measure", "Gaussian", "TOLERANCE", "block_diagonal", "sequence_measure"]
+__all__ = ["Measure", "Gaussian", "Tokens", "TOLERANCE", "block_diagonal", "sequence_measure"]
 
 # Relative tolerance of every check on a covariance (symmetry, positive
 # semi-definiteness) and of the rank cut of its factorisations: eigenvalues
@@ -342,3 +343,113 @@ def sequence_measure(mean: Any, cov: Any, n_ctx: int, d: int) -> tuple[Any, Any]
         return mean, cov
     law = law.at(n_ctx * d, n_ctx)
     return (None if mean is None else law.padded_mean()[1:]), (None if cov is None else law.padded_cov()[1:, 1:])
+
+
+@dataclass(frozen=True, eq=False)
+class Tokens(Measure):
+    """``n_ctx`` independent tokens from a vocabulary of ``vocab``, each fed as
+    a one-hot vector: a sequence model reads one per position, a flat model
+    (the grokking layer) ``n_ctx`` one-hot blocks of width ``vocab``
+    concatenated.  Uniform unless ``probs`` gives one distribution (vocab,)
+    for every token, or one per token (n_ctx, vocab).  ``n_ctx`` None: read
+    from the model it is bound to (its input width over ``vocab``).
+
+    The expectation over all vocab^n_ctx sequences is exact and never
+    enumerated where an algorithm contracts with the measure's diagonal
+    moments: every leg of a network at one position carries that position's
+    token index."""
+
+    vocab: int
+    n_ctx: int | None = None
+    probs: Any = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vocab, bool) or not isinstance(self.vocab, (int, np.integer)) or self.vocab < 1:
+            raise ValueError(f"vocab must be a positive integer, got {self.vocab!r}")
+        object.__setattr__(self, "vocab", int(self.vocab))
+        if self.n_ctx is not None:
+            if isinstance(self.n_ctx, bool) or not isinstance(self.n_ctx, (int, np.integer)) or self.n_ctx < 1:
+                raise ValueError(f"n_ctx must be a positive integer, got {self.n_ctx!r}")
+            object.__setattr__(self, "n_ctx", int(self.n_ctx))
+        if self.probs is not None:
+            p = _as_numbers(self.probs, "probs", np.ndim(self.probs) if np.ndim(self.probs) in (1, 2) else 1)
+            if p.shape[-1] != self.vocab:
+                raise ValueError(f"probs has shape {p.shape}; its last axis must be the vocabulary ({self.vocab})")
+            if p.ndim == 2:
+                if self.n_ctx is not None and p.shape[0] != self.n_ctx:
+                    raise ValueError(f"probs gives {p.shape[0]} distributions for n_ctx={self.n_ctx} tokens")
+                object.__setattr__(self, "n_ctx", p.shape[0])
+            values = p.astype(float)
+            if (values < 0).any():
+                raise ValueError("probs has negative entries")
+            if not np.allclose(values.sum(axis=-1), 1.0, rtol=0, atol=1e-9):
+                raise ValueError(f"probs must sum to 1 over the vocabulary (sums {values.sum(axis=-1)})")
+            object.__setattr__(self, "probs", p)
+
+    @property
+    def label(self) -> str:  # type: ignore[override]
+        n = f" x {self.n_ctx}" if self.n_ctx else ""
+        return f"tokens({self.vocab}{n}, {'uniform' if self.probs is None else 'given frequencies'})"
+
+    @property
+    def exact(self) -> bool:
+        return self.probs is not None and self.probs.dtype == object
+
+    @property
+    def width(self) -> int:
+        if self.n_ctx is None:
+            raise ValueError(f"{self.label}: n_ctx is unknown until the measure is bound to a model (Tokens.at)")
+        return self.n_ctx * self.vocab
+
+    def at(self, width: int, positions: int = 1) -> "Tokens":
+        """This measure on a model reading ``width`` features: n_ctx one-hot
+        blocks of width ``vocab`` (a sequence model of ``positions``
+        positions reads one block per position)."""
+        if width % self.vocab:
+            raise ValueError(f"the model reads {width} features, not a whole number of one-hot tokens of a "
+                             f"vocabulary of {self.vocab}")
+        n = width // self.vocab
+        if self.n_ctx is not None and self.n_ctx != n:
+            raise ValueError(f"{self.label}: the model reads {n} tokens of {self.vocab} ({width} features)")
+        if positions > 1 and n != positions:
+            raise ValueError(f"{self.label}: the model reads {positions} positions of {width // positions} features, "
+                             f"not one token of {self.vocab} each")
+        return self if self.n_ctx == n else Tokens(self.vocab, n, self.probs)
+
+    def token_probs(self, exact: bool = False) -> np.ndarray:
+        """(n_ctx, vocab): the distribution of each token."""
+        n = self.n_ctx or 1
+        if self.probs is None:
+            from fractions import Fraction
+
+            return np.full((n, self.vocab), Fraction(1, self.vocab), dtype=object) if exact else \
+                np.full((n, self.vocab), 1 / self.vocab)
+        p = self.probs if self.probs.ndim == 2 else np.tile(self.probs, (n, 1))
+        return p.astype(object) if exact else p.astype(float)
+
+    @property
+    def identical(self) -> bool:
+        """True when every token has the same distribution (tokens are then exchangeable)."""
+        return self.probs is None or self.probs.ndim == 1 or bool(np.all(self.probs == self.probs[:1]))
+
+    @property
+    def sequences(self) -> int:
+        """The number of token sequences of nonzero probability."""
+        p = self.token_probs()
+        return math.prod(int(np.count_nonzero(row)) for row in p)
+
+    def padded_mean(self, exact: bool = False) -> np.ndarray:
+        """[1; E x] = [1; p_1; ...; p_n]: the one-hot vectors' mean."""
+        p = self.token_probs(exact).reshape(-1)
+        return np.concatenate([np.array([1], dtype=p.dtype), p])
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        p = self.token_probs()
+        out = np.zeros((n, self.width))
+        for k, row in enumerate(p):
+            t = rng.choice(self.vocab, size=n, p=row)
+            out[np.arange(n), k * self.vocab + t] = 1.0
+        return out
+
+    def __repr__(self) -> str:
+        return f"Tokens({self.label})"

@@ -29,7 +29,7 @@ import opt_einsum as oe
 
 from . import pairings as P
 from .expr import Network, Tensor
-from .measure import Gaussian, block_diagonal
+from .measure import Gaussian, Tokens, block_diagonal
 from .planner import ContractionPlan, plan
 from .problem import CostError, format_count
 
@@ -49,11 +49,11 @@ class Joins:
     the symmetric product's bijections).  Made from shapes and a measure; the
     arrays are formed on first use (planning reads only ``width`` and ``rank``)."""
 
-    kind: str  # "gaussian" (partial matchings) or "symmetric" (bijections)
+    kind: str  # "gaussian" (partial matchings), "symmetric" (bijections) or a token kind (groupings)
     width: int  # padded width of the legs
     rank: int | None  # columns of the factor; None: no factor
     exact: bool
-    measure: Gaussian | None = None
+    measure: Gaussian | Tokens | None = None
 
     @classmethod
     def identity(cls, width: int, exact: bool) -> "Joins":
@@ -69,6 +69,38 @@ class Joins:
             rank = None if measure.diagonal else measure.positions * len(measure.decomposition[1])
             per[exact] = cls("gaussian", measure.width + 1, rank, exact or measure.exact, measure)
         return per[exact]
+
+    @classmethod
+    def tokens(cls, measure: Tokens, exact: bool = False) -> "Joins":
+        """The token measure's groupings: legs read the constant channel or a
+        token's one-hot block (one value per measure and exactness)."""
+        per = _JOINS.setdefault(measure, {})
+        if exact not in per:
+            kind = P.token_kind(measure.n_ctx or 1)
+            per[exact] = cls(kind, measure.width + 1, None, exact or measure.exact, measure)
+        return per[exact]
+
+    @property
+    def by_tokens(self) -> bool:
+        """True for a token measure's groupings."""
+        return self.kind.startswith("tokens")
+
+    @property
+    def vocab(self) -> int:
+        return self.measure.vocab  # type: ignore[union-attr]
+
+    def token_array(self, what: str, t: int = 0) -> np.ndarray:
+        """e0 (the constant channel), the selection of token t's block, or token t's distribution."""
+        zero = (lambda shape: np.zeros(shape, dtype=object) if self.exact else np.zeros(shape))  # noqa: E731
+        if what == "e0":
+            e = zero(self.width)
+            e[0] = 1
+            return e
+        if what == "select":
+            S = zero((self.width, self.vocab))
+            S[1 + (t - 1) * self.vocab + np.arange(self.vocab), np.arange(self.vocab)] = 1
+            return S
+        return self.measure.token_probs(self.exact)[t - 1]  # type: ignore[union-attr]
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -181,21 +213,31 @@ class _Joiner:
         legs, shape = list(t.legs), list(t.shape)
         for leg, role in key[1]:
             ax = legs.index(leg)
-            if role == "single":
+            if role in ("single", "const"):
                 legs.pop(ax)
                 shape.pop(ax)
             elif role in ("pair", "pairw") and self.joins.rank is not None:
                 shape[ax] = self.joins.rank
+            elif role.startswith("tok"):
+                shape[ax] = self.joins.vocab
         return Tensor(t.name, tuple(legs), tuple(shape))
 
     def variant_flops(self) -> int:
         """Flops of forming every variant the planned networks use (each
-        applied role is one pass over the owner's entries)."""
-        return sum(2 * int(np.prod(self.tensors[k].shape)) * sum(r != "raw" for _, r in roles)
+        applied role is one pass over the owner's entries; selecting a
+        token's block or the constant channel is a view)."""
+        return sum(2 * int(np.prod(self.tensors[k].shape)) * sum(r not in ("raw", "const") and not r.startswith("tok")
+                                                                 for _, r in roles)
                    for k, roles in self.variants)
 
     def _apply(self, data: Any, legs: list[str], leg: str, role: str, vector: Any) -> Any:
         ax = legs.index(leg)
+        if role == "const":
+            legs.pop(ax)
+            return np.take(data, 0, axis=ax)
+        if role.startswith("tok"):
+            t, V = int(role[3:]), self.joins.vocab
+            return np.take(data, np.arange(1 + (t - 1) * V, 1 + t * V), axis=ax)
         if role == "single":
             legs.pop(ax)
             return np.tensordot(data, vector, axes=([ax], [0]))
@@ -226,7 +268,9 @@ class _Joiner:
         :data:`OUTER`; a single leg stays open."""
         legs, roles, rename = self.legs, {}, {}
         extra: list[tuple[Tensor, tuple[Any, ...]]] = []
-        for i, j in enumerate(partner):
+        if self.joins.by_tokens:
+            self._token_roles(partner, roles, rename, extra)
+        for i, j in enumerate(partner if not self.joins.by_tokens else ()):
             if j == i:
                 roles[legs[i]] = "single"
             elif i < j:
@@ -263,12 +307,36 @@ class _Joiner:
         entries = [(t.relabel(rename), ref) for t, ref in entries] + extra
         return Network(tuple(t for t, _ in entries), (), out), [ref for _, ref in entries]
 
+    def _token_roles(self, assignment: tuple[int, ...], roles: dict[str, str], rename: dict[str, str],
+                     extra: list[tuple[Tensor, tuple[Any, ...]]]) -> None:
+        """A token measure's grouping: leg i reads the constant channel
+        (assignment 0) or token t (its block of the one-hot input); the legs
+        of token t share one summed index, weighted once by its distribution."""
+        w, V = self.joins.width, self.joins.vocab
+        for i, t in enumerate(assignment):
+            leg, owned = self.legs[i], self.owner[self.legs[i]] is not None
+            if t == 0:
+                roles[leg] = "const" if owned else "raw"
+                if not owned:
+                    extra.append((Tensor(f"#e{i}", (leg,), (w,)), ("e0",)))
+                continue
+            index = f"#t{t}"
+            if owned:
+                roles[leg], rename[leg] = f"tok{t}", index
+            else:
+                roles[leg] = "raw"
+                extra.append((Tensor(f"#s{i}", (leg, index), (w, V)), ("select", t)))
+        for t in sorted(set(assignment) - {0}):
+            extra.append((Tensor(f"#p{t}", (f"#t{t}",), (V,)), ("probs", t)))
+
     def resolve(self, ref: tuple[Any, ...], out_mask: Any) -> Any:
         """The array a reference of :meth:`network` points to, for this call's weights."""
         if ref[0] == "variant":
             return self._variant(ref[1], out_mask).data
         if ref[0] == "tensor":
             return self.tensors[ref[1]].data
+        if ref[0] in ("e0", "select", "probs"):
+            return self.joins.token_array(*ref)
         return {"matrix": self.joins.matrix, "mask": out_mask}[ref[0]]
 
 

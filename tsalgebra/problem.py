@@ -21,12 +21,13 @@ from typing import Any, Mapping
 
 from .components import Component
 from .expr import Network, Sum
-from .measure import Gaussian, Measure
+from .measure import Gaussian, Measure, Tokens
 
 __all__ = ["Alternative", "CostError", "DEFAULT_BUDGET", "INNERS", "METHODS", "InnerProblem", "InnerResult", "Plan",
-           "bound_measure", "check_arguments", "degree_of", "format_count", "positions_of"]
+           "bound_measure", "check_arguments", "degree_of", "format_count", "positions_of", "resolve_inner"]
 
-INNERS = ("gaussian", "symmetric", "network")
+INNERS = ("gaussian", "tokens", "symmetric", "network")
+FUNCTIONAL = ("gaussian", "tokens")  # E over the input measure of f . g: the name is the measure's kind
 METHODS = ("auto", "exact", "closure")
 DEFAULT_BUDGET = 1e11  # flops of one inner product's contractions together
 
@@ -136,15 +137,39 @@ def degree_of(model: Any) -> int:
 
 def check_arguments(inner: str, method: str, centered: bool) -> None:
     """ValueError for an unknown inner product or method, or a combination
-    that is not defined (closure and centring are Gaussian notions)."""
+    that is not defined (closure is a Gaussian method; centring needs a
+    measure)."""
     if inner not in INNERS:
         raise ValueError(f"inner must be one of {INNERS}, got {inner!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "closure" and inner != "gaussian":
         raise ValueError("method='closure' is a Gaussian moment method; use it with inner='gaussian'")
-    if centered and inner != "gaussian":
-        raise ValueError("centered=True is defined for the gaussian inner product only")
+    if centered and inner not in FUNCTIONAL:
+        raise ValueError("centered=True is defined for the functional inner products only (gaussian, tokens)")
+
+
+def resolve_inner(inner: str | None, model: Any, measure: Measure | None) -> tuple[str, Measure | None]:
+    """The inner product asked for and its measure.  ``inner=None``: the
+    functional product under ``measure``, else under the model's own default
+    measure (a token embedding's :class:`Tokens`), else the Gaussian one;
+    "tokens" without a measure takes the model's default."""
+    default = getattr(model, "default_measure", None)
+    if inner is None:
+        if measure is None and default is not None:
+            measure = default
+        inner = "tokens" if isinstance(measure, Tokens) else "gaussian"
+    if inner == "tokens" and measure is None:
+        if not isinstance(default, Tokens):
+            raise ValueError("inner='tokens' needs measure=ts.Tokens(vocab) (or a model converted from a token "
+                             "embedding, which carries it)")
+        measure = default
+    if inner == "gaussian" and measure is not None and not isinstance(measure, Gaussian):
+        raise ValueError(f"inner='gaussian' takes a Gaussian measure, not {measure!r}; leave inner out (or "
+                         f"inner='{'tokens' if isinstance(measure, Tokens) else 'gaussian'}')")
+    if inner == "tokens" and not isinstance(measure, Tokens):
+        raise ValueError(f"inner='tokens' takes measure=ts.Tokens(...), not {measure!r}")
+    return inner, measure
 
 
 def bound_measure(model: Any, mean: Any, cov: Any, measure: Measure | None) -> Measure:
@@ -187,8 +212,10 @@ class InnerProblem:
     algorithm: str | None = None
 
     @classmethod
-    def of(cls, a: Any, b: Any, inner: str = "gaussian", method: str = "auto", mean: Any = None, cov: Any = None,
+    def of(cls, a: Any, b: Any, inner: str | None = None, method: str = "auto", mean: Any = None, cov: Any = None,
            measure: Measure | None = None, **options: Any) -> "InnerProblem":
+        if inner is None or inner in FUNCTIONAL:
+            inner, measure = resolve_inner(inner, a, measure)
         check_arguments(inner, method, options.get("centered", False))
         budget = options.get("budget", DEFAULT_BUDGET)
         if not isinstance(budget, (int, float)) or not budget >= 0:
@@ -198,9 +225,11 @@ class InnerProblem:
                 raise ValueError(f"input widths differ: {a!r} takes {a.in_features}, {b!r} takes {b.in_features}")
             if a.out_features != b.out_features:
                 raise ValueError(f"output widths differ: {a!r} gives {a.out_features}, {b!r} gives {b.out_features}")
-        if inner != "gaussian" and (measure is not None or mean is not None or cov is not None):
-            raise ValueError(f"a measure (mean, cov) belongs to the gaussian inner product, not to {inner!r}")
-        bound = bound_measure(a, mean, cov, measure) if inner == "gaussian" else None
+        if inner not in FUNCTIONAL and (measure is not None or mean is not None or cov is not None):
+            raise ValueError(f"a measure (mean, cov) belongs to the functional inner products, not to {inner!r}")
+        if inner == "tokens" and (mean is not None or cov is not None):
+            raise ValueError("mean= and cov= describe a Gaussian; the token measure takes probs (ts.Tokens(...))")
+        bound = bound_measure(a, mean, cov, measure) if inner in FUNCTIONAL else None
         return cls(a, b, inner, bound, method, **options)
 
     def replace(self, **changes: Any) -> "InnerProblem":

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import sympy
 
-from ..measure import Gaussian
+from ..measure import Gaussian, Tokens
 from ..pairing_sum import Joins, PairingPlan, lift, plan_pairings, run_pairings
 from ..problem import CostError, InnerProblem, Plan
 from .registry import Algorithm, Triple
@@ -48,8 +48,8 @@ def _same(problem: InnerProblem) -> bool | None:
 class PairingOrbits(Algorithm):
     name = "pairings"
     title = "pairing orbits"
-    inners = ("gaussian", "symmetric")
-    measures = (Gaussian,)
+    inners = ("gaussian", "tokens", "symmetric")
+    measures = (Gaussian, Tokens)
 
     def _degree(self, problem: InnerProblem) -> int:
         k = max(problem.degrees)
@@ -67,8 +67,8 @@ class PairingOrbits(Algorithm):
         d1, o1 = problem.widths
         mask = None if problem.per_output else np.array([0] + [1] * (o1 - 1), dtype=object if exact else float)
         jobs: list[tuple[str, Any, Any, Any]] = []
-        if problem.inner == "gaussian":
-            joins = Joins.gaussian(problem.measure, exact)  # type: ignore[arg-type]
+        if problem.inner in ("gaussian", "tokens"):
+            joins = (Joins.gaussian if problem.inner == "gaussian" else Joins.tokens)(problem.measure, exact)  # type: ignore[arg-type]
             jobs += [("<a,b>", ca * cb, A, B) for ca, A in ta for cb, B in tb]
             if problem.centered:
                 jobs += [(f"E[{side}]", c, N, None) for side, terms in (("a", ta), ("b", tb)) for c, N in terms]

@@ -16,8 +16,8 @@ import numpy as np
 from ..arrays import is_torch
 from ..components import Component
 from ..cosine import cosines
-from ..measure import Gaussian, Measure
-from ..problem import bound_measure, check_arguments
+from ..measure import Measure
+from ..problem import FUNCTIONAL, bound_measure, check_arguments, resolve_inner
 from . import materialize, pairwise, pairwise_gram
 from .job import Gram, Job, Route
 from ..threads import blas_threads
@@ -37,13 +37,15 @@ REGISTRY: Mapping[str, Route] = MappingProxyType({r.NAME: r for r in _ROUTE_MODU
 # ------------------------------------------------------------ one call
 
 
-def _compute(rows_in: Any, cols_in: Any | None, inner: str, method: str, mean: Any, cov: Any, centered: bool,
+def _compute(rows_in: Any, cols_in: Any | None, inner: str | None, method: str, mean: Any, cov: Any, centered: bool,
              route: str, dtype: Any, device: Any, max_memory: int | None, progress: bool | None,
              options: dict[str, Any]) -> SimilarityMatrix:
     started = time.perf_counter()
     measure = options.pop("measure", None)
-    options = _checked(inner, method, centered, route, options)
     rows, labels = _models(rows_in, "models" if cols_in is None else "models_a")
+    if inner is None or inner in FUNCTIONAL:
+        inner, measure = resolve_inner(inner, rows[0], measure)
+    options = _checked(inner, method, centered, route, options)
     cols, col_labels = (None, None) if cols_in is None else _models(cols_in, "models_b")
     law = _measure(rows, inner, mean, cov, measure)
     job = _job(rows, cols, inner, method, law, centered, dtype, device, max_memory, progress, options)
@@ -91,20 +93,17 @@ def _widths(models: Sequence[Any]) -> None:
         raise ValueError(f"output widths differ across the models: {sorted(map(str, outs))}")
 
 
-def _measure(rows: list[Any], inner: str, mean: Any, cov: Any, measure: Measure | None) -> Gaussian | None:
-    """The Gaussian measure bound to the models' input; None for the other
-    inner products."""
-    if inner != "gaussian":
+def _measure(rows: list[Any], inner: str, mean: Any, cov: Any, measure: Measure | None) -> Measure | None:
+    """The measure bound to the models' input; None for the inner products
+    that have none."""
+    if inner not in FUNCTIONAL:
         if measure is not None or mean is not None or cov is not None:
-            raise ValueError(f"a measure (mean, cov) belongs to the gaussian inner product, not to {inner!r}")
+            raise ValueError(f"a measure (mean, cov) belongs to the functional inner products, not to {inner!r}")
         return None
-    law = bound_measure(rows[0], mean, cov, measure)
-    if not isinstance(law, Gaussian):
-        raise TypeError(f"the similarity matrix takes a Gaussian measure, got {law!r}")
-    return law
+    return bound_measure(rows[0], mean, cov, measure)
 
 
-def _job(rows: list[Any], cols: list[Any] | None, inner: str, method: str, measure: Gaussian | None, centered: bool,
+def _job(rows: list[Any], cols: list[Any] | None, inner: str, method: str, measure: Measure | None, centered: bool,
          dtype: Any, device: Any, max_memory: int | None, progress: bool | None, options: dict[str, Any]) -> Job:
     """The job: the engine, the memory bound, and the models prepared."""
     _widths(rows + (cols or []))
@@ -194,7 +193,7 @@ def _norms(s: np.ndarray, logU: np.ndarray | None) -> np.ndarray:
 
 def similarity_matrix(
     models: Sequence[Any] | Mapping[str, Any],
-    inner: str = "gaussian",
+    inner: str | None = None,
     method: str = "auto",
     mean: Any = None,
     cov: Any = None,
@@ -231,7 +230,7 @@ def similarity_matrix(
 def cross_similarity_matrix(
     models_a: Sequence[Any] | Mapping[str, Any],
     models_b: Sequence[Any] | Mapping[str, Any],
-    inner: str = "gaussian",
+    inner: str | None = None,
     method: str = "auto",
     mean: Any = None,
     cov: Any = None,

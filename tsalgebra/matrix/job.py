@@ -10,7 +10,7 @@ from typing import Any, Mapping, Protocol
 
 import numpy as np
 
-from ..measure import Gaussian
+from ..measure import Measure
 from .ops import Clock, Ops
 from .prepare import Prepared
 from .results import RouteCost, StepTime
@@ -24,8 +24,8 @@ class Job:
     None for a symmetric matrix: the rows are the columns); ``inner`` to
     ``options`` mean what they mean in :func:`tsalgebra.inner` (``options``:
     degree, budget, orbits), ``progress`` as in :func:`similarity_matrix`;
-    ``measure`` is the Gaussian measure bound to the models' input (None for
-    the other inner products).  ``prepared`` holds the models as chains for the
+    ``measure`` is the measure bound to the models' input (None for the
+    inner products without one).  ``prepared`` holds the models as chains for the
     batched routes (None where none covers them), ``ops`` the engine they
     compute with, ``memory`` the bound in bytes on their blocks
     (``max_memory``), ``threads`` the worker threads numpy may use.
@@ -38,7 +38,7 @@ class Job:
     centered: bool
     options: Mapping[str, Any]
     progress: bool | None
-    measure: Gaussian | None
+    measure: Measure | None
     prepared: Prepared | None
     ops: Ops
     memory: int

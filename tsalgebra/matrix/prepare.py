@@ -37,7 +37,7 @@ import numpy as np
 
 from ..components import Bilinear, Component
 from ..folding import fold
-from ..measure import Gaussian
+from ..measure import Gaussian, Measure
 from .ops import Ops
 
 _SQRT2 = math.sqrt(2.0)
@@ -214,14 +214,14 @@ class Prepared:
 
 
 def prepare_models(rows: Sequence[Any], cols: Sequence[Any] | None, inner: str, method: str, centered: bool,
-                   measure: Gaussian | None, degree: Any) -> Prepared | None:
+                   measure: Measure | None, degree: Any) -> Prepared | None:
     """The models as chains (None where no batched route covers them: see
-    :func:`uncovered`).  ``measure``: the Gaussian measure bound to the
-    models' input (gaussian product only).  Raises ValueError for stacks of
-    different depths under the network product."""
-    P = None if measure is None or measure.standard else measure.whitening()
-    if method == "closure" or (degree not in (None, 2) and inner == "symmetric"):
+    :func:`uncovered`).  ``measure``: the measure bound to the models' input
+    (the batched routes take a Gaussian one).  Raises ValueError for stacks
+    of different depths under the network product."""
+    if method == "closure" or (degree not in (None, 2) and inner == "symmetric") or inner == "tokens":
         return None
+    P = None if not isinstance(measure, Gaussian) or measure.standard else measure.whitening()
     started = time.perf_counter()
     chains_rows = to_chains(rows, inner, centered, P)
     chains_cols = None if cols is None else to_chains(cols, inner, centered, P)
@@ -233,6 +233,8 @@ def prepare_models(rows: Sequence[Any], cols: Sequence[Any] | None, inner: str, 
 
 def uncovered(inner: str) -> str:
     """Why no batched route covers models that :func:`prepare_models` returned None for."""
+    if inner == "tokens":
+        return "the token measure is computed pair by pair (ts.inner)"
     if inner == "network":
         return "the network product is batched for Linear/Bilinear stacks with bilinear layers"
     return ("the gaussian and symmetric products are batched for models that fold to one bilinear layer, "
