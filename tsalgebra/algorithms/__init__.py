@@ -11,6 +11,7 @@ every orbit, is planned against the best estimate so far):
 - ``gram`` (exact): the network inner product;
 - ``closure`` (approximate beyond the first nonlinear layer);
 - ``quadrature`` (exact): Gauss-Hermite nodes, exponential in the input rank;
+- ``enumeration`` (exact): every token sequence of the token measure;
 - ``pairings`` (exact): pairing orbits, exponential in the input copies.
 
 A new algorithm is a module with an :class:`Algorithm` subclass and a
@@ -18,6 +19,7 @@ A new algorithm is a module with an :class:`Algorithm` subclass and a
 """
 
 from .closure import GaussianClosure
+from .enumeration import Enumeration
 from .gram import GramRecursion
 from .hermite import HermiteMoments
 from .moments import AttentionMoments
@@ -28,5 +30,5 @@ from .registry import Algorithm, Triple, choose, describe, register, registered,
 __all__ = ["Algorithm", "Triple", "choose", "describe", "register", "registered", "run", "solve", "unregister"]
 
 for _algorithm in (AttentionMoments(), HermiteMoments(), GramRecursion(), GaussianClosure(), Quadrature(),
-                   PairingOrbits()):
+                   Enumeration(), PairingOrbits()):
     register(_algorithm)
