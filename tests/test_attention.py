@@ -339,14 +339,18 @@ def test_attention_moments_route_and_its_refusals():
     small = lambda **f: random_attention(rng, heads=1, dh=2, d=2, n_ctx=2, **f)  # noqa: E731
     unembed = ts.position_wise(ts.Linear(rng.normal(size=(3, 2)), rng.normal(size=3)), 2)
     la, lb = ts.Sequential(small(causal=True), unembed), ts.Sequential(small(rotary_base=10.0), unembed)
+    PER_POSITION = ("moments", "hermite")  # the two per-position algorithms; the cheaper runs
     fast = ts.inner(la, lb, centered=True, per_output=True)
-    assert fast.algorithm == "moments" and fast.exact
+    assert fast.algorithm in PER_POSITION and fast.exact
     slow = ts.inner(la, lb, centered=True, per_output=True, algorithm="pairings")
     np.testing.assert_allclose(fast.value, slow.value, rtol=1e-10)
+    for algorithm in PER_POSITION:
+        np.testing.assert_allclose(ts.inner(la, lb, centered=True, per_output=True, algorithm=algorithm).value,
+                                   slow.value, rtol=1e-10)
     a, b = small(causal=True), small(rotary_base=10.0)
     # a measure that correlates positions is not the sequence measure: the generic route takes it
     cov = np.eye(4) + 0.3 * np.eye(4, k=2) + 0.3 * np.eye(4, k=-2)
-    assert ts.inner(a, b, cov=cov).algorithm != "moments"
+    assert ts.inner(a, b, cov=cov).algorithm not in PER_POSITION
     with pytest.raises(ValueError, match="not independent and identical across positions"):
         ts.inner(a, b, cov=cov, algorithm="moments")
     with pytest.raises(ValueError, match="not positive semi-definite"):  # checked as on every route
@@ -356,8 +360,9 @@ def test_attention_moments_route_and_its_refusals():
     with pytest.raises(ValueError, match="gaussian inner product only"):
         ts.inner(a, b, "symmetric", algorithm="moments")
     mlp = ts.position_wise(ts.Bilinear(rng.normal(size=(2, 2)), rng.normal(size=(2, 2)), rng.normal(size=(2, 2))), 2)
-    with pytest.raises(ValueError, match="only Linear layers may follow"):
-        ts.inner(ts.Sequential(a, mlp), ts.Sequential(b, mlp), algorithm="moments")
+    for algorithm in PER_POSITION:
+        with pytest.raises(ValueError, match="only (position-wise )?Linear layers may follow"):
+            ts.inner(ts.Sequential(a, mlp), ts.Sequential(b, mlp), algorithm=algorithm)
     with pytest.raises(ts.CostError, match="attention-moments"):
         ts.inner(a, b, budget=10)
     with pytest.raises(ValueError, match="positions of different widths"):  # 2 x 3 and 3 x 2 inputs
@@ -366,7 +371,7 @@ def test_attention_moments_route_and_its_refusals():
     # a similarity takes all three products from one joint computation: same as three separate ones
     s = ts.similarity(la, lb)
     ab, aa, bb = (ts.inner(x, y).value for x, y in ((la, lb), (la, la), (lb, lb)))
-    assert s.algorithm == "moments"
+    assert s.algorithm in PER_POSITION
     assert s.value == pytest.approx(ab / np.sqrt(aa * bb), rel=1e-12)
 
 

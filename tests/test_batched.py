@@ -13,6 +13,7 @@ import torch
 import tsalgebra as ts
 from tsalgebra.matrix import SimilarityMatrix, cross_similarity_matrix, similarity_matrix
 from tsalgebra.matrix import api, ops, prepare
+from tsalgebra.threads import blas_worker_pool
 from tsalgebra.matrix import materialize as MAT
 from tsalgebra.matrix import pairwise_gram as PG
 
@@ -707,7 +708,7 @@ def test_tasks_in_threads_share_the_clock():
     for workers in (1, 2, 3):
         clock = ops.Clock(ops.Ops("float64", None))
         with contextlib.ExitStack() as stack:
-            pool = ops.blas_worker_pool(stack, workers) if workers > 1 else None
+            pool = blas_worker_pool(stack, workers) if workers > 1 else None
             assert ops.run_tasks([job(k) for k in range(6)], clock, pool, workers) == [k * k for k in range(6)]
         assert clock.seconds == {"step": pytest.approx(6.0 / workers)} and clock.flops == {"step": 30}
 
