@@ -13,7 +13,7 @@ from . import algorithms, baselines, circuits, symmetries
 from .attention import BilinearAttention, Transformer, position_wise
 from .baselines import weight_cosine
 from .matrix import cross_similarity_matrix, similarity_matrix
-from .components import Bilinear, Component, Linear, PositionWise, Sequential
+from .components import Bilinear, Component, Embedding, Linear, PositionWise, Sequential
 from .engine import contract, evaluate
 from .expr import Network, Sum, Tensor
 from .inner import SimilarityPlan, inner, norm, plan_inner, plan_similarity, similarity
@@ -46,7 +46,8 @@ def __getattr__(name: str):  # noqa: ANN201
 
 
 __all__ = [
-    "Bilinear", "BilinearAttention", "Component", "ContractionPlan", "ContractionStep", "CostError", "Gaussian",
+    "Bilinear", "BilinearAttention", "Component", "ContractionPlan", "ContractionStep", "CostError", "Embedding",
+    "Gaussian",
     "InnerProblem", "InnerResult", "InvarianceReport", "Linear", "Measure", "Network", "Plan", "Polynomial", "PositionWise",
     "Sequential", "SimilarityPlan", "Sum", "Symmetry", "Tensor", "Tokens", "Transformer", "Verification", "algorithms",
     "baselines", "check_invariance", "circuits", "contract", "cross_similarity_matrix", "evaluate", "exactify",

@@ -51,7 +51,8 @@ import torch
 from torch import nn
 
 from .arrays import torch_to_numpy
-from .components import Bilinear, Component, Linear, Sequential, postcompose, precompose
+from .attention import BilinearAttention
+from .components import Bilinear, Component, Embedding, Linear, PositionWise, Sequential, postcompose, precompose
 
 __all__ = [
     "AdapterError",
@@ -180,7 +181,6 @@ class BilinearAttentionModule(nn.Module):
 
 def attention_adapter(module: nn.Module, path: str) -> Component:
     """Convert a module with the :class:`BilinearAttentionModule` attribute layout."""
-    from .attention import BilinearAttention
 
     try:  # the layout's parameter names are the layer's field names; biases may be missing
         weights = {f: _np(getattr(module, f, None) if f.endswith("_bias") else getattr(module, f))
@@ -346,9 +346,24 @@ def _seq(module: nn.Sequential, path: str) -> Component | None:
     if not parts:
         return None
     try:
-        return parts[0] if len(parts) == 1 else Sequential(*parts)
+        return parts[0] if len(parts) == 1 else Sequential(*_per_position(parts))
     except ValueError as exc:
         raise AdapterError(path, str(exc)) from None
+
+
+def _per_position(parts: list[Component]) -> list[Component]:
+    """Torch's layers act on the last axis: beside an attention layer over
+    n_ctx positions every Linear or Bilinear layer acts per position, and a
+    token embedding reads one token per position (or, before flat layers, as
+    many tokens as the next layer's width holds)."""
+    n = next((p.n_ctx for p in parts if isinstance(p, BilinearAttention) and p.n_ctx), None)
+    if n is not None:
+        return [PositionWise(p, n) if isinstance(p, (Linear, Bilinear)) else p for p in parts]
+    if isinstance(parts[0], Embedding) and len(parts) > 1:  # flat layers after it (nn.Flatten)
+        width, d = parts[1].in_features, parts[0].out_features
+        if width % d == 0 and width > d:
+            return [PositionWise(parts[0], width // d)] + parts[1:]
+    return parts
 
 
 def _dropout(module: nn.Module, path: str) -> None:
@@ -360,6 +375,8 @@ def _dropout(module: nn.Module, path: str) -> None:
 
 register_adapter(nn.Linear, lambda m, p: _linear(m, p))
 register_adapter(nn.Identity, lambda m, p: None)
+register_adapter(nn.Flatten, lambda m, p: None)  # inputs are held flat, position-major already
+register_adapter(nn.Embedding, lambda m, p: Embedding(m.weight.detach().T, name=f"Embedding[{p}]" if p else "Embedding"))
 register_adapter(nn.Sequential, _seq)
 register_adapter(BilinearLayer, lambda m, p: _bilinear(m.left, m.right, m.down, p))
 register_adapter(BilinearAttentionModule, attention_adapter)
@@ -377,7 +394,7 @@ _REFUSED: tuple[tuple[tuple[type, ...], str], ...] = (
      "is softmax attention, not a polynomial; only bilinear attention has an adapter (register_adapter)"),
     ((nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm),
      "is a normalization (a division by a data-dependent norm), not a polynomial"),
-    ((nn.Embedding, nn.EmbeddingBag), "takes integer indices; feed one-hot vectors to a Linear layer instead"),
+    ((nn.EmbeddingBag,), "sums several tokens' embeddings per sample; use nn.Embedding (one token per position)"),
     ((nn.Bilinear,), "takes two inputs (torch's x1^T A x2); tsalgebra bilinear layers take one input x twice"),
     ((nn.ModuleList, nn.ModuleDict), "has no forward of its own; convert its elements or wrap them in nn.Sequential"),
 )

@@ -65,6 +65,12 @@ class _Sequence:
     out_features: int
 
     def __call__(self, x: Any) -> Any:
+        ids = self.one_hot(x)  # type: ignore[attr-defined]
+        if ids is not x:  # token ids: one-hot, flat
+            single = len(ids.shape) == 1
+            out = Component.__call__(self, ids[None] if single else ids)  # type: ignore[arg-type]
+            out = out.reshape(out.shape[0], self.n_ctx, -1)
+            return out[0] if single else out
         if len(x.shape) == 2 and x.shape == (self.n_ctx, self.d_model):
             return self(x[None])[0]
         if len(x.shape) != 3 or tuple(x.shape[1:]) != (self.n_ctx, self.d_model):

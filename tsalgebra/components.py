@@ -20,7 +20,7 @@ from .arrays import is_torch, torch_to_numpy
 from .engine import evaluate
 from .expr import Network, Tensor
 
-__all__ = ["Component", "Linear", "Bilinear", "PositionWise", "Sequential"]
+__all__ = ["Component", "Embedding", "Linear", "Bilinear", "PositionWise", "Sequential"]
 
 _RANKS = {1: "a 1-D vector", 2: "a 2-D (out, in) matrix"}
 
@@ -165,9 +165,60 @@ class Component(ABC):
     def layers(self) -> tuple["Component", ...]:
         return (self,)
 
+    @property
+    def token_input(self) -> tuple[int, int] | None:
+        """(vocabulary, tokens) when the model reads tokens through an
+        :class:`Embedding` (its input: that many one-hot vectors), else None."""
+        first = self.layers[0]
+        if isinstance(first, PositionWise) and isinstance(first.layer, Embedding):
+            return first.layer.vocab, first.n_ctx
+        if isinstance(first, Embedding):
+            return first.vocab, 1
+        return None
+
+    @property
+    def default_measure(self) -> Any:
+        """The natural input measure of a model that reads tokens: independent
+        uniform tokens over its vocabulary (a :class:`~tsalgebra.measure.Tokens`);
+        None for models of real vectors."""
+        tokens = self.token_input
+        if tokens is None:
+            return None
+        from .measure import Tokens
+
+        return Tokens(*tokens)
+
+    def one_hot(self, ids: Any) -> Any:
+        """Token ids (batch, tokens) or (tokens,) as the one-hot input (batch,
+        tokens * vocab) of a model that reads tokens; other inputs as they are."""
+        tokens = self.token_input
+        kind = getattr(ids, "dtype", None)
+        integer = kind is not None and (np.issubdtype(kind, np.integer) if not is_torch(ids) else
+                                        not ids.is_floating_point() and not ids.is_complex())
+        if tokens is None or not integer:
+            return ids
+        vocab, n = tokens
+        arr = torch_to_numpy(ids) if is_torch(ids) else np.asarray(ids)
+        single = arr.ndim == 1
+        arr = arr[None] if single else arr
+        if arr.ndim != 2 or arr.shape[1] != n:
+            raise ValueError(f"{self!r} reads {n} token ids per sample, got ids of shape {tuple(arr.shape)}")
+        if arr.size and (arr.min() < 0 or arr.max() >= vocab):
+            raise ValueError(f"{self!r}: token ids must lie in [0, {vocab}), got {arr.min()}..{arr.max()}")
+        out = np.zeros((arr.shape[0], n * vocab))
+        out[np.arange(arr.shape[0])[:, None], np.arange(n) * vocab + arr] = 1.0
+        out = out[0] if single else out
+        if is_torch(ids):
+            import torch
+
+            return torch.as_tensor(out)
+        return out
+
     def __call__(self, x: Any) -> Any:
         """Evaluate on a batch (n, in) or one sample (in,), by contracting the
-        expression; numpy in gives numpy out, torch in gives torch out."""
+        expression; numpy in gives numpy out, torch in gives torch out.  A
+        model that reads tokens also takes integer ids (batch, tokens)."""
+        x = self.one_hot(x)
         single = len(x.shape) == 1
         if single:
             x = x[None]
@@ -429,6 +480,26 @@ def _bilinear_expression(LRD: tuple[Any, Any, Any], tag: str, symmetrize_shapes:
     return Network(tensors, (i0, i1), (o,), ((1, 0),) if declared else ())
 
 
+class Embedding(Linear):
+    """A token embedding: token t maps to column t of ``weight`` (d, vocab),
+    a Linear layer (without bias) on the token's one-hot vector.  A model
+    whose first layer is one (or a :class:`PositionWise` one) takes integer
+    token ids too, and carries the token measure over its vocabulary as its
+    default (:attr:`Component.default_measure`).  Fields: ``weight``."""
+
+    weight_fields = ("weight",)
+
+    def __init__(self, weight: Any, *, name: str = "Embedding") -> None:
+        super().__init__(weight, None, name=name)
+
+    @property
+    def vocab(self) -> int:
+        return self.in_features
+
+    def __repr__(self) -> str:
+        return f"{self.name}({self.vocab} tokens -> {self.out_features})"
+
+
 AffineLayer = Union[Linear, Bilinear]
 
 
@@ -604,6 +675,7 @@ class PositionWise(Component):
 
     def __call__(self, x: Any) -> Any:
         """Evaluate on a batch (batch, n_ctx * in) or one sample, position by position."""
+        x = self.one_hot(x)
         single = len(x.shape) == 1
         if single:
             x = x[None]

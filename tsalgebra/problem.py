@@ -210,12 +210,17 @@ class InnerProblem:
     orbits: bool = True
     joint: bool = False
     algorithm: str | None = None
+    notes: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, a: Any, b: Any, inner: str | None = None, method: str = "auto", mean: Any = None, cov: Any = None,
            measure: Measure | None = None, **options: Any) -> "InnerProblem":
+        notes: tuple[str, ...] = ()
         if inner is None or inner in FUNCTIONAL:
+            given = measure
             inner, measure = resolve_inner(inner, a, measure)
+            if given is None and measure is not None:
+                notes = (f"measure: {measure.label}, the models' default (they read tokens)",)
         check_arguments(inner, method, options.get("centered", False))
         budget = options.get("budget", DEFAULT_BUDGET)
         if not isinstance(budget, (int, float)) or not budget >= 0:
@@ -230,7 +235,7 @@ class InnerProblem:
         if inner == "tokens" and (mean is not None or cov is not None):
             raise ValueError("mean= and cov= describe a Gaussian; the token measure takes probs (ts.Tokens(...))")
         bound = bound_measure(a, mean, cov, measure) if inner in FUNCTIONAL else None
-        return cls(a, b, inner, bound, method, **options)
+        return cls(a, b, inner, bound, method, notes=notes, **options)
 
     def replace(self, **changes: Any) -> "InnerProblem":
         return replace(self, **changes)
@@ -306,7 +311,7 @@ class Plan:
         base = dict(quantity="inner", inner=p.inner, method="closure" if p.method == "closure" else "exact",
                     exact=self.exact, algorithm=self.algorithm, centered=p.centered,
                     measure=p.measure.label if p.measure is not None else "", per_output=p.per_output,
-                    contractions=self.contractions, flops=self.flops, notes=self.notes)
+                    contractions=self.contractions, flops=self.flops, notes=p.notes + self.notes)
         base.update(fields)
         return InnerResult(value, **base)
 

@@ -1,0 +1,136 @@
+"""The token measure: independent one-hot tokens, uniform or with given
+frequencies.  Every exact algorithm against a brute-force loop over every
+token sequence (the models evaluated by their own forward)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tsalgebra as ts
+from tsalgebra.adapters import BilinearAttentionModule, BilinearLayer
+
+
+def brute(a, b, measure, centered=False, per_output=False):
+    """sum over every sequence of p(seq) f(x) . g(x), x the one-hot input."""
+    n, V = measure.n_ctx, measure.vocab
+    P = measure.token_probs()
+    fg, fa, fb = 0.0, 0.0, 0.0
+    for seq in itertools.product(range(V), repeat=n):
+        x = np.zeros(n * V)
+        x[np.arange(n) * V + np.array(seq)] = 1.0
+        w = np.prod(P[np.arange(n), list(seq)])
+        f, g = np.asarray(a(x)), np.asarray(b(x))
+        fg, fa, fb = fg + w * f * g, fa + w * f, fb + w * g
+    value = fg - (fa * fb if centered else 0)
+    return value if per_output else float(np.sum(value))
+
+
+def stack(rng, V, n, depth, out=3):
+    W = lambda *s: rng.normal(size=s) / np.sqrt(s[-1])  # noqa: E731
+    layers, d = [], n * V
+    for k in range(depth):
+        o = out if k == depth - 1 else 3
+        layers.append(ts.Bilinear(W(3, d), W(3, d), W(o, 3), left_bias=W(3), down_bias=W(o)))
+        d = o
+    return ts.Sequential(*layers)
+
+
+PROBS = {"uniform": None, "per token": "per token", "shared": "shared"}
+
+
+def measure(rng, V, n, kind):
+    if kind is None:
+        return ts.Tokens(V, n)
+    if kind == "shared":
+        p = rng.random(V)
+        p[0] = 0.0  # a token that never occurs
+        return ts.Tokens(V, n, p / p.sum())
+    p = rng.random((n, V))
+    return ts.Tokens(V, n, p / p.sum(axis=1, keepdims=True))
+
+
+@pytest.mark.parametrize("V,n,depth", [(3, 2, 1), (8, 1, 1), (2, 4, 1), (4, 2, 2), (2, 3, 2)])
+@pytest.mark.parametrize("kind", list(PROBS.values()), ids=list(PROBS))
+def test_contraction_and_enumeration_against_brute_force(V, n, depth, kind):
+    rng = np.random.default_rng(V * 100 + n * 10 + depth)
+    a, b = stack(rng, V, n, depth), stack(rng, V, n, depth)
+    m = measure(rng, V, n, kind)
+    for x, y in ((a, b), (a, a)):
+        scale = abs(brute(x, y, m)) + abs(brute(x, x, m))  # round-off is relative to the uncentred size
+        for kw in ({}, {"centered": True}, {"per_output": True}):
+            want = brute(x, y, m, **kw)
+            for algorithm in ("pairings", "enumeration"):
+                got = ts.inner(x, y, measure=m, algorithm=algorithm, **kw)
+                assert got.inner == "tokens" and got.exact and got.measure == m.label
+                np.testing.assert_allclose(got.value, want, rtol=1e-10, atol=1e-12 * scale)
+
+
+def test_the_grokking_layer_is_the_logit_inner_product_over_all_inputs():
+    """Two one-hot tokens of P = 13 into one bilinear layer (the grokking
+    model's shape): the token similarity is the logit cosine over all P^2
+    inputs, computed without running them."""
+    rng = np.random.default_rng(0)
+    P, h = 13, 8
+    make = lambda: ts.Bilinear(rng.normal(size=(h, 2 * P)), rng.normal(size=(h, 2 * P)), rng.normal(size=(P, h)))  # noqa: E731
+    a, b = make(), make()
+    x = np.zeros((P * P, 2 * P))
+    i, j = np.divmod(np.arange(P * P), P)
+    x[np.arange(P * P), i], x[np.arange(P * P), P + j] = 1, 1
+    fa, fb = a(x), b(x)
+    want = (fa * fb).sum() / np.sqrt((fa * fa).sum() * (fb * fb).sum())
+    got = ts.similarity(a, b, measure=ts.Tokens(P, 2))
+    assert got.algorithm == "pairings" and got.value == pytest.approx(want, rel=1e-12)
+
+
+def test_measure_validation():
+    with pytest.raises(ValueError, match="sum to 1"):
+        ts.Tokens(3, probs=[0.5, 0.2, 0.2])
+    with pytest.raises(ValueError, match="negative"):
+        ts.Tokens(3, probs=[1.2, -0.2, 0.0])
+    with pytest.raises(ValueError, match="last axis"):
+        ts.Tokens(3, probs=[0.5, 0.5])
+    with pytest.raises(ValueError, match="2 distributions for n_ctx=3"):
+        ts.Tokens(2, 3, probs=[[0.5, 0.5], [0.5, 0.5]])
+    with pytest.raises(ValueError, match="positive integer"):
+        ts.Tokens(0)
+    a = ts.Bilinear(np.ones((2, 6)), np.ones((2, 6)), np.ones((1, 2)))
+    with pytest.raises(ValueError, match="whole number of one-hot tokens"):
+        ts.inner(a, a, measure=ts.Tokens(4))
+    with pytest.raises(ValueError, match="reads 2 tokens"):
+        ts.inner(a, a, measure=ts.Tokens(3, 3))
+    with pytest.raises(ValueError, match="inner='gaussian' takes a Gaussian measure"):
+        ts.inner(a, a, "gaussian", measure=ts.Tokens(3))
+    with pytest.raises(ValueError, match="needs measure=ts.Tokens"):
+        ts.inner(a, a, "tokens")
+    with pytest.raises(ValueError, match="Gaussian"):
+        ts.inner(a, a, measure=ts.Tokens(3), mean=np.zeros(6))
+
+
+def test_token_embeddings_from_torch():
+    """nn.Embedding converts; the model takes token ids, equals the torch
+    forward, and carries the token measure that similarity uses by default."""
+    torch.manual_seed(0)
+    V, d, n = 5, 4, 3
+    att = lambda: BilinearAttentionModule(2, 2, d, n_ctx=n, causal=True, rotary_base=10.0, residual=True, bias=True)  # noqa: E731
+    ta, tb = (nn.Sequential(nn.Embedding(V, d), att(), nn.Linear(d, V)) for _ in range(2))
+    a, b = ts.from_torch(ta), ts.from_torch(tb)
+    ids = torch.randint(0, V, (6, n))
+    with torch.no_grad():
+        want = ta(ids).double().numpy()
+    got = np.asarray(a(ids.numpy())).reshape(want.shape)  # flat, position-major
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # torch computes in float32
+    assert a.default_measure.label == ts.Tokens(V, n).label
+    s = ts.similarity(a, b)
+    assert s.inner == "tokens" and any("default" in note for note in s.notes)
+    want_s = brute(a, b, ts.Tokens(V, n)) / np.sqrt(brute(a, a, ts.Tokens(V, n)) * brute(b, b, ts.Tokens(V, n)))
+    assert s.value == pytest.approx(want_s, rel=1e-10)
+    assert ts.similarity(a, b, "gaussian").measure == "N(0, I)"  # the Gaussian question, asked explicitly
+    flat = ts.from_torch(nn.Sequential(nn.Embedding(V, d), nn.Flatten(), BilinearLayer(2 * d, 3, V)))
+    assert flat.default_measure.label == ts.Tokens(V, 2).label
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 5\)"):
+        flat(np.array([[0, 7]]))
