@@ -11,6 +11,8 @@ every orbit, is planned against the best estimate so far):
 - ``gram`` (exact): the network inner product;
 - ``closure`` (approximate beyond the first nonlinear layer);
 - ``quadrature`` (exact): Gauss-Hermite nodes, exponential in the input rank;
+- ``token-moments`` (exact): one attention layer under the token measure,
+  polynomial in the vocabulary;
 - ``enumeration`` (exact): every token sequence of the token measure;
 - ``pairings`` (exact): pairing orbits, exponential in the input copies.
 
@@ -25,10 +27,11 @@ from .hermite import HermiteMoments
 from .moments import AttentionMoments
 from .pairings import PairingOrbits
 from .quadrature import Quadrature
+from .token_moments import TokenMoments
 from .registry import Algorithm, Triple, choose, describe, register, registered, run, solve, unregister
 
 __all__ = ["Algorithm", "Triple", "choose", "describe", "register", "registered", "run", "solve", "unregister"]
 
 for _algorithm in (AttentionMoments(), HermiteMoments(), GramRecursion(), GaussianClosure(), Quadrature(),
-                   Enumeration(), PairingOrbits()):
+                   TokenMoments(), Enumeration(), PairingOrbits()):
     register(_algorithm)

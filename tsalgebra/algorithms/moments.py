@@ -52,7 +52,7 @@ from .registry import Algorithm, Triple
 # flops (about 0.1 s of the programme's many small products).
 _THREADED_FLOPS = 5e9
 
-__all__ = ["AttentionMoments", "attention_rank", "moment_head", "output_moment", "position_maps"]
+__all__ = ["AttentionMoments", "AttentionSide", "OutputMoments", "attention_rank", "form_shapes", "moment_head", "output_moment", "position_maps"]
 
 
 # ------------------------------------------------------------- the models
@@ -150,13 +150,15 @@ def output_moment(M: np.ndarray, mean_x: np.ndarray, mean_y: np.ndarray, centere
 
 
 @dataclass
-class _Side:
-    """One model's attention read from whitened variables u~ (x~ = T u~ at
-    every position): its real heads' forms (heads, width, r + 1), output
-    maps, virtual head, mask and rotary couplings, and its tail."""
+class AttentionSide:
+    """One model's attention read from a representation of one position's
+    input: x~ = T u~ (Gaussian: u~ the whitened variables; tokens: u~ the
+    token's one-hot vector, T the embedded tokens): its real heads' forms
+    (heads, width, columns of T), output maps, virtual head, mask and rotary
+    couplings, and its tail."""
 
     attn: BilinearAttention
-    T: np.ndarray  # (d + 1, r + 1)
+    T: np.ndarray  # (d + 1, r + 1), or (d + 1, vocab) for tokens
     tail: np.ndarray  # (out + 1, d_out + 1), per position
     dry: bool = False  # forms of the right shapes, not computed (planning)
 
@@ -232,7 +234,7 @@ class _Grams:
         self._rows: dict[int, dict[str, tuple[int, int, int]]] = {}
         self._blocks: dict[tuple[Any, ...], np.ndarray] = {}
 
-    def _stack(self, side: _Side) -> tuple[np.ndarray, dict[str, tuple[int, int, int]]]:
+    def _stack(self, side: AttentionSide) -> tuple[np.ndarray, dict[str, tuple[int, int, int]]]:
         F = side.forms
         rows, offsets, start = [], {}, 0
         for fam in self.FAMILIES:
@@ -242,7 +244,7 @@ class _Grams:
             start += h * w
         return np.concatenate(rows), offsets
 
-    def full(self, x: _Side, y: _Side) -> np.ndarray:
+    def full(self, x: AttentionSide, y: AttentionSide) -> np.ndarray:
         key = (id(x), id(y))
         if key not in self._full:
             if (id(y), id(x)) in self._full:
@@ -255,7 +257,7 @@ class _Grams:
                                    else Sx[:, 1:] @ Sy[:, 1:].T)
         return self._full[key]
 
-    def block(self, x: _Side, fx: str, y: _Side, fy: str, same_head: bool) -> np.ndarray:
+    def block(self, x: AttentionSide, fx: str, y: AttentionSide, fy: str, same_head: bool) -> np.ndarray:
         """Cov(fx of x, fy of y): (hx, dx, hy, dy), or (h, dx, dy) for one shared head."""
         key = (id(x), fx, id(y), fy, same_head)
         if key not in self._blocks:
@@ -266,17 +268,19 @@ class _Grams:
         return self._blocks[key]
 
 
-class _Pair:
-    """The second moments and means of two sides' outputs, position by position."""
+class OutputMoments:
+    """The second moments and means of two sides' outputs, position by
+    position, under the Gaussian (the token measure subclasses
+    :meth:`_run` and the virtual heads' moments)."""
 
-    def __init__(self, x: _Side, y: _Side, grams: _Grams) -> None:
+    def __init__(self, x: AttentionSide, y: AttentionSide, grams: _Grams) -> None:
         self.x, self.y, self.grams = x, y, grams
         self.dry = grams.dry
         self.flops = 0
         self.largest = 0
         self.pool: Any = None  # worker threads for the runs, set by the caller
 
-    def side(self, s: int) -> _Side:
+    def side(self, s: int) -> AttentionSide:
         return self.x if s == 0 else self.y
 
     def gram(self, a: Leg, b: Leg) -> Any:
@@ -351,7 +355,7 @@ class _Pair:
         if self.dry:
             return None  # type: ignore[return-value]
         M = np.zeros((n, Ox.shape[1], Oy.shape[1]))
-        M += Vx @ (x.T @ y.T.T) @ Vy.T  # the virtual heads, at every position
+        M += Vx @ self._input_moment() @ Vy.T  # the virtual heads, at every position
         for S, (_, (which, batch)) in zip(values, jobs):
             entry, i, w = self._weights(which, batch)
             S = S[entry][:, :, :, :, :, 0, 0]  # (tuples, hx or 1, hy or 1, e, f)
@@ -366,6 +370,13 @@ class _Pair:
                 M += np.einsum("iabef,aqe,rf->iqr", S, Ox, Vy, optimize=True)
         return M
 
+    def _input_moment(self) -> np.ndarray:
+        """E[x~_x x~_y'] of the two attention inputs at one position."""
+        return self.x.T @ self.y.T.T  # u~ = [1; u], E u~ u~' = I
+
+    def _input_mean(self, side: AttentionSide) -> np.ndarray:
+        return side.T[:, 0]
+
     def _execute(self, jobs: list[list[Factor]]) -> list[Any]:
         """The runs of the programme, in the worker threads of ``pool`` when there is one."""
         if self.pool is None or self.dry:
@@ -377,7 +388,7 @@ class _Pair:
         side = self.side(s)
         n = side.attn.n_ctx
         O, V = side.out_maps
-        m = None if self.dry else np.tile(V @ side.T[:, 0], (n, 1))
+        m = None if self.dry else np.tile(V @ self._input_mean(side), (n, 1))
         for slots, batch in self._configs((s,)).items():
             S = self._run(side.factors(s, batch.entries[:, 0], slots[0]))
             if m is not None:
@@ -409,6 +420,15 @@ class AttentionMoments(Algorithm):
     def check(self, problem: InnerProblem) -> str | None:
         if not problem.orbits:
             return "orbits=False asks for the plain sum over pairings"
+        why = self.structure(problem)
+        if why is None and problem.measure.per_position(positions_of(problem.a)) is None:  # type: ignore[union-attr]
+            return "the measure is not independent and identical across positions"
+        return why
+
+    @staticmethod
+    def structure(problem: InnerProblem) -> str | None:
+        """Why the two models are not position-wise Linear layers, one
+        attention and position-wise Linear layers (None when they are)."""
         heads = [moment_head(m) if isinstance(m, Component) else None for m in (problem.a, problem.b)]
         if heads[0] is None or heads[1] is None:
             return "each model must be position-wise Linear layers, then a float BilinearAttention"
@@ -418,11 +438,9 @@ class AttentionMoments(Algorithm):
         for att, t in ((attn, tail), (other, tail_b)):
             if position_maps(t, att.n_ctx, att.d_out) is None:
                 return "only position-wise Linear layers may follow the attention (use method='closure' for deeper models)"
-        if problem.measure.per_position(attn.n_ctx) is None:  # type: ignore[union-attr]
-            return "the measure is not independent and identical across positions"
         return None
 
-    def _pairs(self, problem: InnerProblem, dry: bool) -> tuple[dict[str, _Pair], int]:
+    def _pairs(self, problem: InnerProblem, dry: bool) -> tuple[dict[str, OutputMoments], int]:
         """The sides read from one joint whitening, and the pairs to compute."""
         (ha, hb) = moment_head(problem.a), moment_head(problem.b)
         law = problem.measure.per_position(positions_of(problem.a))  # type: ignore[union-attr]
@@ -431,13 +449,13 @@ class AttentionMoments(Algorithm):
             Ta, Tb = (np.broadcast_to(0.0, (h[1].shape[0], r + 1)) for h in (ha, hb))
         else:
             Ta, Tb = law.images([ha[1], hb[1]])
-        sides = [_Side(h[0], T, position_maps(h[2], h[0].n_ctx, h[0].d_out), dry) for h, T in ((ha, Ta), (hb, Tb))]
+        sides = [AttentionSide(h[0], T, position_maps(h[2], h[0].n_ctx, h[0].d_out), dry) for h, T in ((ha, Ta), (hb, Tb))]
         same = problem.a is problem.b
         grams = _Grams(dry)
-        pairs = {"ab": _Pair(sides[0], sides[0] if same else sides[1], grams)}
+        pairs = {"ab": OutputMoments(sides[0], sides[0] if same else sides[1], grams)}
         if problem.joint and not same:
-            pairs["aa"] = _Pair(sides[0], sides[0], grams)
-            pairs["bb"] = _Pair(sides[1], sides[1], grams)
+            pairs["aa"] = OutputMoments(sides[0], sides[0], grams)
+            pairs["bb"] = OutputMoments(sides[1], sides[1], grams)
         for p in pairs.values():  # every covariance the runs read: counted here, whatever they are asked
             grams.full(p.x, p.x), grams.full(p.x, p.y), grams.full(p.y, p.y)
         return pairs, r
@@ -448,7 +466,7 @@ class AttentionMoments(Algorithm):
         prepare = 2.0 * (Ea.shape[0] + Eb.shape[0]) ** 2 * Ea.shape[1]  # the joint image of the input law
         for p in pairs.values():
             for x in {id(p.x): p.x, id(p.y): p.y}.values():  # forms: the heads' maps on the whitened input
-                prepare += 2.0 * sum(h * w for h, w in _shapes(x)) * x.T.shape[0] * (r + 1)
+                prepare += 2.0 * sum(h * w for h, w in form_shapes(x)) * x.T.shape[0] * (r + 1)
             p.second_moments()
             if problem.centered:
                 p.means(0), p.means(1)
@@ -462,9 +480,7 @@ class AttentionMoments(Algorithm):
                     notes=(f"attention moments over {r} whitened dimensions per position (Isserlis over Gram blocks)",))
 
     def run(self, plan: Plan) -> Triple:
-        p = plan.problem
-        pairs, _ = self._pairs(p, dry=False)
-        out = {}
+        pairs, _ = self._pairs(plan.problem, dry=False)
         with contextlib.ExitStack() as stack:
             workers = blas_threads()
             if workers > 1 and plan.flops > _THREADED_FLOPS:
@@ -472,8 +488,15 @@ class AttentionMoments(Algorithm):
                 for pair in pairs.values():
                     pair.pool = pool
             moments = {key: pair.second_moments() for key, pair in pairs.items()}
-        for key, pair in pairs.items():
-            M = moments[key]
+        return self.finish(plan, {key: (pair, moments[key]) for key, pair in pairs.items()})
+
+    @staticmethod
+    def finish(plan: Plan, moments: dict[str, tuple[OutputMoments, np.ndarray]]) -> Triple:
+        """The products from each pair's per-position second moments: the
+        tails applied per position, centred on request."""
+        p = plan.problem
+        out = {}
+        for key, (pair, M) in moments.items():
             Wx, Wy = pair.x.tail[1:], pair.y.tail[1:]  # the output channels, the constant one dropped
             if p.per_output:  # diag(Wx M_i Wy') per position, without forming the square
                 value = np.einsum("icr,cr->ic", np.matmul(Wx, M), Wy).ravel()
@@ -486,7 +509,7 @@ class AttentionMoments(Algorithm):
         return out["ab"], out.get("aa"), out.get("bb")
 
 
-def _shapes(side: _Side) -> list[tuple[int, ...]]:
+def form_shapes(side: AttentionSide) -> list[tuple[int, ...]]:
     """Shapes of a side's head maps (heads, width) per family, for counting."""
     P, H, dv = side.attn.padded_heads(), side.attn.heads, side.attn.v.shape[1]
     return [(H, P[k].shape[1]) for k in ("q1", "k1", "q2", "k2")] + [(H, dv)]
