@@ -72,7 +72,8 @@ def inner(
 
     ``method``: "exact", "closure" (Gaussian moment propagation; approximate
     beyond the first nonlinear layer, gaussian only) or "auto" (the cheapest
-    exact algorithm whose planned flops fit ``budget``, else
+    exact algorithm whose planned flops fit ``budget``, flops per inner
+    product (a similarity computed jointly may take three), else
     :class:`CostError` naming every estimate and the alternatives; never an
     approximation).  ``algorithm`` names one registered algorithm instead:
     "pairings" (orbit enumeration, exponential in the number of input
@@ -202,7 +203,7 @@ class SimilarityPlan:
                 items.append({"product": label, **describe(p)})
         return {"products": items, "total_flops": self.flops, "total_contractions": self.contractions,
                 "peak_bytes": max((p.peak_bytes for p in self.plans), default=0.0), "budget": self.budget,
-                "within_budget": not self.refused and self.flops <= self.budget,
+                "within_budget": not self.refused,  # every plan within its limit
                 "algorithms": sorted({p.algorithm for p in self.plans})}
 
     def __repr__(self) -> str:

@@ -240,6 +240,13 @@ class InnerProblem:
     def replace(self, **changes: Any) -> "InnerProblem":
         return replace(self, **changes)
 
+    @property
+    def flop_limit(self) -> float:
+        """The flops a plan of this problem may take: ``budget`` per inner
+        product, so three budgets where one computation yields all three
+        products of a similarity."""
+        return self.budget * (3 if self.joint and self.a is not self.b else 1)
+
     def self_problem(self, side: str) -> "InnerProblem":
         """<a, a> (``side="a"``) or <b, b> with the same options."""
         m = self.a if side == "a" else self.b

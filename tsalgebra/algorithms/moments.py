@@ -174,7 +174,8 @@ class AttentionSide:
         if self.dry:
             out = {k: np.broadcast_to(0.0, m.shape[:2] + (self.T.shape[1],)) for k, m in maps.items()}
         else:
-            out = {k: np.einsum("hwd,dr->hwr", m.astype(float), self.T) for k, m in maps.items()}
+            out = {k: (m.astype(float).reshape(-1, m.shape[2]) @ self.T).reshape(m.shape[:2] + (-1,))
+                   for k, m in maps.items()}
         out["z"] = self.T[None]  # the virtual head reads the whole padded input
         return out
 
@@ -488,22 +489,25 @@ class AttentionMoments(Algorithm):
                 for pair in pairs.values():
                     pair.pool = pool
             moments = {key: pair.second_moments() for key, pair in pairs.items()}
-        return self.finish(plan, {key: (pair, moments[key]) for key, pair in pairs.items()})
+        centered = plan.problem.centered
+        return self.finish(plan, {key: (pair.x.tail, pair.y.tail, moments[key],
+                                        [pair.means(0), pair.means(1)] if centered else None)
+                                  for key, pair in pairs.items()})
 
     @staticmethod
-    def finish(plan: Plan, moments: dict[str, tuple[OutputMoments, np.ndarray]]) -> Triple:
-        """The products from each pair's per-position second moments: the
-        tails applied per position, centred on request."""
+    def finish(plan: Plan, moments: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, Any]]) -> Triple:
+        """The products from each pair's tails, per-position second moments
+        M (n, d_x + 1, d_y + 1) and, centred, means [(n, d_x + 1), (n, d_y + 1)]."""
         p = plan.problem
         out = {}
-        for key, (pair, M) in moments.items():
-            Wx, Wy = pair.x.tail[1:], pair.y.tail[1:]  # the output channels, the constant one dropped
+        for key, (tail_x, tail_y, M, means) in moments.items():
+            Wx, Wy = tail_x[1:], tail_y[1:]  # the output channels, the constant one dropped
             if p.per_output:  # diag(Wx M_i Wy') per position, without forming the square
                 value = np.einsum("icr,cr->ic", np.matmul(Wx, M), Wy).ravel()
             else:  # sum_i tr(Wx M_i Wy') = <Wx' Wy, sum_i M_i>
                 value = float(np.sum((Wx.T @ Wy) * M.sum(axis=0)))
             if p.centered:
-                mx, my = pair.means(0) @ Wx.T, pair.means(1) @ Wy.T  # (n, channels)
+                mx, my = means[0] @ Wx.T, means[1] @ Wy.T  # (n, channels)
                 value = value - ((mx * my).ravel() if p.per_output else float(np.sum(mx * my)))
             out[key] = plan.result(value)
         return out["ab"], out.get("aa"), out.get("bb")

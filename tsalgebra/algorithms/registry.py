@@ -11,9 +11,10 @@ The rule (:func:`choose`): an ``algorithm=`` named by the caller is planned
 alone (ValueError with its reason when it does not apply).  Otherwise every
 registered algorithm of the method asked for (``"exact"`` for auto and exact:
 never an approximation; ``"closure"``) that supports the problem is planned,
-in registry order, each with a limit of the budget and of the cheapest plan so
-far, and the cheapest plan wins.  When none fits, one CostError states every
-algorithm's estimate or reason and the alternatives.
+in registry order, each with a limit of the budget (one per product: three
+for a joint plan) and of the cheapest plan so far, and the cheapest plan
+wins.  When none fits, one CostError states every algorithm's estimate or
+reason and the alternatives.
 """
 
 from __future__ import annotations
@@ -110,14 +111,20 @@ def _method(problem: InnerProblem) -> str:
     return "closure" if problem.method == "closure" else "exact"
 
 
+def _limit(problem: InnerProblem) -> str:
+    joint = problem.flop_limit != problem.budget
+    return f"{format_count(problem.flop_limit)} flops" + (" (three products of one budget each)" if joint else "")
+
+
 def _alternatives(problem: InnerProblem, estimates: list[float]) -> tuple[Alternative, ...]:
     """Other questions some registered algorithm would answer: a larger
     budget (the smallest estimate), another inner product, another method."""
     out = []
     finite = [f for f in estimates if f < math.inf]
     if finite:
-        step = 10.0 ** (math.floor(math.log10(max(min(finite), 1.0))) - 1)  # rounded up to two digits
-        out.append(Alternative("budget", math.ceil(min(finite) / step) * step, "the cheapest estimate"))
+        per_product = min(finite) * problem.budget / problem.flop_limit  # the option counts one product
+        step = 10.0 ** (math.floor(math.log10(max(per_product, 1.0))) - 1)  # rounded up to two digits
+        out.append(Alternative("budget", math.ceil(per_product / step) * step, "the cheapest estimate"))
     for change, why in (({"inner": "network"}, "the layer-wise product, a property of the factorization"),
                         ({"method": "closure"}, "Gaussian closure, approximate beyond the first layer")):
         other = problem.replace(**change, algorithm=None)
@@ -143,10 +150,10 @@ def choose(problem: InnerProblem) -> Plan:
             raise ValueError(f"algorithm={alg.name!r} is a {alg.method} algorithm; method={problem.method!r} asks "
                              f"for another")
         try:
-            return alg.plan(problem, problem.budget)
+            return alg.plan(problem, problem.flop_limit)
         except CostError as exc:
             raise CostError(f"{problem.describe()}: {alg.name}: {exc.reason}; the budget is "
-                            f"{format_count(problem.budget)} flops", flops=exc.flops,
+                            f"{_limit(problem)}", flops=exc.flops,
                             alternatives=_alternatives(problem.replace(algorithm=alg.name), [exc.flops])) from None
     best: Plan | None = None
     refusals: list[tuple[str, str]] = []
@@ -159,11 +166,11 @@ def choose(problem: InnerProblem) -> Plan:
             if problem.inner in alg.inners:  # the others are not candidates worth naming
                 refusals.append((alg.name, f"does not apply: {why}"))
             continue
-        limit = problem.budget if best is None else min(problem.budget, best.flops)
+        limit = problem.flop_limit if best is None else min(problem.flop_limit, best.flops)
         try:
             plan = alg.plan(problem, limit)
         except CostError as exc:
-            if exc.flops > problem.budget or best is None:
+            if exc.flops > problem.flop_limit or best is None:
                 refusals.append((alg.name, exc.reason))
                 estimates.append(exc.flops)
             else:
@@ -174,7 +181,7 @@ def choose(problem: InnerProblem) -> Plan:
         best = plan
     if best is None:
         what = "; ".join(f"{name}: {why}" for name, why in refusals) or "none is registered"
-        why = (f"every {_method(problem)} algorithm would exceed the budget of {format_count(problem.budget)} flops "
+        why = (f"every {_method(problem)} algorithm would exceed the budget of {_limit(problem)} "
                "or does not apply" if estimates else f"no {_method(problem)} algorithm applies")
         raise CostError(f"{problem.describe()} refused: {why} ({what})", flops=min(estimates, default=math.inf),
                         alternatives=_alternatives(problem, estimates))

@@ -3,25 +3,26 @@
 The same models as :mod:`tsalgebra.algorithms.moments` (position-wise Linear
 layers, an embedding from the vocabulary included, one BilinearAttention,
 position-wise Linear layers after it), with independent tokens of one shared
-distribution p.  Every form of the attention is read off a table over the
-vocabulary (the embedded tokens through each head's maps), and all legs at
-one position carry that position's token index (the measure's moments are
-diagonal).  For a tuple of query and key positions (i, j, j') the expectation
-is a contraction over at most three token indices, taken per pattern of
-equal positions (the same grouping as the Gaussian algorithm):
+distribution p.  Every form of the attention is a table over the vocabulary
+(the embedded tokens through each head's maps).  Given the query token t at
+position i, the keys at other positions are independent, so
 
-- keys at the query's position: per token, products of scalars and values;
-- keys at another position: the query side enters through its two vectors
-  carried into key space (q1 R1, q2 R2), the key side through
-  K[h, r, s, e] = sum_t p(t) k1_r(t) k2_s(t) v_e(t) (the mean key-value
-  feature, one per model);
-- both models' keys at one other position: the score matrices of the two
-  models over (query token, key token), a head's width per entry, contracted
-  over the query token in blocks (the one cost quadratic in the vocabulary).
+    E[y_x,i y_y,i'] = E_t[G_x,i(t) G_y,i(t)'] + sum_(j != i) c_x c_y D_(j - i),
 
-Cost polynomial in the vocabulary; nothing enumerated.  Tested against the
-enumeration of every token sequence and the token groupings of the pairing
-mechanism.
+- G_i(t) = E[y_i | t]: the virtual head, the keys at i (a product of
+  scalars and values of one token), and for each j != i the carried key
+  side sum_tk p(tk) score(t, tk) v(tk), read through the mean key-value
+  feature K[h, r, s, e] = sum_tk p(tk) k1_r(tk) k2_s(tk) v_e(tk) rotated to
+  the offset j - i (one matrix product per head for every offset);
+- D_o corrects the terms where both models read the same key position j
+  (the keys are then one token, not two independent ones): the exact sum
+  over (query token, key token) of p p scores_x scores_y v_x v_y minus the
+  product of conditional means.  Its score matrices over pairs of tokens
+  are the one cost quadratic in the vocabulary, taken in blocks, once per
+  offset for every head of both models.
+
+Nothing is enumerated.  Tested against the enumeration of every token
+sequence.
 """
 
 from __future__ import annotations
@@ -30,185 +31,207 @@ from typing import Any
 
 import numpy as np
 
-from ..form_moments import Factor
 from ..measure import Tokens
 from ..problem import CostError, InnerProblem, Plan, format_count, positions_of
-from .moments import AttentionMoments, AttentionSide, OutputMoments, form_shapes, moment_head, position_maps
+from .moments import AttentionMoments, AttentionSide, moment_head, position_maps
 from .registry import Algorithm, Triple
 
 __all__ = ["TokenMoments"]
 
-# Query tokens per block of the score matrices (memory: a block holds
-# batch x heads x block x vocabulary numbers per model).
-_BLOCK_ELEMENTS = 2**23
+# Query x key tokens per block of the score matrices (a block of 16 heads is
+# 8 MiB, in the shared cache): 256 x 256 ran fastest of the shapes measured
+# at vocabulary 4096, 0.84 s per offset for 16 heads of width 32 (51 GF/s).
+_QUERY_BLOCK, _KEY_BLOCK = 256, 256
 
 
-class _TokenMoments(OutputMoments):
-    """Output moments under independent tokens of distribution ``p``: a
-    run's factors on each side reduce to a table over the query token (or,
-    both sides' keys at one other position, a sum over query and key
-    tokens).  ``cache`` holds what the pairs of one similarity share (the
-    sides' mean key-value features)."""
+class _Side:
+    """One model's tables over the vocabulary (x~(t) = Z[:, t], t a token)."""
 
-    def __init__(self, x: AttentionSide, y: AttentionSide, p: np.ndarray, dry: bool, cache: dict[Any, Any]) -> None:
-        self.x, self.y, self.p, self.dry, self.cache = x, y, p, dry, cache
-        self.flops, self.largest = 0, 0
-        self.pool = None
+    def __init__(self, side: AttentionSide, p: np.ndarray) -> None:
+        self.side, self.attn = side, side.attn
+        self.H, self.n = side.attn.heads, side.attn.n_ctx
+        self.w1, self.w2 = side.attn.q1.shape[1], side.attn.q2.shape[1]
+        self.dv = side.attn.v.shape[1]
+        self.d_out = side.attn.d_out + 1
+        self.rotary = side.attn.rotary_base is not None
+        c = side.mask  # (heads, n, n)
+        i, j = np.nonzero(np.any(c != 0, axis=0))
+        self.offsets = sorted({int(o) for o in (j - i) if o != 0})  # key offsets j - i read
+        self.c = c
 
-    def _input_moment(self) -> np.ndarray:
-        return (self.x.T * self.p) @ self.y.T.T  # sum_t p(t) x~(t) y~(t)'
+    def key(self, offset: int) -> int:
+        """The offset that the key side's arithmetic depends on (0 without rotary)."""
+        return offset if self.rotary else 0
 
-    def _input_mean(self, side: AttentionSide) -> np.ndarray:
-        return side.T @ self.p
+    @property
+    def keys(self) -> list[int]:
+        return sorted({self.key(o) for o in self.offsets})
 
-    def _zeros(self, *shape: int) -> np.ndarray:
-        """Planning: a zero-strided stand-in of the shape a step returns."""
-        return np.broadcast_to(0.0, shape)
+    def rotation(self, which: int, offset: int) -> np.ndarray:
+        return self.side.couplings(which, [offset])[0, 0]  # R = Rot_(j - i), the identity without rotary
 
-    def _run(self, factors: list[Factor]) -> np.ndarray:
-        parts = {s: _part([f for f in factors if f.side == s]) for s in (0, 1) if any(f.side == s for f in factors)}
-        P = max((f.bond.shape[0] for f in factors if f.bond is not None), default=1)
-        if len(parts) == 1:  # one side alone: its mean
-            (s, part), = parts.items()
-            G = self._table(s, part, P)
-            self._count(2 * G.size)
-            value = self._zeros(*G.shape[:3]) if self.dry else G @ self.p
-            return _layout(np.broadcast_to(value, (P,) + value.shape[1:]), s)
-        if parts[0][0] == parts[1][0] == "cross" and parts[0][1] == parts[1][1]:  # keys at one shared position
-            return self._shared_keys(parts[0], parts[1], P)
-        gx, gy = self._table(0, parts[0], P), self._table(1, parts[1], P)
-        hx, ex, hy, ey = gx.shape[1], gx.shape[2], gy.shape[1], gy.shape[2]
-        self._count(2 * P * hx * ex * hy * ey * len(self.p))
+
+class _TokenEngine:
+    """The second moments and means of the models' outputs at every
+    position, for the pairs of sides asked; counts its flops and largest
+    arrays (``dry``: only counts)."""
+
+    def __init__(self, sides: list[AttentionSide], pairs: dict[str, tuple[int, int]], p: np.ndarray, dry: bool) -> None:
+        self.p, self.dry, self.pairs = p, dry, pairs
+        self.sides = [_Side(s, p) for s in sides]
+        self.flops, self.largest = 0.0, 0
+        self.V = len(p)
+
+    def _count(self, flops: float, elements: int = 0) -> None:
+        self.flops += float(flops)
+        self.largest = max(self.largest, int(elements))
+
+    # ------------------------------------------------------- per side
+    def _tables(self, s: _Side) -> dict[str, np.ndarray]:
+        F = s.side.forms  # (heads, width, vocab) per family, the virtual head's z (1, d + 1, vocab)
+        self._count(2.0 * s.H * (2 * s.w1 + 2 * s.w2 + s.dv) * s.side.T.shape[0] * self.V,
+                    s.H * (2 * s.w1 + 2 * s.w2 + s.dv) * self.V)
+        return F
+
+    def _conditional(self, s: _Side) -> tuple[np.ndarray, dict[int, np.ndarray]] | None:
+        """(the keys at the query's position (heads, dv, vocab), the carried
+        keys per key offset (heads, dv, vocab)): E[a head's value sum | query token]."""
+        V, H, w1, w2, dv = self.V, s.H, s.w1, s.w2, s.dv
+        keys = s.keys
+        F = self._tables(s)
+        self._count(2.0 * H * V * (w1 + w2 + dv)  # the keys at the query's position
+                    + H * V * w1 * w2 * (3 + 2 * dv * len(keys))  # pair products, K, every offset's carried keys
+                    + 4.0 * H * w1 * w2 * dv * (w1 + w2) * len(keys),  # K rotated per offset
+                    V * w1 * w2 + len(keys) * H * dv * V)
         if self.dry:
-            return self._zeros(P, hx, hy, ex, ey, 1, 1)
-        gx = np.broadcast_to(gx * self.p, (P,) + gx.shape[1:]).reshape(P, hx * ex, -1)
-        gy = np.broadcast_to(gy, (P,) + gy.shape[1:]).reshape(P, hy * ey, -1)
-        S = np.matmul(gx, gy.transpose(0, 2, 1)).reshape(P, hx, ex, hy, ey).transpose(0, 1, 3, 2, 4)
-        return S[..., None, None]
+            return None
+        local = ((F["q1"] * F["k1"]).sum(axis=1) * (F["q2"] * F["k2"]).sum(axis=1))[:, None, :] * F["v"]
+        carried = {k: np.empty((H, dv, V)) for k in keys}
+        for h in range(H):
+            pair_k = (F["k1"][h][:, None, :] * F["k2"][h][None, :, :]).reshape(w1 * w2, V)
+            K = ((pair_k * self.p) @ F["v"][h].T).reshape(w1, w2, dv)  # the mean key-value feature
+            rotated = [np.einsum("ra,sb,abe->rse", s.rotation(1, k), s.rotation(2, k), K, optimize=True)
+                       .reshape(w1 * w2, dv) for k in keys]
+            pair_q = (F["q1"][h][:, None, :] * F["q2"][h][None, :, :]).reshape(w1 * w2, V)
+            out = np.concatenate(rotated, axis=1).T @ pair_q  # (keys x dv, vocab): one product for every offset
+            for n_k, k in enumerate(keys):
+                carried[k][h] = out[n_k * dv : (n_k + 1) * dv]
+        return local, carried
 
-    def _count(self, flops: float) -> None:
-        self.flops += int(flops)
-
-    def _table(self, s: int, part: tuple[Any, ...], P: int) -> np.ndarray:
-        """G[P or 1, heads, output, query token]: one side's factors given the query token."""
-        if part[0] == "virtual":
-            return self.side(s).forms["z"][None]  # (1, 1, d + 1, vocab)
-        return self._local(s, part, P) if part[0] == "local" else self._carried(s, part, P)
-
-    def _local(self, s: int, part: tuple[Any, ...], P: int) -> np.ndarray:
-        """Keys at the query's position: (q1' R1 k1)(q2' R2 k2) v of one token."""
-        _, A1, A2 = part
-        F = self.side(s).forms  # (heads, width, vocab) per family
-        H, V, dv = F["v"].shape[0], len(self.p), F["v"].shape[1]
-        w1, w2 = F["q1"].shape[1], F["q2"].shape[1]
-        Pb = max(A1.bond.shape[0], A2.bond.shape[0])
-        self._count(2 * Pb * H * V * (w1 * w1 + w2 * w2 + w1 + w2) + Pb * H * V * dv)
+    def _given_query(self, s: _Side, parts: Any, i: int) -> np.ndarray:
+        """G_i (d_out + 1, vocab): E[output at i | the query token]."""
+        O, Vmap = s.side.out_maps
+        self._count(2.0 * s.H * s.dv * self.V * (len(s.offsets) + 1) + 2.0 * s.d_out * (s.H * s.dv + s.side.T.shape[0])
+                    * self.V, s.d_out * self.V + s.H * s.dv * self.V)
         if self.dry:
-            return self._zeros(Pb, H, dv, V)
-        a1 = np.einsum("hrt,phrt->pht", F["q1"], _carry(A1.bond[:, 0], F["k1"]))
-        a2 = np.einsum("hrt,phrt->pht", F["q2"], _carry(A2.bond[:, 0], F["k2"]))
-        return (a1 * a2)[:, :, None, :] * F["v"][None]
+            return None  # type: ignore[return-value]
+        local, carried = parts
+        acc = s.c[:, i, i][:, None, None] * local
+        for o in s.offsets:
+            if 0 <= i + o < s.n and np.any(s.c[:, i, i + o]):
+                acc += s.c[:, i, i + o][:, None, None] * carried[s.key(o)]
+        return Vmap @ s.side.T + O.transpose(1, 0, 2).reshape(s.d_out, -1) @ acc.reshape(-1, self.V)
 
-    def _key_mean(self, s: int) -> np.ndarray:
-        """K[h, r, s, e] = sum_t p(t) k1_r(t) k2_s(t) v_e(t): the mean key-value feature."""
-        F = self.side(s).forms
-        H, w1, w2, dv = F["k1"].shape[0], F["k1"].shape[1], F["k2"].shape[1], F["v"].shape[1]
-        key = (id(self.side(s)), "keys")
-        if key not in self.cache:
-            self._count(2 * H * w1 * w2 * dv * len(self.p) + H * w1 * dv * len(self.p))
-            if self.dry:
-                self.cache[key] = self._zeros(H, w1, w2, dv)
-            else:  # per head: (pairs r s, tokens) @ (tokens, e), never (heads, r, s, tokens) at once
-                k1 = F["k1"] * self.p
-                self.cache[key] = np.stack([((k1[h][:, None] * F["k2"][h][None]).reshape(w1 * w2, -1) @ F["v"][h].T)
-                                            .reshape(w1, w2, dv) for h in range(H)])
-        return self.cache[key]
-
-    def _carried(self, s: int, part: tuple[Any, ...], P: int) -> np.ndarray:
-        """Keys at another position: sum_tk p(tk) scores(t, tk) v(tk) for
-        each query token t, read through the mean key-value feature."""
-        _, _, A1, A2 = part
-        F = self.side(s).forms
-        H, V, dv = F["v"].shape[0], len(self.p), F["v"].shape[1]
-        w1, w2 = F["q1"].shape[1], F["q2"].shape[1]
-        Pb = max(A1.bond.shape[0], A2.bond.shape[0])
-        K = self._key_mean(s)
-        self._count(2 * Pb * H * V * (w1 * w1 + w2 * w2 + w1 * w2 * dv + w1 * dv))
-        self.largest = max(self.largest, V * w1 * dv)
+    # -------------------------------------------------- shared keys
+    def _shared_keys(self, offset: int, parts: list[Any]) -> dict[str, np.ndarray]:
+        """D[pair] (hx, hy, dv_x, dv_y) at one offset: the exact sum over the
+        shared key token minus the product of conditional means."""
+        V, sides = self.V, self.sides
+        Hs = sum(s.H for s in sides)
+        Bq, Bk = min(_QUERY_BLOCK, V), min(_KEY_BLOCK, V)
+        self._count(4.0 * V * V * sum(s.H * (s.w1 + s.w2) for s in sides) / 2 + 2.0 * V * V * Hs * Hs
+                    + sum(4.0 * s.H * V * (s.w1 ** 2 + s.w2 ** 2) for s in sides),
+                    4 * Hs * Bq * Bk + V * Hs * Hs)
+        for x, y in self.pairs.values():
+            X, Y = sides[x], sides[y]
+            self._count(4.0 * X.H * X.dv * Y.H * Y.dv * V, X.H * X.dv * Y.H * Y.dv)
         if self.dry:
-            return self._zeros(Pb, H, dv, V)
-        q1 = np.broadcast_to(_carry(A1.bond[:, 0].transpose(0, 2, 1), F["q1"]), (Pb, H, w1, V))  # R1' q1
-        q2 = np.broadcast_to(_carry(A2.bond[:, 0].transpose(0, 2, 1), F["q2"]), (Pb, H, w2, V))
-        out = np.empty((Pb, H, dv, V))
-        for b in range(Pb):
-            for h in range(H):
-                X = (q2[b, h].T @ K[h].transpose(1, 0, 2).reshape(w2, w1 * dv)).reshape(V, w1, dv)
-                out[b, h] = np.matmul(q1[b, h].T[:, None, :], X)[:, 0].T
+            return {}
+        import torch  # the score blocks' batched products run at twice numpy's rate here
+
+        tables = [s.side.forms for s in sides]
+        # queries carried into key space at this offset (R' q), stacked over every head of every side
+        def stack(family: str, which: int) -> Any:
+            """(every head of every side, vocab, width) with the widths zero-padded to the widest."""
+            width = max(F[family].shape[1] for F in tables)
+            out = []
+            for s, F in zip(sides, tables):
+                T = F[family] if family[0] == "k" else np.matmul(s.rotation(which, s.key(offset)).T, F[family])  # R' q
+                out.append(np.pad(T, ((0, 0), (0, width - T.shape[1]), (0, 0))).transpose(0, 2, 1))
+            return torch.from_numpy(np.ascontiguousarray(np.concatenate(out)))
+
+        q1, q2, k1, k2 = stack("q1", 1), stack("q2", 2), stack("k1", 1), stack("k2", 2)
+        root = torch.from_numpy(np.sqrt(self.p))[None, :, None]
+        q1 = q1 * root  # p(query) folded in as sqrt(p) on both score matrices of a product
+        W = torch.zeros((V, Hs, Hs), dtype=torch.float64)  # sum over query tokens of p scores scores', per key token
+        for k0 in range(0, V, Bk):
+            kb = slice(k0, min(k0 + Bk, V))
+            Wk = W[kb]
+            for q0 in range(0, V, Bq):
+                qb = slice(q0, min(q0 + Bq, V))
+                S = torch.bmm(k1[:, kb], q1[:, qb].transpose(1, 2))
+                S.mul_(torch.bmm(k2[:, kb], q2[:, qb].transpose(1, 2)))  # (heads, key, query)
+                S = S.permute(1, 0, 2)  # per key token, (heads, query): strided, read as is by the product
+                Wk.baddbmm_(S, S.transpose(1, 2))
+        W = W.numpy() * self.p[:, None, None]
+        starts = np.cumsum([0] + [s.H for s in sides])
+        out = {}
+        for name, (x, y) in self.pairs.items():
+            X, Y = sides[x], sides[y]
+            Wxy = W[:, starts[x] : starts[x + 1], starts[y] : starts[y + 1]]  # (key token, hx, hy)
+            vy = np.ascontiguousarray(tables[y]["v"].transpose(2, 0, 1))  # (key token, hy, f)
+            shared = np.empty((X.H, Y.H, X.dv, Y.dv))
+            for h in range(X.H):
+                shared[h] = (tables[x]["v"][h] @ (Wxy[:, h, :, None] * vy).reshape(V, -1)).reshape(
+                    X.dv, Y.H, Y.dv).transpose(1, 0, 2)
+            cx, cy = parts[x][1][X.key(offset)], parts[y][1][Y.key(offset)]  # (heads, dv, vocab)
+            product = ((cx * self.p).reshape(-1, V) @ cy.reshape(-1, V).T).reshape(X.H, X.dv, Y.H, Y.dv)
+            out[name] = shared - product.transpose(0, 2, 1, 3)
         return out
 
-    def _shared_keys(self, px: tuple[Any, ...], py: tuple[Any, ...], P: int) -> np.ndarray:
-        """Both models' keys at one other position: the sum over (query
-        token, key token) of p p scores_x scores_y v_x v_y, taken over blocks
-        of query tokens (the one cost quadratic in the vocabulary)."""
-        V = len(self.p)
-        (Fx, Fy) = (self.side(0).forms, self.side(1).forms)
-        Hx, Hy = Fx["v"].shape[0], Fy["v"].shape[0]
-        wx = Fx["q1"].shape[1] + Fx["q2"].shape[1]
-        wy = Fy["q1"].shape[1] + Fy["q2"].shape[1]
-        ex, ey = Fx["v"].shape[1], Fy["v"].shape[1]
-        B = _block(max(Hx, Hy), V)
-        self._count(2 * P * V * V * (Hx * wx + Hy * wy + Hx * Hy) + 2 * P * Hx * Hy * ex * ey * V
-                    + 2 * P * V * (Hx * wx + Hy * wy) * max(wx, wy))
-        self.largest = max(self.largest, 3 * max(Hx, Hy) * B * V)
-        if self.dry:
-            return self._zeros(P, Hx, Hy, ex, ey, 1, 1)
-        out = np.empty((P, Hx, Hy, ex, ey))
-        for b in range(P):
-            queries = []
-            for F, (_, _, A1, A2) in ((Fx, px), (Fy, py)):
-                R1, R2 = (A.bond[min(b, A.bond.shape[0] - 1), 0] for A in (A1, A2))
-                queries.append((np.einsum("hrt,rs->hts", F["q1"], R1), np.einsum("hrt,rs->hts", F["q2"], R2)))
-            W = np.zeros((V, Hx, Hy))  # sum over query tokens of p scores_x scores_y, per key token
-            for t0 in range(0, V, B):
-                q = slice(t0, min(t0 + B, V))
-                Sx = np.matmul(queries[0][0][:, q], Fx["k1"]) * np.matmul(queries[0][1][:, q], Fx["k2"])
-                Sy = np.matmul(queries[1][0][:, q], Fy["k1"]) * np.matmul(queries[1][1][:, q], Fy["k2"])
-                Sx *= self.p[q][None, :, None]  # (hx, block, key token)
-                W += np.matmul(Sx.transpose(2, 0, 1), Sy.transpose(2, 1, 0))  # (key token, hx, hy)
-            W *= self.p[:, None, None]
-            out[b] = np.einsum("thg,het,gft->hgef", W, Fx["v"], Fy["v"], optimize=True)
-        return out[..., None, None]
-
-
-def _carry(R: np.ndarray, F: np.ndarray) -> np.ndarray:
-    """R_p F_h: (P, w, w) couplings applied to a family's table (H, w, vocab) -> (P, H, w, vocab)."""
-    return np.einsum("prs,hst->phrt", R, F, optimize=True)
-
-
-def _part(fs: list[Factor]) -> tuple[Any, ...]:
-    """("virtual",), ("local", A1, A2) for keys at the query's position, or
-    ("cross", slot, A1, A2) for keys at another one."""
-    if len(fs) == 1:
-        return ("virtual",)
-    A1, A2, _ = fs
-    slot = A1.legs[1].slot
-    return ("local", A1, A2) if slot == 0 else ("cross", slot, A1, A2)
-
-
-def _block(H: int, V: int) -> int:
-    """Query tokens per block of the score matrices."""
-    return max(1, min(V, _BLOCK_ELEMENTS // max(1, H * V)))
-
-
-def _layout(value: np.ndarray, s: int) -> np.ndarray:
-    """A one-sided (P, h, e) in the 7-axis layout of the Gaussian engine."""
-    P, h, e = value.shape
-    return value.reshape(P, h, 1, e, 1, 1, 1) if s == 0 else value.reshape(P, 1, h, 1, e, 1, 1)
+    # -------------------------------------------------------- results
+    def run(self, centered: bool) -> dict[str, tuple[np.ndarray, list[np.ndarray] | None]]:
+        """{pair: (M (n, d_out_x + 1, d_out_y + 1), [means of x, means of y] or None)}."""
+        sides, V = self.sides, self.V
+        n = sides[0].n
+        parts = [self._conditional(s) for s in sides]
+        M = {name: None if self.dry else np.zeros((n, sides[x].d_out, sides[y].d_out)) for name, (x, y) in self.pairs.items()}
+        means = {name: None if self.dry else [np.zeros((n, sides[x].d_out)), np.zeros((n, sides[y].d_out))]
+                 for name, (x, y) in self.pairs.items()} if centered else {}
+        for i in range(n):  # the conditional means given the query token
+            G = [self._given_query(s, part, i) for s, part in zip(sides, parts)]
+            for name, (x, y) in self.pairs.items():
+                self._count(2.0 * sides[x].d_out * sides[y].d_out * V)
+                if not self.dry:
+                    M[name][i] = (G[x] * self.p) @ G[y].T
+                    if centered:
+                        means[name][0][i], means[name][1][i] = G[x] @ self.p, G[y] @ self.p
+        offsets = sorted(set().union(*[s.offsets for s in sides]))
+        groups = sorted({tuple(s.key(o) for s in sides) for o in offsets})
+        for keys in groups:  # both models' keys at one position j != i, once per distinct arithmetic
+            members = [o for o in offsets if tuple(s.key(o) for s in sides) == keys]
+            D = self._shared_keys(members[0], parts)
+            for name, (x, y) in self.pairs.items():
+                X, Y = sides[x], sides[y]
+                (Ox, _), (Oy, _) = X.side.out_maps, Y.side.out_maps
+                for i in range(n):
+                    weights = [(X.c[:, i, i + o], Y.c[:, i, i + o]) for o in members if 0 <= i + o < n]
+                    if not weights:
+                        continue
+                    self._count(2.0 * X.H * Y.H * X.dv * Y.dv * (len(weights) + Y.d_out) + 2.0 * X.d_out * Y.H * Y.dv * Y.d_out)
+                    if self.dry:
+                        continue
+                    c = sum(np.outer(a, b) for a, b in weights)  # (hx, hy)
+                    N = np.einsum("xy,xyef->xeyf", c, D[name]).reshape(X.H * X.dv, Y.H * Y.dv)
+                    Ax = Ox.transpose(1, 0, 2).reshape(X.d_out, -1)
+                    Ay = Oy.transpose(1, 0, 2).reshape(Y.d_out, -1)
+                    M[name][i] += Ax @ N @ Ay.T
+        return {name: (M[name], means.get(name)) for name in self.pairs}
 
 
 class TokenMoments(Algorithm):
     """One attention layer under the token measure (every token one
-    distribution): the attention-moments structure with diagonal moments."""
+    distribution): exact, polynomial in the vocabulary."""
 
     name = "token-moments"
     title = "attention moments under the token measure"
@@ -221,40 +244,31 @@ class TokenMoments(Algorithm):
             return "the tokens have different distributions (enumeration or the pairing groupings take that)"
         return why
 
-    def _pairs(self, problem: InnerProblem, dry: bool) -> dict[str, _TokenMoments]:
-        p = problem.measure.token_probs()[0]  # type: ignore[union-attr]
+    def _engine(self, problem: InnerProblem, dry: bool) -> tuple[_TokenEngine, list[AttentionSide]]:
         sides = []
         for attn, E, tail in (moment_head(problem.a), moment_head(problem.b)):  # type: ignore[misc]
             Z = E[:, 1:] + E[:, :1]  # the embedded tokens, padded: x~(t) = E [1; e_t]
             sides.append(AttentionSide(attn, Z, position_maps(tail, attn.n_ctx, attn.d_out), dry))
-        same = problem.a is problem.b
-        cache: dict[Any, Any] = {}
-        pairs = {"ab": _TokenMoments(sides[0], sides[0] if same else sides[1], p, dry, cache)}
-        if problem.joint and not same:
-            pairs["aa"] = _TokenMoments(sides[0], sides[0], p, dry, cache)
-            pairs["bb"] = _TokenMoments(sides[1], sides[1], p, dry, cache)
-        return pairs
+        if problem.a is problem.b:
+            sides, pairs = sides[:1], {"ab": (0, 0)}
+        else:
+            pairs = {"ab": (0, 1), "aa": (0, 0), "bb": (1, 1)} if problem.joint else {"ab": (0, 1)}
+        return _TokenEngine(sides, pairs, problem.measure.token_probs()[0], dry), sides  # type: ignore[union-attr]
 
     def plan(self, problem: InnerProblem, limit: float) -> Plan:
-        pairs = self._pairs(problem, dry=True)
-        (_, Ea, _), (_, Eb, _) = moment_head(problem.a), moment_head(problem.b)  # type: ignore[misc]
-        flops = 0.0
-        for p in pairs.values():
-            for x in {id(p.x): p.x, id(p.y): p.y}.values():  # forms: the heads' maps on the embedded tokens
-                flops += 2.0 * sum(h * w for h, w in form_shapes(x)) * x.T.shape[0] * x.T.shape[1]
-            p.second_moments()
-            if problem.centered:
-                p.means(0), p.means(1)
-            flops += p.flops
-        if flops > limit:
-            raise CostError(f"the token attention moments would cost about {format_count(flops)} flops", flops=flops)
-        largest = max(p.largest for p in pairs.values())
-        tables = sum(sum(h * w for h, w in form_shapes(x)) * x.T.shape[1] for x in {id(s): s for p in pairs.values()
-                                                                               for s in (p.x, p.y)}.values())
-        return Plan(self.name, problem, flops, 8.0 * (4 * largest + tables + (Ea.size + Eb.size)),
-                    len(pairs) * positions_of(problem.a), joint=len(pairs) == 3,
-                    notes=("attention moments under the token measure (diagonal moments: nothing enumerated)",))
+        engine, sides = self._engine(problem, dry=True)
+        engine.run(problem.centered)
+        if engine.flops > limit:
+            raise CostError(f"the token attention moments would cost about {format_count(engine.flops)} flops",
+                            flops=engine.flops)
+        embeddings = sum(s.T.size for s in sides)
+        return Plan(self.name, problem, engine.flops, 8.0 * (3 * engine.largest + embeddings),
+                    len(engine.pairs) * positions_of(problem.a), joint=len(engine.pairs) == 3,
+                    notes=("attention moments under the token measure (conditional on the query token; "
+                           "nothing enumerated)",))
 
     def run(self, plan: Plan) -> Triple:
-        pairs = self._pairs(plan.problem, dry=False)
-        return AttentionMoments.finish(plan, {key: (pair, pair.second_moments()) for key, pair in pairs.items()})
+        engine, sides = self._engine(plan.problem, dry=False)
+        out = engine.run(plan.problem.centered)
+        return AttentionMoments.finish(plan, {name: (sides[x].tail, sides[y].tail) + out[name]
+                                              for name, (x, y) in engine.pairs.items()})
