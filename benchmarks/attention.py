@@ -18,7 +18,18 @@ Prints, from one run:
 4. closure for attention + bilinear-MLP blocks: its relative error against
    the exact Gaussian value at one input feature and 2 positions (where the
    exact value is cheap), and its time at d_model 16, 3 positions, cold and
-   warm as in 2.
+   warm as in 2;
+5. language-model width (skipped by --quick): embedding from a vocabulary of
+   4,096, one attention layer (8 heads, causal, rotary, query-key biases,
+   residual), unembedding; d_model 256 with heads of 32 at 4 positions, and
+   d_model 128 with heads of 16 at 4, 16 and 64 positions: the exact
+   similarity under the Gaussian and under the token measure, its planned
+   flops, cold (fresh process, imports excluded) and warm times, the rate
+   those flops ran at against this machine's matrix-product rate (measured
+   in the same run), and the time Monte Carlo would take to reach a relative
+   error of 1e-3 on the same similarity (its per-sample cost and variance
+   measured on a pilot of samples), as a ratio to the exact warm time.
+   Plans above a minute of work are reported, not run.
 Timings are wall-clock on this machine; nothing is asserted.
 """
 
@@ -83,6 +94,11 @@ def mlp(rng: np.random.Generator, d: int, n_ctx: int) -> ts.Component:
 
 def case(name: str, d: int):
     """(a, b, call) for a timing case, built the same way in every process."""
+    if name.startswith("lm "):
+        _, measure, *shape = name.split()
+        a, b = language_models(*(int(v) for v in shape))
+        kw = {"measure": ts.Tokens(int(shape[0]), int(shape[-1]))} if measure == "tokens" else {}
+        return a, b, lambda: ts.similarity(a, b, measure, budget=RUN_LIMIT, **kw)
     seed = {"distinct": 0, "quadratic": 1, "block": 2}[name.split()[0]]
     rng = np.random.default_rng(seed)
     if name.startswith("block"):
@@ -166,6 +182,8 @@ def main() -> None:
         print(f"{inner}: honest cosine {honest:.6f}, with the undeclarable symmetry {wrong:.6f} "
               f"(relative error {abs(wrong - honest) / abs(honest):.1%})")
     closure_section(d)
+    if not args.quick:
+        language_model_section()
 
 
 def block(rng: np.random.Generator, d: int, n_ctx: int, quadratic: bool) -> ts.Sequential:
@@ -200,3 +218,78 @@ def closure_section(d: int) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ------------------------------------------------------- language-model width
+
+
+def language_models(V: int, d: int, heads: int, dh: int, n: int) -> tuple[ts.Component, ts.Component]:
+    """Two models: embedding -> attention -> unembedding, the second the
+    first's weights with 30 % noise (similar, not equal)."""
+    def model(noise: np.random.Generator | None) -> ts.Component:
+        rng = np.random.default_rng(0)
+
+        def w(*s: int) -> np.ndarray:
+            x = rng.normal(size=s) / np.sqrt(s[-1])
+            return x if noise is None else x + 0.3 * noise.normal(size=s) / np.sqrt(s[-1])
+
+        att = ts.BilinearAttention(w(heads, dh, d), w(heads, dh, d), w(heads, dh, d), w(heads, dh, d),
+                                   w(heads, dh, d), w(heads, d, dh), causal=True, rotary_base=10000.0, residual=True,
+                                   scale=dh ** -0.5, q1_bias=w(heads, dh), k1_bias=w(heads, dh), q2_bias=w(heads, dh),
+                                   k2_bias=w(heads, dh))
+        return ts.Transformer(ts.Embedding(w(d, V)), [(att, None)], ts.Linear(w(V, d)), n_ctx=n)
+
+    return model(None), model(np.random.default_rng(1))
+
+
+def matmul_rate() -> float:
+    """Flops per second of a 2000 x 2000 float64 matrix product (best of 3)."""
+    A = np.random.default_rng(0).normal(size=(2000, 2000))
+    best = min(timed(lambda: A @ A, 0)[1] for _ in range(3))
+    return 2 * 2000**3 / best
+
+
+def monte_carlo_seconds(a: ts.Component, b: ts.Component, measure: str, V: int, n: int, pilot: int = 2000) -> float:
+    """Seconds for a Monte Carlo similarity to reach relative error 1e-3:
+    the per-sample time and the delta-method variance of the cosine of
+    sampled products, from ``pilot`` samples."""
+    rng = np.random.default_rng(2)
+    t0 = time.perf_counter()
+    x = rng.integers(0, V, size=(pilot, n)) if measure == "tokens" else rng.normal(size=(pilot, n, V))
+    fa, fb = (np.asarray(m(x)).reshape(pilot, -1) for m in (a, b))
+    per_sample = (time.perf_counter() - t0) / pilot
+    ab, aa, bb = (fa * fb).sum(1), (fa * fa).sum(1), (fb * fb).sum(1)
+    means = np.array([ab.mean(), aa.mean(), bb.mean()])
+    cos = means[0] / np.sqrt(means[1] * means[2])
+    grad = cos * np.array([1 / means[0], -0.5 / means[1], -0.5 / means[2]])  # the cosine's gradient in the three means
+    var = grad @ np.cov(np.stack([ab, aa, bb])) @ grad  # per sample
+    samples = var / (1e-3 * abs(cos)) ** 2
+    return samples * per_sample
+
+
+LM_SHAPES = [(4096, 256, 8, 32, 4), (4096, 128, 8, 16, 4), (4096, 128, 8, 16, 16), (4096, 128, 8, 16, 64)]
+RUN_LIMIT = 5e12  # flops: about a minute here; costlier plans are reported, not run
+
+
+def language_model_section() -> None:
+    rate = matmul_rate()
+    print(f"\n## Language-model width: vocabulary 4,096, one attention layer (matrix products here: "
+          f"{rate / 1e9:.0f} GF/s)\n")
+    print("| measure | d_model | heads | positions | algorithm | similarity | flops | cold | warm | rate | "
+          "Monte Carlo to 1e-3 | ratio |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for V, d, heads, dh, n in LM_SHAPES:
+        for measure in ("gaussian", "tokens"):
+            a, b, _ = case(f"lm {measure} {V} {d} {heads} {dh} {n}", 0)
+            kw = {"measure": ts.Tokens(V, n)} if measure == "tokens" else {}
+            plan = ts.plan_similarity(a, b, measure, budget=RUN_LIMIT, **kw)
+            head = f"| {measure} | {d} | {heads} x {dh} | {n} |"
+            if plan.refused or plan.flops > RUN_LIMIT:
+                print(f"{head} {'/'.join(plan.algorithms) or '-'} | (not run) | {plan.flops:.3g} | | | | | |", flush=True)
+                continue
+            name = f"lm {measure} {V} {d} {heads} {dh} {n}"
+            r, _, warm = timed(case(name, 0)[2], 3)
+            mc = monte_carlo_seconds(a, b, measure, V, n)
+            print(f"{head} {r.algorithm} | {r.value:.9f} | {r.flops:.3g} | {cold(name, 0):.2f} s | {warm:.2f} s | "
+                  f"{r.flops / warm / 1e9:.0f} GF/s ({r.flops / warm / rate:.0%}) | {mc:.3g} s | "
+                  f"{mc / warm:.3g} |", flush=True)
