@@ -1,7 +1,7 @@
 """Exact similarity of one bilinear-attention layer: orbit counts, timings,
 and what a wrongly declared symmetry would cost.
 
-Run: python benchmarks/attention.py [--quick] [--full]
+Run: python benchmarks/attention.py [--quick] [--full] [--lm]
 
 Prints, from one run:
 1. the orbits of the Gaussian cross term (10 input legs) against the raw
@@ -41,6 +41,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from typing import Any
 
 import numpy as np
 
@@ -96,7 +98,7 @@ def case(name: str, d: int):
     """(a, b, call) for a timing case, built the same way in every process."""
     if name.startswith("lm "):
         _, measure, *shape = name.split()
-        a, b = language_models(*(int(v) for v in shape))
+        a, b = (ts.from_torch(m) for m in language_models(*(int(v) for v in shape)))
         kw = {"measure": ts.Tokens(int(shape[0]), int(shape[-1]))} if measure == "tokens" else {}
         return a, b, lambda: ts.similarity(a, b, measure, budget=RUN_LIMIT, **kw)
     seed = {"distinct": 0, "quadratic": 1, "block": 2}[name.split()[0]]
@@ -144,6 +146,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="d_model 4 throughout (a smoke run)")
     parser.add_argument("--full", action="store_true",
                         help="the pairing-orbit Gaussian rows at d_model 16 too (tens of minutes on 2 cores)")
+    parser.add_argument("--lm", action="store_true", help="only the language-model-width section")
     parser.add_argument("--cold", help=argparse.SUPPRESS)
     parser.add_argument("--d", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -152,6 +155,9 @@ def main() -> None:
         t0 = time.perf_counter()
         call()
         print(time.perf_counter() - t0)
+        return
+    if args.lm:
+        language_model_section()
         return
     d = 4 if args.quick else 16
     d_pairs = d if args.full else 4
@@ -216,32 +222,32 @@ def closure_section(d: int) -> None:
     print(f"\nexact={r.exact}; {'; '.join(r.notes)}")
 
 
-if __name__ == "__main__":
-    main()
-
-
 # ------------------------------------------------------- language-model width
 
 
-def language_models(V: int, d: int, heads: int, dh: int, n: int) -> tuple[ts.Component, ts.Component]:
-    """Two models: embedding -> attention -> unembedding, the second the
-    first's weights with 30 % noise (similar, not equal)."""
-    def model(noise: np.random.Generator | None) -> ts.Component:
-        rng = np.random.default_rng(0)
+def language_models(V: int, d: int, heads: int, dh: int, n: int) -> tuple[Any, Any]:
+    """Two torch language models (embedding -> bilinear attention with
+    biases, causal, rotary, residual -> unembedding; float64), the second
+    the first's weights with 30 % noise (similar, not equal).  The exact
+    side converts them with ``from_torch``; Monte Carlo runs their forward."""
+    import torch
+    from torch import nn
 
-        def w(*s: int) -> np.ndarray:
-            x = rng.normal(size=s) / np.sqrt(s[-1])
-            return x if noise is None else x + 0.3 * noise.normal(size=s) / np.sqrt(s[-1])
+    from tsalgebra.adapters import BilinearAttentionModule
 
-        att = ts.BilinearAttention(w(heads, dh, d), w(heads, dh, d), w(heads, dh, d), w(heads, dh, d),
-                                   w(heads, dh, d), w(heads, d, dh), causal=True, rotary_base=10000.0, residual=True,
-                                   scale=dh ** -0.5, q1_bias=w(heads, dh), k1_bias=w(heads, dh), q2_bias=w(heads, dh),
-                                   k2_bias=w(heads, dh))
-        return ts.Transformer(ts.Embedding(w(d, V)), [(att, None)], ts.Linear(w(V, d)), n_ctx=n)
+    def model(noise: bool) -> nn.Module:
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Embedding(V, d), BilinearAttentionModule(heads, dh, d, causal=True, rotary_base=10000.0,
+                                                                       scale=dh ** -0.5, residual=True, n_ctx=n,
+                                                                       bias=True), nn.Linear(d, V)).double()
+        if noise:
+            torch.manual_seed(1)
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(0.3 * p.std() * torch.randn_like(p))
+        return m.eval()
 
-    return model(None), model(np.random.default_rng(1))
-
-
+    return model(False), model(True)
 def matmul_rate() -> float:
     """Flops per second of a 2000 x 2000 float64 matrix product (best of 3)."""
     A = np.random.default_rng(0).normal(size=(2000, 2000))
@@ -249,22 +255,36 @@ def matmul_rate() -> float:
     return 2 * 2000**3 / best
 
 
-def monte_carlo_seconds(a: ts.Component, b: ts.Component, measure: str, V: int, n: int, pilot: int = 2000) -> float:
-    """Seconds for a Monte Carlo similarity to reach relative error 1e-3:
-    the per-sample time and the delta-method variance of the cosine of
-    sampled products, from ``pilot`` samples."""
-    rng = np.random.default_rng(2)
+def monte_carlo_seconds(a: Any, b: Any, measure: str, V: int, n: int, pilot: int = 4000) -> float:
+    """Seconds for Monte Carlo to reach relative error 1e-3 on the
+    similarity of the torch models ``a`` and ``b``: per-sample time of their
+    forward (tokens: token ids; Gaussian: N(0, I) vectors through the
+    embedding matrix) and the delta-method variance of the cosine of sampled
+    products, both from ``pilot`` samples."""
+    import torch
+
+    def forward(m: Any, x: Any) -> Any:
+        return m(x) if measure == "tokens" else m[1:](x @ m[0].weight)
+
+    gen = torch.Generator().manual_seed(2)
+    chunk = max(1, 2**22 // (n * V))  # samples per forward: 32 MiB of inputs at most
     t0 = time.perf_counter()
-    x = rng.integers(0, V, size=(pilot, n)) if measure == "tokens" else rng.normal(size=(pilot, n, V))
-    fa, fb = (np.asarray(m(x)).reshape(pilot, -1) for m in (a, b))
+    outputs: list[list[np.ndarray]] = [[], []]
+    with torch.no_grad():
+        for start in range(0, pilot, chunk):
+            k = min(chunk, pilot - start)
+            x = torch.randint(0, V, (k, n), generator=gen) if measure == "tokens" else \
+                torch.randn(k, n, V, generator=gen, dtype=torch.float64)
+            for out, m in zip(outputs, (a, b)):
+                out.append(forward(m, x).reshape(k, -1).numpy())
     per_sample = (time.perf_counter() - t0) / pilot
+    fa, fb = (np.concatenate(out) for out in outputs)
     ab, aa, bb = (fa * fb).sum(1), (fa * fa).sum(1), (fb * fb).sum(1)
     means = np.array([ab.mean(), aa.mean(), bb.mean()])
     cos = means[0] / np.sqrt(means[1] * means[2])
-    grad = cos * np.array([1 / means[0], -0.5 / means[1], -0.5 / means[2]])  # the cosine's gradient in the three means
+    grad = cos * np.array([1 / means[0], -0.5 / means[1], -0.5 / means[2]])  # the cosine's gradient in the means
     var = grad @ np.cov(np.stack([ab, aa, bb])) @ grad  # per sample
-    samples = var / (1e-3 * abs(cos)) ** 2
-    return samples * per_sample
+    return var / (1e-3 * abs(cos)) ** 2 * per_sample
 
 
 LM_SHAPES = [(4096, 256, 8, 32, 4), (4096, 128, 8, 16, 4), (4096, 128, 8, 16, 16), (4096, 128, 8, 16, 64)]
@@ -280,16 +300,21 @@ def language_model_section() -> None:
     print("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for V, d, heads, dh, n in LM_SHAPES:
         for measure in ("gaussian", "tokens"):
-            a, b, _ = case(f"lm {measure} {V} {d} {heads} {dh} {n}", 0)
+            name = f"lm {measure} {V} {d} {heads} {dh} {n}"
+            a, b, call = case(name, 0)
             kw = {"measure": ts.Tokens(V, n)} if measure == "tokens" else {}
             plan = ts.plan_similarity(a, b, measure, budget=RUN_LIMIT, **kw)
             head = f"| {measure} | {d} | {heads} x {dh} | {n} |"
             if plan.refused or plan.flops > RUN_LIMIT:
-                print(f"{head} {'/'.join(plan.algorithms) or '-'} | (not run) | {plan.flops:.3g} | | | | | |", flush=True)
+                algorithms = "/".join(sorted({p.algorithm for p in plan.plans})) or "-"
+                print(f"{head} {algorithms} | (not run) | {plan.flops:.3g} | | | | | |", flush=True)
                 continue
-            name = f"lm {measure} {V} {d} {heads} {dh} {n}"
-            r, _, warm = timed(case(name, 0)[2], 3)
-            mc = monte_carlo_seconds(a, b, measure, V, n)
+            r, _, warm = timed(call, 3)
+            mc = monte_carlo_seconds(*language_models(V, d, heads, dh, n), measure, V, n)
             print(f"{head} {r.algorithm} | {r.value:.9f} | {r.flops:.3g} | {cold(name, 0):.2f} s | {warm:.2f} s | "
                   f"{r.flops / warm / 1e9:.0f} GF/s ({r.flops / warm / rate:.0%}) | {mc:.3g} s | "
                   f"{mc / warm:.3g} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

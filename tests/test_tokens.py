@@ -199,3 +199,22 @@ def test_token_attention_moments_at_width_is_chosen_and_polynomial():
     per_position = ts.Tokens(V, n, p / p.sum(axis=1, keepdims=True))
     with pytest.raises(ValueError, match="different distributions"):
         ts.inner(a, b, measure=per_position, algorithm="token-moments")
+
+
+def test_tokens_and_the_gaussian_of_the_same_moments():
+    """A Gaussian with the one-hot vectors' mean p and covariance
+    diag(p) - p p' per token agrees with the token measure on products of
+    degree at most two per token (Linear models), and not beyond (a
+    bilinear layer): the relation stated in docs/inner-products.md."""
+    rng = np.random.default_rng(9)
+    V, n = 5, 2
+    p = rng.dirichlet(np.ones(V))
+    mean = np.tile(p, n)
+    cov = np.kron(np.eye(n), np.diag(p) - np.outer(p, p))
+    tokens, gauss = ts.Tokens(V, n, p), ts.Gaussian(mean, cov)
+    a, b = (ts.Linear(rng.normal(size=(3, n * V)), rng.normal(size=3)) for _ in range(2))
+    for kw in ({}, {"centered": True}):
+        assert ts.inner(a, b, measure=tokens, **kw).value == pytest.approx(ts.inner(a, b, measure=gauss, **kw).value,
+                                                                           rel=1e-12)
+    f, g = stack(rng, V, n, 1), stack(rng, V, n, 1)
+    assert abs(ts.inner(f, g, measure=tokens).value - ts.inner(f, g, measure=gauss).value) > 1e-3

@@ -242,7 +242,7 @@ class BilinearAttention(_Sequence, Component):
         inputs = []
 
         def projection(name: str) -> np.ndarray:
-            proj = np.einsum("aef,pfu->aepu", P[name], S)
+            proj = np.einsum("aef,pfu->aepu", P[name], S, optimize=True)
             if self.rotary_base is not None:
                 proj = np.einsum("prs,aspu->arpu", rotary_matrices(n, P[name].shape[1], self.rotary_base), proj)
             return proj
@@ -256,7 +256,7 @@ class BilinearAttention(_Sequence, Component):
                                   (H + 1, P[name].shape[1], n, flat_in), lambda name=name: projection(name)))
         inputs.append(f"u{t}v")  # the value path, output map folded in
         tensors.append(tensor(f"OV{t}", (a, f"c{t}", j, inputs[-1]), (H + 1, self.d_out + 1, n, flat_in),
-                              lambda: np.einsum("acv,avf,pfu->acpu", P["o"], P["v"], S)))
+                              lambda: np.einsum("acv,avf,pfu->acpu", P["o"], P["v"], S, optimize=True)))
         # (q1.k1)(q2.k2) = (q2.k2)(q1.k1): exchanging both factors' legs at once
         # leaves the tensor unchanged exactly when the factors share their maps
         # (quadratic attention).  Swapping only the query legs (or only the key
