@@ -35,6 +35,8 @@ def test_grokking_claims(grok):
     assert n["memorized_step"] is not None  # the training split is learnt
     # the two tensor similarities coincide for bias-free one-layer models
     assert n["max_abs_symmetric_minus_centred_gaussian"] < 1e-9
+    # the behaviour over all inputs, from the weights (token measure), is the enumerated logit cosine
+    assert n["max_abs_tokens_minus_enumerated_logit_cosine"] < 1e-10
     # tensor similarity tracks the behaviour over all inputs
     assert n["pearson_tensor_symmetric_vs_logit"] > 0.9
     to_final = n["similarity_to_final"]["tensor (symmetric)"]

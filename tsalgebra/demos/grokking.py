@@ -13,8 +13,11 @@ Over all checkpoint pairs the demo computes:
 - tensor similarity, symmetric inner product (the paper's one-layer formula),
 - tensor similarity, centred Gaussian inner product (for bias-free one-layer
   models this equals the symmetric one up to round-off: a built-in check),
-- logit cosine: cosine of the concatenated logits on all P^2 inputs,
-  uncentred (also reported centred: each output's mean over inputs removed),
+- logit cosine: cosine of the concatenated logits on all P^2 inputs (the
+  behaviour over all inputs), computed from the weights as the similarity
+  under the token measure (two uniform one-hot tokens) and checked against
+  the logits of every input, run through the models; uncentred (also
+  reported centred: each output's mean over inputs removed),
 - flattened-weight cosine (basis-dependent baseline),
 
 and reports the Pearson correlation between tensor similarity and logit
@@ -40,6 +43,7 @@ import numpy as np
 
 from ..baselines import weight_cosine
 from ..matrix import similarity_matrix
+from ..measure import Tokens
 from ..plots import pyplot, plot_matrix
 from .common import DemoResult, cosine_matrix, labelled_steps, pearson, torch_threads, upper, write_outputs
 
@@ -160,7 +164,7 @@ def _figure(path: Path, steps: list[int], mats: dict[str, np.ndarray], curve: di
     fig, axes = plt.subplots(2, 3, figsize=(15, 9.2))
     labels = [str(s) for s in steps]
     for ax, name, title in ((axes[0, 0], "tensor (symmetric)", "tensor similarity (symmetric)"),
-                            (axes[0, 1], "logit cosine", f"logit cosine (all {cfg.modulus}^2 inputs)"),
+                            (axes[0, 1], "logit cosine", f"logit cosine (all {cfg.modulus}^2 inputs, token measure)"),
                             (axes[0, 2], "weight cosine", "flattened-weight cosine")):
         m = mats[name]
         plot_matrix(m, ax=ax, labels=labels, col_labels=labels, title=title, vmin=min(0.0, float(np.nanmin(m))))
@@ -221,7 +225,7 @@ def run(cfg: GrokkingConfig | None = None, **overrides: Any) -> DemoResult:
     models = load(ckdir)
     p = cfg.modulus
     x = dataset(p)[0].numpy().astype(np.float64)
-    logits = np.empty((len(models), p * p * p), dtype=np.float32)
+    logits = np.empty((len(models), p * p * p))
     centred = np.empty_like(logits)
     for k, m in enumerate(models):
         out_k = np.asarray(m(x))
@@ -231,6 +235,10 @@ def run(cfg: GrokkingConfig | None = None, **overrides: Any) -> DemoResult:
     sym = similarity_matrix(models, inner="symmetric", progress=cfg.progress)
     gau = similarity_matrix(models, inner="gaussian", centered=True, progress=cfg.progress)
     t_ts = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    behaviour = similarity_matrix(models, measure=Tokens(p, 2), progress=cfg.progress)  # every input, none run
+    t_tokens = time.perf_counter() - t0
+    enumerated = cosine_matrix(logits)
     n = len(models)
     wmat = np.eye(n)
     for i in range(n):
@@ -239,7 +247,7 @@ def run(cfg: GrokkingConfig | None = None, **overrides: Any) -> DemoResult:
     mats = {
         "tensor (symmetric)": np.asarray(sym.values),
         "tensor (centred gaussian)": np.asarray(gau.values),
-        "logit cosine": cosine_matrix(logits),
+        "logit cosine": np.asarray(behaviour.values),
         "weight cosine": wmat,
     }
     logit_c = cosine_matrix(centred)
@@ -271,9 +279,11 @@ def run(cfg: GrokkingConfig | None = None, **overrides: Any) -> DemoResult:
         "pearson_tensor_symmetric_vs_centred_logit": r_sym_c, "pearson_weight_vs_logit": r_w,
         "max_abs_symmetric_minus_centred_gaussian": float(np.max(np.abs(mats["tensor (symmetric)"]
                                                                         - mats["tensor (centred gaussian)"]))),
-        "routes": {"symmetric": sym.route, "gaussian": gau.route},
+        "max_abs_tokens_minus_enumerated_logit_cosine": float(np.max(np.abs(mats["logit cosine"] - enumerated))),
+        "routes": {"symmetric": sym.route, "gaussian": gau.route, "tokens": behaviour.route},
         "similarity_to_final": {k: m[-1].tolist() for k, m in mats.items()},
         "train_seconds": round(t_train, 2), "tensor_similarity_seconds": round(t_ts, 2),
+        "token_similarity_seconds": round(t_tokens, 2),
     }
 
     def fmt(d: dict[str, float] | None) -> str:
@@ -299,6 +309,9 @@ def run(cfg: GrokkingConfig | None = None, **overrides: Any) -> DemoResult:
         f"check: symmetric and centred gaussian tensor similarity agree to "
         f"{numbers['max_abs_symmetric_minus_centred_gaussian']:.1e} (equal for bias-free one-layer models); "
         f"tensor similarities took {t_ts:.1f} s via {sym.route}",
+        f"check: the logit cosine over all {p * p} inputs, computed from the weights under the token measure "
+        f"({t_tokens:.1f} s via {behaviour.route}), equals the logits of every input run through the models to "
+        f"{numbers['max_abs_tokens_minus_enumerated_logit_cosine']:.1e}",
     ]
     return write_outputs("grokking", out, "\n".join(lines), numbers, figure, ckdir, started)
 
