@@ -163,13 +163,28 @@ def test_plan_reports_the_engines_algorithm(ckpts, capsys):
     assert code == 0 and json.loads(out)["value"] == pytest.approx(1.0)
 
 
-def test_cost_error_exits_1(ckpts, capsys):
+def test_refusal_exits_3_with_the_other_methods(ckpts, capsys):
     a, b = ckpts / "run" / "step_1.safetensors", ckpts / "run" / "step_2.safetensors"
     code, out, err = call(capsys, "similarity", a, b, "--inner", "symmetric", "--budget", "1")
-    assert code == 1 and "budget" in err and out == ""
+    assert code == 3 and "--budget" in err and out == ""
     deep = ckpts / "deep.safetensors"
     code, out, err = call(capsys, "plan", deep, deep, "--inner", "symmetric", "--budget", "1", "--json")
-    assert code == 0 and json.loads(out)["within_budget"] is False
+    rep = json.loads(out)
+    assert code == 3 and rep["within_budget"] is False and "sampled" in rep["other_methods"]
+    code, out, err = call(capsys, "plan", a, b, "--budget", "1")
+    assert code == 3 and "--method closure: " in out and "per sample" in out
+
+
+def test_sampled_from_the_command_line(ckpts, capsys):
+    a, b = ckpts / "run" / "step_1.safetensors", ckpts / "run" / "step_2.safetensors"
+    code, out, _ = call(capsys, "similarity", a, b, "--method", "sampled", "--samples", "500", "--seed", "1",
+                        "--json")
+    rep = json.loads(out)
+    assert code == 0 and rep["method"] == "sampled" and rep["stderr"] > 0 and rep["samples"] == 500
+    exact = json.loads(call(capsys, "similarity", a, b, "--json")[1])["value"]
+    assert abs(rep["value"] - exact) < 4 * rep["stderr"]
+    code, _, err = call(capsys, "similarity", a, b, "--seed", "1")
+    assert code == 2 and "--method sampled" in err
 
 
 def test_matrix_over_a_directory(ckpts, capsys, tmp_path):

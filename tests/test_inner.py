@@ -224,7 +224,7 @@ def test_quadrature_agrees_with_enumeration(centered):
     mean, cov = gaussian_params(2, 21)
     enum = ts.inner(a, b, mean=mean, cov=cov, centered=centered, per_output=True)
     problem = ts.InnerProblem.of(a, b, mean=mean, cov=cov)
-    quad, points = quadrature_inner(problem.terms("a"), problem.terms("b"), problem.measure, centered, True)
+    quad, points = quadrature_inner(problem.a, problem.b, problem.measure, centered, True)
     assert points == 5**2  # degree 8 in z: 5 nodes per coordinate
     np.testing.assert_allclose(quad, enum.value, rtol=1e-10)
 

@@ -15,8 +15,10 @@ naming a function that builds the torch module.  Every command takes --json
 for machine-readable output on stdout.
 
 Exit codes: 0 success; 1 a computation failed (malformed or unreadable
-checkpoint, a model that is not tensor-based, a cost above the budget, ...),
-with a message on stderr; 2 bad usage (unknown option, missing file).
+checkpoint, a model that is not tensor-based, ...), with a message on
+stderr; 2 bad usage (unknown option, missing file); 3 refused: the cost is
+above the budget (the message states the estimate and the alternatives;
+`plan` exits 3 when what it plans is refused).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from .jsonable import dumps
 from .planner import plan, plan_cache
 from .problem import CostError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
 
 
 class UsageError(Exception):
@@ -170,6 +172,7 @@ def _result_dict(r: Any) -> dict[str, Any]:
         "algorithm": r.algorithm, "centered": r.centered, "measure": r.measure, "degree": r.degree,
         "lifted": r.lifted, "per_output": r.per_output, "contractions": r.contractions, "flops": r.flops,
         "pairings": r.pairings, "orbits": r.orbits, "notes": list(r.notes),
+        "stderr": r.stderr, "interval": list(r.interval) if r.interval is not None else None, "samples": r.samples,
     }
 
 
@@ -185,6 +188,10 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     kw: dict[str, Any] = {"per_output": args.per_output, "budget": args.budget}
     if args.centered:
         kw["centered"] = True
+    if args.method == "sampled":
+        kw.update(samples=args.samples, rel_error=args.rel_error, seed=args.seed)
+    elif args.samples is not None or args.rel_error is not None or args.seed is not None:
+        raise UsageError("--samples, --rel-error and --seed belong to --method sampled")
     r = similarity(a, b, args.inner, args.method, **kw)
     payload = dict(_result_dict(r), a=args.a, b=args.b, model_a=repr(a), model_b=repr(b))
     if args.per_output:
@@ -370,8 +377,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         lines += [f"      {name} refused: {why}" for name, why in p.refusals]
     lines.append(f"total: {rep['total_contractions']} contractions, {rep['total_flops']:.3g} flops: "
                  f"{'within the budget' if rep['within_budget'] else 'REFUSED'}")
+    lines += [f"--method {m}: {o.summary() if not isinstance(o, str) else o}" for m, o in sp.others]
     _emit(args, rep, "\n".join(lines))
-    return EXIT_OK
+    return EXIT_REFUSED if sp.refused else EXIT_OK
+
 
 
 # ------------------------------------------------------------------- demo
@@ -423,10 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--inner", choices=inners, default="gaussian", help="inner product (default gaussian)")
     s.add_argument("--per-output", action="store_true", help="one similarity per output channel")
     s.add_argument("--centered", action="store_true", help="centred gaussian (covariance of the outputs)")
-    s.add_argument("--method", choices=("auto", "exact", "closure"), default="auto",
+    s.add_argument("--method", choices=("auto", "exact", "closure", "sampled"), default="auto",
                    help="auto: exact within the budget, else an error (never an approximation); "
-                        "closure: Gaussian moment closure (approximate)")
-    s.add_argument("--budget", type=float, default=1e11, help="flop budget of exact enumeration (default 1e11)")
+                        "closure: Gaussian moment closure (approximate); sampled: Monte Carlo estimate with a "
+                        "standard error")
+    s.add_argument("--budget", type=float, default=1e11, help="flop budget per inner product (default 1e11)")
+    s.add_argument("--samples", type=int, help="--method sampled: number of samples (default 10000)")
+    s.add_argument("--rel-error", type=float, help="--method sampled: sample until this relative standard error")
+    s.add_argument("--seed", type=int, help="--method sampled: random seed (reproducible estimates)")
     s.set_defaults(func=cmd_similarity)
 
     m = sub.add_parser("matrix", parents=[common, models], help="similarity matrix over checkpoints, as a heatmap",
@@ -507,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     except CostError as exc:  # the alternatives spelled as this command's flags
         print(f"tsalgebra: error: {exc.explain(cli=True)}", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_REFUSED
     except (ValueError, TypeError, ArithmeticError, RuntimeError, OSError) as exc:
         print(f"tsalgebra: error: {exc}", file=sys.stderr)
         return EXIT_FAILED

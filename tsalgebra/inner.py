@@ -25,6 +25,7 @@ import numpy as np
 import sympy
 
 from .algorithms import choose, describe, solve
+from .algorithms.sampled import Z95
 from .cosine import cosines
 from .measure import Measure
 from .problem import DEFAULT_BUDGET, CostError, InnerProblem, InnerResult, Plan, degree_of, format_count
@@ -32,7 +33,8 @@ from .problem import DEFAULT_BUDGET, CostError, InnerProblem, InnerResult, Plan,
 __all__ = ["InnerResult", "CostError", "SimilarityPlan", "inner", "norm", "plan_inner", "plan_similarity",
            "similarity", "DEFAULT_BUDGET"]
 
-_OPTIONS = ("centered", "per_output", "degree", "budget", "orbits", "algorithm")
+_OPTIONS = ("centered", "per_output", "degree", "budget", "orbits", "algorithm", "samples", "rel_error", "seed",
+            "device")
 
 
 def _problem(a: Any, b: Any, inner_product: str | None, method: str, mean: Any, cov: Any, measure: Measure | None,
@@ -58,6 +60,10 @@ def inner(
     budget: float = DEFAULT_BUDGET,
     orbits: bool = True,
     algorithm: str | None = None,
+    samples: int | None = None,
+    rel_error: float | None = None,
+    seed: int | None = None,
+    device: Any = None,
 ) -> InnerResult:
     """<a, b> under the chosen inner product, summed over output channels
     (constant channel excluded), or one value per channel with ``per_output``.
@@ -71,7 +77,12 @@ def inner(
     (d,) and covariance (d, d) are tiled over independent positions.
 
     ``method``: "exact", "closure" (Gaussian moment propagation; approximate
-    beyond the first nonlinear layer, gaussian only) or "auto" (the cheapest
+    beyond the first nonlinear layer, gaussian only), "sampled" (a Monte
+    Carlo estimate for every model under either measure: ``samples`` inputs
+    (default 10,000), or as many as reach the relative standard error
+    ``rel_error`` within the budget; ``seed``; ``device`` a torch device to
+    run the models on; the result carries ``stderr`` and a 95 % ``interval``)
+    or "auto" (the cheapest
     exact algorithm whose planned flops fit ``budget``, flops per inner
     product (a similarity computed jointly may take three), else
     :class:`CostError` naming every estimate and the alternatives; never an
@@ -86,7 +97,7 @@ def inner(
     grouping trusts).
     """
     options = dict(centered=centered, per_output=per_output, degree=degree, budget=budget, orbits=orbits,
-                   algorithm=algorithm)
+                   algorithm=algorithm, samples=samples, rel_error=rel_error, seed=seed, device=device)
     return solve(_problem(a, b, inner, method, mean, cov, measure, options))[0]
 
 
@@ -107,7 +118,13 @@ def norm(a: Any, inner: str | None = None, method: str = "auto", mean: Any = Non
     if not r.per_output and not isinstance(r.value, float):
         return replace(r, value=sympy.sqrt(_to_sympy(r.value)), quantity="norm")
     v = np.sqrt(np.maximum(np.asarray(r.value, dtype=float), 0.0))
-    return replace(r, value=v if r.per_output else float(v), quantity="norm")
+    v = v if r.per_output else float(v)
+    if r.stderr is None:
+        return replace(r, value=v, quantity="norm")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        se = np.asarray(r.stderr) / (2 * np.asarray(v))  # the delta method for a square root
+    se = se if r.per_output else float(se)
+    return replace(r, value=v, quantity="norm", stderr=se, interval=(v - Z95 * se, v + Z95 * se))
 
 
 def _to_sympy(v: Any) -> Any:
@@ -147,6 +164,8 @@ def similarity(a: Any, b: Any, inner: str | None = None, method: str = "auto", m
     measure = options.pop("measure", None)
     options = _common_degree(a, b, inner, options)
     ab, aa, bb = solve(_problem(a, b, inner, method, mean, cov, measure, options, joint=a is not b))
+    if ab.estimate is not None:  # a Monte Carlo estimate: its cosine's error from the same samples
+        return _estimated_similarity(ab, None, None) if a is b else _estimated_similarity(ab, aa, bb)
     spent = [ab]  # a joint computation (closure, attention moments) yields all three at its own cost
     if a is b:
         aa = bb = ab
@@ -166,6 +185,21 @@ def similarity(a: Any, b: Any, inner: str | None = None, method: str = "auto", m
     )
 
 
+def _estimated_similarity(ab: InnerResult, aa: InnerResult | None, bb: InnerResult | None) -> InnerResult:
+    """The cosine of a joint Monte Carlo estimate: the ratio of the three
+    sample means, its standard error by the delta method over their
+    covariance (:meth:`~tsalgebra.algorithms.sampled.Estimate.cosine`)."""
+    if aa is None or bb is None:  # a against itself: the cosine is one, whatever was sampled
+        one = np.ones_like(np.asarray(ab.value, dtype=float)) if ab.per_output else 1.0
+        zero = one * 0.0
+        return replace(ab, value=one, quantity="similarity", stderr=zero, interval=(one, one))
+    value = _cosine(ab, aa, bb)  # raises where the cosine is undefined
+    _, se = ab.estimate.cosine()
+    se = se if ab.per_output else float(se[0])
+    return replace(ab, value=value, quantity="similarity", stderr=se, interval=(value - Z95 * se, value + Z95 * se),
+                   notes=ab.notes + ("cosine: ratio of the sample means, standard error by the delta method",))
+
+
 @dataclass(frozen=True)
 class SimilarityPlan:
     """What :func:`similarity` would run: per product (<a,b>, and <a,a>,
@@ -174,6 +208,7 @@ class SimilarityPlan:
 
     products: tuple[tuple[str, "Plan | CostError"], ...]
     budget: float
+    others: tuple[tuple[str, "SimilarityPlan | str"], ...] = ()  # when refused: closure, sampled (or why not)
 
     @property
     def plans(self) -> list[Plan]:
@@ -204,7 +239,9 @@ class SimilarityPlan:
         return {"products": items, "total_flops": self.flops, "total_contractions": self.contractions,
                 "peak_bytes": max((p.peak_bytes for p in self.plans), default=0.0), "budget": self.budget,
                 "within_budget": not self.refused,  # every plan within its limit
-                "algorithms": sorted({p.algorithm for p in self.plans})}
+                "algorithms": sorted({p.algorithm for p in self.plans}),
+                **({"other_methods": {m: o if isinstance(o, str) else o.describe() for m, o in self.others}}
+                   if self.others else {})}
 
     def __repr__(self) -> str:
         lines = []
@@ -214,8 +251,26 @@ class SimilarityPlan:
             else:
                 lines.append(f"{label}: {p.algorithm}{' (joint: all three products)' if p.joint else ''}, "
                              f"{format_count(p.flops)} flops, {p.contractions} contractions, peak "
-                             f"{format_count(p.peak_bytes)} bytes{'' if p.exact else ', approximate'}")
+                             f"{format_count(p.peak_bytes)} bytes{_kind(p)}")
+        for method, other in self.others:
+            lines.append(f"method={method!r}: {other.summary() if isinstance(other, SimilarityPlan) else other}")
         return "\n".join(lines)
+
+    def summary(self) -> str:
+        """One line: refused (why), or the cost of what would run."""
+        if self.refused:
+            return "refused: " + "; ".join(p.reason for _, p in self.products if isinstance(p, CostError))
+        p = self.plans[0]
+        if p.problem.method == "sampled":
+            return (f"{format_count(p.facts['per_sample_flops'])} flops per sample ({format_count(self.flops)} for "
+                    f"{p.facts['samples']:,} samples), an estimate with a standard error")
+        return f"{format_count(self.flops)} flops{'' if all(q.exact for q in self.plans) else ', approximate'}"
+
+
+def _kind(plan: Plan) -> str:
+    if plan.problem.method == "sampled":
+        return f", estimated ({format_count(plan.facts['per_sample_flops'])} flops per sample)"
+    return "" if plan.exact else ", approximate"
 
 
 def plan_similarity(a: Any, b: Any, inner: str | None = None, method: str = "auto", mean: Any = None,
@@ -224,7 +279,8 @@ def plan_similarity(a: Any, b: Any, inner: str | None = None, method: str = "aut
     shapes (nothing contracted): the plan of <a,b> (joint when one
     computation gives all three products) and, where it is not joint, of
     <a,a> and <b,b>; a product no algorithm takes within the budget carries
-    its CostError instead."""
+    its CostError instead, and then ``others`` plans the approximate and
+    estimated rungs (closure, sampled) or says why they do not apply."""
     measure = options.pop("measure", None)
     options = _common_degree(a, b, inner, options)
     calls = [("<a,b>", a, b, a is not b)] + ([] if a is b else [("<a,a>", a, a, False), ("<b,b>", b, b, False)])
@@ -236,4 +292,13 @@ def plan_similarity(a: Any, b: Any, inner: str | None = None, method: str = "aut
             products.append((label, choose(_problem(x, y, inner, method, mean, cov, measure, options, joint))))
         except CostError as exc:
             products.append((label, exc))
-    return SimilarityPlan(tuple(products), float(options.get("budget", DEFAULT_BUDGET)))
+    budget = float(options.get("budget", DEFAULT_BUDGET))
+    if not any(isinstance(p, CostError) for _, p in products) or method not in ("auto", "exact"):
+        return SimilarityPlan(tuple(products), budget)
+    others: list[tuple[str, SimilarityPlan | str]] = []  # the other rungs of the ladder, for the refusal
+    for other in ("closure", "sampled"):
+        try:
+            others.append((other, plan_similarity(a, b, inner, other, mean, cov, measure=measure, **options)))
+        except ValueError as exc:  # closure under tokens, ...
+            others.append((other, f"does not apply: {exc}"))
+    return SimilarityPlan(tuple(products), budget, tuple(others))

@@ -314,8 +314,13 @@ class Gaussian(Measure):
         return out
 
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        F = self.factor()
-        return self.padded_mean()[1:] + rng.normal(size=(n, F.shape[1])) @ F.T
+        """Position by position through the per-position factor (never a
+        product with the whole input's block-diagonal factor)."""
+        z = rng.normal(size=(n * self.positions, self.dim if self.cov is None else len(self.decomposition[1])))
+        if self.cov is not None:
+            F, w = self.decomposition
+            z = z @ (F.astype(float) * np.sqrt(w.astype(float))).T
+        return z.reshape(n, self.width) + self.padded_mean()[1:]
 
     def __repr__(self) -> str:
         parts = [self.label]

@@ -4,7 +4,9 @@ Gauss-Hermite quadrature (exact for a Gaussian and polynomials of bounded
 degree) and the enumeration of every token sequence (exact for a token
 measure) both compute sum_k w_k f(x_k) . g(x_k): the models are evaluated
 chunk by chunk with contraction plans made for the chunk's size from shapes
-alone, so the flops planned are the flops run.
+alone, so the flops planned are the flops run.  Monte Carlo
+(:mod:`tsalgebra.algorithms.sampled`) evaluates the models with the same
+:class:`Forward`.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from .components import Component, PositionWise, Sequential
 from .engine import evaluation_network, pad_input
 from .expr import Network
 from .planner import ContractionPlan, plan as plan_network
+from .problem import _terms
 
-__all__ = ["CHUNK", "chunk_sizes", "node_flops", "node_sum"]
+__all__ = ["CHUNK", "Forward", "chunk_sizes", "node_flops", "node_sum"]
 
 CHUNK = 4096  # inputs evaluated at once
 
@@ -37,16 +41,55 @@ def chunk_sizes(points: int) -> list[int]:
     return [CHUNK] * full + ([rest] if rest else [])
 
 
-def node_flops(ta: Terms, tb: Terms, points: int, limit: float = float("inf")) -> float:
+def _layer_flops(model: Component, batch: int) -> float:
+    """Planned flops of :meth:`Component.evaluate_flat` on ``batch`` inputs."""
+    if isinstance(model, Sequential):
+        return sum(_layer_flops(layer, batch) for layer in model.layers)
+    if isinstance(model, PositionWise):
+        return _layer_flops(model.layer, batch * model.n_ctx)
+    return float(_plans([(1, model.network(data=False))], batch)[0].flops)
+
+
+class Forward:
+    """A model evaluated on batches of inputs (n, width) -> outputs (n, out),
+    constant channel dropped: a layered component layer by layer (each
+    layer's own expression is far smaller than the composed one), a network
+    or sum term by term; the flops are planned from shapes."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.layered = isinstance(model, Component)
+        self._terms: Terms | None = None
+        self._plans: dict[int, list[ContractionPlan]] = {}
+
+    def terms(self) -> Terms:
+        if self._terms is None:
+            self._terms = _terms(self.model, data=not self.layered)
+        return self._terms
+
+    def flops(self, batch: int) -> float:
+        if self.layered:
+            return _layer_flops(self.model, batch)
+        return float(sum(p.flops for p in _plans(_terms(self.model, data=False), batch)))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.layered:
+            return np.asarray(self.model.evaluate_flat(x), dtype=float)
+        if len(x) not in self._plans:
+            self._plans[len(x)] = _plans(self.terms(), len(x))
+        return _evaluate(self.terms(), self._plans[len(x)], x)
+
+
+def node_flops(fa: Forward, fb: Forward, points: int, limit: float = float("inf")) -> float:
     """Planned flops of evaluating both models on ``points`` inputs (the
     first chunk's plan extrapolated, an exact count once it is within
     ``limit``)."""
     chunk = min(points, CHUNK)
-    per_chunk = sum(p.flops for p in _plans(ta, chunk) + _plans(tb, chunk))
+    per_chunk = fa.flops(chunk) + fb.flops(chunk)
     flops = float(per_chunk) * (points / chunk)
     if flops <= limit and points % chunk:
         sizes = chunk_sizes(points)
-        flops = float(per_chunk) * (len(sizes) - 1) + sum(p.flops for p in _plans(ta, sizes[-1]) + _plans(tb, sizes[-1]))
+        flops = float(per_chunk) * (len(sizes) - 1) + fa.flops(sizes[-1]) + fb.flops(sizes[-1])
     return flops
 
 
@@ -64,7 +107,7 @@ def _evaluate(terms: Terms, plans: list[ContractionPlan], x: np.ndarray) -> np.n
     return out
 
 
-def node_sum(ta: Terms, tb: Terms, chunks: Iterable[tuple[np.ndarray, np.ndarray]], centered: bool,
+def node_sum(fa: Forward, fb: Forward, chunks: Iterable[tuple[np.ndarray, np.ndarray]], centered: bool,
              per_output: bool) -> Any:
     """sum_k w_k f(x_k) . g(x_k) (minus the product of the weighted means when
     ``centered``), summed over channels unless ``per_output``; ``chunks``
@@ -72,11 +115,8 @@ def node_sum(ta: Terms, tb: Terms, chunks: Iterable[tuple[np.ndarray, np.ndarray
     acc_fg: Any = 0
     acc_f: Any = 0
     acc_g: Any = 0
-    plans: dict[int, tuple[list[ContractionPlan], list[ContractionPlan]]] = {}
     for x, w in chunks:
-        if len(x) not in plans:
-            plans[len(x)] = (_plans(ta, len(x)), _plans(tb, len(x)))
-        f, g = _evaluate(ta, plans[len(x)][0], x), _evaluate(tb, plans[len(x)][1], x)
+        f, g = fa(x), fb(x)
         acc_fg = acc_fg + (w[:, None] * f * g).sum(axis=0)
         if centered:
             acc_f = acc_f + (w[:, None] * f).sum(axis=0)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Mapping
 
+import numpy as np
 
 from .components import Component
 from .expr import Network, Sum
@@ -28,7 +29,7 @@ __all__ = ["Alternative", "CostError", "DEFAULT_BUDGET", "INNERS", "METHODS", "I
 
 INNERS = ("gaussian", "tokens", "symmetric", "network")
 FUNCTIONAL = ("gaussian", "tokens")  # E over the input measure of f . g: the name is the measure's kind
-METHODS = ("auto", "exact", "closure")
+METHODS = ("auto", "exact", "closure", "sampled")
 DEFAULT_BUDGET = 1e11  # flops of one inner product's contractions together
 
 
@@ -93,6 +94,22 @@ def _cost_error(reason: str, flops: float, alternatives: tuple[Alternative, ...]
 # ---------------------------------------------------------------- problems
 
 
+def _check_sampling(method: str, options: dict[str, Any]) -> None:
+    """ValueError naming a bad sampling option (or one given without
+    method='sampled', where it would be silently ignored)."""
+    samples, rel_error, seed = options.get("samples"), options.get("rel_error"), options.get("seed")
+    given = [k for k in ("samples", "rel_error", "seed", "device") if options.get(k) is not None]
+    if given and method != "sampled":
+        raise ValueError(f"{', '.join(given)} belong{'s' if len(given) == 1 else ''} to method='sampled'")
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, (int, np.integer))
+                                or samples < 2):
+        raise ValueError(f"samples must be an integer >= 2, got {samples!r}")
+    if rel_error is not None and not (isinstance(rel_error, (int, float)) and 0 < rel_error < 1):
+        raise ValueError(f"rel_error must be a number in (0, 1), got {rel_error!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+
+
 def positions_of(model: Any) -> int:
     """The positions a sequence model reads (its own ``n_ctx``, or that of its
     first attention layer); 1 for models of one vector."""
@@ -145,6 +162,9 @@ def check_arguments(inner: str, method: str, centered: bool) -> None:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "closure" and inner != "gaussian":
         raise ValueError("method='closure' is a Gaussian moment method; use it with inner='gaussian'")
+    if method == "sampled" and inner not in FUNCTIONAL:
+        raise ValueError("method='sampled' estimates the functional inner products (gaussian, tokens): an "
+                         f"expectation over inputs; {inner!r} is not one")
     if centered and inner not in FUNCTIONAL:
         raise ValueError("centered=True is defined for the functional inner products only (gaussian, tokens)")
 
@@ -210,6 +230,10 @@ class InnerProblem:
     orbits: bool = True
     joint: bool = False
     algorithm: str | None = None
+    samples: int | None = None
+    rel_error: float | None = None
+    seed: int | None = None
+    device: Any = None
     notes: tuple[str, ...] = ()
 
     @classmethod
@@ -234,6 +258,7 @@ class InnerProblem:
             raise ValueError(f"a measure (mean, cov) belongs to the functional inner products, not to {inner!r}")
         if inner == "tokens" and (mean is not None or cov is not None):
             raise ValueError("mean= and cov= describe a Gaussian; the token measure takes probs (ts.Tokens(...))")
+        _check_sampling(method, options)
         bound = bound_measure(a, mean, cov, measure) if inner in FUNCTIONAL else None
         return cls(a, b, inner, bound, method, notes=notes, **options)
 
@@ -315,7 +340,7 @@ class Plan:
     def result(self, value: Any, **fields: Any) -> "InnerResult":
         """An InnerResult of this plan's problem, algorithm and cost."""
         p = self.problem
-        base = dict(quantity="inner", inner=p.inner, method="closure" if p.method == "closure" else "exact",
+        base = dict(quantity="inner", inner=p.inner, method=p.method if p.method in ("closure", "sampled") else "exact",
                     exact=self.exact, algorithm=self.algorithm, centered=p.centered,
                     measure=p.measure.label if p.measure is not None else "", per_output=p.per_output,
                     contractions=self.contractions, flops=self.flops, notes=p.notes + self.notes)
@@ -331,8 +356,10 @@ class InnerResult:
     """A number with the facts needed to trust it.
 
     ``value`` is a float (or an exact rational with exact weights, or a
-    vector with ``per_output``); ``exact`` is False only for approximations
-    (closure); ``algorithm`` names the registered algorithm that computed it
+    vector with ``per_output``); ``exact`` is False for approximations
+    (closure) and estimates (``method == "sampled"``, :attr:`estimated`),
+    which carry ``stderr``, a 95 % ``interval``, the number of ``samples``
+    and the sampled statistics (``estimate``); ``algorithm`` names the registered algorithm that computed it
     (the vocabulary of the ``algorithm=`` argument); ``contractions``/``flops``
     are what was spent; ``pairings`` and ``orbits`` count the raw and the
     contracted terms of exact enumeration.
@@ -354,6 +381,15 @@ class InnerResult:
     pairings: int = 0
     orbits: int = 0
     notes: tuple[str, ...] = field(default=())
+    stderr: Any = None
+    interval: Any = None
+    samples: int = 0
+    estimate: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def estimated(self) -> bool:
+        """True for a Monte Carlo estimate (it carries ``stderr``)."""
+        return self.stderr is not None
 
     def __float__(self) -> float:
         if self.per_output:
@@ -363,8 +399,9 @@ class InnerResult:
     def __repr__(self) -> str:
         val = self.value
         if not self.per_output and isinstance(val, float):
-            val = f"{val:.12g}"
-        flags = [self.inner, self.method + (" (approximate)" if not self.exact else ""), self.algorithm]
+            val = f"{val:.12g}" if self.stderr is None else f"{val:.6g} ± {self.stderr:.2g}"
+        kind = " (estimated)" if self.estimated else " (approximate)" if not self.exact else ""
+        flags = [self.inner, self.method + kind, self.algorithm]
         if self.centered:
             flags.append("centred")
         if self.measure:
@@ -374,4 +411,6 @@ class InnerResult:
         cost = f"{self.contractions} contractions, {format_count(self.flops)} flops"
         if self.pairings:
             cost += f", {self.orbits} orbits of {self.pairings} pairings"
+        if self.samples:
+            cost += f", {self.samples:,} samples"
         return f"{self.quantity} = {val}  [{', '.join(flags)}; {cost}]"

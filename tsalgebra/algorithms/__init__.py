@@ -14,7 +14,9 @@ every orbit, is planned against the best estimate so far):
 - ``token-moments`` (exact): one attention layer under the token measure,
   polynomial in the vocabulary;
 - ``enumeration`` (exact): every token sequence of the token measure;
-- ``pairings`` (exact): pairing orbits, exponential in the input copies.
+- ``pairings`` (exact): pairing orbits, exponential in the input copies;
+- ``sampled`` (estimated): Monte Carlo with standard errors, for every
+  model; only when ``method="sampled"`` asks for it.
 
 A new algorithm is a module with an :class:`Algorithm` subclass and a
 :func:`register` call (see docs/architecture.md).
@@ -27,11 +29,12 @@ from .hermite import HermiteMoments
 from .moments import AttentionMoments
 from .pairings import PairingOrbits
 from .quadrature import Quadrature
+from .sampled import Sampled
 from .token_moments import TokenMoments
 from .registry import Algorithm, Triple, choose, describe, register, registered, run, solve, unregister
 
 __all__ = ["Algorithm", "Triple", "choose", "describe", "register", "registered", "run", "solve", "unregister"]
 
 for _algorithm in (AttentionMoments(), HermiteMoments(), GramRecursion(), GaussianClosure(), Quadrature(),
-                   TokenMoments(), Enumeration(), PairingOrbits()):
+                   TokenMoments(), Enumeration(), PairingOrbits(), Sampled()):
     register(_algorithm)

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..measure import Tokens
-from ..node_sums import CHUNK, node_flops, node_sum
+from ..node_sums import CHUNK, Forward, node_flops, node_sum
 from ..problem import CostError, InnerProblem, Plan, format_count
 from .registry import Algorithm, Triple
 
@@ -63,7 +63,7 @@ class Enumeration(Algorithm):
         if count > MAX_SEQUENCES:
             raise CostError(f"enumeration would visit {format_count(count)} token sequences (more than "
                             f"{format_count(MAX_SEQUENCES)})")
-        flops = node_flops(problem.terms("a", False), problem.terms("b", False), count, limit)
+        flops = node_flops(Forward(problem.a), Forward(problem.b), count, limit)
         if flops > limit:
             raise CostError(f"enumeration of {count:,} token sequences would cost {format_count(flops)} flops",
                             flops=flops)
@@ -73,5 +73,5 @@ class Enumeration(Algorithm):
 
     def run(self, plan: Plan) -> Triple:
         p = plan.problem
-        value = node_sum(p.terms("a"), p.terms("b"), _sequences(p.measure), p.centered, p.per_output)  # type: ignore[arg-type]
+        value = node_sum(Forward(p.a), Forward(p.b), _sequences(p.measure), p.centered, p.per_output)  # type: ignore[arg-type]
         return plan.result(value), None, None

@@ -17,20 +17,18 @@ from typing import Any
 
 import numpy as np
 
-from ..expr import Network
 from ..measure import Gaussian
-from ..node_sums import CHUNK, chunk_sizes, node_flops, node_sum
-from ..problem import CostError, InnerProblem, Plan, format_count
+from ..node_sums import CHUNK, Forward, chunk_sizes, node_flops, node_sum
+from ..problem import CostError, InnerProblem, Plan, degree_of, format_count
 from .registry import Algorithm, Triple
 
 __all__ = ["Quadrature", "quadrature_inner"]
 
 
-def quadrature_inner(ta: list[tuple[Any, Network]], tb: list[tuple[Any, Network]], measure: Gaussian,
-                     centered: bool, per_output: bool) -> tuple[Any, int]:
+def quadrature_inner(a: Any, b: Any, measure: Gaussian, centered: bool, per_output: bool) -> tuple[Any, int]:
     """E[f . g] (or the covariance form) for x under ``measure``; returns
     (value, nodes).  The caller checks the cost first (:class:`Quadrature`)."""
-    k = max(n.degree for _, n in ta) + max(n.degree for _, n in tb)
+    k = degree_of(a) + degree_of(b)
     F = measure.factor()
     mean = measure.padded_mean()[1:]
     q, r = k // 2 + 1, F.shape[1]
@@ -46,7 +44,7 @@ def quadrature_inner(ta: list[tuple[Any, Network]], tb: list[tuple[Any, Network]
             start += batch
             yield mean[None, :] + nodes[idx] @ F.T, np.prod(weights[idx], axis=1)
 
-    return node_sum(ta, tb, chunks(), centered, per_output), points
+    return node_sum(Forward(a), Forward(b), chunks(), centered, per_output), points
 
 
 class Quadrature(Algorithm):
@@ -66,7 +64,7 @@ class Quadrature(Algorithm):
         if r * math.log10(q) > 300:  # beyond any budget, and beyond a float
             raise CostError(f"Gauss-Hermite quadrature needs {q}^{r} nodes (about 1e{r * math.log10(q):.0f})")
         points = q**r
-        flops = node_flops(problem.terms("a", False), problem.terms("b", False), points, limit)
+        flops = node_flops(Forward(problem.a), Forward(problem.b), points, limit)
         if flops > limit:
             count = f"{points:,}" if points < 10**15 else f"about {format_count(points)}"
             raise CostError(f"Gauss-Hermite quadrature needs {q}^{r} = {count} evaluations "
@@ -78,5 +76,5 @@ class Quadrature(Algorithm):
 
     def run(self, plan: Plan) -> Triple:
         p = plan.problem
-        value, _ = quadrature_inner(p.terms("a"), p.terms("b"), p.measure, p.centered, p.per_output)  # type: ignore[arg-type]
+        value, _ = quadrature_inner(p.a, p.b, p.measure, p.centered, p.per_output)  # type: ignore[arg-type]
         return plan.result(value), None, None

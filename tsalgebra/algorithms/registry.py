@@ -10,7 +10,7 @@ and a :func:`register` call.
 The rule (:func:`choose`): an ``algorithm=`` named by the caller is planned
 alone (ValueError with its reason when it does not apply).  Otherwise every
 registered algorithm of the method asked for (``"exact"`` for auto and exact:
-never an approximation; ``"closure"``) that supports the problem is planned,
+never an approximation or an estimate; ``"closure"``; ``"sampled"``) that supports the problem is planned,
 in registry order, each with a limit of the budget (one per product: three
 for a joint plan) and of the cheapest plan so far, and the cheapest plan
 wins.  When none fits, one CostError states every algorithm's estimate or
@@ -81,8 +81,8 @@ def register(algorithm: Algorithm, *, before: str | None = None) -> Algorithm:
     last); its name must be new.  Returns it."""
     if not algorithm.name or algorithm.name in _REGISTRY:
         raise ValueError(f"an algorithm needs a new name, got {algorithm.name!r}")
-    if algorithm.method not in ("exact", "closure"):
-        raise ValueError(f"method must be 'exact' or 'closure', got {algorithm.method!r}")
+    if algorithm.method not in ("exact", "closure", "sampled"):
+        raise ValueError(f"method must be 'exact', 'closure' or 'sampled', got {algorithm.method!r}")
     items = list(_REGISTRY.items())
     at = next((k for k, (name, _) in enumerate(items) if name == before), len(items))
     items.insert(at, (algorithm.name, algorithm))
@@ -108,7 +108,9 @@ def _named(name: str) -> Algorithm:
 
 
 def _method(problem: InnerProblem) -> str:
-    return "closure" if problem.method == "closure" else "exact"
+    """The rung of the ladder asked for: auto means exact (never an
+    approximation or an estimate unless asked)."""
+    return problem.method if problem.method in ("closure", "sampled") else "exact"
 
 
 def _limit(problem: InnerProblem) -> str:
@@ -126,10 +128,13 @@ def _alternatives(problem: InnerProblem, estimates: list[float]) -> tuple[Altern
         step = 10.0 ** (math.floor(math.log10(max(per_product, 1.0))) - 1)  # rounded up to two digits
         out.append(Alternative("budget", math.ceil(per_product / step) * step, "the cheapest estimate"))
     for change, why in (({"inner": "network"}, "the layer-wise product, a property of the factorization"),
-                        ({"method": "closure"}, "Gaussian closure, approximate beyond the first layer")):
+                        ({"method": "closure"}, "Gaussian closure, approximate beyond the first layer"),
+                        ({"method": "sampled"}, "a Monte Carlo estimate with standard errors")):
         other = problem.replace(**change, algorithm=None)
         if other.inner == "network":
             other = other.replace(measure=None, centered=False, method="auto")
+        if other.method == "sampled" and other.inner not in ("gaussian", "tokens"):
+            continue
         if any(getattr(other, k) != getattr(problem, k) for k in change) and any(
                 alg.method == _method(other) and alg.supports(other) is None for alg in _REGISTRY.values()):
             key, value = next(iter(change.items()))

@@ -1,0 +1,361 @@
+"""Monte Carlo: an unbiased estimator of the functional inner products, for every model and measure.
+
+Inputs are drawn from the measure (seeded), in batches of bounded memory,
+and both models run forward on them (:class:`~tsalgebra.node_sums.Forward`:
+layer by layer for layered models, on numpy or, with ``device=``, torch).
+One set of samples gives the three products <a, b>, <a, a>, <b, b> jointly:
+each is the sample mean of its per-sample product (unbiased), with the
+standard error sd / sqrt(n); their 3 x 3 covariance gives the cosine's
+standard error by the delta method (:class:`Estimate`).
+
+Centred products are the unbiased sample covariance, accumulated about the
+means of an independent pilot batch (numerically stable, still unbiased:
+the pilot's values only shift the origin).
+
+Control variate: where the models have nonlinear layers after their first
+one, the models truncated after it (the deeper nonlinear layers dropped,
+the linear ones kept) have exactly computable products; the estimator
+subtracts beta (c - E c) with beta fitted on the pilot batch (independent
+of the samples averaged, so the estimate stays unbiased) and reports the
+variance it saved.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..components import PositionWise, Sequential
+from ..measure import Gaussian, Tokens
+from ..node_sums import Forward
+from ..problem import CostError, InnerProblem, InnerResult, Plan, format_count
+from .registry import Algorithm, Triple
+
+__all__ = ["Estimate", "Sampled", "DEFAULT_SAMPLES"]
+
+DEFAULT_SAMPLES = 10_000
+PILOT = 512  # samples of the pilot batch (control-variate coefficients, centring origin), not averaged
+BATCH_BYTES = 64 * 2**20  # a batch's inputs and outputs together
+Z95 = 1.959963984540054  # the normal quantile of a 95 % interval
+LONG_FLOPS = 3e10  # a progress bar from here: about a second of forward passes on this 2-core machine
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What Monte Carlo measured: ``means`` (3, C) of the per-sample
+    products <a,b>, <a,a>, <b,b> (C channels: 1, or the outputs with
+    ``per_output``), ``cov`` (3, 3, C) the covariance of those means (the
+    per-sample covariance over n), ``samples`` n, ``seed``, and the
+    variance factor the control variate saved (1.0: none)."""
+
+    means: np.ndarray
+    cov: np.ndarray
+    samples: int
+    seed: int | None
+    variance_saved: float = 1.0
+
+    def stderr(self, k: int) -> np.ndarray:
+        return np.sqrt(np.maximum(self.cov[k, k], 0.0))
+
+    def cosine(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ab / sqrt(aa bb), its delta-method standard error), per channel:
+        a ratio estimator (consistent; its bias is O(1/n), below the error)."""
+        ab, aa, bb = self.means
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cos = ab / np.sqrt(aa * bb)
+            grad = np.stack([cos / ab, -0.5 * cos / aa, -0.5 * cos / bb])  # d cos / d (ab, aa, bb)
+            grad = np.where(ab == 0, np.stack([1 / np.sqrt(aa * bb), 0 * aa, 0 * bb]), grad)
+        var = np.einsum("ic,ijc,jc->c", grad, self.cov, grad)
+        return cos, np.sqrt(np.maximum(var, 0.0))
+
+
+def interval(value: Any, stderr: Any) -> tuple[Any, Any]:
+    """The normal 95 % confidence interval value -/+ 1.96 stderr."""
+    return value - Z95 * stderr, value + Z95 * stderr
+
+
+def surrogate(model: Any) -> Any:
+    """The model truncated after its first nonlinear layer: deeper nonlinear
+    layers that keep the width are dropped, linear ones kept; None when
+    there is nothing to drop or the widths would not chain."""
+    if not isinstance(model, Sequential):
+        return None
+    layers, kept, seen = model.layers, [], False
+    for layer in layers:
+        nonlinear = (layer.layer.degree if isinstance(layer, PositionWise) else layer.degree) > 1
+        if nonlinear and seen:
+            if layer.in_features != layer.out_features:
+                return None
+            continue
+        seen = seen or nonlinear
+        kept.append(layer)
+    return Sequential(*kept) if len(kept) < len(layers) else None
+
+
+class _Stream:
+    """Per-sample products accumulated: sums of s (3, C) and of s s' (3, 3, C)
+    over the samples, s the (centred) products, control variate applied."""
+
+    def __init__(self, channels: int) -> None:
+        self.n = 0
+        self.sum = np.zeros((3, channels))
+        self.outer = np.zeros((3, 3, channels))
+        self.raw_var_sum = np.zeros((3, channels))  # sums of squares of the products before the control variate
+        self.raw_sum = np.zeros((3, channels))
+        self.vec: list[Any] = [0.0, 0.0]  # sums of the centred outputs (centred products' correction)
+
+    def add(self, s: np.ndarray, raw: np.ndarray) -> None:
+        self.n += len(s)
+        self.sum += s.sum(0)
+        self.outer += np.einsum("nic,njc->ijc", s, s)
+        self.raw_sum += raw.sum(0)
+        self.raw_var_sum += (raw * raw).sum(0)
+
+    def covariance(self) -> np.ndarray:
+        """The per-sample covariance (3, 3, C) (unbiased)."""
+        m = self.sum / self.n
+        return (self.outer - self.n * np.einsum("ic,jc->ijc", m, m)) / max(self.n - 1, 1)
+
+    def raw_variance(self) -> np.ndarray:
+        m = self.raw_sum / self.n
+        return (self.raw_var_sum - self.n * m * m) / max(self.n - 1, 1)
+
+
+@dataclass(frozen=True)
+class _Control:
+    """The control variate: the truncated models and the exact plans of
+    their products (one joint plan, or three)."""
+
+    a: Any
+    b: Any
+    plans: tuple[Plan, ...]
+
+    @property
+    def flops(self) -> float:
+        return float(sum(p.flops for p in self.plans))
+
+    @property
+    def peak_bytes(self) -> float:
+        return max(p.peak_bytes for p in self.plans)
+
+    @property
+    def algorithms(self) -> str:
+        return "/".join(dict.fromkeys(p.algorithm for p in self.plans))
+
+
+class Sampled(Algorithm):
+    """Monte Carlo for every model (Components, networks, sums) under the
+    Gaussian or the token measure; joint (the three products of a
+    similarity from one set of samples)."""
+
+    name = "sampled"
+    title = "Monte Carlo estimate"
+    method = "sampled"
+    inners = ("gaussian", "tokens")
+    measures = (Gaussian, Tokens)
+
+    def check(self, problem: InnerProblem) -> str | None:
+        if problem.exact_numbers:
+            return "it samples float models only"
+        return None
+
+    # -------------------------------------------------------------- planning
+    def plan(self, problem: InnerProblem, limit: float) -> Plan:
+        fa, fb = Forward(problem.a), Forward(problem.b)
+        width, out = problem.widths
+        batch = max(1, min(4096, BATCH_BYTES // (8 * (width + 4 * out))))
+        per_sample = (fa.flops(batch) + (fb.flops(batch) if problem.b is not problem.a else 0)) / batch
+        per_sample += 4.0 * out  # the three products
+        control = self._control(problem)
+        cv = control if isinstance(control, _Control) else None
+        if cv is not None:
+            per_sample += (Forward(cv.a).flops(batch) + Forward(cv.b).flops(batch)) / batch
+        fixed = cv.flops if cv is not None else 0.0
+        wanted = problem.samples if problem.samples is not None else (None if problem.rel_error is not None
+                                                                          else DEFAULT_SAMPLES)
+        affordable = int((limit - fixed) / per_sample) - PILOT if limit < math.inf else 10**12
+        if wanted is None:  # run until rel_error, within the budget
+            if affordable < 2:
+                raise CostError(f"Monte Carlo costs {format_count(per_sample)} flops per sample; the budget "
+                                "affords fewer than two", flops=fixed + (PILOT + 2) * per_sample)
+            samples = affordable
+        else:
+            samples = int(wanted)
+            cost = fixed + (samples + PILOT) * per_sample
+            if cost > limit:
+                raise CostError(f"Monte Carlo with {samples:,} samples would cost {format_count(cost)} flops "
+                                f"({format_count(per_sample)} per sample)", flops=cost)
+        flops = fixed + (samples + PILOT) * per_sample
+        notes = ["estimated by Monte Carlo: unbiased, with standard errors"]
+        notes.append(f"control variate: the models truncated after their first nonlinear layer ({cv.algorithms}, "
+                     f"exact)" if cv is not None else f"control variate: {control}")
+        peak = 8.0 * batch * (width + 4 * out) + (cv.peak_bytes if cv is not None else 0.0)
+        facts = {"per_sample_flops": per_sample, "batch": batch, "samples": samples,
+                 "rel_error": problem.rel_error, "seed": problem.seed, "control_variate": cv is not None}
+        return Plan(self.name, problem, flops, peak, 0, exact=False, joint=True, facts=facts, notes=tuple(notes),
+                    payload=(batch, samples, cv))
+
+    @staticmethod
+    def _control(problem: InnerProblem) -> "_Control | str":
+        """The exact plan of the truncated models' products, when they exist,
+        differ from the models and cost at most a tenth of the budget; else
+        why there is no control variate."""
+        if problem.centered:
+            return "none for centred products"
+        sa, sb = (surrogate(m) if problem.components else None for m in (problem.a, problem.b))
+        if sa is None and sb is None:
+            return "none (no nonlinear layer after the first to truncate)"
+        from .registry import choose
+
+        sub = problem.replace(a=sa or problem.a, b=sb or problem.b, method="exact", algorithm=None, joint=True,
+                              budget=problem.budget / 10, samples=None, rel_error=None, seed=None, device=None)
+        try:
+            first = choose(sub)
+            plans = [first] if first.joint else [first, choose(sub.self_problem("a")), choose(sub.self_problem("b"))]
+        except (CostError, ValueError):
+            return "none (the truncated models' exact products cost more than a tenth of the budget)"
+        return _Control(sub.a, sub.b, tuple(plans))
+
+    # ------------------------------------------------------------- running
+    def run(self, plan: Plan) -> Triple:
+        p = plan.problem
+        batch, samples, cv = plan.payload
+        rng = np.random.default_rng(p.seed)
+        models = [Forward(p.a), Forward(p.b)]
+        controls = [Forward(cv.a), Forward(cv.b)] if cv is not None else None
+        exact_c = self._exact_control(cv) if cv is not None else None
+        _, out = p.widths
+        channels = out - 1 if p.per_output else 1
+
+        # pilot: the centring origin and the control variate's coefficients, from samples not averaged
+        x = self._draw(p, PILOT, rng)
+        fa, fb = self._outputs(models, x, p)
+        origin = (fa.mean(0), fb.mean(0)) if p.centered else (0.0, 0.0)
+        s = self._products(fa - origin[0], fb - origin[1], p.per_output)
+        beta = None
+        if controls is not None:
+            c = self._products(*self._outputs(controls, x, p), p.per_output)
+            dc = c - c.mean(0)
+            var_c = (dc * dc).sum(0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                beta = np.where(var_c > 0, ((s - s.mean(0)) * dc).sum(0) / var_c, 0.0)
+
+        stream = _Stream(channels)
+        bar = self._bar(plan, samples)
+        target = p.rel_error
+        try:
+            while stream.n < samples:
+                k = min(batch, samples - stream.n)
+                x = self._draw(p, k, rng)
+                fa, fb = self._outputs(models, x, p)
+                fa, fb = fa - origin[0], fb - origin[1]
+                raw = self._products(fa, fb, p.per_output)
+                s = raw
+                if beta is not None:
+                    c = self._products(*self._outputs(controls, x, p), p.per_output)  # type: ignore[arg-type]
+                    s = raw - beta * (c - exact_c)
+                stream.add(s, raw)
+                if p.centered:
+                    stream.vec[0] = stream.vec[0] + fa.sum(0)
+                    stream.vec[1] = stream.vec[1] + fb.sum(0)
+                if bar is not None:
+                    bar.update(k)
+                if target is not None and stream.n >= 2 * batch and self._reached(stream, p, target):
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+        return self._results(plan, stream)
+
+    @staticmethod
+    def _bar(plan: Plan, samples: int) -> Any:
+        """A bar on a terminal when the sampling is long (over about a second
+        here); its total is unknown while rel_error decides when to stop."""
+        import sys
+
+        if plan.flops < LONG_FLOPS or not sys.stderr.isatty():
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=None if plan.problem.rel_error is not None else samples, desc="Monte Carlo",
+                    unit="sample", leave=False)
+
+    @staticmethod
+    def _draw(p: InnerProblem, k: int, rng: np.random.Generator) -> np.ndarray:
+        return p.measure.sample(k, rng)  # type: ignore[union-attr]
+
+    @staticmethod
+    def _outputs(models: list[Forward], x: np.ndarray, p: InnerProblem) -> tuple[np.ndarray, np.ndarray]:
+        if p.device is not None:
+            import torch
+
+            xt = torch.as_tensor(x, device=p.device)
+            outs = [m.model.evaluate_flat(xt) if m.layered else m(x) for m in models]
+            fa, fb = (o.detach().cpu().numpy() if hasattr(o, "detach") else np.asarray(o) for o in outs)
+        else:
+            fa = models[0](x)
+            fb = fa if models[1].model is models[0].model else models[1](x)
+        for f, side in ((fa, "a"), (fb, "b")):
+            if not np.all(np.isfinite(f)):
+                raise FloatingPointError(f"Monte Carlo: model {side} gave a non-finite output on a sampled input "
+                                         "(its weights overflow float64 at this input scale)")
+        return fa, fb
+
+    @staticmethod
+    def _products(fa: np.ndarray, fb: np.ndarray, per_output: bool) -> np.ndarray:
+        """Per sample (n, 3, C): f.g, f.f, g.g, per channel or summed."""
+        s = np.stack([fa * fb, fa * fa, fb * fb], axis=1)
+        return s if per_output else s.sum(axis=2, keepdims=True)
+
+    @staticmethod
+    def _exact_control(cv: "_Control") -> np.ndarray:
+        """E[c]: the truncated models' exact <a,b>, <a,a>, <b,b> (1, 3, C)."""
+        from .registry import run
+
+        results = run(cv.plans[0]) if len(cv.plans) == 1 else tuple(run(p)[0] for p in cv.plans)
+        return np.stack([np.atleast_1d(np.asarray(r.value, dtype=float)) for r in results])[None]
+
+    def _reached(self, stream: _Stream, p: InnerProblem, target: float) -> bool:
+        est = self._estimate(stream, p)
+        value, se = est.cosine() if p.joint and p.a is not p.b else (est.means[0], est.stderr(0))
+        return bool(np.all(se <= target * np.abs(value)))
+
+    @staticmethod
+    def _estimate(stream: _Stream, p: InnerProblem) -> Estimate:
+        means = stream.sum / stream.n
+        if p.centered and stream.n > 1:  # unbiased sample covariance about the pilot origin
+            n = stream.n
+            da, db = stream.vec[0] / n, stream.vec[1] / n
+            corr = np.stack([da * db, da * da, db * db])
+            corr = corr if p.per_output else corr.sum(axis=1, keepdims=True)
+            means = n / (n - 1) * (means - corr)
+        cov = stream.covariance() / stream.n
+        raw = stream.raw_variance()
+        kept = np.diagonal(stream.covariance(), axis1=0, axis2=1).T
+        with np.errstate(divide="ignore", invalid="ignore"):
+            saved = float(np.nanmean(np.where(kept > 0, raw / kept, 1.0)))
+        return Estimate(means, cov, stream.n, p.seed, saved)
+
+    def _results(self, plan: Plan, stream: _Stream) -> Triple:
+        p = plan.problem
+        est = self._estimate(stream, p)
+        notes = [f"{stream.n:,} samples (seed {p.seed})"]
+        if plan.payload[2] is not None:
+            notes.append(f"the control variate divided the variance by {est.variance_saved:.3g}")
+        if p.rel_error is not None:
+            reached = self._reached(stream, p, p.rel_error)
+            notes.append(f"relative error {p.rel_error:g} {'reached' if reached else 'NOT reached within the budget'}")
+        flops = plan.facts["per_sample_flops"] * (stream.n + PILOT) + (plan.payload[2].flops if plan.payload[2] else 0)
+
+        def result(k: int) -> InnerResult:
+            value, se = est.means[k], est.stderr(k)
+            if not p.per_output:
+                value, se = float(value[0]), float(se[0])
+            return plan.result(value, stderr=se, interval=interval(value, se), samples=stream.n, estimate=est,
+                               flops=flops, notes=plan.problem.notes + plan.notes + tuple(notes))
+
+        return result(0), result(1), result(2)
+
