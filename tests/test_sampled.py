@@ -110,6 +110,27 @@ def test_control_variate_is_exact_and_saves_variance():
     check(*repeated(a, b, 100, 1500, "similarity"), ts.similarity(a, b).value)
 
 
+def test_heavy_tails_are_flagged():
+    """A two-layer attention model is a degree-25 polynomial: under the
+    Gaussian a few samples dominate and the standard error is not to be
+    trusted; the result says so (a one-layer bilinear model does not)."""
+    import torch
+    from torch import nn
+
+    from tsalgebra.adapters import BilinearAttentionModule
+
+    torch.manual_seed(4)
+    deep = ts.from_torch(nn.Sequential(*[BilinearAttentionModule(1, 1, 1, causal=True, n_ctx=2, bias=True, scale=0.3)
+                                         for _ in range(2)], nn.Linear(1, 2)).double().eval())
+    torch.manual_seed(5)
+    other = ts.from_torch(nn.Sequential(*[BilinearAttentionModule(1, 1, 1, causal=True, n_ctx=2, bias=True, scale=0.3)
+                                          for _ in range(2)], nn.Linear(1, 2)).double().eval())
+    r = ts.similarity(deep, other, method="sampled", samples=20000, seed=0)
+    assert r.estimate.heavy_tailed and "heavy tails" in repr(r) and any("HEAVY TAILS" in n for n in r.notes)
+    a, b = bilinear_pair(1)
+    assert not ts.similarity(a, b, method="sampled", samples=20000, seed=0).estimate.heavy_tailed
+
+
 def test_labelled_reproducible_and_rel_error():
     a, b = bilinear_pair(1)
     r = ts.similarity(a, b, method="sampled", samples=500, seed=7)

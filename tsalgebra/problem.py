@@ -400,7 +400,8 @@ class InnerResult:
         val = self.value
         if not self.per_output and isinstance(val, float):
             val = f"{val:.12g}" if self.stderr is None else f"{val:.6g} ± {self.stderr:.2g}"
-        kind = " (estimated)" if self.estimated else " (approximate)" if not self.exact else ""
+        heavy = ", heavy tails: the error bar is doubtful" if getattr(self.estimate, "heavy_tailed", False) else ""
+        kind = f" (estimated{heavy})" if self.estimated else " (approximate)" if not self.exact else ""
         flags = [self.inner, self.method + kind, self.algorithm]
         if self.centered:
             flags.append("centred")

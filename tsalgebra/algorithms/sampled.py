@@ -40,6 +40,7 @@ DEFAULT_SAMPLES = 10_000
 PILOT = 512  # samples of the pilot batch (control-variate coefficients, centring origin), not averaged
 BATCH_BYTES = 64 * 2**20  # a batch's inputs and outputs together
 Z95 = 1.959963984540054  # the normal quantile of a 95 % interval
+HEAVY_TAIL_SHARE = 0.05  # one sample's share of the spread beyond which the standard error is flagged
 LONG_FLOPS = 3e10  # a progress bar from here: about a second of forward passes on this 2-core machine
 
 
@@ -56,6 +57,14 @@ class Estimate:
     samples: int
     seed: int | None
     variance_saved: float = 1.0
+    tail_share: float = 0.0
+
+    @property
+    def heavy_tailed(self) -> bool:
+        """True when one sample carries too large a share of the spread for
+        the standard error to be trusted (over 5 %, or 30 / n for small n;
+        light tails give about 2 ln(n) / n)."""
+        return self.tail_share > max(HEAVY_TAIL_SHARE, 30 / self.samples)
 
     def stderr(self, k: int) -> np.ndarray:
         return np.sqrt(np.maximum(self.cov[k, k], 0.0))
@@ -96,23 +105,32 @@ def surrogate(model: Any) -> Any:
 
 
 class _Stream:
-    """Per-sample products accumulated: sums of s (3, C) and of s s' (3, 3, C)
-    over the samples, s the (centred) products, control variate applied."""
+    """Per-sample products accumulated about a centre (the pilot's means:
+    no cancellation when the mean dwarfs the spread): sums of d = s - centre
+    (3, C), of d d' (3, 3, C) and the largest d^2 (the tail diagnostic); the
+    same sums of the products before the control variate."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, centre: np.ndarray, raw_centre: np.ndarray) -> None:
         self.n = 0
-        self.sum = np.zeros((3, channels))
-        self.outer = np.zeros((3, 3, channels))
-        self.raw_var_sum = np.zeros((3, channels))  # sums of squares of the products before the control variate
-        self.raw_sum = np.zeros((3, channels))
+        self.centre, self.raw_centre = centre, raw_centre
+        self.sum = np.zeros_like(centre)
+        self.outer = np.zeros((3,) + centre.shape)
+        self.largest = np.zeros_like(centre)
+        self.raw_sum = np.zeros_like(centre)
+        self.raw_squares = np.zeros_like(centre)
         self.vec: list[Any] = [0.0, 0.0]  # sums of the centred outputs (centred products' correction)
 
     def add(self, s: np.ndarray, raw: np.ndarray) -> None:
+        d, r = s - self.centre, raw - self.raw_centre
         self.n += len(s)
-        self.sum += s.sum(0)
-        self.outer += np.einsum("nic,njc->ijc", s, s)
-        self.raw_sum += raw.sum(0)
-        self.raw_var_sum += (raw * raw).sum(0)
+        self.sum += d.sum(0)
+        self.outer += np.einsum("nic,njc->ijc", d, d)
+        self.largest = np.maximum(self.largest, (d * d).max(0))
+        self.raw_sum += r.sum(0)
+        self.raw_squares += (r * r).sum(0)
+
+    def means(self) -> np.ndarray:
+        return self.centre + self.sum / self.n
 
     def covariance(self) -> np.ndarray:
         """The per-sample covariance (3, 3, C) (unbiased)."""
@@ -121,7 +139,15 @@ class _Stream:
 
     def raw_variance(self) -> np.ndarray:
         m = self.raw_sum / self.n
-        return (self.raw_var_sum - self.n * m * m) / max(self.n - 1, 1)
+        return (self.raw_squares - self.n * m * m) / max(self.n - 1, 1)
+
+    def tail_share(self) -> float:
+        """The largest share of a product's sum of squared deviations that one
+        sample carries: about 2 ln(n) / n for light tails; near 1 when a few
+        samples dominate and the standard error cannot be trusted."""
+        total = np.diagonal(self.outer, axis1=0, axis2=1).T
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return float(np.nanmax(np.where(total > 0, self.largest / total, 0.0)))
 
 
 @dataclass(frozen=True)
@@ -227,8 +253,6 @@ class Sampled(Algorithm):
         models = [Forward(p.a), Forward(p.b)]
         controls = [Forward(cv.a), Forward(cv.b)] if cv is not None else None
         exact_c = self._exact_control(cv) if cv is not None else None
-        _, out = p.widths
-        channels = out - 1 if p.per_output else 1
 
         # pilot: the centring origin and the control variate's coefficients, from samples not averaged
         x = self._draw(p, PILOT, rng)
@@ -243,7 +267,7 @@ class Sampled(Algorithm):
             with np.errstate(divide="ignore", invalid="ignore"):
                 beta = np.where(var_c > 0, ((s - s.mean(0)) * dc).sum(0) / var_c, 0.0)
 
-        stream = _Stream(channels)
+        stream = _Stream((s - beta * (c - exact_c) if beta is not None else s).mean(0), s.mean(0))
         bar = self._bar(plan, samples)
         target = p.rel_error
         try:
@@ -325,7 +349,7 @@ class Sampled(Algorithm):
 
     @staticmethod
     def _estimate(stream: _Stream, p: InnerProblem) -> Estimate:
-        means = stream.sum / stream.n
+        means = stream.means()
         if p.centered and stream.n > 1:  # unbiased sample covariance about the pilot origin
             n = stream.n
             da, db = stream.vec[0] / n, stream.vec[1] / n
@@ -337,12 +361,15 @@ class Sampled(Algorithm):
         kept = np.diagonal(stream.covariance(), axis1=0, axis2=1).T
         with np.errstate(divide="ignore", invalid="ignore"):
             saved = float(np.nanmean(np.where(kept > 0, raw / kept, 1.0)))
-        return Estimate(means, cov, stream.n, p.seed, saved)
+        return Estimate(means, cov, stream.n, p.seed, saved, stream.tail_share())
 
     def _results(self, plan: Plan, stream: _Stream) -> Triple:
         p = plan.problem
         est = self._estimate(stream, p)
         notes = [f"{stream.n:,} samples (seed {p.seed})"]
+        if est.heavy_tailed:
+            notes.append(f"HEAVY TAILS: one sample carries {est.tail_share:.0%} of a product's spread; the standard "
+                         "error is likely underestimated (more samples, or an exact or closure value, to check)")
         if plan.payload[2] is not None:
             notes.append(f"the control variate divided the variance by {est.variance_saved:.3g}")
         if p.rel_error is not None:
