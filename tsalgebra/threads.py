@@ -5,16 +5,54 @@ independent products, each too small to use several BLAS threads well)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+import threading
+from typing import Any, Iterator
 
 __all__ = ["blas_threads", "blas_worker_pool"]
 
 
+_LOCK = threading.Lock()
+_held = 0  # computations inside the one-thread limit now
+_limiter: Any = None
+_original = 1  # BLAS threads before the first of them set the limit
+
+
 def blas_threads() -> int:
-    """Threads of the BLAS library numpy calls (1 when none is found)."""
+    """Threads of the BLAS library numpy calls (1 when none is found); while
+    computations hold BLAS at one thread, the count they will restore."""
+    with _LOCK:
+        if _held:
+            return _original
+    return _current_threads()
+
+
+def _current_threads() -> int:
     from threadpoolctl import ThreadpoolController
 
     return max((lib.num_threads for lib in ThreadpoolController().select(user_api="blas").lib_controllers), default=1)
+
+
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """BLAS at one thread, process wide, while any computation holds it: the
+    first to enter saves and sets the limit, the last to leave restores it
+    (a limit per call would let overlapping calls restore each other's 1)."""
+    global _held, _limiter, _original
+    from threadpoolctl import threadpool_limits
+
+    with _LOCK:
+        if _held == 0:
+            _original = _current_threads()
+            _limiter = threadpool_limits(limits=1, user_api="blas")
+        _held += 1
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _held -= 1
+            if _held == 0:
+                _limiter.restore_original_limits()
+                _limiter = None
 
 
 def blas_worker_pool(stack: contextlib.ExitStack, workers: int) -> Any:
@@ -24,7 +62,5 @@ def blas_worker_pool(stack: contextlib.ExitStack, workers: int) -> Any:
     the workers their cores here."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from threadpoolctl import threadpool_limits
-
-    stack.enter_context(threadpool_limits(limits=1, user_api="blas"))
+    stack.enter_context(_one_blas_thread())
     return stack.enter_context(ThreadPoolExecutor(workers))
