@@ -212,7 +212,7 @@ def test_verify_formula_files(ckpts, capsys):
     rep = json.loads(out)
     assert rep["verdict"] == "equal" and rep["exact"] and rep["similarity"] == 1.0
     code, out, _ = call(capsys, "verify", ckpts / "wrong.txt", sq, "--exact")
-    assert code == 0 and "different" in out and "3 - x1" in out
+    assert code == 1 and "different" in out and "3 - x1" in out
     code, out, err = call(capsys, "verify", ckpts / "evil.txt", sq)
     assert code == 1 and "only numbers" in err and out == ""
     code, out, _ = call(capsys, "verify", sq, sq)  # a checkpoint as the circuit
@@ -234,7 +234,7 @@ def test_verify_json_in_float_mode(ckpts):
     assert same["relative_residual"] == pytest.approx(0, abs=1e-12)
     assert same["per_output"]["similarity"] == [pytest.approx(1, abs=1e-12)] and same["certificate"] is None
     r = run("verify", ckpts / "wrong.txt", sq, "--json")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1, r.stderr  # a verdict of different exits 1 (like cmp)
     other = strict_json(r.stdout)
     want = ts.verify(parse_formulas("x1^2 - x2^2 + x1", ["x1", "x2"]), ts.load(sq), exact=False)
     assert other["verdict"] == "different" and other["exact"] is False
@@ -290,3 +290,40 @@ def test_subcommand_help_exits_0(capsys):
         main(["demo", "grokking", "--help"])
     assert e.value.code == 0
     assert "--modulus" in capsys.readouterr().out
+
+
+def test_template_file_imports_its_neighbours(tmp_path, capsys):
+    """A template beside the user's model code imports it (the installed
+    command's sys.path does not hold the template's folder)."""
+    (tmp_path / "mymodels.py").write_text(
+        "from torch import nn\n"
+        "class Fused(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.w = nn.Linear(3, 8); self.p = nn.Linear(4, 2)\n"
+        "    def forward(self, x):\n"
+        "        l, r = self.w(x).chunk(2, -1); return self.p(l * r)\n")
+    (tmp_path / "tpl.py").write_text("from mymodels import Fused\ndef build():\n    return Fused()\n")
+    for s in (1, 2):
+        torch.manual_seed(s)
+        torch.save(_fused_state(), tmp_path / f"m{s}.pt")
+    r = run("similarity", tmp_path / "m1.pt", tmp_path / "m2.pt", "--template", f"{tmp_path / 'tpl.py'}:build",
+            "--json", cwd=tmp_path.parent)
+    assert r.returncode == 0, r.stderr
+    sys.modules.pop("mymodels", None)
+
+
+def _fused_state():
+    w, p = torch.nn.Linear(3, 8), torch.nn.Linear(4, 2)
+    return {"w.weight": w.weight, "w.bias": w.bias, "p.weight": p.weight, "p.bias": p.bias}
+
+
+def test_matrix_outputs_checked_before_the_run_data_before_figure(ckpts, capsys, tmp_path):
+    run_dir = ckpts / "run"
+    code, _, err = call(capsys, "matrix", run_dir, "--out", tmp_path / "m.unknown", "--no-progress")
+    assert code == 2 and "suffix" in err
+    code, _, err = call(capsys, "matrix", run_dir, "--out", tmp_path / "nowhere" / "m.png", "--no-progress")
+    assert code == 2 and "does not exist" in err
+    code, out, err = call(capsys, "matrix", run_dir, "--out", tmp_path, "--csv", "--no-progress", "--json")
+    rep = json.loads(out)
+    assert code == 0 and rep["figure"] == str(tmp_path / "matrix.png") and (tmp_path / "matrix.png").is_file()
+    assert (tmp_path / "matrix.csv").is_file()

@@ -16,7 +16,7 @@ for machine-readable output on stdout.
 
 Exit codes: 0 success; 1 a computation failed (malformed or unreadable
 checkpoint, a model that is not tensor-based, ...), with a message on
-stderr; 2 bad usage (unknown option, missing file); 3 refused: the cost is
+stderr, or `verify` found the circuit different; 2 bad usage (unknown option, missing file); 3 refused: the cost is
 above the budget (the message states the estimate and the alternatives;
 `plan` exits 3 when what it plans is refused).
 """
@@ -29,6 +29,7 @@ import importlib
 import importlib.util
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -137,7 +138,12 @@ def _template(spec: str | None) -> Callable[[], Any] | None:
             spec_ = importlib.util.spec_from_file_location(path.stem, path)
             module = importlib.util.module_from_spec(spec_)
             assert spec_.loader is not None
-            spec_.loader.exec_module(module)
+            folder = str(path.resolve().parent)  # a template imports the user's model code beside it
+            sys.path.insert(0, folder)
+            try:
+                spec_.loader.exec_module(module)
+            finally:
+                sys.path.remove(folder)
         else:
             module = importlib.import_module(mod_name)
     except UsageError:
@@ -208,6 +214,36 @@ def cmd_similarity(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------- matrix
 
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff", ".webp")
+
+
+def _writable(path: Path, option: str) -> None:
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UsageError(f"{option} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"{option} {path}: not writable")
+
+
+def _matrix_outputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """The figure and CSV paths of ``matrix``, validated before the run:
+    ``--out`` naming a folder writes matrix.png inside it; the figure format
+    must be one matplotlib writes; both places must be writable."""
+    out = Path(args.out)
+    if out.is_dir():
+        out = out / "matrix.png"
+    if out.suffix.lower() not in FIGURE_SUFFIXES:
+        raise UsageError(f"--out {args.out}: the figure format comes from the suffix, one of "
+                         f"{' '.join(FIGURE_SUFFIXES)}")
+    _writable(out, "--out")
+    csv_path = None
+    if args.csv is not None:
+        csv_path = out.with_suffix(".csv") if args.csv is True else Path(args.csv)
+        if csv_path.is_dir():
+            csv_path = csv_path / "matrix.csv"
+        _writable(csv_path, "--csv")
+    return out, csv_path
+
 
 def cmd_matrix(args: argparse.Namespace) -> int:
     _check_files(*args.paths)
@@ -223,22 +259,20 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     labels = [f.stem for f in files]
     if len(set(labels)) < len(labels):
         labels = [str(f) for f in files]
+    out, csv_path = _matrix_outputs(args)  # checked before anything is computed: a bad path loses no run
     models = [model_from_state_dict(read_state_dict(f), tpl, source=f) for f in files]
     kw: dict[str, Any] = {}
     if args.centered:
         kw["centered"] = True
     res = similarity_matrix(models, inner=args.inner, progress=not args.no_progress, **kw)
     values = np.asarray(res.values, dtype=float)
-    out = Path(args.out)
-    res.plot(path=out, labels=labels)
-    csv_path = None
-    if args.csv is not None:
-        csv_path = out.with_suffix(".csv") if args.csv is True else Path(args.csv)
+    if csv_path is not None:  # the data first: a figure that fails to draw loses nothing
         with open(csv_path, "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow([""] + labels)
             for lab, row in zip(labels, values):
                 w.writerow([lab] + [repr(float(v)) for v in row])
+    res.plot(path=out, labels=labels)
     payload = {"labels": labels, "files": [str(f) for f in files], "values": values, "inner": res.inner,
                "method": res.method, "exact": res.exact, "route": res.route, "flops": res.flops,
                "centered": bool(args.centered), "figure": out, "csv": csv_path}
@@ -454,7 +488,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         payload["exact_figures"] = {k: str(getattr(rep, k)) for k in
                                     ("similarity", "relative_residual", "explained", "scale")}
     _emit(args, payload, f"{args.circuit} vs {args.component}\n{rep!r}")
-    return EXIT_OK
+    return EXIT_FAILED if rep.verdict == "different" else EXIT_OK  # like cmp: a difference is exit 1
 
 
 # ------------------------------------------------------------------- plan
