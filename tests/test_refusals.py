@@ -74,3 +74,171 @@ def test_ordinary_formulas_still_parse():
 
     exprs = parse_formulas("x1*x2/2 + 3e-2*x1^2\n(x1 + 1)**3 - x2\n", ["x1", "x2"])
     assert str(exprs[0].expand()) == "0.03*x1**2 + x1*x2/2" and exprs[1].expand().coeff("x2") == -1
+
+
+# ------------------------------------------------------------ scales
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+def _stack(depth, residual, seed):
+    rng = np.random.default_rng(seed)
+    w = lambda *s: rng.normal(size=s) / np.sqrt(s[-1])  # noqa: E731
+    layers = [ts.Bilinear(w(4, 3), w(4, 3), w(3, 4), left_bias=w(4), right_bias=w(4), down_bias=w(3),
+                          residual=residual) for _ in range(depth)]
+    return ts.Sequential(*layers, ts.Linear(w(2, 3), w(2)))
+
+
+@settings(max_examples=30, deadline=None)
+@given(depth=st.integers(1, 3), residual=st.booleans(), k=st.integers(-200, 200), hidden=st.booleans())
+def test_similarity_blind_to_scales_and_rescalings_to_1e200(depth, residual, k, hidden):
+    """The output scaled by 10^k, or a hidden unit rescaled by 10^k (left x
+    10^k, down / 10^k: the same function): the cosine is unchanged to 1e-9
+    (it gave NaN or "zero norm" beyond 1e52 at depth 1, 1e8 at depth 3)."""
+    a, b = _stack(depth, residual, 1), _stack(depth, residual, 2)
+    if hidden:
+        L = a.layers[0]
+        left, lb, down = L.left.copy(), L.left_bias.copy(), L.down.copy()
+        left[1], lb[1], down[:, 1] = left[1] * 10.0**k, lb[1] * 10.0**k, down[:, 1] / 10.0**k
+        moved = a.replace(**{"0.left": left, "0.left_bias": lb, "0.down": down})
+    else:
+        n = len(a.layers) - 1
+        moved = a.replace(**{f"{n}.weight": a.layers[-1].weight * 10.0**k, f"{n}.bias": a.layers[-1].bias * 10.0**k})
+    assert abs(ts.similarity(moved, b).value - ts.similarity(a, b).value) < 1e-9
+
+
+def test_products_beyond_float64_raise_naming_the_cause():
+    a = _stack(1, False, 1)
+    big = a.replace(**{"1.weight": a.layers[-1].weight * 1e200, "1.bias": a.layers[-1].bias * 1e200})
+    with pytest.raises(OverflowError, match="overflows float64"):
+        ts.inner(big, big)
+    assert ts.norm(big).value == pytest.approx(ts.norm(a).value * 1e200, rel=1e-12)
+    tiny = a.replace(**{"1.weight": a.layers[-1].weight * 1e-200, "1.bias": a.layers[-1].bias * 1e-200})
+    assert ts.norm(tiny).value == pytest.approx(ts.norm(a).value * 1e-200, rel=1e-12)  # not "zero norm"
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (np.array([[1.0, np.nan]]), ValueError, "NaN or Inf"),
+    (np.array([[0.5, "a"]], dtype=object), TypeError, "str entries"),
+    (np.array([[0.5, float("inf")]], dtype=object), ValueError, "NaN or Inf"),
+])
+def test_non_finite_or_non_numeric_weights_refused_naming_the_layer(bad, error, match):
+    with pytest.raises(error, match=match) as err:
+        ts.Linear(bad, name="probe")
+    assert "probe" in str(err.value)
+
+
+def test_torch_tensors_without_values_refused():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="meta"):
+        ts.Linear(torch.empty(2, 2, device="meta"))
+    assert ts.Linear(torch.ones(2, 2, dtype=torch.bfloat16)).weight.dtype == np.float64
+
+
+# ------------------------------------------------------------ files
+
+
+def test_unreadable_files_are_load_errors_naming_them(tmp_path):
+    import os
+
+    from tsalgebra.io import LoadError
+
+    with pytest.raises(LoadError, match="not a regular file"):
+        ts.load("/dev/zero")
+    locked = tmp_path / "locked.safetensors"
+    ts.save(bilinear(0, 4, 3, 2), locked)
+    os.chmod(locked, 0)
+    try:
+        if os.access(locked, os.R_OK):  # root reads anything: nothing to refuse
+            pytest.skip("running as a user who can read a mode-000 file")
+        with pytest.raises(LoadError, match=str(locked)):
+            ts.load(locked)
+    finally:
+        os.chmod(locked, 0o644)
+
+
+def test_checkpoints_bounded_before_they_are_inflated(tmp_path):
+    """A deflated zip whose entries inflate far beyond their size is refused
+    from its directory; a file over max_bytes too, and max_bytes raises it."""
+    import zipfile
+
+    from tsalgebra.io import LoadError
+
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data/0", b"\0" * (64 * 2**20))
+    assert bomb.stat().st_size < 2**20
+    with pytest.raises(LoadError, match="inflate"):
+        ts.load(bomb)
+    path = tmp_path / "m.safetensors"
+    ts.save(bilinear(0, 4, 3, 2), path)
+    with pytest.raises(LoadError, match="max_bytes"):
+        ts.load(path, max_bytes=100)
+    assert ts.load(path, max_bytes=10**6).in_features == 4
+
+
+# ------------------------------------------------------------ conversions
+
+
+def test_hooks_refused_and_adapters_checked_against_the_forward():
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    from tsalgebra.adapters import AdapterError, register_adapter, unregister_adapter
+
+    lin = nn.Linear(3, 2).double()
+    handle = lin.register_forward_hook(lambda m, i, o: torch.relu(o))
+    with pytest.raises(AdapterError, match="hooks"):
+        ts.from_torch(nn.Sequential(lin))
+    handle.remove()
+    assert ts.from_torch(nn.Sequential(lin)).out_features == 2
+
+    class Doubled(nn.Module):  # an adapter wrong by a factor 2 used to be accepted
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return 2 * self.inner(x)
+
+    register_adapter(Doubled, lambda m, p: ts.Linear(m.inner.weight, m.inner.bias))
+    try:
+        with pytest.raises(AdapterError, match="differs from Doubled's own forward"):
+            ts.from_torch(Doubled())
+        assert ts.from_torch(Doubled(), check=False).out_features == 2  # the opt-out
+    finally:
+        unregister_adapter(Doubled)
+
+
+# ------------------------------------------------------------ matrices
+
+
+def test_matrix_memory_and_flops_bounded_before_preparation():
+    """max_memory is honoured before the models are copied (a refusal with
+    the estimate and the alternatives), and the flop budget per product
+    applies to the batched routes as to ts.similarity."""
+    models = [bilinear(s, 64, 32, 10) for s in range(40)]
+    with pytest.raises(ts.CostError, match="preparing 40 models") as err:
+        ts.similarity_matrix(models, max_memory=10_000, progress=False)
+    assert "max_memory=" in str(err.value) and "route='pairwise'" in str(err.value)
+    with pytest.raises(ts.CostError, match="per inner product"):
+        ts.similarity_matrix(models, budget=10.0, progress=False)
+    full = ts.similarity_matrix(models, progress=False)
+    tight = ts.similarity_matrix(models[:4], max_memory=200_000, progress=False)  # the prepared models fit
+    np.testing.assert_allclose(np.asarray(tight.values), np.asarray(full.values)[:4, :4], atol=1e-12)
+
+
+@pytest.mark.parametrize("budget", [float("nan"), -1.0, "1e9", True])
+def test_bad_budgets_refused_everywhere(budget):
+    a, b = bilinear(0, 4, 3, 2), bilinear(1, 4, 3, 2)
+    with pytest.raises(ValueError, match="budget"):
+        ts.similarity(a, b, budget=budget)
+    with pytest.raises(ValueError, match="budget"):
+        ts.similarity_matrix([a, b], budget=budget, progress=False)
+
+
+def test_python_lists_are_inputs_too():
+    a = bilinear(0, 4, 3, 2)
+    np.testing.assert_allclose(a([[1.0, 2.0, 3.0, 4.0]]), a(np.array([[1.0, 2.0, 3.0, 4.0]])))
+    with pytest.raises(TypeError, match="numpy array"):
+        a(3.0)

@@ -364,9 +364,9 @@ def test_check_invariance_falls_back_when_exact_is_over_budget(monkeypatch):
 
 
 def test_check_invariance_without_any_exact_method():
-    """Degree 16 at width 6: pairing enumeration and quadrature are both refused."""
+    """Degree 16 at width 8: pairing enumeration and quadrature (17^8 nodes) are both refused."""
     rng = np.random.default_rng(10)
-    deep4 = model_of(O.random_spec(rng, [6] * 5, ["bilinear"] * 4, hidden=2))
+    deep4 = model_of(O.random_spec(rng, [8] * 5, ["bilinear"] * 4, hidden=2))
     report = check_invariance(deep4, S.random_symmetry(deep4, 3))
     assert report.invariant and report.method == "samples only" and report.relative_distance is None
     last = deep4.layers[-1]

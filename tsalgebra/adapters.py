@@ -540,21 +540,83 @@ def convert(module: nn.Module, path: str = "") -> Component | None:
     return _by_convention(module, path)
 
 
-def from_torch(module: Any) -> Component:
+def _hooks(module: nn.Module) -> list[str]:
+    """The module paths carrying forward hooks or pre-hooks (and the global ones)."""
+    found = [f"{name or '<root>'} ({type(sub).__name__})" for name, sub in module.named_modules()
+             if sub._forward_hooks or sub._forward_pre_hooks]
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        found.append("every module (global hooks: torch.nn.modules.module.register_module_forward_hook)")
+    return found
+
+
+def _forward_mismatch(module: nn.Module, model: Component) -> float:
+    """Largest relative difference between ``module`` and ``model`` on random
+    inputs of the module's own kind: token ids for a model that reads
+    tokens, (batch, n_ctx, d) sequences for a sequence model, vectors else."""
+    from .problem import positions_of
+
+    gen = torch.Generator().manual_seed(1)
+    n = positions_of(model)
+    tokens = model.token_input
+    if tokens is not None:
+        x = torch.randint(0, tokens[0], (_CHECK_SAMPLES, tokens[1]), generator=gen)
+        shaped = x
+    else:
+        x = torch.randn(_CHECK_SAMPLES, model.in_features, generator=gen, dtype=torch.float64)
+        shaped = x.reshape(_CHECK_SAMPLES, n, -1) if n > 1 else x
+    params = {k: v.detach().to(torch.float64) if v.is_floating_point() else v
+              for k, v in list(module.named_parameters()) + list(module.named_buffers())}
+    try:
+        with torch.no_grad():
+            want = torch.func.functional_call(module, params, (shaped,))
+    except Exception:  # noqa: BLE001 - the module's own forward failed on its inputs
+        return float("inf")
+    if not isinstance(want, torch.Tensor) or want.numel() != _CHECK_SAMPLES * model.out_features:
+        return float("inf")
+    want_np = want.reshape(_CHECK_SAMPLES, -1).numpy()
+    flat = np.asarray(model.one_hot(x.numpy()), dtype=float)  # token ids one-hot; vectors as they are
+    got = np.asarray(model.evaluate_flat(flat), dtype=float).reshape(_CHECK_SAMPLES, -1)
+    scale = max(1.0, float(np.abs(want_np).max()))
+    return float(np.abs(got - want_np).max() / scale)
+
+
+def from_torch(module: Any, *, check: bool = True) -> Component:
     """The tsalgebra model computing the same function as ``module``.
 
     ``module`` is an ``nn.Module`` (a tsalgebra component is returned as is).
     Raises :class:`AdapterError` (a ValueError) naming the module path of the
-    first part that is not a polynomial layer or has no adapter, and when the
-    whole module is the identity.  Weights are copied as float64; the module
-    is not modified (train/eval mode included).
+    first part that is not a polynomial layer or has no adapter, of a module
+    carrying forward hooks or pre-hooks (what a hook does is not in the
+    weights: remove it, or convert a copy without it), and when the whole
+    module is the identity.  Every conversion, registered adapters included,
+    is checked against the module's own forward on random inputs (float64,
+    relative error <= 1e-6) before it is returned; ``check=False`` skips
+    that comparison (one forward pass of each on 8 inputs) for models too
+    large to run, and then nothing verifies the adapters' output.  Weights
+    are copied as float64; the module is not modified (train/eval mode
+    included).
     """
     if isinstance(module, Component):
         return module
+    if isinstance(module, nn.Module):
+        hooked = _hooks(module)
+        if hooked:
+            raise AdapterError("", f"forward hooks or pre-hooks on {', '.join(hooked)}: a hook changes what the "
+                                   "module computes, and tsalgebra converts its weights; remove the hooks "
+                                   "(handle.remove()) or convert a copy without them")
     model = convert(module, "")
     if model is None:
         raise AdapterError("", f"{type(module).__name__} converts to the identity (only skipped parts); "
                                "there is no layer to compare")
+    if check:
+        err = _forward_mismatch(module, model)
+        if not err <= _CHECK_RTOL:
+            raise AdapterError("", f"the converted model differs from {type(module).__name__}'s own forward "
+                                   f"(max relative error {err:.3g} on random inputs): an adapter "
+                                   "(registered or provided) does not compute what the module does; "
+                                   "check=False skips this comparison")
     return model
 
 

@@ -30,9 +30,15 @@ def as_weight(value: Any, what: str, layer: str, rank: int) -> np.ndarray:
     numpy array of the given rank, nonempty and finite, float64 (object arrays
     of exact numbers are kept as they are).  Errors name ``layer`` and ``what``."""
     if is_torch(value):
-        value = torch_to_numpy(value)
+        try:
+            value = torch_to_numpy(value)
+        except (RuntimeError, NotImplementedError, TypeError) as exc:  # a 'meta' tensor has no data
+            raise TypeError(f"{layer}: {what} is a torch tensor without readable values "
+                            f"(device {getattr(value, 'device', '?')}): {exc}") from None
     arr = np.asarray(value)
-    if arr.dtype != object:
+    if arr.dtype == object:
+        _check_exact_entries(arr, what, layer)
+    else:
         if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
             raise TypeError(f"{layer}: {what} has dtype {arr.dtype}, expected real numbers")
         arr = arr.astype(np.float64)
@@ -44,6 +50,28 @@ def as_weight(value: Any, what: str, layer: str, rank: int) -> np.ndarray:
     if arr.dtype != object and not np.isfinite(arr).all():
         raise ValueError(f"{layer}: {what} contains NaN or Inf entries")
     return arr
+
+
+def _check_exact_entries(arr: np.ndarray, what: str, layer: str) -> None:
+    """An object array holds finite numbers only (ints, Fractions, finite
+    floats, sympy numbers or symbols), never strings, None, NaN or Inf."""
+    import numbers
+
+    for value in arr.flat:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Number, np.number)):
+            if type(value).__module__.split(".")[0] == "sympy":
+                if value.has(_sympy_infinities()):
+                    raise ValueError(f"{layer}: {what} contains a non-finite entry ({value})")
+                continue
+            raise TypeError(f"{layer}: {what} holds {type(value).__name__} entries ({value!r}); expected numbers")
+        if isinstance(value, (float, complex, np.floating)) and not np.isfinite(value):
+            raise ValueError(f"{layer}: {what} contains NaN or Inf entries")
+
+
+def _sympy_infinities() -> Any:
+    import sympy
+
+    return (sympy.nan, sympy.zoo, sympy.oo, -sympy.oo)
 
 
 def as_bias(value: Any, shape: tuple[int, ...], what: str, layer: str) -> np.ndarray | None:
@@ -218,6 +246,10 @@ class Component(ABC):
         """Evaluate on a batch (n, in) or one sample (in,), by contracting the
         expression; numpy in gives numpy out, torch in gives torch out.  A
         model that reads tokens also takes integer ids (batch, tokens)."""
+        if isinstance(x, (list, tuple)):
+            x = np.asarray(x)
+        if not hasattr(x, "shape"):
+            raise TypeError(f"{self!r} takes a numpy array or torch tensor of inputs, got {type(x).__name__}")
         x = self.one_hot(x)
         single = len(x.shape) == 1
         if single:

@@ -28,10 +28,13 @@ from .algorithms import choose, describe, solve
 from .algorithms.sampled import Z95
 from .cosine import cosines
 from .measure import Measure
+from .rescale import canonical
 from .problem import DEFAULT_BUDGET, CostError, InnerProblem, InnerResult, Plan, degree_of, format_count
 
 __all__ = ["InnerResult", "CostError", "SimilarityPlan", "inner", "norm", "plan_inner", "plan_similarity",
            "similarity", "DEFAULT_BUDGET"]
+
+LOG_FLOAT_MAX = float(np.log(np.finfo(float).max))
 
 _OPTIONS = ("centered", "per_output", "degree", "budget", "orbits", "algorithm", "samples", "rel_error", "seed",
             "device")
@@ -98,7 +101,42 @@ def inner(
     """
     options = dict(centered=centered, per_output=per_output, degree=degree, budget=budget, orbits=orbits,
                    algorithm=algorithm, samples=samples, rel_error=rel_error, seed=seed, device=device)
-    return solve(_problem(a, b, inner, method, mean, cov, measure, options))[0]
+    (a, la), (b, lb) = _canonical_pair(a, b)
+    return _scaled(solve(_problem(a, b, inner, method, mean, cov, measure, options))[0], la + lb, "<a, b>")
+
+
+def _canonical_pair(a: Any, b: Any) -> tuple[tuple[Any, float], tuple[Any, float]]:
+    """Both models at their canonical scale (:func:`tsalgebra.rescale.canonical`),
+    a model compared with itself kept one object."""
+    ca = canonical(a)
+    return ca, (ca if b is a else canonical(b))
+
+
+def _scaled(r: InnerResult, log_scale: float, what: str) -> InnerResult:
+    """A product of the canonical models times e^{log_scale}: the product of
+    the models as given; OverflowError when float64 cannot hold it (a cosine
+    is unaffected), FloatingPointError for any other non-finite value."""
+    value = r.value
+    if isinstance(value, np.ndarray) and value.dtype == object:  # exact numbers: finite, never rescaled
+        return r
+    if isinstance(value, (float, np.ndarray)) and not np.all(np.isfinite(value)):
+        raise FloatingPointError(f"{what} is not finite ({value}) although the models were rescaled: a weight too "
+                                 "large or too small for float64 in a layer tsalgebra cannot rescale")
+    if log_scale == 0.0 or not isinstance(value, (float, np.ndarray)):
+        return r
+    with np.errstate(divide="ignore"):
+        exponent = np.log(np.abs(value)) + log_scale
+    if np.any(exponent > LOG_FLOAT_MAX):
+        raise OverflowError(f"{what} = e^{float(np.max(exponent)):.0f} (10^{float(np.max(exponent)) / np.log(10):.0f})"
+                            " overflows float64: the models' weights are that large; their similarity (a cosine) is "
+                            "unaffected")
+    factor = np.exp(log_scale)  # finite: |value| e^{log_scale} is
+    out = value * factor if np.isfinite(factor) else np.sign(value) * np.exp(exponent)
+    fields: dict[str, Any] = {"value": out if r.per_output else float(out)}
+    if r.stderr is not None:
+        se = np.asarray(r.stderr) * np.exp(log_scale)
+        fields.update(stderr=se if r.per_output else float(se), interval=tuple(v * np.exp(log_scale) for v in r.interval))
+    return replace(r, **fields)
 
 
 def plan_inner(a: Any, b: Any, inner: str | None = None, method: str = "auto", mean: Any = None, cov: Any = None,
@@ -114,17 +152,20 @@ def norm(a: Any, inner: str | None = None, method: str = "auto", mean: Any = Non
          **options: Any) -> InnerResult:
     """sqrt(<a, a>) with the metadata of :func:`inner`."""
     measure = options.pop("measure", None)
+    a, la = canonical(a)
     r = solve(_problem(a, a, inner, method, mean, cov, measure, options))[0]
+    _scaled(r, 0.0, "<a, a>")  # finite, or an error naming the cause
     if not r.per_output and not isinstance(r.value, float):
         return replace(r, value=sympy.sqrt(_to_sympy(r.value)), quantity="norm")
     v = np.sqrt(np.maximum(np.asarray(r.value, dtype=float), 0.0))
     v = v if r.per_output else float(v)
     if r.stderr is None:
-        return replace(r, value=v, quantity="norm")
+        return _scaled(replace(r, value=v, quantity="norm"), la, "the norm")
     with np.errstate(divide="ignore", invalid="ignore"):
         se = np.asarray(r.stderr) / (2 * np.asarray(v))  # the delta method for a square root
     se = se if r.per_output else float(se)
-    return replace(r, value=v, quantity="norm", stderr=se, interval=(v - Z95 * se, v + Z95 * se))
+    r = replace(r, value=v, quantity="norm", stderr=se, interval=(v - Z95 * se, v + Z95 * se))
+    return _scaled(r, la, "the norm")
 
 
 def _to_sympy(v: Any) -> Any:
@@ -163,7 +204,11 @@ def similarity(a: Any, b: Any, inner: str | None = None, method: str = "auto", m
     """
     measure = options.pop("measure", None)
     options = _common_degree(a, b, inner, options)
+    (a, _), (b, _) = _canonical_pair(a, b)  # a cosine is blind to the scales; float64 is not
     ab, aa, bb = solve(_problem(a, b, inner, method, mean, cov, measure, options, joint=a is not b))
+    for r, what in ((ab, "<a, b>"), (aa, "<a, a>"), (bb, "<b, b>")):
+        if r is not None:
+            _scaled(r, 0.0, what)
     if ab.estimate is not None:  # a Monte Carlo estimate: its cosine's error from the same samples
         return _estimated_similarity(ab, None, None) if a is b else _estimated_similarity(ab, aa, bb)
     spent = [ab]  # a joint computation (closure, attention moments) yields all three at its own cost

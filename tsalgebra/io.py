@@ -50,6 +50,7 @@ from __future__ import annotations
 import copy
 import re
 import struct
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Union
@@ -94,16 +95,27 @@ def checkpoint_paths(path: str | Path) -> list[Path]:
         raise FileNotFoundError(f"{p}: no such file or directory")
     if p.is_file():
         return [p]
+    if not p.is_dir():
+        raise LoadError(p, "not a regular file (a device, a pipe or a socket?)")
     files = [f for f in p.iterdir() if f.is_file() and f.suffix.lower() in CHECKPOINT_SUFFIXES]
     if not files:
         raise LoadError(p, f"directory holds no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)})")
     return sorted(files, key=lambda f: natural_key(f.name))
 
 
+MAX_CHECKPOINT_BYTES = 2**32  # 4 GiB of tensors: far above the field's checkpoints; raise with max_bytes=
+MAX_INFLATION = 50  # a torch zip is stored uncompressed; a deflated one inflating 50x is a zip bomb
+
+
 def _sniff(path: Path) -> str:
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(9)
+    if not path.is_file():
+        raise LoadError(path, "not a regular file (a device, a pipe or a socket?)")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError as exc:
+        raise LoadError(path, f"cannot read: {exc.strerror or exc}") from None
     if size == 0:
         raise LoadError(path, "file is empty")
     torch_magic = head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"  # zip, or pickle protocol >= 2 (legacy)
@@ -151,16 +163,39 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Any]:
                           f"{', '.join(_NESTED)} holding them")
 
 
-def read_state_dict(path: str | Path) -> dict[str, Any]:
+def _check_size(p: Path, kind: str, max_bytes: int) -> None:
+    """Refuse before anything is inflated: the bytes a file will occupy,
+    read from its own directory (a torch zip's entries, a safetensors header)."""
+    size = p.stat().st_size
+    if kind == "torch" and zipfile.is_zipfile(p):
+        try:
+            with zipfile.ZipFile(p) as z:
+                infos = z.infolist()
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise LoadError(p, f"malformed torch checkpoint (zip directory): {exc}") from None
+        inflated = sum(i.file_size for i in infos)
+        packed = sum(i.compress_size for i in infos)
+        if inflated > MAX_INFLATION * max(packed, 1) and inflated > 2**20:
+            raise LoadError(p, f"refused: its entries inflate {packed:,} bytes to {inflated:,} (a zip bomb?); "
+                               "torch.save stores tensors uncompressed")
+        size = inflated
+    if size > max_bytes:
+        raise LoadError(p, f"refused: {size:,} bytes of tensors exceed the bound of {max_bytes:,} "
+                           "(raise it with max_bytes=)")
+
+
+def read_state_dict(path: str | Path, *, max_bytes: int = MAX_CHECKPOINT_BYTES) -> dict[str, Any]:
     """The state dict stored in one file, never unpickling anything but
     tensors and plain containers: numpy arrays from safetensors files (torch
-    tensors for dtypes numpy lacks), torch tensors from torch files."""
+    tensors for dtypes numpy lacks), torch tensors from torch files.  Files
+    whose tensors would exceed ``max_bytes`` are refused before they are read."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or directory")
     if p.is_dir():
         raise LoadError(p, "is a directory; load it with tsalgebra.load(dir) for a list of models")
     kind = _sniff(p)
+    _check_size(p, kind, max_bytes)
     try:
         if kind == "safetensors":
             obj = _read_safetensors(p)
@@ -279,19 +314,22 @@ def model_from_state_dict(sd: Mapping[str, Any], template: Template = None,
         raise LoadError(source, f"cannot convert the loaded module: {exc}") from None
 
 
-def load(path: str | Path, template: Template = None, *, strict: bool = True) -> Component | list[Component]:
+def load(path: str | Path, template: Template = None, *, strict: bool = True,
+         max_bytes: int = MAX_CHECKPOINT_BYTES) -> Component | list[Component]:
     """Load a checkpoint file as a tsalgebra model, or a directory of them as
     a list in natural step order.
 
     ``template``: a torch module or a no-argument function building one whose
     state dict the checkpoint holds (see the module docstring); without it the
     native layout is expected.  ``strict`` is passed to ``load_state_dict``.
+    ``max_bytes`` bounds the tensors of one file (checked before reading).
     Raises FileNotFoundError for a missing path and :class:`LoadError` (naming
     the file) for anything unreadable, malformed or of the wrong layout.
     """
     p = Path(path)
     files = checkpoint_paths(p)
-    models = [model_from_state_dict(read_state_dict(f), template, strict=strict, source=f) for f in files]
+    models = [model_from_state_dict(read_state_dict(f, max_bytes=max_bytes), template, strict=strict, source=f)
+              for f in files]
     return models if p.is_dir() else models[0]
 
 

@@ -15,8 +15,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from .arrays import is_torch
 from .components import Component, PositionWise, Sequential
-from .engine import evaluation_network, pad_input
+from .engine import evaluate, evaluation_network, pad_input
 from .expr import Network
 from .planner import ContractionPlan, plan as plan_network
 from .problem import _terms
@@ -61,6 +62,16 @@ class Forward:
         self.layered = isinstance(model, Component)
         self._terms: Terms | None = None
         self._plans: dict[int, list[ContractionPlan]] = {}
+        self._steps: list[tuple[int, Any]] | None = None  # (positions, layer expression), built once per run
+
+    def _layer_steps(self) -> list[tuple[int, Any]]:
+        if self._steps is None:
+            steps = []
+            for layer in self.model.layers:
+                inner, n = (layer.layer, layer.n_ctx) if isinstance(layer, PositionWise) else (layer, 1)
+                steps.append((n, inner.expression))
+            self._steps = steps
+        return self._steps
 
     def terms(self) -> Terms:
         if self._terms is None:
@@ -74,7 +85,9 @@ class Forward:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.layered:
-            return np.asarray(self.model.evaluate_flat(x), dtype=float)
+            for n, expression in self._layer_steps():
+                x = evaluate(expression, x.reshape(x.shape[0] * n, -1))[:, 1:].reshape(x.shape[0], -1)
+            return x if is_torch(x) else np.asarray(x, dtype=float)  # torch stays on its device
         if len(x) not in self._plans:
             self._plans[len(x)] = _plans(self.terms(), len(x))
         return _evaluate(self.terms(), self._plans[len(x)], x)

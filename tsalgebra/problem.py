@@ -24,7 +24,7 @@ from .components import Component
 from .expr import Network, Sum
 from .measure import Gaussian, Measure, Tokens
 
-__all__ = ["Alternative", "CostError", "DEFAULT_BUDGET", "INNERS", "METHODS", "InnerProblem", "InnerResult", "Plan",
+__all__ = ["Alternative", "CostError", "MemoryBoundError", "DEFAULT_BUDGET", "INNERS", "METHODS", "InnerProblem", "InnerResult", "Plan",
            "bound_measure", "check_arguments", "degree_of", "format_count", "positions_of", "resolve_inner"]
 
 INNERS = ("gaussian", "tokens", "symmetric", "network")
@@ -85,6 +85,12 @@ class CostError(ValueError):
 
     def __reduce__(self) -> tuple[Any, ...]:  # picklable across processes with its fields
         return (_cost_error, (self.reason, self.flops, self.alternatives))
+
+
+class MemoryBoundError(CostError, MemoryError):
+    """A refusal because the work would exceed a memory bound (``max_memory``):
+    a :class:`CostError` with the estimate and the alternatives, and a
+    MemoryError for code that catches those."""
 
 
 def _cost_error(reason: str, flops: float, alternatives: tuple[Alternative, ...]) -> CostError:
@@ -247,7 +253,7 @@ class InnerProblem:
                 notes = (f"measure: {measure.label}, the models' default (they read tokens)",)
         check_arguments(inner, method, options.get("centered", False))
         budget = options.get("budget", DEFAULT_BUDGET)
-        if not isinstance(budget, (int, float)) or not budget >= 0:
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:  # nan fails too
             raise ValueError(f"budget must be a non-negative number of flops, got {budget!r}")
         if isinstance(a, Component) and isinstance(b, Component):
             if a.in_features != b.in_features:

@@ -12,7 +12,6 @@ number of input copies.  Exact up to floating-point round-off (float weights).
 from __future__ import annotations
 
 import math
-from itertools import product
 from typing import Any
 
 import numpy as np
@@ -35,12 +34,11 @@ def quadrature_inner(a: Any, b: Any, measure: Gaussian, centered: bool, per_outp
     points = q**r
     nodes, weights = np.polynomial.hermite_e.hermegauss(q)
     weights = weights / np.sqrt(2 * np.pi)
-    grid = np.array(list(product(range(q), repeat=r)), dtype=np.int64).reshape(points, r)
-
     def chunks():
         start = 0
         for batch in chunk_sizes(points):
-            idx = grid[start : start + batch]
+            idx = np.stack(np.unravel_index(np.arange(start, start + batch), (q,) * r), axis=1) if r else \
+                np.zeros((batch, 0), dtype=np.int64)  # the grid chunk by chunk: q^r rows never held at once
             start += batch
             yield mean[None, :] + nodes[idx] @ F.T, np.prod(weights[idx], axis=1)
 
@@ -70,7 +68,7 @@ class Quadrature(Algorithm):
             raise CostError(f"Gauss-Hermite quadrature needs {q}^{r} = {count} evaluations "
                             f"({format_count(flops)} flops)", flops=flops)
         width, out = problem.widths
-        peak = 8.0 * min(points, CHUNK) * (width + 4 * out) + 8.0 * points * r  # a chunk's inputs, outputs; the grid
+        peak = 8.0 * min(points, CHUNK) * (width + 4 * out + 2 * r)  # a chunk's inputs, outputs and grid rows
         return Plan(self.name, problem, flops, peak, points, facts={"nodes": points, "nodes_per_axis": q, "rank": r},
                     notes=(f"exact on {points:,} quadrature nodes",))
 

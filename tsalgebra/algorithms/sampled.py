@@ -317,7 +317,7 @@ class Sampled(Algorithm):
             import torch
 
             xt = torch.as_tensor(x, device=p.device)
-            outs = [m.model.evaluate_flat(xt) if m.layered else m(x) for m in models]
+            outs = [m(xt) if m.layered else m(x) for m in models]
             fa, fb = (o.detach().cpu().numpy() if hasattr(o, "detach") else np.asarray(o) for o in outs)
         else:
             fa = models[0](x)

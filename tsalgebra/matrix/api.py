@@ -17,7 +17,7 @@ from ..arrays import is_torch
 from ..components import Component
 from ..cosine import cosines
 from ..measure import Measure
-from ..problem import FUNCTIONAL, bound_measure, check_arguments, resolve_inner
+from ..problem import DEFAULT_BUDGET, FUNCTIONAL, Alternative, CostError, MemoryBoundError, bound_measure, check_arguments, resolve_inner
 from . import materialize, pairwise, pairwise_gram
 from .job import Gram, Job, Route
 from ..threads import blas_threads
@@ -48,9 +48,10 @@ def _compute(rows_in: Any, cols_in: Any | None, inner: str | None, method: str, 
     options = _checked(inner, method, centered, route, options)
     cols, col_labels = (None, None) if cols_in is None else _models(cols_in, "models_b")
     law = _measure(rows, inner, mean, cov, measure)
-    job = _job(rows, cols, inner, method, law, centered, dtype, device, max_memory, progress, options)
+    job = _job(rows, cols, inner, method, law, centered, dtype, device, max_memory, progress, options, route)
     costs = {name: r.layout(job) for name, r in REGISTRY.items() if r.COSTED and r.applies(job) is None}
     chosen, notes = _choose(route, job, costs)
+    _within_budget(job, costs.get(chosen), options.get("budget", DEFAULT_BUDGET))
     clock = Clock(job.ops)
     if job.prepared is not None:
         clock.add("prepare", job.prepared.seconds, 0)  # folding and normalizing, on the host
@@ -69,6 +70,9 @@ def _checked(inner: str, method: str, centered: bool, route: str, options: dict[
     unknown = set(options) - {"degree", "budget", "orbits"}
     if unknown:
         raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
+    budget = options.get("budget", DEFAULT_BUDGET)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:  # nan fails too
+        raise ValueError(f"budget must be a non-negative number of flops, got {budget!r}")
     return options
 
 
@@ -103,8 +107,31 @@ def _measure(rows: list[Any], inner: str, mean: Any, cov: Any, measure: Measure 
     return bound_measure(rows[0], mean, cov, measure)
 
 
+def preparation_bytes(models: Sequence[Any]) -> int:
+    """The bytes the batched routes' prepared copies of ``models`` take (about
+    their weights' size: padded factors, normalized), from shapes alone."""
+    padded = sum((w.shape[0] + 1) * (w.shape[1] + 1) for m in models if isinstance(m, Component)
+                 for w in m.weights() if w.ndim == 2)  # each matrix with its constant row and column
+    return 8 * padded
+
+
+def _preparation_fits(models: list[Any], memory: int) -> None:
+    """Refuse, before anything is copied, when the batched routes' prepared
+    copies of the models (padded factors, about the size of their weights)
+    would exceed the memory bound."""
+    need = preparation_bytes(models)
+    if need > memory:
+        n = len(models)
+        raise MemoryBoundError(f"preparing {n} models for the batched routes takes about {need:,} bytes, over "
+                        f"max_memory={memory:,}", alternatives=(
+                            Alternative("max_memory", need, "room for the prepared models"),
+                            Alternative("route", "pairwise", f"pair by pair, {n * (n + 1) // 2:,} similarities, "
+                                                             "two models in memory at a time")))
+
+
 def _job(rows: list[Any], cols: list[Any] | None, inner: str, method: str, measure: Measure | None, centered: bool,
-         dtype: Any, device: Any, max_memory: int | None, progress: bool | None, options: dict[str, Any]) -> Job:
+         dtype: Any, device: Any, max_memory: int | None, progress: bool | None, options: dict[str, Any],
+         route_named: str = "auto") -> Job:
     """The job: the engine, the memory bound, and the models prepared."""
     _widths(rows + (cols or []))
     dname = parse_dtype(dtype)
@@ -117,6 +144,8 @@ def _job(rows: list[Any], cols: list[Any] | None, inner: str, method: str, measu
     memory = int(max_memory) if max_memory is not None else ops.default_memory()
     if memory <= 0:
         raise ValueError(f"max_memory must be positive, got {max_memory}")
+    if route_named != "pairwise":
+        _preparation_fits(rows + (cols or []), memory)
     prepared = prepare_models(rows, cols, inner, method, centered, measure, options.get("degree"))
     threads = blas_threads() if prepared is not None and not ops.is_torch else 1
     if device is None and not force_numpy and prepared is not None and prepared.dims.depth > 1 and threads < 2:
@@ -128,6 +157,20 @@ def _job(rows: list[Any], cols: list[Any] | None, inner: str, method: str, measu
                memory, threads)
 
 
+def _within_budget(job: Job, cost: RouteCost | None, budget: float) -> None:
+    """The flop budget of the pairwise API, per inner product: a batched
+    route is refused when its planned flops exceed it times the products."""
+    if cost is None:
+        return  # the pairwise route plans (and refuses) every product itself
+    n, m = len(job.rows), len(job.cols) if job.cols is not None else 0
+    products = n * (n + 1) // 2 if job.cols is None else n * m + n + m
+    if cost.flops > budget * products:
+        per = cost.flops / products
+        raise CostError(f"the {cost.route} route plans {cost.flops:.3g} flops ({per:.3g} per inner product), over "
+                        f"the budget of {budget:.3g} per product", flops=cost.flops,
+                        alternatives=(Alternative("budget", float(f"{per:.2g}") * 1.1, "the planned cost"),))
+
+
 def _choose(route: str, job: Job, costs: Mapping[str, RouteCost]) -> tuple[str, tuple[str, ...]]:
     """The route to run, and notes on the choice.  ``costs``: the costed
     routes that apply.  Auto takes the fewest flops among those that fit,
@@ -137,9 +180,10 @@ def _choose(route: str, job: Job, costs: Mapping[str, RouteCost]) -> tuple[str, 
         fitting = [c for c in costs.values() if c.fits]
         if fitting:
             return min(fitting, key=lambda c: c.flops).route, ()
-        if costs:
-            smallest = min(costs.values(), key=lambda c: c.peak_bytes).route
-            return smallest, (f"no batched route fits max_memory={job.memory} bytes; took the smallest",)
+        if costs:  # none fits: pair by pair (two models in memory), never over the bound
+            smallest = min(costs.values(), key=lambda c: c.peak_bytes)
+            return "pairwise", (f"no batched route fits max_memory={job.memory} bytes (the smallest, "
+                                f"{smallest.route}, needs {smallest.peak_bytes}): each pair with ts.inner",)
         fallback = next(name for name, r in REGISTRY.items() if not r.COSTED and r.applies(job) is None)
         return fallback, ("no batched route covers these models/arguments: each pair with ts.inner",)
     why = REGISTRY[route].applies(job)
