@@ -242,3 +242,15 @@ def test_python_lists_are_inputs_too():
     np.testing.assert_allclose(a([[1.0, 2.0, 3.0, 4.0]]), a(np.array([[1.0, 2.0, 3.0, 4.0]])))
     with pytest.raises(TypeError, match="numpy array"):
         a(3.0)
+
+
+def test_devices_that_are_not_here_are_named():
+    torch = pytest.importorskip("torch")
+    a, b = bilinear(0, 4, 3, 2), bilinear(1, 4, 3, 2)
+    missing = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(ValueError, match="device="):
+        ts.similarity_matrix([a, b], device=missing, progress=False)
+    with pytest.raises(ValueError, match="device="):
+        ts.similarity(a, b, method="sampled", device=missing)
+    with pytest.raises(ValueError, match="not a torch device"):
+        ts.similarity_matrix([a, b], device="gpu7", progress=False)

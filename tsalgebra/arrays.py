@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["is_torch", "torch_to_numpy"]
+__all__ = ["checked_device", "is_torch", "torch_to_numpy"]
 
 
 def is_torch(x: Any) -> bool:
@@ -29,3 +29,24 @@ def torch_to_numpy(t: Any) -> np.ndarray:
 
         t = t.to(torch.float64)
     return t.numpy().copy()
+
+
+def checked_device(device: Any, argument: str = "device") -> Any:
+    """A torch device that exists here, or ValueError naming ``argument``:
+    an unknown spelling, CUDA (or MPS) where torch has none, an index past
+    the devices present."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"{argument}={device!r} is not a torch device: {exc}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{argument}={device!r}: CUDA is not available here (torch.cuda.is_available() is "
+                             "False); use None (numpy) or 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{argument}={device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"{argument}={device!r}: MPS is not available here")
+    return dev

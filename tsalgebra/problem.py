@@ -114,6 +114,10 @@ def _check_sampling(method: str, options: dict[str, Any]) -> None:
         raise ValueError(f"rel_error must be a number in (0, 1), got {rel_error!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
         raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+    if options.get("device") is not None:
+        from .arrays import checked_device
+
+        checked_device(options["device"])
 
 
 def positions_of(model: Any) -> int:

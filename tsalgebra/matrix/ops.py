@@ -11,6 +11,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..arrays import checked_device
+
 
 from .results import StepTime
 
@@ -64,7 +66,7 @@ class Ops:
             import torch
 
             self.t = torch
-            self.device = torch.device(device)
+            self.device = checked_device(device)
             self.dtype = getattr(torch, dtype)
             self.cuda = self.device.type == "cuda"
             self.name = str(self.device)
