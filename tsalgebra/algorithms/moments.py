@@ -105,12 +105,17 @@ def moment_head(model: Component) -> tuple[BilinearAttention, np.ndarray, list[C
     ``model`` is position-wise Linear layers, one float BilinearAttention and
     anything after; None when it is not (remembered per model: the map of an
     embedding is a vocabulary wide)."""
-    if model not in _HEADS:
+    if model not in _HEADS:  # the value holds no reference to the model: a weak key must be able to die
         _HEADS[model] = _moment_head(model)
-    return _HEADS[model]
+    found = _HEADS[model]
+    if found is None:
+        return None
+    cut, E = found
+    layers = getattr(model, "layers", [model])
+    return layers[cut], E, list(layers[cut + 1 :])
 
 
-def _moment_head(model: Component) -> tuple[BilinearAttention, np.ndarray, list[Component]] | None:
+def _moment_head(model: Component) -> tuple[int, np.ndarray] | None:
     layers = getattr(model, "layers", [model])
     cut = next((k for k, l in enumerate(layers) if isinstance(l, BilinearAttention)), None)
     if cut is None:
@@ -120,7 +125,7 @@ def _moment_head(model: Component) -> tuple[BilinearAttention, np.ndarray, list[
         return None
     width = layers[0].in_features // attn.n_ctx
     E = position_maps(list(layers[:cut]), attn.n_ctx, width)
-    return None if E is None else (attn, E, list(layers[cut + 1 :]))
+    return None if E is None else (cut, E)
 
 
 def attention_rank(problem: InnerProblem) -> int:
