@@ -254,3 +254,17 @@ def test_devices_that_are_not_here_are_named():
         ts.similarity(a, b, method="sampled", device=missing)
     with pytest.raises(ValueError, match="not a torch device"):
         ts.similarity_matrix([a, b], device="gpu7", progress=False)
+
+
+@pytest.mark.parametrize("inner", ["gaussian", "network", "symmetric"])
+def test_matrix_and_pairwise_agree_at_tiny_scales(inner):
+    """Depth 3 at weights 1e-30 (outputs near 1e-600): the matrix engine said
+    "zero norm"; cosines and norms now agree with the pairwise API."""
+    rng = np.random.default_rng(3)
+    w = lambda *s: 1e-30 * rng.normal(size=s)  # noqa: E731
+    ms = [ts.Sequential(*[ts.Bilinear(w(4, 4), w(4, 4), w(4, 4)) for _ in range(3)]) for _ in range(3)]
+    m = ts.similarity_matrix(ms, inner=inner, progress=False)
+    pair = np.array([[ts.similarity(a, b, inner=inner).value for b in ms] for a in ms])
+    np.testing.assert_allclose(np.asarray(m.values), pair, atol=1e-12)
+    with pytest.raises(FloatingPointError, match="underflows float64"):  # not a silent 0.0
+        ts.norm(ms[0], inner=inner)

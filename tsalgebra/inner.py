@@ -35,6 +35,7 @@ __all__ = ["InnerResult", "CostError", "SimilarityPlan", "inner", "norm", "plan_
            "similarity", "DEFAULT_BUDGET"]
 
 LOG_FLOAT_MAX = float(np.log(np.finfo(float).max))
+LOG_FLOAT_TINY = float(np.log(np.finfo(float).tiny))  # below it a product would silently become 0 or subnormal
 
 _OPTIONS = ("centered", "per_output", "degree", "budget", "orbits", "algorithm", "samples", "rel_error", "seed",
             "device")
@@ -130,6 +131,9 @@ def _scaled(r: InnerResult, log_scale: float, what: str) -> InnerResult:
         raise OverflowError(f"{what} = e^{float(np.max(exponent)):.0f} (10^{float(np.max(exponent)) / np.log(10):.0f})"
                             " overflows float64: the models' weights are that large; their similarity (a cosine) is "
                             "unaffected")
+    if np.any((exponent < LOG_FLOAT_TINY) & (np.asarray(value) != 0)):
+        raise FloatingPointError(f"{what} = 10^{float(np.min(exponent)) / np.log(10):.0f} underflows float64: the "
+                                 "models' weights are that small; their similarity (a cosine) is unaffected")
     factor = np.exp(log_scale)  # finite: |value| e^{log_scale} is
     out = value * factor if np.isfinite(factor) else np.sign(value) * np.exp(exponent)
     fields: dict[str, Any] = {"value": out if r.per_output else float(out)}

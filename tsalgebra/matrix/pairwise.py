@@ -17,6 +17,7 @@ import numpy as np
 
 from ..inner import inner
 from ..problem import degree_of
+from ..rescale import canonical
 from .job import Gram, Job
 from .ops import Clock, progress_bar
 from .results import RouteCost
@@ -43,9 +44,9 @@ def layout(job: Job) -> RouteCost:
 def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
     """Cosines with ts.inner: each norm once, then the pairs (the clock is
     not used: ts.inner's work is not split into steps)."""
-    A = job.rows
+    A, logA = _canonical(job.rows)  # ts.inner of the canonical models: never under- or overflows
     sym = job.cols is None
-    Bs = A if sym else job.cols
+    Bs, logB = (A, logA) if sym else _canonical(job.cols)
     options = dict(job.options)
     if job.inner == "symmetric" and options.get("degree") is None:  # one common degree, as ts.similarity does
         options["degree"] = max(degree_of(m) for m in list(A) + list(Bs))
@@ -78,8 +79,15 @@ def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
         bar.close()
     exact = all(r.exact for r in results)
     methods = sorted({r.method for r in results}) or ["exact"]
-    return Gram(K, sA, sB, None, None, sum(r.flops for r in results), (), "float64", "numpy", exact,
+    return Gram(K, sA, sB, logA, logB, sum(r.flops for r in results), (), "float64", "numpy", exact,
                 "/".join(methods))
+
+
+def _canonical(models: list[Any]) -> tuple[list[Any], np.ndarray]:
+    """The models at their canonical scale and the logs of the scales taken
+    out (the factors U of :class:`Gram`)."""
+    pairs = [canonical(m) for m in models]
+    return [m for m, _ in pairs], np.array([log for _, log in pairs], dtype=float)
 
 
 def _as_float(v: Any) -> float:

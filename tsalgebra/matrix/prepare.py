@@ -37,6 +37,7 @@ import numpy as np
 
 from ..components import Bilinear, Component
 from ..folding import fold
+from ..rescale import canonical
 from ..measure import Gaussian, Measure
 from .ops import Ops
 
@@ -88,6 +89,7 @@ def to_chains(models: Sequence[Any], inner: str, centered: bool, P: np.ndarray |
         if not isinstance(m, Component):
             return None
         pre = np.zeros(3)  # logs of the factors taken out as the blocks were written
+        model_log = 0.0  # the log of the scale canonical() took out of the whole model
         try:
             if isinstance(m, Bilinear) and not m.exact:
                 out = []
@@ -100,8 +102,9 @@ def to_chains(models: Sequence[Any], inner: str, centered: bool, P: np.ndarray |
                 if finite:
                     pre = np.log(norms)
                 blocks = [m.padded(out=tuple(out), scales=tuple(1 / s for s in norms) if finite else None)]
-            else:
+            else:  # at its canonical scale (a deep stack's outputs may under- or overflow float64)
                 finite = False
+                m, model_log = canonical(m)
                 blocks, _ = fold(m)
             blocks = [tuple(np.asarray(x, dtype=float) for x in blk) for blk in blocks]
         except (TypeError, ValueError):
@@ -125,6 +128,7 @@ def to_chains(models: Sequence[Any], inner: str, centered: bool, P: np.ndarray |
                 (L, a), (R, b), (D, c) = _unit(L), _unit(R), _unit(D)
             norm_blocks.append((L, R, D))
             logs.append(a + b + c + (pre.sum() if not logs else 0.0))
+        logs[-1] += model_log  # the output's scale: counted once, as the last layer's
         if inner == "gaussian":
             L, R, D = norm_blocks[0]
             const = L[:, 0] * R[:, 0]
