@@ -153,19 +153,22 @@ class _Ops:
 
 def _folded_matmul(T: np.ndarray, M: np.ndarray, batch: tuple[int, ...]) -> np.ndarray:
     """T @ M with every batch axis along which M is constant folded into the
-    rows of T: one matrix product per distinct M instead of one per row of
-    T (numpy's broadcast matmul loops over batch entries with products of a
-    single row, far below the machine's rate)."""
-    varying = [k for k in range(5) if M.shape[k] > 1]
-    rows = [k for k in range(5) if M.shape[k] == 1]
-    order = varying + rows + [5, 6]
-    Tb = np.broadcast_to(T, tuple(batch[k] if k in varying else T.shape[k] for k in range(5)) + T.shape[5:])
-    Tb = Tb.transpose(order)
-    nv = math.prod(batch[k] for k in varying)
-    nr = math.prod(Tb.shape[len(varying) : len(varying) + len(rows)]) * T.shape[5]
-    Mb = M.transpose(varying + rows + [5, 6]).reshape(nv, M.shape[5], M.shape[6])
-    out = np.matmul(Tb.reshape(nv, nr, T.shape[6]), Mb)
-    out = out.reshape(Tb.shape[:-1] + (M.shape[6],))
+    rows of T, and every one along which T is constant into the columns of
+    M: one matrix product per distinct pair of operands instead of one per
+    entry of the broadcast batch (numpy's broadcast matmul loops over batch
+    entries with products of a single row, far below the machine's rate, and
+    broadcasting T first would copy it once per column block)."""
+    both = [k for k in range(5) if T.shape[k] > 1 and M.shape[k] > 1]
+    rows = [k for k in range(5) if T.shape[k] > 1 and M.shape[k] == 1]
+    cols = [k for k in range(5) if T.shape[k] == 1 and M.shape[k] > 1]
+    rest = [k for k in range(5) if T.shape[k] == 1 and M.shape[k] == 1]
+    nb = math.prod(batch[k] for k in both)
+    Tb = T.transpose(both + rows + cols + rest + [5, 6]).reshape(nb, -1, T.shape[6])
+    Mb = M.transpose(both + [5] + rows + cols + rest + [6]).reshape(nb, M.shape[5], -1)
+    out = np.matmul(Tb, Mb)  # (both, rows of T with axis 5, columns of M with axis 6)
+    order = both + rows + [5] + cols + [6] + rest
+    out = out.reshape(tuple(batch[k] for k in both + rows) + (T.shape[5],) + tuple(batch[k] for k in cols)
+                      + (M.shape[6],) + (1,) * len(rest))
     return out.transpose(np.argsort(order))
 
 
@@ -188,9 +191,10 @@ class _Engine:
             g = self.gram_of(x, y)
             if g is not None:
                 if x.side == y.side:  # (heads, dx, dy), one head for both
-                    g = self.ops.as7(g, (_A if x.side == 0 else _B, _S, _X))
+                    axes: tuple[int, ...] = (_A if x.side == 0 else _B, _S, _X)
                 else:  # (heads of x, dx, heads of y, dy)
-                    g = self.ops.as7(g, (_A, _S, _B, _X) if x.side == 0 else (_B, _S, _A, _X))
+                    axes = (_A, _S, _B, _X) if x.side == 0 else (_B, _S, _A, _X)
+                g = self.ops.as7(g, axes if len(g.shape) == len(axes) else (_P,) + axes)  # optionally per tuple
             self._links[(x, y)] = g
         return self._links[(x, y)]
 
@@ -210,7 +214,9 @@ class _Engine:
 
     def mean(self, x: Leg) -> Any:
         """The leg's mean as a row vector on X."""
-        return self.ops.as7(self.mean_of(x), (_A if x.side == 0 else _B, _X))
+        m = self.mean_of(x)
+        axes = (_A if x.side == 0 else _B, _X)
+        return self.ops.as7(m, axes if len(m.shape) == 2 else (_P,) + axes)  # optionally per tuple
 
     def to_open(self, T: Any, f: Factor) -> Any:
         """The exit index of T becomes the open output of linear factor f."""
@@ -306,6 +312,8 @@ def moment(factors: list[Factor], gram: Gram, mean: Mean, dry: bool = False) -> 
     ``gram(x, y)``: the covariance of legs x and y, (heads, dx, dy) when they
     are on one side (the head shared), (heads of x, dx, heads of y, dy)
     across sides, None when they are uncorrelated; ``mean(x)``: (heads, dx).
+    Either may carry a leading axis of the position tuples (P or 1), for
+    legs whose law differs from tuple to tuple (correlated positions).
     With ``dry`` the providers and bonds may answer anything with a
     ``.shape``: the same programme runs on shapes, returns the result's shape
     and its cost, and computes nothing."""
