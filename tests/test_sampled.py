@@ -54,12 +54,11 @@ def repeated(a, b, reps, samples, quantity="inner", **kw):
     return np.array([r.value for r in rs]), np.array([r.stderr for r in rs])
 
 
-def check(values, stderrs, exact, spread=True):
+def check(values, stderrs, exact):
     z = np.abs(values - exact) / stderrs
     assert np.mean(z >= 4) <= 0.01, f"{np.sum(z >= 4)} of {len(z)} estimates 4 standard errors or more from the exact value"
-    if spread:
-        ratio = np.std(values, ddof=1) / np.sqrt(np.mean(stderrs**2))
-        assert 0.8 < ratio < 1.2, f"standard error off the spread of the estimates by a factor {ratio:.3f}"
+    ratio = np.std(values, ddof=1) / np.sqrt(np.mean(stderrs**2))
+    assert 0.8 < ratio < 1.2, f"standard error off the spread of the estimates by a factor {ratio:.3f}"
 
 
 @pytest.mark.parametrize("depth", [1, 2])
