@@ -31,7 +31,7 @@ __version__ = "0.1.0"
 # torch, and `import tsalgebra` stays fast for users who never touch a module.
 _TORCH_SIDE = {
     "AdapterError": "adapters", "from_torch": "adapters", "register_adapter": "adapters", "to_torch": "adapters",
-    "LoadError": "io", "load": "io", "save": "io",
+    "Checkpoints": "io", "LoadError": "io", "load": "io", "save": "io",
 }
 
 

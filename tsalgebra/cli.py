@@ -163,14 +163,14 @@ def _check_files(*paths: str) -> None:
             raise FileNotFoundError(f"{path}: no such file or directory")
 
 
-def _load_one(path: str, template: Any) -> Component:
+def _load_one(path: str, template: Any, state_key: str | None = None) -> Component:
     _check_files(path)
     p = Path(path)
     if p.is_dir():
         raise UsageError(f"{p} is a directory; this command takes one checkpoint file")
     from .io import load
 
-    return load(p, template)  # type: ignore[return-value]
+    return load(p, template, state_key=state_key)  # type: ignore[return-value]
 
 
 def _result_dict(r: Any) -> dict[str, Any]:
@@ -191,7 +191,7 @@ def cmd_similarity(args: argparse.Namespace) -> int:
 
     _check_files(args.a, args.b)
     tpl = _template(args.template)
-    a, b = _load_one(args.a, tpl), _load_one(args.b, tpl)
+    a, b = _load_one(args.a, tpl, args.state_key), _load_one(args.b, tpl, args.state_key)
     kw: dict[str, Any] = {"per_output": args.per_output, "budget": args.budget}
     if args.centered:
         kw["centered"] = True
@@ -260,7 +260,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     if len(set(labels)) < len(labels):
         labels = [str(f) for f in files]
     out, csv_path = _matrix_outputs(args)  # checked before anything is computed: a bad path loses no run
-    models = [model_from_state_dict(read_state_dict(f), tpl, source=f) for f in files]
+    models = [model_from_state_dict(read_state_dict(f, state_key=args.state_key), tpl, source=f) for f in files]
     kw: dict[str, Any] = {}
     if args.centered:
         kw["centered"] = True
@@ -455,12 +455,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify
 
     tpl = _template(args.template)
-    component = _load_one(args.component, tpl)
+    component = _load_one(args.component, tpl, args.state_key)
     cpath = Path(args.circuit)
     if not cpath.exists():
         raise FileNotFoundError(f"{cpath}: no such file or directory")
     if cpath.suffix.lower() in CHECKPOINT_SUFFIXES or is_checkpoint(cpath):
-        circuit: Any = _load_one(args.circuit, tpl)
+        circuit: Any = _load_one(args.circuit, tpl, args.state_key)
         symbols = None
     else:
         names = args.symbols.replace(",", " ").split() if args.symbols else (
@@ -499,7 +499,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     _check_files(args.a, args.b)
     tpl = _template(args.template)
-    a, b = _load_one(args.a, tpl), _load_one(args.b, tpl)
+    a, b = _load_one(args.a, tpl, args.state_key), _load_one(args.b, tpl, args.state_key)
     sp = plan_similarity(a, b, args.inner, centered=args.centered, per_output=args.per_output, budget=args.budget)
     rep = dict(sp.describe(), inner=args.inner, centered=args.centered, a=args.a, b=args.b, model_a=repr(a),
                model_b=repr(b))
@@ -558,6 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     models = argparse.ArgumentParser(add_help=False)
     models.add_argument("--template", metavar="MODULE:FUNCTION",
                         help="function building the torch module the checkpoints hold (default: native layout)")
+    models.add_argument("--state-key", metavar="KEY",
+                        help="the state dict to read from checkpoints holding several (e.g. ema beside model)")
     inners = ("gaussian", "symmetric", "network")
 
     parser = argparse.ArgumentParser(prog="tsalgebra", description=__doc__,

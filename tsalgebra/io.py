@@ -53,7 +53,7 @@ import struct
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, Union
 
 if TYPE_CHECKING:  # torch is imported only where a torch file or a template needs it
     import torch
@@ -149,18 +149,63 @@ def _is_array(v: Any) -> bool:
     return isinstance(v, np.ndarray) or is_torch(v) and hasattr(v, "shape")
 
 
-def _unwrap(obj: Any, path: Path) -> dict[str, Any]:
+def _unwrap(obj: Any, path: Path, state_key: str | None = None) -> dict[str, Any]:
+    """The state dict in a loaded object: the object itself when it maps names
+    to tensors, else the one entry that does (``state_key`` names it when
+    several do: a checkpoint holding both ``model`` and ``ema`` is never read
+    silently as one of them)."""
     if not isinstance(obj, Mapping):
         raise LoadError(path, f"holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors)")
+    holders = [str(k) for k, v in obj.items() if isinstance(v, Mapping) and v and all(_is_array(x) for x in v.values())]
+    if state_key is not None:
+        if state_key not in holders:
+            raise LoadError(path, f"state_key={state_key!r}: no state dict there; the entries holding tensors are "
+                                  f"{holders or 'none'}")
+        return {str(k): v for k, v in obj[state_key].items()}
     if obj and all(_is_array(v) for v in obj.values()):
         return {str(k): v for k, v in obj.items()}
-    nested = [k for k in _NESTED if isinstance(obj.get(k), Mapping)
-              and obj[k] and all(_is_array(v) for v in obj[k].values())]
-    if len(nested) == 1:
-        return {str(k): v for k, v in obj[nested[0]].items()}
+    if len(holders) == 1:
+        return {str(k): v for k, v in obj[holders[0]].items()}
     keys = ", ".join(map(str, list(obj)[:8]))
-    raise LoadError(path, f"holds no state dict: top-level keys are [{keys}]; expected tensors, or one of "
-                          f"{', '.join(_NESTED)} holding them")
+    if len(holders) > 1:
+        raise LoadError(path, f"holds several state dicts ({', '.join(holders)}); choose one with state_key= "
+                              f"(--state-key on the command line)")
+    raise LoadError(path, f"holds no state dict: top-level keys are [{keys}]; expected tensors, or an entry "
+                          f"(such as {', '.join(_NESTED)}) holding them")
+
+
+PREFIXES = ("module.", "_orig_mod.", "model.")  # DDP, torch.compile, Lightning
+
+
+def strip_prefixes(sd: Mapping[str, Any], keep: Iterable[str] = ()) -> dict[str, Any]:
+    """The state dict without the wrappers' key prefixes (DDP's ``module.``,
+    torch.compile's ``_orig_mod.``, Lightning's ``model.``), each removed while
+    every key carries it and the expected keys ``keep`` do not."""
+    keep = list(keep)
+    out = dict(sd)
+    changed = True
+    while changed and out:
+        changed = False
+        for prefix in PREFIXES:
+            if all(k.startswith(prefix) for k in out) and not any(k.startswith(prefix) for k in keep):
+                out = {k[len(prefix):]: v for k, v in out.items()}
+                changed = True
+    return out
+
+
+class Checkpoints(list):
+    """The models of a run directory in natural step order: a list, with
+    ``names`` (the file stems, the labels of matrices and figures), ``steps``
+    (the last integer of each name, None where there is none) and ``paths``."""
+
+    def __init__(self, models: Iterable[Component], paths: Sequence[Path]) -> None:
+        super().__init__(models)
+        self.paths = tuple(Path(p) for p in paths)
+        self.names = tuple(p.stem for p in self.paths)
+        self.steps = tuple(int(m[-1]) if (m := re.findall(r"\d+", n)) else None for n in self.names)
+
+    def items(self) -> list[tuple[str, Component]]:
+        return list(zip(self.names, self))
 
 
 def _check_size(p: Path, kind: str, max_bytes: int) -> None:
@@ -184,7 +229,8 @@ def _check_size(p: Path, kind: str, max_bytes: int) -> None:
                            "(raise it with max_bytes=)")
 
 
-def read_state_dict(path: str | Path, *, max_bytes: int = MAX_CHECKPOINT_BYTES) -> dict[str, Any]:
+def read_state_dict(path: str | Path, *, max_bytes: int = MAX_CHECKPOINT_BYTES,
+                    state_key: str | None = None) -> dict[str, Any]:
     """The state dict stored in one file, never unpickling anything but
     tensors and plain containers: numpy arrays from safetensors files (torch
     tensors for dtypes numpy lacks), torch tensors from torch files.  Files
@@ -211,7 +257,7 @@ def read_state_dict(path: str | Path, *, max_bytes: int = MAX_CHECKPOINT_BYTES) 
             msg = ("refused: the file holds Python objects other than tensors, and tsalgebra loads with "
                    "weights_only=True (save model.state_dict() instead of the model object)")
         raise LoadError(p, f"cannot read {kind} file (malformed or truncated?): {msg}") from None
-    return _unwrap(obj, p)
+    return _unwrap(obj, p, state_key)
 
 
 def _read_safetensors(p: Path) -> dict[str, Any]:
@@ -286,7 +332,7 @@ def model_from_state_dict(sd: Mapping[str, Any], template: Template = None,
     naming ``source``."""
     if template is None:
         try:
-            return _native_model(sd)
+            return _native_model(strip_prefixes(sd))
         except (ValueError, TypeError) as exc:
             msg = str(exc).strip().replace("\n", " ")
             raise LoadError(source, "cannot interpret the state dict by tsalgebra's native layout (keys like "
@@ -302,7 +348,7 @@ def model_from_state_dict(sd: Mapping[str, Any], template: Template = None,
             raise TypeError(f"template must be an nn.Module or a function returning one, got {type(module).__name__}")
         module = copy.deepcopy(module)
         tensors = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))
-                   for k, v in sd.items()}
+                   for k, v in strip_prefixes(sd, module.state_dict()).items()}
         module.load_state_dict(tensors, strict=strict)
         module.eval()
     except (ValueError, TypeError, RuntimeError, KeyError) as exc:
@@ -315,9 +361,13 @@ def model_from_state_dict(sd: Mapping[str, Any], template: Template = None,
 
 
 def load(path: str | Path, template: Template = None, *, strict: bool = True,
-         max_bytes: int = MAX_CHECKPOINT_BYTES) -> Component | list[Component]:
+         max_bytes: int = MAX_CHECKPOINT_BYTES, state_key: str | None = None) -> Component | Checkpoints:
     """Load a checkpoint file as a tsalgebra model, or a directory of them as
-    a list in natural step order.
+    :class:`Checkpoints` (a list in natural step order, with their names and
+    steps, which matrices use as labels).  Keys prefixed by a wrapper
+    (``module.``, ``_orig_mod.``, ``model.``) are read without the prefix;
+    ``state_key`` picks the state dict of a checkpoint that holds several
+    (``"ema"`` beside ``"model"``).
 
     ``template``: a torch module or a no-argument function building one whose
     state dict the checkpoint holds (see the module docstring); without it the
@@ -328,9 +378,9 @@ def load(path: str | Path, template: Template = None, *, strict: bool = True,
     """
     p = Path(path)
     files = checkpoint_paths(p)
-    models = [model_from_state_dict(read_state_dict(f, max_bytes=max_bytes), template, strict=strict, source=f)
-              for f in files]
-    return models if p.is_dir() else models[0]
+    models = [model_from_state_dict(read_state_dict(f, max_bytes=max_bytes, state_key=state_key), template,
+                                    strict=strict, source=f) for f in files]
+    return Checkpoints(models, files) if p.is_dir() else models[0]
 
 
 def save(model: Component, path: str | Path, *, dtype: Any = np.float64,

@@ -80,6 +80,8 @@ def _models(models: Any, what: str) -> tuple[list[Any], tuple[str, ...] | None]:
     """The models of one side as a list, and their names when given as a mapping."""
     if isinstance(models, Mapping):
         return list(models.values()), tuple(str(k) for k in models.keys())
+    if isinstance(getattr(models, "names", None), tuple) and len(models.names) == len(models):  # ts.load(dir)
+        return list(models), tuple(models.names)
     if isinstance(models, (Component,)) or not isinstance(models, Iterable):
         raise TypeError(f"{what}: expected a sequence (or a mapping name -> model) of models")
     out = list(models)
