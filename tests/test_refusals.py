@@ -268,3 +268,15 @@ def test_matrix_and_pairwise_agree_at_tiny_scales(inner):
     np.testing.assert_allclose(np.asarray(m.values), pair, atol=1e-12)
     with pytest.raises(FloatingPointError, match="underflows float64"):  # not a silent 0.0
         ts.norm(ms[0], inner=inner)
+
+
+def test_deep_plain_stack_under_the_network_product():
+    """Eight bias-free bilinear layers at standard initialisation: the
+    network Gram shrinks by squaring at every layer (it gave NaN, then a
+    false "zero norm"); pairwise and matrix now agree."""
+    rng = np.random.default_rng(0)
+    w = lambda *s: rng.normal(size=s) / np.sqrt(s[-1])  # noqa: E731
+    a, b = (ts.Sequential(*[ts.Bilinear(w(4, 4), w(4, 4), w(4, 4)) for _ in range(8)]) for _ in range(2))
+    pair = ts.similarity(a, b, inner="network").value
+    matrix = ts.similarity_matrix([a, b], inner="network", progress=False).values[0, 1]
+    assert np.isfinite(pair) and pair == pytest.approx(matrix, rel=1e-9, abs=1e-300)

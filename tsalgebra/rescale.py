@@ -9,7 +9,8 @@ in f' every layer is balanced and of unit scale:
 
 - each hidden unit's (or head's) input maps have unit norm, the product of
   their norms moved into its output map (a rescaling symmetry: exact);
-- each non-residual layer's output map has unit norm, its scale carried into
+- each non-residual layer's output map has rows of unit norm on average
+  (root mean square), its scale carried into
   the next layer's input columns (the constant channel is not scaled); a
   residual layer keeps its input's scale (its skip fixes it);
 - the last layer's scale is ``log_scale`` (a natural logarithm, so that
@@ -49,6 +50,25 @@ def _log_norms(rows: list[np.ndarray | None], scale: list[float]) -> np.ndarray:
     return np.logaddexp.reduce(np.stack(terms), axis=0)
 
 
+def _log_rms(parts: list[tuple[np.ndarray | None, Any]], rows: int) -> float:
+    """log of the root-mean-square row norm of the blocks side by side, each
+    array x times e^{f} (f broadcast against x), without forming e^{f}: the
+    output scale that leaves the average output channel at unit norm. 0.0 for
+    an all-zero map."""
+    logs = []
+    with np.errstate(divide="ignore"):
+        for x, f in parts:
+            if x is not None and x.size:
+                logs.append((np.log(np.abs(x)) + f).ravel())
+    if not logs:
+        return 0.0
+    every = np.concatenate(logs)
+    top = np.max(every)
+    if not np.isfinite(top):
+        return 0.0
+    return float(top + 0.5 * np.log(np.sum(np.exp(2 * (every - top)))) - 0.5 * np.log(rows))
+
+
 def _times(x: np.ndarray | None, log_factor: Any, axis: int = 0) -> np.ndarray | None:
     """x * e^{log_factor} along ``axis`` (finite where the result is)."""
     if x is None:
@@ -73,10 +93,7 @@ def _bilinear(layer: Bilinear, c_in: float) -> tuple[Bilinear, float]:
     if layer.residual:
         c_out = c_in
     else:
-        c_out = float(np.logaddexp.reduce(np.concatenate([
-            _log_norms([layer.down.T], [0.0]) + unit, _log_norms([layer.down_bias], [0.0]) if
-            layer.down_bias is not None else np.array([-np.inf])])) if layer.down.size else -np.inf)
-        c_out = c_out if np.isfinite(c_out) else 0.0
+        c_out = _log_rms([(layer.down, unit[None, :]), (layer.down_bias, 0.0)], layer.down.shape[0])
     down = _times(layer.down, unit - c_out, axis=1)
     down_bias = _times(layer.down_bias, -c_out)
     return layer.replace(left=left, right=right, down=down, left_bias=left_bias, right_bias=right_bias,
@@ -84,10 +101,7 @@ def _bilinear(layer: Bilinear, c_in: float) -> tuple[Bilinear, float]:
 
 
 def _linear(layer: Linear, c_in: float) -> tuple[Linear, float]:
-    c_out = float(np.logaddexp.reduce(np.array([np.logaddexp.reduce(_log_norms([layer.weight], [c_in])),
-                                                np.logaddexp.reduce(_log_norms([layer.bias], [0.0]))
-                                                if layer.bias is not None else -np.inf])))
-    c_out = c_out if np.isfinite(c_out) else 0.0
+    c_out = _log_rms([(layer.weight, c_in), (layer.bias, 0.0)], layer.weight.shape[0])
     w = {"weight": _times(layer.weight, c_in - c_out)}
     if layer.bias is not None:
         w["bias"] = _times(layer.bias, -c_out)
@@ -107,13 +121,10 @@ def _attention(layer: BilinearAttention, c_in: float) -> tuple[BilinearAttention
         w[k] = _times(M, c_in - ln)
         w[f"{k}_bias"] = _times(b, -ln)
     o = w["o"]  # (heads, d_out, dv)
-    ln_o = _log_norms([o], [0.0]) + head_scale
     if layer.residual:
         c_out = c_in
     else:
-        parts = [ln_o] + ([_log_norms([w["o_bias"]], [0.0])] if w["o_bias"] is not None else [])
-        c_out = float(np.logaddexp.reduce(np.concatenate(parts)))
-        c_out = c_out if np.isfinite(c_out) else 0.0
+        c_out = _log_rms([(o, head_scale[:, None, None]), (w["o_bias"], 0.0)], o.shape[1])
     w["o"] = _times(o, head_scale - c_out)
     w["o_bias"] = _times(w["o_bias"], -c_out)
     return layer.replace(**w), c_out  # type: ignore[return-value]

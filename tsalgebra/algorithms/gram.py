@@ -20,6 +20,8 @@ from .registry import Algorithm, Triple
 
 __all__ = ["GramRecursion", "network_gram"]
 
+UNDERFLOW = 1e-280  # a Gram below this has lost its digits to float64's range (squared at the next layer)
+
 
 def network_gram(a: Component, b: Component) -> np.ndarray:
     """The final cross Gram matrix (out+1, out+1) of the network inner product."""
@@ -28,9 +30,17 @@ def network_gram(a: Component, b: Component) -> np.ndarray:
     if not ba:
         return wa @ wb.T  # type: ignore[operator]
     G = np.eye(a.in_features + 1)
-    for (La, Ra, Da), (Lb, Rb, Db) in zip(ba, bb):
+    for depth, ((La, Ra, Da), (Lb, Rb, Db)) in enumerate(zip(ba, bb), start=1):
         core = 0.5 * ((La @ G @ Lb.T) * (Ra @ G @ Rb.T) + (La @ G @ Rb.T) * (Ra @ G @ Lb.T))
+        before = np.max(np.abs(G[1:, 1:]))
         G = Da @ core @ Db.T
+        after = np.max(np.abs(G[1:, 1:]))
+        if before > 0 and 0 < after < UNDERFLOW:  # (an exact 0 may be orthogonality: not flagged)
+            # the recursion squares its Gram at every layer: a deep stack's falls below float64
+            raise FloatingPointError(
+                f"the network inner product underflows float64 at layer {depth} (its Gram reached "
+                f"{after:.3g}); similarity_matrix([a, b], inner='network') computes the cosine with Grams "
+                "normalised per layer")
     return G
 
 
