@@ -67,3 +67,19 @@ def test_state_key_from_the_command_line(tmp_path, capsys):
     assert main(["similarity", *args, "--json"]) == 1 and "state_key" in capsys.readouterr().err
     assert main(["similarity", *args, "--state-key", "ema", "--json"]) == 0
     assert -1 <= json.loads(capsys.readouterr().out)["value"] <= 1
+
+
+def test_hf_style_gate_up_down_converts():
+    class GatedMLP(nn.Module):  # transformers' LlamaMLP without the activation: a bilinear layer
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj = nn.Linear(4, 6, bias=False), nn.Linear(4, 6, bias=False)
+            self.down_proj = nn.Linear(6, 4, bias=False)
+
+        def forward(self, x):
+            return self.down_proj(self.gate_proj(x) * self.up_proj(x))
+
+    torch.manual_seed(0)
+    m = GatedMLP().double()
+    x = np.random.default_rng(0).normal(size=(5, 4))
+    np.testing.assert_allclose(ts.from_torch(m)(x), m(torch.as_tensor(x)).detach().numpy(), atol=1e-12)

@@ -75,8 +75,8 @@ __all__ = [
 Adapter = Callable[[nn.Module, str], "Component | None"]
 
 # attribute conventions (documented in docs/user-guide.md)
-LEFT_NAMES = ("left", "w_l", "l", "left_proj", "w1")
-RIGHT_NAMES = ("right", "w_r", "r", "right_proj", "w2")
+LEFT_NAMES = ("left", "w_l", "l", "left_proj", "w1", "gate_proj", "gate")  # gate/up: HF-style names
+RIGHT_NAMES = ("right", "w_r", "r", "right_proj", "w2", "up_proj")
 DOWN_NAMES = ("down", "proj", "d", "down_proj", "out", "out_proj", "w_o", "w_out", "p", "w3")
 FUSED_NAMES = ("w", "in_proj", "w_in", "up", "fused", "lr")
 WRAPPER_NAMES = ("inner", "block", "fn", "mlp", "module", "layer", "sublayer", "body", "f")
