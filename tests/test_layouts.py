@@ -83,3 +83,121 @@ def test_hf_style_gate_up_down_converts():
     m = GatedMLP().double()
     x = np.random.default_rng(0).normal(size=(5, 4))
     np.testing.assert_allclose(ts.from_torch(m)(x), m(torch.as_tensor(x)).detach().numpy(), atol=1e-12)
+
+
+# ------------------------------------------------ the papers' language models
+
+
+class RotateHalfAttention(nn.Module):
+    """A twin of the papers' bilinear attention, written from its description:
+    q1, k1, q2, k2, v, o nn.Linear(d, d), heads by reshape, scores
+    (q1.k1)(q2.k2) / d_head^2, causal, rotary (rotate-half), out = x +
+    attn_scale * o(z)."""
+
+    def __init__(self, d, n_head, attn_scale, bias_qk):
+        super().__init__()
+        self.n_head, self.dh, self.attn_scale = n_head, d // n_head, attn_scale
+        for name in ("q1", "k1", "q2", "k2"):
+            setattr(self, name, nn.Linear(d, d, bias=bias_qk))
+        self.v, self.o = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+
+    def rope(self, t):  # (b, n, h, dh), rotate-half
+        n, dh = t.shape[1], self.dh
+        inv = 10000.0 ** (-torch.arange(0, dh, 2, dtype=t.dtype) / dh)
+        ang = torch.arange(n, dtype=t.dtype)[:, None] * inv[None]  # (n, dh/2)
+        cos, sin = torch.cat([ang.cos()] * 2, -1)[None, :, None], torch.cat([ang.sin()] * 2, -1)[None, :, None]
+        rot = torch.cat([-t[..., dh // 2:], t[..., : dh // 2]], -1)
+        return t * cos + rot * sin
+
+    def forward(self, x):
+        b, n, d = x.shape
+        split = lambda t: t.view(b, n, self.n_head, self.dh)  # noqa: E731
+        q1, k1, q2, k2 = (self.rope(split(getattr(self, m)(x))) for m in ("q1", "k1", "q2", "k2"))
+        s = torch.einsum("bihe,bjhe->bhij", q1, k1) * torch.einsum("bihe,bjhe->bhij", q2, k2) / self.dh**2
+        s = s * torch.tril(torch.ones(n, n, dtype=x.dtype))
+        z = torch.einsum("bhij,bjhe->bihe", s, split(self.v(x))).reshape(b, n, d)
+        return x + self.attn_scale * self.o(z)
+
+
+class FinalNorm(nn.Module):  # an eval-time gain with an input-independent scale buffer
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(d))
+        self.register_buffer("scale", torch.tensor(1.7))
+
+    def forward(self, x):
+        return x * self.weight / self.scale
+
+
+class PaperLM(nn.Module):
+    def __init__(self, vocab, d, n_head, n_layers, attn_scale, bias_qk):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(RotateHalfAttention(d, n_head, attn_scale, bias_qk) for _ in range(n_layers))
+        self.final_norm = FinalNorm(d)
+        self.unembed = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.unembed(self.final_norm(x))
+
+
+def paper_run(tmp_path, nested_config=False, steps=(0, 50, 100)):
+    import json
+
+    cfg = dict(vocab_size=11, d_model=8, n_head=2, n_layers=2, attn_scale=0.35, use_bias_qk=True)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "config.json").write_text(json.dumps({"model": cfg} if nested_config else cfg))
+    models = []
+    for s in steps:
+        torch.manual_seed(s)
+        m = PaperLM(11, 8, 2, 2, 0.35, True).double().eval()
+        torch.save({"step": s, "model_state_dict": m.state_dict(), "optimizer_state_dict": {"state": {}}},
+                   tmp_path / "checkpoints" / f"step_{s:05d}.pt")
+        models.append(m)
+    return models
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_language_model_run_loads_without_a_template(tmp_path, nested):
+    twins = paper_run(tmp_path, nested)
+    models = ts.load(tmp_path, n_ctx=4)
+    assert models.steps == (0, 50, 100) and len(models) == 3
+    ids = torch.randint(0, 11, (6, 4), generator=torch.Generator().manual_seed(0))
+    for m, twin in zip(models, twins):
+        want = twin(ids).detach().numpy().reshape(6, -1)
+        got = np.asarray(m(ids.numpy()))
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10 * np.abs(want).max())
+    assert m.default_measure is not None  # the models read tokens: the token measure by default
+    with pytest.raises(ts.LoadError, match="n_ctx="):
+        ts.load(tmp_path)
+
+
+def test_language_model_run_from_the_command_line(tmp_path, capsys):
+    import json
+
+    from tsalgebra.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    paper_run(run)
+    assert main(["matrix", str(run), "--out", str(tmp_path / "m.png"), "--no-progress"]) == 2
+    assert "--n-ctx" in capsys.readouterr().err
+    code = main(["matrix", str(run), "--n-ctx", "3", "--out", str(tmp_path / "m.png"), "--csv", "--no-progress",
+                 "--json"])
+    rep = json.loads(capsys.readouterr().out)
+    assert code == 0 and rep["labels"] == ["step_00000", "step_00050", "step_00100"]
+    models = ts.load(run, n_ctx=3)
+    np.testing.assert_allclose(rep["values"], ts.similarity_matrix(models, progress=False).values, atol=1e-12)
+
+
+def test_norm_qk_is_refused(tmp_path):
+    paper_run(tmp_path, steps=(0,))
+    path = tmp_path / "checkpoints" / "step_00000.pt"
+    sd = torch.load(path, weights_only=True)
+    sd["model_state_dict"]["layers.0.norm_qk.weight"] = torch.ones(4)
+    torch.save(sd, path)
+    with pytest.raises(ts.LoadError, match="norm_qk"):
+        ts.load(tmp_path, n_ctx=4)

@@ -247,20 +247,30 @@ def _matrix_outputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
 
 def cmd_matrix(args: argparse.Namespace) -> int:
     _check_files(*args.paths)
-    from .io import checkpoint_paths, model_from_state_dict, read_state_dict
+    from .io import checkpoint_paths, load, model_from_state_dict, read_state_dict
+    from .layouts import is_run_directory
     from .matrix import similarity_matrix
 
     tpl = _template(args.template)
+    runs = [p for p in args.paths if tpl is None and is_run_directory(Path(p))]  # language-model runs
+    if runs and args.n_ctx is None:
+        raise UsageError(f"{runs[0]} is a language-model run: give --n-ctx (the token positions to analyse)")
     files: list[Path] = []
     for p in args.paths:
-        files.extend(checkpoint_paths(p))
+        files.extend(checkpoint_paths(Path(p) / "checkpoints" if p in runs else p))
     if len(files) < 2:
         raise UsageError(f"matrix needs at least two checkpoints, got {len(files)}")
     labels = [f.stem for f in files]
     if len(set(labels)) < len(labels):
         labels = [str(f) for f in files]
     out, csv_path = _matrix_outputs(args)  # checked before anything is computed: a bad path loses no run
-    models = [model_from_state_dict(read_state_dict(f, state_key=args.state_key), tpl, source=f) for f in files]
+    models = []
+    for p in args.paths:
+        if p in runs:
+            models.extend(load(p, n_ctx=args.n_ctx, state_key=args.state_key))
+        else:
+            models.extend(model_from_state_dict(read_state_dict(f, state_key=args.state_key), tpl, source=f)
+                          for f in checkpoint_paths(p))
     kw: dict[str, Any] = {}
     if args.centered:
         kw["centered"] = True
@@ -276,7 +286,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     payload = {"labels": labels, "files": [str(f) for f in files], "values": values, "inner": res.inner,
                "method": res.method, "exact": res.exact, "route": res.route, "flops": res.flops,
                "centered": bool(args.centered), "figure": out, "csv": csv_path}
-    lines = [f"{len(files)} checkpoints, {args.inner}{' centred' if args.centered else ''} similarity "
+    lines = [f"{len(files)} checkpoints, {res.inner}{' centred' if args.centered else ''} similarity "
              f"({res.method}{'' if res.exact else ', approximate'}; route: {res.route}; {res.flops:.3g} flops)"]
     if len(files) <= 12:
         width = max(len(x) for x in labels)
@@ -501,9 +511,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     tpl = _template(args.template)
     a, b = _load_one(args.a, tpl, args.state_key), _load_one(args.b, tpl, args.state_key)
     sp = plan_similarity(a, b, args.inner, centered=args.centered, per_output=args.per_output, budget=args.budget)
-    rep = dict(sp.describe(), inner=args.inner, centered=args.centered, a=args.a, b=args.b, model_a=repr(a),
+    inner_used = next((p.problem.inner for _, p in sp.products if not isinstance(p, CostError)), args.inner or "gaussian")
+    rep = dict(sp.describe(), inner=inner_used, centered=args.centered, a=args.a, b=args.b, model_a=repr(a),
                model_b=repr(b))
-    lines = [f"{args.inner}{' centred' if args.centered else ''} similarity of {args.a} and {args.b}, planned from "
+    lines = [f"{inner_used}{' centred' if args.centered else ''} similarity of {args.a} and {args.b}, planned from "
              f"shapes (budget {args.budget:.3g} flops per product):"]
     for label, p in sp.products:
         if isinstance(p, CostError):
@@ -558,9 +569,13 @@ def build_parser() -> argparse.ArgumentParser:
     models = argparse.ArgumentParser(add_help=False)
     models.add_argument("--template", metavar="MODULE:FUNCTION",
                         help="function building the torch module the checkpoints hold (default: native layout)")
+    models.add_argument("--n-ctx", type=int, metavar="N",
+                        help="token positions at which a language-model run (config.json + checkpoints/) is analysed")
     models.add_argument("--state-key", metavar="KEY",
                         help="the state dict to read from checkpoints holding several (e.g. ema beside model)")
-    inners = ("gaussian", "symmetric", "network")
+    inners = ("gaussian", "tokens", "symmetric", "network")
+    inner_help = ("inner product (default: the models' own measure: tokens for models that read token ids, "
+                  "else gaussian)")
 
     parser = argparse.ArgumentParser(prog="tsalgebra", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -574,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "method, exactness and cost.")
     s.add_argument("a", help="checkpoint file")
     s.add_argument("b", help="checkpoint file")
-    s.add_argument("--inner", choices=inners, default="gaussian", help="inner product (default gaussian)")
+    s.add_argument("--inner", choices=inners, default=None, help=inner_help)
     s.add_argument("--per-output", action="store_true", help="one similarity per output channel")
     s.add_argument("--centered", action="store_true", help="centred gaussian (covariance of the outputs)")
     s.add_argument("--method", choices=("auto", "exact", "closure", "sampled"), default="auto",
@@ -594,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default="matrix.png", help="figure path (default matrix.png; format from the suffix)")
     m.add_argument("--csv", nargs="?", const=True, default=None, metavar="PATH",
                    help="also write the matrix as CSV (default: the figure path with .csv)")
-    m.add_argument("--inner", choices=inners, default="gaussian", help="inner product (default gaussian)")
+    m.add_argument("--inner", choices=inners, default=None, help=inner_help)
     m.add_argument("--centered", action="store_true", help="centred gaussian")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.set_defaults(func=cmd_matrix)
@@ -617,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "orbit network, FLOP and memory estimates, and totals. Nothing is contracted.")
     p.add_argument("a", help="checkpoint file")
     p.add_argument("b", help="checkpoint file")
-    p.add_argument("--inner", choices=inners, default="gaussian")
+    p.add_argument("--inner", choices=inners, default=None, help=inner_help)
     p.add_argument("--centered", action="store_true")
     p.add_argument("--per-output", action="store_true")
     p.add_argument("--budget", type=float, default=1e11)

@@ -61,6 +61,7 @@ if TYPE_CHECKING:  # torch is imported only where a torch file or a template nee
 import numpy as np
 
 from .arrays import is_torch, torch_to_numpy
+from .layouts import attention_lm, is_run_directory, read_config
 from .components import Bilinear, Component, Linear, Sequential
 
 __all__ = ["LoadError", "load", "save", "checkpoint_paths", "read_state_dict", "model_from_state_dict",
@@ -361,13 +362,17 @@ def model_from_state_dict(sd: Mapping[str, Any], template: Template = None,
 
 
 def load(path: str | Path, template: Template = None, *, strict: bool = True,
-         max_bytes: int = MAX_CHECKPOINT_BYTES, state_key: str | None = None) -> Component | Checkpoints:
+         max_bytes: int = MAX_CHECKPOINT_BYTES, state_key: str | None = None,
+         n_ctx: int | None = None) -> Component | Checkpoints:
     """Load a checkpoint file as a tsalgebra model, or a directory of them as
     :class:`Checkpoints` (a list in natural step order, with their names and
     steps, which matrices use as labels).  Keys prefixed by a wrapper
     (``module.``, ``_orig_mod.``, ``model.``) are read without the prefix;
     ``state_key`` picks the state dict of a checkpoint that holds several
-    (``"ema"`` beside ``"model"``).
+    (``"ema"`` beside ``"model"``).  A training run of a bilinear-attention
+    language model in the papers' layout (``config.json`` beside
+    ``checkpoints/``: :mod:`tsalgebra.layouts`) loads without a template, at
+    the analysis length ``n_ctx`` (the number of token positions).
 
     ``template``: a torch module or a no-argument function building one whose
     state dict the checkpoint holds (see the module docstring); without it the
@@ -377,6 +382,15 @@ def load(path: str | Path, template: Template = None, *, strict: bool = True,
     the file) for anything unreadable, malformed or of the wrong layout.
     """
     p = Path(path)
+    if template is None and is_run_directory(p):
+        if n_ctx is None:
+            raise LoadError(p, "a language-model run loads at an analysis length: pass n_ctx= (token positions; "
+                               "the weights do not depend on it)")
+        config = read_config(p)
+        files = checkpoint_paths(p / "checkpoints")
+        return Checkpoints([attention_lm(strip_prefixes(read_state_dict(f, max_bytes=max_bytes,
+                                                                        state_key=state_key)), config, n_ctx, f)
+                            for f in files], files)
     files = checkpoint_paths(p)
     models = [model_from_state_dict(read_state_dict(f, max_bytes=max_bytes, state_key=state_key), template,
                                     strict=strict, source=f) for f in files]
