@@ -201,3 +201,23 @@ def test_norm_qk_is_refused(tmp_path):
     torch.save(sd, path)
     with pytest.raises(ts.LoadError, match="norm_qk"):
         ts.load(tmp_path, n_ctx=4)
+
+
+@pytest.mark.parametrize("stored", ["out_in", "in_out"])
+def test_factors_held_as_parameters(stored):
+    class Held(nn.Module):
+        def __init__(self):
+            super().__init__()
+            shape = (lambda o, i: (o, i)) if stored == "out_in" else (lambda o, i: (i, o))
+            self.left, self.right = nn.Parameter(torch.randn(*shape(6, 4))), nn.Parameter(torch.randn(*shape(6, 4)))
+            self.left_bias = nn.Parameter(torch.randn(6))
+            self.down = nn.Parameter(torch.randn(*shape(3, 6)))
+
+        def forward(self, x):
+            lin = (lambda W, x: x @ W.T) if stored == "out_in" else (lambda W, x: x @ W)  # noqa: E731
+            return lin(self.down, (lin(self.left, x) + self.left_bias) * lin(self.right, x))
+
+    torch.manual_seed(0)
+    m = Held().double()
+    x = np.random.default_rng(0).normal(size=(5, 4))
+    np.testing.assert_allclose(ts.from_torch(m)(x), m(torch.as_tensor(x)).detach().numpy(), atol=1e-10)

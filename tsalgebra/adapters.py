@@ -410,13 +410,30 @@ def _refusal(module: nn.Module) -> str | None:
 # ------------------------------------------------------------ conventions
 
 
-def _attr_linear(module: nn.Module, names: Iterable[str]) -> list[tuple[str, nn.Linear]]:
+class _HeldFactor:
+    """A factor held as a bare ``nn.Parameter`` (2-D) under a recognised name,
+    read as a linear map: ``weight`` (out, in), stored that way or (in, out)
+    for ``x @ W`` (``transposed``); its bias is the parameter ``<name>_bias``
+    or ``b_<name>`` when there is one."""
+
+    def __init__(self, module: nn.Module, name: str, transposed: bool) -> None:
+        w = module._parameters[name]
+        self.weight = w.T if transposed else w
+        self.bias = module._parameters.get(f"{name}_bias", module._parameters.get(f"b_{name}"))
+
+
+def _attr_linear(module: nn.Module, names: Iterable[str], held: str = "") -> list[tuple[str, Any]]:
+    """The linear maps under ``names``: ``nn.Linear`` children, or (``held``
+    "out_in" / "in_out") 2-D parameters read in that orientation."""
     found = []
     children = dict(module.named_children())
     for n in names:
         sub = children.get(n)
-        if isinstance(sub, nn.Linear) and type(sub).forward is nn.Linear.forward:
+        if not held and isinstance(sub, nn.Linear) and type(sub).forward is nn.Linear.forward:
             found.append((n, sub))
+        p = module._parameters.get(n)
+        if held and p is not None and p.dim() == 2:
+            found.append((n, _HeldFactor(module, n, held == "in_out")))
     return found
 
 
@@ -424,21 +441,23 @@ def _candidates(module: nn.Module, path: str) -> list[tuple[str, Callable[[], Co
     """Interpretations of an unregistered module by attribute conventions,
     each a (description, builder) pair to be checked against the forward."""
     out: list[tuple[str, Callable[[], Component | None]]] = []
-    lefts = _attr_linear(module, LEFT_NAMES)
-    rights = _attr_linear(module, RIGHT_NAMES)
-    downs = _attr_linear(module, DOWN_NAMES)
-    fused = _attr_linear(module, FUSED_NAMES)
-    for ln, lm in lefts:
-        for rn, rm in rights:
+    for held in ("", "out_in", "in_out"):  # nn.Linear children; parameters held as (out, in) or (in, out)
+        lefts = _attr_linear(module, LEFT_NAMES, held)
+        rights = _attr_linear(module, RIGHT_NAMES, held)
+        downs = _attr_linear(module, DOWN_NAMES, held)
+        fused = _attr_linear(module, FUSED_NAMES, held)
+        how = f" (parameters held {held.replace('_', ', ')})" if held else ""
+        for ln, lm in lefts:
+            for rn, rm in rights:
+                for dn, dm in downs:
+                    if len({id(lm), id(rm), id(dm)}) == 3:
+                        out.append((f"bilinear {dn}({ln}(x) * {rn}(x)){how}",
+                                    lambda lm=lm, rm=rm, dm=dm: _bilinear(lm, rm, dm, path)))
+        for fn_, fm in fused:
             for dn, dm in downs:
-                if len({id(lm), id(rm), id(dm)}) == 3:
-                    out.append((f"bilinear {dn}({ln}(x) * {rn}(x))",
-                                lambda lm=lm, rm=rm, dm=dm: _bilinear(lm, rm, dm, path)))
-    for fn_, fm in fused:
-        for dn, dm in downs:
-            if dm is not fm:
-                out.append((f"fused bilinear {dn}(l * r) with l, r = {fn_}(x).chunk(2, -1)",
-                            lambda fm=fm, dm=dm: _fused(fm, dm, path)))
+                if dm is not fm:
+                    out.append((f"fused bilinear {dn}(l * r) with l, r = {fn_}(x).chunk(2, -1){how}",
+                                lambda fm=fm, dm=dm: _fused(fm, dm, path)))
     if isinstance(module, nn.Linear):
         out.append(("Bilinear(nn.Linear): l * r with l, r = linear(x).chunk(2, -1)",
                     lambda: _fused(module, None, path)))
