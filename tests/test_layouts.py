@@ -221,3 +221,22 @@ def test_factors_held_as_parameters(stored):
     m = Held().double()
     x = np.random.default_rng(0).normal(size=(5, 4))
     np.testing.assert_allclose(ts.from_torch(m)(x), m(torch.as_tensor(x)).detach().numpy(), atol=1e-10)
+
+
+def test_matrix_command_offers_the_rungs_its_refusals_name(tmp_path, capsys):
+    """A refused matrix names --budget and --method: the matrix command has them."""
+    import json
+
+    from tsalgebra.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    paper_run(run, steps=(0, 50))
+    args = ["matrix", str(run), "--n-ctx", "3", "--inner", "gaussian", "--out", str(tmp_path / "m.png"),
+            "--no-progress"]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "--method sampled" in err and "--budget" in err
+    assert main(args + ["--method", "sampled", "--samples", "300", "--seed", "1", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["method"] == "sampled" and rep["exact"] is False and -1 <= rep["values"][0][1] <= 1

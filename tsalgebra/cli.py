@@ -271,10 +271,14 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         else:
             models.extend(model_from_state_dict(read_state_dict(f, state_key=args.state_key), tpl, source=f)
                           for f in checkpoint_paths(p))
-    kw: dict[str, Any] = {}
+    kw: dict[str, Any] = {"budget": args.budget}
     if args.centered:
         kw["centered"] = True
-    res = similarity_matrix(models, inner=args.inner, progress=not args.no_progress, **kw)
+    if args.method == "sampled":  # each product estimated by ts.inner, pair by pair
+        kw.update(samples=args.samples, seed=args.seed)
+    elif args.samples is not None or args.seed is not None:
+        raise UsageError("--samples and --seed belong to --method sampled")
+    res = similarity_matrix(models, inner=args.inner, method=args.method, progress=not args.no_progress, **kw)
     values = np.asarray(res.values, dtype=float)
     if csv_path is not None:  # the data first: a figure that fails to draw loses nothing
         with open(csv_path, "w", newline="") as fh:
@@ -287,7 +291,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
                "method": res.method, "exact": res.exact, "route": res.route, "flops": res.flops,
                "centered": bool(args.centered), "figure": out, "csv": csv_path}
     lines = [f"{len(files)} checkpoints, {res.inner}{' centred' if args.centered else ''} similarity "
-             f"({res.method}{'' if res.exact else ', approximate'}; route: {res.route}; {res.flops:.3g} flops)"]
+             f"({res.method}{'' if res.exact else ', not exact'}; route: {res.route}; {res.flops:.3g} flops)"]
     if len(files) <= 12:
         width = max(len(x) for x in labels)
         lines.append(" " * (width + 1) + " ".join(f"{i:>7d}" for i in range(len(files))))
@@ -611,6 +615,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the matrix as CSV (default: the figure path with .csv)")
     m.add_argument("--inner", choices=inners, default=None, help=inner_help)
     m.add_argument("--centered", action="store_true", help="centred gaussian")
+    m.add_argument("--method", choices=("auto", "exact", "closure", "sampled"), default="auto",
+                   help="as for similarity; sampled estimates each product pair by pair")
+    m.add_argument("--budget", type=float, default=1e11, help="flop budget per inner product (default 1e11)")
+    m.add_argument("--samples", type=int, help="--method sampled: samples per product (default 10000)")
+    m.add_argument("--seed", type=int, help="--method sampled: random seed")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.set_defaults(func=cmd_matrix)
 

@@ -67,7 +67,7 @@ def _checked(inner: str, method: str, centered: bool, route: str, options: dict[
     if options.get("per_output"):
         raise TypeError("per_output is not available for similarity matrices; use ts.similarity per pair")
     options = {k: v for k, v in options.items() if k != "per_output"}
-    unknown = set(options) - {"degree", "budget", "orbits"}
+    unknown = set(options) - {"degree", "budget", "orbits", "samples", "seed", "rel_error"}
     if unknown:
         raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
     budget = options.get("budget", DEFAULT_BUDGET)

@@ -223,7 +223,7 @@ def prepare_models(rows: Sequence[Any], cols: Sequence[Any] | None, inner: str, 
     :func:`uncovered`).  ``measure``: the measure bound to the models' input
     (the batched routes take a Gaussian one).  Raises ValueError for stacks
     of different depths under the network product."""
-    if method == "closure" or (degree not in (None, 2) and inner == "symmetric") or inner == "tokens":
+    if method in ("closure", "sampled") or (degree not in (None, 2) and inner == "symmetric") or inner == "tokens":
         return None
     P = None if not isinstance(measure, Gaussian) or measure.standard else measure.whitening()
     started = time.perf_counter()
