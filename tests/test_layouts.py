@@ -240,3 +240,18 @@ def test_matrix_command_offers_the_rungs_its_refusals_name(tmp_path, capsys):
     assert main(args + ["--method", "sampled", "--samples", "300", "--seed", "1", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["method"] == "sampled" and rep["exact"] is False and -1 <= rep["values"][0][1] <= 1
+
+
+def test_one_checkpoint_of_a_run_from_the_command_line(tmp_path, capsys):
+    import json
+
+    from tsalgebra.cli import main
+
+    paper_run(tmp_path, steps=(0, 50))
+    a, b = (str(tmp_path / "checkpoints" / f"step_{s:05d}.pt") for s in (0, 50))
+    assert main(["similarity", a, b, "--json"]) == 1 and "--n-ctx" in capsys.readouterr().err
+    assert main(["similarity", a, b, "--n-ctx", "3", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["inner"] == "tokens" and rep["exact"]
+    assert main(["plan", a, b, "--n-ctx", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["within_budget"]

@@ -163,14 +163,14 @@ def _check_files(*paths: str) -> None:
             raise FileNotFoundError(f"{path}: no such file or directory")
 
 
-def _load_one(path: str, template: Any, state_key: str | None = None) -> Component:
+def _load_one(path: str, template: Any, state_key: str | None = None, n_ctx: int | None = None) -> Component:
     _check_files(path)
     p = Path(path)
     if p.is_dir():
         raise UsageError(f"{p} is a directory; this command takes one checkpoint file")
     from .io import load
 
-    return load(p, template, state_key=state_key)  # type: ignore[return-value]
+    return load(p, template, state_key=state_key, n_ctx=n_ctx)  # type: ignore[return-value]
 
 
 def _result_dict(r: Any) -> dict[str, Any]:
@@ -191,7 +191,7 @@ def cmd_similarity(args: argparse.Namespace) -> int:
 
     _check_files(args.a, args.b)
     tpl = _template(args.template)
-    a, b = _load_one(args.a, tpl, args.state_key), _load_one(args.b, tpl, args.state_key)
+    a, b = _load_one(args.a, tpl, args.state_key, args.n_ctx), _load_one(args.b, tpl, args.state_key, args.n_ctx)
     kw: dict[str, Any] = {"per_output": args.per_output, "budget": args.budget}
     if args.centered:
         kw["centered"] = True
@@ -469,12 +469,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify
 
     tpl = _template(args.template)
-    component = _load_one(args.component, tpl, args.state_key)
+    component = _load_one(args.component, tpl, args.state_key, args.n_ctx)
     cpath = Path(args.circuit)
     if not cpath.exists():
         raise FileNotFoundError(f"{cpath}: no such file or directory")
     if cpath.suffix.lower() in CHECKPOINT_SUFFIXES or is_checkpoint(cpath):
-        circuit: Any = _load_one(args.circuit, tpl, args.state_key)
+        circuit: Any = _load_one(args.circuit, tpl, args.state_key, args.n_ctx)
         symbols = None
     else:
         names = args.symbols.replace(",", " ").split() if args.symbols else (
@@ -513,7 +513,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     _check_files(args.a, args.b)
     tpl = _template(args.template)
-    a, b = _load_one(args.a, tpl, args.state_key), _load_one(args.b, tpl, args.state_key)
+    a, b = _load_one(args.a, tpl, args.state_key, args.n_ctx), _load_one(args.b, tpl, args.state_key, args.n_ctx)
     sp = plan_similarity(a, b, args.inner, centered=args.centered, per_output=args.per_output, budget=args.budget)
     inner_used = next((p.problem.inner for _, p in sp.products if not isinstance(p, CostError)), args.inner or "gaussian")
     rep = dict(sp.describe(), inner=inner_used, centered=args.centered, a=args.a, b=args.b, model_a=repr(a),

@@ -382,15 +382,16 @@ def load(path: str | Path, template: Template = None, *, strict: bool = True,
     the file) for anything unreadable, malformed or of the wrong layout.
     """
     p = Path(path)
-    if template is None and is_run_directory(p):
+    run = p if p.is_dir() else p.parent.parent if p.parent.name == "checkpoints" else None
+    if template is None and run is not None and is_run_directory(run):  # a language-model run, or one of its files
         if n_ctx is None:
             raise LoadError(p, "a language-model run loads at an analysis length: pass n_ctx= (token positions; "
-                               "the weights do not depend on it)")
-        config = read_config(p)
-        files = checkpoint_paths(p / "checkpoints")
-        return Checkpoints([attention_lm(strip_prefixes(read_state_dict(f, max_bytes=max_bytes,
-                                                                        state_key=state_key)), config, n_ctx, f)
-                            for f in files], files)
+                               "the weights do not depend on it; --n-ctx on the command line)")
+        config = read_config(run)
+        files = checkpoint_paths(p / "checkpoints" if p.is_dir() else p)
+        models = [attention_lm(strip_prefixes(read_state_dict(f, max_bytes=max_bytes, state_key=state_key)), config,
+                               n_ctx, f) for f in files]
+        return Checkpoints(models, files) if p.is_dir() else models[0]
     files = checkpoint_paths(p)
     models = [model_from_state_dict(read_state_dict(f, max_bytes=max_bytes, state_key=state_key), template,
                                     strict=strict, source=f) for f in files]
