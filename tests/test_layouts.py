@@ -255,3 +255,39 @@ def test_one_checkpoint_of_a_run_from_the_command_line(tmp_path, capsys):
     assert rep["inner"] == "tokens" and rep["exact"]
     assert main(["plan", a, b, "--n-ctx", "3", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["within_budget"]
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_blocks_in_a_module_list_with_the_residual_written_in_forward(residual):
+    """The image models' layout: embed, blocks[i] (a bilinear MLP whose
+    fused projection is chunked, then p), head; the residual written in the
+    forward. Both readings are tried; the one matching the forward is kept."""
+
+    class MLP(nn.Module):
+        def __init__(self, d, h):
+            super().__init__()
+            self.w, self.p = nn.Linear(d, 2 * h), nn.Linear(h, d)
+
+        def forward(self, x):
+            left, right = self.w(x).chunk(2, -1)
+            return self.p(left * right)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(6, 4)
+            self.blocks = nn.ModuleList(MLP(4, 5) for _ in range(2))
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            x = self.embed(x)
+            for block in self.blocks:
+                x = x + block(x) if residual else block(x)
+            return self.head(x)
+
+    torch.manual_seed(0)
+    m = Net().double()
+    x = np.random.default_rng(0).normal(size=(5, 6))
+    got = ts.from_torch(m)
+    np.testing.assert_allclose(got(x), m(torch.as_tensor(x)).detach().numpy(), atol=1e-10)
+    assert sum(getattr(l, "residual", False) for l in got.layers) == (2 if residual else 0)

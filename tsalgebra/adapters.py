@@ -326,6 +326,8 @@ def _residual_of(inner: Component | None, path: str) -> Component:
         raise AdapterError(path, "residual around the identity (2 x) is not a tsalgebra layer; "
                                  "use a Linear with weight 2 I")
     folded = fold_linear(inner)
+    if isinstance(folded, BilinearAttention) and not folded.residual:
+        return folded.replace(residual=True)
     if isinstance(folded, (Linear, Bilinear)):
         try:
             return folded.with_residual()
@@ -347,6 +349,27 @@ def _seq(module: nn.Sequential, path: str) -> Component | None:
         return None
     try:
         return parts[0] if len(parts) == 1 else Sequential(*_per_position(parts))
+    except ValueError as exc:
+        raise AdapterError(path, str(exc)) from None
+
+
+def _stack_of(module: nn.Module, path: str, residual: bool) -> Component | None:
+    """A module whose forward runs its children in order, looping over the
+    blocks of its ModuleList(s) (``x = x + block(x)`` when ``residual``):
+    a reading of the forward, accepted only if it matches it."""
+    parts: list[Component | None] = []
+    for name, child in module.named_children():
+        if isinstance(child, nn.ModuleList):
+            for i, block in enumerate(child):
+                p = convert(block, _child(path, f"{name}.{i}"))
+                parts.append(_residual_of(p, _child(path, f"{name}.{i}")) if residual else p)
+        else:
+            parts.append(convert(child, _child(path, name)))
+    kept = [p for p in parts if p is not None]
+    if not kept:
+        return None
+    try:
+        return kept[0] if len(kept) == 1 else Sequential(*_per_position(kept))
     except ValueError as exc:
         raise AdapterError(path, str(exc)) from None
 
@@ -462,6 +485,11 @@ def _candidates(module: nn.Module, path: str) -> list[tuple[str, Callable[[], Co
         out.append(("Bilinear(nn.Linear): l * r with l, r = linear(x).chunk(2, -1)",
                     lambda: _fused(module, None, path)))
     kids = list(module.named_children())
+    if any(isinstance(child, nn.ModuleList) for _, child in kids):  # a forward looping over blocks
+        for residual in (True, False):
+            what = "x + block(x)" if residual else "block(x)"
+            out.append((f"children in order, each block of the ModuleList applied as {what}",
+                        lambda residual=residual: _stack_of(module, path, residual)))
     if len(kids) == 1 and kids[0][0] in WRAPPER_NAMES:
         name, child = kids[0]
         out.append((f"residual x + {name}(x)",
