@@ -291,3 +291,47 @@ def test_blocks_in_a_module_list_with_the_residual_written_in_forward(residual):
     got = ts.from_torch(m)
     np.testing.assert_allclose(got(x), m(torch.as_tensor(x)).detach().numpy(), atol=1e-10)
     assert sum(getattr(l, "residual", False) for l in got.layers) == (2 if residual else 0)
+
+
+@pytest.mark.parametrize("rotary", [None, "interleaved", "rotate_half"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_fused_qkv_attention_converts(rotary, causal):
+    """A fused projection qkv: nn.Linear(d, 5 d) split into q1, k1, q2, k2, v
+    per head, each score divided by sqrt(d_head), then o, with a residual."""
+
+    class Fused(nn.Module):
+        def __init__(self, d=8, n_head=2):
+            super().__init__()
+            self.n_head, self.dh = n_head, d // n_head
+            self.qkv, self.o = nn.Linear(d, 5 * d), nn.Linear(d, d)
+
+        def rope(self, t):
+            if rotary is None:
+                return t
+            n, dh = t.shape[1], self.dh
+            inv = 10000.0 ** (-torch.arange(0, dh, 2, dtype=t.dtype) / dh)
+            ang = torch.arange(n, dtype=t.dtype)[:, None] * inv[None]
+            c, s = ang.cos()[None, :, None], ang.sin()[None, :, None]
+            if rotary == "rotate_half":
+                x0, x1 = t[..., : dh // 2], t[..., dh // 2:]
+                return torch.cat([x0 * c - x1 * s, x1 * c + x0 * s], -1)
+            x0, x1 = t[..., 0::2], t[..., 1::2]
+            return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], -1).flatten(-2)
+
+        def forward(self, x):
+            b, n, d = x.shape
+            q1, k1, q2, k2, v = (t.view(b, n, self.n_head, self.dh) for t in self.qkv(x).chunk(5, -1))
+            q1, k1, q2, k2 = map(self.rope, (q1, k1, q2, k2))
+            s = (torch.einsum("bihe,bjhe->bhij", q1, k1) / self.dh**0.5) * \
+                (torch.einsum("bihe,bjhe->bhij", q2, k2) / self.dh**0.5)
+            if causal:
+                s = s * torch.tril(torch.ones(n, n, dtype=x.dtype))
+            z = torch.einsum("bhij,bjhe->bihe", s, v).reshape(b, n, d)
+            return x + self.o(z)
+
+    torch.manual_seed(0)
+    m = Fused().double()
+    layer = ts.from_torch(m)
+    x = np.random.default_rng(0).normal(size=(3, 4, 8))
+    np.testing.assert_allclose(layer(x), m(torch.as_tensor(x)).detach().numpy(), atol=1e-10)
+    assert layer.causal == causal and layer.residual

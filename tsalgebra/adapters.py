@@ -353,6 +353,56 @@ def _seq(module: nn.Sequential, path: str) -> Component | None:
         raise AdapterError(path, str(exc)) from None
 
 
+QKV_NAMES = ("qkv", "c_attn", "in_proj")  # a fused projection of d_model to 5 d_model: q1, k1, q2, k2, v
+OUT_NAMES = ("o", "out", "proj", "out_proj", "o_proj", "c_proj")
+HEAD_ATTRS = ("n_head", "n_heads", "heads", "num_heads")
+CHECK_POSITIONS = 4  # the sequence length a fused attention is checked (and bound) at when it names none
+
+
+def _fused_attention_candidates(module: nn.Module, path: str) -> list[tuple[str, Callable[[], Component | None]]]:
+    """Readings of a bilinear attention with a fused projection ``qkv:
+    nn.Linear(d, 5 d)`` split into q1, k1, q2, k2, v (heads by reshape, each
+    score divided by sqrt(d_head)) and an output map: causal or not, residual
+    or not, rotary none, interleaved or rotate-half (base 10,000); each is
+    checked against the forward and the one that matches is kept."""
+    qkv = next((m for n, m in _attr_linear(module, QKV_NAMES)), None)
+    o = next((m for n, m in _attr_linear(module, OUT_NAMES)), None)
+    heads = next((getattr(module, a) for a in HEAD_ATTRS if isinstance(getattr(module, a, None), int)), None)
+    if qkv is None or o is None or heads is None or qkv.weight.shape[0] != 5 * qkv.weight.shape[1]:
+        return []
+    d = qkv.weight.shape[1]
+    if d % heads:
+        return []
+    n = getattr(module, "n_ctx", None) or CHECK_POSITIONS
+    out = []
+    for rotary in (None, "interleaved", "rotate_half"):
+        for causal in (True, False):
+            for residual in (True, False):
+                what = (f"fused q1, k1, q2, k2, v = qkv(x).chunk(5, -1), {heads} heads, scores / sqrt(d_head), "
+                        f"{'causal' if causal else 'not causal'}, rotary {rotary or 'none'}, "
+                        f"{'residual' if residual else 'no residual'}")
+                out.append((what, lambda rotary=rotary, causal=causal, residual=residual: _fused_attention(
+                    qkv, o, heads, d, n, rotary, causal, residual, path)))
+    return out
+
+
+def _fused_attention(qkv: nn.Linear, o: nn.Linear, heads: int, d: int, n: int, rotary: str | None, causal: bool,
+                     residual: bool, path: str) -> Component:
+    from .layouts import _rotate_half_to_pairs
+
+    dh = d // heads
+    W, b = _np(qkv.weight).reshape(5, heads, dh, d), _np(qkv.bias)
+    b = None if b is None else b.reshape(5, heads, dh)
+    order = _rotate_half_to_pairs(dh) if rotary == "rotate_half" else np.arange(dh)
+    w: dict[str, Any] = {}
+    for k, name in enumerate(("q1", "k1", "q2", "k2", "v")):
+        perm = order if name != "v" else np.arange(dh)
+        w[name], w[f"{name}_bias"] = W[k][:, perm], None if b is None else b[k][:, perm]
+    w["o"], w["o_bias"] = _np(o.weight).reshape(-1, heads, dh).transpose(1, 0, 2), _np(o.bias)
+    return BilinearAttention(**w, causal=causal, rotary_base=None if rotary is None else 10000.0, scale=1.0 / dh,
+                             residual=residual, n_ctx=n, name=_name("BilinearAttention", path))
+
+
 def _stack_of(module: nn.Module, path: str, residual: bool) -> Component | None:
     """A module whose forward runs its children in order, looping over the
     blocks of its ModuleList(s) (``x = x + block(x)`` when ``residual``):
@@ -484,6 +534,7 @@ def _candidates(module: nn.Module, path: str) -> list[tuple[str, Callable[[], Co
     if isinstance(module, nn.Linear):
         out.append(("Bilinear(nn.Linear): l * r with l, r = linear(x).chunk(2, -1)",
                     lambda: _fused(module, None, path)))
+    out += _fused_attention_candidates(module, path)
     kids = list(module.named_children())
     if any(isinstance(child, nn.ModuleList) for _, child in kids):  # a forward looping over blocks
         for residual in (True, False):
@@ -549,7 +600,7 @@ def _by_convention(module: nn.Module, path: str) -> Component | None:
             continue
         if model is None:
             continue
-        err = _mismatch(module, model)
+        err = _forward_mismatch(module, model) if isinstance(model, BilinearAttention) else _mismatch(module, model)
         if err <= _CHECK_RTOL:
             return model
         tried.append(f"{what}: forward differs (max relative error {err:.3g})")
