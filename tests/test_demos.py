@@ -61,6 +61,14 @@ def test_backdoor_finds_the_poisoned_class(tmp_path, target, seed):
     assert gap["tensor similarity (symmetric)"] > gap["behavioural cosine (clean test inputs)"]
     assert r.figure.exists() and r.figure.stat().st_size > 10_000
     assert f"class that changed most: {target}" in r.summary
+    # the controls: a reparametrized copy is the same function, so tensor similarity stays 1 and the weight
+    # cosine moves; every gap is also reported relative to the clean control's
+    moved = n["similarity_clean_vs_reparametrized"]
+    assert abs(moved["tensor similarity (symmetric)"] - 1) < 1e-9 and moved["flattened-weight cosine"] < 0.99
+    ratios = n["gap_ratio_poisoned_over_control"]
+    assert ratios["tensor similarity (symmetric)"] == pytest.approx(
+        gap["tensor similarity (symmetric)"] / n["gap_clean_vs_control"]["tensor similarity (symmetric)"])
+    assert "separates the backdoor best" in r.summary
 
 
 def test_demo_through_the_cli(tmp_path):
