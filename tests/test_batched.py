@@ -178,10 +178,12 @@ def test_network_needs_equal_depths():
 def test_fallback_depth2_gaussian():
     rng = np.random.default_rng(6)
     ms = [ts.Sequential(bilinear(rng, 2, 2, 2), bilinear(rng, 2, 2, 1)) for _ in range(3)]
-    r = similarity_matrix(ms, inner="gaussian", progress=False)
-    assert r.route == "pairwise" and r.candidates == {} and r.exact and r.method == "exact"
-    assert np.max(np.abs(r.values - pairwise(ms, ms, "gaussian"))) < TOL
-    assert rel(r.norms, norms(ms, "gaussian")) < TOL
+    for route in ("auto", "pairwise"):  # auto: each model once on the quadrature grid (input rank 2)
+        r = similarity_matrix(ms, inner="gaussian", route=route, progress=False)
+        assert r.route == ("node-gram" if route == "auto" else "pairwise") and set(r.candidates) == {"node-gram"}
+        assert r.exact and r.method == "exact"
+        assert np.max(np.abs(r.values - pairwise(ms, ms, "gaussian"))) < TOL
+        assert rel(r.norms, norms(ms, "gaussian")) < TOL
     with pytest.raises(ValueError, match="not available"):
         similarity_matrix(ms, inner="gaussian", route="materialize", progress=False)
     closure = similarity_matrix(ms, inner="gaussian", method="closure", progress=False)
@@ -440,12 +442,17 @@ def test_plot_draws_through_the_one_renderer(models):
 def test_routes_share_one_interface(models):
     """Every route is listed under its name, and driven through applies,
     layout and run alone gives a Gram whose cosines are the pairwise API's;
-    only the fallback is not costed."""
+    only the fallback is not costed.  (node-gram computes functional
+    products only: tests/test_node_gram.py drives it.)"""
     assert set(api.ROUTES) == {"auto", *api.REGISTRY}
     job = api._job(models, None, "symmetric", "auto", None, False, None, None, None, False, {})
     want = pairwise(models, models, "symmetric")
     for name, route in api.REGISTRY.items():
-        assert route.NAME == name and route.applies(job) is None
+        assert route.NAME == name
+        if name == "node-gram":
+            assert "functional" in route.applies(job)
+            continue
+        assert route.applies(job) is None
         cost = route.layout(job)
         assert cost.route == name and cost.fits and (cost.flops > 0) == route.COSTED
         gram = route.run(job, cost, ops.Clock(job.ops))

@@ -81,3 +81,56 @@ def test_demo_through_the_cli(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "tsalgebra", "demo", "grokking", "-P", "8", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "prime" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    from tsalgebra.demos import language
+
+    out = tmp_path_factory.mktemp("lm")
+    return language.run(vocab=8, d_model=8, n_head=2, seq_len=12, steps=400, checkpoint_every=50, lr=3e-3,
+                        n_ctx=3, held_out=128, out=out, progress=False)
+
+
+def test_language_demo_writes_a_run_in_the_papers_layout(lm):
+    n = lm.numbers
+    assert lm.figure.exists() and lm.figure.stat().st_size > 10_000
+    assert lm.summary_path.read_text() == lm.summary
+    assert n["checkpoints"] == 9 and n["steps"] == list(range(0, 401, 50))
+    run = lm.checkpoints.parent
+    assert (run / "config.json").exists() and len(list(lm.checkpoints.glob("step_*.pt"))) == 9
+    models = ts.load(run, n_ctx=3)  # any user reads the run the same way
+    assert models.steps == tuple(n["steps"])
+    tokens = ts.similarity(models[0], models[-1])
+    key = "tensor similarity, tokens (3 positions)"
+    assert tokens.exact and n["similarity_to_final"][key][0] == pytest.approx(tokens.value, abs=1e-10)
+    assert n["conversion_max_relative_error"] < 1e-10  # the loaded models are the torch models
+    for word in ("exact: all 8^3 = 512 token sequences", "approximate: exact through attention layer 0",
+                 "Pearson r", "phase change"):
+        assert word in lm.summary
+
+
+def test_language_demo_claims(lm):
+    n = lm.numbers
+    # induction appears: the repeat becomes predictable, later than the first checkpoint
+    assert n["icl_final"] > n["icl_first"] + 0.5 and n["phase_change_index"] >= 1
+    # the phase change is visible as a drop of similarity to the final checkpoint
+    key = "tensor similarity, tokens (3 positions)"
+    across = n["similarity_to_final_across_phase_change"][key]
+    assert across["before"] < across["after"] - 0.05
+    # the exact token similarity tracks the behaviour on held-out text
+    assert n["pearson_vs_held_out_logit_cosine"][key] > 0.7
+    assert n["routes"]["tokens"] == "node-gram" and n["routes"]["gaussian"] == "pairwise"
+
+
+def test_language_demo_through_the_cli(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "tsalgebra", "demo", "language", "--vocab", "6", "--d-model", "4",
+                        "--n-head", "1", "--seq-len", "6", "--steps", "40", "--checkpoint-every", "20", "--n-ctx",
+                        "2", "--out", str(tmp_path), "--no-progress", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["checkpoints"] == 3 and (tmp_path / "language.png").stat().st_size > 0
+    bad = subprocess.run([sys.executable, "-m", "tsalgebra", "demo", "language", "--d-model", "6", "--n-head", "4",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "--n-head" in bad.stderr

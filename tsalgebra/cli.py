@@ -6,7 +6,7 @@ Commands:
   matrix PATHS...      N x N similarity matrix over checkpoints, as a heatmap (and CSV)
   verify CIRCUIT COMP  is the circuit (sympy formulas or a checkpoint) that component?
   plan A B             the contractions the exact engine would run, with FLOP and memory estimates
-  demo NAME            grokking | backdoor: train, checkpoint, compare, plot
+  demo NAME            grokking | backdoor | language: train, checkpoint, compare, plot
   summary              two small built-in models: expressions, plans, a self-check
 
 Checkpoints are safetensors or torch files (read with weights_only=True) in
@@ -545,10 +545,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    if args.demo == "grokking":
-        from .demos import grokking as mod
-    else:
-        from .demos import backdoor as mod
+    import importlib
+
+    mod = importlib.import_module(f".demos.{args.demo}", __package__)
     result = mod.run(mod.config_from_args(args))
     payload = dict(result.numbers, summary=result.summary, figure=result.figure, checkpoint_dir=result.checkpoints)
     _emit(args, payload, result.summary.rstrip("\n"))
@@ -647,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=1e11)
     p.set_defaults(func=cmd_plan)
 
-    d = sub.add_parser("demo", help="grokking | backdoor: train, checkpoint, compare, plot",
+    d = sub.add_parser("demo", help="grokking | backdoor | language: train, checkpoint, compare, plot",
                        description="Self-contained demonstrations (no download). See docs/user-guide.md.")
     dsub = d.add_subparsers(dest="demo", required=True, metavar="DEMO")
     from .demos import backdoor as _bd
@@ -659,6 +658,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = dsub.add_parser("backdoor", parents=[common], help="digits with a trigger: which class changed",
                         description=_bd.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _bd.add_arguments(b)
+    from .demos import language as _lm
+
+    lm = dsub.add_parser("language", parents=[common], help="a bilinear-attention language model learns induction",
+                         description=_lm.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _lm.add_arguments(lm)
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("summary", parents=[common], help="build two small models and print their expressions and contraction plans")

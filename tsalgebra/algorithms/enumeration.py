@@ -69,9 +69,12 @@ class Enumeration(Algorithm):
                             flops=flops)
         width, out = problem.widths
         return Plan(self.name, problem, flops, 8.0 * min(count, CHUNK) * (width + 4 * out), count,
-                    facts={"sequences": count}, notes=(f"exact over all {count:,} token sequences",))
+                    facts={"sequences": count, "nodes": count}, notes=(f"exact over all {count:,} token sequences",))
 
     def run(self, plan: Plan) -> Triple:
         p = plan.problem
-        value = node_sum(Forward(p.a), Forward(p.b), _sequences(p.measure), p.centered, p.per_output)  # type: ignore[arg-type]
+        value = node_sum(Forward(p.a), Forward(p.b), self.nodes(p), p.centered, p.per_output)
         return plan.result(value), None, None
+
+    def nodes(self, problem: InnerProblem) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return _sequences(problem.measure)  # type: ignore[arg-type]

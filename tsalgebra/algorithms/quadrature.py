@@ -12,7 +12,7 @@ number of input copies.  Exact up to floating-point round-off (float weights).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -24,25 +24,29 @@ from .registry import Algorithm, Triple
 __all__ = ["Quadrature", "quadrature_inner"]
 
 
+def _grid(measure: Gaussian, degree: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The tensor-product Gauss-Hermite nodes and weights integrating
+    polynomials of ``degree`` in each coordinate exactly under ``measure``, in
+    chunks (the q^r rows are never held at once)."""
+    F = measure.factor()
+    mean = measure.padded_mean()[1:]
+    q, r = degree // 2 + 1, F.shape[1]
+    nodes, weights = np.polynomial.hermite_e.hermegauss(q)
+    weights = weights / np.sqrt(2 * np.pi)
+    start = 0
+    for batch in chunk_sizes(q**r):
+        idx = np.stack(np.unravel_index(np.arange(start, start + batch), (q,) * r), axis=1) if r else \
+            np.zeros((batch, 0), dtype=np.int64)
+        start += batch
+        yield mean[None, :] + nodes[idx] @ F.T, np.prod(weights[idx], axis=1)
+
+
 def quadrature_inner(a: Any, b: Any, measure: Gaussian, centered: bool, per_output: bool) -> tuple[Any, int]:
     """E[f . g] (or the covariance form) for x under ``measure``; returns
     (value, nodes).  The caller checks the cost first (:class:`Quadrature`)."""
     k = degree_of(a) + degree_of(b)
-    F = measure.factor()
-    mean = measure.padded_mean()[1:]
-    q, r = k // 2 + 1, F.shape[1]
-    points = q**r
-    nodes, weights = np.polynomial.hermite_e.hermegauss(q)
-    weights = weights / np.sqrt(2 * np.pi)
-    def chunks():
-        start = 0
-        for batch in chunk_sizes(points):
-            idx = np.stack(np.unravel_index(np.arange(start, start + batch), (q,) * r), axis=1) if r else \
-                np.zeros((batch, 0), dtype=np.int64)  # the grid chunk by chunk: q^r rows never held at once
-            start += batch
-            yield mean[None, :] + nodes[idx] @ F.T, np.prod(weights[idx], axis=1)
-
-    return node_sum(Forward(a), Forward(b), chunks(), centered, per_output), points
+    points = (k // 2 + 1) ** measure.rank
+    return node_sum(Forward(a), Forward(b), _grid(measure, k), centered, per_output), points
 
 
 class Quadrature(Algorithm):
@@ -76,3 +80,6 @@ class Quadrature(Algorithm):
         p = plan.problem
         value, _ = quadrature_inner(p.a, p.b, p.measure, p.centered, p.per_output)  # type: ignore[arg-type]
         return plan.result(value), None, None
+
+    def nodes(self, problem: InnerProblem) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return _grid(problem.measure, sum(problem.degrees))  # type: ignore[arg-type]

@@ -20,7 +20,9 @@ reason and the alternatives.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterator
+
+import numpy as np
 
 from ..measure import Measure
 from ..problem import Alternative, CostError, InnerProblem, InnerResult, Plan, format_count
@@ -68,6 +70,14 @@ class Algorithm:
     def run(self, plan: Plan) -> Triple:
         """(<a, b>, <a, a>, <b, b>); the last two None unless ``plan.joint``."""
         raise NotImplementedError
+
+    def nodes(self, problem: InnerProblem) -> "Iterator[tuple[np.ndarray, np.ndarray]] | None":
+        """For an algorithm that is a weighted sum over finitely many inputs
+        (:func:`tsalgebra.node_sums.node_sum`), those inputs and weights in
+        chunks, the same for every model of ``problem``'s widths and at most
+        its degrees; None for the others.  The ``node-gram`` matrix route
+        evaluates each model on them once instead of once per pair."""
+        return None
 
     def __repr__(self) -> str:
         return f"<algorithm {self.name!r}: {self.title}>"

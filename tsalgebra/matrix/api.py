@@ -18,7 +18,7 @@ from ..components import Component
 from ..cosine import cosines
 from ..measure import Measure
 from ..problem import DEFAULT_BUDGET, FUNCTIONAL, Alternative, CostError, MemoryBoundError, bound_measure, check_arguments, resolve_inner
-from . import materialize, pairwise, pairwise_gram
+from . import materialize, node_gram, pairwise, pairwise_gram
 from .job import Gram, Job, Route
 from ..threads import blas_threads
 from .ops import Clock, Ops, parse_dtype
@@ -27,10 +27,10 @@ from .results import RouteCost, SimilarityMatrix
 
 __all__ = ["ROUTES", "similarity_matrix", "cross_similarity_matrix"]
 
-ROUTES = ("auto", "materialize", "pairwise-gram", "pairwise")
+ROUTES = ("auto", "materialize", "pairwise-gram", "node-gram", "pairwise")
 # The routes, each a module following the Route protocol, in the order they
 # are costed (auto takes the first of equal flops); REGISTRY finds them by name.
-_ROUTE_MODULES: tuple[Route, ...] = (pairwise_gram, materialize, pairwise)
+_ROUTE_MODULES: tuple[Route, ...] = (pairwise_gram, materialize, node_gram, pairwise)
 REGISTRY: Mapping[str, Route] = MappingProxyType({r.NAME: r for r in _ROUTE_MODULES})
 
 

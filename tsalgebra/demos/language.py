@@ -1,0 +1,445 @@
+"""A small bilinear-attention language model learns induction, seen by tensor similarity.
+
+The model is written in the papers' language-model layout
+(:mod:`tsalgebra.layouts`): ``embed``, two attention layers with ``q1, k1,
+q2, k2, v, o`` (query-key biases), scores (q1 . k1)(q2 . k2) / d_head^2 under
+a causal mask with rotary embeddings (rotate-half), ``x + attn_scale * o(z)``,
+and ``unembed``.  It trains offline on generated text with two learnable
+structures: each sequence is a span drawn from a fixed random bigram chain
+followed by a repeat of the same span.  The bigram statistics are learnt
+first; predicting the repeat needs an induction circuit (a previous-token
+head feeding a head that looks up what followed the current token last
+time), which appears mid-training as a drop of the loss on the repeated half
+(the in-context-learning score: loss on the first half minus loss on the
+repeat).  Checkpoints are written as ``checkpoints/step_{s:05d}.pt`` with a
+``model_state_dict`` beside ``config.json``, and read back with
+``tsalgebra.load(run, n_ctx=...)`` like any run in that layout.
+
+Over all checkpoint pairs the demo computes:
+
+- tensor similarity under the token measure (every position an independent
+  uniform token, ``n_ctx`` positions): exact, the sum over all vocab^n_ctx
+  token sequences;
+- tensor similarity under the Gaussian measure by closure (exact through the
+  first attention layer, the second closed as if Gaussian): approximate, and
+  labelled so;
+- each attention layer's own exact Gaussian similarity (its map without the
+  residual, over Gaussian inputs in each checkpoint's residual basis);
+- behavioural similarity: logit cosine on held-out sequences of the training
+  distribution and on uniformly random token sequences (run through torch);
+- flattened-weight cosine (basis-dependent baseline);
+
+and reports how well each measure tracks the behaviour on held-out text
+(Pearson r over checkpoint pairs), where the phase change happens, and how
+the similarity to the final checkpoint drops across it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..baselines import weight_cosine
+from ..matrix import similarity_matrix
+from ..plots import plot_matrix, pyplot
+from .common import DemoResult, cosine_matrix, pearson, torch_threads, upper, write_outputs
+
+__all__ = ["LanguageConfig", "run", "add_arguments", "config_from_args", "main", "attention_lm_module"]
+
+
+@dataclass
+class LanguageConfig:
+    """Settings of the language-model demo (command-line flags of the same names)."""
+
+    vocab: int = 32
+    d_model: int = 32
+    n_head: int = 4
+    n_layers: int = 2
+    seq_len: int = 16  # training sequences: a bigram span of seq_len // 2 tokens, then its repeat
+    bigram_temperature: float = 1.0  # how peaked the bigram chain is (0: uniform tokens)
+    attn_scale: float = 1.0
+    lr: float = 1e-3
+    batch: int = 64
+    steps: int = 1500
+    checkpoint_every: int = 100
+    n_ctx: int = 3  # the analysis length: the token measure sums over vocab^n_ctx sequences
+    held_out: int = 512  # held-out sequences for the behavioural similarity
+    seed: int = 0
+    threads: int = 2
+    out: Path = Path("language-demo")
+    progress: bool = True
+
+    def check(self) -> None:
+        if min(self.vocab, self.d_model, self.n_head, self.n_layers, self.batch, self.held_out) < 1:
+            raise ValueError("--vocab, --d-model, --n-head, --n-layers, --batch and --held-out must be positive")
+        if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
+            raise ValueError(f"--d-model {self.d_model} must split into --n-head {self.n_head} heads of even "
+                             "width (rotary rotates pairs)")
+        if self.seq_len < 4 or self.seq_len % 2:
+            raise ValueError(f"--seq-len must be even and >= 4 (a span and its repeat), got {self.seq_len}")
+        if self.n_ctx < 1:
+            raise ValueError(f"--n-ctx must be positive, got {self.n_ctx}")
+        if self.steps < 1 or self.checkpoint_every < 1:
+            raise ValueError("--steps and --checkpoint-every must be positive")
+        if self.steps // self.checkpoint_every < 2:
+            raise ValueError("need at least 3 checkpoints: lower --checkpoint-every or raise --steps")
+
+
+def attention_lm_module(vocab: int, d_model: int, n_head: int, n_layers: int, attn_scale: float = 1.0,
+                        use_bias_qk: bool = True) -> "torch.nn.Module":
+    """A torch bilinear-attention language model in the papers' layout (see
+    the module docstring): ``model(ids)`` maps token ids (batch, n) to logits
+    (batch, n, vocab)."""
+    import torch
+    from torch import nn
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dh = d_model // n_head
+            for name in ("q1", "k1", "q2", "k2"):
+                setattr(self, name, nn.Linear(d_model, d_model, bias=use_bias_qk))
+            self.v, self.o = nn.Linear(d_model, d_model, bias=False), nn.Linear(d_model, d_model, bias=False)
+
+        def rope(self, t: torch.Tensor) -> torch.Tensor:  # (b, n, h, dh): dimension k pairs with k + dh / 2
+            n, dh = t.shape[1], self.dh
+            inv = 10000.0 ** (-torch.arange(0, dh, 2, dtype=t.dtype) / dh)
+            ang = torch.arange(n, dtype=t.dtype)[:, None] * inv[None]
+            cos, sin = (torch.cat([f(ang)] * 2, -1)[None, :, None] for f in (torch.cos, torch.sin))
+            return t * cos + torch.cat([-t[..., dh // 2:], t[..., : dh // 2]], -1) * sin
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, n, _ = x.shape
+            heads = lambda t: t.view(b, n, n_head, self.dh)  # noqa: E731
+            q1, k1, q2, k2 = (self.rope(heads(getattr(self, m)(x))) for m in ("q1", "k1", "q2", "k2"))
+            s = torch.einsum("bihe,bjhe->bhij", q1, k1) * torch.einsum("bihe,bjhe->bhij", q2, k2) / self.dh**2
+            s = s * torch.tril(torch.ones(n, n, dtype=x.dtype))
+            z = torch.einsum("bhij,bjhe->bihe", s, heads(self.v(x))).reshape(b, n, d_model)
+            return x + attn_scale * self.o(z)
+
+    class LanguageModel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(vocab, d_model)
+            self.layers = nn.ModuleList(Attention() for _ in range(n_layers))
+            self.unembed = nn.Linear(d_model, vocab, bias=False)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            x = self.embed(ids)
+            for layer in self.layers:
+                x = layer(x)
+            return self.unembed(x)
+
+    return LanguageModel()
+
+
+class Text:
+    """The generated text: a span from a fixed random bigram chain, then its repeat."""
+
+    def __init__(self, cfg: LanguageConfig) -> None:
+        import torch
+
+        self.cfg = cfg
+        g = torch.Generator().manual_seed(cfg.seed)
+        self.bigram = torch.softmax(cfg.bigram_temperature * torch.randn(cfg.vocab, cfg.vocab, generator=g), -1)
+
+    def sample(self, n: int, gen: "torch.Generator") -> "torch.Tensor":
+        import torch
+
+        half = self.cfg.seq_len // 2
+        span = torch.empty(n, half, dtype=torch.long)
+        span[:, 0] = torch.randint(0, self.cfg.vocab, (n,), generator=gen)
+        for t in range(1, half):
+            span[:, t] = torch.multinomial(self.bigram[span[:, t - 1]], 1, generator=gen)[:, 0]
+        return torch.cat([span, span], 1)
+
+
+def _losses(model: "torch.nn.Module", ids: "torch.Tensor") -> "torch.Tensor":
+    """Next-token cross-entropy per sequence and position, (batch, seq_len - 1)."""
+    from torch import nn
+
+    logits = model(ids[:, :-1])
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                       reduction="none").view(ids.shape[0], -1)
+
+
+def _scores(per_position: "torch.Tensor", half: int) -> tuple[float, float]:
+    """(loss, in-context-learning score): the mean loss, and the loss on the
+    first span (after its first token) minus the loss on the repeat."""
+    first = per_position[:, : half - 1].mean()
+    repeat = per_position[:, half - 1:].mean()  # predicting tokens half .. 2 half - 1
+    return float(per_position.mean()), float(first - repeat)
+
+
+def _train(cfg: LanguageConfig, run: Path, text: Text, held: "torch.Tensor") -> dict[str, Any]:
+    import torch
+    from torch import nn
+    from tqdm.auto import tqdm
+
+    ckdir = run / "checkpoints"
+    config = {"vocab_size": cfg.vocab, "d_model": cfg.d_model, "n_head": cfg.n_head, "n_layers": cfg.n_layers,
+              "attn_scale": cfg.attn_scale, "use_bias_qk": True, "rotary_base": 10000.0}
+    (run / "config.json").write_text(json.dumps({"model": config, "train": {
+        "lr": cfg.lr, "batch": cfg.batch, "steps": cfg.steps, "seq_len": cfg.seq_len, "seed": cfg.seed}}, indent=2))
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        model = attention_lm_module(cfg.vocab, cfg.d_model, cfg.n_head, cfg.n_layers, cfg.attn_scale)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    half = cfg.seq_len // 2
+    curve: dict[str, list[float]] = {"step": [], "loss": [], "icl": []}
+
+    def checkpoint(step: int) -> None:
+        with torch.no_grad():
+            loss, icl = _scores(_losses(model, held), half)
+        curve["step"].append(step)
+        curve["loss"].append(loss)
+        curve["icl"].append(icl)
+        torch.save({"step": step, "model_state_dict": model.state_dict()}, ckdir / f"step_{step:05d}.pt")
+
+    checkpoint(0)
+    for step in tqdm(range(1, cfg.steps + 1), desc="training", unit="step", disable=not cfg.progress,
+                     file=sys.stderr, leave=False):
+        loss = _losses(model, text.sample(cfg.batch, gen)).mean()
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the quartic scores make rare steps explode
+        opt.step()
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            checkpoint(step)
+    return curve
+
+
+def _logits(cfg: LanguageConfig, paths: Sequence[Path], ids: "torch.Tensor") -> np.ndarray:
+    """Each checkpoint's logits on ``ids``, flattened: (checkpoints, sequences * positions * vocab)."""
+    import torch
+
+    model = attention_lm_module(cfg.vocab, cfg.d_model, cfg.n_head, cfg.n_layers, cfg.attn_scale).double()
+    rows = []
+    for p in paths:
+        model.load_state_dict(torch.load(p, weights_only=True)["model_state_dict"])
+        with torch.no_grad():
+            rows.append(model(ids).reshape(-1).numpy())
+    return np.stack(rows)
+
+
+def _phase_change(steps: Sequence[int], icl: Sequence[float]) -> int:
+    """The first checkpoint whose in-context-learning score passes half of its
+    rise from the first checkpoint to the largest."""
+    lo, hi = icl[0], max(icl)
+    return next(k for k, v in enumerate(icl) if v - lo >= 0.5 * (hi - lo))
+
+
+def _figure(path: Path, steps: list[int], mats: dict[str, np.ndarray], curve: dict[str, list[float]],
+            phase: int, cfg: LanguageConfig) -> None:
+    plt = pyplot()
+    n_mats = len(mats)
+    cols = 4
+    rows = (n_mats + 2 + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 4.3 * rows))
+    axes = axes.ravel()
+    labels = [str(s) for s in steps]
+    for ax, (name, m) in zip(axes, mats.items()):
+        plot_matrix(m, ax=ax, labels=labels, col_labels=labels, title=name, vmin=min(0.0, float(np.nanmin(m))))
+    ax = axes[n_mats]
+    ax.plot(curve["step"], curve["loss"], marker=".", label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats)")
+    twin = ax.twinx()
+    twin.plot(curve["step"], curve["icl"], marker=".", color="C3", label="in-context-learning score")
+    twin.set_ylabel("first-span loss - repeat loss", color="C3")
+    ax.axvline(steps[phase], color="grey", lw=0.8, ls=":")
+    ax.set_title("loss and in-context-learning score", fontsize=9)
+    ax.legend(fontsize=7, loc="upper center")
+    ax = axes[n_mats + 1]
+    for name, m in mats.items():
+        ax.plot(steps, m[-1], marker=".", label=name.split(" (")[0] if len(name) > 40 else name)
+    ax.axvline(steps[phase], color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("checkpoint step")
+    ax.set_title("similarity to the final checkpoint", fontsize=9)
+    ax.legend(fontsize=6)
+    for ax in axes[n_mats + 2:]:
+        ax.axis("off")
+    fig.suptitle(f"language model: vocab {cfg.vocab}, d_model {cfg.d_model}, {cfg.n_head} heads, "
+                 f"{cfg.n_layers} layers, {cfg.steps} steps; analysis at {cfg.n_ctx} positions", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=100)
+    plt.close(fig)
+
+
+def run(cfg: LanguageConfig | None = None, **overrides: Any) -> DemoResult:
+    """Train, checkpoint, compare, and write ``language.png``, ``summary.txt``,
+    ``summary.json`` and the run (``config.json``, ``checkpoints/``) under
+    ``cfg.out``.  Keyword overrides replace config fields.  Returns the
+    :class:`DemoResult` whose ``numbers`` hold every figure in the summary."""
+    cfg = cfg or LanguageConfig()
+    for k, v in overrides.items():
+        if not hasattr(cfg, k):
+            raise TypeError(f"unknown setting {k!r}")
+        setattr(cfg, k, v)
+    import torch
+
+    from ..io import load
+
+    cfg.out = Path(cfg.out)
+    cfg.check()
+    started = time.perf_counter()
+    out = cfg.out
+    ckdir = out / "checkpoints"
+    ckdir.mkdir(parents=True, exist_ok=True)
+    for old in ckdir.glob("step_*.pt"):
+        old.unlink()
+    text = Text(cfg)
+    held = text.sample(cfg.held_out, torch.Generator().manual_seed(cfg.seed + 2))
+    with torch_threads(cfg.threads):
+        curve = _train(cfg, out, text, held)
+    t_train = time.perf_counter() - started
+
+    models = load(out, n_ctx=cfg.n_ctx)  # the run as any user reads it: config.json + checkpoints/
+    steps, paths = list(models.steps), list(models.paths)
+    n = len(models)
+    random_ids = torch.randint(0, cfg.vocab, (cfg.held_out, cfg.seq_len),
+                               generator=torch.Generator().manual_seed(cfg.seed + 3))
+    with torch_threads(cfg.threads):
+        short = random_ids[:64, : cfg.n_ctx]
+        torch_logits = _logits(cfg, paths, short)
+        held_logits = _logits(cfg, paths, held[:, :-1])
+        random_logits = _logits(cfg, paths, random_ids)
+    ours = np.stack([np.asarray(m(short.numpy())).reshape(-1) for m in models])
+    conversion_error = float(np.max(np.abs(ours - torch_logits)) / np.max(np.abs(torch_logits)))
+
+    timings: dict[str, float] = {}
+    results: dict[str, Any] = {}
+
+    def timed(name: str, fn: Any) -> Any:
+        t0 = time.perf_counter()
+        results[name] = fn()
+        timings[name] = round(time.perf_counter() - t0, 2)
+        return results[name]
+
+    timed("tokens", lambda: similarity_matrix(models, progress=cfg.progress))
+    timed("gaussian", lambda: similarity_matrix(models, inner="gaussian", method="closure", progress=cfg.progress))
+    attention = [k for k, layer in enumerate(models[0].layers) if type(layer).__name__ == "BilinearAttention"]
+    for i, k in enumerate(attention):
+        timed(f"layer {i}", lambda k=k: similarity_matrix([m.layers[k].replace(residual=False) for m in models],
+                                                          inner="gaussian", progress=cfg.progress))
+    wmat = np.eye(n)
+    for i in range(n):
+        for j in range(i + 1, n):
+            wmat[i, j] = wmat[j, i] = weight_cosine(models[i], models[j])
+    names = {"tokens": f"tensor similarity, tokens ({cfg.n_ctx} positions)",
+             "gaussian": "tensor similarity, Gaussian (closure)"}
+    names.update({f"layer {i}": f"attention layer {i} alone, Gaussian" for i in range(len(attention))})
+    mats: dict[str, np.ndarray] = {names[k]: np.asarray(r.values) for k, r in results.items()}
+    behaviour = cosine_matrix(held_logits)
+    mats["logit cosine, held-out text"] = behaviour
+    mats["logit cosine, random tokens"] = cosine_matrix(random_logits)
+    mats["flattened-weight cosine"] = wmat
+    how = {names["tokens"]: f"exact: all {cfg.vocab}^{cfg.n_ctx} = {cfg.vocab ** cfg.n_ctx:,} token sequences "
+                            f"({results['tokens'].route} route)" if results["tokens"].exact else "not exact"}
+    how[names["gaussian"]] = ("approximate: exact through attention layer 0, layer 1 closed as if Gaussian "
+                              f"({results['gaussian'].method}, {results['gaussian'].route} route)")
+    how.update({names[f"layer {i}"]: f"exact ({results[f'layer {i}'].route} route)" for i in range(len(attention))})
+    how["logit cosine, held-out text"] = f"exact on {cfg.held_out} sampled held-out sequences (an empirical measure)"
+    how["logit cosine, random tokens"] = f"exact on {cfg.held_out} sampled uniform sequences (an empirical measure)"
+    how["flattened-weight cosine"] = "exact (a property of the coordinates)"
+
+    phase = _phase_change(curve["step"], curve["icl"])
+    pearson_r = {k: pearson(upper(m), upper(behaviour)) for k, m in mats.items() if k != "logit cosine, held-out text"}
+    to_final = {k: m[-1].tolist() for k, m in mats.items()}
+    # the phase change in the similarity to the final checkpoint: the checkpoints before it against those at or
+    # after it (the final one left out: its similarity to itself is 1 by definition)
+    def mean(v: np.ndarray) -> float:
+        return float(np.mean(v)) if v.size else float("nan")
+
+    across = {k: {"before": mean(m[-1, :phase]), "after": mean(m[-1, phase:-1])} for k, m in mats.items()}
+    figure = out / "language.png"
+    _figure(figure, steps, mats, curve, phase, cfg)
+
+    numbers: dict[str, Any] = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "checkpoints": n, "steps": steps, "curve": curve,
+        "phase_change_step": steps[phase], "phase_change_index": phase,
+        "icl_first": curve["icl"][0], "icl_final": curve["icl"][-1], "loss_final": curve["loss"][-1],
+        "conversion_max_relative_error": conversion_error,
+        "how_obtained": how, "pearson_vs_held_out_logit_cosine": pearson_r, "similarity_to_final": to_final,
+        "similarity_to_final_across_phase_change": across,
+        "routes": {k: r.route for k, r in results.items()}, "seconds": timings, "train_seconds": round(t_train, 2),
+    }
+    tab = max(len(k) for k in mats)
+    lines = [
+        f"language demo: a bilinear-attention language model (vocab {cfg.vocab}, d_model {cfg.d_model}, "
+        f"{cfg.n_head} heads, {cfg.n_layers} layers, rotary, causal) on a bigram span and its repeat "
+        f"({cfg.seq_len} tokens); AdamW lr {cfg.lr}, batch {cfg.batch}, {cfg.steps} steps "
+        f"(training {t_train:.1f} s); {n} checkpoints in the papers' layout under {out}",
+        f"  held-out loss {curve['loss'][0]:.3f} -> {curve['loss'][-1]:.3f} nats; in-context-learning score "
+        f"(first-span loss - repeat loss) {curve['icl'][0]:.3f} -> {curve['icl'][-1]:.3f}; phase change "
+        f"(half the score's rise) at step {steps[phase]}",
+        f"  the checkpoints read back by tsalgebra.load(run, n_ctx={cfg.n_ctx}) match the torch forward to "
+        f"{conversion_error:.1e} (relative)",
+        "mean similarity to the final checkpoint of the checkpoints before the phase change -> at or after it; "
+        "Pearson r against the logit cosine on held-out text over "
+        f"{n * (n - 1) // 2} checkpoint pairs; how each number was obtained:",
+    ]
+    for k in mats:
+        r = "" if k not in pearson_r else f"r = {pearson_r[k]:+.3f}"
+        lines.append(f"  {k:<{tab}}  {across[k]['before']:.4f} -> {across[k]['after']:.4f}  {r:<9}  {how[k]}")
+    lines += [
+        f"timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()),
+        "exact means: the tensor similarity under the token measure is the cosine of the logits summed over "
+        f"every token sequence of length {cfg.n_ctx} (not sampled); the Gaussian number through two attention "
+        "layers is closure's approximation (docs/inner-products.md measures its error); the per-layer numbers "
+        "compare each layer's map in each checkpoint's own residual basis, so they are not invariant to a change "
+        "of that basis; the logit cosines are exact on the sequences drawn, an estimate of the behaviour on "
+        "the distribution they were drawn from",
+    ]
+    return write_outputs("language", out, "\n".join(lines), numbers, figure, ckdir, started)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The demo's flags (shared by ``tsalgebra demo language`` and ``python -m tsalgebra.demos.language``)."""
+    d = LanguageConfig()
+    parser.add_argument("--vocab", type=int, default=d.vocab, help=f"vocabulary size (default {d.vocab})")
+    parser.add_argument("--d-model", type=int, default=d.d_model, help=f"residual width (default {d.d_model})")
+    parser.add_argument("--n-head", type=int, default=d.n_head, help=f"heads per layer (default {d.n_head})")
+    parser.add_argument("--n-layers", type=int, default=d.n_layers, help=f"attention layers (default {d.n_layers})")
+    parser.add_argument("--seq-len", type=int, default=d.seq_len,
+                        help=f"training length: a span of half of it and its repeat (default {d.seq_len})")
+    parser.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr})")
+    parser.add_argument("--batch", type=int, default=d.batch, help=f"sequences per step (default {d.batch})")
+    parser.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default {d.steps})")
+    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                        help=f"steps between checkpoints (default {d.checkpoint_every})")
+    parser.add_argument("--n-ctx", type=int, default=d.n_ctx,
+                        help=f"analysis length: token positions of the measures (default {d.n_ctx})")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--threads", type=int, default=d.threads, help=f"torch threads (default {d.threads})")
+    parser.add_argument("--out", type=Path, default=d.out, help=f"output directory (default {d.out})")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def config_from_args(args: argparse.Namespace) -> LanguageConfig:
+    return LanguageConfig(vocab=args.vocab, d_model=args.d_model, n_head=args.n_head, n_layers=args.n_layers,
+                          seq_len=args.seq_len, lr=args.lr, batch=args.batch, steps=args.steps,
+                          checkpoint_every=args.checkpoint_every, n_ctx=args.n_ctx, seed=args.seed,
+                          threads=args.threads, out=args.out, progress=not args.no_progress)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tsalgebra.demos.language", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    result = run(config_from_args(parser.parse_args(argv)))
+    print(result.summary, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

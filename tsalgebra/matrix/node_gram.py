@@ -1,0 +1,110 @@
+"""Route "node-gram": every model evaluated once on the nodes of an exact node sum.
+
+Where the exact algorithm :func:`tsalgebra.inner` would choose for a pair is
+a weighted sum over finitely many inputs (every token sequence under the
+token measure; the Gauss-Hermite grid of a low-rank Gaussian), the inputs are
+the same for every pair.  So each model is evaluated on them once, and the
+matrix is one weighted Gram of the outputs, chunk by chunk:
+
+    K[a, b] = sum_k w_k f_a(x_k) . f_b(x_k)     (minus the product of the weighted means when centred)
+
+N forward passes and N^2 / 2 dot products of length (nodes x outputs) per
+matrix, where the pairwise route runs N^2 forward passes.  Exact, like the
+algorithm whose nodes it uses; the models are taken at their canonical scale
+(:func:`tsalgebra.rescale.canonical`) so that no output overflows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..algorithms.registry import _named, choose
+from ..problem import CostError, InnerProblem, degree_of
+from ..node_sums import CHUNK, Forward
+from .job import Gram, Job
+from .ops import Clock, progress_bar
+from .pairwise import _canonical
+from .results import RouteCost
+
+NAME = "node-gram"
+COSTED = True
+
+
+def _problem(job: Job) -> InnerProblem:
+    """A pair standing for every pair: the models of the highest degree on
+    each side (quadrature's grid then integrates every pair exactly)."""
+    a = max(job.rows, key=degree_of)
+    b = max(job.cols if job.cols is not None else job.rows, key=degree_of)
+    return InnerProblem.of(a, b, job.inner, job.method, measure=job.measure, centered=job.centered,
+                           **dict(job.options))
+
+
+def applies(job: Job) -> str | None:
+    if job.inner not in ("gaussian", "tokens") or job.method not in ("auto", "exact"):
+        return "it computes the exact functional inner products only"
+    if job.ops.is_torch:
+        return "it computes with numpy"
+    try:
+        plan = choose(_problem(job))
+    except (CostError, ValueError, TypeError) as exc:
+        return f"no exact algorithm plans a pair ({exc})"
+    if _named(plan.algorithm).nodes(plan.problem) is None:
+        return f"the exact algorithm for a pair ({plan.algorithm}) is not a sum over nodes"
+    return None
+
+
+def layout(job: Job) -> RouteCost:
+    """One chunk of nodes at a time: every model's outputs on it held at once."""
+    plan = choose(_problem(job))
+    points = int(plan.facts["nodes"])
+    models = job.rows + (job.cols or [])
+    _, out = plan.problem.widths
+    out -= 1  # the constant channel is dropped
+    chunk = min(points, CHUNK)
+    forward = sum(Forward(m).flops(chunk) for m in models) * (points / chunk)
+    n, m = len(job.rows), len(job.cols) if job.cols is not None else 0
+    pairs = n * (n + 1) // 2 if job.cols is None else n * m + n + m
+    flops = int(forward + 2.0 * pairs * points * out)
+    peak = 8 * chunk * (plan.problem.widths[0] + len(models) * out * 2)
+    blocking = f"{len(models)} models on {points:,} nodes ({plan.algorithm}) in chunks of {chunk}"
+    return RouteCost(NAME, flops, peak, peak <= job.memory, blocking, layout=plan)
+
+
+def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
+    plan = cost.layout
+    A, logA = _canonical(job.rows)
+    sym = job.cols is None
+    Bs, logB = (A, logA) if sym else _canonical(job.cols)
+    fa = [Forward(m) for m in A]
+    fb = fa if sym else [Forward(m) for m in Bs]
+    points = int(plan.facts["nodes"])
+    bar = progress_bar(points, f"similarity matrix (node-gram, {plan.algorithm})", "node", job.progress,
+                       cost.flops > 1e10)
+    K = np.zeros((len(A), len(Bs)))
+    sA, sB = np.zeros(len(A)), np.zeros(len(Bs))
+    mA, mB = 0.0, 0.0  # weighted output sums (centred products)
+    clock.start()
+    try:
+        for x, w in _named(plan.algorithm).nodes(plan.problem):
+            FA = np.stack([f(x) for f in fa])  # (models, nodes, outputs)
+            FB = FA if sym else np.stack([f(x) for f in fb])
+            clock.lap("evaluate", sum(f.flops(len(x)) for f in (fa if sym else fa + fb)))
+            WA = FA * w[None, :, None]
+            K += WA.reshape(len(A), -1) @ FB.reshape(len(Bs), -1).T
+            sA += np.einsum("mno,mno->m", WA, FA)
+            sB = sA if sym else sB + np.einsum("mno,mno->m", FB * w[None, :, None], FB)
+            if job.centered:
+                mA = mA + WA.sum(axis=1)
+                mB = mA if sym else mB + (FB * w[None, :, None]).sum(axis=1)
+            clock.lap("gram", 2 * len(A) * len(Bs) * FA.shape[1] * FA.shape[2])
+            bar.update(len(x))
+    finally:
+        bar.close()
+    if job.centered:
+        K = K - np.asarray(mA) @ np.asarray(mB).T
+        sA = sA - np.einsum("mo,mo->m", mA, mA)
+        sB = sA if sym else sB - np.einsum("mo,mo->m", mB, mB)
+    if sym:
+        K = (K + K.T) / 2
+        K[np.diag_indices(len(A))] = sA
+    return Gram(K, sA, sB, logA, logB, cost.flops, clock.steps(), "float64", "numpy", True, "exact")
