@@ -12,6 +12,7 @@ import tsalgebra as ts
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
+from layout_twins import FusedAttention, GatedMLP, HeldFactors, ImageModel, PaperLM  # noqa: E402
 from tsalgebra.adapters import BilinearLayer  # noqa: E402
 
 
@@ -70,15 +71,6 @@ def test_state_key_from_the_command_line(tmp_path, capsys):
 
 
 def test_hf_style_gate_up_down_converts():
-    class GatedMLP(nn.Module):  # transformers' LlamaMLP without the activation: a bilinear layer
-        def __init__(self):
-            super().__init__()
-            self.gate_proj, self.up_proj = nn.Linear(4, 6, bias=False), nn.Linear(4, 6, bias=False)
-            self.down_proj = nn.Linear(6, 4, bias=False)
-
-        def forward(self, x):
-            return self.down_proj(self.gate_proj(x) * self.up_proj(x))
-
     torch.manual_seed(0)
     m = GatedMLP().double()
     x = np.random.default_rng(0).normal(size=(5, 4))
@@ -86,62 +78,6 @@ def test_hf_style_gate_up_down_converts():
 
 
 # ------------------------------------------------ the papers' language models
-
-
-class RotateHalfAttention(nn.Module):
-    """A twin of the papers' bilinear attention, written from its description:
-    q1, k1, q2, k2, v, o nn.Linear(d, d), heads by reshape, scores
-    (q1.k1)(q2.k2) / d_head^2, causal, rotary (rotate-half), out = x +
-    attn_scale * o(z)."""
-
-    def __init__(self, d, n_head, attn_scale, bias_qk):
-        super().__init__()
-        self.n_head, self.dh, self.attn_scale = n_head, d // n_head, attn_scale
-        for name in ("q1", "k1", "q2", "k2"):
-            setattr(self, name, nn.Linear(d, d, bias=bias_qk))
-        self.v, self.o = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
-
-    def rope(self, t):  # (b, n, h, dh), rotate-half
-        n, dh = t.shape[1], self.dh
-        inv = 10000.0 ** (-torch.arange(0, dh, 2, dtype=t.dtype) / dh)
-        ang = torch.arange(n, dtype=t.dtype)[:, None] * inv[None]  # (n, dh/2)
-        cos, sin = torch.cat([ang.cos()] * 2, -1)[None, :, None], torch.cat([ang.sin()] * 2, -1)[None, :, None]
-        rot = torch.cat([-t[..., dh // 2:], t[..., : dh // 2]], -1)
-        return t * cos + rot * sin
-
-    def forward(self, x):
-        b, n, d = x.shape
-        split = lambda t: t.view(b, n, self.n_head, self.dh)  # noqa: E731
-        q1, k1, q2, k2 = (self.rope(split(getattr(self, m)(x))) for m in ("q1", "k1", "q2", "k2"))
-        s = torch.einsum("bihe,bjhe->bhij", q1, k1) * torch.einsum("bihe,bjhe->bhij", q2, k2) / self.dh**2
-        s = s * torch.tril(torch.ones(n, n, dtype=x.dtype))
-        z = torch.einsum("bhij,bjhe->bihe", s, split(self.v(x))).reshape(b, n, d)
-        return x + self.attn_scale * self.o(z)
-
-
-class FinalNorm(nn.Module):  # an eval-time gain with an input-independent scale buffer
-    def __init__(self, d):
-        super().__init__()
-        self.weight = nn.Parameter(1 + 0.1 * torch.randn(d))
-        self.register_buffer("scale", torch.tensor(1.7))
-
-    def forward(self, x):
-        return x * self.weight / self.scale
-
-
-class PaperLM(nn.Module):
-    def __init__(self, vocab, d, n_head, n_layers, attn_scale, bias_qk):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        self.layers = nn.ModuleList(RotateHalfAttention(d, n_head, attn_scale, bias_qk) for _ in range(n_layers))
-        self.final_norm = FinalNorm(d)
-        self.unembed = nn.Linear(d, vocab, bias=False)
-
-    def forward(self, ids):
-        x = self.embed(ids)
-        for layer in self.layers:
-            x = layer(x)
-        return self.unembed(self.final_norm(x))
 
 
 def paper_run(tmp_path, nested_config=False, steps=(0, 50, 100)):
@@ -205,20 +141,8 @@ def test_norm_qk_is_refused(tmp_path):
 
 @pytest.mark.parametrize("stored", ["out_in", "in_out"])
 def test_factors_held_as_parameters(stored):
-    class Held(nn.Module):
-        def __init__(self):
-            super().__init__()
-            shape = (lambda o, i: (o, i)) if stored == "out_in" else (lambda o, i: (i, o))
-            self.left, self.right = nn.Parameter(torch.randn(*shape(6, 4))), nn.Parameter(torch.randn(*shape(6, 4)))
-            self.left_bias = nn.Parameter(torch.randn(6))
-            self.down = nn.Parameter(torch.randn(*shape(3, 6)))
-
-        def forward(self, x):
-            lin = (lambda W, x: x @ W.T) if stored == "out_in" else (lambda W, x: x @ W)  # noqa: E731
-            return lin(self.down, (lin(self.left, x) + self.left_bias) * lin(self.right, x))
-
     torch.manual_seed(0)
-    m = Held().double()
+    m = HeldFactors(stored).double()
     x = np.random.default_rng(0).normal(size=(5, 4))
     np.testing.assert_allclose(ts.from_torch(m)(x), m(torch.as_tensor(x)).detach().numpy(), atol=1e-10)
 
@@ -263,30 +187,8 @@ def test_blocks_in_a_module_list_with_the_residual_written_in_forward(residual):
     fused projection is chunked, then p), head; the residual written in the
     forward. Both readings are tried; the one matching the forward is kept."""
 
-    class MLP(nn.Module):
-        def __init__(self, d, h):
-            super().__init__()
-            self.w, self.p = nn.Linear(d, 2 * h), nn.Linear(h, d)
-
-        def forward(self, x):
-            left, right = self.w(x).chunk(2, -1)
-            return self.p(left * right)
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Linear(6, 4)
-            self.blocks = nn.ModuleList(MLP(4, 5) for _ in range(2))
-            self.head = nn.Linear(4, 3)
-
-        def forward(self, x):
-            x = self.embed(x)
-            for block in self.blocks:
-                x = x + block(x) if residual else block(x)
-            return self.head(x)
-
     torch.manual_seed(0)
-    m = Net().double()
+    m = ImageModel(residual).double()
     x = np.random.default_rng(0).normal(size=(5, 6))
     got = ts.from_torch(m)
     np.testing.assert_allclose(got(x), m(torch.as_tensor(x)).detach().numpy(), atol=1e-10)
@@ -299,39 +201,51 @@ def test_fused_qkv_attention_converts(rotary, causal):
     """A fused projection qkv: nn.Linear(d, 5 d) split into q1, k1, q2, k2, v
     per head, each score divided by sqrt(d_head), then o, with a residual."""
 
-    class Fused(nn.Module):
-        def __init__(self, d=8, n_head=2):
-            super().__init__()
-            self.n_head, self.dh = n_head, d // n_head
-            self.qkv, self.o = nn.Linear(d, 5 * d), nn.Linear(d, d)
-
-        def rope(self, t):
-            if rotary is None:
-                return t
-            n, dh = t.shape[1], self.dh
-            inv = 10000.0 ** (-torch.arange(0, dh, 2, dtype=t.dtype) / dh)
-            ang = torch.arange(n, dtype=t.dtype)[:, None] * inv[None]
-            c, s = ang.cos()[None, :, None], ang.sin()[None, :, None]
-            if rotary == "rotate_half":
-                x0, x1 = t[..., : dh // 2], t[..., dh // 2:]
-                return torch.cat([x0 * c - x1 * s, x1 * c + x0 * s], -1)
-            x0, x1 = t[..., 0::2], t[..., 1::2]
-            return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], -1).flatten(-2)
-
-        def forward(self, x):
-            b, n, d = x.shape
-            q1, k1, q2, k2, v = (t.view(b, n, self.n_head, self.dh) for t in self.qkv(x).chunk(5, -1))
-            q1, k1, q2, k2 = map(self.rope, (q1, k1, q2, k2))
-            s = (torch.einsum("bihe,bjhe->bhij", q1, k1) / self.dh**0.5) * \
-                (torch.einsum("bihe,bjhe->bhij", q2, k2) / self.dh**0.5)
-            if causal:
-                s = s * torch.tril(torch.ones(n, n, dtype=x.dtype))
-            z = torch.einsum("bhij,bjhe->bihe", s, v).reshape(b, n, d)
-            return x + self.o(z)
-
     torch.manual_seed(0)
-    m = Fused().double()
+    m = FusedAttention(rotary=rotary, causal=causal).double()
     layer = ts.from_torch(m)
     x = np.random.default_rng(0).normal(size=(3, 4, 8))
     np.testing.assert_allclose(layer(x), m(torch.as_tensor(x)).detach().numpy(), atol=1e-10)
     assert layer.causal == causal and layer.residual
+
+
+@pytest.mark.parametrize("builder,n_ctx", [("image_model", None), ("fused_attention", 3), ("gated_mlp", None),
+                                           ("held_factors", None)])
+def test_every_layout_twin_from_disk_through_the_command_line(tmp_path, capsys, builder, n_ctx):
+    """Each twin saved as the field saves it (a wrapper prefix on one), then
+    read back by the CLI with --template: similarity, matrix and plan agree
+    with the Python API, and the loaded model is the module's forward."""
+    import json
+    from pathlib import Path
+
+    import layout_twins
+    from tsalgebra.cli import main
+
+    spec = f"{Path(layout_twins.__file__)}:{builder}"
+    run = tmp_path / "run"
+    run.mkdir()
+    modules = []
+    for k, prefix in enumerate(("", "module.", "_orig_mod.")):
+        torch.manual_seed(k)
+        m = getattr(layout_twins, builder)().eval()
+        torch.save({prefix + key: v for key, v in m.state_dict().items()}, run / f"step_{k}.pt")
+        modules.append(m)
+    files = [str(run / f"step_{k}.pt") for k in range(3)]
+    pos = ["--n-ctx", str(n_ctx)] if n_ctx else []
+    loaded = ts.load(run, template=getattr(layout_twins, builder), n_ctx=n_ctx)
+    x = np.random.default_rng(0).normal(size=(4, n_ctx, 8) if n_ctx else (4, modules[0].state_dict()[
+        next(iter(modules[0].state_dict()))].shape[-1]))
+    for m, got in zip(modules, loaded):
+        want = m.double()(torch.as_tensor(x)).detach().numpy()
+        np.testing.assert_allclose(np.asarray(got(x)).reshape(want.shape), want, rtol=1e-6, atol=1e-6)
+
+    assert main(["similarity", files[0], files[1], "--template", spec, *pos, "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["exact"] and rep["value"] == pytest.approx(ts.similarity(loaded[0], loaded[1]).value, abs=1e-12)
+    assert main(["matrix", str(run), "--template", spec, *pos, "--out", str(tmp_path / "m.png"), "--no-progress",
+                 "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["labels"] == ["step_0", "step_1", "step_2"]
+    np.testing.assert_allclose(rep["values"], ts.similarity_matrix(loaded, progress=False).values, atol=1e-12)
+    assert main(["plan", files[1], files[2], "--template", spec, *pos, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["within_budget"]

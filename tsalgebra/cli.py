@@ -247,7 +247,7 @@ def _matrix_outputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
 
 def cmd_matrix(args: argparse.Namespace) -> int:
     _check_files(*args.paths)
-    from .io import checkpoint_paths, load, model_from_state_dict, read_state_dict
+    from .io import checkpoint_paths, load
     from .layouts import is_run_directory
     from .matrix import similarity_matrix
 
@@ -269,8 +269,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         if p in runs:
             models.extend(load(p, n_ctx=args.n_ctx, state_key=args.state_key))
         else:
-            models.extend(model_from_state_dict(read_state_dict(f, state_key=args.state_key), tpl, source=f)
-                          for f in checkpoint_paths(p))
+            models.extend(load(f, tpl, state_key=args.state_key, n_ctx=args.n_ctx) for f in checkpoint_paths(p))
     kw: dict[str, Any] = {"budget": args.budget}
     if args.centered:
         kw["centered"] = True

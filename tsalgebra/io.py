@@ -376,7 +376,8 @@ def load(path: str | Path, template: Template = None, *, strict: bool = True,
 
     ``template``: a torch module or a no-argument function building one whose
     state dict the checkpoint holds (see the module docstring); without it the
-    native layout is expected.  ``strict`` is passed to ``load_state_dict``.
+    native layout is expected.  With a template, ``n_ctx`` rebinds a sequence
+    model's positions (the converted model is checked at a short length).  ``strict`` is passed to ``load_state_dict``.
     ``max_bytes`` bounds the tensors of one file (checked before reading).
     Raises FileNotFoundError for a missing path and :class:`LoadError` (naming
     the file) for anything unreadable, malformed or of the wrong layout.
@@ -393,9 +394,20 @@ def load(path: str | Path, template: Template = None, *, strict: bool = True,
                                n_ctx, f) for f in files]
         return Checkpoints(models, files) if p.is_dir() else models[0]
     files = checkpoint_paths(p)
-    models = [model_from_state_dict(read_state_dict(f, max_bytes=max_bytes, state_key=state_key), template,
-                                    strict=strict, source=f) for f in files]
+    models = [_at_positions(model_from_state_dict(read_state_dict(f, max_bytes=max_bytes, state_key=state_key),
+                                                  template, strict=strict, source=f), n_ctx, f) for f in files]
     return Checkpoints(models, files) if p.is_dir() else models[0]
+
+
+def _at_positions(model: Component, n_ctx: int | None, source: Any) -> Component:
+    """``model`` over ``n_ctx`` positions (its attention and position-wise
+    layers rebound); unchanged when ``n_ctx`` is None."""
+    if n_ctx is None:
+        return model
+    keys = [k for k in model.settings() if k == "n_ctx" or k.endswith(".n_ctx")]
+    if not keys:
+        raise LoadError(source, f"n_ctx={n_ctx} was given, but {model!r} has no token positions")
+    return model.replace(**{k: int(n_ctx) for k in keys})
 
 
 def save(model: Component, path: str | Path, *, dtype: Any = np.float64,
