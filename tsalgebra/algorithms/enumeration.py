@@ -11,7 +11,7 @@ vocabularies.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 

@@ -39,7 +39,7 @@ from ..symmetries import random_symmetry
 from ..inner import similarity
 from ..matrix import similarity_matrix
 from ..plots import pyplot, plot_matrix
-from .common import DemoResult, cosine_matrix, labelled_steps, torch_threads, write_outputs
+from .common import DemoResult, cosine_matrix, labelled_steps, start, torch_threads, write_outputs
 
 __all__ = ["BackdoorConfig", "run", "add_arguments", "config_from_args", "main", "digits", "stamp"]
 
@@ -196,20 +196,11 @@ def run(cfg: BackdoorConfig | None = None, **overrides: Any) -> DemoResult:
     write ``backdoor.png``, ``summary.txt``, ``summary.json``,
     ``checkpoints/`` and ``control.safetensors`` under ``cfg.out``."""
     cfg = cfg or BackdoorConfig()
-    for k, v in overrides.items():
-        if not hasattr(cfg, k):
-            raise TypeError(f"unknown setting {k!r}")
-        setattr(cfg, k, v)
     from ..io import checkpoint_paths, load
 
-    cfg.out = Path(cfg.out)
-    cfg.check()
+    ckdir = start(cfg, overrides, "*.safetensors")
     started = time.perf_counter()
     out = cfg.out
-    ckdir = out / "checkpoints"
-    ckdir.mkdir(parents=True, exist_ok=True)
-    for old in ckdir.glob("*.safetensors"):
-        old.unlink()
     with torch_threads(cfg.threads):
         trained = _train(cfg, ckdir)
 

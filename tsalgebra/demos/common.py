@@ -12,7 +12,7 @@ import numpy as np
 
 from ..jsonable import dumps, jsonable
 
-__all__ = ["DemoResult", "cosine_matrix", "pearson", "upper", "torch_threads", "labelled_steps",
+__all__ = ["DemoResult", "cosine_matrix", "pearson", "upper", "torch_threads", "labelled_steps", "start",
            "write_outputs"]
 
 
@@ -70,6 +70,24 @@ def labelled_steps(paths: Sequence[Path]) -> list[int]:
             raise ValueError(f"{p}: no step number in the file name")
         steps.append(int(found[-1]))
     return steps
+
+
+def start(cfg: Any, overrides: dict[str, Any], old_checkpoints: str) -> Path:
+    """Apply keyword ``overrides`` to the config (TypeError for an unknown
+    one), check it, and empty ``cfg.out/checkpoints`` of the files matching
+    ``old_checkpoints`` (a rerun must not mix in an earlier run's steps);
+    returns that directory."""
+    for k, v in overrides.items():
+        if not hasattr(cfg, k):
+            raise TypeError(f"unknown setting {k!r}")
+        setattr(cfg, k, v)
+    cfg.out = Path(cfg.out)
+    cfg.check()
+    ckdir = cfg.out / "checkpoints"
+    ckdir.mkdir(parents=True, exist_ok=True)
+    for old in ckdir.glob(old_checkpoints):
+        old.unlink()
+    return ckdir
 
 
 @dataclass

@@ -45,7 +45,7 @@ from ..baselines import weight_cosine
 from ..matrix import similarity_matrix
 from ..measure import Tokens
 from ..plots import pyplot, plot_matrix
-from .common import DemoResult, cosine_matrix, labelled_steps, pearson, torch_threads, upper, write_outputs
+from .common import DemoResult, cosine_matrix, labelled_steps, pearson, start, torch_threads, upper, write_outputs
 
 __all__ = ["GrokkingConfig", "run", "add_arguments", "config_from_args", "main"]
 
@@ -202,20 +202,11 @@ def run(cfg: GrokkingConfig | None = None, **overrides: Any) -> DemoResult:
     Keyword overrides replace config fields.  Returns the :class:`DemoResult`
     whose ``numbers`` hold every figure printed in the summary."""
     cfg = cfg or GrokkingConfig()
-    for k, v in overrides.items():
-        if not hasattr(cfg, k):
-            raise TypeError(f"unknown setting {k!r}")
-        setattr(cfg, k, v)
     from ..io import checkpoint_paths, load
 
-    cfg.out = Path(cfg.out)
-    cfg.check()
+    ckdir = start(cfg, overrides, "step_*.safetensors")
     started = time.perf_counter()
     out = cfg.out
-    ckdir = out / "checkpoints"
-    ckdir.mkdir(parents=True, exist_ok=True)
-    for old in ckdir.glob("step_*.safetensors"):
-        old.unlink()
     with torch_threads(cfg.threads):
         trained = _train(cfg, ckdir)
     t_train = time.perf_counter() - started

@@ -49,7 +49,7 @@ import numpy as np
 from ..baselines import weight_cosine
 from ..matrix import similarity_matrix
 from ..plots import plot_matrix, pyplot
-from .common import DemoResult, cosine_matrix, pearson, torch_threads, upper, write_outputs
+from .common import DemoResult, cosine_matrix, pearson, start, torch_threads, upper, write_outputs
 
 __all__ = ["LanguageConfig", "run", "add_arguments", "config_from_args", "main", "attention_lm_module"]
 
@@ -280,22 +280,13 @@ def run(cfg: LanguageConfig | None = None, **overrides: Any) -> DemoResult:
     ``cfg.out``.  Keyword overrides replace config fields.  Returns the
     :class:`DemoResult` whose ``numbers`` hold every figure in the summary."""
     cfg = cfg or LanguageConfig()
-    for k, v in overrides.items():
-        if not hasattr(cfg, k):
-            raise TypeError(f"unknown setting {k!r}")
-        setattr(cfg, k, v)
     import torch
 
     from ..io import load
 
-    cfg.out = Path(cfg.out)
-    cfg.check()
+    ckdir = start(cfg, overrides, "step_*.pt")
     started = time.perf_counter()
     out = cfg.out
-    ckdir = out / "checkpoints"
-    ckdir.mkdir(parents=True, exist_ok=True)
-    for old in ckdir.glob("step_*.pt"):
-        old.unlink()
     text = Text(cfg)
     held = text.sample(cfg.held_out, torch.Generator().manual_seed(cfg.seed + 2))
     with torch_threads(cfg.threads):
