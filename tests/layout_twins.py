@@ -14,17 +14,20 @@ class RotateHalfAttention(nn.Module):
     (q1.k1)(q2.k2) / d_head^2, causal, rotary (rotate-half), out = x +
     attn_scale * o(z)."""
 
-    def __init__(self, d, n_head, attn_scale, bias_qk):
+    def __init__(self, d, n_head, attn_scale, bias_qk, interleaved=False):
         super().__init__()
-        self.n_head, self.dh, self.attn_scale = n_head, d // n_head, attn_scale
+        self.n_head, self.dh, self.attn_scale, self.interleaved = n_head, d // n_head, attn_scale, interleaved
         for name in ("q1", "k1", "q2", "k2"):
             setattr(self, name, nn.Linear(d, d, bias=bias_qk))
         self.v, self.o = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
 
-    def rope(self, t):  # (b, n, h, dh), rotate-half
+    def rope(self, t):  # (b, n, h, dh), rotate-half (or interleaved: pairs 2k, 2k + 1)
         n, dh = t.shape[1], self.dh
         inv = 10000.0 ** (-torch.arange(0, dh, 2, dtype=t.dtype) / dh)
         ang = torch.arange(n, dtype=t.dtype)[:, None] * inv[None]  # (n, dh/2)
+        if self.interleaved:
+            c, s, x0, x1 = ang.cos()[None, :, None], ang.sin()[None, :, None], t[..., 0::2], t[..., 1::2]
+            return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], -1).flatten(-2)
         cos, sin = torch.cat([ang.cos()] * 2, -1)[None, :, None], torch.cat([ang.sin()] * 2, -1)[None, :, None]
         rot = torch.cat([-t[..., dh // 2:], t[..., : dh // 2]], -1)
         return t * cos + rot * sin
@@ -50,10 +53,11 @@ class FinalNorm(nn.Module):  # an eval-time gain with an input-independent scale
 
 
 class PaperLM(nn.Module):
-    def __init__(self, vocab, d, n_head, n_layers, attn_scale, bias_qk):
+    def __init__(self, vocab, d, n_head, n_layers, attn_scale, bias_qk, interleaved=False):
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
-        self.layers = nn.ModuleList(RotateHalfAttention(d, n_head, attn_scale, bias_qk) for _ in range(n_layers))
+        self.layers = nn.ModuleList(RotateHalfAttention(d, n_head, attn_scale, bias_qk, interleaved)
+                                    for _ in range(n_layers))
         self.final_norm = FinalNorm(d)
         self.unembed = nn.Linear(d, vocab, bias=False)
 

@@ -80,25 +80,27 @@ def test_hf_style_gate_up_down_converts():
 # ------------------------------------------------ the papers' language models
 
 
-def paper_run(tmp_path, nested_config=False, steps=(0, 50, 100)):
+def paper_run(tmp_path, nested_config=False, steps=(0, 50, 100), interleaved=False):
     import json
 
     cfg = dict(vocab_size=11, d_model=8, n_head=2, n_layers=2, attn_scale=0.35, use_bias_qk=True)
+    if interleaved:  # the one-line hint for runs rotating consecutive pairs
+        cfg["rotary"] = "interleaved"
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "config.json").write_text(json.dumps({"model": cfg} if nested_config else cfg))
     models = []
     for s in steps:
         torch.manual_seed(s)
-        m = PaperLM(11, 8, 2, 2, 0.35, True).double().eval()
+        m = PaperLM(11, 8, 2, 2, 0.35, True, interleaved).double().eval()
         torch.save({"step": s, "model_state_dict": m.state_dict(), "optimizer_state_dict": {"state": {}}},
                    tmp_path / "checkpoints" / f"step_{s:05d}.pt")
         models.append(m)
     return models
 
 
-@pytest.mark.parametrize("nested", [False, True])
-def test_a_language_model_run_loads_without_a_template(tmp_path, nested):
-    twins = paper_run(tmp_path, nested)
+@pytest.mark.parametrize("nested,interleaved", [(False, False), (True, False), (False, True)])
+def test_a_language_model_run_loads_without_a_template(tmp_path, nested, interleaved):
+    twins = paper_run(tmp_path, nested, interleaved=interleaved)
     models = ts.load(tmp_path, n_ctx=4)
     assert models.steps == (0, 50, 100) and len(models) == 3
     ids = torch.randint(0, 11, (6, 4), generator=torch.Generator().manual_seed(0))

@@ -17,8 +17,9 @@ tests/test_layouts.py):
   ``unembed``: ``nn.Linear(d_model, vocab, bias=False)``.
 
 A run directory holds ``config.json`` (vocab_size, d_model, n_head, n_layers,
-attn_scale, use_bias_qk, optionally rotary_base; at its top level or under
-"model") and ``checkpoints/step_{s:05d}.pt`` with ``model_state_dict``.
+attn_scale, use_bias_qk, optionally rotary_base and rotary: "rotate_half" or
+"interleaved", for runs that rotate consecutive pairs; at its top level or
+under "model") and ``checkpoints/step_{s:05d}.pt`` with ``model_state_dict``.
 :func:`attention_lm` builds the tsalgebra model (embedding, attention layers,
 unembedding; reading token ids) at the analysis length ``n_ctx``, on which
 the weights do not depend.
@@ -89,14 +90,16 @@ def attention_lm(sd: Mapping[str, Any], config: Mapping[str, Any], n_ctx: int, s
                  rotary: str = "rotate_half") -> Component:
     """The tsalgebra model of a bilinear-attention language model's state dict
     (see the module docstring); ``rotary``: "rotate_half" (the papers') or
-    "interleaved"."""
+    "interleaved" (pairs (2k, 2k + 1)), unless the config names one under
+    "rotary"."""
     from .io import LoadError
 
     if any(".norm_qk" in k or k.startswith("norm_qk") for k in sd):
         raise LoadError(source, "norm_qk (an RMSNorm of queries and keys) divides by a data-dependent norm: not "
                                 "a polynomial, so this model has no tensor form")
+    rotary = config.get("rotary", rotary)
     if rotary not in ("rotate_half", "interleaved"):
-        raise ValueError(f"rotary must be 'rotate_half' or 'interleaved', got {rotary!r}")
+        raise LoadError(source, f"rotary must be 'rotate_half' or 'interleaved', got {rotary!r}")
     V, d, H, L = (int(config[k]) for k in ("vocab_size", "d_model", "n_head", "n_layers"))
     if d % H:
         raise LoadError(source, f"d_model {d} is not divisible by n_head {H}")
