@@ -1,5 +1,6 @@
 """Bridges between tsalgebra models and the plain specs of `oracles`, and a
-strict JSON reader for the tests of JSON output.
+strict JSON reader for the tests of JSON output, and a tiny two-layer
+language model.
 
 Only public weight attributes are read, so the oracles stay independent of
 the expression code under test."""
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import json
 from typing import Any
+
+import numpy as np
 
 import tsalgebra as ts
 
@@ -44,3 +47,16 @@ def strict_json(text: str) -> Any:
     def refuse(word: str) -> Any:
         raise ValueError(f"not JSON: {word}")
     return json.loads(text, parse_constant=refuse)
+
+
+def tiny_lm(seed: int, vocab: int = 5, d: int = 4, n_ctx: int = 3) -> ts.Sequential:
+    """Embedding, two attention layers (causal, rotary, residual), unembedding."""
+    rng = np.random.default_rng(seed)
+    w = lambda *s: rng.normal(size=s) * 0.6  # noqa: E731
+    layers = [ts.PositionWise(ts.Embedding(w(d, vocab)), n_ctx)]
+    for _ in range(2):
+        layers.append(ts.BilinearAttention(w(2, 2, d), w(2, 2, d), w(2, 2, d), w(2, 2, d), w(2, 2, d), w(2, d, 2),
+                                           causal=True, rotary_base=10.0, residual=True, n_ctx=n_ctx,
+                                           q1_bias=w(2, 2)))
+    layers.append(ts.PositionWise(ts.Linear(w(vocab, d)), n_ctx))
+    return ts.Sequential(*layers)

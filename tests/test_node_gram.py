@@ -12,18 +12,7 @@ import pytest
 
 import tsalgebra as ts
 
-
-def tiny_lm(seed: int, vocab: int = 5, d: int = 4, n_ctx: int = 3) -> ts.Sequential:
-    """Embedding, two attention layers (causal, rotary, residual), unembedding."""
-    rng = np.random.default_rng(seed)
-    w = lambda *s: rng.normal(size=s) * 0.6  # noqa: E731
-    layers = [ts.PositionWise(ts.Embedding(w(d, vocab)), n_ctx)]
-    for _ in range(2):
-        layers.append(ts.BilinearAttention(w(2, 2, d), w(2, 2, d), w(2, 2, d), w(2, 2, d), w(2, 2, d), w(2, d, 2),
-                                           causal=True, rotary_base=10.0, residual=True, n_ctx=n_ctx,
-                                           q1_bias=w(2, 2)))
-    layers.append(ts.PositionWise(ts.Linear(w(vocab, d)), n_ctx))
-    return ts.Sequential(*layers)
+from helpers import tiny_lm
 
 
 def enumerated_cosines(models, vocab, n_ctx, probs=None, centered=False):

@@ -32,6 +32,7 @@ import math
 import os
 import re
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -277,7 +278,12 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         kw.update(samples=args.samples, seed=args.seed)
     elif args.samples is not None or args.seed is not None:
         raise UsageError("--samples and --seed belong to --method sampled")
-    res = similarity_matrix(models, inner=args.inner, method=args.method, progress=not args.no_progress, **kw)
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be a positive number of worker processes, got {args.workers}")
+    if args.tile is not None and args.tile < 1:
+        raise UsageError(f"--tile must be a positive number of models, got {args.tile}")
+    res = similarity_matrix(models, inner=args.inner, method=args.method, progress=not args.no_progress,
+                            workers=args.workers, scheduler=args.scheduler, store=args.store, tile=args.tile, **kw)
     values = np.asarray(res.values, dtype=float)
     if csv_path is not None:  # the data first: a figure that fails to draw loses nothing
         with open(csv_path, "w", newline="") as fh:
@@ -288,7 +294,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     res.plot(path=out, labels=labels)
     payload = {"labels": labels, "files": [str(f) for f in files], "values": values, "inner": res.inner,
                "method": res.method, "exact": res.exact, "route": res.route, "flops": res.flops,
-               "centered": bool(args.centered), "figure": out, "csv": csv_path}
+               "centered": bool(args.centered), "figure": out, "csv": csv_path,
+               "tiles": None if res.tiles is None else asdict(res.tiles)}
     lines = [f"{len(files)} checkpoints, {res.inner}{' centred' if args.centered else ''} similarity "
              f"({res.method}{'' if res.exact else ', not exact'}; route: {res.route}; {res.flops:.3g} flops)"]
     if len(files) <= 12:
@@ -296,6 +303,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         lines.append(" " * (width + 1) + " ".join(f"{i:>7d}" for i in range(len(files))))
         for k, (lab, row) in enumerate(zip(labels, values)):
             lines.append(f"{lab:>{width}} " + " ".join(f"{v:7.4f}" for v in row) + f"   [{k}]")
+    lines.extend(res.notes[:1] if res.tiles is not None else [])
     lines.append(f"figure: {out}" + (f"; csv: {csv_path}" if csv_path else ""))
     _emit(args, payload, "\n".join(lines))
     return EXIT_OK
@@ -619,6 +627,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--samples", type=int, help="--method sampled: samples per product (default 10000)")
     m.add_argument("--seed", type=int, help="--method sampled: random seed")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    where = m.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, metavar="N",
+                       help="tiles on a local dask cluster of N worker processes (pip install tsalgebra[distributed])")
+    where.add_argument("--scheduler", metavar="ADDRESS", help="tiles on the dask cluster at ADDRESS (tcp://host:8786)")
+    m.add_argument("--store", metavar="DIR",
+                   help="keep every finished tile in DIR; a rerun with the same checkpoints and options computes "
+                        "only the missing tiles")
+    m.add_argument("--tile", type=int, metavar="N", help="models a tile side (default: from the workers)")
     m.set_defaults(func=cmd_matrix)
 
     v = sub.add_parser("verify", parents=[common, models], help="is a circuit faithful to a component?",
@@ -693,7 +709,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CostError as exc:  # the alternatives spelled as this command's flags
         print(f"tsalgebra: error: {exc.explain(cli=True)}", file=sys.stderr)
         return EXIT_REFUSED
-    except (ValueError, TypeError, ArithmeticError, RuntimeError, OSError) as exc:
+    except (ValueError, TypeError, ArithmeticError, RuntimeError, OSError, ImportError) as exc:
         print(f"tsalgebra: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ turns the :class:`Gram` it returns into cosines and norms.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -19,7 +20,7 @@ from ..cosine import cosines
 from ..measure import Measure
 from ..problem import DEFAULT_BUDGET, FUNCTIONAL, Alternative, CostError, MemoryBoundError, bound_measure, check_arguments, resolve_inner
 from . import materialize, node_gram, pairwise, pairwise_gram
-from .job import Gram, Job, Route
+from .job import Gram, Job, Route, TileGram, Tiling
 from ..threads import blas_threads
 from .ops import Clock, Ops, parse_dtype
 from .prepare import prepare_models
@@ -39,7 +40,7 @@ REGISTRY: Mapping[str, Route] = MappingProxyType({r.NAME: r for r in _ROUTE_MODU
 
 def _compute(rows_in: Any, cols_in: Any | None, inner: str | None, method: str, mean: Any, cov: Any, centered: bool,
              route: str, dtype: Any, device: Any, max_memory: int | None, progress: bool | None,
-             options: dict[str, Any]) -> SimilarityMatrix:
+             options: dict[str, Any], tiling: Tiling | None = None) -> SimilarityMatrix:
     started = time.perf_counter()
     measure = options.pop("measure", None)
     rows, labels = _models(rows_in, "models" if cols_in is None else "models_a")
@@ -48,15 +49,60 @@ def _compute(rows_in: Any, cols_in: Any | None, inner: str | None, method: str, 
     options = _checked(inner, method, centered, route, options)
     cols, col_labels = (None, None) if cols_in is None else _models(cols_in, "models_b")
     law = _measure(rows, inner, mean, cov, measure)
+    if tiling is not None and tiling.active:  # tiles on a cluster or into a store: the same routes per tile
+        from .cluster import tiled
+
+        _widths(rows + (cols or []))
+        spec = TileSpec(inner, method, law, centered, route, dtype, device, max_memory, dict(options))
+        return tiled(rows, cols, labels, col_labels, spec, tiling, progress, started)
     job = _job(rows, cols, inner, method, law, centered, dtype, device, max_memory, progress, options, route)
+    gram, chosen, costs, notes = _gram(job, route)
+    return _result(job, gram, chosen, costs, notes, labels, col_labels, time.perf_counter() - started)
+
+
+def _gram(job: Job, route: str) -> tuple[Gram, str, dict[str, RouteCost], tuple[str, ...]]:
+    """Cost the routes that apply, choose one and run it."""
     costs = {name: r.layout(job) for name, r in REGISTRY.items() if r.COSTED and r.applies(job) is None}
     chosen, notes = _choose(route, job, costs)
-    _within_budget(job, costs.get(chosen), options.get("budget", DEFAULT_BUDGET))
+    _within_budget(job, costs.get(chosen), job.options.get("budget", DEFAULT_BUDGET))
     clock = Clock(job.ops)
     if job.prepared is not None:
         clock.add("prepare", job.prepared.seconds, 0)  # folding and normalizing, on the host
     gram = REGISTRY[chosen].run(job, costs[chosen] if chosen in costs else REGISTRY[chosen].layout(job), clock)
-    return _result(job, gram, chosen, costs, notes, labels, col_labels, time.perf_counter() - started)
+    return gram, chosen, costs, notes
+
+
+@dataclass(frozen=True)
+class TileSpec:
+    """What every tile of a tiled matrix computes (the arguments of
+    :func:`similarity_matrix`, checked, the measure bound)."""
+
+    inner: str
+    method: str
+    measure: Measure | None
+    centered: bool
+    route: str
+    dtype: Any
+    device: Any
+    max_memory: int | None
+    options: Mapping[str, Any]
+
+
+def compute_tile(rows: list[Any], cols: list[Any] | None, spec: TileSpec, selfs: bool) -> TileGram:
+    """One tile: the rows' models against the columns' (``cols`` None: a
+    symmetric tile of the rows), by the best single-machine route; ``selfs``
+    False lets the pairwise route skip the self products (the norms come from
+    other tiles).  Runs on a worker."""
+    t0 = time.perf_counter()
+    job = _job(rows, cols, spec.inner, spec.method, spec.measure, spec.centered, spec.dtype, spec.device,
+               spec.max_memory, False, dict(spec.options), spec.route, selfs)
+    gram, chosen, _, _ = _gram(job, spec.route)
+    zeros = np.zeros(len(rows)), np.zeros(len(cols) if cols is not None else len(rows))
+    return TileGram(np.asarray(gram.cross, dtype=float), np.asarray(gram.row_self, dtype=float),
+                    np.asarray(gram.col_self, dtype=float),
+                    zeros[0] if gram.row_log_scale is None else np.asarray(gram.row_log_scale, dtype=float),
+                    zeros[1] if gram.col_log_scale is None else np.asarray(gram.col_log_scale, dtype=float),
+                    chosen, int(gram.flops), bool(gram.exact), gram.method, time.perf_counter() - t0)
 
 
 def _checked(inner: str, method: str, centered: bool, route: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -133,7 +179,7 @@ def _preparation_fits(models: list[Any], memory: int) -> None:
 
 def _job(rows: list[Any], cols: list[Any] | None, inner: str, method: str, measure: Measure | None, centered: bool,
          dtype: Any, device: Any, max_memory: int | None, progress: bool | None, options: dict[str, Any],
-         route_named: str = "auto") -> Job:
+         route_named: str = "auto", selfs: bool = True) -> Job:
     """The job: the engine, the memory bound, and the models prepared."""
     _widths(rows + (cols or []))
     dname = parse_dtype(dtype)
@@ -156,7 +202,7 @@ def _job(rows: list[Any], cols: list[Any] | None, inner: str, method: str, measu
         # more BLAS threads numpy's worker threads won (see ops.run_tasks)
         ops = Ops(dname, "cpu")
     return Job(rows, cols, inner, method, centered, MappingProxyType(options), progress, measure, prepared, ops,
-               memory, threads)
+               memory, threads, selfs)
 
 
 def _within_budget(job: Job, cost: RouteCost | None, budget: float) -> None:
@@ -251,6 +297,11 @@ def similarity_matrix(
     device: Any = None,
     max_memory: int | None = None,
     progress: bool | None = None,
+    client: Any = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    store: Any = None,
+    tile: int | None = None,
     **kwargs: Any,
 ) -> SimilarityMatrix:
     """The N x N matrix of cosines <a, b> / sqrt(<a, a> <b, b>) between ``models``.
@@ -268,9 +319,19 @@ def similarity_matrix(
     available memory of the device).  ``progress``: True / False, or None for
     a tqdm bar on a terminal when the work is long.  ``models`` may be a mapping
     name -> model; the names label the plot.
+
+    Beyond one machine (:mod:`tsalgebra.matrix.cluster`; ``pip install
+    tsalgebra[distributed]``): ``client`` (a ``dask.distributed.Client``),
+    ``scheduler`` ("tcp://host:8786") or ``workers`` (a local cluster of that
+    many worker processes, started and closed by the call) computes the upper
+    triangle in tiles of ``tile`` models a side (default: from the number of
+    workers), each by the best route above, on the workers.  ``store`` (a
+    directory) keeps every finished tile; a rerun with the same models and
+    options computes only the missing ones (alone, it tiles in this process).
+    The result's ``tiles`` says how.
     """
     return _compute(models, None, inner, method, mean, cov, centered, route, dtype, device, max_memory, progress,
-                    dict(kwargs, measure=measure))
+                    dict(kwargs, measure=measure), Tiling(client, scheduler, workers, store, tile))
 
 
 def cross_similarity_matrix(
@@ -288,9 +349,15 @@ def cross_similarity_matrix(
     device: Any = None,
     max_memory: int | None = None,
     progress: bool | None = None,
+    client: Any = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    store: Any = None,
+    tile: int | None = None,
     **kwargs: Any,
 ) -> SimilarityMatrix:
     """The N x M matrix of cosines between ``models_a`` (rows) and ``models_b``
-    (columns); arguments as in :func:`similarity_matrix`."""
+    (columns); arguments as in :func:`similarity_matrix` (the whole rectangle
+    in tiles on a cluster or into a store)."""
     return _compute(models_a, models_b, inner, method, mean, cov, centered, route, dtype, device, max_memory,
-                    progress, dict(kwargs, measure=measure))
+                    progress, dict(kwargs, measure=measure), Tiling(client, scheduler, workers, store, tile))

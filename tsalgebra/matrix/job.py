@@ -43,6 +43,7 @@ class Job:
     ops: Ops
     memory: int
     threads: int
+    selfs: bool = True  # False: the self products are not needed (a tile whose norms come from another)
 
     @property
     def symmetric(self) -> bool:
@@ -74,6 +75,43 @@ class Gram:
     device: str
     exact: bool = True
     method: str = "exact"
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Where the tiles of a matrix run and are kept (the arguments of
+    :func:`~tsalgebra.matrix.similarity_matrix`): a dask ``client``, a
+    ``scheduler`` address, or ``workers`` for a local cluster; a ``store``
+    directory; ``tile`` models a side (None: chosen from the workers)."""
+
+    client: Any = None
+    scheduler: str | None = None
+    workers: int | None = None
+    store: Any = None
+    tile: int | None = None
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in (self.client, self.scheduler, self.workers, self.store))
+
+
+@dataclass(frozen=True)
+class TileGram:
+    """What one tile returns: its cross block and self products (NaN where
+    the tile was not asked for them), the logs of the scale factors of its
+    rows and columns (see :class:`Gram`; zeros where unscaled), the route
+    that ran, its flops, exactness and method, and the seconds it took."""
+
+    cross: np.ndarray
+    row_self: np.ndarray
+    col_self: np.ndarray
+    row_log_scale: np.ndarray
+    col_log_scale: np.ndarray
+    route: str
+    flops: int
+    exact: bool
+    method: str
+    seconds: float
 
 
 class Route(Protocol):

@@ -51,7 +51,7 @@ def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
     if job.inner == "symmetric" and options.get("degree") is None:  # one common degree, as ts.similarity does
         options["degree"] = max(degree_of(m) for m in list(A) + list(Bs))
     n_pairs = len(A) * (len(A) - 1) // 2 if sym else len(A) * len(Bs)
-    n_self = len(A) + (0 if sym else len(Bs))
+    n_self = len(A) + (0 if sym else len(Bs)) if sym or job.selfs else 0
     bar = progress_bar(n_pairs + n_self, f"similarity matrix (pairwise {job.inner})", "inner", job.progress,
                        n_pairs + n_self > _LONG_PAIRS)
     results = []
@@ -63,14 +63,17 @@ def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
         return _as_float(r.value)
 
     try:
-        sA = np.array([ip(m, m) for m in A])
-        sB = sA if sym else np.array([ip(m, m) for m in Bs])
+        if sym or job.selfs:
+            sA = np.array([ip(m, m) for m in A])
+            sB = sA if sym else np.array([ip(m, m) for m in Bs])
+        else:  # a tile whose norms come from other tiles
+            sA, sB = np.full(len(A), np.nan), np.full(len(Bs), np.nan)
         K = np.zeros((len(A), len(Bs)))
         for i, a in enumerate(A):
             for j, b in enumerate(Bs):
                 if sym and j <= i:
                     continue
-                K[i, j] = sA[i] if a is b else ip(a, b)
+                K[i, j] = sA[i] if a is b and np.isfinite(sA[i]) else ip(a, b)
                 if sym:
                     K[j, i] = K[i, j]
         if sym:

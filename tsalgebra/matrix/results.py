@@ -33,6 +33,25 @@ class RouteCost:
 
 
 @dataclass(frozen=True)
+class TileReport:
+    """How a tiled matrix was computed (:mod:`tsalgebra.matrix.cluster`):
+    ``size`` models a tile side, ``total`` tiles, of which ``computed`` ran
+    in this call and ``from_store`` were read back; ``routes`` counts the
+    route each computed tile took; ``where`` the workers ("this process", a
+    local cluster, a scheduler address); ``store`` the directory kept, if
+    any; ``worker_seconds`` the time the computed tiles took on their workers."""
+
+    size: int
+    total: int
+    computed: int
+    from_store: int
+    routes: Mapping[str, int]
+    where: str
+    store: str | None
+    worker_seconds: float
+
+
+@dataclass(frozen=True)
 class StepTime:
     """Wall time and planner flops spent in one kind of step of the chosen route
     (in worker threads: each worker's time in the step over their number)."""
@@ -77,6 +96,7 @@ class SimilarityMatrix:
     labels: tuple[str, ...] | None = None
     col_labels: tuple[str, ...] | None = None
     notes: tuple[str, ...] = ()
+    tiles: "TileReport | None" = None
 
     @property
     def shape(self) -> tuple[int, int]:

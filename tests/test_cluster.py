@@ -1,0 +1,193 @@
+"""Similarity matrices in tiles: on a dask LocalCluster of two worker
+processes, and resumable from a store; equal to the serial matrix."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import tsalgebra as ts
+from tsalgebra.matrix import cluster
+
+from helpers import tiny_lm
+
+distributed = pytest.importorskip("dask.distributed")
+
+
+def bilinears(n, seed=0, d=5, h=6, o=3):
+    rng = np.random.default_rng(seed)
+    return [ts.Bilinear(rng.normal(size=(h, d)), rng.normal(size=(h, d)), rng.normal(size=(o, h)),
+                        left_bias=rng.normal(size=h)) for _ in range(n)]
+
+
+def stacks(n, seed=1):
+    rng = np.random.default_rng(seed)
+    return [ts.Sequential(ts.Bilinear(rng.normal(size=(4, 3)), rng.normal(size=(4, 3)), rng.normal(size=(3, 4))),
+                          ts.Bilinear(rng.normal(size=(4, 3)), rng.normal(size=(4, 3)), rng.normal(size=(2, 4))))
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def client():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as lc, \
+            distributed.Client(lc) as c:
+        yield c
+
+
+@pytest.mark.parametrize("case", ["one-layer", "stacks-network", "attention-tokens", "attention-gaussian"])
+def test_cluster_equals_serial(client, case):
+    models, kw = {
+        "one-layer": (bilinears(7), dict(inner="symmetric")),
+        "stacks-network": (stacks(6), dict(inner="network")),
+        "attention-tokens": ([tiny_lm(s) for s in range(5)], {}),
+        "attention-gaussian": ([tiny_lm(s).layers[1] for s in range(5)], dict(inner="gaussian")),
+    }[case]
+    serial = ts.similarity_matrix(models, progress=False, **kw)
+    tiled = ts.similarity_matrix(models, client=client, tile=2, progress=False, **kw)
+    np.testing.assert_allclose(tiled.values, serial.values, atol=1e-12)
+    np.testing.assert_allclose(tiled.norms, serial.norms, rtol=1e-10)
+    n_tiles = len(cluster.tiles_of(len(models), None, 2))
+    assert tiled.tiles.total == tiled.tiles.computed == n_tiles and tiled.route.startswith("tiles:")
+    assert tiled.exact == serial.exact and "client of" in tiled.tiles.where
+    cross = ts.cross_similarity_matrix(models[:3], models[2:], client=client, tile=2, progress=False, **kw)
+    np.testing.assert_allclose(cross.values, serial.values[:3, 2:], atol=1e-12)
+
+
+def test_tiles_of_cover_every_pair_once():
+    for n, m, size in [(7, None, 2), (7, None, 7), (5, 4, 2), (1, None, 3)]:
+        seen = np.zeros((n, m or n), dtype=int)
+        for t in cluster.tiles_of(n, m, size):
+            block = seen[t.r0:t.r1, t.c0:t.c1]
+            if t.diagonal:
+                block[np.triu_indices(t.r1 - t.r0)] += 1
+            else:
+                block += 1
+        want = np.triu(np.ones((n, n), dtype=int)) if m is None else np.ones((n, m), dtype=int)
+        assert (seen == want).all()
+    assert cluster.default_size(200, None, 2) == 66  # 4 tiles a side, 10 in all: at least four per worker
+
+
+def test_a_killed_worker_loses_only_its_tile(client, tmp_path):
+    models = [tiny_lm(s) for s in range(9)]
+    kw = dict(inner="gaussian", method="closure")  # pair by pair: slow enough to kill a worker mid-run
+    serial = ts.similarity_matrix(models, progress=False, **kw)
+    store = tmp_path / "store"
+    out: dict = {}
+
+    def run():
+        try:
+            out["m"] = ts.similarity_matrix(models, client=client, tile=1, store=store, progress=False, **kw)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            out["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 60
+    while not list(store.glob("tiles/*.npz")):  # the first tile is in: kill a worker
+        assert time.time() < deadline, "no tile finished"
+        time.sleep(0.02)
+    pids = client.run(os.getpid)
+    victim = next(iter(pids.values()))
+    os.kill(victim, signal.SIGKILL)
+    killed_at = len(list(store.glob("tiles/*.npz")))
+    thread.join(120)
+    assert not thread.is_alive() and "error" not in out, out.get("error")
+    assert killed_at < 45  # the worker died mid-run
+    m = out["m"]
+    assert m.tiles.computed == m.tiles.total == 45
+    np.testing.assert_allclose(m.values, serial.values, atol=1e-12)
+    client.wait_for_workers(2, timeout=60)  # the nanny restarted it
+    assert victim not in client.run(os.getpid).values()
+
+
+def test_resume_computes_only_the_missing_tiles(tmp_path):
+    models = bilinears(9)
+    serial = ts.similarity_matrix(models, progress=False)
+    first = ts.similarity_matrix(models, store=tmp_path, tile=2, progress=False)
+    assert first.tiles.computed == first.tiles.total == 15 and first.tiles.where == "this process"
+    files = sorted((tmp_path / "tiles").glob("*.npz"))
+    assert len(files) == 15 and (tmp_path / "manifest.json").exists()
+    for f in files[::4]:  # as if the run had stopped before these
+        f.unlink()
+    again = ts.similarity_matrix(models, store=tmp_path, tile=2, progress=False)
+    assert again.tiles.computed == 4 and again.tiles.from_store == 11
+    np.testing.assert_allclose(again.values, serial.values, atol=1e-12)
+    np.testing.assert_allclose(first.values, serial.values, atol=1e-12)
+
+
+def test_an_interrupted_run_keeps_every_finished_tile(tmp_path, monkeypatch):
+    models = bilinears(8)
+    real = cluster.progress_bar
+
+    class Interrupting:
+        def __init__(self, *a, **k):
+            self.bar, self.calls = real(*a, **k), 0
+
+        def update(self, k):
+            self.calls += 1
+            if self.calls == 4:  # the fourth tile is written, then Ctrl-C
+                raise KeyboardInterrupt
+            self.bar.update(k)
+
+        def __getattr__(self, name):
+            return getattr(self.bar, name)
+
+    monkeypatch.setattr(cluster, "progress_bar", Interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        ts.similarity_matrix(models, store=tmp_path, tile=2, progress=False)
+    assert len(list((tmp_path / "tiles").glob("*.npz"))) == 3
+    monkeypatch.setattr(cluster, "progress_bar", real)
+    done = ts.similarity_matrix(models, store=tmp_path, tile=2, progress=False)
+    assert done.tiles.from_store == 3 and done.tiles.computed == done.tiles.total - 3
+    np.testing.assert_allclose(done.values, ts.similarity_matrix(models, progress=False).values, atol=1e-12)
+
+
+def test_a_store_of_other_models_or_options_is_refused(tmp_path):
+    models = bilinears(5)
+    ts.similarity_matrix(models, store=tmp_path, tile=2, progress=False)
+    other = models[:2] + bilinears(1, seed=9) + models[3:]
+    with pytest.raises(ValueError, match="other models .*model 2 differs"):
+        ts.similarity_matrix(other, store=tmp_path, tile=2, progress=False)
+    with pytest.raises(ValueError, match="other models"):
+        ts.similarity_matrix(models[:4], store=tmp_path, tile=2, progress=False)
+    with pytest.raises(ValueError, match="written with inner='gaussian', this call has inner='symmetric'"):
+        ts.similarity_matrix(models, inner="symmetric", store=tmp_path, tile=2, progress=False)
+    with pytest.raises(ValueError, match="written with tile=2"):
+        ts.similarity_matrix(models, store=tmp_path, tile=3, progress=False)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="unreadable"):
+        ts.similarity_matrix(models, store=tmp_path, tile=2, progress=False)
+
+
+def test_bad_arguments(tmp_path):
+    models = bilinears(3)
+    with pytest.raises(ValueError, match="workers must be a positive"):
+        ts.similarity_matrix(models, workers=0, progress=False)
+    with pytest.raises(ValueError, match="tile must be a positive"):
+        ts.similarity_matrix(models, store=tmp_path, tile=0, progress=False)
+    with pytest.raises(ValueError, match="one of client=, scheduler= and workers="):
+        ts.similarity_matrix(models, workers=2, scheduler="tcp://127.0.0.1:1", progress=False)
+
+
+def test_the_command_line_on_a_local_cluster(tmp_path, capsys):
+    from tsalgebra.cli import main
+
+    for k, m in enumerate(bilinears(5)):
+        ts.save(m, tmp_path / f"step_{k}.safetensors")
+    store = tmp_path / "store"
+    args = ["matrix", str(tmp_path), "--out", str(tmp_path / "m.png"), "--store", str(store), "--tile", "2",
+            "--no-progress", "--json"]
+    assert main(args + ["--workers", "2"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["tiles"]["computed"] == 6 and rep["tiles"]["where"] == "local cluster of 2 workers"
+    np.testing.assert_allclose(rep["values"], ts.similarity_matrix(ts.load(tmp_path), progress=False).values,
+                               atol=1e-12)
+    assert main(args) == 0  # resumed in this process: nothing left to compute
+    assert json.loads(capsys.readouterr().out)["tiles"]["from_store"] == 6
+    assert main(args[:-1] + ["--workers", "0"]) == 2

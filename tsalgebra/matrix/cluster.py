@@ -1,0 +1,404 @@
+"""Similarity matrices in tiles: on a Dask cluster, and resumable from a store.
+
+The upper triangle of an N x N matrix (or the whole N x M rectangle) is cut
+into square tiles of ``size`` models a side.  Each tile is one call of the
+single-machine machinery (:func:`tsalgebra.matrix.api.compute_tile`: the
+routes are costed and the cheapest that fits runs, pairwise-gram,
+materialize, node-gram or pairwise with any algorithm), on a worker of a
+``dask.distributed`` cluster or in this process.  The models are scattered to
+the cluster once (each tile's task refers to them), and each model's norm
+comes from one tile only: the diagonal tiles of a symmetric matrix, the first
+tile row and column of a rectangle (the pairwise route skips the self
+products elsewhere).
+
+Each tile returns its block on its own scale (the logs of its scale factors,
+see :class:`~tsalgebra.matrix.job.Gram`), so tiles that took different
+routes combine exactly: cos[a, b] = cross[a, b] U_a U_b / (|a| |b|), in
+float64 logarithms.
+
+With ``store=DIRECTORY`` every finished tile is written at once (one small
+``.npz`` per tile, written to a temporary name and renamed: a tile file is
+whole or absent) beside ``manifest.json``, which records the options, the
+tile size and a SHA-256 digest of every model's weights and settings.  A
+rerun with the same models and options reads the finished tiles and computes
+only the missing ones; a store written for other models or options is
+refused, naming the difference.  A worker that dies mid-tile loses that tile
+only (the scheduler runs it again elsewhere); Ctrl-C on the client keeps
+every tile already written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from ..components import Component
+from ..cosine import cosines
+from .job import TileGram, Tiling
+from .ops import progress_bar
+from .results import SimilarityMatrix, StepTime, TileReport
+
+__all__ = ["Tile", "tiles_of", "model_digest", "Store", "tiled"]
+
+STORE_VERSION = 1
+# Tiles per worker aimed at when the tile size is chosen: enough that a slow
+# tile does not leave the others idle at the end, few enough that each tile
+# still batches (the batched routes' cost per pair falls with the block).
+TILES_PER_WORKER = 4
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Rows [r0, r1) against columns [c0, c1); ``diagonal``: a symmetric tile
+    on the diagonal (rows are columns); ``row_self`` / ``col_self``: whether
+    it supplies the norms of its rows / columns."""
+
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+    diagonal: bool
+    row_self: bool
+    col_self: bool
+
+    @property
+    def key(self) -> str:
+        return f"r{self.r0}-{self.r1}_c{self.c0}-{self.c1}"
+
+    @property
+    def pairs(self) -> int:
+        n = self.r1 - self.r0
+        return n * (n + 1) // 2 if self.diagonal else n * (self.c1 - self.c0)
+
+
+def tiles_of(n: int, m: int | None, size: int) -> list[Tile]:
+    """The tiles of an n x n symmetric matrix (``m`` None: the upper triangle)
+    or an n x m rectangle, ``size`` models a side."""
+    rows = [(s, min(s + size, n)) for s in range(0, n, size)]
+    if m is None:
+        return [Tile(r0, r1, c0, c1, i == j, i == j, i == j) for i, (r0, r1) in enumerate(rows)
+                for j, (c0, c1) in enumerate(rows) if j >= i]
+    cols = [(s, min(s + size, m)) for s in range(0, m, size)]
+    return [Tile(r0, r1, c0, c1, False, j == 0, i == 0) for i, (r0, r1) in enumerate(rows)
+            for j, (c0, c1) in enumerate(cols)]
+
+
+def default_size(n: int, m: int | None, workers: int) -> int:
+    """The largest tile side giving at least TILES_PER_WORKER tiles per worker."""
+    want = TILES_PER_WORKER * max(1, workers)
+    for size in range(max(n, m or 0), 0, -1):
+        k, l = math.ceil(n / size), math.ceil((m or n) / size)
+        if (k * (k + 1) // 2 if m is None else k * l) >= want:
+            return size
+    return 1
+
+
+# ------------------------------------------------------------ the store
+
+
+def model_digest(model: Any) -> str:
+    """SHA-256 of a model's kind, settings and weights (dtype, shape, bytes)."""
+    h = hashlib.sha256()
+    if not isinstance(model, Component):
+        h.update(repr(type(model)).encode())
+        h.update(repr(model).encode())
+        return h.hexdigest()
+    for layer in model.layers:
+        h.update(type(layer).__name__.encode())
+        h.update(json.dumps(layer.settings(), sort_keys=True, default=repr).encode())
+        for name, w in sorted(layer.named_weights().items()):
+            h.update(name.encode())
+            if w is None:
+                h.update(b"none")
+                continue
+            a = np.ascontiguousarray(np.asarray(w))
+            h.update(f"{a.dtype}{a.shape}".encode())
+            h.update(a.tobytes() if a.dtype != object else repr(a.tolist()).encode())
+    return h.hexdigest()
+
+
+def _options_record(spec: Any, size: int, symmetric: bool) -> dict[str, Any]:
+    """The options a store is valid for, JSON-able (the measure by its label
+    and a digest of its fields)."""
+    measure = None
+    if spec.measure is not None:
+        h = hashlib.sha256(repr(type(spec.measure)).encode())
+        for k, v in sorted(vars(spec.measure).items()):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(np.asarray(v, dtype=float)).tobytes() if isinstance(v, np.ndarray)
+                     else repr(v).encode())
+        measure = {"label": spec.measure.label, "digest": h.hexdigest()}
+    return {"inner": spec.inner, "method": spec.method, "centered": spec.centered, "measure": measure,
+            "dtype": str(spec.dtype), "options": {k: repr(v) for k, v in sorted(spec.options.items())},
+            "tile": size, "symmetric": symmetric}
+
+
+class Store:
+    """A directory of finished tiles (see the module docstring)."""
+
+    def __init__(self, path: Any, options: dict[str, Any], rows: list[str], cols: list[str] | None) -> None:
+        self.path = Path(path)
+        self.manifest = {"version": STORE_VERSION, "options": options, "rows": rows, "cols": cols}
+        file = self.path / "manifest.json"
+        if file.exists():
+            try:
+                old = json.loads(file.read_text())
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"store {self.path}: manifest.json is unreadable ({exc}); use a new directory") \
+                    from None
+            self._same(old)
+        else:
+            (self.path / "tiles").mkdir(parents=True, exist_ok=True)
+            self._write(file, json.dumps(self.manifest, indent=1).encode())
+
+    def _same(self, old: Any) -> None:
+        """Refuse a store written for other models or options, naming the difference."""
+        new = self.manifest
+        if not isinstance(old, dict) or old.get("version") != STORE_VERSION:
+            raise ValueError(f"store {self.path} was not written by this version of tsalgebra; use a new directory")
+        for side in ("rows", "cols"):
+            a, b = old.get(side), new[side]
+            if a != b:
+                if a is None or b is None or len(a) != len(b):
+                    what = f"{'no' if a is None else len(a)} models against {'no' if b is None else len(b)}"
+                else:
+                    k = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+                    what = f"model {k} differs (weights digest {a[k][:12]}... against {b[k][:12]}...)"
+                raise ValueError(f"store {self.path} holds tiles of other models ({side}: {what}); use a new "
+                                 "directory or the models it was written for")
+        for k, v in new["options"].items():
+            if old.get("options", {}).get(k) != v:
+                raise ValueError(f"store {self.path} was written with {k}={old.get('options', {}).get(k)!r}, "
+                                 f"this call has {k}={v!r}; use a new directory or the same options")
+
+    @staticmethod
+    def _write(file: Path, data: bytes) -> None:
+        """Atomically: a temporary file in the same directory, then renamed."""
+        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=".tmp-", suffix=file.suffix)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, file)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def _file(self, tile: Tile) -> Path:
+        return self.path / "tiles" / f"{tile.key}.npz"
+
+    def read(self, tile: Tile) -> TileGram | None:
+        file = self._file(tile)
+        if not file.exists():
+            return None
+        try:
+            with np.load(file, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                return TileGram(z["cross"], z["row_self"], z["col_self"], z["row_log_scale"], z["col_log_scale"],
+                                meta["route"], int(meta["flops"]), bool(meta["exact"]), meta["method"],
+                                float(meta["seconds"]))
+        except (OSError, ValueError, KeyError) as exc:  # a damaged file: computed again
+            print(f"tsalgebra: store tile {file.name} is unreadable ({exc}); computing it again", file=sys.stderr)
+            return None
+
+    def write(self, tile: Tile, g: TileGram) -> None:
+        import io
+
+        meta = json.dumps({"route": g.route, "flops": g.flops, "exact": g.exact, "method": g.method,
+                           "seconds": g.seconds})
+        buf = io.BytesIO()
+        np.savez(buf, cross=g.cross, row_self=g.row_self, col_self=g.col_self, row_log_scale=g.row_log_scale,
+                 col_log_scale=g.col_log_scale, meta=np.array(meta))
+        self._write(self._file(tile), buf.getvalue())
+
+
+# ------------------------------------------------------------ the cluster
+
+
+@contextlib.contextmanager
+def _client(tiling: Tiling) -> Iterator[tuple[Any, str, int]]:
+    """(dask client or None, where, workers) for the call's tiling."""
+    if tiling.client is None and tiling.scheduler is None and tiling.workers is None:
+        yield None, "this process", 1
+        return
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError:
+        raise ImportError("client=, scheduler= and workers= need dask.distributed: pip install "
+                          "'tsalgebra[distributed]'") from None
+    if sum(v is not None for v in (tiling.client, tiling.scheduler, tiling.workers)) > 1:
+        raise ValueError("give one of client=, scheduler= and workers=")
+    if tiling.client is not None:
+        n = len(tiling.client.scheduler_info().get("workers", {}))
+        yield tiling.client, f"client of {tiling.client.scheduler.address}", n
+    elif tiling.scheduler is not None:
+        with Client(tiling.scheduler) as client:
+            yield client, f"scheduler {tiling.scheduler}", len(client.scheduler_info().get("workers", {}))
+    else:
+        n = tiling.workers
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"workers must be a positive number of worker processes, got {n!r}")
+        # one thread per worker process: each tile's BLAS has the process to itself
+        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+                Client(cluster) as client:
+            print(f"tsalgebra: local dask cluster of {n} workers, dashboard {client.dashboard_link}",
+                  file=sys.stderr)
+            yield client, f"local cluster of {n} workers", n
+
+
+def _worker_memory(client: Any) -> int | None:
+    """The smallest memory limit of the cluster's workers (bytes), if they have one."""
+    limits = [w.get("memory_limit") or 0 for w in client.scheduler_info().get("workers", {}).values()]
+    limits = [x for x in limits if x > 0]
+    return min(limits) if limits else None
+
+
+def tiled(rows: list[Any], cols: list[Any] | None, labels: Sequence[str] | None, col_labels: Sequence[str] | None,
+          spec: Any, tiling: Tiling, progress: bool | None, started: float) -> SimilarityMatrix:
+    """The matrix of :func:`tsalgebra.similarity_matrix` (``cols`` None) or
+    :func:`tsalgebra.cross_similarity_matrix`, in tiles (module docstring)."""
+    from dataclasses import replace
+
+    from .api import compute_tile
+
+    n, m = len(rows), None if cols is None else len(cols)
+    if tiling.tile is not None and (isinstance(tiling.tile, bool) or not isinstance(tiling.tile, int)
+                                    or tiling.tile < 1):
+        raise ValueError(f"tile must be a positive number of models, got {tiling.tile!r}")
+    with _client(tiling) as (client, where, workers):
+        size = tiling.tile or default_size(n, m, workers)
+        if client is not None and spec.max_memory is None:
+            memory = _worker_memory(client)
+            if memory is not None:  # the routes' blocks within a quarter of a worker's limit, as on one machine
+                spec = replace(spec, max_memory=memory // 4)
+        tiles = tiles_of(n, m, size)
+        store = None
+        if tiling.store is not None:
+            store = Store(tiling.store, _options_record(spec, size, cols is None), [model_digest(x) for x in rows],
+                          None if cols is None else [model_digest(x) for x in cols])
+        done: dict[Tile, TileGram] = {}
+        if store is not None:
+            for t in tiles:
+                g = store.read(t)
+                if g is not None:
+                    done[t] = g
+        todo = [t for t in tiles if t not in done]
+        from_store = len(done)
+        bar = progress_bar(len(tiles), f"similarity matrix ({len(tiles)} tiles of {size}, {where})", "tile", progress,
+                           len(todo) > 1)
+        bar.update(from_store)
+        bar.set_postfix(pairs=sum(t.pairs for t in done))
+
+        def finish(t: Tile, g: TileGram) -> None:
+            if store is not None:
+                store.write(t, g)  # before anything else: an interruption keeps it
+            done[t] = g
+            bar.update(1)
+            bar.set_postfix(pairs=sum(x.pairs for x in done))
+
+        try:
+            if client is None:
+                for t in todo:
+                    finish(t, _run_tile(compute_tile, rows, cols, t, spec))
+            elif todo:
+                from dask.distributed import as_completed
+
+                # each model sent once and held by two workers, so that a worker's death loses no model
+                # (scattered data has no recipe to recompute it); the tasks refer to the copies
+                # (keys unique to this call: content-hashed keys of an earlier call may be in release)
+                scattered_rows = client.scatter(rows, hash=False)
+                scattered_cols = None if cols is None else client.scatter(cols, hash=False)
+                if workers > 1:
+                    client.replicate(scattered_rows + (scattered_cols or []), n=2)
+                futures = {}
+                for t in todo:
+                    r = scattered_rows[t.r0:t.r1]
+                    c = (scattered_rows[t.c0:t.c1] if cols is None else scattered_cols[t.c0:t.c1])
+                    f = client.submit(compute_tile, r, None if t.diagonal else c, spec, t.row_self or t.col_self,
+                                      pure=False)
+                    futures[f] = t
+                try:
+                    for f in as_completed(list(futures)):
+                        finish(futures[f], f.result())
+                except BaseException:
+                    client.cancel(list(futures))
+                    raise
+        finally:
+            bar.close()
+    return _assemble(rows, cols, tiles, done, spec, labels, col_labels, size, todo, from_store, where,
+                     None if store is None else str(store.path), started)
+
+
+def _run_tile(compute: Any, rows: list[Any], cols: list[Any] | None, t: Tile, spec: Any) -> TileGram:
+    r = rows[t.r0:t.r1]
+    c = None if t.diagonal else (rows if cols is None else cols)[t.c0:t.c1]
+    return compute(r, c, spec, t.row_self or t.col_self)
+
+
+def _assemble(rows: list[Any], cols: list[Any] | None, tiles: list[Tile], done: dict[Tile, TileGram], spec: Any,
+              labels: Sequence[str] | None, col_labels: Sequence[str] | None, size: int, computed: list[Tile],
+              from_store: int, where: str, store: str | None, started: float) -> SimilarityMatrix:
+    """Cosines from the tiles, each on its own scale (module docstring)."""
+    sym = cols is None
+    n, m = len(rows), len(rows) if sym else len(cols)  # type: ignore[arg-type]
+    log_norm_r, log_norm_c = np.full(n, np.nan), np.full(m, np.nan)
+    for t, g in done.items():
+        if t.row_self:
+            log_norm_r[t.r0:t.r1] = _log_norms(g.row_self, g.row_log_scale, "row model" if not sym else "model", t.r0)
+        if t.col_self and not sym:
+            log_norm_c[t.c0:t.c1] = _log_norms(g.col_self, g.col_log_scale, "column model", t.c0)
+    if sym:
+        log_norm_c = log_norm_r
+    unit = np.zeros((n, m))
+    for t, g in done.items():
+        rl = g.row_log_scale[:, None] - log_norm_r[t.r0:t.r1, None]
+        if t.diagonal:
+            cl = g.row_log_scale[None, :] - log_norm_r[None, t.r0:t.r1]
+        else:
+            cl = g.col_log_scale[None, :] - log_norm_c[None, t.c0:t.c1]
+        with np.errstate(over="ignore", invalid="ignore"):
+            block = g.cross * np.exp(rl + cl)
+        unit[t.r0:t.r1, t.c0:t.c1] = block
+        if sym:
+            unit[t.c0:t.c1, t.r0:t.r1] = block.T
+    cos = cosines(unit, np.ones((n, 1)), np.ones((1, m)), spec.inner, tol=1e-8 if str(spec.dtype) in (
+        "None", "float64") else 1e-3, sides=("row model", "column model"))
+    if sym:
+        cos = (cos + cos.T) / 2
+        np.fill_diagonal(cos, 1.0)
+    grams = list(done.values())
+    routes = Counter(done[t].route for t in computed)
+    exact = all(g.exact for g in grams)
+    methods = sorted({g.method for g in grams})
+    flops = sum(g.flops for g in grams)
+    worker_seconds = sum(done[t].seconds for t in computed)
+    report = TileReport(size, len(tiles), len(computed), from_store, dict(routes), where, store, worker_seconds)
+    norms_r, norms_c = np.exp(log_norm_r), np.exp(log_norm_c)
+    return SimilarityMatrix(
+        values=cos, route="tiles:" + "+".join(sorted({g.route for g in grams})), flops=int(flops), inner=spec.inner,
+        method="/".join(methods), exact=exact, norms=norms_r, col_norms=norms_c, symmetric=sym,
+        centered=spec.centered, measure=spec.measure.label if spec.measure is not None else "", dtype="float64",
+        device="numpy", max_memory=int(spec.max_memory or 0), steps=(StepTime("tiles", int(flops), worker_seconds),),
+        seconds=time.perf_counter() - started, labels=tuple(labels) if labels else None,
+        col_labels=(tuple(labels) if labels else None) if sym else (tuple(col_labels) if col_labels else None),
+        notes=(f"{len(tiles)} tiles of {size} models a side ({len(computed)} computed, {from_store} from the store) "
+               f"on {where}",), tiles=report)
+
+
+def _log_norms(selfs: np.ndarray, log_scale: np.ndarray, side: str, offset: int) -> np.ndarray:
+    bad = np.flatnonzero(~(np.asarray(selfs) > 0))
+    if bad.size:
+        raise ValueError(f"{side} {offset + int(bad[0])} has zero norm; the similarity is undefined")
+    return 0.5 * np.log(selfs) + log_scale
