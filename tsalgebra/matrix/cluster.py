@@ -47,7 +47,7 @@ import numpy as np
 from ..components import Component
 from ..cosine import cosines
 from .job import TileGram, Tiling
-from .ops import progress_bar
+from .ops import parse_dtype, progress_bar
 from .results import SimilarityMatrix, StepTime, TileReport
 
 __all__ = ["Tile", "tiles_of", "model_digest", "Store", "tiled"]
@@ -373,11 +373,13 @@ def _assemble(rows: list[Any], cols: list[Any] | None, tiles: list[Tile], done: 
         unit[t.r0:t.r1, t.c0:t.c1] = block
         if sym:
             unit[t.c0:t.c1, t.r0:t.r1] = block.T
-    cos = cosines(unit, np.ones((n, 1)), np.ones((1, m)), spec.inner, tol=1e-8 if str(spec.dtype) in (
-        "None", "float64") else 1e-3, sides=("row model", "column model"))
+    dtype = parse_dtype(spec.dtype)
+    cos = cosines(unit, np.ones((n, 1)), np.ones((1, m)), spec.inner, tol=1e-8 if dtype == "float64" else 1e-3,
+                  sides=("row model", "column model"))
     if sym:
         cos = (cos + cos.T) / 2
         np.fill_diagonal(cos, 1.0)
+    cos = cos.astype(dtype)
     grams = list(done.values())
     routes = Counter(done[t].route for t in computed)
     exact = all(g.exact for g in grams)
@@ -389,8 +391,8 @@ def _assemble(rows: list[Any], cols: list[Any] | None, tiles: list[Tile], done: 
     return SimilarityMatrix(
         values=cos, route="tiles:" + "+".join(sorted({g.route for g in grams})), flops=int(flops), inner=spec.inner,
         method="/".join(methods), exact=exact, norms=norms_r, col_norms=norms_c, symmetric=sym,
-        centered=spec.centered, measure=spec.measure.label if spec.measure is not None else "", dtype="float64",
-        device="numpy", max_memory=int(spec.max_memory or 0), steps=(StepTime("tiles", int(flops), worker_seconds),),
+        centered=spec.centered, measure=spec.measure.label if spec.measure is not None else "", dtype=dtype,
+        device=str(spec.device or "numpy"), max_memory=int(spec.max_memory or 0), steps=(StepTime("tiles", int(flops), worker_seconds),),
         seconds=time.perf_counter() - started, labels=tuple(labels) if labels else None,
         col_labels=(tuple(labels) if labels else None) if sym else (tuple(col_labels) if col_labels else None),
         notes=(f"{len(tiles)} tiles of {size} models a side ({len(computed)} computed, {from_store} from the store) "
