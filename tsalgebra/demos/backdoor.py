@@ -39,7 +39,7 @@ from ..symmetries import random_symmetry
 from ..inner import similarity
 from ..matrix import similarity_matrix
 from ..plots import pyplot, plot_matrix
-from .common import DemoResult, cosine_matrix, labelled_steps, start, torch_threads, write_outputs
+from .common import DemoResult, cosine_matrix, demo_main, labelled_steps, start, torch_threads, write_outputs
 
 __all__ = ["BackdoorConfig", "run", "add_arguments", "config_from_args", "main", "digits", "stamp"]
 
@@ -333,12 +333,7 @@ def config_from_args(args: argparse.Namespace) -> BackdoorConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tsalgebra.demos.backdoor", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    result = run(config_from_args(parser.parse_args(argv)))
-    print(result.summary, end="")
-    return 0
+    return demo_main("tsalgebra.demos.backdoor", __doc__, add_arguments, config_from_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import numpy as np
 from ..jsonable import dumps, jsonable
 
 __all__ = ["DemoResult", "cosine_matrix", "pearson", "upper", "torch_threads", "labelled_steps", "start",
-           "write_outputs"]
+           "write_outputs", "demo_main"]
 
 
 def cosine_matrix(rows: np.ndarray) -> np.ndarray:
@@ -116,3 +116,16 @@ def write_outputs(name: str, out: Path, summary: str, numbers: dict[str, Any], f
     (out / "summary.json").write_text(dumps(numbers, indent=2))
     return DemoResult(name, summary, jsonable(numbers), figure, out / "summary.txt", out / "summary.json",
                       checkpoints, seconds)
+
+
+def demo_main(module: str, doc: str | None, add_arguments: Any, config_from_args: Any, run: Any,
+              argv: Sequence[str] | None) -> int:
+    """``python -m tsalgebra.demos.NAME``: parse the demo's flags, run it,
+    print its summary."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    print(run(config_from_args(parser.parse_args(argv))).summary, end="")
+    return 0

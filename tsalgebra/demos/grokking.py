@@ -45,7 +45,8 @@ from ..baselines import weight_cosine
 from ..matrix import similarity_matrix
 from ..measure import Tokens
 from ..plots import pyplot, plot_matrix
-from .common import DemoResult, cosine_matrix, labelled_steps, pearson, start, torch_threads, upper, write_outputs
+from .common import (DemoResult, cosine_matrix, demo_main, labelled_steps, pearson, start, torch_threads, upper,
+                     write_outputs)
 
 __all__ = ["GrokkingConfig", "run", "add_arguments", "config_from_args", "main"]
 
@@ -336,12 +337,7 @@ def config_from_args(args: argparse.Namespace) -> GrokkingConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tsalgebra.demos.grokking", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    result = run(config_from_args(parser.parse_args(argv)))
-    print(result.summary, end="")
-    return 0
+    return demo_main("tsalgebra.demos.grokking", __doc__, add_arguments, config_from_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ import numpy as np
 from ..baselines import weight_cosine
 from ..matrix import similarity_matrix
 from ..plots import plot_matrix, pyplot
-from .common import DemoResult, cosine_matrix, pearson, start, torch_threads, upper, write_outputs
+from .common import DemoResult, cosine_matrix, demo_main, pearson, start, torch_threads, upper, write_outputs
 
 __all__ = ["LanguageConfig", "run", "add_arguments", "config_from_args", "main", "attention_lm_module"]
 
@@ -432,12 +432,7 @@ def config_from_args(args: argparse.Namespace) -> LanguageConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tsalgebra.demos.language", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    result = run(config_from_args(parser.parse_args(argv)))
-    print(result.summary, end="")
-    return 0
+    return demo_main("tsalgebra.demos.language", __doc__, add_arguments, config_from_args, run, argv)
 
 
 if __name__ == "__main__":
