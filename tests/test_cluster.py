@@ -191,3 +191,25 @@ def test_the_command_line_on_a_local_cluster(tmp_path, capsys):
     assert main(args) == 0  # resumed in this process: nothing left to compute
     assert json.loads(capsys.readouterr().out)["tiles"]["from_store"] == 6
     assert main(args[:-1] + ["--workers", "0"]) == 2
+
+
+def test_damaged_tiles_are_computed_again(tmp_path, capsys):
+    models = bilinears(6)
+    serial = ts.similarity_matrix(models, progress=False)
+    ts.similarity_matrix(models, store=tmp_path, tile=2, progress=False)
+    files = sorted((tmp_path / "tiles").glob("*.npz"))
+    files[0].write_bytes(b"not a zip")  # torn or tampered
+    with np.load(files[1]) as z:
+        parts = dict(z)
+    parts["cross"] = np.full_like(parts["cross"], np.nan)  # readable, not finite
+    np.savez(files[1], **parts)
+    with np.load(files[2]) as z:
+        parts = dict(z)
+    parts["cross"] = parts["cross"][:1]  # readable, the wrong shape
+    np.savez(files[2], **parts)
+    again = ts.similarity_matrix(models, store=tmp_path, tile=2, progress=False)
+    assert again.tiles.computed == 3 and "unusable" in capsys.readouterr().err
+    np.testing.assert_allclose(again.values, serial.values, atol=1e-12)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        ts.similarity_matrix(models, store=tmp_path / "file", progress=False)

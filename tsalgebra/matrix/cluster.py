@@ -150,6 +150,8 @@ class Store:
 
     def __init__(self, path: Any, options: dict[str, Any], rows: list[str], cols: list[str] | None) -> None:
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"store {self.path} is a file; store= takes a directory")
         self.manifest = {"version": STORE_VERSION, "options": options, "rows": rows, "cols": cols}
         file = self.path / "manifest.json"
         if file.exists():
@@ -200,17 +202,22 @@ class Store:
         return self.path / "tiles" / f"{tile.key}.npz"
 
     def read(self, tile: Tile) -> TileGram | None:
+        """The stored tile, or None when it is absent or damaged (then it is
+        computed again: a stored number is used only if it has the tile's
+        shapes and is finite where the tile supplies it)."""
         file = self._file(tile)
         if not file.exists():
             return None
         try:
             with np.load(file, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
-                return TileGram(z["cross"], z["row_self"], z["col_self"], z["row_log_scale"], z["col_log_scale"],
-                                meta["route"], int(meta["flops"]), bool(meta["exact"]), meta["method"],
-                                float(meta["seconds"]))
-        except (OSError, ValueError, KeyError) as exc:  # a damaged file: computed again
-            print(f"tsalgebra: store tile {file.name} is unreadable ({exc}); computing it again", file=sys.stderr)
+                g = TileGram(z["cross"], z["row_self"], z["col_self"], z["row_log_scale"], z["col_log_scale"],
+                             str(meta["route"]), int(meta["flops"]), bool(meta["exact"]), str(meta["method"]),
+                             float(meta["seconds"]))
+            _check(tile, g)
+            return g
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # a damaged file: computed again
+            print(f"tsalgebra: store tile {file.name} is unusable ({exc}); computing it again", file=sys.stderr)
             return None
 
     def write(self, tile: Tile, g: TileGram) -> None:
@@ -222,6 +229,21 @@ class Store:
         np.savez(buf, cross=g.cross, row_self=g.row_self, col_self=g.col_self, row_log_scale=g.row_log_scale,
                  col_log_scale=g.col_log_scale, meta=np.array(meta))
         self._write(self._file(tile), buf.getvalue())
+
+
+def _check(t: Tile, g: TileGram) -> None:
+    """ValueError unless ``g`` has ``t``'s shapes and finite values where ``t`` supplies them."""
+    n, m = t.r1 - t.r0, (t.r1 - t.r0) if t.diagonal else t.c1 - t.c0
+    shapes = {"cross": (g.cross.shape, (n, m)), "row_self": (g.row_self.shape, (n,)),
+              "col_self": (g.col_self.shape, (m,)), "row_log_scale": (g.row_log_scale.shape, (n,)),
+              "col_log_scale": (g.col_log_scale.shape, (m,))}
+    for name, (got, want) in shapes.items():
+        if tuple(got) != want:
+            raise ValueError(f"{name} has shape {tuple(got)}, the tile needs {want}")
+    needed = [g.cross, g.row_log_scale, g.col_log_scale] + ([g.row_self] if t.row_self else []) + (
+        [g.col_self] if t.col_self and not t.diagonal else [])
+    if not all(np.isfinite(np.asarray(a, dtype=float)).all() for a in needed):
+        raise ValueError("a value is not finite")
 
 
 # ------------------------------------------------------------ the cluster
@@ -302,6 +324,10 @@ def tiled(rows: list[Any], cols: list[Any] | None, labels: Sequence[str] | None,
         bar.set_postfix(pairs=sum(t.pairs for t in done))
 
         def finish(t: Tile, g: TileGram) -> None:
+            try:
+                _check(t, g)
+            except ValueError as exc:
+                raise ArithmeticError(f"tile {t.key} ({g.route}) came back unusable: {exc}") from None
             if store is not None:
                 store.write(t, g)  # before anything else: an interruption keeps it
             done[t] = g
