@@ -71,6 +71,7 @@ def test_tiles_of_cover_every_pair_once():
         want = np.triu(np.ones((n, n), dtype=int)) if m is None else np.ones((n, m), dtype=int)
         assert (seen == want).all()
     assert cluster.default_size(200, None, 2) == 66  # 4 tiles a side, 10 in all: at least four per worker
+    assert cluster.default_size(200, None, 2, most=10) == 10  # a worker's memory holds 2 x 10 models
 
 
 def test_a_killed_worker_loses_only_its_tile(client, tmp_path):

@@ -1,7 +1,9 @@
 """Similarity matrices in tiles: on a Dask cluster, and resumable from a store.
 
 The upper triangle of an N x N matrix (or the whole N x M rectangle) is cut
-into square tiles of ``size`` models a side.  Each tile is one call of the
+into square tiles of ``size`` models a side (by default the largest giving
+TILES_PER_WORKER tiles per worker whose two sides of prepared models fit the
+memory bound of a worker: a quarter of its limit unless ``max_memory`` says).  Each tile is one call of the
 single-machine machinery (:func:`tsalgebra.matrix.api.compute_tile`: the
 routes are costed and the cheapest that fits runs, pairwise-gram,
 materialize, node-gram or pairwise with any algorithm), on a worker of a
@@ -95,10 +97,11 @@ def tiles_of(n: int, m: int | None, size: int) -> list[Tile]:
             for j, (c0, c1) in enumerate(cols)]
 
 
-def default_size(n: int, m: int | None, workers: int) -> int:
-    """The largest tile side giving at least TILES_PER_WORKER tiles per worker."""
+def default_size(n: int, m: int | None, workers: int, most: int | None = None) -> int:
+    """The largest tile side, at most ``most``, giving at least
+    TILES_PER_WORKER tiles per worker."""
     want = TILES_PER_WORKER * max(1, workers)
-    for size in range(max(n, m or 0), 0, -1):
+    for size in range(min(max(n, m or 0), most or n + (m or 0)), 0, -1):
         k, l = math.ceil(n / size), math.ceil((m or n) / size)
         if (k * (k + 1) // 2 if m is None else k * l) >= want:
             return size
@@ -293,18 +296,21 @@ def tiled(rows: list[Any], cols: list[Any] | None, labels: Sequence[str] | None,
     :func:`tsalgebra.cross_similarity_matrix`, in tiles (module docstring)."""
     from dataclasses import replace
 
-    from .api import compute_tile
+    from .api import compute_tile, preparation_bytes
 
     n, m = len(rows), None if cols is None else len(cols)
     if tiling.tile is not None and (isinstance(tiling.tile, bool) or not isinstance(tiling.tile, int)
                                     or tiling.tile < 1):
         raise ValueError(f"tile must be a positive number of models, got {tiling.tile!r}")
     with _client(tiling) as (client, where, workers):
-        size = tiling.tile or default_size(n, m, workers)
-        if client is not None and spec.max_memory is None:
-            memory = _worker_memory(client)
-            if memory is not None:  # the routes' blocks within a quarter of a worker's limit, as on one machine
-                spec = replace(spec, max_memory=memory // 4)
+        memory = _worker_memory(client) if client is not None else None
+        if memory is not None and spec.max_memory is None:  # the routes' blocks within a quarter of a worker's
+            spec = replace(spec, max_memory=memory // 4)       # limit, as on one machine
+        # a tile's two sides of prepared models (about their weights' size) within its memory bound
+        bound = spec.max_memory or memory
+        per_model = max(preparation_bytes([x]) for x in rows + (cols or []))
+        most = None if bound is None else max(1, int(bound // max(1, 2 * per_model)))
+        size = tiling.tile or default_size(n, m, workers, most)
         tiles = tiles_of(n, m, size)
         store = None
         if tiling.store is not None:
