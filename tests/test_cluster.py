@@ -172,6 +172,8 @@ def test_bad_arguments(tmp_path):
         ts.similarity_matrix(models, workers=0, progress=False)
     with pytest.raises(ValueError, match="tile must be a positive"):
         ts.similarity_matrix(models, store=tmp_path, tile=0, progress=False)
+    with pytest.raises(ValueError, match="store= takes a directory"):
+        ts.similarity_matrix(models, store="", progress=False)
     with pytest.raises(ValueError, match="one of client=, scheduler= and workers="):
         ts.similarity_matrix(models, workers=2, scheduler="tcp://127.0.0.1:1", progress=False)
 

@@ -152,6 +152,8 @@ class Store:
     """A directory of finished tiles (see the module docstring)."""
 
     def __init__(self, path: Any, options: dict[str, Any], rows: list[str], cols: list[str] | None) -> None:
+        if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+            raise ValueError(f"store= takes a directory path, got {path!r}")
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"store {self.path} is a file; store= takes a directory")
