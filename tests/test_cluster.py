@@ -193,6 +193,11 @@ def test_the_command_line_on_a_local_cluster(tmp_path, capsys):
                                atol=1e-12)
     assert main(args) == 0  # resumed in this process: nothing left to compute
     assert json.loads(capsys.readouterr().out)["tiles"]["from_store"] == 6
+    no_tile = [a for a in args if a not in ("--tile", "2")]
+    assert main(no_tile) == 0  # without --tile: the store's tile size
+    assert json.loads(capsys.readouterr().out)["tiles"] == dict(rep["tiles"], computed=0, from_store=6,
+                                                               routes={}, where="this process",
+                                                               worker_seconds=0.0)
     assert main(args[:-1] + ["--workers", "0"]) == 2
 
 

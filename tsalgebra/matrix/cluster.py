@@ -285,6 +285,16 @@ def _client(tiling: Tiling) -> Iterator[tuple[Any, str, int]]:
             yield client, f"local cluster of {n} workers", n
 
 
+def _stored_size(store: Any) -> int | None:
+    """The tile size of an existing store (a rerun without ``tile=`` resumes
+    it, whatever the workers now), None when there is none to read."""
+    try:
+        size = json.loads((Path(store) / "manifest.json").read_text())["options"]["tile"]
+    except (TypeError, OSError, ValueError, KeyError):
+        return None
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
 def _worker_memory(client: Any) -> int | None:
     """The smallest memory limit of the cluster's workers (bytes), if they have one."""
     limits = [w.get("memory_limit") or 0 for w in client.scheduler_info().get("workers", {}).values()]
@@ -312,7 +322,7 @@ def tiled(rows: list[Any], cols: list[Any] | None, labels: Sequence[str] | None,
         bound = spec.max_memory or memory
         per_model = max(preparation_bytes([x]) for x in rows + (cols or []))
         most = None if bound is None else max(1, int(bound // max(1, 2 * per_model)))
-        size = tiling.tile or default_size(n, m, workers, most)
+        size = tiling.tile or _stored_size(tiling.store) or default_size(n, m, workers, most)
         tiles = tiles_of(n, m, size)
         store = None
         if tiling.store is not None:
