@@ -166,6 +166,12 @@ def test_a_store_of_other_models_or_options_is_refused(tmp_path):
         ts.similarity_matrix(models, store=tmp_path, tile=2, progress=False)
 
 
+def test_an_unreachable_scheduler_is_named(monkeypatch):
+    monkeypatch.setattr(cluster, "CONNECT_SECONDS", 1)
+    with pytest.raises(OSError, match="cannot reach the dask scheduler at 'tcp://127.0.0.1:1' within 1 s"):
+        ts.similarity_matrix(bilinears(3), scheduler="tcp://127.0.0.1:1", progress=False)
+
+
 def test_bad_arguments(tmp_path):
     models = bilinears(3)
     with pytest.raises(ValueError, match="workers must be a positive"):

@@ -59,6 +59,8 @@ STORE_VERSION = 1
 # tile does not leave the others idle at the end, few enough that each tile
 # still batches (the batched routes' cost per pair falls with the block).
 TILES_PER_WORKER = 4
+# How long scheduler= may take to answer before the call fails naming it.
+CONNECT_SECONDS = 10
 
 
 @dataclass(frozen=True)
@@ -271,7 +273,12 @@ def _client(tiling: Tiling) -> Iterator[tuple[Any, str, int]]:
         n = len(tiling.client.scheduler_info().get("workers", {}))
         yield tiling.client, f"client of {tiling.client.scheduler.address}", n
     elif tiling.scheduler is not None:
-        with Client(tiling.scheduler) as client:
+        try:
+            client = Client(tiling.scheduler, timeout=CONNECT_SECONDS)
+        except (OSError, ValueError) as exc:  # TimeoutError is an OSError
+            raise OSError(f"cannot reach the dask scheduler at {tiling.scheduler!r} within {CONNECT_SECONDS} s: "
+                          f"{exc}") from None
+        with client:
             yield client, f"scheduler {tiling.scheduler}", len(client.scheduler_info().get("workers", {}))
     else:
         n = tiling.workers
