@@ -117,6 +117,11 @@ class _Ops:
         order = np.argsort(axes)
         return np.transpose(x, order).reshape(shape)
 
+    def kept(self, x: Any) -> Any:
+        """``x`` laid out contiguously, for an operand the programme reuses:
+        a strided one is copied again at every product that reads it."""
+        return x if self.dry or x is None else np.ascontiguousarray(x)
+
     def eye(self, dim: int, axes: tuple[int, int]) -> Any:
         return self.as7(_Shape((dim, dim)) if self.dry else np.eye(dim), axes)
 
@@ -194,7 +199,7 @@ class _Engine:
                     axes: tuple[int, ...] = (_A if x.side == 0 else _B, _S, _X)
                 else:  # (heads of x, dx, heads of y, dy)
                     axes = (_A, _S, _B, _X) if x.side == 0 else (_B, _S, _A, _X)
-                g = self.ops.as7(g, axes if len(g.shape) == len(axes) else (_P,) + axes)  # optionally per tuple
+                g = self.ops.kept(self.ops.as7(g, axes if len(g.shape) == len(axes) else (_P,) + axes))  # optionally per tuple
             self._links[(x, y)] = g
         return self._links[(x, y)]
 
@@ -204,7 +209,7 @@ class _Engine:
         key = (x, g, entry)
         if key not in self._steps:
             G = self.link(x, self.factors[g].legs[entry])
-            self._steps[key] = None if G is None else self.ops.matmul(G, self.bond(self.factors[g], entry))
+            self._steps[key] = None if G is None else self.ops.kept(self.ops.matmul(G, self.bond(self.factors[g], entry)))
         return self._steps[key]
 
     def bond(self, f: Factor, entry: int) -> Any:
