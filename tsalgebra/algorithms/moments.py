@@ -336,44 +336,58 @@ class OutputMoments:
             out[tuple(int(v) for v in key)] = _Batch(entries, t[members], entry_of.ravel())
         return out
 
-    def _weights(self, which: tuple[int, ...], batch: "_Batch") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(batch entry, query position, product of the sides' masks (heads x[, heads y])) per tuple."""
+    def _by_position(self, which: tuple[int, ...], batch: "_Batch", S: np.ndarray) -> np.ndarray:
+        """A run's values (entries, hx or 1, hy or 1, e, f) summed over its
+        tuples by query position, each weighted by the product of the sides'
+        masks: (n, hx or 1, hy or 1, e, f).  The weights are gathered per
+        (position, entry) first, so the values are read once."""
         t = batch.tuples
         masks = [self.side(s).mask[:, t[:, 0], t[:, 1 + k]].T for k, s in enumerate(which)]  # (tuples, heads)
-        w = masks[0] if len(masks) == 1 else masks[0][:, :, None] * masks[1][:, None, :]
-        return batch.entry_of, t[:, 0], w
+        w = masks[0][:, :, None] if which == (0,) else masks[0][:, None, :] if which == (1,) else \
+            masks[0][:, :, None] * masks[1][:, None, :]
+        C = np.zeros((self.x.attn.n_ctx, len(batch.entries)) + w.shape[1:])
+        np.add.at(C, (t[:, 0], batch.entry_of), w)
+        return np.einsum("iyab,yabef->iabef", C, S[..., 0, 0], optimize=True)
 
     def second_moments(self) -> np.ndarray:
-        """M[i] = E[y~_x,i y~_y,i] (n, d_out_x + 1, d_out_y + 1), padded."""
+        """M[i] = E[y~_x,i y~_y,i] (n, d_out_x + 1, d_out_y + 1), padded.
+
+        For one model against itself, a configuration and its mirror image
+        (the two key positions' roles swapped; one side's virtual head
+        against the other's heads and the converse) give transposed terms:
+        only one of each is run."""
         x, y = self.x, self.y
-        n = x.attn.n_ctx
+        n, mirror = x.attn.n_ctx, x is y
         (Ox, Vx), (Oy, Vy) = x.out_maps, y.out_maps
-        jobs: list[tuple[list[Factor], Any]] = []
+        jobs: list[tuple[list[Factor], tuple[int, ...], _Batch, bool]] = []  # factors, sides, batch, mirrored
         for slots, batch in self._configs((0, 1)).items():  # attention x attention
+            if mirror and slots == (1, 0):
+                continue
             offs = batch.entries
-            jobs.append((x.factors(0, offs[:, 0], slots[0]) + y.factors(1, offs[:, 1], slots[1]), ((0, 1), batch)))
-        for s in (0, 1):  # one side's virtual head x the other's attention
+            jobs.append((x.factors(0, offs[:, 0], slots[0]) + y.factors(1, offs[:, 1], slots[1]), (0, 1), batch,
+                         mirror and slots == (0, 1)))
+        for s in (0, 1) if not mirror else (1,):  # one side's virtual head x the other's attention
             other = self.side(1 - s)
             for slots, batch in self._configs((1 - s,)).items():
                 jobs.append(([Factor((Leg("z", s, 0),))] + other.factors(1 - s, batch.entries[:, 0], slots[0]),
-                             ((1 - s,), batch)))
-        values = self._execute([factors for factors, _ in jobs])
+                             (1 - s,), batch, mirror))
+        values = self._execute([job[0] for job in jobs])
         if self.dry:
             return None  # type: ignore[return-value]
+        sums: dict[tuple[tuple[int, ...], bool], np.ndarray] = {}  # per position, by sides and mirroring
+        for S, (_, which, batch, mirrored) in zip(values, jobs):
+            part = self._by_position(which, batch, S)
+            sums[(which, mirrored)] = part if (which, mirrored) not in sums else sums[(which, mirrored)] + part
         M = np.zeros((n, Ox.shape[1], Oy.shape[1]))
         M += Vx @ self._input_moment() @ Vy.T  # the virtual heads, at every position
-        for S, (_, (which, batch)) in zip(values, jobs):
-            entry, i, w = self._weights(which, batch)
-            S = S[entry][:, :, :, :, :, 0, 0]  # (tuples, hx or 1, hy or 1, e, f)
+        for (which, mirrored), part in sums.items():  # through the output maps, once per kind
             if which == (0, 1):
-                S = self._by_position(w[:, :, :, None, None] * S, i, n)
-                M += np.einsum("iabef,aqe,brf->iqr", S, Ox, Oy, optimize=True)
+                term = np.einsum("iabef,aqe,brf->iqr", part, Ox, Oy, optimize=True)
             elif which == (1,):  # x's virtual head, the heads on side b
-                S = self._by_position(w[:, None, :, None, None] * S, i, n)
-                M += np.einsum("iabef,qe,brf->iqr", S, Vx, Oy, optimize=True)
+                term = np.einsum("ibef,qe,brf->iqr", part[:, 0], Vx, Oy, optimize=True)
             else:
-                S = self._by_position(w[:, :, None, None, None] * S, i, n)
-                M += np.einsum("iabef,aqe,rf->iqr", S, Ox, Vy, optimize=True)
+                term = np.einsum("iaef,aqe,rf->iqr", part[:, :, 0], Ox, Vy, optimize=True)
+            M += term + term.transpose(0, 2, 1) if mirrored else term
         return M
 
     def _input_moment(self) -> np.ndarray:
@@ -398,17 +412,9 @@ class OutputMoments:
         for slots, batch in self._configs((s,)).items():
             S = self._run(side.factors(s, batch.entries[:, 0], slots[0]))
             if m is not None:
-                entry, i, w = self._weights((s,), batch)
-                S = S[entry][:, :, :, :, :, 0, 0].reshape(len(i), side.heads, -1)  # heads, output on side s's axes
-                m += np.einsum("ihe,hqe->iq", self._by_position(w[:, :, None] * S, i, n), O)
+                part = self._by_position((s,), batch, S)  # heads and output on side s's axes
+                m += np.einsum("ihe,hqe->iq", part.reshape(n, side.heads, -1), O)
         return m  # type: ignore[return-value]
-
-    @staticmethod
-    def _by_position(S: np.ndarray, i: np.ndarray, n: int) -> np.ndarray:
-        """Sum the tuples' values by their query position."""
-        out = np.zeros((n,) + S.shape[1:])
-        np.add.at(out, i, S)
-        return out
 
 
 # --------------------------------------------------------- the algorithm
