@@ -52,7 +52,7 @@ from .registry import Algorithm, Triple
 # flops (about 0.1 s of the programme's many small products).
 _THREADED_FLOPS = 5e9
 
-__all__ = ["AttentionMoments", "AttentionSide", "OutputMoments", "attention_rank", "form_shapes", "moment_head", "output_moment", "position_maps"]
+__all__ = ["AttentionMoments", "AttentionSide", "OutputMoments", "attention_images", "attention_rank", "form_shapes", "moment_head", "output_moment", "position_maps"]
 
 
 # ------------------------------------------------------------- the models
@@ -140,8 +140,20 @@ def attention_rank(problem: InnerProblem) -> int:
         shared = Ea is Eb or Ea.shape == Eb.shape and bool(np.array_equal(Ea, Eb))
         bound = min(law.rank, Ea.shape[0] - 1 + (0 if shared else Eb.shape[0] - 1))
         exact_needed = bound < law.rank and not shared
-        problem.__dict__["_attention_rank"] = law.images([Ea, Eb])[0].shape[1] - 1 if exact_needed else bound
+        problem.__dict__["_attention_rank"] = attention_images(problem)[0].shape[1] - 1 if exact_needed else bound
     return problem.__dict__["_attention_rank"]
+
+
+def attention_images(problem: InnerProblem) -> list[np.ndarray]:
+    """Both attention inputs at one position as padded maps of one whitened
+    u~ (:meth:`Gaussian.images`), remembered on the problem: the plan's rank
+    and the run read the same whitening (at an embedding's width, an
+    eigendecomposition of the models' joint Gram)."""
+    if "_attention_images" not in problem.__dict__:
+        (_, Ea, _), (_, Eb, _) = moment_head(problem.a), moment_head(problem.b)  # type: ignore[misc]
+        law = problem.measure.per_position(positions_of(problem.a))  # type: ignore[union-attr]
+        problem.__dict__["_attention_images"] = law.images([Ea, Eb])
+    return problem.__dict__["_attention_images"]
 
 
 def output_moment(M: np.ndarray, mean_x: np.ndarray, mean_y: np.ndarray, centered: bool, per_output: bool) -> Any:
@@ -455,12 +467,11 @@ class AttentionMoments(Algorithm):
     def _pairs(self, problem: InnerProblem, dry: bool) -> tuple[dict[str, OutputMoments], int]:
         """The sides read from one joint whitening, and the pairs to compute."""
         (ha, hb) = moment_head(problem.a), moment_head(problem.b)
-        law = problem.measure.per_position(positions_of(problem.a))  # type: ignore[union-attr]
         r = attention_rank(problem)
         if dry:
             Ta, Tb = (np.broadcast_to(0.0, (h[1].shape[0], r + 1)) for h in (ha, hb))
         else:
-            Ta, Tb = law.images([ha[1], hb[1]])
+            Ta, Tb = attention_images(problem)
         sides = [AttentionSide(h[0], T, position_maps(h[2], h[0].n_ctx, h[0].d_out), dry) for h, T in ((ha, Ta), (hb, Tb))]
         same = problem.a is problem.b
         grams = _Grams(dry)
