@@ -157,24 +157,19 @@ class _Ops:
 
 
 def _folded_matmul(T: np.ndarray, M: np.ndarray, batch: tuple[int, ...]) -> np.ndarray:
-    """T @ M with every batch axis along which M is constant folded into the
-    rows of T, and every one along which T is constant into the columns of
-    M: one matrix product per distinct pair of operands instead of one per
-    entry of the broadcast batch (numpy's broadcast matmul loops over batch
-    entries with products of a single row, far below the machine's rate, and
-    broadcasting T first would copy it once per column block)."""
-    both = [k for k in range(5) if T.shape[k] > 1 and M.shape[k] > 1]
-    rows = [k for k in range(5) if T.shape[k] > 1 and M.shape[k] == 1]
-    cols = [k for k in range(5) if T.shape[k] == 1 and M.shape[k] > 1]
-    rest = [k for k in range(5) if T.shape[k] == 1 and M.shape[k] == 1]
-    nb = math.prod(batch[k] for k in both)
-    Tb = T.transpose(both + rows + cols + rest + [5, 6]).reshape(nb, -1, T.shape[6])
-    Mb = M.transpose(both + [5] + rows + cols + rest + [6]).reshape(nb, M.shape[5], -1)
-    out = np.matmul(Tb, Mb)  # (both, rows of T with axis 5, columns of M with axis 6)
-    order = both + rows + [5] + cols + [6] + rest
-    out = out.reshape(tuple(batch[k] for k in both + rows) + (T.shape[5],) + tuple(batch[k] for k in cols)
-                      + (M.shape[6],) + (1,) * len(rest))
-    return out.transpose(np.argsort(order))
+    """T @ M with the trailing batch axes along which M is constant folded
+    into the rows of T (a view where T is contiguous), the others left to
+    matmul's broadcasting: one product per remaining batch entry, each of a
+    block of rows (numpy's broadcast matmul over every batch axis multiplies
+    single rows, far below the machine's rate; regrouping the axes by
+    transposition instead copies an operand at every product, which cost
+    more than it saved here)."""
+    k0 = 5
+    while k0 > 0 and M.shape[k0 - 1] == 1:
+        k0 -= 1
+    rows = T.shape[k0:6]
+    out = np.matmul(T.reshape(T.shape[:k0] + (math.prod(rows), T.shape[6])), M.reshape(M.shape[:k0] + M.shape[5:]))
+    return out.reshape(batch[:k0] + rows + (M.shape[6],))
 
 
 Gram = Callable[[Leg, Leg], Any]
