@@ -82,19 +82,42 @@ class Factor:
 
 @dataclass(frozen=True)
 class MomentCost:
-    """Flops of the matrix products, and the elements of the largest tensor."""
+    """Flops of the matrix products, the elements of the largest tensor, and
+    (dry runs) the most elements the programme's tensors hold at once."""
 
     flops: int
     largest: int
+    peak: int = 0
+
+
+class _Ledger:
+    """Elements held by the dry run's live tensors, and their peak: the dry
+    run keeps and drops its shapes where the real run keeps and drops its
+    arrays (the same code holds them), so this is the real run's footprint."""
+
+    def __init__(self) -> None:
+        self.live = self.peak = 0
+
+    def take(self, n: int) -> None:
+        self.live += n
+        self.peak = max(self.peak, self.live)
 
 
 class _Shape:
-    """An array reduced to its shape (the dry run's values)."""
+    """An array reduced to its shape (the dry run's values); counted in a
+    ledger while it lives, unless it stands for a view."""
 
-    __slots__ = ("shape",)
+    __slots__ = ("shape", "ledger", "size")
 
-    def __init__(self, shape: tuple[int, ...]) -> None:
+    def __init__(self, shape: tuple[int, ...], ledger: _Ledger | None = None) -> None:
         self.shape = tuple(int(s) for s in shape)
+        self.ledger, self.size = ledger, math.prod(self.shape)
+        if ledger is not None:
+            ledger.take(self.size)
+
+    def __del__(self) -> None:
+        if self.ledger is not None:
+            self.ledger.live -= self.size
 
 
 class _Ops:
@@ -103,6 +126,10 @@ class _Ops:
 
     def __init__(self, dry: bool) -> None:
         self.dry, self.flops, self.largest = dry, 0, 0
+        self.ledger = _Ledger()
+
+    def _new(self, shape: tuple[int, ...]) -> _Shape:
+        return _Shape(shape, self.ledger)
 
     def _seen(self, shape: tuple[int, ...]) -> None:
         self.largest = max(self.largest, math.prod(shape))
@@ -113,7 +140,7 @@ class _Ops:
         for ax, n in zip(axes, x.shape):
             shape[ax] = n
         if self.dry:
-            return _Shape(tuple(shape))
+            return self._new(tuple(shape))
         order = np.argsort(axes)
         return np.transpose(x, order).reshape(shape)
 
@@ -130,19 +157,19 @@ class _Ops:
         self.flops += 2 * math.prod(batch) * T.shape[-2] * M.shape[-2] * M.shape[-1]
         shape = tuple(batch) + (T.shape[-2], M.shape[-1])
         self._seen(shape)
-        return _Shape(shape) if self.dry else _folded_matmul(T, M, batch)
+        return self._new(shape) if self.dry else _folded_matmul(T, M, batch)
 
     def mul(self, T: Any, U: Any) -> Any:
         shape = tuple(max(s, t) for s, t in zip(T.shape, U.shape))
         self._seen(shape)
-        return _Shape(shape) if self.dry else T * U
+        return self._new(shape) if self.dry else T * U
 
     def add(self, T: Any, U: Any) -> Any:
-        return _Shape(tuple(max(s, t) for s, t in zip(T.shape, U.shape))) if self.dry else T + U
+        return self._new(tuple(max(s, t) for s, t in zip(T.shape, U.shape))) if self.dry else T + U
 
     def sum(self, T: Any, axes: tuple[int, ...]) -> Any:
         if self.dry:
-            return _Shape(tuple(1 if k in axes else s for k, s in enumerate(T.shape)))
+            return self._new(tuple(1 if k in axes else s for k, s in enumerate(T.shape)))
         return T.sum(axis=axes, keepdims=True)
 
     def swap(self, T: Any, a: int, b: int) -> Any:
@@ -319,4 +346,4 @@ def moment(factors: list[Factor], gram: Gram, mean: Mean, dry: bool = False) -> 
     and its cost, and computes nothing."""
     engine = _Engine(factors, gram, mean, dry)
     value = engine.moment()
-    return value, MomentCost(engine.ops.flops, engine.ops.largest)
+    return value, MomentCost(engine.ops.flops, engine.ops.largest, engine.ops.ledger.peak)

@@ -36,13 +36,13 @@ import math
 import weakref
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from ..attention import BilinearAttention, rotary_matrices
 from ..components import Component, Linear, PositionWise
-from ..form_moments import Factor, Leg, moment
+from ..form_moments import Factor, Leg, MomentCost, moment
 from ..measure import Gaussian
 from ..problem import CostError, InnerProblem, InnerResult, Plan, format_count, positions_of
 from ..threads import blas_threads, blas_worker_pool
@@ -51,6 +51,10 @@ from .registry import Algorithm, Triple
 # The runs go to worker threads (one BLAS thread each) above this many planned
 # flops (about 0.1 s of the programme's many small products).
 _THREADED_FLOPS = 5e9
+# Elements one run of the programme may hold at once (256 MiB): a batch of
+# position tuples beyond it runs in pieces (64 positions: thousands of offset
+# pairs, whose tensors together would take tens of GB).
+_RUN_ELEMENTS = 2**25
 
 __all__ = ["AttentionMoments", "AttentionSide", "OutputMoments", "attention_images", "attention_rank", "form_shapes", "moment_head", "output_moment", "position_maps"]
 
@@ -247,7 +251,7 @@ class _Grams:
     FAMILIES = ("q1", "k1", "q2", "k2", "v", "z")
 
     def __init__(self, dry: bool) -> None:
-        self.dry, self.flops = dry, 0
+        self.dry, self.flops, self.elements = dry, 0, 0
         self._full: dict[tuple[int, int], np.ndarray] = {}
         self._rows: dict[int, dict[str, tuple[int, int, int]]] = {}
         self._blocks: dict[tuple[Any, ...], np.ndarray] = {}
@@ -271,6 +275,7 @@ class _Grams:
                 (Sx, ox), (Sy, oy) = self._stack(x), self._stack(y)
                 self._rows[id(x)], self._rows[id(y)] = ox, oy
                 self.flops += 2 * Sx.shape[0] * Sy.shape[0] * (Sx.shape[1] - 1)
+                self.elements += Sx.shape[0] * Sy.shape[0]
                 self._full[key] = (np.broadcast_to(0.0, (Sx.shape[0], Sy.shape[0])) if self.dry  # planning: a shape
                                    else Sx[:, 1:] @ Sy[:, 1:].T)
         return self._full[key]
@@ -288,14 +293,15 @@ class _Grams:
 
 class OutputMoments:
     """The second moments and means of two sides' outputs, position by
-    position, under the Gaussian (the token measure subclasses
-    :meth:`_run` and the virtual heads' moments)."""
+    position, under the Gaussian."""
 
     def __init__(self, x: AttentionSide, y: AttentionSide, grams: _Grams) -> None:
         self.x, self.y, self.grams = x, y, grams
         self.dry = grams.dry
         self.flops = 0
         self.largest = 0
+        self.peak = 0  # the most elements one run holds at once (its transients included)
+        self.held = 0  # the most elements of runs' values summed by position, held at once
         self.pool: Any = None  # worker threads for the runs, set by the caller
 
     def side(self, s: int) -> AttentionSide:
@@ -309,19 +315,61 @@ class OutputMoments:
     def mean(self, a: Leg) -> np.ndarray:
         return self.side(a.side).forms[a.family][..., 0]
 
-    def _run(self, factors: list[Factor]) -> np.ndarray:
-        if self.dry:  # the cost is a function of the structure and the shapes: planned once per kind
-            forms = tuple(tuple((f, F.shape) for f, F in self.side(s).forms.items()) for s in (0, 1))
-            key = (tuple((tuple((l.family, l.side, l.slot) for l in f.legs), getattr(f.bond, "shape", None))
-                         for f in factors), forms)
-            if key not in _DRY:
-                _DRY[key] = moment(factors, self.gram, self.mean, dry=True)
-            value, cost = _DRY[key]
-        else:
-            value, cost = moment(factors, self.gram, self.mean)
-        self.flops += cost.flops
-        self.largest = max(self.largest, cost.largest)
-        return value
+    def _cost(self, factors: list[Factor]) -> tuple[tuple[int, ...], MomentCost]:
+        """The shape of the programme's value on these factors and its cost,
+        from a dry run: a function of the structure and the shapes, so
+        planned once per kind."""
+        forms = tuple(tuple((f, F.shape) for f, F in self.side(s).forms.items()) for s in (0, 1))
+        key = (tuple((tuple((l.family, l.side, l.slot) for l in f.legs), getattr(f.bond, "shape", None))
+                     for f in factors), forms)
+        if key not in _DRY:
+            value, cost = moment(factors, self.gram, self.mean, dry=True)
+            _DRY[key] = value.shape, cost
+        return _DRY[key]
+
+    def _pieces(self, which: tuple[int, ...], batch: "_Batch", factors: Callable[["_Batch"], list[Factor]]) -> list["_Batch"]:
+        """The batch cut along its entries into pieces whose runs each hold
+        at most _RUN_ELEMENTS at once (every tensor of the programme but the
+        covariance blocks carries the entries' axis)."""
+        _, cost = self._cost(factors(batch))
+        per_entry = max(cost.peak + 2 * cost.largest, 1) / len(batch.entries)
+        size = max(1, int(_RUN_ELEMENTS // per_entry))
+        if size >= len(batch.entries):
+            return [batch]
+        pieces = []
+        for start in range(0, len(batch.entries), size):
+            keep = (batch.entry_of >= start) & (batch.entry_of < start + size)
+            pieces.append(_Batch(batch.entries[start : start + size], batch.tuples[keep], batch.entry_of[keep] - start))
+        return pieces
+
+    def _execute(self, jobs: list[tuple[tuple[int, ...], "_Batch", Callable[["_Batch"], list[Factor]]]]) -> list[Any]:
+        """Each job's runs (its batch in pieces), summed by query position
+        (:meth:`_by_position`); in the worker threads of ``pool`` when there
+        is one, so a run's values are reduced where they are made."""
+        work = [(which, piece, factors) for which, batch, factors in jobs
+                for piece in self._pieces(which, batch, factors)]
+        held = 0
+        for which, piece, factors in work:  # counted in the caller's thread: the same whether run or planned
+            shape, cost = self._cost(factors(piece))
+            self.flops += cost.flops
+            self.largest = max(self.largest, cost.largest)
+            self.peak = max(self.peak, cost.peak + 2 * cost.largest)
+            held += self.x.attn.n_ctx * math.prod(shape[1:5])  # its values summed by position
+        self.held = max(self.held, held)
+        if self.dry:
+            return [None] * len(jobs)
+
+        def run(item: tuple[tuple[int, ...], _Batch, Any]) -> np.ndarray:
+            which, piece, factors = item
+            return self._by_position(which, piece, moment(factors(piece), self.gram, self.mean)[0])
+
+        parts = list(self.pool.map(run, work)) if self.pool is not None else [run(item) for item in work]
+        out, k = [], 0
+        for which, batch, factors in jobs:  # the pieces' parts summed back into their jobs
+            n = len(self._pieces(which, batch, factors))
+            out.append(sum(parts[k : k + n]))
+            k += n
+        return out
 
     def _configs(self, which: tuple[int, ...]) -> dict[tuple[int, ...], "_Batch"]:
         """The tuples (i, j[, j']) of query and key positions with a nonzero
@@ -357,9 +405,14 @@ class OutputMoments:
         masks = [self.side(s).mask[:, t[:, 0], t[:, 1 + k]].T for k, s in enumerate(which)]  # (tuples, heads)
         w = masks[0][:, :, None] if which == (0,) else masks[0][:, None, :] if which == (1,) else \
             masks[0][:, :, None] * masks[1][:, None, :]
-        C = np.zeros((self.x.attn.n_ctx, len(batch.entries)) + w.shape[1:])
+        n = self.x.attn.n_ctx
+        C = np.zeros((n, len(batch.entries)) + w.shape[1:])
         np.add.at(C, (t[:, 0], batch.entry_of), w)
-        return np.einsum("iyab,yabef->iabef", C, S[..., 0, 0], optimize=True)
+        S = np.broadcast_to(S[..., 0, 0], C.shape[1:] + S.shape[3:5])  # (entries, hx or 1, hy or 1, e, f)
+        out = np.empty((n,) + S.shape[1:])
+        for a, b in np.ndindex(*w.shape[1:]):  # per pair of heads: (positions x entries) @ (entries x outputs), in place
+            out[:, a, b] = (C[:, :, a, b] @ S[:, a, b].reshape(len(S), -1)).reshape(n, *S.shape[3:])
+        return out
 
     def second_moments(self) -> np.ndarray:
         """M[i] = E[y~_x,i y~_y,i] (n, d_out_x + 1, d_out_y + 1), padded.
@@ -371,25 +424,25 @@ class OutputMoments:
         x, y = self.x, self.y
         n, mirror = x.attn.n_ctx, x is y
         (Ox, Vx), (Oy, Vy) = x.out_maps, y.out_maps
-        jobs: list[tuple[list[Factor], tuple[int, ...], _Batch, bool]] = []  # factors, sides, batch, mirrored
+        jobs: list[tuple[tuple[int, ...], _Batch, Any]] = []  # sides with attention, batch, its factors
+        mirrored: list[bool] = []
         for slots, batch in self._configs((0, 1)).items():  # attention x attention
             if mirror and slots == (1, 0):
                 continue
-            offs = batch.entries
-            jobs.append((x.factors(0, offs[:, 0], slots[0]) + y.factors(1, offs[:, 1], slots[1]), (0, 1), batch,
-                         mirror and slots == (0, 1)))
+            jobs.append(((0, 1), batch, lambda b, slots=slots: x.factors(0, b.entries[:, 0], slots[0])
+                         + y.factors(1, b.entries[:, 1], slots[1])))
+            mirrored.append(mirror and slots == (0, 1))
         for s in (0, 1) if not mirror else (1,):  # one side's virtual head x the other's attention
-            other = self.side(1 - s)
             for slots, batch in self._configs((1 - s,)).items():
-                jobs.append(([Factor((Leg("z", s, 0),))] + other.factors(1 - s, batch.entries[:, 0], slots[0]),
-                             (1 - s,), batch, mirror))
-        values = self._execute([job[0] for job in jobs])
+                jobs.append(((1 - s,), batch, lambda b, s=s, slot=slots[0]: [Factor((Leg("z", s, 0),))]
+                             + self.side(1 - s).factors(1 - s, b.entries[:, 0], slot)))
+                mirrored.append(mirror)
+        parts = self._execute(jobs)
         if self.dry:
             return None  # type: ignore[return-value]
         sums: dict[tuple[tuple[int, ...], bool], np.ndarray] = {}  # per position, by sides and mirroring
-        for S, (_, which, batch, mirrored) in zip(values, jobs):
-            part = self._by_position(which, batch, S)
-            sums[(which, mirrored)] = part if (which, mirrored) not in sums else sums[(which, mirrored)] + part
+        for part, (which, _, _), flip in zip(parts, jobs, mirrored):
+            sums[(which, flip)] = part if (which, flip) not in sums else sums[(which, flip)] + part
         M = np.zeros((n, Ox.shape[1], Oy.shape[1]))
         M += Vx @ self._input_moment() @ Vy.T  # the virtual heads, at every position
         for (which, mirrored), part in sums.items():  # through the output maps, once per kind
@@ -409,24 +462,20 @@ class OutputMoments:
     def _input_mean(self, side: AttentionSide) -> np.ndarray:
         return side.T[:, 0]
 
-    def _execute(self, jobs: list[list[Factor]]) -> list[Any]:
-        """The runs of the programme, in the worker threads of ``pool`` when there is one."""
-        if self.pool is None or self.dry:
-            return [self._run(factors) for factors in jobs]
-        return list(self.pool.map(self._run, jobs))
-
     def means(self, s: int) -> np.ndarray:
         """E[y~_i] (n, d_out + 1) of side s."""
         side = self.side(s)
         n = side.attn.n_ctx
         O, V = side.out_maps
-        m = None if self.dry else np.tile(V @ self._input_mean(side), (n, 1))
-        for slots, batch in self._configs((s,)).items():
-            S = self._run(side.factors(s, batch.entries[:, 0], slots[0]))
-            if m is not None:
-                part = self._by_position((s,), batch, S)  # heads and output on side s's axes
-                m += np.einsum("ihe,hqe->iq", part.reshape(n, side.heads, -1), O)
-        return m  # type: ignore[return-value]
+        jobs = [((s,), batch, lambda b, slot=slots[0]: side.factors(s, b.entries[:, 0], slot))
+                for slots, batch in self._configs((s,)).items()]
+        parts = self._execute(jobs)
+        if self.dry:
+            return None  # type: ignore[return-value]
+        m = np.tile(V @ self._input_mean(side), (n, 1))
+        for part in parts:  # heads and output on side s's axes
+            m += np.einsum("ihe,hqe->iq", part.reshape(n, side.heads, -1), O)
+        return m
 
 
 # --------------------------------------------------------- the algorithm
@@ -497,8 +546,10 @@ class AttentionMoments(Algorithm):
         if flops > limit:
             raise CostError(f"the attention-moments algorithm would cost about {format_count(flops)} flops",
                             flops=flops)
-        largest = max(p.largest for p in pairs.values())
-        return Plan(self.name, problem, flops, 8.0 * (4 * largest + (Ea.shape[0] + Eb.shape[0]) * Ea.shape[1]),
+        threads = blas_threads() if flops > _THREADED_FLOPS else 1  # runs at once, each at most its peak
+        held = threads * max(p.peak for p in pairs.values()) + max(p.held for p in pairs.values())
+        grams = next(iter(pairs.values())).grams
+        return Plan(self.name, problem, flops, 8.0 * (held + grams.elements + (Ea.shape[0] + Eb.shape[0]) * Ea.shape[1]),
                     len(pairs) * positions_of(problem.a), joint=len(pairs) == 3, facts={"whitened": r},
                     notes=(f"attention moments over {r} whitened dimensions per position (Isserlis over Gram blocks)",))
 
@@ -510,11 +561,10 @@ class AttentionMoments(Algorithm):
                 pool = blas_worker_pool(stack, workers)
                 for pair in pairs.values():
                     pair.pool = pool
-            moments = {key: pair.second_moments() for key, pair in pairs.items()}
-        centered = plan.problem.centered
-        return self.finish(plan, {key: (pair.x.tail, pair.y.tail, moments[key],
-                                        [pair.means(0), pair.means(1)] if centered else None)
-                                  for key, pair in pairs.items()})
+            moments = {key: (pair.x.tail, pair.y.tail, pair.second_moments(),
+                             [pair.means(0), pair.means(1)] if plan.problem.centered else None)
+                       for key, pair in pairs.items()}
+        return self.finish(plan, moments)
 
     @staticmethod
     def finish(plan: Plan, moments: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, Any]]) -> Triple:
