@@ -85,7 +85,7 @@ def test_six_factors_against_quadrature(seed):
 
 
 def test_the_dry_runs_peak_is_the_runs_footprint():
-    """The elements the dry run counts live at once (its peak, with two of
+    """The elements the dry run counts live at once (its peak, with three of
     the largest tensor for an operation's transients) bound the memory the
     real run allocates, traced, and are not far above it."""
     import tracemalloc
@@ -114,6 +114,6 @@ def test_the_dry_runs_peak_is_the_runs_footprint():
         used = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    bound = 8 * (planned.peak + 2 * planned.largest)
+    bound = 8 * (planned.peak + 3 * planned.largest)
     assert used <= bound, (used, bound)
     assert used >= bound / 4, (used, bound)

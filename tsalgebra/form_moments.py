@@ -309,27 +309,29 @@ class _Engine:
     # --------------------------------------------------------- partitions
     def moment(self) -> Any:
         kappa = self.cumulants()
-        ops, n = self.ops, len(self.factors)
-        memo: dict[int, Any] = {0: ops.ones()}
+        memo: dict[int, Any] = {0: self.ops.ones()}
+        out = self._total((1 << len(self.factors)) - 1, kappa, memo)
+        return out if out is not None else (_Shape((1,) * 7) if self.ops.dry else np.zeros((1,) * 7))
 
-        def total(mask: int) -> Any:
-            """Sum over the set partitions of ``mask`` (None: every term vanishes)."""
-            if mask not in memo:
-                low = mask & -mask  # the block holding the lowest factor
-                members = [b for b in range(n) if (mask & ~low) >> b & 1]
-                acc = None
-                for r in range(len(members) + 1):
-                    for extra in combinations(members, r):
-                        block = low | sum(1 << b for b in extra)
-                        others = total(mask & ~block) if block in kappa else None
-                        if others is not None:
-                            term = ops.mul(kappa[block], others)
-                            acc = term if acc is None else ops.add(acc, term)
-                memo[mask] = acc
-            return memo[mask]
-
-        out = total((1 << n) - 1)
-        return out if out is not None else (_Shape((1,) * 7) if ops.dry else np.zeros((1,) * 7))
+    def _total(self, mask: int, kappa: dict[int, Any], memo: dict[int, Any]) -> Any:
+        """Sum over the set partitions of ``mask`` (None: every term vanishes).
+        A method, not a closure: a recursive closure is a reference cycle,
+        which would keep every tensor of ``memo`` and ``kappa`` until the
+        garbage collector ran."""
+        if mask not in memo:
+            ops = self.ops
+            low = mask & -mask  # the block holding the lowest factor
+            members = [b for b in range(len(self.factors)) if (mask & ~low) >> b & 1]
+            acc = None
+            for r in range(len(members) + 1):
+                for extra in combinations(members, r):
+                    block = low | sum(1 << b for b in extra)
+                    others = self._total(mask & ~block, kappa, memo) if block in kappa else None
+                    if others is not None:
+                        term = ops.mul(kappa[block], others)
+                        acc = term if acc is None else ops.add(acc, term)
+            memo[mask] = acc
+        return memo[mask]
 
 
 def moment(factors: list[Factor], gram: Gram, mean: Mean, dry: bool = False) -> tuple[Any, MomentCost]:

@@ -332,7 +332,7 @@ class OutputMoments:
         at most _RUN_ELEMENTS at once (every tensor of the programme but the
         covariance blocks carries the entries' axis)."""
         _, cost = self._cost(factors(batch))
-        per_entry = max(cost.peak + 2 * cost.largest, 1) / len(batch.entries)
+        per_entry = max(cost.peak + 3 * cost.largest, 1) / len(batch.entries)
         size = max(1, int(_RUN_ELEMENTS // per_entry))
         if size >= len(batch.entries):
             return [batch]
@@ -353,7 +353,7 @@ class OutputMoments:
             shape, cost = self._cost(factors(piece))
             self.flops += cost.flops
             self.largest = max(self.largest, cost.largest)
-            self.peak = max(self.peak, cost.peak + 2 * cost.largest)
+            self.peak = max(self.peak, cost.peak + 3 * cost.largest)
             held += self.x.attn.n_ctx * math.prod(shape[1:5])  # its values summed by position
         self.held = max(self.held, held)
         if self.dry:
