@@ -86,3 +86,39 @@ def test_against_monte_carlo_at_width():
         se = prod.std(ddof=1) / np.sqrt(len(prod))
         assert abs(prod.mean() - exact.value) < 4 * se
         assert se < 0.1 * abs(exact.value)  # the check has power
+
+
+def test_runs_in_pieces_within_the_planned_memory(monkeypatch):
+    """A run limit small enough to cut every batch of position tuples into
+    pieces gives the same similarity (and centred inner product), and the
+    memory traced while it runs stays within the plan's estimate."""
+    import tracemalloc
+
+    import tsalgebra.algorithms.moments as moments
+
+    rng = np.random.default_rng(6)
+    a = lm(rng, 12, 6, 2, 3, 6, causal=True, rotary_base=10.0, residual=True)
+    b = lm(rng, 12, 6, 2, 3, 6, causal=True, rotary_base=10.0, residual=True)
+    whole = ts.similarity(a, b, algorithm="moments")
+    centered = ts.inner(a, b, algorithm="moments", centered=True)
+    monkeypatch.setattr(moments, "_RUN_ELEMENTS", 2_000)
+    pieces = []
+    real_pieces = moments.OutputMoments._pieces
+
+    def counted(self, *args):
+        out = real_pieces(self, *args)
+        pieces.append(len(out))
+        return out
+
+    monkeypatch.setattr(moments.OutputMoments, "_pieces", counted)
+    plan = ts.plan_similarity(a, b, algorithm="moments")
+    tracemalloc.start()
+    try:
+        cut = ts.similarity(a, b, algorithm="moments")
+        used = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert max(pieces) > 2
+    assert cut.value == pytest.approx(whole.value, rel=1e-12)
+    assert ts.inner(a, b, algorithm="moments", centered=True).value == pytest.approx(centered.value, rel=1e-12)
+    assert used <= max(p.peak_bytes for p in plan.plans) + 2e6  # plus the interpreter's own bookkeeping
