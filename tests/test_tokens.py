@@ -176,6 +176,30 @@ def test_token_attention_moments_against_every_sequence(flags, kind):
     assert joint.value == pytest.approx(ts.similarity(a, b, measure=m, algorithm="enumeration").value, rel=1e-10)
 
 
+def test_score_blocks_ragged_and_offsets_in_passes(monkeypatch):
+    """Score blocks smaller than the vocabulary and not dividing it (the last
+    query block zero-padded, the last key block short), rotary offsets
+    scored two per pass (two passes for three offsets): equal to the
+    enumeration of every sequence, uniform and with frequencies."""
+    import tsalgebra.algorithms.token_moments as token_moments
+
+    monkeypatch.setattr(token_moments, "_QUERY_BLOCK", 3)
+    monkeypatch.setattr(token_moments, "_KEY_BLOCK", 4)
+    monkeypatch.setattr(token_moments, "_OFFSETS_PER_PASS", 2)
+    rng = np.random.default_rng(9)
+    V, n = 7, 4
+    flags = dict(causal=True, rotary_base=5.0, residual=True)
+    a, b = attention_lm(rng, V, 3, 2, 2, n, **flags), attention_lm(rng, V, 3, 1, 2, n, **flags)
+    for kind in (None, "shared"):
+        m = measure(rng, V, n, kind)
+        got = ts.similarity(a, b, measure=m, algorithm="token-moments")
+        want = ts.similarity(a, b, measure=m, algorithm="enumeration")
+        assert got.value == pytest.approx(want.value, rel=1e-10)
+        centered = ts.inner(a, b, measure=m, algorithm="token-moments", centered=True)
+        assert centered.value == pytest.approx(ts.inner(a, b, measure=m, algorithm="enumeration",
+                                                        centered=True).value, rel=1e-10)
+
+
 def test_token_attention_moments_at_width_is_chosen_and_polynomial():
     """Vocabulary 512, 4 positions (6.9e10 sequences): the token-moments
     algorithm is chosen, and agrees with a Monte Carlo mean over sampled
