@@ -79,6 +79,23 @@ def test_attention_matches_direct(flags):
     assert att(x[0]).shape == (3, 3)
 
 
+@pytest.mark.parametrize("flags", [{}, {"causal": True, "scale": 0.5}, {"rotary_base": 10.0, "residual": True}])
+@pytest.mark.parametrize("quadratic", [False, True])
+def test_position_by_position_forward_is_the_network(flags, quadratic):
+    """The layer's own forward (position by position) against the
+    evaluation of its flat tensor network, biases of every kind included;
+    rational weights still evaluate through the network."""
+    from tsalgebra.engine import evaluate
+
+    rng = np.random.default_rng(3)
+    att = random_attention(rng, heads=2, dh=3, d=4, n_ctx=5, quadratic=quadratic, **flags)
+    x = rng.normal(size=(7, att.in_features))
+    np.testing.assert_allclose(att.evaluate_flat(x), evaluate(att.expression, x)[:, 1:], rtol=1e-12, atol=1e-12)
+    exact = ts.exactify(random_attention(rng, heads=1, dh=2, d=2, n_ctx=2, **flags))
+    xs = rng.integers(-2, 3, size=(2, exact.in_features))
+    assert exact.evaluate_flat(xs).tolist() == evaluate(exact.expression, xs)[:, 1:].tolist()
+
+
 def test_transformer_matches_direct():
     rng = np.random.default_rng(1)
     n, V, d = 3, 5, 4
