@@ -176,16 +176,14 @@ def test_token_attention_moments_against_every_sequence(flags, kind):
     assert joint.value == pytest.approx(ts.similarity(a, b, measure=m, algorithm="enumeration").value, rel=1e-10)
 
 
-def test_score_blocks_ragged_and_offsets_in_passes(monkeypatch):
+def test_score_blocks_smaller_than_the_vocabulary_and_ragged(monkeypatch):
     """Score blocks smaller than the vocabulary and not dividing it (the last
-    query block zero-padded, the last key block short), rotary offsets
-    scored two per pass (two passes for three offsets): equal to the
+    query and key blocks short), three rotary offsets: equal to the
     enumeration of every sequence, uniform and with frequencies."""
     import tsalgebra.algorithms.token_moments as token_moments
 
     monkeypatch.setattr(token_moments, "_QUERY_BLOCK", 3)
     monkeypatch.setattr(token_moments, "_KEY_BLOCK", 4)
-    monkeypatch.setattr(token_moments, "_OFFSETS_PER_PASS", 2)
     rng = np.random.default_rng(9)
     V, n = 7, 4
     flags = dict(causal=True, rotary_base=5.0, residual=True)

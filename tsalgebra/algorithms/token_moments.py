@@ -42,10 +42,6 @@ __all__ = ["TokenMoments"]
 # 8 MiB, in the shared cache): 256 x 256 ran fastest of the shapes measured
 # at vocabulary 4096, 0.84 s per offset for 16 heads of width 32 (51 GF/s).
 _QUERY_BLOCK, _KEY_BLOCK = 256, 256
-# Distinct key arithmetics (rotary offsets) scored in one pass: each block
-# product then has 4 x 256 query columns (three offsets in one pass measured
-# 9 % faster than one at a time; more only grows the block).
-_OFFSETS_PER_PASS = 4
 
 
 class _Side:
@@ -137,77 +133,61 @@ class _TokenEngine:
         return Vmap @ s.side.T + O.transpose(1, 0, 2).reshape(s.d_out, -1) @ acc.reshape(-1, self.V)
 
     # -------------------------------------------------- shared keys
-    def _shared_keys(self, offsets: list[int], parts: list[Any]) -> list[dict[str, np.ndarray]]:
-        """D[pair] (hx, hy, dv_x, dv_y) at each offset: the exact sum over
-        the shared key token minus the product of conditional means.  The
-        offsets' queries sit side by side in each query block, so one
-        product per block scores a key block against all of them."""
-        V, sides, O = self.V, self.sides, len(offsets)
+    def _shared_keys(self, offset: int, parts: list[Any]) -> dict[str, np.ndarray]:
+        """D[pair] (hx, hy, dv_x, dv_y) at one offset: the exact sum over the
+        shared key token minus the product of conditional means."""
+        V, sides = self.V, self.sides
         Hs = sum(s.H for s in sides)
         Bq, Bk = min(_QUERY_BLOCK, V), min(_KEY_BLOCK, V)
-        self._count(O * (4.0 * V * V * sum(s.H * (s.w1 + s.w2) for s in sides) / 2 + 2.0 * V * V * Hs * Hs
-                         + sum(4.0 * s.H * V * (s.w1 ** 2 + s.w2 ** 2) for s in sides)),
-                    4 * Hs * Bq * Bk * O + O * V * Hs * Hs + 2 * Hs * max(max(x.w1, x.w2) for x in sides) * O * V)
+        self._count(4.0 * V * V * sum(s.H * (s.w1 + s.w2) for s in sides) / 2 + 2.0 * V * V * Hs * Hs
+                    + sum(4.0 * s.H * V * (s.w1 ** 2 + s.w2 ** 2) for s in sides),
+                    4 * Hs * Bq * Bk + V * Hs * Hs)
         for x, y in self.pairs.values():
             X, Y = sides[x], sides[y]
-            self._count(O * 4.0 * X.H * X.dv * Y.H * Y.dv * V, X.H * X.dv * Y.H * Y.dv)
+            self._count(4.0 * X.H * X.dv * Y.H * Y.dv * V, X.H * X.dv * Y.H * Y.dv)
         if self.dry:
-            return [{} for _ in offsets]
+            return {}
         import torch  # the score blocks' batched products run at twice numpy's rate here
 
         tables = [s.side.forms for s in sides]
-        blocks = -(-V // Bq)
-
-        def stack(family: str, which: int, offset: int | None) -> np.ndarray:
-            """(every head of every side, width, vocab) with the widths
-            zero-padded to the widest; queries carried into key space at
-            ``offset`` (R' q)."""
+        # queries carried into key space at this offset (R' q), stacked over every head of every side
+        def stack(family: str, which: int) -> Any:
+            """(every head of every side, vocab, width) with the widths zero-padded to the widest."""
             width = max(F[family].shape[1] for F in tables)
             out = []
             for s, F in zip(sides, tables):
-                T = F[family] if offset is None else np.matmul(s.rotation(which, s.key(offset)).T, F[family])
-                out.append(np.pad(T, ((0, 0), (0, width - T.shape[1]), (0, 0))))
-            return np.concatenate(out)
+                T = F[family] if family[0] == "k" else np.matmul(s.rotation(which, s.key(offset)).T, F[family])  # R' q
+                out.append(np.pad(T, ((0, 0), (0, width - T.shape[1]), (0, 0))).transpose(0, 2, 1))
+            return torch.from_numpy(np.ascontiguousarray(np.concatenate(out)))
 
-        def queries(family: str, which: int, scale: np.ndarray) -> Any:
-            """(heads, width, query block, offset x query in block): each block's
-            queries at every offset side by side (vocab zero-padded to whole blocks)."""
-            Q = np.stack([stack(family, which, o) * scale for o in offsets], axis=2)  # (heads, width, offsets, vocab)
-            Q = np.pad(Q, ((0, 0), (0, 0), (0, 0), (0, blocks * Bq - V)))
-            Q = Q.reshape(Q.shape[:3] + (blocks, Bq)).transpose(0, 1, 3, 2, 4)
-            return torch.from_numpy(np.ascontiguousarray(Q).reshape(Q.shape[:3] + (O * Bq,)))
-
-        k1, k2 = (torch.from_numpy(np.ascontiguousarray(stack(f, w, None).transpose(0, 2, 1))) for f, w in (("k1", 1), ("k2", 2)))
-        q1 = queries("q1", 1, np.sqrt(self.p))  # p(query) folded in as sqrt(p) on both score matrices of a product
-        q2 = queries("q2", 2, np.ones(V))
-        Ws = [torch.zeros((V, Hs, Hs), dtype=torch.float64) for _ in offsets]  # sum over queries of p scores scores'
+        q1, q2, k1, k2 = stack("q1", 1), stack("q2", 2), stack("k1", 1), stack("k2", 2)
+        root = torch.from_numpy(np.sqrt(self.p))[None, :, None]
+        q1 = q1 * root  # p(query) folded in as sqrt(p) on both score matrices of a product
+        W = torch.zeros((V, Hs, Hs), dtype=torch.float64)  # sum over query tokens of p scores scores', per key token
         for k0 in range(0, V, Bk):
             kb = slice(k0, min(k0 + Bk, V))
-            for b in range(blocks):
-                S = torch.bmm(k1[:, kb], q1[:, :, b])
-                S.mul_(torch.bmm(k2[:, kb], q2[:, :, b]))  # (heads, key, offset x query)
-                S = S.view(Hs, -1, O, Bq)
-                for o in range(O):
-                    So = S[:, :, o].permute(1, 0, 2)  # per key token, (heads, query): strided, read as is
-                    Ws[o][kb].baddbmm_(So, So.transpose(1, 2))
+            Wk = W[kb]
+            for q0 in range(0, V, Bq):
+                qb = slice(q0, min(q0 + Bq, V))
+                S = torch.bmm(k1[:, kb], q1[:, qb].transpose(1, 2))
+                S.mul_(torch.bmm(k2[:, kb], q2[:, qb].transpose(1, 2)))  # (heads, key, query)
+                S = S.permute(1, 0, 2)  # per key token, (heads, query): strided, read as is by the product
+                Wk.baddbmm_(S, S.transpose(1, 2))
+        W = W.numpy() * self.p[:, None, None]
         starts = np.cumsum([0] + [s.H for s in sides])
-        found = []
-        for offset, W in zip(offsets, Ws):
-            W = W.numpy() * self.p[:, None, None]
-            out = {}
-            for name, (x, y) in self.pairs.items():
-                X, Y = sides[x], sides[y]
-                Wxy = W[:, starts[x] : starts[x + 1], starts[y] : starts[y + 1]]  # (key token, hx, hy)
-                vy = np.ascontiguousarray(tables[y]["v"].transpose(2, 0, 1))  # (key token, hy, f)
-                shared = np.empty((X.H, Y.H, X.dv, Y.dv))
-                for h in range(X.H):
-                    shared[h] = (tables[x]["v"][h] @ (Wxy[:, h, :, None] * vy).reshape(V, -1)).reshape(
-                        X.dv, Y.H, Y.dv).transpose(1, 0, 2)
-                cx, cy = parts[x][1][X.key(offset)], parts[y][1][Y.key(offset)]  # (heads, dv, vocab)
-                product = ((cx * self.p).reshape(-1, V) @ cy.reshape(-1, V).T).reshape(X.H, X.dv, Y.H, Y.dv)
-                out[name] = shared - product.transpose(0, 2, 1, 3)
-            found.append(out)
-        return found
+        out = {}
+        for name, (x, y) in self.pairs.items():
+            X, Y = sides[x], sides[y]
+            Wxy = W[:, starts[x] : starts[x + 1], starts[y] : starts[y + 1]]  # (key token, hx, hy)
+            vy = np.ascontiguousarray(tables[y]["v"].transpose(2, 0, 1))  # (key token, hy, f)
+            shared = np.empty((X.H, Y.H, X.dv, Y.dv))
+            for h in range(X.H):
+                shared[h] = (tables[x]["v"][h] @ (Wxy[:, h, :, None] * vy).reshape(V, -1)).reshape(
+                    X.dv, Y.H, Y.dv).transpose(1, 0, 2)
+            cx, cy = parts[x][1][X.key(offset)], parts[y][1][Y.key(offset)]  # (heads, dv, vocab)
+            product = ((cx * self.p).reshape(-1, V) @ cy.reshape(-1, V).T).reshape(X.H, X.dv, Y.H, Y.dv)
+            out[name] = shared - product.transpose(0, 2, 1, 3)
+        return out
 
     # -------------------------------------------------------- results
     def run(self, centered: bool) -> dict[str, tuple[np.ndarray, list[np.ndarray] | None]]:
@@ -228,16 +208,14 @@ class _TokenEngine:
                         means[name][0][i], means[name][1][i] = G[x] @ self.p, G[y] @ self.p
         offsets = sorted(set().union(*[s.offsets for s in sides]))
         groups = sorted({tuple(s.key(o) for s in sides) for o in offsets})
-        members = [[o for o in offsets if tuple(s.key(o) for s in sides) == keys] for keys in groups]
-        shared: list[dict[str, np.ndarray]] = []
-        for start in range(0, len(groups), _OFFSETS_PER_PASS):  # one pass of the score blocks for a few arithmetics
-            shared += self._shared_keys([m[0] for m in members[start : start + _OFFSETS_PER_PASS]], parts)
-        for group, D in zip(members, shared):  # both models' keys at one position j != i
+        for keys in groups:  # both models' keys at one position j != i, once per distinct arithmetic
+            members = [o for o in offsets if tuple(s.key(o) for s in sides) == keys]
+            D = self._shared_keys(members[0], parts)
             for name, (x, y) in self.pairs.items():
                 X, Y = sides[x], sides[y]
                 (Ox, _), (Oy, _) = X.side.out_maps, Y.side.out_maps
                 for i in range(n):
-                    weights = [(X.c[:, i, i + o], Y.c[:, i, i + o]) for o in group if 0 <= i + o < n]
+                    weights = [(X.c[:, i, i + o], Y.c[:, i, i + o]) for o in members if 0 <= i + o < n]
                     if not weights:
                         continue
                     self._count(2.0 * X.H * Y.H * X.dv * Y.dv * (len(weights) + Y.d_out) + 2.0 * X.d_out * Y.H * Y.dv * Y.d_out)
