@@ -190,7 +190,8 @@ class _Counter:
     """Flops of the contractions numpy actually executes, counted from the
     operands' shapes the way opt_einsum counts them (independently of any
     plan): einsum, all index sizes times (terms - 1, + 1 when an index is
-    summed); tensordot, twice the product of all index sizes."""
+    summed); tensordot, twice the product of all index sizes; matmul, twice
+    the output's size times the summed length."""
 
     def __init__(self, monkeypatch) -> None:
         self.flops = 0
@@ -213,6 +214,14 @@ class _Counter:
             self.flops += 2 * math.prod(np.shape(x)) * math.prod(free)
             return tensordot(x, y, axes)
 
+        def counted_matmul(x, y, *args, **kw):
+            out = matmul(x, y, *args, **kw)
+            self.flops += 2 * math.prod(np.shape(out)) * np.shape(x)[-1]
+            return out
+
+        matmul = np.matmul
+        monkeypatch.setattr(np, "einsum", counted_einsum)  # layers that evaluate themselves (attention) call numpy
+        monkeypatch.setattr(np, "matmul", counted_matmul)
         monkeypatch.setitem(dispatch._cached_funcs, ("einsum", "numpy"), counted_einsum)
         monkeypatch.setitem(dispatch._cached_funcs, ("tensordot", "numpy"), counted_tensordot)
         monkeypatch.setattr(np, "tensordot", counted_tensordot)

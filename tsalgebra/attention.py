@@ -257,6 +257,20 @@ class BilinearAttention(_Sequence, Component):
             out[start : start + rows] = lib.einsum("hcv,bhiv->bic", P["o"], lib.matmul(scores, values))[:, :, 1:]
         return out.reshape(len(x), n * self.d_out)
 
+    def evaluator(self) -> Any:
+        return super().evaluator() if self.exact else self.evaluate_flat
+
+    def direct_flops(self, batch: int) -> float | None:
+        """Flops of the position-by-position forward (float weights)."""
+        if self.exact:
+            return None
+        n, d, H = self._positions(), self.d_model, self.heads + 1
+        w = sum(getattr(self, k).shape[1] for k in ("q1", "k1", "q2", "k2"))
+        dv = max(self.v.shape[1], d + 1)
+        # forms and values; the two score matrices; scores times values; the output maps
+        per_input = 2 * H * n * (d + 1) * (w + dv) + 2 * H * n * n * (w // 2 + dv) + 2 * H * n * dv * (self.d_out + 1)
+        return float(batch * per_input)
+
     def network(self, symmetric: bool = False, tag: str = "", data: bool = True) -> Network:
         n, d, H = self._positions(), self.d_model, self.heads
         exact = self.exact

@@ -263,6 +263,18 @@ class Component(ABC):
         """The outputs (n, out_features) of a validated batch (n, in_features)."""
         return evaluate(self.expression, x)[:, 1:]
 
+    def evaluator(self) -> Callable[[Any], Any]:
+        """:meth:`evaluate_flat` with what it needs built once (the layer's
+        network), for evaluating many batches."""
+        expression = self.expression
+        return lambda x: evaluate(expression, x)[:, 1:]
+
+    def direct_flops(self, batch: int) -> float | None:
+        """Flops of :meth:`evaluate_flat` on ``batch`` inputs where it does not
+        contract the layer's network (None: it does, and the network's plan
+        counts them)."""
+        return None
+
     def same_weights(self, other: "Component") -> bool:
         """True when ``other`` has the same structure (layer kinds and
         settings; names may differ) and exactly equal weights, field by field
@@ -719,8 +731,11 @@ class PositionWise(Component):
 
     def evaluate_flat(self, x: Any) -> Any:
         """Position by position: the layer on (batch * n_ctx, in)."""
-        out = self.layer.evaluate_flat(x.reshape(x.shape[0] * self.n_ctx, self.layer.in_features))
-        return out.reshape(x.shape[0], self.out_features)
+        return self.evaluator()(x)
+
+    def evaluator(self) -> Callable[[Any], Any]:
+        inner, n = self.layer.evaluator(), self.n_ctx
+        return lambda x: inner(x.reshape(x.shape[0] * n, self.layer.in_features)).reshape(x.shape[0], self.out_features)
 
     def __repr__(self) -> str:
         return f"{self.layer!r} x{self.n_ctx}"

@@ -17,7 +17,7 @@ import numpy as np
 
 from .arrays import is_torch
 from .components import Component, PositionWise, Sequential
-from .engine import evaluate, evaluation_network, pad_input
+from .engine import evaluation_network, pad_input
 from .expr import Network
 from .planner import ContractionPlan, plan as plan_network
 from .problem import _terms
@@ -48,7 +48,8 @@ def _layer_flops(model: Component, batch: int) -> float:
         return sum(_layer_flops(layer, batch) for layer in model.layers)
     if isinstance(model, PositionWise):
         return _layer_flops(model.layer, batch * model.n_ctx)
-    return float(_plans([(1, model.network(data=False))], batch)[0].flops)
+    direct = model.direct_flops(batch)
+    return direct if direct is not None else float(_plans([(1, model.network(data=False))], batch)[0].flops)
 
 
 class Forward:
@@ -62,15 +63,11 @@ class Forward:
         self.layered = isinstance(model, Component)
         self._terms: Terms | None = None
         self._plans: dict[int, list[ContractionPlan]] = {}
-        self._steps: list[tuple[int, Any]] | None = None  # (positions, layer expression), built once per run
+        self._steps: list[Any] | None = None  # each layer's evaluator, built once per run
 
-    def _layer_steps(self) -> list[tuple[int, Any]]:
+    def _layer_steps(self) -> list[Any]:
         if self._steps is None:
-            steps = []
-            for layer in self.model.layers:
-                inner, n = (layer.layer, layer.n_ctx) if isinstance(layer, PositionWise) else (layer, 1)
-                steps.append((n, inner.expression))
-            self._steps = steps
+            self._steps = [layer.evaluator() for layer in self.model.layers]
         return self._steps
 
     def terms(self) -> Terms:
@@ -85,8 +82,8 @@ class Forward:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.layered:
-            for n, expression in self._layer_steps():
-                x = evaluate(expression, x.reshape(x.shape[0] * n, -1))[:, 1:].reshape(x.shape[0], -1)
+            for step in self._layer_steps():
+                x = step(x)
             return x if is_torch(x) else np.asarray(x, dtype=float)  # torch stays on its device
         if len(x) not in self._plans:
             self._plans[len(x)] = _plans(self.terms(), len(x))
