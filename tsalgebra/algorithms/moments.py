@@ -346,8 +346,8 @@ class OutputMoments:
         """Each job's runs (its batch in pieces), summed by query position
         (:meth:`_by_position`); in the worker threads of ``pool`` when there
         is one, so a run's values are reduced where they are made."""
-        work = [(which, piece, factors) for which, batch, factors in jobs
-                for piece in self._pieces(which, batch, factors)]
+        pieces = [self._pieces(which, batch, factors) for which, batch, factors in jobs]
+        work = [(which, piece, factors) for (which, _, factors), cut in zip(jobs, pieces) for piece in cut]
         held = 0
         for which, piece, factors in work:  # counted in the caller's thread: the same whether run or planned
             shape, cost = self._cost(factors(piece))
@@ -365,10 +365,9 @@ class OutputMoments:
 
         parts = list(self.pool.map(run, work)) if self.pool is not None else [run(item) for item in work]
         out, k = [], 0
-        for which, batch, factors in jobs:  # the pieces' parts summed back into their jobs
-            n = len(self._pieces(which, batch, factors))
-            out.append(sum(parts[k : k + n]))
-            k += n
+        for cut in pieces:  # the pieces' parts summed back into their jobs
+            out.append(sum(parts[k : k + len(cut)]))
+            k += len(cut)
         return out
 
     def _configs(self, which: tuple[int, ...]) -> dict[tuple[int, ...], "_Batch"]:
@@ -445,14 +444,14 @@ class OutputMoments:
             sums[(which, flip)] = part if (which, flip) not in sums else sums[(which, flip)] + part
         M = np.zeros((n, Ox.shape[1], Oy.shape[1]))
         M += Vx @ self._input_moment() @ Vy.T  # the virtual heads, at every position
-        for (which, mirrored), part in sums.items():  # through the output maps, once per kind
+        for (which, flip), part in sums.items():  # through the output maps, once per kind
             if which == (0, 1):
                 term = np.einsum("iabef,aqe,brf->iqr", part, Ox, Oy, optimize=True)
             elif which == (1,):  # x's virtual head, the heads on side b
                 term = np.einsum("ibef,qe,brf->iqr", part[:, 0], Vx, Oy, optimize=True)
             else:
                 term = np.einsum("iaef,aqe,rf->iqr", part[:, :, 0], Ox, Vy, optimize=True)
-            M += term + term.transpose(0, 2, 1) if mirrored else term
+            M += term + term.transpose(0, 2, 1) if flip else term
         return M
 
     def _input_moment(self) -> np.ndarray:
