@@ -548,7 +548,10 @@ class AttentionMoments(Algorithm):
         threads = blas_threads() if flops > _THREADED_FLOPS else 1  # runs at once, each at most its peak
         held = threads * max(p.peak for p in pairs.values()) + max(p.held for p in pairs.values())
         grams = next(iter(pairs.values())).grams
-        return Plan(self.name, problem, flops, 8.0 * (held + grams.elements + (Ea.shape[0] + Eb.shape[0]) * Ea.shape[1]),
+        sides = {id(s): s for p in pairs.values() for s in (p.x, p.y)}.values()
+        inputs = sum(2 * (sum(h * w for h, w in form_shapes(x)) + x.T.shape[0]) * (r + 1)  # forms, stacked for the Grams
+                     for x in sides) + (Ea.shape[0] + Eb.shape[0]) * Ea.shape[1]
+        return Plan(self.name, problem, flops, 8.0 * (held + grams.elements + inputs),
                     len(pairs) * positions_of(problem.a), joint=len(pairs) == 3, facts={"whitened": r},
                     notes=(f"attention moments over {r} whitened dimensions per position (Isserlis over Gram blocks)",))
 
