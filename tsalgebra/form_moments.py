@@ -167,6 +167,17 @@ class _Ops:
     def add(self, T: Any, U: Any) -> Any:
         return self._new(tuple(max(s, t) for s, t in zip(T.shape, U.shape))) if self.dry else T + U
 
+    def accumulate(self, acc: Any, term: Any) -> Any:
+        """acc + term, written into ``acc`` when it has the sum's shape: only
+        for an ``acc`` that the programme made and holds nowhere else (a
+        product's result), so the sums over partitions and paths allocate
+        no new tensor per term."""
+        if tuple(max(s, t) for s, t in zip(acc.shape, term.shape)) != tuple(acc.shape):
+            return self.add(acc, term)
+        if not self.dry:
+            np.add(acc, term, out=acc)
+        return acc
+
     def sum(self, T: Any, axes: tuple[int, ...]) -> Any:
         if self.dry:
             return self._new(tuple(1 if k in axes else s for k, s in enumerate(T.shape)))
@@ -292,7 +303,7 @@ class _Engine:
                             continue
                         U = ops.matmul(T, GW)
                         key = (mask | 1 << g, start, g, 1 - y_leg)
-                        grown[key] = U if key not in grown else ops.add(grown[key], U)
+                        grown[key] = U if key not in grown else ops.accumulate(grown[key], U)
             frontier = grown
         return kappa
 
@@ -329,7 +340,7 @@ class _Engine:
                     others = self._total(mask & ~block, kappa, memo) if block in kappa else None
                     if others is not None:
                         term = ops.mul(kappa[block], others)
-                        acc = term if acc is None else ops.add(acc, term)
+                        acc = term if acc is None else ops.accumulate(acc, term)
             memo[mask] = acc
         return memo[mask]
 
