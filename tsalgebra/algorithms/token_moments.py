@@ -91,24 +91,27 @@ class _Side:
 
 class _TokenEngine:
     """The second moments and means of the models' outputs at every
-    position, for the pairs of sides asked; counts its flops and largest
-    arrays (``dry``: only counts)."""
+    position, for the pairs of sides asked; counts its flops and the
+    elements it holds at its peak (``dry``: only counts)."""
 
     def __init__(self, sides: list[AttentionSide], pairs: dict[str, tuple[int, int]], p: np.ndarray, dry: bool) -> None:
         self.p, self.dry, self.pairs = p, dry, pairs
         self.sides = [_Side(s, p) for s in sides]
-        self.flops, self.largest = 0.0, 0
+        self.flops, self.held, self.peak = 0.0, 0, 0
         self.V = len(p)
 
-    def _count(self, flops: float, elements: int = 0) -> None:
+    def _count(self, flops: float, transient: int = 0, held: int = 0) -> None:
+        """Flops, and elements: ``held`` kept to the end of the run (tables,
+        conditional means), ``transient`` alive only during the step."""
         self.flops += float(flops)
-        self.largest = max(self.largest, int(elements))
+        self.held += int(held)
+        self.peak = max(self.peak, self.held + int(transient))
 
     # ------------------------------------------------------- per side
     def _tables(self, s: _Side) -> dict[str, np.ndarray]:
         F = s.side.forms  # (heads, width, vocab) per family, the virtual head's z (1, d + 1, vocab)
         self._count(2.0 * s.H * (2 * s.w1 + 2 * s.w2 + s.dv) * s.side.T.shape[0] * self.V,
-                    s.H * (2 * s.w1 + 2 * s.w2 + s.dv) * self.V)
+                    held=s.H * (2 * s.w1 + 2 * s.w2 + s.dv) * self.V)
         return F
 
     def _conditional(self, s: _Side) -> tuple[np.ndarray, dict[int, np.ndarray]] | None:
@@ -121,7 +124,7 @@ class _TokenEngine:
         self._count(2.0 * H * V * (w1 + w2 + dv)  # the keys at the query's position
                     + H * V * w1 * w2 * (3 + 2 * dv * len(keys))  # pair products, K, every offset's carried keys
                     + 4.0 * H * w1 * w2 * dv * (w1 + w2) * len(keys),  # K rotated per offset
-                    H * w1 * w2 * block + (len(keys) + 1) * H * dv * V)
+                    transient=H * w1 * w2 * block + H * V * (w1 + w2 + dv), held=(len(keys) + 1) * H * dv * V)
         if self.dry:
             return None
         import torch  # batched over heads: 0.23 s per model against numpy's 0.29 s per head (best of 5)
@@ -154,7 +157,7 @@ class _TokenEngine:
         """G_i (d_out + 1, vocab): E[output at i | the query token]; U the
         virtual head's part (the same at every position)."""
         self._count(2.0 * s.H * s.dv * self.V * (len(s.offsets) + 1) + 2.0 * s.d_out * s.H * s.dv * self.V,
-                    s.d_out * self.V + s.H * s.dv * self.V)
+                    transient=3 * s.d_out * self.V + s.H * s.dv * self.V)  # G of both sides, p G, the heads' sum
         if self.dry:
             return None
         import torch
@@ -198,10 +201,12 @@ class _TokenEngine:
         Bq, Bk = min(_QUERY_BLOCK, V), min(_KEY_BLOCK, V)
         self._count(4.0 * V * V * sum(s.H * (s.w1 + s.w2) for s in sides) / 2 + 2.0 * V * V * Hs * Hs
                     + sum(4.0 * s.H * V * (s.w1 ** 2 + s.w2 ** 2) for s in sides),
-                    2 * Hs * Bq * Bk + V * Hs * Hs + 4 * Hs * V * max(max(s.w1, s.w2) for s in sides))
+                    transient=2 * Hs * Bq * Bk + V * Hs * Hs + max(s.H * max(s.w1, s.w2) for s in sides) * V
+                    + max(s.H * s.dv for s in sides) * V + sum(2 * sides[x].H * sides[x].dv * sides[y].H * sides[y].dv
+                                                               for x, y in self.pairs.values()))
         for x, y in self.pairs.values():
             X, Y = sides[x], sides[y]
-            self._count(4.0 * X.H * X.dv * Y.H * Y.dv * V, X.H * X.dv * Y.H * Y.dv)
+            self._count(4.0 * X.H * X.dv * Y.H * Y.dv * V)
         if self.dry:
             return {}
         import torch  # the score blocks' batched products run at twice numpy's rate here
@@ -256,7 +261,7 @@ class _TokenEngine:
         parts = [self._conditional(s) for s in sides]
         U = [None if dry else torch.from_numpy(s.side.out_maps[1] @ s.side.T) for s in sides]  # the virtual head
         for s in sides:
-            self._count(2.0 * s.d_out * s.side.T.shape[0] * V, s.d_out * V)
+            self._count(2.0 * s.d_out * s.side.T.shape[0] * V, held=s.d_out * V)
         M = {name: None if dry else torch.zeros((n, sides[x].d_out, sides[y].d_out), dtype=torch.float64)
              for name, (x, y) in self.pairs.items()}
         means = {name: None if dry else [torch.zeros((n, sides[x].d_out), dtype=torch.float64),
@@ -272,6 +277,9 @@ class _TokenEngine:
                         means[name][0][i], means[name][1][i] = G[x] @ p, G[y] @ p
         offsets = sorted(set().union(*[s.offsets for s in sides]))
         groups = sorted({tuple(s.key(o) for s in sides) for o in offsets})
+        if groups:  # every head's score tables, stacked
+            self._count(0, held=sum(s.H for s in sides) * V * sum(max(s.side.forms[f].shape[1] for s in sides)
+                                                                  for f in ("q1", "k1", "q2", "k2")))
         tables = None if dry or not groups else self._score_tables()
         for keys in groups:  # both models' keys at one position j != i, once per distinct arithmetic
             members = [o for o in offsets if tuple(s.key(o) for s in sides) == keys]
@@ -326,8 +334,8 @@ class TokenMoments(Algorithm):
         if engine.flops > limit:
             raise CostError(f"the token attention moments would cost about {format_count(engine.flops)} flops",
                             flops=engine.flops)
-        embeddings = sum(s.T.size for s in sides)
-        return Plan(self.name, problem, engine.flops, 8.0 * (3 * engine.largest + embeddings),
+        inputs = sum(s.T.size + s.tail.size for s in sides)  # the embedded tokens, the tails
+        return Plan(self.name, problem, engine.flops, 8.0 * (engine.peak + inputs),
                     len(engine.pairs) * positions_of(problem.a), joint=len(engine.pairs) == 3,
                     notes=("attention moments under the token measure (conditional on the query token; "
                            "nothing enumerated)",))
