@@ -176,6 +176,17 @@ def test_token_attention_moments_against_every_sequence(flags, kind):
     assert joint.value == pytest.approx(ts.similarity(a, b, measure=m, algorithm="enumeration").value, rel=1e-10)
 
 
+def test_token_attention_moments_at_one_position():
+    """One position, causal and rotary: no key offsets at all (the
+    conditional tables carry nothing); equal to every sequence."""
+    rng = np.random.default_rng(3)
+    flags = dict(causal=True, rotary_base=5.0)
+    a, b = attention_lm(rng, 5, 3, 2, 2, 1, **flags), attention_lm(rng, 5, 3, 1, 2, 1, **flags)
+    m = ts.Tokens(5, 1)
+    got = ts.similarity(a, b, measure=m, algorithm="token-moments")
+    assert got.value == pytest.approx(ts.similarity(a, b, measure=m, algorithm="enumeration").value, rel=1e-10)
+
+
 def test_score_blocks_smaller_than_the_vocabulary_and_ragged(monkeypatch):
     """Score blocks smaller than the vocabulary and not dividing it (the last
     query and key blocks short), three rotary offsets: equal to the
