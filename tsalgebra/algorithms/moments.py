@@ -272,7 +272,8 @@ class _Grams:
             if (id(y), id(x)) in self._full:
                 self._full[key] = self._full[(id(y), id(x))].T
             else:
-                (Sx, ox), (Sy, oy) = self._stack(x), self._stack(y)
+                (Sx, ox) = self._stack(x)
+                (Sy, oy) = (Sx, ox) if x is y else self._stack(y)  # one array: numpy takes S S' as a symmetric product
                 self._rows[id(x)], self._rows[id(y)] = ox, oy
                 self.flops += 2 * Sx.shape[0] * Sy.shape[0] * (Sx.shape[1] - 1)
                 self.elements += Sx.shape[0] * Sy.shape[0]
