@@ -46,8 +46,9 @@ __all__ = ["TokenMoments"]
 _PAIR_ELEMENTS = 2**21
 # Query x key tokens per block of the score matrices (a block of 16 heads is
 # 8 MiB, in the shared cache): 256 x 256 ran fastest of the shapes measured
-# at vocabulary 4096 (128 x 256 within noise; 64 x 256, 256 x 128 and
-# 512 x 256 35-50 % slower): 0.71-0.9 s per offset for 16 heads of width 32.
+# at vocabulary 4096 (key blocks of 128 within noise; key blocks of 64 or
+# 512, or query blocks of 128, 40-55 % slower): 0.71-0.9 s per offset for
+# 16 heads of width 32.
 _QUERY_BLOCK, _KEY_BLOCK = 256, 256
 
 
