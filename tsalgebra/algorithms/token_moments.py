@@ -194,6 +194,7 @@ class _TokenEngine:
                     out[family][h : h + s.H, :, : F.shape[2]] = F
                 h += s.H
         out["values"] = [torch.from_numpy(s.side.forms["v"]) for s in sides]  # (heads, dv, vocab)
+        out["values by token"] = [v.permute(2, 0, 1).contiguous() for v in out["values"]]  # (vocab, heads, dv)
         out["root"] = torch.from_numpy(np.sqrt(self.p))[None, :, None]
         return out
 
@@ -206,8 +207,8 @@ class _TokenEngine:
         self._count(4.0 * V * V * sum(s.H * (s.w1 + s.w2) for s in sides) / 2 + 2.0 * V * V * Hs * Hs
                     + sum(4.0 * s.H * V * (s.w1 ** 2 + s.w2 ** 2) for s in sides),
                     transient=2 * Hs * Bq * Bk + V * Hs * Hs + max(s.H * max(s.w1, s.w2) for s in sides) * V
-                    + max(s.H * s.dv for s in sides) * V + sum(2 * sides[x].H * sides[x].dv * sides[y].H * sides[y].dv
-                                                               for x, y in self.pairs.values()))
+                    + sum(3 * sides[x].H * sides[x].dv * sides[y].H * sides[y].dv + sides[x].H * Bk * sides[y].H * sides[y].dv
+                          for x, y in self.pairs.values()))
         for x, y in self.pairs.values():
             X, Y = sides[x], sides[y]
             self._count(4.0 * X.H * X.dv * Y.H * Y.dv * V)
@@ -243,11 +244,16 @@ class _TokenEngine:
         for name, (x, y) in self.pairs.items():
             X, Y = sides[x], sides[y]
             Wxy = W[:, starts[x] : starts[x + 1], starts[y] : starts[y + 1]]  # (key token, hx, hy)
-            vx, vy = tables["values"][x], tables["values"][y].permute(2, 0, 1)  # (hx, f, key), (key, hy, f)
-            shared = torch.empty((X.H, Y.H, X.dv, Y.dv), dtype=torch.float64)
-            for hx in range(X.H):
-                shared[hx] = (vx[hx] @ (Wxy[:, hx, :, None] * vy).reshape(V, -1)).reshape(
-                    X.dv, Y.H, Y.dv).transpose(0, 1)
+            vx, vy = tables["values"][x], tables["values by token"][y]  # (hx, e, key), (key, hy, f)
+            # sum over key tokens of vx_e W vy_f, in key blocks batched over x's heads (the weighted
+            # values of a block stay in cache: 0.039 s against 0.067 s per offset head by head)
+            shared = torch.zeros((X.H, X.dv, Y.H * Y.dv), dtype=torch.float64)
+            weighted = torch.empty(X.H * Bk * Y.H * Y.dv, dtype=torch.float64)
+            for kb in _blocks(V, Bk):
+                R = weighted[: X.H * (kb.stop - kb.start) * Y.H * Y.dv].view(X.H, -1, Y.H, Y.dv)
+                torch.mul(Wxy[kb].permute(1, 0, 2)[..., None], vy[kb][None], out=R)  # (hx, key, hy, f)
+                shared.baddbmm_(vx[:, :, kb], R.view(X.H, -1, Y.H * Y.dv))
+            shared = shared.view(X.H, X.dv, Y.H, Y.dv).permute(0, 2, 1, 3)
             cx, cy = (parts[z][1][sides[z].key(offset)].reshape(-1, V) for z in (x, y))  # (heads dv, vocab)
             product = ((cx * p) @ cy.T).reshape(X.H, X.dv, Y.H, Y.dv)
             out[name] = shared - product.permute(0, 2, 1, 3)
