@@ -142,14 +142,15 @@ class _TokenEngine:
             torch.mul(a[:, :, None, tb], b[:, None, :, tb], out=out)
             return out.view(H, w1 * w2, n)
 
-        weighted_v = (T["v"] * torch.from_numpy(self.p)).transpose(1, 2)  # (heads, vocab, dv)
         if not keys:  # every head reads only its own position
             return local, {}
-        K = torch.zeros((H, w1 * w2, dv), dtype=torch.float64)  # the mean key-value feature
+        weighted_v = T["v"] * torch.from_numpy(self.p)  # (heads, dv, vocab)
+        # the mean key-value feature, K[h, e, (r, s)] (this way round: 26 ms against 45 ms per model)
+        K = torch.zeros((H, dv, w1 * w2), dtype=torch.float64)
         for tb in _blocks(V, block):
-            K.baddbmm_(pair(T["k1"], T["k2"], tb), weighted_v[:, tb])
-        K = K.view(H, w1, w2, dv)
-        rotated = torch.cat([torch.einsum("ra,sb,habe->hers", torch.from_numpy(s.rotation(1, k)),
+            K.baddbmm_(weighted_v[:, :, tb], pair(T["k1"], T["k2"], tb).transpose(1, 2))
+        K = K.view(H, dv, w1, w2)
+        rotated = torch.cat([torch.einsum("ra,sb,heab->hers", torch.from_numpy(s.rotation(1, k)),
                                           torch.from_numpy(s.rotation(2, k)), K).reshape(H, dv, w1 * w2)
                              for k in keys], dim=1)  # (heads, keys x dv, w1 w2)
         carried = torch.empty((H, len(keys) * dv, V), dtype=torch.float64)
