@@ -8,7 +8,7 @@ import contextlib
 import threading
 from typing import Any, Iterator
 
-__all__ = ["blas_threads", "blas_worker_pool"]
+__all__ = ["blas_threads", "blas_worker_pool", "one_blas_thread"]
 
 
 _LOCK = threading.Lock()
@@ -33,7 +33,7 @@ def _current_threads() -> int:
 
 
 @contextlib.contextmanager
-def _one_blas_thread() -> Iterator[None]:
+def one_blas_thread() -> Iterator[None]:
     """BLAS at one thread, process wide, while any computation holds it: the
     first to enter saves and sets the limit, the last to leave restores it
     (a limit per call would let overlapping calls restore each other's 1)."""
@@ -62,5 +62,5 @@ def blas_worker_pool(stack: contextlib.ExitStack, workers: int) -> Any:
     the workers their cores here."""
     from concurrent.futures import ThreadPoolExecutor
 
-    stack.enter_context(_one_blas_thread())
+    stack.enter_context(one_blas_thread())
     return stack.enter_context(ThreadPoolExecutor(workers))

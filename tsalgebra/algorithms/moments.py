@@ -187,11 +187,16 @@ class AttentionSide:
     def heads(self) -> int:
         return self.attn.heads
 
-    @cached_property
-    def forms(self) -> dict[str, np.ndarray]:
+    def head_maps(self) -> dict[str, np.ndarray]:
+        """Each family's padded maps of the real heads, (heads, width, d + 1)."""
         P, H, dv = self.attn.padded_heads(), self.attn.heads, self.attn.v.shape[1]
         maps = {k: P[k][:H] for k in ("q1", "k1", "q2", "k2")}
         maps["v"] = P["v"][:H, :dv]
+        return maps
+
+    @cached_property
+    def forms(self) -> dict[str, np.ndarray]:
+        maps = self.head_maps()
         if self.dry:
             out = {k: np.broadcast_to(0.0, m.shape[:2] + (self.T.shape[1],)) for k, m in maps.items()}
         else:
