@@ -79,10 +79,14 @@ class _Side:
 
         T = torch.from_numpy(self.side.T)
         return {k: (torch.from_numpy(m.astype(float)).reshape(-1, m.shape[2]) @ T).reshape(m.shape[:2] + (-1,))
-                for k, m in self.side.head_maps().items()}
+                for k, m in self.maps.items()}
+
+    @cached_property
+    def maps(self) -> dict[str, np.ndarray]:
+        return self.side.head_maps()
 
     def width(self, family: str) -> int:
-        return self.side.head_maps()[family].shape[1]
+        return self.maps[family].shape[1]
 
     @cached_property
     def output_map(self) -> Any:
