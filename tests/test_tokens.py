@@ -188,13 +188,15 @@ def test_token_attention_moments_at_one_position():
 
 
 def test_score_blocks_smaller_than_the_vocabulary_and_ragged(monkeypatch):
-    """Score blocks smaller than the vocabulary and not dividing it (the last
-    query and key blocks short), three rotary offsets: equal to the
+    """Score blocks and the conditional tables' vocabulary blocks smaller
+    than the vocabulary and not dividing it (the last blocks short), three
+    rotary offsets: equal to the
     enumeration of every sequence, uniform and with frequencies."""
     import tsalgebra.algorithms.token_moments as token_moments
 
     monkeypatch.setattr(token_moments, "_QUERY_BLOCK", 3)
     monkeypatch.setattr(token_moments, "_KEY_BLOCK", 4)
+    monkeypatch.setattr(token_moments, "_PAIR_ELEMENTS", 40)  # the conditional tables in blocks of 5 and 2 tokens
     rng = np.random.default_rng(9)
     V, n = 7, 4
     flags = dict(causal=True, rotary_base=5.0, residual=True)
