@@ -194,6 +194,8 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     tpl = _template(args.template)
     a, b = _load_one(args.a, tpl, args.state_key, args.n_ctx), _load_one(args.b, tpl, args.state_key, args.n_ctx)
     kw: dict[str, Any] = {"per_output": args.per_output, "budget": args.budget}
+    if args.no_progress:
+        kw["progress"] = False
     if args.centered:
         kw["centered"] = True
     if args.method == "sampled":
@@ -610,6 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples", type=int, help="--method sampled: number of samples (default 10000)")
     s.add_argument("--rel-error", type=float, help="--method sampled: sample until this relative standard error")
     s.add_argument("--seed", type=int, help="--method sampled: random seed (reproducible estimates)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar (one shows on a terminal when the "
+                                                                "computation is long)")
     s.set_defaults(func=cmd_similarity)
 
     m = sub.add_parser("matrix", parents=[common, models], help="similarity matrix over checkpoints, as a heatmap",

@@ -38,7 +38,7 @@ LOG_FLOAT_MAX = float(np.log(np.finfo(float).max))
 LOG_FLOAT_TINY = float(np.log(np.finfo(float).tiny))  # below it a product would silently become 0 or subnormal
 
 _OPTIONS = ("centered", "per_output", "degree", "budget", "orbits", "algorithm", "samples", "rel_error", "seed",
-            "device")
+            "device", "progress")
 
 
 def _problem(a: Any, b: Any, inner_product: str | None, method: str, mean: Any, cov: Any, measure: Measure | None,
@@ -68,6 +68,7 @@ def inner(
     rel_error: float | None = None,
     seed: int | None = None,
     device: Any = None,
+    progress: bool | None = None,
 ) -> InnerResult:
     """<a, b> under the chosen inner product, summed over output channels
     (constant channel excluded), or one value per channel with ``per_output``.
@@ -98,10 +99,13 @@ def inner(
     apply.  ``degree`` fixes the common degree of the symmetric product
     (default: the larger model degree).  ``orbits=False`` sums every pairing
     one by one (slow; a check on the declared symmetries, which orbit
-    grouping trusts).
+    grouping trusts).  ``progress``: a bar on stderr over the planned flops
+    while the computation runs: True, False, or None (shown on a terminal
+    when the plan is long, over about 2e10 flops).
     """
     options = dict(centered=centered, per_output=per_output, degree=degree, budget=budget, orbits=orbits,
-                   algorithm=algorithm, samples=samples, rel_error=rel_error, seed=seed, device=device)
+                   algorithm=algorithm, samples=samples, rel_error=rel_error, seed=seed, device=device,
+                   progress=progress)
     (a, la), (b, lb) = _canonical_pair(a, b)
     return _scaled(solve(_problem(a, b, inner, method, mean, cov, measure, options))[0], la + lb, "<a, b>")
 

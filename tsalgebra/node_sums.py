@@ -21,6 +21,7 @@ from .engine import evaluation_network, pad_input
 from .expr import Network
 from .planner import ContractionPlan, plan as plan_network
 from .problem import _terms
+from .progress import advancer
 
 __all__ = ["CHUNK", "Forward", "chunk_sizes", "node_flops", "node_sum"]
 
@@ -125,8 +126,11 @@ def node_sum(fa: Forward, fb: Forward, chunks: Iterable[tuple[np.ndarray, np.nda
     acc_fg: Any = 0
     acc_f: Any = 0
     acc_g: Any = 0
+    tick = advancer()  # the running plan's bar, when one shows
     for x, w in chunks:
         f, g = fa(x), fb(x)
+        if tick is not None:
+            tick(fa.flops(len(x)) + fb.flops(len(x)))
         acc_fg = acc_fg + (w[:, None] * f * g).sum(axis=0)
         if centered:
             acc_f = acc_f + (w[:, None] * f).sum(axis=0)

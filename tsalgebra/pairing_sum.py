@@ -32,6 +32,7 @@ from .expr import Network, Tensor
 from .measure import Gaussian, Tokens, block_diagonal
 from .planner import ContractionPlan, plan
 from .problem import CostError, format_count
+from .progress import advancer
 
 __all__ = ["Joins", "PairingPlan", "Tally", "orbit_sum", "plan_pairings", "run_pairings", "lift", "MAX_PAIRINGS",
            "OUTER"]
@@ -471,8 +472,11 @@ def run_pairings(pp: PairingPlan, A: Network, B: Network | None, joins: Joins, o
     exact = any(getattr(t.data, "dtype", None) == object for t in tensors) or joins.exact
     backend = "object" if exact else "numpy"
     total: Any = 0
-    for size, expr, refs in zip(pp.orbit_sizes, pp.compiled, pp.refs):
+    tick = advancer()  # the running plan's bar, when one shows
+    for size, expr, refs, plan in zip(pp.orbit_sizes, pp.compiled, pp.refs, pp.plans):
         total = total + size * expr(*(joiner.resolve(r, out_mask) for r in refs), backend=backend)
+        if tick is not None:
+            tick(plan.flops)
     return total, Tally(len(pp.plans), pp.flops, pp.pairings, pp.orbits)
 
 

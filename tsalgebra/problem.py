@@ -244,6 +244,7 @@ class InnerProblem:
     rel_error: float | None = None
     seed: int | None = None
     device: Any = None
+    progress: bool | None = None  # a bar while it runs: always, never, or None (on a terminal when long)
     notes: tuple[str, ...] = ()
 
     @classmethod
@@ -269,6 +270,8 @@ class InnerProblem:
         if inner == "tokens" and (mean is not None or cov is not None):
             raise ValueError("mean= and cov= describe a Gaussian; the token measure takes probs (ts.Tokens(...))")
         _check_sampling(method, options)
+        if options.get("progress") not in (None, True, False):
+            raise ValueError(f"progress must be True, False or None, got {options['progress']!r}")
         bound = bound_measure(a, mean, cov, measure) if inner in FUNCTIONAL else None
         return cls(a, b, inner, bound, method, notes=notes, **options)
 

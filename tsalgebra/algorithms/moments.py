@@ -45,6 +45,7 @@ from ..components import Component, Linear, PositionWise
 from ..form_moments import Factor, Leg, MomentCost, moment
 from ..measure import Gaussian
 from ..problem import CostError, InnerProblem, InnerResult, Plan, format_count, positions_of
+from ..progress import advancer
 from ..threads import blas_threads, blas_worker_pool
 from .registry import Algorithm, Triple
 
@@ -354,9 +355,10 @@ class OutputMoments:
         is one, so a run's values are reduced where they are made."""
         pieces = [self._pieces(which, batch, factors) for which, batch, factors in jobs]
         work = [(which, piece, factors) for (which, _, factors), cut in zip(jobs, pieces) for piece in cut]
-        held = 0
+        held, flops = 0, []
         for which, piece, factors in work:  # counted in the caller's thread: the same whether run or planned
             shape, cost = self._cost(factors(piece))
+            flops.append(cost.flops)
             self.flops += cost.flops
             self.largest = max(self.largest, cost.largest)
             self.peak = max(self.peak, cost.peak + 3 * cost.largest)
@@ -365,11 +367,16 @@ class OutputMoments:
         if self.dry:
             return [None] * len(jobs)
 
-        def run(item: tuple[tuple[int, ...], _Batch, Any]) -> np.ndarray:
-            which, piece, factors = item
-            return self._by_position(which, piece, moment(factors(piece), self.gram, self.mean)[0])
+        tick = advancer()  # the running plan's bar, when one shows
 
-        parts = list(self.pool.map(run, work)) if self.pool is not None else [run(item) for item in work]
+        def run(item: tuple[tuple[int, ...], _Batch, Any], flops: int) -> np.ndarray:
+            which, piece, factors = item
+            out = self._by_position(which, piece, moment(factors(piece), self.gram, self.mean)[0])
+            if tick is not None:
+                tick(flops)
+            return out
+
+        parts = list(self.pool.map(run, work, flops)) if self.pool is not None else list(map(run, work, flops))
         out, k = [], 0
         for cut in pieces:  # the pieces' parts summed back into their jobs
             out.append(sum(parts[k : k + len(cut)]))

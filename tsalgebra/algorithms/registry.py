@@ -26,6 +26,7 @@ import numpy as np
 
 from ..measure import Measure
 from ..problem import Alternative, CostError, InnerProblem, InnerResult, Plan, format_count
+from ..progress import planned
 
 __all__ = ["Algorithm", "Triple", "choose", "register", "registered", "run", "solve", "unregister"]
 
@@ -210,8 +211,11 @@ def _with_refusals(plan: Plan, refusals: tuple[tuple[str, str], ...]) -> Plan:
 
 
 def run(plan: Plan) -> Triple:
-    """Execute a plan of :func:`choose`."""
-    return _named(plan.algorithm).run(plan)
+    """Execute a plan of :func:`choose`, with a bar over its flops while it
+    runs (:mod:`tsalgebra.progress`, as the problem's ``progress`` asks)."""
+    algorithm = _named(plan.algorithm)
+    with planned(plan.flops, algorithm.title, plan.problem.progress):
+        return algorithm.run(plan)
 
 
 def solve(problem: InnerProblem) -> Triple:

@@ -32,6 +32,7 @@ from ..components import PositionWise, Sequential
 from ..measure import Gaussian, Tokens
 from ..node_sums import Forward
 from ..problem import CostError, InnerProblem, InnerResult, Plan, format_count
+from ..progress import advancer
 from .registry import Algorithm, Triple
 
 __all__ = ["Estimate", "Sampled", "DEFAULT_SAMPLES"]
@@ -41,7 +42,6 @@ PILOT = 512  # samples of the pilot batch (control-variate coefficients, centrin
 BATCH_BYTES = 64 * 2**20  # a batch's inputs and outputs together
 Z95 = 1.959963984540054  # the normal quantile of a 95 % interval
 HEAVY_TAIL_SHARE = 0.05  # one sample's share of the spread beyond which the standard error is flagged
-LONG_FLOPS = 3e10  # a progress bar from here: about a second of forward passes on this 2-core machine
 
 
 @dataclass(frozen=True)
@@ -268,44 +268,27 @@ class Sampled(Algorithm):
                 beta = np.where(var_c > 0, ((s - s.mean(0)) * dc).sum(0) / var_c, 0.0)
 
         stream = _Stream((s - beta * (c - exact_c) if beta is not None else s).mean(0), s.mean(0))
-        bar = self._bar(plan, samples)
+        tick = advancer()  # the plan's bar (over its flops: to the most samples it may take), when one shows
         target = p.rel_error
-        try:
-            while stream.n < samples:
-                k = min(batch, samples - stream.n)
-                x = self._draw(p, k, rng)
-                fa, fb = self._outputs(models, x, p)
-                fa, fb = fa - origin[0], fb - origin[1]
-                raw = self._products(fa, fb, p.per_output)
-                s = raw
-                if beta is not None:
-                    c = self._products(*self._outputs(controls, x, p), p.per_output)  # type: ignore[arg-type]
-                    s = raw - beta * (c - exact_c)
-                stream.add(s, raw)
-                if p.centered:
-                    stream.vec[0] = stream.vec[0] + fa.sum(0)
-                    stream.vec[1] = stream.vec[1] + fb.sum(0)
-                if bar is not None:
-                    bar.update(k)
-                if target is not None and stream.n >= 2 * batch and self._reached(stream, p, target):
-                    break
-        finally:
-            if bar is not None:
-                bar.close()
+        while stream.n < samples:
+            k = min(batch, samples - stream.n)
+            x = self._draw(p, k, rng)
+            fa, fb = self._outputs(models, x, p)
+            fa, fb = fa - origin[0], fb - origin[1]
+            raw = self._products(fa, fb, p.per_output)
+            s = raw
+            if beta is not None:
+                c = self._products(*self._outputs(controls, x, p), p.per_output)  # type: ignore[arg-type]
+                s = raw - beta * (c - exact_c)
+            stream.add(s, raw)
+            if p.centered:
+                stream.vec[0] = stream.vec[0] + fa.sum(0)
+                stream.vec[1] = stream.vec[1] + fb.sum(0)
+            if tick is not None:
+                tick(plan.facts["per_sample_flops"] * k)
+            if target is not None and stream.n >= 2 * batch and self._reached(stream, p, target):
+                break
         return self._results(plan, stream)
-
-    @staticmethod
-    def _bar(plan: Plan, samples: int) -> Any:
-        """A bar on a terminal when the sampling is long (over about a second
-        here); its total is unknown while rel_error decides when to stop."""
-        import sys
-
-        if plan.flops < LONG_FLOPS or not sys.stderr.isatty():
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=None if plan.problem.rel_error is not None else samples, desc="Monte Carlo",
-                    unit="sample", leave=False)
 
     @staticmethod
     def _draw(p: InnerProblem, k: int, rng: np.random.Generator) -> np.ndarray:

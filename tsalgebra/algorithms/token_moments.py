@@ -35,6 +35,7 @@ import numpy as np
 
 from ..measure import Tokens
 from ..problem import CostError, InnerProblem, Plan, format_count, positions_of
+from ..progress import advancer
 from ..threads import one_blas_thread
 from .moments import AttentionMoments, AttentionSide, moment_head, position_maps
 from .registry import Algorithm, Triple
@@ -118,11 +119,15 @@ class _TokenEngine:
         self.sides = [_Side(s, p) for s in sides]
         self.flops, self.held, self.peak = 0.0, 0, 0
         self.V = len(p)
+        self.tick = None if dry else advancer()  # the running plan's bar, when one shows
 
     def _count(self, flops: float, transient: int = 0, held: int = 0) -> None:
         """Flops, and elements: ``held`` kept to the end of the run (tables,
-        conditional means), ``transient`` alive only during the step."""
+        conditional means), ``transient`` alive only during the step.  A run
+        counts its steps as they start, moving the plan's bar."""
         self.flops += float(flops)
+        if self.tick is not None:
+            self.tick(flops)
         self.held += int(held)
         self.peak = max(self.peak, self.held + int(transient))
 
@@ -220,8 +225,8 @@ class _TokenEngine:
         V, sides = self.V, self.sides
         Hs = sum(s.H for s in sides)
         Bq, Bk = min(_QUERY_BLOCK, V), min(_KEY_BLOCK, V)
-        self._count(4.0 * V * V * sum(s.H * (s.w1 + s.w2) for s in sides) / 2 + 2.0 * V * V * Hs * Hs
-                    + sum(4.0 * s.H * V * (s.w1 ** 2 + s.w2 ** 2) for s in sides),
+        scores = 2.0 * V * V * sum(s.H * (s.w1 + s.w2) for s in sides) + 2.0 * V * V * Hs * Hs  # and their Grams
+        self._count(sum(4.0 * s.H * V * (s.w1 ** 2 + s.w2 ** 2) for s in sides),
                     transient=2 * Hs * Bq * Bk + V * Hs * Hs + max(s.H * max(s.w1, s.w2) for s in sides) * V
                     + sum(3 * sides[x].H * sides[x].dv * sides[y].H * sides[y].dv + sides[x].H * Bk * sides[y].H * sides[y].dv
                           for x, y in self.pairs.values()))
@@ -229,6 +234,7 @@ class _TokenEngine:
             X, Y = sides[x], sides[y]
             self._count(4.0 * X.H * X.dv * Y.H * Y.dv * V)
         if self.dry:
+            self._count(scores)
             return {}
         import torch  # the score blocks' batched products run at twice numpy's rate here
 
@@ -253,6 +259,7 @@ class _TokenEngine:
                 S.mul_(torch.bmm(k2[:, kb], q2[:, qb].transpose(1, 2), out=T))  # (heads, key, query)
                 S = S.permute(1, 0, 2)  # per key token, (heads, query): strided, read as is by the product
                 Wk.baddbmm_(S, S.transpose(1, 2))
+            self._count(scores * (kb.stop - kb.start) / V)  # as the blocks run: the plan's bar moves with them
         W.mul_(torch.from_numpy(self.p)[:, None, None])
         starts = np.cumsum([0] + [s.H for s in sides])
         p = torch.from_numpy(self.p)

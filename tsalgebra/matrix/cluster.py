@@ -48,8 +48,9 @@ import numpy as np
 
 from ..components import Component
 from ..cosine import cosines
+from ..progress import progress_bar
 from .job import TileGram, Tiling
-from .ops import parse_dtype, progress_bar
+from .ops import parse_dtype
 from .results import SimilarityMatrix, StepTime, TileReport
 
 __all__ = ["Tile", "tiles_of", "model_digest", "Store", "tiled"]

@@ -23,8 +23,9 @@ import numpy as np
 
 from .costs import COSTS
 from .job import Gram, Job
+from ..progress import LONG_FLOPS, progress_bar
 from ..threads import blas_worker_pool
-from .ops import LONG_FLOPS, THREADED_FLOPS, Clock, Ops, partition, progress_bar
+from .ops import THREADED_FLOPS, Clock, Ops, partition
 from .prepare import Chain, Dims, uncovered
 from .results import RouteCost
 

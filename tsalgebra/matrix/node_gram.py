@@ -21,8 +21,9 @@ import numpy as np
 from ..algorithms.registry import _named, choose
 from ..problem import CostError, InnerProblem, degree_of
 from ..node_sums import CHUNK, Forward
+from ..progress import progress_bar
 from .job import Gram, Job
-from .ops import Clock, progress_bar
+from .ops import Clock
 from .pairwise import _canonical
 from .results import RouteCost
 

@@ -1,24 +1,20 @@
 """The execution machinery the routes share: an array facade over numpy and
 torch (any device), worker threads with BLAS on one thread each, a clock of
-time and planner flops per step, and progress bars."""
+time and planner flops per step; the progress bars come from
+:mod:`tsalgebra.progress`."""
 
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ..arrays import checked_device
-
-
 from .results import StepTime
 
 _FALLBACK_MEMORY = 2 * 2**30
-# A progress bar is offered (progress=None: shown on a terminal) above this much work.
-LONG_FLOPS = 2e10
 # The routes run in threads on numpy when forming one side's models, or all
 # block pairs, take at least this many flops (about a millisecond of BLAS,
 # what the thread pool and the BLAS limit cost).
@@ -233,16 +229,6 @@ class Clock:
     @property
     def total_flops(self) -> int:
         return sum(self.flops.values())
-
-
-def progress_bar(total: int, desc: str, unit: str, progress: bool | None, long: bool) -> Any:
-    """A tqdm bar on stderr: shown (``progress`` True), hidden (False), or with
-    None shown on a terminal when the work is ``long``."""
-    from tqdm.auto import tqdm
-
-    show = progress if progress is not None else (None if long else False)
-    return tqdm(total=total, desc=desc, unit=unit, disable=(None if show is None else not show),
-                file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
 def partition(n: int, c: int) -> list[tuple[int, int]]:

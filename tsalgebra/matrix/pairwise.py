@@ -17,9 +17,10 @@ import numpy as np
 
 from ..inner import inner
 from ..problem import degree_of
+from ..progress import progress_bar
 from ..rescale import canonical
 from .job import Gram, Job
-from .ops import Clock, progress_bar
+from .ops import Clock
 from .results import RouteCost
 
 NAME = "pairwise"
@@ -57,7 +58,8 @@ def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
     results = []
 
     def ip(a: Any, b: Any) -> float:
-        r = inner(a, b, job.inner, job.method, measure=job.measure, centered=job.centered, **options)
+        r = inner(a, b, job.inner, job.method, measure=job.measure, centered=job.centered, progress=False,  # the matrix's bar
+                  **options)
         results.append(r)
         bar.update(1)
         return _as_float(r.value)

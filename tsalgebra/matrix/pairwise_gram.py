@@ -23,8 +23,9 @@ import numpy as np
 from ..planner import ContractionPlan
 from .costs import COSTS
 from .job import Gram, Job
+from ..progress import LONG_FLOPS, progress_bar
 from ..threads import blas_worker_pool
-from .ops import LONG_FLOPS, THREADED_FLOPS, Clock, Ops, partition, progress_bar, run_tasks
+from .ops import THREADED_FLOPS, Clock, Ops, partition, run_tasks
 from .prepare import Chain, Dims, stack_models, uncovered
 from .results import RouteCost
 
