@@ -349,10 +349,13 @@ class OutputMoments:
             pieces.append(_Batch(batch.entries[start : start + size], batch.tuples[keep], batch.entry_of[keep] - start))
         return pieces
 
-    def _execute(self, jobs: list[tuple[tuple[int, ...], "_Batch", Callable[["_Batch"], list[Factor]]]]) -> list[Any]:
-        """Each job's runs (its batch in pieces), summed by query position
-        (:meth:`_by_position`); in the worker threads of ``pool`` when there
-        is one, so a run's values are reduced where they are made."""
+    def _execute(self, jobs: list[tuple[tuple[int, ...], "_Batch", Callable[["_Batch"], list[Factor]]]]
+                 ) -> Callable[[], list[Any]]:
+        """Starts each job's runs (its batch in pieces), each summed by query
+        position (:meth:`_by_position`) where it is made: in the worker
+        threads of ``pool`` when there is one, queued at once, so that the
+        caller may start another pair's runs before waiting.  Returns what
+        waits for them and sums the pieces back into their jobs."""
         pieces = [self._pieces(which, batch, factors) for which, batch, factors in jobs]
         work = [(which, piece, factors) for (which, _, factors), cut in zip(jobs, pieces) for piece in cut]
         held, flops = 0, []
@@ -363,9 +366,9 @@ class OutputMoments:
             self.largest = max(self.largest, cost.largest)
             self.peak = max(self.peak, cost.peak + 3 * cost.largest)
             held += self.x.attn.n_ctx * math.prod(shape[1:5])  # its values summed by position
-        self.held = max(self.held, held)
+        self.held += held  # every call's runs may be done and waiting at once
         if self.dry:
-            return [None] * len(jobs)
+            return lambda: [None] * len(jobs)
 
         tick = advancer()  # the running plan's bar, when one shows
 
@@ -376,12 +379,21 @@ class OutputMoments:
                 tick(flops)
             return out
 
-        parts = list(self.pool.map(run, work, flops)) if self.pool is not None else list(map(run, work, flops))
-        out, k = [], 0
-        for cut in pieces:  # the pieces' parts summed back into their jobs
-            out.append(sum(parts[k : k + len(cut)]))
-            k += len(cut)
-        return out
+        if self.pool is not None:
+            futures = [self.pool.submit(run, item, f) for item, f in zip(work, flops)]
+            done = lambda: [f.result() for f in futures]  # noqa: E731
+        else:
+            parts = list(map(run, work, flops))
+            done = lambda: parts  # noqa: E731
+
+        def gathered() -> list[Any]:
+            parts, out, k = done(), [], 0
+            for cut in pieces:  # the pieces' parts summed back into their jobs
+                out.append(sum(parts[k : k + len(cut)]))
+                k += len(cut)
+            return out
+
+        return gathered
 
     def _configs(self, which: tuple[int, ...]) -> dict[tuple[int, ...], "_Batch"]:
         """The tuples (i, j[, j']) of query and key positions with a nonzero
@@ -426,8 +438,10 @@ class OutputMoments:
             out[:, a, b] = (C[:, :, a, b] @ S[:, a, b].reshape(len(S), -1)).reshape(n, *S.shape[3:])
         return out
 
-    def second_moments(self) -> np.ndarray:
-        """M[i] = E[y~_x,i y~_y,i] (n, d_out_x + 1, d_out_y + 1), padded.
+    def second_moments(self) -> Callable[[], np.ndarray]:
+        """Starts the runs of M[i] = E[y~_x,i y~_y,i] (n, d_out_x + 1,
+        d_out_y + 1), padded; returns what waits for them and assembles M
+        (None when planning).
 
         For one model against itself, a configuration and its mirror image
         (the two key positions' roles swapped; one side's virtual head
@@ -449,23 +463,27 @@ class OutputMoments:
                 jobs.append(((1 - s,), batch, lambda b, s=s, slot=slots[0]: [Factor((Leg("z", s, 0),))]
                              + self.side(1 - s).factors(1 - s, b.entries[:, 0], slot)))
                 mirrored.append(mirror)
-        parts = self._execute(jobs)
-        if self.dry:
-            return None  # type: ignore[return-value]
-        sums: dict[tuple[tuple[int, ...], bool], np.ndarray] = {}  # per position, by sides and mirroring
-        for part, (which, _, _), flip in zip(parts, jobs, mirrored):
-            sums[(which, flip)] = part if (which, flip) not in sums else sums[(which, flip)] + part
-        M = np.zeros((n, Ox.shape[1], Oy.shape[1]))
-        M += Vx @ self._input_moment() @ Vy.T  # the virtual heads, at every position
-        for (which, flip), part in sums.items():  # through the output maps, once per kind
-            if which == (0, 1):
-                term = np.einsum("iabef,aqe,brf->iqr", part, Ox, Oy, optimize=True)
-            elif which == (1,):  # x's virtual head, the heads on side b
-                term = np.einsum("ibef,qe,brf->iqr", part[:, 0], Vx, Oy, optimize=True)
-            else:
-                term = np.einsum("iaef,aqe,rf->iqr", part[:, :, 0], Ox, Vy, optimize=True)
-            M += term + term.transpose(0, 2, 1) if flip else term
-        return M
+        gather = self._execute(jobs)
+
+        def assembled() -> np.ndarray:
+            if self.dry:
+                return None  # type: ignore[return-value]
+            sums: dict[tuple[tuple[int, ...], bool], np.ndarray] = {}  # per position, by sides and mirroring
+            for part, (which, _, _), flip in zip(gather(), jobs, mirrored):
+                sums[(which, flip)] = part if (which, flip) not in sums else sums[(which, flip)] + part
+            M = np.zeros((n, Ox.shape[1], Oy.shape[1]))
+            M += Vx @ self._input_moment() @ Vy.T  # the virtual heads, at every position
+            for (which, flip), part in sums.items():  # through the output maps, once per kind
+                if which == (0, 1):
+                    term = np.einsum("iabef,aqe,brf->iqr", part, Ox, Oy, optimize=True)
+                elif which == (1,):  # x's virtual head, the heads on side b
+                    term = np.einsum("ibef,qe,brf->iqr", part[:, 0], Vx, Oy, optimize=True)
+                else:
+                    term = np.einsum("iaef,aqe,rf->iqr", part[:, :, 0], Ox, Vy, optimize=True)
+                M += term + term.transpose(0, 2, 1) if flip else term
+            return M
+
+        return assembled
 
     def _input_moment(self) -> np.ndarray:
         """E[x~_x x~_y'] of the two attention inputs at one position."""
@@ -474,20 +492,25 @@ class OutputMoments:
     def _input_mean(self, side: AttentionSide) -> np.ndarray:
         return side.T[:, 0]
 
-    def means(self, s: int) -> np.ndarray:
-        """E[y~_i] (n, d_out + 1) of side s."""
+    def means(self, s: int) -> Callable[[], np.ndarray]:
+        """Starts the runs of E[y~_i] (n, d_out + 1) of side s; returns what
+        waits for them and assembles it (None when planning)."""
         side = self.side(s)
         n = side.attn.n_ctx
         O, V = side.out_maps
         jobs = [((s,), batch, lambda b, slot=slots[0]: side.factors(s, b.entries[:, 0], slot))
                 for slots, batch in self._configs((s,)).items()]
-        parts = self._execute(jobs)
-        if self.dry:
-            return None  # type: ignore[return-value]
-        m = np.tile(V @ self._input_mean(side), (n, 1))
-        for part in parts:  # heads and output on side s's axes
-            m += np.einsum("ihe,hqe->iq", part.reshape(n, side.heads, -1), O)
-        return m
+        gather = self._execute(jobs)
+
+        def assembled() -> np.ndarray:
+            if self.dry:
+                return None  # type: ignore[return-value]
+            m = np.tile(V @ self._input_mean(side), (n, 1))
+            for part in gather():  # heads and output on side s's axes
+                m += np.einsum("ihe,hqe->iq", part.reshape(n, side.heads, -1), O)
+            return m
+
+        return assembled
 
 
 # --------------------------------------------------------- the algorithm
@@ -559,7 +582,7 @@ class AttentionMoments(Algorithm):
             raise CostError(f"the attention-moments algorithm would cost about {format_count(flops)} flops",
                             flops=flops)
         threads = blas_threads() if flops > _THREADED_FLOPS else 1  # runs at once, each at most its peak
-        held = threads * max(p.peak for p in pairs.values()) + max(p.held for p in pairs.values())
+        held = threads * max(p.peak for p in pairs.values()) + sum(p.held for p in pairs.values())  # all queued at once
         grams = next(iter(pairs.values())).grams
         sides = {id(s): s for p in pairs.values() for s in (p.x, p.y)}.values()
         inputs = sum(2 * (sum(h * w for h, w in form_shapes(x)) + x.T.shape[0]) * (r + 1)  # forms, stacked for the Grams
@@ -576,9 +599,12 @@ class AttentionMoments(Algorithm):
                 pool = blas_worker_pool(stack, workers)
                 for pair in pairs.values():
                     pair.pool = pool
-            moments = {key: (pair.x.tail, pair.y.tail, pair.second_moments(),
-                             [pair.means(0), pair.means(1)] if plan.problem.centered else None)
-                       for key, pair in pairs.items()}
+            # every pair's runs queued before any is waited for: the workers
+            # never idle while the main thread assembles a pair
+            started = {key: (pair, pair.second_moments(), (pair.means(0), pair.means(1)) if plan.problem.centered
+                             else None) for key, pair in pairs.items()}
+            moments = {key: (pair.x.tail, pair.y.tail, M(), None if means is None else [m() for m in means])
+                       for key, (pair, M, means) in started.items()}
         return self.finish(plan, moments)
 
     @staticmethod
