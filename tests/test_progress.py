@@ -67,14 +67,19 @@ def test_token_moments_moves_the_bar_by_exactly_its_planned_flops(bars):
 
 
 @pytest.mark.parametrize("algorithm,measure", [("moments", None), ("enumeration", "tokens"), ("pairings", None),
-                                               ("quadrature", None)])
+                                               ("quadrature", None), ("closure", None)])
 def test_every_running_algorithm_moves_the_bar_within_its_plan(bars, algorithm, measure):
     rng = np.random.default_rng(1)
     if measure == "tokens":
         a, b = (attention_lm(rng, 3, 2, 1, 2, 3, causal=True) for _ in range(2))
         kw = {"measure": ts.Tokens(3, 3)}
-    elif algorithm == "moments":
+    elif algorithm in ("moments", "closure"):  # closure: through two attention layers
         a, b = (attention_lm(rng, 4, 3, 2, 2, 3, causal=True, rotary_base=5.0) for _ in range(2))
+        if algorithm == "closure":
+            W = lambda *s: rng.normal(size=s) * 0.5  # noqa: E731
+            a, b = (ts.Sequential(*[ts.BilinearAttention(*(W(2, 2, 2) for _ in range(5)), W(2, 2, 2), n_ctx=3,
+                                                         causal=True, residual=True) for _ in range(2)],
+                                  ts.position_wise(ts.Linear(W(2, 2)), 3)) for _ in range(2))
         kw = {"inner": "gaussian"}
     else:
         W = lambda *s: rng.normal(size=s)  # noqa: E731

@@ -38,6 +38,7 @@ from ..form_moments import Factor, Leg, MomentCost, moment
 from ..measure import Gaussian
 from ..pairing_sum import OUTER, Joins, PairingPlan, plan_pairings, run_pairings
 from ..problem import CostError, InnerProblem, InnerResult, Plan, format_count, positions_of
+from ..progress import advance
 from ..threads import blas_threads, blas_worker_pool
 from .hermite import MAX_WHITENED, HermiteMoments, attention_moments, moments_cost
 from .moments import AttentionMoments, AttentionSide, attention_rank, moment_head, output_moment, position_maps
@@ -717,14 +718,17 @@ class GaussianClosure(Algorithm):
             steps[-1][3] = True  # only position-wise maps read its output: the diagonal blocks suffice
         flops, peak, head = self._head_plan(problem, limit, per_position and not steps)
         peak = max(peak, 8.0 * 6 * sum(widths) ** 2)  # the joint state and its products
+        parts = [flops]  # the head's flops, then each step's
         for step in steps:
             if step[0] == "chains":
                 shapes = [_chain_shapes(c, w) for c, w in zip(step[1], step[2])]
-                flops += _steps_flops(shapes[0], shapes[1], sum(step[2]))
+                f = float(_steps_flops(shapes[0], shapes[1], sum(step[2])))
                 peak = max(peak, 8.0 * 6 * max(sum(step[2]), sum(s[-1][2][0] for s in shapes)) ** 2)
             else:
                 f, m = attention_closure_cost(step[1], step[2], False, a is b, step[3])
-                flops, peak = flops + f, max(peak, m)
+                peak = max(peak, m)
+            flops += f
+            parts.append(f)
             if flops > limit:
                 break
         flops += _readout_flops(tail.readout, widths, n, per_position)
@@ -735,7 +739,7 @@ class GaussianClosure(Algorithm):
                  f"{max(bilinear)} bilinear): approximate",) if approx else ()
         if flops > limit:
             raise CostError(f"closure would cost {format_count(flops)} flops", flops=flops)
-        schedule = _Schedule(head, tuple(tuple(s) for s in steps), tail.readout, widths, per_position)
+        schedule = _Schedule(head, tuple(tuple(s) for s in steps), tail.readout, widths, per_position, tuple(parts))
         return Plan(self.name, problem, flops, peak, len(steps) + 2, exact=not approx, joint=True,
                     facts={"approximate_layers": approx}, notes=notes, payload=schedule)
 
@@ -778,12 +782,15 @@ class GaussianClosure(Algorithm):
             else:
                 pool, workers = None, 1
             mu, M = self._head_state(plan, schedule.head, pool, workers)
-            for step in schedule.steps:
+            if schedule.head[0] != "pairings":  # the pairing runs move the plan's bar themselves
+                advance(schedule.flops[0])
+            for step, flops in zip(schedule.steps, schedule.flops[1:]):
                 if step[0] == "chains":
                     blocks = [_blocks(c, w) for c, w in zip(step[1], step[2])]
                     mu, M, _ = closure_steps(blocks[0], blocks[1], mu, M)
                 else:
                     mu, M = attention_closure(step[1], mu, M, step[2], False, a is b, step[3], pool, workers)
+                advance(flops)
             return _readout(plan, schedule, mu, M)  # still with BLAS on one thread: waking the others costs more
 
     def _head_state(self, plan: Plan, head: Any, pool: Any, workers: int) -> tuple[np.ndarray, np.ndarray]:
@@ -823,6 +830,7 @@ class _Schedule:
     readout: tuple[tuple[Component, ...], tuple[Component, ...]]
     widths: tuple[int, int]
     per_position: bool
+    flops: tuple[float, ...]  # planned: the head's, then each step's (the plan's bar moves by them)
 
 
 def _readout_maps(readout: tuple[tuple[Component, ...], tuple[Component, ...]], widths: tuple[int, int],
