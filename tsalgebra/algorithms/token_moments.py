@@ -235,6 +235,7 @@ class _TokenEngine:
         scores = 2.0 * V * V * sum(s.H * (s.w1 + s.w2) for s in sides) + 2.0 * V * V * nr * nc  # and their Grams
         self._count(sum(4.0 * s.H * V * (s.w1 ** 2 + s.w2 ** 2) for s in sides),
                     transient=2 * Hs * Bq * Bk + V * nr * nc + max(s.H * max(s.w1, s.w2) for s in sides) * V
+                    + 3 * max(s.H * s.dv for s in sides) * V  # a pair's carried keys as rows, p-weighted
                     + sum(3 * sides[x].H * sides[x].dv * sides[y].H * sides[y].dv + sides[x].H * Bk * sides[y].H * sides[y].dv
                           for x, y in self.pairs.values()))
         for x, y in self.pairs.values():
@@ -317,9 +318,10 @@ class _TokenEngine:
                         means[name][0][i], means[name][1][i] = G[x] @ p, G[y] @ p
         offsets = sorted(set().union(*[s.offsets for s in sides]))
         groups = sorted({tuple(s.key(o) for s in sides) for o in offsets})
-        if groups:  # every head's score tables, stacked
+        if groups:  # every head's score tables, stacked, and the values laid out by token
             self._count(0, held=sum(s.H for s in sides) * V * sum(max(s.width(f) for s in sides)
-                                                                  for f in ("q1", "k1", "q2", "k2")))
+                                                                  for f in ("q1", "k1", "q2", "k2"))
+                        + sum(s.H * s.dv for s in sides) * V)
         tables = None if dry or not groups else self._score_tables()
         for keys in groups:  # both models' keys at one position j != i, once per distinct arithmetic
             members = [o for o in offsets if tuple(s.key(o) for s in sides) == keys]
