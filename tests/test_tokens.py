@@ -5,6 +5,9 @@ token sequence (the models evaluated by their own forward)."""
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -234,6 +237,43 @@ def test_token_attention_moments_at_width_is_chosen_and_polynomial():
     per_position = ts.Tokens(V, n, p / p.sum(axis=1, keepdims=True))
     with pytest.raises(ValueError, match="different distributions"):
         ts.inner(a, b, measure=per_position, algorithm="token-moments")
+
+
+_MEMORY_SCRIPT = """
+import sys, threading, time
+import numpy as np
+import tsalgebra as ts
+sys.path.insert(0, sys.argv[1])
+from test_tokens import attention_lm
+flags = dict(causal=True, rotary_base=10000.0, residual=True)
+a = attention_lm(np.random.default_rng(0), 2048, 128, 8, 16, 4, **flags)
+b = attention_lm(np.random.default_rng(1), 2048, 128, 8, 16, 4, **flags)
+m = ts.Tokens(2048, 4)
+planned = ts.plan_similarity(a, b, measure=m).products[0][1].peak_bytes
+ts.similarity(a, b, measure=m)  # warm: libraries loaded, the models' maps made
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
+start = rss(); peak = [start]; done = []
+def watch():
+    while not done:
+        peak[0] = max(peak[0], rss()); time.sleep(0.0005)
+t = threading.Thread(target=watch); t.start()
+ts.similarity(a, b, measure=m); done.append(1); t.join()
+print(planned, peak[0] - start)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and sets glibc's malloc")
+def test_token_plan_memory_against_the_process():
+    """Vocabulary 2048, d_model 128, 8 heads of 16, 4 positions: the plan's
+    memory against the peak of the process's resident memory above the
+    start of a warm similarity (sampled every 0.5 ms, in a child process
+    whose malloc returns every freed array at once), which also holds the
+    rescaled models: within 25 % above the plan, and not below half of it."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, os.path.dirname(__file__)], capture_output=True,
+                         text=True, env=env, timeout=300, check=True)
+    planned, used = (float(v) for v in out.stdout.split())
+    assert 0.5 * planned < used < 1.25 * planned
 
 
 def test_tokens_and_the_gaussian_of_the_same_moments():

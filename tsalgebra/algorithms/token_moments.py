@@ -376,7 +376,9 @@ class TokenMoments(Algorithm):
         if engine.flops > limit:
             raise CostError(f"the token attention moments would cost about {format_count(engine.flops)} flops",
                             flops=engine.flops)
-        inputs = sum(s.T.size + s.tail.size for s in sides)  # the embedded tokens, the tails
+        # the embedded tokens, the tails, and the maps before the attention (kept with the models)
+        inputs = sum(s.T.size + s.tail.size for s in sides)
+        inputs += sum({id(m): moment_head(m)[1].size for m in (problem.a, problem.b)}.values())  # type: ignore[index]
         return Plan(self.name, problem, engine.flops, 8.0 * (engine.peak + inputs),
                     len(engine.pairs) * positions_of(problem.a), joint=len(engine.pairs) == 3,
                     notes=("attention moments under the token measure (conditional on the query token; "
