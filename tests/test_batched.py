@@ -724,6 +724,36 @@ def test_tasks_in_threads_share_the_clock():
         assert clock.seconds == {"step": pytest.approx(6.0 / workers)} and clock.flops == {"step": 30}
 
 
+def test_a_failed_computation_drops_its_queued_runs():
+    """Left by an exception, the worker pool waits only for the runs under
+    way: the rest of what was queued (a computation queues all its runs at
+    once) never starts, and BLAS gets its threads back."""
+    import contextlib
+    import threading
+    import time
+
+    from threadpoolctl import threadpool_info
+
+    before = [lib["num_threads"] for lib in threadpool_info()]
+    started, gate = [], threading.Event()
+
+    def run(k):
+        started.append(k)
+        gate.wait(5)
+        time.sleep(0.001)
+
+    with pytest.raises(KeyboardInterrupt):
+        with contextlib.ExitStack() as stack:
+            pool = blas_worker_pool(stack, 2)
+            futures = [pool.submit(run, k) for k in range(50)]
+            while len(started) < 2:  # both workers busy, 48 runs queued
+                time.sleep(0.001)
+            gate.set()
+            raise KeyboardInterrupt
+    assert len(started) < 50 and sum(f.cancelled() for f in futures) > 0
+    assert [lib["num_threads"] for lib in threadpool_info()] == before
+
+
 def test_models_are_left_unchanged():
     """The routes scale copies of the weights in place, never the models'."""
     ms = one_layer_models() + [stacks()[0]]

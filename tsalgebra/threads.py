@@ -60,7 +60,22 @@ def blas_worker_pool(stack: contextlib.ExitStack, workers: int) -> Any:
     wide) until ``stack`` closes: held for a whole computation, since toggling
     the limit per task, or BLAS threads left spinning after a product, cost
     the workers their cores here."""
+    stack.enter_context(one_blas_thread())
+    return stack.enter_context(_pool(workers))
+
+
+@contextlib.contextmanager
+def _pool(workers: int) -> Iterator[Any]:
+    """A thread pool that, left by an exception (an interrupt, a failed run),
+    drops the tasks still queued and waits only for those under way: a
+    computation queues all its runs at once, and an interrupt should not wait
+    for every one of them."""
     from concurrent.futures import ThreadPoolExecutor
 
-    stack.enter_context(one_blas_thread())
-    return stack.enter_context(ThreadPoolExecutor(workers))
+    pool = ThreadPoolExecutor(workers)
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
