@@ -54,6 +54,9 @@ def measure(rng, V, n, kind):
         p[0] = 0.0  # a token that never occurs
         return ts.Tokens(V, n, p / p.sum())
     p = rng.random((n, V))
+    if kind == "mixed":  # the even positions share one law, a token absent from it; the odd ones their own
+        p[0::2] = p[0]
+        p[0::2, 1] = 0.0
     return ts.Tokens(V, n, p / p.sum(axis=1, keepdims=True))
 
 
@@ -156,12 +159,14 @@ ATTENTION_FLAGS = [{}, {"causal": True, "scale": 0.5}, {"rotary_base": 10.0, "re
 
 
 @pytest.mark.parametrize("flags", ATTENTION_FLAGS)
-@pytest.mark.parametrize("kind", [None, "shared"], ids=["uniform", "frequencies"])
+@pytest.mark.parametrize("kind", [None, "shared", "per token", "mixed"],
+                         ids=["uniform", "frequencies", "per position", "some positions alike"])
 def test_token_attention_moments_against_every_sequence(flags, kind):
     """One attention layer between an embedding and an unembedding, heads
-    of different widths in the two models, 3 positions of a vocabulary of 4:
-    the token-moments algorithm against the enumeration of all 64 sequences
-    and against the brute-force loop."""
+    of different widths in the two models, 3 positions of a vocabulary of 4,
+    tokens of one law or of one per position: the token-moments algorithm
+    against the enumeration of all 64 sequences and against the brute-force
+    loop."""
     rng = np.random.default_rng(7)
     V, n = 4, 3
     a, b = attention_lm(rng, V, 3, 2, 2, n, **flags), attention_lm(rng, V, 3, 1, 3, n, **flags)
@@ -193,8 +198,9 @@ def test_token_attention_moments_at_one_position():
 def test_score_blocks_smaller_than_the_vocabulary_and_ragged(monkeypatch):
     """Score blocks and the conditional tables' vocabulary blocks smaller
     than the vocabulary and not dividing it (the last blocks short), three
-    rotary offsets: equal to the
-    enumeration of every sequence, uniform and with frequencies."""
+    rotary offsets: equal to the enumeration of every sequence, uniform,
+    with frequencies, and with a law per position (several query laws
+    per offset)."""
     import tsalgebra.algorithms.token_moments as token_moments
 
     monkeypatch.setattr(token_moments, "_QUERY_BLOCK", 3)
@@ -204,7 +210,7 @@ def test_score_blocks_smaller_than_the_vocabulary_and_ragged(monkeypatch):
     V, n = 7, 4
     flags = dict(causal=True, rotary_base=5.0, residual=True)
     a, b = attention_lm(rng, V, 3, 2, 2, n, **flags), attention_lm(rng, V, 3, 1, 2, n, **flags)
-    for kind in (None, "shared"):
+    for kind in (None, "shared", "per token", "mixed"):
         m = measure(rng, V, n, kind)
         got = ts.similarity(a, b, measure=m, algorithm="token-moments")
         want = ts.similarity(a, b, measure=m, algorithm="enumeration")
@@ -217,26 +223,24 @@ def test_score_blocks_smaller_than_the_vocabulary_and_ragged(monkeypatch):
 def test_token_attention_moments_at_width_is_chosen_and_polynomial():
     """Vocabulary 512, 4 positions (6.9e10 sequences): the token-moments
     algorithm is chosen, and agrees with a Monte Carlo mean over sampled
-    sequences within 4 standard errors; tokens with different distributions
-    per position are refused by it with the reason."""
+    sequences within 4 standard errors, uniform tokens and tokens of a
+    different law at every position."""
     rng = np.random.default_rng(8)
     V, n = 512, 4
     flags = dict(causal=True, rotary_base=10000.0, residual=True)
     a = attention_lm(np.random.default_rng(8), V, 16, 2, 4, n, **flags)
     b = attention_lm(np.random.default_rng(8), V, 16, 2, 4, n, noise=rng, **flags)  # a's weights, perturbed
-    m = ts.Tokens(V, n)
-    plan = ts.plan_similarity(a, b, measure=m)
-    assert plan.products[0][1].algorithm == "token-moments" and plan.products[0][1].joint
-    exact = ts.inner(a, b, measure=m)
-    assert exact.algorithm == "token-moments" and exact.exact
-    ids = rng.integers(0, V, size=(40000, n))
-    prod = np.einsum("bo,bo->b", np.asarray(a(ids)).reshape(len(ids), -1), np.asarray(b(ids)).reshape(len(ids), -1))
-    se = prod.std(ddof=1) / np.sqrt(len(prod))
-    assert abs(prod.mean() - exact.value) < 4 * se and se < 0.1 * abs(exact.value)
-    p = rng.random((n, V))
-    per_position = ts.Tokens(V, n, p / p.sum(axis=1, keepdims=True))
-    with pytest.raises(ValueError, match="different distributions"):
-        ts.inner(a, b, measure=per_position, algorithm="token-moments")
+    p = rng.random((n, V)) ** 4  # far from uniform: a few tokens carry most of each position's mass
+    for m in (ts.Tokens(V, n), ts.Tokens(V, n, p / p.sum(axis=1, keepdims=True))):
+        plan = ts.plan_similarity(a, b, measure=m)
+        assert plan.products[0][1].algorithm == "token-moments" and plan.products[0][1].joint
+        exact = ts.inner(a, b, measure=m)
+        assert exact.algorithm == "token-moments" and exact.exact
+        P = m.token_probs()
+        ids = np.stack([rng.choice(V, size=40000, p=P[i]) for i in range(n)], axis=1)
+        prod = np.einsum("bo,bo->b", np.asarray(a(ids)).reshape(len(ids), -1), np.asarray(b(ids)).reshape(len(ids), -1))
+        se = prod.std(ddof=1) / np.sqrt(len(prod))
+        assert abs(prod.mean() - exact.value) < 4 * se and se < 0.1 * abs(exact.value)
 
 
 _MEMORY_SCRIPT = """

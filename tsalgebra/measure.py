@@ -433,11 +433,6 @@ class Tokens(Measure):
         return p.astype(object) if exact else p.astype(float)
 
     @property
-    def identical(self) -> bool:
-        """True when every token has the same distribution (tokens are then exchangeable)."""
-        return self.probs is None or self.probs.ndim == 1 or bool(np.all(self.probs == self.probs[:1]))
-
-    @property
     def sequences(self) -> int:
         """The number of token sequences of nonzero probability."""
         p = self.token_probs()

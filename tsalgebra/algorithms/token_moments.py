@@ -2,24 +2,28 @@
 
 The same models as :mod:`tsalgebra.algorithms.moments` (position-wise Linear
 layers, an embedding from the vocabulary included, one BilinearAttention,
-position-wise Linear layers after it), with independent tokens of one shared
-distribution p.  Every form of the attention is a table over the vocabulary
-(the embedded tokens through each head's maps).  Given the query token t at
-position i, the keys at other positions are independent, so
+position-wise Linear layers after it), with independent tokens, position i
+drawn from p_i (one distribution for all, or one per position).  Every form
+of the attention is a table over the vocabulary (the embedded tokens through
+each head's maps).  Given the query token t at position i, the keys at other
+positions are independent, so
 
-    E[y_x,i y_y,i'] = E_t[G_x,i(t) G_y,i(t)'] + sum_(j != i) c_x c_y D_(j - i),
+    E[y_x,i y_y,i'] = E_t~p_i[G_x,i(t) G_y,i(t)'] + sum_(j != i) c_x c_y D_ij,
 
 - G_i(t) = E[y_i | t]: the virtual head, the keys at i (a product of
   scalars and values of one token), and for each j != i the carried key
-  side sum_tk p(tk) score(t, tk) v(tk), read through the mean key-value
-  feature K[h, r, s, e] = sum_tk p(tk) k1_r(tk) k2_s(tk) v_e(tk) rotated to
-  the offset j - i (one matrix product per head for every offset);
-- D_o corrects the terms where both models read the same key position j
+  side sum_tk p_j(tk) score(t, tk) v(tk), read through the mean key-value
+  feature K_j[h, r, s, e] = sum_tk p_j(tk) k1_r(tk) k2_s(tk) v_e(tk) rotated
+  to the offset j - i (one matrix product per head for every offset and
+  key distribution);
+- D_ij corrects the terms where both models read the same key position j
   (the keys are then one token, not two independent ones): the exact sum
-  over (query token, key token) of p p scores_x scores_y v_x v_y minus the
-  product of conditional means.  Its score matrices over pairs of tokens
-  are the one cost quadratic in the vocabulary, taken in blocks, once per
-  offset for every head of both models.
+  over (query token, key token) of p_i p_j scores_x scores_y v_x v_y minus
+  the product of conditional means.  It depends on the offset j - i (the
+  scores' arithmetic) and on the two positions' distributions only.  Its
+  score matrices over pairs of tokens are the one cost quadratic in the
+  vocabulary, taken in blocks, once per offset for every head of both
+  models (a Gram over the query tokens for each query distribution).
 
 Nothing is enumerated.  Tested against the enumeration of every token
 sequence.
@@ -61,7 +65,7 @@ def _blocks(n: int, size: int) -> list[slice]:
 class _Side:
     """One model's tables over the vocabulary (x~(t) = Z[:, t], t a token)."""
 
-    def __init__(self, side: AttentionSide, p: np.ndarray) -> None:
+    def __init__(self, side: AttentionSide) -> None:
         self.side, self.attn = side, side.attn
         self.H, self.n = side.attn.heads, side.attn.n_ctx
         self.w1, self.w2 = side.attn.q1.shape[1], side.attn.q2.shape[1]
@@ -70,7 +74,8 @@ class _Side:
         self.rotary = side.attn.rotary_base is not None
         c = side.mask  # (heads, n, n)
         i, j = np.nonzero(np.any(c != 0, axis=0))
-        self.offsets = sorted({int(o) for o in (j - i) if o != 0})  # key offsets j - i read
+        self.reads = [(int(a), int(b)) for a, b in zip(i, j) if a != b]  # (query, key) positions, j != i
+        self.offsets = sorted({j - i for i, j in self.reads})  # key offsets j - i read
         self.c = c
 
     @cached_property
@@ -101,10 +106,6 @@ class _Side:
         """The offset that the key side's arithmetic depends on (0 without rotary)."""
         return offset if self.rotary else 0
 
-    @property
-    def keys(self) -> list[int]:
-        return sorted({self.key(o) for o in self.offsets})
-
     def rotation(self, which: int, offset: int) -> np.ndarray:
         return self.side.couplings(which, [offset])[0, 0]  # R = Rot_(j - i), the identity without rotary
 
@@ -112,13 +113,20 @@ class _Side:
 class _TokenEngine:
     """The second moments and means of the models' outputs at every
     position, for the pairs of sides asked; counts its flops and the
-    elements it holds at its peak (``dry``: only counts)."""
+    elements it holds at its peak (``dry``: only counts).
 
-    def __init__(self, sides: list[AttentionSide], pairs: dict[str, tuple[int, int]], p: np.ndarray, dry: bool) -> None:
-        self.p, self.dry, self.pairs = p, dry, pairs
-        self.sides = [_Side(s, p) for s in sides]
+    ``probs`` (positions, vocab): each position's token distribution; the
+    tables are made once per distinct distribution (``law[i]`` is position
+    i's), so tokens of one distribution cost what they did before."""
+
+    def __init__(self, sides: list[AttentionSide], pairs: dict[str, tuple[int, int]], probs: np.ndarray,
+                 dry: bool) -> None:
+        self.dry, self.pairs = dry, pairs
+        self.laws, law = np.unique(probs, axis=0, return_inverse=True)
+        self.law = [int(k) for k in np.ravel(law)]
+        self.sides = [_Side(s) for s in sides]
         self.flops, self.held, self.peak = 0.0, 0, 0
-        self.V = len(p)
+        self.V = probs.shape[1]
         self.tick = None if dry else advancer()  # the running plan's bar, when one shows
 
     def _count(self, flops: float, transient: int = 0, held: int = 0) -> None:
@@ -131,23 +139,35 @@ class _TokenEngine:
         self.held += int(held)
         self.peak = max(self.peak, self.held + int(transient))
 
+    def p(self, law: int) -> Any:
+        import torch
+
+        return torch.from_numpy(self.laws[law])
+
+    def carried_keys(self, s: _Side) -> list[tuple[int, int]]:
+        """(the key position's law, the key arithmetic) of every carried key side."""
+        return sorted({(self.law[j], s.key(j - i)) for i, j in s.reads})
+
     # ------------------------------------------------------- per side
     def _tables(self, s: _Side) -> dict[str, Any] | None:
         self._count(2.0 * s.H * (2 * s.w1 + 2 * s.w2 + s.dv) * s.side.T.shape[0] * self.V,
                     held=s.H * (2 * s.w1 + 2 * s.w2 + s.dv) * self.V)
         return None if self.dry else s.tables
 
-    def _conditional(self, s: _Side) -> tuple[Any, dict[int, Any]] | None:
+    def _conditional(self, s: _Side) -> tuple[Any, dict[tuple[int, int], Any]] | None:
         """(the keys at the query's position (heads, dv, vocab), the carried
-        keys per key offset (heads, dv, vocab)): E[a head's value sum | query token]."""
+        keys per (key law, key arithmetic) (heads, dv, vocab)): E[a head's
+        value sum | query token]."""
         V, H, w1, w2, dv = self.V, s.H, s.w1, s.w2, s.dv
-        keys = s.keys
+        carried_keys = self.carried_keys(s)
+        laws = sorted({law for law, _ in carried_keys})
         T = self._tables(s)
         block = max(1, min(V, _PAIR_ELEMENTS // (H * w1 * w2)))
         self._count(2.0 * H * V * (w1 + w2 + dv)  # the keys at the query's position
-                    + H * V * w1 * w2 * (3 + 2 * dv * len(keys))  # pair products, K, every offset's carried keys
-                    + 4.0 * H * w1 * w2 * dv * (w1 + w2) * len(keys),  # K rotated per offset
-                    transient=H * w1 * w2 * block + H * V * (w1 + w2 + dv), held=(len(keys) + 1) * H * dv * V)
+                    + H * V * w1 * w2 * (3 + 2 * dv * (len(laws) + len(carried_keys)))  # pair products, K, carried keys
+                    + 4.0 * H * w1 * w2 * dv * (w1 + w2) * len(carried_keys),  # K rotated per offset
+                    transient=H * w1 * w2 * block + H * V * (w1 + w2 + dv * (1 + len(laws))),
+                    held=(len(carried_keys) + 1) * H * dv * V)
         if self.dry:
             return None
         import torch  # batched over heads: 0.23 s per model against 0.29 s head by head in numpy (best of 5)
@@ -162,26 +182,27 @@ class _TokenEngine:
             torch.mul(a[:, :, None, tb], b[:, None, :, tb], out=out)
             return out.view(H, w1 * w2, n)
 
-        if not keys:  # every head reads only its own position
+        if not carried_keys:  # every head reads only its own position
             return local, {}
-        weighted_v = T["v"] * torch.from_numpy(self.p)  # (heads, dv, vocab)
-        # the mean key-value feature, K[h, e, (r, s)] (this way round: 26 ms against 45 ms per model)
-        K = torch.zeros((H, dv, w1 * w2), dtype=torch.float64)
+        weighted_v = torch.cat([T["v"] * self.p(law) for law in laws], dim=1)  # (heads, laws x dv, vocab)
+        # the mean key-value feature per key law, K[h, (law, e), (r, s)] (this way round: 26 ms against 45 ms per model)
+        K = torch.zeros((H, len(laws) * dv, w1 * w2), dtype=torch.float64)
         for tb in _blocks(V, block):
             K.baddbmm_(weighted_v[:, :, tb], pair(T["k1"], T["k2"], tb).transpose(1, 2))
-        K = K.view(H, dv, w1, w2)
+        K = K.view(H, len(laws), dv, w1, w2)
         rotated = torch.cat([torch.einsum("ra,sb,heab->hers", torch.from_numpy(s.rotation(1, k)),
-                                          torch.from_numpy(s.rotation(2, k)), K).reshape(H, dv, w1 * w2)
-                             for k in keys], dim=1)  # (heads, keys x dv, w1 w2)
-        carried = torch.empty((H, len(keys) * dv, V), dtype=torch.float64)
-        for tb in _blocks(V, block):  # one product for every offset
+                                          torch.from_numpy(s.rotation(2, k)), K[:, laws.index(law)]).reshape(H, dv, w1 * w2)
+                             for law, k in carried_keys], dim=1)  # (heads, carried x dv, w1 w2)
+        carried = torch.empty((H, len(carried_keys) * dv, V), dtype=torch.float64)
+        for tb in _blocks(V, block):  # one product for every carried key side
             carried[:, :, tb] = torch.bmm(rotated, pair(T["q1"], T["q2"], tb))
-        return local, {k: carried[:, n * dv : (n + 1) * dv] for n, k in enumerate(keys)}
+        return local, {ck: carried[:, n * dv : (n + 1) * dv] for n, ck in enumerate(carried_keys)}
 
     def _given_query(self, s: _Side, parts: Any, i: int, U: Any) -> Any:
         """G_i (d_out + 1, vocab): E[output at i | the query token]; U the
         virtual head's part (the same at every position)."""
-        self._count(2.0 * s.H * s.dv * self.V * (len(s.offsets) + 1) + 2.0 * s.d_out * s.H * s.dv * self.V,
+        keys = [j for q, j in s.reads if q == i]
+        self._count(2.0 * s.H * s.dv * self.V * (len(keys) + 1) + 2.0 * s.d_out * s.H * s.dv * self.V,
                     transient=3 * s.d_out * self.V + s.H * s.dv * self.V)  # G of both sides, p G, the heads' sum
         if self.dry:
             return None
@@ -190,9 +211,8 @@ class _TokenEngine:
         local, carried = parts
         weight = lambda j: torch.from_numpy(s.c[:, i, j])[:, None, None]  # noqa: E731
         acc = weight(i) * local
-        for o in s.offsets:
-            if 0 <= i + o < s.n and np.any(s.c[:, i, i + o]):
-                acc += weight(i + o) * carried[s.key(o)]
+        for j in keys:
+            acc += weight(j) * carried[(self.law[j], s.key(j - i))]
         return torch.addmm(U, s.output_map, acc.reshape(-1, self.V))
 
     # -------------------------------------------------- shared keys
@@ -216,31 +236,35 @@ class _TokenEngine:
                 h += s.H
         out["values"] = [s.tables["v"] for s in sides]  # (heads, dv, vocab)
         out["values by token"] = [v.permute(2, 0, 1).contiguous() for v in out["values"]]  # (vocab, heads, dv)
-        out["root"] = torch.from_numpy(np.sqrt(self.p))[None, :, None]
         return out
 
-    def _shared_keys(self, offset: int, parts: list[Any], tables: dict[str, Any]) -> dict[str, Any]:
-        """D[pair] (hx, hy, dv_x, dv_y) at one offset: the exact sum over the
-        shared key token minus the product of conditional means."""
+    def _shared_keys(self, offset: int, laws: list[tuple[int, int]], parts: list[Any],
+                     tables: dict[str, Any]) -> dict[tuple[int, int], dict[str, Any]]:
+        """D[(query law, key law)][pair] (hx, hy, dv_x, dv_y) at one offset:
+        the exact sum over the shared key token minus the product of
+        conditional means."""
         V, sides = self.V, self.sides
         Hs = sum(s.H for s in sides)
         Bq, Bk = min(_QUERY_BLOCK, V), min(_KEY_BLOCK, V)
         starts = np.cumsum([0] + [s.H for s in sides])
+        queries = sorted({q for q, _ in laws})  # one Gram over the query tokens per query law
         # The Grams' heads, rows x columns: an inner product of two models
         # needs only the cross block (0.49 ms against 0.95 ms per block of
         # 256 x 256 tokens at 8 + 8 heads); a similarity, every head pair.
         cross = list(self.pairs.values()) == [(0, 1)]
         rows, cols = (slice(0, starts[1]), slice(starts[1], starts[2])) if cross else (slice(0, Hs), slice(0, Hs))
         nr, nc = rows.stop - rows.start, cols.stop - cols.start
-        scores = 2.0 * V * V * sum(s.H * (s.w1 + s.w2) for s in sides) + 2.0 * V * V * nr * nc  # and their Grams
+        scores = 2.0 * V * V * sum(s.H * (s.w1 + s.w2) for s in sides) + 2.0 * V * V * nr * nc * len(queries)
         self._count(sum(4.0 * s.H * V * (s.w1 ** 2 + s.w2 ** 2) for s in sides),
-                    transient=2 * Hs * Bq * Bk + V * nr * nc + max(s.H * max(s.w1, s.w2) for s in sides) * V
+                    transient=(2 + (len(queries) > 1)) * Hs * Bq * Bk + V * nr * nc * len(queries)
+                    + max(s.H * max(s.w1, s.w2) for s in sides) * V
                     + 3 * max(s.H * s.dv for s in sides) * V  # a pair's carried keys as rows, p-weighted
+                    + sum(s.H * s.dv for s in sides) * V  # the values by token, weighted by the key law
                     + sum(3 * sides[x].H * sides[x].dv * sides[y].H * sides[y].dv + sides[x].H * Bk * sides[y].H * sides[y].dv
                           for x, y in self.pairs.values()))
         for x, y in self.pairs.values():
             X, Y = sides[x], sides[y]
-            self._count(4.0 * X.H * X.dv * Y.H * Y.dv * V)
+            self._count(4.0 * X.H * X.dv * Y.H * Y.dv * V * len(laws))
         if self.dry:
             self._count(scores)
             return {}
@@ -253,29 +277,50 @@ class _TokenEngine:
                 F = s.tables[f"q{which}"].transpose(1, 2)
                 q[h : h + s.H, :, : F.shape[2]] = F @ torch.from_numpy(s.rotation(which, s.key(offset)))
             h += s.H
-        q1.mul_(tables["root"])  # p(query) folded in as sqrt(p) on both score matrices of a product
-        W = torch.zeros((V, nr, nc), dtype=torch.float64)  # sum over query tokens of p scores scores', per key token
+        if len(queries) == 1:  # p(query) folded in as sqrt(p) on both score matrices of a product
+            q1.mul_(self.p(queries[0]).sqrt()[:, None])
+        # per query law, the sum over query tokens of p scores scores', per key token
+        W = {q: torch.zeros((V, nr, nc), dtype=torch.float64) for q in queries}
         # Both score blocks are written into buffers allocated once (a fresh
         # 8 MiB block per product: 0.74 s against 0.71 s per offset, best of 10).
-        first, second = (torch.empty(Hs * Bk * Bq, dtype=torch.float64) for _ in range(2))
+        # Several query laws weight a copy of the block, one each.
+        first, second, third = (torch.empty(Hs * Bk * Bq if k < 2 or len(queries) > 1 else 0, dtype=torch.float64)
+                                for k in range(3))
+        P = {q: self.p(q) for q in queries}
         for kb in _blocks(V, Bk):
-            Wk = W[kb]
             for qb in _blocks(V, Bq):
                 shape = (Hs, kb.stop - kb.start, qb.stop - qb.start)
-                S, T = (b[: math.prod(shape)].view(shape) for b in (first, second))
+                S, T, R = (b[: math.prod(shape)].view(shape) if b.numel() else None for b in (first, second, third))
                 torch.bmm(k1[:, kb], q1[:, qb].transpose(1, 2), out=S)
                 S.mul_(torch.bmm(k2[:, kb], q2[:, qb].transpose(1, 2), out=T))  # (heads, key, query)
-                S = S.permute(1, 0, 2)  # per key token, (heads, query): strided, read as is by the product
-                Wk.baddbmm_(S[:, rows], S[:, cols].transpose(1, 2))
+                for q in queries:
+                    weighted = S if R is None else torch.mul(S, P[q][qb], out=R)
+                    # per key token, (heads, query): strided, read as is by the product
+                    W[q][kb].baddbmm_(weighted.permute(1, 0, 2)[:, rows], S.permute(1, 0, 2)[:, cols].transpose(1, 2))
             self._count(scores * (kb.stop - kb.start) / V)  # as the blocks run: the plan's bar moves with them
-        W.mul_(torch.from_numpy(self.p)[:, None, None])
-        p = torch.from_numpy(self.p)
-        out = {}
+        out: dict[tuple[int, int], dict[str, Any]] = {law: {} for law in laws}
+        for k in sorted({k for _, k in laws}):
+            pk = self.p(k)[:, None, None]
+            by_token = [v * pk for v in tables["values by token"]]  # (key, heads, dv), p(key) folded in
+            for q in (q for q, key in laws if key == k):
+                self._pair_sums(offset, (q, k), W[q], by_token, parts, tables, rows, cols, out[(q, k)])
+        return out
+
+    def _pair_sums(self, offset: int, law: tuple[int, int], W: Any, by_token: list[Any], parts: list[Any],
+                   tables: dict[str, Any], rows: slice, cols: slice, out: dict[str, Any]) -> None:
+        """D of every pair for one (query law, key law), from the Grams W of
+        the query law's scores and the values weighted by the key law."""
+        import torch
+
+        V, sides, Bk = self.V, self.sides, min(_KEY_BLOCK, self.V)
+        starts = np.cumsum([0] + [s.H for s in sides])
+        q, k = law
+        p = self.p(q)
         for name, (x, y) in self.pairs.items():
             X, Y = sides[x], sides[y]
             Wxy = W[:, starts[x] - rows.start : starts[x + 1] - rows.start,
                     starts[y] - cols.start : starts[y + 1] - cols.start]  # (key token, hx, hy)
-            vx, vy = tables["values"][x], tables["values by token"][y]  # (hx, e, key), (key, hy, f)
+            vx, vy = tables["values"][x], by_token[y]  # (hx, e, key), (key, hy, f)
             # sum over key tokens of vx_e W vy_f, in key blocks batched over x's heads (the weighted
             # values of a block stay in cache: 0.039 s against 0.067 s per offset head by head)
             shared = torch.zeros((X.H, X.dv, Y.H * Y.dv), dtype=torch.float64)
@@ -285,10 +330,9 @@ class _TokenEngine:
                 torch.mul(Wxy[kb].permute(1, 0, 2)[..., None], vy[kb][None], out=R)  # (hx, key, hy, f)
                 shared.baddbmm_(vx[:, :, kb], R.view(X.H, -1, Y.H * Y.dv))
             shared = shared.view(X.H, X.dv, Y.H, Y.dv).permute(0, 2, 1, 3)
-            cx, cy = (parts[z][1][sides[z].key(offset)].reshape(-1, V) for z in (x, y))  # (heads dv, vocab)
+            cx, cy = (parts[z][1][(k, sides[z].key(offset))].reshape(-1, V) for z in (x, y))  # (heads dv, vocab)
             product = ((cx * p) @ cy.T).reshape(X.H, X.dv, Y.H, Y.dv)
             out[name] = shared - product.permute(0, 2, 1, 3)
-        return out
 
     # -------------------------------------------------------- results
     def run(self, centered: bool) -> dict[str, tuple[np.ndarray, list[np.ndarray] | None]]:
@@ -297,8 +341,6 @@ class _TokenEngine:
         n = sides[0].n
         if not dry:
             import torch
-
-            p = torch.from_numpy(self.p)
         parts = [self._conditional(s) for s in sides]
         U = [None if dry else torch.from_numpy(s.side.out_maps[1]) @ torch.from_numpy(s.side.T) for s in sides]  # virtual head
         for s in sides:
@@ -313,10 +355,14 @@ class _TokenEngine:
             for name, (x, y) in self.pairs.items():
                 self._count(2.0 * sides[x].d_out * sides[y].d_out * V)
                 if not dry:
+                    p = self.p(self.law[i])
                     M[name][i] = (G[x] * p) @ G[y].T
                     if centered:
                         means[name][0][i], means[name][1][i] = G[x] @ p, G[y] @ p
-        offsets = sorted(set().union(*[s.offsets for s in sides]))
+        # (query position, key position) pairs that both models of a pair read
+        read = {name: sorted(set(sides[x].reads) & set(sides[y].reads))
+                for name, (x, y) in self.pairs.items()}
+        offsets = sorted({j - i for pairs in read.values() for i, j in pairs})
         groups = sorted({tuple(s.key(o) for s in sides) for o in offsets})
         if groups:  # every head's score tables, stacked, and the values laid out by token
             self._count(0, held=sum(s.H for s in sides) * V * sum(max(s.width(f) for s in sides)
@@ -325,18 +371,23 @@ class _TokenEngine:
         tables = None if dry or not groups else self._score_tables()
         for keys in groups:  # both models' keys at one position j != i, once per distinct arithmetic
             members = [o for o in offsets if tuple(s.key(o) for s in sides) == keys]
-            D = self._shared_keys(members[0], parts, tables)
+            laws = sorted({(self.law[i], self.law[j]) for pairs in read.values() for i, j in pairs if j - i in members})
+            D = self._shared_keys(members[0], laws, parts, tables)
             for name, (x, y) in self.pairs.items():
                 X, Y = sides[x], sides[y]
                 for i in range(n):
-                    weights = [(X.c[:, i, i + o], Y.c[:, i, i + o]) for o in members if 0 <= i + o < n]
+                    weights: dict[tuple[int, int], Any] = {}
+                    for j in (j for q, j in read[name] if q == i and j - i in members):
+                        law = (self.law[i], self.law[j])
+                        weights[law] = weights.get(law, 0) + np.outer(X.c[:, i, j], Y.c[:, i, j])  # (hx, hy)
                     if not weights:
                         continue
-                    self._count(2.0 * X.H * Y.H * X.dv * Y.dv * (len(weights) + Y.d_out) + 2.0 * X.d_out * Y.H * Y.dv * Y.d_out)
+                    self._count(2.0 * X.H * Y.H * X.dv * Y.dv * (2 * len(weights) + Y.d_out)
+                                + 2.0 * X.d_out * Y.H * Y.dv * Y.d_out)
                     if dry:
                         continue
-                    c = torch.from_numpy(sum(np.outer(a, b) for a, b in weights))  # (hx, hy)
-                    N = (c[:, :, None, None] * D[name]).permute(0, 2, 1, 3).reshape(X.H * X.dv, Y.H * Y.dv)
+                    N = sum(torch.from_numpy(c)[:, :, None, None] * D[law][name] for law, c in weights.items())
+                    N = N.permute(0, 2, 1, 3).reshape(X.H * X.dv, Y.H * Y.dv)
                     M[name][i] += X.output_map @ N @ Y.output_map.T
         if dry:
             return {name: (None, None) for name in self.pairs}  # type: ignore[misc]
@@ -345,8 +396,9 @@ class _TokenEngine:
 
 
 class TokenMoments(Algorithm):
-    """One attention layer under the token measure (every token one
-    distribution): exact, polynomial in the vocabulary."""
+    """One attention layer under the token measure (one distribution for
+    every position, or one per position): exact, polynomial in the
+    vocabulary."""
 
     name = "token-moments"
     title = "attention moments under the token measure"
@@ -354,10 +406,7 @@ class TokenMoments(Algorithm):
     measures = (Tokens,)
 
     def check(self, problem: InnerProblem) -> str | None:
-        why = AttentionMoments.structure(problem)
-        if why is None and not problem.measure.identical:  # type: ignore[union-attr]
-            return "the tokens have different distributions (enumeration or the pairing groupings take that)"
-        return why
+        return AttentionMoments.structure(problem)
 
     def _engine(self, problem: InnerProblem, dry: bool) -> tuple[_TokenEngine, list[AttentionSide]]:
         sides = []
@@ -368,7 +417,7 @@ class TokenMoments(Algorithm):
             sides, pairs = sides[:1], {"ab": (0, 0)}
         else:
             pairs = {"ab": (0, 1), "aa": (0, 0), "bb": (1, 1)} if problem.joint else {"ab": (0, 1)}
-        return _TokenEngine(sides, pairs, problem.measure.token_probs()[0], dry), sides  # type: ignore[union-attr]
+        return _TokenEngine(sides, pairs, problem.measure.token_probs(), dry), sides  # type: ignore[union-attr]
 
     def plan(self, problem: InnerProblem, limit: float) -> Plan:
         engine, sides = self._engine(problem, dry=True)
