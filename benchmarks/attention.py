@@ -29,7 +29,10 @@ Prints, from one run:
    in the same run), and the time Monte Carlo would take to reach a relative
    error of 1e-3 on the same similarity (its per-sample cost and variance
    measured on a pilot of samples), as a ratio to the exact warm time.
-   Plans above a minute of work are reported, not run.
+   Plans above a minute of work are reported, not run.  At the first shape
+   also the inner product alone (the token measure's target) under both
+   measures at the default budget, and the token measure with a different
+   law at every position (inner product and similarity).
 Timings are wall-clock on this machine; nothing is asserted.
 """
 
@@ -96,11 +99,17 @@ def mlp(rng: np.random.Generator, d: int, n_ctx: int) -> ts.Component:
 
 def case(name: str, d: int):
     """(a, b, call) for a timing case, built the same way in every process."""
-    if name.startswith("lm "):
-        _, measure, *shape = name.split()
-        a, b = (ts.from_torch(m) for m in language_models(*(int(v) for v in shape)))
-        kw = {"measure": ts.Tokens(int(shape[0]), int(shape[-1]))} if measure == "tokens" else {}
-        return a, b, lambda: ts.similarity(a, b, measure, budget=RUN_LIMIT, **kw)
+    if name.startswith("lm "):  # "lm MEASURE V d heads dh n [inner] [laws]"
+        _, measure, *words = name.split()
+        V, d, heads, dh, n = (int(v) for v in words[:5])
+        a, b = (ts.from_torch(m) for m in language_models(V, d, heads, dh, n))
+        if measure == "tokens":
+            kw = {"measure": ts.Tokens(V, n, token_laws(V, n) if "laws" in words else None)}
+        else:
+            kw = {"measure": ts.Gaussian()}
+        if "inner" in words:  # the inner product alone, at the default budget
+            return a, b, lambda: ts.inner(a, b, **kw)
+        return a, b, lambda: ts.similarity(a, b, budget=RUN_LIMIT, **kw)
     seed = {"distinct": 0, "quadratic": 1, "block": 2}[name.split()[0]]
     rng = np.random.default_rng(seed)
     if name.startswith("block"):
@@ -248,6 +257,15 @@ def language_models(V: int, d: int, heads: int, dh: int, n: int) -> tuple[Any, A
         return m.eval()
 
     return model(False), model(True)
+
+
+def token_laws(V: int, n: int) -> np.ndarray:
+    """A different token distribution at every position, far from uniform
+    (a few tokens carry most of each position's mass)."""
+    p = np.random.default_rng(3).random((n, V)) ** 4
+    return p / p.sum(axis=1, keepdims=True)
+
+
 def matmul_rate() -> float:
     """Flops per second of a 2000 x 2000 float64 matrix product (best of 3)."""
     A = np.random.default_rng(0).normal(size=(2000, 2000))
@@ -313,6 +331,17 @@ def language_model_section() -> None:
             print(f"{head} {r.algorithm} | {r.value:.9f} | {r.flops:.3g} | {cold(name, 0):.2f} s | {warm:.2f} s | "
                   f"{r.flops / warm / 1e9:.0f} GF/s ({r.flops / warm / rate:.0%}) | {mc:.3g} s | "
                   f"{mc / warm:.3g} |", flush=True)
+    V, d, heads, dh, n = LM_SHAPES[0]
+    print(f"\nat d_model {d}, {heads} heads of {dh}, {n} positions: the inner product <a, b> alone (default budget), "
+          "and the token measure with a different law at every position\n")
+    print("| measure | product | algorithm | value | flops | cold | warm |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for measure, extra in (("gaussian", "inner"), ("tokens", "inner"), ("tokens", "inner laws"), ("tokens", "laws")):
+        name = f"lm {measure} {V} {d} {heads} {dh} {n} {extra}"
+        r, _, warm = timed(case(name, 0)[2], 3)
+        what = ("<a, b>" if "inner" in extra else "similarity") + (", a law per position" if "laws" in extra else "")
+        print(f"| {measure} | {what} | {r.algorithm} | {r.value:.9g} | {r.flops:.3g} | {cold(name, 0):.2f} s | "
+              f"{warm:.2f} s |", flush=True)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from .components import Bilinear, Component, Sequential
 from .engine import evaluation_network
 from .jsonable import dumps
 from .planner import plan, plan_cache
-from .problem import CostError
+from .problem import DEFAULT_BUDGET, CostError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
 
@@ -608,7 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: exact within the budget, else an error (never an approximation); "
                         "closure: Gaussian moment closure (approximate); sampled: Monte Carlo estimate with a "
                         "standard error")
-    s.add_argument("--budget", type=float, default=1e11, help="flop budget per inner product (default 1e11)")
+    s.add_argument("--budget", type=float, default=DEFAULT_BUDGET,
+                   help=f"flop budget per inner product (default {DEFAULT_BUDGET:g})")
     s.add_argument("--samples", type=int, help="--method sampled: number of samples (default 10000)")
     s.add_argument("--rel-error", type=float, help="--method sampled: sample until this relative standard error")
     s.add_argument("--seed", type=int, help="--method sampled: random seed (reproducible estimates)")
@@ -627,7 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--centered", action="store_true", help="centred gaussian")
     m.add_argument("--method", choices=("auto", "exact", "closure", "sampled"), default="auto",
                    help="as for similarity; sampled estimates each product pair by pair")
-    m.add_argument("--budget", type=float, default=1e11, help="flop budget per inner product (default 1e11)")
+    m.add_argument("--budget", type=float, default=DEFAULT_BUDGET,
+                   help=f"flop budget per inner product (default {DEFAULT_BUDGET:g})")
     m.add_argument("--samples", type=int, help="--method sampled: samples per product (default 10000)")
     m.add_argument("--seed", type=int, help="--method sampled: random seed")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -662,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inner", choices=inners, default=None, help=inner_help)
     p.add_argument("--centered", action="store_true")
     p.add_argument("--per-output", action="store_true")
-    p.add_argument("--budget", type=float, default=1e11)
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET)
     p.set_defaults(func=cmd_plan)
 
     d = sub.add_parser("demo", help="grokking | backdoor | language: train, checkpoint, compare, plot",

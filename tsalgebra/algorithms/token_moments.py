@@ -75,7 +75,6 @@ class _Side:
         c = side.mask  # (heads, n, n)
         i, j = np.nonzero(np.any(c != 0, axis=0))
         self.reads = [(int(a), int(b)) for a, b in zip(i, j) if a != b]  # (query, key) positions, j != i
-        self.offsets = sorted({j - i for i, j in self.reads})  # key offsets j - i read
         self.c = c
 
     @cached_property
