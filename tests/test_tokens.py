@@ -16,6 +16,7 @@ from torch import nn
 
 import tsalgebra as ts
 from tsalgebra.adapters import BilinearAttentionModule, BilinearLayer
+from tsalgebra.problem import DEFAULT_BUDGET
 
 
 def brute(a, b, measure, centered=False, per_output=False):
@@ -297,3 +298,14 @@ def test_tokens_and_the_gaussian_of_the_same_moments():
                                                                            rel=1e-12)
     f, g = stack(rng, V, n, 1), stack(rng, V, n, 1)
     assert abs(ts.inner(f, g, measure=tokens).value - ts.inner(f, g, measure=gauss).value) > 1e-3
+
+
+def test_token_inner_product_at_the_language_model_shape_fits_the_default_budget():
+    """The field's language-model shape (vocabulary 4096, d_model 256, 8
+    heads of 32, 4 positions, causal, rotary): the token inner product is
+    planned as token-moments within the default budget (a refusal there
+    would turn away the models the algorithm exists for)."""
+    flags = dict(causal=True, rotary_base=10000.0, residual=True)
+    a, b = (attention_lm(np.random.default_rng(s), 4096, 256, 8, 32, 4, **flags) for s in (0, 1))
+    plan = ts.plan_inner(a, b, measure=ts.Tokens(4096, 4))
+    assert plan.algorithm == "token-moments" and 1e11 < plan.flops <= DEFAULT_BUDGET
