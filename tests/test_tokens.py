@@ -55,9 +55,9 @@ def measure(rng, V, n, kind):
         p[0] = 0.0  # a token that never occurs
         return ts.Tokens(V, n, p / p.sum())
     p = rng.random((n, V))
-    if kind == "mixed":  # the even positions share one law, a token absent from it; the odd ones their own
-        p[0::2] = p[0]
-        p[0::2, 1] = 0.0
+    if kind == "mixed":  # the first two positions share one law, a token absent from it; the others their own
+        p[:2] = p[0]
+        p[:2, 1] = 0.0
     return ts.Tokens(V, n, p / p.sum(axis=1, keepdims=True))
 
 
