@@ -253,7 +253,8 @@ from test_tokens import attention_lm
 flags = dict(causal=True, rotary_base=10000.0, residual=True)
 a = attention_lm(np.random.default_rng(0), 2048, 128, 8, 16, 4, **flags)
 b = attention_lm(np.random.default_rng(1), 2048, 128, 8, 16, 4, **flags)
-m = ts.Tokens(2048, 4)
+p = np.random.default_rng(2).random((4, 2048)) ** 4  # sys.argv[2] == "laws": a different law at every position
+m = ts.Tokens(2048, 4, p / p.sum(axis=1, keepdims=True) if sys.argv[2] == "laws" else None)
 planned = ts.plan_similarity(a, b, measure=m).products[0][1].peak_bytes
 ts.similarity(a, b, measure=m)  # warm: libraries loaded, the models' maps made
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
@@ -268,14 +269,15 @@ print(planned, peak[0] - start)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and sets glibc's malloc")
-def test_token_plan_memory_against_the_process():
+@pytest.mark.parametrize("laws", ["uniform", "laws"], ids=["one law", "a law per position"])
+def test_token_plan_memory_against_the_process(laws):
     """Vocabulary 2048, d_model 128, 8 heads of 16, 4 positions: the plan's
     memory against the peak of the process's resident memory above the
     start of a warm similarity (sampled every 0.5 ms, in a child process
     whose malloc returns every freed array at once), which also holds the
     rescaled models: within 25 % above the plan, and not below half of it."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, os.path.dirname(__file__)], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, os.path.dirname(__file__), laws], capture_output=True,
                          text=True, env=env, timeout=300, check=True)
     planned, used = (float(v) for v in out.stdout.split())
     assert 0.5 * planned < used < 1.25 * planned

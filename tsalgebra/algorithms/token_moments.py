@@ -117,9 +117,10 @@ class _TokenEngine:
     position, for the pairs of sides asked; counts its flops and the
     elements it holds at its peak (``dry``: only counts).
 
-    ``probs`` (positions, vocab): each position's token distribution; the
-    tables are made once per distinct distribution (``law[i]`` is position
-    i's), so tokens of one distribution cost what they did before."""
+    ``probs`` (positions, vocab): each position's token distribution.  The
+    work that depends on a law (carried key sides, Grams over the query
+    tokens) is done once per distinct law (``law[i]`` is position i's), so
+    tokens of one law pay for one."""
 
     def __init__(self, sides: list[AttentionSide], pairs: dict[str, tuple[int, int]], probs: np.ndarray,
                  dry: bool) -> None:
@@ -143,6 +144,7 @@ class _TokenEngine:
         self.peak = max(self.peak, self.held + int(transient))
 
     def p(self, law: int) -> Any:
+        """The law's token probabilities, (vocab,) torch."""
         import torch
 
         return torch.from_numpy(self.laws[law])
