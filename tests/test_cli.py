@@ -327,3 +327,56 @@ def test_matrix_outputs_checked_before_the_run_data_before_figure(ckpts, capsys,
     rep = json.loads(out)
     assert code == 0 and rep["figure"] == str(tmp_path / "matrix.png") and (tmp_path / "matrix.png").is_file()
     assert (tmp_path / "matrix.csv").is_file()
+
+
+def test_token_frequencies_from_a_file(tmp_path, capsys):
+    """--token-probs: a language model's similarity (and matrix) under token
+    frequencies read from .npy, .csv or whitespace text (one law per
+    position, or one for all), equal to the library's; a file that is missing, not numeric,
+    of the wrong shape, or given with another inner product exits 2 naming
+    the option."""
+    (tmp_path / "arch_lm.py").write_text(
+        "from torch import nn\n"
+        "from tsalgebra.adapters import BilinearAttentionModule\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Embedding(6, 4), BilinearAttentionModule(2, 2, 4, n_ctx=3, causal=True),\n"
+        "                         nn.Linear(4, 6)).double()\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import arch_lm
+
+        models = []
+        for s in (1, 2):
+            torch.manual_seed(s)
+            m = arch_lm.build()
+            torch.save(m.state_dict(), tmp_path / f"m{s}.pt")
+            models.append(ts.from_torch(m))
+        p = np.random.default_rng(0).random((3, 6))
+        p /= p.sum(axis=1, keepdims=True)
+        np.save(tmp_path / "p.npy", p)
+        np.savetxt(tmp_path / "p.csv", p, delimiter=",")
+        np.savetxt(tmp_path / "one.txt", p[0])
+        (tmp_path / "short.csv").write_text("0.5,0.5\n")
+        (tmp_path / "words.txt").write_text("x y\n")
+        base = ["similarity", tmp_path / "m1.pt", tmp_path / "m2.pt", "--template", f"{tmp_path / 'arch_lm.py'}:build"]
+        for name, probs in (("p.npy", p), ("p.csv", p), ("one.txt", p[0])):
+            code, out, err = call(capsys, *base, "--token-probs", tmp_path / name, "--json")
+            assert code == 0, err
+            got = json.loads(out)
+            want = ts.similarity(*models, measure=ts.Tokens(6, 3, probs))
+            assert got["value"] == pytest.approx(want.value, rel=1e-12) and "given frequencies" in got["measure"]
+        assert want.value != pytest.approx(ts.similarity(*models).value, rel=1e-3)  # the frequencies matter
+        code, out, err = call(capsys, "matrix", tmp_path / "m1.pt", tmp_path / "m2.pt", "--template",
+                              f"{tmp_path / 'arch_lm.py'}:build", "--token-probs", tmp_path / "one.txt",
+                              "--out", tmp_path / "m.png", "--json", "--no-progress")
+        assert code == 0, err
+        assert json.loads(out)["values"][0][1] == pytest.approx(want.value, rel=1e-12)
+        for extra, says in ((["--token-probs", tmp_path / "nope.npy"], "no such file"),
+                            (["--token-probs", tmp_path / "short.csv"], "vocabulary"),
+                            (["--token-probs", tmp_path / "words.txt"], "not a numeric array"),
+                            (["--token-probs", tmp_path / "p.npy", "--inner", "gaussian"], "token measure")):
+            code, _, err = call(capsys, *base, *extra)
+            assert code == 2 and "--token-probs" in err and says in err, err
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("arch_lm", None)

@@ -186,6 +186,38 @@ def _result_dict(r: Any) -> dict[str, Any]:
 
 # ------------------------------------------------------------- similarity
 
+MAX_TOKEN_PROBS_BYTES = 2**28  # 256 MiB: 64 positions of a 500,000-token vocabulary in float64
+
+
+def _token_measure(args: argparse.Namespace, model: Any) -> Any:
+    """The token measure of ``--token-probs`` (None without it): the model's
+    own vocabulary and positions, the frequencies read from the file (a .npy
+    array, or text: one distribution per line); usage errors name the file."""
+    if args.token_probs is None:
+        return None
+    if args.inner not in (None, "tokens"):
+        raise UsageError(f"--token-probs belongs to the token measure, not --inner {args.inner}")
+    path = Path(args.token_probs)
+    if not path.is_file():
+        raise UsageError(f"--token-probs {path}: no such file")
+    if path.stat().st_size > MAX_TOKEN_PROBS_BYTES:
+        raise UsageError(f"--token-probs {path}: {path.stat().st_size:,} bytes, above the bound of "
+                         f"{MAX_TOKEN_PROBS_BYTES:,}")
+    default = getattr(model, "default_measure", None)
+    if default is None:
+        raise UsageError(f"--token-probs {path}: the models do not read token ids (no token embedding)")
+    try:
+        probs = np.load(path, allow_pickle=False) if path.suffix == ".npy" else \
+            np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=1)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--token-probs {path}: not a numeric array ({e})") from None
+    from .measure import Tokens
+
+    try:
+        return Tokens(default.vocab, default.n_ctx, probs)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--token-probs {path}: {e}") from None
+
 
 def cmd_similarity(args: argparse.Namespace) -> int:
     from .inner import similarity
@@ -202,7 +234,7 @@ def cmd_similarity(args: argparse.Namespace) -> int:
         kw.update(samples=args.samples, rel_error=args.rel_error, seed=args.seed)
     elif args.samples is not None or args.rel_error is not None or args.seed is not None:
         raise UsageError("--samples, --rel-error and --seed belong to --method sampled")
-    r = similarity(a, b, args.inner, args.method, **kw)
+    r = similarity(a, b, args.inner, args.method, measure=_token_measure(args, a), **kw)
     payload = dict(_result_dict(r), a=args.a, b=args.b, model_a=repr(a), model_b=repr(b))
     if args.per_output:
         vals = np.asarray(r.value, dtype=float)
@@ -284,7 +316,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         raise UsageError(f"--workers must be a positive number of worker processes, got {args.workers}")
     if args.tile is not None and args.tile < 1:
         raise UsageError(f"--tile must be a positive number of models, got {args.tile}")
-    res = similarity_matrix(models, inner=args.inner, method=args.method, progress=not args.no_progress,
+    res = similarity_matrix(models, inner=args.inner, method=args.method, measure=_token_measure(args, models[0]),
+                            progress=not args.no_progress,
                             workers=args.workers, scheduler=args.scheduler, store=args.store, tile=args.tile, **kw)
     values = np.asarray(res.values, dtype=float)
     if csv_path is not None:  # the data first: a figure that fails to draw loses nothing
@@ -604,6 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--inner", choices=inners, default=None, help=inner_help)
     s.add_argument("--per-output", action="store_true", help="one similarity per output channel")
     s.add_argument("--centered", action="store_true", help="centred gaussian (covariance of the outputs)")
+    s.add_argument("--token-probs", metavar="PATH",
+                   help="token frequencies for the token measure: a .npy or text file (.csv, or whitespace) holding "
+                        "one distribution over the vocabulary or one per position (uniform without it)")
     s.add_argument("--method", choices=("auto", "exact", "closure", "sampled"), default="auto",
                    help="auto: exact within the budget, else an error (never an approximation); "
                         "closure: Gaussian moment closure (approximate); sampled: Monte Carlo estimate with a "
@@ -626,6 +662,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the matrix as CSV (default: the figure path with .csv)")
     m.add_argument("--inner", choices=inners, default=None, help=inner_help)
     m.add_argument("--centered", action="store_true", help="centred gaussian")
+    m.add_argument("--token-probs", metavar="PATH",
+                   help="token frequencies for the token measure: a .npy or text file (.csv, or whitespace) holding "
+                        "one distribution over the vocabulary or one per position (uniform without it)")
     m.add_argument("--method", choices=("auto", "exact", "closure", "sampled"), default="auto",
                    help="as for similarity; sampled estimates each product pair by pair")
     m.add_argument("--budget", type=float, default=DEFAULT_BUDGET,
