@@ -103,6 +103,8 @@ def test_measure_validation():
         ts.Tokens(3, probs=[0.5, 0.5])
     with pytest.raises(ValueError, match="2 distributions for n_ctx=3"):
         ts.Tokens(2, 3, probs=[[0.5, 0.5], [0.5, 0.5]])
+    with pytest.raises(ValueError, match="^probs contains NaN or Inf"):
+        ts.Tokens(3, probs=[np.nan, 0.5, 0.5])
     with pytest.raises(ValueError, match="positive integer"):
         ts.Tokens(0)
     a = ts.Bilinear(np.ones((2, 6)), np.ones((2, 6)), np.ones((1, 2)))

@@ -73,7 +73,7 @@ def _as_numbers(value: Any, what: str, rank: int) -> np.ndarray:
     finite = np.isfinite(arr).all() if arr.dtype != object else all(
         np.isfinite(float(x)) for x in arr.ravel() if isinstance(x, (float, np.floating)))
     if not finite:
-        raise ValueError(f"mean or cov contains NaN or Inf ({what})")
+        raise ValueError(f"{what} contains NaN or Inf")
     return arr
 
 
