@@ -619,6 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--state-key", metavar="KEY",
                         help="the state dict to read from checkpoints holding several (e.g. ema beside model)")
     inners = ("gaussian", "tokens", "symmetric", "network")
+    token_probs_help = ("token frequencies for the token measure: a .npy or text file (.csv, or whitespace) "
+                        "holding one distribution over the vocabulary or one per position (uniform without it)")
     inner_help = ("inner product (default: the models' own measure: tokens for models that read token ids, "
                   "else gaussian)")
 
@@ -638,8 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--per-output", action="store_true", help="one similarity per output channel")
     s.add_argument("--centered", action="store_true", help="centred gaussian (covariance of the outputs)")
     s.add_argument("--token-probs", metavar="PATH",
-                   help="token frequencies for the token measure: a .npy or text file (.csv, or whitespace) holding "
-                        "one distribution over the vocabulary or one per position (uniform without it)")
+                   help=token_probs_help)
     s.add_argument("--method", choices=("auto", "exact", "closure", "sampled"), default="auto",
                    help="auto: exact within the budget, else an error (never an approximation); "
                         "closure: Gaussian moment closure (approximate); sampled: Monte Carlo estimate with a "
@@ -663,8 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--inner", choices=inners, default=None, help=inner_help)
     m.add_argument("--centered", action="store_true", help="centred gaussian")
     m.add_argument("--token-probs", metavar="PATH",
-                   help="token frequencies for the token measure: a .npy or text file (.csv, or whitespace) holding "
-                        "one distribution over the vocabulary or one per position (uniform without it)")
+                   help=token_probs_help)
     m.add_argument("--method", choices=("auto", "exact", "closure", "sampled"), default="auto",
                    help="as for similarity; sampled estimates each product pair by pair")
     m.add_argument("--budget", type=float, default=DEFAULT_BUDGET,
