@@ -171,3 +171,22 @@ def test_never_silent_and_named_in_refusals():
     assert refused.refused and set(others) == {"closure", "sampled"}
     assert "per sample" in others["sampled"].summary() and "method='sampled'" in repr(refused)
     assert refused.describe()["other_methods"]["sampled"]["total_flops"] > 0
+
+
+def test_a_named_algorithm_labels_the_result_with_its_own_method():
+    """algorithm= without method=: the result says what ran (an estimate is
+    never labelled exact), and the sampling options belong to
+    algorithm='sampled' as to method='sampled'."""
+    a, b = attention_pair(vocab=8, n_ctx=3)
+    r = ts.inner(a, b, algorithm="sampled", samples=500, seed=1)
+    assert r.method == "sampled" and r.estimated and not r.exact and r.samples == 500
+    assert "sampled (estimated" in repr(r) and "exact" not in repr(r)
+    s = ts.similarity(a, b, algorithm="sampled", samples=500, seed=1)
+    assert s.method == "sampled" and "exact" not in repr(s)
+    plan = ts.plan_similarity(a, b, algorithm="sampled", samples=100)
+    assert "per sample" in plan.summary()
+    c = ts.inner(a, b, inner="gaussian", algorithm="closure")
+    assert c.method == "closure" and ts.inner(a, b, inner="gaussian").method == "exact"
+    deep, _ = attention_pair(layers=2, vocab=8, n_ctx=3)
+    d = ts.inner(deep, deep, inner="gaussian", algorithm="closure")
+    assert d.method == "closure" and not d.exact and "closure (approximate)" in repr(d)

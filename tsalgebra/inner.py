@@ -314,14 +314,14 @@ class SimilarityPlan:
         if self.refused:
             return "refused: " + "; ".join(p.reason for _, p in self.products if isinstance(p, CostError))
         p = self.plans[0]
-        if p.problem.method == "sampled":
+        if p.method == "sampled":
             return (f"{format_count(p.facts['per_sample_flops'])} flops per sample ({format_count(self.flops)} for "
                     f"{p.facts['samples']:,} samples), an estimate with a standard error")
         return f"{format_count(self.flops)} flops{'' if all(q.exact for q in self.plans) else ', approximate'}"
 
 
 def _kind(plan: Plan) -> str:
-    if plan.problem.method == "sampled":
+    if plan.method == "sampled":
         return f", estimated ({format_count(plan.facts['per_sample_flops'])} flops per sample)"
     return "" if plan.exact else ", approximate"
 

@@ -108,10 +108,11 @@ def _cost_error(reason: str, flops: float, alternatives: tuple[Alternative, ...]
 
 def _check_sampling(method: str, options: dict[str, Any]) -> None:
     """ValueError naming a bad sampling option (or one given without
-    method='sampled', where it would be silently ignored)."""
+    method='sampled' or algorithm='sampled', where it would be silently
+    ignored)."""
     samples, rel_error, seed = options.get("samples"), options.get("rel_error"), options.get("seed")
     given = [k for k in ("samples", "rel_error", "seed", "device") if options.get(k) is not None]
-    if given and method != "sampled":
+    if given and method != "sampled" and options.get("algorithm") != "sampled":
         raise ValueError(f"{', '.join(given)} belong{'s' if len(given) == 1 else ''} to method='sampled'")
     if samples is not None and (isinstance(samples, bool) or not isinstance(samples, (int, np.integer))
                                 or samples < 2):
@@ -341,7 +342,9 @@ class Plan:
     ``exact`` whether the result will be exact, ``joint`` whether the run
     also yields <a, a> and <b, b>.  ``facts`` are JSON-able details for
     reports (orbits, nodes, ...); ``payload`` is what :meth:`run` needs;
-    ``refusals`` the other algorithms considered and why they were not taken.
+    ``refusals`` the other algorithms considered and why they were not taken;
+    ``method`` the rung of the ladder of the algorithm that made it (set by
+    the chooser: a named algorithm's own, whatever ``method=`` said).
     """
 
     algorithm: str
@@ -355,11 +358,12 @@ class Plan:
     notes: tuple[str, ...] = ()
     payload: Any = field(default=None, repr=False)
     refusals: tuple[tuple[str, str], ...] = ()
+    method: str = "exact"
 
     def result(self, value: Any, **fields: Any) -> "InnerResult":
         """An InnerResult of this plan's problem, algorithm and cost."""
         p = self.problem
-        base = dict(quantity="inner", inner=p.inner, method=p.method if p.method in ("closure", "sampled") else "exact",
+        base = dict(quantity="inner", inner=p.inner, method=self.method,
                     exact=self.exact, algorithm=self.algorithm, centered=p.centered,
                     measure=p.measure.label if p.measure is not None else "", per_output=p.per_output,
                     contractions=self.contractions, flops=self.flops, notes=p.notes + self.notes)

@@ -20,6 +20,7 @@ reason and the alternatives.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, Iterator
 
 import numpy as np
@@ -166,7 +167,7 @@ def choose(problem: InnerProblem) -> Plan:
             raise ValueError(f"algorithm={alg.name!r} is a {alg.method} algorithm; method={problem.method!r} asks "
                              f"for another")
         try:
-            return alg.plan(problem, problem.flop_limit)
+            return replace(alg.plan(problem, problem.flop_limit), method=alg.method)
         except CostError as exc:
             raise CostError(f"{problem.describe()}: {alg.name}: {exc.reason}; the budget is "
                             f"{_limit(problem)}", flops=exc.flops,
@@ -201,13 +202,7 @@ def choose(problem: InnerProblem) -> Plan:
                "or does not apply" if estimates else f"no {_method(problem)} algorithm applies")
         raise CostError(f"{problem.describe()} refused: {why} ({what})", flops=min(estimates, default=math.inf),
                         alternatives=_alternatives(problem, estimates))
-    return _with_refusals(best, tuple(r for r in refusals if r[0] != best.algorithm))
-
-
-def _with_refusals(plan: Plan, refusals: tuple[tuple[str, str], ...]) -> Plan:
-    from dataclasses import replace
-
-    return replace(plan, refusals=refusals)
+    return replace(best, method=_method(problem), refusals=tuple(r for r in refusals if r[0] != best.algorithm))
 
 
 def run(plan: Plan) -> Triple:
