@@ -143,6 +143,11 @@ def test_token_embeddings_from_torch():
     assert flat.default_measure.label == ts.Tokens(V, 2).label
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 5\)"):
         flat(np.array([[0, 7]]))
+    renormed = nn.Sequential(nn.Embedding(V, d, max_norm=0.5), nn.Flatten(), nn.Linear(2 * d, 3))
+    before = renormed[0].weight.detach().clone()
+    with pytest.raises(ts.AdapterError, match=r"^0: Embedding\(max_norm=0.5\) rescales each row"):
+        ts.from_torch(renormed)
+    assert torch.equal(renormed[0].weight.detach(), before)  # refused before its forward could rewrite it
 
 
 def attention_lm(rng, V, d, H, dh, n, noise=None, **flags):

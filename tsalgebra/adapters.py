@@ -439,6 +439,16 @@ def _per_position(parts: list[Component]) -> list[Component]:
     return parts
 
 
+def _embedding(module: nn.Embedding, path: str) -> Embedding:
+    # refused before the converted model is checked against the module's
+    # forward: with max_norm, that forward would rewrite the user's weight
+    if module.max_norm is not None:
+        raise AdapterError(path, f"Embedding(max_norm={module.max_norm}) rescales each row it looks up to at most "
+                                 "that norm (and rewrites its weight in place): not a fixed table of the token. "
+                                 "Renormalise the weight once, then set max_norm=None")
+    return Embedding(module.weight.detach().T, name=f"Embedding[{path}]" if path else "Embedding")
+
+
 def _dropout(module: nn.Module, path: str) -> None:
     if module.training and float(getattr(module, "p", 0.0)) > 0:
         raise AdapterError(path, f"{type(module).__name__}(p={module.p}) is in train mode: it is random, not a "
@@ -449,7 +459,7 @@ def _dropout(module: nn.Module, path: str) -> None:
 register_adapter(nn.Linear, lambda m, p: _linear(m, p))
 register_adapter(nn.Identity, lambda m, p: None)
 register_adapter(nn.Flatten, lambda m, p: None)  # inputs are held flat, position-major already
-register_adapter(nn.Embedding, lambda m, p: Embedding(m.weight.detach().T, name=f"Embedding[{p}]" if p else "Embedding"))
+register_adapter(nn.Embedding, lambda m, p: _embedding(m, p))
 register_adapter(nn.Sequential, _seq)
 register_adapter(BilinearLayer, lambda m, p: _bilinear(m.left, m.right, m.down, p))
 register_adapter(BilinearAttentionModule, attention_adapter)
