@@ -253,10 +253,11 @@ def read_state_dict(path: str | Path, *, max_bytes: int = MAX_CHECKPOINT_BYTES,
     except LoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - every reader failure becomes one clear error
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            msg = ("refused: the file holds Python objects other than tensors, and tsalgebra loads with "
-                   "weights_only=True (save model.state_dict() instead of the model object)")
+            raise LoadError(p, f"refused: the {kind} file holds Python objects other than tensors, and tsalgebra "
+                               "loads with weights_only=True (save model.state_dict() instead of the model "
+                               "object)") from None
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LoadError(p, f"cannot read {kind} file (malformed or truncated?): {msg}") from None
     return _unwrap(obj, p, state_key)
 
