@@ -377,6 +377,16 @@ def test_token_frequencies_from_a_file(tmp_path, capsys):
                             (["--token-probs", tmp_path / "p.npy", "--inner", "gaussian"], "token measure")):
             code, _, err = call(capsys, *base, *extra)
             assert code == 2 and "--token-probs" in err and says in err, err
+        # verify: a language model's own measure by default, the frequencies with --token-probs
+        verify = ["verify", tmp_path / "m2.pt", tmp_path / "m1.pt", "--template", f"{tmp_path / 'arch_lm.py'}:build",
+                  "--json"]
+        for extra, measure in (([], ts.Tokens(6, 3)), (["--token-probs", tmp_path / "p.npy"], ts.Tokens(6, 3, p)),
+                               (["--inner", "gaussian"], None)):
+            code, out, err = call(capsys, *verify, *extra)
+            got = json.loads(out)
+            want = ts.similarity(*models, **({"inner": "gaussian"} if measure is None else {"measure": measure}))
+            assert code == 1 and got["verdict"] == "different" and got["inner"] == want.inner, err
+            assert got["similarity"] == pytest.approx(want.value, rel=1e-9)
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("arch_lm", None)

@@ -318,3 +318,52 @@ def test_token_inner_product_at_the_language_model_shape_fits_the_default_budget
     a, b = (attention_lm(np.random.default_rng(s), 4096, 256, 8, 32, 4, **flags) for s in (0, 1))
     plan = ts.plan_inner(a, b, measure=ts.Tokens(4096, 4))
     assert plan.algorithm == "token-moments" and 1e11 < plan.flops <= DEFAULT_BUDGET
+
+
+def test_verify_and_check_invariance_under_the_token_measure():
+    """verify and check_invariance take measure=ts.Tokens (and a token model's
+    own measure by default): their figures against the enumeration of every
+    sequence; the token question differs from the Gaussian one where two
+    models agree on one-hot inputs only."""
+    from tsalgebra.symmetries import random_symmetry
+
+    rng = np.random.default_rng(11)
+    V, n = 4, 3
+    a, b = attention_lm(rng, V, 3, 2, 2, n, causal=True, rotary_base=10.0), attention_lm(rng, V, 3, 1, 3, n)
+    T = ts.Tokens(V, n)
+    seq = lambda f: lambda x: f(x.reshape(n, V).argmax(axis=1))  # noqa: E731  (brute feeds flat one-hot vectors)
+    ab, aa, bb = brute(seq(a), seq(b), T), brute(seq(a), seq(a), T), brute(seq(b), seq(b), T)
+    v = ts.verify(b, a, measure=T)
+    assert v.inner == "tokens" and v.similarity == pytest.approx(ab / np.sqrt(aa * bb), rel=1e-9)
+    assert v.verdict == "different" and v.relative_residual == pytest.approx(1 - 2 * ab / aa + bb / aa, rel=1e-9)
+    assert ts.verify(b, a, inner="gaussian").similarity == pytest.approx(ts.similarity(a, b, "gaussian").value, rel=1e-9)
+
+    report = ts.check_invariance(a, random_symmetry(a, rng=3), measure=T)  # attention symmetries, a sequence model
+    assert report.invariant and report.method == "tokens (exact)" and abs(report.relative_distance) < 1e-9
+    moved = ts.check_invariance(a, b, measure=T)
+    assert not moved.invariant and moved.method == "tokens (exact)"
+    assert moved.relative_distance == pytest.approx(1 - 2 * ab / aa + bb / aa, rel=1e-9)
+
+    # sum_i x_i^2 and sum_i x_i: equal on every one-hot block, different polynomials
+    squares = ts.Bilinear(np.eye(2 * V), np.eye(2 * V), np.ones((1, 2 * V)))
+    ones = ts.Linear(np.ones((1, 2 * V)))
+    on_tokens = ts.check_invariance(squares, ones, measure=ts.Tokens(V, 2))
+    assert on_tokens.invariant and on_tokens.method == "tokens (exact)" and on_tokens.relative_distance == pytest.approx(0, abs=1e-12)
+    assert not ts.check_invariance(squares, ones).invariant  # the Gaussian question
+    assert ts.verify(ones, squares, measure=ts.Tokens(V, 2)).verdict.startswith("equal")
+    with pytest.raises(ValueError, match="function-level inner product: 'gaussian', 'tokens' or 'symmetric'"):
+        ts.verify(ones, squares, inner="network")
+
+
+def test_a_token_model_is_checked_under_its_own_measure_by_default():
+    torch.manual_seed(1)
+    V, d, n = 6, 4, 3
+    att = BilinearAttentionModule(2, 2, d, n_ctx=n, causal=True, rotary_base=10.0, residual=True, bias=True)
+    a = ts.from_torch(nn.Sequential(nn.Embedding(V, d), att, nn.Linear(d, V)))
+    from tsalgebra.symmetries import random_symmetry
+
+    report = ts.check_invariance(a, random_symmetry(a, rng=0))  # failed before: the wire scales fed attention flat inputs
+    assert report.invariant and report.method.startswith("tokens")
+    assert ts.verify(a, a).inner == "tokens"
+    with pytest.raises(ValueError, match="mean= and cov= describe a Gaussian"):
+        ts.check_invariance(a, a, mean=np.zeros(a.in_features))

@@ -532,7 +532,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
         symbols = [sympy.Symbol(n) for n in names]
     exact = True if args.exact else None
-    rep = verify(circuit, component, args.inner, exact, symbols=symbols, tol=args.tol)
+    measure = _token_measure(args, component)
+    rep = verify(circuit, component, args.inner, exact, symbols=symbols, tol=args.tol,
+                 **({} if measure is None else {"measure": measure}))
     payload = {
         "verdict": rep.verdict, "exact": rep.exact, "inner": rep.inner, "similarity": rep.similarity,
         "relative_residual": rep.relative_residual, "explained": rep.explained, "scale": rep.scale,
@@ -688,7 +690,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "symbols, + - * / ^ ( ); '#' comments).")
     v.add_argument("circuit", help="formula file or checkpoint")
     v.add_argument("component", help="checkpoint file")
-    v.add_argument("--inner", choices=("gaussian", "symmetric"), default="gaussian")
+    v.add_argument("--inner", choices=("gaussian", "tokens", "symmetric"), default=None,
+                   help="function-level inner product (default: the component's own measure: tokens for a model "
+                        "that reads token ids, else gaussian)")
+    v.add_argument("--token-probs", metavar="PATH", help=token_probs_help)
     v.add_argument("--exact", action="store_true", help="exact arithmetic on the stored floats (small models)")
     v.add_argument("--tol", type=float, default=1e-9, help="tolerance on the relative residual (float mode)")
     v.add_argument("--symbols", help="input names in order, e.g. 'a b c' (default x1..xd)")

@@ -24,7 +24,7 @@ import numpy as np
 from .components import Component
 from .inner import inner as inner_product
 from .measure import Measure
-from .problem import DEFAULT_BUDGET, CostError, bound_measure
+from .problem import DEFAULT_BUDGET, CostError, bound_measure, function_level
 
 __all__ = ["InvarianceReport", "check_invariance"]
 
@@ -102,10 +102,10 @@ def _exact_distance(f: Component, g: Component, inner: str, measure: Measure, bu
                     ) -> tuple[Any, tuple[Any, ...] | None, str, list[str]]:
     """(relative distance, per-output distances, method, notes); the first two
     are None when every exact method is over budget."""
-    tries = [inner] if inner == "symmetric" else ["gaussian", "symmetric"]
+    tries = ["gaussian", "symmetric"] if inner == "gaussian" else [inner]
     refused: list[str] = []
     for kind in tries:
-        kw = {"measure": measure} if kind == "gaussian" else {}
+        kw = {"measure": measure} if kind != "symmetric" else {}
         try:
             ff = inner_product(f, f, kind, per_output=True, budget=budget, **kw)
             gg = inner_product(g, g, kind, per_output=True, budget=budget, **kw)
@@ -135,7 +135,8 @@ def _exact_distance(f: Component, g: Component, inner: str, measure: Measure, bu
 
 
 def _outputs(model: Component, x: np.ndarray) -> np.ndarray:
-    return np.asarray(model(x), dtype=float)
+    """(n, out) on flat samples (n, in): a sequence model's call would take (n, n_ctx, d)."""
+    return np.asarray(model.evaluate_flat(x), dtype=float)
 
 
 # ----------------------------------------------------------- layer part
@@ -195,7 +196,7 @@ def check_invariance(
     model: Component,
     transform: Callable[[Component], Component] | Component,
     *,
-    inner: str = "gaussian",
+    inner: str | None = None,
     mean: Any = None,
     cov: Any = None,
     measure: Measure | None = None,
@@ -210,23 +211,27 @@ def check_invariance(
     ``transform``: a :class:`~tsalgebra.symmetries.Symmetry`, any callable
     model -> model, or an already-transformed model.  ``inner``: "gaussian"
     (x ~ ``measure``, default N(0, I); ``mean``/``cov`` are shorthand for
-    ``Gaussian(mean, cov)``) or "symmetric"; both are function-level, so a
-    zero distance means the same polynomial.  When the exact Gaussian
-    computation is over budget the symmetric product (at the common degree)
-    is tried, and when that is too, the verdict rests on the ``n_samples``
-    inputs drawn from the measure (``rng``: a Generator or a seed; None means
-    seed 0, so reports are reproducible) and says so.
+    ``Gaussian(mean, cov)``), "tokens" (x a sequence of tokens drawn from
+    ``measure``, a :class:`~tsalgebra.Tokens`: the same function on every
+    token sequence) or "symmetric"; None (default) the model's own measure,
+    as in :func:`tsalgebra.similarity`.  All are function-level: a zero
+    Gaussian or symmetric distance means the same polynomial, a zero token
+    distance the same outputs on every token sequence.  When the exact
+    Gaussian computation is over budget the symmetric product (at the common
+    degree) is tried, and when an exact product is out of reach, the verdict
+    rests on the ``n_samples`` inputs drawn from the measure (``rng``: a
+    Generator or a seed; None means seed 0, so reports are reproducible) and
+    says so.  (Under tokens the symmetric product is not tried: two models
+    may agree on every token sequence and differ as polynomials.)
 
     ``invariant`` requires the exact relative distance <= ``tol`` (when
     available) and the worst sampled difference, relative to max |f(x)|, <=
     ``sample_tol``.  Input and output widths must agree.  ``budget``: flops
     allowed to each exact inner product (see :func:`tsalgebra.inner`).
     """
-    if inner not in ("gaussian", "symmetric"):
-        raise ValueError(f"inner must be 'gaussian' or 'symmetric' (function-level inner products), got {inner!r}; "
-                         "the network inner product depends on the factorization, not only on the function")
     if not isinstance(model, Component):
         raise TypeError(f"model must be a tsalgebra component, got {type(model).__name__}")
+    inner, measure = function_level(inner, model, measure, mean, cov, "check_invariance")
     if isinstance(transform, Component):
         other, label = transform, "a given model"
     elif callable(transform):

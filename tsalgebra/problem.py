@@ -209,6 +209,22 @@ def resolve_inner(inner: str | None, model: Any, measure: Measure | None) -> tup
     return inner, measure
 
 
+def function_level(inner: str | None, model: Any, measure: Measure | None, mean: Any, cov: Any,
+                   caller: str) -> tuple[str, Measure | None]:
+    """The function-level inner product that ``caller`` compares models
+    with, and its measure: a functional product (``inner=None`` follows the
+    model's own measure, as :func:`resolve_inner`) or "symmetric"."""
+    if inner is not None and inner not in FUNCTIONAL + ("symmetric",):
+        raise ValueError(f"{caller} needs a function-level inner product: 'gaussian', 'tokens' or 'symmetric', "
+                         f"got {inner!r} (the network product also depends on the factorization)")
+    if inner == "symmetric":
+        return inner, measure
+    inner, measure = resolve_inner(inner, model, measure)
+    if inner == "tokens" and (mean is not None or cov is not None):
+        raise ValueError("mean= and cov= describe a Gaussian; the token measure takes probs (ts.Tokens(...))")
+    return inner, measure
+
+
 def bound_measure(model: Any, mean: Any, cov: Any, measure: Measure | None) -> Measure:
     """``measure`` (default ``Gaussian(mean, cov)``: mean/cov are its
     shorthand) bound to the input of ``model``: its flat width and positions."""

@@ -391,7 +391,7 @@ def _wire_scales(layers: Layers, rng: np.random.Generator, n: int = 32) -> list[
     y = rng.normal(size=(n, layers[0].in_features))
     out = []
     for layer in layers[:-1]:
-        y = np.asarray(layer(y), dtype=float)
+        y = np.asarray(layer.evaluate_flat(y), dtype=float)  # flat: attention layers take (batch, n_ctx x d)
         rms = np.sqrt(np.mean(y**2, axis=0))
         good = rms[(rms > 0) & np.isfinite(rms)]
         out.append(np.where((rms > 0) & np.isfinite(rms), rms, good.max() if good.size else 1.0))

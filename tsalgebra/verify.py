@@ -1,6 +1,8 @@
 """Is this circuit that component?  A verdict with its evidence.
 
-All figures come from one function-level inner product (gaussian by default):
+All figures come from one function-level inner product (by default the
+component's own measure: tokens for a model that reads token ids, else the
+Gaussian):
 with <f,f>, <c,c>, <f,c> for the component f and the circuit c,
 
 - similarity        <f,c> / sqrt(<f,f><c,c>)
@@ -25,6 +27,7 @@ import sympy
 from .circuits import EigenCircuit, project, top_eigen
 from .components import Component
 from .inner import inner as inner_product
+from .problem import function_level
 from .symbolic import default_symbols, from_sympy, to_sympy
 
 __all__ = ["Verification", "verify", "exactify"]
@@ -108,7 +111,7 @@ def _figures(ff: Any, cc: Any, fc: Any, exact: bool) -> tuple[Any, Any, Any, Any
 def verify(
     circuit: Any,
     component: Component,
-    inner: str = "gaussian",
+    inner: str | None = None,
     exact: bool | None = None,
     *,
     symbols: Sequence[sympy.Symbol] | None = None,
@@ -122,12 +125,16 @@ def verify(
     ``exact=None`` uses exact arithmetic when both sides have exact weights;
     ``exact=True`` converts float weights to the rationals they store
     (slow; small models); ``exact=False`` works in float64 with tolerance
-    ``tol`` on the relative residual.  ``inner`` is "gaussian" (extra keyword
-    arguments such as mean and cov pass through) or "symmetric".
+    ``tol`` on the relative residual.  ``inner`` is "gaussian", "tokens" (extra
+    keyword arguments such as measure, mean and cov pass through) or
+    "symmetric"; None (default) the component's own measure, as in
+    :func:`tsalgebra.similarity` (tokens for a model that reads token ids,
+    else the Gaussian).
     """
-    if inner not in ("gaussian", "symmetric"):
-        raise ValueError("verify needs a function-level inner product: 'gaussian' or 'symmetric' "
-                         "(the network product also depends on the factorization)")
+    kw = dict(inner_kwargs)
+    inner, measure = function_level(inner, component, kw.get("measure"), kw.get("mean"), kw.get("cov"), "verify")
+    if measure is not None:
+        kw["measure"] = measure
     c = _as_model(circuit, component, symbols)
     if c.in_features != component.in_features or c.out_features != component.out_features:
         raise ValueError(f"the circuit maps {c.in_features} -> {c.out_features}, "
@@ -138,7 +145,6 @@ def verify(
     c = exactify(c) if exact and not c.exact else c
     if not exact:
         f, c = (m.map_weights(lambda w: np.asarray(w, dtype=float)) if m.exact else m for m in (f, c))
-    kw = dict(inner_kwargs)
     if inner == "symmetric":
         kw.setdefault("degree", max(f.degree, c.degree))
     ff = inner_product(f, f, inner, **kw).value
