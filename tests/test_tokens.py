@@ -367,3 +367,18 @@ def test_a_token_model_is_checked_under_its_own_measure_by_default():
     assert ts.verify(a, a).inner == "tokens"
     with pytest.raises(ValueError, match="mean= and cov= describe a Gaussian"):
         ts.check_invariance(a, a, mean=np.zeros(a.in_features))
+
+
+def test_a_token_refusal_names_only_what_applies_under_tokens():
+    """Two attention layers under the token measure, over budget: the refusal
+    names the budget and method='sampled', never the Gaussian-only closure;
+    the Gaussian refusal of the same models offers closure."""
+    torch.manual_seed(2)
+    att = lambda: BilinearAttentionModule(2, 2, 4, n_ctx=3, causal=True, residual=True)  # noqa: E731
+    a, b = (ts.from_torch(nn.Sequential(nn.Embedding(6, 4), att(), att(), nn.Linear(4, 6))) for _ in range(2))
+    with pytest.raises(ts.CostError) as err:
+        ts.similarity(a, b, budget=1e3)
+    assert "closure" not in str(err.value) and "method='sampled'" in str(err.value)
+    assert "token-moments: does not apply: only position-wise Linear layers may follow the attention" in str(err.value)
+    with pytest.raises(ts.CostError, match="method='closure'"):
+        ts.similarity(a, b, "gaussian", budget=1e3)

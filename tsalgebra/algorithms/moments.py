@@ -544,8 +544,8 @@ class AttentionMoments(Algorithm):
         if (attn.n_ctx, E.shape[1]) != (other.n_ctx, E_b.shape[1]):
             return f"the models read {attn.n_ctx} and {other.n_ctx} positions of different widths"
         for att, t in ((attn, tail), (other, tail_b)):
-            if position_maps(t, att.n_ctx, att.d_out) is None:
-                return "only position-wise Linear layers may follow the attention (use method='closure' for deeper models)"
+            if position_maps(t, att.n_ctx, att.d_out) is None:  # no method named: token-moments shares this
+                return "only position-wise Linear layers may follow the attention"  # (closure is Gaussian only)
         return None
 
     def _pairs(self, problem: InnerProblem, dry: bool) -> tuple[dict[str, OutputMoments], int]:
