@@ -105,7 +105,7 @@ def test_a_language_model_run_loads_without_a_template(tmp_path, nested, interle
     assert models.steps == (0, 50, 100) and len(models) == 3
     ids = torch.randint(0, 11, (6, 4), generator=torch.Generator().manual_seed(0))
     for m, twin in zip(models, twins):
-        want = twin(ids).detach().numpy().reshape(6, -1)
+        want = twin(ids).detach().numpy()  # (batch, positions, vocab): the converted model answers in that shape too
         got = np.asarray(m(ids.numpy()))
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10 * np.abs(want).max())
     assert m.default_measure is not None  # the models read tokens: the token measure by default

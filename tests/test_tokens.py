@@ -131,8 +131,10 @@ def test_token_embeddings_from_torch():
     ids = torch.randint(0, V, (6, n))
     with torch.no_grad():
         want = ta(ids).double().numpy()
-    got = np.asarray(a(ids.numpy())).reshape(want.shape)  # flat, position-major
+    got = np.asarray(a(ids.numpy()))  # (batch, positions, vocab), as torch's
+    assert got.shape == want.shape and a(ids[0].numpy()).shape == want.shape[1:]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # torch computes in float32
+    assert tuple(a(ids).shape) == want.shape and a.evaluate_flat(a.one_hot(ids.numpy())).shape == (6, n * V)
     assert a.default_measure.label == ts.Tokens(V, n).label
     s = ts.similarity(a, b)
     assert s.inner == "tokens" and any("default" in note for note in s.notes)
@@ -140,7 +142,7 @@ def test_token_embeddings_from_torch():
     assert s.value == pytest.approx(want_s, rel=1e-10)
     assert ts.similarity(a, b, "gaussian").measure == "N(0, I)"  # the Gaussian question, asked explicitly
     flat = ts.from_torch(nn.Sequential(nn.Embedding(V, d), nn.Flatten(), BilinearLayer(2 * d, 3, V)))
-    assert flat.default_measure.label == ts.Tokens(V, 2).label
+    assert flat.default_measure.label == ts.Tokens(V, 2).label and flat(np.array([[0, 4]])).shape == (1, V)
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 5\)"):
         flat(np.array([[0, 7]]))
     renormed = nn.Sequential(nn.Embedding(V, d, max_norm=0.5), nn.Flatten(), nn.Linear(2 * d, 3))

@@ -68,6 +68,10 @@ class _Sequence:
     d_model: int
     out_features: int
 
+    @property
+    def per_position_output(self) -> bool:
+        return True
+
     def __call__(self, x: Any) -> Any:
         ids = self.one_hot(x)  # type: ignore[attr-defined]
         if ids is not x:  # token ids: one-hot, flat

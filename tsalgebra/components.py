@@ -205,6 +205,13 @@ class Component(ABC):
         return None
 
     @property
+    def per_position_output(self) -> bool:
+        """Whether the outputs are one vector per position (the last layer is
+        position-wise, or attention): token ids in then give (batch, tokens,
+        d_out) out, shaped as the torch module's."""
+        return False
+
+    @property
     def default_measure(self) -> Any:
         """The natural input measure of a model that reads tokens: independent
         uniform tokens over its vocabulary (a :class:`~tsalgebra.measure.Tokens`);
@@ -250,13 +257,16 @@ class Component(ABC):
             x = np.asarray(x)
         if not hasattr(x, "shape"):
             raise TypeError(f"{self!r} takes a numpy array or torch tensor of inputs, got {type(x).__name__}")
-        x = self.one_hot(x)
+        ids, x = x, self.one_hot(x)
+        tokens = x is not ids  # token ids in: a vector per token out where the outputs are per position
         single = len(x.shape) == 1
         if single:
             x = x[None]
         if len(x.shape) != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"{self!r} takes inputs of shape (n, {self.in_features}), got {tuple(x.shape)}")
         out = self.evaluate_flat(x)
+        if tokens and self.per_position_output:
+            out = out.reshape(out.shape[0], self.token_input[1], -1)  # type: ignore[index]
         return out[0] if single else out
 
     def evaluate_flat(self, x: Any) -> Any:
@@ -613,6 +623,10 @@ class Sequential(Component):
     def layers(self) -> tuple[Component, ...]:
         return self._layers
 
+    @property
+    def per_position_output(self) -> bool:
+        return self._layers[-1].per_position_output
+
     def evaluate_flat(self, x: Any) -> Any:
         """Layer by layer: each layer's own expression is far smaller than the
         composed one (a 2-layer attention model at d_model 128 evaluates ten
@@ -682,6 +696,10 @@ class PositionWise(Component):
         self.name = name or f"{layer.name} x{self.n_ctx}"
         self.in_features, self.out_features = self.n_ctx * layer.in_features, self.n_ctx * layer.out_features
         self._flat: Component | None = None
+
+    @property
+    def per_position_output(self) -> bool:
+        return True
 
     @property
     def degree(self) -> int:
