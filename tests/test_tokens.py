@@ -138,6 +138,9 @@ def test_token_embeddings_from_torch():
     assert a.default_measure.label == ts.Tokens(V, n).label
     s = ts.similarity(a, b)
     assert s.inner == "tokens" and any("default" in note for note in s.notes)
+    matrix = ts.similarity_matrix([a, b], progress=False)
+    assert matrix.inner == "tokens" and matrix.notes[0] == s.notes[0] and matrix.values[0, 1] == pytest.approx(s.value)
+    assert not any("default" in note for note in ts.similarity_matrix([a, b], measure=ts.Tokens(V, n), progress=False).notes)
     want_s = brute(a, b, ts.Tokens(V, n)) / np.sqrt(brute(a, a, ts.Tokens(V, n)) * brute(b, b, ts.Tokens(V, n)))
     assert s.value == pytest.approx(want_s, rel=1e-10)
     assert ts.similarity(a, b, "gaussian").measure == "N(0, I)"  # the Gaussian question, asked explicitly

@@ -209,6 +209,11 @@ def resolve_inner(inner: str | None, model: Any, measure: Measure | None) -> tup
     return inner, measure
 
 
+def default_measure_note(measure: Measure) -> str:
+    """What a result says when it used the models' own measure, not one given."""
+    return f"measure: {measure.label}, the models' default (they read tokens)"
+
+
 def function_level(inner: str | None, model: Any, measure: Measure | None, mean: Any, cov: Any,
                    caller: str) -> tuple[str, Measure | None]:
     """The function-level inner product that ``caller`` compares models
@@ -278,7 +283,7 @@ class InnerProblem:
             given = measure
             inner, measure = resolve_inner(inner, a, measure)
             if given is None and measure is not None:
-                notes = (f"measure: {measure.label}, the models' default (they read tokens)",)
+                notes = (default_measure_note(measure),)
         check_arguments(inner, method, options.get("centered", False))
         budget = options.get("budget", DEFAULT_BUDGET)
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:  # nan fails too

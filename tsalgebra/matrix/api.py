@@ -8,7 +8,7 @@ turns the :class:`Gram` it returns into cosines and norms.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -18,7 +18,8 @@ from ..arrays import is_torch
 from ..components import Component
 from ..cosine import cosines
 from ..measure import Measure
-from ..problem import DEFAULT_BUDGET, FUNCTIONAL, Alternative, CostError, MemoryBoundError, bound_measure, check_arguments, resolve_inner
+from ..problem import (DEFAULT_BUDGET, FUNCTIONAL, Alternative, CostError, MemoryBoundError, bound_measure,
+                       check_arguments, default_measure_note, resolve_inner)
 from . import materialize, node_gram, pairwise, pairwise_gram
 from .job import Gram, Job, Route, TileGram, Tiling
 from ..threads import blas_threads
@@ -42,10 +43,11 @@ def _compute(rows_in: Any, cols_in: Any | None, inner: str | None, method: str, 
              route: str, dtype: Any, device: Any, max_memory: int | None, progress: bool | None,
              options: dict[str, Any], tiling: Tiling | None = None) -> SimilarityMatrix:
     started = time.perf_counter()
-    measure = options.pop("measure", None)
+    measure = given = options.pop("measure", None)
     rows, labels = _models(rows_in, "models" if cols_in is None else "models_a")
     if inner is None or inner in FUNCTIONAL:
         inner, measure = resolve_inner(inner, rows[0], measure)
+    said = (default_measure_note(measure),) if given is None and measure is not None else ()
     options = _checked(inner, method, centered, route, options)
     cols, col_labels = (None, None) if cols_in is None else _models(cols_in, "models_b")
     law = _measure(rows, inner, mean, cov, measure)
@@ -54,10 +56,11 @@ def _compute(rows_in: Any, cols_in: Any | None, inner: str | None, method: str, 
 
         _widths(rows + (cols or []))
         spec = TileSpec(inner, method, law, centered, route, dtype, device, max_memory, dict(options))
-        return tiled(rows, cols, labels, col_labels, spec, tiling, progress, started)
+        result = tiled(rows, cols, labels, col_labels, spec, tiling, progress, started)
+        return replace(result, notes=said + result.notes)
     job = _job(rows, cols, inner, method, law, centered, dtype, device, max_memory, progress, options, route)
     gram, chosen, costs, notes = _gram(job, route)
-    return _result(job, gram, chosen, costs, notes, labels, col_labels, time.perf_counter() - started)
+    return _result(job, gram, chosen, costs, said + notes, labels, col_labels, time.perf_counter() - started)
 
 
 def _gram(job: Job, route: str) -> tuple[Gram, str, dict[str, RouteCost], tuple[str, ...]]:
