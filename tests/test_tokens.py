@@ -120,6 +120,31 @@ def test_measure_validation():
         ts.inner(a, a, measure=ts.Tokens(3), mean=np.zeros(6))
 
 
+def test_single_precision_frequencies_are_a_law():
+    """Frequencies from torch in float32 sum to 1 only to float32's
+    precision: accepted, renormalised in float64 (every algorithm then sums a
+    law of mass 1: token moments equal the enumeration); a float64 law off
+    by 1e-6 is still refused, naming the bound."""
+    V, n = 512, 2
+    logits = torch.randn(n, V, generator=torch.Generator().manual_seed(0))
+    p32 = torch.softmax(logits, dim=-1)  # float32
+    assert abs(float(p32.double().sum(-1).max()) - 1) > 1e-9  # would have been refused
+    law = ts.Tokens(V, n, p32)
+    assert np.abs(law.probs.sum(-1) - 1).max() < 1e-15
+    np.testing.assert_allclose(law.probs, ts.Tokens(V, n, p32.double() / p32.double().sum(-1, keepdim=True)).probs,
+                               rtol=1e-15)
+    small = ts.Tokens(4, 3, torch.softmax(torch.randn(3, 4, generator=torch.Generator().manual_seed(1)), -1))
+    rng = np.random.default_rng(1)
+    # one model causal, the other not: the keys after the query are read by one of them only
+    a, b = attention_lm(rng, 4, 3, 2, 2, 3, causal=True), attention_lm(rng, 4, 3, 1, 2, 3)
+    got = ts.similarity(a, b, measure=small, algorithm="token-moments")
+    assert got.value == pytest.approx(ts.similarity(a, b, measure=small, algorithm="enumeration").value, rel=1e-12)
+    off = np.full(V, 1 / V)
+    off[0] += 1e-6
+    with pytest.raises(ValueError, match=r"sum to 1 over the vocabulary \(to 1e-09 for float64"):
+        ts.Tokens(V, probs=off)
+
+
 def test_token_embeddings_from_torch():
     """nn.Embedding converts; the model takes token ids, equals the torch
     forward, and carries the token measure that similarity uses by default."""
@@ -387,3 +412,26 @@ def test_a_token_refusal_names_only_what_applies_under_tokens():
     assert "token-moments: does not apply: only position-wise Linear layers may follow the attention" in str(err.value)
     with pytest.raises(ts.CostError, match="method='closure'"):
         ts.similarity(a, b, "gaussian", budget=1e3)
+
+
+@pytest.mark.parametrize("flags_a, flags_b", [({"causal": True}, {}),
+                                              ({"causal": True, "rotary_base": 10.0}, {"rotary_base": 5.0}),
+                                              ({}, {"causal": True, "rotary_base": 10.0, "residual": True})],
+                         ids=["causal-full", "causal-rotary-full-rotary", "full-causal-rotary"])
+@pytest.mark.parametrize("kind", [None, "per token", "mixed"], ids=["uniform", "per position", "some positions alike"])
+def test_models_of_different_masks_against_every_sequence(flags_a, flags_b, kind):
+    """Two models that read different key positions (one causal, one not;
+    rotary on one side or with different bases): the pairs of a similarity
+    share some offsets only.  With a law per position this raised KeyError
+    (the shared-key correction was made for every pair at every offset any
+    pair read).  Equal to the enumeration of every sequence."""
+    rng = np.random.default_rng(5)
+    V, n = 3, 3
+    a, b = attention_lm(rng, V, 3, 2, 2, n, **flags_a), attention_lm(rng, V, 3, 1, 3, n, **flags_b)
+    m = measure(rng, V, n, kind)
+    for kw in ({}, {"centered": True}):
+        got = ts.similarity(a, b, measure=m, algorithm="token-moments", **kw)
+        want = ts.similarity(a, b, measure=m, algorithm="enumeration", **kw)
+        assert got.value == pytest.approx(want.value, rel=1e-10)
+        inner = ts.inner(a, b, measure=m, algorithm="token-moments", **kw)
+        assert inner.value == pytest.approx(ts.inner(a, b, measure=m, algorithm="enumeration", **kw).value, rel=1e-10)

@@ -77,6 +77,19 @@ def _as_numbers(value: Any, what: str, rank: int) -> np.ndarray:
     return arr
 
 
+def _precision(value: Any) -> tuple[str, float]:
+    """The dtype of the floats ``value`` holds and its machine epsilon
+    (float64's for anything else: lists, integers, exact numbers)."""
+    if is_torch(value) and value.is_floating_point():
+        import torch
+
+        return str(value.dtype).replace("torch.", ""), float(torch.finfo(value.dtype).eps)
+    kind = getattr(value, "dtype", None)
+    if kind is not None and not is_torch(value) and np.issubdtype(kind, np.floating):
+        return str(kind), float(np.finfo(kind).eps)
+    return "float64", float(np.finfo(float).eps)
+
+
 def _is_sympy_number(x: Any) -> bool:
     return type(x).__module__.split(".")[0] == "sympy" and bool(getattr(x, "is_number", False))
 
@@ -356,8 +369,10 @@ class Tokens(Measure):
     a one-hot vector: a sequence model reads one per position, a flat model
     (the grokking layer) ``n_ctx`` one-hot blocks of width ``vocab``
     concatenated.  Uniform unless ``probs`` gives one distribution (vocab,)
-    for every token, or one per token (n_ctx, vocab).  ``n_ctx`` None: read
-    from the model it is bound to (its input width over ``vocab``).
+    for every token, or one per token (n_ctx, vocab), each summing to 1 to
+    the precision of its dtype (float laws are renormalised in float64).
+    ``n_ctx`` None: read from the model it is bound to (its input width over
+    ``vocab``).
 
     The expectation over all vocab^n_ctx sequences is exact and never
     enumerated where an algorithm contracts with the measure's diagonal
@@ -387,8 +402,17 @@ class Tokens(Measure):
             values = p.astype(float)
             if (values < 0).any():
                 raise ValueError("probs has negative entries")
-            if not np.allclose(values.sum(axis=-1), 1.0, rtol=0, atol=1e-9):
-                raise ValueError(f"probs must sum to 1 over the vocabulary (sums {values.sum(axis=-1)})")
+            # Frequencies in single precision (torch's default) sum to 1 only
+            # to that precision: the bound follows the dtype given, and float
+            # laws are renormalised in float64, so that every algorithm sums
+            # a law of mass 1 (an enumeration would otherwise see mass^n_ctx).
+            dtype, eps = _precision(self.probs)
+            bound = max(1e-9, 8 * math.sqrt(self.vocab) * eps)
+            sums = values.sum(axis=-1)
+            if not np.allclose(sums, 1.0, rtol=0, atol=bound):
+                raise ValueError(f"probs must sum to 1 over the vocabulary (to {bound:.1g} for {dtype}; sums {sums})")
+            if p.dtype != object:
+                p = p / sums[..., None]
             object.__setattr__(self, "probs", p)
 
     @property

@@ -243,11 +243,13 @@ class _TokenEngine:
         out["values by token"] = [v.permute(2, 0, 1).contiguous() for v in out["values"]]  # (vocab, heads, dv)
         return out
 
-    def _shared_keys(self, offset: int, laws: list[tuple[int, int]], parts: list[Any],
+    def _shared_keys(self, offset: int, needed: dict[str, set[tuple[int, int]]], parts: list[Any],
                      tables: dict[str, Any]) -> dict[tuple[int, int], dict[str, Any]]:
-        """D[(query law, key law)][pair] (hx, hy, dv_x, dv_y) at one offset:
-        the exact sum over the shared key token minus the product of
-        conditional means."""
+        """D[(query law, key law)][pair] (hx, hy, dv_x, dv_y) at one offset,
+        for the (query law, key law) of the positions each pair reads there
+        (``needed``): the exact sum over the shared key token minus the
+        product of conditional means."""
+        laws = sorted(set().union(*needed.values()))
         V, sides = self.V, self.sides
         Hs = sum(s.H for s in sides)
         Bq, Bk = min(_QUERY_BLOCK, V), min(_KEY_BLOCK, V)
@@ -267,9 +269,9 @@ class _TokenEngine:
                     + sum(s.H * s.dv for s in sides) * V  # the values by token, weighted by the key law
                     + sum(3 * sides[x].H * sides[x].dv * sides[y].H * sides[y].dv + sides[x].H * Bk * sides[y].H * sides[y].dv
                           for x, y in self.pairs.values()))
-        for x, y in self.pairs.values():
+        for name, (x, y) in self.pairs.items():
             X, Y = sides[x], sides[y]
-            self._count(4.0 * X.H * X.dv * Y.H * Y.dv * V * len(laws))
+            self._count(4.0 * X.H * X.dv * Y.H * Y.dv * V * len(needed[name]))
         if self.dry:
             self._count(scores)
             return {}
@@ -308,13 +310,16 @@ class _TokenEngine:
             pk = self.p(k)[:, None, None]
             by_token = [v * pk for v in tables["values by token"]]  # (key, heads, dv), p(key) folded in
             for q in (q for q, key in laws if key == k):
-                self._pair_sums(offset, (q, k), W[q], by_token, parts, tables, rows, cols, out[(q, k)])
+                self._pair_sums(offset, (q, k), W[q], by_token, parts, tables, rows, cols, needed, out[(q, k)])
         return out
 
     def _pair_sums(self, offset: int, law: tuple[int, int], W: Any, by_token: list[Any], parts: list[Any],
-                   tables: dict[str, Any], rows: slice, cols: slice, out: dict[str, Any]) -> None:
-        """D of every pair for one (query law, key law), from the Grams W of
-        the query law's scores and the values weighted by the key law."""
+                   tables: dict[str, Any], rows: slice, cols: slice, needed: dict[str, set[tuple[int, int]]],
+                   out: dict[str, Any]) -> None:
+        """D of the pairs that read positions of this (query law, key law) at
+        this offset, from the Grams W of the query law's scores and the values
+        weighted by the key law (a pair that does not read them may lack the
+        carried keys: its masks differ)."""
         import torch
 
         V, sides, Bk = self.V, self.sides, min(_KEY_BLOCK, self.V)
@@ -322,6 +327,8 @@ class _TokenEngine:
         q, k = law
         p = self.p(q)
         for name, (x, y) in self.pairs.items():
+            if law not in needed[name]:
+                continue
             X, Y = sides[x], sides[y]
             Wxy = W[:, starts[x] - rows.start : starts[x + 1] - rows.start,
                     starts[y] - cols.start : starts[y + 1] - cols.start]  # (key token, hx, hy)
@@ -376,9 +383,9 @@ class _TokenEngine:
         tables = None if dry or not groups else self._score_tables()
         for keys in groups:  # both models' keys at one position j != i, once per distinct arithmetic
             members = [o for o in offsets if tuple(s.key(o) for s in sides) == keys]
-            laws = sorted({(self.law[i], self.law[i + o]) for pairs in read.values() for o in members
-                           for i in range(n) if (i, i + o) in pairs})
-            D = self._shared_keys(members[0], laws, parts, tables)
+            needed = {name: {(self.law[i], self.law[i + o]) for o in members for i in range(n) if (i, i + o) in pairs}
+                      for name, pairs in read.items()}  # (query law, key law) of the positions each pair reads
+            D = self._shared_keys(members[0], needed, parts, tables)
             for name, (x, y) in self.pairs.items():
                 X, Y = sides[x], sides[y]
                 for i in range(n):
