@@ -435,3 +435,24 @@ def test_models_of_different_masks_against_every_sequence(flags_a, flags_b, kind
         assert got.value == pytest.approx(want.value, rel=1e-10)
         inner = ts.inner(a, b, measure=m, algorithm="token-moments", **kw)
         assert inner.value == pytest.approx(ts.inner(a, b, measure=m, algorithm="enumeration", **kw).value, rel=1e-10)
+
+
+def test_models_that_read_different_tokens_are_refused():
+    """3 tokens of 8 and 4 tokens of 6 are both 24 one-hot features: the
+    widths agree, the inputs do not.  The similarity was computed under the
+    first model's measure, a number without meaning; now every entry point
+    refuses, naming both readings."""
+    torch.manual_seed(0)
+    att = lambda n: BilinearAttentionModule(2, 2, 4, n_ctx=n, causal=True, residual=True)  # noqa: E731
+    a = ts.from_torch(nn.Sequential(nn.Embedding(8, 4), att(3), nn.Linear(4, 8)))
+    c = ts.from_torch(nn.Sequential(nn.Embedding(6, 4), att(4), nn.Linear(4, 6)))
+    flat8 = ts.from_torch(nn.Sequential(nn.Embedding(8, 4), nn.Flatten(), nn.Linear(12, 2)))
+    flat6 = ts.from_torch(nn.Sequential(nn.Embedding(6, 4), nn.Flatten(), nn.Linear(16, 2)))
+    says = r"read different tokens \(.*reads 3 tokens of a vocabulary of 8; .*reads 4 tokens of a vocabulary of 6\)"
+    for call in (lambda: ts.similarity(a, c), lambda: ts.inner(a, c, measure=ts.Tokens(8)),
+                 lambda: ts.similarity(a, c, "gaussian"), lambda: ts.similarity(flat8, flat6),
+                 lambda: ts.similarity_matrix([a, a, c], progress=False),
+                 lambda: ts.cross_similarity_matrix([a], [c], progress=False)):
+        with pytest.raises(ValueError, match=says):
+            call()
+    assert ts.similarity(a, ts.Linear(np.ones((24, 24)))).inner == "tokens"  # a model of plain features reads them

@@ -230,16 +230,30 @@ def function_level(inner: str | None, model: Any, measure: Measure | None, mean:
     return inner, measure
 
 
-def bound_measure(model: Any, mean: Any, cov: Any, measure: Measure | None) -> Measure:
+def bound_measure(model: Any, mean: Any, cov: Any, measure: Measure | None, *others: Any) -> Measure:
     """``measure`` (default ``Gaussian(mean, cov)``: mean/cov are its
-    shorthand) bound to the input of ``model``: its flat width and positions."""
+    shorthand) bound to the input of ``model``: its flat width and positions.
+    ``others``: models compared with it, which the law must fit as well, and
+    which must read the same tokens where they read tokens (widths alone can
+    agree by chance: 3 tokens of 8 and 4 of 6)."""
     if measure is not None and (mean is not None or cov is not None):
         raise ValueError("give measure= or its shorthand mean=/cov=, not both")
     if measure is not None and not isinstance(measure, Measure):
         raise TypeError(f"measure must be a tsalgebra measure (ts.Gaussian(...)), got {type(measure).__name__}")
     law = measure if measure is not None else Gaussian(mean, cov)
-    width = model.in_features if isinstance(model, Component) else _widths(_terms(model, False), "a")[0] - 1
-    return law.at(width, positions_of(model))
+    read: dict[tuple[int, int], Any] = {}  # each way of reading tokens, and the first model that reads so
+    for m in (model, *others):
+        read.setdefault(getattr(m, "token_input", None) or (0, 0), m)
+    read.pop((0, 0), None)
+    if len(read) > 1:
+        said = "; ".join(f"{m!r} reads {n} token{'s' if n > 1 else ''} of a vocabulary of {v}" for (v, n), m in read.items())
+        raise ValueError(f"the models read different tokens ({said}): no one measure is the input of all")
+    bound = [law.at(_width(m), positions_of(m)) for m in (model, *others)]
+    return bound[0]
+
+
+def _width(model: Any) -> int:
+    return model.in_features if isinstance(model, Component) else _widths(_terms(model, False), "a")[0] - 1
 
 
 def _exact_weights(model: Any) -> bool:
@@ -300,7 +314,7 @@ class InnerProblem:
         _check_sampling(method, options)
         if options.get("progress") not in (None, True, False):
             raise ValueError(f"progress must be True, False or None, got {options['progress']!r}")
-        bound = bound_measure(a, mean, cov, measure) if inner in FUNCTIONAL else None
+        bound = bound_measure(a, mean, cov, measure, b) if inner in FUNCTIONAL else None
         return cls(a, b, inner, bound, method, notes=notes, **options)
 
     def replace(self, **changes: Any) -> "InnerProblem":

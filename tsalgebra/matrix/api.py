@@ -50,7 +50,7 @@ def _compute(rows_in: Any, cols_in: Any | None, inner: str | None, method: str, 
     said = (default_measure_note(measure),) if given is None and measure is not None else ()
     options = _checked(inner, method, centered, route, options)
     cols, col_labels = (None, None) if cols_in is None else _models(cols_in, "models_b")
-    law = _measure(rows, inner, mean, cov, measure)
+    law = _measure(rows + (cols or []), inner, mean, cov, measure)
     if tiling is not None and tiling.active:  # tiles on a cluster or into a store: the same routes per tile
         from .cluster import tiled
 
@@ -155,7 +155,7 @@ def _measure(rows: list[Any], inner: str, mean: Any, cov: Any, measure: Measure 
         if measure is not None or mean is not None or cov is not None:
             raise ValueError(f"a measure (mean, cov) belongs to the functional inner products, not to {inner!r}")
         return None
-    return bound_measure(rows[0], mean, cov, measure)
+    return bound_measure(rows[0], mean, cov, measure, *rows[1:])
 
 
 def preparation_bytes(models: Sequence[Any]) -> int:
