@@ -248,8 +248,8 @@ def bound_measure(model: Any, mean: Any, cov: Any, measure: Measure | None, *oth
     if len(read) > 1:
         said = "; ".join(f"{m!r} reads {n} token{'s' if n > 1 else ''} of a vocabulary of {v}" for (v, n), m in read.items())
         raise ValueError(f"the models read different tokens ({said}): no one measure is the input of all")
-    bound = [law.at(_width(m), positions_of(m)) for m in (model, *others)]
-    return bound[0]
+    shapes = {(_width(m), positions_of(m)): None for m in (model, *others)}  # each shape bound once
+    return [law.at(*shape) for shape in shapes][0]
 
 
 def _width(model: Any) -> int:
