@@ -225,9 +225,13 @@ def function_level(inner: str | None, model: Any, measure: Measure | None, mean:
     if inner == "symmetric":
         return inner, measure
     inner, measure = resolve_inner(inner, model, measure)
+    _gaussian_shorthand_fits(inner, mean, cov)
+    return inner, measure
+
+
+def _gaussian_shorthand_fits(inner: str, mean: Any, cov: Any) -> None:
     if inner == "tokens" and (mean is not None or cov is not None):
         raise ValueError("mean= and cov= describe a Gaussian; the token measure takes probs (ts.Tokens(...))")
-    return inner, measure
 
 
 def bound_measure(model: Any, mean: Any, cov: Any, measure: Measure | None, *others: Any) -> Measure:
@@ -246,7 +250,8 @@ def bound_measure(model: Any, mean: Any, cov: Any, measure: Measure | None, *oth
         read.setdefault(getattr(m, "token_input", None) or (0, 0), m)
     read.pop((0, 0), None)
     if len(read) > 1:
-        said = "; ".join(f"{m!r} reads {n} token{'s' if n > 1 else ''} of a vocabulary of {v}" for (v, n), m in read.items())
+        said = "; ".join(f"{m!r} reads {n} token{'s' if n > 1 else ''} of a vocabulary of {v}"
+                         for (v, n), m in read.items())
         raise ValueError(f"the models read different tokens ({said}): no one measure is the input of all")
     shapes = {(_width(m), positions_of(m)): None for m in (model, *others)}  # each shape bound once
     return [law.at(*shape) for shape in shapes][0]
@@ -309,8 +314,7 @@ class InnerProblem:
                 raise ValueError(f"output widths differ: {a!r} gives {a.out_features}, {b!r} gives {b.out_features}")
         if inner not in FUNCTIONAL and (measure is not None or mean is not None or cov is not None):
             raise ValueError(f"a measure (mean, cov) belongs to the functional inner products, not to {inner!r}")
-        if inner == "tokens" and (mean is not None or cov is not None):
-            raise ValueError("mean= and cov= describe a Gaussian; the token measure takes probs (ts.Tokens(...))")
+        _gaussian_shorthand_fits(inner, mean, cov)
         _check_sampling(method, options)
         if options.get("progress") not in (None, True, False):
             raise ValueError(f"progress must be True, False or None, got {options['progress']!r}")
