@@ -177,7 +177,7 @@ def test_token_embeddings_from_torch():
     before = renormed[0].weight.detach().clone()
     with pytest.raises(ts.AdapterError, match=r"^0: Embedding\(max_norm=0.5\) rescales each row"):
         ts.from_torch(renormed)
-    assert torch.equal(renormed[0].weight.detach(), before)  # refused before its forward could rewrite it
+    assert torch.equal(renormed[0].weight.detach(), before)  # the module is left as it was
 
 
 def attention_lm(rng, V, d, H, dh, n, noise=None, **flags):

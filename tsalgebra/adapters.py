@@ -440,8 +440,8 @@ def _per_position(parts: list[Component]) -> list[Component]:
 
 
 def _embedding(module: nn.Embedding, path: str) -> Embedding:
-    # refused before the converted model is checked against the module's
-    # forward: with max_norm, that forward would rewrite the user's weight
+    # refused by name: with max_norm the lookup rescales rows (the forward
+    # check would only report a mismatch, without saying why)
     if module.max_norm is not None:
         raise AdapterError(path, f"Embedding(max_norm={module.max_norm}) rescales each row it looks up to at most "
                                  "that norm (and rewrites its weight in place): not a fixed table of the token. "
