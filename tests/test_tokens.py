@@ -180,6 +180,21 @@ def test_token_embeddings_from_torch():
     assert torch.equal(renormed[0].weight.detach(), before)  # the module is left as it was
 
 
+def test_flat_readout_after_attention_from_torch():
+    """A Linear after nn.Flatten after the attention reads every position at
+    once (it was wrapped per position and refused as 72 inputs against 24)."""
+    torch.manual_seed(1)
+    V, d, n = 5, 6, 3
+    nets = [nn.Sequential(nn.Embedding(V, d), BilinearAttentionModule(2, 3, d, n_ctx=n, causal=True, bias=True),
+                          nn.Flatten(), nn.Linear(n * d, 4)).double().eval() for _ in range(2)]
+    a, b = (ts.from_torch(t) for t in nets)
+    ids = torch.randint(0, V, (6, n))
+    with torch.no_grad():
+        np.testing.assert_allclose(np.asarray(a(ids)), nets[0](ids).numpy(), rtol=1e-12, atol=1e-12)
+    want = brute(a, b, ts.Tokens(V, n)) / np.sqrt(brute(a, a, ts.Tokens(V, n)) * brute(b, b, ts.Tokens(V, n)))
+    assert ts.similarity(a, b).value == pytest.approx(want, rel=1e-10)
+
+
 def attention_lm(rng, V, d, H, dh, n, noise=None, **flags):
     """embedding -> one BilinearAttention -> unembedding, position-wise;
     ``noise``: a generator adding 30 % noise to every weight."""

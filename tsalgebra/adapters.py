@@ -342,13 +342,29 @@ def _residual_of(inner: Component | None, path: str) -> Component:
 # ------------------------------------------------------------ built-in adapters
 
 
+# marks where an nn.Flatten stood among a module's converted children: the
+# layers after it read all positions at once, not one position each
+_FLATTEN = object()
+
+
 def _seq(module: nn.Sequential, path: str) -> Component | None:
-    parts = [convert(child, _child(path, name)) for name, child in module.named_children()]
-    parts = [p for p in parts if p is not None]
-    if not parts:
+    parts: list[Any] = []
+    for name, child in module.named_children():
+        parts.append(_FLATTEN if isinstance(child, nn.Flatten) else convert(child, _child(path, name)))
+    return _sequence(parts, path)
+
+
+def _sequence(parts: list[Any], path: str) -> Component | None:
+    """The converted children (None for the identity, _FLATTEN for an
+    nn.Flatten) as one component."""
+    kept = [p for p in parts if p is not None and p is not _FLATTEN]
+    flat = next((k for k, p in enumerate(parts) if p is _FLATTEN), None)
+    if flat is not None:  # the first flat layer's index among those kept
+        flat = sum(p is not None for p in parts[:flat])
+    if not kept:
         return None
     try:
-        return parts[0] if len(parts) == 1 else Sequential(*_per_position(parts))
+        return kept[0] if len(kept) == 1 else Sequential(*_per_position(kept, flat))
     except ValueError as exc:
         raise AdapterError(path, str(exc)) from None
 
@@ -407,31 +423,30 @@ def _stack_of(module: nn.Module, path: str, residual: bool) -> Component | None:
     """A module whose forward runs its children in order, looping over the
     blocks of its ModuleList(s) (``x = x + block(x)`` when ``residual``):
     a reading of the forward, accepted only if it matches it."""
-    parts: list[Component | None] = []
+    parts: list[Any] = []
     for name, child in module.named_children():
         if isinstance(child, nn.ModuleList):
             for i, block in enumerate(child):
                 p = convert(block, _child(path, f"{name}.{i}"))
                 parts.append(_residual_of(p, _child(path, f"{name}.{i}")) if residual else p)
         else:
-            parts.append(convert(child, _child(path, name)))
-    kept = [p for p in parts if p is not None]
-    if not kept:
-        return None
-    try:
-        return kept[0] if len(kept) == 1 else Sequential(*_per_position(kept))
-    except ValueError as exc:
-        raise AdapterError(path, str(exc)) from None
+            parts.append(_FLATTEN if isinstance(child, nn.Flatten) else convert(child, _child(path, name)))
+    return _sequence(parts, path)
 
 
-def _per_position(parts: list[Component]) -> list[Component]:
+def _per_position(parts: list[Component], flat: int | None = None) -> list[Component]:
     """Torch's layers act on the last axis: beside an attention layer over
-    n_ctx positions every Linear or Bilinear layer acts per position, and a
-    token embedding reads one token per position (or, before flat layers, as
-    many tokens as the next layer's width holds)."""
+    n_ctx positions every Linear or Bilinear layer acts per position (up to
+    an nn.Flatten after the attention, at index ``flat``: the layers from
+    there on read every position at once), and a token embedding reads one
+    token per position (or, before flat layers, as many tokens as the next
+    layer's width holds)."""
     n = next((p.n_ctx for p in parts if isinstance(p, BilinearAttention) and p.n_ctx), None)
     if n is not None:
-        return [PositionWise(p, n) if isinstance(p, (Linear, Bilinear)) else p for p in parts]
+        first = next(k for k, p in enumerate(parts) if isinstance(p, BilinearAttention))
+        end = len(parts) if flat is None or flat <= first else flat
+        return [PositionWise(p, n) if isinstance(p, (Linear, Bilinear)) and k < end else p
+                for k, p in enumerate(parts)]
     if isinstance(parts[0], Embedding) and len(parts) > 1:  # flat layers after it (nn.Flatten)
         width, d = parts[1].in_features, parts[0].out_features
         if width % d == 0 and width > d:
