@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import sympy
 
-from .algorithms import choose, describe, solve
+from .algorithms import choose, describe, run, solve
 from .algorithms.sampled import Z95
 from .cosine import cosines
 from .measure import Measure
@@ -201,6 +201,35 @@ def _cosine(ab: InnerResult, aa: InnerResult, bb: InnerResult) -> Any:
     return cos if ab.per_output else float(cos)
 
 
+def _similarity_plans(a: Any, b: Any, inner: str | None, method: str, mean: Any, cov: Any, measure: Measure | None,
+                      options: dict[str, Any]) -> list[tuple[str, "Plan | CostError"]]:
+    """The plan of <a,b> (joint: one computation gives all three products)
+    and, where it is not joint, of <a,a> and <b,b>; a product refused carries
+    its CostError instead."""
+    calls = [("<a,b>", a, b, a is not b)] + ([] if a is b else [("<a,a>", a, a, False), ("<b,b>", b, b, False)])
+    products: list[tuple[str, Plan | CostError]] = []
+    for label, x, y, joint in calls:
+        if label != "<a,b>" and isinstance(products[0][1], Plan) and products[0][1].joint:
+            break
+        try:
+            products.append((label, choose(_problem(x, y, inner, method, mean, cov, measure, options, joint))))
+        except CostError as exc:
+            products.append((label, exc))
+    return products
+
+
+def _refusal_of(refused: list[tuple[str, CostError]]) -> CostError:
+    """One refusal for the products of a similarity refused: their reasons,
+    and the larger budget of theirs (the one that admits them all)."""
+    if [label for label, _ in refused] == ["<a,b>"]:
+        return refused[0][1]
+    first = refused[0][1]
+    budgets = [a.value for _, e in refused for a in e.alternatives if a.option == "budget"]
+    alternatives = tuple(replace(a, value=max(budgets)) if a.option == "budget" else a for a in first.alternatives)
+    return CostError("; ".join(f"{label}: {e.reason}" for label, e in refused),
+                     flops=max(e.flops for _, e in refused), alternatives=alternatives)
+
+
 def similarity(a: Any, b: Any, inner: str | None = None, method: str = "auto", mean: Any = None, cov: Any = None,
                **options: Any) -> InnerResult:
     """The cosine <a, b> / sqrt(<a, a> <b, b>), with the metadata of :func:`inner`
@@ -213,7 +242,12 @@ def similarity(a: Any, b: Any, inner: str | None = None, method: str = "auto", m
     measure = options.pop("measure", None)
     options = _common_degree(a, b, inner, options)
     (a, _), (b, _) = _canonical_pair(a, b)  # a cosine is blind to the scales; float64 is not
-    ab, aa, bb = solve(_problem(a, b, inner, method, mean, cov, measure, options, joint=a is not b))
+    products = _similarity_plans(a, b, inner, method, mean, cov, measure, options)
+    refused = [(label, p) for label, p in products if isinstance(p, CostError)]
+    if refused:  # before anything runs
+        raise _refusal_of(refused)
+    plans = [p for _, p in products]
+    ab, aa, bb = run(plans[0])
     for r, what in ((ab, "<a, b>"), (aa, "<a, a>"), (bb, "<b, b>")):
         if r is not None:
             _scaled(r, 0.0, what)
@@ -223,7 +257,7 @@ def similarity(a: Any, b: Any, inner: str | None = None, method: str = "auto", m
     if a is b:
         aa = bb = ab
     elif aa is None or bb is None:
-        aa, bb = (solve(_problem(m, m, inner, method, mean, cov, measure, options))[0] for m in (a, b))
+        aa, bb = (_scaled(run(p)[0], 0.0, what) for p, what in zip(plans[1:], ("<a, a>", "<b, b>")))
         spent += [aa, bb]
     return replace(
         ab,
@@ -336,15 +370,7 @@ def plan_similarity(a: Any, b: Any, inner: str | None = None, method: str = "aut
     estimated rungs (closure, sampled) or says why they do not apply."""
     measure = options.pop("measure", None)
     options = _common_degree(a, b, inner, options)
-    calls = [("<a,b>", a, b, a is not b)] + ([] if a is b else [("<a,a>", a, a, False), ("<b,b>", b, b, False)])
-    products: list[tuple[str, Plan | CostError]] = []
-    for label, x, y, joint in calls:
-        if label != "<a,b>" and isinstance(products[0][1], Plan) and products[0][1].joint:
-            break
-        try:
-            products.append((label, choose(_problem(x, y, inner, method, mean, cov, measure, options, joint))))
-        except CostError as exc:
-            products.append((label, exc))
+    products = _similarity_plans(a, b, inner, method, mean, cov, measure, options)
     budget = float(options.get("budget", DEFAULT_BUDGET))
     if not any(isinstance(p, CostError) for _, p in products) or method not in ("auto", "exact"):
         return SimilarityPlan(tuple(products), budget)

@@ -454,7 +454,8 @@ def plan_pairings(A: Network, B: Network | None, joins: Joins, out_mask: Any, li
             how = "" if k + 1 == len(orbits) else (
                 f" (extrapolated from {k + 1} of {len(orbits):,} orbits, which alone take {format_count(total)})")
             raise CostError(f"exact {joins.kind} enumeration: {len(orbits):,} orbit contractions of {raw:,} pairings, "
-                            f"about {format_count(estimate)} flops{how}", flops=estimate)
+                            f"about {format_count(estimate)} flops{how}", flops=estimate,
+                            extrapolated=k + 1 < len(orbits))
     compiled = tuple(oe.contract_expression(p.equation, *p.shapes, optimize=[tuple(q) for q in p.path] or [(0,)])
                      for p in plans)
     found = PairingPlan(joins.kind, n, raw, tuple(size for _, size in orbits), tuple(plans), joiner.variant_flops(),

@@ -75,11 +75,14 @@ class CostError(ValueError):
     """A refusal: the estimated cost exceeds the budget, or no algorithm
     applies; nothing large was allocated.  ``flops`` is the cheapest estimate
     (a float; inf when the work cannot even be enumerated or nothing applies),
-    ``alternatives`` other ways to ask."""
+    ``alternatives`` other ways to ask; ``extrapolated``: the estimate
+    extrapolates the part of the work planned before the limit was passed
+    (the rest may cost more)."""
 
     def __init__(self, reason: str, *, flops: float = math.inf,
-                 alternatives: tuple[Alternative, ...] = ()) -> None:
+                 alternatives: tuple[Alternative, ...] = (), extrapolated: bool = False) -> None:
         self.reason, self.flops, self.alternatives = reason, float(flops), tuple(alternatives)
+        self.extrapolated = extrapolated
         super().__init__(self.explain())
 
     def explain(self, cli: bool = False) -> str:
@@ -90,7 +93,7 @@ class CostError(ValueError):
         return f"{self.reason}. Alternatives: " + "; ".join(a.spelled(cli) for a in self.alternatives)
 
     def __reduce__(self) -> tuple[Any, ...]:  # picklable across processes with its fields
-        return (_cost_error, (self.reason, self.flops, self.alternatives))
+        return (_cost_error, (self.reason, self.flops, self.alternatives, self.extrapolated))
 
 
 class MemoryBoundError(CostError, MemoryError):
@@ -99,8 +102,9 @@ class MemoryBoundError(CostError, MemoryError):
     MemoryError for code that catches those."""
 
 
-def _cost_error(reason: str, flops: float, alternatives: tuple[Alternative, ...]) -> CostError:
-    return CostError(reason, flops=flops, alternatives=alternatives)
+def _cost_error(reason: str, flops: float, alternatives: tuple[Alternative, ...],
+                extrapolated: bool = False) -> CostError:
+    return CostError(reason, flops=flops, alternatives=alternatives, extrapolated=extrapolated)
 
 
 # ---------------------------------------------------------------- problems
@@ -324,12 +328,11 @@ class InnerProblem:
     def replace(self, **changes: Any) -> "InnerProblem":
         return replace(self, **changes)
 
-    @property
-    def flop_limit(self) -> float:
-        """The flops a plan of this problem may take: ``budget`` per inner
-        product, so three budgets where one computation yields all three
-        products of a similarity."""
-        return self.budget * (3 if self.joint and self.a is not self.b else 1)
+    def shares(self, joint: bool) -> int:
+        """The products one plan answers, and so the budgets it may spend:
+        three for a joint plan (<a,b>, <a,a>, <b,b> of a similarity from one
+        computation), else one."""
+        return 3 if joint and self.joint and self.a is not self.b else 1
 
     def self_problem(self, side: str) -> "InnerProblem":
         """<a, a> (``side="a"``) or <b, b> with the same options."""

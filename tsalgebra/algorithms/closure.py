@@ -640,6 +640,7 @@ def _n_ctx(problem: InnerProblem) -> int:
 
 class GaussianClosure(Algorithm):
     name = "closure"
+    joint = True
     title = "moment closure"
     method = "closure"
     measures = (Gaussian,)
@@ -691,7 +692,7 @@ class GaussianClosure(Algorithm):
             plans = [plan_pairings(x, y, joins, OUTER if y is not None else None, limit, True, same)
                      for x, y in ((Ha, Ha), (Ha, Hb), (Hb, Hb), (Ha, None), (Hb, None))]
         except CostError as exc:
-            raise CostError(f"closure's exact head: {exc.reason}", flops=exc.flops) from None
+            raise CostError(f"closure's exact head: {exc.reason}", flops=exc.flops, extrapolated=True) from None
         return float(sum(p.flops for p in plans)), 0.0, ("pairings", plans)
 
     def plan(self, problem: InnerProblem, limit: float) -> Plan:

@@ -402,6 +402,7 @@ class HermiteMoments(Algorithm):
     products of a similarity)."""
 
     name = "hermite"
+    joint = True
     title = "attention moments (Hermite coefficients)"
     measures = (Gaussian,)
 

@@ -522,6 +522,7 @@ class AttentionMoments(Algorithm):
     computation gives the three products of a similarity)."""
 
     name = "moments"
+    joint = True
     title = "attention moments (Isserlis over Gram blocks)"
     measures = (Gaussian,)
 

@@ -83,12 +83,12 @@ class PairingOrbits(Algorithm):
         same = _same(problem)
         plans: list[PairingPlan] = []
         total = 0.0
-        for label, _, A, B in jobs:
+        for k, (label, _, A, B) in enumerate(jobs):
             try:
                 pp = plan_pairings(A, B, joins, None if B is None else mask, limit - total, problem.orbits, same)
-            except CostError as exc:
+            except CostError as exc:  # the jobs after this one are not counted
                 raise CostError(exc.reason if len(jobs) == 1 else f"{label}: {exc.reason}",
-                                flops=total + exc.flops) from None
+                                flops=total + exc.flops, extrapolated=exc.extrapolated or k + 1 < len(jobs)) from None
             plans.append(pp)
             total += pp.flops
         facts: dict[str, Any] = {

@@ -12,8 +12,9 @@ alone (ValueError with its reason when it does not apply).  Otherwise every
 registered algorithm of the method asked for (``"exact"`` for auto and exact:
 never an approximation or an estimate; ``"closure"``; ``"sampled"``) that supports the problem is planned,
 in registry order, each with a limit of the budget (one per product: three
-for a joint plan) and of the cheapest plan so far, and the cheapest plan
-wins.  When none fits, one CostError states every algorithm's estimate or
+for an algorithm whose plan yields all three products of a similarity) and
+of the cheapest plan so far (its flops per product), and the cheapest plan
+per product wins.  When none fits, one CostError states every algorithm's estimate or
 reason and the alternatives.
 """
 
@@ -43,12 +44,14 @@ class Algorithm:
     ``.algorithm``; ``title``: a phrase for reports; ``method``: "exact" or
     "closure" (the rung of the ladder it serves); ``inners``: the inner
     products it computes; ``measures``: the measure types it takes for the
-    functional (gaussian) product.
+    functional (gaussian) product; ``joint``: whether its plan of a
+    similarity's problem yields <a,b>, <a,a> and <b,b> at once.
     """
 
     name: str = ""
     title: str = ""
     method: str = "exact"
+    joint: bool = False  # its plan of a similarity yields all three products (and may spend three budgets)
     inners: tuple[str, ...] = ("gaussian",)
     measures: tuple[type[Measure], ...] = ()
 
@@ -126,19 +129,25 @@ def _method(problem: InnerProblem) -> str:
 
 
 def _limit(problem: InnerProblem) -> str:
-    joint = problem.flop_limit != problem.budget
-    return f"{format_count(problem.flop_limit)} flops" + (" (three products of one budget each)" if joint else "")
+    joint = problem.shares(True) > 1
+    return f"{format_count(problem.budget)} flops per inner product" + (
+        " (three for a plan that yields all three products of the similarity)" if joint else "")
 
 
-def _alternatives(problem: InnerProblem, estimates: list[float]) -> tuple[Alternative, ...]:
+def _alternatives(problem: InnerProblem, estimates: list[tuple[float, bool]]) -> tuple[Alternative, ...]:
     """Other questions some registered algorithm would answer: a larger
-    budget (the smallest estimate), another inner product, another method."""
+    budget, another inner product, another method.  ``estimates``: (flops
+    per product, extrapolated) of the algorithms refused; the budget is the
+    smallest estimate that is a full count (an extrapolation can fall
+    short), or the smallest extrapolation when there is none."""
     out = []
-    finite = [f for f in estimates if f < math.inf]
+    finite = [e for e in estimates if e[0] < math.inf]
+    counted = [f for f, extrapolated in finite if not extrapolated]
     if finite:
-        per_product = min(finite) * problem.budget / problem.flop_limit  # the option counts one product
+        per_product = min(counted) if counted else min(f for f, _ in finite)
         step = 10.0 ** (math.floor(math.log10(max(per_product, 1.0))) - 1)  # rounded up to two digits
-        out.append(Alternative("budget", math.ceil(per_product / step) * step, "the cheapest estimate"))
+        why = "the cheapest estimate" if counted else "the cheapest estimate, extrapolated: it may take more"
+        out.append(Alternative("budget", math.ceil(per_product / step) * step, why))
     for change, why in (({"inner": "network"}, "the layer-wise product, a property of the factorization"),
                         ({"method": "closure"}, "Gaussian closure, approximate beyond the first layer"),
                         ({"method": "sampled"}, "a Monte Carlo estimate with standard errors")):
@@ -166,15 +175,18 @@ def choose(problem: InnerProblem) -> Plan:
         if alg.method != _method(problem) and problem.method != "auto":
             raise ValueError(f"algorithm={alg.name!r} is a {alg.method} algorithm; method={problem.method!r} asks "
                              f"for another")
+        share = problem.shares(alg.joint)
         try:
-            return replace(alg.plan(problem, problem.flop_limit), method=alg.method)
+            return replace(alg.plan(problem, problem.budget * share), method=alg.method)
         except CostError as exc:
             raise CostError(f"{problem.describe()}: {alg.name}: {exc.reason}; the budget is "
                             f"{_limit(problem)}", flops=exc.flops,
-                            alternatives=_alternatives(problem.replace(algorithm=alg.name), [exc.flops])) from None
+                            alternatives=_alternatives(problem.replace(algorithm=alg.name),
+                                                       [(exc.flops / share, exc.extrapolated)])) from None
     best: Plan | None = None
+    best_each = math.inf  # the best plan's flops per product answered: a joint plan's over three
     refusals: list[tuple[str, str]] = []
-    estimates: list[float] = []
+    estimates: list[tuple[float, bool]] = []  # (flops per product, extrapolated)
     for alg in _REGISTRY.values():
         if alg.method != _method(problem):
             continue
@@ -183,24 +195,25 @@ def choose(problem: InnerProblem) -> Plan:
             if problem.inner in alg.inners:  # the others are not candidates worth naming
                 refusals.append((alg.name, f"does not apply: {why}"))
             continue
-        limit = problem.flop_limit if best is None else min(problem.flop_limit, best.flops)
+        share = problem.shares(alg.joint)
         try:
-            plan = alg.plan(problem, limit)
+            plan = alg.plan(problem, share * min(problem.budget, best_each))
         except CostError as exc:
-            if exc.flops > problem.flop_limit or best is None:
+            if exc.flops / share > problem.budget or best is None:
                 refusals.append((alg.name, exc.reason))
-                estimates.append(exc.flops)
+                estimates.append((exc.flops / share, exc.extrapolated))
             else:
                 refusals.append((alg.name, f"costlier than {best.algorithm} ({exc.reason})"))
             continue
         if best is not None:
             refusals.append((best.algorithm, f"costlier than {plan.algorithm} ({format_count(best.flops)} flops)"))
-        best = plan
+        best, best_each = plan, plan.flops / problem.shares(plan.joint)
     if best is None:
         what = "; ".join(f"{name}: {why}" for name, why in refusals) or "none is registered"
         why = (f"every {_method(problem)} algorithm would exceed the budget of {_limit(problem)} "
                "or does not apply" if estimates else f"no {_method(problem)} algorithm applies")
-        raise CostError(f"{problem.describe()} refused: {why} ({what})", flops=min(estimates, default=math.inf),
+        raise CostError(f"{problem.describe()} refused: {why} ({what})",
+                        flops=min((f for f, _ in estimates), default=math.inf),
                         alternatives=_alternatives(problem, estimates))
     return replace(best, method=_method(problem), refusals=tuple(r for r in refusals if r[0] != best.algorithm))
 

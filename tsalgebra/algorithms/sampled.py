@@ -178,6 +178,7 @@ class Sampled(Algorithm):
     similarity from one set of samples)."""
 
     name = "sampled"
+    joint = True
     title = "Monte Carlo estimate"
     method = "sampled"
     inners = ("gaussian", "tokens")

@@ -415,6 +415,7 @@ class TokenMoments(Algorithm):
     vocabulary."""
 
     name = "token-moments"
+    joint = True
     title = "attention moments under the token measure"
     inners = ("tokens",)
     measures = (Tokens,)
