@@ -237,6 +237,14 @@ def test_bad_budgets_refused_everywhere(budget):
         ts.similarity_matrix([a, b], budget=budget, progress=False)
 
 
+@pytest.mark.parametrize("budget", [np.int64(10**9), np.float32(1e9), 10**9])
+def test_numpy_budgets_accepted(budget):
+    a, b = bilinear(0, 4, 3, 2), bilinear(1, 4, 3, 2)
+    assert ts.similarity(a, b, budget=budget).value == ts.similarity(a, b).value
+    assert ts.similarity_matrix([a, b], budget=budget, progress=False).values[0, 1] == pytest.approx(
+        ts.similarity(a, b).value, rel=1e-12)
+
+
 def test_python_lists_are_inputs_too():
     a = bilinear(0, 4, 3, 2)
     np.testing.assert_allclose(a([[1.0, 2.0, 3.0, 4.0]]), a(np.array([[1.0, 2.0, 3.0, 4.0]])))

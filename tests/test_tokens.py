@@ -5,6 +5,7 @@ token sequence (the models evaluated by their own forward)."""
 from __future__ import annotations
 
 import itertools
+from fractions import Fraction
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 import tsalgebra as ts
-from tsalgebra.adapters import BilinearAttentionModule, BilinearLayer
+from tsalgebra.adapters import BilinearAttentionModule, BilinearLayer, Residual
 from tsalgebra.problem import DEFAULT_BUDGET
 
 
@@ -143,6 +144,11 @@ def test_single_precision_frequencies_are_a_law():
     off[0] += 1e-6
     with pytest.raises(ValueError, match=r"sum to 1 over the vocabulary \(to 1e-09 for float64"):
         ts.Tokens(V, probs=off)
+    exact_off = np.array([Fraction(1, 2), Fraction(1, 2) + Fraction(1, 10**12)], dtype=object)
+    with pytest.raises(ValueError, match="exact probs must sum to exactly 1"):  # was accepted: mass 1 + 1e-12
+        ts.Tokens(2, probs=exact_off)
+    with pytest.raises(ValueError, match="no distribution"):  # was a measure of 0 tokens
+        ts.Tokens(V, probs=np.zeros((0, V)))
 
 
 def test_token_embeddings_from_torch():
@@ -160,6 +166,7 @@ def test_token_embeddings_from_torch():
     assert got.shape == want.shape and a(ids[0].numpy()).shape == want.shape[1:]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # torch computes in float32
     assert tuple(a(ids).shape) == want.shape and a.evaluate_flat(a.one_hot(ids.numpy())).shape == (6, n * V)
+    assert a(np.zeros((0, n), dtype=int)).shape == (0, n, V)  # an empty batch, as torch's
     assert a.default_measure.label == ts.Tokens(V, n).label
     s = ts.similarity(a, b)
     assert s.inner == "tokens" and any("default" in note for note in s.notes)
@@ -193,6 +200,24 @@ def test_flat_readout_after_attention_from_torch():
         np.testing.assert_allclose(np.asarray(a(ids)), nets[0](ids).numpy(), rtol=1e-12, atol=1e-12)
     want = brute(a, b, ts.Tokens(V, n)) / np.sqrt(brute(a, a, ts.Tokens(V, n)) * brute(b, b, ts.Tokens(V, n)))
     assert ts.similarity(a, b).value == pytest.approx(want, rel=1e-10)
+
+
+
+def test_per_token_layers_before_flatten_from_torch():
+    """Layers between the embedding and nn.Flatten act per token (they were
+    refused: 'takes 3 inputs but ... gives 6')."""
+    torch.manual_seed(3)
+    V, d, n = 4, 3, 2
+    nets = [nn.Sequential(nn.Embedding(V, d), nn.Linear(d, d), nn.Flatten(), nn.Linear(n * d, 2)),
+            nn.Sequential(nn.Embedding(V, d), Residual(BilinearLayer(d, 3, d)), nn.Flatten(), nn.Linear(n * d, 2))]
+    a, b = (ts.from_torch(t.double().eval()) for t in nets)
+    ids = torch.tensor(list(itertools.product(range(V), repeat=n)))
+    with torch.no_grad():
+        for net, model in zip(nets, (a, b)):
+            np.testing.assert_allclose(np.asarray(model(ids)), net(ids).numpy(), rtol=1e-12, atol=1e-12)
+    mu = ts.Tokens(V, n)
+    assert ts.similarity(a, b).value == pytest.approx(
+        brute(a, b, mu) / np.sqrt(brute(a, a, mu) * brute(b, b, mu)), rel=1e-10)
 
 
 def attention_lm(rng, V, d, H, dh, n, noise=None, **flags):
@@ -471,3 +496,65 @@ def test_models_that_read_different_tokens_are_refused():
         with pytest.raises(ValueError, match=says):
             call()
     assert ts.similarity(a, ts.Linear(np.ones((24, 24)))).inner == "tokens"  # a model of plain features reads them
+
+
+class _BlocksLM(nn.Module):
+    """The papers' layout in torch: embed, a ModuleList of blocks looped over, head."""
+
+    def __init__(self, V, d, n):
+        super().__init__()
+        self.embed = nn.Embedding(V, d)
+        self.blocks = nn.ModuleList([BilinearAttentionModule(2, 2, d, n_ctx=n, causal=True) for _ in range(2)])
+        self.head = nn.Linear(d, V, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+def test_blocks_in_a_module_list_reading_token_ids_from_torch():
+    """Checked on token ids (the check fed it random float vectors, and every
+    such language model was refused: 'forward matches none of them')."""
+    torch.manual_seed(2)
+    V, n = 4, 3
+    net = _BlocksLM(V, 4, n).double().eval()
+    model = ts.from_torch(net)
+    ids = torch.randint(0, V, (5, n))
+    with torch.no_grad():
+        np.testing.assert_allclose(np.asarray(model(ids)), net(ids).numpy(), rtol=1e-10, atol=1e-12)
+    assert model.default_measure.label == ts.Tokens(V, n).label
+
+
+def test_a_circuit_without_a_measure_is_compared_under_the_models_measure():
+    """A hand-written circuit on the one-hot tokens carries no measure; a
+    similarity with a language model took each self-product under its own
+    model's default (<b,b> Gaussian: 0.039 for 0.087), and the answer
+    depended on the order.  Now the pair's measure, in either order."""
+    torch.manual_seed(0)
+    V = 5
+    net = nn.Sequential(nn.Embedding(V, 3), nn.Linear(3, 2)).double().eval()
+    lm, circuit = ts.from_torch(net), ts.Linear(np.random.default_rng(1).normal(size=(2, V)))
+    mu = ts.Tokens(V, 1)
+    want = brute(lm, circuit, mu) / np.sqrt(brute(lm, lm, mu) * brute(circuit, circuit, mu))
+    for x, y in ((lm, circuit), (circuit, lm)):
+        s = ts.similarity(x, y)
+        assert s.value == pytest.approx(want, rel=1e-10) and s.inner == "tokens"
+        assert ts.inner(x, y, inner="tokens").value == pytest.approx(brute(lm, circuit, mu), rel=1e-10)
+        assert ts.similarity_matrix([x, y], progress=False).values[0, 1] == pytest.approx(want, rel=1e-10)
+    assert ts.verify(circuit, lm).inner == "tokens"
+
+
+def test_many_tiny_orbits_are_refused_before_they_are_planned():
+    """59,049 pairings of a one-head attention model under tokens: 29,646
+    orbits of 2.7 KFLOP each never reached the flop budget, and planning
+    them took minutes; more than MAX_ORBITS are refused at once."""
+    from tsalgebra.pairing_sum import MAX_ORBITS
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(4, 3), BilinearAttentionModule(1, 2, 3, n_ctx=2, bias=True), nn.Linear(3, 2))
+    a = ts.from_torch(net.double().eval())
+    with pytest.raises(ts.CostError, match=f"29,646 orbit contractions .*more than {MAX_ORBITS:,} to plan"):
+        ts.plan_inner(a, a, algorithm="pairings")
+    assert ts.inner(a, a).algorithm == "token-moments"  # the chooser's answer is unchanged

@@ -447,10 +447,11 @@ def _per_position(parts: list[Component], flat: int | None = None) -> list[Compo
         end = len(parts) if flat is None or flat <= first else flat
         return [PositionWise(p, n) if isinstance(p, (Linear, Bilinear)) and k < end else p
                 for k, p in enumerate(parts)]
-    if isinstance(parts[0], Embedding) and len(parts) > 1:  # flat layers after it (nn.Flatten)
-        width, d = parts[1].in_features, parts[0].out_features
+    if isinstance(parts[0], Embedding) and len(parts) > 1:  # per token up to the flat layers (nn.Flatten)
+        end = flat if flat is not None and 0 < flat < len(parts) else 1
+        width, d = parts[end].in_features, parts[end - 1].out_features
         if width % d == 0 and width > d:
-            return [PositionWise(parts[0], width // d)] + parts[1:]
+            return [PositionWise(p, width // d) for p in parts[:end]] + parts[end:]
     return parts
 
 
@@ -574,27 +575,6 @@ def _candidates(module: nn.Module, path: str) -> list[tuple[str, Callable[[], Co
     return out
 
 
-def _mismatch(module: nn.Module, model: Component) -> float:
-    """Largest relative difference between the module's forward (in float64)
-    and ``model`` on random inputs; inf when the forward fails or the shapes
-    disagree."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(_CHECK_SAMPLES, model.in_features, generator=gen, dtype=torch.float64)
-    params = {k: v.detach().to(torch.float64) if v.is_floating_point() else v
-              for k, v in list(module.named_parameters()) + list(module.named_buffers())}
-    try:
-        with torch.no_grad():
-            want = torch.func.functional_call(module, params, (x,))
-    except Exception:  # noqa: BLE001 - any failure means "not this interpretation"
-        return float("inf")
-    if not isinstance(want, torch.Tensor) or tuple(want.shape) != (_CHECK_SAMPLES, model.out_features):
-        return float("inf")
-    got = model(x.numpy())
-    want_np = want.numpy()
-    scale = max(1.0, float(np.abs(want_np).max()))
-    return float(np.abs(got - want_np).max() / scale)
-
-
 def _nonpolynomial_children(module: nn.Module, path: str) -> list[str]:
     found = []
     for name, sub in module.named_modules():
@@ -625,7 +605,7 @@ def _by_convention(module: nn.Module, path: str) -> Component | None:
             continue
         if model is None:
             continue
-        err = _forward_mismatch(module, model) if isinstance(model, BilinearAttention) else _mismatch(module, model)
+        err = _forward_mismatch(module, model)  # on the module's own kind of input (token ids, sequences)
         if err <= _CHECK_RTOL:
             return model
         tried.append(f"{what}: forward differs (max relative error {err:.3g})")

@@ -189,7 +189,7 @@ def _result_dict(r: Any) -> dict[str, Any]:
 MAX_TOKEN_PROBS_BYTES = 2**28  # 256 MiB: 64 positions of a 500,000-token vocabulary in float64
 
 
-def _token_measure(args: argparse.Namespace, model: Any) -> Any:
+def _token_measure(args: argparse.Namespace, *models: Any) -> Any:
     """The token measure of ``--token-probs`` (None without it): the model's
     own vocabulary and positions, the frequencies read from the file (a .npy
     array, or text: one distribution per line); usage errors name the file."""
@@ -203,7 +203,7 @@ def _token_measure(args: argparse.Namespace, model: Any) -> Any:
     if path.stat().st_size > MAX_TOKEN_PROBS_BYTES:
         raise UsageError(f"--token-probs {path}: {path.stat().st_size:,} bytes, above the bound of "
                          f"{MAX_TOKEN_PROBS_BYTES:,}")
-    default = getattr(model, "default_measure", None)
+    default = next((m.default_measure for m in models if getattr(m, "default_measure", None) is not None), None)
     if default is None:
         raise UsageError(f"--token-probs {path}: the models do not read token ids (no token embedding)")
     try:
@@ -234,7 +234,7 @@ def cmd_similarity(args: argparse.Namespace) -> int:
         kw.update(samples=args.samples, rel_error=args.rel_error, seed=args.seed)
     elif args.samples is not None or args.rel_error is not None or args.seed is not None:
         raise UsageError("--samples, --rel-error and --seed belong to --method sampled")
-    r = similarity(a, b, args.inner, args.method, measure=_token_measure(args, a), **kw)
+    r = similarity(a, b, args.inner, args.method, measure=_token_measure(args, a, b), **kw)
     payload = dict(_result_dict(r), a=args.a, b=args.b, model_a=repr(a), model_b=repr(b))
     if args.per_output:
         vals = np.asarray(r.value, dtype=float)
@@ -316,7 +316,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         raise UsageError(f"--workers must be a positive number of worker processes, got {args.workers}")
     if args.tile is not None and args.tile < 1:
         raise UsageError(f"--tile must be a positive number of models, got {args.tile}")
-    res = similarity_matrix(models, inner=args.inner, method=args.method, measure=_token_measure(args, models[0]),
+    res = similarity_matrix(models, inner=args.inner, method=args.method, measure=_token_measure(args, *models),
                             progress=not args.no_progress,
                             workers=args.workers, scheduler=args.scheduler, store=args.store, tile=args.tile, **kw)
     values = np.asarray(res.values, dtype=float)

@@ -266,7 +266,8 @@ class Component(ABC):
             raise ValueError(f"{self!r} takes inputs of shape (n, {self.in_features}), got {tuple(x.shape)}")
         out = self.evaluate_flat(x)
         if tokens and self.per_position_output:
-            out = out.reshape(out.shape[0], self.token_input[1], -1)  # type: ignore[index]
+            n = self.token_input[1]  # type: ignore[index]
+            out = out.reshape(out.shape[0], n, out.shape[1] // n)  # (an empty batch too)
         return out[0] if single else out
 
     def evaluate_flat(self, x: Any) -> Any:

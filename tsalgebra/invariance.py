@@ -231,7 +231,7 @@ def check_invariance(
     """
     if not isinstance(model, Component):
         raise TypeError(f"model must be a tsalgebra component, got {type(model).__name__}")
-    inner, measure = function_level(inner, model, measure, mean, cov, "check_invariance")
+    inner, measure = function_level(inner, measure, mean, cov, "check_invariance", model)
     if isinstance(transform, Component):
         other, label = transform, "a given model"
     elif callable(transform):

@@ -396,6 +396,8 @@ class Tokens(Measure):
             if p.shape[-1] != self.vocab:
                 raise ValueError(f"probs has shape {p.shape}; its last axis must be the vocabulary ({self.vocab})")
             if p.ndim == 2:
+                if p.shape[0] == 0:
+                    raise ValueError("probs gives no distribution (shape (0, vocab))")
                 if self.n_ctx is not None and p.shape[0] != self.n_ctx:
                     raise ValueError(f"probs gives {p.shape[0]} distributions for n_ctx={self.n_ctx} tokens")
                 object.__setattr__(self, "n_ctx", p.shape[0])
@@ -406,12 +408,18 @@ class Tokens(Measure):
             # to that precision: the bound follows the dtype given, and float
             # laws are renormalised in float64, so that every algorithm sums
             # a law of mass 1 (an enumeration would otherwise see mass^n_ctx).
-            dtype, eps = _precision(self.probs)
-            bound = max(1e-9, 8 * math.sqrt(self.vocab) * eps)
-            sums = values.sum(axis=-1)
-            if not np.allclose(sums, 1.0, rtol=0, atol=bound):
-                raise ValueError(f"probs must sum to 1 over the vocabulary (to {bound:.1g} for {dtype}; sums {sums})")
-            if p.dtype != object:
+            if p.dtype == object:  # exact numbers: exactly 1, or the answer is labelled exact for mass != 1
+                exact_sums = [sum(row) for row in p.reshape(-1, self.vocab)]
+                if any(total != 1 for total in exact_sums):
+                    raise ValueError(f"exact probs must sum to exactly 1 over the vocabulary; sums "
+                                     f"{[str(total) for total in exact_sums]}")
+            else:
+                dtype, eps = _precision(self.probs)
+                bound = max(1e-9, 8 * math.sqrt(self.vocab) * eps)
+                sums = values.sum(axis=-1)
+                if not np.allclose(sums, 1.0, rtol=0, atol=bound):
+                    raise ValueError(f"probs must sum to 1 over the vocabulary (to {bound:.1g} for {dtype}; "
+                                     f"sums {sums})")
                 p = p / sums[..., None]
             object.__setattr__(self, "probs", p)
 

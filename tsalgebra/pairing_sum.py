@@ -34,10 +34,16 @@ from .planner import ContractionPlan, plan
 from .problem import CostError, format_count
 from .progress import advancer
 
-__all__ = ["Joins", "PairingPlan", "Tally", "orbit_sum", "plan_pairings", "run_pairings", "lift", "MAX_PAIRINGS",
-           "OUTER"]
+__all__ = ["Joins", "PairingPlan", "Tally", "orbit_sum", "plan_pairings", "run_pairings", "lift", "MAX_ORBITS",
+           "MAX_PAIRINGS", "OUTER"]
 
 MAX_PAIRINGS = 1_000_000  # pairings walked to find orbits (a Python-speed loop)
+# Orbits planned at most: each orbit's contraction order is searched and run
+# at Python speed, 1.5-2.6 ms apiece whatever its own flops (measured on a
+# one-head attention model of d_model 3: 9,496 Gaussian orbits planned in
+# 25 s; under the token measure 29,646 orbits of 2.7 KFLOP each, which no
+# flop budget stopped, would have taken over a minute).
+MAX_ORBITS = 10_000
 _SEARCH_ORBITS = 64  # above this many orbits, plan each with the greedy optimizer
 OUTER = "outer"  # out_mask value: keep both output legs open (the matrix E[f_o g_o'])
 
@@ -435,6 +441,9 @@ def plan_pairings(A: Network, B: Network | None, joins: Joins, out_mask: Any, li
                             f"pairings, {format_count(found.flops)} flops", flops=found.flops)
         return found
     orbits = P.orbits(joins.kind, n, gens)
+    if len(orbits) > MAX_ORBITS:  # tiny orbits: their flops never reach a budget, their planning takes minutes
+        raise CostError(f"exact {joins.kind} enumeration: {len(orbits):,} orbit contractions of {raw:,} pairings "
+                        f"(more than {MAX_ORBITS:,} to plan and run at Python speed)")
     joiner = _Joiner(legs, tensors, joins, out_legs[0] if B is not None else None)
     # thousands of orbit networks: an exhaustive search for each would cost
     # more than the contractions it saves, so many orbits take greedy orders

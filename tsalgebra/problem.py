@@ -14,6 +14,7 @@ Nothing here computes: algorithms live in :mod:`tsalgebra.algorithms`.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Mapping
@@ -25,7 +26,7 @@ from .expr import Network, Sum
 from .measure import Gaussian, Measure, Tokens
 
 __all__ = ["Alternative", "CostError", "MemoryBoundError", "DEFAULT_BUDGET", "INNERS", "METHODS", "InnerProblem", "InnerResult", "Plan",
-           "bound_measure", "check_arguments", "degree_of", "format_count", "positions_of", "resolve_inner"]
+           "bound_measure", "check_arguments", "checked_budget", "degree_of", "format_count", "positions_of", "resolve_inner"]
 
 INNERS = ("gaussian", "tokens", "symmetric", "network")
 FUNCTIONAL = ("gaussian", "tokens")  # E over the input measure of f . g: the name is the measure's kind
@@ -190,12 +191,14 @@ def check_arguments(inner: str, method: str, centered: bool) -> None:
         raise ValueError("centered=True is defined for the functional inner products only (gaussian, tokens)")
 
 
-def resolve_inner(inner: str | None, model: Any, measure: Measure | None) -> tuple[str, Measure | None]:
+def resolve_inner(inner: str | None, measure: Measure | None, *models: Any) -> tuple[str, Measure | None]:
     """The inner product asked for and its measure.  ``inner=None``: the
-    functional product under ``measure``, else under the model's own default
-    measure (a token embedding's :class:`Tokens`), else the Gaussian one;
-    "tokens" without a measure takes the model's default."""
-    default = getattr(model, "default_measure", None)
+    functional product under ``measure``, else under the models' own default
+    measure (a token embedding's :class:`Tokens`: the first model that has
+    one, so a hand-written circuit on one-hot tokens is compared with a
+    language model under the model's measure, in either order), else the
+    Gaussian one; "tokens" without a measure takes that default."""
+    default = next((d for d in (getattr(m, "default_measure", None) for m in models) if d is not None), None)
     if inner is None:
         if measure is None and default is not None:
             measure = default
@@ -213,22 +216,30 @@ def resolve_inner(inner: str | None, model: Any, measure: Measure | None) -> tup
     return inner, measure
 
 
+def checked_budget(budget: Any) -> float:
+    """``budget=`` as a float: a non-negative real number (numpy's too; not
+    a bool, a string or NaN)."""
+    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, numbers.Real) or not budget >= 0:  # nan fails
+        raise ValueError(f"budget must be a non-negative number of flops, got {budget!r}")
+    return float(budget)
+
+
 def default_measure_note(measure: Measure) -> str:
     """What a result says when it used the models' own measure, not one given."""
     return f"measure: {measure.label}, the models' default (they read tokens)"
 
 
-def function_level(inner: str | None, model: Any, measure: Measure | None, mean: Any, cov: Any,
-                   caller: str) -> tuple[str, Measure | None]:
-    """The function-level inner product that ``caller`` compares models
+def function_level(inner: str | None, measure: Measure | None, mean: Any, cov: Any, caller: str,
+                   *models: Any) -> tuple[str, Measure | None]:
+    """The function-level inner product that ``caller`` compares ``models``
     with, and its measure: a functional product (``inner=None`` follows the
-    model's own measure, as :func:`resolve_inner`) or "symmetric"."""
+    models' own measure, as :func:`resolve_inner`) or "symmetric"."""
     if inner is not None and inner not in FUNCTIONAL + ("symmetric",):
         raise ValueError(f"{caller} needs a function-level inner product: 'gaussian', 'tokens' or 'symmetric', "
                          f"got {inner!r} (the network product also depends on the factorization)")
     if inner == "symmetric":
         return inner, measure
-    inner, measure = resolve_inner(inner, model, measure)
+    inner, measure = resolve_inner(inner, measure, *models)
     _gaussian_shorthand_fits(inner, mean, cov)
     return inner, measure
 
@@ -304,13 +315,12 @@ class InnerProblem:
         notes: tuple[str, ...] = ()
         if inner is None or inner in FUNCTIONAL:
             given = measure
-            inner, measure = resolve_inner(inner, a, measure)
+            inner, measure = resolve_inner(inner, measure, a, b)
             if given is None and measure is not None:
                 notes = (default_measure_note(measure),)
         check_arguments(inner, method, options.get("centered", False))
-        budget = options.get("budget", DEFAULT_BUDGET)
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:  # nan fails too
-            raise ValueError(f"budget must be a non-negative number of flops, got {budget!r}")
+        if "budget" in options:
+            options["budget"] = checked_budget(options["budget"])
         if isinstance(a, Component) and isinstance(b, Component):
             if a.in_features != b.in_features:
                 raise ValueError(f"input widths differ: {a!r} takes {a.in_features}, {b!r} takes {b.in_features}")

@@ -132,10 +132,10 @@ def verify(
     else the Gaussian).
     """
     kw = dict(inner_kwargs)
-    inner, measure = function_level(inner, component, kw.get("measure"), kw.get("mean"), kw.get("cov"), "verify")
+    c = _as_model(circuit, component, symbols)
+    inner, measure = function_level(inner, kw.get("measure"), kw.get("mean"), kw.get("cov"), "verify", component, c)
     if measure is not None:
         kw["measure"] = measure
-    c = _as_model(circuit, component, symbols)
     if c.in_features != component.in_features or c.out_features != component.out_features:
         raise ValueError(f"the circuit maps {c.in_features} -> {c.out_features}, "
                          f"the component {component.in_features} -> {component.out_features}")

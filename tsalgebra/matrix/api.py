@@ -19,7 +19,7 @@ from ..components import Component
 from ..cosine import cosines
 from ..measure import Measure
 from ..problem import (DEFAULT_BUDGET, FUNCTIONAL, Alternative, CostError, MemoryBoundError, bound_measure,
-                       check_arguments, default_measure_note, resolve_inner)
+                       check_arguments, checked_budget, default_measure_note, resolve_inner)
 from . import materialize, node_gram, pairwise, pairwise_gram
 from .job import Gram, Job, Route, TileGram, Tiling
 from ..threads import blas_threads
@@ -45,11 +45,11 @@ def _compute(rows_in: Any, cols_in: Any | None, inner: str | None, method: str, 
     started = time.perf_counter()
     measure = given = options.pop("measure", None)
     rows, labels = _models(rows_in, "models" if cols_in is None else "models_a")
+    cols, col_labels = (None, None) if cols_in is None else _models(cols_in, "models_b")
     if inner is None or inner in FUNCTIONAL:
-        inner, measure = resolve_inner(inner, rows[0], measure)
+        inner, measure = resolve_inner(inner, measure, *rows, *(cols or []))
     said = (default_measure_note(measure),) if given is None and measure is not None else ()
     options = _checked(inner, method, centered, route, options)
-    cols, col_labels = (None, None) if cols_in is None else _models(cols_in, "models_b")
     law = _measure(rows + (cols or []), inner, mean, cov, measure)
     if tiling is not None and tiling.active:  # tiles on a cluster or into a store: the same routes per tile
         from .cluster import tiled
@@ -119,9 +119,8 @@ def _checked(inner: str, method: str, centered: bool, route: str, options: dict[
     unknown = set(options) - {"degree", "budget", "orbits", "samples", "seed", "rel_error"}
     if unknown:
         raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
-    budget = options.get("budget", DEFAULT_BUDGET)
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:  # nan fails too
-        raise ValueError(f"budget must be a non-negative number of flops, got {budget!r}")
+    if "budget" in options:
+        options["budget"] = checked_budget(options["budget"])
     return options
 
 
