@@ -17,6 +17,7 @@ channel is always excluded.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any
@@ -29,7 +30,8 @@ from .algorithms.sampled import Z95
 from .cosine import cosines
 from .measure import Measure
 from .rescale import canonical
-from .problem import DEFAULT_BUDGET, CostError, InnerProblem, InnerResult, Plan, degree_of, format_count
+from .problem import (DEFAULT_BUDGET, FUNCTIONAL, CostError, InnerProblem, InnerResult, Plan, degree_of, format_count,
+                      resolve_inner)
 
 __all__ = ["InnerResult", "CostError", "SimilarityPlan", "inner", "norm", "plan_inner", "plan_similarity",
            "similarity", "DEFAULT_BUDGET"]
@@ -169,8 +171,11 @@ def norm(a: Any, inner: str | None = None, method: str = "auto", mean: Any = Non
     v = v if r.per_output else float(v)
     if r.stderr is None:
         return _scaled(replace(r, value=v, quantity="norm"), la, "the norm")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        se = np.asarray(r.stderr) / (2 * np.asarray(v))  # the delta method for a square root
+    why = None if r.per_output else _not_positive(r, "<a, a>")
+    if why is not None and r.value != 0:  # an estimate below 0 has no square root (a zero model has norm 0)
+        raise ValueError(why)
+    with np.errstate(divide="ignore", invalid="ignore"):  # the delta method for a square root (0 without spread)
+        se = np.where(np.asarray(r.stderr) == 0, 0.0, np.asarray(r.stderr) / (2 * np.asarray(v)))
     se = se if r.per_output else float(se)
     r = replace(r, value=v, quantity="norm", stderr=se, interval=(v - Z95 * se, v + Z95 * se))
     return _scaled(r, la, "the norm")
@@ -207,12 +212,16 @@ def _similarity_plans(a: Any, b: Any, inner: str | None, method: str, mean: Any,
     and, where it is not joint, of <a,a> and <b,b>; a product refused carries
     its CostError instead."""
     calls = [("<a,b>", a, b, a is not b)] + ([] if a is b else [("<a,a>", a, a, False), ("<b,b>", b, b, False)])
+    # the self-products under the pair's measure (a model's own default would
+    # judge a hand-written circuit on one-hot tokens by the Gaussian)
+    pair = resolve_inner(inner, measure, a, b) if inner is None or inner in FUNCTIONAL else (inner, measure)
     products: list[tuple[str, Plan | CostError]] = []
     for label, x, y, joint in calls:
         if label != "<a,b>" and isinstance(products[0][1], Plan) and products[0][1].joint:
             break
+        how, law = (inner, measure) if label == "<a,b>" else pair  # <a,b> notes a default measure
         try:
-            products.append((label, choose(_problem(x, y, inner, method, mean, cov, measure, options, joint))))
+            products.append((label, choose(_problem(x, y, how, method, mean, cov, law, options, joint))))
         except CostError as exc:
             products.append((label, exc))
     return products
@@ -272,19 +281,56 @@ def similarity(a: Any, b: Any, inner: str | None = None, method: str = "auto", m
     )
 
 
+def _not_positive(r: InnerResult, what: str) -> str | None:
+    """Why the Monte Carlo estimate ``r`` of a self-product (a mean of
+    squares, which the control variate can push below 0) cannot be a norm,
+    or None.  An estimate of exactly 0 with no spread is a zero model."""
+    value, se = np.asarray(r.value, dtype=float), np.asarray(r.stderr, dtype=float)
+    if np.all(value > 0):
+        return None
+    if np.all((value == 0) & (se == 0)):
+        return f"{what} is 0 on every sample: a zero model, whose similarity is undefined"
+    tails = " (its samples are heavy-tailed)" if r.estimate is not None and r.estimate.heavy_tailed else ""
+    return (f"the Monte Carlo estimate of {what} is {np.min(value):.4g} +- {np.max(se):.2g}, not positive{tails}: "
+            "too few samples for this model; pass more samples= (or rel_error=), or ask for an exact value")
+
+
 def _estimated_similarity(ab: InnerResult, aa: InnerResult | None, bb: InnerResult | None) -> InnerResult:
     """The cosine of a joint Monte Carlo estimate: the ratio of the three
     sample means, its standard error by the delta method over their
-    covariance (:meth:`~tsalgebra.algorithms.sampled.Estimate.cosine`)."""
+    covariance (:meth:`~tsalgebra.algorithms.sampled.Estimate.cosine`).  An
+    estimate beyond +-1 within 4 standard errors is reported as +-1, saying
+    so; beyond that, or with a self-product estimated at or below 0, the
+    samples cannot answer and the error says why."""
     if aa is None or bb is None:  # a against itself: the cosine is one, whatever was sampled
         one = np.ones_like(np.asarray(ab.value, dtype=float)) if ab.per_output else 1.0
         zero = one * 0.0
         return replace(ab, value=one, quantity="similarity", stderr=zero, interval=(one, one))
-    value = _cosine(ab, aa, bb)  # raises where the cosine is undefined
-    _, se = ab.estimate.cosine()
-    se = se if ab.per_output else float(se[0])
+    notes = ("cosine: ratio of the sample means, standard error by the delta method",)
+    if not ab.per_output:
+        for r, what in ((aa, "<a, a>"), (bb, "<b, b>")):
+            why = _not_positive(r, what)
+            if why is not None:
+                raise ValueError(why)
+    cos, se = ab.estimate.cosine()  # per channel
+    dead = ~((np.asarray(aa.value) > 0) & (np.asarray(bb.value) > 0))
+    if dead.any():  # per output only (a single channel was refused above)
+        warnings.warn("some output channels have a self-product estimated at or below 0; their similarity is NaN",
+                      RuntimeWarning, stacklevel=3)
+        cos = np.where(dead, np.nan, cos)
+    excess = np.abs(cos) - 1.0
+    if np.any(excess > 4 * se):
+        raise ArithmeticError(f"the Monte Carlo cosine is {float(np.nanmax(np.abs(cos))):.6g} in absolute value, beyond "
+                              "1 by more than 4 standard errors: too few samples for this model; pass more samples= "
+                              "(or rel_error=), or ask for an exact value")
+    if np.any(excess > 0):
+        worst = float(np.nanmax(excess))
+        notes += (f"the estimate exceeded 1 in absolute value by {worst:.2g} (within 4 standard errors): "
+                  "reported as +-1",)
+        cos = np.clip(cos, -1.0, 1.0)
+    value, se = (cos, se) if ab.per_output else (float(cos[0]), float(se[0]))
     return replace(ab, value=value, quantity="similarity", stderr=se, interval=(value - Z95 * se, value + Z95 * se),
-                   notes=ab.notes + ("cosine: ratio of the sample means, standard error by the delta method",))
+                   notes=ab.notes + notes)
 
 
 @dataclass(frozen=True)

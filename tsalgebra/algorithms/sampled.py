@@ -15,9 +15,14 @@ the pilot's values only shift the origin).
 Control variate: where the models have nonlinear layers after their first
 one, the models truncated after it (the deeper nonlinear layers dropped,
 the linear ones kept) have exactly computable products; the estimator
-subtracts beta (c - E c) with beta fitted on the pilot batch (independent
-of the samples averaged, so the estimate stays unbiased) and reports the
-variance it saved.
+subtracts beta (c - E c), per product and channel, and reports the variance
+it saved.  Each batch's beta is fitted on the samples before it (the pilot,
+then every batch so far), and used only where the betas fitted so far did
+better than none on samples they had not seen (the pilot's halves, each
+fitted on the other, then every batch): every choice depends on earlier
+samples only, so the estimate stays unbiased, and a beta that a few large
+samples threw off (heavy tails) is dropped instead of multiplying the
+variance.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ __all__ = ["Estimate", "Sampled", "DEFAULT_SAMPLES"]
 
 DEFAULT_SAMPLES = 10_000
 PILOT = 512  # samples of the pilot batch (control-variate coefficients, centring origin), not averaged
+PILOT_FOLDS = 8  # the pilot's folds that judge the control variate, each by the fit of the others
 BATCH_BYTES = 64 * 2**20  # a batch's inputs and outputs together
 Z95 = 1.959963984540054  # the normal quantile of a 95 % interval
 HEAVY_TAIL_SHARE = 0.05  # one sample's share of the spread beyond which the standard error is flagged
@@ -172,6 +178,59 @@ class _Control:
         return "/".join(dict.fromkeys(p.algorithm for p in self.plans))
 
 
+class _Fit:
+    """The control variate's coefficients, fitted on the samples seen so far
+    (sums of s and c about the pilot's means, of s c and c c), and its
+    record on samples its fits had not seen: the squared deviations with
+    and without it.  ``beta`` is used where that record is better."""
+
+    def __init__(self, s: np.ndarray, c: np.ndarray) -> None:
+        self.s0, self.c0 = s.mean(0), c.mean(0)
+        self.n = 0
+        self.sum_s = np.zeros_like(self.s0)
+        self.sum_c = np.zeros_like(self.c0)
+        self.sum_sc = np.zeros_like(self.s0)
+        self.sum_cc = np.zeros_like(self.c0)
+        self.with_cv = np.zeros_like(self.s0)
+        self.without = np.zeros_like(self.s0)
+        folds = np.array_split(np.arange(len(s)), PILOT_FOLDS)  # each judged by the fit of the others
+        for judged in folds:
+            fit = np.setdiff1d(np.arange(len(s)), judged)
+            self.judge(self._slope(s[fit], c[fit]), s[judged], c[judged])
+        self.add(s, c)
+
+    def _slope(self, s: np.ndarray, c: np.ndarray) -> np.ndarray:
+        ds, dc = s - s.mean(0), c - c.mean(0)
+        var = (dc * dc).sum(0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(var > 0, (ds * dc).sum(0) / var, 0.0)
+
+    def judge(self, beta: np.ndarray, s: np.ndarray, c: np.ndarray) -> None:
+        """Record how ``beta`` (fitted without these samples) does on them."""
+        adjusted = s - beta * c
+        self.with_cv += ((adjusted - adjusted.mean(0)) ** 2).sum(0)
+        self.without += ((s - s.mean(0)) ** 2).sum(0)
+
+    def add(self, s: np.ndarray, c: np.ndarray) -> None:
+        ds, dc = s - self.s0, c - self.c0
+        self.n += len(s)
+        self.sum_s += ds.sum(0)
+        self.sum_c += dc.sum(0)
+        self.sum_sc += (ds * dc).sum(0)
+        self.sum_cc += (dc * dc).sum(0)
+
+    def candidate(self) -> np.ndarray:
+        """beta = cov(s, c) / var(c) over every sample so far."""
+        var = self.sum_cc - self.sum_c ** 2 / self.n
+        cov = self.sum_sc - self.sum_s * self.sum_c / self.n
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(var > 1e-300, cov / var, 0.0)
+
+    def beta(self) -> np.ndarray:
+        """The candidate where the fits did better than none out of sample, else 0."""
+        return np.where(self.with_cv < self.without, self.candidate(), 0.0)
+
+
 class Sampled(Algorithm):
     """Monte Carlo for every model (Components, networks, sums) under the
     Gaussian or the token measure; joint (the three products of a
@@ -260,27 +319,28 @@ class Sampled(Algorithm):
         fa, fb = self._outputs(models, x, p)
         origin = (fa.mean(0), fb.mean(0)) if p.centered else (0.0, 0.0)
         s = self._products(fa - origin[0], fb - origin[1], p.per_output)
-        beta = None
+        fit = None
         if controls is not None:
             c = self._products(*self._outputs(controls, x, p), p.per_output)
-            dc = c - c.mean(0)
-            var_c = (dc * dc).sum(0)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                beta = np.where(var_c > 0, ((s - s.mean(0)) * dc).sum(0) / var_c, 0.0)
+            fit = _Fit(s, c - exact_c)
 
-        stream = _Stream((s - beta * (c - exact_c) if beta is not None else s).mean(0), s.mean(0))
+        stream = _Stream(s.mean(0), s.mean(0))
         tick = advancer()  # the plan's bar (over its flops: to the most samples it may take), when one shows
         target = p.rel_error
         while stream.n < samples:
             k = min(batch, samples - stream.n)
+            if fit is not None:  # batches doubling from the pilot's size: the fit improves early
+                k = min(k, max(PILOT, stream.n))
             x = self._draw(p, k, rng)
             fa, fb = self._outputs(models, x, p)
             fa, fb = fa - origin[0], fb - origin[1]
             raw = self._products(fa, fb, p.per_output)
             s = raw
-            if beta is not None:
-                c = self._products(*self._outputs(controls, x, p), p.per_output)  # type: ignore[arg-type]
-                s = raw - beta * (c - exact_c)
+            if fit is not None:  # this batch's beta from the samples before it, then its record on this batch
+                c = self._products(*self._outputs(controls, x, p), p.per_output) - exact_c  # type: ignore[arg-type]
+                s = raw - fit.beta() * c
+                fit.judge(fit.candidate(), raw, c)
+                fit.add(raw, c)
             stream.add(s, raw)
             if p.centered:
                 stream.vec[0] = stream.vec[0] + fa.sum(0)
