@@ -251,3 +251,60 @@ def test_every_layout_twin_from_disk_through_the_command_line(tmp_path, capsys, 
     np.testing.assert_allclose(rep["values"], ts.similarity_matrix(loaded, progress=False).values, atol=1e-12)
     assert main(["plan", files[1], files[2], "--template", spec, *pos, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["within_budget"]
+
+
+def _break(sd, cfg, case):
+    """One way a checkpoint or its config.json disagrees with the layout."""
+    d = cfg["d_model"]
+    if case == "fewer layers in the config":
+        cfg["n_layers"] = 1
+    elif case == "unknown key":
+        sd["layers.0.mlp.weight"] = torch.ones(d, d)
+    elif case == "unembed rows":
+        sd["unembed.weight"] = torch.ones(cfg["vocab_size"] - 1, d)
+    elif case == "q1 columns":
+        sd["layers.0.q1.weight"] = torch.ones(d, d - 2)
+    elif case == "o columns":
+        sd["layers.1.o.weight"] = torch.ones(d, d - 2)
+    elif case == "q1 bias":
+        sd["layers.0.q1.bias"] = torch.ones(d - 2)
+    elif case == "final norm":
+        sd["final_norm.weight"] = torch.ones(d - 3)
+    elif case == "NaN":
+        sd["layers.0.k2.weight"][0, 0] = float("nan")
+    elif case == "vocab_size a word":
+        cfg["vocab_size"] = "eleven"
+    elif case == "attn_scale a word":
+        cfg["attn_scale"] = "x"
+
+
+@pytest.mark.parametrize("case,file,match", [
+    ("fewer layers in the config", "ckpt", r"keys the language-model layout does not use \(n_layers=1 .*'layers\.1\.k1\.bias'"),
+    ("unknown key", "ckpt", r"keys the language-model layout does not use .*\['layers\.0\.mlp\.weight'\]"),
+    ("unembed rows", "ckpt", r"unembed\.weight has shape \(10, 8\), .* gives \(11, 8\)"),
+    ("q1 columns", "ckpt", r"layers\.0\.q1\.weight has shape \(8, 6\)"),
+    ("o columns", "ckpt", r"layers\.1\.o\.weight has shape \(8, 6\)"),
+    ("q1 bias", "ckpt", r"layers\.0\.q1\.bias has shape \(6,\)"),
+    ("final norm", "ckpt", r"final_norm\.weight has shape \(5,\)"),
+    ("NaN", "ckpt", r"layers\.0\.k2\.weight contains NaN"),
+    ("vocab_size a word", "config", r"vocab_size must be a positive integer, got 'eleven'"),
+    ("attn_scale a word", "config", r"attn_scale must be a finite number, got 'x'"),
+])
+def test_language_model_checkpoints_are_read_whole_with_the_config_shapes(tmp_path, case, file, match):
+    """Every key of the state dict is used, with the shape config.json gives
+    it, or the load is a LoadError naming the file (and the key): never a
+    model of part of the checkpoint."""
+    import json
+    import re
+
+    paper_run(tmp_path, steps=(0,))
+    path, cfg_path = tmp_path / "checkpoints" / "step_00000.pt", tmp_path / "config.json"
+    ck, cfg = torch.load(path, weights_only=True), json.loads(cfg_path.read_text())
+    _break(ck["model_state_dict"], cfg, case)
+    torch.save(ck, path)
+    cfg_path.write_text(json.dumps(cfg))
+    named = path if file == "ckpt" else cfg_path
+    with pytest.raises(ts.LoadError, match=re.escape(str(named)) + ": " + match):
+        ts.load(tmp_path, n_ctx=3)
+    with pytest.raises(ts.LoadError, match=re.escape(str(named)) + ": " + match):
+        ts.load(path, n_ctx=3)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["checked_device", "is_torch", "torch_to_numpy"]
+__all__ = ["checked_device", "is_torch", "no_real_values", "real_float64", "torch_to_numpy"]
 
 
 def is_torch(x: Any) -> bool:
@@ -29,6 +29,35 @@ def torch_to_numpy(t: Any) -> np.ndarray:
 
         t = t.to(torch.float64)
     return t.numpy().copy()
+
+
+def no_real_values(v: Any) -> str | None:
+    """Why the tensor ``v`` (numpy or torch) has no real values, judged from
+    its device and dtype alone (nothing is read): a torch tensor without data
+    (device meta), a complex dtype (a cast keeps the real part only: a
+    silently wrong number); None otherwise."""
+    if is_torch(v) and getattr(v, "is_meta", False):
+        return "a torch tensor without readable values (device meta); materialize it before saving"
+    if v.is_complex() if is_torch(v) else np.iscomplexobj(v):
+        return f"dtype {v.dtype} is complex, and weights are real numbers (the imaginary part would be lost)"
+    return None
+
+
+def real_float64(v: Any) -> np.ndarray:
+    """A weight (numpy or torch) as a float64 numpy array, or TypeError saying
+    why it has no real values (:func:`no_real_values`, a layout numpy cannot
+    read, a non-numeric dtype)."""
+    if (why := no_real_values(v)) is not None:
+        raise TypeError(why)
+    if is_torch(v):
+        try:
+            v = torch_to_numpy(v)
+        except (RuntimeError, TypeError) as exc:  # sparse, quantized: torch names the layout or dtype
+            raise TypeError(f"a torch tensor numpy cannot read ({exc})") from None
+    arr = np.asarray(v)
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"dtype {arr.dtype}: weights are real numbers")
+    return arr.astype(np.float64, copy=False)
 
 
 def checked_device(device: Any, argument: str = "device") -> Any:

@@ -48,6 +48,9 @@ FileNotFoundError.
 from __future__ import annotations
 
 import copy
+import io
+import math
+import pickle
 import re
 import struct
 import zipfile
@@ -60,8 +63,8 @@ if TYPE_CHECKING:  # torch is imported only where a torch file or a template nee
 
 import numpy as np
 
-from .arrays import is_torch, torch_to_numpy
-from .layouts import attention_lm, is_run_directory, read_config
+from .arrays import is_torch, no_real_values, real_float64
+from .layouts import SIZES, attention_lm, is_run_directory, read_config
 from .components import Bilinear, Component, Linear, Sequential
 
 __all__ = ["LoadError", "load", "save", "checkpoint_paths", "read_state_dict", "model_from_state_dict",
@@ -105,6 +108,7 @@ def checkpoint_paths(path: str | Path) -> list[Path]:
 
 
 MAX_CHECKPOINT_BYTES = 2**32  # 4 GiB of tensors: far above the field's checkpoints; raise with max_bytes=
+MAX_LEGACY_PICKLE = 2**26  # the pickles before a legacy file's data; longer ones go unchecked to torch
 MAX_INFLATION = 50  # a torch zip is stored uncompressed; a deflated one inflating 50x is a zip bomb
 
 
@@ -225,9 +229,61 @@ def _check_size(p: Path, kind: str, max_bytes: int) -> None:
             raise LoadError(p, f"refused: its entries inflate {packed:,} bytes to {inflated:,} (a zip bomb?); "
                                "torch.save stores tensors uncompressed")
         size = inflated
+    elif kind == "torch":
+        _check_legacy_storages(p, size)
     if size > max_bytes:
         raise LoadError(p, f"refused: {size:,} bytes of tensors exceed the bound of {max_bytes:,} "
                            "(raise it with max_bytes=)")
+
+
+def _check_legacy_storages(p: Path, size: int) -> None:
+    """A legacy (non-zip) torch file declares its storages' sizes in its
+    pickle and torch allocates them before reading their bytes, which follow
+    in the file: storages declaring more entries than the file has bytes are
+    refused before torch allocates.  The pickles are walked with every class
+    replaced by an inert stub, so nothing in the file runs."""
+
+    class Inert:
+        def __init__(self, *args: Any, **kwargs: Any) -> None: ...
+        def __setstate__(self, state: Any) -> None: ...
+        def __setitem__(self, key: Any, value: Any) -> None: ...
+        def append(self, value: Any) -> None: ...
+        def extend(self, values: Any) -> None: ...
+
+    declared = 0
+
+    class Declared(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            return Inert
+
+        def persistent_load(self, pid: Any) -> Any:
+            nonlocal declared
+            if isinstance(pid, tuple) and len(pid) > 4 and pid[0] in ("storage", b"storage"):
+                declared += pid[4] if isinstance(pid[4], int) else 0
+            return Inert()
+
+    try:
+        with open(p, "rb") as fh:  # from memory: a forged length in a pickle reads to the end, allocating nothing
+            reader = Declared(io.BytesIO(fh.read(MAX_LEGACY_PICKLE)))
+        for _ in range(4):  # magic number, protocol version, system info, the object
+            reader.load()
+    except Exception:  # noqa: BLE001 - not a pickle stream this walk reads: torch reports it
+        return
+    if declared > size:
+        raise LoadError(p, f"refused: its storages declare {declared:,} entries but the file holds {size:,} bytes "
+                           "(a truncated or forged legacy torch file)")
+
+
+def _check_declared(sd: Mapping[str, Any], p: Path, max_bytes: int) -> None:
+    """Refuse before any conversion: the bytes the tensors will occupy as
+    float64, from their declared shapes (a stride-0 view of one stored
+    number may declare billions of entries)."""
+    entries = {k: math.prod(int(n) for n in v.shape) for k, v in sd.items()}
+    total = 8 * sum(entries.values())
+    if total > max_bytes:
+        big = max(entries, key=entries.get)
+        raise LoadError(p, f"refused: its tensors declare {total:,} bytes as float64 (the largest, {big!r}, has "
+                           f"shape {tuple(sd[big].shape)}), over the bound of {max_bytes:,} (raise it with max_bytes=)")
 
 
 def read_state_dict(path: str | Path, *, max_bytes: int = MAX_CHECKPOINT_BYTES,
@@ -235,7 +291,9 @@ def read_state_dict(path: str | Path, *, max_bytes: int = MAX_CHECKPOINT_BYTES,
     """The state dict stored in one file, never unpickling anything but
     tensors and plain containers: numpy arrays from safetensors files (torch
     tensors for dtypes numpy lacks), torch tensors from torch files.  Files
-    whose tensors would exceed ``max_bytes`` are refused before they are read."""
+    whose tensors would exceed ``max_bytes`` are refused before they are read,
+    and state dicts whose declared shapes would exceed it as float64 before
+    they are converted."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or directory")
@@ -259,7 +317,9 @@ def read_state_dict(path: str | Path, *, max_bytes: int = MAX_CHECKPOINT_BYTES,
                                "object)") from None
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LoadError(p, f"cannot read {kind} file (malformed or truncated?): {msg}") from None
-    return _unwrap(obj, p, state_key)
+    sd = _unwrap(obj, p, state_key)
+    _check_declared(sd, p, max_bytes)
+    return sd
 
 
 def _read_safetensors(p: Path) -> dict[str, Any]:
@@ -278,9 +338,16 @@ def _read_safetensors(p: Path) -> dict[str, Any]:
     return load_torch(str(p), device="cpu")
 
 
-def _f64(v: Any) -> np.ndarray:
-    """A weight as float64 numpy (from numpy or torch, any float dtype)."""
-    return np.asarray(torch_to_numpy(v) if is_torch(v) else v, dtype=np.float64)
+def _f64(v: Any, key: str, source: Any) -> np.ndarray:
+    """The weight ``key`` as float64 numpy (from numpy or torch, any real
+    dtype), finite; else a LoadError naming ``source`` and ``key``."""
+    try:
+        arr = real_float64(v)
+    except TypeError as exc:
+        raise LoadError(source, f"{key}: {exc}") from None
+    if not np.isfinite(arr).all():
+        raise LoadError(source, f"{key} contains NaN or Inf entries")
+    return arr
 
 
 def _native_key(field: str) -> str:
@@ -293,10 +360,10 @@ def _native_key(field: str) -> str:
     return f"{part}.{'bias' if bias else 'weight'}"
 
 
-def _native_layer(keys: dict[str, Any], where: str, name: str) -> Linear | Bilinear:
+def _native_layer(keys: dict[str, Any], where: str, name: str, source: Any) -> Linear | Bilinear:
     """One layer of the native layout (sub-keys without the index)."""
     if all(k.startswith("inner.") for k in keys):
-        inner = _native_layer({k[len("inner."):]: v for k, v in keys.items()}, where + "inner.", name)
+        inner = _native_layer({k[len("inner."):]: v for k, v in keys.items()}, where + "inner.", name, source)
         if isinstance(inner, Bilinear) and inner.residual:
             raise ValueError(f"{where}inner: nested residuals are not part of the native layout")
         try:
@@ -308,12 +375,13 @@ def _native_layer(keys: dict[str, Any], where: str, name: str) -> Linear | Bilin
         native = {_native_key(f): f for f in kind.weight_fields}
         matrices = {k for k in native if k.endswith("weight")}  # required; the biases are optional
         if names and names <= set(native) and matrices <= names:
-            return kind(**{native[k]: _f64(v) for k, v in keys.items()}, name=f"{kind.__name__}[{name}]")
+            return kind(**{native[k]: _f64(v, where + k, source) for k, v in keys.items()},
+                        name=f"{kind.__name__}[{name}]")
     raise ValueError(f"keys {sorted(where + k for k in names)[:6]} are not a native layer "
                      "(weight[/bias], or left/right/down.weight[/bias], optionally under inner.)")
 
 
-def _native_model(sd: Mapping[str, Any]) -> Component:
+def _native_model(sd: Mapping[str, Any], source: Any) -> Component:
     if all(re.match(r"^\d+\.", k) for k in sd):
         groups: dict[int, dict[str, Any]] = {}
         for k, v in sd.items():
@@ -321,9 +389,9 @@ def _native_model(sd: Mapping[str, Any]) -> Component:
             groups.setdefault(int(idx), {})[rest] = v
         if sorted(groups) != list(range(len(groups))):
             raise ValueError(f"layer indices {sorted(groups)} are not 0..{len(groups) - 1}")
-        layers = [_native_layer(groups[i], f"{i}.", str(i)) for i in range(len(groups))]
+        layers = [_native_layer(groups[i], f"{i}.", str(i), source) for i in range(len(groups))]
         return layers[0] if len(layers) == 1 else Sequential(*layers)
-    return _native_layer(dict(sd), "", "0")
+    return _native_layer(dict(sd), "", "0", source)
 
 
 def model_from_state_dict(sd: Mapping[str, Any], template: Template = None,
@@ -332,9 +400,14 @@ def model_from_state_dict(sd: Mapping[str, Any], template: Template = None,
     builder; a copy in eval mode is loaded, then :func:`from_torch`), or by
     the native layout (no torch needed).  Errors are :class:`LoadError`
     naming ``source``."""
+    for k, v in sd.items():  # before either layout: torch's copy into a template keeps a complex tensor's real part
+        if (why := no_real_values(v)) is not None:
+            raise LoadError(source, f"{k}: {why}")
     if template is None:
         try:
-            return _native_model(strip_prefixes(sd))
+            return _native_model(strip_prefixes(sd), source)
+        except LoadError:  # a weight without real, finite values: named by its key
+            raise
         except (ValueError, TypeError) as exc:
             msg = str(exc).strip().replace("\n", " ")
             raise LoadError(source, "cannot interpret the state dict by tsalgebra's native layout (keys like "
@@ -371,15 +444,17 @@ def load(path: str | Path, template: Template = None, *, strict: bool = True,
     (``module.``, ``_orig_mod.``, ``model.``) are read without the prefix;
     ``state_key`` picks the state dict of a checkpoint that holds several
     (``"ema"`` beside ``"model"``).  A training run of a bilinear-attention
-    language model in the papers' layout (``config.json`` beside
-    ``checkpoints/``: :mod:`tsalgebra.layouts`) loads without a template, at
+    language model in the papers' layout (a ``config.json`` naming vocab_size,
+    d_model, n_head and n_layers beside ``checkpoints/``:
+    :mod:`tsalgebra.layouts`) loads without a template, at
     the analysis length ``n_ctx`` (the number of token positions).
 
     ``template``: a torch module or a no-argument function building one whose
     state dict the checkpoint holds (see the module docstring); without it the
     native layout is expected.  With a template, ``n_ctx`` rebinds a sequence
     model's positions (the converted model is checked at a short length).  ``strict`` is passed to ``load_state_dict``.
-    ``max_bytes`` bounds the tensors of one file (checked before reading).
+    ``max_bytes`` bounds the tensors of one file (checked before reading),
+    and their declared shapes as float64 (checked before converting).
     Raises FileNotFoundError for a missing path and :class:`LoadError` (naming
     the file) for anything unreadable, malformed or of the wrong layout.
     """
@@ -394,7 +469,14 @@ def load(path: str | Path, template: Template = None, *, strict: bool = True,
         models = [attention_lm(strip_prefixes(read_state_dict(f, max_bytes=max_bytes, state_key=state_key)), config,
                                n_ctx, f) for f in files]
         return Checkpoints(models, files) if p.is_dir() else models[0]
-    files = checkpoint_paths(p)
+    try:
+        files = checkpoint_paths(p)
+    except LoadError:
+        if template is None and p.is_dir() and (p / "config.json").is_file() and (p / "checkpoints").is_dir():
+            raise LoadError(p / "config.json", "not a language-model run in the papers' layout (a JSON object naming "
+                                               f"{', '.join(SIZES)}); checkpoints in the native layout load from "
+                                               f"{p / 'checkpoints'}") from None
+        raise
     models = [_at_positions(model_from_state_dict(read_state_dict(f, max_bytes=max_bytes, state_key=state_key),
                                                   template, strict=strict, source=f), n_ctx, f) for f in files]
     return Checkpoints(models, files) if p.is_dir() else models[0]

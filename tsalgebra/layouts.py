@@ -19,59 +19,110 @@ tests/test_layouts.py):
 A run directory holds ``config.json`` (vocab_size, d_model, n_head, n_layers,
 attn_scale, use_bias_qk, optionally rotary_base and rotary: "rotate_half" or
 "interleaved", for runs that rotate consecutive pairs; at its top level or
-under "model") and ``checkpoints/step_{s:05d}.pt`` with ``model_state_dict``.
-:func:`attention_lm` builds the tsalgebra model (embedding, attention layers,
-unembedding; reading token ids) at the analysis length ``n_ctx``, on which
-the weights do not depend.
+under "model") and ``checkpoints/step_{s:05d}.pt`` with ``model_state_dict``;
+a config.json without vocab_size, d_model, n_head and n_layers (a training
+run's own settings) is not this layout.  :func:`attention_lm` builds the
+tsalgebra model (embedding, attention layers, unembedding; reading token ids)
+at the analysis length ``n_ctx``, on which the weights do not depend.  Every
+key of the state dict is used, with the shape the configuration gives it, or
+the load is refused naming the key.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from .arrays import is_torch, torch_to_numpy
 from .attention import BilinearAttention
 from .components import Component, Embedding, Linear, PositionWise, Sequential
 
 __all__ = ["attention_lm", "is_run_directory", "read_config"]
 
 ROTARY_BASE = 10_000.0  # the papers' default when config.json does not name one
+SIZES = ("vocab_size", "d_model", "n_head", "n_layers")  # the settings naming the papers' layout
+MAX_CONFIG_BYTES = 2**20  # a model's settings are a few lines; a larger config.json is not read
 
 
-def _array(sd: Mapping[str, Any], key: str, source: Any) -> np.ndarray:
-    from .io import LoadError
+def _raw_config(run: Path) -> Any:
+    """config.json's model settings (its top level or "model"), unchecked;
+    OSError or ValueError when it cannot be read as JSON."""
+    path = run / "config.json"
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f"over {MAX_CONFIG_BYTES:,} bytes, not a model's settings")
+    raw = json.loads(path.read_text())
+    return raw.get("model", raw) if isinstance(raw, dict) else None
 
-    if key not in sd:
-        raise LoadError(source, f"the language-model layout needs {key!r}; the state dict has "
-                                f"{sorted(sd)[:6]}{'...' if len(sd) > 6 else ''}")
-    v = sd[key]
-    return torch_to_numpy(v) if is_torch(v) else np.asarray(v, dtype=np.float64)
+
+def _settings(config: Mapping[str, Any], rotary: str = "rotate_half") -> dict[str, Any]:
+    """The settings the layout reads, checked (ValueError naming the setting):
+    sizes are positive integers (n_layers may be 0), scales finite numbers."""
+    def number(key: str, default: float) -> float:
+        v = config.get(key, default)
+        try:
+            ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+        except OverflowError:  # an integer beyond float64
+            ok = False
+        if not ok:
+            raise ValueError(f"{key} must be a finite number, got {v!r}")
+        return float(v)
+
+    out: dict[str, Any] = {}
+    for key in SIZES:
+        v = config[key]
+        integral = isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and v.is_integer()
+        if not integral or v < (0 if key == "n_layers" else 1):
+            raise ValueError(f"{key} must be a {'non-negative' if key == 'n_layers' else 'positive'} integer, "
+                             f"got {v!r}")
+        out[key] = int(v)
+    out["attn_scale"] = number("attn_scale", 1.0)
+    out["rotary_base"] = number("rotary_base", ROTARY_BASE)
+    if out["rotary_base"] <= 0:
+        raise ValueError(f"rotary_base must be positive, got {config['rotary_base']!r}")
+    out["rotary"] = config.get("rotary", rotary)
+    if out["rotary"] not in ("rotate_half", "interleaved"):
+        raise ValueError(f"rotary must be 'rotate_half' or 'interleaved', got {out['rotary']!r}")
+    if out["d_model"] % out["n_head"]:
+        raise ValueError(f"d_model {out['d_model']} is not divisible by n_head {out['n_head']}")
+    return out
 
 
 def read_config(run: Path) -> dict[str, Any]:
-    """The model's settings from ``run/config.json`` (top level or under "model")."""
+    """The model's settings from ``run/config.json`` (top level or under
+    "model"), checked; a LoadError naming the file otherwise."""
     from .io import LoadError
 
+    path = run / "config.json"
     try:
-        raw = json.loads((run / "config.json").read_text())
+        cfg = _raw_config(run)
     except (OSError, ValueError) as exc:
-        raise LoadError(run / "config.json", f"cannot read the run's configuration: {exc}") from None
-    cfg = raw.get("model", raw) if isinstance(raw, dict) else None
+        raise LoadError(path, f"cannot read the run's configuration: {exc}") from None
     if not isinstance(cfg, dict):
-        raise LoadError(run / "config.json", "expected a JSON object (the model's settings)")
-    missing = [k for k in ("vocab_size", "d_model", "n_head", "n_layers") if k not in cfg]
+        raise LoadError(path, "expected a JSON object (the model's settings)")
+    missing = [k for k in SIZES if k not in cfg]
     if missing:
-        raise LoadError(run / "config.json", f"missing {missing}")
+        raise LoadError(path, f"missing {missing}")
+    try:
+        _settings(cfg)  # checked here to name config.json; attention_lm reads the values
+    except ValueError as exc:
+        raise LoadError(path, str(exc)) from None
     return cfg
 
 
 def is_run_directory(path: Path) -> bool:
-    """A training run in the papers' layout: config.json beside checkpoints/."""
-    return path.is_dir() and (path / "config.json").is_file() and (path / "checkpoints").is_dir()
+    """A training run in the papers' layout: checkpoints/ beside a config.json
+    naming vocab_size, d_model, n_head and n_layers.  Any other config.json
+    (a learning rate, a step count) leaves the checkpoints to the native layout."""
+    if not (path.is_dir() and (path / "config.json").is_file() and (path / "checkpoints").is_dir()):
+        return False
+    try:
+        cfg = _raw_config(path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and all(k in cfg for k in SIZES)
 
 
 def _rotate_half_to_pairs(d_head: int) -> np.ndarray:
@@ -91,48 +142,71 @@ def attention_lm(sd: Mapping[str, Any], config: Mapping[str, Any], n_ctx: int, s
     """The tsalgebra model of a bilinear-attention language model's state dict
     (see the module docstring); ``rotary``: "rotate_half" (the papers') or
     "interleaved" (pairs (2k, 2k + 1)), unless the config names one under
-    "rotary"."""
-    from .io import LoadError
+    "rotary".  Every key is used, each with the shape the config gives it;
+    any failure is a LoadError naming ``source`` (and the key)."""
+    from .io import LoadError, _f64
 
     if any(".norm_qk" in k or k.startswith("norm_qk") for k in sd):
         raise LoadError(source, "norm_qk (an RMSNorm of queries and keys) divides by a data-dependent norm: not "
                                 "a polynomial, so this model has no tensor form")
-    rotary = config.get("rotary", rotary)
-    if rotary not in ("rotate_half", "interleaved"):
-        raise LoadError(source, f"rotary must be 'rotate_half' or 'interleaved', got {rotary!r}")
-    V, d, H, L = (int(config[k]) for k in ("vocab_size", "d_model", "n_head", "n_layers"))
-    if d % H:
-        raise LoadError(source, f"d_model {d} is not divisible by n_head {H}")
+    try:
+        cfg = _settings(config, rotary)
+    except ValueError as exc:
+        raise LoadError(source, f"the model's configuration: {exc}") from None
+    V, d, H, L = (cfg[k] for k in SIZES)
     dh = d // H
-    attn_scale = float(config.get("attn_scale", 1.0))
-    base = float(config.get("rotary_base", ROTARY_BASE))
-    order = _rotate_half_to_pairs(dh) if rotary == "rotate_half" else np.arange(dh)
-    embed = _array(sd, "embed.weight", source)  # (vocab, d)
-    if embed.shape != (V, d):
-        raise LoadError(source, f"embed.weight has shape {embed.shape}, config.json says ({V}, {d})")
-    layers: list[Component] = [PositionWise(Embedding(embed.T, name="embed"), n_ctx)]
+    projections = ("q1", "k1", "q2", "k2", "v", "o")
+    shapes = {"embed.weight": (V, d), "unembed.weight": (V, d), "unembed.bias": (V,), "final_norm.weight": (d,),
+              "final_norm.scale": ()}  # the scale: one number, () or (1,)
     for i in range(L):
-        w: dict[str, Any] = {}
-        for name in ("q1", "k1", "q2", "k2", "v"):
-            W = _array(sd, f"layers.{i}.{name}.weight", source).reshape(H, dh, d)
-            b = sd.get(f"layers.{i}.{name}.bias")
-            b = None if b is None else _array(sd, f"layers.{i}.{name}.bias", source).reshape(H, dh)
-            if name != "v":  # queries and keys into tsalgebra's rotary pairing
-                W, b = W[:, order], None if b is None else b[:, order]
-            w[name], w[f"{name}_bias"] = W, b
-        O = _array(sd, f"layers.{i}.o.weight", source)  # (d, d): columns are (head, d_head)
-        w["o"] = attn_scale * O.reshape(d, H, dh).transpose(1, 0, 2)
-        ob = sd.get(f"layers.{i}.o.bias")
-        w["o_bias"] = None if ob is None else attn_scale * _array(sd, f"layers.{i}.o.bias", source)
-        layers.append(BilinearAttention(**w, causal=True, rotary_base=base, scale=1.0 / dh**2, residual=True,
-                                        n_ctx=n_ctx, name=f"layers.{i}"))
-    unembed = _array(sd, "unembed.weight", source)  # (vocab, d)
-    if "final_norm.weight" in sd:  # an eval-time gain: exactly a diagonal map before the unembedding
-        gain = _array(sd, "final_norm.weight", source)
-        if "final_norm.scale" in sd:
-            gain = gain / _array(sd, "final_norm.scale", source)
-        unembed = unembed * gain[None, :]
-    bias = sd.get("unembed.bias")
-    layers.append(PositionWise(Linear(unembed, None if bias is None else _array(sd, "unembed.bias", source),
-                                      name="unembed"), n_ctx))
-    return Sequential(*layers)
+        for name in projections:
+            shapes[f"layers.{i}.{name}.weight"], shapes[f"layers.{i}.{name}.bias"] = (d, d), (d,)
+    unused = sorted(set(sd) - set(shapes))
+    if unused:  # never a model built from part of the checkpoint
+        raise LoadError(source, f"keys the language-model layout does not use (n_layers={L} in the configuration): "
+                                f"{unused[:6]}{'...' if len(unused) > 6 else ''}")
+
+    def weight(key: str, required: bool = True) -> np.ndarray | None:
+        if key not in sd:
+            if not required:
+                return None
+            raise LoadError(source, f"the language-model layout needs {key!r}; the state dict has "
+                                    f"{sorted(sd)[:6]}{'...' if len(sd) > 6 else ''}")
+        arr = _f64(sd[key], key, source)
+        if arr.shape != shapes[key] and not (key == "final_norm.scale" and arr.shape == (1,)):
+            raise LoadError(source, f"{key} has shape {arr.shape}, the configuration (vocab_size={V}, d_model={d}) "
+                                    f"gives {shapes[key]}")
+        return arr
+
+    order = _rotate_half_to_pairs(dh) if cfg["rotary"] == "rotate_half" else np.arange(dh)
+    try:  # the constructors' own checks, named by the file too
+        layers: list[Component] = [PositionWise(Embedding(weight("embed.weight").T, name="embed"), n_ctx)]
+        for i in range(L):
+            w: dict[str, Any] = {}
+            for name in projections[:-1]:
+                W = weight(f"layers.{i}.{name}.weight").reshape(H, dh, d)
+                b = weight(f"layers.{i}.{name}.bias", required=False)
+                b = None if b is None else b.reshape(H, dh)
+                if name != "v":  # queries and keys into tsalgebra's rotary pairing
+                    W, b = W[:, order], None if b is None else b[:, order]
+                w[name], w[f"{name}_bias"] = W, b
+            O = weight(f"layers.{i}.o.weight")  # (d, d): columns are (head, d_head)
+            w["o"] = cfg["attn_scale"] * O.reshape(d, H, dh).transpose(1, 0, 2)
+            ob = weight(f"layers.{i}.o.bias", required=False)
+            w["o_bias"] = None if ob is None else cfg["attn_scale"] * ob
+            layers.append(BilinearAttention(**w, causal=True, rotary_base=cfg["rotary_base"], scale=1.0 / dh**2,
+                                            residual=True, n_ctx=n_ctx, name=f"layers.{i}"))
+        unembed = weight("unembed.weight")  # (vocab, d)
+        # final_norm at eval time: a gain, exactly a diagonal map before the unembedding
+        gain = weight("final_norm.weight", required=False)
+        scale = weight("final_norm.scale", required=False)
+        if gain is not None:
+            unembed = unembed * gain
+        if scale is not None:
+            unembed = unembed / scale
+        layers.append(PositionWise(Linear(unembed, weight("unembed.bias", required=False), name="unembed"), n_ctx))
+        return Sequential(*layers)
+    except LoadError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise LoadError(source, str(exc)) from None
