@@ -134,3 +134,66 @@ def test_language_demo_through_the_cli(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "tsalgebra", "demo", "language", "--d-model", "6", "--n-head", "4",
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "--n-head" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def lm1(tmp_path_factory):
+    """A one-layer run (the tester's settings), with the phase change put on the final checkpoint whatever the
+    training gives, so that the case is always exercised."""
+    from tsalgebra.demos import language
+
+    out = tmp_path_factory.mktemp("lm1")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(language, "_phase_change", lambda steps, icl: len(icl) - 1)
+        return language.run(vocab=8, d_model=8, n_head=2, n_layers=1, steps=40, checkpoint_every=20, n_ctx=2,
+                            batch=16, held_out=64, out=out, progress=False)
+
+
+def test_language_demo_one_layer_closure_is_exact_and_says_so(lm1):
+    # with one attention layer closure closes nothing: the summary must not call it approximate
+    n, key = lm1.numbers, "tensor similarity, Gaussian (closure)"
+    models = ts.load(lm1.checkpoints.parent, n_ctx=2)
+    exact = ts.similarity(models[0], models[-1], inner="gaussian")
+    assert exact.exact and n["similarity_to_final"][key][0] == pytest.approx(exact.value, abs=1e-10)
+    assert n["how_obtained"][key].startswith("exact:") and n["closure_notes"] == []
+    for wrong in ("approximate", "layer 1", "two attention layers", "1 layers", "1 heads"):
+        assert wrong not in lm1.summary
+    assert "the Gaussian number is exact" in lm1.summary
+
+
+def test_language_demo_phase_change_at_the_final_checkpoint(lm1):
+    # no checkpoint but the final one is at or after the phase change: no after side, said so, no NaN printed
+    import re
+
+    n = lm1.numbers
+    assert n["phase_change_index"] == n["checkpoints"] - 1 == 2 and n["phase_change_step"] == 40
+    assert not re.search(r"\bnan\b", lm1.summary, re.IGNORECASE)
+    note = n["across_phase_change_note"]
+    assert "final checkpoint" in note and note in lm1.summary and "no after side" in note
+    assert json.loads(lm1.json_path.read_text())["across_phase_change_note"] == note
+    assert all(v == {"before": None, "after": None} for v in n["similarity_to_final_across_phase_change"].values())
+
+
+def test_language_demo_three_layers_without_a_rise(tmp_path, monkeypatch):
+    from tsalgebra.demos import language
+
+    # a score that never rises has no phase change (the first checkpoint used to be reported as one)
+    assert language._phase_change([0, 1, 2], [0.3, 0.1, 0.2]) is None
+    assert language._phase_change([0, 1, 2], [0.0, 1.0, 2.0]) == 1
+    falling = iter(range(100))
+    real = language._scores
+    monkeypatch.setattr(language, "_scores", lambda pp, half: (real(pp, half)[0], -float(next(falling))))
+    r = language.run(vocab=6, d_model=4, n_head=1, n_layers=3, seq_len=6, steps=40, checkpoint_every=20, n_ctx=2,
+                     batch=16, held_out=32, out=tmp_path, progress=False)
+    n = r.numbers
+    assert n["curve"]["icl"] == [0.0, -1.0, -2.0]
+    assert n["phase_change_index"] is None and n["phase_change_step"] is None
+    assert "no phase change" in n["across_phase_change_note"] and "no phase change" in r.summary
+    assert all(v == {"before": None, "after": None} for v in n["similarity_to_final_across_phase_change"].values())
+    # closure is exact through the first attention layer and closes the other two, as its plan says
+    key = "tensor similarity, Gaussian (closure)"
+    assert n["how_obtained"][key].startswith("approximate: exact through attention layer 0, layers 1-2 closed")
+    assert any("closure over 2 layer(s)" in note for note in n["closure_notes"])
+    assert "the Gaussian number through 3 attention layers is closure's approximation" in r.summary
+    assert "two attention layers" not in r.summary
+    assert not any(w in r.summary.lower() for w in (" nan ", "+nan", "-> nan", "nan ->"))

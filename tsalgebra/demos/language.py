@@ -1,19 +1,20 @@
 """A small bilinear-attention language model learns induction, seen by tensor similarity.
 
 The model is written in the papers' language-model layout
-(:mod:`tsalgebra.layouts`): ``embed``, two attention layers with ``q1, k1,
-q2, k2, v, o`` (query-key biases), scores (q1 . k1)(q2 . k2) / d_head^2 under
-a causal mask with rotary embeddings (rotate-half), ``x + attn_scale * o(z)``,
-and ``unembed``.  It trains offline on generated text with two learnable
-structures: each sequence is a span drawn from a fixed random bigram chain
-followed by a repeat of the same span.  The bigram statistics are learnt
-first; predicting the repeat needs an induction circuit (a previous-token
-head feeding a head that looks up what followed the current token last
-time), which appears mid-training as a drop of the loss on the repeated half
-(the in-context-learning score: loss on the first half minus loss on the
-repeat).  Checkpoints are written as ``checkpoints/step_{s:05d}.pt`` with a
-``model_state_dict`` beside ``config.json``, and read back with
-``tsalgebra.load(run, n_ctx=...)`` like any run in that layout.
+(:mod:`tsalgebra.layouts`): ``embed``, ``--n-layers`` attention layers (two by
+default) with ``q1, k1, q2, k2, v, o`` (query-key biases), scores
+(q1 . k1)(q2 . k2) / d_head^2 under a causal mask with rotary embeddings
+(rotate-half), ``x + attn_scale * o(z)``, and ``unembed``.  It trains
+offline on generated text with two learnable structures: each sequence is a
+span drawn from a fixed random bigram chain followed by a repeat of the same
+span.  The bigram statistics are learnt first; predicting the repeat needs
+an induction circuit (a previous-token head feeding a head that looks up
+what followed the current token last time), which appears mid-training as
+a drop of the loss on the repeated half (the in-context-learning score: loss
+on the first half minus loss on the repeat).  Checkpoints are written as
+``checkpoints/step_{s:05d}.pt`` with a ``model_state_dict`` beside
+``config.json``, and read back with ``tsalgebra.load(run, n_ctx=...)`` like
+any run in that layout.
 
 Over all checkpoint pairs the demo computes:
 
@@ -21,8 +22,8 @@ Over all checkpoint pairs the demo computes:
   uniform token, ``n_ctx`` positions): exact, the sum over all vocab^n_ctx
   token sequences;
 - tensor similarity under the Gaussian measure by closure (exact through the
-  first attention layer, the second closed as if Gaussian): approximate, and
-  labelled so;
+  first attention layer, the later ones closed as if Gaussian): approximate
+  with two or more layers, exact with one, and labelled as the result reports;
 - each attention layer's own exact Gaussian similarity (its map without the
   residual, over Gaussian inputs in each checkpoint's residual basis);
 - behavioural similarity: logit cosine on held-out sequences of the training
@@ -31,7 +32,8 @@ Over all checkpoint pairs the demo computes:
 
 and reports how well each measure tracks the behaviour on held-out text
 (Pearson r over checkpoint pairs), where the phase change happens, and how
-the similarity to the final checkpoint drops across it.
+the similarity to the final checkpoint drops across it (or says why not:
+no rise of the score, or no checkpoint but the final one after it).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..baselines import weight_cosine
+from ..inner import plan_similarity
 from ..matrix import similarity_matrix
 from ..plots import plot_matrix, pyplot
 from .common import DemoResult, cosine_matrix, demo_main, pearson, start, torch_threads, upper, write_outputs
@@ -230,15 +233,38 @@ def _logits(cfg: LanguageConfig, paths: Sequence[Path], ids: "torch.Tensor") -> 
     return np.stack(rows)
 
 
-def _phase_change(steps: Sequence[int], icl: Sequence[float]) -> int:
+def _phase_change(steps: Sequence[int], icl: Sequence[float]) -> int | None:
     """The first checkpoint whose in-context-learning score passes half of its
-    rise from the first checkpoint to the largest."""
+    rise from the first checkpoint to the largest; None when the score never
+    rises above the first checkpoint's (there is then no phase change: the
+    first checkpoint would pass "half of a zero rise")."""
     lo, hi = icl[0], max(icl)
+    if not hi > lo:  # also a NaN score
+        return None
     return next(k for k, v in enumerate(icl) if v - lo >= 0.5 * (hi - lo))
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _closure_how(result: Any, n_attention: int, closed: int | None, notes: Sequence[str]) -> str:
+    """How the Gaussian matrix by closure was obtained, from what the result
+    reports (its exact flag) and what closure's plan says it closes (``closed``
+    layers, ``notes``), not from the default of two layers."""
+    where = f"{result.method}, {result.route} route"
+    if result.exact:
+        return (f"exact: closure closes no layer as if Gaussian here (its exact first stage is the whole model, "
+                f"{_plural(n_attention, 'attention layer')}) ({where})")
+    if closed is not None and closed == n_attention - 1 >= 1:
+        span = "layer 1" if closed == 1 else f"layers 1-{closed}"
+        return f"approximate: exact through attention layer 0, {span} closed as if Gaussian ({where})"
+    # anything else: closure's own words rather than a guess at the layers it closed
+    return f"approximate: {'; '.join(notes) or 'Gaussian closure'} ({where})"
+
+
 def _figure(path: Path, steps: list[int], mats: dict[str, np.ndarray], curve: dict[str, list[float]],
-            phase: int, cfg: LanguageConfig) -> None:
+            phase: int | None, cfg: LanguageConfig) -> None:
     plt = pyplot()
     n_mats = len(mats)
     cols = 4
@@ -255,20 +281,23 @@ def _figure(path: Path, steps: list[int], mats: dict[str, np.ndarray], curve: di
     twin = ax.twinx()
     twin.plot(curve["step"], curve["icl"], marker=".", color="C3", label="in-context-learning score")
     twin.set_ylabel("first-span loss - repeat loss", color="C3")
-    ax.axvline(steps[phase], color="grey", lw=0.8, ls=":")
+    if phase is not None:
+        ax.axvline(steps[phase], color="grey", lw=0.8, ls=":")
     ax.set_title("loss and in-context-learning score", fontsize=9)
     ax.legend(fontsize=7, loc="upper center")
     ax = axes[n_mats + 1]
     for name, m in mats.items():
         ax.plot(steps, m[-1], marker=".", label=name.split(" (")[0] if len(name) > 40 else name)
-    ax.axvline(steps[phase], color="grey", lw=0.8, ls=":")
+    if phase is not None:
+        ax.axvline(steps[phase], color="grey", lw=0.8, ls=":")
     ax.set_xlabel("checkpoint step")
     ax.set_title("similarity to the final checkpoint", fontsize=9)
     ax.legend(fontsize=6)
     for ax in axes[n_mats + 2:]:
         ax.axis("off")
-    fig.suptitle(f"language model: vocab {cfg.vocab}, d_model {cfg.d_model}, {cfg.n_head} heads, "
-                 f"{cfg.n_layers} layers, {cfg.steps} steps; analysis at {cfg.n_ctx} positions", fontsize=11)
+    fig.suptitle(f"language model: vocab {cfg.vocab}, d_model {cfg.d_model}, {_plural(cfg.n_head, 'head')}, "
+                 f"{_plural(cfg.n_layers, 'layer')}, {cfg.steps} steps; analysis at "
+                 f"{_plural(cfg.n_ctx, 'position')}", fontsize=11)
     fig.tight_layout()
     fig.savefig(str(path), dpi=100)
     plt.close(fig)
@@ -325,7 +354,7 @@ def run(cfg: LanguageConfig | None = None, **overrides: Any) -> DemoResult:
     for i in range(n):
         for j in range(i + 1, n):
             wmat[i, j] = wmat[j, i] = weight_cosine(models[i], models[j])
-    names = {"tokens": f"tensor similarity, tokens ({cfg.n_ctx} positions)",
+    names = {"tokens": f"tensor similarity, tokens ({_plural(cfg.n_ctx, 'position')})",
              "gaussian": "tensor similarity, Gaussian (closure)"}
     names.update({f"layer {i}": f"attention layer {i} alone, Gaussian" for i in range(len(attention))})
     mats: dict[str, np.ndarray] = {names[k]: np.asarray(r.values) for k, r in results.items()}
@@ -333,11 +362,19 @@ def run(cfg: LanguageConfig | None = None, **overrides: Any) -> DemoResult:
     mats["logit cosine, held-out text"] = behaviour
     mats["logit cosine, random tokens"] = cosine_matrix(random_logits)
     mats["flattened-weight cosine"] = wmat
+    tokens, gaussian = results["tokens"], results["gaussian"]
     how = {names["tokens"]: f"exact: all {cfg.vocab}^{cfg.n_ctx} = {cfg.vocab ** cfg.n_ctx:,} token sequences "
-                            f"({results['tokens'].route} route)" if results["tokens"].exact else "not exact"}
-    how[names["gaussian"]] = ("approximate: exact through attention layer 0, layer 1 closed as if Gaussian "
-                              f"({results['gaussian'].method}, {results['gaussian'].route} route)")
-    how.update({names[f"layer {i}"]: f"exact ({results[f'layer {i}'].route} route)" for i in range(len(attention))})
+                            f"({tokens.route} route)" if tokens.exact else
+           f"not exact: {tokens.method} ({tokens.route} route)"}
+    # what closure closes, in its own words: the matrix result carries the exact flag but not closure's notes,
+    # so they come from its plan for one pair (planned from shapes; every checkpoint has the same shapes)
+    closure_plans = plan_similarity(models[0], models[-1], inner="gaussian", method="closure").plans
+    closure_notes = tuple(dict.fromkeys(note for p in closure_plans for note in p.notes))
+    closed = max((p.facts.get("approximate_layers", 0) for p in closure_plans), default=None)
+    how[names["gaussian"]] = _closure_how(gaussian, len(attention), closed, closure_notes)
+    for i in range(len(attention)):
+        r = results[f"layer {i}"]
+        how[names[f"layer {i}"]] = f"{'exact' if r.exact else 'approximate: ' + r.method} ({r.route} route)"
     how["logit cosine, held-out text"] = f"exact on {cfg.held_out} sampled held-out sequences (an empirical measure)"
     how["logit cosine, random tokens"] = f"exact on {cfg.held_out} sampled uniform sequences (an empirical measure)"
     how["flattened-weight cosine"] = "exact (a property of the coordinates)"
@@ -346,58 +383,89 @@ def run(cfg: LanguageConfig | None = None, **overrides: Any) -> DemoResult:
     pearson_r = {k: pearson(upper(m), upper(behaviour)) for k, m in mats.items() if k != "logit cosine, held-out text"}
     to_final = {k: m[-1].tolist() for k, m in mats.items()}
     # the phase change in the similarity to the final checkpoint: the checkpoints before it against those at or
-    # after it (the final one left out: its similarity to itself is 1 by definition)
-    def mean(v: np.ndarray) -> float:
-        return float(np.mean(v)) if v.size else float("nan")
-
-    across = {k: {"before": mean(m[-1, :phase]), "after": mean(m[-1, phase:-1])} for k, m in mats.items()}
+    # after it (the final one left out: its similarity to itself is 1 by definition); either side may be empty
+    # (no rise of the score, or the phase change at the final checkpoint), and then there is no number to give
+    if phase is None:
+        split_note: str | None = ("no phase change: the in-context-learning score never rose above the first "
+                                  "checkpoint's, so there is no before and after to compare")
+    elif phase == n - 1:
+        split_note = (f"the phase change is at the final checkpoint (step {steps[phase]}): no checkpoint other than "
+                      "the final one is at or after it, so there is no after side to compare")
+    else:
+        split_note = None
+    across = {k: {"before": None if split_note else float(np.mean(m[-1, :phase])),
+                  "after": None if split_note else float(np.mean(m[-1, phase:-1]))} for k, m in mats.items()}
     figure = out / "language.png"
     _figure(figure, steps, mats, curve, phase, cfg)
 
     numbers: dict[str, Any] = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "checkpoints": n, "steps": steps, "curve": curve,
-        "phase_change_step": steps[phase], "phase_change_index": phase,
+        "phase_change_step": None if phase is None else steps[phase], "phase_change_index": phase,
         "icl_first": curve["icl"][0], "icl_final": curve["icl"][-1], "loss_final": curve["loss"][-1],
         "conversion_max_relative_error": conversion_error,
         "how_obtained": how, "pearson_vs_held_out_logit_cosine": pearson_r, "similarity_to_final": to_final,
-        "similarity_to_final_across_phase_change": across,
+        "similarity_to_final_across_phase_change": across, "across_phase_change_note": split_note,
+        "closure_notes": list(closure_notes),
         "routes": {k: r.route for k, r in results.items()}, "seconds": timings, "train_seconds": round(t_train, 2),
     }
+
+    def r_text(r: float) -> str:
+        return f"{r:.3f}" if np.isfinite(r) else "undefined (a constant side)"
+
     tab = max(len(k) for k in mats)
+    if phase is None:
+        where = "no phase change (the score never rose above its first value)"
+    else:
+        where = f"phase change (half the score's rise) at step {steps[phase]}" + (
+            ", the final checkpoint" if phase == n - 1 else "")
     lines = [
         f"language demo: a bilinear-attention language model (vocab {cfg.vocab}, d_model {cfg.d_model}, "
-        f"{cfg.n_head} heads, {cfg.n_layers} layers, rotary, causal) on a bigram span and its repeat "
-        f"({cfg.seq_len} tokens); AdamW lr {cfg.lr}, batch {cfg.batch}, {cfg.steps} steps "
+        f"{_plural(cfg.n_head, 'head')}, {_plural(cfg.n_layers, 'layer')}, rotary, causal) on a bigram span and "
+        f"its repeat ({cfg.seq_len} tokens); AdamW lr {cfg.lr}, batch {cfg.batch}, {cfg.steps} steps "
         f"(training {t_train:.1f} s); {n} checkpoints in the papers' layout under {out}",
         f"  held-out loss {curve['loss'][0]:.3f} -> {curve['loss'][-1]:.3f} nats; in-context-learning score "
-        f"(first-span loss - repeat loss) {curve['icl'][0]:.3f} -> {curve['icl'][-1]:.3f}; phase change "
-        f"(half the score's rise) at step {steps[phase]}",
+        f"(first-span loss - repeat loss) {curve['icl'][0]:.3f} -> {curve['icl'][-1]:.3f}; {where}",
         f"  the checkpoints read back by tsalgebra.load(run, n_ctx={cfg.n_ctx}) match the torch forward to "
         f"{conversion_error:.1e} (relative)",
-        "mean similarity to the final checkpoint of the checkpoints before the phase change -> at or after it; "
-        "Pearson r against the logit cosine on held-out text over "
-        f"{n * (n - 1) // 2} checkpoint pairs; how each number was obtained:",
+        ("mean similarity to the final checkpoint of the checkpoints before the phase change -> at or after it; "
+         if split_note is None else f"similarity to the final checkpoint across the phase change not given: "
+         f"{split_note}; ")
+        + f"Pearson r against the logit cosine on held-out text over {n * (n - 1) // 2} checkpoint pairs; "
+        "how each number was obtained:",
     ]
     for k in mats:
-        r = "" if k not in pearson_r else f"r = {pearson_r[k]:+.3f}"
-        lines.append(f"  {k:<{tab}}  {across[k]['before']:.4f} -> {across[k]['after']:.4f}  {r:<9}  {how[k]}")
+        r = "" if k not in pearson_r else f"r = {pearson_r[k]:+.3f}" if np.isfinite(pearson_r[k]) else "r undefined"
+        move = "" if split_note else f"{across[k]['before']:.4f} -> {across[k]['after']:.4f}  "
+        lines.append(f"  {k:<{tab}}  {move}{r:<9}  {how[k]}")
     tok, weights, rand = names["tokens"], "flattened-weight cosine", "logit cosine, random tokens"
-    best = max((k for k in pearson_r if not k.startswith("logit")), key=lambda k: pearson_r[k])
+    # NaN (a constant side) has no rank: the best is chosen among the defined r
+    ranked = [k for k in pearson_r if not k.startswith("logit") and np.isfinite(pearson_r[k])]
+    best = max(ranked, key=lambda k: pearson_r[k]) if ranked else None
+    if split_note is None:
+        moves = (f"across the phase change it moves {across[tok]['after'] - across[tok]['before']:+.3f} where the "
+                 f"flattened-weight cosine moves {across[weights]['after'] - across[weights]['before']:+.3f}")
+    else:
+        moves = "its move across the phase change is not measured (see above)"
     lines += [
-        f"what tensor similarity adds here: the token measure's number is exact over every sequence (no sample, no "
-        f"choice of test set) and follows the held-out behaviour (r = {pearson_r[tok]:.3f}); across the phase "
-        f"change it moves {across[tok]['after'] - across[tok]['before']:+.3f} where the flattened-weight cosine "
-        f"moves {across[weights]['after'] - across[weights]['before']:+.3f}; what it does not: of the measures "
-        f"read from the weights, {best} follows held-out behaviour best (r = {pearson_r[best]:.3f}), and the "
-        f"logit cosine on random tokens, itself a behaviour, follows it with r = {pearson_r[rand]:.3f}",
+        f"what tensor similarity adds here: the token measure's number is "
+        + ("exact over every sequence (no sample, no choice of test set)" if tokens.exact else "not exact here")
+        + f" and its Pearson r with the held-out behaviour is {r_text(pearson_r[tok])}; {moves}; what it does not: "
+        + (f"of the measures read from the weights, {best} follows held-out behaviour best "
+           f"(r = {pearson_r[best]:.3f})" if best else "no measure read from the weights has a defined r")
+        + f", and the logit cosine on random tokens, itself a behaviour, follows it with r = {r_text(pearson_r[rand])}",
         "timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()),
-        "exact means: the tensor similarity under the token measure is the cosine of the logits summed over "
-        f"every token sequence of length {cfg.n_ctx} (not sampled); the Gaussian number through two attention "
-        "layers is closure's approximation (docs/inner-products.md measures its error); the per-layer numbers "
-        "compare each layer's map in each checkpoint's own residual basis, so they are not invariant to a change "
-        "of that basis; the logit cosines are exact on the sequences drawn, an estimate of the behaviour on "
-        "the distribution they were drawn from",
+        "exact means: "
+        + (f"the tensor similarity under the token measure is the cosine of the logits summed over every token "
+           f"sequence of length {cfg.n_ctx} (not sampled); " if tokens.exact else
+           "the tensor similarity under the token measure is not exact here; ")
+        + (f"the Gaussian number through {_plural(len(attention), 'attention layer')} is closure's approximation "
+           "(docs/inner-products.md measures its error); " if not gaussian.exact else
+           f"the Gaussian number is exact: with {_plural(len(attention), 'attention layer')} closure closes "
+           "nothing as if Gaussian; ")
+        + "the per-layer numbers compare each layer's map in each checkpoint's own residual basis, so they are not "
+        "invariant to a change of that basis; the logit cosines are exact on the sequences drawn, an estimate of "
+        "the behaviour on the distribution they were drawn from",
     ]
     return write_outputs("language", out, "\n".join(lines), numbers, figure, ckdir, started)
 
