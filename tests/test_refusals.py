@@ -133,6 +133,10 @@ def test_torch_tensors_without_values_refused():
     with pytest.raises(TypeError, match="meta"):
         ts.Linear(torch.empty(2, 2, device="meta"))
     assert ts.Linear(torch.ones(2, 2, dtype=torch.bfloat16)).weight.dtype == np.float64
+    complex_layer = torch.nn.Linear(3, 2)
+    complex_layer.weight.data = complex_layer.weight.data.to(torch.complex64)  # a cast kept the real part
+    with pytest.raises(ts.AdapterError, match=r"^1: Linear: dtype torch.complex64 is complex"):
+        ts.from_torch(torch.nn.Sequential(torch.nn.Linear(3, 3), complex_layer))
 
 
 # ------------------------------------------------------------ files

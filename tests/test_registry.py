@@ -300,3 +300,27 @@ def test_a_refusals_budget_admits_the_whole_similarity():
         assert result.exact and result.value == pytest.approx(ts.similarity(a, b).value, rel=1e-12)
     with pytest.raises(ts.CostError, match=r"<b,b>"):  # <a,b> fits, <b,b> does not: refused before any run
         ts.similarity(a, b, budget=plans[0].flops)
+
+
+def test_long_sequences_are_refused_before_their_positions_are_enumerated():
+    """A one-layer pair of d_model 4 at 256 positions: the Gaussian moments
+    programme enumerated its 16.8 M (query, key, key) triples before costing
+    them (41 s and over a GB to plan); at 10,000 positions the token
+    measure's (query, key) pairs ran out of memory.  Both are refused at once."""
+    from tsalgebra.algorithms.moments import MAX_POSITION_TUPLES
+
+    rng = np.random.default_rng(0)
+    W = lambda *s: rng.normal(size=s) / np.sqrt(s[-1])  # noqa: E731
+    make = lambda n: ts.BilinearAttention(*(W(1, 2, 4) for _ in range(5)), W(1, 4, 2), n_ctx=n, causal=True)  # noqa: E731
+    tracemalloc.start()
+    try:
+        with pytest.raises(ts.CostError, match=r"256 positions give 16,777,216 \(query, key, key\) triples"):
+            ts.plan_inner(make(256), make(256), algorithm="moments")
+        lm = lambda: ts.Transformer(ts.Embedding(W(4, 3)), [(make(3000), None)], ts.Linear(W(2, 4)), n_ctx=3000)  # noqa: E731
+        with pytest.raises(ts.CostError, match=r"3,000 positions give 9,000,000 \(query, key\) pairs"):
+            ts.plan_inner(lm(), lm(), algorithm="token-moments")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert 256 ** 3 > MAX_POSITION_TUPLES and peak < 64 * 2**20
+    assert ts.plan_inner(make(128), make(128), algorithm="moments").algorithm == "moments"

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .arrays import torch_to_numpy
+from .arrays import real_float64
 from .attention import BilinearAttention
 from .components import Bilinear, Component, Embedding, Linear, PositionWise, Sequential, postcompose, precompose
 
@@ -251,8 +251,9 @@ def _lookup(module: nn.Module) -> Adapter | None:
 
 
 def _np(t: torch.Tensor | None) -> np.ndarray | None:
-    """A parameter as a float64 numpy copy (None stays None: an absent bias)."""
-    return None if t is None else np.asarray(torch_to_numpy(t), dtype=np.float64)
+    """A parameter as a float64 numpy copy (None stays None: an absent bias);
+    TypeError for a complex or meta tensor (a cast would keep the real part)."""
+    return None if t is None else real_float64(t).copy()
 
 
 def _name(kind: str, path: str) -> str:

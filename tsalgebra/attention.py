@@ -217,11 +217,9 @@ class BilinearAttention(_Sequence, Component):
         n, H, exact = self._positions(), self.heads, self.exact
         mask = zeros((H + 1, n, n), exact)
         scale = self.scale if not exact else Fraction(self.scale).limit_denominator() if isinstance(self.scale, float) else self.scale
-        for i in range(n):
-            for j in range(n):
-                if not self.causal or j <= i:
-                    mask[:H, i, j] = scale
-            mask[H, i, i] = 1
+        reads = np.tril(np.ones((n, n), dtype=bool)) if self.causal else np.ones((n, n), dtype=bool)
+        mask[:H, reads] = scale
+        mask[H, np.arange(n), np.arange(n)] = 1
         return mask
 
     def evaluate_flat(self, x: Any) -> Any:
@@ -296,7 +294,7 @@ class BilinearAttention(_Sequence, Component):
         S = _selection(n, d, exact) if data else None
         t = tag
         a, i, j, out = f"a{t}", f"pi{t}", f"pj{t}", f"o{t}"
-        tensors = [Tensor.of(f"M{t}", (a, i, j), self.score_mask()),
+        tensors = [tensor(f"M{t}", (a, i, j), (H + 1, n, n), self.score_mask),
                    tensor(f"E{t}", (i, f"c{t}", out), (n, self.d_out + 1, flat_out), embedding)]
         inputs = []
 

@@ -17,6 +17,7 @@ channel is always excluded.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -235,7 +236,9 @@ def _refusal_of(refused: list[tuple[str, CostError]]) -> CostError:
     first = refused[0][1]
     budgets = [a.value for _, e in refused for a in e.alternatives if a.option == "budget"]
     alternatives = tuple(replace(a, value=max(budgets)) if a.option == "budget" else a for a in first.alternatives)
-    return CostError("; ".join(f"{label}: {e.reason}" for label, e in refused),
+    others = ", ".join(f"{label} ({format_count(e.flops)} flops at the cheapest)" if e.flops < math.inf else label
+                       for label, e in refused[1:])
+    return CostError(f"{refused[0][0]}: {first.reason}" + (f"; refused too: {others}" if others else ""),
                      flops=max(e.flops for _, e in refused), alternatives=alternatives)
 
 

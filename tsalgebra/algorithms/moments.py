@@ -57,6 +57,21 @@ _THREADED_FLOPS = 5e9
 # pairs, whose tensors together would take tens of GB).
 _RUN_ELEMENTS = 2**25
 
+# Position tuples a moments programme enumerates before its cost is known
+# (numpy arrays: the Gaussian's (query, key, key) triples, n^3; the token
+# measure's (query, key) pairs, n^2): 128 positions plan in 4 s, 256 took
+# 41 s and over a GB (a one-layer pair of d_model 8), 10,000 ran out of memory.
+MAX_POSITION_TUPLES = 2**23
+
+
+def positions_fit(problem: InnerProblem, power: int) -> None:
+    """CostError when n_ctx^power position tuples are too many to enumerate."""
+    n = positions_of(problem.a)
+    if n ** power > MAX_POSITION_TUPLES:
+        what = "(query, key, key) triples" if power == 3 else "(query, key) pairs"
+        raise CostError(f"{n:,} positions give {n ** power:,} {what} to enumerate (more than "
+                        f"{MAX_POSITION_TUPLES:,})")
+
 __all__ = ["AttentionMoments", "AttentionSide", "OutputMoments", "attention_images", "attention_rank", "form_shapes", "moment_head", "output_moment", "position_maps"]
 
 
@@ -569,6 +584,7 @@ class AttentionMoments(Algorithm):
         return pairs, r
 
     def plan(self, problem: InnerProblem, limit: float) -> Plan:
+        positions_fit(problem, 3)
         pairs, r = self._pairs(problem, dry=True)
         (_, Ea, _), (_, Eb, _) = moment_head(problem.a), moment_head(problem.b)  # type: ignore[misc]
         prepare = 2.0 * (Ea.shape[0] + Eb.shape[0]) ** 2 * Ea.shape[1]  # the joint image of the input law

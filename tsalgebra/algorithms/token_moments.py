@@ -41,7 +41,7 @@ from ..measure import Tokens
 from ..problem import CostError, InnerProblem, Plan, format_count, positions_of
 from ..progress import advancer
 from ..threads import one_blas_thread
-from .moments import AttentionMoments, AttentionSide, moment_head, position_maps
+from .moments import AttentionMoments, AttentionSide, moment_head, position_maps, positions_fit
 from .registry import Algorithm, Triple
 
 __all__ = ["TokenMoments"]
@@ -435,6 +435,7 @@ class TokenMoments(Algorithm):
         return _TokenEngine(sides, pairs, problem.measure.token_probs(), dry), sides  # type: ignore[union-attr]
 
     def plan(self, problem: InnerProblem, limit: float) -> Plan:
+        positions_fit(problem, 2)
         engine, sides = self._engine(problem, dry=True)
         engine.run(problem.centered)
         if engine.flops > limit:
