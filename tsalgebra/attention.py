@@ -273,6 +273,16 @@ class BilinearAttention(_Sequence, Component):
         per_input = 2 * H * n * (d + 1) * (w + dv) + 2 * H * n * n * (w // 2 + dv) + 2 * H * n * dv * (self.d_out + 1)
         return float(batch * per_input)
 
+    def direct_elements(self, batch: int) -> float | None:
+        """Elements the position-by-position forward holds at once besides its
+        input and output: a block's four forms, two score matrices and their
+        product with the values, each at most about _FORWARD_ELEMENTS."""
+        if self.exact:
+            return None
+        n, H = self._positions(), self.heads + 1
+        per_input = H * n * max(n, self.v.shape[1] + 1, *(getattr(self, k).shape[1] + 1 for k in ("q1", "k1", "q2", "k2")))
+        return 6.0 * min(batch, max(1, _FORWARD_ELEMENTS // per_input)) * per_input
+
     def network(self, symmetric: bool = False, tag: str = "", data: bool = True) -> Network:
         n, d, H = self._positions(), self.d_model, self.heads
         exact = self.exact

@@ -286,6 +286,12 @@ class Component(ABC):
         counts them)."""
         return None
 
+    def direct_elements(self, batch: int) -> float | None:
+        """Elements :meth:`evaluate_flat` holds at once besides its input and
+        output, where it does not contract the layer's network (None: it does,
+        and the network's plan gives its largest intermediate)."""
+        return None
+
     def same_weights(self, other: "Component") -> bool:
         """True when ``other`` has the same structure (layer kinds and
         settings; names may differ) and exactly equal weights, field by field

@@ -53,6 +53,20 @@ def _layer_flops(model: Component, batch: int) -> float:
     return direct if direct is not None else float(_plans([(1, model.network(data=False))], batch)[0].flops)
 
 
+def _layer_elements(model: Component, batch: int) -> float:
+    """Elements :meth:`Component.evaluate_flat` holds at its peak on
+    ``batch`` inputs: a layer's input, output and intermediates, the largest
+    layer's."""
+    if isinstance(model, Sequential):
+        return max(_layer_elements(layer, batch) for layer in model.layers)
+    if isinstance(model, PositionWise):
+        return _layer_elements(model.layer, batch * model.n_ctx)
+    own = model.direct_elements(batch)
+    if own is None:  # a contraction's largest intermediate, beside the two it was formed from (left x, right x)
+        own = 3.0 * _plans([(1, model.network(data=False))], batch)[0].largest_intermediate
+    return batch * (model.in_features + model.out_features + 2) + own
+
+
 class Forward:
     """A model evaluated on batches of inputs (n, width) -> outputs (n, out),
     constant channel dropped: a layered component layer by layer (each
@@ -80,6 +94,13 @@ class Forward:
         if self.layered:
             return _layer_flops(self.model, batch)
         return float(sum(p.flops for p in _plans(_terms(self.model, data=False), batch)))
+
+    def peak_elements(self, batch: int) -> float:
+        """Elements held at once evaluating ``batch`` inputs."""
+        if self.layered:
+            return _layer_elements(self.model, batch)
+        # term by term: the largest intermediate, and the sum of the terms' outputs beside it
+        return 2.0 * max(p.largest_intermediate for p in _plans(_terms(self.model, data=False), batch))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.layered:

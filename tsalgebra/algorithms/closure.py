@@ -40,8 +40,8 @@ from ..pairing_sum import OUTER, Joins, PairingPlan, plan_pairings, run_pairings
 from ..problem import CostError, InnerProblem, InnerResult, Plan, format_count, positions_of
 from ..progress import advance
 from ..threads import blas_threads, blas_worker_pool
-from .hermite import MAX_WHITENED, HermiteMoments, attention_moments, moments_cost
-from .moments import AttentionMoments, AttentionSide, attention_rank, moment_head, output_moment, position_maps
+from .hermite import MAX_WHITENED, HermiteMoments, attention_moments
+from .moments import AttentionMoments, AttentionSide, moment_head, output_moment, position_maps
 from .registry import Algorithm, Triple
 
 __all__ = ["GaussianClosure", "attention_closure", "attention_closure_cost", "closure_steps"]
@@ -678,7 +678,8 @@ class GaussianClosure(Algorithm):
         # asked where the input's rank or the widths already rule it out
         if law is not None and len(attentions) == 2 and min(law.rank, sum(l.d_model for l in attentions)) <= \
                 MAX_WHITENED and HermiteMoments().check(hp, tail="any") is None:
-            return float(moments_cost(ha, hb, attention_rank(hp), True)), 0.0, ("moments", law)
+            head = HermiteMoments().plan(hp, limit)  # its flops and memory (the feature coefficients)
+            return head.flops, head.peak_bytes, ("moments", law)
         if len(attentions) == 2 and all(_linear_prefix(h) is not None for h in (ha, hb)):
             independent = law is not None and all(moment_head(h) is not None for h in (ha, hb))
             flops, peak = attention_closure_cost((attentions[0], attentions[1]), (
@@ -693,7 +694,7 @@ class GaussianClosure(Algorithm):
                      for x, y in ((Ha, Ha), (Ha, Hb), (Hb, Hb), (Ha, None), (Hb, None))]
         except CostError as exc:
             raise CostError(f"closure's exact head: {exc.reason}", flops=exc.flops, extrapolated=True) from None
-        return float(sum(p.flops for p in plans)), 0.0, ("pairings", plans)
+        return float(sum(p.flops for p in plans)), 8.0 * max(p.peak_elements for p in plans), ("pairings", plans)
 
     def plan(self, problem: InnerProblem, limit: float) -> Plan:
         a, b = problem.a, problem.b

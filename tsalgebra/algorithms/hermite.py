@@ -437,7 +437,14 @@ class HermiteMoments(Algorithm):
         if cost > limit:
             raise CostError(f"the attention-moments algorithm would cost about {format_count(cost)} flops", flops=cost)
         rows = sum(g for g, _ in _groups(a, r)[0]) + sum(g for g, _ in _groups(b, r)[0])
-        peak = 8.0 * (rows * math.comb(r + 5, 5) + rows * rows)  # feature coefficients, their Gram matrix
+        # feature coefficients and their Gram matrix; the pair part's einsum results, each up to (position pairs,
+        # heads, q1 q2 widths, heads, q1 q2 widths, values), six at once per product: measured at d_model 4-16,
+        # 2-3 positions, 4 heads of 8 (closure's first stage), 0.4-0.9 of this estimate
+        A, B = moment_head(a)[0], moment_head(b)[0]  # type: ignore[index]
+        n = A.n_ctx or 1
+        pair = n * (n - 1) * A.heads * A.q1.shape[1] * A.q2.shape[1] * B.heads * B.q1.shape[1] * B.q2.shape[1] * \
+            max(A.v.shape[1], B.v.shape[1])
+        peak = 8.0 * (rows * math.comb(r + 5, 5) + rows * rows + 6 * pair * (3 if joint else 1))
         return Plan(self.name, problem, float(cost), peak, moment_products(moment_head(a)[0].n_ctx, joint),  # type: ignore[index]
                     joint=joint, facts={"whitened": r},
                     notes=(f"per-position feature moments over {r} whitened dimensions",), payload=law)

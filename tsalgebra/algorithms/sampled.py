@@ -278,7 +278,11 @@ class Sampled(Algorithm):
         notes = ["estimated by Monte Carlo: unbiased, with standard errors"]
         notes.append(f"control variate: the models truncated after their first nonlinear layer ({cv.algorithms}, "
                      f"exact)" if cv is not None else f"control variate: {control}")
-        peak = 8.0 * batch * (width + 4 * out) + (cv.peak_bytes if cv is not None else 0.0)
+        # the inputs and the products, both models' forward passes (the control's too) and the control's plan
+        forwards = fa.peak_elements(batch) + fb.peak_elements(batch)
+        if cv is not None:
+            forwards = max(forwards, Forward(cv.a).peak_elements(batch) + Forward(cv.b).peak_elements(batch))
+        peak = 8.0 * (batch * (width + 4 * out) + forwards) + (cv.peak_bytes if cv is not None else 0.0)
         facts = {"per_sample_flops": per_sample, "batch": batch, "samples": samples,
                  "rel_error": problem.rel_error, "seed": problem.seed, "control_variate": cv is not None}
         return Plan(self.name, problem, flops, peak, 0, exact=False, joint=True, facts=facts, notes=tuple(notes),
