@@ -51,6 +51,27 @@ class UsageError(Exception):
     """Bad usage detected after parsing (exit code 2)."""
 
 
+def _number(kind: type, least: float, strict: bool) -> Any:
+    """An argparse type: a number of ``kind`` above ``least`` (``strict``) or
+    at least it, so that a value out of range is a usage error (exit 2)."""
+    what = f"{'an integer' if kind is int else 'a number'} {'>' if strict else '>='} {least:g}"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not (value > least if strict else value >= least):  # NaN fails too
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+_COUNT, _POSITIVE, _NON_NEGATIVE = _number(int, 0, True), _number(float, 0, True), _number(float, 0, False)
+
+
 def example_models(seed: int = 0) -> dict[str, Component]:
     """Two small random models: a residual bilinear block with biases, and a
     two-layer bilinear stack (degree 4)."""
@@ -312,10 +333,6 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         kw.update(samples=args.samples, seed=args.seed)
     elif args.samples is not None or args.seed is not None:
         raise UsageError("--samples and --seed belong to --method sampled")
-    if args.workers is not None and args.workers < 1:
-        raise UsageError(f"--workers must be a positive number of worker processes, got {args.workers}")
-    if args.tile is not None and args.tile < 1:
-        raise UsageError(f"--tile must be a positive number of models, got {args.tile}")
     res = similarity_matrix(models, inner=args.inner, method=args.method, measure=_token_measure(args, *models),
                             progress=not args.no_progress,
                             workers=args.workers, scheduler=args.scheduler, store=args.store, tile=args.tile, **kw)
@@ -592,7 +609,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import importlib
 
     mod = importlib.import_module(f".demos.{args.demo}", __package__)
-    result = mod.run(mod.config_from_args(args))
+    cfg = mod.config_from_args(args)
+    try:
+        cfg.check()  # run() checks it too; here a setting out of range is bad usage, named by its flag
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    result = mod.run(cfg)
     payload = dict(result.numbers, summary=result.summary, figure=result.figure, checkpoint_dir=result.checkpoints)
     _emit(args, payload, result.summary.rstrip("\n"))
     return EXIT_OK
@@ -616,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = argparse.ArgumentParser(add_help=False)
     models.add_argument("--template", metavar="MODULE:FUNCTION",
                         help="function building the torch module the checkpoints hold (default: native layout)")
-    models.add_argument("--n-ctx", type=int, metavar="N",
+    models.add_argument("--n-ctx", type=_COUNT, metavar="N",
                         help="token positions at which a language-model run (config.json + checkpoints/) is analysed")
     models.add_argument("--state-key", metavar="KEY",
                         help="the state dict to read from checkpoints holding several (e.g. ema beside model)")
@@ -647,10 +669,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: exact within the budget, else an error (never an approximation); "
                         "closure: Gaussian moment closure (approximate); sampled: Monte Carlo estimate with a "
                         "standard error")
-    s.add_argument("--budget", type=float, default=DEFAULT_BUDGET,
+    s.add_argument("--budget", type=_NON_NEGATIVE, default=DEFAULT_BUDGET,
                    help=f"flop budget per inner product (default {DEFAULT_BUDGET:g})")
-    s.add_argument("--samples", type=int, help="--method sampled: number of samples (default 10000)")
-    s.add_argument("--rel-error", type=float, help="--method sampled: sample until this relative standard error")
+    s.add_argument("--samples", type=_COUNT, help="--method sampled: number of samples (default 10000)")
+    s.add_argument("--rel-error", type=_POSITIVE, help="--method sampled: sample until this relative standard error")
     s.add_argument("--seed", type=int, help="--method sampled: random seed (reproducible estimates)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (one shows on a terminal when the "
                                                                 "computation is long)")
@@ -669,19 +691,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help=token_probs_help)
     m.add_argument("--method", choices=("auto", "exact", "closure", "sampled"), default="auto",
                    help="as for similarity; sampled estimates each product pair by pair")
-    m.add_argument("--budget", type=float, default=DEFAULT_BUDGET,
+    m.add_argument("--budget", type=_NON_NEGATIVE, default=DEFAULT_BUDGET,
                    help=f"flop budget per inner product (default {DEFAULT_BUDGET:g})")
-    m.add_argument("--samples", type=int, help="--method sampled: samples per product (default 10000)")
+    m.add_argument("--samples", type=_COUNT, help="--method sampled: samples per product (default 10000)")
     m.add_argument("--seed", type=int, help="--method sampled: random seed")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     where = m.add_mutually_exclusive_group()
-    where.add_argument("--workers", type=int, metavar="N",
+    where.add_argument("--workers", type=_COUNT, metavar="N",
                        help="tiles on a local dask cluster of N worker processes (pip install tsalgebra[distributed])")
     where.add_argument("--scheduler", metavar="ADDRESS", help="tiles on the dask cluster at ADDRESS (tcp://host:8786)")
     m.add_argument("--store", metavar="DIR",
                    help="keep every finished tile in DIR; a rerun with the same checkpoints and options computes "
                         "only the missing tiles")
-    m.add_argument("--tile", type=int, metavar="N", help="models a tile side (default: from the workers)")
+    m.add_argument("--tile", type=_COUNT, metavar="N", help="models a tile side (default: from the workers)")
     m.set_defaults(func=cmd_matrix)
 
     v = sub.add_parser("verify", parents=[common, models], help="is a circuit faithful to a component?",
@@ -708,7 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inner", choices=inners, default=None, help=inner_help)
     p.add_argument("--centered", action="store_true")
     p.add_argument("--per-output", action="store_true")
-    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET)
+    p.add_argument("--budget", type=_NON_NEGATIVE, default=DEFAULT_BUDGET)
     p.set_defaults(func=cmd_plan)
 
     d = sub.add_parser("demo", help="grokking | backdoor | language: train, checkpoint, compare, plot",
@@ -732,7 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("summary", parents=[common], help="build two small models and print their expressions and contraction plans")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--batch", type=int, default=32, help="batch size of the evaluation plan")
+    s.add_argument("--batch", type=_COUNT, default=32, help="batch size of the evaluation plan")
     s.set_defaults(func=cmd_summary)
     return parser
 
@@ -761,6 +783,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_REFUSED
     except (ValueError, TypeError, ArithmeticError, RuntimeError, OSError, ImportError) as exc:
         print(f"tsalgebra: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except MemoryError as exc:  # an allocation this machine refused: said as such, not a traceback
+        print(f"tsalgebra: error: out of memory ({exc or 'an allocation failed'}); try a smaller --n-ctx, fewer "
+              "models, or a smaller --budget", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("tsalgebra: interrupted", file=sys.stderr)
