@@ -102,7 +102,7 @@ def test_native_weights_without_finite_values_name_the_key(tmp_path):
 
 
 @pytest.mark.parametrize("config", [{"lr": 0.01, "steps": 300}, {"model": {"d_model": 8}}, "not json"])
-def test_a_config_json_of_another_kind_leaves_checkpoints_to_the_native_layout(tmp_path, config):
+def test_a_config_json_of_another_kind_leaves_checkpoints_to_the_native_layout(tmp_path, config, capsys):
     """Only a config.json naming vocab_size, d_model, n_head and n_layers makes
     checkpoints/ a language-model run; beside any other, native checkpoints load."""
     run = tmp_path / "myrun"
@@ -113,5 +113,10 @@ def test_a_config_json_of_another_kind_leaves_checkpoints_to_the_native_layout(t
     path = ts.save(model, run / "checkpoints" / "step_0.safetensors")
     assert ts.load(path).same_weights(model)
     assert ts.load(run / "checkpoints")[0].same_weights(model)
-    with pytest.raises(LoadError, match=r"myrun/config\.json: not a language-model run .*myrun/checkpoints"):
+    said = r"myrun: directory holds no checkpoint files .*they load from .*myrun/checkpoints \(its config\.json"
+    with pytest.raises(LoadError, match=said):
         ts.load(run)
+    from tsalgebra.cli import main
+
+    assert main(["matrix", str(run)]) == 1  # the command line says the same (it said only "holds no checkpoint files")
+    assert "they load from" in capsys.readouterr().err

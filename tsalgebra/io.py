@@ -103,7 +103,13 @@ def checkpoint_paths(path: str | Path) -> list[Path]:
         raise LoadError(p, "not a regular file (a device, a pipe or a socket?)")
     files = [f for f in p.iterdir() if f.is_file() and f.suffix.lower() in CHECKPOINT_SUFFIXES]
     if not files:
-        raise LoadError(p, f"directory holds no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)})")
+        hint = ""
+        if (p / "checkpoints").is_dir():  # a run folder: say where its checkpoints are, and why not as a run
+            hint = f"; they load from {p / 'checkpoints'}"
+            if (p / "config.json").is_file():
+                hint += (f" (its config.json does not name {', '.join(SIZES)}, so it is not a language-model run "
+                         "in the papers' layout)")
+        raise LoadError(p, f"directory holds no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}){hint}")
     return sorted(files, key=lambda f: natural_key(f.name))
 
 
@@ -469,14 +475,7 @@ def load(path: str | Path, template: Template = None, *, strict: bool = True,
         models = [attention_lm(strip_prefixes(read_state_dict(f, max_bytes=max_bytes, state_key=state_key)), config,
                                n_ctx, f) for f in files]
         return Checkpoints(models, files) if p.is_dir() else models[0]
-    try:
-        files = checkpoint_paths(p)
-    except LoadError:
-        if template is None and p.is_dir() and (p / "config.json").is_file() and (p / "checkpoints").is_dir():
-            raise LoadError(p / "config.json", "not a language-model run in the papers' layout (a JSON object naming "
-                                               f"{', '.join(SIZES)}); checkpoints in the native layout load from "
-                                               f"{p / 'checkpoints'}") from None
-        raise
+    files = checkpoint_paths(p)
     models = [_at_positions(model_from_state_dict(read_state_dict(f, max_bytes=max_bytes, state_key=state_key),
                                                   template, strict=strict, source=f), n_ctx, f) for f in files]
     return Checkpoints(models, files) if p.is_dir() else models[0]
