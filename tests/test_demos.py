@@ -80,7 +80,7 @@ def test_demo_through_the_cli(tmp_path):
     assert out["checkpoints"] == 4 and (tmp_path / "grokking.png").stat().st_size > 0
     bad = subprocess.run([sys.executable, "-m", "tsalgebra", "demo", "grokking", "-P", "8", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 1 and "prime" in bad.stderr
+    assert bad.returncode == 2 and "prime" in bad.stderr
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_language_demo_through_the_cli(tmp_path):
     assert out["checkpoints"] == 3 and (tmp_path / "language.png").stat().st_size > 0
     bad = subprocess.run([sys.executable, "-m", "tsalgebra", "demo", "language", "--d-model", "6", "--n-head", "4",
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 1 and "--n-head" in bad.stderr
+    assert bad.returncode == 2 and "--n-head" in bad.stderr
 
 
 @pytest.fixture(scope="module")

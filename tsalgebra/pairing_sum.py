@@ -428,7 +428,8 @@ def plan_pairings(A: Network, B: Network | None, joins: Joins, out_mask: Any, li
     n = A.degree + (B.degree if B is not None else 0)
     raw = P.count_pairings(joins.kind, n)
     if raw > MAX_PAIRINGS:
-        raise CostError(f"exact {joins.kind} enumeration over {n} input legs has {format_count(raw)} pairings "
+        count = f"{raw:,}" if raw < 10**15 else format_count(raw)  # digits while they can be read
+        raise CostError(f"exact {joins.kind} enumeration over {n} input legs has {count} pairings "
                         f"(more than {MAX_PAIRINGS:,} to walk)")
     tensors, legs, out_legs, gens = _side_by_side(A, B, out_mask, use_orbits, same)
     mode = out_mask if isinstance(out_mask, str) else out_mask is not None
