@@ -383,3 +383,21 @@ def test_bad_input():
         ts.inner(deep, deep)  # 16 input legs and 12 input coordinates: refused before any contraction
     assert "46,206,736 pairings" in str(refused.value)
     assert not ts.similarity(deep, deep, method="closure").exact  # the offered alternative works
+
+
+def test_the_network_product_keeps_exact_weights_exact():
+    """Fraction weights gave a float labelled exact; sympy symbols raised a
+    sympy TypeError.  One bilinear layer: the network product is the
+    symmetric one (docs), in the weights' own numbers."""
+    import sympy
+    from fractions import Fraction as Fr
+
+    F = lambda *r: np.array(r, dtype=object)  # noqa: E731
+    b = ts.Bilinear(F([Fr(1, 3), Fr(1)]), F([Fr(1), Fr(1, 7)]), F([Fr(1)]))
+    got = ts.inner(b, b, "network").value
+    assert got == Fr(100, 147) == ts.inner(b, b, "symmetric").value
+    assert float(got) == pytest.approx(ts.inner(b.map_weights(lambda w: np.asarray(w, dtype=float)),
+                                                b.map_weights(lambda w: np.asarray(w, dtype=float)), "network").value)
+    a, c = sympy.symbols("a c")
+    s = ts.Bilinear(F([a, 1]), F([1, c]), F([1]))
+    assert sympy.expand(ts.inner(s, s, "network").value - ts.inner(s, s, "symmetric").value) == 0

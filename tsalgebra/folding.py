@@ -20,23 +20,25 @@ __all__ = ["Block", "chain_flops", "fold", "folded_shapes", "padded_shapes"]
 Block = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
-def fold(model: Component) -> tuple[list[Block], np.ndarray | None]:
+def fold(model: Component, exact: bool = False) -> tuple[list[Block], np.ndarray | None]:
     """(bilinear blocks, trailing-free linear map).  With at least one bilinear
     layer the second item is None; otherwise it is the product of the padded
-    linear maps."""
+    linear maps.  Float64 maps, or with ``exact`` the layers' own numbers
+    (object arrays of Fractions or sympy expressions where they hold them)."""
     blocks: list[Block] = []
     pending: np.ndarray | None = None  # product of linear maps not yet folded
+    kind = object if exact else float
     for layer in model.layers:
         layer = layer.flat() if isinstance(layer, PositionWise) else layer
         if isinstance(layer, Linear):
-            W = layer.padded().astype(float)
+            W = layer.padded().astype(kind)
             if blocks and pending is None:
                 L, R, D = blocks[-1]
                 blocks[-1] = (L, R, W @ D)
             else:
                 pending = W if pending is None else W @ pending
         elif isinstance(layer, Bilinear):
-            L, R, D = (m.astype(float) for m in layer.padded())
+            L, R, D = (m.astype(kind) for m in layer.padded())
             if pending is not None:
                 L, R = L @ pending, R @ pending
                 pending = None

@@ -11,6 +11,8 @@ for its own definition, O(depth h^2 d).
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 
 from ..components import Component
@@ -23,15 +25,20 @@ __all__ = ["GramRecursion", "network_gram"]
 UNDERFLOW = 1e-280  # a Gram below this has lost its digits to float64's range (squared at the next layer)
 
 
-def network_gram(a: Component, b: Component) -> np.ndarray:
-    """The final cross Gram matrix (out+1, out+1) of the network inner product."""
-    ba, wa = fold(a)
-    bb, wb = fold(b)
+def network_gram(a: Component, b: Component, exact: bool = False) -> np.ndarray:
+    """The final cross Gram matrix (out+1, out+1) of the network inner product;
+    ``exact``: in the weights' own numbers (Fractions, sympy), as an object array."""
+    ba, wa = fold(a, exact)
+    bb, wb = fold(b, exact)
     if not ba:
         return wa @ wb.T  # type: ignore[operator]
-    G = np.eye(a.in_features + 1)
+    G = np.eye(a.in_features + 1, dtype=object if exact else float)
+    half = Fraction(1, 2) if exact else 0.5
     for depth, ((La, Ra, Da), (Lb, Rb, Db)) in enumerate(zip(ba, bb), start=1):
-        core = 0.5 * ((La @ G @ Lb.T) * (Ra @ G @ Rb.T) + (La @ G @ Rb.T) * (Ra @ G @ Lb.T))
+        core = half * ((La @ G @ Lb.T) * (Ra @ G @ Rb.T) + (La @ G @ Rb.T) * (Ra @ G @ Lb.T))
+        if exact:  # no range to leave
+            G = Da @ core @ Db.T
+            continue
         before = np.max(np.abs(G[1:, 1:]))
         G = Da @ core @ Db.T
         after = np.max(np.abs(G[1:, 1:]))
@@ -84,5 +91,6 @@ class GramRecursion(Algorithm):
 
     def run(self, plan: Plan) -> Triple:
         p = plan.problem
-        diag = np.diag(network_gram(p.a, p.b))[1:]
-        return plan.result(diag if p.per_output else float(diag.sum())), None, None
+        diag = np.diag(network_gram(p.a, p.b, exact=p.exact_numbers))[1:]
+        total = sum(diag[1:], diag[0]) if p.exact_numbers else float(diag.sum())  # exact weights: an exact value
+        return plan.result(diag if p.per_output else total), None, None
