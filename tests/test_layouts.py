@@ -276,6 +276,10 @@ def _break(sd, cfg, case):
         cfg["vocab_size"] = "eleven"
     elif case == "attn_scale a word":
         cfg["attn_scale"] = "x"
+    elif case == "query-key biases unsaid":
+        cfg["use_bias_qk"] = False
+    elif case == "a key bias missing":
+        del sd["layers.1.k2.bias"]
 
 
 @pytest.mark.parametrize("case,file,match", [
@@ -289,6 +293,8 @@ def _break(sd, cfg, case):
     ("NaN", "ckpt", r"layers\.0\.k2\.weight contains NaN"),
     ("vocab_size a word", "config", r"vocab_size must be a positive integer, got 'eleven'"),
     ("attn_scale a word", "config", r"attn_scale must be a finite number, got 'x'"),
+    ("query-key biases unsaid", "ckpt", r"layers\.0\.q1\.bias is present, but the configuration says use_bias_qk=false"),
+    ("a key bias missing", "ckpt", r"layers\.1\.k2\.bias is missing, but the configuration says use_bias_qk=true"),
 ])
 def test_language_model_checkpoints_are_read_whole_with_the_config_shapes(tmp_path, case, file, match):
     """Every key of the state dict is used, with the shape config.json gives

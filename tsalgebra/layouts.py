@@ -87,6 +87,9 @@ def _settings(config: Mapping[str, Any], rotary: str = "rotate_half") -> dict[st
         raise ValueError(f"rotary must be 'rotate_half' or 'interleaved', got {out['rotary']!r}")
     if out["d_model"] % out["n_head"]:
         raise ValueError(f"d_model {out['d_model']} is not divisible by n_head {out['n_head']}")
+    out["use_bias_qk"] = config.get("use_bias_qk")  # None: not said, the biases present are used
+    if out["use_bias_qk"] not in (None, True, False):
+        raise ValueError(f"use_bias_qk must be true or false, got {out['use_bias_qk']!r}")
     return out
 
 
@@ -165,6 +168,12 @@ def attention_lm(sd: Mapping[str, Any], config: Mapping[str, Any], n_ctx: int, s
     if unused:  # never a model built from part of the checkpoint
         raise LoadError(source, f"keys the language-model layout does not use (n_layers={L} in the configuration): "
                                 f"{unused[:6]}{'...' if len(unused) > 6 else ''}")
+    if cfg["use_bias_qk"] is not None:  # the query-key biases are there exactly when the configuration says so
+        qk = [f"layers.{i}.{name}.bias" for i in range(L) for name in projections[:4]]
+        wrong = [k for k in qk if (k in sd) != cfg["use_bias_qk"]]
+        if wrong:
+            raise LoadError(source, f"{wrong[0]} is {'missing' if cfg['use_bias_qk'] else 'present'}, but the "
+                                    f"configuration says use_bias_qk={str(cfg['use_bias_qk']).lower()}")
 
     def weight(key: str, required: bool = True) -> np.ndarray | None:
         if key not in sd:
