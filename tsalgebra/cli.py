@@ -540,12 +540,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
             [f"x{i}" for i in range(1, component.in_features + 1)])
         if len(names) != component.in_features:
             raise UsageError(f"--symbols names {len(names)} inputs, the component has {component.in_features}")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise UsageError(f"--symbols names {repeated} more than once; give one distinct name per input")
         try:
             text = cpath.read_text()
         except UnicodeDecodeError:
             raise ValueError(f"{cpath}: neither a checkpoint nor a text file of formulas") from None
         circuit = parse_formulas(text, names, str(cpath))
         import sympy
+
+        # a constant division by zero (3/0) parses to sympy's complex infinity:
+        # name the file and line rather than fail later on complex numbers
+        lines = [n for n, raw in enumerate(text.splitlines(), start=1) if raw.split("#", 1)[0].strip()]
+        for lineno, e in zip(lines, circuit):
+            if e.has(sympy.zoo, sympy.oo, -sympy.oo, sympy.nan):
+                raise ValueError(f"{cpath}:{lineno}: the formula is not finite (a division by zero?): {e}")
 
         symbols = [sympy.Symbol(n) for n in names]
     exact = True if args.exact else None
@@ -717,7 +727,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "that reads token ids, else gaussian)")
     v.add_argument("--token-probs", metavar="PATH", help=token_probs_help)
     v.add_argument("--exact", action="store_true", help="exact arithmetic on the stored floats (small models)")
-    v.add_argument("--tol", type=float, default=1e-9, help="tolerance on the relative residual (float mode)")
+    v.add_argument("--tol", type=_NON_NEGATIVE, default=1e-9,
+                   help="tolerance (>= 0) on the relative residual (float mode)")
     v.add_argument("--symbols", help="input names in order, e.g. 'a b c' (default x1..xd)")
     v.set_defaults(func=cmd_verify)
 

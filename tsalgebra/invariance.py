@@ -8,7 +8,12 @@ Two witnesses, both reported:
   the common degree when the Gaussian enumeration is too expensive; none when
   both are), per output channel as well;
 - sampled: the worst |f(x) - g(x)| over random inputs, relative to the
-  largest |f(x)| seen.
+  largest |f(x)| seen (relative to the size of the terms making the outputs
+  when every output is at float round-off level, as for the zero function;
+  likewise the exact distance when a float ||f||^2 is round-off).
+
+An exact-arithmetic distance of 0 proves invariance; samples cannot
+overturn it (they can only differ by round-off then).
 
 When the function changed the report names the output channels that moved
 and the layers whose weights differ from the original.
@@ -35,7 +40,9 @@ class InvarianceReport:
 
     ``invariant`` is True when every available check passed: the exact
     relative distance is at most ``tol`` (if it could be computed) and the
-    worst sampled difference is at most ``sample_tol``.
+    worst sampled difference is at most ``sample_tol``; or when the distance,
+    computed in exact arithmetic, is exactly 0 (a proof; a note says so if
+    the float samples differ).
 
     - ``method``: how the exact distance was obtained ("gaussian (exact)",
       "symmetric (exact, degree k)", with "; gaussian over budget" after a
@@ -46,7 +53,9 @@ class InvarianceReport:
       (normalized by the whole model's norm, so the entries sum to
       ``relative_distance`` and round-off in a tiny channel is not flagged).
     - ``max_sample_difference``: max over samples and channels of
-      |f(x) - g(x)| / max |f(x)|; ``per_output_sample_difference`` per channel.
+      |f(x) - g(x)| / max |f(x)| (over the size of the terms instead when
+      both models' outputs are round-off; a note says so);
+      ``per_output_sample_difference`` per channel.
     - ``changed_outputs``: channels (0-based) whose exact distance exceeds
       ``tol`` or whose sampled difference exceeds ``sample_tol``.
     - ``changed_layers``: positions in ``model.layers`` whose weights differ
@@ -99,13 +108,16 @@ def _fmt(v: Any) -> str:
 
 
 def _exact_distance(f: Component, g: Component, inner: str, measure: Measure, budget: float
-                    ) -> tuple[Any, tuple[Any, ...] | None, str, list[str]]:
-    """(relative distance, per-output distances, method, notes); the first two
-    are None when every exact method is over budget."""
+                    ) -> tuple[Any, tuple[Any, ...] | None, str, list[str], Any]:
+    """(relative distance, per-output distances, method, notes, (||f||^2,
+    ||g||^2, per-output ||f_o - g_o||^2)); the first two and the last are None
+    when every exact method is over budget."""
     tries = ["gaussian", "symmetric"] if inner == "gaussian" else [inner]
     refused: list[str] = []
     for kind in tries:
-        kw = {"measure": measure} if kind != "symmetric" else {}
+        # one Bombieri degree for all three products: norms taken at each
+        # model's own degree would not combine into a distance
+        kw = {"measure": measure} if kind != "symmetric" else {"degree": max(f.degree, g.degree)}
         try:
             ff = inner_product(f, f, kind, per_output=True, budget=budget, **kw)
             gg = inner_product(g, g, kind, per_output=True, budget=budget, **kw)
@@ -127,8 +139,8 @@ def _exact_distance(f: Component, g: Component, inner: str, measure: Measure, bu
         label = f"{kind} (exact" + (f", degree {ff.degree})" if kind == "symmetric" else ")")
         if kind != inner:
             label += f"; {inner} over budget"
-        return rel, per, label, refused
-    return None, None, "samples only", refused + ["exact check unavailable: the verdict rests on samples only"]
+        return rel, per, label, refused, (total_f, gg.value.sum(), diff)
+    return None, None, "samples only", refused + ["exact check unavailable: the verdict rests on samples only"], None
 
 
 # ----------------------------------------------------------- sampled part
@@ -137,6 +149,25 @@ def _exact_distance(f: Component, g: Component, inner: str, measure: Measure, bu
 def _outputs(model: Component, x: np.ndarray) -> np.ndarray:
     """(n, out) on flat samples (n, in): a sequence model's call would take (n, n_ctx, d)."""
     return np.asarray(model.evaluate_flat(x), dtype=float)
+
+
+# Outputs below this many units of round-off of the terms summed to make them
+# are indistinguishable from zero in float64 (a model computing the zero
+# function gives such values; dividing by them would read noise as a change).
+ROUNDOFF_ULPS = 2.0**16
+
+
+def _term_size(model: Component, x: np.ndarray) -> float:
+    """The largest |f|(|x|) over the samples: the model with every weight
+    replaced by its absolute value, on |x|.  Every output is a sum of
+    products of weights and inputs, and this bounds the sum of their
+    absolute values, so the float error of f(x) is a modest multiple of
+    eps times it.  0 when it cannot be evaluated (then no round-off floor)."""
+    try:
+        absolute = model.map_weights(lambda w: np.abs(np.asarray(w, dtype=float)))
+        return float(np.abs(_outputs(absolute, np.abs(x))).max())
+    except (TypeError, ValueError, ArithmeticError):
+        return 0.0
 
 
 # ----------------------------------------------------------- layer part
@@ -231,6 +262,11 @@ def check_invariance(
     """
     if not isinstance(model, Component):
         raise TypeError(f"model must be a tsalgebra component, got {type(model).__name__}")
+    if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
+        raise ValueError(f"check_invariance: n_samples must be a positive integer, got {n_samples!r}")
+    for name, value in (("tol", tol), ("sample_tol", sample_tol)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not value >= 0:
+            raise ValueError(f"check_invariance: {name} must be a number >= 0, got {value!r}")
     inner, measure = function_level(inner, measure, mean, cov, "check_invariance", model)
     if isinstance(transform, Component):
         other, label = transform, "a given model"
@@ -246,28 +282,52 @@ def check_invariance(
                          f"{model.in_features} -> {model.out_features}: it cannot compute the same function")
 
     law = bound_measure(model, mean, cov, measure)
-    rel, per, method, notes = _exact_distance(model, other, inner, law, budget)
+    rel, per, method, notes, norms = _exact_distance(model, other, inner, law, budget)
 
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(0 if rng is None else rng)
     x = law.sample(n_samples, rng)
     fx, gx = _outputs(model, x), _outputs(other, x)
-    scale = float(np.abs(fx).max()) or float(np.abs(gx).max()) or 1.0
+    terms = max(_term_size(model, x), _term_size(other, x))
+    outputs = max(float(np.abs(fx).max()), float(np.abs(gx).max()))
+    if 0 < outputs <= ROUNDOFF_ULPS * np.finfo(float).eps * terms:
+        # both models give round-off on every sample: measure the differences
+        # against the size of the terms, where round-off is small
+        scale = terms
+        notes.append(f"the outputs on the samples are at round-off level (max |f(x)|, |g(x)| = {outputs:.3g} "
+                     f"from terms of size {terms:.3g}): sampled differences are relative to the size of the terms")
+    else:
+        scale = float(np.abs(fx).max()) or float(np.abs(gx).max()) or 1.0
+    if isinstance(rel, float) and norms is not None:
+        # likewise a float ||f||^2 of round-off size (the zero function in
+        # float64) divides round-off by round-off: measure against the terms
+        ff, gg, diff = (np.asarray(v, dtype=float) for v in norms)
+        floor = ROUNDOFF_ULPS * np.finfo(float).eps * terms**2
+        if max(float(ff), float(gg)) <= floor and terms > 0:
+            rel, per = float(diff.sum()) / terms**2, tuple(float(d) / terms**2 for d in diff)
+            notes.append(f"||f||^2 and ||g||^2 ({float(ff):.3g}, {float(gg):.3g}) are at float round-off level: "
+                         f"the distance is relative to the squared size of the terms ({terms**2:.3g})")
     per_sample = tuple(float(v) for v in (np.abs(fx - gx).max(axis=0) / scale))
     worst = max(per_sample)
 
     exact_ok = rel is None or rel <= tol
     samples_ok = worst <= sample_tol
-    if rel is not None and exact_ok != samples_ok:
+    # an exact-arithmetic distance of 0 proves the same polynomial (or the same
+    # outputs on every token sequence): float samples cannot overturn it
+    proof = rel is not None and not isinstance(rel, float) and rel == 0
+    if proof and not samples_ok:
+        notes.append(f"the samples differ by up to {worst:.3g} of the output scale, which can only be float "
+                     "round-off: the exact distance is 0 in exact arithmetic, and that decides")
+    elif rel is not None and exact_ok != samples_ok:
         notes.append("the exact distance and the samples disagree: "
                      + ("a change below tol (tol bounds a squared relative distance)" if exact_ok
                         else "sampled differences below sample_tol despite an exact distance above tol"))
-    moved = {o for o, d in enumerate(per_sample) if d > sample_tol}
+    moved = set() if proof else {o for o, d in enumerate(per_sample) if d > sample_tol}
     if rel is not None:
         moved |= {o for o, d in enumerate(per) if d > tol}
     changed_out = tuple(sorted(moved))
     changed_layers, how = compare_layers(model, other)
     return InvarianceReport(
-        invariant=bool(exact_ok and samples_ok),
+        invariant=bool(proof or (exact_ok and samples_ok)),
         method=method,
         relative_distance=rel,
         per_output_distance=per,

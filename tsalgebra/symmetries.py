@@ -1,9 +1,14 @@
 """Weight-space symmetries of tensor-based models, as first-class objects.
 
-A :class:`Symmetry` takes a model (``Linear``, ``Bilinear`` or ``Sequential``)
-and returns a new model computing the same function with different weights;
-the input is never mutated.  A bare layer comes back as a bare layer of the
-same kind, a ``Sequential`` as a ``Sequential``.
+A :class:`Symmetry` takes a model (``Linear``, ``Bilinear``,
+``BilinearAttention``, ``PositionWise`` or a ``Sequential`` of them, such as a
+``Transformer``) and returns a new model computing the same function with
+different weights; the input is never mutated.  A bare layer comes back as a
+bare layer of the same kind, a ``Sequential`` as a ``Sequential`` (a
+``Transformer`` as a ``Transformer``).  On a position-wise layer the
+generators act on the per-position layer (the same change at every
+position), and a wire between two position-wise layers changes position by
+position.
 
 Conventions: layers are the positions in ``model.layers``; wire ``k`` is the
 vector passed from layer ``k`` to layer ``k + 1`` (so a model of n layers has
@@ -35,10 +40,14 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Callable, Sequence, TypeVar
 
+import copy
+import numbers
+
 import numpy as np
 
 from .attention import BilinearAttention, rotary_matrices
-from .components import Bilinear, Component, Linear, Sequential, all_exact, cast, postcompose, precompose
+from .components import (Bilinear, Component, Linear, PositionWise, Sequential, all_exact, cast, postcompose,
+                         precompose)
 
 __all__ = [
     "Symmetry",
@@ -84,7 +93,7 @@ class Symmetry:
         layers = _layers_of(model)
         new = _harmonize(self.act(layers))
         if isinstance(model, Sequential):
-            return Sequential(*new)  # type: ignore[return-value]
+            return _same_kind(model, new)
         if len(new) != 1:
             raise AssertionError(f"{self.description}: a one-layer model became {len(new)} layers")
         return new[0]  # type: ignore[return-value]
@@ -133,17 +142,22 @@ def _is_exact_number(x: Any) -> bool:
 
 def _param(value: Any, what: str) -> np.ndarray:
     """A transform's numbers as an array: object (exact) when every entry is an
-    int, Fraction or sympy Rational, else float64."""
+    int, Fraction or sympy Rational, else float64 (finite)."""
     arr = np.asarray(value)
     if arr.dtype == bool:
         raise TypeError(f"{what}: expected numbers, got booleans")
     if arr.dtype == object:
-        if all(_is_exact_number(v) for v in arr.ravel()):
+        if arr.size and all(_is_exact_number(v) for v in arr.ravel()):
             return arr
-        return arr.astype(np.float64)
-    if np.issubdtype(arr.dtype, np.integer):
+        # anything but real numbers (None, strings, ...) would become NaN or a numpy error below
+        bad = [v for v in arr.ravel() if isinstance(v, bool) or not isinstance(v, numbers.Real)
+               and not (getattr(v, "is_number", False) and getattr(v, "is_real", False))]
+        if bad:
+            raise TypeError(f"{what}: expected real numbers, got {bad[0]!r}")
+        arr = arr.astype(np.float64)
+    elif np.issubdtype(arr.dtype, np.integer):
         return arr.astype(object)
-    if not np.issubdtype(arr.dtype, np.floating):
+    elif not np.issubdtype(arr.dtype, np.floating):
         raise TypeError(f"{what}: expected real numbers, got dtype {arr.dtype}")
     arr = arr.astype(np.float64)
     if not np.isfinite(arr).all():
@@ -184,14 +198,63 @@ def _exact_inverse(M: np.ndarray, what: str) -> np.ndarray:
     return np.array(B, dtype=object)
 
 
+MAX_CONDITION = 1e12  # beyond it, undoing a float matrix loses most of float64's digits
+
+
+def _inverse(M: np.ndarray, what: str, exact: bool) -> np.ndarray:
+    """M^-1: exact (object) when ``exact``, else float64 after a conditioning
+    check, so a singular or near-singular matrix is refused by name."""
+    if M.ndim != 2 or M.shape[0] != M.shape[1]:
+        raise ValueError(f"{what}: the matrix must be square, got shape {M.shape}")
+    if exact:
+        return _exact_inverse(M, what)
+    M = M.astype(np.float64)  # exact entries of a map used on float weights
+    cond = np.linalg.cond(M)
+    if not np.isfinite(cond) or cond > MAX_CONDITION:
+        raise ValueError(f"{what}: the matrix is singular or ill-conditioned (condition number {cond:.3g})")
+    return np.linalg.inv(M)
+
+
+def _indices(values: Any, what: str) -> np.ndarray:
+    """A list of integer indices (floats would fail as numpy indices; whether
+    they permute the layer's units is checked against the layer)."""
+    perm = np.asarray(values)
+    if perm.ndim != 1 or (perm.size and perm.dtype.kind not in "iu"):
+        raise TypeError(f"{what}: expected a list of integer indices, got {perm.tolist()!r}")
+    return perm.astype(int)
+
+
+def _index(value: Any, n: int, what: str, noun: str) -> int:
+    """A position 0..n-1 (no negative indices: they would silently pick from the end)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < n:
+        raise IndexError(f"{what}: {noun} {value!r} is out of range 0..{n - 1}")
+    return int(value)
+
+
 # ---------------------------------------------------------------- layers
 
 
 def _layers_of(model: Component) -> Layers:
-    if not isinstance(model, (Linear, Bilinear, Sequential, BilinearAttention)):
-        raise TypeError(f"symmetries act on Linear, Bilinear, BilinearAttention or Sequential models, "
+    if not isinstance(model, (Linear, Bilinear, Sequential, BilinearAttention, PositionWise)):
+        raise TypeError(f"symmetries act on Linear, Bilinear, BilinearAttention, PositionWise or Sequential models, "
                         f"got {type(model).__name__}")
     return tuple(model.layers)
+
+
+def _same_kind(model: Sequential, layers: Layers) -> Any:
+    """``layers`` as a model of ``model``'s class: a subclass of Sequential
+    (a Transformer) keeps its own attributes (n_ctx, d_model) and its call on
+    sequences; the layers are checked as Sequential checks them."""
+    if type(model) is Sequential:
+        return Sequential(*layers)
+    out = copy.copy(model)
+    Sequential.__init__(out, *layers)
+    return out
+
+
+def _unwrapped(layer: Component) -> Component:
+    """The per-position layer of a PositionWise (what the generators change)."""
+    return layer.layer if isinstance(layer, PositionWise) else layer
 
 
 def _harmonize(layers: Layers) -> Layers:
@@ -207,17 +270,24 @@ def _float_layer(layer: Component) -> Component:
 
 
 def _bilinear_at(layers: Layers, k: int, what: str) -> Bilinear:
-    if not isinstance(k, (int, np.integer)) or not 0 <= k < len(layers):
+    """Layer k as a Bilinear (a position-wise Bilinear's per-position layer)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < len(layers):
         raise IndexError(f"{what}: layer {k} is out of range for a model of {len(layers)} layers")
-    layer = layers[k]
+    layer = _unwrapped(layers[k])
     if not isinstance(layer, Bilinear):
-        raise TypeError(f"{what}: layer {k} is {layer!r}; this generator acts on Bilinear layers")
+        raise TypeError(f"{what}: layer {k} is {layers[k]!r}; this generator acts on Bilinear layers "
+                        "(bare or position-wise)")
     return layer
 
 
 def _with_layer(layers: Layers, k: int, layer: Component) -> Layers:
-    """``layers`` with the one at position k exchanged for ``layer``."""
-    return tuple(layer if i == k else old for i, old in enumerate(layers))
+    """``layers`` with the one at position k exchanged for ``layer``; a new
+    per-position layer replacing a PositionWise one is applied position-wise
+    again (same positions, same name)."""
+    old = layers[k]
+    if isinstance(old, PositionWise) and not isinstance(layer, PositionWise):
+        layer = PositionWise(layer, old.n_ctx, name=old.name)
+    return tuple(layer if i == k else other for i, other in enumerate(layers))
 
 
 def unfold_residual(model: Model) -> Model:
@@ -226,14 +296,18 @@ def unfold_residual(model: Model) -> Model:
     The residual ``+ x`` becomes d extra hidden units computing x_i * 1 (see
     :meth:`~tsalgebra.Bilinear.unfolded`, which this applies to every layer):
     the function and the padded factorization are unchanged.  Accepts a
-    Bilinear (returns a Bilinear), a Linear (returned as is) or a Sequential.
+    Bilinear (returns a Bilinear), a Linear (returned as is), a PositionWise
+    one (the per-position layer unfolded) or a Sequential (of its own class).
     """
     if isinstance(model, Sequential):
-        return Sequential(*(unfold_residual(layer) for layer in model.layers))  # type: ignore[return-value]
+        return _same_kind(model, tuple(unfold_residual(layer) for layer in model.layers))
+    if isinstance(model, PositionWise):
+        return PositionWise(unfold_residual(model.layer), model.n_ctx, name=model.name)  # type: ignore[return-value]
     if isinstance(model, Linear):
         return model
     if not isinstance(model, Bilinear):
-        raise TypeError(f"unfold_residual: expected a tsalgebra model, got {type(model).__name__}")
+        raise TypeError(f"unfold_residual: expected a Linear, Bilinear, PositionWise or Sequential model, "
+                        f"got {type(model).__name__}")
     return model.unfolded()  # type: ignore[return-value]
 
 
@@ -243,8 +317,8 @@ def unfold_residual(model: Model) -> Model:
 def permute_hidden(layer: int, permutation: Sequence[int]) -> Symmetry:
     """Reorder the hidden units of Bilinear ``layer``: new unit j is old unit
     ``permutation[j]`` (rows of left, right and their biases, columns of down)."""
-    perm = np.asarray(permutation)
     what = f"permute_hidden(layer {layer})"
+    perm = _indices(permutation, what)
 
     def act(layers: Layers) -> Layers:
         b = _bilinear_at(layers, layer, what)
@@ -290,7 +364,16 @@ def rescale_hidden(layer: int, left: Any, right: Any) -> Symmetry:
         exact = all_exact(sa, sb, *bl.weights())
         sa, sb = cast(sa, exact), cast(sb, exact)
         c = lambda v: cast(v, exact)  # noqa: E731
-        inv = np.array([_reciprocal(x * y) for x, y in zip(sa, sb)], dtype=object) if exact else 1.0 / (sa * sb)
+        if exact:
+            inv = np.array([_reciprocal(x * y) for x, y in zip(sa, sb)], dtype=object)
+        else:
+            with np.errstate(over="ignore", under="ignore", divide="ignore"):
+                prod = sa * sb
+                inv = 1.0 / prod
+            # a product that under- or overflows would silently zero or blow up the down map
+            if not (np.isfinite(prod).all() and np.isfinite(inv).all() and np.all(prod != 0) and np.all(inv != 0)):
+                raise ValueError(f"{what}: the products left * right of the factors ({_short(prod)}) or their "
+                                 "reciprocals are beyond float64")
         return _with_layer(layers, layer, bl.replace(
             left=c(bl.left) * sa[:, None], right=c(bl.right) * sb[:, None], down=c(bl.down) * inv[None, :],
             left_bias=None if bl.left_bias is None else c(bl.left_bias) * sa,
@@ -315,30 +398,49 @@ def change_wire_basis(wire: int, matrix: Any, shift: Any = None) -> Symmetry:
     M = _param(matrix, "change_wire_basis matrix")
     c = None if shift is None else _param(shift, "change_wire_basis shift")
     what = f"change_wire_basis(wire {wire})"
-    if M.ndim != 2 or M.shape[0] != M.shape[1]:
-        raise ValueError(f"{what}: the matrix must be square, got shape {M.shape}")
+    M_inv = _inverse(M, what, M.dtype == object)
     if c is not None and c.shape != (M.shape[0],):
         raise ValueError(f"{what}: the shift has shape {c.shape}, expected ({M.shape[0]},)")
-    if M.dtype == object:
-        M_inv = _exact_inverse(M, what)
-    else:
-        cond = np.linalg.cond(M)
-        if not np.isfinite(cond) or cond > 1e12:
-            raise ValueError(f"{what}: the matrix is singular or ill-conditioned (condition number {cond:.3g})")
-        M_inv = np.linalg.inv(M)
 
     def act(layers: Layers) -> Layers:
-        if not isinstance(wire, (int, np.integer)) or not 0 <= wire < len(layers) - 1:
-            raise IndexError(f"{what}: a model of {len(layers)} layers has wires 0..{len(layers) - 2}")
-        prod, cons = (unfold_residual(layers[k]) for k in (wire, wire + 1))
+        if isinstance(wire, bool) or not isinstance(wire, (int, np.integer)) or not 0 <= wire < len(layers) - 1:
+            raise IndexError(f"{what}: a model of {len(layers)} layers has "
+                             + (f"wires 0..{len(layers) - 2}" if len(layers) > 1 else "no wires"))
+        pair = [layers[k] for k in (wire, wire + 1)]
+        if any(isinstance(layer, BilinearAttention) for layer in pair):
+            raise TypeError(f"{what}: the wire enters or leaves an attention layer ({pair[0]!r}, {pair[1]!r}); "
+                            "change_wire_basis applies to wires between Linear and Bilinear layers")
+        if isinstance(pair[0], PositionWise) != isinstance(pair[1], PositionWise):
+            raise TypeError(f"{what}: the wire joins a position-wise layer and a layer on the whole sequence "
+                            f"({pair[0]!r}, {pair[1]!r}); a change of basis applies to a wire between two "
+                            "position-wise layers (position by position) or two flat ones")
+        # between position-wise layers the per-position wire changes, the same at every position
+        prod, cons = (unfold_residual(_unwrapped(layer)) for layer in pair)
         if prod.out_features != M.shape[0]:
-            raise ValueError(f"{what}: the wire has width {prod.out_features}, the matrix is {M.shape}")
+            raise ValueError(f"{what}: the wire has width {prod.out_features}"
+                             f"{' per position' if isinstance(pair[0], PositionWise) else ''}, "
+                             f"the matrix is {M.shape}")
+        if c is not None and not _takes_shift(prod):
+            raise ValueError(f"{what}: layer {wire} ({pair[0]!r}) has no output bias to take the shift; "
+                             "change its basis without a shift")
         exact = all_exact(M_inv, c)
         undo = None if c is None else -(cast(M_inv, exact) @ cast(c, exact))  # x = M^-1 (M x + c) - M^-1 c
-        return _with_layer(_with_layer(layers, wire, postcompose(prod, M, c)), wire + 1, precompose(cons, M_inv, undo))
+        if _takes_shift(prod):
+            new_prod = postcompose(prod, M, c)
+        else:  # postcompose would write the absent output bias: only the output map changes
+            D = prod.output_map[0]
+            ex = all_exact(M, prod.named_weights()[D])
+            new_prod = prod.replace(**{D: cast(M, ex) @ cast(prod.named_weights()[D], ex)})
+        return _with_layer(_with_layer(layers, wire, new_prod), wire + 1, precompose(cons, M_inv, undo))
 
-    desc = f"change basis of wire {wire} ({M.shape[0]}x{M.shape[0]} matrix{', with shift' if c is not None else ''})"
+    shifted = c is not None and bool(np.any(c != 0))  # a zero shift is no shift
+    desc = f"change basis of wire {wire} ({M.shape[0]}x{M.shape[0]} matrix{', with shift' if shifted else ''})"
     return Symmetry("change_wire_basis", desc, act)
+
+
+def _takes_shift(layer: Component) -> bool:
+    """Whether the layer's output bias exists as a field (an Embedding has none)."""
+    return layer.output_map[1] in layer.named_weights()
 
 
 def _short(a: np.ndarray) -> str:
@@ -367,16 +469,20 @@ def _random_basis(rng: np.random.Generator, scale: np.ndarray, exact: bool) -> t
     cancellation when the consumer undoes it); c_i = +-U(0.25, 1) scale_i, a
     shift of the wire's order of size.  Exact: unit-triangular factors with
     small integer entries around a diagonal of small rationals, and a small
-    rational shift."""
+    rational shift, redrawn while they make the identity (M = I, c = 0: likely
+    on a narrow wire), which would leave the layers around the wire as they
+    were."""
     n = len(scale)
     if exact:
-        lo = np.tril(rng.integers(-2, 3, (n, n)), -1) + np.eye(n, dtype=int)
-        up = np.triu(rng.integers(-2, 3, (n, n)), 1) + np.eye(n, dtype=int)
-        diag = _random_scales(rng, n, True)
-        M = lo.astype(object) @ (diag[:, None] * up.astype(object))
-        c = np.array([Fraction(int(p), int(q)) for p, q in zip(rng.integers(-3, 4, n), rng.integers(1, 4, n))],
-                     dtype=object)
-        return M, c
+        while True:
+            lo = np.tril(rng.integers(-2, 3, (n, n)), -1) + np.eye(n, dtype=int)
+            up = np.triu(rng.integers(-2, 3, (n, n)), 1) + np.eye(n, dtype=int)
+            diag = _random_scales(rng, n, True)
+            M = lo.astype(object) @ (diag[:, None] * up.astype(object))
+            c = np.array([Fraction(int(p), int(q)) for p, q in zip(rng.integers(-3, 4, n), rng.integers(1, 4, n))],
+                         dtype=object)
+            if np.any(M != np.eye(n, dtype=int)) or np.any(c != 0):
+                return M, c
     q1, _ = np.linalg.qr(rng.normal(size=(n, n)))
     q2, _ = np.linalg.qr(rng.normal(size=(n, n)))
     core = (q1 * np.exp(rng.normal(0.0, 0.3, n))) @ q2
@@ -387,12 +493,15 @@ def _random_basis(rng: np.random.Generator, scale: np.ndarray, exact: bool) -> t
 
 def _wire_scales(layers: Layers, rng: np.random.Generator, n: int = 32) -> list[np.ndarray]:
     """Root mean square of every coordinate of every wire on standard normal
-    inputs (1 for a coordinate that is identically zero there)."""
+    inputs (1 for a coordinate that is identically zero there); per position
+    (over all positions) for the output of a position-wise layer, whose wire
+    changes position by position."""
     y = rng.normal(size=(n, layers[0].in_features))
     out = []
     for layer in layers[:-1]:
         y = np.asarray(layer.evaluate_flat(y), dtype=float)  # flat: attention layers take (batch, n_ctx x d)
-        rms = np.sqrt(np.mean(y**2, axis=0))
+        per = y.reshape(-1, layer.layer.out_features) if isinstance(layer, PositionWise) else y
+        rms = np.sqrt(np.mean(per**2, axis=0))
         good = rms[(rms > 0) & np.isfinite(rms)]
         out.append(np.where((rms > 0) & np.isfinite(rms), rms, good.max() if good.size else 1.0))
     return out
@@ -417,7 +526,7 @@ def _cast_copies(att: BilinearAttention, exact: bool) -> dict[str, np.ndarray | 
 
 def permute_heads(layer: int, permutation: Sequence[int]) -> Symmetry:
     """Reorder the heads of an attention layer (heads are summed)."""
-    perm = np.asarray(permutation)
+    perm = _indices(permutation, "permute_heads")
 
     def act(layers: Layers) -> Layers:
         att = _attention_at(layers, layer, "permute_heads")
@@ -454,22 +563,27 @@ def map_query_key(layer: int, factor: int, head: int, matrix: Any) -> Symmetry:
     """Q -> A Q, K -> A^-T K (biases alike) inside one head's query-key space
     of factor 1 or 2: q . k is unchanged.  With rotary factors, A must commute
     with the rotations (e.g. scaled 2x2 rotations on each rotated pair)."""
-    A = _param(matrix, "map_query_key")
+    what = f"map_query_key(layer {layer}, factor {factor}, head {head})"
+    if factor not in (1, 2) or isinstance(factor, bool):
+        raise ValueError(f"{what}: factor must be 1 or 2 (the two query-key factors), got {factor!r}")
+    A = _param(matrix, f"{what} matrix")
+    _inverse(A, what, A.dtype == object)  # refuse a singular matrix at once, before any model
 
     def act(layers: Layers) -> Layers:
         att = _attention_at(layers, layer, "map_query_key")
+        h = _index(head, att.heads, what, "head")
         q, k = f"q{factor}", f"k{factor}"
         dh = getattr(att, q).shape[1]
         if A.shape != (dh, dh):
-            raise ValueError(f"map_query_key: matrix has shape {A.shape}, expected ({dh}, {dh})")
+            raise ValueError(f"{what}: matrix has shape {A.shape}, expected ({dh}, {dh})")
         if att.rotary_base is not None and not _commutes_with_rotary(att, A):
-            raise ValueError("map_query_key: with rotary factors the map must commute with the rotations")
+            raise ValueError(f"{what}: with rotary factors the map must commute with the rotations")
         exact = all_exact(A, getattr(att, q))
-        A_inv_T = (_exact_inverse(A, "map_query_key") if exact else np.linalg.inv(A)).T
+        A_, A_inv_T = cast(A, exact), _inverse(A, what, exact).T
         w = _cast_copies(att, exact)
-        for name, M in ((q, A), (f"{q}_bias", A), (k, A_inv_T), (f"{k}_bias", A_inv_T)):
+        for name, M in ((q, A_), (f"{q}_bias", A_), (k, A_inv_T), (f"{k}_bias", A_inv_T)):
             if w[name] is not None:
-                w[name][head] = M @ w[name][head]
+                w[name][h] = M @ w[name][h]
         return _with_layer(layers, layer, att.replace(**w))
 
     return Symmetry("map_query_key", f"map head {head}'s query-key space {factor} of layer {layer}", act)
@@ -477,16 +591,22 @@ def map_query_key(layer: int, factor: int, head: int, matrix: Any) -> Symmetry:
 
 def map_value_output(layer: int, head: int, matrix: Any) -> Symmetry:
     """V -> B V (bias alike), O -> O B^-1 in one head: O V is unchanged."""
-    B = _param(matrix, "map_value_output")
+    what = f"map_value_output(layer {layer}, head {head})"
+    B = _param(matrix, f"{what} matrix")
+    _inverse(B, what, B.dtype == object)  # refuse a singular matrix at once, before any model
 
     def act(layers: Layers) -> Layers:
         att = _attention_at(layers, layer, "map_value_output")
+        h = _index(head, att.heads, what, "head")
+        dv = att.v.shape[1]
+        if B.shape != (dv, dv):
+            raise ValueError(f"{what}: matrix has shape {B.shape}, expected ({dv}, {dv}) (the head's value width)")
         exact = all_exact(B, att.v)
-        B_inv = _exact_inverse(B, "map_value_output") if exact else np.linalg.inv(B)
+        B_, B_inv = cast(B, exact), _inverse(B, what, exact)
         w = _cast_copies(att, exact)
-        w["v"][head], w["o"][head] = B @ w["v"][head], w["o"][head] @ B_inv
+        w["v"][h], w["o"][h] = B_ @ w["v"][h], w["o"][h] @ B_inv
         if w["v_bias"] is not None:
-            w["v_bias"][head] = B @ w["v_bias"][head]
+            w["v_bias"][h] = B_ @ w["v_bias"][h]
         return _with_layer(layers, layer, att.replace(**w))
 
     return Symmetry("map_value_output", f"map head {head}'s value space of layer {layer}", act)
@@ -539,18 +659,25 @@ def random_generators(model: Component, rng: np.random.Generator | int | None = 
     for k, layer in enumerate(layers):
         if isinstance(layer, BilinearAttention):
             out.extend(_attention_generators(k, layer, rng))
-        if isinstance(layer, Bilinear):
-            out.append(permute_hidden(k, rng.permutation(layer.hidden)))
+        inner = _unwrapped(layer)
+        if isinstance(inner, Bilinear):
+            out.append(permute_hidden(k, rng.permutation(inner.hidden)))
             if rng.random() < 0.5:
                 out.append(swap_left_right(k))
-            out.append(rescale_hidden(k, _random_scales(rng, layer.hidden, exact),
-                                      _random_scales(rng, layer.hidden, exact)))
-    scales = _wire_scales(layers, rng) if len(layers) > 1 and not exact else [np.ones(l.out_features) for l in layers]
+            while True:  # all factors 1 (possible with exact draws) would be the identity
+                a, b = _random_scales(rng, inner.hidden, exact), _random_scales(rng, inner.hidden, exact)
+                if np.any(a != 1) or np.any(b != 1):
+                    break
+            out.append(rescale_hidden(k, a, b))
+    widths = [_unwrapped(l).out_features for l in layers]
+    scales = _wire_scales(layers, rng) if len(layers) > 1 and not exact else [np.ones(w) for w in widths]
     for k in range(len(layers) - 1):
         if isinstance(layers[k], BilinearAttention) or isinstance(layers[k + 1], BilinearAttention):
             continue  # wires into or out of attention: not among the generators here
+        if isinstance(layers[k], PositionWise) != isinstance(layers[k + 1], PositionWise):
+            continue  # a per-position layer next to a flat one: no per-position wire to change
         M, c = _random_basis(rng, scales[k], exact)
-        out.append(change_wire_basis(k, M, c))
+        out.append(change_wire_basis(k, M, c if _takes_shift(_unwrapped(layers[k])) else None))
     return out
 
 

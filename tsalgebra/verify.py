@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import sympy
 
-from .circuits import EigenCircuit, project, top_eigen
+from .circuits import EigenCircuit, top_eigen
 from .components import Component
 from .inner import inner as inner_product
 from .problem import function_level
@@ -77,16 +77,70 @@ def exactify(model: Component) -> Component:
     return model.map_weights(_fractions)
 
 
+def _input_symbols(symbols: Sequence[Any] | None, width: int) -> tuple[sympy.Symbol, ...]:
+    """The circuit's input symbols, checked: sympy Symbols, distinct, one per input."""
+    if symbols is None:
+        return tuple(default_symbols(width))
+    if isinstance(symbols, (str, sympy.Basic)) or not isinstance(symbols, Sequence):
+        raise TypeError(f"symbols must be a list of sympy Symbols, got {type(symbols).__name__} "
+                        "(e.g. symbols=sympy.symbols('a b c'))")
+    xs = tuple(symbols)
+    for x in xs:
+        if not isinstance(x, sympy.Symbol):
+            raise TypeError(f"symbols must be sympy Symbols, got {type(x).__name__} {x!r} "
+                            "(e.g. symbols=sympy.symbols('x1 x2'))")
+    dup = sorted({str(x) for x in xs if xs.count(x) > 1})
+    if dup:
+        raise ValueError(f"symbols names {dup} more than once; one distinct symbol per input")
+    if len(xs) != width:
+        raise ValueError(f"symbols names {len(xs)} inputs, the component has {width}")
+    return xs
+
+
+def _formula(expr: Any, k: int) -> sympy.Expr:
+    """Output k of a formula circuit as a sympy expression."""
+    try:
+        e = sympy.sympify(expr)
+    except (sympy.SympifyError, SyntaxError, TypeError) as exc:
+        raise ValueError(f"circuit output {k}: cannot read {expr!r} as a formula ({exc})") from None
+    if not isinstance(e, sympy.Expr):
+        raise ValueError(f"circuit output {k}: {e} is not a formula but a {type(e).__name__}; give a polynomial")
+    return e
+
+
+def _check_polynomial(e: sympy.Expr, xs: tuple[sympy.Symbol, ...], k: int) -> None:
+    """Output k, checked to be a polynomial in ``xs`` with finite real
+    coefficients (anything else would fail deep in sympy or numpy, or turn
+    into NaN)."""
+    if e.has(sympy.zoo, sympy.oo, -sympy.oo, sympy.nan):
+        raise ValueError(f"circuit output {k}: {e} has an infinite or undefined coefficient (a division by zero?)")
+    if not e.is_polynomial(*xs):
+        raise ValueError(f"circuit output {k}: {e} is not a polynomial in {', '.join(map(str, xs))} "
+                         "(a circuit is a polynomial: no functions, roots or division by an input)")
+    bad = [c for c in sympy.Poly(e, *xs).coeffs() if not (c.is_real and c.is_finite)] if xs else (
+        [] if e.is_real and e.is_finite else [e])
+    if bad:
+        raise ValueError(f"circuit output {k}: the coefficient {bad[0]} of {e} is not a finite real number")
+
+
 def _as_model(circuit: Any, component: Component, symbols: Sequence[sympy.Symbol] | None) -> Component:
     if isinstance(circuit, Component):
         return circuit
     if isinstance(circuit, (sympy.Basic, list, tuple, str)):
-        xs = tuple(symbols) if symbols is not None else default_symbols(component.in_features)
-        exprs = [sympy.sympify(c) for c in (circuit if isinstance(circuit, (list, tuple)) else [circuit])]
+        xs = _input_symbols(symbols, component.in_features)
+        exprs = [_formula(c, k) for k, c in enumerate(circuit if isinstance(circuit, (list, tuple)) else [circuit])]
         stray = set().union(*(e.free_symbols for e in exprs)) - set(xs)
         if stray:
+            # same names, other assumptions (sympy.symbols('x1', real=True)): different symbols to sympy
+            alike = sorted(str(x) for x in stray if str(x) in {str(y) for y in xs})
+            if alike:
+                raise ValueError(f"the circuit's symbols {alike} carry assumptions (e.g. real=True) that the inputs "
+                                 f"{list(map(str, xs))} lack, so sympy holds them distinct: declare them without "
+                                 "assumptions, or pass the circuit's own symbols as symbols=[...] in input order")
             raise ValueError(f"the circuit uses symbols {sorted(map(str, stray))} that are not inputs {list(map(str, xs))}; "
                              "pass symbols=[...] in input order")
+        for k, e in enumerate(exprs):
+            _check_polynomial(e, xs, k)
         if len(exprs) != component.out_features:
             raise ValueError(f"the circuit has {len(exprs)} outputs, the component {component.out_features}")
         return from_sympy(exprs, xs)
@@ -131,6 +185,11 @@ def verify(
     :func:`tsalgebra.similarity` (tokens for a model that reads token ids,
     else the Gaussian).
     """
+    if not isinstance(component, Component):
+        raise TypeError(f"component must be a tsalgebra model, got {type(component).__name__} "
+                        "(load a checkpoint with tsalgebra.load)")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)) or not tol >= 0:
+        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
     kw = dict(inner_kwargs)
     c = _as_model(circuit, component, symbols)
     inner, measure = function_level(inner, kw.get("measure"), kw.get("mean"), kw.get("cov"), "verify", component, c)
@@ -175,11 +234,15 @@ def verify(
                    else "equal up to scale (within tolerance)" if 1 - explained <= tol else "different")
     curve: tuple[tuple[int, float, float], ...] = ()
     if isinstance(circuit, EigenCircuit):
+        # measured against the component given (not the circuit's own source):
+        # the curve's last point (k = d+1, all eigenvectors) is then the
+        # full projection's figures against that component
+        target = component.map_weights(lambda w: np.asarray(w, dtype=float)) if component.exact else component
+        a_ = inner_product(target, target, inner, **kw).value
         rows = []
         for k in range(1, circuit.source.in_features + 2):
             cut = top_eigen(circuit.source, circuit.output, k)
-            target = project(circuit.source, circuit.output)
-            a_, b_, ab_ = (inner_product(x, y, inner, **kw).value for x, y in ((target, target), (cut, cut), (target, cut)))
+            b_, ab_ = (inner_product(x, y, inner, **kw).value for x, y in ((cut, cut), (target, cut)))
             s_, r_, _, _ = _figures(a_, b_, ab_, False)
             rows.append((k, float(s_), float(r_)))
         curve = tuple(rows)
