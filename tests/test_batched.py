@@ -297,8 +297,10 @@ def test_traced_memory_within_bound(monkeypatch):
 def test_memory_too_small(models):
     with pytest.raises(MemoryError):
         similarity_matrix(models, route="materialize", max_memory=1_000, progress=False)
-    with pytest.raises(MemoryError, match="max_memory="):  # not even the prepared models fit: refused
-        similarity_matrix(models, max_memory=100, progress=False)
+    with pytest.raises(MemoryError, match="max_memory="):  # not even the prepared models fit: a named route refuses
+        similarity_matrix(models, route="pairwise-gram", max_memory=100, progress=False)
+    r = similarity_matrix(models, max_memory=100, progress=False)  # auto: pair by pair, saying why
+    assert r.route == "pairwise" and "preparing 5 models" in r.notes[0]
     r = similarity_matrix(models, max_memory=3_000, progress=False)  # they fit, no batched block does: pairwise
     assert r.route == "pairwise" and r.notes
     assert np.max(np.abs(r.values - pairwise(models, models, "gaussian"))) < TOL

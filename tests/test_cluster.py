@@ -204,7 +204,9 @@ def test_the_command_line_on_a_local_cluster(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["tiles"] == dict(rep["tiles"], computed=0, from_store=6,
                                                                routes={}, where="this process",
                                                                worker_seconds=0.0)
-    assert main(args[:-1] + ["--workers", "0"]) == 2
+    with pytest.raises(SystemExit) as e:  # argparse's own range check: a usage error
+        main(args[:-1] + ["--workers", "0"])
+    assert e.value.code == 2
 
 
 def test_damaged_tiles_are_computed_again(tmp_path, capsys):

@@ -322,13 +322,19 @@ def _estimated_similarity(ab: InnerResult, aa: InnerResult | None, bb: InnerResu
                       RuntimeWarning, stacklevel=3)
         cos = np.where(dead, np.nan, cos)
     excess = np.abs(cos) - 1.0
-    if np.any(excess > 4 * se):
+    # Near +-1 the delta method's error vanishes (the three means move
+    # together), so the room beyond 1 is judged by the means' own relative
+    # errors added up, the error of the ratio were they independent.
+    means, spread = ab.estimate.means, np.sqrt(np.maximum(np.diagonal(ab.estimate.cov).T, 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        room = np.abs(cos) * (spread[0] / np.abs(means[0]) + 0.5 * spread[1] / means[1] + 0.5 * spread[2] / means[2])
+    if np.any(excess > 4 * np.maximum(se, room)):
         raise ArithmeticError(f"the Monte Carlo cosine is {float(np.nanmax(np.abs(cos))):.6g} in absolute value, beyond "
-                              "1 by more than 4 standard errors: too few samples for this model; pass more samples= "
-                              "(or rel_error=), or ask for an exact value")
+                              "1 by more than 4 times the error of its three means: too few samples for this model; "
+                              "pass more samples= (or rel_error=), or ask for an exact value")
     if np.any(excess > 0):
         worst = float(np.nanmax(excess))
-        notes += (f"the estimate exceeded 1 in absolute value by {worst:.2g} (within 4 standard errors): "
+        notes += (f"the estimate exceeded 1 in absolute value by {worst:.2g} (within the error of its three means): "
                   "reported as +-1",)
         cos = np.clip(cos, -1.0, 1.0)
     value, se = (cos, se) if ab.per_output else (float(cos[0]), float(se[0]))

@@ -19,7 +19,7 @@ from ..components import Component
 from ..cosine import cosines
 from ..measure import Measure
 from ..problem import (DEFAULT_BUDGET, FUNCTIONAL, Alternative, CostError, MemoryBoundError, bound_measure,
-                       check_arguments, checked_budget, default_measure_note, resolve_inner)
+                       check_arguments, checked_budget, default_measure_note, degree_of, resolve_inner)
 from . import materialize, node_gram, pairwise, pairwise_gram
 from .job import Gram, Job, Route, TileGram, Tiling
 from ..threads import blas_threads
@@ -50,6 +50,8 @@ def _compute(rows_in: Any, cols_in: Any | None, inner: str | None, method: str, 
         inner, measure = resolve_inner(inner, measure, *rows, *(cols or []))
     said = (default_measure_note(measure),) if given is None and measure is not None else ()
     options = _checked(inner, method, centered, route, options)
+    max_memory = _checked_memory(max_memory)
+    said += _common_degree(rows + (cols or []), inner, options)
     law = _measure(rows + (cols or []), inner, mean, cov, measure)
     if tiling is not None and tiling.active:  # tiles on a cluster or into a store: the same routes per tile
         from .cluster import tiled
@@ -105,7 +107,8 @@ def compute_tile(rows: list[Any], cols: list[Any] | None, spec: TileSpec, selfs:
                     np.asarray(gram.col_self, dtype=float),
                     zeros[0] if gram.row_log_scale is None else np.asarray(gram.row_log_scale, dtype=float),
                     zeros[1] if gram.col_log_scale is None else np.asarray(gram.col_log_scale, dtype=float),
-                    chosen, int(gram.flops), bool(gram.exact), gram.method, time.perf_counter() - t0)
+                    chosen, int(gram.flops), bool(gram.exact), gram.method, time.perf_counter() - t0,
+                    gram.cosines)
 
 
 def _checked(inner: str, method: str, centered: bool, route: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -122,6 +125,32 @@ def _checked(inner: str, method: str, centered: bool, route: str, options: dict[
     if "budget" in options:
         options["budget"] = checked_budget(options["budget"])
     return options
+
+
+def _checked_memory(max_memory: Any) -> int | None:
+    """``max_memory`` as a whole number of bytes (None: the device's default)."""
+    if max_memory is None:
+        return None
+    ok = isinstance(max_memory, (int, float, np.integer, np.floating)) and not isinstance(max_memory, bool)
+    if not ok or not np.isfinite(max_memory) or max_memory < 1:
+        raise ValueError(f"max_memory must be a positive number of bytes (such as 2**30), got {max_memory!r}")
+    return int(max_memory)
+
+
+def _common_degree(models: list[Any], inner: str, options: dict[str, Any]) -> tuple[str, ...]:
+    """Fix the symmetric product's degree once for the whole matrix (in
+    ``options``), and a note when it lifts some models.  Every route and
+    every tile then compares every pair at the set's largest degree: a degree
+    chosen per tile or per pair would mix Bombieri weights of different k
+    within one matrix (and make it depend on the tile size)."""
+    if inner != "symmetric" or options.get("degree") is not None:
+        return ()
+    degrees = [degree_of(m) for m in models]
+    options["degree"] = k = max(degrees)
+    if min(degrees) == k:
+        return ()
+    return (f"symmetric product at the set's common degree {k}: models of lower degree are lifted to it in every "
+            "pair (ts.similarity of one pair lifts only to that pair's larger degree; pass degree= to choose)",)
 
 
 def _models(models: Any, what: str) -> tuple[list[Any], tuple[str, ...] | None]:
@@ -191,12 +220,17 @@ def _job(rows: list[Any], cols: list[Any] | None, inner: str, method: str, measu
     if force_numpy:
         device = None
     ops = Ops(dname, device)
-    memory = int(max_memory) if max_memory is not None else ops.default_memory()
-    if memory <= 0:
-        raise ValueError(f"max_memory must be positive, got {max_memory}")
-    if route_named != "pairwise":
-        _preparation_fits(rows + (cols or []), memory)
-    prepared = prepare_models(rows, cols, inner, method, centered, measure, options.get("degree"))
+    memory = _checked_memory(max_memory) or ops.default_memory()
+    unprepared = None
+    try:
+        if route_named != "pairwise":
+            _preparation_fits(rows + (cols or []), memory)
+    except MemoryBoundError as exc:
+        if route_named != "auto":  # a route asked for by name must fit
+            raise
+        unprepared = f"{exc.reason}: each pair with ts.inner"  # auto falls back, pair by pair
+    prepared = None if unprepared else prepare_models(rows, cols, inner, method, centered, measure,
+                                                      options.get("degree"))
     threads = blas_threads() if prepared is not None and not ops.is_torch else 1
     if device is None and not force_numpy and prepared is not None and prepared.dims.depth > 1 and threads < 2:
         # stacks on one thread: torch on the CPU, whose fused elementwise
@@ -204,7 +238,7 @@ def _job(rows: list[Any], cols: list[Any] | None, inner: str, method: str, measu
         # more BLAS threads numpy's worker threads won (see ops.run_tasks)
         ops = Ops(dname, "cpu")
     return Job(rows, cols, inner, method, centered, MappingProxyType(options), progress, measure, prepared, ops,
-               memory, threads, selfs)
+               memory, threads, selfs, unprepared)
 
 
 def _within_budget(job: Job, cost: RouteCost | None, budget: float) -> None:
@@ -235,7 +269,7 @@ def _choose(route: str, job: Job, costs: Mapping[str, RouteCost]) -> tuple[str, 
             return "pairwise", (f"no batched route fits max_memory={job.memory} bytes (the smallest, "
                                 f"{smallest.route}, needs {smallest.peak_bytes}): each pair with ts.inner",)
         fallback = next(name for name, r in REGISTRY.items() if not r.COSTED and r.applies(job) is None)
-        return fallback, ("no batched route covers these models/arguments: each pair with ts.inner",)
+        return fallback, (job.unprepared or "no batched route covers these models/arguments: each pair with ts.inner",)
     why = REGISTRY[route].applies(job)
     if why is not None:
         raise ValueError(f"route={route!r} is not available here: {why}; use route='pairwise'")
@@ -251,7 +285,12 @@ def _choose(route: str, job: Job, costs: Mapping[str, RouteCost]) -> tuple[str, 
 def _result(job: Job, gram: Gram, route: str, costs: Mapping[str, RouteCost], notes: tuple[str, ...],
             labels: tuple[str, ...] | None, col_labels: tuple[str, ...] | None, seconds: float) -> SimilarityMatrix:
     sym = job.symmetric
-    cos = _cosines(gram.cross, gram.row_self, gram.col_self, job.inner, gram.dtype, sym)
+    if gram.cosines:  # the route's own cosines (a joint estimate per pair); the self products give the norms
+        cos = _cosines(gram.cross, np.ones(gram.cross.shape[0]), np.ones(gram.cross.shape[1]), job.inner,
+                       gram.dtype, sym)
+        notes += (pairwise.JOINT_NOTE,)
+    else:
+        cos = _cosines(gram.cross, gram.row_self, gram.col_self, job.inner, gram.dtype, sym)
     norms = _norms(gram.row_self, gram.row_log_scale)
     return SimilarityMatrix(
         values=cos, route=route, flops=int(gram.flops), inner=job.inner, method=gram.method, exact=gram.exact,

@@ -32,6 +32,7 @@ every tile already written.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -41,21 +42,27 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
+import sympy
 
+from ..arrays import is_torch, torch_to_numpy
 from ..components import Component
 from ..cosine import cosines
 from ..progress import progress_bar
 from .job import TileGram, Tiling
 from .ops import parse_dtype
+from .pairwise import JOINT_NOTE
 from .results import SimilarityMatrix, StepTime, TileReport
 
 __all__ = ["Tile", "tiles_of", "model_digest", "Store", "tiled"]
 
-STORE_VERSION = 1
+# 2: tiles carry the identity of the manifest they were computed under; model and
+# measure digests of their content; cosines of jointly estimated pairs.
+STORE_VERSION = 2
 # Tiles per worker aimed at when the tile size is chosen: enough that a slow
 # tile does not leave the others idle at the end, few enough that each tile
 # still batches (the batched routes' cost per pair falls with the block).
@@ -114,40 +121,74 @@ def default_size(n: int, m: int | None, workers: int, most: int | None = None) -
 # ------------------------------------------------------------ the store
 
 
+def _feed(h: Any, value: Any) -> None:
+    """Feed what ``value`` holds to the hash ``h``: arrays by dtype, shape and
+    bytes (exact numbers by their repr), dataclasses (networks, measures) by
+    their fields only, not values cached beside them, containers item by
+    item, and plain values by repr.  Anything else is refused: a repr need not
+    show the content (a network's names no weights), and a store keyed by it
+    would hand one model's tiles to another."""
+    if is_torch(value):
+        value = torch_to_numpy(value)
+    if isinstance(value, np.ndarray):
+        a = np.ascontiguousarray(value)
+        h.update(f"array {a.dtype}{a.shape}".encode())
+        h.update(a.tobytes() if a.dtype != object else repr(a.tolist()).encode())
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        h.update(f"{type(value).__module__}.{type(value).__qualname__}(".encode())
+        for f in dataclasses.fields(value):
+            h.update(f.name.encode())
+            _feed(h, getattr(value, f.name))
+        h.update(b")")
+    elif isinstance(value, (tuple, list)):
+        h.update(f"{type(value).__name__}[{len(value)}]".encode())
+        for v in value:
+            _feed(h, v)
+    elif isinstance(value, Mapping):
+        h.update(f"mapping[{len(value)}]".encode())
+        for k in sorted(value, key=repr):
+            h.update(repr(k).encode())
+            _feed(h, value[k])
+    elif value is None or isinstance(value, (bool, int, float, complex, str, bytes, Fraction, np.generic,
+                                              sympy.Basic)):
+        h.update(f"{type(value).__name__}:{value!r}".encode())
+    else:
+        raise TypeError(f"store= cannot identify a {type(value).__name__} by its content; compute this matrix "
+                        "without store=")
+
+
 def model_digest(model: Any) -> str:
-    """SHA-256 of a model's kind, settings and weights (dtype, shape, bytes)."""
+    """SHA-256 of a model's kind, settings and weights (a Component layer by
+    layer; a Network or Sum by its tensors' legs and data)."""
     h = hashlib.sha256()
     if not isinstance(model, Component):
-        h.update(repr(type(model)).encode())
-        h.update(repr(model).encode())
+        _feed(h, model)
         return h.hexdigest()
     for layer in model.layers:
         h.update(type(layer).__name__.encode())
-        h.update(json.dumps(layer.settings(), sort_keys=True, default=repr).encode())
-        for name, w in sorted(layer.named_weights().items()):
-            h.update(name.encode())
-            if w is None:
-                h.update(b"none")
-                continue
-            a = np.ascontiguousarray(np.asarray(w))
-            h.update(f"{a.dtype}{a.shape}".encode())
-            h.update(a.tobytes() if a.dtype != object else repr(a.tolist()).encode())
+        _feed(h, layer.settings())
+        _feed(h, layer.named_weights())
     return h.hexdigest()
+
+
+# Options that bound what may run (a flop budget), not the values it computes:
+# not part of a store's identity, so that a rerun with another budget (the
+# command line passes its default) resumes the store.  An option given as
+# None is its default, as if absent.
+_NOT_IDENTITY = ("budget",)
 
 
 def _options_record(spec: Any, size: int, symmetric: bool) -> dict[str, Any]:
     """The options a store is valid for, JSON-able (the measure by its label
-    and a digest of its fields)."""
+    and a digest of its defining fields)."""
     measure = None
     if spec.measure is not None:
-        h = hashlib.sha256(repr(type(spec.measure)).encode())
-        for k, v in sorted(vars(spec.measure).items()):
-            h.update(k.encode())
-            h.update(np.ascontiguousarray(np.asarray(v, dtype=float)).tobytes() if isinstance(v, np.ndarray)
-                     else repr(v).encode())
+        h = hashlib.sha256()
+        _feed(h, spec.measure)
         measure = {"label": spec.measure.label, "digest": h.hexdigest()}
     return {"inner": spec.inner, "method": spec.method, "centered": spec.centered, "measure": measure,
-            "dtype": str(spec.dtype), "options": {k: repr(v) for k, v in sorted(spec.options.items())},
+            "dtype": parse_dtype(spec.dtype), "options": {k: repr(v) for k, v in sorted(spec.options.items())
+                                                  if k not in _NOT_IDENTITY and v is not None},
             "tile": size, "symmetric": symmetric}
 
 
@@ -161,6 +202,10 @@ class Store:
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"store {self.path} is a file; store= takes a directory")
         self.manifest = {"version": STORE_VERSION, "options": options, "rows": rows, "cols": cols}
+        # Every tile records this digest of the manifest and is read back only
+        # under it: a tile left without its manifest (deleted, lost, copied in
+        # from another store) cannot pass for this call's models and options.
+        self.identity = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
         file = self.path / "manifest.json"
         if file.exists():
             try:
@@ -210,18 +255,21 @@ class Store:
         return self.path / "tiles" / f"{tile.key}.npz"
 
     def read(self, tile: Tile) -> TileGram | None:
-        """The stored tile, or None when it is absent or damaged (then it is
-        computed again: a stored number is used only if it has the tile's
-        shapes and is finite where the tile supplies it)."""
+        """The stored tile, or None when it is absent, damaged or not written
+        under this manifest (then it is computed again: a stored number is
+        used only if its tile was computed for these models and options, has
+        the tile's shapes and is finite where the tile supplies it)."""
         file = self._file(tile)
         if not file.exists():
             return None
         try:
             with np.load(file, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
+                if meta.get("store") != self.identity:
+                    raise ValueError("it was not computed under this manifest (other models or options)")
                 g = TileGram(z["cross"], z["row_self"], z["col_self"], z["row_log_scale"], z["col_log_scale"],
                              str(meta["route"]), int(meta["flops"]), bool(meta["exact"]), str(meta["method"]),
-                             float(meta["seconds"]))
+                             float(meta["seconds"]), bool(meta["cosines"]))
             _check(tile, g)
             return g
         except (OSError, ValueError, KeyError, TypeError) as exc:  # a damaged file: computed again
@@ -231,8 +279,8 @@ class Store:
     def write(self, tile: Tile, g: TileGram) -> None:
         import io
 
-        meta = json.dumps({"route": g.route, "flops": g.flops, "exact": g.exact, "method": g.method,
-                           "seconds": g.seconds})
+        meta = json.dumps({"store": self.identity, "route": g.route, "flops": g.flops, "exact": g.exact,
+                           "method": g.method, "seconds": g.seconds, "cosines": g.cosines})
         buf = io.BytesIO()
         np.savez(buf, cross=g.cross, row_self=g.row_self, col_self=g.col_self, row_log_scale=g.row_log_scale,
                  col_log_scale=g.col_log_scale, meta=np.array(meta))
@@ -271,6 +319,9 @@ def _client(tiling: Tiling) -> Iterator[tuple[Any, str, int]]:
     if sum(v is not None for v in (tiling.client, tiling.scheduler, tiling.workers)) > 1:
         raise ValueError("give one of client=, scheduler= and workers=")
     if tiling.client is not None:
+        if not isinstance(tiling.client, Client):
+            raise TypeError(f"client= takes a dask.distributed.Client, got {type(tiling.client).__name__} "
+                            f"{tiling.client!r:.60}")
         n = len(tiling.client.scheduler_info().get("workers", {}))
         yield tiling.client, f"client of {tiling.client.scheduler.address}", n
     elif tiling.scheduler is not None:
@@ -420,8 +471,11 @@ def _assemble(rows: list[Any], cols: list[Any] | None, tiles: list[Tile], done: 
             cl = g.row_log_scale[None, :] - log_norm_r[None, t.r0:t.r1]
         else:
             cl = g.col_log_scale[None, :] - log_norm_c[None, t.c0:t.c1]
-        with np.errstate(over="ignore", invalid="ignore"):
-            block = g.cross * np.exp(rl + cl)
+        if g.cosines:  # the tile's own cosines (a joint estimate per pair: see Gram)
+            block = g.cross
+        else:
+            with np.errstate(over="ignore", invalid="ignore"):
+                block = g.cross * np.exp(rl + cl)
         unit[t.r0:t.r1, t.c0:t.c1] = block
         if sym:
             unit[t.c0:t.c1, t.r0:t.r1] = block.T
@@ -448,7 +502,7 @@ def _assemble(rows: list[Any], cols: list[Any] | None, tiles: list[Tile], done: 
         seconds=time.perf_counter() - started, labels=tuple(labels) if labels else None,
         col_labels=(tuple(labels) if labels else None) if sym else (tuple(col_labels) if col_labels else None),
         notes=(f"{len(tiles)} tiles of {size} models a side ({len(computed)} computed, {from_store} from the store) "
-               f"on {where}",), tiles=report)
+               f"on {where}",) + ((JOINT_NOTE,) if any(g.cosines for g in grams) else ()), tiles=report)
 
 
 def _log_norms(selfs: np.ndarray, log_scale: np.ndarray, side: str, offset: int) -> np.ndarray:

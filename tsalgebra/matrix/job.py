@@ -44,6 +44,7 @@ class Job:
     memory: int
     threads: int
     selfs: bool = True  # False: the self products are not needed (a tile whose norms come from another)
+    unprepared: str | None = None  # why the models were not prepared for the batched routes (memory), if so
 
     @property
     def symmetric(self) -> bool:
@@ -62,6 +63,12 @@ class Gram:
     and ``steps`` are the work done and where the time went, ``dtype`` and
     ``device`` what it was computed in, ``exact`` and ``method`` as in
     :class:`tsalgebra.InnerResult`.
+
+    ``cosines``: ``cross`` holds the cosines themselves (the self products
+    and scales then give the norms only): where each pair's three products
+    are estimated jointly from shared samples, as :func:`tsalgebra.similarity`
+    does, a cross product divided by self products estimated from other
+    samples is no such estimate and can exceed 1.
     """
 
     cross: np.ndarray
@@ -75,6 +82,7 @@ class Gram:
     device: str
     exact: bool = True
     method: str = "exact"
+    cosines: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,7 +108,8 @@ class TileGram:
     """What one tile returns: its cross block and self products (NaN where
     the tile was not asked for them), the logs of the scale factors of its
     rows and columns (see :class:`Gram`; zeros where unscaled), the route
-    that ran, its flops, exactness and method, and the seconds it took."""
+    that ran, its flops, exactness and method, the seconds it took, and
+    whether ``cross`` holds cosines (see :class:`Gram`)."""
 
     cross: np.ndarray
     row_self: np.ndarray
@@ -112,6 +121,7 @@ class TileGram:
     exact: bool
     method: str
     seconds: float
+    cosines: bool = False
 
 
 class Route(Protocol):

@@ -15,8 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..inner import inner
-from ..problem import degree_of
+from ..inner import inner, similarity
 from ..progress import progress_bar
 from ..rescale import canonical
 from .job import Gram, Job
@@ -28,6 +27,10 @@ COSTED = False
 
 # A progress bar is offered (progress=None: shown on a terminal) above this many inner products.
 _LONG_PAIRS = 50
+
+# What a matrix of jointly estimated cosines says of them (see run).
+JOINT_NOTE = ("each cosine is ts.similarity's Monte Carlo estimate for its pair: <a,b>, <a,a> and <b,b> from the "
+              "same samples; the norms are separate estimates")
 
 
 def applies(job: Job) -> str | None:
@@ -44,22 +47,24 @@ def layout(job: Job) -> RouteCost:
 
 def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
     """Cosines with ts.inner: each norm once, then the pairs (the clock is
-    not used: ts.inner's work is not split into steps)."""
+    not used: ts.inner's work is not split into steps).  Monte Carlo
+    estimates take each pair's cosine from ts.similarity, which estimates its
+    three products from shared samples: the ratio of separately sampled
+    estimates is another, noisier number, which can exceed 1."""
     A, logA = _canonical(job.rows)  # ts.inner of the canonical models: never under- or overflows
     sym = job.cols is None
     Bs, logB = (A, logA) if sym else _canonical(job.cols)
-    options = dict(job.options)
-    if job.inner == "symmetric" and options.get("degree") is None:  # one common degree, as ts.similarity does
-        options["degree"] = max(degree_of(m) for m in list(A) + list(Bs))
+    options = dict(job.options)  # the symmetric product's degree is the whole set's (api._compute)
+    joint = job.method == "sampled"
     n_pairs = len(A) * (len(A) - 1) // 2 if sym else len(A) * len(Bs)
     n_self = len(A) + (0 if sym else len(Bs)) if sym or job.selfs else 0
     bar = progress_bar(n_pairs + n_self, f"similarity matrix (pairwise {job.inner})", "inner", job.progress,
                        n_pairs + n_self > _LONG_PAIRS)
     results = []
 
-    def ip(a: Any, b: Any) -> float:
-        r = inner(a, b, job.inner, job.method, measure=job.measure, centered=job.centered, progress=False,  # the matrix's bar
-                  **options)
+    def ip(a: Any, b: Any, how: Any = inner) -> float:
+        r = how(a, b, job.inner, job.method, measure=job.measure, centered=job.centered, progress=False,  # the matrix's bar
+                **options)
         results.append(r)
         bar.update(1)
         return _as_float(r.value)
@@ -75,17 +80,20 @@ def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
             for j, b in enumerate(Bs):
                 if sym and j <= i:
                     continue
-                K[i, j] = sA[i] if a is b and np.isfinite(sA[i]) else ip(a, b)
+                if joint:
+                    K[i, j] = ip(a, b, similarity)
+                else:
+                    K[i, j] = sA[i] if a is b and np.isfinite(sA[i]) else ip(a, b)
                 if sym:
                     K[j, i] = K[i, j]
         if sym:
-            K[np.diag_indices(len(A))] = sA
+            K[np.diag_indices(len(A))] = 1.0 if joint else sA
     finally:
         bar.close()
     exact = all(r.exact for r in results)
     methods = sorted({r.method for r in results}) or ["exact"]
     return Gram(K, sA, sB, logA, logB, sum(r.flops for r in results), (), "float64", "numpy", exact,
-                "/".join(methods))
+                "/".join(methods), cosines=joint)
 
 
 def _canonical(models: list[Any]) -> tuple[list[Any], np.ndarray]:

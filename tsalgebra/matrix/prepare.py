@@ -42,6 +42,8 @@ from ..measure import Gaussian, Measure
 from .ops import Ops
 
 _SQRT2 = math.sqrt(2.0)
+_SQ_TINY = 1e-280  # a sum of squares below it may have lost digits to underflow
+_MODERATE = (1e-60, 1e60)  # largest weight entries of a layer padded as it is (see _plain)
 
 
 # ------------------------------------------------------------ chains
@@ -63,12 +65,38 @@ def _unit(x: np.ndarray) -> tuple[np.ndarray, float]:
     in page faults on new memory), and the log of the factor taken out.  A
     norm within [1/2, 2] is left as it is (the scale only keeps magnitudes
     near 1; the log is exact either way), which saves a pass over blocks that
-    to_chains scaled as it wrote them."""
-    s = math.sqrt(float(np.einsum("ij,ij->", x, x)))  # no BLAS (see Bilinear.padded_norms)
-    if s == 0.0 or not math.isfinite(s) or 0.5 <= s <= 2.0:
+    to_chains scaled as it wrote them.  A zero block, or one with an entry
+    that is not finite (refused by to_chains), is left as it is."""
+    with np.errstate(over="ignore", under="ignore"):
+        sq = float(np.einsum("ij,ij->", x, x))  # no BLAS (see Bilinear.padded_norms)
+    if math.isfinite(sq) and sq > _SQ_TINY:
+        s = math.sqrt(sq)
+        if 0.5 <= s <= 2.0:
+            return x, 0.0
+        x /= s
+        return x, math.log(s)
+    # the sum of squares left float64 (entries beyond about 1e154, or below
+    # 1e-140): divided by the largest entry first, the squares sum to [1, size]
+    big = float(np.abs(x).max(initial=0.0))
+    if big == 0.0 or not math.isfinite(big):
         return x, 0.0
+    x /= big
+    s = math.sqrt(float(np.einsum("ij,ij->", x, x)))
     x /= s
-    return x, math.log(s)
+    return x, math.log(big) + math.log(s)
+
+
+def _plain(m: Any) -> bool:
+    """A float Bilinear layer whose weights are of moderate magnitude, padded
+    as it is.  Beyond that, the constant unit of the padded form (1 * 1) can
+    dwarf the layer's own units by 1e200 and their products underflow to a
+    false zero norm: such a layer is balanced by canonical() first, as
+    ts.similarity does."""
+    if not isinstance(m, Bilinear) or m.exact:
+        return False
+    with np.errstate(over="ignore"):
+        big = [float(np.abs(w).max(initial=0.0)) for w in m.weights()]
+    return all(x == 0.0 or _MODERATE[0] <= x <= _MODERATE[1] for x in big)
 
 
 def to_chains(models: Sequence[Any], inner: str, centered: bool, P: np.ndarray | None) -> list[Chain] | None:
@@ -82,7 +110,7 @@ def to_chains(models: Sequence[Any], inner: str, centered: bool, P: np.ndarray |
     # stored transposed, as the materialize route's formation reads it.  (Two
     # to sixteen threads writing the models were slower, here and on a 16-core
     # GPU host: the page faults of the fresh memory did not run in parallel.)
-    plain = [m for m in models if isinstance(m, Bilinear) and not m.exact]
+    plain = [m for m in models if _plain(m)]
     arena = np.zeros(sum(math.prod(s) for m in plain for s in m.padded_shapes()))
     used = 0
     for m in models:
@@ -91,7 +119,7 @@ def to_chains(models: Sequence[Any], inner: str, centered: bool, P: np.ndarray |
         pre = np.zeros(3)  # logs of the factors taken out as the blocks were written
         model_log = 0.0  # the log of the scale canonical() took out of the whole model
         try:
-            if isinstance(m, Bilinear) and not m.exact:
+            if _plain(m):
                 out = []
                 for k, shape in enumerate(m.padded_shapes()):
                     part = arena[used : used + math.prod(shape)]

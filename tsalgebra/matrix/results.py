@@ -73,7 +73,8 @@ class SimilarityMatrix:
     ``norms`` / ``col_norms`` the norms sqrt(<m, m>) of the row / column models
     (float64; the same array for :func:`similarity_matrix`).  ``route`` is the
     route that ran, ``flops`` its planner flop count, ``candidates`` what every
-    route would have cost; ``exact`` is False only for approximations (closure).
+    route would have cost; ``exact`` is False for approximations (closure)
+    and for Monte Carlo estimates (``method="sampled"``: :attr:`estimated`).
     """
 
     values: np.ndarray
@@ -99,6 +100,11 @@ class SimilarityMatrix:
     tiles: "TileReport | None" = None
 
     @property
+    def estimated(self) -> bool:
+        """True for Monte Carlo estimates (as :attr:`tsalgebra.InnerResult.estimated`)."""
+        return "sampled" in self.method.split("/")
+
+    @property
     def shape(self) -> tuple[int, int]:
         return self.values.shape  # type: ignore[return-value]
 
@@ -111,7 +117,8 @@ class SimilarityMatrix:
 
     def __repr__(self) -> str:
         n, m = self.values.shape
-        flags = [self.inner, self.method + ("" if self.exact else " (approximate)"), f"route {self.route}"]
+        kind = " (estimated)" if self.estimated else "" if self.exact else " (approximate)"
+        flags = [self.inner, self.method + kind, f"route {self.route}"]
         if self.centered:
             flags.append("centred")
         if self.measure:
