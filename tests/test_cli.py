@@ -243,6 +243,31 @@ def test_verify_json_in_float_mode(ckpts):
     assert other["tolerance"] == 1e-9 and other["circuit"].endswith("wrong.txt")
 
 
+def test_verify_formula_too_large_to_materialize_names_its_line(ckpts, capsys, tmp_path):
+    """A formula within the parser's bounds (degree 64) whose padded tensor is
+    beyond the limit failed with from_sympy's message and no file or line."""
+    sq = ckpts / "square.safetensors"
+    big = tmp_path / "big.txt"
+    big.write_text("# a comment, then a blank line\n\n(x1 + x2 + 1)^64\n")
+    code, out, err = call(capsys, "verify", big, sq)
+    assert code == 1 and out == ""
+    assert f"{big}:3: refused:" in err and "degree 64" in err and "from_sympy" not in err
+    two = tmp_path / "two.txt"  # the line of the highest degree is the one named
+    two.write_text("x1 + 1\n(x1 - x2)^30 + x1\nx3 * x4\n")
+    code, _, err = call(capsys, "verify", two, ckpts / "run" / "step_1.safetensors", "--symbols", "x1 x2 x3 x4")
+    assert code == 1 and f"{two}:2: refused:" in err
+
+
+def test_plan_labels_each_products_sums(ckpts, capsys):
+    """The pairing detail lines under <a,a> and <b,b> were labelled 'sum <a,b>'."""
+    a, b = ckpts / "run" / "step_1.safetensors", ckpts / "run" / "step_2.safetensors"
+    code, out, _ = call(capsys, "plan", a, b, "--centered", "--json")
+    assert code == 0
+    sums = {p["product"]: [s["sum"] for s in p["sums"]] for p in json.loads(out)["products"]}
+    assert sums["<a,b>"] == ["<a,b>", "E[a]", "E[b]"]
+    assert sums["<a,a>"] == sums["<b,b>"] == ["<f,f>", "E[f]", "E[f]"]
+
+
 def test_template_builds_the_architecture(tmp_path, capsys):
     (tmp_path / "arch.py").write_text(
         "from torch import nn\n"

@@ -522,6 +522,27 @@ def parse_formulas(text: str, names: Sequence[str], source: str = "<formulas>") 
     return exprs
 
 
+def _check_formula_size(exprs: Sequence[Any], symbols: Sequence[Any], lines: Sequence[int], source: Path) -> None:
+    """The formulas become one padded tensor of (outputs+1) (inputs+1)^k
+    entries, k the highest total degree (at least 1); beyond the limit of
+    :func:`tsalgebra.symbolic.from_sympy`, a ValueError naming the file and
+    the line of the highest degree (from_sympy's own names neither)."""
+    import sympy
+
+    from .symbolic import MAX_ENTRIES
+
+    degrees = [sympy.Poly(e, *symbols).total_degree() for e in exprs]
+    k = max([1] + degrees)
+    entries = (len(exprs) + 1) * (len(symbols) + 1) ** k
+    if entries > MAX_ENTRIES:
+        lineno = lines[degrees.index(max(degrees))]
+        d, n = len(symbols), len(exprs)
+        raise ValueError(f"{source}:{lineno}: refused: degree {k} over {d} input{'s' * (d > 1)} and {n} "
+                         f"output{'s' * (n > 1)} is a padded tensor of {entries:.3g} entries ((outputs+1) "
+                         f"(inputs+1)^degree), above the limit of {MAX_ENTRIES:,}; symbolic verification is for "
+                         "small circuits")
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     _check_files(args.circuit, args.component)
     from .io import CHECKPOINT_SUFFIXES, is_checkpoint
@@ -558,6 +579,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 raise ValueError(f"{cpath}:{lineno}: the formula is not finite (a division by zero?): {e}")
 
         symbols = [sympy.Symbol(n) for n in names]
+        _check_formula_size(circuit, symbols, lines, cpath)
     exact = True if args.exact else None
     measure = _token_measure(args, component)
     rep = verify(circuit, component, args.inner, exact, symbols=symbols, tol=args.tol,

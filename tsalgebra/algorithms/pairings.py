@@ -100,6 +100,9 @@ class PairingOrbits(Algorithm):
                       "largest_intermediate": pp.largest_intermediate,
                       "largest_intermediate_bytes": 8 * pp.largest_intermediate}
                      for (label, _, _, _), pp in zip(jobs, plans)]}
+        if problem.a is problem.b:  # a self-product, <a,a> or <b,b>: its one model is f in the labels
+            for s in facts["sums"]:
+                s["sum"] = {"<a,b>": "<f,f>", "E[a]": "E[f]", "E[b]": "E[f]"}[s["sum"]]
         if problem.inner == "symmetric":
             k = self._degree(problem)
             facts["degree"], facts["lifted"] = k, any(n.degree < k for _, n in problem.terms("a", False) +
