@@ -222,12 +222,15 @@ def test_matrix_memory_and_flops_bounded_before_preparation():
     the estimate and the alternatives), and the flop budget per product
     applies to the batched routes as to ts.similarity."""
     models = [bilinear(s, 64, 32, 10) for s in range(40)]
-    with pytest.raises(ts.CostError, match="preparing 40 models") as err:
-        ts.similarity_matrix(models, max_memory=10_000, progress=False)
+    with pytest.raises(ts.CostError, match="preparing 40 models") as err:  # a route asked for by name
+        ts.similarity_matrix(models, max_memory=10_000, route="materialize", progress=False)
     assert "max_memory=" in str(err.value) and "route='pairwise'" in str(err.value)
     with pytest.raises(ts.CostError, match="per inner product"):
         ts.similarity_matrix(models, budget=10.0, progress=False)
     full = ts.similarity_matrix(models, progress=False)
+    paired = ts.similarity_matrix(models[:6], max_memory=10_000, progress=False)  # auto: pair by pair, saying why
+    assert paired.route == "pairwise" and any("max_memory" in n for n in paired.notes)
+    np.testing.assert_allclose(np.asarray(paired.values), np.asarray(full.values)[:6, :6], atol=1e-12)
     tight = ts.similarity_matrix(models[:4], max_memory=200_000, progress=False)  # the prepared models fit
     np.testing.assert_allclose(np.asarray(tight.values), np.asarray(full.values)[:4, :4], atol=1e-12)
 
@@ -292,3 +295,22 @@ def test_deep_plain_stack_under_the_network_product():
     pair = ts.similarity(a, b, inner="network").value
     matrix = ts.similarity_matrix([a, b], inner="network", progress=False).values[0, 1]
     assert np.isfinite(pair) and pair == pytest.approx(matrix, rel=1e-9, abs=1e-300)
+
+
+def test_weights_are_the_layers_own_and_masks_are_not_dropped():
+    """Exact weights were shared with the caller's array (a later change to it
+    changed the model); a masked array's hidden values were read; a NaN
+    written into a weight in place gave weight_cosine nan."""
+    from fractions import Fraction
+
+    L = np.array([[Fraction(1, 3), Fraction(1)]], dtype=object)
+    layer = ts.Bilinear(L, L.copy(), np.array([[Fraction(1)]], dtype=object))
+    before = ts.inner(layer, layer, "symmetric").value
+    L[0, 0] = Fraction(5)
+    assert ts.inner(layer, layer, "symmetric").value == before
+    with pytest.raises(TypeError, match="masked array"):
+        ts.Linear(np.ma.masked_array([[1.0, 2.0]], mask=[[False, True]]))
+    a, b = bilinear(0, 4, 3, 2), bilinear(1, 4, 3, 2)
+    b.left[0, 0] = np.nan
+    with pytest.raises(ValueError, match="model b has NaN or Inf weights"):
+        ts.weight_cosine(a, b)

@@ -69,6 +69,9 @@ def weight_cosine(a: Component, b: Component) -> float:
             raise ValueError(f"weight_cosine needs identical architectures: layer {k} is {x!r} in one model "
                              f"and {y!r} in the other")
     va, vb = _flat(la), _flat(lb)
+    for v, side in ((va, "a"), (vb, "b")):  # weights changed in place after construction are not checked there
+        if not np.isfinite(v).all():
+            raise ValueError(f"weight_cosine: model {side} has NaN or Inf weights")
     na, nb = np.linalg.norm(va), np.linalg.norm(vb)
     if na == 0 or nb == 0:
         raise ValueError("weight_cosine: a model with all-zero weights has no direction")

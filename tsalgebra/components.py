@@ -28,16 +28,20 @@ _RANKS = {1: "a 1-D vector", 2: "a 2-D (out, in) matrix"}
 def as_weight(value: Any, what: str, layer: str, rank: int) -> np.ndarray:
     """One weight validated and converted for the constructor of ``layer``: a
     numpy array of the given rank, nonempty and finite, float64 (object arrays
-    of exact numbers are kept as they are).  Errors name ``layer`` and ``what``."""
+    of exact numbers keep their numbers), always a copy.  Errors name
+    ``layer`` and ``what``."""
     if is_torch(value):
         try:
             value = torch_to_numpy(value)
         except (RuntimeError, NotImplementedError, TypeError) as exc:  # a 'meta' tensor has no data
             raise TypeError(f"{layer}: {what} is a torch tensor without readable values "
                             f"(device {getattr(value, 'device', '?')}): {exc}") from None
+    if isinstance(value, np.ma.MaskedArray):  # np.asarray would read the hidden values under the mask
+        raise TypeError(f"{layer}: {what} is a masked array; fill its masked entries first (e.g. .filled(0))")
     arr = np.asarray(value)
     if arr.dtype == object:
         _check_exact_entries(arr, what, layer)
+        arr = arr.copy()  # the layer's own, as float weights are (a later change to the caller's array must not reach it)
     else:
         if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
             raise TypeError(f"{layer}: {what} has dtype {arr.dtype}, expected real numbers")
