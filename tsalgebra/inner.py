@@ -302,9 +302,9 @@ def _estimated_similarity(ab: InnerResult, aa: InnerResult | None, bb: InnerResu
     """The cosine of a joint Monte Carlo estimate: the ratio of the three
     sample means, its standard error by the delta method over their
     covariance (:meth:`~tsalgebra.algorithms.sampled.Estimate.cosine`).  An
-    estimate beyond +-1 within 4 standard errors is reported as +-1, saying
-    so; beyond that, or with a self-product estimated at or below 0, the
-    samples cannot answer and the error says why."""
+    estimate beyond +-1 within 4 times the error of its three means is
+    reported as +-1, saying so; beyond that, or with a self-product estimated
+    at or below 0, the samples cannot answer and the error says why."""
     if aa is None or bb is None:  # a against itself: the cosine is one, whatever was sampled
         one = np.ones_like(np.asarray(ab.value, dtype=float)) if ab.per_output else 1.0
         zero = one * 0.0

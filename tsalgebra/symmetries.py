@@ -36,12 +36,11 @@ arrays of Fractions) stay exact when the transform's own numbers are exact
 
 from __future__ import annotations
 
+import copy
+import numbers
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Callable, Sequence, TypeVar
-
-import copy
-import numbers
 
 import numpy as np
 
