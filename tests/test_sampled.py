@@ -295,8 +295,11 @@ def test_the_planned_memory_covers_the_forward_passes():
 
 def test_closures_planned_memory_covers_its_exact_first_stage():
     """Closure planned no memory for its exact first stage (Hermite moments,
-    or pairing orbits): 14 MB planned for 443 MB used.  Two attention layers,
-    d_model 8, 2 positions, 4 heads of 8."""
+    or pairing orbits): 14 MB planned for 443 MB used; and it took the
+    Hermite moments where the Gaussian closure of the heads' exact input
+    needs a thirtieth of the memory (16 MB).  Two attention layers, d_model
+    8, 2 positions, 4 heads of 8; the plan within a factor of 1.5 below (the
+    models' own copies are not planned) and 4 above what runs."""
     import tracemalloc
 
     rng = np.random.default_rng(0)
@@ -314,4 +317,4 @@ def test_closures_planned_memory_covers_its_exact_first_stage():
         used = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert used <= planned <= 4 * used, (used, planned)
+    assert used <= 1.5 * planned and planned <= 4 * used and used < 64 * 2**20, (used, planned)
