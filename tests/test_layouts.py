@@ -314,3 +314,15 @@ def test_language_model_checkpoints_are_read_whole_with_the_config_shapes(tmp_pa
         ts.load(tmp_path, n_ctx=3)
     with pytest.raises(ts.LoadError, match=re.escape(str(named)) + ": " + match):
         ts.load(path, n_ctx=3)
+
+
+def test_a_truncated_config_json_is_named_not_read_as_another_layout(tmp_path):
+    """A config.json cut short (not JSON) that names the model's sizes made the
+    run 'not a language-model run' and its checkpoints 'not the native
+    layout'; the load now says config.json cannot be read."""
+    paper_run(tmp_path, steps=(0,))
+    text = (tmp_path / "config.json").read_text()
+    (tmp_path / "config.json").write_text(text[: len(text) // 2])
+    for path in (tmp_path, tmp_path / "checkpoints" / "step_00000.pt"):
+        with pytest.raises(ts.LoadError, match=r"config\.json: cannot read the run's configuration"):
+            ts.load(path, n_ctx=3)

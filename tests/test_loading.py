@@ -120,3 +120,19 @@ def test_a_config_json_of_another_kind_leaves_checkpoints_to_the_native_layout(t
 
     assert main(["matrix", str(run)]) == 1  # the command line says the same (it said only "holds no checkpoint files")
     assert "they load from" in capsys.readouterr().err
+
+
+def test_a_model_that_cannot_take_other_positions_is_a_load_error(tmp_path):
+    """A readout after nn.Flatten reads a fixed number of positions: rebinding
+    it with n_ctx= raised a bare ValueError without the file."""
+    from tsalgebra.adapters import BilinearAttentionModule
+
+    def build():
+        return nn.Sequential(nn.Embedding(3, 4), BilinearAttentionModule(2, 2, 4, n_ctx=3), nn.Flatten(),
+                             nn.Linear(12, 5))
+
+    path = tmp_path / "flat.pt"
+    torch.save(build().state_dict(), path)
+    assert ts.load(path, build, n_ctx=3).in_features == 9
+    with pytest.raises(LoadError, match=r"flat\.pt: n_ctx=4: the model cannot be rebound to 4 positions"):
+        ts.load(path, build, n_ctx=4)

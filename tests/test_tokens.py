@@ -514,6 +514,21 @@ class _BlocksLM(nn.Module):
         return self.head(x)
 
 
+class _ResidualBlocksLM(_BlocksLM):
+    """Each block adds its own residual; the loop is x = block(x)."""
+
+    def __init__(self, V, d, n):
+        super().__init__(V, d, n)
+        self.blocks = nn.ModuleList([BilinearAttentionModule(2, 2, d, n_ctx=n, causal=True, residual=True)
+                                     for _ in range(2)])
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
 def test_blocks_in_a_module_list_reading_token_ids_from_torch():
     """Checked on token ids (the check fed it random float vectors, and every
     such language model was refused: 'forward matches none of them')."""
@@ -525,6 +540,11 @@ def test_blocks_in_a_module_list_reading_token_ids_from_torch():
     with torch.no_grad():
         np.testing.assert_allclose(np.asarray(model(ids)), net(ids).numpy(), rtol=1e-10, atol=1e-12)
     assert model.default_measure.label == ts.Tokens(V, n).label
+    # blocks with their own residual, looped as x = block(x): the reading x + block(x) failed inside a
+    # block, and that refusal stopped the other reading from being tried
+    net = _ResidualBlocksLM(V, 4, n).double().eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(np.asarray(ts.from_torch(net)(ids)), net(ids).numpy(), rtol=1e-10, atol=1e-12)
 
 
 def test_a_circuit_without_a_measure_is_compared_under_the_models_measure():
@@ -544,6 +564,7 @@ def test_a_circuit_without_a_measure_is_compared_under_the_models_measure():
         assert ts.inner(x, y, inner="tokens").value == pytest.approx(brute(lm, circuit, mu), rel=1e-10)
         assert ts.similarity_matrix([x, y], progress=False).values[0, 1] == pytest.approx(want, rel=1e-10)
     assert ts.verify(circuit, lm).inner == "tokens"
+    assert ts.check_invariance(circuit, lm).method.startswith("tokens")  # the model given second reads tokens
 
 
 def test_many_tiny_orbits_are_refused_before_they_are_planned():

@@ -596,12 +596,14 @@ def _by_convention(module: nn.Module, path: str) -> Component | None:
             "modules with left/right/down (or fused) Linear attributes (see docs/user-guide.md), or register one "
             f"with tsalgebra.register_adapter({cls}, fn)")
     tried = []
+    child_error: AdapterError | None = None
     for what, build in cands:
         try:
             model = build()
         except AdapterError as exc:
-            if exc.path != (path or "<root>"):
-                raise  # a child failed: that error names the real culprit
+            if exc.path != (path or "<root>"):  # a child failed under this reading; another may not need it
+                child_error = child_error or exc
+                continue
             tried.append(f"{what}: {exc.args[0].split(': ', 1)[-1]}")
             continue
         if model is None:
@@ -610,6 +612,8 @@ def _by_convention(module: nn.Module, path: str) -> Component | None:
         if err <= _CHECK_RTOL:
             return model
         tried.append(f"{what}: forward differs (max relative error {err:.3g})")
+    if child_error is not None:
+        raise child_error  # that error names the real culprit
     hint = f"; it contains {', '.join(bad)}" if bad else ""
     raise AdapterError(
         path,

@@ -267,7 +267,6 @@ def check_invariance(
     for name, value in (("tol", tol), ("sample_tol", sample_tol)):
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not value >= 0:
             raise ValueError(f"check_invariance: {name} must be a number >= 0, got {value!r}")
-    inner, measure = function_level(inner, measure, mean, cov, "check_invariance", model)
     if isinstance(transform, Component):
         other, label = transform, "a given model"
     elif callable(transform):
@@ -280,8 +279,10 @@ def check_invariance(
     if (other.in_features, other.out_features) != (model.in_features, model.out_features):
         raise ValueError(f"the transformed model maps {other.in_features} -> {other.out_features}, the original "
                          f"{model.in_features} -> {model.out_features}: it cannot compute the same function")
+    # the pair's measure, in either order (a model given as the transform may be the one reading tokens)
+    inner, measure = function_level(inner, measure, mean, cov, "check_invariance", model, other)
 
-    law = bound_measure(model, mean, cov, measure)
+    law = bound_measure(model, mean, cov, measure, other)
     rel, per, method, notes, norms = _exact_distance(model, other, inner, law, budget)
 
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(0 if rng is None else rng)

@@ -489,7 +489,10 @@ def _at_positions(model: Component, n_ctx: int | None, source: Any) -> Component
     keys = [k for k in model.settings() if k == "n_ctx" or k.endswith(".n_ctx")]
     if not keys:
         raise LoadError(source, f"n_ctx={n_ctx} was given, but {model!r} has no token positions")
-    return model.replace(**{k: int(n_ctx) for k in keys})
+    try:
+        return model.replace(**{k: int(n_ctx) for k in keys})
+    except ValueError as exc:  # a layer reading a fixed number of positions (after nn.Flatten)
+        raise LoadError(source, f"n_ctx={n_ctx}: the model cannot be rebound to {n_ctx} positions ({exc})") from None
 
 
 def save(model: Component, path: str | Path, *, dtype: Any = np.float64,
