@@ -326,3 +326,20 @@ def test_a_truncated_config_json_is_named_not_read_as_another_layout(tmp_path):
     for path in (tmp_path, tmp_path / "checkpoints" / "step_00000.pt"):
         with pytest.raises(ts.LoadError, match=r"config\.json: cannot read the run's configuration"):
             ts.load(path, n_ctx=3)
+
+
+def test_a_circuit_file_beside_a_language_model_on_the_command_line(tmp_path, capsys):
+    """--n-ctx is the language model's analysis length; the native circuit
+    file (no token positions) refused it, so no such pair could be compared."""
+    import json
+
+    from tsalgebra.cli import main
+
+    paper_run(tmp_path, steps=(0,))
+    lm_file = tmp_path / "checkpoints" / "step_00000.pt"
+    circuit = ts.Linear(np.random.default_rng(0).normal(size=(33, 33)))  # on the one-hot tokens of 3 positions
+    circuit_file = ts.save(circuit, tmp_path / "circuit.safetensors")
+    assert main(["similarity", str(circuit_file), str(lm_file), "--n-ctx", "3", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = ts.similarity(circuit, ts.load(lm_file, n_ctx=3))
+    assert got["value"] == pytest.approx(want.value, rel=1e-12) and want.inner == "tokens"

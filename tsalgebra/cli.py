@@ -190,9 +190,24 @@ def _load_one(path: str, template: Any, state_key: str | None = None, n_ctx: int
     p = Path(path)
     if p.is_dir():
         raise UsageError(f"{p} is a directory; this command takes one checkpoint file")
-    from .io import load
+    return _load_at(p, template, state_key, n_ctx)
 
-    return load(p, template, state_key=state_key, n_ctx=n_ctx)  # type: ignore[return-value]
+
+def _load_at(path: Any, template: Any, state_key: str | None, n_ctx: int | None) -> Any:
+    """ts.load at --n-ctx positions; a model without token positions (a
+    hand-written circuit beside a language model) is loaded as it is:
+    --n-ctx is the analysis length of the models that have positions."""
+    from .io import LoadError, load
+
+    try:
+        return load(path, template, state_key=state_key, n_ctx=n_ctx)
+    except LoadError:
+        if n_ctx is None:
+            raise
+        model = load(path, template, state_key=state_key)
+        if any(k == "n_ctx" or k.endswith(".n_ctx") for k in model.settings()):
+            raise  # it has positions: the error at --n-ctx stands
+        return model
 
 
 def _result_dict(r: Any) -> dict[str, Any]:
@@ -325,7 +340,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         if p in runs:
             models.extend(load(p, n_ctx=args.n_ctx, state_key=args.state_key))
         else:
-            models.extend(load(f, tpl, state_key=args.state_key, n_ctx=args.n_ctx) for f in checkpoint_paths(p))
+            models.extend(_load_at(f, tpl, args.state_key, args.n_ctx) for f in checkpoint_paths(p))
     kw: dict[str, Any] = {"budget": args.budget}
     if args.centered:
         kw["centered"] = True
