@@ -318,3 +318,19 @@ def test_closures_planned_memory_covers_its_exact_first_stage():
     finally:
         tracemalloc.stop()
     assert used <= 1.5 * planned and planned <= 4 * used and used < 64 * 2**20, (used, planned)
+
+
+def test_a_cosine_near_1_has_a_standard_error():
+    """Near-identical models (1 - cos = 1e-11): the delta method over
+    (ab, aa, bb) cancelled to 0 in float64, and the interval was one point
+    missing the exact value half the time.  The error is then taken over
+    (aa, bb, |a - b|^2), the last measured per sample."""
+    rng = np.random.default_rng(0)
+    L, R, D = w(rng, 4, 3), w(rng, 4, 3), w(rng, 3, 4)
+    a = ts.Sequential(ts.Bilinear(L, R, D))
+    b = ts.Sequential(ts.Bilinear(L + 1e-6 * rng.normal(size=L.shape), R, D))
+    exact = ts.similarity(a, b).value
+    rs = [ts.similarity(a, b, method="sampled", samples=3000, seed=s) for s in range(20)]
+    assert all(r.stderr > 0 for r in rs)
+    z = np.array([(r.value - exact) / r.stderr for r in rs])
+    assert np.mean(np.abs(z) < 4) >= 0.9, z

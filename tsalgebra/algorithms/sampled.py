@@ -48,15 +48,17 @@ PILOT_FOLDS = 8  # the pilot's folds that judge the control variate, each by the
 BATCH_BYTES = 64 * 2**20  # a batch's inputs and outputs together
 Z95 = 1.959963984540054  # the normal quantile of a 95 % interval
 HEAVY_TAIL_SHARE = 0.05  # one sample's share of the spread beyond which the standard error is flagged
+PRODUCTS = 3  # <a,b>, <a,a>, <b,b>: what is reported (|a - b|^2, the fourth, serves the cosine's error)
+CANCELLED = 1e-8  # a sum of terms this small beside their magnitudes has lost its digits to float64
 
 
 @dataclass(frozen=True)
 class Estimate:
-    """What Monte Carlo measured: ``means`` (3, C) of the per-sample
-    products <a,b>, <a,a>, <b,b> (C channels: 1, or the outputs with
-    ``per_output``), ``cov`` (3, 3, C) the covariance of those means (the
-    per-sample covariance over n), ``samples`` n, ``seed``, and the
-    variance factor the control variate saved (1.0: none)."""
+    """What Monte Carlo measured: ``means`` (4, C) of the per-sample
+    products <a,b>, <a,a>, <b,b> and |a - b|^2 (C channels: 1, or the
+    outputs with ``per_output``), ``cov`` (4, 4, C) the covariance of those
+    means (the per-sample covariance over n), ``samples`` n, ``seed``, and
+    the variance factor the control variate saved (1.0: none)."""
 
     means: np.ndarray
     cov: np.ndarray
@@ -77,13 +79,27 @@ class Estimate:
 
     def cosine(self) -> tuple[np.ndarray, np.ndarray]:
         """(ab / sqrt(aa bb), its delta-method standard error), per channel:
-        a ratio estimator (consistent; its bias is O(1/n), below the error)."""
-        ab, aa, bb = self.means
+        a ratio estimator (consistent; its bias is O(1/n), below the error).
+
+        Near a cosine of 1 the error over (ab, aa, bb) cancels to nothing in
+        float64 (the three means move together: a standard error of exactly
+        0 on near-identical models).  Where it has cancelled, the error is
+        taken over (aa, bb, D) instead, D = E|a - b|^2 measured per sample
+        (cos = (aa + bb - D) / (2 sqrt(aa bb)): the same estimate to first
+        order, D's own spread measured directly)."""
+        ab, aa, bb = self.means[:3]
         with np.errstate(divide="ignore", invalid="ignore"):
-            cos = ab / np.sqrt(aa * bb)
+            root = np.sqrt(aa) * np.sqrt(bb)
+            cos = ab / root
             grad = np.stack([cos / ab, -0.5 * cos / aa, -0.5 * cos / bb])  # d cos / d (ab, aa, bb)
-            grad = np.where(ab == 0, np.stack([1 / np.sqrt(aa * bb), 0 * aa, 0 * bb]), grad)
-        var = np.einsum("ic,ijc,jc->c", grad, self.cov, grad)
+            grad = np.where(ab == 0, np.stack([1 / root, 0 * aa, 0 * bb]), grad)
+        terms = np.einsum("ic,ijc,jc->ijc", grad, self.cov[:3, :3], grad)
+        var = terms.sum(axis=(0, 1))
+        if len(self.means) > 3:
+            cancelled = var <= CANCELLED * np.abs(terms).sum(axis=(0, 1))
+            with np.errstate(divide="ignore", invalid="ignore"):  # d cos / d (aa, bb, D)
+                near = np.stack([0.5 / root - 0.5 * cos / aa, 0.5 / root - 0.5 * cos / bb, -0.5 / root])
+            var = np.where(cancelled, np.einsum("ic,ijc,jc->c", near, self.cov[1:4, 1:4], near), var)
         return cos, np.sqrt(np.maximum(var, 0.0))
 
 
@@ -120,7 +136,7 @@ class _Stream:
         self.n = 0
         self.centre, self.raw_centre = centre, raw_centre
         self.sum = np.zeros_like(centre)
-        self.outer = np.zeros((3,) + centre.shape)
+        self.outer = np.zeros(centre.shape[:1] + centre.shape)
         self.largest = np.zeros_like(centre)
         self.raw_sum = np.zeros_like(centre)
         self.raw_squares = np.zeros_like(centre)
@@ -139,7 +155,7 @@ class _Stream:
         return self.centre + self.sum / self.n
 
     def covariance(self) -> np.ndarray:
-        """The per-sample covariance (3, 3, C) (unbiased)."""
+        """The per-sample covariance (4, 4, C) (unbiased)."""
         m = self.sum / self.n
         return (self.outer - self.n * np.einsum("ic,jc->ijc", m, m)) / max(self.n - 1, 1)
 
@@ -151,9 +167,9 @@ class _Stream:
         """The largest share of a product's sum of squared deviations that one
         sample carries: about 2 ln(n) / n for light tails; near 1 when a few
         samples dominate and the standard error cannot be trusted."""
-        total = np.diagonal(self.outer, axis1=0, axis2=1).T
+        total = np.diagonal(self.outer, axis1=0, axis2=1).T[:PRODUCTS]
         with np.errstate(divide="ignore", invalid="ignore"):
-            return float(np.nanmax(np.where(total > 0, self.largest / total, 0.0)))
+            return float(np.nanmax(np.where(total > 0, self.largest[:PRODUCTS] / total, 0.0)))
 
 
 @dataclass(frozen=True)
@@ -378,17 +394,21 @@ class Sampled(Algorithm):
 
     @staticmethod
     def _products(fa: np.ndarray, fb: np.ndarray, per_output: bool) -> np.ndarray:
-        """Per sample (n, 3, C): f.g, f.f, g.g, per channel or summed."""
-        s = np.stack([fa * fb, fa * fa, fb * fb], axis=1)
+        """Per sample (n, 4, C): f.g, f.f, g.g and |f - g|^2 (formed from the
+        difference: small and exact where f and g nearly agree), per channel
+        or summed."""
+        s = np.stack([fa * fb, fa * fa, fb * fb, (fa - fb) ** 2], axis=1)
         return s if per_output else s.sum(axis=2, keepdims=True)
 
     @staticmethod
     def _exact_control(cv: "_Control") -> np.ndarray:
-        """E[c]: the truncated models' exact <a,b>, <a,a>, <b,b> (1, 3, C)."""
+        """E[c]: the truncated models' exact <a,b>, <a,a>, <b,b> and
+        E|a - b|^2 = <a,a> + <b,b> - 2 <a,b> (1, 4, C)."""
         from .registry import run
 
         results = run(cv.plans[0]) if len(cv.plans) == 1 else tuple(run(p)[0] for p in cv.plans)
-        return np.stack([np.atleast_1d(np.asarray(r.value, dtype=float)) for r in results])[None]
+        ab, aa, bb = (np.atleast_1d(np.asarray(r.value, dtype=float)) for r in results)
+        return np.stack([ab, aa, bb, aa + bb - 2 * ab])[None]
 
     def _reached(self, stream: _Stream, p: InnerProblem, target: float) -> bool:
         est = self._estimate(stream, p)
@@ -401,12 +421,12 @@ class Sampled(Algorithm):
         if p.centered and stream.n > 1:  # unbiased sample covariance about the pilot origin
             n = stream.n
             da, db = stream.vec[0] / n, stream.vec[1] / n
-            corr = np.stack([da * db, da * da, db * db])
+            corr = np.stack([da * db, da * da, db * db, (da - db) ** 2])
             corr = corr if p.per_output else corr.sum(axis=1, keepdims=True)
             means = n / (n - 1) * (means - corr)
         cov = stream.covariance() / stream.n
-        raw = stream.raw_variance()
-        kept = np.diagonal(stream.covariance(), axis1=0, axis2=1).T
+        raw = stream.raw_variance()[:PRODUCTS]
+        kept = np.diagonal(stream.covariance(), axis1=0, axis2=1).T[:PRODUCTS]
         with np.errstate(divide="ignore", invalid="ignore"):
             saved = float(np.nanmean(np.where(kept > 0, raw / kept, 1.0)))
         return Estimate(means, cov, stream.n, p.seed, saved, stream.tail_share())
