@@ -579,3 +579,27 @@ def test_many_tiny_orbits_are_refused_before_they_are_planned():
     with pytest.raises(ts.CostError, match=f"29,646 orbit contractions .*more than {MAX_ORBITS:,} to plan"):
         ts.plan_inner(a, a, algorithm="pairings")
     assert ts.inner(a, a).algorithm == "token-moments"  # the chooser's answer is unchanged
+
+
+def _nestings(V, d, n):
+    """Four ways to nest a Flatten: (emb lin) flat lin, emb (lin flat) lin,
+    emb attn (flat lin), emb (attn flat) lin."""
+    emb, attn = (lambda: nn.Embedding(V, d)), (lambda: BilinearAttentionModule(2, 2, d, n_ctx=n))
+    S = nn.Sequential
+    return [S(S(emb(), nn.Linear(d, 2)), nn.Flatten(), nn.Linear(2 * n, 5)),
+            S(emb(), S(nn.Linear(d, 2), nn.Flatten()), nn.Linear(2 * n, 5)),
+            S(emb(), attn(), S(nn.Flatten(), nn.Linear(d * n, 5))),
+            S(emb(), S(attn(), nn.Flatten()), nn.Linear(d * n, 5))]
+
+
+@pytest.mark.parametrize("k", range(4))
+def test_flatten_inside_nested_sequentials_from_torch(k):
+    """A Flatten inside a nested nn.Sequential was lost (a width error that
+    did not name it); plain nn.Sequential children are read in line."""
+    torch.manual_seed(4)
+    V, d, n = 3, 4, 3
+    net = _nestings(V, d, n)[k].double().eval()
+    model = ts.from_torch(net)
+    ids = torch.tensor(list(itertools.product(range(V), repeat=n)))
+    with torch.no_grad():
+        np.testing.assert_allclose(np.asarray(model(ids)), net(ids).numpy(), rtol=1e-12, atol=1e-12)

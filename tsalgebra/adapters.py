@@ -349,10 +349,21 @@ _FLATTEN = object()
 
 
 def _seq(module: nn.Sequential, path: str) -> Component | None:
-    parts: list[Any] = []
-    for name, child in module.named_children():
-        parts.append(_FLATTEN if isinstance(child, nn.Flatten) else convert(child, _child(path, name)))
-    return _sequence(parts, path)
+    return _sequence(_children(module, path), path)
+
+
+def _children(module: nn.Module, path: str) -> list[Any]:
+    """The converted children in order (see :func:`_part`)."""
+    return [p for name, child in module.named_children() for p in _part(child, _child(path, name))]
+
+
+def _part(child: nn.Module, path: str) -> list[Any]:
+    """One child converted: _FLATTEN for an nn.Flatten, a plain
+    nn.Sequential's children read in line (where a Flatten stands decides
+    which layers act per position, whatever the nesting), else the child."""
+    if type(child) is nn.Sequential:
+        return _children(child, path)
+    return [_FLATTEN if isinstance(child, nn.Flatten) else convert(child, path)]
 
 
 def _sequence(parts: list[Any], path: str) -> Component | None:
@@ -431,7 +442,7 @@ def _stack_of(module: nn.Module, path: str, residual: bool) -> Component | None:
                 p = convert(block, _child(path, f"{name}.{i}"))
                 parts.append(_residual_of(p, _child(path, f"{name}.{i}")) if residual else p)
         else:
-            parts.append(_FLATTEN if isinstance(child, nn.Flatten) else convert(child, _child(path, name)))
+            parts.extend(_part(child, _child(path, name)))
     return _sequence(parts, path)
 
 
