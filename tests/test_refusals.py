@@ -107,6 +107,24 @@ def test_similarity_blind_to_scales_and_rescalings_to_1e200(depth, residual, k, 
     assert abs(ts.similarity(moved, b).value - ts.similarity(a, b).value) < 1e-9
 
 
+def test_log_rms_against_the_direct_formula_and_beyond_float64():
+    """The output scale of canonical(): log of the root-mean-square row norm
+    of blocks [x e^f, b], against the direct formula at ordinary sizes, and
+    shifted exactly by log(1e300) when every entry is (no overflow)."""
+    from tsalgebra.rescale import _log_rms
+
+    rng = np.random.default_rng(3)
+    x, b, f = rng.normal(size=(5, 7)), rng.normal(size=5), rng.normal(size=(1, 7))
+    direct = lambda fx: 0.5 * np.log((np.sum((x * np.exp(fx)) ** 2) + np.sum(b ** 2)) / 5)  # noqa: E731
+    for fx in (0.7, f):  # one scale for the block, or one per column
+        assert _log_rms([(x, fx), (b, 0.0)], 5) == pytest.approx(direct(fx), rel=1e-13)
+        assert _log_rms([(x * 1e300, fx), (b * 1e300, 0.0)], 5) == pytest.approx(direct(fx) + np.log(1e300), rel=1e-13)
+    assert _log_rms([(x * 1e-300, 0.7), (None, 0.0)], 5) == pytest.approx(
+        0.5 * np.log(np.sum((x * np.exp(0.7)) ** 2) / 5) + np.log(1e-300), rel=1e-13)
+    assert _log_rms([(np.zeros((2, 3)), 0.0), (np.zeros(2), 0.0)], 2) == 0.0  # an all-zero map
+    assert _log_rms([(np.array([[1.0, np.inf]]), 0.0)], 1) == 0.0
+
+
 def test_products_beyond_float64_raise_naming_the_cause():
     a = _stack(1, False, 1)
     big = a.replace(**{"1.weight": a.layers[-1].weight * 1e200, "1.bias": a.layers[-1].bias * 1e200})

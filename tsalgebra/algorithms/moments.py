@@ -72,7 +72,7 @@ def positions_fit(problem: InnerProblem, power: int) -> None:
         raise CostError(f"{n:,} positions give {n ** power:,} {what} to enumerate (more than "
                         f"{MAX_POSITION_TUPLES:,})")
 
-__all__ = ["AttentionMoments", "AttentionSide", "OutputMoments", "attention_images", "attention_rank", "form_shapes", "moment_head", "output_moment", "position_maps"]
+__all__ = ["AttentionMoments", "AttentionSide", "OutputMoments", "attention_images", "attention_rank", "form_shapes", "moment_head", "moment_tail", "output_moment", "position_maps"]
 
 
 # ------------------------------------------------------------- the models
@@ -82,8 +82,8 @@ def _per_position(layer: Component, n: int) -> np.ndarray | None:
     """The padded per-position map of a position-wise Linear layer (held as
     :class:`PositionWise`, or flat with block-diagonal weights), else None."""
     if isinstance(layer, PositionWise):
-        return layer.layer.padded().astype(float) if isinstance(layer.layer, Linear) and layer.n_ctx == n and \
-            not layer.exact else None
+        return layer.layer.padded().astype(float, copy=False) if isinstance(layer.layer, Linear) and \
+            layer.n_ctx == n and not layer.exact else None
     if not isinstance(layer, Linear) or layer.exact:
         return None
     W = layer.padded()
@@ -125,17 +125,30 @@ def moment_head(model: Component) -> tuple[BilinearAttention, np.ndarray, list[C
     ``model`` is position-wise Linear layers, one float BilinearAttention and
     anything after; None when it is not (remembered per model: the map of an
     embedding is a vocabulary wide)."""
-    if model not in _HEADS:  # the value holds no reference to the model: a weak key must be able to die
-        _HEADS[model] = _moment_head(model)
-    found = _HEADS[model]
+    found = _head(model)
     if found is None:
         return None
-    cut, E = found
+    cut, E, _ = found
     layers = getattr(model, "layers", [model])
     return layers[cut], E, list(layers[cut + 1 :])
 
 
-def _moment_head(model: Component) -> tuple[int, np.ndarray] | None:
+def moment_tail(model: Component) -> np.ndarray | None:
+    """The padded per-position map of the layers after ``model``'s attention
+    (:func:`position_maps`), None when they are not position-wise Linear
+    layers or ``model`` has no moment head; remembered with the head (an
+    unembedding is a vocabulary wide)."""
+    found = _head(model)
+    return None if found is None else found[2]
+
+
+def _head(model: Component) -> tuple[int, np.ndarray, np.ndarray | None] | None:
+    if model not in _HEADS:  # the value holds no reference to the model: a weak key must be able to die
+        _HEADS[model] = _moment_head(model)
+    return _HEADS[model]
+
+
+def _moment_head(model: Component) -> tuple[int, np.ndarray, np.ndarray | None] | None:
     layers = getattr(model, "layers", [model])
     cut = next((k for k, l in enumerate(layers) if isinstance(l, BilinearAttention)), None)
     if cut is None:
@@ -145,7 +158,7 @@ def _moment_head(model: Component) -> tuple[int, np.ndarray] | None:
         return None
     width = layers[0].in_features // attn.n_ctx
     E = position_maps(list(layers[:cut]), attn.n_ctx, width)
-    return None if E is None else (cut, E)
+    return None if E is None else (cut, E, position_maps(list(layers[cut + 1 :]), attn.n_ctx, attn.d_out))
 
 
 def attention_rank(problem: InnerProblem) -> int:
@@ -566,12 +579,11 @@ class AttentionMoments(Algorithm):
         heads = [moment_head(m) if isinstance(m, Component) else None for m in (problem.a, problem.b)]
         if heads[0] is None or heads[1] is None:
             return "each model must be position-wise Linear layers, then a float BilinearAttention"
-        (attn, E, tail), (other, E_b, tail_b) = heads
+        (attn, E, _), (other, E_b, _) = heads
         if (attn.n_ctx, E.shape[1]) != (other.n_ctx, E_b.shape[1]):
             return f"the models read {attn.n_ctx} and {other.n_ctx} positions of different widths"
-        for att, t in ((attn, tail), (other, tail_b)):
-            if position_maps(t, att.n_ctx, att.d_out) is None:  # no method named: token-moments shares this
-                return "only position-wise Linear layers may follow the attention"  # (closure is Gaussian only)
+        if moment_tail(problem.a) is None or moment_tail(problem.b) is None:  # no method named: token-moments shares this
+            return "only position-wise Linear layers may follow the attention"  # (closure is Gaussian only)
         return None
 
     def _pairs(self, problem: InnerProblem, dry: bool) -> tuple[dict[str, OutputMoments], int]:
@@ -582,7 +594,8 @@ class AttentionMoments(Algorithm):
             Ta, Tb = (np.broadcast_to(0.0, (h[1].shape[0], r + 1)) for h in (ha, hb))
         else:
             Ta, Tb = attention_images(problem)
-        sides = [AttentionSide(h[0], T, position_maps(h[2], h[0].n_ctx, h[0].d_out), dry) for h, T in ((ha, Ta), (hb, Tb))]
+        sides = [AttentionSide(h[0], T, moment_tail(m), dry)  # type: ignore[arg-type]
+                 for h, T, m in ((ha, Ta, problem.a), (hb, Tb, problem.b))]
         same = problem.a is problem.b
         grams = _Grams(dry)
         pairs = {"ab": OutputMoments(sides[0], sides[0] if same else sides[1], grams)}

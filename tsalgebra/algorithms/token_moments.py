@@ -41,7 +41,7 @@ from ..measure import Tokens
 from ..problem import CostError, InnerProblem, Plan, format_count, positions_of
 from ..progress import advancer
 from ..threads import one_blas_thread
-from .moments import AttentionMoments, AttentionSide, moment_head, position_maps, positions_fit
+from .moments import AttentionMoments, AttentionSide, moment_head, moment_tail, positions_fit
 from .registry import Algorithm, Triple
 
 __all__ = ["TokenMoments"]
@@ -425,9 +425,10 @@ class TokenMoments(Algorithm):
 
     def _engine(self, problem: InnerProblem, dry: bool) -> tuple[_TokenEngine, list[AttentionSide]]:
         sides = []
-        for attn, E, tail in (moment_head(problem.a), moment_head(problem.b)):  # type: ignore[misc]
+        for model in (problem.a, problem.b):
+            attn, E, _ = moment_head(model)  # type: ignore[misc]
             Z = E[:, 1:] + E[:, :1]  # the embedded tokens, padded: x~(t) = E [1; e_t]
-            sides.append(AttentionSide(attn, Z, position_maps(tail, attn.n_ctx, attn.d_out), dry))
+            sides.append(AttentionSide(attn, Z, moment_tail(model), dry))  # type: ignore[arg-type]
         if problem.a is problem.b:
             sides, pairs = sides[:1], {"ab": (0, 0)}
         else:
