@@ -253,7 +253,7 @@ def language_models(V: int, d: int, heads: int, dh: int, n: int) -> tuple[Any, A
             torch.manual_seed(1)
             with torch.no_grad():
                 for p in m.parameters():
-                    p.add_(0.3 * p.std() * torch.randn_like(p))
+                    p.add_(0.3 * p.std(correction=0) * torch.randn_like(p))  # one element: no noise, not NaN
         return m.eval()
 
     return model(False), model(True)

@@ -603,3 +603,56 @@ def test_flatten_inside_nested_sequentials_from_torch(k):
     ids = torch.tensor(list(itertools.product(range(V), repeat=n)))
     with torch.no_grad():
         np.testing.assert_allclose(np.asarray(model(ids)), net(ids).numpy(), rtol=1e-12, atol=1e-12)
+
+
+def _lm_with_constants(seed, V, n, o_bias, tail_bias):
+    """embedding -> attention (output bias ``o_bias`` added) -> unembedding
+    (bias ``tail_bias`` added): the constants shift every output alike."""
+    rng = np.random.default_rng(seed)
+    W = lambda *s: rng.normal(size=s) / np.sqrt(s[-1])  # noqa: E731
+    att = ts.BilinearAttention(W(2, 2, 3), W(2, 2, 3), W(2, 2, 3), W(2, 2, 3), W(2, 2, 3), W(2, 3, 2), causal=True,
+                               n_ctx=n, rotary_base=10.0, q1_bias=W(2, 2), v_bias=W(2, 2), o_bias=W(3) + o_bias)
+    return ts.Sequential(ts.position_wise(ts.Linear(W(3, V), W(3)), n), att,
+                         ts.position_wise(ts.Linear(W(2, 3), W(2) + tail_bias), n))
+
+
+@pytest.mark.parametrize("kind, algorithm, constants", [
+    ("tokens", "token-moments", (1e7, 0.0)), ("tokens", "token-moments", (0.0, 1e7)),
+    ("tokens", "enumeration", (1e7, 1e7)), ("gaussian", "moments", (1e7, 0.0)), ("gaussian", "moments", (0.0, 1e7)),
+    ("gaussian", "hermite", (0.0, 1e7))])
+def test_centred_products_blind_to_large_output_constants(kind, algorithm, constants):
+    """A covariance does not see a constant added to the outputs: with the
+    attention's output bias or the unembedding's bias raised by 1e7, the
+    centred inner product and similarity equal those of the same models
+    without it, to 1e-9 (E[f g] - E[f] E[g] subtracted terms 1e14 times the
+    answer: 2 to 12 digits lost).  The token-moments algorithm takes the
+    covariance over the query token as such, every algorithm subtracts the
+    means before the unembedding reads them, enumeration sums about the
+    first sequence's outputs; the attention algorithms leave the output bias
+    out of centred products."""
+    V, n = 4, 3
+    m = ts.Tokens(V, n) if kind == "tokens" else ts.Gaussian()
+    plain = [_lm_with_constants(s, V, n, 0.0, 0.0) for s in (1, 2)]
+    shifted = [_lm_with_constants(s, V, n, *constants) for s in (1, 2)]
+    for f in (ts.inner, ts.similarity):
+        want = f(*plain, measure=m, algorithm=algorithm, centered=True).value
+        got = f(*shifted, measure=m, algorithm=algorithm, centered=True)
+        assert got.algorithm == algorithm and got.value == pytest.approx(want, rel=1e-9)
+
+
+def test_centred_node_gram_matrix_blind_to_large_output_constants():
+    """The node-gram route's centred Gram, summed about the first node's
+    outputs: a constant of 1e7 on every output of three bilinear layers on
+    two one-hot tokens leaves the matrix unchanged to 1e-6 (off by 1e-2
+    before; what is left is the rounding of outputs that carry the constant,
+    1e-16 of 1e7, in the forward passes themselves)."""
+    V, n = 5, 2
+
+    def layer(seed, c):
+        rng = np.random.default_rng(seed)
+        W = lambda *s: rng.normal(size=s) / np.sqrt(s[-1])  # noqa: E731
+        return ts.Bilinear(W(3, n * V), W(3, n * V), W(2, 3), left_bias=W(3), down_bias=W(2) + c)
+
+    want, got = (ts.similarity_matrix([layer(s, c) for s in (1, 2, 3)], measure=ts.Tokens(V, n), centered=True,
+                                      route="node-gram") for c in (0.0, 1e7))
+    np.testing.assert_allclose(np.asarray(got.values), np.asarray(want.values), rtol=1e-6)

@@ -141,20 +141,30 @@ def _evaluate(terms: Terms, plans: list[ContractionPlan], x: np.ndarray) -> np.n
 
 def node_sum(fa: Forward, fb: Forward, chunks: Iterable[tuple[np.ndarray, np.ndarray]], centered: bool,
              per_output: bool) -> Any:
-    """sum_k w_k f(x_k) . g(x_k) (minus the product of the weighted means when
-    ``centered``), summed over channels unless ``per_output``; ``chunks``
-    yields (inputs (m, width), weights (m,)) of at most :data:`CHUNK` rows."""
+    """sum_k w_k f(x_k) . g(x_k) (the weights summing to 1; ``centered``:
+    minus the product of the weighted means), summed over channels unless
+    ``per_output``; ``chunks`` yields (inputs (m, width), weights (m,)) of at
+    most :data:`CHUNK` rows.
+
+    Centred, the sums are of f - f(x_0) and g - g(x_0), the first input's
+    outputs: the covariance is blind to the shift, and a constant part of
+    the outputs (a large bias) no longer cancels between the two terms
+    (it took every digit of an output varying by 1e-6 of its bias)."""
     acc_fg: Any = 0
     acc_f: Any = 0
     acc_g: Any = 0
+    origin: Any = None
     tick = advancer()  # the running plan's bar, when one shows
     for x, w in chunks:
         f, g = fa(x), fb(x)
         if tick is not None:
             tick(fa.flops(len(x)) + fb.flops(len(x)))
-        acc_fg = acc_fg + (w[:, None] * f * g).sum(axis=0)
         if centered:
+            if origin is None:
+                origin = (f[0].copy(), g[0].copy())
+            f, g = f - origin[0], g - origin[1]
             acc_f = acc_f + (w[:, None] * f).sum(axis=0)
             acc_g = acc_g + (w[:, None] * g).sum(axis=0)
+        acc_fg = acc_fg + (w[:, None] * f * g).sum(axis=0)
     value = acc_fg - (acc_f * acc_g if centered else 0)
     return value if per_output else float(np.sum(value))

@@ -892,7 +892,7 @@ def _readout(plan: Plan, schedule: _Schedule, mu: np.ndarray, M: np.ndarray) -> 
 
     def result(x: int, y: int) -> InnerResult:
         Wx, Wy, mx, my = W[x], W[y], mu[sl[x]], mu[sl[y]]
-        return plan.result(output_moment(Wx @ M[sl[x], sl[y]] @ Wy.T, Wx @ mx, Wy @ my, p.centered, p.per_output))
+        return plan.result(output_moment(M[sl[x], sl[y]], mx, my, p.centered, p.per_output, (Wx, Wy)))
 
     return result(0, 1), result(0, 0), result(1, 1)
 

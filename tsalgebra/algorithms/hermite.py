@@ -463,7 +463,7 @@ class HermiteMoments(Algorithm):
         Wa, Wb = _padded_tail(p.a), _padded_tail(p.b)
 
         def result(Wx: np.ndarray, mx: np.ndarray, M: np.ndarray, Wy: np.ndarray, my: np.ndarray) -> InnerResult:
-            return plan.result(output_moment(Wx @ M @ Wy.T, Wx @ mx, Wy @ my, p.centered, p.per_output))
+            return plan.result(output_moment(M, mx, my, p.centered, p.per_output, (Wx, Wy)))
 
         ab = result(Wa, hm.mean_a, hm.ab, Wb, hm.mean_b)
         if not plan.joint:

@@ -72,7 +72,7 @@ def positions_fit(problem: InnerProblem, power: int) -> None:
         raise CostError(f"{n:,} positions give {n ** power:,} {what} to enumerate (more than "
                         f"{MAX_POSITION_TUPLES:,})")
 
-__all__ = ["AttentionMoments", "AttentionSide", "OutputMoments", "attention_images", "attention_rank", "form_shapes", "moment_head", "moment_tail", "output_moment", "position_maps"]
+__all__ = ["AttentionMoments", "AttentionSide", "OutputMoments", "covariance", "attention_images", "attention_rank", "form_shapes", "moment_head", "moment_tail", "output_moment", "position_maps"]
 
 
 # ------------------------------------------------------------- the models
@@ -189,10 +189,30 @@ def attention_images(problem: InnerProblem) -> list[np.ndarray]:
     return problem.__dict__["_attention_images"]
 
 
-def output_moment(M: np.ndarray, mean_x: np.ndarray, mean_y: np.ndarray, centered: bool, per_output: bool) -> Any:
+def covariance(M: np.ndarray, mean_x: np.ndarray, mean_y: np.ndarray) -> np.ndarray:
+    """The padded covariance M - mean_x mean_y' of a padded second moment (or
+    a stack of them along the leading axes), its constant channel's row and
+    column zero: taken before any map reads the outputs, so that a map's
+    bias (the constant channel's column, however large) never enters a
+    subtraction (after the maps, an output bias of 1e6 took digits off the
+    covariance with its square)."""
+    C = M - mean_x[..., :, None] * mean_y[..., None, :]
+    C[..., 0, :] = 0.0
+    C[..., :, 0] = 0.0
+    return C
+
+
+def output_moment(M: np.ndarray, mean_x: np.ndarray, mean_y: np.ndarray, centered: bool, per_output: bool,
+                  maps: tuple[np.ndarray, np.ndarray] | None = None) -> Any:
     """Sum (or per channel) of E[x_c y_c] over the non-constant padded
-    channels of a padded second moment M, centred on request."""
-    v = np.diag(M)[1:] - (mean_x[1:] * mean_y[1:] if centered else 0)
+    channels of Wx M Wy' (``maps`` (Wx, Wy), padded; M itself without them)
+    for the padded second moment M, centred on request (before the maps:
+    :func:`covariance`)."""
+    if centered:
+        M = covariance(M, mean_x, mean_y)
+    if maps is not None:
+        M = maps[0] @ M @ maps[1].T
+    v = np.diag(M)[1:]
     return v if per_output else float(v.sum())
 
 
@@ -211,6 +231,10 @@ class AttentionSide:
     T: np.ndarray  # (d + 1, r + 1), or (d + 1, vocab) for tokens
     tail: np.ndarray  # (out + 1, d_out + 1), per position
     dry: bool = False  # forms of the right shapes, not computed (planning)
+    # Centred products: the outputs shifted by the virtual head's constant
+    # (the output bias), which a covariance does not see and float64 does
+    # (an output bias of 1e7 carried into every output took 9 digits).
+    centred: bool = False
 
     @property
     def heads(self) -> int:
@@ -238,7 +262,10 @@ class AttentionSide:
     def out_maps(self) -> tuple[np.ndarray, np.ndarray]:
         """(O~ of the real heads (heads, d_out + 1, dv), the virtual head's map (d_out + 1, d + 1))."""
         P, H, dv, d = self.attn.padded_heads(), self.attn.heads, self.attn.v.shape[1], self.attn.d_model
-        return P["o"][:H, :, :dv].astype(float), P["o"][H, :, : d + 1].astype(float)
+        virtual = P["o"][H, :, : d + 1].astype(float)
+        if self.centred:
+            virtual[1:, 0] = 0.0
+        return P["o"][:H, :, :dv].astype(float), virtual
 
     @cached_property
     def mask(self) -> np.ndarray:
@@ -594,7 +621,7 @@ class AttentionMoments(Algorithm):
             Ta, Tb = (np.broadcast_to(0.0, (h[1].shape[0], r + 1)) for h in (ha, hb))
         else:
             Ta, Tb = attention_images(problem)
-        sides = [AttentionSide(h[0], T, moment_tail(m), dry)  # type: ignore[arg-type]
+        sides = [AttentionSide(h[0], T, moment_tail(m), dry, problem.centered)  # type: ignore[arg-type]
                  for h, T, m in ((ha, Ta, problem.a), (hb, Tb, problem.b))]
         same = problem.a is problem.b
         grams = _Grams(dry)
@@ -650,18 +677,18 @@ class AttentionMoments(Algorithm):
     @staticmethod
     def finish(plan: Plan, moments: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, Any]]) -> Triple:
         """The products from each pair's tails, per-position second moments
-        M (n, d_x + 1, d_y + 1) and, centred, means [(n, d_x + 1), (n, d_y + 1)]."""
+        M (n, d_x + 1, d_y + 1) and, centred, means [(n, d_x + 1), (n, d_y + 1)]
+        (or None: M is then already the covariance)."""
         p = plan.problem
         out = {}
         for key, (tail_x, tail_y, M, means) in moments.items():
+            if p.centered and means is not None:
+                M = covariance(M, means[0], means[1])
             Wx, Wy = tail_x[1:], tail_y[1:]  # the output channels, the constant one dropped
             if p.per_output:  # diag(Wx M_i Wy') per position, without forming the square
                 value = np.einsum("icr,cr->ic", np.matmul(Wx, M), Wy).ravel()
             else:  # sum_i tr(Wx M_i Wy') = <Wx' Wy, sum_i M_i>
                 value = float(np.sum((Wx.T @ Wy) * M.sum(axis=0)))
-            if p.centered:
-                mx, my = means[0] @ Wx.T, means[1] @ Wy.T  # (n, channels)
-                value = value - ((mx * my).ravel() if p.per_output else float(np.sum(mx * my)))
             out[key] = plan.result(value)
         return out["ab"], out.get("aa"), out.get("bb")
 

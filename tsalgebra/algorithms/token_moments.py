@@ -113,7 +113,7 @@ class _Side:
 
 
 class _TokenEngine:
-    """The second moments and means of the models' outputs at every
+    """The second moments (or covariances) of the models' outputs at every
     position, for the pairs of sides asked; counts its flops and the
     elements it holds at its peak (``dry``: only counts).
 
@@ -347,8 +347,10 @@ class _TokenEngine:
             out[name] = shared - product.permute(0, 2, 1, 3)
 
     # -------------------------------------------------------- results
-    def run(self, centered: bool) -> dict[str, tuple[np.ndarray, list[np.ndarray] | None]]:
-        """{pair: (M (n, d_out_x + 1, d_out_y + 1), [means of x, means of y] or None)}."""
+    def run(self, centered: bool) -> dict[str, np.ndarray]:
+        """{pair: M (n, d_out_x + 1, d_out_y + 1)}: the second moments of the
+        outputs at every position, or ``centered`` their covariances (the
+        shared-key terms D are covariances already)."""
         sides, V, dry = self.sides, self.V, self.dry
         n = sides[0].n
         if not dry:
@@ -359,18 +361,17 @@ class _TokenEngine:
             self._count(2.0 * s.d_out * s.side.T.shape[0] * V, held=s.d_out * V)
         M = {name: None if dry else torch.zeros((n, sides[x].d_out, sides[y].d_out), dtype=torch.float64)
              for name, (x, y) in self.pairs.items()}
-        means = {name: None if dry else [torch.zeros((n, sides[x].d_out), dtype=torch.float64),
-                                         torch.zeros((n, sides[y].d_out), dtype=torch.float64)]
-                 for name, (x, y) in self.pairs.items()} if centered else {}
         for i in range(n):  # the conditional means given the query token
             G = [self._given_query(s, part, i, u) for s, part, u in zip(sides, parts, U)]
             for name, (x, y) in self.pairs.items():
-                self._count(2.0 * sides[x].d_out * sides[y].d_out * V)
+                self._count(2.0 * sides[x].d_out * sides[y].d_out * V,
+                            transient=(sides[x].d_out + sides[y].d_out) * V * (3 if centered else 2))
                 if not dry:
                     p = self.p(self.law[i])
-                    M[name][i] = (G[x] * p) @ G[y].T
-                    if centered:
-                        means[name][0][i], means[name][1][i] = G[x] @ p, G[y] @ p
+                    Gx, Gy = G[x], G[y]
+                    if centered:  # the covariance over the query token as such: E[G G'] - E[G] E[G]' lost every digit to large biases
+                        Gx, Gy = Gx - (Gx @ p)[:, None], Gy - (Gy @ p)[:, None]
+                    M[name][i] = (Gx * p) @ Gy.T
         # (query position, key position) pairs that both models of a pair read
         read = {name: set(sides[x].reads) & set(sides[y].reads)
                 for name, (x, y) in self.pairs.items()}
@@ -404,9 +405,8 @@ class _TokenEngine:
                     N = N.permute(0, 2, 1, 3).reshape(X.H * X.dv, Y.H * Y.dv)
                     M[name][i] += X.output_map @ N @ Y.output_map.T
         if dry:
-            return {name: (None, None) for name in self.pairs}  # type: ignore[misc]
-        return {name: (M[name].numpy(), None if not centered else [m.numpy() for m in means[name]])
-                for name in self.pairs}
+            return {name: None for name in self.pairs}  # type: ignore[misc]
+        return {name: M[name].numpy() for name in self.pairs}
 
 
 class TokenMoments(Algorithm):
@@ -428,7 +428,7 @@ class TokenMoments(Algorithm):
         for model in (problem.a, problem.b):
             attn, E, _ = moment_head(model)  # type: ignore[misc]
             Z = E[:, 1:] + E[:, :1]  # the embedded tokens, padded: x~(t) = E [1; e_t]
-            sides.append(AttentionSide(attn, Z, moment_tail(model), dry))  # type: ignore[arg-type]
+            sides.append(AttentionSide(attn, Z, moment_tail(model), dry, problem.centered))  # type: ignore[arg-type]
         if problem.a is problem.b:
             sides, pairs = sides[:1], {"ab": (0, 0)}
         else:
@@ -458,5 +458,5 @@ class TokenMoments(Algorithm):
         with one_blas_thread():
             engine, sides = self._engine(plan.problem, dry=False)
             out = engine.run(plan.problem.centered)
-        return AttentionMoments.finish(plan, {name: (sides[x].tail, sides[y].tail) + out[name]
+        return AttentionMoments.finish(plan, {name: (sides[x].tail, sides[y].tail, out[name], None)
                                               for name, (x, y) in engine.pairs.items()})

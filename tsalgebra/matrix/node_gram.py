@@ -16,6 +16,8 @@ algorithm whose nodes it uses; the models are taken at their canonical scale
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from ..algorithms.registry import _named, choose
@@ -84,12 +86,18 @@ def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
     K = np.zeros((len(A), len(Bs)))
     sA, sB = np.zeros(len(A)), np.zeros(len(Bs))
     mA, mB = 0.0, 0.0  # weighted output sums (centred products)
+    origin: Any = None  # the outputs the centred products are summed about
     clock.start()
     try:
         for x, w in _named(plan.algorithm).nodes(plan.problem):
             FA = np.stack([f(x) for f in fa])  # (models, nodes, outputs)
             FB = FA if sym else np.stack([f(x) for f in fb])
             clock.lap("evaluate", sum(f.flops(len(x)) for f in (fa if sym else fa + fb)))
+            if job.centered:  # about the first node's outputs: a constant part (a large bias) then never cancels
+                if origin is None:
+                    origin = (FA[:, :1].copy(), None if sym else FB[:, :1].copy())
+                FA = FA - origin[0]
+                FB = FA if sym else FB - origin[1]
             WA = FA * w[None, :, None]
             K += WA.reshape(len(A), -1) @ FB.reshape(len(Bs), -1).T
             sA += np.einsum("mno,mno->m", WA, FA)
