@@ -30,7 +30,7 @@ from .algorithms import choose, describe, run, solve
 from .algorithms.sampled import Z95
 from .cosine import cosines
 from .measure import Measure
-from .rescale import canonical
+from .rescale import canonical, without_output_bias
 from .problem import (DEFAULT_BUDGET, FUNCTIONAL, CostError, InnerProblem, InnerResult, Plan, degree_of, format_count,
                       resolve_inner)
 
@@ -109,15 +109,17 @@ def inner(
     options = dict(centered=centered, per_output=per_output, degree=degree, budget=budget, orbits=orbits,
                    algorithm=algorithm, samples=samples, rel_error=rel_error, seed=seed, device=device,
                    progress=progress)
-    (a, la), (b, lb) = _canonical_pair(a, b)
+    (a, la), (b, lb) = _canonical_pair(a, b, centered)
     return _scaled(solve(_problem(a, b, inner, method, mean, cov, measure, options))[0], la + lb, "<a, b>")
 
 
-def _canonical_pair(a: Any, b: Any) -> tuple[tuple[Any, float], tuple[Any, float]]:
+def _canonical_pair(a: Any, b: Any, centered: bool) -> tuple[tuple[Any, float], tuple[Any, float]]:
     """Both models at their canonical scale (:func:`tsalgebra.rescale.canonical`),
-    a model compared with itself kept one object."""
-    ca = canonical(a)
-    return ca, (ca if b is a else canonical(b))
+    for centred products without their output biases (the same covariance,
+    and float64 keeps its digits), a model compared with itself kept one
+    object."""
+    ca = canonical(without_output_bias(a) if centered else a)
+    return ca, (ca if b is a else canonical(without_output_bias(b) if centered else b))
 
 
 def _scaled(r: InnerResult, log_scale: float, what: str) -> InnerResult:
@@ -253,7 +255,7 @@ def similarity(a: Any, b: Any, inner: str | None = None, method: str = "auto", m
     """
     measure = options.pop("measure", None)
     options = _common_degree(a, b, inner, options)
-    (a, _), (b, _) = _canonical_pair(a, b)  # a cosine is blind to the scales; float64 is not
+    (a, _), (b, _) = _canonical_pair(a, b, bool(options.get("centered")))  # a cosine is blind to the scales; float64 is not
     products = _similarity_plans(a, b, inner, method, mean, cov, measure, options)
     refused = [(label, p) for label, p in products if isinstance(p, CostError)]
     if refused:  # before anything runs

@@ -30,7 +30,7 @@ import numpy as np
 from .attention import BilinearAttention
 from .components import Bilinear, Component, Linear, PositionWise, Sequential
 
-__all__ = ["canonical"]
+__all__ = ["canonical", "without_output_bias"]
 
 
 def _log_norms(rows: list[np.ndarray | None], scale: list[float]) -> np.ndarray:
@@ -173,3 +173,23 @@ def canonical(model: Any) -> tuple[Any, float]:
     if len(layers) == 1 and not isinstance(model, Sequential):
         return layers[0], c
     return Sequential(*layers), c
+
+
+def without_output_bias(model: Any) -> Any:
+    """``model`` less the bias its last layer adds to every output (a Linear's
+    bias, a Bilinear's down bias, an attention's output bias, position-wise
+    or not), for centred products: a covariance is blind to a constant added
+    to the outputs, and float64 is not (the means subtracted are of the
+    constant's size: an output bias of 1e7 took 9 of 16 digits).  ``model``
+    itself when it has no such bias or is not built of layers."""
+    if isinstance(model, Sequential):
+        last = without_output_bias(model.layers[-1])
+        return model if last is model.layers[-1] else Sequential(*model.layers[:-1], last)
+    if isinstance(model, PositionWise):
+        inner = without_output_bias(model.layer)
+        return model if inner is model.layer else PositionWise(inner, model.n_ctx, name=model.name)
+    field = {Linear: "bias", Bilinear: "down_bias", BilinearAttention: "o_bias"}
+    for kind, name in field.items():
+        if isinstance(model, kind) and getattr(model, name) is not None:
+            return model.replace(**{name: None})
+    return model

@@ -18,6 +18,7 @@ from ..arrays import is_torch
 from ..components import Component
 from ..cosine import cosines
 from ..measure import Measure
+from ..rescale import without_output_bias
 from ..problem import (DEFAULT_BUDGET, FUNCTIONAL, Alternative, CostError, MemoryBoundError, bound_measure,
                        check_arguments, checked_budget, default_measure_note, degree_of, resolve_inner)
 from . import materialize, node_gram, pairwise, pairwise_gram
@@ -53,6 +54,9 @@ def _compute(rows_in: Any, cols_in: Any | None, inner: str | None, method: str, 
     max_memory = _checked_memory(max_memory)
     said += _common_degree(rows + (cols or []), inner, options)
     law = _measure(rows + (cols or []), inner, mean, cov, measure)
+    if centered:  # the same covariances without the output biases, whose size float64 would subtract
+        rows = [without_output_bias(m) for m in rows]
+        cols = None if cols is None else [without_output_bias(m) for m in cols]
     if tiling is not None and tiling.active:  # tiles on a cluster or into a store: the same routes per tile
         from .cluster import tiled
 
