@@ -50,6 +50,12 @@ Z95 = 1.959963984540054  # the normal quantile of a 95 % interval
 HEAVY_TAIL_SHARE = 0.05  # one sample's share of the spread beyond which the standard error is flagged
 PRODUCTS = 3  # <a,b>, <a,a>, <b,b>: what is reported (|a - b|^2, the fourth, serves the cosine's error)
 CANCELLED = 1e-8  # a sum of terms this small beside their magnitudes has lost its digits to float64
+# The rounding of a cosine from three float64 means of n products, per
+# log2(n) + 4 (pairwise summation's error grows as log2(n); the products,
+# the ratio and the square root add a few steps), relative to the cosine:
+# two machine epsilons, one for the numerator and one for the two means
+# under the root.
+ROUNDING = 2 * float(np.finfo(float).eps)
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,12 @@ class Estimate:
         0 on near-identical models).  Where it has cancelled, the error is
         taken over (aa, bb, D) instead, D = E|a - b|^2 measured per sample
         (cos = (aa + bb - D) / (2 sqrt(aa bb)): the same estimate to first
-        order, D's own spread measured directly)."""
+        order, D's own spread measured directly).
+
+        The error is at least the rounding of the cosine's own arithmetic
+        (:data:`ROUNDING`): on models equal to the last bit the measured
+        spread fell below one float64 step, and the intervals missed the
+        exact cosine in 13 of 20 seeds."""
         ab, aa, bb = self.means[:3]
         with np.errstate(divide="ignore", invalid="ignore"):
             root = np.sqrt(aa) * np.sqrt(bb)
@@ -100,7 +111,8 @@ class Estimate:
             with np.errstate(divide="ignore", invalid="ignore"):  # d cos / d (aa, bb, D)
                 near = np.stack([0.5 / root - 0.5 * cos / aa, 0.5 / root - 0.5 * cos / bb, -0.5 / root])
             var = np.where(cancelled, np.einsum("ic,ijc,jc->c", near, self.cov[1:4, 1:4], near), var)
-        return cos, np.sqrt(np.maximum(var, 0.0))
+        rounding = ROUNDING * (np.log2(max(self.samples, 2)) + 4) * np.nan_to_num(np.abs(cos))
+        return cos, np.maximum(np.sqrt(np.maximum(var, 0.0)), rounding)
 
 
 def interval(value: Any, stderr: Any) -> tuple[Any, Any]:
