@@ -35,15 +35,21 @@ def test_sampled_cosines_are_joint_estimates_per_pair(tmp_path):
         assert np.max(np.abs(m.values - exact)) < 0.25  # about 10 standard errors
     assert m.estimated and not m.exact and "(estimated)" in repr(m)
     assert any("same samples" in n for n in m.notes)
-    ms = [bilinear(rng) for _ in range(3)]  # seeded: the very numbers of ts.similarity
+    ms = [bilinear(rng) for _ in range(3)]  # seeded: the very numbers of ts.similarity, and their errors
     kw = dict(method="sampled", samples=500, seed=3)
     want = pairwise(ms, ms, **kw)
-    for tiling in ({}, dict(store=tmp_path, tile=1)):
+    errors = np.array([[float(ts.similarity(a, b, **kw).stderr) if a is not b else 0.0 for b in ms] for a in ms])
+    assert np.all(errors[~np.eye(3, dtype=bool)] > 0)
+    for tiling in ({}, dict(store=tmp_path, tile=1), dict(store=tmp_path, tile=1)):  # computed, then from the store
         m = ts.similarity_matrix(ms, progress=False, **kw, **tiling)
         np.testing.assert_allclose(m.values, want, atol=1e-12)
+        np.testing.assert_allclose(m.stderr, errors, atol=1e-15)  # a matrix of estimates had no errors
+        np.testing.assert_allclose(m.interval[1] - m.values, 1.959963984540054 * errors, atol=1e-15)
         assert m.estimated and any("same samples" in n for n in m.notes)
     c = ts.cross_similarity_matrix(ms[:2], ms[1:], progress=False, **kw)
     np.testing.assert_allclose(c.values, want[:2, 1:], atol=1e-12)
+    np.testing.assert_allclose(c.stderr, errors[:2, 1:], atol=1e-14)  # a model against itself: its rounding
+    assert ts.similarity_matrix(ms, progress=False).stderr is None  # exact: no errors
 
 
 def test_a_store_tells_networks_apart_by_their_weights(tmp_path):

@@ -48,6 +48,10 @@ PILOT_FOLDS = 8  # the pilot's folds that judge the control variate, each by the
 BATCH_BYTES = 64 * 2**20  # a batch's inputs and outputs together
 Z95 = 1.959963984540054  # the normal quantile of a 95 % interval
 HEAVY_TAIL_SHARE = 0.05  # one sample's share of the spread beyond which the standard error is flagged
+# Below this many samples neither the normal interval nor the tail check
+# (30 / n of the spread) means anything: 2 samples gave 0.505 +- 0.13 for an
+# exact -0.039, unflagged.
+FEW_SAMPLES = 30
 PRODUCTS = 3  # <a,b>, <a,a>, <b,b>: what is reported (|a - b|^2, the fourth, serves the cosine's error)
 CANCELLED = 1e-8  # a sum of terms this small beside their magnitudes has lost its digits to float64
 # The rounding of a cosine from three float64 means of n products, per
@@ -447,6 +451,9 @@ class Sampled(Algorithm):
         p = plan.problem
         est = self._estimate(stream, p)
         notes = [f"{stream.n:,} samples (seed {p.seed})"]
+        if stream.n < FEW_SAMPLES:
+            notes.append(f"FEW SAMPLES: the 95 % interval assumes a normal mean, which {stream.n} samples do not give "
+                         f"(fewer than {FEW_SAMPLES}); the standard error is itself a rough estimate: pass more samples")
         if est.heavy_tailed:
             notes.append(f"HEAVY TAILS: one sample carries {est.tail_share:.0%} of a product's spread; the standard "
                          "error is likely underestimated (more samples, or an exact or closure value, to check)")

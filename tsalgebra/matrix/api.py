@@ -112,7 +112,7 @@ def compute_tile(rows: list[Any], cols: list[Any] | None, spec: TileSpec, selfs:
                     zeros[0] if gram.row_log_scale is None else np.asarray(gram.row_log_scale, dtype=float),
                     zeros[1] if gram.col_log_scale is None else np.asarray(gram.col_log_scale, dtype=float),
                     chosen, int(gram.flops), bool(gram.exact), gram.method, time.perf_counter() - t0,
-                    gram.cosines)
+                    gram.cosines, None if gram.stderr is None else np.asarray(gram.stderr, dtype=float))
 
 
 def _checked(inner: str, method: str, centered: bool, route: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -301,7 +301,7 @@ def _result(job: Job, gram: Gram, route: str, costs: Mapping[str, RouteCost], no
         norms=norms, col_norms=norms if sym else _norms(gram.col_self, gram.col_log_scale), symmetric=sym,
         centered=job.centered, measure=job.measure.label if job.measure is not None else "", dtype=gram.dtype, device=gram.device, max_memory=job.memory,
         candidates=dict(costs), steps=gram.steps, seconds=seconds, labels=labels,
-        col_labels=labels if sym else col_labels, notes=notes,
+        col_labels=labels if sym else col_labels, notes=notes, stderr=gram.stderr,
     )
 
 

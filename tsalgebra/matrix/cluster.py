@@ -269,7 +269,8 @@ class Store:
                     raise ValueError("it was not computed under this manifest (other models or options)")
                 g = TileGram(z["cross"], z["row_self"], z["col_self"], z["row_log_scale"], z["col_log_scale"],
                              str(meta["route"]), int(meta["flops"]), bool(meta["exact"]), str(meta["method"]),
-                             float(meta["seconds"]), bool(meta["cosines"]))
+                             float(meta["seconds"]), bool(meta["cosines"]),
+                             z["stderr"] if "stderr" in z.files else None)
             _check(tile, g)
             return g
         except (OSError, ValueError, KeyError, TypeError) as exc:  # a damaged file: computed again
@@ -282,8 +283,9 @@ class Store:
         meta = json.dumps({"store": self.identity, "route": g.route, "flops": g.flops, "exact": g.exact,
                            "method": g.method, "seconds": g.seconds, "cosines": g.cosines})
         buf = io.BytesIO()
+        errors = {} if g.stderr is None else {"stderr": g.stderr}
         np.savez(buf, cross=g.cross, row_self=g.row_self, col_self=g.col_self, row_log_scale=g.row_log_scale,
-                 col_log_scale=g.col_log_scale, meta=np.array(meta))
+                 col_log_scale=g.col_log_scale, meta=np.array(meta), **errors)
         self._write(self._file(tile), buf.getvalue())
 
 
@@ -293,6 +295,10 @@ def _check(t: Tile, g: TileGram) -> None:
     shapes = {"cross": (g.cross.shape, (n, m)), "row_self": (g.row_self.shape, (n,)),
               "col_self": (g.col_self.shape, (m,)), "row_log_scale": (g.row_log_scale.shape, (n,)),
               "col_log_scale": (g.col_log_scale.shape, (m,))}
+    if g.cosines and g.stderr is None and "sampled" in g.method.split("/"):
+        raise ValueError("its estimated cosines have no standard errors")
+    if g.stderr is not None:
+        shapes["stderr"] = (g.stderr.shape, (n, m))
     for name, (got, want) in shapes.items():
         if tuple(got) != want:
             raise ValueError(f"{name} has shape {tuple(got)}, the tile needs {want}")
@@ -465,6 +471,8 @@ def _assemble(rows: list[Any], cols: list[Any] | None, tiles: list[Tile], done: 
     if sym:
         log_norm_c = log_norm_r
     unit = np.zeros((n, m))
+    estimated = any(g.stderr is not None for g in done.values())
+    se = np.zeros((n, m)) if estimated else None  # the estimated cosines' standard errors
     for t, g in done.items():
         rl = g.row_log_scale[:, None] - log_norm_r[t.r0:t.r1, None]
         if t.diagonal:
@@ -477,14 +485,20 @@ def _assemble(rows: list[Any], cols: list[Any] | None, tiles: list[Tile], done: 
             with np.errstate(over="ignore", invalid="ignore"):
                 block = g.cross * np.exp(rl + cl)
         unit[t.r0:t.r1, t.c0:t.c1] = block
+        if se is not None and g.stderr is not None:
+            se[t.r0:t.r1, t.c0:t.c1] = g.stderr
         if sym:
             unit[t.c0:t.c1, t.r0:t.r1] = block.T
+            if se is not None and g.stderr is not None:
+                se[t.c0:t.c1, t.r0:t.r1] = g.stderr.T
     dtype = parse_dtype(spec.dtype)
     cos = cosines(unit, np.ones((n, 1)), np.ones((1, m)), spec.inner, tol=1e-8 if dtype == "float64" else 1e-3,
                   sides=("row model", "column model"))
     if sym:
         cos = (cos + cos.T) / 2
         np.fill_diagonal(cos, 1.0)
+        if se is not None:
+            np.fill_diagonal(se, 0.0)
     cos = cos.astype(dtype)
     grams = list(done.values())
     routes = Counter(done[t].route for t in computed)
@@ -502,7 +516,7 @@ def _assemble(rows: list[Any], cols: list[Any] | None, tiles: list[Tile], done: 
         seconds=time.perf_counter() - started, labels=tuple(labels) if labels else None,
         col_labels=(tuple(labels) if labels else None) if sym else (tuple(col_labels) if col_labels else None),
         notes=(f"{len(tiles)} tiles of {size} models a side ({len(computed)} computed, {from_store} from the store) "
-               f"on {where}",) + ((JOINT_NOTE,) if any(g.cosines for g in grams) else ()), tiles=report)
+               f"on {where}",) + ((JOINT_NOTE,) if any(g.cosines for g in grams) else ()), tiles=report, stderr=se)
 
 
 def _log_norms(selfs: np.ndarray, log_scale: np.ndarray, side: str, offset: int) -> np.ndarray:

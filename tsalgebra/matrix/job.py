@@ -68,7 +68,8 @@ class Gram:
     and scales then give the norms only): where each pair's three products
     are estimated jointly from shared samples, as :func:`tsalgebra.similarity`
     does, a cross product divided by self products estimated from other
-    samples is no such estimate and can exceed 1.
+    samples is no such estimate and can exceed 1.  ``stderr``: the standard
+    errors of those estimated cosines (None for exact or approximate values).
     """
 
     cross: np.ndarray
@@ -83,6 +84,7 @@ class Gram:
     exact: bool = True
     method: str = "exact"
     cosines: bool = False
+    stderr: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -108,8 +110,9 @@ class TileGram:
     """What one tile returns: its cross block and self products (NaN where
     the tile was not asked for them), the logs of the scale factors of its
     rows and columns (see :class:`Gram`; zeros where unscaled), the route
-    that ran, its flops, exactness and method, the seconds it took, and
-    whether ``cross`` holds cosines (see :class:`Gram`)."""
+    that ran, its flops, exactness and method, the seconds it took,
+    whether ``cross`` holds cosines and their standard errors (see
+    :class:`Gram`)."""
 
     cross: np.ndarray
     row_self: np.ndarray
@@ -122,6 +125,7 @@ class TileGram:
     method: str
     seconds: float
     cosines: bool = False
+    stderr: np.ndarray | None = None
 
 
 class Route(Protocol):

@@ -76,16 +76,20 @@ def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
         else:  # a tile whose norms come from other tiles
             sA, sB = np.full(len(A), np.nan), np.full(len(Bs), np.nan)
         K = np.zeros((len(A), len(Bs)))
+        se = np.zeros_like(K) if joint else None  # the estimated cosines' standard errors
         for i, a in enumerate(A):
             for j, b in enumerate(Bs):
                 if sym and j <= i:
                     continue
                 if joint:
                     K[i, j] = ip(a, b, similarity)
+                    se[i, j] = float(results[-1].stderr)  # type: ignore[index, arg-type]
                 else:
                     K[i, j] = sA[i] if a is b and np.isfinite(sA[i]) else ip(a, b)
                 if sym:
                     K[j, i] = K[i, j]
+                    if se is not None:
+                        se[j, i] = se[i, j]
         if sym:
             K[np.diag_indices(len(A))] = 1.0 if joint else sA
     finally:
@@ -93,7 +97,7 @@ def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
     exact = all(r.exact for r in results)
     methods = sorted({r.method for r in results}) or ["exact"]
     return Gram(K, sA, sB, logA, logB, sum(r.flops for r in results), (), "float64", "numpy", exact,
-                "/".join(methods), cosines=joint)
+                "/".join(methods), cosines=joint, stderr=se)
 
 
 def _canonical(models: list[Any]) -> tuple[list[Any], np.ndarray]:

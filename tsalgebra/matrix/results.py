@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..algorithms.sampled import Z95
 from ..planner import ContractionPlan
 
 
@@ -74,7 +75,10 @@ class SimilarityMatrix:
     (float64; the same array for :func:`similarity_matrix`).  ``route`` is the
     route that ran, ``flops`` its planner flop count, ``candidates`` what every
     route would have cost; ``exact`` is False for approximations (closure)
-    and for Monte Carlo estimates (``method="sampled"``: :attr:`estimated`).
+    and for Monte Carlo estimates (``method="sampled"``: :attr:`estimated`),
+    whose standard errors are ``stderr`` (one per entry, 0 on the diagonal
+    of a symmetric matrix; None for exact and approximate values) and 95 %
+    intervals :attr:`interval`.
     """
 
     values: np.ndarray
@@ -98,11 +102,20 @@ class SimilarityMatrix:
     col_labels: tuple[str, ...] | None = None
     notes: tuple[str, ...] = ()
     tiles: "TileReport | None" = None
+    stderr: np.ndarray | None = None
 
     @property
     def estimated(self) -> bool:
         """True for Monte Carlo estimates (as :attr:`tsalgebra.InnerResult.estimated`)."""
         return "sampled" in self.method.split("/")
+
+    @property
+    def interval(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The normal 95 % intervals of estimated cosines, values -/+ 1.96
+        stderr (None for exact and approximate values)."""
+        if self.stderr is None:
+            return None
+        return self.values - Z95 * self.stderr, self.values + Z95 * self.stderr
 
     @property
     def shape(self) -> tuple[int, int]:
