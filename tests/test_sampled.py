@@ -368,3 +368,20 @@ def test_few_samples_are_said_to_be_few():
     assert any(n.startswith("FEW SAMPLES") for n in few.notes)
     enough = ts.similarity(a, b, method="sampled", samples=200, seed=1)
     assert not any(n.startswith("FEW SAMPLES") for n in enough.notes)
+
+
+def test_an_unreachable_relative_error_is_refused_early_with_the_samples_it_needs():
+    """rel_error=1e-9 ran to the end of the budget (minutes) to say "not
+    reached"; the first batches' spread says how many samples it needs, and
+    the refusal names them, the budget they need and the relative error this
+    budget reaches, which then runs."""
+    rng = np.random.default_rng(2)
+    a, b = (ts.Sequential(ts.Bilinear(w(rng, 4, 3), w(rng, 4, 3), w(rng, 2, 4))) for _ in range(2))
+    with pytest.raises(ts.CostError, match=r"relative error of 1e-09: needs about .* samples") as err:
+        ts.similarity(a, b, method="sampled", rel_error=1e-9, budget=1e9, seed=0)
+    options = {alt.option: alt.value for alt in err.value.alternatives}
+    assert set(options) == {"budget", "rel_error", "samples"} and options["budget"] > 1e15
+    r = ts.similarity(a, b, method="sampled", rel_error=2 * options["rel_error"], budget=1e9, seed=0)
+    assert any("reached" in n and "NOT" not in n for n in r.notes)
+    capped = ts.similarity(a, b, method="sampled", rel_error=1e-9, samples=3000, seed=0)  # capped: an estimate
+    assert any("NOT reached" in n for n in capped.notes)

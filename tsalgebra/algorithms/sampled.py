@@ -36,7 +36,7 @@ import numpy as np
 from ..components import PositionWise, Sequential
 from ..measure import Gaussian, Tokens
 from ..node_sums import Forward
-from ..problem import CostError, InnerProblem, InnerResult, Plan, format_count
+from ..problem import Alternative, CostError, InnerProblem, InnerResult, Plan, format_count
 from ..progress import advancer
 from .registry import Algorithm, Triple
 
@@ -383,9 +383,34 @@ class Sampled(Algorithm):
                 stream.vec[1] = stream.vec[1] + fb.sum(0)
             if tick is not None:
                 tick(plan.facts["per_sample_flops"] * k)
-            if target is not None and stream.n >= 2 * batch and self._reached(stream, p, target):
-                break
+            if target is not None and stream.n >= 2 * batch:
+                short = self._shortfall(stream, p, target)
+                if short <= 1:
+                    break
+                if p.samples is None:  # samples= caps the run: its estimate comes back, "not reached"
+                    self._refuse_unreachable(plan, stream.n, short, samples)
         return self._results(plan, stream)
+
+    @staticmethod
+    def _refuse_unreachable(plan: Plan, drawn: int, short: float, samples: int) -> None:
+        """CostError when the samples drawn say the target needs over four
+        times the samples the budget allows (the error falls as 1 / sqrt(n)):
+        a target of 1e-9 ran to the budget's end, minutes, to say "not
+        reached"."""
+        needed = drawn * short ** 2
+        if needed <= 4 * samples:
+            return
+        p, per = plan.problem, plan.facts["per_sample_flops"]
+        reachable = p.rel_error * math.sqrt(needed / samples)  # type: ignore[operator]
+        what = "an estimate near 0 has no relative error to reach" if not math.isfinite(needed) else \
+            f"needs about {format_count(needed)} samples ({format_count(per * needed)} flops) by the spread of the " \
+            f"{drawn:,} drawn"
+        alternatives = [Alternative("samples", samples, "the budget's samples, no target")]
+        if math.isfinite(needed):
+            alternatives[:0] = [Alternative("budget", per * needed, f"about {format_count(needed)} samples"),
+                                Alternative("rel_error", reachable, "within this budget")]
+        raise CostError(f"Monte Carlo to a relative error of {p.rel_error:g}: {what}; the budget allows "
+                        f"{samples:,}", flops=per * needed, alternatives=tuple(alternatives))
 
     @staticmethod
     def _draw(p: InnerProblem, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -426,10 +451,14 @@ class Sampled(Algorithm):
         ab, aa, bb = (np.atleast_1d(np.asarray(r.value, dtype=float)) for r in results)
         return np.stack([ab, aa, bb, aa + bb - 2 * ab])[None]
 
-    def _reached(self, stream: _Stream, p: InnerProblem, target: float) -> bool:
+    def _shortfall(self, stream: _Stream, p: InnerProblem, target: float) -> float:
+        """The largest standard error over ``target`` times its value (at most
+        1: the target is reached; inf for a value of 0)."""
         est = self._estimate(stream, p)
         value, se = est.cosine() if p.joint and p.a is not p.b else (est.means[0], est.stderr(0))
-        return bool(np.all(se <= target * np.abs(value)))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(se == 0, 0.0, se / (target * np.abs(value)))
+        return float(np.max(np.nan_to_num(ratio, nan=np.inf)))
 
     @staticmethod
     def _estimate(stream: _Stream, p: InnerProblem) -> Estimate:
@@ -460,7 +489,7 @@ class Sampled(Algorithm):
         if plan.payload[2] is not None:
             notes.append(f"the control variate divided the variance by {est.variance_saved:.3g}")
         if p.rel_error is not None:
-            reached = self._reached(stream, p, p.rel_error)
+            reached = self._shortfall(stream, p, p.rel_error) <= 1
             notes.append(f"relative error {p.rel_error:g} {'reached' if reached else 'NOT reached within the budget'}")
         flops = plan.facts["per_sample_flops"] * (stream.n + PILOT) + (plan.payload[2].flops if plan.payload[2] else 0)
 
