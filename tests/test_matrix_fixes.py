@@ -185,3 +185,16 @@ def test_float32_centred_keeps_its_digits_with_large_output_means():
     with pytest.raises(ValueError, match="float32 the centred product loses digits"):
         ts.similarity_matrix(ms, inner="gaussian", centered=True, dtype="float32", route="pairwise-gram",
                              progress=False)
+
+
+def test_a_batched_route_over_budget_names_the_other_methods():
+    """A batched route's refusal offered only a larger budget; like
+    ts.similarity's it names the methods that would answer, and they do."""
+    rng = np.random.default_rng(5)
+    ms = [bilinear(rng) for _ in range(3)]
+    with pytest.raises(ts.CostError, match="route plans") as err:
+        ts.similarity_matrix(ms, budget=100, progress=False)
+    offered = {(a.option, a.value) for a in err.value.alternatives}
+    assert {("method", "closure"), ("method", "sampled")} <= offered and "--method sampled" in err.value.explain(cli=True)
+    m = ts.similarity_matrix(ms, method="sampled", samples=200, seed=1, progress=False)
+    assert m.estimated and m.stderr is not None

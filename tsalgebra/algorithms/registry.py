@@ -30,7 +30,7 @@ from ..measure import Measure
 from ..problem import Alternative, CostError, InnerProblem, InnerResult, Plan, format_count
 from ..progress import planned
 
-__all__ = ["Algorithm", "Triple", "choose", "register", "registered", "run", "solve", "unregister"]
+__all__ = ["Algorithm", "Triple", "alternatives", "choose", "register", "registered", "run", "solve", "unregister"]
 
 Triple = tuple[InnerResult, "InnerResult | None", "InnerResult | None"]
 
@@ -134,7 +134,7 @@ def _limit(problem: InnerProblem) -> str:
         " (three for a plan that yields all three products of the similarity)" if joint else "")
 
 
-def _alternatives(problem: InnerProblem, estimates: list[tuple[float, bool]]) -> tuple[Alternative, ...]:
+def alternatives(problem: InnerProblem, estimates: list[tuple[float, bool]]) -> tuple[Alternative, ...]:
     """Other questions some registered algorithm would answer: a larger
     budget, another inner product, another method.  ``estimates``: (flops
     per product, extrapolated) of the algorithms refused; the budget is the
@@ -181,7 +181,7 @@ def choose(problem: InnerProblem) -> Plan:
         except CostError as exc:
             raise CostError(f"{problem.describe()}: {alg.name}: {exc.reason}; the budget is "
                             f"{_limit(problem)}", flops=exc.flops,
-                            alternatives=_alternatives(problem.replace(algorithm=alg.name),
+                            alternatives=alternatives(problem.replace(algorithm=alg.name),
                                                        [(exc.flops / share, exc.extrapolated)])) from None
     best: Plan | None = None
     best_each = math.inf  # the best plan's flops per product answered: a joint plan's over three
@@ -214,7 +214,7 @@ def choose(problem: InnerProblem) -> Plan:
                "or does not apply" if estimates else f"no {_method(problem)} algorithm applies")
         raise CostError(f"{problem.describe()} refused: {why} ({what})",
                         flops=min((f for f, _ in estimates), default=math.inf),
-                        alternatives=_alternatives(problem, estimates))
+                        alternatives=alternatives(problem, estimates))
     return replace(best, method=_method(problem), refusals=tuple(r for r in refusals if r[0] != best.algorithm))
 
 

@@ -14,12 +14,13 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ..algorithms.registry import alternatives
 from ..arrays import is_torch
 from ..components import Component
 from ..cosine import cosines
 from ..measure import Measure
 from ..rescale import without_output_bias
-from ..problem import (DEFAULT_BUDGET, FUNCTIONAL, Alternative, CostError, MemoryBoundError, bound_measure,
+from ..problem import (DEFAULT_BUDGET, FUNCTIONAL, Alternative, CostError, InnerProblem, MemoryBoundError, bound_measure,
                        check_arguments, checked_budget, default_measure_note, degree_of, resolve_inner)
 from . import materialize, node_gram, pairwise, pairwise_gram
 from .job import Gram, Job, Route, TileGram, Tiling
@@ -254,9 +255,13 @@ def _within_budget(job: Job, cost: RouteCost | None, budget: float) -> None:
     products = n * (n + 1) // 2 if job.cols is None else n * m + n + m
     if cost.flops > budget * products:
         per = cost.flops / products
+        a, b = job.rows[0], (job.cols or job.rows)[-1]  # the other methods that would answer, as ts.similarity's refusal names them
+        others = tuple(alt for alt in alternatives(InnerProblem.of(a, b, job.inner, job.method, measure=job.measure,
+                                                                   centered=job.centered, **dict(job.options)), [])
+                       if alt.option == "method")
         raise CostError(f"the {cost.route} route plans {cost.flops:.3g} flops ({per:.3g} per inner product), over "
                         f"the budget of {budget:.3g} per product", flops=cost.flops,
-                        alternatives=(Alternative("budget", float(f"{per:.2g}") * 1.1, "the planned cost"),))
+                        alternatives=(Alternative("budget", float(f"{per:.2g}") * 1.1, "the planned cost"),) + others)
 
 
 def _choose(route: str, job: Job, costs: Mapping[str, RouteCost]) -> tuple[str, tuple[str, ...]]:
