@@ -80,7 +80,8 @@ def test_malformed_file_exits_1_naming_it(ckpts):
     r = run("similarity", ckpts / "broken.safetensors", ckpts / "wide.safetensors", "--json")
     assert r.returncode == 1
     assert str(ckpts / "broken.safetensors") in r.stderr and "truncated" in r.stderr
-    assert r.stdout == ""
+    out = json.loads(r.stdout)  # --json: the error as a JSON object on stdout too (nothing else)
+    assert out["exit_code"] == 1 and str(ckpts / "broken.safetensors") in out["error"] and "truncated" in out["error"]
 
 
 def test_model_error_exits_1_with_message(ckpts):
@@ -187,6 +188,26 @@ def test_sampled_from_the_command_line(ckpts, capsys):
     assert code == 2 and "--method sampled" in err
 
 
+def test_a_sampled_matrix_gives_its_standard_errors(ckpts, capsys, tmp_path):
+    """The matrix of estimated cosines carried no error anywhere (JSON,
+    text); each entry's is ts.similarity's for its pair."""
+    run = ckpts / "run"
+    code, out, err = call(capsys, "matrix", run, "--out", tmp_path / "m.png", "--method", "sampled", "--samples",
+                          "300", "--seed", "2", "--json", "--no-progress")
+    assert code == 0, err
+    rep = json.loads(out)
+    se = np.array(rep["stderr"])
+    models = ts.load(run)
+    want = ts.similarity(models[0], models[1], method="sampled", samples=300, seed=2).stderr
+    assert rep["estimated"] and not rep["exact"] and se[0, 1] == pytest.approx(want, rel=1e-12)
+    assert np.all(np.diag(se) == 0) and rep["measure"] and any("same samples" in n for n in rep["notes"])
+    code, out, _ = call(capsys, "matrix", run, "--out", tmp_path / "m.png", "--method", "sampled", "--samples",
+                        "300", "--seed", "2", "--no-progress")
+    assert code == 0 and "standard errors up to" in out
+    assert json.loads(call(capsys, "matrix", run, "--out", tmp_path / "e.png", "--json",
+                           "--no-progress")[1])["stderr"] is None
+
+
 def test_matrix_over_a_directory(ckpts, capsys, tmp_path):
     png = tmp_path / "m.png"
     code, out, err = call(capsys, "matrix", ckpts / "run", "--out", png, "--csv", "--json", "--inner", "symmetric",
@@ -290,7 +311,7 @@ def test_template_builds_the_architecture(tmp_path, capsys):
         assert code == 0, err
         assert -1 <= json.loads(out)["value"] <= 1
         code, _, err = call(capsys, "similarity", tmp_path / "f1.pt", tmp_path / "f2.pt")  # no template
-        assert code == 1 and "template" in err
+        assert code == 2 and "--template" in err and "template=" not in err  # the option it needs: bad usage
         code, _, err = call(capsys, "similarity", tmp_path / "f1.pt", tmp_path / "f2.pt", "--template", "nope:build")
         assert code == 2 and "--template" in err
     finally:
@@ -433,3 +454,157 @@ def test_token_frequencies_from_a_file(tmp_path, capsys):
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("arch_lm", None)
+
+
+# ------------------------------------------- errors in the command line's terms
+
+PYTHON_SPELLINGS = ("rel_error", "n_ctx", "state_key", "centered=", "template=", "measure=", "inner=", "method=",
+                    "samples must", "ts.Tokens", "Traceback", "Warning:")
+
+
+def exit_code(capsys, *args) -> tuple[int, str, str]:
+    """main's code, or argparse's (a SystemExit), with what was printed."""
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def lm_run(path: Path, **config) -> Path:
+    """A language-model run folder (config.json + checkpoints/): what the
+    command line checks comes before the weights are read."""
+    (path / "checkpoints").mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(dict(dict(vocab_size=5, d_model=4, n_head=2, n_layers=1), **config)))
+    for step in (0, 100):
+        torch.save({"embed.weight": torch.zeros(5, 4)}, path / "checkpoints" / f"step_{step:05d}.pt")
+    return path
+
+
+@pytest.mark.parametrize("config, says", [({"n_head": 3}, "not divisible by n_head 3"),
+                                          ({"vocab_size": "five"}, "vocab_size must be a positive integer")])
+def test_a_bad_run_config_is_named_not_a_missing_n_ctx(tmp_path, capsys, config, says):
+    """With --n-ctx given, a run whose config.json is wrong said 'pass n_ctx='
+    (the retry without --n-ctx replaced the real error)."""
+    run_dir = lm_run(tmp_path / "run", **config)
+    a, b = sorted((run_dir / "checkpoints").iterdir())
+    code, out, err = exit_code(capsys, "similarity", a, b, "--n-ctx", "3")
+    assert code == 1 and out == ""
+    assert f"{run_dir / 'config.json'}: " in err and says in err, err
+    assert "n_ctx" not in err and "--n-ctx" not in err
+
+
+@pytest.fixture()
+def usage_cases(tmp_path, ckpts):
+    """Checkpoints whose use is wrong: a foreign layout, one holding two
+    state dicts, a language-model run's checkpoint."""
+    torch.save({"w": torch.zeros(2, 2)}, tmp_path / "foreign.pt")
+    one = ckpts / "run" / "step_1.safetensors"
+    sd = {k: torch.from_numpy(np.asarray(v)) for k, v in
+          __import__("safetensors.numpy", fromlist=["load_file"]).load_file(one).items()}
+    torch.save({"model": sd, "ema": sd}, tmp_path / "two.pt")
+    run_dir = lm_run(tmp_path / "lm")
+    return {"one": one, "two": tmp_path / "two.pt", "foreign": tmp_path / "foreign.pt",
+            "lm": run_dir / "checkpoints" / "step_00000.pt", "dir": ckpts / "run", "tmp": tmp_path}
+
+
+@pytest.mark.parametrize("args, named", [
+    (["similarity", "one", "one", "--method", "sampled", "--rel-error", "2"], "--rel-error"),
+    (["similarity", "one", "one", "--method", "sampled", "--samples", "1"], "--samples"),
+    (["similarity", "one", "one", "--method", "sampled", "--seed", "-1"], "--seed"),
+    (["matrix", "dir", "--method", "sampled", "--samples", "1"], "--samples"),
+    (["similarity", "one", "one", "--inner", "network", "--centered"], "--centered"),
+    (["plan", "one", "one", "--inner", "symmetric", "--centered"], "--centered"),
+    (["matrix", "dir", "--inner", "network", "--centered"], "--centered"),
+    (["similarity", "one", "one", "--inner", "tokens"], "--inner tokens"),
+    (["plan", "one", "one", "--inner", "tokens"], "--inner tokens"),
+    (["similarity", "one", "one", "--inner", "symmetric", "--method", "closure"], "--method closure"),
+    (["similarity", "one", "one", "--state-key", "ema"], "--state-key ema"),
+    (["similarity", "two", "one"], "--state-key"),
+    (["similarity", "foreign", "one"], "--template"),
+    (["matrix", "foreign", "one"], "--template"),
+    (["similarity", "lm", "lm"], "--n-ctx"),
+    (["plan", "lm", "lm"], "--n-ctx"),
+])
+def test_usage_errors_exit_2_in_the_command_lines_spelling(usage_cases, capsys, args, named):
+    """They exited 1 with the library's Python spellings (rel_error must be,
+    centered=True, measure=ts.Tokens(vocab), state_key='ema', pass
+    template=..., pass n_ctx=)."""
+    argv = [str(usage_cases.get(a, a)) for a in args]
+    if argv[0] == "matrix":
+        argv += ["--out", str(usage_cases["tmp"] / "m.png"), "--no-progress"]
+    code, out, err = exit_code(capsys, *argv)
+    assert code == 2 and out == "", err
+    assert named in err, err
+    assert not [p for p in PYTHON_SPELLINGS if p in err], err
+
+
+def test_library_warnings_are_notes(tmp_path, capsys):
+    """A dead output channel printed a raw 'inner.py:278: RuntimeWarning'
+    line, and the JSON's notes were empty beside its null."""
+    rng = np.random.default_rng(3)
+    up, down = rng.normal(size=(5, 4)), rng.normal(size=(3, 5))
+    save(ts.Bilinear(up, rng.normal(size=(5, 4)), down), tmp_path / "a.safetensors")
+    dead = down.copy()
+    dead[1] = 0
+    save(ts.Bilinear(up, rng.normal(size=(5, 4)), dead), tmp_path / "dead.safetensors")
+    args = ["similarity", tmp_path / "a.safetensors", tmp_path / "dead.safetensors", "--per-output"]
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("error")  # a warning that escaped the command would raise here
+        code, out, err = exit_code(capsys, *args, "--json")
+        assert code == 0 and err == ""
+        rep = json.loads(out)
+        assert rep["value"][1] is None and any("zero norm" in n for n in rep["notes"])
+        code, out, err = exit_code(capsys, *args)
+    assert code == 0 and err == "" and "output 1: nan" in out
+    assert out.rstrip().splitlines()[-1] == "note: some output channels have zero norm; their similarity is NaN"
+
+
+def test_errors_name_the_files(ckpts, capsys, tmp_path):
+    """The library names models by index ('row model 2 has zero norm'), by
+    side ('model b') or by description; the command line knows the files."""
+    a, b = ckpts / "run" / "step_1.safetensors", ckpts / "run" / "step_2.safetensors"
+    zero = tmp_path / "zero.safetensors"
+    save(ts.Bilinear(np.zeros((5, 4)), np.zeros((5, 4)), np.zeros((3, 5))), zero)
+    code, _, err = exit_code(capsys, "matrix", a, b, zero, "--out", tmp_path / "z.png", "--no-progress")
+    assert code == 1 and f"{zero} has zero norm" in err and "model 2" not in err, err
+    code, _, err = exit_code(capsys, "similarity", a, zero)
+    assert code == 1 and f"{zero} has zero norm" in err and "model b" not in err, err
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for f in (a, b):
+        (mixed / f.name).write_bytes(f.read_bytes())
+    (mixed / "step_5.safetensors").write_bytes((ckpts / "wide.safetensors").read_bytes())
+    code, _, err = exit_code(capsys, "matrix", mixed, "--out", tmp_path / "w.png", "--no-progress")
+    assert code == 1 and "input widths differ" in err and f"{mixed / 'step_5.safetensors'} takes 6" in err, err
+    code, _, err = exit_code(capsys, "similarity", a, ckpts / "wide.safetensors")
+    assert code == 1 and f"{a} takes 4" in err and f"{ckpts / 'wide.safetensors'} takes 6" in err
+    assert "Bilinear(" not in err
+
+
+def test_matrix_refusal_lists_the_other_methods(ckpts, capsys, tmp_path):
+    """matrix offered only --budget, where similarity lists --method closure
+    and --method sampled for the same models."""
+    code, out, err = exit_code(capsys, "matrix", ckpts / "run", "--budget", "1", "--out", tmp_path / "x.png",
+                               "--no-progress")
+    assert code == 3 and out == "" and "--budget" in err, err
+    assert "--method closure" in err and "--method sampled" in err, err
+    assert "budget=" not in err and "method=" not in err
+
+
+def test_json_errors_are_json_on_stdout(ckpts, capsys, tmp_path):
+    """With --json an error printed nothing on stdout; now a JSON object
+    (the message stays on stderr)."""
+    a, b = ckpts / "run" / "step_1.safetensors", ckpts / "run" / "step_2.safetensors"
+    code, out, err = exit_code(capsys, "similarity", a, ckpts / "nope.pt", "--json")
+    assert code == 2 and json.loads(out) == {"error": f"{ckpts / 'nope.pt'}: no such file or directory",
+                                             "exit_code": 2} and "no such file" in err
+    code, out, err = exit_code(capsys, "similarity", a, b, "--inner", "symmetric", "--budget", "1", "--json")
+    rep = json.loads(out)
+    assert code == 3 and rep["exit_code"] == 3 and rep["error"] in err
+    assert any(alt.startswith("--budget ") for alt in rep["alternatives"])
+    code, out, err = exit_code(capsys, "similarity", a, b, "--samples", "1", "--json")  # argparse's own check
+    assert code == 2 and json.loads(out)["exit_code"] == 2 and "--samples" in json.loads(out)["error"]
+    code, out, _ = exit_code(capsys, "similarity", a, b, "--samples", "1")
+    assert code == 2 and out == ""  # without --json, stdout stays empty

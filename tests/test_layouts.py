@@ -65,7 +65,7 @@ def test_state_key_from_the_command_line(tmp_path, capsys):
         torch.save({"model": net(s).float().state_dict(), "ema": net(s + 5).float().state_dict()},
                    tmp_path / f"c{s}.pt")
     args = [str(tmp_path / "c1.pt"), str(tmp_path / "c2.pt"), "--template", f"{tmp_path / 'arch.py'}:build"]
-    assert main(["similarity", *args, "--json"]) == 1 and "state_key" in capsys.readouterr().err
+    assert main(["similarity", *args, "--json"]) == 2 and "--state-key" in capsys.readouterr().err  # a usage error
     assert main(["similarity", *args, "--state-key", "ema", "--json"]) == 0
     assert -1 <= json.loads(capsys.readouterr().out)["value"] <= 1
 
@@ -175,7 +175,7 @@ def test_one_checkpoint_of_a_run_from_the_command_line(tmp_path, capsys):
 
     paper_run(tmp_path, steps=(0, 50))
     a, b = (str(tmp_path / "checkpoints" / f"step_{s:05d}.pt") for s in (0, 50))
-    assert main(["similarity", a, b, "--json"]) == 1 and "--n-ctx" in capsys.readouterr().err
+    assert main(["similarity", a, b, "--json"]) == 2 and "--n-ctx" in capsys.readouterr().err  # as matrix says it
     assert main(["similarity", a, b, "--n-ctx", "3", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["inner"] == "tokens" and rep["exact"]

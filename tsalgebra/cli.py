@@ -15,10 +15,16 @@ naming a function that builds the torch module.  Every command takes --json
 for machine-readable output on stdout.
 
 Exit codes: 0 success; 1 a computation failed (malformed or unreadable
-checkpoint, a model that is not tensor-based, ...), with a message on
-stderr, or `verify` found the circuit different; 2 bad usage (unknown option, missing file); 3 refused: the cost is
-above the budget (the message states the estimate and the alternatives;
-`plan` exits 3 when what it plans is refused).
+checkpoint, a model that is not tensor-based, a model of zero norm, ...),
+with a message on stderr, or `verify` found the circuit different; 2 bad
+usage (unknown option, missing file, an option value out of range or that
+does not apply to these models, an option the checkpoints need: --n-ctx,
+--template, --state-key); 3 refused: the cost is above the budget (the
+message states the estimate and the alternatives; `plan` exits 3 when what
+it plans is refused).  Errors name the file and the option concerned.  With
+--json, an error also prints {"error": MESSAGE, "exit_code": CODE} on stdout
+(a refusal adds "alternatives").  Warnings are reported as notes: "note: ..."
+lines after the text output, and in the JSON's "notes".
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -51,18 +58,21 @@ class UsageError(Exception):
     """Bad usage detected after parsing (exit code 2)."""
 
 
-def _number(kind: type, least: float, strict: bool) -> Any:
+def _number(kind: type, least: float, strict: bool, below: float | None = None) -> Any:
     """An argparse type: a number of ``kind`` above ``least`` (``strict``) or
-    at least it, so that a value out of range is a usage error (exit 2)."""
+    at least it (and under ``below``, when given), so that a value out of
+    range is a usage error (exit 2) named by its flag."""
     what = f"{'an integer' if kind is int else 'a number'} {'>' if strict else '>='} {least:g}"
+    if below is not None:
+        what += f" and < {below:g}"
 
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not (value > least if strict else value >= least):  # NaN fails too
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        if not (value > least if strict else value >= least) or (below is not None and not value < below):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")  # NaN fails too
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
@@ -70,6 +80,20 @@ def _number(kind: type, least: float, strict: bool) -> Any:
 
 
 _COUNT, _POSITIVE, _NON_NEGATIVE = _number(int, 0, True), _number(float, 0, True), _number(float, 0, False)
+# the sampling options, in the library's ranges (ts.inner checks them too, in its own spelling)
+_SAMPLES, _FRACTION, _SEED = _number(int, 2, False), _number(float, 0, True, below=1), _number(int, 0, False)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser; with --json on the command line, its usage errors
+    also print the JSON error object on stdout (as every other error does)."""
+
+    json_errors = False  # set by main for the command line it parses
+
+    def error(self, message: str) -> Any:
+        if _Parser.json_errors:
+            print(json.dumps({"error": message, "exit_code": EXIT_USAGE}, indent=2))
+        super().error(message)
 
 
 def example_models(seed: int = 0) -> dict[str, Component]:
@@ -140,9 +164,87 @@ def _print_summary(rows: list[dict[str, Any]]) -> None:
 # ------------------------------------------------------------------ helpers
 
 
+def _notes(args: argparse.Namespace) -> list[str]:
+    """The warnings raised since the last call (recorded by :func:`main`),
+    once each: they are reported as notes, never as raw Python warnings."""
+    caught = getattr(args, "_warnings", None)
+    if not caught:
+        return []
+    said = getattr(args, "_noted", set())
+    out = []
+    for w in caught:
+        text = " ".join(str(w.message).split())
+        if text and text not in said:
+            said.add(text)
+            out.append(text)
+    caught.clear()
+    args._noted = said
+    return out
+
+
 def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
-    """The payload as JSON with --json, else the text."""
+    """The payload as JSON with --json, else the text; the warnings raised
+    on the way join the payload's notes, or follow the text as note lines."""
+    notes = _notes(args)
+    if notes and isinstance(payload, dict):
+        payload = dict(payload, notes=[*payload.get("notes", ()), *notes])
+    if notes:
+        text = "\n".join([text, *(f"note: {n}" for n in notes)])
     print(dumps(payload, indent=2) if args.json else text)
+
+
+# Python keywords of the library and the command-line options that give them
+# (flag, metavar): a library message naming one is translated, and is then
+# about the use of that option: a usage error (exit 2).
+_OPTIONS = {
+    "n_ctx": ("--n-ctx", "N"), "state_key": ("--state-key", "KEY"), "template": ("--template", "MODULE:FUNCTION"),
+    "centered": ("--centered", ""), "inner": ("--inner", "NAME"), "method": ("--method", "NAME"),
+    "samples": ("--samples", "N"), "rel_error": ("--rel-error", "R"), "seed": ("--seed", "S"),
+    "budget": ("--budget", "F"), "per_output": ("--per-output", ""), "store": ("--store", "DIR"),
+    "workers": ("--workers", "N"), "scheduler": ("--scheduler", "ADDRESS"), "tile": ("--tile", "N"),
+}
+_KEYS = "|".join(sorted(_OPTIONS, key=len, reverse=True))
+# keyword=value as a message spells an argument (not inside a model's repr,
+# where it is followed by a comma or a parenthesis)
+_KEYWORD = re.compile(rf"(?<![\w.-])({_KEYS})=(?:(True|False|'[^']*'|\"[^\"]*\"|\.\.\.)(?=[\s:;,.)]|$)"
+                      rf"|([-+\w.]*\w)?(?=[\s:;]|$))")
+_MUST = re.compile(rf"(?<![\w.-])({_KEYS})(?= must be\b)")
+_HINT = re.compile(r"\s*\(--[a-z][a-z-]* on the command line\)|;\s*--[a-z][a-z-]* on the command line")
+
+
+def _cli_spelling(message: str) -> tuple[str, bool]:
+    """``message`` with the library's Python spellings (``n_ctx=``,
+    ``state_key='ema'``, ``centered=True``, ``rel_error must be``) as the
+    command line's options (``--n-ctx N``, ``--state-key ema``,
+    ``--centered``, ``--rel-error must be``), and whether any was found."""
+
+    def keyword(m: re.Match) -> str:
+        flag, metavar = _OPTIONS[m.group(1)]
+        value = m.group(2) or m.group(3)
+        if value in (None, "..."):
+            return f"{flag} {metavar}" if metavar else flag
+        if value in ("True", "False"):
+            return flag if value == "True" else f"without {flag}"
+        return f"{flag} {value.strip(chr(39) + chr(34))}"
+
+    text = _HINT.sub("", message).replace(" or .at(n_ctx)", "")
+    text, n = _KEYWORD.subn(keyword, text)
+    text, k = _MUST.subn(lambda m: _OPTIONS[m.group(1)][0], text)
+    return text, bool(n or k)
+
+
+def _file_names(message: str, args: argparse.Namespace) -> str:
+    """The library's names of the models (``model a``, ``row model 2``) as
+    the files they came from, where the command knows them."""
+    sides = getattr(args, "_sides", None)
+    if sides:
+        message = re.sub(r"\bmodel ([ab])\b", lambda m: sides[m.group(1)], message)
+    files = getattr(args, "_files", None)
+    if files:
+        message = re.sub(r"\b(?:(?:row|column) )?model (\d+)\b",
+                         lambda m: str(files[int(m.group(1))]) if int(m.group(1)) < len(files) else m.group(0),
+                         message)
+    return message
 
 
 def _template(spec: str | None) -> Callable[[], Any] | None:
@@ -185,29 +287,84 @@ def _check_files(*paths: str) -> None:
             raise FileNotFoundError(f"{path}: no such file or directory")
 
 
+def _run_of(path: Path) -> Path | None:
+    """The language-model run (config.json + checkpoints/) that ``path`` is,
+    or holds as one of its checkpoints; None otherwise (as ts.load tells)."""
+    from .layouts import is_run_directory
+
+    run = path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" else None
+    return run if run is not None and is_run_directory(run) else None
+
+
 def _load_one(path: str, template: Any, state_key: str | None = None, n_ctx: int | None = None) -> Component:
     _check_files(path)
     p = Path(path)
     if p.is_dir():
         raise UsageError(f"{p} is a directory; this command takes one checkpoint file")
+    if template is None and n_ctx is None and _run_of(p) is not None:  # as matrix says it
+        raise UsageError(f"{p} is a checkpoint of the language-model run {_run_of(p)}: give --n-ctx (the token "
+                         "positions to analyse; the weights do not depend on it)")
     return _load_at(p, template, state_key, n_ctx)
 
 
 def _load_at(path: Any, template: Any, state_key: str | None, n_ctx: int | None) -> Any:
     """ts.load at --n-ctx positions; a model without token positions (a
     hand-written circuit beside a language model) is loaded as it is:
-    --n-ctx is the analysis length of the models that have positions."""
+    --n-ctx is the analysis length of the models that have positions.  The
+    error at --n-ctx stands for a language-model run (its config.json, its
+    weights) and wherever loading without --n-ctx fails too."""
     from .io import LoadError, load
 
     try:
         return load(path, template, state_key=state_key, n_ctx=n_ctx)
-    except LoadError:
-        if n_ctx is None:
+    except LoadError as exc:
+        if n_ctx is None or (template is None and _run_of(Path(path)) is not None):
             raise
-        model = load(path, template, state_key=state_key)
+        try:
+            model = load(path, template, state_key=state_key)
+        except LoadError:
+            raise exc from None  # the cause is the first error, not the missing n_ctx
         if any(k == "n_ctx" or k.endswith(".n_ctx") for k in model.settings()):
-            raise  # it has positions: the error at --n-ctx stands
+            raise exc  # it has positions: the error at --n-ctx stands
         return model
+
+
+def _check_widths(named: Sequence[tuple[Any, Any]]) -> None:
+    """ValueError naming the files whose models disagree on their input or
+    output width (the library names model descriptions or indices)."""
+
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+    for attr, what in (("in_features", "input"), ("out_features", "output")):
+        groups: dict[Any, list[str]] = {}
+        for name, model in named:
+            width = getattr(model, attr, None)
+            if width is not None:
+                groups.setdefault(width, []).append(str(name))
+        if len(groups) > 1:
+            verb = ("takes", "take") if what == "input" else ("gives", "give")
+            parts = sorted(groups.items(), key=lambda kv: -len(kv[1]))  # the odd ones out last
+            raise ValueError(f"{what} widths differ: " + "; ".join(
+                f"{listed(names)} {verb[len(names) > 1]} {width}" for width, names in parts))
+
+
+_FUNCTIONAL = ("gaussian", "tokens")
+
+
+def _check_inner(args: argparse.Namespace, models: Sequence[Any] = ()) -> None:
+    """Options that do not apply to the inner product asked for, or to
+    these models: usage errors named by their flags, before any work."""
+    inner = getattr(args, "inner", None)
+    if getattr(args, "centered", False) and inner is not None and inner not in _FUNCTIONAL:
+        raise UsageError(f"--centered is defined for the functional inner products only (--inner gaussian or "
+                         f"tokens), not --inner {inner}")
+    from .measure import Tokens
+
+    if inner == "tokens" and models and getattr(args, "token_probs", None) is None and not any(
+            isinstance(getattr(m, "default_measure", None), Tokens) for m in models):
+        raise UsageError("--inner tokens: the models do not read token ids (no token embedding); the token measure "
+                         "is for language models (--inner gaussian for these)")
 
 
 def _result_dict(r: Any) -> dict[str, Any]:
@@ -259,8 +416,12 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     from .inner import similarity
 
     _check_files(args.a, args.b)
+    _check_inner(args)
     tpl = _template(args.template)
     a, b = _load_one(args.a, tpl, args.state_key, args.n_ctx), _load_one(args.b, tpl, args.state_key, args.n_ctx)
+    args._sides = {"a": args.a, "b": args.b}  # the library's "model a" is this file
+    _check_inner(args, (a, b))
+    _check_widths([(args.a, a), (args.b, b)])
     kw: dict[str, Any] = {"per_output": args.per_output, "budget": args.budget}
     if args.no_progress:
         kw["progress"] = False
@@ -318,6 +479,7 @@ def _matrix_outputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
 
 def cmd_matrix(args: argparse.Namespace) -> int:
     _check_files(*args.paths)
+    _check_inner(args)
     from .io import checkpoint_paths, load
     from .layouts import is_run_directory
     from .matrix import similarity_matrix
@@ -341,6 +503,9 @@ def cmd_matrix(args: argparse.Namespace) -> int:
             models.extend(load(p, n_ctx=args.n_ctx, state_key=args.state_key))
         else:
             models.extend(_load_at(f, tpl, args.state_key, args.n_ctx) for f in checkpoint_paths(p))
+    args._files = files  # the library's "model k" is files[k]
+    _check_inner(args, models)
+    _check_widths(list(zip(files, models)))
     kw: dict[str, Any] = {"budget": args.budget}
     if args.centered:
         kw["centered"] = True
@@ -361,7 +526,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     res.plot(path=out, labels=labels)
     payload = {"labels": labels, "files": [str(f) for f in files], "values": values, "inner": res.inner,
                "method": res.method, "exact": res.exact, "route": res.route, "flops": res.flops,
-               "centered": bool(args.centered), "figure": out, "csv": csv_path,
+               "centered": bool(args.centered), "measure": res.measure, "estimated": res.estimated,
+               "stderr": res.stderr, "figure": out, "csv": csv_path, "notes": list(res.notes),
                "tiles": None if res.tiles is None else asdict(res.tiles)}
     lines = [f"{len(files)} checkpoints, {res.inner}{' centred' if args.centered else ''} similarity "
              f"({res.method}{'' if res.exact else ', not exact'}; route: {res.route}; {res.flops:.3g} flops)"]
@@ -370,6 +536,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         lines.append(" " * (width + 1) + " ".join(f"{i:>7d}" for i in range(len(files))))
         for k, (lab, row) in enumerate(zip(labels, values)):
             lines.append(f"{lab:>{width}} " + " ".join(f"{v:7.4f}" for v in row) + f"   [{k}]")
+    if res.stderr is not None:  # estimates: their errors (each entry's in the JSON)
+        lines.append(f"estimated: standard errors up to {float(np.max(res.stderr)):.2g} (--json gives each entry's)")
     lines.extend(res.notes[:1] if res.tiles is not None else [])
     lines.append(f"figure: {out}" + (f"; csv: {csv_path}" if csv_path else ""))
     _emit(args, payload, "\n".join(lines))
@@ -565,6 +733,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     tpl = _template(args.template)
     component = _load_one(args.component, tpl, args.state_key, args.n_ctx)
+    _check_inner(args, (component,))  # the component's measure is the one verify uses
     cpath = Path(args.circuit)
     if not cpath.exists():
         raise FileNotFoundError(f"{cpath}: no such file or directory")
@@ -620,8 +789,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .inner import plan_similarity
 
     _check_files(args.a, args.b)
+    _check_inner(args)
     tpl = _template(args.template)
     a, b = _load_one(args.a, tpl, args.state_key, args.n_ctx), _load_one(args.b, tpl, args.state_key, args.n_ctx)
+    args._sides = {"a": args.a, "b": args.b}
+    _check_inner(args, (a, b))
+    _check_widths([(args.a, a), (args.b, b)])
     sp = plan_similarity(a, b, args.inner, centered=args.centered, per_output=args.per_output, budget=args.budget)
     inner_used = next((p.problem.inner for _, p in sp.products if not isinstance(p, CostError)), args.inner or "gaussian")
     rep = dict(sp.describe(), inner=inner_used, centered=args.centered, a=args.a, b=args.b, model_a=repr(a),
@@ -695,8 +868,7 @@ def build_parser() -> argparse.ArgumentParser:
     inner_help = ("inner product (default: the models' own measure: tokens for models that read token ids, "
                   "else gaussian)")
 
-    parser = argparse.ArgumentParser(prog="tsalgebra", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="tsalgebra", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"tsalgebra {__version__}")
@@ -718,9 +890,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "standard error")
     s.add_argument("--budget", type=_NON_NEGATIVE, default=DEFAULT_BUDGET,
                    help=f"flop budget per inner product (default {DEFAULT_BUDGET:g})")
-    s.add_argument("--samples", type=_COUNT, help="--method sampled: number of samples (default 10000)")
-    s.add_argument("--rel-error", type=_POSITIVE, help="--method sampled: sample until this relative standard error")
-    s.add_argument("--seed", type=int, help="--method sampled: random seed (reproducible estimates)")
+    s.add_argument("--samples", type=_SAMPLES, help="--method sampled: number of samples, at least 2 (default 10000)")
+    s.add_argument("--rel-error", type=_FRACTION,
+                   help="--method sampled: sample until this relative standard error (in (0, 1))")
+    s.add_argument("--seed", type=_SEED, help="--method sampled: random seed, >= 0 (reproducible estimates)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (one shows on a terminal when the "
                                                                 "computation is long)")
     s.set_defaults(func=cmd_similarity)
@@ -740,8 +913,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="as for similarity; sampled estimates each product pair by pair")
     m.add_argument("--budget", type=_NON_NEGATIVE, default=DEFAULT_BUDGET,
                    help=f"flop budget per inner product (default {DEFAULT_BUDGET:g})")
-    m.add_argument("--samples", type=_COUNT, help="--method sampled: samples per product (default 10000)")
-    m.add_argument("--seed", type=int, help="--method sampled: random seed")
+    m.add_argument("--samples", type=_SAMPLES, help="--method sampled: samples per product, at least 2 (default 10000)")
+    m.add_argument("--seed", type=_SEED, help="--method sampled: random seed, >= 0")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     where = m.add_mutually_exclusive_group()
     where.add_argument("--workers", type=_COUNT, metavar="N",
@@ -810,35 +983,59 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (argparse itself exits
     with 2 on a usage error)."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     parser = build_parser()
+    _Parser.json_errors = "--json" in argv
     args = parser.parse_args(argv)
+    with warnings.catch_warnings(record=True) as caught:  # the library's warnings become notes
+        warnings.simplefilter("always")
+        for quiet in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", quiet)  # (Python's own default: not for the user of a command)
+        args._warnings = caught
+        return _run(parser, args)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except UsageError as exc:
         parser.print_usage(sys.stderr)
-        print(f"tsalgebra: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(args, EXIT_USAGE, str(exc))
     except FileNotFoundError as exc:
-        print(f"tsalgebra: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(args, EXIT_USAGE, str(exc))
     except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`): not our failure
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except CostError as exc:  # the alternatives spelled as this command's flags
-        print(f"tsalgebra: error: {exc.explain(cli=True)}", file=sys.stderr)
-        return EXIT_REFUSED
-    except (ValueError, TypeError, ArithmeticError, RuntimeError, OSError, ImportError) as exc:
-        print(f"tsalgebra: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return _fail(args, EXIT_REFUSED, _file_names(exc.explain(cli=True), args),
+                     alternatives=[a.spelled(cli=True) for a in exc.alternatives])
+    except (ValueError, TypeError) as exc:  # a library message naming a keyword is about that option: usage
+        text, usage = _cli_spelling(str(exc))
+        return _fail(args, EXIT_USAGE if usage else EXIT_FAILED, _file_names(text, args))
+    except (ArithmeticError, RuntimeError, OSError, ImportError) as exc:
+        return _fail(args, EXIT_FAILED, _file_names(_cli_spelling(str(exc))[0], args))
     except MemoryError as exc:  # an allocation this machine refused: said as such, not a traceback
-        print(f"tsalgebra: error: out of memory ({exc or 'an allocation failed'}); try a smaller --n-ctx, fewer "
-              "models, or a smaller --budget", file=sys.stderr)
-        return EXIT_FAILED
+        return _fail(args, EXIT_FAILED, f"out of memory ({exc or 'an allocation failed'}); try a smaller --n-ctx, "
+                                        "fewer models, or a smaller --budget")
     except KeyboardInterrupt:
         print("tsalgebra: interrupted", file=sys.stderr)
         return 130
+    finally:
+        for note in _notes(args):  # warnings not reported with an output (a failure, say)
+            print(f"tsalgebra: note: {note}", file=sys.stderr)
+
+
+def _fail(args: argparse.Namespace, code: int, message: str, **extra: Any) -> int:
+    """The error on stderr (with the warnings raised before it, as notes),
+    and with --json as a JSON object on stdout."""
+    print(f"tsalgebra: error: {message}", file=sys.stderr)
+    notes = _notes(args)
+    for note in notes:
+        print(f"tsalgebra: note: {note}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"error": message, "exit_code": code, **extra, **({"notes": notes} if notes else {})},
+                         indent=2))
+    return code
 
 
 if __name__ == "__main__":
