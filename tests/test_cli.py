@@ -206,6 +206,11 @@ def test_a_sampled_matrix_gives_its_standard_errors(ckpts, capsys, tmp_path):
     assert code == 0 and "standard errors up to" in out
     assert json.loads(call(capsys, "matrix", run, "--out", tmp_path / "e.png", "--json",
                            "--no-progress")[1])["stderr"] is None
+    code, out, err = call(capsys, "matrix", run, "--out", tmp_path / "r.png", "--method", "sampled", "--rel-error",
+                          "0.05", "--seed", "2", "--json", "--no-progress")  # as similarity takes it
+    rep = json.loads(out)
+    off = ~np.eye(len(rep["values"]), dtype=bool)
+    assert code == 0 and np.all(np.array(rep["stderr"])[off] <= 0.05 * np.abs(np.array(rep["values"]))[off]), err
 
 
 def test_matrix_over_a_directory(ckpts, capsys, tmp_path):

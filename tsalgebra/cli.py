@@ -509,10 +509,10 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     kw: dict[str, Any] = {"budget": args.budget}
     if args.centered:
         kw["centered"] = True
-    if args.method == "sampled":  # each product estimated by ts.inner, pair by pair
-        kw.update(samples=args.samples, seed=args.seed)
-    elif args.samples is not None or args.seed is not None:
-        raise UsageError("--samples and --seed belong to --method sampled")
+    if args.method == "sampled":  # each pair's cosine estimated by ts.similarity
+        kw.update(samples=args.samples, seed=args.seed, rel_error=args.rel_error)
+    elif args.samples is not None or args.seed is not None or args.rel_error is not None:
+        raise UsageError("--samples, --rel-error and --seed belong to --method sampled")
     res = similarity_matrix(models, inner=args.inner, method=args.method, measure=_token_measure(args, *models),
                             progress=not args.no_progress,
                             workers=args.workers, scheduler=args.scheduler, store=args.store, tile=args.tile, **kw)
@@ -914,6 +914,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--budget", type=_NON_NEGATIVE, default=DEFAULT_BUDGET,
                    help=f"flop budget per inner product (default {DEFAULT_BUDGET:g})")
     m.add_argument("--samples", type=_SAMPLES, help="--method sampled: samples per product, at least 2 (default 10000)")
+    m.add_argument("--rel-error", type=_FRACTION,
+                   help="--method sampled: sample each pair until this relative standard error (in (0, 1))")
     m.add_argument("--seed", type=_SEED, help="--method sampled: random seed, >= 0")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     where = m.add_mutually_exclusive_group()
