@@ -613,3 +613,13 @@ def test_json_errors_are_json_on_stdout(ckpts, capsys, tmp_path):
     assert code == 2 and json.loads(out)["exit_code"] == 2 and "--samples" in json.loads(out)["error"]
     code, out, _ = exit_code(capsys, "similarity", a, b, "--samples", "1")
     assert code == 2 and out == ""  # without --json, stdout stays empty
+
+
+def test_a_file_named_like_an_option_keeps_its_name(tmp_path, capsys):
+    """The translation of the library's keywords to flags rewrote a file
+    named samples=5.pt as '--samples 5.pt' and made its failure a usage
+    error (exit 2)."""
+    bad = tmp_path / "samples=5.pt"
+    bad.write_bytes(b"not a checkpoint")
+    code, out, err = exit_code(capsys, "similarity", bad, bad, "--json")
+    assert code == 1 and str(bad) in err and json.loads(out)["error"].startswith(str(bad)), err

@@ -212,11 +212,37 @@ _MUST = re.compile(rf"(?<![\w.-])({_KEYS})(?= must be\b)")
 _HINT = re.compile(r"\s*\(--[a-z][a-z-]* on the command line\)|;\s*--[a-z][a-z-]* on the command line")
 
 
-def _cli_spelling(message: str) -> tuple[str, bool]:
+def _given_paths(args: argparse.Namespace) -> list[str]:
+    """Every path the command was given or read (longest first): a file may
+    be named samples=5.pt, and is no keyword to translate."""
+    found: set[str] = set()
+    for value in [*vars(args).values(), *(getattr(args, "_files", None) or ())]:
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, (str, os.PathLike)) and str(v):
+                found.add(str(v))
+                found.add(str(Path(v)))
+    return sorted(found, key=len, reverse=True)
+
+
+def _cli_spelling(message: str, keep: Sequence[str] = ()) -> tuple[str, bool]:
     """``message`` with the library's Python spellings (``n_ctx=``,
     ``state_key='ema'``, ``centered=True``, ``rel_error must be``) as the
     command line's options (``--n-ctx N``, ``--state-key ema``,
-    ``--centered``, ``--rel-error must be``), and whether any was found."""
+    ``--centered``, ``--rel-error must be``), and whether any was found;
+    the strings of ``keep`` (the paths given) left as they are."""
+    kept: list[str] = []
+    for text in keep:
+        if text in message:
+            message = message.replace(text, f"\x00{len(kept)}\x00")
+            kept.append(text)
+    translated, found = _translated(message)
+    for k, text in enumerate(kept):
+        translated = translated.replace(f"\x00{k}\x00", text)
+    return translated, found
+
+
+def _translated(message: str) -> tuple[str, bool]:
+    """:func:`_cli_spelling` on a message whose paths are set aside."""
 
     def keyword(m: re.Match) -> str:
         flag, metavar = _OPTIONS[m.group(1)]
@@ -1012,10 +1038,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return _fail(args, EXIT_REFUSED, _file_names(exc.explain(cli=True), args),
                      alternatives=[a.spelled(cli=True) for a in exc.alternatives])
     except (ValueError, TypeError) as exc:  # a library message naming a keyword is about that option: usage
-        text, usage = _cli_spelling(str(exc))
+        text, usage = _cli_spelling(str(exc), _given_paths(args))
         return _fail(args, EXIT_USAGE if usage else EXIT_FAILED, _file_names(text, args))
     except (ArithmeticError, RuntimeError, OSError, ImportError) as exc:
-        return _fail(args, EXIT_FAILED, _file_names(_cli_spelling(str(exc))[0], args))
+        return _fail(args, EXIT_FAILED, _file_names(_cli_spelling(str(exc), _given_paths(args))[0], args))
     except MemoryError as exc:  # an allocation this machine refused: said as such, not a traceback
         return _fail(args, EXIT_FAILED, f"out of memory ({exc or 'an allocation failed'}); try a smaller --n-ctx, "
                                         "fewer models, or a smaller --budget")

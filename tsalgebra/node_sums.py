@@ -23,7 +23,7 @@ from .planner import ContractionPlan, plan as plan_network
 from .problem import _terms
 from .progress import advancer
 
-__all__ = ["CHUNK", "Forward", "chunk_sizes", "node_flops", "node_sum"]
+__all__ = ["CHUNK", "CentredSums", "Forward", "chunk_sizes", "node_flops", "node_sum"]
 
 CHUNK = 4096  # inputs evaluated at once
 
@@ -139,20 +139,43 @@ def _evaluate(terms: Terms, plans: list[ContractionPlan], x: np.ndarray) -> np.n
     return out
 
 
+class CentredSums:
+    """A weighted co-moment sum_k w_k (f_k - m_f)(g_k - m_g) accumulated chunk
+    by chunk (the pairwise update of Chan, Golub and LeVeque): each chunk is
+    centred on its own weighted means, then merged with the running sums
+    through the difference of the means.  Stable whatever constant the
+    outputs carry and in whatever order the inputs come (E[f g] - E f E g
+    lost every digit to a large bias; sums about one input's outputs put a
+    quadrature grid's far corner at the origin).  ``product(df, dg)`` is how
+    two mean vectors multiply (per channel, or a Gram of models)."""
+
+    def __init__(self, product: Any) -> None:
+        self.product = product
+        self.weight: Any = 0
+        self.mean_f: Any = 0
+        self.mean_g: Any = 0
+        self.total: Any = 0
+
+    def add(self, weight: Any, mean_f: Any, mean_g: Any, comoment: Any) -> None:
+        """Merge a chunk: its weight, its weighted means and its co-moment
+        about them."""
+        if weight == 0:
+            return
+        merged = self.weight + weight
+        df, dg = mean_f - self.mean_f, mean_g - self.mean_g
+        self.total = self.total + comoment + self.product(df, dg) * (self.weight * weight / merged)
+        self.mean_f, self.mean_g = self.mean_f + df * (weight / merged), self.mean_g + dg * (weight / merged)
+        self.weight = merged
+
+
 def node_sum(fa: Forward, fb: Forward, chunks: Iterable[tuple[np.ndarray, np.ndarray]], centered: bool,
              per_output: bool) -> Any:
     """sum_k w_k f(x_k) . g(x_k) (the weights summing to 1; ``centered``:
-    minus the product of the weighted means), summed over channels unless
+    the covariance, :class:`CentredSums`), summed over channels unless
     ``per_output``; ``chunks`` yields (inputs (m, width), weights (m,)) of at
-    most :data:`CHUNK` rows.
-
-    Centred, the sums are of f - f(x_0) and g - g(x_0), the first input's
-    outputs: the covariance is blind to the shift, and a constant part of
-    the outputs (a large bias) no longer cancels between the two terms
-    (it took every digit of an output varying by 1e-6 of its bias)."""
+    most :data:`CHUNK` rows."""
     acc_fg: Any = 0
-    acc_f: Any = 0
-    acc_g: Any = 0
+    sums = CentredSums(lambda df, dg: df * dg)
     origin: Any = None
     tick = advancer()  # the running plan's bar, when one shows
     for x, w in chunks:
@@ -160,11 +183,14 @@ def node_sum(fa: Forward, fb: Forward, chunks: Iterable[tuple[np.ndarray, np.nda
         if tick is not None:
             tick(fa.flops(len(x)) + fb.flops(len(x)))
         if centered:
-            if origin is None:
-                origin = (f[0].copy(), g[0].copy())
-            f, g = f - origin[0], g - origin[1]
-            acc_f = acc_f + (w[:, None] * f).sum(axis=0)
-            acc_g = acc_g + (w[:, None] * g).sum(axis=0)
-        acc_fg = acc_fg + (w[:, None] * f * g).sum(axis=0)
-    value = acc_fg - (acc_f * acc_g if centered else 0)
+            weight = w.sum()
+            if weight != 0:
+                if origin is None:  # the first chunk's means, taken out of every output: the means merged below
+                    origin = ((w[:, None] * f).sum(axis=0) / weight, (w[:, None] * g).sum(axis=0) / weight)
+                f, g = f - origin[0], g - origin[1]  # are then of the outputs' spread, not of their constant
+                mf, mg = (w[:, None] * f).sum(axis=0) / weight, (w[:, None] * g).sum(axis=0) / weight
+                sums.add(weight, mf, mg, (w[:, None] * (f - mf) * (g - mg)).sum(axis=0))
+        else:
+            acc_fg = acc_fg + (w[:, None] * f * g).sum(axis=0)
+    value = sums.total if centered else acc_fg
     return value if per_output else float(np.sum(value))

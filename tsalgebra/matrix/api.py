@@ -56,8 +56,9 @@ def _compute(rows_in: Any, cols_in: Any | None, inner: str | None, method: str, 
     said += _common_degree(rows + (cols or []), inner, options)
     law = _measure(rows + (cols or []), inner, mean, cov, measure)
     if centered:  # the same covariances without the output biases, whose size float64 would subtract
-        rows = [without_output_bias(m) for m in rows]
-        cols = None if cols is None else [without_output_bias(m) for m in cols]
+        dropped: dict[int, Any] = {}  # one copy per model: a model in both rows and columns stays one object
+        rows = [dropped.setdefault(id(m), without_output_bias(m)) for m in rows]
+        cols = None if cols is None else [dropped.setdefault(id(m), without_output_bias(m)) for m in cols]
     if tiling is not None and tiling.active:  # tiles on a cluster or into a store: the same routes per tile
         from .cluster import tiled
 

@@ -16,13 +16,11 @@ algorithm whose nodes it uses; the models are taken at their canonical scale
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from ..algorithms.registry import _named, choose
 from ..problem import CostError, InnerProblem, degree_of
-from ..node_sums import CHUNK, Forward
+from ..node_sums import CHUNK, CentredSums, Forward
 from ..progress import progress_bar
 from .job import Gram, Job
 from .ops import Clock
@@ -85,34 +83,44 @@ def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
                        cost.flops > 1e10)
     K = np.zeros((len(A), len(Bs)))
     sA, sB = np.zeros(len(A)), np.zeros(len(Bs))
-    mA, mB = 0.0, 0.0  # weighted output sums (centred products)
-    origin: Any = None  # the outputs the centred products are summed about
+    # centred: the cross and self co-moments about the running means, chunk by chunk (CentredSums)
+    cross, own_a, own_b = (CentredSums(p) for p in (lambda a, b: a @ b.T, lambda a, b: np.sum(a * b, axis=1),
+                                                     lambda a, b: np.sum(a * b, axis=1)))
+    origin = None
     clock.start()
     try:
         for x, w in _named(plan.algorithm).nodes(plan.problem):
             FA = np.stack([f(x) for f in fa])  # (models, nodes, outputs)
             FB = FA if sym else np.stack([f(x) for f in fb])
             clock.lap("evaluate", sum(f.flops(len(x)) for f in (fa if sym else fa + fb)))
-            if job.centered:  # about the first node's outputs: a constant part (a large bias) then never cancels
-                if origin is None:
-                    origin = (FA[:, :1].copy(), None if sym else FB[:, :1].copy())
-                FA = FA - origin[0]
-                FB = FA if sym else FB - origin[1]
+            if job.centered:  # each chunk about its own weighted means (as node_sum)
+                weight = w.sum()
+                if weight == 0:
+                    continue
+                if origin is None:  # the first chunk's means, taken out of every output
+                    origin = (np.einsum("n,mno->mo", w, FA) / weight, None if sym else np.einsum("n,mno->mo", w, FB) / weight)
+                FA = FA - origin[0][:, None, :]
+                FB = FA if sym else FB - origin[1][:, None, :]
+                mA = np.einsum("n,mno->mo", w, FA) / weight
+                mB = mA if sym else np.einsum("n,mno->mo", w, FB) / weight
+                FA = FA - mA[:, None, :]
+                FB = FA if sym else FB - mB[:, None, :]
             WA = FA * w[None, :, None]
-            K += WA.reshape(len(A), -1) @ FB.reshape(len(Bs), -1).T
-            sA += np.einsum("mno,mno->m", WA, FA)
-            sB = sA if sym else sB + np.einsum("mno,mno->m", FB * w[None, :, None], FB)
+            Kc = WA.reshape(len(A), -1) @ FB.reshape(len(Bs), -1).T
+            sAc = np.einsum("mno,mno->m", WA, FA)
+            sBc = sAc if sym else np.einsum("mno,mno->m", FB * w[None, :, None], FB)
             if job.centered:
-                mA = mA + WA.sum(axis=1)
-                mB = mA if sym else mB + (FB * w[None, :, None]).sum(axis=1)
+                cross.add(weight, mA, mB, Kc)
+                own_a.add(weight, mA, mA, sAc)
+                own_b.add(weight, mB, mB, sBc)
+            else:
+                K, sA, sB = K + Kc, sA + sAc, sB + sBc
             clock.lap("gram", 2 * len(A) * len(Bs) * FA.shape[1] * FA.shape[2])
             bar.update(len(x))
     finally:
         bar.close()
     if job.centered:
-        K = K - np.asarray(mA) @ np.asarray(mB).T
-        sA = sA - np.einsum("mo,mo->m", mA, mA)
-        sB = sA if sym else sB - np.einsum("mo,mo->m", mB, mB)
+        K, sA, sB = cross.total, own_a.total, own_b.total
     if sym:
         K = (K + K.T) / 2
         K[np.diag_indices(len(A))] = sA
