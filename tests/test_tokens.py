@@ -627,8 +627,8 @@ def test_centred_products_blind_to_large_output_constants(kind, algorithm, const
     without it, to 1e-9 (E[f g] - E[f] E[g] subtracted terms 1e14 times the
     answer: 2 to 12 digits lost).  The token-moments algorithm takes the
     covariance over the query token as such, every algorithm subtracts the
-    means before the unembedding reads them, enumeration sums about the
-    first sequence's outputs; the attention algorithms leave the output bias
+    means before the unembedding reads them, enumeration merges each chunk's
+    co-moment about its own means; the attention algorithms leave the output bias
     out of centred products.  Enumeration to 1e-7: its forward passes round
     outputs that carry the attention's constant at 1e-16 of 1e7."""
     V, n = 4, 3
@@ -642,8 +642,8 @@ def test_centred_products_blind_to_large_output_constants(kind, algorithm, const
 
 
 def test_centred_node_gram_matrix_blind_to_large_output_constants():
-    """The node-gram route's centred Gram, summed about the first node's
-    outputs: a constant of 1e7 on every output of three bilinear layers on
+    """The node-gram route's centred Gram, each chunk about its own means:
+    a constant of 1e7 on every output of three bilinear layers on
     two one-hot tokens leaves the matrix unchanged to 1e-6 (off by 1e-2
     before; what is left is the rounding of outputs that carry the constant,
     1e-16 of 1e7, in the forward passes themselves)."""
