@@ -44,6 +44,7 @@ attention module, is one call: ``register_adapter(MyAttention, fn)``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -252,7 +253,11 @@ def _lookup(module: nn.Module) -> Adapter | None:
 
 def _np(t: torch.Tensor | None) -> np.ndarray | None:
     """A parameter as a float64 numpy copy (None stays None: an absent bias);
-    TypeError for a complex or meta tensor (a cast would keep the real part)."""
+    TypeError for a complex or meta tensor (a cast would keep the real part)
+    and for integer weights (the module's forward cannot take real inputs)."""
+    if t is not None and not (t.is_floating_point() or t.is_complex() or t.is_meta):
+        raise TypeError(f"integer weights (dtype {t.dtype}) are not supported: torch's forward cannot take real "
+                        "inputs with them; convert the module with .double() first")
     return None if t is None else real_float64(t).copy()
 
 
@@ -265,7 +270,10 @@ def _child(path: str, name: str) -> str:
 
 
 def _linear(module: nn.Linear, path: str) -> Linear:
-    return Linear(_np(module.weight), _np(module.bias), name=_name("Linear", path))
+    try:
+        return Linear(_np(module.weight), _np(module.bias), name=_name("Linear", path))
+    except ValueError as exc:  # its message starts with the layer's name: not prefixed again by convert
+        raise AdapterError(path, str(exc)) from None
 
 
 def _bilinear(left: nn.Linear, right: nn.Linear, down: nn.Linear | None, path: str) -> Bilinear:
@@ -375,6 +383,10 @@ def _sequence(parts: list[Any], path: str) -> Component | None:
         flat = sum(p is not None for p in parts[:flat])
     if not kept:
         return None
+    late = next((p for p in kept[1:] if p.token_input is not None), None)
+    if late is not None:  # else only the forward check would fail, on token ids given to the first layer
+        raise AdapterError(path, f"{late!r} follows {kept[0]!r}: an nn.Embedding reads token ids, so it must be "
+                                 "the first layer")
     try:
         return kept[0] if len(kept) == 1 else Sequential(*_per_position(kept, flat))
     except ValueError as exc:
@@ -694,11 +706,15 @@ def _forward_mismatch(module: nn.Module, model: Component) -> float:
         return float("inf")
     if not isinstance(want, torch.Tensor) or want.numel() != _CHECK_SAMPLES * model.out_features:
         return float("inf")
-    want_np = want.reshape(_CHECK_SAMPLES, -1).numpy()
+    want_np = want.reshape(_CHECK_SAMPLES, -1).numpy().astype(np.float64)  # float64 even if forward casts down
     flat = np.asarray(model.one_hot(x.numpy()), dtype=float)  # token ids one-hot; vectors as they are
     got = np.asarray(model.evaluate_flat(flat), dtype=float).reshape(_CHECK_SAMPLES, -1)
-    scale = max(1.0, float(np.abs(want_np).max()))
-    return float(np.abs(got - want_np).max() / scale)
+    # relative to the outputs' own size, never an absolute floor: small outputs (a layer scaled by 1e-7)
+    # would otherwise hide any difference; all-zero outputs match only all-zero outputs
+    err, scale = float(np.abs(got - want_np).max()), float(np.abs(want_np).max())
+    if not (math.isfinite(err) and math.isfinite(scale)):
+        return float("inf")
+    return err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
 
 
 def from_torch(module: Any, *, check: bool = True) -> Component:
@@ -711,7 +727,7 @@ def from_torch(module: Any, *, check: bool = True) -> Component:
     weights: remove it, or convert a copy without it), and when the whole
     module is the identity.  Every conversion, registered adapters included,
     is checked against the module's own forward on random inputs (float64,
-    relative error <= 1e-6) before it is returned; ``check=False`` skips
+    error <= 1e-6 of the largest output, however small) before it is returned; ``check=False`` skips
     that comparison (one forward pass of each on 8 inputs) for models too
     large to run, and then nothing verifies the adapters' output.  Weights
     are copied as float64; the module is not modified (train/eval mode
@@ -720,6 +736,12 @@ def from_torch(module: Any, *, check: bool = True) -> Component:
     if isinstance(module, Component):
         return module
     if isinstance(module, nn.Module):
+        lazy = [(name, sub) for name, sub in module.named_modules()
+                if any(isinstance(p, nn.parameter.UninitializedParameter) for p in sub.parameters(recurse=False))]
+        if lazy:  # before the hooks: the pre-hook a lazy module carries infers its shapes, and is not the cause
+            name, sub = lazy[0]
+            raise AdapterError(name, f"{type(sub).__name__} is uninitialised (a lazy module has no weights until its "
+                                     "first forward): run one forward pass on an input first")
         hooked = _hooks(module)
         if hooked:
             raise AdapterError("", f"forward hooks or pre-hooks on {', '.join(hooked)}: a hook changes what the "

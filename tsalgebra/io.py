@@ -17,7 +17,7 @@ checkpoint).
 The architecture comes from one of two places:
 
 - ``template=``: a torch module, or a function with no arguments building one.
-  A copy is put in eval mode, loaded with the state dict (strict by
+  A float64 copy is put in eval mode, loaded with the state dict (strict by
   default), and converted with :func:`~tsalgebra.adapters.from_torch`; the
   template itself is never modified.
 - the native layout (no template needed): the state dict of an
@@ -50,6 +50,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import numbers
 import pickle
 import re
 import struct
@@ -64,7 +65,7 @@ if TYPE_CHECKING:  # torch is imported only where a torch file or a template nee
 import numpy as np
 
 from .arrays import is_torch, no_real_values, real_float64
-from .layouts import SIZES, attention_lm, is_run_directory, read_config
+from .layouts import SIZES, attention_lm, is_run_directory, missing_sizes, read_config
 from .components import Bilinear, Component, Linear, Sequential
 
 __all__ = ["LoadError", "load", "save", "checkpoint_paths", "read_state_dict", "model_from_state_dict",
@@ -81,7 +82,7 @@ class LoadError(ValueError):
     """A file that cannot be read or interpreted; the message starts with its path."""
 
     def __init__(self, path: Any, message: str) -> None:
-        self.path = str(path)
+        self.path, self.message = str(path), message
         super().__init__(f"{self.path}: {message}")
 
 
@@ -107,8 +108,8 @@ def checkpoint_paths(path: str | Path) -> list[Path]:
         if (p / "checkpoints").is_dir():  # a run folder: say where its checkpoints are, and why not as a run
             hint = f"; they load from {p / 'checkpoints'}"
             if (p / "config.json").is_file():
-                hint += (f" (its config.json does not name {', '.join(SIZES)}, so it is not a language-model run "
-                         "in the papers' layout)")
+                hint += (f" (its config.json does not name {', '.join(missing_sizes(p) or SIZES)}, so it is not a "
+                         "language-model run in the papers' layout)")
         raise LoadError(p, f"directory holds no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}){hint}")
     return sorted(files, key=lambda f: natural_key(f.name))
 
@@ -116,6 +117,10 @@ def checkpoint_paths(path: str | Path) -> list[Path]:
 MAX_CHECKPOINT_BYTES = 2**32  # 4 GiB of tensors: far above the field's checkpoints; raise with max_bytes=
 MAX_LEGACY_PICKLE = 2**26  # the pickles before a legacy file's data; longer ones go unchecked to torch
 MAX_INFLATION = 50  # a torch zip is stored uncompressed; a deflated one inflating 50x is a zip bomb
+# what parsing corrupted bytes raises (zipfile: BadZipFile, NotImplementedError for an unknown version,
+# UnicodeDecodeError, a ValueError, for a bad name; struct.error, EOFError); a programming error stays itself
+_MALFORMED = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError,
+              struct.error, OverflowError, KeyError, IndexError)
 
 
 def _sniff(path: Path) -> str:
@@ -164,17 +169,19 @@ def _unwrap(obj: Any, path: Path, state_key: str | None = None) -> dict[str, Any
     """The state dict in a loaded object: the object itself when it maps names
     to tensors, else the one entry that does (``state_key`` names it when
     several do: a checkpoint holding both ``model`` and ``ema`` is never read
-    silently as one of them)."""
+    silently as one of them).  A file that is itself a state dict holds one
+    set of weights and is read as it is, whatever ``state_key`` says: the
+    key chooses among the state dicts of files that hold several."""
     if not isinstance(obj, Mapping):
         raise LoadError(path, f"holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors)")
+    if obj and all(_is_array(v) for v in obj.values()):
+        return {str(k): v for k, v in obj.items()}
     holders = [str(k) for k, v in obj.items() if isinstance(v, Mapping) and v and all(_is_array(x) for x in v.values())]
     if state_key is not None:
         if state_key not in holders:
             raise LoadError(path, f"state_key={state_key!r}: no state dict there; the entries holding tensors are "
                                   f"{holders or 'none'}")
         return {str(k): v for k, v in obj[state_key].items()}
-    if obj and all(_is_array(v) for v in obj.values()):
-        return {str(k): v for k, v in obj.items()}
     if len(holders) == 1:
         return {str(k): v for k, v in obj[holders[0]].items()}
     keys = ", ".join(map(str, list(obj)[:8]))
@@ -223,12 +230,14 @@ def _check_size(p: Path, kind: str, max_bytes: int) -> None:
     """Refuse before anything is inflated: the bytes a file will occupy,
     read from its own directory (a torch zip's entries, a safetensors header)."""
     size = p.stat().st_size
-    if kind == "torch" and zipfile.is_zipfile(p):
-        try:
+    try:
+        infos = None
+        if kind == "torch" and zipfile.is_zipfile(p):
             with zipfile.ZipFile(p) as z:
                 infos = z.infolist()
-        except (zipfile.BadZipFile, OSError) as exc:
-            raise LoadError(p, f"malformed torch checkpoint (zip directory): {exc}") from None
+    except _MALFORMED as exc:  # zipfile's parse of a corrupted directory (names, versions, disks)
+        raise LoadError(p, f"malformed torch checkpoint (zip directory): {str(exc) or type(exc).__name__}") from None
+    if infos is not None:
         inflated = sum(i.file_size for i in infos)
         packed = sum(i.compress_size for i in infos)
         if inflated > MAX_INFLATION * max(packed, 1) and inflated > 2**20:
@@ -334,7 +343,12 @@ def _read_safetensors(p: Path) -> dict[str, Any]:
     with open(p, "rb") as fh:
         (n,) = struct.unpack("<Q", fh.read(8))
         header = _json.loads(fh.read(n))
-    dtypes = {v["dtype"] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    if not isinstance(header, dict):
+        raise LoadError(p, f"malformed safetensors header: a JSON {type(header).__name__}, not an object")
+    for k, v in header.items():  # named here: the reader would say only "'dtype'"
+        if k != "__metadata__" and not (isinstance(v, dict) and isinstance(v.get("dtype"), str)):
+            raise LoadError(p, f"malformed safetensors header: entry {k!r} has no dtype")
+    dtypes = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
     if dtypes <= {"F64", "F32", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL"}:
         from safetensors.numpy import load_file
 
@@ -423,11 +437,19 @@ def model_from_state_dict(sd: Mapping[str, Any], template: Template = None,
 
     from .adapters import AdapterError, from_torch
 
+    module = template
+    if not isinstance(template, nn.Module) and callable(template):
+        try:
+            module = template()
+        except Exception as exc:  # noqa: BLE001 - the user's code: what it raised, named, never a traceback
+            name = getattr(template, "__qualname__", None)
+            what = f"{getattr(template, '__module__', None) or '?'}.{name}()" if name else repr(template)
+            raise LoadError(source, f"the template builder {what} raised {type(exc).__name__}: {exc}") from None
     try:
-        module = template() if not isinstance(template, nn.Module) and callable(template) else template
         if not isinstance(module, nn.Module):
             raise TypeError(f"template must be an nn.Module or a function returning one, got {type(module).__name__}")
-        module = copy.deepcopy(module)
+        # float64, as the conversion is: a float32 template would round the checkpoint's values on the copy in
+        module = copy.deepcopy(module).double()
         tensors = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))
                    for k, v in strip_prefixes(sd, module.state_dict()).items()}
         module.load_state_dict(tensors, strict=strict)
@@ -449,10 +471,12 @@ def load(path: str | Path, template: Template = None, *, strict: bool = True,
     steps, which matrices use as labels).  Keys prefixed by a wrapper
     (``module.``, ``_orig_mod.``, ``model.``) are read without the prefix;
     ``state_key`` picks the state dict of a checkpoint that holds several
-    (``"ema"`` beside ``"model"``).  A training run of a bilinear-attention
+    (``"ema"`` beside ``"model"``); a file that is itself a state dict is
+    read as it is.  A training run of a bilinear-attention
     language model in the papers' layout (a ``config.json`` naming vocab_size,
     d_model, n_head and n_layers beside ``checkpoints/``:
-    :mod:`tsalgebra.layouts`) loads without a template, at
+    :mod:`tsalgebra.layouts`), its ``checkpoints/`` folder or one of its
+    files loads without a template, at
     the analysis length ``n_ctx`` (the number of token positions).
 
     ``template``: a torch module or a no-argument function building one whose
@@ -465,20 +489,52 @@ def load(path: str | Path, template: Template = None, *, strict: bool = True,
     the file) for anything unreadable, malformed or of the wrong layout.
     """
     p = Path(path)
-    run = p if p.is_dir() else p.parent.parent if p.parent.name == "checkpoints" else None
-    if template is None and run is not None and is_run_directory(run):  # a language-model run, or one of its files
+    if n_ctx is not None and not (isinstance(n_ctx, numbers.Integral) and not isinstance(n_ctx, bool) and n_ctx > 0):
+        raise LoadError(p, f"n_ctx={n_ctx!r}: the analysis length must be a positive integer (token positions)")
+    run = _run_of(p)
+    if template is None and run is not None:  # a language-model run, its checkpoints/ folder, or one of its files
         if n_ctx is None:
             raise LoadError(p, "a language-model run loads at an analysis length: pass n_ctx= (token positions; "
                                "the weights do not depend on it; --n-ctx on the command line)")
         config = read_config(run)
-        files = checkpoint_paths(p / "checkpoints" if p.is_dir() else p)
+        files = checkpoint_paths(run / "checkpoints" if p.is_dir() else p)
         models = [attention_lm(strip_prefixes(read_state_dict(f, max_bytes=max_bytes, state_key=state_key)), config,
                                n_ctx, f) for f in files]
         return Checkpoints(models, files) if p.is_dir() else models[0]
     files = checkpoint_paths(p)
-    models = [_at_positions(model_from_state_dict(read_state_dict(f, max_bytes=max_bytes, state_key=state_key),
-                                                  template, strict=strict, source=f), n_ctx, f) for f in files]
+    models = [_at_positions(_from_file(f, template, strict, max_bytes, state_key), n_ctx, f) for f in files]
     return Checkpoints(models, files) if p.is_dir() else models[0]
+
+
+def _from_file(f: Path, template: Template, strict: bool, max_bytes: int, state_key: str | None) -> Component:
+    """One file by ``template`` or the native layout; a native failure beside
+    a config.json naming some of the language model's sizes names the missing
+    ones first (a misspelt "n_heads" is why the run was not read as one)."""
+    try:
+        return model_from_state_dict(read_state_dict(f, max_bytes=max_bytes, state_key=state_key), template,
+                                     strict=strict, source=f)
+    except LoadError as exc:
+        run = _run_candidate(f)
+        if template is None and run is not None and (missing := missing_sizes(run)):
+            raise LoadError(f, f"not read as a language-model checkpoint: {run / 'config.json'} is missing {missing} "
+                               f"(it names the other sizes of {list(SIZES)}); by the native layout: {exc.message}"
+                            ) from None
+        raise
+
+
+def _run_candidate(p: Path) -> Path | None:
+    """The folder that would be the run of ``p``: ``p`` itself, or the parent
+    (with a config.json) of its ``checkpoints/`` folder or checkpoint file."""
+    if p.is_dir():
+        return p.parent if p.name == "checkpoints" and (p.parent / "config.json").is_file() else p
+    return p.parent.parent if p.parent.name == "checkpoints" else None
+
+
+def _run_of(p: Path) -> Path | None:
+    """The language-model run (:func:`is_run_directory`) that ``p`` is, or
+    whose ``checkpoints/`` folder or checkpoint file it is; None otherwise."""
+    run = _run_candidate(p)
+    return run if run is not None and is_run_directory(run) else None
 
 
 def _at_positions(model: Component, n_ctx: int | None, source: Any) -> Component:

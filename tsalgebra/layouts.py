@@ -25,7 +25,12 @@ run's own settings) is not this layout.  :func:`attention_lm` builds the
 tsalgebra model (embedding, attention layers, unembedding; reading token ids)
 at the analysis length ``n_ctx``, on which the weights do not depend.  Every
 key of the state dict is used, with the shape the configuration gives it, or
-the load is refused naming the key.
+the load is refused naming the key.  An optional key (a bias, the final norm's gain and scale) may be
+absent only where its absence is a property of the whole model: a
+projection's bias is in every layer or none (the query-key biases all four
+together, as ``use_bias_qk`` says when config.json says it), and
+``final_norm.scale`` needs ``final_norm.weight``; a key missing from part
+of the model is refused naming it (docs/user-guide.md, section 4).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import numpy as np
 from .attention import BilinearAttention
 from .components import Component, Embedding, Linear, PositionWise, Sequential
 
-__all__ = ["attention_lm", "is_run_directory", "read_config"]
+__all__ = ["attention_lm", "is_run_directory", "missing_sizes", "read_config"]
 
 ROTARY_BASE = 10_000.0  # the papers' default when config.json does not name one
 SIZES = ("vocab_size", "d_model", "n_head", "n_layers")  # the settings naming the papers' layout
@@ -132,6 +137,19 @@ def is_run_directory(path: Path) -> bool:
     return isinstance(cfg, dict) and all(k in cfg for k in SIZES)
 
 
+def missing_sizes(path: Path) -> list[str]:
+    """The sizes ``path/config.json`` leaves out when it names some of them but
+    not all (a misspelt "n_heads"); [] when it names all, none, or is absent
+    or not JSON (read_config says why)."""
+    try:
+        cfg = _raw_config(path)
+    except (OSError, ValueError):
+        return []
+    if not isinstance(cfg, dict) or not any(k in cfg for k in SIZES):
+        return []
+    return [k for k in SIZES if k not in cfg]
+
+
 def _rotate_half_to_pairs(d_head: int) -> np.ndarray:
     """The permutation of a head's dimensions taking rotate-half pairs (k,
     k + d_head/2) to the consecutive pairs (2k, 2k + 1) tsalgebra rotates;
@@ -178,6 +196,18 @@ def attention_lm(sd: Mapping[str, Any], config: Mapping[str, Any], n_ctx: int, s
         if wrong:
             raise LoadError(source, f"{wrong[0]} is {'missing' if cfg['use_bias_qk'] else 'present'}, but the "
                                     f"configuration says use_bias_qk={str(cfg['use_bias_qk']).lower()}")
+    # an optional key may be absent only where its absence is a property of the whole model (a key deleted
+    # from a checkpoint would load as another function): a projection's bias is in every layer or none (the
+    # query-key biases all four together, as use_bias_qk says), and a final-norm scale divides a gain
+    groups = [[f"layers.{i}.{name}.bias" for i in range(L) for name in projections[:4]]]
+    groups += [[f"layers.{i}.{name}.bias" for i in range(L)] for name in projections[4:]]
+    groups.append(["final_norm.weight", "final_norm.scale"] if "final_norm.scale" in sd else [])
+    for group in groups:
+        present = [k for k in group if k in sd]
+        if present and len(present) < len(group):
+            missing = next(k for k in group if k not in sd)
+            raise LoadError(source, f"{missing} is missing, but the state dict has {present[0]}: the layout's "
+                                    "optional keys are absent throughout the model or present throughout")
 
     def weight(key: str, required: bool = True) -> np.ndarray | None:
         if key not in sd:
@@ -213,10 +243,16 @@ def attention_lm(sd: Mapping[str, Any], config: Mapping[str, Any], n_ctx: int, s
         # final_norm at eval time: a gain, exactly a diagonal map before the unembedding
         gain = weight("final_norm.weight", required=False)
         scale = weight("final_norm.scale", required=False)
-        if gain is not None:
-            unembed = unembed * gain
-        if scale is not None:
-            unembed = unembed / scale
+        if scale is not None and not np.all(scale != 0):
+            raise LoadError(source, "final_norm.scale is zero: the final norm divides by it")
+        with np.errstate(over="ignore"):  # an overflow is named below, not warned about
+            if gain is not None:
+                unembed = unembed * gain
+            if scale is not None:
+                unembed = unembed / scale
+        if not np.isfinite(unembed).all():
+            raise LoadError(source, "unembed.weight * final_norm.weight / final_norm.scale (the final norm folded "
+                                    "into the unembedding) overflows float64")
         layers.append(PositionWise(Linear(unembed, weight("unembed.bias", required=False), name="unembed"), n_ctx))
         return Sequential(*layers)
     except LoadError:
