@@ -525,7 +525,7 @@ def usage_cases(tmp_path, ckpts):
     (["similarity", "one", "one", "--inner", "tokens"], "--inner tokens"),
     (["plan", "one", "one", "--inner", "tokens"], "--inner tokens"),
     (["similarity", "one", "one", "--inner", "symmetric", "--method", "closure"], "--method closure"),
-    (["similarity", "one", "one", "--state-key", "ema"], "--state-key ema"),
+    (["similarity", "two", "one", "--state-key", "best"], "--state-key best"),
     (["similarity", "two", "one"], "--state-key"),
     (["similarity", "foreign", "one"], "--template"),
     (["matrix", "foreign", "one"], "--template"),

@@ -38,6 +38,7 @@ import math
 import os
 import re
 import sys
+import traceback
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -205,9 +206,10 @@ _OPTIONS = {
 }
 _KEYS = "|".join(sorted(_OPTIONS, key=len, reverse=True))
 # keyword=value as a message spells an argument (not inside a model's repr,
-# where it is followed by a comma or a parenthesis)
+# where it is followed by a comma or a parenthesis; a store's "written with
+# seed=4, this call has seed=5" is no repr)
 _KEYWORD = re.compile(rf"(?<![\w.-])({_KEYS})=(?:(True|False|'[^']*'|\"[^\"]*\"|\.\.\.)(?=[\s:;,.)]|$)"
-                      rf"|([-+\w.]*\w)?(?=[\s:;]|$))")
+                      rf"|([-+\w.]*\w)?(?=[\s:;]|, this call |$))")
 _MUST = re.compile(rf"(?<![\w.-])({_KEYS})(?= must be\b)")
 _HINT = re.compile(r"\s*\(--[a-z][a-z-]* on the command line\)|;\s*--[a-z][a-z-]* on the command line")
 
@@ -255,6 +257,7 @@ def _translated(message: str) -> tuple[str, bool]:
 
     text = _HINT.sub("", message).replace(" or .at(n_ctx)", "")
     text, n = _KEYWORD.subn(keyword, text)
+    text = text.replace("with without --", "without --")  # "written with centered=False"
     text, k = _MUST.subn(lambda m: _OPTIONS[m.group(1)][0], text)
     return text, bool(n or k)
 
@@ -350,9 +353,23 @@ def _load_at(path: Any, template: Any, state_key: str | None, n_ctx: int | None)
             model = load(path, template, state_key=state_key)
         except LoadError:
             raise exc from None  # the cause is the first error, not the missing n_ctx
-        if any(k == "n_ctx" or k.endswith(".n_ctx") for k in model.settings()):
+        if _has_positions(model):
             raise exc  # it has positions: the error at --n-ctx stands
         return model
+
+
+def _has_positions(model: Any) -> bool:
+    """Whether ``model`` reads token positions (a setting n_ctx)."""
+    return isinstance(model, Component) and any(k == "n_ctx" or k.endswith(".n_ctx") for k in model.settings())
+
+
+def _check_n_ctx(args: argparse.Namespace, models: Sequence[Any]) -> None:
+    """--n-ctx given where no model has token positions: an option that does
+    not apply (as ts.load says; :func:`_load_at` lets such a model through
+    only beside one that has them)."""
+    if getattr(args, "n_ctx", None) is not None and not any(_has_positions(m) for m in models):
+        raise UsageError(f"--n-ctx {args.n_ctx} does not apply: none of these models has token positions (--n-ctx is "
+                         "the analysis length of language models)")
 
 
 def _check_widths(named: Sequence[tuple[Any, Any]]) -> None:
@@ -446,6 +463,7 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     tpl = _template(args.template)
     a, b = _load_one(args.a, tpl, args.state_key, args.n_ctx), _load_one(args.b, tpl, args.state_key, args.n_ctx)
     args._sides = {"a": args.a, "b": args.b}  # the library's "model a" is this file
+    _check_n_ctx(args, (a, b))
     _check_inner(args, (a, b))
     _check_widths([(args.a, a), (args.b, b)])
     kw: dict[str, Any] = {"per_output": args.per_output, "budget": args.budget}
@@ -523,6 +541,12 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     if len(set(labels)) < len(labels):
         labels = [str(f) for f in files]
     out, csv_path = _matrix_outputs(args)  # checked before anything is computed: a bad path loses no run
+    if args.tile is not None and args.store is None and args.workers is None and args.scheduler is None:
+        raise UsageError("--tile applies to tiled matrices only (with --store, --workers or --scheduler)")
+    if args.store is not None:
+        from .matrix.cluster import store_path
+
+        store_path(args.store)  # a --store that cannot be one, before the models are read
     models = []
     for p in args.paths:
         if p in runs:
@@ -530,6 +554,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         else:
             models.extend(_load_at(f, tpl, args.state_key, args.n_ctx) for f in checkpoint_paths(p))
     args._files = files  # the library's "model k" is files[k]
+    _check_n_ctx(args, models)
     _check_inner(args, models)
     _check_widths(list(zip(files, models)))
     kw: dict[str, Any] = {"budget": args.budget}
@@ -553,8 +578,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     payload = {"labels": labels, "files": [str(f) for f in files], "values": values, "inner": res.inner,
                "method": res.method, "exact": res.exact, "route": res.route, "flops": res.flops,
                "centered": bool(args.centered), "measure": res.measure, "estimated": res.estimated,
-               "stderr": res.stderr, "figure": out, "csv": csv_path, "notes": list(res.notes),
-               "tiles": None if res.tiles is None else asdict(res.tiles)}
+               "stderr": res.stderr, "heavy_tailed": res.heavy_tailed, "figure": out, "csv": csv_path,
+               "notes": list(res.notes), "tiles": None if res.tiles is None else asdict(res.tiles)}
     lines = [f"{len(files)} checkpoints, {res.inner}{' centred' if args.centered else ''} similarity "
              f"({res.method}{'' if res.exact else ', not exact'}; route: {res.route}; {res.flops:.3g} flops)"]
     if len(files) <= 12:
@@ -564,6 +589,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
             lines.append(f"{lab:>{width}} " + " ".join(f"{v:7.4f}" for v in row) + f"   [{k}]")
     if res.stderr is not None:  # estimates: their errors (each entry's in the JSON)
         lines.append(f"estimated: standard errors up to {float(np.max(res.stderr)):.2g} (--json gives each entry's)")
+        lines.extend(n for n in res.notes if n.startswith("HEAVY TAILS"))  # those errors are doubtful
     lines.extend(res.notes[:1] if res.tiles is not None else [])
     lines.append(f"figure: {out}" + (f"; csv: {csv_path}" if csv_path else ""))
     _emit(args, payload, "\n".join(lines))
@@ -766,6 +792,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if cpath.suffix.lower() in CHECKPOINT_SUFFIXES or is_checkpoint(cpath):
         circuit: Any = _load_one(args.circuit, tpl, args.state_key, args.n_ctx)
         symbols = None
+        _check_n_ctx(args, (component, circuit))
     else:
         names = args.symbols.replace(",", " ").split() if args.symbols else (
             [f"x{i}" for i in range(1, component.in_features + 1)])
@@ -778,6 +805,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             text = cpath.read_text()
         except UnicodeDecodeError:
             raise ValueError(f"{cpath}: neither a checkpoint nor a text file of formulas") from None
+        _check_n_ctx(args, (component,))
         circuit = parse_formulas(text, names, str(cpath))
         import sympy
 
@@ -819,6 +847,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     tpl = _template(args.template)
     a, b = _load_one(args.a, tpl, args.state_key, args.n_ctx), _load_one(args.b, tpl, args.state_key, args.n_ctx)
     args._sides = {"a": args.a, "b": args.b}
+    _check_n_ctx(args, (a, b))
     _check_inner(args, (a, b))
     _check_widths([(args.a, a), (args.b, b)])
     sp = plan_similarity(a, b, args.inner, centered=args.centered, per_output=args.per_output, budget=args.budget)
@@ -1045,12 +1074,30 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except MemoryError as exc:  # an allocation this machine refused: said as such, not a traceback
         return _fail(args, EXIT_FAILED, f"out of memory ({exc or 'an allocation failed'}); try a smaller --n-ctx, "
                                         "fewer models, or a smaller --budget")
+    except Exception as exc:  # noqa: BLE001 - the last resort: a kind of error not foreseen, said, not a traceback
+        return _fail(args, EXIT_FAILED, _unexpected(exc))
     except KeyboardInterrupt:
         print("tsalgebra: interrupted", file=sys.stderr)
         return 130
     finally:
         for note in _notes(args):  # warnings not reported with an output (a failure, say)
             print(f"tsalgebra: note: {note}", file=sys.stderr)
+
+
+def _unexpected(exc: BaseException) -> str:
+    """An exception of a kind the command does not expect, in one line: its
+    type, message and the innermost place of the user's code it came from
+    (a --template builder), else a bug of tsalgebra's to report."""
+    text = f"unexpected {type(exc).__name__}: {' '.join(str(exc).split()) or 'no message'}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    package = Path(__file__).resolve().parent
+    libraries = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    users = [f for f in frames if not f.filename.startswith("<") and not any(  # "<frozen ...>": Python's own
+        Path(f.filename).resolve().is_relative_to(p) for p in (package, *libraries))]
+    if users:
+        return f"{text} (raised in {users[-1].filename}, line {users[-1].lineno}, in {users[-1].name})"
+    where = f" (at {frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+    return f"{text}{where}; this is a bug in tsalgebra, please report it"
 
 
 def _fail(args: argparse.Namespace, code: int, message: str, **extra: Any) -> int:

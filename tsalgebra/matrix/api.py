@@ -45,6 +45,9 @@ def _compute(rows_in: Any, cols_in: Any | None, inner: str | None, method: str, 
              route: str, dtype: Any, device: Any, max_memory: int | None, progress: bool | None,
              options: dict[str, Any], tiling: Tiling | None = None) -> SimilarityMatrix:
     started = time.perf_counter()
+    if tiling is not None and tiling.tile is not None and not tiling.active:  # as any option that does not apply
+        raise ValueError("tile= applies to tiled matrices only (with store=, workers=, scheduler= or client=); "
+                         "without them the matrix is computed whole")
     measure = given = options.pop("measure", None)
     rows, labels = _models(rows_in, "models" if cols_in is None else "models_a")
     cols, col_labels = (None, None) if cols_in is None else _models(cols_in, "models_b")
@@ -114,7 +117,8 @@ def compute_tile(rows: list[Any], cols: list[Any] | None, spec: TileSpec, selfs:
                     zeros[0] if gram.row_log_scale is None else np.asarray(gram.row_log_scale, dtype=float),
                     zeros[1] if gram.col_log_scale is None else np.asarray(gram.col_log_scale, dtype=float),
                     chosen, int(gram.flops), bool(gram.exact), gram.method, time.perf_counter() - t0,
-                    gram.cosines, None if gram.stderr is None else np.asarray(gram.stderr, dtype=float))
+                    gram.cosines, None if gram.stderr is None else np.asarray(gram.stderr, dtype=float),
+                    None if gram.heavy is None else np.asarray(gram.heavy, dtype=bool))
 
 
 def _checked(inner: str, method: str, centered: bool, route: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -298,7 +302,7 @@ def _result(job: Job, gram: Gram, route: str, costs: Mapping[str, RouteCost], no
     if gram.cosines:  # the route's own cosines (a joint estimate per pair); the self products give the norms
         cos = _cosines(gram.cross, np.ones(gram.cross.shape[0]), np.ones(gram.cross.shape[1]), job.inner,
                        gram.dtype, sym)
-        notes += (pairwise.JOINT_NOTE,)
+        notes += (pairwise.JOINT_NOTE,) + (() if gram.heavy is None else pairwise.heavy_note(gram.heavy, sym))
     else:
         cos = _cosines(gram.cross, gram.row_self, gram.col_self, job.inner, gram.dtype, sym)
     norms = _norms(gram.row_self, gram.row_log_scale)
@@ -307,7 +311,7 @@ def _result(job: Job, gram: Gram, route: str, costs: Mapping[str, RouteCost], no
         norms=norms, col_norms=norms if sym else _norms(gram.col_self, gram.col_log_scale), symmetric=sym,
         centered=job.centered, measure=job.measure.label if job.measure is not None else "", dtype=gram.dtype, device=gram.device, max_memory=job.memory,
         candidates=dict(costs), steps=gram.steps, seconds=seconds, labels=labels,
-        col_labels=labels if sym else col_labels, notes=notes, stderr=gram.stderr,
+        col_labels=labels if sym else col_labels, notes=notes, stderr=gram.stderr, heavy_tailed=gram.heavy,
     )
 
 

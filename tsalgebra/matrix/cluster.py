@@ -24,7 +24,10 @@ whole or absent) beside ``manifest.json``, which records the options, the
 tile size and a SHA-256 digest of every model's weights and settings.  A
 rerun with the same models and options reads the finished tiles and computes
 only the missing ones; a store written for other models or options is
-refused, naming the difference.  A worker that dies mid-tile loses that tile
+refused, naming the difference.  Each tile also records its rows and columns:
+a tile file that cannot be read, or holds another position, is computed
+again; a store that cannot be written is refused before any tile is
+computed.  A worker that dies mid-tile loses that tile
 only (the scheduler runs it again elsewhere); Ctrl-C on the client keeps
 every tile already written.
 """
@@ -55,14 +58,16 @@ from ..cosine import cosines
 from ..progress import progress_bar
 from .job import TileGram, Tiling
 from .ops import parse_dtype
-from .pairwise import JOINT_NOTE
+from .pairwise import JOINT_NOTE, heavy_note
 from .results import SimilarityMatrix, StepTime, TileReport
 
-__all__ = ["Tile", "tiles_of", "model_digest", "Store", "tiled"]
+__all__ = ["Tile", "tiles_of", "model_digest", "Store", "store_path", "tiled"]
 
 # 2: tiles carry the identity of the manifest they were computed under; model and
 # measure digests of their content; cosines of jointly estimated pairs.
-STORE_VERSION = 2
+# 3: tiles record their own rows and columns (a tile file copied to another
+# position is not read there) and which estimates are heavy-tailed.
+STORE_VERSION = 3
 # Tiles per worker aimed at when the tile size is chosen: enough that a slow
 # tile does not leave the others idle at the end, few enough that each tile
 # still batches (the batched routes' cost per pair falls with the block).
@@ -192,15 +197,29 @@ def _options_record(spec: Any, size: int, symmetric: bool) -> dict[str, Any]:
             "tile": size, "symmetric": symmetric}
 
 
+def store_path(path: Any) -> Path:
+    """``store=`` as a Path, refused by name when it cannot be a store: not
+    a path, a file, under a file, or with a file where its tiles/ folder
+    goes (checked before anything is computed)."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise ValueError(f"store= takes a directory path, got {path!r}")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"store {path} is a file; store= takes a directory")
+    above = next((p for p in path.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ValueError(f"store {path} is under {above}, a file; store= takes a directory")
+    if (path / "tiles").exists() and not (path / "tiles").is_dir():
+        raise ValueError(f"store {path}: its tiles folder {path / 'tiles'} is a file; store= takes a directory of "
+                         "tiles (remove the file, or use a new directory)")
+    return path
+
+
 class Store:
     """A directory of finished tiles (see the module docstring)."""
 
     def __init__(self, path: Any, options: dict[str, Any], rows: list[str], cols: list[str] | None) -> None:
-        if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
-            raise ValueError(f"store= takes a directory path, got {path!r}")
-        self.path = Path(path)
-        if self.path.exists() and not self.path.is_dir():
-            raise ValueError(f"store {self.path} is a file; store= takes a directory")
+        self.path = store_path(path)
         self.manifest = {"version": STORE_VERSION, "options": options, "rows": rows, "cols": cols}
         # Every tile records this digest of the manifest and is read back only
         # under it: a tile left without its manifest (deleted, lost, copied in
@@ -215,14 +234,46 @@ class Store:
                     from None
             self._same(old)
         else:
-            (self.path / "tiles").mkdir(parents=True, exist_ok=True)
-            self._write(file, json.dumps(self.manifest, indent=1).encode())
+            try:
+                (self.path / "tiles").mkdir(parents=True, exist_ok=True)
+                self._write(file, json.dumps(self.manifest, indent=1).encode())
+            except OSError as exc:
+                raise ValueError(f"store {self.path} cannot be created ({exc.strerror or exc}); store= takes a "
+                                 "directory this process can write") from None
+
+    def writable(self) -> None:
+        """Refuse, before a tile is computed, a store whose tiles cannot be
+        written (read-only, full).  By writing a file: as root, permission
+        bits (and os.access) say nothing of a read-only mount."""
+        try:
+            (self.path / "tiles").mkdir(exist_ok=True)  # removed since the store was made: made again
+            fd, tmp = tempfile.mkstemp(dir=self.path / "tiles", prefix=".tmp-")
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as exc:
+            raise ValueError(f"store {self.path} cannot be written ({exc.strerror or exc}); store= takes a "
+                             "directory this process can write (a complete store is read without writing)") from None
 
     def _same(self, old: Any) -> None:
-        """Refuse a store written for other models or options, naming the difference."""
+        """Refuse a store written for other models or options, naming the
+        difference: the options first (centered= also changes the models'
+        digests, their output biases taken out), then the models."""
         new = self.manifest
         if not isinstance(old, dict) or old.get("version") != STORE_VERSION:
             raise ValueError(f"store {self.path} was not written by this version of tsalgebra; use a new directory")
+        was = old.get("options") if isinstance(old.get("options"), dict) else {}
+        for k, v in new["options"].items():
+            if k == "options":  # the keyword options (samples, seed...), one by one, as the call spells them
+                a = was.get(k) if isinstance(was.get(k), dict) else {}
+                for key in sorted(set(a) | set(v)):
+                    if a.get(key) != v.get(key):
+                        then = f"with {key}={a[key]}" if key in a else f"without {key}="
+                        now = f"has {key}={v[key]}" if key in v else f"has no {key}="
+                        raise ValueError(f"store {self.path} was written {then}, this call {now}; use a new "
+                                         "directory or the same options")
+            elif was.get(k) != v:
+                raise ValueError(f"store {self.path} was written with {k}={was.get(k)!r}, this call has {k}={v!r}; "
+                                 "use a new directory or the same options")
         for side in ("rows", "cols"):
             a, b = old.get(side), new[side]
             if a != b:
@@ -233,10 +284,6 @@ class Store:
                     what = f"model {k} differs (weights digest {a[k][:12]}... against {b[k][:12]}...)"
                 raise ValueError(f"store {self.path} holds tiles of other models ({side}: {what}); use a new "
                                  "directory or the models it was written for")
-        for k, v in new["options"].items():
-            if old.get("options", {}).get(k) != v:
-                raise ValueError(f"store {self.path} was written with {k}={old.get('options', {}).get(k)!r}, "
-                                 f"this call has {k}={v!r}; use a new directory or the same options")
 
     @staticmethod
     def _write(file: Path, data: bytes) -> None:
@@ -256,34 +303,45 @@ class Store:
 
     def read(self, tile: Tile) -> TileGram | None:
         """The stored tile, or None when it is absent, damaged or not written
-        under this manifest (then it is computed again: a stored number is
-        used only if its tile was computed for these models and options, has
-        the tile's shapes and is finite where the tile supplies it)."""
+        under this manifest for this position (then it is computed again: a
+        stored number is used only if its tile was computed for these models,
+        options, rows and columns, has the tile's shapes and is finite where
+        the tile supplies it)."""
         file = self._file(tile)
+        if file.is_dir():  # no tile can be written there: refused, not computed in vain
+            raise ValueError(f"store {self.path}: {file} is a directory where a tile file belongs; remove it, or "
+                             "give store= a new directory")
         if not file.exists():
             return None
         try:
             with np.load(file, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
+                if not isinstance(meta, dict):
+                    raise ValueError("its metadata is not a JSON object")
                 if meta.get("store") != self.identity:
                     raise ValueError("it was not computed under this manifest (other models or options)")
+                if meta.get("rows") != [tile.r0, tile.r1] or meta.get("cols") != [tile.c0, tile.c1]:
+                    raise ValueError(f"it holds rows {meta.get('rows')} and columns {meta.get('cols')}, not this "
+                                     "tile's (a tile file moved or copied)")
                 g = TileGram(z["cross"], z["row_self"], z["col_self"], z["row_log_scale"], z["col_log_scale"],
                              str(meta["route"]), int(meta["flops"]), bool(meta["exact"]), str(meta["method"]),
                              float(meta["seconds"]), bool(meta["cosines"]),
-                             z["stderr"] if "stderr" in z.files else None)
+                             z["stderr"] if "stderr" in z.files else None, z["heavy"] if "heavy" in z.files else None)
             _check(tile, g)
             return g
-        except (OSError, ValueError, KeyError, TypeError) as exc:  # a damaged file: computed again
-            print(f"tsalgebra: store tile {file.name} is unusable ({exc}); computing it again", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - whatever a damaged file raises (BadZipFile, EOFError...)
+            print(f"tsalgebra: store tile {file.name} is unusable ({str(exc) or type(exc).__name__}); computing it "
+                  "again", file=sys.stderr)
             return None
 
     def write(self, tile: Tile, g: TileGram) -> None:
         import io
 
-        meta = json.dumps({"store": self.identity, "route": g.route, "flops": g.flops, "exact": g.exact,
-                           "method": g.method, "seconds": g.seconds, "cosines": g.cosines})
+        meta = json.dumps({"store": self.identity, "rows": [tile.r0, tile.r1], "cols": [tile.c0, tile.c1],
+                           "route": g.route, "flops": g.flops, "exact": g.exact, "method": g.method,
+                           "seconds": g.seconds, "cosines": g.cosines})
         buf = io.BytesIO()
-        errors = {} if g.stderr is None else {"stderr": g.stderr}
+        errors = {} if g.stderr is None else {"stderr": g.stderr, "heavy": g.heavy}
         np.savez(buf, cross=g.cross, row_self=g.row_self, col_self=g.col_self, row_log_scale=g.row_log_scale,
                  col_log_scale=g.col_log_scale, meta=np.array(meta), **errors)
         self._write(self._file(tile), buf.getvalue())
@@ -298,7 +356,10 @@ def _check(t: Tile, g: TileGram) -> None:
     if g.cosines and g.stderr is None and "sampled" in g.method.split("/"):
         raise ValueError("its estimated cosines have no standard errors")
     if g.stderr is not None:
+        if g.heavy is None or g.heavy.dtype != bool:
+            raise ValueError("its estimated cosines have no heavy-tail flags")
         shapes["stderr"] = (g.stderr.shape, (n, m))
+        shapes["heavy"] = (g.heavy.shape, (n, m))
     for name, (got, want) in shapes.items():
         if tuple(got) != want:
             raise ValueError(f"{name} has shape {tuple(got)}, the tile needs {want}")
@@ -376,6 +437,8 @@ def tiled(rows: list[Any], cols: list[Any] | None, labels: Sequence[str] | None,
     from .api import compute_tile, preparation_bytes
 
     n, m = len(rows), None if cols is None else len(cols)
+    if tiling.store is not None:
+        store_path(tiling.store)  # a path that cannot be a store: said before a cluster starts
     if tiling.tile is not None and (isinstance(tiling.tile, bool) or not isinstance(tiling.tile, int)
                                     or tiling.tile < 1):
         raise ValueError(f"tile must be a positive number of models, got {tiling.tile!r}")
@@ -400,6 +463,8 @@ def tiled(rows: list[Any], cols: list[Any] | None, labels: Sequence[str] | None,
                 if g is not None:
                     done[t] = g
         todo = [t for t in tiles if t not in done]
+        if store is not None and todo:  # before any is computed (a complete store is only read)
+            store.writable()
         from_store = len(done)
         bar = progress_bar(len(tiles), f"similarity matrix ({len(tiles)} tiles of {size}, {where})", "tile", progress,
                            len(todo) > 1)
@@ -473,6 +538,7 @@ def _assemble(rows: list[Any], cols: list[Any] | None, tiles: list[Tile], done: 
     unit = np.zeros((n, m))
     estimated = any(g.stderr is not None for g in done.values())
     se = np.zeros((n, m)) if estimated else None  # the estimated cosines' standard errors
+    heavy = np.zeros((n, m), dtype=bool) if estimated else None  # and which are heavy-tailed
     for t, g in done.items():
         rl = g.row_log_scale[:, None] - log_norm_r[t.r0:t.r1, None]
         if t.diagonal:
@@ -487,10 +553,12 @@ def _assemble(rows: list[Any], cols: list[Any] | None, tiles: list[Tile], done: 
         unit[t.r0:t.r1, t.c0:t.c1] = block
         if se is not None and g.stderr is not None:
             se[t.r0:t.r1, t.c0:t.c1] = g.stderr
+            heavy[t.r0:t.r1, t.c0:t.c1] = g.heavy  # type: ignore[index]
         if sym:
             unit[t.c0:t.c1, t.r0:t.r1] = block.T
             if se is not None and g.stderr is not None:
                 se[t.c0:t.c1, t.r0:t.r1] = g.stderr.T
+                heavy[t.c0:t.c1, t.r0:t.r1] = g.heavy.T  # type: ignore[index, union-attr]
     dtype = parse_dtype(spec.dtype)
     cos = cosines(unit, np.ones((n, 1)), np.ones((1, m)), spec.inner, tol=1e-8 if dtype == "float64" else 1e-3,
                   sides=("row model", "column model"))
@@ -516,7 +584,8 @@ def _assemble(rows: list[Any], cols: list[Any] | None, tiles: list[Tile], done: 
         seconds=time.perf_counter() - started, labels=tuple(labels) if labels else None,
         col_labels=(tuple(labels) if labels else None) if sym else (tuple(col_labels) if col_labels else None),
         notes=(f"{len(tiles)} tiles of {size} models a side ({len(computed)} computed, {from_store} from the store) "
-               f"on {where}",) + ((JOINT_NOTE,) if any(g.cosines for g in grams) else ()), tiles=report, stderr=se)
+               f"on {where}",) + ((JOINT_NOTE,) if any(g.cosines for g in grams) else ())
+        + (() if heavy is None else heavy_note(heavy, sym)), tiles=report, stderr=se, heavy_tailed=heavy)
 
 
 def _log_norms(selfs: np.ndarray, log_scale: np.ndarray, side: str, offset: int) -> np.ndarray:

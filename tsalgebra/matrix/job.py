@@ -69,7 +69,9 @@ class Gram:
     are estimated jointly from shared samples, as :func:`tsalgebra.similarity`
     does, a cross product divided by self products estimated from other
     samples is no such estimate and can exceed 1.  ``stderr``: the standard
-    errors of those estimated cosines (None for exact or approximate values).
+    errors of those estimated cosines (None for exact or approximate values);
+    ``heavy``: per cosine, whether its samples were heavy-tailed (its error
+    doubtful, as :attr:`tsalgebra.algorithms.sampled.Estimate.heavy_tailed`).
     """
 
     cross: np.ndarray
@@ -85,6 +87,7 @@ class Gram:
     method: str = "exact"
     cosines: bool = False
     stderr: np.ndarray | None = None
+    heavy: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -111,8 +114,8 @@ class TileGram:
     the tile was not asked for them), the logs of the scale factors of its
     rows and columns (see :class:`Gram`; zeros where unscaled), the route
     that ran, its flops, exactness and method, the seconds it took,
-    whether ``cross`` holds cosines and their standard errors (see
-    :class:`Gram`)."""
+    whether ``cross`` holds cosines, their standard errors and heavy-tail
+    flags (see :class:`Gram`)."""
 
     cross: np.ndarray
     row_self: np.ndarray
@@ -126,6 +129,7 @@ class TileGram:
     seconds: float
     cosines: bool = False
     stderr: np.ndarray | None = None
+    heavy: np.ndarray | None = None
 
 
 class Route(Protocol):

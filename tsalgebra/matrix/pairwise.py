@@ -33,6 +33,20 @@ JOINT_NOTE = ("each cosine is ts.similarity's Monte Carlo estimate for its pair:
               "same samples; the norms are separate estimates")
 
 
+def heavy_note(heavy: np.ndarray, symmetric: bool) -> tuple[str, ...]:
+    """The note of a matrix whose estimated cosines include heavy-tailed ones
+    (``heavy``: per entry, ts.similarity's flag for that pair), () if none."""
+    cells = np.argwhere(np.triu(heavy, 1) if symmetric else heavy)
+    if not len(cells):
+        return ()
+    i, j = (int(x) for x in cells[0])
+    first = f"model {i} with model {j}" if symmetric else f"row model {i} with column model {j}"
+    total = heavy.shape[0] * (heavy.shape[0] - 1) // 2 if symmetric else heavy.size
+    return (f"HEAVY TAILS in {len(cells)} of {total} estimated cosines (the first: {first}): one sample carries too "
+            "large a share of a product's spread, so their standard errors are likely underestimated (more samples, "
+            "or an exact or closure value, to check)",)
+
+
 def applies(job: Job) -> str | None:
     """Every job: ts.inner computes whatever the similarity matrix may be asked."""
     return None
@@ -77,6 +91,7 @@ def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
             sA, sB = np.full(len(A), np.nan), np.full(len(Bs), np.nan)
         K = np.zeros((len(A), len(Bs)))
         se = np.zeros_like(K) if joint else None  # the estimated cosines' standard errors
+        heavy = np.zeros(K.shape, dtype=bool) if joint else None  # and which are heavy-tailed (doubtful errors)
         for i, a in enumerate(A):
             for j, b in enumerate(Bs):
                 if sym and j <= i:
@@ -84,12 +99,15 @@ def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
                 if joint:
                     K[i, j] = ip(a, b, similarity)
                     se[i, j] = float(results[-1].stderr)  # type: ignore[index, arg-type]
+                    est = results[-1].estimate  # ts.similarity's heavy-tail flag, kept per cosine
+                    heavy[i, j] = est is not None and est.heavy_tailed  # type: ignore[index]
                 else:
                     K[i, j] = sA[i] if a is b and np.isfinite(sA[i]) else ip(a, b)
                 if sym:
                     K[j, i] = K[i, j]
                     if se is not None:
                         se[j, i] = se[i, j]
+                        heavy[j, i] = heavy[i, j]  # type: ignore[index]
         if sym:
             K[np.diag_indices(len(A))] = 1.0 if joint else sA
     finally:
@@ -97,7 +115,7 @@ def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
     exact = all(r.exact for r in results)
     methods = sorted({r.method for r in results}) or ["exact"]
     return Gram(K, sA, sB, logA, logB, sum(r.flops for r in results), (), "float64", "numpy", exact,
-                "/".join(methods), cosines=joint, stderr=se)
+                "/".join(methods), cosines=joint, stderr=se, heavy=heavy)
 
 
 def _canonical(models: list[Any]) -> tuple[list[Any], np.ndarray]:

@@ -78,7 +78,9 @@ class SimilarityMatrix:
     and for Monte Carlo estimates (``method="sampled"``: :attr:`estimated`),
     whose standard errors are ``stderr`` (one per entry, 0 on the diagonal
     of a symmetric matrix; None for exact and approximate values) and 95 %
-    intervals :attr:`interval`.
+    intervals :attr:`interval`; ``heavy_tailed`` marks the entries whose
+    samples were heavy-tailed, their standard errors doubtful (as
+    :func:`tsalgebra.similarity` flags a pair; None where nothing was sampled).
     """
 
     values: np.ndarray
@@ -103,6 +105,7 @@ class SimilarityMatrix:
     notes: tuple[str, ...] = ()
     tiles: "TileReport | None" = None
     stderr: np.ndarray | None = None
+    heavy_tailed: np.ndarray | None = None
 
     @property
     def estimated(self) -> bool:
@@ -132,6 +135,8 @@ class SimilarityMatrix:
         n, m = self.values.shape
         kind = " (estimated)" if self.estimated else "" if self.exact else " (approximate)"
         flags = [self.inner, self.method + kind, f"route {self.route}"]
+        if self.heavy_tailed is not None and np.any(self.heavy_tailed):  # ts.similarity's label of such estimates
+            flags.insert(2, "heavy tails: the error bar is doubtful")
         if self.centered:
             flags.append("centred")
         if self.measure:
