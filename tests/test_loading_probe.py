@@ -267,3 +267,14 @@ def test_a_nan_message_names_the_layer_once():
     with pytest.raises(AdapterError, match=r"^<root>: Linear: weight contains NaN") as info:
         ts.from_torch(lin)
     assert "Linear: Linear" not in str(info.value)
+
+
+def test_integer_weights_beyond_float64s_integers_are_refused():
+    """An int64 weight of 2**53 + 1 became 2**53 without a word."""
+    from tsalgebra.arrays import real_float64
+
+    assert real_float64(np.array([2**53, -(2**53)], dtype=np.int64)).tolist() == [2.0**53, -(2.0**53)]
+    with pytest.raises(TypeError, match=r"beyond 2\*\*53"):
+        real_float64(np.array([1, 2**53 + 1], dtype=np.int64))
+    with pytest.raises(TypeError, match=r"beyond 2\*\*53"):
+        ts.Linear(np.array([[-(2**62)]], dtype=np.int64))

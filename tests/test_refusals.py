@@ -332,3 +332,22 @@ def test_weights_are_the_layers_own_and_masks_are_not_dropped():
     b.left[0, 0] = np.nan
     with pytest.raises(ValueError, match="model b has NaN or Inf weights"):
         ts.weight_cosine(a, b)
+
+
+def test_subnormal_weights_are_balanced_without_overflow():
+    """Bringing a layer of 5e-324 weights to unit scale multiplied them by
+    e^744, which overflowed alone: 'left contains NaN or Inf entries' for a
+    model whose similarities are defined (a cosine ignores the scale)."""
+    import warnings
+
+    from tsalgebra.rescale import _log_rms
+
+    rng = np.random.default_rng(0)
+    a = ts.Bilinear(rng.normal(size=(3, 2)), rng.normal(size=(3, 2)), rng.normal(size=(2, 3)))
+    right, down = rng.normal(size=(3, 2)), rng.normal(size=(2, 3))
+    tiny, unit = (ts.Bilinear(np.full((3, 2), s), right, down) for s in (5e-324, 1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning on the way either
+        assert ts.similarity(a, tiny).value == pytest.approx(ts.similarity(a, unit).value, rel=1e-12)
+        assert ts.similarity(tiny, tiny).value == pytest.approx(1.0, rel=1e-12)
+        assert _log_rms([(np.array([[1.0, np.inf]]), 0.0)], 1) == 0.0

@@ -325,3 +325,11 @@ def test_n_ctx_on_models_without_positions_is_bad_usage(tmp_path, capsys, comman
         args += ["--out", tmp_path / "m.png", "--no-progress"]
     code, _, err = exit_code(capsys, *args)
     assert code == 2 and "--n-ctx 3 does not apply: none of these models has token positions" in err
+
+
+@pytest.mark.parametrize("options", [{"samples": 50}, {"seed": 1}, {"rel_error": 0.1}])
+def test_sampling_options_without_the_sampled_method_are_refused(options):
+    """similarity_matrix(models, samples=50) computed the exact matrix and
+    dropped samples= without a word (ts.similarity refuses it)."""
+    with pytest.raises(ValueError, match=f"{next(iter(options))} belongs to method='sampled'"):
+        ts.similarity_matrix(bilinears(2), progress=False, **options)

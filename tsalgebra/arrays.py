@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["checked_device", "is_torch", "no_real_values", "real_float64", "torch_to_numpy"]
+__all__ = ["checked_device", "exact_float64", "is_torch", "no_real_values", "real_float64", "torch_to_numpy"]
 
 
 def is_torch(x: Any) -> bool:
@@ -57,7 +57,18 @@ def real_float64(v: Any) -> np.ndarray:
     arr = np.asarray(v)
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise TypeError(f"dtype {arr.dtype}: weights are real numbers")
-    return arr.astype(np.float64, copy=False)
+    return exact_float64(arr, copy=False)
+
+
+def exact_float64(arr: np.ndarray, copy: bool = True) -> np.ndarray:
+    """A real numpy array as float64, or TypeError for integers beyond 2**53
+    (float64 does not hold every one of them: they would be rounded)."""
+    if np.issubdtype(arr.dtype, np.integer) and arr.size:
+        top = max(abs(int(arr.max())), abs(int(arr.min())))
+        if top > 2**53:
+            raise TypeError(f"integer weights up to {top} (dtype {arr.dtype}): beyond 2**53, float64 does not hold "
+                            "every integer, and the weights would be rounded")
+    return arr.astype(np.float64, copy=copy)
 
 
 def checked_device(device: Any, argument: str = "device") -> Any:

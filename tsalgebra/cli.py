@@ -48,6 +48,7 @@ import numpy as np
 
 from .components import Bilinear, Component, Sequential
 from .engine import evaluation_network
+from .io import run_of
 from .jsonable import dumps
 from .planner import plan, plan_cache
 from .problem import DEFAULT_BUDGET, CostError
@@ -316,22 +317,13 @@ def _check_files(*paths: str) -> None:
             raise FileNotFoundError(f"{path}: no such file or directory")
 
 
-def _run_of(path: Path) -> Path | None:
-    """The language-model run (config.json + checkpoints/) that ``path`` is,
-    or holds as one of its checkpoints; None otherwise (as ts.load tells)."""
-    from .layouts import is_run_directory
-
-    run = path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" else None
-    return run if run is not None and is_run_directory(run) else None
-
-
 def _load_one(path: str, template: Any, state_key: str | None = None, n_ctx: int | None = None) -> Component:
     _check_files(path)
     p = Path(path)
     if p.is_dir():
         raise UsageError(f"{p} is a directory; this command takes one checkpoint file")
-    if template is None and n_ctx is None and _run_of(p) is not None:  # as matrix says it
-        raise UsageError(f"{p} is a checkpoint of the language-model run {_run_of(p)}: give --n-ctx (the token "
+    if template is None and n_ctx is None and run_of(p) is not None:  # as matrix says it
+        raise UsageError(f"{p} is a checkpoint of the language-model run {run_of(p)}: give --n-ctx (the token "
                          "positions to analyse; the weights do not depend on it)")
     return _load_at(p, template, state_key, n_ctx)
 
@@ -347,7 +339,7 @@ def _load_at(path: Any, template: Any, state_key: str | None, n_ctx: int | None)
     try:
         return load(path, template, state_key=state_key, n_ctx=n_ctx)
     except LoadError as exc:
-        if n_ctx is None or (template is None and _run_of(Path(path)) is not None):
+        if n_ctx is None or (template is None and run_of(Path(path)) is not None):
             raise
         try:
             model = load(path, template, state_key=state_key)

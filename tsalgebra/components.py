@@ -16,7 +16,7 @@ from typing import Any, Callable, ClassVar, Union
 
 import numpy as np
 
-from .arrays import is_torch, torch_to_numpy
+from .arrays import exact_float64, is_torch, torch_to_numpy
 from .engine import evaluate
 from .expr import Network, Tensor
 
@@ -45,7 +45,10 @@ def as_weight(value: Any, what: str, layer: str, rank: int) -> np.ndarray:
     else:
         if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
             raise TypeError(f"{layer}: {what} has dtype {arr.dtype}, expected real numbers")
-        arr = arr.astype(np.float64)
+        try:
+            arr = exact_float64(arr)
+        except TypeError as exc:
+            raise TypeError(f"{layer}: {what}: {exc}") from None
     if arr.ndim != rank:
         expect = _RANKS.get(rank, f"a {rank}-D array")
         raise ValueError(f"{layer}: {what} has rank {arr.ndim} (shape {arr.shape}), expected {expect}")

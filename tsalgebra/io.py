@@ -68,7 +68,7 @@ from .arrays import is_torch, no_real_values, real_float64
 from .layouts import SIZES, attention_lm, is_run_directory, missing_sizes, read_config
 from .components import Bilinear, Component, Linear, Sequential
 
-__all__ = ["LoadError", "load", "save", "checkpoint_paths", "read_state_dict", "model_from_state_dict",
+__all__ = ["LoadError", "load", "save", "checkpoint_paths", "read_state_dict", "model_from_state_dict", "run_of",
            "natural_key", "is_checkpoint", "CHECKPOINT_SUFFIXES", "NATIVE_FORMAT"]
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
@@ -491,7 +491,7 @@ def load(path: str | Path, template: Template = None, *, strict: bool = True,
     p = Path(path)
     if n_ctx is not None and not (isinstance(n_ctx, numbers.Integral) and not isinstance(n_ctx, bool) and n_ctx > 0):
         raise LoadError(p, f"n_ctx={n_ctx!r}: the analysis length must be a positive integer (token positions)")
-    run = _run_of(p)
+    run = run_of(p)
     if template is None and run is not None:  # a language-model run, its checkpoints/ folder, or one of its files
         if n_ctx is None:
             raise LoadError(p, "a language-model run loads at an analysis length: pass n_ctx= (token positions; "
@@ -530,7 +530,7 @@ def _run_candidate(p: Path) -> Path | None:
     return p.parent.parent if p.parent.name == "checkpoints" else None
 
 
-def _run_of(p: Path) -> Path | None:
+def run_of(p: Path) -> Path | None:
     """The language-model run (:func:`is_run_directory`) that ``p`` is, or
     whose ``checkpoints/`` folder or checkpoint file it is; None otherwise."""
     run = _run_candidate(p)

@@ -26,7 +26,7 @@ from .expr import Network, Sum
 from .measure import Gaussian, Measure, Tokens
 
 __all__ = ["Alternative", "CostError", "MemoryBoundError", "DEFAULT_BUDGET", "INNERS", "METHODS", "InnerProblem", "InnerResult", "Plan",
-           "bound_measure", "check_arguments", "checked_budget", "degree_of", "format_count", "positions_of", "resolve_inner"]
+           "bound_measure", "check_arguments", "check_sampling", "checked_budget", "degree_of", "format_count", "positions_of", "resolve_inner"]
 
 INNERS = ("gaussian", "tokens", "symmetric", "network")
 FUNCTIONAL = ("gaussian", "tokens")  # E over the input measure of f . g: the name is the measure's kind
@@ -111,7 +111,7 @@ def _cost_error(reason: str, flops: float, alternatives: tuple[Alternative, ...]
 # ---------------------------------------------------------------- problems
 
 
-def _check_sampling(method: str, options: dict[str, Any]) -> None:
+def check_sampling(method: str, options: dict[str, Any]) -> None:
     """ValueError naming a bad sampling option (or one given without
     method='sampled' or algorithm='sampled', where it would be silently
     ignored)."""
@@ -329,7 +329,7 @@ class InnerProblem:
         if inner not in FUNCTIONAL and (measure is not None or mean is not None or cov is not None):
             raise ValueError(f"a measure (mean, cov) belongs to the functional inner products, not to {inner!r}")
         _gaussian_shorthand_fits(inner, mean, cov)
-        _check_sampling(method, options)
+        check_sampling(method, options)
         if options.get("progress") not in (None, True, False):
             raise ValueError(f"progress must be True, False or None, got {options['progress']!r}")
         bound = bound_measure(a, mean, cov, measure, b) if inner in FUNCTIONAL else None

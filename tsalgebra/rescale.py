@@ -67,7 +67,7 @@ def _log_rms(parts: list[tuple[np.ndarray | None, Any]], rows: int) -> float:
     output scale that leaves the average output channel at unit norm. 0.0 for
     an all-zero map."""
     logs = []  # twice the log norm of each block
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # an infinite entry: a NaN here, 0.0 below
         for x, f in parts:
             if x is None or not x.size:
                 continue
@@ -77,23 +77,29 @@ def _log_rms(parts: list[tuple[np.ndarray | None, Any]], rows: int) -> float:
                 every = (np.log(np.abs(x)) + f).ravel()
                 top = np.max(every)
                 logs.append(2 * top + np.log(np.sum(np.exp(2 * (every - top)))) if np.isfinite(top) else -np.inf)
-    total = np.logaddexp.reduce(logs) if logs else -np.inf
+        total = np.logaddexp.reduce(logs) if logs else -np.inf
     if not np.isfinite(total):
         return 0.0
     return float(0.5 * total - 0.5 * np.log(rows))
+
+
+_EXP_SAFE = 700.0  # |f| below which e^f is a normal float64 (e^709.78 overflows, e^-708.4 is subnormal)
 
 
 def _times(x: np.ndarray | None, log_factor: Any, axis: int = 0) -> np.ndarray | None:
     """x * e^{log_factor} along ``axis`` (finite where the result is)."""
     if x is None:
         return None
-    f = np.exp(np.where(np.isfinite(log_factor), log_factor, -np.inf)) if np.ndim(log_factor) else (
-        np.exp(log_factor) if np.isfinite(log_factor) else 0.0)
+    f = np.where(np.isfinite(log_factor), log_factor, -np.inf)
     if np.ndim(f):
         shape = [1] * x.ndim
         shape[axis] = -1
         f = np.reshape(f, shape)
-    return x * f
+    if np.all(np.abs(f[np.isfinite(f)]) < _EXP_SAFE):
+        return x * np.exp(f)
+    # e^f alone overflows (or underflows) where x e^f need not: a subnormal weight
+    # brought to unit scale is 5e-324 * e^744; taken as two halves
+    return x * np.exp(f / 2) * np.exp(f - f / 2)
 
 
 def _bilinear(layer: Bilinear, c_in: float) -> tuple[Bilinear, float]:

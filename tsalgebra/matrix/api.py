@@ -21,7 +21,7 @@ from ..cosine import cosines
 from ..measure import Measure
 from ..rescale import without_output_bias
 from ..problem import (DEFAULT_BUDGET, FUNCTIONAL, Alternative, CostError, InnerProblem, MemoryBoundError, bound_measure,
-                       check_arguments, checked_budget, default_measure_note, degree_of, resolve_inner)
+                       check_arguments, check_sampling, checked_budget, default_measure_note, degree_of, resolve_inner)
 from . import materialize, node_gram, pairwise, pairwise_gram
 from .job import Gram, Job, Route, TileGram, Tiling
 from ..threads import blas_threads
@@ -132,6 +132,7 @@ def _checked(inner: str, method: str, centered: bool, route: str, options: dict[
     unknown = set(options) - {"degree", "budget", "orbits", "samples", "seed", "rel_error"}
     if unknown:
         raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
+    check_sampling(method, options)  # samples= without method='sampled' was silently ignored
     if "budget" in options:
         options["budget"] = checked_budget(options["budget"])
     return options
