@@ -1,6 +1,6 @@
 """Bridges between tsalgebra models and the plain specs of `oracles`, and a
-strict JSON reader for the tests of JSON output, and a tiny two-layer
-language model.
+strict JSON reader for the tests of JSON output, a tiny two-layer
+language model, and the command line's exit code with what it printed.
 
 Only public weight attributes are read, so the oracles stay independent of
 the expression code under test."""
@@ -60,3 +60,16 @@ def tiny_lm(seed: int, vocab: int = 5, d: int = 4, n_ctx: int = 3) -> ts.Sequent
                                            q1_bias=w(2, 2)))
     layers.append(ts.PositionWise(ts.Linear(w(vocab, d)), n_ctx))
     return ts.Sequential(*layers)
+
+
+def exit_code(capsys: Any, *args: Any) -> tuple[int, str, str]:
+    """The command line's exit code (main's, or argparse's SystemExit) with
+    what it printed on stdout and stderr."""
+    from tsalgebra.cli import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err

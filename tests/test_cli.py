@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import tsalgebra as ts
-from helpers import strict_json
+from helpers import exit_code, strict_json
 from tsalgebra.adapters import BilinearLayer
 from tsalgebra.cli import main, parse_formulas
 from tsalgebra.io import save
@@ -465,16 +465,6 @@ def test_token_frequencies_from_a_file(tmp_path, capsys):
 
 PYTHON_SPELLINGS = ("rel_error", "n_ctx", "state_key", "centered=", "template=", "measure=", "inner=", "method=",
                     "samples must", "ts.Tokens", "Traceback", "Warning:")
-
-
-def exit_code(capsys, *args) -> tuple[int, str, str]:
-    """main's code, or argparse's (a SystemExit), with what was printed."""
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def lm_run(path: Path, **config) -> Path:

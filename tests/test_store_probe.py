@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import tsalgebra as ts
-from tsalgebra.cli import main
+from helpers import exit_code
 from tsalgebra.matrix import api, cluster
 
 
@@ -46,15 +46,6 @@ def counted(monkeypatch):
 
     monkeypatch.setattr(api, "compute_tile", compute_tile)
     return calls
-
-
-def exit_code(capsys, *args):
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def checkpoints(tmp_path, models):
