@@ -84,6 +84,11 @@ WRAPPER_NAMES = ("inner", "block", "fn", "mlp", "module", "layer", "sublayer", "
 
 _CHECK_SAMPLES = 8
 _CHECK_RTOL = 1e-6
+# The least scale of the check, as a fraction of the terms' sizes: a mismatch below 1e-12 of the terms is
+# within a float64 forward's rounding (eps 2.2e-16 times a sum of thousands of terms).
+_ROUNDING_ROOM = 1e-6
+# A reading this close is the module's own arithmetic: no other candidate reads it better.
+_ROUNDING_RTOL = 1e-12
 
 
 class AdapterError(ValueError):
@@ -620,6 +625,7 @@ def _by_convention(module: nn.Module, path: str) -> Component | None:
             f"with tsalgebra.register_adapter({cls}, fn)")
     tried = []
     child_error: AdapterError | None = None
+    best: tuple[float, Component] | None = None
     for what, build in cands:
         try:
             model = build()
@@ -632,9 +638,16 @@ def _by_convention(module: nn.Module, path: str) -> Component | None:
         if model is None:
             continue
         err = _forward_mismatch(module, model)  # on the module's own kind of input (token ids, sequences)
-        if err <= _CHECK_RTOL:
-            return model
-        tried.append(f"{what}: forward differs (max relative error {err:.3g})")
+        if err > _CHECK_RTOL:
+            tried.append(f"{what}: forward differs (max relative error {err:.3g})")
+        elif best is None or err < best[0]:
+            # the closest reading, not the first: where a residual dominates the outputs, a wrong
+            # rotary or mask was within 1e-6 of the largest output
+            best = (err, model)
+            if err <= _ROUNDING_RTOL:
+                break
+    if best is not None:
+        return best[1]
     if child_error is not None:
         raise child_error  # that error names the real culprit
     hint = f"; it contains {', '.join(bad)}" if bad else ""
@@ -702,16 +715,24 @@ def _forward_mismatch(module: nn.Module, model: Component) -> float:
     try:
         with torch.no_grad():
             want = torch.func.functional_call(module, params, (shaped,))
+            # the forward's terms in absolute value (weights and inputs): what its rounding is relative to
+            terms = torch.func.functional_call(module, {k: v.abs() if v.is_floating_point() else v
+                                                        for k, v in params.items()},
+                                               (shaped.abs() if shaped.is_floating_point() else shaped,))
     except Exception:  # noqa: BLE001 - the module's own forward failed on its inputs
         return float("inf")
     if not isinstance(want, torch.Tensor) or want.numel() != _CHECK_SAMPLES * model.out_features:
         return float("inf")
-    want_np = want.reshape(_CHECK_SAMPLES, -1).numpy().astype(np.float64)  # float64 even if forward casts down
+    # float64 even where the forward casts down (bfloat16 has no numpy dtype to convert from)
+    want_np = want.detach().reshape(_CHECK_SAMPLES, -1).to(torch.float64).numpy()
     flat = np.asarray(model.one_hot(x.numpy()), dtype=float)  # token ids one-hot; vectors as they are
     got = np.asarray(model.evaluate_flat(flat), dtype=float).reshape(_CHECK_SAMPLES, -1)
-    # relative to the outputs' own size, never an absolute floor: small outputs (a layer scaled by 1e-7)
-    # would otherwise hide any difference; all-zero outputs match only all-zero outputs
-    err, scale = float(np.abs(got - want_np).max()), float(np.abs(want_np).max())
+    # Relative to the outputs' own size, with no absolute floor (under a floor of 1, a hidden ReLU in a
+    # layer scaled by 1e-7 passed); but where terms cancel (x - x + 1e-11 R x) the float64 forward rounds at
+    # about eps times the terms' sizes (the module on absolute weights and inputs): the least scale.
+    err = float(np.abs(got - want_np).max())
+    size = float(terms.abs().max()) if isinstance(terms, torch.Tensor) and terms.numel() else 0.0
+    scale = max(float(np.abs(want_np).max()), _ROUNDING_ROOM * size)
     if not (math.isfinite(err) and math.isfinite(scale)):
         return float("inf")
     return err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))

@@ -61,14 +61,16 @@ def real_float64(v: Any) -> np.ndarray:
 
 
 def exact_float64(arr: np.ndarray, copy: bool = True) -> np.ndarray:
-    """A real numpy array as float64, or TypeError for integers beyond 2**53
-    (float64 does not hold every one of them: they would be rounded)."""
+    """A real numpy array as float64, or TypeError for an integer that float64
+    does not hold (beyond 2**53 not every one is: it would be rounded)."""
+    out = arr.astype(np.float64, copy=copy)
     if np.issubdtype(arr.dtype, np.integer) and arr.size:
-        top = max(abs(int(arr.max())), abs(int(arr.min())))
-        if top > 2**53:
-            raise TypeError(f"integer weights up to {top} (dtype {arr.dtype}): beyond 2**53, float64 does not hold "
-                            "every integer, and the weights would be rounded")
-    return arr.astype(np.float64, copy=copy)
+        big = (arr > 2**53) | (arr < -(2**53))
+        rounded = next((int(v) for v, f in zip(arr[big].tolist(), out[big].tolist()) if int(f) != v), None)
+        if rounded is not None:
+            raise TypeError(f"integer weight {rounded} (dtype {arr.dtype}) is not a float64: it would be rounded "
+                            f"to {float(rounded):.17g} (pass an object array to keep it exact)")
+    return out
 
 
 def checked_device(device: Any, argument: str = "device") -> Any:

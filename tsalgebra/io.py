@@ -54,6 +54,7 @@ import numbers
 import pickle
 import re
 import struct
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -170,11 +171,20 @@ def _unwrap(obj: Any, path: Path, state_key: str | None = None) -> dict[str, Any
     to tensors, else the one entry that does (``state_key`` names it when
     several do: a checkpoint holding both ``model`` and ``ema`` is never read
     silently as one of them).  A file that is itself a state dict holds one
-    set of weights and is read as it is, whatever ``state_key`` says: the
-    key chooses among the state dicts of files that hold several."""
+    set of weights: ``state_key`` takes its keys prefixed ``state_key + "."``
+    (the prefix removed) where there are such keys, else the file is read as
+    it is, with a warning that the key was not used (it chooses among the
+    state dicts of files that hold several)."""
     if not isinstance(obj, Mapping):
         raise LoadError(path, f"holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors)")
     if obj and all(_is_array(v) for v in obj.values()):
+        if state_key is not None:
+            prefix = f"{state_key}."
+            chosen = {str(k)[len(prefix):]: v for k, v in obj.items() if str(k).startswith(prefix)}
+            if chosen:
+                return chosen
+            warnings.warn(f"{path}: state_key={state_key!r} not used: the file is one state dict, with no key "
+                          f"prefixed {prefix!r}; read as it is", UserWarning, stacklevel=2)
         return {str(k): v for k, v in obj.items()}
     holders = [str(k) for k, v in obj.items() if isinstance(v, Mapping) and v and all(_is_array(x) for x in v.values())]
     if state_key is not None:
@@ -326,11 +336,13 @@ def read_state_dict(path: str | Path, *, max_bytes: int = MAX_CHECKPOINT_BYTES,
     except LoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - every reader failure becomes one clear error
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        if "Unsupported global" in str(exc):
             raise LoadError(p, f"refused: the {kind} file holds Python objects other than tensors, and tsalgebra "
                                "loads with weights_only=True (save model.state_dict() instead of the model "
                                "object)") from None
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # the unpickler's own complaint where it gives one: a corrupted pickle is no object refused
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(exc))
+        msg = detail.group(1) if detail else str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LoadError(p, f"cannot read {kind} file (malformed or truncated?): {msg}") from None
     sd = _unwrap(obj, p, state_key)
     _check_declared(sd, p, max_bytes)

@@ -28,9 +28,10 @@ key of the state dict is used, with the shape the configuration gives it, or
 the load is refused naming the key.  An optional key (a bias, the final norm's gain and scale) may be
 absent only where its absence is a property of the whole model: a
 projection's bias is in every layer or none (the query-key biases all four
-together, as ``use_bias_qk`` says when config.json says it), and
-``final_norm.scale`` needs ``final_norm.weight``; a key missing from part
-of the model is refused naming it (docs/user-guide.md, section 4).
+together, as ``use_bias_qk`` says when config.json says it); a key missing
+from part of the model is refused naming it (docs/user-guide.md, section
+4).  A key the model holds once (the final norm's gain or scale,
+``unembed.bias``) cannot be told deleted from absent.
 """
 
 from __future__ import annotations
@@ -198,10 +199,10 @@ def attention_lm(sd: Mapping[str, Any], config: Mapping[str, Any], n_ctx: int, s
                                     f"configuration says use_bias_qk={str(cfg['use_bias_qk']).lower()}")
     # an optional key may be absent only where its absence is a property of the whole model (a key deleted
     # from a checkpoint would load as another function): a projection's bias is in every layer or none (the
-    # query-key biases all four together, as use_bias_qk says), and a final-norm scale divides a gain
+    # query-key biases all four together, as use_bias_qk says); the final norm's gain and scale are each
+    # one key, with or without the other (a norm without a gain is one of the layout's variants)
     groups = [[f"layers.{i}.{name}.bias" for i in range(L) for name in projections[:4]]]
     groups += [[f"layers.{i}.{name}.bias" for i in range(L)] for name in projections[4:]]
-    groups.append(["final_norm.weight", "final_norm.scale"] if "final_norm.scale" in sd else [])
     for group in groups:
         present = [k for k in group if k in sd]
         if present and len(present) < len(group):
