@@ -80,8 +80,22 @@ def test_zero_outputs_against_nonzero_ones_are_refused():
     zero = nn.Linear(4, 3, bias=False)
     with torch.no_grad():
         zero.weight.zero_()
-    assert _forward_mismatch(zero, ts.Linear(np.ones((3, 4)))) == float("inf")
-    assert _forward_mismatch(nn.Linear(4, 3), ts.Linear(np.zeros((3, 4)))) == 1.0  # all of it differs
+    assert _forward_mismatch(zero, ts.Linear(np.ones((3, 4))))[0] == float("inf")
+    assert _forward_mismatch(nn.Linear(4, 3), ts.Linear(np.zeros((3, 4))))[0] == 1.0  # all of it differs
+
+
+def test_a_forward_that_fails_in_float64_is_named():
+    """It was 'max relative error inf', hiding the module's own exception."""
+    class Float32Only(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.inner(x.float())  # float32 input against the float64 weights of the check
+
+    with pytest.raises(AdapterError, match=r"its forward raised RuntimeError in float64: .*dtype"):
+        ts.from_torch(Float32Only())
 
 
 # --- 2: a float32 template does not round float64 weights

@@ -637,9 +637,9 @@ def _by_convention(module: nn.Module, path: str) -> Component | None:
             continue
         if model is None:
             continue
-        err = _forward_mismatch(module, model)  # on the module's own kind of input (token ids, sequences)
+        err, how = _forward_mismatch(module, model)  # on the module's own kind of input (token ids, sequences)
         if err > _CHECK_RTOL:
-            tried.append(f"{what}: forward differs (max relative error {err:.3g})")
+            tried.append(f"{what}: forward differs ({how})")
         elif best is None or err < best[0]:
             # the closest reading, not the first: where a residual dominates the outputs, a wrong
             # rotary or mask was within 1e-6 of the largest output
@@ -695,10 +695,11 @@ def _hooks(module: nn.Module) -> list[str]:
     return found
 
 
-def _forward_mismatch(module: nn.Module, model: Component) -> float:
+def _forward_mismatch(module: nn.Module, model: Component) -> tuple[float, str]:
     """Largest relative difference between ``module`` and ``model`` on random
-    inputs of the module's own kind: token ids for a model that reads
-    tokens, (batch, n_ctx, d) sequences for a sequence model, vectors else."""
+    inputs of the module's own kind (token ids for a model that reads
+    tokens, (batch, n_ctx, d) sequences for a sequence model, vectors else),
+    and what it was: the error, or why the module's forward gave none."""
     from .problem import positions_of
 
     gen = torch.Generator().manual_seed(1)
@@ -719,10 +720,12 @@ def _forward_mismatch(module: nn.Module, model: Component) -> float:
             terms = torch.func.functional_call(module, {k: v.abs() if v.is_floating_point() else v
                                                         for k, v in params.items()},
                                                (shaped.abs() if shaped.is_floating_point() else shaped,))
-    except Exception:  # noqa: BLE001 - the module's own forward failed on its inputs
-        return float("inf")
+    except Exception as exc:  # noqa: BLE001 - the module's own forward failed on its inputs: said, as it failed
+        return float("inf"), f"its forward raised {type(exc).__name__} in float64: {' '.join(str(exc).split())[:200]}"
     if not isinstance(want, torch.Tensor) or want.numel() != _CHECK_SAMPLES * model.out_features:
-        return float("inf")
+        what = (f"{want.numel() // _CHECK_SAMPLES} outputs per input" if isinstance(want, torch.Tensor)
+                else f"a {type(want).__name__}")
+        return float("inf"), f"its forward returned {what}, the conversion {model.out_features} outputs"
     # float64 even where the forward casts down (bfloat16 has no numpy dtype to convert from)
     want_np = want.detach().reshape(_CHECK_SAMPLES, -1).to(torch.float64).numpy()
     flat = np.asarray(model.one_hot(x.numpy()), dtype=float)  # token ids one-hot; vectors as they are
@@ -734,8 +737,9 @@ def _forward_mismatch(module: nn.Module, model: Component) -> float:
     size = float(terms.abs().max()) if isinstance(terms, torch.Tensor) and terms.numel() else 0.0
     scale = max(float(np.abs(want_np).max()), _ROUNDING_ROOM * size)
     if not (math.isfinite(err) and math.isfinite(scale)):
-        return float("inf")
-    return err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
+        return float("inf"), "non-finite outputs"
+    rel = err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
+    return rel, f"max relative error {rel:.3g} on random inputs"
 
 
 def from_torch(module: Any, *, check: bool = True) -> Component:
@@ -773,10 +777,10 @@ def from_torch(module: Any, *, check: bool = True) -> Component:
         raise AdapterError("", f"{type(module).__name__} converts to the identity (only skipped parts); "
                                "there is no layer to compare")
     if check:
-        err = _forward_mismatch(module, model)
+        err, how = _forward_mismatch(module, model)
         if not err <= _CHECK_RTOL:
             raise AdapterError("", f"the converted model differs from {type(module).__name__}'s own forward "
-                                   f"(max relative error {err:.3g} on random inputs): an adapter "
+                                   f"({how}): an adapter "
                                    "(registered or provided) does not compute what the module does; "
                                    "check=False skips this comparison")
     return model
