@@ -336,7 +336,7 @@ def read_state_dict(path: str | Path, *, max_bytes: int = MAX_CHECKPOINT_BYTES,
     except LoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - every reader failure becomes one clear error
-        if "Unsupported global" in str(exc):
+        if re.search("unsupported global", str(exc), re.IGNORECASE):  # "Unsupported global", "unsupported GLOBAL os.system"
             raise LoadError(p, f"refused: the {kind} file holds Python objects other than tensors, and tsalgebra "
                                "loads with weights_only=True (save model.state_dict() instead of the model "
                                "object)") from None
