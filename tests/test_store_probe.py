@@ -324,3 +324,12 @@ def test_sampling_options_without_the_sampled_method_are_refused(options):
     dropped samples= without a word (ts.similarity refuses it)."""
     with pytest.raises(ValueError, match=f"{next(iter(options))} belongs to method='sampled'"):
         ts.similarity_matrix(bilinears(2), progress=False, **options)
+
+
+def test_the_matrix_command_shows_no_bar_off_a_terminal_for_short_work(tmp_path, capsys):
+    """`matrix` passed progress=True: a bar on stderr for 2e4 flops into a
+    file, where `similarity` and the guide's rule (a terminal, long work)
+    show none."""
+    folder = checkpoints(tmp_path, bilinears(3))
+    code, _, err = exit_code(capsys, "matrix", folder, "--out", tmp_path / "m.png", "--json")
+    assert code == 0 and "similarity matrix (" not in err, err

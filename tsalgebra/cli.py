@@ -557,7 +557,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     elif args.samples is not None or args.seed is not None or args.rel_error is not None:
         raise UsageError("--samples, --rel-error and --seed belong to --method sampled")
     res = similarity_matrix(models, inner=args.inner, method=args.method, measure=_token_measure(args, *models),
-                            progress=not args.no_progress,
+                            progress=False if args.no_progress else None,  # as similarity: a bar on a terminal, for long work
                             workers=args.workers, scheduler=args.scheduler, store=args.store, tile=args.tile, **kw)
     values = np.asarray(res.values, dtype=float)
     if csv_path is not None:  # the data first: a figure that fails to draw loses nothing
