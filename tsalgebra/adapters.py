@@ -54,6 +54,7 @@ from torch import nn
 from .arrays import real_float64
 from .attention import BilinearAttention
 from .components import Bilinear, Component, Embedding, Linear, PositionWise, Sequential, postcompose, precompose
+from .messages import UNPRINTABLE, message_of
 
 __all__ = [
     "AdapterError",
@@ -632,7 +633,7 @@ def _by_convention(module: nn.Module, path: str) -> Component | None:
             continue
         if model is None:
             continue
-        err, how = _forward_mismatch(module, model)  # on the module's own kind of input (token ids, sequences)
+        err, how = _forward_mismatch(module, model, path)  # on the module's own kind of input (token ids, sequences)
         if err > _CHECK_RTOL:
             tried.append(f"{what}: forward differs ({how})")
         elif best is None or err < best[0]:
@@ -689,11 +690,14 @@ def _hooks(module: nn.Module) -> list[str]:
     return found
 
 
-def _forward_mismatch(module: nn.Module, model: Component) -> tuple[float, str]:
+def _forward_mismatch(module: nn.Module, model: Component, path: str = "") -> tuple[float, str]:
     """Largest relative difference between ``module`` and ``model`` on random
     inputs of the module's own kind (token ids for a model that reads
     tokens, (batch, n_ctx, d) sequences for a sequence model, vectors else),
-    and what it was: the error, or why the module's forward gave none."""
+    and what it was: the error, or why the module's forward gave none.  A
+    mismatch of a forward returning float16 or bfloat16 (floats under 32
+    bits) is an AdapterError at ``path`` saying so: that rounding, not the
+    conversion, may be why."""
     from .problem import positions_of
 
     gen = torch.Generator().manual_seed(1)
@@ -711,7 +715,9 @@ def _forward_mismatch(module: nn.Module, model: Component) -> tuple[float, str]:
         with torch.no_grad():
             want = torch.func.functional_call(module, params, (shaped,))
     except Exception as exc:  # noqa: BLE001 - the module's own forward failed on its inputs: said, as it failed
-        return float("inf"), f"its forward raised {type(exc).__name__} in float64: {' '.join(str(exc).split())[:200]}"
+        text = message_of(exc)
+        return float("inf"), (f"its forward raised {type(exc).__name__} in float64: "
+                              + (UNPRINTABLE if text is None else text[:200]))
     if not isinstance(want, torch.Tensor) or want.numel() != _CHECK_SAMPLES * model.out_features:
         what = (f"{want.numel() // _CHECK_SAMPLES} outputs per input" if isinstance(want, torch.Tensor)
                 else f"a {type(want).__name__}")
@@ -728,6 +734,11 @@ def _forward_mismatch(module: nn.Module, model: Component) -> tuple[float, str]:
     if not (math.isfinite(err) and math.isfinite(scale)):
         return float("inf"), "non-finite outputs"
     rel = err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
+    if rel > _CHECK_RTOL and want.is_floating_point() and torch.finfo(want.dtype).bits < 32:
+        raise AdapterError(path, f"{type(module).__name__}'s forward returns {want.dtype} outputs even with float64 "
+                                 f"weights (max relative error {rel:.3g} against the conversion on random inputs): "
+                                 "too coarse to check the conversion to float64 precision; convert the module to "
+                                 "float32 or float64 first (module.double()), its forward casting nothing down")
     return rel, f"max relative error {rel:.3g} on random inputs"
 
 

@@ -50,6 +50,7 @@ from .components import Bilinear, Component, Sequential
 from .engine import evaluation_network
 from .io import run_of
 from .jsonable import dumps
+from .messages import message_of, raised
 from .planner import plan, plan_cache
 from .problem import DEFAULT_BUDGET, CostError
 
@@ -234,9 +235,10 @@ def _cli_spelling(message: str, keep: Sequence[str] = ()) -> tuple[str, bool]:
     ``--centered``, ``--rel-error must be``), and whether any was found;
     the strings of ``keep`` (the paths given) left as they are."""
     kept: list[str] = []
-    for text in keep:
-        if text in message:
-            message = message.replace(text, f"\x00{len(kept)}\x00")
+    for text in keep:  # whole names only: a store named "st" is no part of "store="
+        mark = f"\x00{len(kept)}\x00"
+        message, n = re.subn(rf"(?<![\w.\x00-]){re.escape(text)}(?![\w=\x00-])", lambda _: mark, message)
+        if n:
             kept.append(text)
     translated, found = _translated(message)
     for k, text in enumerate(kept):
@@ -1059,9 +1061,13 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return _fail(args, EXIT_REFUSED, _file_names(exc.explain(cli=True), args),
                      alternatives=[a.spelled(cli=True) for a in exc.alternatives])
     except (ValueError, TypeError) as exc:  # a library message naming a keyword is about that option: usage
+        if message_of(exc) is None:
+            return _fail(args, EXIT_FAILED, _unexpected(exc))
         text, usage = _cli_spelling(str(exc), _given_paths(args))
         return _fail(args, EXIT_USAGE if usage else EXIT_FAILED, _file_names(text, args))
     except (ArithmeticError, RuntimeError, OSError, ImportError) as exc:
+        if message_of(exc) is None:
+            return _fail(args, EXIT_FAILED, _unexpected(exc))
         return _fail(args, EXIT_FAILED, _file_names(_cli_spelling(str(exc), _given_paths(args))[0], args))
     except MemoryError as exc:  # an allocation this machine refused: said as such, not a traceback
         return _fail(args, EXIT_FAILED, f"out of memory ({exc or 'an allocation failed'}); try a smaller --n-ctx, "
@@ -1080,7 +1086,7 @@ def _unexpected(exc: BaseException) -> str:
     """An exception of a kind the command does not expect, in one line: its
     type, message and the innermost place of the user's code it came from
     (a --template builder), else a bug of tsalgebra's to report."""
-    text = f"unexpected {type(exc).__name__}: {' '.join(str(exc).split()) or 'no message'}"
+    text = f"unexpected {raised(exc)}"
     frames = traceback.extract_tb(exc.__traceback__)
     package = Path(__file__).resolve().parent
     libraries = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}

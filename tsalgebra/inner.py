@@ -17,11 +17,12 @@ channel is always excluded.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass, replace
 from fractions import Fraction
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import sympy
@@ -44,6 +45,27 @@ _OPTIONS = ("centered", "per_output", "degree", "budget", "orbits", "algorithm",
             "device", "progress")
 
 
+@contextlib.contextmanager
+def _overflow_named() -> Iterator[None]:
+    """numpy's overflow and invalid-value warnings of the computation inside
+    held back: where they made a product non-finite, the FloatingPointError
+    raised names the cause, and printed beside it they only repeat it;
+    otherwise (finite numbers after an overflow, another error) they are
+    issued after all, once per kind."""
+    seen: list[str] = []
+    named = False
+    try:
+        with np.errstate(over="call", invalid="call", call=lambda kind, _flag: seen.append(kind)):
+            yield
+    except FloatingPointError:
+        named = True
+        raise
+    finally:
+        if not named:
+            for kind in dict.fromkeys(seen):
+                warnings.warn(f"{kind} encountered in the inner products", RuntimeWarning, stacklevel=4)
+
+
 def _problem(a: Any, b: Any, inner_product: str | None, method: str, mean: Any, cov: Any, measure: Measure | None,
              options: dict[str, Any], joint: bool = False) -> InnerProblem:
     unknown = set(options) - set(_OPTIONS)
@@ -52,6 +74,7 @@ def _problem(a: Any, b: Any, inner_product: str | None, method: str, mean: Any, 
     return InnerProblem.of(a, b, inner_product, method, mean, cov, measure, joint=joint, **options)
 
 
+@_overflow_named()
 def inner(
     a: Any,
     b: Any,
@@ -161,6 +184,7 @@ def plan_inner(a: Any, b: Any, inner: str | None = None, method: str = "auto", m
     return choose(_problem(a, b, inner, method, mean, cov, measure, options))
 
 
+@_overflow_named()
 def norm(a: Any, inner: str | None = None, method: str = "auto", mean: Any = None, cov: Any = None,
          **options: Any) -> InnerResult:
     """sqrt(<a, a>) with the metadata of :func:`inner`."""
@@ -244,6 +268,7 @@ def _refusal_of(refused: list[tuple[str, CostError]]) -> CostError:
                      flops=max(e.flops for _, e in refused), alternatives=alternatives)
 
 
+@_overflow_named()
 def similarity(a: Any, b: Any, inner: str | None = None, method: str = "auto", mean: Any = None, cov: Any = None,
                **options: Any) -> InnerResult:
     """The cosine <a, b> / sqrt(<a, a> <b, b>), with the metadata of :func:`inner`

@@ -51,9 +51,11 @@ import copy
 import io
 import math
 import numbers
+import os
 import pickle
 import re
 import struct
+import sys
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -68,6 +70,7 @@ import numpy as np
 from .arrays import is_torch, no_real_values, real_float64
 from .layouts import SIZES, attention_lm, is_run_directory, missing_sizes, read_config
 from .components import Bilinear, Component, Linear, Sequential
+from .messages import raised
 
 __all__ = ["LoadError", "load", "save", "checkpoint_paths", "read_state_dict", "model_from_state_dict", "run_of",
            "natural_key", "is_checkpoint", "CHECKPOINT_SUFFIXES", "NATIVE_FORMAT"]
@@ -168,38 +171,58 @@ def _is_array(v: Any) -> bool:
 
 def _unwrap(obj: Any, path: Path, state_key: str | None = None) -> dict[str, Any]:
     """The state dict in a loaded object: the object itself when it maps names
-    to tensors, else the one entry that does (``state_key`` names it when
-    several do: a checkpoint holding both ``model`` and ``ema`` is never read
-    silently as one of them).  A file that is itself a state dict holds one
-    set of weights: ``state_key`` takes its keys prefixed ``state_key + "."``
-    (the prefix removed) where there are such keys, else the file is read as
-    it is, with a warning that the key was not used (it chooses among the
-    state dicts of files that hold several)."""
+    to tensors, else the one entry that does.  ``state_key`` picks one set of
+    weights: the entry of that name holding tensors, or the keys prefixed
+    ``state_key + "."`` (the prefix removed) in a state dict, looked for after
+    the wrappers' prefixes (``module.ema.x`` under DDP, an ``ema.`` beside
+    ``model.`` in a Lightning ``state_dict``).  Several such sets are an error
+    naming them, never a silent pick; a file that is itself a state dict with
+    no such keys is read as it is, with a warning that the key was not used
+    (the command line passes one key to files of both kinds)."""
     if not isinstance(obj, Mapping):
         raise LoadError(path, f"holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors)")
-    if obj and all(_is_array(v) for v in obj.values()):
-        if state_key is not None:
-            prefix = f"{state_key}."
-            chosen = {str(k)[len(prefix):]: v for k, v in obj.items() if str(k).startswith(prefix)}
-            if chosen:
-                return chosen
-            warnings.warn(f"{path}: state_key={state_key!r} not used: the file is one state dict, with no key "
-                          f"prefixed {prefix!r}; read as it is", UserWarning, stacklevel=2)
-        return {str(k): v for k, v in obj.items()}
-    holders = [str(k) for k, v in obj.items() if isinstance(v, Mapping) and v and all(_is_array(x) for x in v.values())]
+    flat = bool(obj) and all(_is_array(v) for v in obj.values())
+    holders = {None: obj} if flat else {
+        str(k): v for k, v in obj.items() if isinstance(v, Mapping) and v and all(_is_array(x) for x in v.values())}
     if state_key is not None:
-        if state_key not in holders:
-            raise LoadError(path, f"state_key={state_key!r}: no state dict there; the entries holding tensors are "
-                                  f"{holders or 'none'}")
-        return {str(k): v for k, v in obj[state_key].items()}
+        prefix = f"{state_key}."
+        found = {f"entry {state_key!r}": holders[state_key]} if state_key in holders else {}
+        for name, sd in holders.items():
+            if name == state_key:  # its keys are the entry's own
+                continue
+            # keep=: a wrapper's prefix that state_key names ("model") is the choice, not stripped
+            keys = strip_prefixes({str(k): v for k, v in sd.items()}, keep=[prefix])
+            chosen = {k[len(prefix):]: v for k, v in keys.items() if k.startswith(prefix)}
+            if chosen:
+                found[f"keys {prefix}* in " + (f"entry {name!r}" if name else "the file")] = chosen
+        if len(found) > 1:
+            raise LoadError(path, f"state_key={state_key!r} is ambiguous: it names {' and '.join(found)}; "
+                                  "pass the one you mean to model_from_state_dict (after torch.load)")
+        if found:
+            return {str(k): v for k, v in next(iter(found.values())).items()}
+        if not flat:
+            raise LoadError(path, f"state_key={state_key!r}: no state dict there, nor keys prefixed {prefix!r} in "
+                                  f"one; the entries holding tensors are {list(holders) or 'none'}")
+        _warn_at_caller(f"{path}: state_key={state_key!r} not used: the file is one state dict, with no key "
+                        f"prefixed {prefix!r}; read as it is")
     if len(holders) == 1:
-        return {str(k): v for k, v in obj[holders[0]].items()}
-    keys = ", ".join(map(str, list(obj)[:8]))
-    if len(holders) > 1:
+        return {str(k): v for k, v in next(iter(holders.values())).items()}
+    if holders:
         raise LoadError(path, f"holds several state dicts ({', '.join(holders)}); choose one with state_key= "
                               f"(--state-key on the command line)")
+    keys = ", ".join(map(str, list(obj)[:8]))
     raise LoadError(path, f"holds no state dict: top-level keys are [{keys}]; expected tensors, or an entry "
                           f"(such as {', '.join(_NESTED)}) holding them")
+
+
+def _warn_at_caller(message: str) -> None:
+    """A UserWarning pointing at the user's call, the first frame outside this
+    package: its depth differs by entry point (load, read_state_dict)."""
+    package = os.path.dirname(__file__) + os.sep
+    frame, level = sys._getframe(), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
 
 
 PREFIXES = ("module.", "_orig_mod.", "model.")  # DDP, torch.compile, Lightning
@@ -453,10 +476,12 @@ def model_from_state_dict(sd: Mapping[str, Any], template: Template = None,
     if not isinstance(template, nn.Module) and callable(template):
         try:
             module = template()
-        except Exception as exc:  # noqa: BLE001 - the user's code: what it raised, named, never a traceback
+        # the user's code: what it raised, named, never a traceback.  GeneratorExit too (a bug there, as no
+        # generator is closed); SystemExit and KeyboardInterrupt are requests to stop, and propagate
+        except (Exception, GeneratorExit) as exc:  # noqa: BLE001
             name = getattr(template, "__qualname__", None)
             what = f"{getattr(template, '__module__', None) or '?'}.{name}()" if name else repr(template)
-            raise LoadError(source, f"the template builder {what} raised {type(exc).__name__}: {exc}") from None
+            raise LoadError(source, f"the template builder {what} raised {raised(exc)}") from None
     try:
         if not isinstance(module, nn.Module):
             raise TypeError(f"template must be an nn.Module or a function returning one, got {type(module).__name__}")
@@ -482,9 +507,10 @@ def load(path: str | Path, template: Template = None, *, strict: bool = True,
     :class:`Checkpoints` (a list in natural step order, with their names and
     steps, which matrices use as labels).  Keys prefixed by a wrapper
     (``module.``, ``_orig_mod.``, ``model.``) are read without the prefix;
-    ``state_key`` picks the state dict of a checkpoint that holds several
-    (``"ema"`` beside ``"model"``); a file that is itself a state dict is
-    read as it is.  A training run of a bilinear-attention
+    ``state_key`` picks one set of weights: the entry of that name
+    (``"ema"`` beside ``"model"``), or the keys it prefixes (``ema.``) in the
+    state dict, a Lightning ``state_dict`` included; a file that is itself a
+    state dict without such keys is read as it is.  A training run of a bilinear-attention
     language model in the papers' layout (a ``config.json`` naming vocab_size,
     d_model, n_head and n_layers beside ``checkpoints/``:
     :mod:`tsalgebra.layouts`), its ``checkpoints/`` folder or one of its

@@ -259,8 +259,16 @@ class Store:
         difference: the options first (centered= also changes the models'
         digests, their output biases taken out), then the models."""
         new = self.manifest
-        if not isinstance(old, dict) or old.get("version") != STORE_VERSION:
-            raise ValueError(f"store {self.path} was not written by this version of tsalgebra; use a new directory")
+        version = old.get("version") if isinstance(old, dict) else None
+        if version != STORE_VERSION:
+            # tiles of another layout cannot be resumed: as with other options, the directory is what to change
+            # (said with store=, so the command line reads it as --store, a usage error)
+            if isinstance(version, int):
+                has = f"store version {version} ({'an older' if version < STORE_VERSION else 'a newer'} tsalgebra)"
+            else:
+                has = "no store version"
+            raise ValueError(f"store {self.path} has {has}; this tsalgebra reads store version {STORE_VERSION} "
+                             "only: give store= a new directory")
         was = old.get("options") if isinstance(old.get("options"), dict) else {}
         for k, v in new["options"].items():
             if k == "options":  # the keyword options (samples, seed...), one by one, as the call spells them

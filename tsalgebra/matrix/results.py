@@ -133,10 +133,11 @@ class SimilarityMatrix:
 
     def __repr__(self) -> str:
         n, m = self.values.shape
-        kind = " (estimated)" if self.estimated else "" if self.exact else " (approximate)"
+        # inside the "(estimated, ...)" parenthesis, as InnerResult's repr says it of one estimate
+        heavy = ", heavy tails: the error bar is doubtful" if self.heavy_tailed is not None and np.any(
+            self.heavy_tailed) else ""
+        kind = f" (estimated{heavy})" if self.estimated else "" if self.exact else " (approximate)"
         flags = [self.inner, self.method + kind, f"route {self.route}"]
-        if self.heavy_tailed is not None and np.any(self.heavy_tailed):  # ts.similarity's label of such estimates
-            flags.insert(2, "heavy tails: the error bar is doubtful")
         if self.centered:
             flags.append("centred")
         if self.measure:

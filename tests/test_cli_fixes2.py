@@ -1,0 +1,145 @@
+"""Fixes: a store of another store version is a usage error naming both
+versions (and a short store name is no part of "store=" in the message); a
+matrix's heavy-tail label sits in its "(estimated, ...)" parenthesis as
+ts.similarity's; overflow warnings are not printed beside the named
+FloatingPointError; an exception whose __str__ fails is still one line."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+import tsalgebra as ts
+import tsalgebra.cli as cli
+from helpers import exit_code
+from tsalgebra.matrix.cluster import STORE_VERSION
+
+
+def bilinear(rng, d=3, h=4, o=2):
+    return ts.Bilinear(rng.normal(size=(h, d)), rng.normal(size=(h, d)), rng.normal(size=(o, h)))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ck")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        ts.save(bilinear(rng), d / f"m{i}.safetensors")
+        paths.append(d / f"m{i}.safetensors")
+    return paths
+
+
+def _old_store(capsys, tmp_path, files, name, version):
+    """A store written by this version, then its manifest set to ``version``."""
+    store = tmp_path / name
+    assert exit_code(capsys, "matrix", *files, "--store", store, "--out", tmp_path)[0] == 0
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest["version"] = version
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    return store
+
+
+@pytest.mark.parametrize("name", ["st", "old-store"])  # "st" is a part of "store="
+def test_a_store_of_an_older_version_is_a_usage_error_naming_both_versions(tmp_path, files, capsys, name):
+    store = _old_store(capsys, tmp_path, files, name, STORE_VERSION - 1)
+    code, out, err = exit_code(capsys, "matrix", *files, "--store", store, "--out", tmp_path, "--json")
+    assert code == 2, err
+    said = json.loads(out)["error"]
+    assert f"store version {STORE_VERSION - 1} (an older tsalgebra)" in said
+    assert f"reads store version {STORE_VERSION} only" in said and "give --store DIR a new directory" in said
+    assert str(store) in said and "store=" not in said
+    models = [ts.load(f) for f in files]
+    with pytest.raises(ValueError, match=rf"store version {STORE_VERSION - 1} .*give store= a new directory"):
+        ts.similarity_matrix(models, store=store, progress=False)
+
+
+def test_a_store_of_a_newer_version_or_none_is_named_so(tmp_path, files, capsys):
+    store = _old_store(capsys, tmp_path, files, "new", STORE_VERSION + 1)
+    code, _, err = exit_code(capsys, "matrix", *files, "--store", store, "--out", tmp_path)
+    assert code == 2 and f"store version {STORE_VERSION + 1} (a newer tsalgebra)" in err
+    (store / "manifest.json").write_text("[1]")
+    code, _, err = exit_code(capsys, "matrix", *files, "--store", store, "--out", tmp_path)
+    assert code == 2 and "has no store version" in err
+
+
+def test_a_short_path_is_kept_only_where_it_stands_alone():
+    text, usage = cli._cli_spelling("store st: give store= a new directory (st/tiles)", ["st"])
+    assert text == "store st: give --store DIR a new directory (st/tiles)" and usage
+    text, usage = cli._cli_spelling("samples=5.pt: not a checkpoint", ["samples=5.pt"])
+    assert text == "samples=5.pt: not a checkpoint" and not usage
+
+
+def test_a_heavy_tailed_matrix_says_so_inside_its_estimated_parenthesis(files):
+    models = [ts.load(f) for f in files]
+    kw = dict(method="sampled", seed=0, progress=False)
+    m = ts.similarity_matrix(models, **kw)
+    assert m.heavy_tailed.any()
+    one = ts.similarity(models[0], models[1], **kw)
+    assert one.estimate.heavy_tailed
+    label = "sampled (estimated, heavy tails: the error bar is doubtful)"
+    assert label in repr(one) and label in repr(m)
+    assert repr(m).count("heavy tails") == 1
+
+
+def _huge_before_residual(seed, scale=1e200):
+    r = np.random.default_rng(seed)
+    return ts.Sequential(ts.Linear(r.normal(size=(3, 3)) * scale),
+                         ts.Bilinear(r.normal(size=(4, 3)), r.normal(size=(4, 3)), r.normal(size=(3, 4)), residual=True))
+
+
+@pytest.mark.parametrize("call", [
+    lambda a, b: ts.similarity(a, b), lambda a, b: ts.inner(a, b), lambda a, b: ts.norm(a),
+    lambda a, b: ts.similarity(a, b, per_output=True), lambda a, b: ts.similarity(a, b, method="sampled", seed=0),
+])
+def test_an_overflow_named_as_floatingpointerror_prints_no_numpy_warning(call):
+    a, b = _huge_before_residual(1), _huge_before_residual(2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(FloatingPointError, match="not finite .* although the models were rescaled"):
+            call(a, b)
+    assert [str(w.message) for w in caught] == []
+    assert np.geterr()["over"] == "warn" and np.geterrcall() is None  # the scope left as it was
+
+
+def test_an_overflow_named_at_the_command_line_has_no_notes(tmp_path, capsys):
+    for side, seed in (("a", 1), ("b", 2)):
+        ts.save(_huge_before_residual(seed), tmp_path / f"{side}.safetensors")
+    code, out, err = exit_code(capsys, "similarity", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--json")
+    assert code == 1 and "not finite" in json.loads(out)["error"]
+    assert "notes" not in json.loads(out) and "note:" not in err
+
+
+def test_an_overflow_that_left_finite_numbers_is_still_warned():
+    """Held back only where the named error says it: here nothing does."""
+    from tsalgebra.inner import _overflow_named
+
+    with pytest.warns(RuntimeWarning, match="overflow encountered in the inner products"):
+        with _overflow_named():
+            np.array([1e300]) * 1e300
+
+
+class _Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("its __str__ fails")
+
+
+class _UnprintableValue(ValueError):
+    def __str__(self):
+        raise RuntimeError("its __str__ fails")
+
+
+@pytest.mark.parametrize("kind", [_Unprintable, _UnprintableValue])
+def test_an_exception_whose_message_fails_is_still_one_line(monkeypatch, capsys, kind):
+    def broken(args):
+        raise kind("x")
+
+    monkeypatch.setattr(cli, "cmd_summary", broken)
+    code, out, err = exit_code(capsys, "summary", "--json")
+    assert code == 1 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and f"unexpected {kind.__name__} (its message cannot be printed)" in lines[0]
+    assert json.loads(out)["exit_code"] == 1

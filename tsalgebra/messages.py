@@ -1,0 +1,28 @@
+"""The text of an exception raised by the user's code, said on one line.
+
+An exception is named in a message by its type and text; where its
+``__str__`` itself raises, the text is said to be unprintable, so that the
+error being reported is never replaced by that second one.
+"""
+
+from __future__ import annotations
+
+__all__ = ["UNPRINTABLE", "message_of", "raised"]
+
+UNPRINTABLE = "(its message cannot be printed)"
+
+
+def message_of(exc: BaseException) -> str | None:
+    """``str(exc)`` on one line, or None where ``str`` raises."""
+    try:
+        return " ".join(str(exc).split())
+    except Exception:  # noqa: BLE001 - whatever the failing __str__ raised
+        return None
+
+
+def raised(exc: BaseException) -> str:
+    """``Type: message`` (``Type`` alone for an empty message; ``Type (its
+    message cannot be printed)`` where str() fails)."""
+    text = message_of(exc)
+    name = type(exc).__name__
+    return f"{name} {UNPRINTABLE}" if text is None else f"{name}: {text}" if text else name
