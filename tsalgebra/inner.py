@@ -150,8 +150,12 @@ def _scaled(r: InnerResult, log_scale: float, what: str) -> InnerResult:
     the models as given; OverflowError when float64 cannot hold it (a cosine
     is unaffected), FloatingPointError for any other non-finite value."""
     value = r.value
-    if isinstance(value, np.ndarray) and value.dtype == object:  # exact numbers: finite, never rescaled
-        return r
+    if isinstance(value, np.ndarray) and value.dtype == object or isinstance(value, (sympy.Basic, Fraction)):
+        # exact numbers (sympy's, Fractions; a float model beside an exact one makes them sympy Floats): finite,
+        # and scaled in sympy, whose exponents do not overflow; an exact model is never rescaled itself
+        if log_scale == 0.0:
+            return r
+        return replace(r, value=value * sympy.exp(sympy.Float(log_scale, 17)))
     if isinstance(value, (float, np.ndarray)) and not np.all(np.isfinite(value)):
         raise FloatingPointError(f"{what} is not finite ({value}) although the models were rescaled: a weight too "
                                  "large or too small for float64 in a layer tsalgebra cannot rescale")

@@ -52,12 +52,19 @@ class Measure:
         raise NotImplementedError
 
 
-def _as_numbers(value: Any, what: str, rank: int) -> np.ndarray:
+def _as_numbers(value: Any, what: str, rank: int | tuple[int, ...], expected: str | None = None) -> np.ndarray:
     """A float64 array, or an object array of exact numbers (Fractions, sympy
-    rationals), of the given rank; ValueError/TypeError naming ``what``."""
+    rationals), of the given rank (or one of the given ranks); ValueError/
+    TypeError naming ``what`` and the shape ``expected`` (by default a vector
+    or a square matrix)."""
+    ranks = rank if isinstance(rank, tuple) else (rank,)
+    expected = expected or ("a vector" if ranks == (1,) else "a square matrix")
     if is_torch(value):
         value = torch_to_numpy(value)
-    arr = np.asarray(value)
+    try:
+        arr = np.asarray(value)
+    except ValueError:  # nested lists of unequal lengths: numpy's message names no argument
+        raise ValueError(f"{what} is ragged (its rows differ in length); expected {expected}") from None
     if arr.dtype == object:
         for x in arr.ravel():
             if isinstance(x, bool) or not isinstance(x, numbers.Number) and not _is_sympy_number(x):
@@ -68,8 +75,8 @@ def _as_numbers(value: Any, what: str, rank: int) -> np.ndarray:
         arr = arr.astype(np.float64)
     else:
         raise TypeError(f"{what} has dtype {arr.dtype}; expected real numbers")
-    if arr.ndim != rank:
-        raise ValueError(f"{what} has shape {arr.shape}; expected {'a vector' if rank == 1 else 'a square matrix'}")
+    if arr.ndim not in ranks:
+        raise ValueError(f"{what} has shape {arr.shape}; expected {expected}")
     finite = np.isfinite(arr).all() if arr.dtype != object else all(
         np.isfinite(float(x)) for x in arr.ravel() if isinstance(x, (float, np.floating)))
     if not finite:
@@ -392,7 +399,8 @@ class Tokens(Measure):
                 raise ValueError(f"n_ctx must be a positive integer, got {self.n_ctx!r}")
             object.__setattr__(self, "n_ctx", int(self.n_ctx))
         if self.probs is not None:
-            p = _as_numbers(self.probs, "probs", np.ndim(self.probs) if np.ndim(self.probs) in (1, 2) else 1)
+            shapes = f"one distribution ({self.vocab},) or one per token (n_ctx, {self.vocab})"
+            p = _as_numbers(self.probs, "probs", (1, 2), shapes)
             if p.shape[-1] != self.vocab:
                 raise ValueError(f"probs has shape {p.shape}; its last axis must be the vocabulary ({self.vocab})")
             if p.ndim == 2:

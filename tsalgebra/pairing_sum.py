@@ -97,8 +97,14 @@ class Joins:
         return self.measure.vocab  # type: ignore[union-attr]
 
     def token_array(self, what: str, t: int = 0) -> np.ndarray:
-        """e0 (the constant channel), the selection of token t's block, or token t's distribution."""
+        """e0 (the constant channel), the selection of token t's block, the
+        identity over the vocabulary (a copy joining two indices of one token),
+        or token t's distribution."""
         zero = (lambda shape: np.zeros(shape, dtype=object) if self.exact else np.zeros(shape))  # noqa: E731
+        if what == "copy":
+            eye = zero((self.vocab, self.vocab))
+            eye[np.arange(self.vocab), np.arange(self.vocab)] = 1
+            return eye
         if what == "e0":
             e = zero(self.width)
             e[0] = 1
@@ -321,8 +327,13 @@ class _Joiner:
                      extra: list[tuple[Tensor, tuple[Any, ...]]]) -> None:
         """A token measure's grouping: leg i reads the constant channel
         (assignment 0) or token t (its block of the one-hot input); the legs
-        of token t share one summed index, weighted once by its distribution."""
+        of token t share one summed index, weighted once by its distribution.
+        A tensor holds that index once: its further legs on the same token (a
+        polynomial's one tensor P carries every input leg) take an index of
+        their own, joined to the shared one by the identity over the
+        vocabulary (x_v^2 = x_v on a one-hot block: the diagonal)."""
         w, V = self.joins.width, self.joins.vocab
+        holds: set[tuple[int, int]] = set()  # (owner, token) whose leg already carries "#t{token}"
         for i, t in enumerate(assignment):
             leg, owned = self.legs[i], self.owner[self.legs[i]] is not None
             if t == 0:
@@ -333,6 +344,10 @@ class _Joiner:
             index = f"#t{t}"
             if owned:
                 roles[leg], rename[leg] = f"tok{t}", index
+                if (self.owner[leg], t) in holds:
+                    rename[leg] = f"#t{t}.{i}"
+                    extra.append((Tensor(f"#d{i}", (rename[leg], index), (V, V)), ("copy",)))
+                holds.add((self.owner[leg], t))
             else:
                 roles[leg] = "raw"
                 extra.append((Tensor(f"#s{i}", (leg, index), (w, V)), ("select", t)))
@@ -345,7 +360,7 @@ class _Joiner:
             return self._variant(ref[1], out_mask).data
         if ref[0] == "tensor":
             return self.tensors[ref[1]].data
-        if ref[0] in ("e0", "select", "probs"):
+        if ref[0] in ("e0", "select", "probs", "copy"):
             return self.joins.token_array(*ref)
         return {"matrix": self.joins.matrix, "mask": out_mask}[ref[0]]
 

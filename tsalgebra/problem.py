@@ -50,6 +50,10 @@ def format_count(x: float | int) -> str:
     return f"{x:.3g}"
 
 
+# How an estimate whose samples are heavy-tailed is labelled, alone or in a matrix.
+HEAVY_TAILS = "heavy tails: the error bar is doubtful"
+
+
 # ---------------------------------------------------------------- refusals
 
 
@@ -268,6 +272,16 @@ def bound_measure(model: Any, mean: Any, cov: Any, measure: Measure | None, *oth
         said = "; ".join(f"{m!r} reads {n} token{'s' if n > 1 else ''} of a vocabulary of {v}"
                          for (v, n), m in read.items())
         raise ValueError(f"the models read different tokens ({said}): no one measure is the input of all")
+    if read and isinstance(law, Tokens):
+        # A model that reads tokens through its embedding knows their vocabulary
+        # and count; its width alone cannot tell them apart (one token of 4 is
+        # 4 features, as 2 tokens of 2), so the measure is checked against them.
+        (vocab, n), m = next(iter(read.items()))
+        if law.vocab != vocab or law.n_ctx not in (None, n):
+            has = f"{law.n_ctx} token{'s' if law.n_ctx > 1 else ''}" if law.n_ctx else "tokens"
+            raise ValueError(f"measure={law!r} does not fit {m!r}: the model reads {n} token{'s' if n > 1 else ''} "
+                             f"of a vocabulary of {vocab}, the measure draws {has} of a vocabulary of {law.vocab} "
+                             f"(give measure=ts.Tokens({vocab}, {n}, probs=...) or leave it out)")
     shapes = {(_width(m), positions_of(m)): None for m in (model, *others)}  # each shape bound once
     return [law.at(*shape) for shape in shapes][0]
 
@@ -475,7 +489,7 @@ class InnerResult:
         val = self.value
         if not self.per_output and isinstance(val, float):
             val = f"{val:.12g}" if self.stderr is None else f"{val:.6g} ± {self.stderr:.2g}"
-        heavy = ", heavy tails: the error bar is doubtful" if getattr(self.estimate, "heavy_tailed", False) else ""
+        heavy = f", {HEAVY_TAILS}" if getattr(self.estimate, "heavy_tailed", False) else ""
         kind = f" (estimated{heavy})" if self.estimated else " (approximate)" if not self.exact else ""
         flags = [self.inner, self.method + kind, self.algorithm]
         if self.centered:

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..algorithms.sampled import Z95
 from ..planner import ContractionPlan
+from ..problem import HEAVY_TAILS
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ class SimilarityMatrix:
     def __repr__(self) -> str:
         n, m = self.values.shape
         # inside the "(estimated, ...)" parenthesis, as InnerResult's repr says it of one estimate
-        heavy = ", heavy tails: the error bar is doubtful" if self.heavy_tailed is not None and np.any(
+        heavy = f", {HEAVY_TAILS}" if self.heavy_tailed is not None and np.any(
             self.heavy_tailed) else ""
         kind = f" (estimated{heavy})" if self.estimated else "" if self.exact else " (approximate)"
         flags = [self.inner, self.method + kind, f"route {self.route}"]
