@@ -26,6 +26,7 @@ never forms a vocabulary-sized second moment).
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,7 @@ import numpy as np
 
 from ..attention import BilinearAttention
 from ..components import Bilinear, Component, Linear, PositionWise, Sequential
-from ..folding import Block, chain_flops, fold, folded_shapes
+from ..folding import Block, fold, folded_shapes
 from ..form_moments import Factor, Leg, MomentCost, moment
 from ..measure import Gaussian
 from ..pairing_sum import OUTER, Joins, PairingPlan, plan_pairings, run_pairings
@@ -68,6 +69,22 @@ def _gaussian_state(measure: Gaussian) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([mu0, mu0]), np.block([[M0, M0], [M0, M0]])
 
 
+# Tile side of the hidden x hidden products of a closure step.  The old step
+# held LMR, LML, RMR and Q whole, with their temporaries about 7 H^2 floats at
+# H joint hidden units (3.9 GB at H = 8194, a 3-layer stack of hidden 4096);
+# by tiles only LM, RM (H x width) and D Q stay whole, the tiles of the
+# symmetric Q are formed once per pair (a <= b): a third fewer flops beyond
+# one tile.  Tiles of equal sides of at most 1024 (8 MB): one tile up to a
+# joint hidden width of 1024 (the small cases run as before).
+_TILE = 1024
+_TILE_TEMPS = 6  # tiles live at once forming one of Q: 5.7 measured (tracemalloc, 3 tiles of 684)
+
+
+def _tiles(h: int) -> list[slice]:
+    side = -(-h // -(-h // _TILE))
+    return [slice(s, min(h, s + side)) for s in range(0, h, side)]
+
+
 def closure_steps(ba: list[Block], bb: list[Block], mu: np.ndarray, M: np.ndarray
                   ) -> tuple[np.ndarray, np.ndarray, int]:
     """Propagate a joint state (mean ``mu``, second moment ``M`` of the padded
@@ -79,26 +96,53 @@ def closure_steps(ba: list[Block], bb: list[Block], mu: np.ndarray, M: np.ndarra
         blk_a = ba[t] if t < len(ba) else _linear_block(np.eye(ba[-1][2].shape[0]))
         blk_b = bb[t] if t < len(bb) else _linear_block(np.eye(bb[-1][2].shape[0]))
         L, R, D = (_block_diag(x, y) for x, y in zip(blk_a, blk_b))
-        LMR, LML, RMR = L @ M @ R.T, L @ M @ L.T, R @ M @ R.T
+        # Q = pair pair' + LML * RMR + LMR * LMR' - 2 mean_prod mean_prod' (M symmetric), by tiles
+        LM, RM = L @ M, R @ M
         lm, rm = L @ mu, R @ mu
-        pair = np.diag(LMR)
+        pair = np.einsum("ij,ij->i", LM, R)  # diag(L M R')
         mean_prod = lm * rm
-        Q = np.outer(pair, pair) + LML * RMR + LMR * LMR.T - 2 * np.outer(mean_prod, mean_prod)
-        mu, M = D @ pair, D @ Q @ D.T
+        DQ = np.zeros((D.shape[0], L.shape[0]))
+        tiles = _tiles(L.shape[0])
+        for k, x in enumerate(tiles):
+            for y in tiles[k:]:
+                q = (LM[x] @ L[y].T) * (RM[x] @ R[y].T)
+                c = LM[x] @ R[y].T  # LMR[x, y], times LMR[y, x]'
+                q += c * (c.T if y == x else (LM[y] @ R[x].T).T)
+                q += np.outer(pair[x], pair[y]) - 2 * np.outer(mean_prod[x], mean_prod[y])
+                DQ[:, y] += D[:, x] @ q
+                if y != x:  # the mirrored tile Q[y, x] = q'
+                    DQ[:, x] += D[:, y] @ q.T
+        mu, M = D @ pair, DQ @ D.T
     return mu, M, steps
 
 
-def _steps_flops(sa: list[tuple[tuple[int, int], ...]], sb: list[tuple[tuple[int, int], ...]], width: int) -> int:
-    """Flops of :func:`closure_steps` from the blocks' shapes (state of ``width``)."""
-    flops = 0
+def _step_cost(H: int, w: int, o: int) -> tuple[int, int]:
+    """(flops, elements at its peak besides the blocks) of one step of
+    :func:`closure_steps`: joint hidden units H, state width w, output width o."""
+    diagonal = sum((x.stop - x.start) ** 2 for x in _tiles(H))
+    off = (H * H - diagonal) // 2  # entries of the tiles above the diagonal
+    flops = 2 * 2 * H * w * w + 2 * 2 * H * w + 2 * H * w  # LM, RM; lm, rm; pair
+    flops += 2 * w * (3 * diagonal + 4 * off) + 10 * (diagonal + off)  # the tiles of Q
+    flops += 2 * o * H * H + 2 * o * H * o + 2 * o * H  # D Q D', D pair
+    T = _tiles(H)[0].stop
+    # the state in and out; L, R, LM, RM; D and D Q; one tile's temporaries
+    return flops, w * w + o * o + 4 * H * w + 2 * o * H + _TILE_TEMPS * T * T
+
+
+def _steps_cost(sa: list[tuple[tuple[int, int], ...]], sb: list[tuple[tuple[int, int], ...]], width: int
+                ) -> tuple[int, float]:
+    """(flops, peak bytes) of :func:`closure_steps` from the blocks' shapes
+    (state of ``width``): the folded blocks of both chains are held
+    throughout, beside the largest step."""
+    flops, peak = 0, 0
+    held = sum(x[0] * x[1] for s in (sa, sb) for blk in s for x in blk)
     for t in range(max(len(sa), len(sb))):
         wait = lambda s: ((s[-1][2][0],) * 2,) * 3  # noqa: E731 - an identity block at the output
         (La, _, Da), (Lb, _, Db) = (sa[t] if t < len(sa) else wait(sa)), (sb[t] if t < len(sb) else wait(sb))
-        L, D = (La[0] + Lb[0], La[1] + Lb[1]), (Da[0] + Db[0], Da[1] + Db[1])
-        flops += 3 * chain_flops(L, (width, width), L[::-1]) + 2 * chain_flops(L, (width, 1))
-        flops += chain_flops(D, (L[0], L[0]), D[::-1]) + 8 * L[0] * L[0]
-        width = D[0]
-    return flops
+        f, e = _step_cost(La[0] + Lb[0], width, Da[0] + Db[0])
+        flops, peak = flops + f, max(peak, e)
+        width = Da[0] + Db[0]
+    return flops, 8.0 * (held + peak)
 
 
 def _split(model: Component) -> tuple[Component, Component | None]:
@@ -151,7 +195,8 @@ _RUNS_BYTES = 2.0**30
 # Runs go to worker threads (one BLAS thread each) above this many planned
 # flops: the programme's products are small batched matrix products.
 _THREADED_FLOPS = 2e9
-_DRY: dict[tuple[Any, ...], int] = {}  # flops of one tuple's run, by kind, pattern and shapes
+# one tuple's run: (flops, peak elements), by kind, pattern and shapes
+_DRY: dict[tuple[Any, ...], tuple[int, int]] = {}
 
 
 class _StepModel:
@@ -171,7 +216,8 @@ class _StepModel:
             forms = {k: self.side.forms[k] for k in _FAMILIES}
             self.O, self.U = self.side.out_maps
             self.d_out = attn.d_out
-            self.live = np.argwhere(self.side.mask.any(axis=0))  # (pairs, 2): the (i, j) some head reads
+            self.live_matrix = self.side.mask.any(axis=0).astype(float)  # (n, n): 1 where some head reads (i, j)
+            self.live = np.argwhere(self.live_matrix)  # (pairs, 2): those (i, j)
         self.rows: dict[str, tuple[int, int, int]] = {}  # family -> (first row, heads, width)
         start = 0
         for k in _FAMILIES:
@@ -463,40 +509,116 @@ class _AttentionStep:
         model = self.models[run.models[side]]
         return (model.rows["v"][1], model.rows["v"][2]) if run.terms[side] == "att" else (1, model.d + 1)
 
+    def counts(self, models: tuple[int, ...], terms: tuple[str, ...], columns: dict[tuple[int, int], int]
+               ) -> dict[bytes, tuple[int, np.ndarray]]:
+        """The tuples of a kind of run by pattern (as :meth:`tuples` and
+        :meth:`_patterns` would group them): {pattern: (count, a tuple of that
+        pattern)}, counted in closed form.  Enumerating them (n^4 tuples)
+        took 31 s to refuse a closure at 64 positions, 109 s at 96; here each
+        count is a contraction of n x n indicator matrices over the tuple's
+        columns: the live pairs of each side's attention, the query positions
+        equal (``diagonal``), a model with itself in the order of its live
+        pairs.  With independent positions a pattern says which columns are
+        equal: the tuples whose columns are equal at least within each block
+        of a partition are counted, and the exact patterns follow by Moebius
+        inversion over the partitions of the columns."""
+        n, k = self.n, len(columns)
+        eye, ones = np.eye(n), np.ones((n, n))
+        base = [(columns[(s, 0)], columns[(s, 1)], self.models[m].live_matrix)
+                for s, (m, term) in enumerate(zip(models, terms)) if term == "att"]
+        products = [base]  # each a list of (column u, column v, n x n indicator): a sum over the products
+        if len(models) == 2:
+            i, i2 = columns[(0, 0)], columns[(1, 0)]
+            if self.diagonal:
+                base.append((i, i2, eye))
+            if models[0] == models[1] and terms == ("att", "att"):  # (i, j) <= (i', j'): i < i', or i = i', j <= j'
+                j, j2 = columns[(0, 1)], columns[(1, 1)]
+                products = [base + [(i, i2, np.triu(ones, 1))], base + [(i, i2, eye), (j, j2, np.triu(ones))]]
+
+        def at_least(blocks: tuple[int, ...]) -> int:
+            """Tuples whose columns in one block are equal (``blocks``: each column's block)."""
+            total = 0.0
+            for factors in products:
+                ops: list[Any] = []
+                for u, v, F in factors:
+                    ops += [np.diagonal(F), [blocks[u]]] if blocks[u] == blocks[v] else [F, [blocks[u], blocks[v]]]
+                free = set(blocks) - {b for sub in ops[1::2] for b in sub}
+                ops += [x for b in sorted(free) for x in (np.ones(n), [b])]  # a column no factor reads
+                total += float(np.einsum(*ops, [], optimize=True))
+            return int(round(total))
+
+        if not self.independent:  # one pattern: every tuple
+            count = at_least(tuple(range(k)))
+            return {np.zeros(0, dtype=bool).tobytes(): (count, np.zeros((1, k), dtype=np.int64))} if count else {}
+        partitions = _partitions(k)
+        coarse = {p: at_least(p) for p in partitions}
+        out = {}
+        for p in partitions:
+            count = sum(_moebius(p, q) * c for q, c in coarse.items() if _refines(p, q))
+            if count:
+                key = np.array([p[u] == p[v] for u in range(k) for v in range(u + 1, k)], dtype=bool).tobytes()
+                out[key] = (count, np.array([p], dtype=np.int64))  # positions: the block labels (n > their count)
+        return out
+
     def cost(self) -> tuple[float, float]:
         """(flops, peak bytes) from the shapes: the Gram blocks, the
         programme's runs (dry: its cost is linear in the tuples, so one
-        representative tuple per kind and pattern, the tuples counted one
-        query position at a time, never all materialised), and the products
+        representative tuple per kind and pattern, the tuples counted in
+        closed form, never materialised: :meth:`counts`), and the products
         that write the outputs."""
-        flops, runs = self.gram_flops(), 0.0
+        flops, jobs, held, write = self.gram_flops(), [], 0.0, 0.0
+        workers = max(1, blas_threads())  # run() may put as many jobs in flight at once
         for models, terms, columns in self.kinds():
-            counts: dict[bytes, list[Any]] = {}
-            for i in range(self.n):
-                t, _ = self.tuples(models, terms, i)
-                if not len(t):
-                    continue
-                keys, group = self._patterns(t)
-                for g, key in enumerate(keys):
-                    members = np.flatnonzero(group == g)
-                    entry = counts.setdefault(key.tobytes(), [0, t[members[:1]]])
-                    entry[0] += len(members)
-            for pattern, (count, sample) in counts.items():
+            for pattern, (count, sample) in self.counts(models, terms, columns).items():
                 run = _Run(models, terms, sample, columns, np.zeros(1, dtype=bool))
                 key = (terms, pattern, self.independent) + tuple(self._signature(m) for m in models)
                 if key not in _DRY:  # a function of the shapes and the pattern: planned once per process
-                    _DRY[key] = self.moment(run, slice(None))[1].flops
-                flops += count * _DRY[key]
-                runs = max(runs, min(_RUNS_BYTES, _BYTES_PER_LARGEST * self._largest_per_tuple(run) * count))
+                    dry = self.moment(run, slice(None))[1]
+                    _DRY[key] = dry.flops, dry.peak
+                flops += count * _DRY[key][0]
+                # the run's jobs as run() cuts them (bytes of one, how many): the dry run's elements held at
+                # once per tuple (its ledger follows the real run's arrays; an independent pattern skips
+                # most Gram blocks, which the bound of run()'s cut does not see)
+                bound = _BYTES_PER_LARGEST * self._largest_per_tuple(run)
+                per = min(count, max(1, int(_RUNS_BYTES / workers // bound)))
+                jobs += [(8.0 * _DRY[key][1] * per, count // per), (8.0 * _DRY[key][1] * (count % per), 1)]
                 # writing the outputs: the weights and the first side's map, then the second side's
                 (h, e), q = self._term_shape(run, 0), self.models[models[0]].d_out + 1
                 (g, f), r = (self._term_shape(run, 1), self.models[models[1]].d_out + 1) if len(models) > 1 \
                     else ((1, 1), 1)
                 flops += 2.0 * count * (h * g * e * f * (1 + q) + g * f * q * r)
+                # held until every job is done: each tuple's moments (h, g, e, f), its positions (twice: per
+                # query position, then joined) and pattern; _write's operands and products for the largest job
+                held += count * (h * g * e * f + 3 * len(columns) + 2)
+                write = max(write, per * (2 * h * g * e * f + 2 * g * f * q + q * r))
+        flight, left = 0.0, workers  # the largest jobs, as many as run at once
+        for size, times in sorted(jobs, reverse=True):
+            flight, left = flight + size * min(times, left), left - min(times, left)
         n = self.n
         grams = sum((1 if self.independent else n) * n * self.models[x].R * self.models[y].R for x, y in self.pairs())
         state = sum(n * n * (self.models[x].d_out + 1) * (self.models[y].d_out + 1) for x, y in self.pairs())
-        return flops, 8.0 * (grams + 3 * state) + runs
+        return flops, 8.0 * (grams + 3 * state + held + write) + flight
+
+def _partitions(k: int) -> list[tuple[int, ...]]:
+    """The partitions of k columns, each column's block numbered in order of first appearance."""
+    out: list[tuple[int, ...]] = [()]
+    for _ in range(k):
+        out = [p + (b,) for p in out for b in range(max(p, default=-1) + 2)]
+    return out
+
+
+def _refines(fine: tuple[int, ...], coarse: tuple[int, ...]) -> bool:
+    return all(coarse[u] == coarse[v] for u in range(len(fine)) for v in range(u) if fine[u] == fine[v])
+
+
+def _moebius(fine: tuple[int, ...], coarse: tuple[int, ...]) -> int:
+    """The Moebius function of the partition lattice: the product over the
+    blocks of ``coarse`` of (-1)^(m - 1) (m - 1)!, m the blocks of ``fine`` in it."""
+    out = 1
+    for b in set(coarse):
+        m = len({fine[u] for u in range(len(fine)) if coarse[u] == b})
+        out *= (-1) ** (m - 1) * math.factorial(m - 1)
+    return out
 
 
 def _write(S: np.ndarray, wx: np.ndarray, wy: np.ndarray, Ox: np.ndarray, Oy: np.ndarray) -> np.ndarray:
@@ -729,8 +851,8 @@ class GaussianClosure(Algorithm):
         for step in steps:
             if step[0] == "chains":
                 shapes = [_chain_shapes(c, w) for c, w in zip(step[1], step[2])]
-                f = float(_steps_flops(shapes[0], shapes[1], sum(step[2])))
-                peak = max(peak, 8.0 * 6 * max(sum(step[2]), sum(s[-1][2][0] for s in shapes)) ** 2)
+                cost = _steps_cost(shapes[0], shapes[1], sum(step[2]))
+                f, peak = float(cost[0]), max(peak, cost[1])
             else:
                 f, m = attention_closure_cost(step[1], step[2], False, a is b, step[3])
                 peak = max(peak, m)
@@ -757,13 +879,14 @@ class GaussianClosure(Algorithm):
         chains = [sa or [(wa, wa, (wa[0], wa[0]))], sb or [(wb, wb, (wb[0], wb[0]))]]
         approx = max(max(len(sa), len(sb)) - 1, 0)
         width = 2 * (a.in_features + 1)
-        flops = float(_steps_flops(chains[0], chains[1], width))
+        flops, peak = _steps_cost(chains[0], chains[1], width)
         if flops > limit:
             raise CostError(f"closure would cost {format_count(flops)} flops", flops=flops)
         notes = (f"Gaussian closure over {approx} bilinear layer(s) after an exact first stage: approximate",
                  ) if approx else ()
         state = max(width, sum(c[-1][2][0] for c in chains))
-        return Plan(self.name, problem, flops, 8.0 * 6 * state * state, max(len(chains[0]), len(chains[1])),
+        peak = max(peak, 8.0 * 6 * state * state)  # the input's state; the output's moments read off the last
+        return Plan(self.name, problem, float(flops), peak, max(len(chains[0]), len(chains[1])),
                     exact=not approx, joint=True, facts={"approximate_layers": approx}, notes=notes)
 
     def run(self, plan: Plan) -> Triple:

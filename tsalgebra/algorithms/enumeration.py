@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from ..measure import Tokens
-from ..node_sums import CHUNK, Forward, node_flops, node_sum
+from ..node_sums import CHUNK, Forward, node_flops, node_peak_bytes, node_sum
 from ..problem import CostError, InnerProblem, Plan, format_count
 from .registry import Algorithm, Triple
 
@@ -63,12 +63,16 @@ class Enumeration(Algorithm):
         if count > MAX_SEQUENCES:
             raise CostError(f"enumeration would visit {format_count(count)} token sequences (more than "
                             f"{format_count(MAX_SEQUENCES)})")
-        flops = node_flops(Forward(problem.a), Forward(problem.b), count, limit)
+        fa, fb = Forward(problem.a), Forward(problem.b)
+        flops = node_flops(fa, fb, count, limit)
         if flops > limit:
             raise CostError(f"enumeration of {count:,} token sequences would cost {format_count(flops)} flops",
                             flops=flops)
         width, out = problem.widths
-        return Plan(self.name, problem, flops, 8.0 * min(count, CHUNK) * (width + 4 * out), count,
+        # the chunk's token indices (one array per position) beside its one-hot rows
+        measure: Tokens = problem.measure  # type: ignore[assignment]
+        peak = node_peak_bytes(fa, fb, min(count, CHUNK), width, out, measure.width // measure.vocab)
+        return Plan(self.name, problem, flops, peak, count,
                     facts={"sequences": count, "nodes": count}, notes=(f"exact over all {count:,} token sequences",))
 
     def run(self, plan: Plan) -> Triple:

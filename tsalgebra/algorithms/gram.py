@@ -20,7 +20,7 @@ from ..folding import chain_flops, fold, folded_shapes
 from ..problem import CostError, InnerProblem, Plan, format_count
 from .registry import Algorithm, Triple
 
-__all__ = ["GramRecursion", "network_gram"]
+__all__ = ["GramRecursion", "gram_peak_bytes", "network_gram"]
 
 UNDERFLOW = 1e-280  # a Gram below this has lost its digits to float64's range (squared at the next layer)
 
@@ -33,18 +33,22 @@ def network_gram(a: Component, b: Component, exact: bool = False) -> np.ndarray:
     if not ba:
         return wa @ wb.T  # type: ignore[operator]
     G: np.ndarray | None = None  # the identity, never formed: (width + 1)^2 for the input alone
-
-    def through(P: np.ndarray, Q: np.ndarray) -> np.ndarray:  # P G Q^T
-        return P @ Q.T if G is None else P @ G @ Q.T
-
     half = Fraction(1, 2) if exact else 0.5
     for depth, ((La, Ra, Da), (Lb, Rb, Db)) in enumerate(zip(ba, bb), start=1):
-        core = half * (through(La, Lb) * through(Ra, Rb) + through(La, Rb) * through(Ra, Lb))
+        LaG, RaG = (La, Ra) if G is None else (La @ G, Ra @ G)
+        # Da core Db' by blocks of core's rows: the four h_a x h_b products P G Q' and their sums are
+        # never whole (with their temporaries 4.3 of them at once: 2.3 GB at hidden 8192); the
+        # arithmetic unchanged (left to right, as gram_flops counts)
+        DaC = None
+        for x in _row_blocks(La.shape[0], Lb.shape[0]):
+            core = half * ((LaG[x] @ Lb.T) * (RaG[x] @ Rb.T) + (LaG[x] @ Rb.T) * (RaG[x] @ Lb.T))
+            part = Da[:, x] @ core
+            DaC = part if DaC is None else DaC + part
         if exact:  # no range to leave
-            G = Da @ core @ Db.T
+            G = DaC @ Db.T
             continue
         before = 1.0 if G is None else np.max(np.abs(G[1:, 1:]))
-        G = Da @ core @ Db.T
+        G = DaC @ Db.T
         after = np.max(np.abs(G[1:, 1:]))
         if before > 0 and 0 < after < UNDERFLOW:  # (an exact 0 may be orthogonality: not flagged)
             # the recursion squares its Gram at every layer: a deep stack's falls below float64
@@ -55,6 +59,25 @@ def network_gram(a: Component, b: Component, exact: bool = False) -> np.ndarray:
     return G
 
 
+# At most this many elements in one block of rows of the h_a x h_b products
+# (16 MB): one block up to about 1448 x 1448 (the small cases run as before),
+# blocks of equal rows beyond, hundreds of rows, so that the products stay
+# BLAS-sized (at hidden 2048 on one BLAS thread as fast as whole products).
+_ROWS_ELEMENTS = 2**21
+_BLOCK_TEMPS = 6  # blocks live at once forming one of core (products, Hadamard products, sums): 4.5 measured
+# (tracemalloc, 3 blocks of 683 rows at hidden 2048)
+
+
+def _rows(ha: int, hb: int) -> int:
+    blocks = -(-ha * hb // _ROWS_ELEMENTS)
+    return -(-ha // blocks)
+
+
+def _row_blocks(ha: int, hb: int) -> list[slice]:
+    rows = _rows(ha, hb)
+    return [slice(s, min(ha, s + rows)) for s in range(0, ha, rows)]
+
+
 def gram_flops(a: Component, b: Component) -> int:
     """Flops of :func:`network_gram`, from the layers' shapes."""
     (ba, wa), (bb, wb) = folded_shapes(a), folded_shapes(b)
@@ -63,10 +86,33 @@ def gram_flops(a: Component, b: Component) -> int:
     G, flops = None, 0  # the input's identity is not multiplied
     for (La, _, Da), (Lb, _, Db) in zip(ba, bb):
         core = (La[0], Lb[0])
-        flops += 4 * (chain_flops(La, Lb[::-1]) if G is None else chain_flops(La, G, Lb[::-1]))
+        if G is None:
+            flops += 4 * chain_flops(La, Lb[::-1])
+        else:  # La G and Ra G once, then four products with Lb', Rb'
+            flops += 2 * chain_flops(La, G) + 4 * chain_flops((La[0], G[1]), Lb[::-1])
         flops += 3 * core[0] * core[1] + chain_flops(Da, core, Db[::-1])
         G = (Da[0], Db[0])
     return flops
+
+
+def gram_peak_bytes(a: Component, b: Component) -> float:
+    """Bytes :func:`network_gram` holds at its peak, from the layers' shapes:
+    the folded blocks of both models throughout, beside the largest layer's
+    G, La G and Ra G, one block of rows of the products with its
+    temporaries, Da core and the next G (fold's copies of one layer while
+    it folds, where larger)."""
+    (ba, wa), (bb, wb) = folded_shapes(a), folded_shapes(b)
+    held = sum(x[0] * x[1] for blocks in (ba, bb) for blk in blocks for x in blk)
+    if not ba:
+        return 8.0 * (wa[0] * wa[1] + wb[0] * wb[1] + wa[0] * wb[0])  # type: ignore[index]
+    folding = 2 * max(sum(x[0] * x[1] for x in blk) for blk in ba + bb)
+    G, step = None, 0
+    for (La, _, Da), (Lb, _, Db) in zip(ba, bb):
+        ha, hb, oa, ob = La[0], Lb[0], Da[0], Db[0]
+        g = 0 if G is None else G[0] * G[1]
+        step = max(step, g + 2 * ha * Lb[1] + _BLOCK_TEMPS * _rows(ha, hb) * hb + 2 * oa * hb + oa * ob)
+        G = (oa, ob)
+    return 8.0 * (held + max(folding, step))
 
 
 class GramRecursion(Algorithm):
@@ -90,9 +136,8 @@ class GramRecursion(Algorithm):
         flops = gram_flops(problem.a, problem.b)
         if flops > limit:
             raise CostError(f"the Gram recursion would cost {format_count(flops)} flops", flops=flops)
-        (ba, wa), (bb, wb) = folded_shapes(problem.a), folded_shapes(problem.b)
-        widest = max([x[0] * x[1] for blocks in (ba, bb) for blk in blocks for x in blk] + [1])
-        return Plan(self.name, problem, float(flops), 8.0 * 6 * widest, max(len(ba), 1))
+        ba, _ = folded_shapes(problem.a)
+        return Plan(self.name, problem, float(flops), gram_peak_bytes(problem.a, problem.b), max(len(ba), 1))
 
     def run(self, plan: Plan) -> Triple:
         p = plan.problem

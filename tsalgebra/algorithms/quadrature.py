@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..measure import Gaussian
-from ..node_sums import CHUNK, Forward, chunk_sizes, node_flops, node_sum
+from ..node_sums import CHUNK, Forward, chunk_sizes, node_flops, node_peak_bytes, node_sum
 from ..problem import CostError, InnerProblem, Plan, degree_of, format_count
 from .registry import Algorithm, Triple
 
@@ -66,13 +66,15 @@ class Quadrature(Algorithm):
         if r * math.log10(q) > 300:  # beyond any budget, and beyond a float
             raise CostError(f"Gauss-Hermite quadrature needs {q}^{r} nodes (about 1e{r * math.log10(q):.0f})")
         points = q**r
-        flops = node_flops(Forward(problem.a), Forward(problem.b), points, limit)
+        fa, fb = Forward(problem.a), Forward(problem.b)
+        flops = node_flops(fa, fb, points, limit)
         if flops > limit:
             count = f"{points:,}" if points < 10**15 else f"about {format_count(points)}"
             raise CostError(f"Gauss-Hermite quadrature needs {q}^{r} = {count} evaluations "
                             f"({format_count(flops)} flops)", flops=flops)
         width, out = problem.widths
-        peak = 8.0 * min(points, CHUNK) * (width + 4 * out + 2 * r)  # a chunk's inputs, outputs and grid rows
+        # the grid's rows: indices, nodes and weights per coordinate, and the nodes mapped to inputs
+        peak = node_peak_bytes(fa, fb, min(points, CHUNK), width, out, 3 * r + width)
         return Plan(self.name, problem, flops, peak, points, facts={"nodes": points, "nodes_per_axis": q, "rank": r},
                     notes=(f"exact on {points:,} quadrature nodes",))
 

@@ -66,7 +66,14 @@ def layout(job: Job) -> RouteCost:
     n, m = len(job.rows), len(job.cols) if job.cols is not None else 0
     pairs = n * (n + 1) // 2 if job.cols is None else n * m + n + m
     flops = int(forward + 2.0 * pairs * points * out)
-    peak = 8 * chunk * (plan.problem.widths[0] + len(models) * out * 2)
+    # a chunk of nodes (with a quadrature grid's rows); every model's outputs on it: the list of them and
+    # its stacked copy, then the weighted and (centred) shifted copies; beside them the forward pass of
+    # the model being evaluated (its hidden activations: 370 MB at hidden 32768, where the outputs were
+    # 2.7) and every model's padded weights, held by its evaluator through the run
+    width, rank = plan.problem.widths[0], int(plan.facts.get("rank", 0))
+    forwards = [Forward(m) for m in models]
+    evaluating = max(f.activation_elements(chunk) for f in forwards) + sum(f.held_elements() for f in forwards)
+    peak = int(8 * (chunk * (2 * width + 3 * rank) + 4 * len(models) * chunk * out + evaluating))
     blocking = f"{len(models)} models on {points:,} nodes ({plan.algorithm}) in chunks of {chunk}"
     return RouteCost(NAME, flops, peak, peak <= job.memory, blocking, layout=plan)
 
