@@ -149,13 +149,15 @@ def test_the_budget_is_not_part_of_a_stores_identity(tmp_path):
 
 def test_auto_falls_back_pair_by_pair_when_the_prepared_models_do_not_fit():
     rng = np.random.default_rng(12)
-    ms = [bilinear(rng) for _ in range(5)]
-    for mm in (1000, 2000):
+    ms = [bilinear(rng) for _ in range(12)]  # preparing them takes 5,280 bytes; one pair's plan 2,560
+    for mm in (3000, 5000):
         r = ts.similarity_matrix(ms, max_memory=mm, progress=False)
-        assert r.route == "pairwise" and "preparing 5 models" in r.notes[0]
+        assert r.route == "pairwise" and "preparing 12 models" in r.notes[0]
         np.testing.assert_allclose(r.values, pairwise(ms, ms), atol=TOL)
     with pytest.raises(MemoryBoundError, match="max_memory=1,000"):
-        ts.similarity_matrix(ms, route="materialize", max_memory=1000, progress=False)
+        ts.similarity_matrix(ms[:5], route="materialize", max_memory=1000, progress=False)
+    with pytest.raises(MemoryBoundError, match=r"max_memory=2\.6e\+03"):  # not even one pair: refused, not run
+        ts.similarity_matrix(ms, max_memory=1000, progress=False)
 
 
 @pytest.mark.parametrize("value", ["1GB", float("nan"), 0.5, 0, -1, True, float("inf")])

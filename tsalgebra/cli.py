@@ -19,12 +19,13 @@ checkpoint, a model that is not tensor-based, a model of zero norm, ...),
 with a message on stderr, or `verify` found the circuit different; 2 bad
 usage (unknown option, missing file, an option value out of range or that
 does not apply to these models, an option the checkpoints need: --n-ctx,
---template, --state-key); 3 refused: the cost is above the budget (the
-message states the estimate and the alternatives; `plan` exits 3 when what
-it plans is refused).  Errors name the file and the option concerned.  With
---json, an error also prints {"error": MESSAGE, "exit_code": CODE} on stdout
-(a refusal adds "alternatives").  Warnings are reported as notes: "note: ..."
-lines after the text output, and in the JSON's "notes".
+--template, --state-key); 3 refused: the cost is above the budget or the
+memory above --max-memory (the message states the estimate and the
+alternatives; `plan` exits 3 when what it plans is refused).  Errors name
+the file and the option concerned.  With --json, an error also prints
+{"error": MESSAGE, "exit_code": CODE} on stdout (a refusal adds
+"alternatives").  Warnings are reported as notes: "note: ..." lines after
+the text output, and in the JSON's "notes".
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from .components import Bilinear, Component, Sequential
 from .engine import evaluation_network
 from .io import run_of
 from .jsonable import dumps
+from .matrix.api import ROUTES
 from .messages import message_of, raised
 from .planner import plan, plan_cache
 from .problem import DEFAULT_BUDGET, CostError
@@ -83,6 +85,7 @@ def _number(kind: type, least: float, strict: bool, below: float | None = None) 
 
 
 _COUNT, _POSITIVE, _NON_NEGATIVE = _number(int, 0, True), _number(float, 0, True), _number(float, 0, False)
+_BYTES = _number(float, 1, False)  # --max-memory: bytes, in any float spelling (2e9)
 # the sampling options, in the library's ranges (ts.inner checks them too, in its own spelling)
 _SAMPLES, _FRACTION, _SEED = _number(int, 2, False), _number(float, 0, True, below=1), _number(int, 0, False)
 
@@ -205,13 +208,14 @@ _OPTIONS = {
     "samples": ("--samples", "N"), "rel_error": ("--rel-error", "R"), "seed": ("--seed", "S"),
     "budget": ("--budget", "F"), "per_output": ("--per-output", ""), "store": ("--store", "DIR"),
     "workers": ("--workers", "N"), "scheduler": ("--scheduler", "ADDRESS"), "tile": ("--tile", "N"),
+    "max_memory": ("--max-memory", "BYTES"), "route": ("--route", "NAME"),
 }
 _KEYS = "|".join(sorted(_OPTIONS, key=len, reverse=True))
 # keyword=value as a message spells an argument (not inside a model's repr,
 # where it is followed by a comma or a parenthesis; a store's "written with
 # seed=4, this call has seed=5" is no repr)
 _KEYWORD = re.compile(rf"(?<![\w.-])({_KEYS})=(?:(True|False|'[^']*'|\"[^\"]*\"|\.\.\.)(?=[\s:;,.)]|$)"
-                      rf"|([-+\w.]*\w)?(?=[\s:;]|, this call |$))")
+                      rf"|([-+\w.]*\w(?:,\d{{3}})*)?(?=[\s:;]|, this call |$))")  # 1,000 too
 _MUST = re.compile(rf"(?<![\w.-])({_KEYS})(?= must be\b)")
 _HINT = re.compile(r"\s*\(--[a-z][a-z-]* on the command line\)|;\s*--[a-z][a-z-]* on the command line")
 
@@ -256,6 +260,8 @@ def _translated(message: str) -> tuple[str, bool]:
             return f"{flag} {metavar}" if metavar else flag
         if value in ("True", "False"):
             return flag if value == "True" else f"without {flag}"
+        if re.fullmatch(r"\d{1,3}(?:,\d{3})+", value):  # a count written 1,000: the flag takes 1000
+            value = value.replace(",", "")
         return f"{flag} {value.strip(chr(39) + chr(34))}"
 
     text = _HINT.sub("", message).replace(" or .at(n_ctx)", "")
@@ -449,6 +455,17 @@ def _token_measure(args: argparse.Namespace, *models: Any) -> Any:
         raise UsageError(f"--token-probs {path}: {e}") from None
 
 
+def _limits(args: argparse.Namespace) -> dict[str, Any]:
+    """The keywords of --budget, --max-memory and the sampling options
+    (a usage error where these are given without --method sampled)."""
+    kw: dict[str, Any] = {"budget": args.budget, "max_memory": args.max_memory}
+    if args.method == "sampled":
+        kw.update(samples=args.samples, rel_error=args.rel_error, seed=args.seed)
+    elif args.samples is not None or args.rel_error is not None or args.seed is not None:
+        raise UsageError("--samples, --rel-error and --seed belong to --method sampled")
+    return kw
+
+
 def cmd_similarity(args: argparse.Namespace) -> int:
     from .inner import similarity
 
@@ -460,15 +477,11 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     _check_n_ctx(args, (a, b))
     _check_inner(args, (a, b))
     _check_widths([(args.a, a), (args.b, b)])
-    kw: dict[str, Any] = {"per_output": args.per_output, "budget": args.budget}
+    kw: dict[str, Any] = {"per_output": args.per_output, **_limits(args)}
     if args.no_progress:
         kw["progress"] = False
     if args.centered:
         kw["centered"] = True
-    if args.method == "sampled":
-        kw.update(samples=args.samples, rel_error=args.rel_error, seed=args.seed)
-    elif args.samples is not None or args.rel_error is not None or args.seed is not None:
-        raise UsageError("--samples, --rel-error and --seed belong to --method sampled")
     r = similarity(a, b, args.inner, args.method, measure=_token_measure(args, a, b), **kw)
     payload = dict(_result_dict(r), a=args.a, b=args.b, model_a=repr(a), model_b=repr(b))
     if args.per_output:
@@ -551,14 +564,11 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     _check_n_ctx(args, models)
     _check_inner(args, models)
     _check_widths(list(zip(files, models)))
-    kw: dict[str, Any] = {"budget": args.budget}
+    kw: dict[str, Any] = _limits(args)  # under --method sampled each pair's cosine estimated by ts.similarity
     if args.centered:
         kw["centered"] = True
-    if args.method == "sampled":  # each pair's cosine estimated by ts.similarity
-        kw.update(samples=args.samples, seed=args.seed, rel_error=args.rel_error)
-    elif args.samples is not None or args.seed is not None or args.rel_error is not None:
-        raise UsageError("--samples, --rel-error and --seed belong to --method sampled")
-    res = similarity_matrix(models, inner=args.inner, method=args.method, measure=_token_measure(args, *models),
+    res = similarity_matrix(models, inner=args.inner, method=args.method, route=args.route,
+                            measure=_token_measure(args, *models),
                             progress=False if args.no_progress else None,  # as similarity: a bar on a terminal, for long work
                             workers=args.workers, scheduler=args.scheduler, store=args.store, tile=args.tile, **kw)
     values = np.asarray(res.values, dtype=float)
@@ -844,15 +854,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     _check_n_ctx(args, (a, b))
     _check_inner(args, (a, b))
     _check_widths([(args.a, a), (args.b, b)])
-    sp = plan_similarity(a, b, args.inner, centered=args.centered, per_output=args.per_output, budget=args.budget)
+    sp = plan_similarity(a, b, args.inner, args.method, centered=args.centered, per_output=args.per_output,
+                         measure=_token_measure(args, a, b), **_limits(args))
     inner_used = next((p.problem.inner for _, p in sp.products if not isinstance(p, CostError)), args.inner or "gaussian")
-    rep = dict(sp.describe(), inner=inner_used, centered=args.centered, a=args.a, b=args.b, model_a=repr(a),
-               model_b=repr(b))
+    rep = dict(sp.describe(), inner=inner_used, method=args.method, centered=args.centered, a=args.a, b=args.b,
+               model_a=repr(a), model_b=repr(b))
     lines = [f"{inner_used}{' centred' if args.centered else ''} similarity of {args.a} and {args.b}, planned from "
-             f"shapes (budget {args.budget:.3g} flops per product):"]
+             f"shapes (budget {args.budget:.3g} flops per product, memory bound {sp.max_memory / 1e6:.3g} MB):"]
     for label, p in sp.products:
         if isinstance(p, CostError):
-            lines.append(f"  {label}: refused: {p.explain(cli=True)}")
+            lines.append(f"  {label}: refused: {_refusal(p, args)}")
             continue
         joint = " (one joint computation for <a,b>, <a,a> and <b,b>)" if p.joint else ""
         lines.append(f"  {label}: {p.algorithm}{joint}{'' if p.exact else ', approximate'}: {p.flops:.3g} flops, "
@@ -865,7 +876,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         lines += [f"      {name} refused: {why}" for name, why in p.refusals]
     lines.append(f"total: {rep['total_contractions']} contractions, {rep['total_flops']:.3g} flops: "
                  f"{'within the budget' if rep['within_budget'] else 'REFUSED'}")
-    lines += [f"--method {m}: {o.summary() if not isinstance(o, str) else o}" for m, o in sp.others]
+    lines += [f"--method {m}: {_cli_spelling(o.summary() if not isinstance(o, str) else o, _given_paths(args))[0]}"
+              for m, o in sp.others]
     _emit(args, rep, "\n".join(lines))
     return EXIT_REFUSED if sp.refused else EXIT_OK
 
@@ -916,6 +928,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "holding one distribution over the vocabulary or one per position (uniform without it)")
     inner_help = ("inner product (default: the models' own measure: tokens for models that read token ids, "
                   "else gaussian)")
+    memory_help = ("memory bound in bytes on what one product's plan holds at its peak (default: half the available "
+                   "memory)")
+    method_help = ("auto: exact within the budget, else an error (never an approximation); closure: Gaussian moment "
+                   "closure (approximate); sampled: Monte Carlo estimate with a standard error")
 
     parser = _Parser(prog="tsalgebra", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     from . import __version__
@@ -933,12 +949,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--centered", action="store_true", help="centred gaussian (covariance of the outputs)")
     s.add_argument("--token-probs", metavar="PATH",
                    help=token_probs_help)
-    s.add_argument("--method", choices=("auto", "exact", "closure", "sampled"), default="auto",
-                   help="auto: exact within the budget, else an error (never an approximation); "
-                        "closure: Gaussian moment closure (approximate); sampled: Monte Carlo estimate with a "
-                        "standard error")
+    s.add_argument("--method", choices=("auto", "exact", "closure", "sampled"), default="auto", help=method_help)
     s.add_argument("--budget", type=_NON_NEGATIVE, default=DEFAULT_BUDGET,
                    help=f"flop budget per inner product (default {DEFAULT_BUDGET:g})")
+    s.add_argument("--max-memory", type=_BYTES, metavar="BYTES", help=memory_help)
     s.add_argument("--samples", type=_SAMPLES, help="--method sampled: number of samples, at least 2 (default 10000)")
     s.add_argument("--rel-error", type=_FRACTION,
                    help="--method sampled: sample until this relative standard error (in (0, 1))")
@@ -962,6 +976,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="as for similarity; sampled estimates each product pair by pair")
     m.add_argument("--budget", type=_NON_NEGATIVE, default=DEFAULT_BUDGET,
                    help=f"flop budget per inner product (default {DEFAULT_BUDGET:g})")
+    m.add_argument("--max-memory", type=_BYTES, metavar="BYTES",
+                   help="memory bound in bytes on the route's blocks and each pairwise product (default: a quarter "
+                        "of the available memory)")
+    m.add_argument("--route", choices=ROUTES, default="auto",
+                   help="auto: the cheapest route within --max-memory, else pair by pair; or one route by name")
     m.add_argument("--samples", type=_SAMPLES, help="--method sampled: samples per product, at least 2 (default 10000)")
     m.add_argument("--rel-error", type=_FRACTION,
                    help="--method sampled: sample each pair until this relative standard error (in (0, 1))")
@@ -1002,7 +1021,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inner", choices=inners, default=None, help=inner_help)
     p.add_argument("--centered", action="store_true")
     p.add_argument("--per-output", action="store_true")
-    p.add_argument("--budget", type=_NON_NEGATIVE, default=DEFAULT_BUDGET)
+    p.add_argument("--token-probs", metavar="PATH", help=token_probs_help)
+    p.add_argument("--method", choices=("auto", "exact", "closure", "sampled"), default="auto", help=method_help)
+    p.add_argument("--budget", type=_NON_NEGATIVE, default=DEFAULT_BUDGET,
+                   help=f"flop budget per inner product (default {DEFAULT_BUDGET:g})")
+    p.add_argument("--max-memory", type=_BYTES, metavar="BYTES", help=memory_help)
+    p.add_argument("--samples", type=_SAMPLES, help="--method sampled: number of samples, at least 2 (default 10000)")
+    p.add_argument("--rel-error", type=_FRACTION,
+                   help="--method sampled: sample until this relative standard error (in (0, 1))")
+    p.add_argument("--seed", type=_SEED, help="--method sampled: random seed, >= 0")
     p.set_defaults(func=cmd_plan)
 
     d = sub.add_parser("demo", help="grokking | backdoor | language: train, checkpoint, compare, plot",
@@ -1058,7 +1085,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except CostError as exc:  # the alternatives spelled as this command's flags
-        return _fail(args, EXIT_REFUSED, _file_names(exc.explain(cli=True), args),
+        return _fail(args, EXIT_REFUSED, _refusal(exc, args),
                      alternatives=[a.spelled(cli=True) for a in exc.alternatives])
     except (ValueError, TypeError) as exc:  # a library message naming a keyword is about that option: usage
         if message_of(exc) is None:
@@ -1071,7 +1098,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return _fail(args, EXIT_FAILED, _file_names(_cli_spelling(str(exc), _given_paths(args))[0], args))
     except MemoryError as exc:  # an allocation this machine refused: said as such, not a traceback
         return _fail(args, EXIT_FAILED, f"out of memory ({exc or 'an allocation failed'}); try a smaller --n-ctx, "
-                                        "fewer models, or a smaller --budget")
+                                        "fewer models, or a smaller --budget or --max-memory")
     except Exception as exc:  # noqa: BLE001 - the last resort: a kind of error not foreseen, said, not a traceback
         return _fail(args, EXIT_FAILED, _unexpected(exc))
     except KeyboardInterrupt:
@@ -1080,6 +1107,12 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     finally:
         for note in _notes(args):  # warnings not reported with an output (a failure, say)
             print(f"tsalgebra: note: {note}", file=sys.stderr)
+
+
+def _refusal(exc: CostError, args: argparse.Namespace) -> str:
+    """A refusal in the command line's spelling: its alternatives as flags,
+    a keyword in its reason too (max_memory=, method='closure')."""
+    return _file_names(_cli_spelling(exc.explain(cli=True), _given_paths(args))[0], args)
 
 
 def _unexpected(exc: BaseException) -> str:

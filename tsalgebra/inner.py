@@ -32,8 +32,8 @@ from .algorithms.sampled import Z95
 from .cosine import cosines
 from .measure import Measure
 from .rescale import canonical, without_output_bias
-from .problem import (DEFAULT_BUDGET, FUNCTIONAL, CostError, InnerProblem, InnerResult, Plan, degree_of, format_count,
-                      resolve_inner)
+from .problem import (DEFAULT_BUDGET, FUNCTIONAL, CostError, InnerProblem, InnerResult, MemoryBoundError, Plan,
+                      checked_memory, default_max_memory, degree_of, format_count, resolve_inner)
 
 __all__ = ["InnerResult", "CostError", "SimilarityPlan", "inner", "norm", "plan_inner", "plan_similarity",
            "similarity", "DEFAULT_BUDGET"]
@@ -41,8 +41,8 @@ __all__ = ["InnerResult", "CostError", "SimilarityPlan", "inner", "norm", "plan_
 LOG_FLOAT_MAX = float(np.log(np.finfo(float).max))
 LOG_FLOAT_TINY = float(np.log(np.finfo(float).tiny))  # below it a product would silently become 0 or subnormal
 
-_OPTIONS = ("centered", "per_output", "degree", "budget", "orbits", "algorithm", "samples", "rel_error", "seed",
-            "device", "progress")
+_OPTIONS = ("centered", "per_output", "degree", "budget", "max_memory", "orbits", "algorithm", "samples", "rel_error",
+            "seed", "device", "progress")
 
 
 @contextlib.contextmanager
@@ -88,6 +88,7 @@ def inner(
     per_output: bool = False,
     degree: int | None = None,
     budget: float = DEFAULT_BUDGET,
+    max_memory: int | None = None,
     orbits: bool = True,
     algorithm: str | None = None,
     samples: int | None = None,
@@ -115,9 +116,11 @@ def inner(
     run the models on; the result carries ``stderr`` and a 95 % ``interval``)
     or "auto" (the cheapest
     exact algorithm whose planned flops fit ``budget``, flops per inner
-    product (a similarity computed jointly may take three), else
-    :class:`CostError` naming every estimate and the alternatives; never an
-    approximation).  ``algorithm`` names one registered algorithm instead:
+    product (a similarity computed jointly may take three), and whose planned
+    peak fits ``max_memory`` bytes (default half the memory available when
+    called), else :class:`CostError` (:class:`MemoryBoundError` where only
+    the memory bound refused) naming every estimate and the alternatives;
+    never an approximation).  ``algorithm`` names one registered algorithm instead:
     "pairings" (orbit enumeration, exponential in the number of input
     copies), "quadrature" (Gauss-Hermite nodes, exponential in the input
     rank), "moments" (per-position attention moments), "gram" (the network
@@ -129,11 +132,26 @@ def inner(
     while the computation runs: True, False, or None (shown on a terminal
     when the plan is long, over about 2e10 flops).
     """
-    options = dict(centered=centered, per_output=per_output, degree=degree, budget=budget, orbits=orbits,
-                   algorithm=algorithm, samples=samples, rel_error=rel_error, seed=seed, device=device,
+    options = dict(centered=centered, per_output=per_output, degree=degree, budget=budget, max_memory=max_memory,
+                   orbits=orbits, algorithm=algorithm, samples=samples, rel_error=rel_error, seed=seed, device=device,
                    progress=progress)
     (a, la), (b, lb) = _canonical_pair(a, b, centered)
     return _scaled(solve(_problem(a, b, inner, method, mean, cov, measure, options))[0], la + lb, "<a, b>")
+
+
+@_overflow_named()
+def joint_inner(a: Any, b: Any, inner: str | None = None, method: str = "auto", mean: Any = None, cov: Any = None,
+                *, measure: Measure | None = None, **options: Any) -> tuple[InnerResult, InnerResult | None,
+                                                                            InnerResult | None]:
+    """<a, b> planned as :func:`similarity` plans it, with the options of
+    :func:`inner`: an algorithm whose one computation also yields <a, a> and
+    <b, b> may spend three budgets, and then they come back too (else None).
+    The similarity matrix's pairwise route computes each pair with it, so it
+    grants a pair what :func:`similarity` grants it."""
+    (a, la), (b, lb) = _canonical_pair(a, b, bool(options.get("centered")))
+    ab, aa, bb = solve(_problem(a, b, inner, method, mean, cov, measure, options, joint=a is not b))
+    return (_scaled(ab, la + lb, "<a, b>"), None if aa is None else _scaled(aa, 2 * la, "<a, a>"),
+            None if bb is None else _scaled(bb, 2 * lb, "<b, b>"))
 
 
 def _canonical_pair(a: Any, b: Any, centered: bool) -> tuple[tuple[Any, float], tuple[Any, float]]:
@@ -243,6 +261,7 @@ def _similarity_plans(a: Any, b: Any, inner: str | None, method: str, mean: Any,
     and, where it is not joint, of <a,a> and <b,b>; a product refused carries
     its CostError instead."""
     calls = [("<a,b>", a, b, a is not b)] + ([] if a is b else [("<a,a>", a, a, False), ("<b,b>", b, b, False)])
+    options = _one_bound(options)
     # the self-products under the pair's measure (a model's own default would
     # judge a hand-written circuit on one-hot tokens by the Gaussian)
     pair = resolve_inner(inner, measure, a, b) if inner is None or inner in FUNCTIONAL else (inner, measure)
@@ -258,18 +277,35 @@ def _similarity_plans(a: Any, b: Any, inner: str | None, method: str, mean: Any,
     return products
 
 
+def _one_bound(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the memory bound read once (the default: half the
+    memory available now), so that every product of one call has the same."""
+    return dict(options, max_memory=checked_memory(options.get("max_memory")) or default_max_memory())
+
+
 def _refusal_of(refused: list[tuple[str, CostError]]) -> CostError:
     """One refusal for the products of a similarity refused: their reasons,
-    and the larger budget of theirs (the one that admits them all)."""
+    their alternatives, each budget and memory bound the larger of theirs
+    (the one that admits them all); a MemoryBoundError where one is."""
     if [label for label, _ in refused] == ["<a,b>"]:
         return refused[0][1]
     first = refused[0][1]
-    budgets = [a.value for _, e in refused for a in e.alternatives if a.option == "budget"]
-    alternatives = tuple(replace(a, value=max(budgets)) if a.option == "budget" else a for a in first.alternatives)
-    others = ", ".join(f"{label} ({format_count(e.flops)} flops at the cheapest)" if e.flops < math.inf else label
+    merged: dict[Any, Any] = {}  # in the order first given
+    for _, e in refused:
+        for a in e.alternatives:
+            key = a.option if a.option in ("budget", "max_memory") else (a.option, repr(a.value))
+            if key not in merged or a.value > merged[key].value:
+                merged[key] = a
+    others = ", ".join(f"{label} ({format_count(e.needed)} bytes at the smallest)" if isinstance(e, MemoryBoundError)
+                       else f"{label} ({format_count(e.flops)} flops at the cheapest)" if e.flops < math.inf else label
                        for label, e in refused[1:])
-    return CostError(f"{refused[0][0]}: {first.reason}" + (f"; refused too: {others}" if others else ""),
-                     flops=max(e.flops for _, e in refused), alternatives=alternatives)
+    worst = max((e for _, e in refused), key=lambda e: e.flops)
+    fields = dict(flops=worst.flops, extrapolated=worst.extrapolated, alternatives=tuple(merged.values()))
+    reason = f"{refused[0][0]}: {first.reason}" + (f"; refused too: {others}" if others else "")
+    memory = [e for _, e in refused if isinstance(e, MemoryBoundError)]
+    if memory:
+        return MemoryBoundError(reason, needed=max(e.needed for e in memory), **fields)
+    return CostError(reason, **fields)
 
 
 @_overflow_named()
@@ -377,11 +413,18 @@ def _estimated_similarity(ab: InnerResult, aa: InnerResult | None, bb: InnerResu
 class SimilarityPlan:
     """What :func:`similarity` would run: per product (<a,b>, and <a,a>,
     <b,b> unless the first plan is joint) its :class:`Plan` or the
-    :class:`CostError` refusing it; totals over the plans."""
+    :class:`CostError` refusing it; totals over the plans; the budget and
+    the memory bound (bytes) they were planned within."""
 
     products: tuple[tuple[str, "Plan | CostError"], ...]
     budget: float
     others: tuple[tuple[str, "SimilarityPlan | str"], ...] = ()  # when refused: closure, sampled (or why not)
+    max_memory: int | None = None
+
+    @property
+    def peak_bytes(self) -> float:
+        """The largest peak of the plans (they run one after another)."""
+        return max((p.peak_bytes for p in self.plans), default=0.0)
 
     @property
     def plans(self) -> list[Plan]:
@@ -405,13 +448,14 @@ class SimilarityPlan:
         for label, p in self.products:
             if isinstance(p, CostError):
                 items.append({"product": label, "refused": p.reason, "estimated_flops": p.flops,
+                              **({"needed_bytes": p.needed} if isinstance(p, MemoryBoundError) else {}),
                               "alternatives": [{"option": a.option, "value": a.value, "why": a.why}
                                                for a in p.alternatives]})
             else:
                 items.append({"product": label, **describe(p)})
         return {"products": items, "total_flops": self.flops, "total_contractions": self.contractions,
-                "peak_bytes": max((p.peak_bytes for p in self.plans), default=0.0), "budget": self.budget,
-                "within_budget": not self.refused,  # every plan within its limit
+                "peak_bytes": self.peak_bytes, "budget": self.budget, "max_memory": self.max_memory,
+                "within_budget": not self.refused,  # every plan within its limits (flops and memory)
                 "algorithms": sorted({p.algorithm for p in self.plans}),
                 **({"other_methods": {m: o if isinstance(o, str) else o.describe() for m, o in self.others}}
                    if self.others else {})}
@@ -434,10 +478,11 @@ class SimilarityPlan:
         if self.refused:
             return "refused: " + "; ".join(p.reason for _, p in self.products if isinstance(p, CostError))
         p = self.plans[0]
+        peak = f"peak {self.peak_bytes / 1e6:.3g} MB"  # as the plan of each product says it
         if p.method == "sampled":
             return (f"{format_count(p.facts['per_sample_flops'])} flops per sample ({format_count(self.flops)} for "
-                    f"{p.facts['samples']:,} samples), an estimate with a standard error")
-        return f"{format_count(self.flops)} flops{'' if all(q.exact for q in self.plans) else ', approximate'}"
+                    f"{p.facts['samples']:,} samples), {peak}, an estimate with a standard error")
+        return f"{format_count(self.flops)} flops, {peak}{'' if all(q.exact for q in self.plans) else ', approximate'}"
 
 
 def _kind(plan: Plan) -> str:
@@ -455,15 +500,15 @@ def plan_similarity(a: Any, b: Any, inner: str | None = None, method: str = "aut
     its CostError instead, and then ``others`` plans the approximate and
     estimated rungs (closure, sampled) or says why they do not apply."""
     measure = options.pop("measure", None)
-    options = _common_degree(a, b, inner, options)
+    options = _one_bound(_common_degree(a, b, inner, options))
     products = _similarity_plans(a, b, inner, method, mean, cov, measure, options)
-    budget = float(options.get("budget", DEFAULT_BUDGET))
+    budget, memory = float(options.get("budget", DEFAULT_BUDGET)), options["max_memory"]
     if not any(isinstance(p, CostError) for _, p in products) or method not in ("auto", "exact"):
-        return SimilarityPlan(tuple(products), budget)
+        return SimilarityPlan(tuple(products), budget, max_memory=memory)
     others: list[tuple[str, SimilarityPlan | str]] = []  # the other rungs of the ladder, for the refusal
     for other in ("closure", "sampled"):
         try:
             others.append((other, plan_similarity(a, b, inner, other, mean, cov, measure=measure, **options)))
         except ValueError as exc:  # closure under tokens, ...
             others.append((other, f"does not apply: {exc}"))
-    return SimilarityPlan(tuple(products), budget, tuple(others))
+    return SimilarityPlan(tuple(products), budget, tuple(others), memory)

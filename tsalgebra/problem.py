@@ -26,7 +26,8 @@ from .expr import Network, Sum
 from .measure import Gaussian, Measure, Tokens
 
 __all__ = ["Alternative", "CostError", "MemoryBoundError", "DEFAULT_BUDGET", "INNERS", "METHODS", "InnerProblem", "InnerResult", "Plan",
-           "bound_measure", "check_arguments", "check_sampling", "checked_budget", "degree_of", "format_count", "positions_of", "resolve_inner"]
+           "available_memory", "bound_measure", "check_arguments", "check_sampling", "checked_budget", "checked_memory",
+           "default_max_memory", "degree_of", "format_count", "positions_of", "resolve_inner", "rounded_up"]
 
 INNERS = ("gaussian", "tokens", "symmetric", "network")
 FUNCTIONAL = ("gaussian", "tokens")  # E over the input measure of f . g: the name is the measure's kind
@@ -38,6 +39,52 @@ METHODS = ("auto", "exact", "closure", "sampled")
 # flops and runs in about 3 s; 1e11 refused it while admitting the similarity
 # of the same models (three products of one budget each).
 DEFAULT_BUDGET = 2e11
+# The memory bound of one product when max_memory= is not given: this share
+# of the memory available when the problem is made.  Similarity matrices keep
+# their own default (a quarter of the device's: tsalgebra.matrix.ops).
+DEFAULT_MEMORY_SHARE = 0.5
+_FALLBACK_MEMORY = 8 * 2**30  # when the available memory cannot be read
+
+
+def available_memory() -> int:
+    """Bytes of RAM available now (psutil, else /proc/meminfo, else 8 GiB):
+    the one reading of it, for the products' and the matrices' defaults."""
+    try:
+        import psutil  # type: ignore[import-not-found]
+
+        return int(psutil.virtual_memory().available)
+    except Exception:
+        pass
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return _FALLBACK_MEMORY
+
+
+def default_max_memory() -> int:
+    """The memory bound of one inner product when ``max_memory`` is not given."""
+    return int(available_memory() * DEFAULT_MEMORY_SHARE)
+
+
+def checked_memory(max_memory: Any) -> int | None:
+    """``max_memory`` as a whole number of bytes (None stays None: the caller's default)."""
+    if max_memory is None:
+        return None
+    ok = isinstance(max_memory, numbers.Real) and not isinstance(max_memory, (bool, np.bool_))
+    if not ok or not np.isfinite(max_memory) or max_memory < 1:
+        raise ValueError(f"max_memory must be a positive number of bytes (such as 2**30), got {max_memory!r}")
+    return int(max_memory)
+
+
+def rounded_up(x: float) -> float:
+    """``x`` rounded up to two significant digits: a budget or a memory bound
+    to suggest, which then admits the estimate it was made from."""
+    step = 10.0 ** (math.floor(math.log10(max(x, 1.0))) - 1)
+    return math.ceil(x / step) * step
 
 
 def format_count(x: float | int) -> str:
@@ -104,12 +151,26 @@ class CostError(ValueError):
 class MemoryBoundError(CostError, MemoryError):
     """A refusal because the work would exceed a memory bound (``max_memory``):
     a :class:`CostError` with the estimate and the alternatives, and a
-    MemoryError for code that catches those."""
+    MemoryError for code that catches those.  ``needed``: the bytes the
+    cheapest plan refused for memory would take at its peak (inf: unknown)."""
+
+    def __init__(self, reason: str, *, needed: float = math.inf, flops: float = math.inf,
+                 alternatives: tuple[Alternative, ...] = (), extrapolated: bool = False) -> None:
+        self.needed = float(needed)
+        super().__init__(reason, flops=flops, alternatives=alternatives, extrapolated=extrapolated)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_memory_bound_error, (self.reason, self.needed, self.flops, self.alternatives, self.extrapolated))
 
 
 def _cost_error(reason: str, flops: float, alternatives: tuple[Alternative, ...],
                 extrapolated: bool = False) -> CostError:
     return CostError(reason, flops=flops, alternatives=alternatives, extrapolated=extrapolated)
+
+
+def _memory_bound_error(reason: str, needed: float, flops: float, alternatives: tuple[Alternative, ...],
+                        extrapolated: bool) -> MemoryBoundError:
+    return MemoryBoundError(reason, needed=needed, flops=flops, alternatives=alternatives, extrapolated=extrapolated)
 
 
 # ---------------------------------------------------------------- problems
@@ -313,6 +374,7 @@ class InnerProblem:
     per_output: bool = False
     degree: int | None = None
     budget: float = DEFAULT_BUDGET
+    max_memory: int | None = None  # bytes a plan may hold at its peak (None: default_max_memory() when chosen)
     orbits: bool = True
     joint: bool = False
     algorithm: str | None = None
@@ -335,6 +397,8 @@ class InnerProblem:
         check_arguments(inner, method, options.get("centered", False))
         if "budget" in options:
             options["budget"] = checked_budget(options["budget"])
+        # the bound fixed once per problem (its sub-problems keep it): the default is read now
+        options["max_memory"] = checked_memory(options.get("max_memory")) or default_max_memory()
         if isinstance(a, Component) and isinstance(b, Component):
             if a.in_features != b.in_features:
                 raise ValueError(f"input widths differ: {a!r} takes {a.in_features}, {b!r} takes {b.in_features}")
@@ -357,6 +421,11 @@ class InnerProblem:
         three for a joint plan (<a,b>, <a,a>, <b,b> of a similarity from one
         computation), else one."""
         return 3 if joint and self.joint and self.a is not self.b else 1
+
+    @property
+    def memory(self) -> int:
+        """The memory bound in bytes: ``max_memory``, else the default."""
+        return self.max_memory if self.max_memory is not None else default_max_memory()
 
     def self_problem(self, side: str) -> "InnerProblem":
         """<a, a> (``side="a"``) or <b, b> with the same options."""

@@ -8,14 +8,19 @@ register themselves in :mod:`tsalgebra.algorithms`; a new one is a module
 and a :func:`register` call.
 
 The rule (:func:`choose`): an ``algorithm=`` named by the caller is planned
-alone (ValueError with its reason when it does not apply).  Otherwise every
-registered algorithm of the method asked for (``"exact"`` for auto and exact:
-never an approximation or an estimate; ``"closure"``; ``"sampled"``) that supports the problem is planned,
-in registry order, each with a limit of the budget (one per product: three
-for an algorithm whose plan yields all three products of a similarity) and
-of the cheapest plan so far (its flops per product), and the cheapest plan
-per product wins.  When none fits, one CostError states every algorithm's estimate or
-reason and the alternatives.
+alone (ValueError with its reason when it does not apply, CostError over
+the budget, MemoryBoundError when its plan's peak bytes exceed the memory
+bound).  Otherwise every registered algorithm of the method asked for
+(``"exact"`` for auto and exact: never an approximation or an estimate;
+``"closure"``; ``"sampled"``) that supports the problem is planned, in
+registry order, each with a limit of the budget (one per product: three for
+an algorithm whose plan yields all three products of a similarity) and of
+the cheapest plan so far (its flops per product); a plan whose peak bytes
+exceed the memory bound (``max_memory``) is skipped as one over the budget
+is, and the cheapest plan per product within both wins.  When none fits,
+one CostError (a MemoryBoundError where some plan was within the budget but
+over the memory bound) states every algorithm's estimate or reason and the
+alternatives.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..measure import Measure
-from ..problem import Alternative, CostError, InnerProblem, InnerResult, Plan, format_count
+from ..problem import (Alternative, CostError, InnerProblem, InnerResult, MemoryBoundError, Plan, format_count,
+                       rounded_up)
 from ..progress import planned
 
 __all__ = ["Algorithm", "Triple", "alternatives", "choose", "register", "registered", "run", "solve", "unregister"]
@@ -134,20 +140,24 @@ def _limit(problem: InnerProblem) -> str:
         " (three for a plan that yields all three products of the similarity)" if joint else "")
 
 
-def alternatives(problem: InnerProblem, estimates: list[tuple[float, bool]]) -> tuple[Alternative, ...]:
+def alternatives(problem: InnerProblem, estimates: list[tuple[float, bool]],
+                 needed: float | None = None) -> tuple[Alternative, ...]:
     """Other questions some registered algorithm would answer: a larger
-    budget, another inner product, another method.  ``estimates``: (flops
-    per product, extrapolated) of the algorithms refused; the budget is the
-    smallest estimate that is a full count (an extrapolation can fall
-    short), or the smallest extrapolation when there is none."""
+    memory bound, a larger budget, another inner product, another method.
+    ``estimates``: (flops per product, extrapolated) of the algorithms
+    refused over the budget; the budget suggested is the smallest of them,
+    labelled when it is an extrapolation (it may fall short, but a full count
+    of a costlier algorithm would ask for far more than needed).  ``needed``:
+    the peak bytes of the smallest plan refused over the memory bound."""
     out = []
+    if needed is not None and needed < math.inf:
+        out.append(Alternative("max_memory", rounded_up(needed), "the smallest plan's peak"))
     finite = [e for e in estimates if e[0] < math.inf]
-    counted = [f for f, extrapolated in finite if not extrapolated]
     if finite:
-        per_product = min(counted) if counted else min(f for f, _ in finite)
-        step = 10.0 ** (math.floor(math.log10(max(per_product, 1.0))) - 1)  # rounded up to two digits
-        why = "the cheapest estimate" if counted else "the cheapest estimate, extrapolated: it may take more"
-        out.append(Alternative("budget", math.ceil(per_product / step) * step, why))
+        per_product, extrapolated = min(finite)
+        why = "about the cheapest estimate (extrapolated): it may take more" if extrapolated else \
+            "the cheapest estimate"
+        out.append(Alternative("budget", rounded_up(per_product), why))
     for change, why in (({"inner": "network"}, "the layer-wise product, a property of the factorization"),
                         ({"method": "closure"}, "Gaussian closure, approximate beyond the first layer"),
                         ({"method": "sampled"}, "a Monte Carlo estimate with standard errors")):
@@ -163,10 +173,30 @@ def alternatives(problem: InnerProblem, estimates: list[tuple[float, bool]]) -> 
     return tuple(out)
 
 
+def _peak(plan: Plan) -> str:
+    return f"needs about {format_count(plan.peak_bytes)} bytes at its peak ({format_count(plan.flops)} flops)"
+
+
+def _bound(problem: InnerProblem) -> str:
+    return f"the memory bound of {format_count(problem.memory)} bytes"
+
+
+def _fitting(problem: InnerProblem, alg: Algorithm) -> tuple[Alternative, ...]:
+    """The algorithm the automatic choice would take instead of ``alg``
+    (refused over the memory bound), as an alternative; () if none fits."""
+    try:
+        plan = choose(problem.replace(algorithm=None, method=alg.method if alg.method != "exact" else problem.method))
+    except (CostError, ValueError):
+        return ()
+    return (Alternative("algorithm", plan.algorithm, f"{format_count(plan.flops)} flops, "
+                                                     f"{format_count(plan.peak_bytes)} bytes at its peak"),)
+
+
 def choose(problem: InnerProblem) -> Plan:
     """The plan that :func:`run` executes for ``problem`` (see the module
     docstring for the rule).  Raises ValueError when a named algorithm does
-    not apply, CostError when nothing fits the budget."""
+    not apply, CostError when nothing fits the budget, MemoryBoundError (a
+    CostError) when what fits the budget exceeds the memory bound."""
     if problem.algorithm is not None:
         alg = _named(problem.algorithm)
         why = alg.supports(problem)
@@ -176,17 +206,24 @@ def choose(problem: InnerProblem) -> Plan:
             raise ValueError(f"algorithm={alg.name!r} is a {alg.method} algorithm; method={problem.method!r} asks "
                              f"for another")
         share = problem.shares(alg.joint)
+        named = problem.replace(algorithm=alg.name)
         try:
-            return replace(alg.plan(problem, problem.budget * share), method=alg.method)
+            plan = alg.plan(problem, problem.budget * share)
         except CostError as exc:
             raise CostError(f"{problem.describe()}: {alg.name}: {exc.reason}; the budget is "
-                            f"{_limit(problem)}", flops=exc.flops,
-                            alternatives=alternatives(problem.replace(algorithm=alg.name),
-                                                       [(exc.flops / share, exc.extrapolated)])) from None
+                            f"{_limit(problem)}", flops=exc.flops, extrapolated=exc.extrapolated,
+                            alternatives=alternatives(named, [(exc.flops / share, exc.extrapolated)])) from None
+        if plan.peak_bytes > problem.memory:
+            others = alternatives(named, [], plan.peak_bytes)  # max_memory first, then the algorithm that fits
+            raise MemoryBoundError(f"{problem.describe()}: {alg.name} {_peak(plan)}, over {_bound(problem)}",
+                                   needed=plan.peak_bytes, flops=plan.flops,
+                                   alternatives=others[:1] + _fitting(problem, alg) + others[1:])
+        return replace(plan, method=alg.method)
     best: Plan | None = None
     best_each = math.inf  # the best plan's flops per product answered: a joint plan's over three
     refusals: list[tuple[str, str]] = []
-    estimates: list[tuple[float, bool]] = []  # (flops per product, extrapolated)
+    estimates: list[tuple[float, bool]] = []  # (flops per product, extrapolated) over the budget
+    needs: list[tuple[float, float]] = []  # (peak bytes, flops per product) within the budget, over the memory bound
     for alg in _REGISTRY.values():
         if alg.method != _method(problem):
             continue
@@ -205,15 +242,26 @@ def choose(problem: InnerProblem) -> Plan:
             else:
                 refusals.append((alg.name, f"costlier than {best.algorithm} ({exc.reason})"))
             continue
+        if plan.peak_bytes > problem.memory:  # skipped as a plan over the budget is (planned from shapes: nothing held)
+            refusals.append((alg.name, f"{_peak(plan)}, over the memory bound"))
+            needs.append((plan.peak_bytes, plan.flops / share))
+            continue
         if best is not None:
             refusals.append((best.algorithm, f"costlier than {plan.algorithm} ({format_count(best.flops)} flops)"))
         best, best_each = plan, plan.flops / problem.shares(plan.joint)
     if best is None:
         what = "; ".join(f"{name}: {why}" for name, why in refusals) or "none is registered"
-        why = (f"every {_method(problem)} algorithm would exceed the budget of {_limit(problem)} "
-               "or does not apply" if estimates else f"no {_method(problem)} algorithm applies")
-        raise CostError(f"{problem.describe()} refused: {why} ({what})",
-                        flops=min((f for f, _ in estimates), default=math.inf),
+        bounds = ([f"the budget of {_limit(problem)}"] if estimates else []) + ([_bound(problem)] if needs else [])
+        why = (f"every {_method(problem)} algorithm would exceed {' or '.join(bounds)} or does not apply" if bounds
+               else f"no {_method(problem)} algorithm applies")
+        cheapest = min(estimates + [(f, False) for _, f in needs], default=(math.inf, False))
+        reason = f"{problem.describe()} refused: {why} ({what})"
+        if needs:
+            needed = min(needs)[0]
+            # a plan within the budget exists: a larger budget would only buy a costlier algorithm
+            raise MemoryBoundError(reason, needed=needed, flops=cheapest[0], extrapolated=cheapest[1],
+                                   alternatives=alternatives(problem, [], needed))
+        raise CostError(reason, flops=cheapest[0], extrapolated=cheapest[1],
                         alternatives=alternatives(problem, estimates))
     return replace(best, method=_method(problem), refusals=tuple(r for r in refusals if r[0] != best.algorithm))
 

@@ -21,7 +21,8 @@ from ..cosine import cosines
 from ..measure import Measure
 from ..rescale import without_output_bias
 from ..problem import (DEFAULT_BUDGET, FUNCTIONAL, Alternative, CostError, InnerProblem, MemoryBoundError, bound_measure,
-                       check_arguments, check_sampling, checked_budget, default_measure_note, degree_of, resolve_inner)
+                       check_arguments, check_sampling, checked_budget, checked_memory, default_measure_note, degree_of,
+                       format_count, resolve_inner, rounded_up)
 from . import materialize, node_gram, pairwise, pairwise_gram
 from .job import Gram, Job, Route, TileGram, Tiling
 from ..threads import blas_threads
@@ -55,7 +56,7 @@ def _compute(rows_in: Any, cols_in: Any | None, inner: str | None, method: str, 
         inner, measure = resolve_inner(inner, measure, *rows, *(cols or []))
     said = (default_measure_note(measure),) if given is None and measure is not None else ()
     options = _checked(inner, method, centered, route, options)
-    max_memory = _checked_memory(max_memory)
+    max_memory = checked_memory(max_memory)
     said += _common_degree(rows + (cols or []), inner, options)
     law = _measure(rows + (cols or []), inner, mean, cov, measure)
     if centered:  # the same covariances without the output biases, whose size float64 would subtract
@@ -138,16 +139,6 @@ def _checked(inner: str, method: str, centered: bool, route: str, options: dict[
     return options
 
 
-def _checked_memory(max_memory: Any) -> int | None:
-    """``max_memory`` as a whole number of bytes (None: the device's default)."""
-    if max_memory is None:
-        return None
-    ok = isinstance(max_memory, (int, float, np.integer, np.floating)) and not isinstance(max_memory, bool)
-    if not ok or not np.isfinite(max_memory) or max_memory < 1:
-        raise ValueError(f"max_memory must be a positive number of bytes (such as 2**30), got {max_memory!r}")
-    return int(max_memory)
-
-
 def _common_degree(models: list[Any], inner: str, options: dict[str, Any]) -> tuple[str, ...]:
     """Fix the symmetric product's degree once for the whole matrix (in
     ``options``), and a note when it lifts some models.  Every route and
@@ -214,7 +205,7 @@ def _preparation_fits(models: list[Any], memory: int) -> None:
         n = len(models)
         raise MemoryBoundError(f"preparing {n} models for the batched routes takes about {need:,} bytes, over "
                         f"max_memory={memory:,}", alternatives=(
-                            Alternative("max_memory", need, "room for the prepared models"),
+                            Alternative("max_memory", rounded_up(need), "room for the prepared models"),
                             Alternative("route", "pairwise", f"pair by pair, {n * (n + 1) // 2:,} similarities, "
                                                              "two models in memory at a time")))
 
@@ -231,7 +222,7 @@ def _job(rows: list[Any], cols: list[Any] | None, inner: str, method: str, measu
     if force_numpy:
         device = None
     ops = Ops(dname, device)
-    memory = _checked_memory(max_memory) or ops.default_memory()
+    memory = checked_memory(max_memory) or ops.default_memory()
     unprepared = None
     try:
         if route_named != "pairwise":
@@ -267,7 +258,7 @@ def _within_budget(job: Job, cost: RouteCost | None, budget: float) -> None:
                        if alt.option == "method")
         raise CostError(f"the {cost.route} route plans {cost.flops:.3g} flops ({per:.3g} per inner product), over "
                         f"the budget of {budget:.3g} per product", flops=cost.flops,
-                        alternatives=(Alternative("budget", float(f"{per:.2g}") * 1.1, "the planned cost"),) + others)
+                        alternatives=(Alternative("budget", rounded_up(per), "the planned cost"),) + others)
 
 
 def _choose(route: str, job: Job, costs: Mapping[str, RouteCost]) -> tuple[str, tuple[str, ...]]:
@@ -289,8 +280,14 @@ def _choose(route: str, job: Job, costs: Mapping[str, RouteCost]) -> tuple[str, 
     if why is not None:
         raise ValueError(f"route={route!r} is not available here: {why}; use route='pairwise'")
     if route in costs and not costs[route].fits:
-        raise MemoryError(f"route {route!r} needs about {costs[route].peak_bytes} bytes at its smallest "
-                          f"blocks; max_memory is {job.memory}")
+        need, fitting = costs[route].peak_bytes, [c.route for c in costs.values() if c.fits]
+        raise MemoryBoundError(
+            f"route {route!r} needs about {format_count(need)} bytes at its smallest blocks, over the memory bound "
+            f"of {format_count(job.memory)} bytes", needed=need, flops=costs[route].flops, alternatives=(
+                Alternative("max_memory", rounded_up(need), f"room for the {route} route's blocks"),
+                Alternative("route", "auto", f"the cheapest route that fits ({', '.join(fitting)})" if fitting
+                            else "pair by pair, no batched route fitting"),
+                Alternative("route", "pairwise", "pair by pair, each product within the bound")))
     return route, ()
 
 
@@ -364,15 +361,21 @@ def similarity_matrix(
 
     ``inner``, ``method``, ``measure`` (or its shorthand ``mean``/``cov``),
     ``centered`` (and ``degree``, ``budget``, ``orbits`` for the pairwise
-    route) mean what they mean in :func:`tsalgebra.similarity`.  ``route``: "auto" (the cheaper batched route
+    route) mean what they mean in :func:`tsalgebra.similarity`: the pairwise
+    route plans each pair as ts.similarity plans it, so it grants a pair what
+    ts.similarity grants (an algorithm whose one computation yields all three
+    products of the pair may spend three budgets).  ``route``: "auto" (the cheaper batched route
     within ``max_memory``; "pairwise" where none applies), "materialize",
     "pairwise-gram" or "pairwise".  ``dtype``: float64 (default) or float32
     (numpy, torch or string spelling).  ``device``: a torch device ("cpu",
     "cuda", "cuda:1"...) to compute with torch there; None computes with numpy
     (in threads when large; stacks on a single BLAS thread in torch on the CPU),
     "numpy" with numpy only.
-    ``max_memory``: bytes for the route's blocks (default a quarter of the
-    available memory of the device).  ``progress``: True / False, or None for
+    ``max_memory``: bytes for the route's blocks, and for each product of the
+    pairwise route, planned within it as ts.similarity plans a pair (default a
+    quarter of the available memory of the device; a single ts.similarity's
+    default is half); a route named that does not fit raises
+    :class:`~tsalgebra.problem.MemoryBoundError` with the alternatives.  ``progress``: True / False, or None for
     a tqdm bar on a terminal when the work is long.  ``models`` may be a mapping
     name -> model; the names label the plot.
 

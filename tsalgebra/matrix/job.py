@@ -28,7 +28,8 @@ class Job:
     inner products without one).  ``prepared`` holds the models as chains for the
     batched routes (None where none covers them), ``ops`` the engine they
     compute with, ``memory`` the bound in bytes on their blocks
-    (``max_memory``), ``threads`` the worker threads numpy may use.
+    (``max_memory``; the pairwise route plans each product within it),
+    ``threads`` the worker threads numpy may use.
     """
 
     rows: list[Any]

@@ -12,9 +12,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..arrays import checked_device
+from ..problem import available_memory
 from .results import StepTime
 
-_FALLBACK_MEMORY = 2 * 2**30
+_FALLBACK_MEMORY = 2 * 2**30  # a CUDA device whose free memory cannot be read
 # The routes run in threads on numpy when forming one side's models, or all
 # block pairs, take at least this many flops (about a millisecond of BLAS,
 # what the thread pool and the BLAS limit cost).
@@ -156,7 +157,7 @@ class Ops:
                 return int(free) // 4
             except Exception:  # pragma: no cover - depends on the device
                 return _FALLBACK_MEMORY
-        return _available_ram() // 4
+        return available_memory() // 4
 
 
 def _numpy_gram(X: np.ndarray, Y: np.ndarray, same: bool) -> np.ndarray:
@@ -171,23 +172,6 @@ def _numpy_gram(X: np.ndarray, Y: np.ndarray, same: bool) -> np.ndarray:
 
 
 # ------------------------------------------------------------ threads and clock
-
-
-def _available_ram() -> int:
-    try:
-        import psutil  # type: ignore[import-not-found]
-
-        return int(psutil.virtual_memory().available)
-    except Exception:
-        pass
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 * _FALLBACK_MEMORY
 
 
 class Clock:

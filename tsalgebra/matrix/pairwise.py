@@ -1,5 +1,6 @@
-"""Route "pairwise": each norm once with :func:`tsalgebra.inner`, then each
-pair with it, behind a progress bar.
+"""Route "pairwise": each pair with :func:`tsalgebra.inner`, planned as
+:func:`tsalgebra.similarity` plans that pair, and each norm once, behind a
+progress bar.
 
 The fallback for anything the batched routes do not cover (deeper models
 under the gaussian or symmetric product, Polynomial models, exact/symbolic
@@ -7,6 +8,10 @@ weights that do not convert to floats, ``method="closure"``, another
 ``degree``); it applies to every job.  It is not costed: ts.inner plans each
 pair itself, so :func:`layout` reports 0 flops and no memory (unknown, not an
 estimate), and ``route="auto"`` takes it only where no costed route applies.
+Each product is planned within the matrix's budget and memory bound
+(``job.memory``: ``max_memory``), as ts.similarity plans a pair: a pair
+refused there is refused here, with its estimate and alternatives, and a
+pair granted there is granted here.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..inner import inner, similarity
+from ..inner import inner, joint_inner, similarity
 from ..progress import progress_bar
 from ..rescale import canonical
 from .job import Gram, Job
@@ -60,35 +65,51 @@ def layout(job: Job) -> RouteCost:
 
 
 def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
-    """Cosines with ts.inner: each norm once, then the pairs (the clock is
-    not used: ts.inner's work is not split into steps).  Monte Carlo
+    """Cosines with ts.inner (the clock is not used: ts.inner's work is not
+    split into steps).  Each pair is planned as ts.similarity plans it
+    (:func:`tsalgebra.inner.joint_inner`): an algorithm whose one
+    computation yields <a,b>, <a,a> and <b,b> may spend three budgets, and
+    its self products are the norms' (as in ts.similarity); a norm no pair
+    gave is computed alone, as ts.similarity(m, m) would.  Monte Carlo
     estimates take each pair's cosine from ts.similarity, which estimates its
     three products from shared samples: the ratio of separately sampled
     estimates is another, noisier number, which can exceed 1."""
     A, logA = _canonical(job.rows)  # ts.inner of the canonical models: never under- or overflows
     sym = job.cols is None
     Bs, logB = (A, logA) if sym else _canonical(job.cols)
-    options = dict(job.options)  # the symmetric product's degree is the whole set's (api._compute)
+    # the symmetric product's degree is the whole set's (api._compute); the memory bound the matrix's
+    options = dict(job.options, max_memory=job.memory)
     joint = job.method == "sampled"
     n_pairs = len(A) * (len(A) - 1) // 2 if sym else len(A) * len(Bs)
     n_self = len(A) + (0 if sym else len(Bs)) if sym or job.selfs else 0
     bar = progress_bar(n_pairs + n_self, f"similarity matrix (pairwise {job.inner})", "inner", job.progress,
                        n_pairs + n_self > _LONG_PAIRS)
     results = []
+    selfs: dict[int, float] = {}  # id of a canonical model -> its self product, computed once
 
-    def ip(a: Any, b: Any, how: Any = inner) -> float:
-        r = how(a, b, job.inner, job.method, measure=job.measure, centered=job.centered, progress=False,  # the matrix's bar
-                **options)
-        results.append(r)
+    def call(a: Any, b: Any, how: Any) -> Any:
+        out = how(a, b, job.inner, job.method, measure=job.measure, centered=job.centered,
+                  progress=False, **options)  # the matrix's bar
+        results.append(out[0] if isinstance(out, tuple) else out)
         bar.update(1)
-        return _as_float(r.value)
+        return out
+
+    def self_of(m: Any) -> float:
+        if id(m) not in selfs:
+            selfs[id(m)] = _as_float(call(m, m, inner).value)
+        return selfs[id(m)]
+
+    def ip(a: Any, b: Any) -> float:
+        if a is b:
+            return self_of(a)
+        ab, aa, bb = call(a, b, joint_inner)
+        for m, r in ((a, aa), (b, bb)):  # a joint plan's self products: the norms ts.similarity takes
+            if r is not None and (sym or job.selfs) and id(m) not in selfs:
+                selfs[id(m)] = _as_float(r.value)
+                bar.update(1)
+        return _as_float(ab.value)
 
     try:
-        if sym or job.selfs:
-            sA = np.array([ip(m, m) for m in A])
-            sB = sA if sym else np.array([ip(m, m) for m in Bs])
-        else:  # a tile whose norms come from other tiles
-            sA, sB = np.full(len(A), np.nan), np.full(len(Bs), np.nan)
         K = np.zeros((len(A), len(Bs)))
         se = np.zeros_like(K) if joint else None  # the estimated cosines' standard errors
         heavy = np.zeros(K.shape, dtype=bool) if joint else None  # and which are heavy-tailed (doubtful errors)
@@ -97,17 +118,22 @@ def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
                 if sym and j <= i:
                     continue
                 if joint:
-                    K[i, j] = ip(a, b, similarity)
-                    se[i, j] = float(results[-1].stderr)  # type: ignore[index, arg-type]
-                    est = results[-1].estimate  # ts.similarity's heavy-tail flag, kept per cosine
-                    heavy[i, j] = est is not None and est.heavy_tailed  # type: ignore[index]
+                    r = call(a, b, similarity)
+                    K[i, j] = _as_float(r.value)
+                    se[i, j] = float(r.stderr)  # type: ignore[index, arg-type]
+                    heavy[i, j] = r.estimate is not None and r.estimate.heavy_tailed  # type: ignore[index]
                 else:
-                    K[i, j] = sA[i] if a is b and np.isfinite(sA[i]) else ip(a, b)
+                    K[i, j] = ip(a, b)
                 if sym:
                     K[j, i] = K[i, j]
                     if se is not None:
                         se[j, i] = se[i, j]
                         heavy[j, i] = heavy[i, j]  # type: ignore[index]
+        if sym or job.selfs:  # the norms the pairs did not give
+            sA = np.array([self_of(m) for m in A])
+            sB = sA if sym else np.array([self_of(m) for m in Bs])
+        else:  # a tile whose norms come from other tiles
+            sA, sB = np.full(len(A), np.nan), np.full(len(Bs), np.nan)
         if sym:
             K[np.diag_indices(len(A))] = 1.0 if joint else sA
     finally:
