@@ -22,7 +22,7 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import opt_einsum as oe
@@ -30,7 +30,7 @@ import opt_einsum as oe
 from . import pairings as P
 from .expr import Network, Tensor
 from .measure import Gaussian, Tokens, block_diagonal
-from .planner import ContractionPlan, plan
+from .planner import ContractionPlan, choose_optimizer, plan, plan_equation
 from .problem import CostError, format_count
 from .progress import advancer
 
@@ -44,7 +44,19 @@ MAX_PAIRINGS = 1_000_000  # pairings walked to find orbits (a Python-speed loop)
 # 25 s; under the token measure 29,646 orbits of 2.7 KFLOP each, which no
 # flop budget stopped, would have taken over a minute).
 MAX_ORBITS = 10_000
-_SEARCH_ORBITS = 64  # above this many orbits, plan each with the greedy optimizer
+# Up to this many orbits, each is counted by its greedy order (about a ms),
+# then searched; above, each keeps its greedy order.
+_SEARCH_ORBITS = 64
+# Above _SEARCH_ORBITS, a refusal extrapolates at least this many orbits,
+# drawn over every stratum (:func:`_visits`): about 50 ms of planning.  The
+# first orbits of the list (mostly singletons) are the cheapest: extrapolated
+# alone they put a 2-layer stack 22x low.
+_MIN_SAMPLE = 32
+# Up to _SEARCH_ORBITS, a refusal searches orbits (costliest first) until its
+# upper bound is within this factor of its lower bound: 7 to 13 of 54 orbit
+# searches on 2-layer bilinear stacks, and the bound 1.05 to 1.5 times the
+# full count (the greedy counts alone were 10 to 680 times it).
+_BOUND_SLACK = 2.0
 OUTER = "outer"  # out_mask value: keep both output legs open (the matrix E[f_o g_o'])
 
 
@@ -379,6 +391,13 @@ class PairingPlan:
     variant_flops: int = 0
     compiled: tuple[Any, ...] = field(default=(), repr=False)
     refs: tuple[list[tuple[Any, ...]], ...] = field(default=(), repr=False)
+    # how the plan was counted, to replay a refusal under a lower limit:
+    # each orbit's greedy flops (search mode), or each orbit's stratum and
+    # the variant flops after each orbit planned in :func:`_visits` order
+    # (sampled mode)
+    greedy_flops: tuple[int, ...] = field(default=(), repr=False)
+    strata: tuple[int, ...] = field(default=(), repr=False)
+    variant_trace: tuple[int, ...] = field(default=(), repr=False)
 
     @property
     def orbits(self) -> int:
@@ -431,18 +450,123 @@ def _side_by_side(A: Network, B: Network | None, out_mask: Any, use_orbits: bool
     return tensors, legs, out_legs, (tuple(gens) if use_orbits else ())
 
 
+def _spread(n: int) -> list[int]:
+    """0..n-1 in bit-reversed (van der Corput) order: every prefix is spread
+    over the whole list (neighbours in the list are alike)."""
+    bits = max(1, (n - 1).bit_length())
+    return [r for r in (int(format(i, f"0{bits}b")[::-1], 2) for i in range(1 << bits)) if r < n]
+
+
+def _searched_refusal(greedy: tuple[int, ...], variant: int, limit: float,
+                      searched: Callable[[int], int]) -> tuple[float, float, int] | None:
+    """Search mode (few orbits, every one counted first by its greedy order):
+    orbits are searched costliest first (by that count).  The searched
+    orbits and the variants are a lower bound L of the cost; with the
+    others at their greedy counts, an upper bound U (a search keeps the
+    greedy order unless it finds a cheaper one).  Refused, with (U, L,
+    orbits searched), once L exceeds ``limit`` and U is within
+    ``_BOUND_SLACK`` of L; None: within the limit.  ``searched(i)``: orbit
+    i's flops (searched cold, read from a cached plan warm)."""
+    done, rest = 0, sum(greedy)
+    for k, i in enumerate(sorted(range(len(greedy)), key=lambda i: (-greedy[i], i))):
+        done += searched(i)
+        rest -= greedy[i]
+        low, high = done + variant, done + rest + variant
+        if low > limit and high <= _BOUND_SLACK * low:
+            return float(high), float(low), k + 1
+    return None
+
+
+def _stratum(partner: tuple[int, ...], ka: int, tokens: bool) -> tuple[int, ...]:
+    """A cheap class of a pairing whose orbits tend to cost alike: singletons
+    and pairs across the two sides (a token grouping: legs on the constant
+    channel, tokens read by both sides, tokens read)."""
+    if tokens:
+        a, b = set(partner[:ka]) - {0}, set(partner[ka:]) - {0}
+        return (sum(t == 0 for t in partner), len(a & b), len(a | b))
+    return (sum(j == i for i, j in enumerate(partner)), sum(j >= ka for j in partner[:ka]))
+
+
+def _visits(strata: tuple[int, ...]) -> list[int]:
+    """The order the sampled mode plans orbits in: round robin over the
+    strata (by first appearance), each stratum's orbits in :func:`_spread`
+    order, so that every prefix past the first round samples every stratum
+    over its whole extent."""
+    members: dict[int, list[int]] = {}
+    for i, s in enumerate(strata):
+        members.setdefault(s, []).append(i)
+    queues = [[m[j] for j in _spread(len(m))] for m in members.values()]
+    return [q[r] for r in range(max(map(len, queues), default=0)) for q in queues if r < len(q)]
+
+
+def _sampled_refusal(strata: tuple[int, ...], limit: float,
+                     visit: Callable[[int, int], tuple[int, int]]) -> tuple[float, float, int] | None:
+    """Sampled mode (many orbits, greedy orders): orbits are planned in
+    :func:`_visits` order (``strata``: each orbit's stratum id); once every
+    stratum and at least ``_MIN_SAMPLE`` orbits are planned and they exceed
+    ``limit`` with the variants formed so far, (estimate, flops planned,
+    orbits planned): each stratum's mean scaled to its size, a stratified
+    extrapolation.  ``visit(k, i)``: orbit i's flops and the variant flops
+    after the k-th visit."""
+    size: dict[int, int] = {}
+    for s in strata:
+        size[s] = size.get(s, 0) + 1
+    total: dict[int, int] = {}
+    seen: dict[int, int] = {}
+    running = 0
+    for k, i in enumerate(_visits(strata)):
+        flops, variant = visit(k, i)
+        s = strata[i]
+        total[s], seen[s] = total.get(s, 0) + flops, seen.get(s, 0) + 1
+        running += flops
+        if len(seen) == len(size) and k + 1 >= min(len(strata), _MIN_SAMPLE) and running + variant > limit:
+            estimate = sum(total[s] * size[s] / seen[s] for s in size) if k + 1 < len(strata) else running
+            return estimate + variant, float(running + variant), k + 1
+    return None
+
+
+def _refusal(kind: str, orbits: int, raw: int, got: tuple[float, float, int], searched: bool) -> CostError:
+    estimate, low, counted = got
+    what = f"exact {kind} enumeration: {orbits:,} orbit contractions of {raw:,} pairings"
+    if estimate == low and (searched or counted == orbits):  # nothing left uncounted
+        return CostError(f"{what}, {format_count(estimate)} flops", flops=estimate)
+    if searched:  # an upper bound: the budget it suggests does not fall short
+        return CostError(f"{what}, between {format_count(low)} and {format_count(estimate)} flops (the {counted} "
+                         f"costliest orbits searched, the others counted by their greedy orders)", flops=estimate)
+    return CostError(f"{what}, about {format_count(estimate)} flops (extrapolated stratum by stratum from "
+                     f"{counted:,} of {orbits:,} orbits, which alone take {format_count(low)})", flops=estimate,
+                     extrapolated=True)
+
+
+def _replay(pp: PairingPlan, limit: float) -> CostError:
+    """The refusal that planning ``pp`` cold under ``limit`` raises: the same
+    verdict recomputed from the cached plan, so that what was planned
+    before never changes an estimate."""
+    if pp.greedy_flops:
+        got = _searched_refusal(pp.greedy_flops, pp.variant_flops, limit, lambda i: pp.plans[i].flops)
+    else:
+        got = _sampled_refusal(pp.strata, limit, lambda k, i: (pp.plans[i].flops, pp.variant_trace[k]))
+    assert got is not None, "a cached plan over the limit is refused by its own verdict"
+    return _refusal(pp.kind, pp.orbits, pp.pairings, got, bool(pp.greedy_flops))
+
+
 def plan_pairings(A: Network, B: Network | None, joins: Joins, out_mask: Any, limit: float = math.inf,
                   use_orbits: bool = True, same: bool | None = None) -> PairingPlan:
     """The plan of :func:`orbit_sum` with the same arguments, from shapes
     (A and B may be :meth:`~tsalgebra.expr.Network.shapes_only`).
 
     Every orbit is planned with its own contraction order and its flops
-    counted, so the estimate is the same in a fresh process and a warm one.
-    Raises :class:`CostError` (with the estimate) when the pairings are too
-    many to walk, or as soon as the orbits planned so far exceed ``limit``
-    flops; a plan within the limit is cached for later calls.  ``same``
-    declares A and B one network with equal weights (the exchange of the two
-    sides is then a symmetry); None reads it off their data."""
+    counted.  Raises :class:`CostError` (with the estimate) when the
+    pairings are too many to walk, or before every orbit is planned once
+    the cost is known to exceed ``limit`` (see :func:`_searched_refusal`,
+    up to ``_SEARCH_ORBITS`` orbits: a lower and an upper bound; and
+    :func:`_sampled_refusal`, beyond: a stratified extrapolation of orbits
+    spread over the list, not of the first ones, which are the cheapest).  The
+    verdict is a function of the shapes and ``limit`` alone: a plan cached
+    by an earlier call replays it (:func:`_replay`), and every search runs
+    on uncached, hash-independent orders (:mod:`tsalgebra.planner`).
+    ``same`` declares A and B one network with equal weights (the exchange
+    of the two sides is then a symmetry); None reads it off their data."""
     n = A.degree + (B.degree if B is not None else 0)
     raw = P.count_pairings(joins.kind, n)
     if raw > MAX_PAIRINGS:
@@ -456,38 +580,54 @@ def plan_pairings(A: Network, B: Network | None, joins: Joins, out_mask: Any, li
     if found is not None:
         _PLANS.move_to_end(key)
         if found.flops > limit:
-            raise CostError(f"exact {joins.kind} enumeration: {found.orbits:,} orbit contractions of {raw:,} "
-                            f"pairings, {format_count(found.flops)} flops", flops=found.flops)
+            raise _replay(found, limit)
         return found
     orbits = P.orbits(joins.kind, n, gens)
-    if len(orbits) > MAX_ORBITS:  # tiny orbits: their flops never reach a budget, their planning takes minutes
-        raise CostError(f"exact {joins.kind} enumeration: {len(orbits):,} orbit contractions of {raw:,} pairings "
+    N = len(orbits)
+    if N > MAX_ORBITS:  # tiny orbits: their flops never reach a budget, their planning takes minutes
+        raise CostError(f"exact {joins.kind} enumeration: {N:,} orbit contractions of {raw:,} pairings "
                         f"(more than {MAX_ORBITS:,} to plan and run at Python speed)")
     joiner = _Joiner(legs, tensors, joins, out_legs[0] if B is not None else None)
-    # thousands of orbit networks: an exhaustive search for each would cost
-    # more than the contractions it saves, so many orbits take greedy orders
-    optimizer = "greedy" if len(orbits) > _SEARCH_ORBITS else None
-    plans, refs, total = [], [], 0
-    for k, (partner, _) in enumerate(orbits):
-        net, ref = joiner.network(partner, out_legs, out_mask)
-        p = plan(net, optimizer=optimizer, cache=False)  # the estimate must not depend on what ran before
-        plans.append(p)
-        refs.append(ref)
-        total += p.flops
-        if total + joiner.variant_flops() > limit:
-            # planning stops here: the estimate extrapolates the orbits planned
-            # so far (which alone exceed the limit) to all of them
-            total += joiner.variant_flops()
-            estimate = total * len(orbits) / (k + 1)
-            how = "" if k + 1 == len(orbits) else (
-                f" (extrapolated from {k + 1} of {len(orbits):,} orbits, which alone take {format_count(total)})")
-            raise CostError(f"exact {joins.kind} enumeration: {len(orbits):,} orbit contractions of {raw:,} pairings, "
-                            f"about {format_count(estimate)} flops{how}", flops=estimate,
-                            extrapolated=k + 1 < len(orbits))
+    plans: list[ContractionPlan | None] = [None] * N
+    refs: list[Any] = [None] * N
+
+    def greedy(i: int) -> ContractionPlan:
+        net, refs[i] = joiner.network(orbits[i][0], out_legs, out_mask)
+        plans[i] = plan(net, optimizer="greedy", cache=False)  # cache=False: nothing that ran before counts
+        return plans[i]
+
+    counts: tuple[int, ...] = ()
+    strata: tuple[int, ...] = ()
+    trace: list[int] = []
+    if N <= _SEARCH_ORBITS:
+        counts = tuple(greedy(i).flops for i in range(N))
+
+        def search(i: int) -> int:
+            g = plans[i]
+            chosen = choose_optimizer(len(g.shapes), g.flops)
+            if chosen != "greedy":
+                s = plan_equation(g.equation, g.shapes, optimizer=chosen, cache=False)
+                plans[i] = s if s.flops <= g.flops else g  # never above the greedy count (an upper bound)
+            return plans[i].flops
+
+        got = _searched_refusal(counts, joiner.variant_flops(), limit, search)
+    else:
+        def visit(k: int, i: int) -> tuple[int, int]:
+            flops = greedy(i).flops
+            trace.append(joiner.variant_flops())
+            return flops, trace[-1]
+
+        strata_of: dict[tuple[int, ...], int] = {}
+        strata = tuple(strata_of.setdefault(_stratum(q, A.degree, joins.by_tokens), len(strata_of)) for q, _ in orbits)
+        got = _sampled_refusal(strata, limit, visit)
+    if got is not None:
+        raise _refusal(joins.kind, N, raw, got, N <= _SEARCH_ORBITS)
+    done = tuple(p for p in plans if p is not None)
+    assert len(done) == N
     compiled = tuple(oe.contract_expression(p.equation, *p.shapes, optimize=[tuple(q) for q in p.path] or [(0,)])
-                     for p in plans)
-    found = PairingPlan(joins.kind, n, raw, tuple(size for _, size in orbits), tuple(plans), joiner.variant_flops(),
-                        compiled, tuple(refs))
+                     for p in done)
+    found = PairingPlan(joins.kind, n, raw, tuple(size for _, size in orbits), done, joiner.variant_flops(),
+                        compiled, tuple(refs), counts, strata, tuple(trace))
     _PLANS[key] = found
     if len(_PLANS) > _PLANS_MAX:
         _PLANS.popitem(last=False)

@@ -5,11 +5,17 @@ cached by topology (the einsum equation with canonical symbols): a second
 network with the same wiring but other sizes or data reuses the order and only
 recounts its cost.  Execution of a plan lives in :meth:`ContractionPlan.execute`
 and needs no further search.
+
+Orders are the same in every process: the search runs on integer index
+labels (opt_einsum breaks ties by iterating sets of labels, and string
+hashes change with PYTHONHASHSEED), and the random optimizer seeds each of
+its trials.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -168,6 +174,40 @@ class PlanCache:
 plan_cache = PlanCache()
 
 
+# RandomGreedy seeds the global ``random`` generator per trial: one search at a
+# time (two threads would interleave their draws), the caller's state restored.
+_RANDOM_LOCK = threading.Lock()
+
+
+def _search(equation: str, shapes: tuple[tuple[int, ...], ...], optimizer: Any) -> list[tuple[int, ...]]:
+    """The path ``optimizer`` (an opt_einsum name or PathOptimizer) finds, a
+    function of the equation and the shapes alone.  opt_einsum's searches
+    iterate sets and dicts of index labels and break ties by that order; with
+    the einsum's characters as labels the order (and so the path, and its
+    cost: 3.0e10 to 1.1e11 flops for one orbit sum) followed the process's
+    string hash seed.  Integers hash to themselves: relabelled by first
+    appearance, every process searches the same problem the same way."""
+    lhs, rhs = equation.split("->")
+    label: dict[str, int] = {}
+    inputs = [frozenset(label.setdefault(c, len(label)) for c in term) for term in lhs.split(",")]
+    output = frozenset(label.setdefault(c, len(label)) for c in rhs)
+    sizes: dict[int, int] = {}
+    for term, shape in zip(lhs.split(","), shapes):
+        for c, d in zip(term, shape):
+            sizes[label[c]] = max(sizes.get(label[c], 1), d)  # a broadcast 1 takes the other size, as opt_einsum
+    if len(inputs) <= 2:  # nothing to search (as contract_path)
+        return [tuple(range(len(inputs)))]
+    fn = optimizer if isinstance(optimizer, oe.paths.PathOptimizer) else oe.paths.get_path_fn(optimizer)
+    if optimizer in ("greedy", "optimal", "dp"):  # no random draws
+        return [tuple(p) for p in fn(inputs, output, sizes, None)]
+    with _RANDOM_LOCK:
+        state = random.getstate()
+        try:
+            return [tuple(p) for p in fn(inputs, output, sizes, None)]
+        finally:
+            random.setstate(state)
+
+
 def plan_equation(equation: str, shapes: Sequence[Sequence[int]], optimizer: str | None = None,
                   cache: bool = True) -> ContractionPlan:
     """Plan ``equation`` for operands of ``shapes``, reusing a cached order.
@@ -184,12 +224,15 @@ def plan_equation(equation: str, shapes: Sequence[Sequence[int]], optimizer: str
     if cached is None:
         if optimizer is not None or n <= _OPTIMAL_MAX:
             chosen = optimizer or "optimal"
-            path, info = oe.contract_path(equation, *shapes, shapes=True, optimize=chosen)
+            path = _search(equation, shapes, chosen)
+            path, info = oe.contract_path(equation, *shapes, shapes=True, optimize=path)
         else:
-            path, info = oe.contract_path(equation, *shapes, shapes=True, optimize="greedy")
+            path = _search(equation, shapes, "greedy")
+            path, info = oe.contract_path(equation, *shapes, shapes=True, optimize=path)
             chosen = choose_optimizer(n, info.opt_cost)
             if chosen != "greedy":
-                path, info = oe.contract_path(equation, *shapes, shapes=True, optimize=chosen)
+                path = _search(equation, shapes, chosen)
+                path, info = oe.contract_path(equation, *shapes, shapes=True, optimize=path)
         if optimizer is None and cache:
             plan_cache.put(equation, tuple(tuple(p) for p in path), chosen)
     else:
