@@ -35,9 +35,9 @@ def refusal(a, b, budget: float) -> ts.CostError:
 @pytest.fixture
 def cold():
     """No pairing plan cached by an earlier test."""
-    S._PLANS.clear()
+    S._PLANS.clear(); S._REFUSALS.clear()
     yield
-    S._PLANS.clear()
+    S._PLANS.clear(); S._REFUSALS.clear()
 
 
 _CHILD = """
@@ -49,7 +49,7 @@ a, b = stack(4, 8, 4)
 p = ts.plan_inner(a, b, algorithm="pairings", budget=1e15)
 out = {{"flops": p.flops, "orbits": [[q.flops, q.optimizer, [list(s) for s in q.path]] for q in p.payload[0].plans]}}
 import tsalgebra.pairing_sum as S
-S._PLANS.clear()
+S._PLANS.clear(); S._REFUSALS.clear()
 try:
     ts.plan_inner(a, b, algorithm="pairings", budget=1e5)
 except ts.CostError as e:
@@ -99,7 +99,7 @@ def test_refusals_are_the_same_cold_and_warm(cold, monkeypatch, search_orbits):
     budgets = (1e3, 1e5, 1e6, 5e6)
     cold_refusals = []
     for budget in budgets:
-        S._PLANS.clear()
+        S._PLANS.clear(); S._REFUSALS.clear()
         cold_refusals.append(refusal(a, b, budget))
     full = ts.plan_inner(a, b, algorithm="pairings", budget=1e15)  # caches the pairing plan
     for budget, c in zip(budgets, cold_refusals):
@@ -107,7 +107,7 @@ def test_refusals_are_the_same_cold_and_warm(cold, monkeypatch, search_orbits):
         assert (warm.flops, warm.extrapolated, str(warm)) == (c.flops, c.extrapolated, str(c))
         assert c.extrapolated or c.flops >= full.flops  # else a bound: never short
     assert refusal(a, b, full.flops - 1).flops == full.flops  # the last orbit: the full count, warm as cold
-    S._PLANS.clear()
+    S._PLANS.clear(); S._REFUSALS.clear()
     assert refusal(a, b, full.flops - 1).flops == full.flops
 
 
@@ -130,3 +130,14 @@ def test_a_sampled_refusal_visits_every_stratum_over_the_whole_list():
     strata = (0, 0, 0, 1, 1, 2, 0, 0, 1)
     order = S._visits(strata)
     assert sorted(order) == list(range(len(strata))) and {strata[i] for i in order[:3]} == {0, 1, 2}
+
+
+def test_a_refusal_is_replayed_without_planning_again(cold, monkeypatch):
+    # The chooser plans every algorithm on every call: a refusal of many orbits
+    # recomputed each time took a quarter of a warm similarity.
+    a, b = stack(4, 8, 4)
+    first = refusal(a, b, 1e5)
+    monkeypatch.setattr(S.P, "orbits", lambda *args: pytest.fail("planned again"))
+    again = refusal(a, b, 1e5)
+    assert (str(again), again.flops, again.extrapolated) == (str(first), first.flops, first.extrapolated)
+    assert again is not first  # a new exception each time (a raised one keeps its traceback)
