@@ -143,3 +143,16 @@ def test_an_exception_whose_message_fails_is_still_one_line(monkeypatch, capsys,
     lines = err.strip().splitlines()
     assert len(lines) == 1 and f"unexpected {kind.__name__} (its message cannot be printed)" in lines[0]
     assert json.loads(out)["exit_code"] == 1
+
+
+def test_similarity_json_carries_the_heavy_tail_flag(files, capsys):
+    # the repr said "heavy tails: the error bar is doubtful"; the JSON had no field for it
+    a, b = (ts.load(f) for f in files[:2])
+    want = ts.similarity(a, b, method="sampled", seed=0)
+    assert want.estimate.heavy_tailed  # these models' products are heavy-tailed at the default samples
+    assert cli.main(["similarity", str(files[0]), str(files[1]), "--method", "sampled", "--seed", "0",
+                     "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["heavy_tailed"] is True and out["value"] == pytest.approx(want.value, rel=1e-12)
+    assert cli.main(["similarity", str(files[0]), str(files[1]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["heavy_tailed"] is None  # exact: no estimate

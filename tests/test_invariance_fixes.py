@@ -127,30 +127,31 @@ def test_large_rescalings_of_deep_stacks_stay_invariant_and_changes_do_not(depth
     assert not r.invariant and r.max_sample_difference > 1e-7
 
 
+def errors(f, x):
+    """(the real float64 error of f on x, against exact rational evaluation;
+    the round-off measured; the largest |f(x)|)."""
+    fx = f.evaluate_flat(x)
+    exact = exactify(f).evaluate_flat(np.vectorize(Fraction, otypes=[object])(x))
+    real = float(np.max(np.abs((exact - fx.astype(object)).astype(float))))
+    return real, _roundoff(f, x, fx), float(np.abs(fx).max())
+
+
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
 def test_the_measured_round_off_tracks_the_real_float64_error(depth):
     """The allowance covers the real error of the outputs (exact rational
     evaluation) and is not orders of magnitude above it at any depth (the
     |weights|-on-|inputs| bound was 1e11 times too large at degree 9)."""
     f = _stack(1, depth)
-    x = np.random.default_rng(0).normal(size=(64, 3))
-    fx = f.evaluate_flat(x)
-    exact = exactify(f).evaluate_flat(np.vectorize(Fraction, otypes=[object])(x))
-    real = float(np.max(np.abs((exact - fx.astype(object)).astype(float))))
-    measured = _roundoff(f, x, fx)
+    real, measured, top = errors(f, np.random.default_rng(0).normal(size=(64, 3)))
     assert real <= ROUNDOFF_FACTOR * measured
-    assert measured <= 100 * max(real, EPS * float(np.abs(fx).max()))
+    assert measured <= 100 * max(real, EPS * top)
 
 
 def test_the_measured_round_off_of_the_attention_model_tracks_its_real_error():
     f = lm(1, 6, 4, 6)
-    x = ts.Tokens(6, 4).sample(16, np.random.default_rng(0))
-    fx = f.evaluate_flat(x)
-    exact = exactify(f).evaluate_flat(np.vectorize(Fraction, otypes=[object])(x))
-    real = float(np.max(np.abs((exact - fx.astype(object)).astype(float))))
-    measured = _roundoff(f, x, fx)
+    real, measured, top = errors(f, ts.Tokens(6, 4).sample(16, np.random.default_rng(0)))
     assert real <= ROUNDOFF_FACTOR * measured
-    assert measured <= 1000 * max(real, EPS * float(np.abs(fx).max()))
+    assert measured <= 1000 * max(real, EPS * top)
     report = ts.check_invariance(f, f)
-    assert report.invariant and 0 < report.output_roundoff < 1e-9 * float(np.abs(fx).max())
+    assert report.invariant and 0 < report.output_roundoff < 1e-9 * top
     assert "round-off, measured" in repr(report)

@@ -417,6 +417,7 @@ def _result_dict(r: Any) -> dict[str, Any]:
         "lifted": r.lifted, "per_output": r.per_output, "contractions": r.contractions, "flops": r.flops,
         "pairings": r.pairings, "orbits": r.orbits, "notes": list(r.notes),
         "stderr": r.stderr, "interval": list(r.interval) if r.interval is not None else None, "samples": r.samples,
+        "heavy_tailed": bool(r.estimate.heavy_tailed) if r.estimate is not None else None,  # the repr's label
     }
 
 
@@ -933,30 +934,33 @@ def build_parser() -> argparse.ArgumentParser:
     method_help = ("auto: exact within the budget, else an error (never an approximation); closure: Gaussian moment "
                    "closure (approximate); sampled: Monte Carlo estimate with a standard error")
 
+    # the question about one pair, as similarity asks it and plan plans it
+    pair = argparse.ArgumentParser(add_help=False)
+    pair.add_argument("--inner", choices=inners, default=None, help=inner_help)
+    pair.add_argument("--per-output", action="store_true", help="one similarity per output channel")
+    pair.add_argument("--centered", action="store_true", help="centred gaussian (covariance of the outputs)")
+    pair.add_argument("--token-probs", metavar="PATH", help=token_probs_help)
+    pair.add_argument("--method", choices=("auto", "exact", "closure", "sampled"), default="auto", help=method_help)
+    pair.add_argument("--budget", type=_NON_NEGATIVE, default=DEFAULT_BUDGET,
+                      help=f"flop budget per inner product (default {DEFAULT_BUDGET:g})")
+    pair.add_argument("--max-memory", type=_BYTES, metavar="BYTES", help=memory_help)
+    pair.add_argument("--samples", type=_SAMPLES,
+                      help="--method sampled: number of samples, at least 2 (default 10000)")
+    pair.add_argument("--rel-error", type=_FRACTION,
+                      help="--method sampled: sample until this relative standard error (in (0, 1))")
+    pair.add_argument("--seed", type=_SEED, help="--method sampled: random seed, >= 0 (reproducible estimates)")
+
     parser = _Parser(prog="tsalgebra", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"tsalgebra {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("similarity", parents=[common, models], help="tensor similarity of two checkpoints",
+    s = sub.add_parser("similarity", parents=[common, models, pair], help="tensor similarity of two checkpoints",
                        description="Similarity (a cosine) of two checkpoints under one inner product, with the "
                                    "method, exactness and cost.")
     s.add_argument("a", help="checkpoint file")
     s.add_argument("b", help="checkpoint file")
-    s.add_argument("--inner", choices=inners, default=None, help=inner_help)
-    s.add_argument("--per-output", action="store_true", help="one similarity per output channel")
-    s.add_argument("--centered", action="store_true", help="centred gaussian (covariance of the outputs)")
-    s.add_argument("--token-probs", metavar="PATH",
-                   help=token_probs_help)
-    s.add_argument("--method", choices=("auto", "exact", "closure", "sampled"), default="auto", help=method_help)
-    s.add_argument("--budget", type=_NON_NEGATIVE, default=DEFAULT_BUDGET,
-                   help=f"flop budget per inner product (default {DEFAULT_BUDGET:g})")
-    s.add_argument("--max-memory", type=_BYTES, metavar="BYTES", help=memory_help)
-    s.add_argument("--samples", type=_SAMPLES, help="--method sampled: number of samples, at least 2 (default 10000)")
-    s.add_argument("--rel-error", type=_FRACTION,
-                   help="--method sampled: sample until this relative standard error (in (0, 1))")
-    s.add_argument("--seed", type=_SEED, help="--method sampled: random seed, >= 0 (reproducible estimates)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (one shows on a terminal when the "
                                                                 "computation is long)")
     s.set_defaults(func=cmd_similarity)
@@ -1012,24 +1016,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--symbols", help="input names in order, e.g. 'a b c' (default x1..xd)")
     v.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("plan", parents=[common, models], help="contraction plans and cost estimates",
+    p = sub.add_parser("plan", parents=[common, models, pair], help="contraction plans and cost estimates",
                        description="The contractions the exact engine would run for the similarity of A and B: "
                                    "per inner product the pairings, their orbits, the plan of a representative "
                                    "orbit network, FLOP and memory estimates, and totals. Nothing is contracted.")
     p.add_argument("a", help="checkpoint file")
     p.add_argument("b", help="checkpoint file")
-    p.add_argument("--inner", choices=inners, default=None, help=inner_help)
-    p.add_argument("--centered", action="store_true")
-    p.add_argument("--per-output", action="store_true")
-    p.add_argument("--token-probs", metavar="PATH", help=token_probs_help)
-    p.add_argument("--method", choices=("auto", "exact", "closure", "sampled"), default="auto", help=method_help)
-    p.add_argument("--budget", type=_NON_NEGATIVE, default=DEFAULT_BUDGET,
-                   help=f"flop budget per inner product (default {DEFAULT_BUDGET:g})")
-    p.add_argument("--max-memory", type=_BYTES, metavar="BYTES", help=memory_help)
-    p.add_argument("--samples", type=_SAMPLES, help="--method sampled: number of samples, at least 2 (default 10000)")
-    p.add_argument("--rel-error", type=_FRACTION,
-                   help="--method sampled: sample until this relative standard error (in (0, 1))")
-    p.add_argument("--seed", type=_SEED, help="--method sampled: random seed, >= 0")
     p.set_defaults(func=cmd_plan)
 
     d = sub.add_parser("demo", help="grokking | backdoor | language: train, checkpoint, compare, plot",
