@@ -44,7 +44,9 @@ attention module, is one call: ``register_adapter(MyAttention, fn)``.
 
 from __future__ import annotations
 
+import contextvars
 import math
+import numbers
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -188,7 +190,7 @@ def attention_adapter(module: nn.Module, path: str) -> Component:
         weights = {f: _np(getattr(module, f, None) if f.endswith("_bias") else getattr(module, f))
                    for f in BilinearAttention.weight_fields}
     except AttributeError as exc:
-        raise AdapterError(f"{path or 'the module'}: not in the bilinear-attention layout ({exc})") from None
+        raise AdapterError(path, f"not in the bilinear-attention layout ({exc})") from None
     return BilinearAttention(**weights, causal=bool(getattr(module, "causal", False)),
                              rotary_base=getattr(module, "rotary_base", None), scale=getattr(module, "scale", 1.0),
                              residual=bool(getattr(module, "residual", False)), n_ctx=getattr(module, "n_ctx", None),
@@ -352,9 +354,19 @@ def _residual_of(inner: Component | None, path: str) -> Component:
 # ------------------------------------------------------------ built-in adapters
 
 
-# marks where an nn.Flatten stood among a module's converted children: the
-# layers after it read all positions at once, not one position each
-_FLATTEN = object()
+class _Flatten:
+    """Marks where an nn.Flatten stood (at ``path``) among a module's converted
+    children: the layers after it read all positions at once, not one
+    position each."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+# from_torch's n_ctx= while it converts: the number of token positions where
+# the weights fix none (an nn.Embedding then layers that all act per position
+# run on any number of tokens), and the length every attention is bound at
+_N_CTX: contextvars.ContextVar[int | None] = contextvars.ContextVar("tsalgebra_from_torch_n_ctx", default=None)
 
 
 def _seq(module: nn.Sequential, path: str) -> Component | None:
@@ -367,20 +379,22 @@ def _children(module: nn.Module, path: str) -> list[Any]:
 
 
 def _part(child: nn.Module, path: str) -> list[Any]:
-    """One child converted: _FLATTEN for an nn.Flatten, a plain
+    """One child converted: a _Flatten for an nn.Flatten, a plain
     nn.Sequential's children read in line (where a Flatten stands decides
     which layers act per position, whatever the nesting), else the child."""
     if type(child) is nn.Sequential:
         return _children(child, path)
-    return [_FLATTEN if isinstance(child, nn.Flatten) else convert(child, path)]
+    return [_Flatten(path) if isinstance(child, nn.Flatten) else convert(child, path)]
 
 
 def _sequence(parts: list[Any], path: str) -> Component | None:
-    """The converted children (None for the identity, _FLATTEN for an
+    """The converted children (None for the identity, a _Flatten for an
     nn.Flatten) as one component."""
-    kept = [p for p in parts if p is not None and p is not _FLATTEN]
-    flat = next((k for k, p in enumerate(parts) if p is _FLATTEN), None)
+    kept = [p for p in parts if p is not None and not isinstance(p, _Flatten)]
+    flat = next((k for k, p in enumerate(parts) if isinstance(p, _Flatten)), None)
+    where = path
     if flat is not None:  # the first flat layer's index among those kept
+        where = parts[flat].path
         flat = sum(p is not None for p in parts[:flat])
     if not kept:
         return None
@@ -389,7 +403,9 @@ def _sequence(parts: list[Any], path: str) -> Component | None:
         raise AdapterError(path, f"{late!r} follows {kept[0]!r}: an nn.Embedding reads token ids, so it must be "
                                  "the first layer")
     try:
-        return kept[0] if len(kept) == 1 else Sequential(*_per_position(kept, flat))
+        # one layer too: an nn.Embedding alone before a Flatten reads as many tokens as torch is given
+        layers = _per_position(kept, flat, where)
+        return layers[0] if len(layers) == 1 else Sequential(*layers)
     except ValueError as exc:
         raise AdapterError(path, str(exc)) from None
 
@@ -459,25 +475,66 @@ def _stack_of(module: nn.Module, path: str, residual: bool) -> Component | None:
     return _sequence(parts, path)
 
 
-def _per_position(parts: list[Component], flat: int | None = None) -> list[Component]:
+def _per_position(parts: list[Component], flat: int | None = None, where: str = "") -> list[Component]:
     """Torch's layers act on the last axis: beside an attention layer over
     n_ctx positions every Linear or Bilinear layer acts per position (up to
-    an nn.Flatten after the attention, at index ``flat``: the layers from
-    there on read every position at once), and a token embedding reads one
-    token per position (or, before flat layers, as many tokens as the next
-    layer's width holds)."""
+    an nn.Flatten after the attention, at index ``flat`` and module path
+    ``where``: the layers from there on read every position at once), and a
+    token embedding reads one token per position (before flat layers, as many
+    tokens as the next layer's width holds; else from_torch's n_ctx=, one
+    token without it, and refused where a Flatten ends the model: there the
+    one-token model is no reading of torch's)."""
+    want = _N_CTX.get()
+    if want is not None:  # from_torch(n_ctx=): attention read at that length, as torch's runs at any
+        parts = [p.at(want) if isinstance(p, BilinearAttention) else p for p in parts]
     n = next((p.n_ctx for p in parts if isinstance(p, BilinearAttention) and p.n_ctx), None)
     if n is not None:
         first = next(k for k, p in enumerate(parts) if isinstance(p, BilinearAttention))
         end = len(parts) if flat is None or flat <= first else flat
+        if want is not None and end < len(parts):  # a layer after the Flatten: its width fixes the positions
+            before = parts[end - 1]
+            _fits(want, parts[end], before.d_out if isinstance(before, BilinearAttention) else before.out_features,
+                  where)
         return [PositionWise(p, n) if isinstance(p, (Linear, Bilinear)) and k < end else p
                 for k, p in enumerate(parts)]
-    if isinstance(parts[0], Embedding) and len(parts) > 1:  # per token up to the flat layers (nn.Flatten)
-        end = flat if flat is not None and 0 < flat < len(parts) else 1
+    if not isinstance(parts[0], Embedding):
+        return parts
+    if flat is not None and 0 < flat < len(parts):  # per token up to the flat layers (nn.Flatten)
+        end: int | None = flat
+    elif len(parts) > 1 and parts[1].in_features > parts[0].out_features:
+        end = 1  # several tokens' width without an nn.Flatten (a forward flattening in code): the check decides
+    else:
+        end = None
+    if end is not None:  # the width of the layer after the flat ones fixes the number of tokens
         width, d = parts[end].in_features, parts[end - 1].out_features
-        if width % d == 0 and width > d:
-            return [PositionWise(p, width // d) for p in parts[:end]] + parts[end:]
+        fixed = width // d if width % d == 0 else None
+        if want is not None:
+            _fits(want, parts[end], d, where)
+        if fixed is not None and fixed > 1:
+            return [PositionWise(p, fixed) for p in parts[:end]] + parts[end:]
+        return parts
+    # every layer acts per position: torch runs the model on any number of tokens, and no weight fixes one
+    if want is not None:
+        return [PositionWise(p, want) if isinstance(p, (Linear, Bilinear)) else p for p in parts]
+    if flat is not None and flat == len(parts):
+        # a Flatten over the positions ends the model: read at one token it would refuse the (batch, n) ids
+        # torch takes, or give (batch, d) where the guide promises (batch, positions, d)
+        raise ValueError(f"the nn.Flatten at {where or '<root>'} flattens the token positions of a model whose "
+                         f"layers all act per position ({parts[0]!r} first, no attention, no layer after the "
+                         "Flatten): torch runs it on any number of tokens, and its weights fix none. Pass "
+                         "from_torch(module, n_ctx=N) with N the number of token positions; the model then reads "
+                         "(batch, N) token ids and gives (batch, N, d_out), torch's (batch, N x d_out) per position")
     return parts
+
+
+def _fits(want: int, layer: Component, d: int, where: str) -> None:
+    """Refuse from_torch's n_ctx= where ``layer``, after the nn.Flatten at
+    ``where``, reads another number of positions of ``d`` features (a
+    mismatch of widths is left to the Sequential, which names it)."""
+    width = layer.in_features
+    if width % d == 0 and width // d != want:
+        raise ValueError(f"n_ctx={want} was given, but {layer!r} after the nn.Flatten at {where or '<root>'} reads "
+                         f"{width} features: {width // d} token positions of {d}, fixed by its weights")
 
 
 def _embedding(module: nn.Embedding, path: str) -> Embedding:
@@ -742,7 +799,7 @@ def _forward_mismatch(module: nn.Module, model: Component, path: str = "") -> tu
     return rel, f"max relative error {rel:.3g} on random inputs"
 
 
-def from_torch(module: Any, *, check: bool = True) -> Component:
+def from_torch(module: Any, *, check: bool = True, n_ctx: int | None = None) -> Component:
     """The tsalgebra model computing the same function as ``module``.
 
     ``module`` is an ``nn.Module`` (a tsalgebra component is returned as is).
@@ -757,8 +814,24 @@ def from_torch(module: Any, *, check: bool = True) -> Component:
     large to run, and then nothing verifies the adapters' output.  Weights
     are copied as float64; the module is not modified (train/eval mode
     included).
+
+    ``n_ctx``: the number of token positions to convert a sequence model at.
+    Required where the weights fix none and a Flatten ends the model (an
+    ``nn.Embedding`` then layers that all act per position, then
+    ``nn.Flatten``: torch runs it on any number of tokens); without a Flatten
+    such a model is read at one token unless ``n_ctx`` is given.  Attention
+    layers are bound at ``n_ctx`` (their module's own ``n_ctx`` replaced).
+    Refused where the weights fix another number of positions (a layer after
+    a Flatten reading ``k x d`` features) or the model reads no tokens.
     """
+    if n_ctx is not None:
+        if not (isinstance(n_ctx, numbers.Integral) and not isinstance(n_ctx, bool) and n_ctx > 0):
+            raise AdapterError("", f"n_ctx={n_ctx!r}: the number of token positions must be a positive integer")
+        n_ctx = int(n_ctx)
     if isinstance(module, Component):
+        if n_ctx is not None:  # not converted here: its positions are its own
+            raise AdapterError("", f"n_ctx={n_ctx} was given with a tsalgebra model ({module!r}), which is returned "
+                                   "as is; rebind its positions with .replace(n_ctx=...) or .at(n_ctx)")
         return module
     if isinstance(module, nn.Module):
         lazy = [(name, sub) for name, sub in module.named_modules()
@@ -772,7 +845,13 @@ def from_torch(module: Any, *, check: bool = True) -> Component:
             raise AdapterError("", f"forward hooks or pre-hooks on {', '.join(hooked)}: a hook changes what the "
                                    "module computes, and tsalgebra converts its weights; remove the hooks "
                                    "(handle.remove()) or convert a copy without them")
-    model = convert(module, "")
+    token = _N_CTX.set(n_ctx)
+    try:
+        model = convert(module, "")
+    finally:
+        _N_CTX.reset(token)
+    if model is not None and n_ctx is not None:
+        model = _at_n_ctx(model, n_ctx)
     if model is None:
         raise AdapterError("", f"{type(module).__name__} converts to the identity (only skipped parts); "
                                "there is no layer to compare")
@@ -784,6 +863,27 @@ def from_torch(module: Any, *, check: bool = True) -> Component:
                                    "(registered or provided) does not compute what the module does; "
                                    "check=False skips this comparison")
     return model
+
+
+def _at_n_ctx(model: Component, n_ctx: int) -> Component:
+    """``model`` over ``n_ctx`` positions: a bare embedding at every position,
+    a model not converted through a Sequential (an attention alone) rebound;
+    a model of no token positions refused (n_ctx would say nothing)."""
+    from .problem import positions_of
+
+    keys = [k for k in model.settings() if k == "n_ctx" or k.endswith(".n_ctx")]
+    if model.token_input is None and not keys:
+        raise AdapterError("", f"n_ctx={n_ctx} was given, but {model!r} reads no token positions (no nn.Embedding, "
+                               "no attention): n_ctx is for sequence models; leave it out")
+    have = model.token_input[1] if model.token_input is not None else positions_of(model)
+    if have == n_ctx:
+        return model
+    if isinstance(model, Embedding):  # nn.Embedding alone: torch looks up every position's token
+        return PositionWise(model, n_ctx)
+    try:
+        return model.replace(**{k: n_ctx for k in keys})
+    except ValueError as exc:
+        raise AdapterError("", f"n_ctx={n_ctx}: {model!r} cannot be read at {n_ctx} positions ({exc})") from None
 
 
 def to_torch(model: Component, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -227,12 +227,7 @@ class Store:
         self.identity = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
         file = self.path / "manifest.json"
         if file.exists():
-            try:
-                old = json.loads(file.read_text())
-            except (OSError, ValueError) as exc:
-                raise ValueError(f"store {self.path}: manifest.json is unreadable ({exc}); use a new directory") \
-                    from None
-            self._same(old)
+            self._same(self._manifest_of(file))
         else:
             try:
                 (self.path / "tiles").mkdir(parents=True, exist_ok=True)
@@ -253,6 +248,22 @@ class Store:
         except OSError as exc:
             raise ValueError(f"store {self.path} cannot be written ({exc.strerror or exc}); store= takes a "
                              "directory this process can write (a complete store is read without writing)") from None
+
+    def _manifest_of(self, file: Path) -> Any:
+        """The JSON of an existing manifest; one that cannot be read (a
+        directory, not JSON, truncated, not UTF-8) is refused as a store of
+        another version is: the directory given is what to change, said with
+        store= (the command line reads it as --store DIR, a usage error)."""
+        try:
+            return json.loads(file.read_text(encoding="utf-8"))
+        except OSError as exc:
+            why = exc.strerror or type(exc).__name__  # "Is a directory", "Permission denied"
+        except UnicodeDecodeError:
+            why = "not UTF-8 text"
+        except ValueError as exc:  # json.JSONDecodeError: the position where it stops (truncated, not JSON)
+            why = f"not JSON: {exc}"
+        raise ValueError(f"store {self.path}: its manifest {file} is unreadable ({why}): it cannot say which "
+                         "models and options the tiles beside it are of; give store= a new directory")
 
     def _same(self, old: Any) -> None:
         """Refuse a store written for other models or options, naming the
