@@ -156,3 +156,20 @@ def test_similarity_json_carries_the_heavy_tail_flag(files, capsys):
     assert out["heavy_tailed"] is True and out["value"] == pytest.approx(want.value, rel=1e-12)
     assert cli.main(["similarity", str(files[0]), str(files[1]), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["heavy_tailed"] is None  # exact: no estimate
+
+
+def test_plan_says_a_sampled_product_is_estimated(files, capsys):
+    # plan --method sampled labelled the Monte Carlo plan "approximate"
+    assert cli.main(["plan", str(files[0]), str(files[1]), "--method", "sampled", "--samples", "100"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("<a,b>"))
+    assert ", estimated (" in line and "approximate" not in line
+    assert cli.main(["plan", str(files[0]), str(files[1]), "--method", "closure"]) == 0
+    out = capsys.readouterr().out
+    assert "<a,b>: closure" in out and ", estimated" not in out
+
+
+def test_a_keyword_ending_a_sentence_is_said_as_its_flag():
+    # a refusal's reason ends before ". Alternatives: ...": max_memory=1,000 was left in Python spelling
+    assert cli._cli_spelling("over max_memory=1,000. Alternatives: x") == ("over --max-memory 1000. Alternatives: x",
+                                                                           True)
+    assert cli._cli_spelling("the budget=2e+11.") == ("the --budget 2e+11.", True)

@@ -56,11 +56,20 @@ def test_state_key_naming_a_wrapper_prefix_is_the_choice(tmp_path):
 
 def test_two_readings_of_state_key_are_an_error_naming_both(tmp_path):
     m, ema = nets()
-    torch.save({"ema": ema.state_dict(), "state_dict": {**m.state_dict(), **prefixed("ema.", m.state_dict())}},
+    torch.save({"first": prefixed("ema.", ema.state_dict()), "second": prefixed("ema.", m.state_dict())},
                tmp_path / "ck.pt")
-    with pytest.raises(LoadError, match=r"ck\.pt: state_key='ema' is ambiguous: it names entry 'ema' and "
-                                        r"keys ema\.\* in entry 'state_dict'"):
+    with pytest.raises(LoadError, match=r"ck\.pt: state_key='ema' is ambiguous: it names keys ema\.\* in entry "
+                                        r"'first' and keys ema\.\* in entry 'second'"):
         ts.load(tmp_path / "ck.pt", state_key="ema")
+
+
+def test_an_entry_named_by_state_key_wins_over_prefixed_keys_elsewhere(tmp_path):
+    # an EMA wrapper keeps its copy under an attribute "model": its keys read "model.*" beside the entry
+    # "model" (this was called ambiguous, and the file could not be loaded at all)
+    m, ema = nets()
+    torch.save({"model": m.state_dict(), "ema": prefixed("model.", ema.state_dict())}, tmp_path / "ck.pt")
+    assert ts.load(tmp_path / "ck.pt", state_key="model").same_weights(ts.from_torch(m))
+    assert ts.load(tmp_path / "ck.pt", state_key="ema").same_weights(ts.from_torch(ema))
 
 
 def test_state_key_found_nowhere_in_a_lightning_checkpoint_names_what_is_there(tmp_path):

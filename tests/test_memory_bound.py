@@ -201,7 +201,8 @@ def outer():
 
 def test_a_route_named_that_does_not_fit_is_a_memory_bound_error(outer):
     with pytest.raises(MemoryBoundError, match="smallest blocks") as err:
-        ts.similarity_matrix(outer, inner="symmetric", route="materialize", max_memory=4000, progress=False)
+        # 5,000 bytes: one pair's plan fits (4,416), the materialized blocks do not
+        ts.similarity_matrix(outer, inner="symmetric", route="materialize", max_memory=5000, progress=False)
     assert {(a.option, a.value) for a in err.value.alternatives} >= {("route", "auto"), ("route", "pairwise")}
     room = option(err.value, "max_memory").value
     m = ts.similarity_matrix(outer, inner="symmetric", route="materialize", max_memory=room, progress=False)
@@ -245,7 +246,7 @@ def test_max_memory_on_the_command_line(ckpts, capsys):
     code, out, err = call(capsys, "plan", a, b, "--inner", "symmetric", "--max-memory", "1e5")
     assert code == 3 and "--max-memory" in out
     code, out, err = call(capsys, "matrix", ckpts / "outer", "--inner", "symmetric", "--route", "materialize",
-                          "--max-memory", "4000", "--out", ckpts / "m.png")
+                          "--max-memory", "5000", "--out", ckpts / "m.png")
     assert code == 3 and "--max-memory" in err and "--route pairwise" in err and "max_memory" not in err
 
 
@@ -279,3 +280,39 @@ def test_plan_takes_every_option_it_suggests(ckpts, capsys):
     assert code == 0 and "closure" in out and " MB" in out
     code, out, _ = call(capsys, "plan", a, b, "--method", "sampled", "--samples", "100", "--seed", "1")
     assert code == 0 and "sampled" in out
+
+
+def test_a_refused_route_suggests_pairwise_only_where_a_pair_fits():
+    # a named route over the bound suggested route='pairwise' (and 'auto') even where every pair was refused too
+    rng = np.random.default_rng(0)
+    ms = [bil(rng, 3, 4, 2) for _ in range(40)]
+    pair = max(p.peak_bytes for p in ts.plan_similarity(ms[0], ms[1]).plans)  # 2,560 bytes
+    for bound, suggested in ((int(1.2 * pair), True), (int(0.8 * pair), False)):
+        with pytest.raises(MemoryBoundError) as err:
+            ts.similarity_matrix(ms, route="materialize", max_memory=bound, progress=False)
+        routes = [a.value for a in err.value.alternatives if a.option == "route"]
+        assert ("pairwise" in routes) is suggested and err.value.alternatives[0].option == "max_memory"
+        if suggested:  # and it runs, as suggested
+            assert ts.similarity_matrix(ms[:4], route="pairwise", max_memory=bound, progress=False).route == "pairwise"
+        else:
+            with pytest.raises(MemoryBoundError):
+                ts.similarity_matrix(ms[:4], route="pairwise", max_memory=bound, progress=False)
+
+
+def test_the_pairwise_route_grants_a_pair_what_similarity_grants(monkeypatch):
+    # the matrix's default bound (a quarter of the memory, for the batched routes' blocks) refused pairs that
+    # ts.similarity, under its own default (half), runs: a busy machine's matrix failed where it used to run
+    import tsalgebra.matrix.ops as ops
+    import tsalgebra.problem as problem
+
+    rng = np.random.default_rng(0)
+    a, b = (ts.Sequential(bil(rng, 16, 32, 16), bil(rng, 16, 32, 8)) for _ in range(2))
+    peak = max(p.peak_bytes for p in ts.plan_similarity(a, b).plans)
+    free = lambda: int(3 * peak)  # noqa: E731 - half of it fits a pair, a quarter does not
+    monkeypatch.setattr(problem, "available_memory", free)
+    monkeypatch.setattr(ops, "available_memory", free, raising=False)
+    want = ts.similarity(a, b).value
+    m = ts.similarity_matrix([a, b], progress=False)
+    assert m.values[0, 1] == pytest.approx(want, rel=1e-12)
+    with pytest.raises(MemoryBoundError):  # a bound given is the pairs' bound too
+        ts.similarity_matrix([a, b], route="pairwise", max_memory=int(peak / 2), progress=False)

@@ -215,7 +215,7 @@ _KEYS = "|".join(sorted(_OPTIONS, key=len, reverse=True))
 # where it is followed by a comma or a parenthesis; a store's "written with
 # seed=4, this call has seed=5" is no repr)
 _KEYWORD = re.compile(rf"(?<![\w.-])({_KEYS})=(?:(True|False|'[^']*'|\"[^\"]*\"|\.\.\.)(?=[\s:;,.)]|$)"
-                      rf"|([-+\w.]*\w(?:,\d{{3}})*)?(?=[\s:;]|, this call |$))")  # 1,000 too
+                      rf"|([-+\w.]*\w(?:,\d{{3}})*)?(?=[\s:;]|\.(?:\s|$)|, this call |$))")  # 1,000 too; a sentence's end
 _MUST = re.compile(rf"(?<![\w.-])({_KEYS})(?= must be\b)")
 _HINT = re.compile(r"\s*\(--[a-z][a-z-]* on the command line\)|;\s*--[a-z][a-z-]* on the command line")
 
@@ -845,7 +845,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .inner import plan_similarity
+    from .inner import accuracy_of, plan_similarity
 
     _check_files(args.a, args.b)
     _check_inner(args)
@@ -867,7 +867,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             lines.append(f"  {label}: refused: {_refusal(p, args)}")
             continue
         joint = " (one joint computation for <a,b>, <a,a> and <b,b>)" if p.joint else ""
-        lines.append(f"  {label}: {p.algorithm}{joint}{'' if p.exact else ', approximate'}: {p.flops:.3g} flops, "
+        lines.append(f"  {label}: {p.algorithm}{joint}{accuracy_of(p)}: {p.flops:.3g} flops, "
                      f"{p.contractions} contractions, peak {p.peak_bytes / 1e6:.3g} MB")
         for s in p.facts.get("sums", ()):
             r = s["representative"]

@@ -468,7 +468,7 @@ class SimilarityPlan:
             else:
                 lines.append(f"{label}: {p.algorithm}{' (joint: all three products)' if p.joint else ''}, "
                              f"{format_count(p.flops)} flops, {p.contractions} contractions, peak "
-                             f"{format_count(p.peak_bytes)} bytes{_kind(p)}")
+                             f"{format_count(p.peak_bytes)} bytes{accuracy_of(p)}")
         for method, other in self.others:
             lines.append(f"method={method!r}: {other.summary() if isinstance(other, SimilarityPlan) else other}")
         return "\n".join(lines)
@@ -485,7 +485,9 @@ class SimilarityPlan:
         return f"{format_count(self.flops)} flops, {peak}{'' if all(q.exact for q in self.plans) else ', approximate'}"
 
 
-def _kind(plan: Plan) -> str:
+def accuracy_of(plan: Plan) -> str:
+    """How a plan's number would be obtained, as the plans' summaries say it
+    ("" for exact, ", approximate", ", estimated (... flops per sample)")."""
     if plan.method == "sampled":
         return f", estimated ({format_count(plan.facts['per_sample_flops'])} flops per sample)"
     return "" if plan.exact else ", approximate"

@@ -172,11 +172,11 @@ def _is_array(v: Any) -> bool:
 def _unwrap(obj: Any, path: Path, state_key: str | None = None) -> dict[str, Any]:
     """The state dict in a loaded object: the object itself when it maps names
     to tensors, else the one entry that does.  ``state_key`` picks one set of
-    weights: the entry of that name holding tensors, or the keys prefixed
+    weights: the entry of that name holding tensors, else the keys prefixed
     ``state_key + "."`` (the prefix removed) in a state dict, looked for after
     the wrappers' prefixes (``module.ema.x`` under DDP, an ``ema.`` beside
-    ``model.`` in a Lightning ``state_dict``).  Several such sets are an error
-    naming them, never a silent pick; a file that is itself a state dict with
+    ``model.`` in a Lightning ``state_dict``).  Several state dicts with such
+    keys are an error naming them, never a silent pick; a file that is itself a state dict with
     no such keys is read as it is, with a warning that the key was not used
     (the command line passes one key to files of both kinds)."""
     if not isinstance(obj, Mapping):
@@ -185,11 +185,11 @@ def _unwrap(obj: Any, path: Path, state_key: str | None = None) -> dict[str, Any
     holders = {None: obj} if flat else {
         str(k): v for k, v in obj.items() if isinstance(v, Mapping) and v and all(_is_array(x) for x in v.values())}
     if state_key is not None:
+        if state_key in holders:  # the entry of that name: the checkpoint's own name for it (an EMA wrapper
+            return {str(k): v for k, v in holders[state_key].items()}  # beside it may keep "model.*" keys)
         prefix = f"{state_key}."
-        found = {f"entry {state_key!r}": holders[state_key]} if state_key in holders else {}
+        found = {}
         for name, sd in holders.items():
-            if name == state_key:  # its keys are the entry's own
-                continue
             # keep=: a wrapper's prefix that state_key names ("model") is the choice, not stripped
             keys = strip_prefixes({str(k): v for k, v in sd.items()}, keep=[prefix])
             chosen = {k[len(prefix):]: v for k, v in keys.items() if k.startswith(prefix)}

@@ -76,7 +76,7 @@ def checked_memory(max_memory: Any) -> int | None:
         return None
     ok = isinstance(max_memory, numbers.Real) and not isinstance(max_memory, (bool, np.bool_))
     if not ok or not np.isfinite(max_memory) or max_memory < 1:
-        raise ValueError(f"max_memory must be a positive number of bytes (such as 2**30), got {max_memory!r}")
+        raise ValueError(f"max_memory must be a positive number of bytes (such as 1e9), got {max_memory!r}")
     return int(max_memory)
 
 

@@ -196,18 +196,37 @@ def preparation_bytes(models: Sequence[Any]) -> int:
     return 8 * padded
 
 
-def _preparation_fits(models: list[Any], memory: int) -> None:
+def _pair_fits(rows: list[Any], cols: list[Any] | None, inner: str, method: str, measure: Measure | None,
+               centered: bool, options: Mapping[str, Any], max_memory: int | None) -> bool:
+    """Whether the pairwise route's products fit their memory bound, judged
+    by one pair planned from shapes (the models of a matrix share their
+    architecture): a refusal suggests that route only where it would run."""
+    from ..inner import plan_inner
+
+    try:
+        plan_inner(rows[0], (cols or rows)[-1], inner, method, measure=measure, centered=centered,
+                   **dict(options, max_memory=max_memory))
+    except MemoryBoundError:
+        return False
+    except (CostError, ValueError):  # refused for another reason, which the route says when it runs
+        return True
+    return True
+
+
+def _preparation_fits(models: list[Any], memory: int, pair_fits: Any) -> None:
     """Refuse, before anything is copied, when the batched routes' prepared
     copies of the models (padded factors, about the size of their weights)
-    would exceed the memory bound."""
+    would exceed the memory bound (``pair_fits()``: whether to suggest the
+    pairwise route)."""
     need = preparation_bytes(models)
     if need > memory:
         n = len(models)
+        pairwise = (Alternative("route", "pairwise", f"pair by pair, {n * (n + 1) // 2:,} similarities, two models "
+                                                     "in memory at a time"),) if pair_fits() else ()
         raise MemoryBoundError(f"preparing {n} models for the batched routes takes about {need:,} bytes, over "
-                        f"max_memory={memory:,}", alternatives=(
-                            Alternative("max_memory", rounded_up(need), "room for the prepared models"),
-                            Alternative("route", "pairwise", f"pair by pair, {n * (n + 1) // 2:,} similarities, "
-                                                             "two models in memory at a time")))
+                               f"max_memory={memory:,}", needed=need, alternatives=(
+                                   Alternative("max_memory", rounded_up(need), "room for the prepared models"),
+                                   *pairwise))
 
 
 def _job(rows: list[Any], cols: list[Any] | None, inner: str, method: str, measure: Measure | None, centered: bool,
@@ -226,7 +245,8 @@ def _job(rows: list[Any], cols: list[Any] | None, inner: str, method: str, measu
     unprepared = None
     try:
         if route_named != "pairwise":
-            _preparation_fits(rows + (cols or []), memory)
+            _preparation_fits(rows + (cols or []), memory, lambda: _pair_fits(
+                rows, cols, inner, method, measure, centered, options, checked_memory(max_memory)))
     except MemoryBoundError as exc:
         if route_named != "auto":  # a route asked for by name must fit
             raise
@@ -240,7 +260,7 @@ def _job(rows: list[Any], cols: list[Any] | None, inner: str, method: str, measu
         # more BLAS threads numpy's worker threads won (see ops.run_tasks)
         ops = Ops(dname, "cpu")
     return Job(rows, cols, inner, method, centered, MappingProxyType(options), progress, measure, prepared, ops,
-               memory, threads, selfs, unprepared)
+               memory, threads, selfs, unprepared, checked_memory(max_memory))
 
 
 def _within_budget(job: Job, cost: RouteCost | None, budget: float) -> None:
@@ -281,13 +301,15 @@ def _choose(route: str, job: Job, costs: Mapping[str, RouteCost]) -> tuple[str, 
         raise ValueError(f"route={route!r} is not available here: {why}; use route='pairwise'")
     if route in costs and not costs[route].fits:
         need, fitting = costs[route].peak_bytes, [c.route for c in costs.values() if c.fits]
+        pairs = _pair_fits(job.rows, job.cols, job.inner, job.method, job.measure, job.centered, job.options,
+                           job.pair_memory)  # only routes that would run are suggested
+        auto = ((Alternative("route", "auto", f"the cheapest route that fits ({', '.join(fitting)})"),) if fitting
+                else (Alternative("route", "auto", "pair by pair, no batched route fitting"),) if pairs else ())
+        pairwise = (Alternative("route", "pairwise", "pair by pair, each product within the bound"),) if pairs else ()
         raise MemoryBoundError(
             f"route {route!r} needs about {format_count(need)} bytes at its smallest blocks, over the memory bound "
             f"of {format_count(job.memory)} bytes", needed=need, flops=costs[route].flops, alternatives=(
-                Alternative("max_memory", rounded_up(need), f"room for the {route} route's blocks"),
-                Alternative("route", "auto", f"the cheapest route that fits ({', '.join(fitting)})" if fitting
-                            else "pair by pair, no batched route fitting"),
-                Alternative("route", "pairwise", "pair by pair, each product within the bound")))
+                Alternative("max_memory", rounded_up(need), f"room for the {route} route's blocks"), *auto, *pairwise))
     return route, ()
 
 

@@ -28,8 +28,10 @@ class Job:
     inner products without one).  ``prepared`` holds the models as chains for the
     batched routes (None where none covers them), ``ops`` the engine they
     compute with, ``memory`` the bound in bytes on their blocks
-    (``max_memory``; the pairwise route plans each product within it),
-    ``threads`` the worker threads numpy may use.
+    (``max_memory``, else a quarter of the device's memory), ``pair_memory``
+    the bound the pairwise route plans each product within (``max_memory``
+    given; None: ts.similarity's own default, so that a pair it grants is
+    granted here), ``threads`` the worker threads numpy may use.
     """
 
     rows: list[Any]
@@ -46,6 +48,7 @@ class Job:
     threads: int
     selfs: bool = True  # False: the self products are not needed (a tile whose norms come from another)
     unprepared: str | None = None  # why the models were not prepared for the batched routes (memory), if so
+    pair_memory: int | None = None
 
     @property
     def symmetric(self) -> bool:

@@ -8,10 +8,11 @@ weights that do not convert to floats, ``method="closure"``, another
 ``degree``); it applies to every job.  It is not costed: ts.inner plans each
 pair itself, so :func:`layout` reports 0 flops and no memory (unknown, not an
 estimate), and ``route="auto"`` takes it only where no costed route applies.
-Each product is planned within the matrix's budget and memory bound
-(``job.memory``: ``max_memory``), as ts.similarity plans a pair: a pair
-refused there is refused here, with its estimate and alternatives, and a
-pair granted there is granted here.
+Each product is planned within the matrix's budget and the ``max_memory``
+given (else ts.similarity's default bound, not the quarter the batched
+routes' blocks get), as ts.similarity plans a pair: a pair refused there is
+refused here, with its estimate and alternatives, and a pair granted there
+is granted here.
 """
 
 from __future__ import annotations
@@ -77,8 +78,10 @@ def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
     A, logA = _canonical(job.rows)  # ts.inner of the canonical models: never under- or overflows
     sym = job.cols is None
     Bs, logB = (A, logA) if sym else _canonical(job.cols)
-    # the symmetric product's degree is the whole set's (api._compute); the memory bound the matrix's
-    options = dict(job.options, max_memory=job.memory)
+    # the symmetric product's degree is the whole set's (api._compute); the memory bound the one given
+    # (the matrix's default, a quarter of the memory, is for the batched routes' blocks: a pair that
+    # ts.similarity grants under its own default is granted here)
+    options = dict(job.options, max_memory=job.pair_memory)
     joint = job.method == "sampled"
     n_pairs = len(A) * (len(A) - 1) // 2 if sym else len(A) * len(Bs)
     n_self = len(A) + (0 if sym else len(Bs)) if sym or job.selfs else 0
