@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import reduce
 from typing import Any
 
 import numpy as np
@@ -45,7 +46,23 @@ __all__ = ["Estimate", "Sampled", "DEFAULT_SAMPLES"]
 DEFAULT_SAMPLES = 10_000
 PILOT = 512  # samples of the pilot batch (control-variate coefficients, centring origin), not averaged
 PILOT_FOLDS = 8  # the pilot's folds that judge the control variate, each by the fit of the others
-BATCH_BYTES = 64 * 2**20  # a batch's inputs and outputs together
+BATCH_BYTES = 64 * 2**20  # a batch's inputs and outputs together: the default batch, kept where it fits the bound
+MAX_BATCH = 4096  # the default batch at most
+# The smallest batch a memory bound shrinks the batches to (the pilot is then
+# drawn in pieces of it); below it a plan is refused for memory.  Each batch
+# costs about 0.4 ms (one bilinear layer) to 2.5 ms (tiny_lm, two attention
+# layers) besides its samples, on 2 CPU cores: at 64 a sample took 7.8 and
+# 76 us where the default batches took 3-8 and 40 us; at 16, 26 and 161 us.
+MIN_BATCH = 64
+# The peak's count per sample (arrays of the per-sample widths held at once),
+# checked against tracemalloc (tests/test_memory_bound2.py): the measure's draw
+# and its mapped copy; both models' outputs, their shifted copies, the four
+# products and their stack (the control's outputs in their place); the
+# per-sample product arrays (4 x channels) of the stream's sums, twice that
+# beside the control variate's fit.
+INPUT_COPIES = 3
+OUTPUT_COPIES = 12
+PRODUCT_COPIES = 4
 Z95 = 1.959963984540054  # the normal quantile of a 95 % interval
 HEAVY_TAIL_SHARE = 0.05  # one sample's share of the spread beyond which the standard error is flagged
 # Below this many samples neither the normal interval nor the tail check
@@ -284,11 +301,12 @@ class Sampled(Algorithm):
     def plan(self, problem: InnerProblem, limit: float) -> Plan:
         fa, fb = Forward(problem.a), Forward(problem.b)
         width, out = problem.widths
-        batch = max(1, min(4096, BATCH_BYTES // (8 * (width + 4 * out))))
-        per_sample = (fa.flops(batch) + (fb.flops(batch) if problem.b is not problem.a else 0)) / batch
-        per_sample += 4.0 * out  # the three products
         control = self._control(problem)
         cv = control if isinstance(control, _Control) else None
+        default = max(1, min(MAX_BATCH, BATCH_BYTES // (8 * (width + 4 * out))))
+        batch, piece = self._batch(problem, default, cv)
+        per_sample = (fa.flops(batch) + (fb.flops(batch) if problem.b is not problem.a else 0)) / batch
+        per_sample += 4.0 * out  # the three products
         if cv is not None:
             per_sample += (Forward(cv.a).flops(batch) + Forward(cv.b).flops(batch)) / batch
         fixed = cv.flops if cv is not None else 0.0
@@ -310,15 +328,61 @@ class Sampled(Algorithm):
         notes = ["estimated by Monte Carlo: unbiased, with standard errors"]
         notes.append(f"control variate: the models truncated after their first nonlinear layer ({cv.algorithms}, "
                      f"exact)" if cv is not None else f"control variate: {control}")
-        # the inputs and the products, both models' forward passes (the control's too) and the control's plan
-        forwards = fa.peak_elements(batch) + fb.peak_elements(batch)
-        if cv is not None:
-            forwards = max(forwards, Forward(cv.a).peak_elements(batch) + Forward(cv.b).peak_elements(batch))
-        peak = 8.0 * (batch * (width + 4 * out) + forwards) + (cv.peak_bytes if cv is not None else 0.0)
+        if batch != default or piece < PILOT:
+            notes.append(f"batches of {batch:,} samples (the pilot's {PILOT} in pieces of {piece}) to fit the memory "
+                         f"bound of {format_count(problem.memory)} bytes, where the default is {default:,}: the "
+                         "samples, and so the estimate, for a seed differ from those of the default batches")
+        peak = self._peak_bytes(problem, batch, piece, cv)
         facts = {"per_sample_flops": per_sample, "batch": batch, "samples": samples,
                  "rel_error": problem.rel_error, "seed": problem.seed, "control_variate": cv is not None}
         return Plan(self.name, problem, flops, peak, 0, exact=False, joint=True, facts=facts, notes=tuple(notes),
-                    payload=(batch, samples, cv))
+                    payload=(batch, samples, cv, piece, default))
+
+    @staticmethod
+    def _peak_bytes(problem: InnerProblem, batch: int, piece: int, cv: "_Control | None") -> float:
+        """Bytes held at the peak of a run in batches of ``batch`` samples,
+        the pilot's drawn and run in pieces of ``piece``.  The control's
+        exact plan runs first, alone (only its values are kept)."""
+        width, out = problem.widths
+        channels = out if problem.per_output else 1
+        models = [problem.a] + ([problem.b] if problem.b is not problem.a else [])
+        forwards = [Forward(m) for m in models + ([cv.a, cv.b] if cv is not None else [])]
+        products = PRODUCT_COPIES * (2 if cv is not None else 1) * 4 * channels
+
+        def evaluating(k: int) -> float:
+            """k inputs drawn and run (one model at a time: the outputs of those run before it are among the
+            per-sample copies), their outputs and products formed."""
+            return k * (INPUT_COPIES * width + OUTPUT_COPIES * out) + max(f.activation_elements(k) for f in forwards)
+
+        batches = evaluating(batch) + batch * products
+        pilot = evaluating(piece) + PILOT * (2 * out + products)  # the pilot's outputs and products kept whole
+        held = sum(f.held_elements() for f in forwards)  # each evaluator's padded weights, first batch to last
+        return max(8.0 * (max(batches, pilot) + held), cv.peak_bytes if cv is not None else 0.0)
+
+    def _batch(self, problem: InnerProblem, default: int, cv: "_Control | None") -> tuple[int, int]:
+        """(batch, pilot piece): the default batch with the pilot in one draw
+        where they fit ``problem.memory``, else the largest batch down to
+        MIN_BATCH that fits with the pilot in pieces of at most it, else the
+        smallest (its peak then states what the bound refuses).
+
+        The sample stream depends on the batch (the token measure draws each
+        position for a whole batch; the control variate's fits and the
+        rel_error checks move by batch), so the default is kept wherever it
+        fits: a bound that admits it gives the samples it always gave."""
+        memory = problem.memory
+        if self._peak_bytes(problem, default, PILOT, cv) <= memory:
+            return default, PILOT
+
+        def fits(b: int) -> bool:
+            return self._peak_bytes(problem, b, min(b, PILOT), cv) <= memory
+
+        lo, hi = min(default, MIN_BATCH), default
+        if not fits(lo):
+            return lo, min(lo, PILOT)
+        while lo < hi:  # the largest batch that fits (the peak grows with the batch)
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        return lo, min(lo, PILOT)
 
     @staticmethod
     def _control(problem: InnerProblem) -> "_Control | str":
@@ -344,21 +408,30 @@ class Sampled(Algorithm):
     # ------------------------------------------------------------- running
     def run(self, plan: Plan) -> Triple:
         p = plan.problem
-        batch, samples, cv = plan.payload
+        batch, samples, cv, piece, default = plan.payload
         rng = np.random.default_rng(p.seed)
         models = [Forward(p.a), Forward(p.b)]
         controls = [Forward(cv.a), Forward(cv.b)] if cv is not None else None
         exact_c = self._exact_control(cv) if cv is not None else None
 
-        # pilot: the centring origin and the control variate's coefficients, from samples not averaged
-        x = self._draw(p, PILOT, rng)
-        fa, fb = self._outputs(models, x, p)
-        origin = (fa.mean(0), fb.mean(0)) if p.centered else (0.0, 0.0)
-        s = self._products(fa - origin[0], fb - origin[1], p.per_output)
+        # pilot: the centring origin and the control variate's coefficients, from samples not averaged; drawn
+        # and run in one piece where the default batch fits (its samples as ever), else in pieces of the batch
+        outs, cs = [], []
+        for start in range(0, PILOT, piece):
+            x = self._draw(p, min(piece, PILOT - start), rng)
+            outs.append(self._outputs(models, x, p))
+            if controls is not None:
+                cs.append(self._products(*self._outputs(controls, x, p), p.per_output))
+            del x
+        # (in one piece fa.sum(0) / PILOT: fa.mean(0) to the bit)
+        origin = tuple(reduce(np.add, (o[i].sum(0) for o in outs)) / PILOT for i in (0, 1)) if p.centered \
+            else (0.0, 0.0)
+        s = np.concatenate([self._products(fa - origin[0], fb - origin[1], p.per_output) for fa, fb in outs])
+        del outs
         fit = None
         if controls is not None:
-            c = self._products(*self._outputs(controls, x, p), p.per_output)
-            fit = _Fit(s, c - exact_c)
+            fit = _Fit(s, np.concatenate(cs) - exact_c)
+        del cs
 
         stream = _Stream(s.mean(0), s.mean(0))
         tick = advancer()  # the plan's bar (over its flops: to the most samples it may take), when one shows
@@ -383,7 +456,7 @@ class Sampled(Algorithm):
                 stream.vec[1] = stream.vec[1] + fb.sum(0)
             if tick is not None:
                 tick(plan.facts["per_sample_flops"] * k)
-            if target is not None and stream.n >= 2 * batch:
+            if target is not None and stream.n >= 2 * default:  # as many samples as the default batches judged on
                 short = self._shortfall(stream, p, target)
                 if short <= 1:
                     break

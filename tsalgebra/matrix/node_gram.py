@@ -16,10 +16,12 @@ algorithm whose nodes it uses; the models are taken at their canonical scale
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..algorithms.registry import _named, choose
-from ..problem import CostError, InnerProblem, degree_of
+from ..problem import CostError, InnerProblem, MemoryBoundError, Plan, degree_of, format_count
 from ..node_sums import CHUNK, CentredSums, Forward
 from ..progress import progress_bar
 from .job import Gram, Job
@@ -31,13 +33,29 @@ NAME = "node-gram"
 COSTED = True
 
 
-def _problem(job: Job) -> InnerProblem:
+def _problem(job: Job, memory: int | None = None) -> InnerProblem:
     """A pair standing for every pair: the models of the highest degree on
-    each side (quadrature's grid then integrates every pair exactly)."""
+    each side (quadrature's grid then integrates every pair exactly), within
+    the matrix's memory bound (``job.memory``, as the pairwise route plans
+    each pair; the product default, half the memory, would choose the
+    algorithm under another bound) unless ``memory`` says."""
     a = max(job.rows, key=degree_of)
     b = max(job.cols if job.cols is not None else job.rows, key=degree_of)
     return InnerProblem.of(a, b, job.inner, job.method, measure=job.measure, centered=job.centered,
-                           **dict(job.options))
+                           **dict(job.options, max_memory=memory or job.memory))
+
+
+def _stand_in(job: Job) -> tuple[Plan, bool]:
+    """The stand-in pair's plan, whose algorithm's nodes the route takes,
+    and whether it fits the matrix's memory bound.  Where every exact plan
+    within the budget exceeds the bound, the smallest of them (the bound
+    that admits it: the chooser's ``needed``), so that the route is costed,
+    does not fit, and a route named is refused with the bytes it needs
+    rather than said not to apply."""
+    try:
+        return choose(_problem(job)), True
+    except MemoryBoundError as exc:
+        return choose(_problem(job, max(job.memory, math.ceil(exc.needed)))), False
 
 
 def applies(job: Job) -> str | None:
@@ -46,7 +64,7 @@ def applies(job: Job) -> str | None:
     if job.ops.is_torch:
         return "it computes with numpy"
     try:
-        plan = choose(_problem(job))
+        plan, _ = _stand_in(job)
     except (CostError, ValueError, TypeError) as exc:
         return f"no exact algorithm plans a pair ({exc})"
     if _named(plan.algorithm).nodes(plan.problem) is None:
@@ -56,7 +74,7 @@ def applies(job: Job) -> str | None:
 
 def layout(job: Job) -> RouteCost:
     """One chunk of nodes at a time: every model's outputs on it held at once."""
-    plan = choose(_problem(job))
+    plan, within = _stand_in(job)
     points = int(plan.facts["nodes"])
     models = job.rows + (job.cols or [])
     _, out = plan.problem.widths
@@ -75,7 +93,10 @@ def layout(job: Job) -> RouteCost:
     evaluating = max(f.activation_elements(chunk) for f in forwards) + sum(f.held_elements() for f in forwards)
     peak = int(8 * (chunk * (2 * width + 3 * rank) + 4 * len(models) * chunk * out + evaluating))
     blocking = f"{len(models)} models on {points:,} nodes ({plan.algorithm}) in chunks of {chunk}"
-    return RouteCost(NAME, flops, peak, peak <= job.memory, blocking, layout=plan)
+    if not within:  # the bound refuses the algorithm itself: no fit, and the bytes needed are at least its plan's
+        peak = max(peak, math.ceil(plan.peak_bytes))
+        blocking += f" (a pair's own plan needs {format_count(plan.peak_bytes)} bytes, over the memory bound)"
+    return RouteCost(NAME, flops, peak, within and peak <= job.memory, blocking, layout=plan)
 
 
 def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
