@@ -7,8 +7,11 @@ the expression code under test."""
 
 from __future__ import annotations
 
+import gc
 import json
-from typing import Any
+import tracemalloc
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -73,3 +76,31 @@ def exit_code(capsys: Any, *args: Any) -> tuple[int, str, str]:
         code = e.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def observed_peak(run: Callable[[], Any]) -> int:
+    """Bytes allocated at the peak of ``run()`` beyond what was allocated
+    before it (numpy registers its arrays with tracemalloc; torch does not)."""
+    gc.collect()
+    tracing = tracemalloc.is_tracing()
+    if not tracing:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    try:
+        run()
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        if not tracing:
+            tracemalloc.stop()
+
+
+def saved_bilinears(directory: Path, n: int = 3, seed: int = 0) -> list[Path]:
+    """``n`` small random Bilinear layers (3 -> 4 -> 2) saved as safetensors."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        L, R, D = rng.normal(size=(4, 3)), rng.normal(size=(4, 3)), rng.normal(size=(2, 4))
+        ts.save(ts.Bilinear(L, R, D), directory / f"m{i}.safetensors")
+        paths.append(directory / f"m{i}.safetensors")
+    return paths

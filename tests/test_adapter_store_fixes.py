@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import tsalgebra as ts
-from helpers import exit_code
+from helpers import exit_code, saved_bilinears
 from tsalgebra.adapters import AdapterError, BilinearAttentionModule, BilinearLayer, attention_adapter
 
 V, D, H = 4, 3, 5
@@ -130,19 +130,9 @@ def test_n_ctx_is_refused_where_the_weights_fix_another_or_there_are_no_tokens()
 # ------------------------------------------------------ an unreadable store manifest
 
 
-def bilinear(rng, d=3, h=4, o=2):
-    return ts.Bilinear(rng.normal(size=(h, d)), rng.normal(size=(h, d)), rng.normal(size=(o, h)))
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ck")
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(3):
-        ts.save(bilinear(rng), d / f"m{i}.safetensors")
-        paths.append(d / f"m{i}.safetensors")
-    return paths
+    return saved_bilinears(tmp_path_factory.mktemp("ck"))
 
 
 def _damage(manifest, how):

@@ -14,23 +14,13 @@ import pytest
 
 import tsalgebra as ts
 import tsalgebra.cli as cli
-from helpers import exit_code
+from helpers import exit_code, saved_bilinears
 from tsalgebra.matrix.cluster import STORE_VERSION
-
-
-def bilinear(rng, d=3, h=4, o=2):
-    return ts.Bilinear(rng.normal(size=(h, d)), rng.normal(size=(h, d)), rng.normal(size=(o, h)))
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ck")
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(3):
-        ts.save(bilinear(rng), d / f"m{i}.safetensors")
-        paths.append(d / f"m{i}.safetensors")
-    return paths
+    return saved_bilinears(tmp_path_factory.mktemp("ck"))
 
 
 def _old_store(capsys, tmp_path, files, name, version):

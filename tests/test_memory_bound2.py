@@ -7,8 +7,6 @@ refused the estimator though smaller batches fit.
 
 from __future__ import annotations
 
-import gc
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ import tsalgebra.problem as problem_module
 from tsalgebra.algorithms.sampled import MIN_BATCH, PILOT
 from tsalgebra.problem import MemoryBoundError
 
-from helpers import tiny_lm
+from helpers import observed_peak, tiny_lm
 
 # ------------------------------------------------------------ node-gram
 
@@ -84,18 +82,6 @@ def test_a_matrix_bound_below_every_pair_plan_leaves_the_route_unfit():
 
 def _w(rng, *shape):
     return rng.normal(size=shape) / np.sqrt(shape[-1])
-
-
-def _observed_peak(run) -> int:
-    gc.collect()
-    tracemalloc.start()
-    tracemalloc.reset_peak()
-    base = tracemalloc.get_traced_memory()[0]
-    try:
-        run()
-        return tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
 
 
 def _hidden_pair():
@@ -173,5 +159,5 @@ def test_batches_shrunk_below_the_pilot_hold_what_the_plan_states(make, share):
     assert plan.facts["batch"] < PILOT and plan.peak_bytes <= bound
     samples = 2 * plan.facts["batch"] + 300
     ts.inner(a, b, method="sampled", samples=300, seed=1, max_memory=bound, **kw)  # warm: caches, lazy imports
-    used = _observed_peak(lambda: ts.inner(a, b, method="sampled", samples=samples, seed=0, max_memory=bound, **kw))
+    used = observed_peak(lambda: ts.inner(a, b, method="sampled", samples=samples, seed=0, max_memory=bound, **kw))
     assert used <= plan.peak_bytes <= 4 * used, (used, plan.peak_bytes)

@@ -10,9 +10,7 @@ counted only the state or the inputs stated 0.1 % to 10 % of these peaks.
 
 from __future__ import annotations
 
-import gc
 import itertools
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -21,24 +19,9 @@ import tsalgebra as ts
 import tsalgebra.algorithms.closure as closure
 import tsalgebra.algorithms.gram as gram
 from tsalgebra.algorithms.closure import _AttentionStep, closure_steps
+from helpers import observed_peak
 
 SLACK = 8 * 2**20  # the interpreter's own allocations while a plan runs (caches, lazily imported modules)
-
-
-def observed_peak(run) -> int:
-    """Bytes allocated at the peak of ``run()`` beyond what was allocated before it."""
-    gc.collect()
-    tracing = tracemalloc.is_tracing()
-    if not tracing:
-        tracemalloc.start()
-    tracemalloc.reset_peak()
-    base = tracemalloc.get_traced_memory()[0]
-    try:
-        run()
-        return tracemalloc.get_traced_memory()[1] - base
-    finally:
-        if not tracing:
-            tracemalloc.stop()
 
 
 def assert_within(stated: float, run) -> None:
