@@ -82,11 +82,11 @@ def _contracted(model: Component) -> list[Component]:
 class _Contracted:
     """A layer's network contracted in the order planned for the batch's
     shapes alone (:func:`_plans`, the order :func:`_layer_flops` and
-    :func:`_layer_elements` count), not in the order the planner caches per
-    topology: every Bilinear layer has one topology, so the first shapes
-    seen in a process fixed the order for all (the batch-first order of a
-    quadrature run, then run on an enumeration at hidden 8192, held 3.6
-    times the estimate).  The padded weights are built once."""
+    :func:`_layer_elements` count), planned uncached (one plan per batch
+    shape, kept here): when the planner cached orders per topology, the
+    first shapes seen in a process fixed the order for all (the batch-first
+    order of a quadrature run, then run on an enumeration at hidden 8192,
+    held 3.6 times the estimate).  The padded weights are built once."""
 
     def __init__(self, layer: Component) -> None:
         self.network = layer.network()
