@@ -19,7 +19,8 @@ checkpoint, a model that is not tensor-based, a model of zero norm, ...),
 with a message on stderr, or `verify` found the circuit different; 2 bad
 usage (unknown option, missing file, an option value out of range or that
 does not apply to these models, an option the checkpoints need: --n-ctx,
---template, --state-key); 3 refused: the cost is above the budget or the
+--template, --state-key; a --store written for other checkpoints, options
+or store version); 3 refused: the cost is above the budget or the
 memory above --max-memory (the message states the estimate and the
 alternatives; `plan` exits 3 when what it plans is refused).  Errors name
 the file and the option concerned.  With --json, an error also prints

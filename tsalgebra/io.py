@@ -450,17 +450,22 @@ def _native_model(sd: Mapping[str, Any], source: Any) -> Component:
 
 
 def model_from_state_dict(sd: Mapping[str, Any], template: Template = None,
-                          *, strict: bool = True, source: Any = "<state dict>") -> Component:
+                          *, strict: bool = True, source: Any = "<state dict>",
+                          n_ctx: int | None = None) -> Component:
     """Convert a state dict: through ``template`` (a torch module or a
     builder; a copy in eval mode is loaded, then :func:`from_torch`), or by
-    the native layout (no torch needed).  Errors are :class:`LoadError`
-    naming ``source``."""
+    the native layout (no torch needed).  ``n_ctx``: the token positions, as
+    :func:`from_torch`'s ``n_ctx`` with a template (the conversion of an
+    ``nn.Embedding`` -> per-position layers -> ``nn.Flatten`` model needs
+    it), a rebinding of the native model's positions without.  Errors are
+    :class:`LoadError` naming ``source``."""
+    _check_n_ctx(n_ctx, source)
     for k, v in sd.items():  # before either layout: torch's copy into a template keeps a complex tensor's real part
         if (why := no_real_values(v)) is not None:
             raise LoadError(source, f"{k}: {why}")
     if template is None:
         try:
-            return _native_model(strip_prefixes(sd), source)
+            return _at_positions(_native_model(strip_prefixes(sd), source), n_ctx, source)
         except LoadError:  # a weight without real, finite values: named by its key
             raise
         except (ValueError, TypeError) as exc:
@@ -495,9 +500,47 @@ def model_from_state_dict(sd: Mapping[str, Any], template: Template = None,
         msg = str(exc).strip().replace("\n", " ")
         raise LoadError(source, f"cannot interpret the state dict with the template: {msg}") from None
     try:
-        return from_torch(module)
+        return from_torch(module, n_ctx=n_ctx)
     except AdapterError as exc:
+        if n_ctx is not None:
+            _refused_at(module, n_ctx, exc, source)
+        elif _needs_positions(module):  # said as load's n_ctx= (--n-ctx on the command line), not from_torch's
+            raise LoadError(source, "the template reads tokens at positions its weights do not fix (per-position "
+                                    "layers, then an nn.Flatten: torch runs it on any number of tokens); pass "
+                                    "n_ctx= (the number of token positions to read)") from None
         raise LoadError(source, f"cannot convert the loaded module: {exc}") from None
+
+
+def _needs_positions(module: Any) -> bool:
+    """Whether ``module``, refused by from_torch without ``n_ctx``, converts
+    with it (tried at 2 positions): then the missing n_ctx is the cause."""
+    from .adapters import from_torch
+
+    try:
+        from_torch(module, n_ctx=2)
+    except Exception:  # noqa: BLE001 - a probe: whatever it raises, the first refusal is the one reported
+        return False
+    return True
+
+
+def _refused_at(module: Any, n_ctx: int, exc: Exception, source: Any) -> None:
+    """Raise the LoadError of a module that from_torch refused at ``n_ctx``
+    positions but converts without it: the positions are the cause, and are
+    named as a rebinding names them.  Returns where it does not convert
+    without ``n_ctx`` either (the caller reports the first error)."""
+    from .adapters import from_torch
+
+    try:
+        model = from_torch(module)
+    except Exception:  # noqa: BLE001 - a probe: whatever it raises, the first refusal is the one reported
+        return
+    _at_positions(model, n_ctx, source)  # no positions, or a readout fixing others: named there
+    raise LoadError(source, f"n_ctx={n_ctx}: the model cannot be converted at {n_ctx} positions ({exc})")
+
+
+def _check_n_ctx(n_ctx: Any, source: Any) -> None:
+    if n_ctx is not None and not (isinstance(n_ctx, numbers.Integral) and not isinstance(n_ctx, bool) and n_ctx > 0):
+        raise LoadError(source, f"n_ctx={n_ctx!r}: the analysis length must be a positive integer (token positions)")
 
 
 def load(path: str | Path, template: Template = None, *, strict: bool = True,
@@ -519,16 +562,19 @@ def load(path: str | Path, template: Template = None, *, strict: bool = True,
 
     ``template``: a torch module or a no-argument function building one whose
     state dict the checkpoint holds (see the module docstring); without it the
-    native layout is expected.  With a template, ``n_ctx`` rebinds a sequence
-    model's positions (the converted model is checked at a short length).  ``strict`` is passed to ``load_state_dict``.
+    native layout is expected.  With a template, ``n_ctx`` is passed to
+    :func:`~tsalgebra.adapters.from_torch` (``from_torch(module, n_ctx=...)``):
+    attention is bound at that length, and a model whose weights fix no
+    length (``nn.Embedding`` -> per-position layers -> ``nn.Flatten``) is
+    read at it; without a template it rebinds the native model's positions.
+    ``strict`` is passed to ``load_state_dict``.
     ``max_bytes`` bounds the tensors of one file (checked before reading),
     and their declared shapes as float64 (checked before converting).
     Raises FileNotFoundError for a missing path and :class:`LoadError` (naming
     the file) for anything unreadable, malformed or of the wrong layout.
     """
     p = Path(path)
-    if n_ctx is not None and not (isinstance(n_ctx, numbers.Integral) and not isinstance(n_ctx, bool) and n_ctx > 0):
-        raise LoadError(p, f"n_ctx={n_ctx!r}: the analysis length must be a positive integer (token positions)")
+    _check_n_ctx(n_ctx, p)
     run = run_of(p)
     if template is None and run is not None:  # a language-model run, its checkpoints/ folder, or one of its files
         if n_ctx is None:
@@ -540,17 +586,22 @@ def load(path: str | Path, template: Template = None, *, strict: bool = True,
                                n_ctx, f) for f in files]
         return Checkpoints(models, files) if p.is_dir() else models[0]
     files = checkpoint_paths(p)
-    models = [_at_positions(_from_file(f, template, strict, max_bytes, state_key), n_ctx, f) for f in files]
+    # with a template, from_torch converts at n_ctx (a model ending in nn.Flatten has no positions of its own
+    # to rebind); a native model is rebound after the read, whose errors say why the file was not a run's
+    models = [_at_positions(_from_file(f, template, strict, max_bytes, state_key, n_ctx),
+                            n_ctx if template is None else None, f) for f in files]
     return Checkpoints(models, files) if p.is_dir() else models[0]
 
 
-def _from_file(f: Path, template: Template, strict: bool, max_bytes: int, state_key: str | None) -> Component:
-    """One file by ``template`` or the native layout; a native failure beside
-    a config.json naming some of the language model's sizes names the missing
-    ones first (a misspelt "n_heads" is why the run was not read as one)."""
+def _from_file(f: Path, template: Template, strict: bool, max_bytes: int, state_key: str | None,
+               n_ctx: int | None = None) -> Component:
+    """One file by ``template`` (converted at ``n_ctx`` positions) or the
+    native layout; a native failure beside a config.json naming some of the
+    language model's sizes names the missing ones first (a misspelt "n_heads"
+    is why the run was not read as one)."""
     try:
         return model_from_state_dict(read_state_dict(f, max_bytes=max_bytes, state_key=state_key), template,
-                                     strict=strict, source=f)
+                                     strict=strict, source=f, n_ctx=n_ctx if template is not None else None)
     except LoadError as exc:
         run = _run_candidate(f)
         if template is None and run is not None and (missing := missing_sizes(run)):

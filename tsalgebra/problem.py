@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -26,8 +28,8 @@ from .expr import Network, Sum
 from .measure import Gaussian, Measure, Tokens
 
 __all__ = ["Alternative", "CostError", "MemoryBoundError", "DEFAULT_BUDGET", "INNERS", "METHODS", "InnerProblem", "InnerResult", "Plan",
-           "available_memory", "bound_measure", "check_arguments", "check_sampling", "checked_budget", "checked_memory",
-           "default_max_memory", "degree_of", "format_count", "positions_of", "resolve_inner", "rounded_up"]
+           "available_memory", "bound_measure", "cgroup_memory", "check_arguments", "check_sampling", "checked_budget",
+           "checked_memory", "default_max_memory", "degree_of", "format_count", "positions_of", "resolve_inner", "rounded_up"]
 
 INNERS = ("gaussian", "tokens", "symmetric", "network")
 FUNCTIONAL = ("gaussian", "tokens")  # E over the input measure of f . g: the name is the measure's kind
@@ -46,9 +48,27 @@ DEFAULT_MEMORY_SHARE = 0.5
 _FALLBACK_MEMORY = 8 * 2**30  # when the available memory cannot be read
 
 
+# Where the cgroup file systems are mounted and where this process's cgroups
+# are named: module-level so that a test can point them at a fake tree.
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+SELF_CGROUP = Path("/proc/self/cgroup")
+# A cgroup v1 limit at or above this is no limit: the kernel writes "none" as
+# about 2**63 rounded down to a page (9223372036854771712).
+_NO_CGROUP_LIMIT = 2**60
+
+
 def available_memory() -> int:
-    """Bytes of RAM available now (psutil, else /proc/meminfo, else 8 GiB):
-    the one reading of it, for the products' and the matrices' defaults."""
+    """Bytes of RAM available now: the host's (psutil, else /proc/meminfo,
+    else 8 GiB), or less where this process's memory cgroup allows less
+    (:func:`cgroup_memory`: a container's limit, which the host's figures do
+    not see); the one reading of it, for the products' and the matrices'
+    defaults."""
+    host = _host_memory()
+    limited = cgroup_memory()
+    return host if limited is None else min(host, limited)
+
+
+def _host_memory() -> int:
     try:
         import psutil  # type: ignore[import-not-found]
 
@@ -63,6 +83,80 @@ def available_memory() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return _FALLBACK_MEMORY
+
+
+def cgroup_memory(root: str | os.PathLike[str] | None = None) -> int | None:
+    """Bytes the memory cgroups of this process leave it: the smallest
+    limit minus usage over its cgroup and those above it, under ``root``
+    (default :data:`CGROUP_ROOT`), by cgroup v2 (``memory.max``, "max"
+    meaning none, minus ``memory.current``) and v1
+    (``memory/memory.limit_in_bytes``, a huge value meaning none, minus
+    ``memory.usage_in_bytes``).  The usage leaves out the inactive file
+    cache of ``memory.stat`` where it says it (the kernel reclaims it before
+    refusing memory, as MemAvailable counts it available).  None where no
+    limit is set or none can be read."""
+    base = Path(CGROUP_ROOT if root is None else root)
+    own = _own_cgroups()
+    room = [r for r in (_cgroup_room(d, "memory.max", "memory.current", "inactive_file")
+                        for d in _levels(base, own.get("")))
+            if r is not None]
+    room += [r for r in (_cgroup_room(d, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+                         for d in _levels(base / "memory", own.get("memory")))
+             if r is not None]
+    return min(room) if room else None
+
+
+def _own_cgroups() -> dict[str, str]:
+    """This process's cgroup paths: "" for v2's, "memory" for v1's memory
+    controller ({} where /proc/self/cgroup cannot be read)."""
+    out: dict[str, str] = {}
+    try:
+        for line in SELF_CGROUP.read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            for c in controllers.split(",") if controllers else [""]:
+                out.setdefault(c, path)
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def _levels(base: Path, own: str | None) -> list[Path]:
+    """The cgroup directories whose limits bind a process in ``own`` (a path
+    under ``base``): its own up to ``base``.  A cgroup namespace (a
+    container) mounts the process's own cgroup at ``base``, where ``own``
+    is "/" or not found under it: then ``base`` alone."""
+    levels = []
+    if own and own.strip("/") and ".." not in Path(own).parts:  # outside the namespace's root: not under base
+        d = base / own.strip("/")
+        if d.is_dir():
+            while d != base and base in d.parents:
+                levels.append(d)
+                d = d.parent
+    return levels + [base]
+
+
+def _cgroup_room(d: Path, limit_file: str, usage_file: str, cache_key: str) -> int | None:
+    """Limit minus usage (less its inactive file cache) in cgroup ``d``;
+    None without a limit or where the files cannot be read."""
+    try:
+        text = (d / limit_file).read_text().strip()
+        if text == "max":
+            return None
+        limit = int(text)
+        if limit >= _NO_CGROUP_LIMIT:
+            return None
+        usage = int((d / usage_file).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        for line in (d / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == cache_key:
+                usage -= min(int(value), usage)
+                break
+    except (OSError, ValueError):
+        pass
+    return max(limit - usage, 0)
 
 
 def default_max_memory() -> int:

@@ -7,6 +7,7 @@ turns the :class:`Gram` it returns into cosines and norms.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 from types import MappingProxyType
@@ -273,12 +274,24 @@ def _within_budget(job: Job, cost: RouteCost | None, budget: float) -> None:
     if cost.flops > budget * products:
         per = cost.flops / products
         a, b = job.rows[0], (job.cols or job.rows)[-1]  # the other methods that would answer, as ts.similarity's refusal names them
-        others = tuple(alt for alt in alternatives(InnerProblem.of(a, b, job.inner, job.method, measure=job.measure,
-                                                                   centered=job.centered, **dict(job.options)), [])
-                       if alt.option == "method")
+        problem = InnerProblem.of(a, b, job.inner, job.method, measure=job.measure, centered=job.centered,
+                                  **dict(job.options, max_memory=job.pair_memory))
+        # another method runs pair by pair under the matrix's bound (pairwise route): suggest it only where
+        # its plan fits that bound, else the suggestion is refused for memory when taken
+        others = tuple(alt for alt in alternatives(problem, []) if alt.option == "method" and _method_fits(
+            job, alt.value))
         raise CostError(f"the {cost.route} route plans {cost.flops:.3g} flops ({per:.3g} per inner product), over "
                         f"the budget of {budget:.3g} per product", flops=cost.flops,
                         alternatives=(Alternative("budget", rounded_up(per), "the planned cost"),) + others)
+
+
+def _method_fits(job: Job, method: str) -> bool:
+    """Whether ``method`` (an alternative to the one asked) plans one pair
+    within the bound the pairwise route gives each product; the budget is
+    not judged here (the refusal suggests budget= separately, and the
+    registry's alternatives name a method whatever its cost)."""
+    return _pair_fits(job.rows, job.cols, job.inner, method, job.measure, job.centered,
+                      dict(job.options, budget=math.inf), job.pair_memory)
 
 
 def _choose(route: str, job: Job, costs: Mapping[str, RouteCost]) -> tuple[str, tuple[str, ...]]:

@@ -215,6 +215,26 @@ def store_path(path: Any) -> Path:
     return path
 
 
+# What every refusal of an existing store says to do, spelled with store= so
+# that the command line reads it as --store DIR, a usage error (exit 2) for
+# any difference: of models, of options with or without a flag, of version.
+_ELSEWHERE = "give store= a new directory"
+
+
+def _said(key: str, then: Any, now: Any) -> tuple[str, str]:
+    """Two differing values of the manifest's option ``key`` as a refusal
+    names them: a measure by its label (with its digest where the labels
+    agree), the others by their repr."""
+    if key == "measure" and isinstance(then, dict) and isinstance(now, dict):
+        same = then.get("label") == now.get("label")
+
+        def one(m: dict[str, Any]) -> str:
+            return repr(m.get("label")) + (f" (fields digest {str(m.get('digest'))[:12]}...)" if same else "")
+
+        return one(then), one(now)
+    return repr(then), repr(now)
+
+
 class Store:
     """A directory of finished tiles (see the module docstring)."""
 
@@ -288,11 +308,12 @@ class Store:
                     if a.get(key) != v.get(key):
                         then = f"with {key}={a[key]}" if key in a else f"without {key}="
                         now = f"has {key}={v[key]}" if key in v else f"has no {key}="
-                        raise ValueError(f"store {self.path} was written {then}, this call {now}; use a new "
-                                         "directory or the same options")
+                        raise ValueError(f"store {self.path} was written {then}, this call {now}; {_ELSEWHERE}, "
+                                         "or the same options")
             elif was.get(k) != v:
-                raise ValueError(f"store {self.path} was written with {k}={was.get(k)!r}, this call has {k}={v!r}; "
-                                 "use a new directory or the same options")
+                then, now = _said(k, was.get(k), v)
+                raise ValueError(f"store {self.path} was written with {k}={then}, this call has {k}={now}; "
+                                 f"{_ELSEWHERE}, or the same options")
         for side in ("rows", "cols"):
             a, b = old.get(side), new[side]
             if a != b:
@@ -301,8 +322,8 @@ class Store:
                 else:
                     k = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
                     what = f"model {k} differs (weights digest {a[k][:12]}... against {b[k][:12]}...)"
-                raise ValueError(f"store {self.path} holds tiles of other models ({side}: {what}); use a new "
-                                 "directory or the models it was written for")
+                raise ValueError(f"store {self.path} holds tiles of other models ({side}: {what}); {_ELSEWHERE}, "
+                                 "or the models it was written for")
 
     @staticmethod
     def _write(file: Path, data: bytes) -> None:
