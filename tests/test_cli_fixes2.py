@@ -23,6 +23,25 @@ def files(tmp_path_factory):
     return saved_bilinears(tmp_path_factory.mktemp("ck"))
 
 
+@pytest.fixture(scope="module")
+def heavy_files(tmp_path_factory):
+    """Three residual stacks of three bilinear layers (3 -> 4 -> 3) and a
+    readout, saved: their products are heavy-tailed at the default samples
+    (the one-layer models of ``files`` are not, by the flag's kurtosis test)."""
+    rng = np.random.default_rng(0)
+
+    def w(*shape):
+        return rng.normal(size=shape) / np.sqrt(shape[-1])
+
+    folder = tmp_path_factory.mktemp("heavy")
+    paths = []
+    for i in range(3):
+        layers = [ts.Bilinear(w(4, 3), w(4, 3), w(3, 4), residual=True) for _ in range(3)]
+        ts.save(ts.Sequential(*layers, ts.Linear(w(2, 3))), folder / f"m{i}.safetensors")
+        paths.append(folder / f"m{i}.safetensors")
+    return paths
+
+
 def _old_store(capsys, tmp_path, files, name, version):
     """A store written by this version, then its manifest set to ``version``."""
     store = tmp_path / name
@@ -63,8 +82,8 @@ def test_a_short_path_is_kept_only_where_it_stands_alone():
     assert text == "samples=5.pt: not a checkpoint" and not usage
 
 
-def test_a_heavy_tailed_matrix_says_so_inside_its_estimated_parenthesis(files):
-    models = [ts.load(f) for f in files]
+def test_a_heavy_tailed_matrix_says_so_inside_its_estimated_parenthesis(heavy_files):
+    models = [ts.load(f) for f in heavy_files]
     kw = dict(method="sampled", seed=0, progress=False)
     m = ts.similarity_matrix(models, **kw)
     assert m.heavy_tailed.any()
@@ -135,15 +154,16 @@ def test_an_exception_whose_message_fails_is_still_one_line(monkeypatch, capsys,
     assert json.loads(out)["exit_code"] == 1
 
 
-def test_similarity_json_carries_the_heavy_tail_flag(files, capsys):
+def test_similarity_json_carries_the_heavy_tail_flag(files, heavy_files, capsys):
     # the repr said "heavy tails: the error bar is doubtful"; the JSON had no field for it
-    a, b = (ts.load(f) for f in files[:2])
-    want = ts.similarity(a, b, method="sampled", seed=0)
-    assert want.estimate.heavy_tailed  # these models' products are heavy-tailed at the default samples
-    assert cli.main(["similarity", str(files[0]), str(files[1]), "--method", "sampled", "--seed", "0",
-                     "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["heavy_tailed"] is True and out["value"] == pytest.approx(want.value, rel=1e-12)
+    for pair, heavy in ((heavy_files[:2], True), (files[:2], False)):
+        a, b = (ts.load(f) for f in pair)
+        want = ts.similarity(a, b, method="sampled", seed=0)
+        assert want.estimate.heavy_tailed is heavy  # deep stacks' products are heavy-tailed at the default samples
+        assert cli.main(["similarity", str(pair[0]), str(pair[1]), "--method", "sampled", "--seed", "0",
+                         "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["heavy_tailed"] is heavy and out["value"] == pytest.approx(want.value, rel=1e-12)
     assert cli.main(["similarity", str(files[0]), str(files[1]), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["heavy_tailed"] is None  # exact: no estimate
 

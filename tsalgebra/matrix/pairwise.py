@@ -48,9 +48,9 @@ def heavy_note(heavy: np.ndarray, symmetric: bool) -> tuple[str, ...]:
     i, j = (int(x) for x in cells[0])
     first = f"model {i} with model {j}" if symmetric else f"row model {i} with column model {j}"
     total = heavy.shape[0] * (heavy.shape[0] - 1) // 2 if symmetric else heavy.size
-    return (f"HEAVY TAILS in {len(cells)} of {total} estimated cosines (the first: {first}): one sample carries too "
-            "large a share of a product's spread, so their standard errors are likely underestimated (more samples, "
-            "or an exact or closure value, to check)",)
+    return (f"HEAVY TAILS in {len(cells)} of {total} estimated cosines (the first: {first}): a product's sample "
+            "variance is itself too uncertain (its kurtosis), so their standard errors are likely underestimated "
+            "(more samples, or an exact or closure value, to check)",)
 
 
 def applies(job: Job) -> str | None:
