@@ -18,15 +18,17 @@ Exit codes: 0 success; 1 a computation failed (malformed or unreadable
 checkpoint, a model that is not tensor-based, a model of zero norm, ...),
 with a message on stderr, or `verify` found the circuit different; 2 bad
 usage (unknown option, missing file, an option value out of range or that
-does not apply to these models, an option the checkpoints need: --n-ctx,
---template, --state-key; a --store written for other checkpoints, options
-or store version); 3 refused: the cost is above the budget or the
-memory above --max-memory (the message states the estimate and the
-alternatives; `plan` exits 3 when what it plans is refused).  Errors name
-the file and the option concerned.  With --json, an error also prints
-{"error": MESSAGE, "exit_code": CODE} on stdout (a refusal adds
-"alternatives").  Warnings are reported as notes: "note: ..." lines after
-the text output, and in the JSON's "notes".
+does not apply to these models, such as a question no algorithm answers at
+any cost: --inner network on attention layers; an option the checkpoints
+need: --n-ctx, --template, --state-key; a --store written for other
+checkpoints, options or store version); 3 refused: the cost is above the
+budget or the memory above --max-memory (the message states the estimate
+and the alternatives, options of the same command; `plan` exits 3 when
+what it plans is refused); 130 interrupted (Ctrl-C).  Errors name the file
+and the option concerned.  With --json, an error (an interruption too)
+also prints {"error": MESSAGE, "exit_code": CODE} on stdout (a refusal
+adds "alternatives").  Warnings are reported as notes: "note: ..." lines
+after the text output, and in the JSON's "notes".
 """
 
 from __future__ import annotations
@@ -55,9 +57,10 @@ from .jsonable import dumps
 from .matrix.api import ROUTES
 from .messages import message_of, raised
 from .planner import plan, plan_cache
-from .problem import DEFAULT_BUDGET, CostError
+from .problem import DEFAULT_BUDGET, Alternative, CostError, MemoryBoundError, format_count
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as a shell reports a process it interrupted
 
 
 class UsageError(Exception):
@@ -76,7 +79,9 @@ def _number(kind: type, least: float, strict: bool, below: float | None = None) 
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+            value = _whole(text) if kind is int else None  # a count in float spelling, as refusals write 3.09e+08
+            if value is None:
+                raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if not (value > least if strict else value >= least) or (below is not None and not value < below):
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}")  # NaN fails too
         return value
@@ -85,10 +90,38 @@ def _number(kind: type, least: float, strict: bool, below: float | None = None) 
     return parse
 
 
+def _whole(text: str) -> int | None:
+    """``text`` as a whole number written as a float (1e4, 3.09e+08), else None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return int(value) if math.isfinite(value) and value == int(value) else None
+
+
 _COUNT, _POSITIVE, _NON_NEGATIVE = _number(int, 0, True), _number(float, 0, True), _number(float, 0, False)
-_BYTES = _number(float, 1, False)  # --max-memory: bytes, in any float spelling (2e9)
+# --max-memory: bytes, in any float spelling (2e9), under 2^63 (the library holds a byte count in an int64)
+_BYTES = _number(float, 1, False, below=2.0**63)
 # the sampling options, in the library's ranges (ts.inner checks them too, in its own spelling)
 _SAMPLES, _FRACTION, _SEED = _number(int, 2, False), _number(float, 0, True, below=1), _number(int, 0, False)
+
+
+WORKERS_PER_CPU = 4  # --workers: local processes beyond a few per CPU only share the CPUs and multiply the memory
+
+
+def _workers(text: str) -> int:
+    """--workers: a count of local processes, at most a few per CPU of this
+    machine (a larger cluster is one --scheduler names)."""
+    n = _COUNT(text)
+    most = WORKERS_PER_CPU * (os.cpu_count() or 1)
+    if n > most:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is more than {most} local worker processes ({WORKERS_PER_CPU} per CPU of this machine's "
+            f"{os.cpu_count() or 1}); for a larger cluster start one and give --scheduler ADDRESS")
+    return n
+
+
+_workers.__name__ = "int"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,10 +130,30 @@ class _Parser(argparse.ArgumentParser):
 
     json_errors = False  # set by main for the command line it parses
 
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:  # said by the command they were given to, with its usage line (argparse: the top level's)
+            getattr(parsed, "_usage", self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
     def error(self, message: str) -> Any:
         if _Parser.json_errors:
-            print(json.dumps({"error": message, "exit_code": EXIT_USAGE}, indent=2))
+            _write(json.dumps({"error": message, "exit_code": EXIT_USAGE}, indent=2))
         super().error(message)
+
+
+def _write(text: str, stream: Any = None) -> None:
+    """``print(text)`` on stdout (or ``stream``), flushed now.  A reader that
+    has gone (`| head`, `| true`) is not the command's failure: the rest of
+    that stream goes to /dev/null, where the flush at exit cannot fail."""
+    stream = sys.stdout if stream is None else stream
+    try:
+        print(text, file=stream, flush=True)
+    except BrokenPipeError:
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        except (OSError, ValueError):  # a stream with no file descriptor: nothing to redirect
+            pass
 
 
 def example_models(seed: int = 0) -> dict[str, Component]:
@@ -186,7 +239,8 @@ def _notes(args: argparse.Namespace) -> list[str]:
             out.append(text)
     caught.clear()
     args._noted = said
-    return out
+    # a note is about the options given: said as flags (state_key='ema' is --state-key ema)
+    return [_file_names(_cli_spelling(n, _given_paths(args))[0], args) for n in out]
 
 
 def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
@@ -197,7 +251,7 @@ def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
         payload = dict(payload, notes=[*payload.get("notes", ()), *notes])
     if notes:
         text = "\n".join([text, *(f"note: {n}" for n in notes)])
-    print(dumps(payload, indent=2) if args.json else text)
+    _write(dumps(payload, indent=2) if args.json else text)
 
 
 # Python keywords of the library and the command-line options that give them
@@ -219,6 +273,8 @@ _KEYWORD = re.compile(rf"(?<![\w.-])({_KEYS})=(?:(True|False|'[^']*'|\"[^\"]*\"|
                       rf"|([-+\w.]*\w(?:,\d{{3}})*)?(?=[\s:;]|\.(?:\s|$)|, this call |$))")  # 1,000 too; a sentence's end
 _MUST = re.compile(rf"(?<![\w.-])({_KEYS})(?= must be\b)")
 _HINT = re.compile(r"\s*\(--[a-z][a-z-]* on the command line\)|;\s*--[a-z][a-z-]* on the command line")
+# the matrix's "route 'materialize' needs ...": --route materialize (the name may be set aside as a given value)
+_ROUTE = re.compile(r"(?<![\w-])route '([^'\s]+)'")
 
 
 def _given_paths(args: argparse.Namespace) -> list[str]:
@@ -269,7 +325,8 @@ def _translated(message: str) -> tuple[str, bool]:
     text, n = _KEYWORD.subn(keyword, text)
     text = text.replace("with without --", "without --")  # "written with centered=False"
     text, k = _MUST.subn(lambda m: _OPTIONS[m.group(1)][0], text)
-    return text, bool(n or k)
+    text, r = _ROUTE.subn(r"--route \1", text)
+    return text, bool(n or k or r)
 
 
 def _file_names(message: str, args: argparse.Namespace) -> str:
@@ -284,6 +341,11 @@ def _file_names(message: str, args: argparse.Namespace) -> str:
                          lambda m: str(files[int(m.group(1))]) if int(m.group(1)) < len(files) else m.group(0),
                          message)
     return message
+
+
+def _count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless one: "1 input", "3 inputs"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _template(spec: str | None) -> Callable[[], Any] | None:
@@ -489,8 +551,11 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     if args.per_output:
         vals = np.asarray(r.value, dtype=float)
         meta = repr(r).split("  [", 1)[1] if "  [" in repr(r) else ""
+        # an estimate's standard error beside each output (as the scalar repr's "±"): it may exceed the value
+        errs = np.broadcast_to(np.asarray(r.stderr, dtype=float), vals.shape) if r.stderr is not None else None
         text = "\n".join([f"{args.a} vs {args.b}: per-output similarity  [{meta}",
-                          *(f"  output {k}: {v:.6f}" for k, v in enumerate(vals))])
+                          *(f"  output {k}: {v:.6f}" + ("" if errs is None else f" ± {errs[k]:.2g}")
+                            for k, v in enumerate(vals))])
     else:
         text = f"{args.a} vs {args.b}\n{r!r}"
     _emit(args, payload, text)
@@ -789,10 +854,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .io import CHECKPOINT_SUFFIXES, is_checkpoint
     from .verify import verify
 
+    cpath = Path(args.circuit)
+    if cpath.is_dir():  # as a checkpoint that is a directory is said (_load_one)
+        raise UsageError(f"{cpath} is a directory; CIRCUIT is one checkpoint or one text file of formulas")
+    if args.exact and args.method in ("closure", "sampled"):  # (ts.verify says it in Python's spelling)
+        raise UsageError(f"--exact needs an exact method; --method {args.method} gives "
+                         f"{'an estimate' if args.method == 'sampled' else 'an approximation'} (leave out --exact)")
+    limits = _limits(args)  # before the models are read: a misplaced --samples loses nothing
     tpl = _template(args.template)
     component = _load_one(args.component, tpl, args.state_key, args.n_ctx)
     _check_inner(args, (component,))  # the component's measure is the one verify uses
-    cpath = Path(args.circuit)
     if not cpath.exists():
         raise FileNotFoundError(f"{cpath}: no such file or directory")
     if cpath.suffix.lower() in CHECKPOINT_SUFFIXES or is_checkpoint(cpath):
@@ -803,7 +874,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         names = args.symbols.replace(",", " ").split() if args.symbols else (
             [f"x{i}" for i in range(1, component.in_features + 1)])
         if len(names) != component.in_features:
-            raise UsageError(f"--symbols names {len(names)} inputs, the component has {component.in_features}")
+            raise UsageError(f"--symbols names {_count(len(names), 'input')}, the component has "
+                             f"{component.in_features}")
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise UsageError(f"--symbols names {repeated} more than once; give one distinct name per input")
@@ -826,14 +898,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
         _check_formula_size(circuit, symbols, lines, cpath)
     exact = True if args.exact else None
     measure = _token_measure(args, component)
-    rep = verify(circuit, component, args.inner, exact, symbols=symbols, tol=args.tol,
-                 **({} if measure is None else {"measure": measure}))
+    rep = verify(circuit, component, args.inner, exact, symbols=symbols, tol=args.tol, method=args.method,
+                 **limits, **({} if measure is None else {"measure": measure}))
     payload = {
         "verdict": rep.verdict, "exact": rep.exact, "inner": rep.inner, "similarity": rep.similarity,
         "relative_residual": rep.relative_residual, "explained": rep.explained, "scale": rep.scale,
         "tolerance": rep.tolerance, "per_output": rep.per_output,
         "certificate": None if rep.certificate is None else [str(c) for c in rep.certificate],
         "circuit": args.circuit, "component": args.component,
+        # how the figures were obtained; under --method sampled their errors and the samples drawn
+        "method": rep.method, "algorithm": rep.algorithm, "accuracy": rep.accuracy, "stderr": rep.stderr,
+        "interval": rep.interval, "samples": rep.samples, "seed": rep.seed, "notes": list(rep.notes),
     }
     if rep.exact:  # the exact figures as sympy writes them, beside their float values
         payload["exact_figures"] = {k: str(getattr(rep, k)) for k in
@@ -869,14 +944,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
             continue
         joint = " (one joint computation for <a,b>, <a,a> and <b,b>)" if p.joint else ""
         lines.append(f"  {label}: {p.algorithm}{joint}{accuracy_of(p)}: {p.flops:.3g} flops, "
-                     f"{p.contractions} contractions, peak {p.peak_bytes / 1e6:.3g} MB")
+                     f"{_count(p.contractions, 'contraction')}, peak {p.peak_bytes / 1e6:.3g} MB")
         for s in p.facts.get("sums", ()):
             r = s["representative"]
-            lines.append(f"      sum {s['sum']}: {s['pairings']} pairings of {s['input_legs']} legs in {s['orbits']} "
-                         f"orbits, {s['flops_total']:.3g} flops; costliest orbit {r['equation']}  "
-                         f"[{len(r['steps'])} pairwise steps, {r['optimizer']}, {s['flops_per_orbit_max']:.3g} flops]")
+            lines.append(f"      sum {s['sum']}: {_count(s['pairings'], 'pairing')} of {_count(s['input_legs'], 'leg')} "
+                         f"in {_count(s['orbits'], 'orbit')}, {s['flops_total']:.3g} flops; costliest orbit "
+                         f"{r['equation']}  [{_count(len(r['steps']), 'pairwise step')}, {r['optimizer']}, "
+                         f"{s['flops_per_orbit_max']:.3g} flops]")
         lines += [f"      {name} refused: {why}" for name, why in p.refusals]
-    lines.append(f"total: {rep['total_contractions']} contractions, {rep['total_flops']:.3g} flops: "
+    lines.append(f"total: {_count(rep['total_contractions'], 'contraction')}, {rep['total_flops']:.3g} flops: "
                  f"{'within the budget' if rep['within_budget'] else 'REFUSED'}")
     lines += [f"--method {m}: {_cli_spelling(o.summary() if not isinstance(o, str) else o, _given_paths(args))[0]}"
               for m, o in sp.others]
@@ -935,21 +1011,27 @@ def build_parser() -> argparse.ArgumentParser:
     method_help = ("auto: exact within the budget, else an error (never an approximation); closure: Gaussian moment "
                    "closure (approximate); sampled: Monte Carlo estimate with a standard error")
 
+    def add_limits(parser: argparse.ArgumentParser) -> None:
+        """How each inner product is computed and what it may cost: the
+        options a refusal suggests, shared by similarity, plan and verify."""
+        parser.add_argument("--method", choices=("auto", "exact", "closure", "sampled"), default="auto",
+                            help=method_help)
+        parser.add_argument("--budget", type=_NON_NEGATIVE, default=DEFAULT_BUDGET,
+                            help=f"flop budget per inner product (default {DEFAULT_BUDGET:g})")
+        parser.add_argument("--max-memory", type=_BYTES, metavar="BYTES", help=memory_help)
+        parser.add_argument("--samples", type=_SAMPLES,
+                            help="--method sampled: number of samples, at least 2 (default 10000)")
+        parser.add_argument("--rel-error", type=_FRACTION,
+                            help="--method sampled: sample until this relative standard error (in (0, 1))")
+        parser.add_argument("--seed", type=_SEED, help="--method sampled: random seed, >= 0 (reproducible estimates)")
+
     # the question about one pair, as similarity asks it and plan plans it
     pair = argparse.ArgumentParser(add_help=False)
     pair.add_argument("--inner", choices=inners, default=None, help=inner_help)
     pair.add_argument("--per-output", action="store_true", help="one similarity per output channel")
     pair.add_argument("--centered", action="store_true", help="centred gaussian (covariance of the outputs)")
     pair.add_argument("--token-probs", metavar="PATH", help=token_probs_help)
-    pair.add_argument("--method", choices=("auto", "exact", "closure", "sampled"), default="auto", help=method_help)
-    pair.add_argument("--budget", type=_NON_NEGATIVE, default=DEFAULT_BUDGET,
-                      help=f"flop budget per inner product (default {DEFAULT_BUDGET:g})")
-    pair.add_argument("--max-memory", type=_BYTES, metavar="BYTES", help=memory_help)
-    pair.add_argument("--samples", type=_SAMPLES,
-                      help="--method sampled: number of samples, at least 2 (default 10000)")
-    pair.add_argument("--rel-error", type=_FRACTION,
-                      help="--method sampled: sample until this relative standard error (in (0, 1))")
-    pair.add_argument("--seed", type=_SEED, help="--method sampled: random seed, >= 0 (reproducible estimates)")
+    add_limits(pair)
 
     parser = _Parser(prog="tsalgebra", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     from . import __version__
@@ -964,7 +1046,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("b", help="checkpoint file")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (one shows on a terminal when the "
                                                                 "computation is long)")
-    s.set_defaults(func=cmd_similarity)
+    # each command's parser is its namespace's _usage: a usage error found
+    # after parsing prints that command's usage line, not the top level's
+    s.set_defaults(func=cmd_similarity, _usage=s)
 
     m = sub.add_parser("matrix", parents=[common, models], help="similarity matrix over checkpoints, as a heatmap",
                        description="N x N similarity matrix over checkpoint files and directories (their files in "
@@ -992,30 +1076,36 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=_SEED, help="--method sampled: random seed, >= 0")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     where = m.add_mutually_exclusive_group()
-    where.add_argument("--workers", type=_COUNT, metavar="N",
-                       help="tiles on a local dask cluster of N worker processes (pip install tsalgebra[distributed])")
+    where.add_argument("--workers", type=_workers, metavar="N",
+                       help=f"tiles on a local dask cluster of N worker processes, at most {WORKERS_PER_CPU} per CPU "
+                            "(pip install tsalgebra[distributed])")
     where.add_argument("--scheduler", metavar="ADDRESS", help="tiles on the dask cluster at ADDRESS (tcp://host:8786)")
     m.add_argument("--store", metavar="DIR",
                    help="keep every finished tile in DIR; a rerun with the same checkpoints and options computes "
                         "only the missing tiles")
     m.add_argument("--tile", type=_COUNT, metavar="N", help="models a tile side (default: from the workers)")
-    m.set_defaults(func=cmd_matrix)
+    m.set_defaults(func=cmd_matrix, _usage=m)
 
     v = sub.add_parser("verify", parents=[common, models], help="is a circuit faithful to a component?",
                        description="Compare a circuit with a component over all inputs. CIRCUIT is a checkpoint, "
                                    "or a text file with one polynomial per output line in x1..xd (numbers, "
-                                   "symbols, + - * / ^ ( ); '#' comments).")
+                                   "symbols, + - * / ^ ( ); '#' comments). The inner products are computed as "
+                                   "similarity computes them (--method, --budget, --max-memory); under --method "
+                                   "closure or sampled the verdict is in floating point (sampled: equal where the "
+                                   "95 % interval reaches within --tol).")
     v.add_argument("circuit", help="formula file or checkpoint")
     v.add_argument("component", help="checkpoint file")
     v.add_argument("--inner", choices=("gaussian", "tokens", "symmetric"), default=None,
                    help="function-level inner product (default: the component's own measure: tokens for a model "
                         "that reads token ids, else gaussian)")
     v.add_argument("--token-probs", metavar="PATH", help=token_probs_help)
-    v.add_argument("--exact", action="store_true", help="exact arithmetic on the stored floats (small models)")
+    v.add_argument("--exact", action="store_true",
+                   help="exact arithmetic on the stored floats (small models; not with --method closure or sampled)")
     v.add_argument("--tol", type=_NON_NEGATIVE, default=1e-9,
                    help="tolerance (>= 0) on the relative residual (float mode)")
     v.add_argument("--symbols", help="input names in order, e.g. 'a b c' (default x1..xd)")
-    v.set_defaults(func=cmd_verify)
+    add_limits(v)  # what a refusal of verify's inner products suggests is an option of verify
+    v.set_defaults(func=cmd_verify, _usage=v)
 
     p = sub.add_parser("plan", parents=[common, models, pair], help="contraction plans and cost estimates",
                        description="The contractions the exact engine would run for the similarity of A and B: "
@@ -1023,7 +1113,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "orbit network, FLOP and memory estimates, and totals. Nothing is contracted.")
     p.add_argument("a", help="checkpoint file")
     p.add_argument("b", help="checkpoint file")
-    p.set_defaults(func=cmd_plan)
+    p.set_defaults(func=cmd_plan, _usage=p)
 
     d = sub.add_parser("demo", help="grokking | backdoor | language: train, checkpoint, compare, plot",
                        description="Self-contained demonstrations (no download). See docs/user-guide.md.")
@@ -1034,20 +1124,23 @@ def build_parser() -> argparse.ArgumentParser:
     g = dsub.add_parser("grokking", parents=[common], help="modular addition: memorization, grokking, similarity",
                         description=_gk.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _gk.add_arguments(g)
+    g.set_defaults(_usage=g)
     b = dsub.add_parser("backdoor", parents=[common], help="digits with a trigger: which class changed",
                         description=_bd.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _bd.add_arguments(b)
+    b.set_defaults(_usage=b)
     from .demos import language as _lm
 
     lm = dsub.add_parser("language", parents=[common], help="a bilinear-attention language model learns induction",
                          description=_lm.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _lm.add_arguments(lm)
+    lm.set_defaults(_usage=lm)
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("summary", parents=[common], help="build two small models and print their expressions and contraction plans")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=_SEED, default=0, help="random seed of the models and inputs, >= 0 (default 0)")
     s.add_argument("--batch", type=_COUNT, default=32, help="batch size of the evaluation plan")
-    s.set_defaults(func=cmd_summary)
+    s.set_defaults(func=cmd_summary, _usage=s)
     return parser
 
 
@@ -1055,9 +1148,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (argparse itself exits
     with 2 on a usage error)."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    parser = build_parser()
     _Parser.json_errors = "--json" in argv
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:  # Ctrl-C while the parser imports the commands: an error as any other
+        return _fail(argparse.Namespace(json=_Parser.json_errors), EXIT_INTERRUPTED, "interrupted")
     with warnings.catch_warnings(record=True) as caught:  # the library's warnings become notes
         warnings.simplefilter("always")
         for quiet in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
@@ -1070,7 +1166,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except UsageError as exc:
-        parser.print_usage(sys.stderr)
+        getattr(args, "_usage", parser).print_usage(sys.stderr)  # the command's usage line, its options
         return _fail(args, EXIT_USAGE, str(exc))
     except FileNotFoundError as exc:
         return _fail(args, EXIT_USAGE, str(exc))
@@ -1078,8 +1174,11 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except CostError as exc:  # the alternatives spelled as this command's flags
-        return _fail(args, EXIT_REFUSED, _refusal(exc, args),
-                     alternatives=[a.spelled(cli=True) for a in exc.alternatives])
+        alternatives = [a.spelled(cli=True) for a in _passable(exc.alternatives, args)]
+        if _inapplicable(exc):  # no algorithm answers this question at any cost: an option that does not apply
+            return _fail(args, EXIT_USAGE, _refusal(exc, args), **({"alternatives": alternatives} if alternatives
+                                                                    else {}))
+        return _fail(args, EXIT_REFUSED, _refusal(exc, args), alternatives=alternatives)
     except (ValueError, TypeError) as exc:  # a library message naming a keyword is about that option: usage
         if message_of(exc) is None:
             return _fail(args, EXIT_FAILED, _unexpected(exc))
@@ -1094,18 +1193,62 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                                         "fewer models, or a smaller --budget or --max-memory")
     except Exception as exc:  # noqa: BLE001 - the last resort: a kind of error not foreseen, said, not a traceback
         return _fail(args, EXIT_FAILED, _unexpected(exc))
-    except KeyboardInterrupt:
-        print("tsalgebra: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:  # Ctrl-C: an error as any other (the JSON error object with --json)
+        return _fail(args, EXIT_INTERRUPTED, "interrupted")
     finally:
         for note in _notes(args):  # warnings not reported with an output (a failure, say)
-            print(f"tsalgebra: note: {note}", file=sys.stderr)
+            _write(f"tsalgebra: note: {note}", sys.stderr)
+
+
+# The registry's refusal where no algorithm of the method asked supports the
+# problem (the refusal of similarity's <a,b> quoting it): no budget or memory
+# bound would answer it.
+_NOTHING_APPLIES = re.compile(r"\brefused: no (?:exact|closure|sampled) algorithm applies\b")
+
+
+def _inapplicable(exc: CostError) -> bool:
+    """Whether ``exc`` refuses a question that no algorithm supports (not one
+    over the budget or the memory bound): an option that does not apply to
+    these models (--inner network on attention layers), exit 2."""
+    return not isinstance(exc, MemoryBoundError) and exc.flops == math.inf and bool(
+        _NOTHING_APPLIES.search(exc.reason.split("; refused too:", 1)[0]))
+
+
+def _passable(alternatives: Sequence[Alternative], args: argparse.Namespace) -> list[Alternative]:
+    """The alternatives this command can be given: an option it has, with a
+    value its parser accepts (``verify`` has no --inner network, no command
+    but ``matrix`` a --route, none an --algorithm); under ``verify --exact``
+    no approximate or estimated method."""
+    command = getattr(args, "_usage", None)
+    if command is None:
+        return list(alternatives)
+    actions = {flag: action for action in command._actions for flag in action.option_strings}
+    out = []
+    for alt in alternatives:
+        action = actions.get("--" + alt.option.replace("_", "-"))
+        if action is None:
+            continue
+        text = format_count(alt.value) if isinstance(alt.value, (int, float)) else str(alt.value)  # as spelled
+        try:
+            value = action.type(text) if callable(action.type) else text
+        except (argparse.ArgumentTypeError, TypeError, ValueError):
+            continue
+        if action.choices is not None and value not in action.choices:
+            continue
+        if alt.option == "method" and value in ("closure", "sampled") and getattr(args, "exact", False):
+            continue
+        out.append(alt)
+    return out
 
 
 def _refusal(exc: CostError, args: argparse.Namespace) -> str:
-    """A refusal in the command line's spelling: its alternatives as flags,
-    a keyword in its reason too (max_memory=, method='closure')."""
-    return _file_names(_cli_spelling(exc.explain(cli=True), _given_paths(args))[0], args)
+    """A refusal in the command line's spelling: the alternatives this
+    command takes (:func:`_passable`) as flags, a keyword in its reason too
+    (max_memory=, method='closure')."""
+    alternatives = _passable(exc.alternatives, args)
+    text = exc.reason + (". Alternatives: " + "; ".join(a.spelled(cli=True) for a in alternatives)
+                         if alternatives else "")  # CostError.explain(cli=True), with only these alternatives
+    return _file_names(_cli_spelling(text, _given_paths(args))[0], args)
 
 
 def _unexpected(exc: BaseException) -> str:
@@ -1127,13 +1270,13 @@ def _unexpected(exc: BaseException) -> str:
 def _fail(args: argparse.Namespace, code: int, message: str, **extra: Any) -> int:
     """The error on stderr (with the warnings raised before it, as notes),
     and with --json as a JSON object on stdout."""
-    print(f"tsalgebra: error: {message}", file=sys.stderr)
+    _write(f"tsalgebra: error: {message}", sys.stderr)
     notes = _notes(args)
     for note in notes:
-        print(f"tsalgebra: note: {note}", file=sys.stderr)
-    if getattr(args, "json", False):
-        print(json.dumps({"error": message, "exit_code": code, **extra, **({"notes": notes} if notes else {})},
-                         indent=2))
+        _write(f"tsalgebra: note: {note}", sys.stderr)
+    if getattr(args, "json", False):  # a reader of it that has gone is no second error (see _write)
+        _write(json.dumps({"error": message, "exit_code": code, **extra, **({"notes": notes} if notes else {})},
+                          indent=2))
     return code
 
 

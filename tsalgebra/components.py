@@ -65,10 +65,13 @@ def _check_exact_entries(arr: np.ndarray, what: str, layer: str) -> None:
     import numbers
 
     for value in arr.flat:
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Number, np.number)):
-            if type(value).__module__.split(".")[0] == "sympy":
-                if value.has(_sympy_infinities()):
-                    raise ValueError(f"{layer}: {what} contains a non-finite entry ({value})")
+        sympy_value = type(value).__module__.split(".")[0] == "sympy"  # sympy's oo and nan are numbers.Number too
+        if sympy_value or isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Number, np.number)):
+            if sympy_value:
+                if value.has(*_sympy_infinities()):  # .has of one tuple matched nothing: zoo passed as exact, nan out
+                    raise ValueError(f"{layer}: {what} contains an infinite or undefined entry")
+                if getattr(value, "is_real", None) is False:  # sympy.I: a weight is real (a symbol may be either)
+                    raise ValueError(f"{layer}: {what} contains a non-real entry ({value})")
                 continue
             raise TypeError(f"{layer}: {what} holds {type(value).__name__} entries ({value!r}); expected numbers")
         if isinstance(value, (float, complex, np.floating)) and not np.isfinite(value):

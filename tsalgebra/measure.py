@@ -35,6 +35,34 @@ __all__ = ["Measure", "Gaussian", "Tokens", "TOLERANCE", "block_diagonal", "sequ
 TOLERANCE = 1e-10
 
 
+# The most one-hot features (n_ctx * vocab) a token measure takes: one input
+# of them is 128 MiB in float64, as is the (n_ctx, vocab) table of the token
+# laws that the exact algorithms read; the smallest Monte Carlo batch holds
+# 192 such inputs, and the planners loop over positions in Python.  Beyond
+# it nothing could run, and planning what would be refused took minutes
+# (n_ctx = 3e6 at a vocabulary of 32: over 2 minutes, no output).
+MAX_TOKEN_FEATURES = 2**24
+# The largest exact count of token sequences formed, in decimal digits (a
+# 33,000-bit integer: microseconds; 10^(3e6) took seconds, 10^(1.4e7) minutes).
+MAX_EXACT_DIGITS = 10_000
+
+
+def format_bytes(n: float) -> str:
+    """A size in bytes as text: 768 MB, 1.2 TB."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} bytes"
+
+
+def format_power(log10: float) -> str:
+    """A count known by its log10, as text: "about 3.27e+150" in float range,
+    "about 10^150515" beyond it."""
+    if log10 < 300:
+        return f"about {10 ** log10:.3g}"
+    return f"about 10^{math.floor(log10)}"
+
+
 class Measure:
     """The law of a model's input.  Subclasses are frozen values with a
     ``label`` for results, :meth:`at` to bind them to an input width and
@@ -69,6 +97,11 @@ def _as_numbers(value: Any, what: str, rank: int | tuple[int, ...], expected: st
         for x in arr.ravel():
             if isinstance(x, bool) or not isinstance(x, numbers.Number) and not _is_sympy_number(x):
                 raise TypeError(f"{what} holds {type(x).__name__} entries; expected real numbers")
+            # sympy's 3/0 is zoo (complex infinity), 0/0 nan: in words, not sympy's names
+            if _is_sympy_number(x) and (x.has(*_sympy_unbounded()) or x.is_finite is False):
+                raise ValueError(f"{what} holds an infinite or undefined entry (a division by zero?)")
+            if isinstance(x, complex) or _is_sympy_number(x) and x.is_extended_real is False:
+                raise TypeError(f"{what} holds a complex entry ({x}); expected real numbers")
         if all(isinstance(x, (float, np.floating)) for x in arr.ravel()):
             arr = arr.astype(np.float64)
     elif np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer):
@@ -99,6 +132,12 @@ def _precision(value: Any) -> tuple[str, float]:
 
 def _is_sympy_number(x: Any) -> bool:
     return type(x).__module__.split(".")[0] == "sympy" and bool(getattr(x, "is_number", False))
+
+
+def _sympy_unbounded() -> tuple[Any, ...]:
+    import sympy
+
+    return (sympy.zoo, sympy.oo, -sympy.oo, sympy.nan)
 
 
 def _ldl(C: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -430,6 +469,16 @@ class Tokens(Measure):
                                      f"sums {sums})")
                 p = p / sums[..., None]
             object.__setattr__(self, "probs", p)
+        if self.n_ctx is not None and self.n_ctx * self.vocab > MAX_TOKEN_FEATURES:
+            raise ValueError(f"n_ctx={self.n_ctx}: {self.n_ctx:,} tokens of a vocabulary of {self.vocab:,} are "
+                             f"{self.n_ctx * self.vocab:,} one-hot features, more than the {MAX_TOKEN_FEATURES:,} the "
+                             f"token measure takes (one input alone would be {format_bytes(8 * self.n_ctx * self.vocab)}"
+                             f", as would the per-position token laws: no algorithm here could use it); a context of "
+                             f"at most {max(MAX_TOKEN_FEATURES // self.vocab, 1):,} tokens at this vocabulary"
+                             if self.vocab <= MAX_TOKEN_FEATURES else
+                             f"vocab={self.vocab}: more one-hot features than the {MAX_TOKEN_FEATURES:,} the token "
+                             "measure takes (one token's input alone would be "
+                             f"{format_bytes(8 * self.vocab)}: no algorithm here could use it)")
 
     @property
     def label(self) -> str:  # type: ignore[override]
@@ -472,11 +521,39 @@ class Tokens(Measure):
         p = self.probs if self.probs.ndim == 2 else np.tile(self.probs, (n, 1))
         return p.astype(object) if exact else p.astype(float)
 
+    def support_sizes(self) -> list[tuple[int, int]]:
+        """(tokens of nonzero probability, positions with that many) for
+        each distinct count: a uniform or shared law is one pair, read
+        without forming the (n_ctx, vocab) table of :meth:`token_probs`."""
+        n = self.n_ctx or 1
+        if self.probs is None:
+            return [(self.vocab, n)]
+        nonzero = np.count_nonzero(np.asarray(self.probs, dtype=float) != 0, axis=-1)
+        if self.probs.ndim == 1:
+            return [(int(nonzero), n)]
+        sizes, counts = np.unique(nonzero, return_counts=True)
+        return [(int(k), int(m)) for k, m in zip(sizes, counts)]
+
+    @property
+    def log10_sequences(self) -> float:
+        """log10 of :attr:`sequences`, for any n_ctx (in constant time for a
+        uniform or shared law): what a planner compares with its limits."""
+        sizes = self.support_sizes()
+        if any(k == 0 for k, _ in sizes):  # a position of no token at all (probs rows are checked to sum to 1)
+            return -math.inf
+        return sum(m * math.log10(k) for k, m in sizes)
+
     @property
     def sequences(self) -> int:
-        """The number of token sequences of nonzero probability."""
-        p = self.token_probs()
-        return math.prod(int(np.count_nonzero(row)) for row in p)
+        """The number of token sequences of nonzero probability, exactly, up
+        to 10**MAX_EXACT_DIGITS (ValueError beyond: an exact vocab**n_ctx at
+        n_ctx = 3e6 took minutes to form; :attr:`log10_sequences` is the
+        magnitude of any count)."""
+        digits = self.log10_sequences
+        if digits > MAX_EXACT_DIGITS:
+            raise ValueError(f"{self.label} has {format_power(digits)} token sequences, too many to count exactly "
+                             "(log10_sequences gives the magnitude)")
+        return math.prod(k ** m for k, m in self.support_sizes())
 
     def padded_mean(self, exact: bool = False) -> np.ndarray:
         """[1; E x] = [1; p_1; ...; p_n]: the one-hot vectors' mean."""

@@ -190,9 +190,9 @@ def node_flops(fa: Forward, fb: Forward, points: int, limit: float = float("inf"
     chunk = min(points, CHUNK)
     per_chunk = fa.flops(chunk) + fb.flops(chunk)
     flops = float(per_chunk) * (points / chunk)
-    if flops <= limit and points % chunk:
-        sizes = chunk_sizes(points)
-        flops = float(per_chunk) * (len(sizes) - 1) + fa.flops(sizes[-1]) + fb.flops(sizes[-1])
+    full, rest = divmod(points, chunk)
+    if flops <= limit and rest:  # counted, not listed: a limit of inf let 3^32 points build a list of chunks
+        flops = float(per_chunk) * full + fa.flops(rest) + fb.flops(rest)
     return flops
 
 

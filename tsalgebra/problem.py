@@ -28,7 +28,7 @@ from .expr import Network, Sum
 from .measure import Gaussian, Measure, Tokens
 
 __all__ = ["Alternative", "CostError", "MemoryBoundError", "DEFAULT_BUDGET", "INNERS", "METHODS", "InnerProblem", "InnerResult", "Plan",
-           "available_memory", "bound_measure", "cgroup_memory", "check_arguments", "check_sampling", "checked_budget",
+           "available_memory", "bound_measure", "cgroup_memory", "check_arguments", "check_flags", "check_sampling", "checked_budget",
            "checked_memory", "default_max_memory", "degree_of", "format_count", "positions_of", "resolve_inner", "rounded_up"]
 
 INNERS = ("gaussian", "tokens", "symmetric", "network")
@@ -165,13 +165,26 @@ def default_max_memory() -> int:
 
 
 def checked_memory(max_memory: Any) -> int | None:
-    """``max_memory`` as a whole number of bytes (None stays None: the caller's default)."""
+    """``max_memory`` as a whole number of bytes (None stays None: the
+    caller's default): a real number >= 1 (numpy's too; not a bool, a
+    string, NaN or inf).  Any finite size is kept (1e300 too: a bound no
+    plan reaches); the result is a Python int, which this accepts again
+    (callers check twice, and np.isfinite refused ints of 2**63 and more)."""
     if max_memory is None:
         return None
-    ok = isinstance(max_memory, numbers.Real) and not isinstance(max_memory, (bool, np.bool_))
-    if not ok or not np.isfinite(max_memory) or max_memory < 1:
+    if isinstance(max_memory, (bool, np.bool_)) or not isinstance(max_memory, numbers.Real):
         raise ValueError(f"max_memory must be a positive number of bytes (such as 1e9), got {max_memory!r}")
-    return int(max_memory)
+    if isinstance(max_memory, numbers.Integral):
+        value = int(max_memory)
+    else:
+        x = float(max_memory)
+        if not math.isfinite(x):
+            raise ValueError(f"max_memory must be a positive number of bytes (such as 1e9), finite, got "
+                             f"{max_memory!r}; leave it out for the default bound")
+        value = math.floor(x)
+    if value < 1:
+        raise ValueError(f"max_memory must be a positive number of bytes (such as 1e9), got {max_memory!r}")
+    return value
 
 
 def rounded_up(x: float) -> float:
@@ -187,10 +200,20 @@ def format_count(x: float | int) -> str:
     if isinstance(x, int) and not isinstance(x, bool):
         if x.bit_length() < 1000:
             return f"{float(x):.3g}"
-        return f"1e{math.log10(x):.1f}" if x > 0 else f"-1e{math.log10(-x):.1f}"
+        # mantissa and exponent from the log (float(x) overflows): 3.27e+45154
+        log = math.log10(abs(x))
+        exponent = math.floor(log)
+        mantissa = float(f"{10 ** (log - exponent):.3g}")
+        if mantissa >= 10:  # 9.996 rounds to 10
+            mantissa, exponent = mantissa / 10, exponent + 1
+        return f"{'-' if x < 0 else ''}{mantissa:.3g}e+{exponent}"
     return f"{x:.3g}"
 
 
+# What a per-output similarity with dead channels (NaN) says, in its notes and
+# in the warning of ts.similarity: exact (a zero norm) or estimated.
+DEAD_CHANNELS = "some output channels have zero norm; their similarity is NaN"
+DEAD_ESTIMATED = "some output channels have a self-product estimated at or below 0; their similarity is NaN"
 # How an estimate whose samples are heavy-tailed is labelled, alone or in a matrix.
 HEAVY_TAILS = "heavy tails: the error bar is doubtful"
 
@@ -208,12 +231,13 @@ class Alternative:
     why: str = ""
 
     def spelled(self, cli: bool = False) -> str:
-        if cli:
-            value = format_count(self.value) if isinstance(self.value, (int, float)) else str(self.value)
-            text = f"--{self.option.replace('_', '-')} {value}"
+        if isinstance(self.value, (int, np.integer)) and not isinstance(self.value, (bool, np.bool_)):
+            value = str(int(self.value))  # an integer's digits: samples=3.09e+08 was refused as no integer
+        elif isinstance(self.value, (int, float)):
+            value = format_count(self.value)
         else:
-            value = format_count(self.value) if isinstance(self.value, (int, float)) else repr(self.value)
-            text = f"{self.option}={value}"
+            value = str(self.value) if cli else repr(self.value)
+        text = f"--{self.option.replace('_', '-')} {value}" if cli else f"{self.option}={value}"
         return f"{text} ({self.why})" if self.why else text
 
 
@@ -281,7 +305,8 @@ def check_sampling(method: str, options: dict[str, Any]) -> None:
     if samples is not None and (isinstance(samples, bool) or not isinstance(samples, (int, np.integer))
                                 or samples < 2):
         raise ValueError(f"samples must be an integer >= 2, got {samples!r}")
-    if rel_error is not None and not (isinstance(rel_error, (int, float)) and 0 < rel_error < 1):
+    if rel_error is not None and (isinstance(rel_error, (bool, np.bool_)) or not isinstance(rel_error, numbers.Real)
+                                  or not 0 < rel_error < 1):  # numpy's floats too (float32 was refused)
         raise ValueError(f"rel_error must be a number in (0, 1), got {rel_error!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
         raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
@@ -289,6 +314,16 @@ def check_sampling(method: str, options: dict[str, Any]) -> None:
         from .arrays import checked_device
 
         checked_device(options["device"])
+
+
+def check_flags(options: dict[str, Any]) -> None:
+    """ValueError naming a yes/no option given something else ("yes", 0,
+    None): any truthy value was taken as True, silently."""
+    for name in ("centered", "per_output", "orbits"):
+        if name in options and not isinstance(options[name], (bool, np.bool_)):
+            raise ValueError(f"{name} must be True or False, got {options[name]!r}")
+        if name in options:
+            options[name] = bool(options[name])
 
 
 def positions_of(model: Any) -> int:
@@ -377,10 +412,14 @@ def resolve_inner(inner: str | None, measure: Measure | None, *models: Any) -> t
 
 def checked_budget(budget: Any) -> float:
     """``budget=`` as a float: a non-negative real number (numpy's too; not
-    a bool, a string or NaN)."""
+    a bool, a string or NaN); inf, or an integer beyond float's range, is no
+    limit (inf)."""
     if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, numbers.Real) or not budget >= 0:  # nan fails
         raise ValueError(f"budget must be a non-negative number of flops, got {budget!r}")
-    return float(budget)
+    try:
+        return float(budget)
+    except OverflowError:  # an int of over 308 digits
+        return math.inf
 
 
 def default_measure_note(measure: Measure) -> str:
@@ -488,6 +527,15 @@ class InnerProblem:
             inner, measure = resolve_inner(inner, measure, a, b)
             if given is None and measure is not None:
                 notes = (default_measure_note(measure),)
+        check_flags(options)
+        if options.get("degree") is not None:
+            degree = options["degree"]
+            if isinstance(degree, (bool, np.bool_)) or not isinstance(degree, (int, np.integer)) or degree < 1:
+                raise ValueError(f"degree must be a positive integer or None, got {degree!r}")
+            if inner != "symmetric":  # it would be silently ignored
+                raise ValueError(f"degree belongs to inner='symmetric' (the common degree of the Bombieri "
+                                 f"product), not to {inner!r}")
+            options["degree"] = int(degree)
         check_arguments(inner, method, options.get("centered", False))
         if "budget" in options:
             options["budget"] = checked_budget(options["budget"])
@@ -560,6 +608,16 @@ class InnerProblem:
 
 
 # ------------------------------------------------------------------- plans
+
+
+def _with_errors(values: np.ndarray, errors: np.ndarray, shown: int = 10) -> str:
+    """[v0 ± e0, v1 ± e1, ...]: per-output estimates with their standard
+    errors; beyond ``shown`` outputs the first and last few, as numpy
+    elides (the count said)."""
+    pairs = [f"{v:.6g} ± {e:.2g}" for v, e in zip(values, errors)]
+    if len(pairs) > shown:
+        pairs = pairs[: shown - 3] + [f"... ({len(pairs)} outputs)"] + pairs[-3:]
+    return "[" + ", ".join(pairs) + "]"
 
 
 @dataclass(frozen=True, eq=False)
@@ -638,6 +696,20 @@ class InnerResult:
     samples: int = 0
     estimate: Any = field(default=None, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        # A per-output similarity's NaN channels are dead ones (non-finite
+        # products are refused before the cosine): said in the notes too, as
+        # ts.similarity's warning says it (a filtered warning left a bare nan).
+        # The same words, so that a report of both can drop the repeat.
+        if self.quantity == "similarity" and self.per_output:
+            try:
+                dead = bool(np.isnan(np.asarray(self.value, dtype=float)).any())
+            except (TypeError, ValueError):  # exact or symbolic values: no NaN to say
+                dead = False
+            note = DEAD_ESTIMATED if self.stderr is not None else DEAD_CHANNELS
+            if dead and note not in self.notes:
+                object.__setattr__(self, "notes", tuple(self.notes) + (note,))
+
     @property
     def estimated(self) -> bool:
         """True for a Monte Carlo estimate (it carries ``stderr``)."""
@@ -652,6 +724,8 @@ class InnerResult:
         val = self.value
         if not self.per_output and isinstance(val, float):
             val = f"{val:.12g}" if self.stderr is None else f"{val:.6g} ± {self.stderr:.2g}"
+        elif self.per_output and self.stderr is not None:  # each estimate with its error, which can exceed it
+            val = _with_errors(np.ravel(np.asarray(val, dtype=float)), np.ravel(np.asarray(self.stderr, dtype=float)))
         heavy = f", {HEAVY_TAILS}" if getattr(self.estimate, "heavy_tailed", False) else ""
         kind = f" (estimated{heavy})" if self.estimated else " (approximate)" if not self.exact else ""
         flags = [self.inner, self.method + kind, self.algorithm]

@@ -156,12 +156,21 @@ def _formula(expr: Any, k: int) -> sympy.Expr:
     return e
 
 
-def _check_polynomial(e: sympy.Expr, xs: tuple[sympy.Symbol, ...], k: int) -> None:
+def _check_polynomial(e: sympy.Expr, xs: tuple[sympy.Symbol, ...], k: int, given: Any = None) -> None:
     """Output k, checked to be a polynomial in ``xs`` with finite real
     coefficients (anything else would fail deep in sympy or numpy, or turn
-    into NaN)."""
-    if e.has(sympy.zoo, sympy.oo, -sympy.oo, sympy.nan):
-        raise ValueError(f"circuit output {k}: {e} has an infinite or undefined coefficient (a division by zero?)")
+    into NaN); ``given``: the formula as the caller wrote it."""
+    # in words, not sympy's: 3/0 reads as "zoo" (complex infinity), 0/0 as "nan"
+    if e.has(sympy.zoo):
+        said = f"{given!r} divides by zero" if isinstance(given, str) else "divides by zero"
+        raise ValueError(f"circuit output {k}: {said} (an infinite or undefined coefficient)")
+    if e.has(sympy.nan):
+        said = repr(given) if isinstance(given, str) else str(e)
+        raise ValueError(f"circuit output {k}: {said} is undefined (0/0, or infinity minus infinity: an infinite or "
+                         "undefined coefficient)")
+    if e.has(sympy.oo, -sympy.oo):
+        said = repr(given) if isinstance(given, str) else str(e)
+        raise ValueError(f"circuit output {k}: {said} has an infinite or undefined coefficient (infinity)")
     if not e.is_polynomial(*xs):
         raise ValueError(f"circuit output {k}: {e} is not a polynomial in {', '.join(map(str, xs))} "
                          "(a circuit is a polynomial: no functions, roots or division by an input)")
@@ -187,8 +196,9 @@ def _as_model(circuit: Any, component: Component, symbols: Sequence[sympy.Symbol
                                  "assumptions, or pass the circuit's own symbols as symbols=[...] in input order")
             raise ValueError(f"the circuit uses symbols {sorted(map(str, stray))} that are not inputs {list(map(str, xs))}; "
                              "pass symbols=[...] in input order")
+        given = list(circuit) if isinstance(circuit, (list, tuple)) else [circuit]
         for k, e in enumerate(exprs):
-            _check_polynomial(e, xs, k)
+            _check_polynomial(e, xs, k, given[k])
         if len(exprs) != component.out_features:
             raise ValueError(f"the circuit has {len(exprs)} outputs, the component {component.out_features}")
         return from_sympy(exprs, xs)

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..measure import Tokens
+from ..measure import Tokens, format_power
 from ..node_sums import CHUNK, Forward, node_flops, node_peak_bytes, node_sum
 from ..problem import CostError, InnerProblem, Plan, format_count
 from .registry import Algorithm, Triple
@@ -59,9 +59,16 @@ class Enumeration(Algorithm):
         return None
 
     def plan(self, problem: InnerProblem, limit: float) -> Plan:
-        count = problem.measure.sequences  # type: ignore[union-attr]
+        measure: Tokens = problem.measure  # type: ignore[assignment]
+        # the magnitude first, in log space: the exact count at a long context is a
+        # huge integer that took minutes to form, only to be compared with 1e9
+        digits = measure.log10_sequences
+        if digits > math.log10(MAX_SEQUENCES) + 1e-9:
+            raise CostError(f"enumeration would visit {format_power(digits)} token sequences (more than "
+                            f"{format_count(MAX_SEQUENCES)})")
+        count = measure.sequences
         if count > MAX_SEQUENCES:
-            raise CostError(f"enumeration would visit {format_count(count)} token sequences (more than "
+            raise CostError(f"enumeration would visit {count:,} token sequences (more than "
                             f"{format_count(MAX_SEQUENCES)})")
         fa, fb = Forward(problem.a), Forward(problem.b)
         flops = node_flops(fa, fb, count, limit)
@@ -70,7 +77,6 @@ class Enumeration(Algorithm):
                             flops=flops)
         width, out = problem.widths
         # the chunk's token indices (one array per position) beside its one-hot rows
-        measure: Tokens = problem.measure  # type: ignore[assignment]
         peak = node_peak_bytes(fa, fb, min(count, CHUNK), width, out, measure.width // measure.vocab)
         return Plan(self.name, problem, flops, peak, count,
                     facts={"sequences": count, "nodes": count}, notes=(f"exact over all {count:,} token sequences",))

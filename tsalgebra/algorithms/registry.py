@@ -20,12 +20,14 @@ exceed the memory bound (``max_memory``) is skipped as one over the budget
 is, and the cheapest plan per product within both wins.  When none fits,
 one CostError (a MemoryBoundError where some plan was within the budget but
 over the memory bound) states every algorithm's estimate or reason and the
-alternatives.
+alternatives: another inner product or method only where its plan fits the
+memory bound (:func:`alternatives`).
 """
 
 from __future__ import annotations
 
 import math
+from contextvars import ContextVar
 from dataclasses import replace
 from typing import Any, Iterator
 
@@ -140,6 +142,14 @@ def _limit(problem: InnerProblem) -> str:
         " (three for a plan that yields all three products of the similarity)" if joint else "")
 
 
+# The other questions a refusal suggests (another inner product, another
+# method): the change, what it answers, and its name in a sentence.
+_OTHERS = (({"inner": "network"}, "the layer-wise product, a property of the factorization",
+            "the network inner product"),
+           ({"method": "closure"}, "Gaussian closure, approximate beyond the first layer", "Gaussian closure"),
+           ({"method": "sampled"}, "a Monte Carlo estimate with standard errors", "the Monte Carlo estimate"))
+
+
 def alternatives(problem: InnerProblem, estimates: list[tuple[float, bool]],
                  needed: float | None = None) -> tuple[Alternative, ...]:
     """Other questions some registered algorithm would answer: a larger
@@ -148,29 +158,107 @@ def alternatives(problem: InnerProblem, estimates: list[tuple[float, bool]],
     refused over the budget; the budget suggested is the smallest of them,
     labelled when it is an extrapolation (it may fall short, but a full count
     of a costlier algorithm would ask for far more than needed).  ``needed``:
-    the peak bytes of the smallest plan refused over the memory bound."""
+    the peak bytes of the smallest plan refused over the memory bound.
+
+    Another inner product or method is suggested only where the question so
+    changed has a plan within the problem's memory bound (:func:`_need`; its
+    flops are not judged: the budget is suggested on its own).  When none
+    has, the memory bound suggested says what the least demanding of them
+    needs (a bound of its own where the refusal was over the budget alone)."""
+    fitting: list[Alternative] = []
+    least: tuple[float, str] | None = None  # (bytes, name) of the other question needing the least
+    for change, why, name in _OTHERS:
+        other = _changed(problem, change)
+        if other is None:
+            continue
+        need = _need(other)
+        if need is None or need <= problem.memory:  # None: not judged (a refusal made inside a check)
+            fitting.append(Alternative(*next(iter(change.items())), why))
+        elif need < math.inf and (least is None or need < least[0]):
+            least = (need, name)
+    least = None if fitting else least
     out = []
     if needed is not None and needed < math.inf:
-        out.append(Alternative("max_memory", rounded_up(needed), "the smallest plan's peak"))
+        out.append(Alternative("max_memory", rounded_up(needed), "the smallest plan's peak" + (
+            f"; of the other questions, {least[1]} needs the least: {format_count(least[0])}" if least else "")))
     finite = [e for e in estimates if e[0] < math.inf]
     if finite:
         per_product, extrapolated = min(finite)
         why = "about the cheapest estimate (extrapolated): it may take more" if extrapolated else \
             "the cheapest estimate"
         out.append(Alternative("budget", rounded_up(per_product), why))
-    for change, why in (({"inner": "network"}, "the layer-wise product, a property of the factorization"),
-                        ({"method": "closure"}, "Gaussian closure, approximate beyond the first layer"),
-                        ({"method": "sampled"}, "a Monte Carlo estimate with standard errors")):
-        other = problem.replace(**change, algorithm=None)
-        if other.inner == "network":
-            other = other.replace(measure=None, centered=False, method="auto")
-        if other.method == "sampled" and other.inner not in ("gaussian", "tokens"):
-            continue
-        if any(getattr(other, k) != getattr(problem, k) for k in change) and any(
-                alg.method == _method(other) and alg.supports(other) is None for alg in _REGISTRY.values()):
-            key, value = next(iter(change.items()))
-            out.append(Alternative(key, value, why))
-    return tuple(out)
+    if least is not None and not any(alt.option == "max_memory" for alt in out):  # refused over the budget alone
+        out.append(Alternative("max_memory", rounded_up(least[0]), f"what {least[1]}, the least of the other "
+                                                                   "questions, needs: none fits the bound"))
+    return tuple(out + fitting)
+
+
+def _changed(problem: InnerProblem, change: dict[str, str]) -> InnerProblem | None:
+    """``problem`` asked with ``change`` (another inner product or method);
+    None where that asks nothing new or no registered algorithm supports it."""
+    other = problem.replace(**change, algorithm=None)
+    if other.inner == "network":
+        other = other.replace(measure=None, centered=False, method="auto")
+    if other.method == "sampled" and other.inner not in ("gaussian", "tokens"):
+        return None
+    if all(getattr(other, k) == getattr(problem, k) for k in change) or not _supporting(other):
+        return None
+    return other
+
+
+def _supporting(problem: InnerProblem) -> list[Algorithm]:
+    return [alg for alg in _REGISTRY.values() if alg.method == _method(problem) and alg.supports(problem) is None]
+
+
+# Checking an alternative is part of a refusal, so it is kept small.  Inside
+# a check (_CHECKING set) a nested choose() is refused unplanned: no nested
+# checks, and no sub-plans.  The one algorithm that plans others is Monte
+# Carlo, for its control variate (the truncated models' exact products),
+# whose models only add to its peak: the plan without it is a lower bound,
+# and one over the bound without it is over with it (a depth-4 bilinear
+# stack of width 8 needs 2.5e5 bytes at the smallest batch, 3.2e5 with it).
+# Planned with it, the budget lifted, its exact planning dominated: 37 s
+# cold for an attention block under a correlated Gaussian whose exact
+# refusal takes 0.05 s (its first layer's pairings walked to the end), and a
+# MemoryError at a stack of input width 32 (quadrature's 3^32 nodes listed).
+_CHECKING: ContextVar[bool] = ContextVar("tsalgebra_checking_an_alternative", default=False)
+# choose() calls open: a refusal inside another's planning (Monte Carlo's
+# control variate, the automatic choice a named algorithm's refusal names)
+# is caught by its caller and never shown, so its alternatives are not checked.
+_DEPTH: ContextVar[int] = ContextVar("tsalgebra_choose_depth", default=0)
+
+
+def _need(other: InnerProblem) -> float | None:
+    """The peak bytes the question ``other`` needs: its plan's with the
+    budget lifted (where it asks for a similarity, <a, b>, and the plan is
+    not joint, the largest of it and the self-products' plans, which run one
+    after another), else the smallest plan's refused over the memory bound;
+    inf where it has no plan at any bound; None where not judged (a refusal
+    inside a check or inside another plan, whose alternatives are not shown)."""
+    if _CHECKING.get() or _DEPTH.get() > 1:
+        return None
+    token = _CHECKING.set(True)
+    try:
+        lifted = other.replace(budget=math.inf)
+        need, joint = _peak_of(lifted)
+        if need < math.inf and lifted.shares(True) > 1 and not joint:
+            need = max([need] + [_peak_of(lifted.self_problem(side))[0] for side in ("a", "b")])
+    finally:
+        _CHECKING.reset(token)
+    return need
+
+
+def _peak_of(problem: InnerProblem) -> tuple[float, bool]:
+    """(peak bytes, joint): of the plan chosen; else of the smallest plan
+    refused over the memory bound, joint where every algorithm that could
+    plan it is; (inf, True) where no plan is possible."""
+    try:
+        plan = _choose(problem)
+    except MemoryBoundError as exc:
+        return exc.needed, all(alg.joint for alg in _supporting(problem))
+    except (CostError, ValueError, MemoryError, OverflowError):  # no plan at any bound (or one too large to list)
+        return math.inf, True
+    return plan.peak_bytes, plan.joint
 
 
 def _peak(plan: Plan) -> str:
@@ -197,6 +285,17 @@ def choose(problem: InnerProblem) -> Plan:
     docstring for the rule).  Raises ValueError when a named algorithm does
     not apply, CostError when nothing fits the budget, MemoryBoundError (a
     CostError) when what fits the budget exceeds the memory bound."""
+    if _CHECKING.get():  # a sub-plan of an alternative being checked (see _CHECKING)
+        raise CostError(f"{problem.describe()}: not planned while a refusal checks its alternatives")
+    token = _DEPTH.set(_DEPTH.get() + 1)
+    try:
+        return _choose(problem)
+    finally:
+        _DEPTH.reset(token)
+
+
+def _choose(problem: InnerProblem) -> Plan:
+    """:func:`choose` itself (a check of an alternative plans with it)."""
     if problem.algorithm is not None:
         alg = _named(problem.algorithm)
         why = alg.supports(problem)

@@ -50,7 +50,7 @@ import numpy as np
 from ..components import PositionWise, Sequential
 from ..measure import Gaussian, Tokens
 from ..node_sums import Forward
-from ..problem import Alternative, CostError, InnerProblem, InnerResult, Plan, format_count
+from ..problem import Alternative, CostError, InnerProblem, InnerResult, Plan, format_count, rounded_up
 from ..progress import advancer
 from .registry import Algorithm, Triple
 
@@ -357,6 +357,13 @@ class _Fit:
         return np.where(self.with_cv < self.without, self.candidate(), 0.0)
 
 
+def _rounded_up3(x: float) -> float:
+    """``x`` > 0 rounded up to the three significant digits it is printed
+    with (format_count), for any magnitude (rounded_up stops at 1)."""
+    step = 10.0 ** (math.floor(math.log10(x)) - 2)
+    return float(f"{math.ceil(x / step * (1 - 1e-12)) * step:.3g}")
+
+
 class Sampled(Algorithm):
     """Monte Carlo for every model (Components, networks, sums) under the
     Gaussian or the token measure; joint (the three products of a
@@ -378,29 +385,50 @@ class Sampled(Algorithm):
     def plan(self, problem: InnerProblem, limit: float) -> Plan:
         fa, fb = Forward(problem.a), Forward(problem.b)
         width, out = problem.widths
-        control = self._control(problem)
-        cv = control if isinstance(control, _Control) else None
         default = max(1, min(MAX_BATCH, BATCH_BYTES // (8 * (width + 4 * out))))
-        batch, piece = self._batch(problem, default, cv)
-        per_sample = (fa.flops(batch) + (fb.flops(batch) if problem.b is not problem.a else 0)) / batch
-        per_sample += 4.0 * out  # the three products
-        if cv is not None:
-            per_sample += (Forward(cv.a).flops(batch) + Forward(cv.b).flops(batch)) / batch
-        fixed = cv.flops if cv is not None else 0.0
         wanted = problem.samples if problem.samples is not None else (None if problem.rel_error is not None
                                                                           else DEFAULT_SAMPLES)
-        affordable = int((limit - fixed) / per_sample) - PILOT if limit < math.inf else 10**12
-        if wanted is None:  # run until rel_error, within the budget
-            if affordable < 2:
-                raise CostError(f"Monte Carlo costs {format_count(per_sample)} flops per sample; the budget "
-                                "affords fewer than two", flops=fixed + (PILOT + 2) * per_sample)
-            samples = affordable
-        else:
-            samples = int(wanted)
-            cost = fixed + (samples + PILOT) * per_sample
+
+        def per_sample_of(batch: int, cv: "_Control | None") -> float:
+            flops = (fa.flops(batch) + (fb.flops(batch) if problem.b is not problem.a else 0)) / batch
+            flops += 4.0 * out  # the three products
+            if cv is not None:
+                flops += (Forward(cv.a).flops(batch) + Forward(cv.b).flops(batch)) / batch
+            return flops
+
+        def over(per_sample: float, fixed: float) -> CostError | None:
+            """Why ``per_sample`` flops a sample (after ``fixed``) exceed the limit; None where they fit."""
+            if wanted is None:
+                if limit < math.inf and int((limit - fixed) / per_sample) - PILOT < 2:
+                    return CostError(f"Monte Carlo costs {format_count(per_sample)} flops per sample; the budget "
+                                     "affords fewer than two", flops=fixed + (PILOT + 2) * per_sample)
+                return None
+            cost = fixed + (int(wanted) + PILOT) * per_sample
             if cost > limit:
-                raise CostError(f"Monte Carlo with {samples:,} samples would cost {format_count(cost)} flops "
-                                f"({format_count(per_sample)} per sample)", flops=cost)
+                return CostError(f"Monte Carlo with {int(wanted):,} samples would cost {format_count(cost)} flops "
+                                 f"({format_count(per_sample)} per sample)", flops=cost)
+            return None
+
+        # The plain estimator first, at the default (largest) batch: the least any plan costs.  Over the
+        # limit, it is refused before the control variate's exact plan is made, which can take long (the
+        # token moments of an attention layer at a long context: minutes), for nothing.
+        refusal = over(per_sample_of(default, None), 0.0)
+        if refusal is not None:
+            raise refusal
+        control = self._control(problem)
+        cv = control if isinstance(control, _Control) else None
+        batch, piece = self._batch(problem, default, cv)
+        per_sample, fixed = per_sample_of(batch, cv), (cv.flops if cv is not None else 0.0)
+        if cv is not None and over(per_sample, fixed) is not None:
+            # the control variate is optional: without it the samples the limit affords are asked for
+            control, cv = "none (its exact products and forward passes would take the estimate over the budget)", None
+            batch, piece = self._batch(problem, default, None)
+            per_sample, fixed = per_sample_of(batch, None), 0.0
+        refusal = over(per_sample, fixed)  # a batch shrunk to the memory bound costs more per sample
+        if refusal is not None:
+            raise refusal
+        samples = int(wanted) if wanted is not None else \
+            (int((limit - fixed) / per_sample) - PILOT if limit < math.inf else 10**12)
         flops = fixed + (samples + PILOT) * per_sample
         notes = ["estimated by Monte Carlo: unbiased, with standard errors"]
         notes.append(f"control variate: the models truncated after their first nonlinear layer ({cv.algorithms}, "
@@ -555,10 +583,14 @@ class Sampled(Algorithm):
         what = "an estimate near 0 has no relative error to reach" if not math.isfinite(needed) else \
             f"needs about {format_count(needed)} samples ({format_count(per * needed)} flops) by the spread of the " \
             f"{drawn:,} drawn"
-        alternatives = [Alternative("samples", samples, "the budget's samples, no target")]
+        # each value one its option accepts, and rounded up so that as printed it still admits what it
+        # was made for: samples an int (printed "3.09e+08", which samples= refuses), the budget and the
+        # target rounded up (3 digits could round either below the estimate)
+        alternatives = [Alternative("samples", int(samples), "the budget's samples, no target")]
         if math.isfinite(needed):
-            alternatives[:0] = [Alternative("budget", per * needed, f"about {format_count(needed)} samples"),
-                                Alternative("rel_error", reachable, "within this budget")]
+            alternatives[:0] = [Alternative("budget", rounded_up(per * needed), f"about {format_count(needed)} samples")]
+            if _rounded_up3(reachable) < 1:  # rel_error= takes (0, 1)
+                alternatives.insert(1, Alternative("rel_error", _rounded_up3(reachable), "within this budget"))
         raise CostError(f"Monte Carlo to a relative error of {p.rel_error:g}: {what}; the budget allows "
                         f"{samples:,}", flops=per * needed, alternatives=tuple(alternatives))
 
