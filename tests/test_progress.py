@@ -127,7 +127,9 @@ def test_a_run_inside_a_run_adds_no_bar_and_moves_only_its_own(bars):
 
 
 def test_the_pairwise_matrix_shows_its_own_bar_only(bars, capsys):
-    """Its inner products run with progress=False: one bar, the matrix's."""
+    """Its inner products run with progress=None (a bar only where one is
+    long, labelled with its pair): these tiny ones show none, only the
+    matrix's bar shows."""
     rng = np.random.default_rng(4)
     models = [ts.Bilinear(rng.normal(size=(3, 4)), rng.normal(size=(3, 4)), rng.normal(size=(2, 3)))
               for _ in range(3)]

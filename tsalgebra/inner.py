@@ -32,6 +32,7 @@ from .algorithms.sampled import Z95
 from .cosine import cosines
 from .measure import Measure
 from .rescale import canonical, without_output_bias
+from .progress import labelled
 from .problem import (DEFAULT_BUDGET, FUNCTIONAL, CostError, InnerProblem, InnerResult, MemoryBoundError, Plan,
                       checked_memory, default_max_memory, degree_of, format_count, resolve_inner)
 
@@ -130,7 +131,8 @@ def inner(
     one by one (slow; a check on the declared symmetries, which orbit
     grouping trusts).  ``progress``: a bar on stderr over the planned flops
     while the computation runs: True, False, or None (shown on a terminal
-    when the plan is long, over about 2e10 flops).
+    when the plan is estimated at a second or more at its algorithm's
+    measured rate, :data:`tsalgebra.progress.RATES`).
     """
     options = dict(centered=centered, per_output=per_output, degree=degree, budget=budget, max_memory=max_memory,
                    orbits=orbits, algorithm=algorithm, samples=samples, rel_error=rel_error, seed=seed, device=device,
@@ -326,7 +328,8 @@ def similarity(a: Any, b: Any, inner: str | None = None, method: str = "auto", m
     if refused:  # before anything runs
         raise _refusal_of(refused)
     plans = [p for _, p in products]
-    ab, aa, bb = run(plans[0])
+    with labelled(products[0][0]):  # each product's bar says which it is
+        ab, aa, bb = run(plans[0])
     for r, what in ((ab, "<a, b>"), (aa, "<a, a>"), (bb, "<b, b>")):
         if r is not None:
             _scaled(r, 0.0, what)
@@ -336,7 +339,11 @@ def similarity(a: Any, b: Any, inner: str | None = None, method: str = "auto", m
     if a is b:
         aa = bb = ab
     elif aa is None or bb is None:
-        aa, bb = (_scaled(run(p)[0], 0.0, what) for p, what in zip(plans[1:], ("<a, a>", "<b, b>")))
+        runs = []
+        for (label, p), what in zip(products[1:], ("<a, a>", "<b, b>")):
+            with labelled(label):
+                runs.append(_scaled(run(p)[0], 0.0, what))
+        aa, bb = runs
         spent += [aa, bb]
     return replace(
         ab,

@@ -38,7 +38,7 @@ def pyplot() -> Any:
 
 def plot_matrix(values: Any, path: str | Path | None = None, ax: Any = None, labels: Sequence[str] | None = None,
                 col_labels: Sequence[str] | None = None, title: str | None = None, annotate: bool | None = None,
-                vmin: float = -1.0, vmax: float = 1.0) -> Any:
+                vmin: float = -1.0, vmax: float = 1.0, stderr: Any = None, flagged: Any = None) -> Any:
     """Draw a matrix of cosines as a heatmap; returns the figure.
 
     Draws into ``ax`` when given, otherwise on a new figure, and saves the
@@ -47,12 +47,17 @@ def plot_matrix(values: Any, path: str | Path | None = None, ax: Any = None, lab
     number differs from the matrix's); more than 25 are thinned.  The colour
     scale runs from ``vmin`` to ``vmax`` (default the cosine's range, [-1, 1],
     diverging at 0).  ``annotate`` writes the values in the cells (default:
-    for matrices up to 12 x 12).
+    for matrices up to 12 x 12).  Estimates: ``stderr`` (the matrix's shape)
+    writes each value's standard error under it (where nonzero), and the
+    cells ``flagged`` (a boolean matrix: heavy tails, their errors doubtful)
+    are outlined.  A title of several lines is drawn smaller.
     """
     vals = np.asarray(values, dtype=float)
     if vals.ndim != 2:
         raise ValueError(f"plot_matrix needs a 2-D matrix, got shape {vals.shape}")
     n, m = vals.shape
+    se = None if stderr is None else np.broadcast_to(np.asarray(stderr, dtype=float), vals.shape)
+    marked = None if flagged is None else np.broadcast_to(np.asarray(flagged, dtype=bool), vals.shape)
     if ax is None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -80,10 +85,19 @@ def plot_matrix(values: Any, path: str | Path | None = None, ax: Any = None, lab
     if annotate:
         for i in range(n):
             for j in range(m):
-                ax.text(j, i, f"{vals[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                text = f"{vals[i, j]:.2f}"
+                if se is not None and se[i, j] > 0:
+                    text += f"\n\u00b1{se[i, j]:.2f}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=7 if se is None else 6,
                         color="white" if abs(vals[i, j]) > 0.6 else "black")
+    if marked is not None:
+        from matplotlib.patches import Rectangle
+
+        for i, j in np.argwhere(marked):
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.5,
+                                   linestyle="--"))
     if title:
-        ax.set_title(title)
+        ax.set_title(title, fontsize=None if "\n" not in title else 9)
     if path is not None:
         fig.savefig(str(path), bbox_inches="tight")
     return fig

@@ -28,7 +28,7 @@ from . import materialize, node_gram, pairwise, pairwise_gram
 from .job import Gram, Job, Route, TileGram, Tiling
 from ..threads import blas_threads
 from .ops import Clock, Ops, parse_dtype
-from .prepare import prepare_models
+from .prepare import Chain, Prepared, common_dims, prepare_models
 from .results import RouteCost, SimilarityMatrix
 
 __all__ = ["ROUTES", "similarity_matrix", "cross_similarity_matrix"]
@@ -214,20 +214,67 @@ def _pair_fits(rows: list[Any], cols: list[Any] | None, inner: str, method: str,
     return True
 
 
-def _preparation_fits(models: list[Any], memory: int, pair_fits: Any) -> None:
+def _preparation_fits(models: list[Any], memory: int, pair_fits: Any, room: Any = None) -> None:
     """Refuse, before anything is copied, when the batched routes' prepared
     copies of the models (padded factors, about the size of their weights)
     would exceed the memory bound (``pair_fits()``: whether to suggest the
-    pairwise route)."""
+    pairwise route; ``room(need)``: for a route named, the bound that admits
+    both the copies and that route's blocks, None where it is not known)."""
     need = preparation_bytes(models)
     if need > memory:
         n = len(models)
         pairwise = (Alternative("route", "pairwise", f"pair by pair, {n * (n + 1) // 2:,} similarities, two models "
                                                      "in memory at a time"),) if pair_fits() else ()
+        bound, why = rounded_up(need), "room for the prepared models"
+        both = room(need) if room is not None else None
+        if both is not None and both > bound:  # the route's blocks need more: suggested alone, refused when taken
+            bound, why = both, "room for the prepared models and the route's blocks"
         raise MemoryBoundError(f"preparing {n} models for the batched routes takes about {need:,} bytes, over "
                                f"max_memory={memory:,}", needed=need, alternatives=(
-                                   Alternative("max_memory", rounded_up(need), "room for the prepared models"),
-                                   *pairwise))
+                                   Alternative("max_memory", bound, why), *pairwise))
+
+
+def _admitting(job: Job, route: str, start: float) -> float:
+    """The memory bound to suggest for ``route`` named: ``start`` rounded up,
+    raised until the route's layout under that bound fits it.  A layout
+    follows its bound (chunks near it), so the peak of the smallest blocks
+    under a bound too small is no promise under a larger one: each
+    suggestion is laid out as the run would lay it out."""
+    bound = rounded_up(start)
+    for _ in range(16):
+        cost = REGISTRY[route].layout(replace(job, memory=int(bound)))
+        if cost.fits and cost.peak_bytes <= bound:
+            break
+        bound = rounded_up(max(cost.peak_bytes, bound * 1.05))  # two digits: 5 % up moves the second
+    return bound
+
+
+def _in_shapes(rows: list[Any], cols: list[Any] | None, inner: str, method: str, centered: bool,
+               measure: Measure | None, degree: Any) -> Prepared | None:
+    """The models as :func:`prepare_models` gives them, in shapes only (every
+    array a broadcast zero, no memory): what the routes lay out, for a
+    refusal's suggestion, one model prepared at a time.  None where no
+    batched route covers them."""
+
+    def side(models: list[Any]) -> list[Chain] | None:
+        out = []
+        for m in models:
+            one = prepare_models([m], None, inner, method, centered, measure, degree)
+            if one is None:
+                return None
+            ch = one.rows[0]
+            out.append(replace(ch, blocks=tuple(tuple(np.broadcast_to(np.float64(0.0), x.shape) for x in blk)
+                                                for blk in ch.blocks)))
+        return out
+
+    try:
+        a = side(rows)
+        b = None if cols is None else side(cols)
+        if a is None or (cols is not None and b is None):
+            return None
+        return Prepared(a, b, common_dims(a, *([] if b is None else [b])), 0.0)
+    except (TypeError, ValueError):  # the run says why
+        return None
 
 
 def _job(rows: list[Any], cols: list[Any] | None, inner: str, method: str, measure: Measure | None, centered: bool,
@@ -244,23 +291,45 @@ def _job(rows: list[Any], cols: list[Any] | None, inner: str, method: str, measu
     ops = Ops(dname, device)
     memory = checked_memory(max_memory) or ops.default_memory()
     unprepared = None
+
+    def engine(prepared: Prepared | None) -> tuple[Ops, int]:
+        """The engine and worker threads for the models as prepared."""
+        threads = blas_threads() if prepared is not None and not ops.is_torch else 1
+        if device is None and not force_numpy and prepared is not None and prepared.dims.depth > 1 and threads < 2:
+            # stacks on one thread: torch on the CPU, whose fused elementwise
+            # kernels took half numpy's time for the Hadamard cores here; with
+            # more BLAS threads numpy's worker threads won (see ops.run_tasks)
+            return Ops(dname, "cpu"), threads
+        return ops, threads
+
+    def room(need: int) -> float | None:
+        """For a route named: the bound that admits the prepared copies and
+        its blocks, laid out as the run would lay them out."""
+        shapes = _in_shapes(rows, cols, inner, method, centered, measure, options.get("degree"))
+        ops_used, threads = engine(shapes)
+        job = Job(rows, cols, inner, method, centered, MappingProxyType(options), progress, measure, shapes, ops_used,
+                  need, threads, selfs, None, checked_memory(max_memory))
+        route = REGISTRY.get(route_named)
+        if route is None or not route.COSTED:
+            return None
+        why = route.applies(job)
+        if why is not None:  # what the run refuses under any bound (_choose): no bound to suggest
+            raise ValueError(f"route={route_named!r} is not available here: {why}; use route='pairwise'")
+        return _admitting(job, route_named, need)
+
     try:
         if route_named != "pairwise":
             _preparation_fits(rows + (cols or []), memory, lambda: _pair_fits(
-                rows, cols, inner, method, measure, centered, options, checked_memory(max_memory)))
+                rows, cols, inner, method, measure, centered, options, checked_memory(max_memory)),
+                room if route_named != "auto" else None)
     except MemoryBoundError as exc:
         if route_named != "auto":  # a route asked for by name must fit
             raise
         unprepared = f"{exc.reason}: each pair with ts.inner"  # auto falls back, pair by pair
     prepared = None if unprepared else prepare_models(rows, cols, inner, method, centered, measure,
                                                       options.get("degree"))
-    threads = blas_threads() if prepared is not None and not ops.is_torch else 1
-    if device is None and not force_numpy and prepared is not None and prepared.dims.depth > 1 and threads < 2:
-        # stacks on one thread: torch on the CPU, whose fused elementwise
-        # kernels took half numpy's time for the Hadamard cores here; with
-        # more BLAS threads numpy's worker threads won (see ops.run_tasks)
-        ops = Ops(dname, "cpu")
-    return Job(rows, cols, inner, method, centered, MappingProxyType(options), progress, measure, prepared, ops,
+    ops_used, threads = engine(prepared)
+    return Job(rows, cols, inner, method, centered, MappingProxyType(options), progress, measure, prepared, ops_used,
                memory, threads, selfs, unprepared, checked_memory(max_memory))
 
 
@@ -319,10 +388,12 @@ def _choose(route: str, job: Job, costs: Mapping[str, RouteCost]) -> tuple[str, 
         auto = ((Alternative("route", "auto", f"the cheapest route that fits ({', '.join(fitting)})"),) if fitting
                 else (Alternative("route", "auto", "pair by pair, no batched route fitting"),) if pairs else ())
         pairwise = (Alternative("route", "pairwise", "pair by pair, each product within the bound"),) if pairs else ()
+        # route='...' as the library spells the argument (the command line reads it as --route ...)
         raise MemoryBoundError(
-            f"route {route!r} needs about {format_count(need)} bytes at its smallest blocks, over the memory bound "
+            f"route={route!r} needs about {format_count(need)} bytes at its smallest blocks, over the memory bound "
             f"of {format_count(job.memory)} bytes", needed=need, flops=costs[route].flops, alternatives=(
-                Alternative("max_memory", rounded_up(need), f"room for the {route} route's blocks"), *auto, *pairwise))
+                Alternative("max_memory", _admitting(job, route, need), f"room for the {route} route's blocks"),
+                *auto, *pairwise))
     return route, ()
 
 

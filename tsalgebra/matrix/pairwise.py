@@ -1,6 +1,8 @@
 """Route "pairwise": each pair with :func:`tsalgebra.inner`, planned as
 :func:`tsalgebra.similarity` plans that pair, and each norm once, behind a
-progress bar.
+progress bar (offered when the estimated time of all the products is long,
+however few they are; each product's own bar, labelled with its pair,
+offered as ts.similarity offers it).
 
 The fallback for anything the batched routes do not cover (deeper models
 under the gaussian or symmetric product, Polynomial models, exact/symbolic
@@ -17,12 +19,14 @@ is granted here.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
 
-from ..inner import inner, joint_inner, similarity
-from ..progress import progress_bar
+from ..inner import _one_bound, _similarity_plans, inner, joint_inner, similarity
+from ..problem import CostError, Plan
+from ..progress import LONG_SECONDS, estimated_seconds, labelled, progress_bar
 from ..rescale import canonical
 from .job import Gram, Job
 from .ops import Clock
@@ -31,8 +35,11 @@ from .results import RouteCost
 NAME = "pairwise"
 COSTED = False
 
-# A progress bar is offered (progress=None: shown on a terminal) above this many inner products.
-_LONG_PAIRS = 50
+# The seconds one call of ts.inner takes beyond its plan's work (arguments,
+# canonical scales, planning from the cache): 210 calls on tiny bilinear
+# models took 2.9 s exact (14 ms each; 0.6 s under closure), so this errs
+# towards offering the bar (drawn only once the work has run half a second).
+_CALL_SECONDS = 0.014
 
 # What a matrix of jointly estimated cosines says of them (see run).
 JOINT_NOTE = ("each cosine is ts.similarity's Monte Carlo estimate for its pair: <a,b>, <a,a> and <b,b> from the "
@@ -85,14 +92,28 @@ def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
     joint = job.method == "sampled"
     n_pairs = len(A) * (len(A) - 1) // 2 if sym else len(A) * len(Bs)
     n_self = len(A) + (0 if sym else len(Bs)) if sym or job.selfs else 0
-    bar = progress_bar(n_pairs + n_self, f"similarity matrix (pairwise {job.inner})", "inner", job.progress,
-                       n_pairs + n_self > _LONG_PAIRS)
+    # the estimate plans a pair (the calls then find its plans cached): only where a bar could show
+    long = job.progress is None and _terminal() and seconds_of(job, A[0], Bs[-1], n_pairs, n_self) >= LONG_SECONDS
+    bar = progress_bar(n_pairs + n_self, f"similarity matrix (pairwise {job.inner})", "inner", job.progress, long)
+    # each product's own bar as ts.similarity offers it (a few long products: the matrix's bar hardly moves)
+    each = False if job.progress is False else None
     results = []
     selfs: dict[int, float] = {}  # id of a canonical model -> its self product, computed once
+    index = {id(m): k for k, m in enumerate(A)}
+    index_b = index if sym else {id(m): k for k, m in enumerate(Bs)}
+
+    def name(a: Any, b: Any) -> str:
+        """The product's label on its bar: the models' indices (<2,5>; a
+        cross matrix's <row 2,column 5>, a norm's <column 5,column 5>)."""
+        if sym:
+            return f"<{index[id(a)]},{index[id(b)]}>"
+        first = f"row {index[id(a)]}" if id(a) in index else f"column {index_b[id(a)]}"
+        return f"<{first},{first if a is b else f'column {index_b[id(b)]}'}>"
 
     def call(a: Any, b: Any, how: Any) -> Any:
-        out = how(a, b, job.inner, job.method, measure=job.measure, centered=job.centered,
-                  progress=False, **options)  # the matrix's bar
+        with labelled(name(a, b)):
+            out = how(a, b, job.inner, job.method, measure=job.measure, centered=job.centered,
+                      progress=each, **options)
         results.append(out[0] if isinstance(out, tuple) else out)
         bar.update(1)
         return out
@@ -145,6 +166,38 @@ def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
     methods = sorted({r.method for r in results}) or ["exact"]
     return Gram(K, sA, sB, logA, logB, sum(r.flops for r in results), (), "float64", "numpy", exact,
                 "/".join(methods), cosines=joint, stderr=se, heavy=heavy)
+
+
+def seconds_of(job: Job, a: Any, b: Any, n_pairs: int, n_self: int) -> float:
+    """The estimated seconds of the route's products (:mod:`tsalgebra.progress`'s
+    rates): the pair ``a``, ``b`` planned as ts.similarity plans it stands for
+    every pair (the models of a matrix share their architecture), its
+    self-products for the norms (none beyond the pairs' where its plan is
+    joint), each call with _CALL_SECONDS more.  A pair refused or not
+    planned: the calls' own time only (the run then says why)."""
+    options = _one_bound(dict(job.options, max_memory=job.pair_memory, centered=job.centered))
+    try:
+        products = _similarity_plans(a, b, job.inner, job.method, None, None, job.measure, options)
+    except (CostError, ValueError, TypeError):
+        products = []
+    plans = [p for _, p in products if isinstance(p, Plan)]
+    if not plans or len(plans) < len(products):
+        return (n_pairs + n_self) * _CALL_SECONDS
+    secs = [estimated_seconds(p.flops, p.algorithm) + _CALL_SECONDS for p in plans]
+    if plans[0].joint and job.method != "sampled" and n_pairs:  # the pairs give the norms
+        return n_pairs * secs[0]
+    # a self-product's plan (a model with itself: one plan), else each norm counted as a pair
+    # (Monte Carlo samples each norm on its own: this errs long)
+    own = sum(secs[1:]) / len(secs[1:]) if len(secs) > 1 else secs[0]
+    return n_pairs * secs[0] + n_self * own
+
+
+def _terminal() -> bool:
+    """Whether stderr is a terminal (where tqdm shows a bar left to decide)."""
+    try:
+        return bool(sys.stderr.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 def _canonical(models: list[Any]) -> tuple[list[Any], np.ndarray]:

@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..algorithms.sampled import Z95
+from ..plots import _ANNOTATE_UP_TO
 from ..planner import ContractionPlan
 from ..problem import HEAVY_TAILS
 
@@ -132,13 +133,42 @@ class SimilarityMatrix:
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         return np.asarray(self.values, dtype=dtype)
 
-    def __repr__(self) -> str:
-        n, m = self.values.shape
+    @property
+    def accuracy(self) -> str:
+        """How the values were obtained, as the repr says it: the method, with
+        "(approximate)" or "(estimated)" (and the heavy-tails warning) where
+        they are not exact."""
         # inside the "(estimated, ...)" parenthesis, as InnerResult's repr says it of one estimate
         heavy = f", {HEAVY_TAILS}" if self.heavy_tailed is not None and np.any(
             self.heavy_tailed) else ""
         kind = f" (estimated{heavy})" if self.estimated else "" if self.exact else " (approximate)"
-        flags = [self.inner, self.method + kind, f"route {self.route}"]
+        return self.method + kind
+
+    def title(self, annotated: bool | None = None) -> str:
+        """The default title of :meth:`plot`: what the figure shows and how its
+        numbers were obtained (exact / approximate / estimated, the heavy-tails
+        warning, centred, the measure, the route), and for estimates the
+        largest standard error: a figure kept alone says what its repr says.
+        ``annotated``: whether the cells are written out (default: as
+        :meth:`plot` does, up to 12 x 12), each estimate with its error."""
+        if annotated is None:
+            annotated = max(self.values.shape) <= _ANNOTATE_UP_TO
+        lines = [f"{self.inner}{' centred' if self.centered else ''} similarity: {self.accuracy}",
+                 ", ".join(([self.measure] if self.measure else []) + [f"route {self.route}"])]
+        if self.stderr is not None:
+            off = ~np.eye(*self.values.shape, dtype=bool) if self.symmetric else np.ones(self.values.shape, bool)
+            se = np.asarray(self.stderr, dtype=float)[off]
+            lines.append(f"standard errors up to \u00b1{float(np.max(se, initial=0.0)):.2g}"
+                         + (" (each under its cosine)" if annotated else ""))
+            if self.heavy_tailed is not None and np.any(self.heavy_tailed[off]):
+                k = int(np.count_nonzero(np.asarray(self.heavy_tailed)[off]) // (2 if self.symmetric else 1))
+                total = int(off.sum() // (2 if self.symmetric else 1))
+                lines.append(f"heavy tails in {k} of {total} cosines (outlined)")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        n, m = self.values.shape
+        flags = [self.inner, self.accuracy, f"route {self.route}"]
         if self.centered:
             flags.append("centred")
         if self.measure:
@@ -152,7 +182,9 @@ class SimilarityMatrix:
         """A heatmap of the cosines (see :func:`tsalgebra.plots.plot_matrix`);
         returns the figure.  ``labels`` name the rows (and the columns of a
         symmetric matrix); by default the labels the models were given under,
-        if any."""
+        if any.  The default ``title`` is :meth:`title`: how the values were
+        obtained.  Estimated cosines carry their standard errors in the cells
+        written out, and the heavy-tailed ones are outlined."""
         from ..plots import plot_matrix
 
         rows = list(labels) if labels is not None else (list(self.labels) if self.labels else None)
@@ -162,5 +194,5 @@ class SimilarityMatrix:
             cols = rows
         else:
             cols = list(self.col_labels) if self.col_labels else None
-        return plot_matrix(self.values, path, ax, labels=rows, col_labels=cols,
-                           title=title or f"{self.inner} similarity ({self.route})", annotate=annotate)
+        return plot_matrix(self.values, path, ax, labels=rows, col_labels=cols, title=title or self.title(annotate),
+                           annotate=annotate, stderr=self.stderr, flagged=self.heavy_tailed)
