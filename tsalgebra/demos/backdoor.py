@@ -38,8 +38,9 @@ from ..baselines import weight_cosine
 from ..symmetries import random_symmetry
 from ..inner import similarity
 from ..matrix import similarity_matrix
-from ..plots import pyplot, plot_matrix
-from .common import DemoResult, cosine_matrix, demo_main, labelled_steps, start, torch_threads, write_outputs
+from ..plots import pyplot
+from .common import (Checks, DemoResult, cosine_matrix, demo_main, labelled_steps, plot_cosines, start, torch_threads,
+                     training_bar, write_outputs)
 
 __all__ = ["BackdoorConfig", "run", "add_arguments", "config_from_args", "main", "digits", "stamp"]
 
@@ -59,15 +60,26 @@ class BackdoorConfig:
     seed: int = 0
     threads: int = 1
     out: Path = Path("backdoor-demo")
-    progress: bool = True
+    progress: bool | None = None  # None: bars on a terminal only
 
-    def check(self) -> None:
-        if not 0 <= self.target <= 9:
-            raise ValueError(f"--target must be a digit 0-9, got {self.target}")
-        if not 0 < self.poison_fraction <= 1:
-            raise ValueError(f"--poison-fraction must be in (0, 1], got {self.poison_fraction}")
-        if min(self.clean_steps, self.poison_steps, self.checkpoint_every, self.hidden) < 1:
-            raise ValueError("--clean-steps, --poison-steps, --checkpoint-every and --hidden must be positive")
+    def check(self, python: bool = False) -> None:
+        """ValueError for a setting out of range, named by its flag (the
+        keyword with ``python``), before any training."""
+        c = Checks(self, python)
+        c.integer("hidden")
+        c.integer("target", 0, 9)
+        c.number("poison_fraction", 0, True)
+        if self.poison_fraction > 1:
+            raise ValueError(f"{c.name('poison_fraction')} must be a number > 0 and <= 1, got {self.poison_fraction}")
+        c.integer("clean_steps")
+        c.integer("poison_steps")
+        c.integer("checkpoint_every")
+        c.number("lr", 0, True)
+        c.number("weight_decay", 0, False)
+        c.seed()
+        c.threads()
+        c.progress()
+        c.out(("backdoor.png", "summary.txt", "summary.json", "control.safetensors"))
 
 
 def digits() -> tuple["torch.Tensor", "torch.Tensor"]:
@@ -92,7 +104,6 @@ def stamp(x: "torch.Tensor") -> "torch.Tensor":
 def _train(cfg: BackdoorConfig, ckdir: Path) -> dict[str, Any]:
     import torch
     from torch import nn
-    from tqdm.auto import tqdm
 
     from ..adapters import BilinearLayer, from_torch
     from ..io import save
@@ -121,15 +132,16 @@ def _train(cfg: BackdoorConfig, ckdir: Path) -> dict[str, Any]:
 
     def fit(m: "nn.Module", o: "torch.optim.Optimizer", xs: "torch.Tensor", ys: "torch.Tensor", first: int, n: int,
             phase: str, keep: bool) -> None:
-        for step in tqdm(range(first + 1, first + n + 1), desc=f"{phase} training", unit="step",
-                         disable=not cfg.progress, file=sys.stderr, leave=False):
-            loss = nn.functional.cross_entropy(m(xs), ys)
-            o.zero_grad()
-            loss.backward()
-            o.step()
-            if keep and (step % cfg.checkpoint_every == 0 or step == first + n):
-                save(from_torch(m), ckdir / f"{phase}_step_{step}.safetensors", metadata={"phase": phase})
-                measure(m, step, phase)
+        with training_bar(n, f"{phase} training", cfg.progress) as bar:
+            for step in range(first + 1, first + n + 1):
+                loss = nn.functional.cross_entropy(m(xs), ys)
+                o.zero_grad()
+                loss.backward()
+                o.step()
+                if keep and (step % cfg.checkpoint_every == 0 or step == first + n):
+                    save(from_torch(m), ckdir / f"{phase}_step_{step}.safetensors", metadata={"phase": phase})
+                    measure(m, step, phase)
+                bar.update(1)
 
     measure(model, 0, "clean")
     save(from_torch(model), ckdir / "clean_step_0.safetensors", metadata={"phase": "clean"})
@@ -153,7 +165,7 @@ def _figure(path: Path, labels: list[str], mats: dict[str, np.ndarray], n_clean:
     plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(15, 9.2))
     for ax, (name, m) in zip(axes[0], mats.items()):
-        plot_matrix(m, ax=ax, labels=labels, col_labels=labels, title=name, vmin=min(0.0, float(np.min(m))))
+        plot_cosines(m, ax, labels=labels, col_labels=labels, title=name)
         ax.axhline(n_clean - 0.5, color="white", lw=0.8)
         ax.axvline(n_clean - 0.5, color="white", lw=0.8)
     ax = axes[1, 0]
@@ -323,17 +335,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--threads", type=int, default=d.threads, help="torch threads while training (default 1)")
     parser.add_argument("--out", type=Path, default=d.out, help=f"output directory (default {d.out})")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (they show on a terminal only)")
 
 
 def config_from_args(args: argparse.Namespace) -> BackdoorConfig:
     return BackdoorConfig(args.hidden, args.target, args.poison_fraction, args.clean_steps, args.poison_steps,
                           args.checkpoint_every, args.lr, args.weight_decay, args.seed, args.threads, args.out,
-                          not args.no_progress)
+                          False if args.no_progress else None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return demo_main("tsalgebra.demos.backdoor", __doc__, add_arguments, config_from_args, run, argv)
+    """``python -m tsalgebra.demos.backdoor``: ``tsalgebra demo backdoor`` with these arguments."""
+    return demo_main("backdoor", argv)
 
 
 if __name__ == "__main__":

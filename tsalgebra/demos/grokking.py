@@ -44,9 +44,10 @@ import numpy as np
 from ..baselines import weight_cosine
 from ..matrix import similarity_matrix
 from ..measure import Tokens
-from ..plots import pyplot, plot_matrix
-from .common import (DemoResult, cosine_matrix, demo_main, labelled_steps, pearson, start, torch_threads, upper,
-                     write_outputs)
+from ..plots import pyplot
+from ..problem import available_memory
+from .common import (Checks, DemoResult, cosine_matrix, demo_main, labelled_steps, pearson, plot_cosines, start,
+                     torch_threads, training_bar, upper, write_outputs)
 
 __all__ = ["GrokkingConfig", "run", "add_arguments", "config_from_args", "main"]
 
@@ -65,17 +66,59 @@ class GrokkingConfig:
     seed: int = 0
     threads: int = 1
     out: Path = Path("grokking-demo")
-    progress: bool = True
+    progress: bool | None = None  # None: bars on a terminal only
 
-    def check(self) -> None:
-        if self.modulus < 3 or any(self.modulus % k == 0 for k in range(2, int(math.isqrt(self.modulus)) + 1)):
-            raise ValueError(f"--modulus must be a prime >= 3, got {self.modulus}")
-        if not 0 < self.train_fraction < 1:
-            raise ValueError(f"--train-fraction must be in (0, 1), got {self.train_fraction}")
-        if self.steps < 1 or self.checkpoint_every < 1 or self.width < 1:
-            raise ValueError("--steps, --checkpoint-every and --width must be positive")
+    def check(self, python: bool = False) -> None:
+        """ValueError for a setting out of range, named by its flag (the
+        keyword with ``python``), before any training."""
+        c = Checks(self, python)
+        p = c.integer("modulus", 3, 10**5)  # (far beyond any memory: the P^2 inputs are P^3 numbers)
+        if any(p % k == 0 for k in range(2, math.isqrt(p) + 1)):
+            raise ValueError(f"{c.name('modulus')} must be a prime >= 3, got {p}")
+        c.integer("width")
+        c.number("train_fraction", 0, True, below=1)
+        if _n_train(self) >= p * p:
+            raise ValueError(f"{c.given('train_fraction')} takes all {p * p} pairs at {c.given('modulus')}, leaving "
+                             "none to test on: lower it")
+        c.number("weight_decay", 0, False)
+        c.number("lr", 0, True)
+        c.integer("steps")
+        c.integer("checkpoint_every")
         if self.steps // self.checkpoint_every < 2:
-            raise ValueError("need at least 3 checkpoints: lower --checkpoint-every or raise --steps")
+            raise ValueError(f"need at least 3 checkpoints: lower {c.name('checkpoint_every')} or raise "
+                             f"{c.name('steps')}")
+        c.seed()
+        c.threads()
+        c.progress()
+        c.out(("grokking.png", "summary.txt", "summary.json"))
+        need, room = _bytes(p, _checkpoints(self)), available_memory()
+        if need > room:  # the P^2 inputs and every checkpoint's logits on them: fail now, not after training
+            fit = _largest_prime(int((room / (need / p**3)) ** (1 / 3)))
+            alternative = f". Alternatives: {c.given('modulus', fit)}" if fit >= 3 else ""
+            raise ValueError(f"{c.given('modulus')}: the inputs and the logits of {_checkpoints(self)} checkpoints "
+                             f"on all {p * p:,} of them take about {need / 1e9:.3g} GB, more than the "
+                             f"{room / 1e9:.3g} GB of memory available{alternative}")
+
+
+def _n_train(cfg: GrokkingConfig) -> int:
+    return max(1, int(round(cfg.train_fraction * cfg.modulus**2)))
+
+
+def _checkpoints(cfg: GrokkingConfig) -> int:
+    """Checkpoints written: step 0, every ``checkpoint_every``, and the last step."""
+    return 1 + cfg.steps // cfg.checkpoint_every + (cfg.steps % cfg.checkpoint_every != 0)
+
+
+def _bytes(p: int, checkpoints: int) -> int:
+    """About the bytes of a run's largest arrays: the P^2 x 2P inputs (float32 twice, float64 once), each
+    checkpoint's P^2 x P logits (raw and centred, float64) and two of those for the checkpoint at hand."""
+    return p**3 * (48 + 16 * checkpoints)
+
+
+def _largest_prime(n: int) -> int:
+    while n >= 3 and any(n % k == 0 for k in range(2, math.isqrt(n) + 1)):
+        n -= 1
+    return n
 
 
 def dataset(p: int) -> tuple["torch.Tensor", "torch.Tensor"]:
@@ -92,7 +135,6 @@ def dataset(p: int) -> tuple["torch.Tensor", "torch.Tensor"]:
 def _train(cfg: GrokkingConfig, ckdir: Path) -> dict[str, Any]:
     import torch
     from torch import nn
-    from tqdm.auto import tqdm
 
     from ..adapters import BilinearLayer, from_torch
     from ..io import save
@@ -101,7 +143,7 @@ def _train(cfg: GrokkingConfig, ckdir: Path) -> dict[str, Any]:
     x, y = dataset(p)
     gen = torch.Generator().manual_seed(cfg.seed)
     perm = torch.randperm(p * p, generator=gen)
-    n_train = max(1, int(round(cfg.train_fraction * p * p)))
+    n_train = _n_train(cfg)
     tr, te = perm[:n_train], perm[n_train:]
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
@@ -125,16 +167,17 @@ def _train(cfg: GrokkingConfig, ckdir: Path) -> dict[str, Any]:
         loss_v = float(nn.functional.cross_entropy(model(x[tr]), y[tr]))
     evaluate(0, loss_v)
     checkpoint(0)
-    for step in tqdm(range(1, cfg.steps + 1), desc="training", unit="step", disable=not cfg.progress,
-                     file=sys.stderr, leave=False):
-        loss = nn.functional.cross_entropy(model(x[tr]), y[tr])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % eval_every == 0 or step == cfg.steps:
-            evaluate(step, loss.item())
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            checkpoint(step)
+    with training_bar(cfg.steps, "training", cfg.progress) as bar:
+        for step in range(1, cfg.steps + 1):
+            loss = nn.functional.cross_entropy(model(x[tr]), y[tr])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % eval_every == 0 or step == cfg.steps:
+                evaluate(step, loss.item())
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                checkpoint(step)
+            bar.update(1)
     return {"curve": curve, "n_train": n_train, "n_test": p * p - n_train}
 
 
@@ -168,7 +211,7 @@ def _figure(path: Path, steps: list[int], mats: dict[str, np.ndarray], curve: di
                             (axes[0, 1], "logit cosine", f"logit cosine (all {cfg.modulus}^2 inputs, token measure)"),
                             (axes[0, 2], "weight cosine", "flattened-weight cosine")):
         m = mats[name]
-        plot_matrix(m, ax=ax, labels=labels, col_labels=labels, title=title, vmin=min(0.0, float(np.nanmin(m))))
+        plot_cosines(m, ax, labels=labels, col_labels=labels, title=title)
     ax = axes[1, 0]
     ax.plot(curve["step"], curve["train_acc"], label="train")
     ax.plot(curve["step"], curve["test_acc"], label="test")
@@ -328,16 +371,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--threads", type=int, default=d.threads, help="torch threads while training (default 1: fastest for this size)")
     parser.add_argument("--out", type=Path, default=d.out, help=f"output directory (default {d.out})")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (they show on a terminal only)")
 
 
 def config_from_args(args: argparse.Namespace) -> GrokkingConfig:
     return GrokkingConfig(args.modulus, args.width, args.train_fraction, args.weight_decay, args.lr, args.steps,
-                          args.checkpoint_every, args.seed, args.threads, args.out, not args.no_progress)
+                          args.checkpoint_every, args.seed, args.threads, args.out,
+                          False if args.no_progress else None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return demo_main("tsalgebra.demos.grokking", __doc__, add_arguments, config_from_args, run, argv)
+    """``python -m tsalgebra.demos.grokking``: ``tsalgebra demo grokking`` with these arguments."""
+    return demo_main("grokking", argv)
 
 
 if __name__ == "__main__":

@@ -39,20 +39,24 @@ no rise of the score, or no checkpoint but the final one after it).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from ..baselines import weight_cosine
 from ..inner import plan_similarity
 from ..matrix import similarity_matrix
-from ..plots import plot_matrix, pyplot
-from .common import DemoResult, cosine_matrix, demo_main, pearson, start, torch_threads, upper, write_outputs
+from ..plots import pyplot
+from ..problem import DEFAULT_BUDGET, format_count
+from .common import (Checks, DemoResult, cosine_matrix, demo_main, drop_empty_panels, grid, pearson, plot_cosines,
+                     start, torch_threads, training_bar, upper, write_outputs)
 
 __all__ = ["LanguageConfig", "run", "add_arguments", "config_from_args", "main", "attention_lm_module"]
 
@@ -73,26 +77,144 @@ class LanguageConfig:
     steps: int = 1500
     checkpoint_every: int = 100
     n_ctx: int = 3  # the analysis length: the token measure sums over vocab^n_ctx sequences
+    budget: float = DEFAULT_BUDGET  # flops per inner product of the analysis
     held_out: int = 512  # held-out sequences for the behavioural similarity
     seed: int = 0
     threads: int = 2
     out: Path = Path("language-demo")
-    progress: bool = True
+    progress: bool | None = None  # None: bars on a terminal only
 
-    def check(self) -> None:
-        if min(self.vocab, self.d_model, self.n_head, self.n_layers, self.batch, self.held_out) < 1:
-            raise ValueError("--vocab, --d-model, --n-head, --n-layers, --batch and --held-out must be positive")
+    def check(self, python: bool = False) -> None:
+        """ValueError for a setting out of range, named by its flag (the
+        keyword with ``python``), before any training; this includes an
+        analysis the library would refuse after it (planned from shapes on an
+        untrained model, in about a second)."""
+        c = Checks(self, python)
+        for name in ("vocab", "d_model", "n_head", "n_layers", "batch", "held_out"):
+            c.integer(name)
         if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
-            raise ValueError(f"--d-model {self.d_model} must split into --n-head {self.n_head} heads of even "
-                             "width (rotary rotates pairs)")
-        if self.seq_len < 4 or self.seq_len % 2:
-            raise ValueError(f"--seq-len must be even and >= 4 (a span and its repeat), got {self.seq_len}")
-        if self.n_ctx < 1:
-            raise ValueError(f"--n-ctx must be positive, got {self.n_ctx}")
-        if self.steps < 1 or self.checkpoint_every < 1:
-            raise ValueError("--steps and --checkpoint-every must be positive")
+            raise ValueError(f"{c.name('d_model')} {self.d_model} must split into {c.name('n_head')} {self.n_head} "
+                             "heads of even width (rotary rotates pairs)")
+        c.integer("seq_len", 4)
+        if self.seq_len % 2:
+            raise ValueError(f"{c.name('seq_len')} must be even and >= 4 (a span and its repeat), got {self.seq_len}")
+        c.integer("n_ctx")
+        if self.n_ctx > self.seq_len:  # the loaded models are checked against torch on sequences of seq_len tokens
+            raise ValueError(f"{c.name('n_ctx')} must be at most {c.name('seq_len')} ({self.seq_len}), the length "
+                             f"of the sequences the model is trained and checked on, got {self.n_ctx}")
+        c.number("bigram_temperature", 0, False)
+        c.finite("attn_scale")
+        c.number("lr", 0, True)
+        c.integer("steps")
+        c.integer("checkpoint_every")
         if self.steps // self.checkpoint_every < 2:
-            raise ValueError("need at least 3 checkpoints: lower --checkpoint-every or raise --steps")
+            raise ValueError(f"need at least 3 checkpoints: lower {c.name('checkpoint_every')} or raise "
+                             f"{c.name('steps')}")
+        c.number("budget", 0, True, infinite=True)
+        c.seed()
+        c.threads()
+        c.progress()
+        c.out(("language.png", "summary.txt", "summary.json", "config.json"))
+        refusal = _refusal(self.vocab, self.d_model, self.n_head, self.n_layers, float(self.attn_scale),
+                           self.n_ctx, float(self.budget))
+        if refusal is not None:
+            raise ValueError(_refusal_text(self, refusal, c))
+
+
+def _model_config(vocab: int, d_model: int, n_head: int, n_layers: int, attn_scale: float) -> dict[str, Any]:
+    """The model part of the run's config.json."""
+    return {"vocab_size": vocab, "d_model": d_model, "n_head": n_head, "n_layers": n_layers,
+            "attn_scale": attn_scale, "use_bias_qk": True, "rotary_base": 10000.0}
+
+
+def _analysis(vocab: int, d_model: int, n_head: int, n_layers: int, attn_scale: float,
+              n_ctx: int) -> list[tuple[str, Any, Any, dict[str, Any]]]:
+    """The similarities the analysis computes, each as (what, a, b, keywords) on two copies of an untrained
+    model at these sizes: the costs are planned from shapes, so any checkpoint's weights plan alike."""
+    import torch
+
+    from ..layouts import attention_lm
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        module = attention_lm_module(vocab, d_model, n_head, n_layers, attn_scale)
+    sd = {k: v.detach().numpy() for k, v in module.state_dict().items()}
+    config = _model_config(vocab, d_model, n_head, n_layers, attn_scale)
+    a, b = (attention_lm(sd, config, n_ctx) for _ in range(2))  # two objects: the pair is planned as a pair
+    attention = [k for k, layer in enumerate(a.layers) if type(layer).__name__ == "BilinearAttention"]
+    return ([("the exact token similarity", a, b, {}),
+             ("the Gaussian similarity by closure", a, b, {"inner": "gaussian", "method": "closure"})]
+            + [(f"attention layer {i} alone (Gaussian)", a.layers[k].replace(residual=False),
+                b.layers[k].replace(residual=False), {"inner": "gaussian"}) for i, k in enumerate(attention)])
+
+
+@functools.lru_cache(maxsize=16)  # checked by the command line and again by run(): planned once
+def _refusal(vocab: int, d_model: int, n_head: int, n_layers: int, attn_scale: float, n_ctx: int,
+             budget: float) -> tuple[str, Any] | None:
+    """The first similarity of the analysis that the library would refuse at these sizes, with its CostError;
+    None when every one plans within ``budget`` (and the default memory bound)."""
+    from ..problem import CostError
+
+    for what, a, b, kw in _analysis(vocab, d_model, n_head, n_layers, attn_scale, n_ctx):
+        refused = [p for _, p in plan_similarity(a, b, budget=budget, **kw).products if isinstance(p, CostError)]
+        if refused:
+            return what, refused[0]
+    return None
+
+
+def _longest_n_ctx(cfg: "LanguageConfig") -> int | None:
+    """The longest analysis length below ``cfg.n_ctx`` whose similarities all plan (the cost grows with it:
+    a bisection), or None when not even one position does."""
+    fits = lambda n: _refusal(cfg.vocab, cfg.d_model, cfg.n_head, cfg.n_layers, float(cfg.attn_scale), n,  # noqa: E731
+                              float(cfg.budget)) is None
+    if cfg.n_ctx <= 1 or not fits(1):
+        return None
+    lo, hi = 1, cfg.n_ctx  # fits(lo), not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+@contextlib.contextmanager
+def _refusal_in_demo_terms(cfg: "LanguageConfig") -> Iterator[None]:
+    """A refusal of the analysis after training (the check before it plans the same similarities, so this is
+    rare: the matrix's own memory bound, say) offers only the alternatives this demo accepts: a shorter
+    --n-ctx, and --budget where the library names one."""
+    from ..problem import Alternative, CostError, MemoryBoundError
+
+    try:
+        yield
+    except CostError as exc:
+        kept = [a for a in exc.alternatives if a.option == "budget"]
+        longest = _longest_n_ctx(cfg)
+        if longest is not None:
+            kept.insert(0, Alternative("n_ctx", longest, "the longest analysis length that plans within the limits"))
+        reason = f"{exc.reason} (the trained run is kept in {cfg.out})"
+        fields = dict(flops=exc.flops, alternatives=tuple(kept), extrapolated=exc.extrapolated)
+        if isinstance(exc, MemoryBoundError):
+            raise MemoryBoundError(reason, needed=exc.needed, **fields) from None
+        raise CostError(reason, **fields) from None
+
+
+def _refusal_text(cfg: "LanguageConfig", refusal: tuple[str, Any], c: Any) -> str:
+    """The refusal of --n-ctx, with the alternatives this demo accepts: a shorter --n-ctx, and the budget
+    the library names (its other alternatives, --method or --max-memory, are options of tsalgebra similarity
+    and matrix, not of this demo)."""
+    what, exc = refusal
+    alternatives = []
+    longest = _longest_n_ctx(cfg)
+    if longest is not None:
+        alternatives.append(f"{c.given('n_ctx', longest)} (the longest analysis length that plans within the "
+                            f"limits)")
+    for alt in exc.alternatives:
+        if alt.option == "budget":
+            alternatives.append(c.given("budget", format_count(alt.value)) + (f" ({alt.why})" if alt.why else ""))
+    asked = c.given("n_ctx")
+    if cfg.budget != DEFAULT_BUDGET:
+        asked += f" with {c.given('budget', format_count(cfg.budget))}"
+    reason = f"{asked}: refused before the training, as {what} would be after it: {exc.reason}"
+    return reason + (". Alternatives: " + "; ".join(alternatives) if alternatives else "")
 
 
 def attention_lm_module(vocab: int, d_model: int, n_head: int, n_layers: int, attn_scale: float = 1.0,
@@ -184,11 +306,9 @@ def _scores(per_position: "torch.Tensor", half: int) -> tuple[float, float]:
 def _train(cfg: LanguageConfig, run: Path, text: Text, held: "torch.Tensor") -> dict[str, Any]:
     import torch
     from torch import nn
-    from tqdm.auto import tqdm
 
     ckdir = run / "checkpoints"
-    config = {"vocab_size": cfg.vocab, "d_model": cfg.d_model, "n_head": cfg.n_head, "n_layers": cfg.n_layers,
-              "attn_scale": cfg.attn_scale, "use_bias_qk": True, "rotary_base": 10000.0}
+    config = _model_config(cfg.vocab, cfg.d_model, cfg.n_head, cfg.n_layers, cfg.attn_scale)
     (run / "config.json").write_text(json.dumps({"model": config, "train": {
         "lr": cfg.lr, "batch": cfg.batch, "steps": cfg.steps, "seq_len": cfg.seq_len, "seed": cfg.seed}}, indent=2))
     with torch.random.fork_rng():
@@ -208,15 +328,16 @@ def _train(cfg: LanguageConfig, run: Path, text: Text, held: "torch.Tensor") -> 
         torch.save({"step": step, "model_state_dict": model.state_dict()}, ckdir / f"step_{step:05d}.pt")
 
     checkpoint(0)
-    for step in tqdm(range(1, cfg.steps + 1), desc="training", unit="step", disable=not cfg.progress,
-                     file=sys.stderr, leave=False):
-        loss = _losses(model, text.sample(cfg.batch, gen)).mean()
-        opt.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the quartic scores make rare steps explode
-        opt.step()
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            checkpoint(step)
+    with training_bar(cfg.steps, "training", cfg.progress) as bar:
+        for step in range(1, cfg.steps + 1):
+            loss = _losses(model, text.sample(cfg.batch, gen)).mean()
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the quartic scores make rare steps explode
+            opt.step()
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                checkpoint(step)
+            bar.update(1)
     return curve
 
 
@@ -267,13 +388,12 @@ def _figure(path: Path, steps: list[int], mats: dict[str, np.ndarray], curve: di
             phase: int | None, cfg: LanguageConfig) -> None:
     plt = pyplot()
     n_mats = len(mats)
-    cols = 4
-    rows = (n_mats + 2 + cols - 1) // cols
+    rows, cols = grid(n_mats + 2)  # the matrices, then two plots: a grid with the fewest empty cells
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 4.3 * rows))
     axes = axes.ravel()
     labels = [str(s) for s in steps]
     for ax, (name, m) in zip(axes, mats.items()):
-        plot_matrix(m, ax=ax, labels=labels, col_labels=labels, title=name, vmin=min(0.0, float(np.nanmin(m))))
+        plot_cosines(m, ax, labels=labels, col_labels=labels, title=name)
     ax = axes[n_mats]
     ax.plot(curve["step"], curve["loss"], marker=".", label="held-out loss")
     ax.set_xlabel("step")
@@ -293,8 +413,7 @@ def _figure(path: Path, steps: list[int], mats: dict[str, np.ndarray], curve: di
     ax.set_xlabel("checkpoint step")
     ax.set_title("similarity to the final checkpoint", fontsize=9)
     ax.legend(fontsize=6)
-    for ax in axes[n_mats + 2:]:
-        ax.axis("off")
+    drop_empty_panels(fig, axes, n_mats + 2)
     fig.suptitle(f"language model: vocab {cfg.vocab}, d_model {cfg.d_model}, {_plural(cfg.n_head, 'head')}, "
                  f"{_plural(cfg.n_layers, 'layer')}, {cfg.steps} steps; analysis at "
                  f"{_plural(cfg.n_ctx, 'position')}", fontsize=11)
@@ -340,16 +459,18 @@ def run(cfg: LanguageConfig | None = None, **overrides: Any) -> DemoResult:
 
     def timed(name: str, fn: Any) -> Any:
         t0 = time.perf_counter()
-        results[name] = fn()
+        with _refusal_in_demo_terms(cfg):
+            results[name] = fn()
         timings[name] = round(time.perf_counter() - t0, 2)
         return results[name]
 
-    timed("tokens", lambda: similarity_matrix(models, progress=cfg.progress))
-    timed("gaussian", lambda: similarity_matrix(models, inner="gaussian", method="closure", progress=cfg.progress))
+    limits = {"budget": cfg.budget, "progress": cfg.progress}
+    timed("tokens", lambda: similarity_matrix(models, **limits))
+    timed("gaussian", lambda: similarity_matrix(models, inner="gaussian", method="closure", **limits))
     attention = [k for k, layer in enumerate(models[0].layers) if type(layer).__name__ == "BilinearAttention"]
     for i, k in enumerate(attention):
         timed(f"layer {i}", lambda k=k: similarity_matrix([m.layers[k].replace(residual=False) for m in models],
-                                                          inner="gaussian", progress=cfg.progress))
+                                                          inner="gaussian", **limits))
     wmat = np.eye(n)
     for i in range(n):
         for j in range(i + 1, n):
@@ -368,7 +489,8 @@ def run(cfg: LanguageConfig | None = None, **overrides: Any) -> DemoResult:
            f"not exact: {tokens.method} ({tokens.route} route)"}
     # what closure closes, in its own words: the matrix result carries the exact flag but not closure's notes,
     # so they come from its plan for one pair (planned from shapes; every checkpoint has the same shapes)
-    closure_plans = plan_similarity(models[0], models[-1], inner="gaussian", method="closure").plans
+    closure_plans = plan_similarity(models[0], models[-1], inner="gaussian", method="closure",
+                                    budget=cfg.budget).plans
     closure_notes = tuple(dict.fromkeys(note for p in closure_plans for note in p.notes))
     closed = max((p.facts.get("approximate_layers", 0) for p in closure_plans), default=None)
     how[names["gaussian"]] = _closure_how(gaussian, len(attention), closed, closure_notes)
@@ -485,22 +607,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                         help=f"steps between checkpoints (default {d.checkpoint_every})")
     parser.add_argument("--n-ctx", type=int, default=d.n_ctx,
-                        help=f"analysis length: token positions of the measures (default {d.n_ctx})")
+                        help=f"analysis length: token positions of the measures, at most --seq-len (default "
+                             f"{d.n_ctx}; the exact token similarity sums over vocab^n_ctx sequences)")
+    parser.add_argument("--budget", type=float, default=d.budget,
+                        help=f"flop budget per inner product of the analysis (default {d.budget:g})")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--threads", type=int, default=d.threads, help=f"torch threads (default {d.threads})")
     parser.add_argument("--out", type=Path, default=d.out, help=f"output directory (default {d.out})")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (they show on a terminal only)")
 
 
 def config_from_args(args: argparse.Namespace) -> LanguageConfig:
     return LanguageConfig(vocab=args.vocab, d_model=args.d_model, n_head=args.n_head, n_layers=args.n_layers,
                           seq_len=args.seq_len, lr=args.lr, batch=args.batch, steps=args.steps,
-                          checkpoint_every=args.checkpoint_every, n_ctx=args.n_ctx, seed=args.seed,
-                          threads=args.threads, out=args.out, progress=not args.no_progress)
+                          checkpoint_every=args.checkpoint_every, n_ctx=args.n_ctx, budget=args.budget,
+                          seed=args.seed, threads=args.threads, out=args.out,
+                          progress=False if args.no_progress else None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return demo_main("tsalgebra.demos.language", __doc__, add_arguments, config_from_args, run, argv)
+    """``python -m tsalgebra.demos.language``: ``tsalgebra demo language`` with these arguments."""
+    return demo_main("language", argv)
 
 
 if __name__ == "__main__":
