@@ -19,6 +19,7 @@ import pytest
 import tsalgebra as ts
 from helpers import exit_code, tiny_lm
 from tsalgebra.algorithms import registry
+from tsalgebra.algorithms.sampled import MIN_BATCH, Sampled
 from tsalgebra.io import save
 from tsalgebra.problem import CostError, InnerProblem, MemoryBoundError
 
@@ -280,29 +281,38 @@ def _deep_pair():
     return _stack(rng, 4), _stack(rng, 4)
 
 
-@pytest.mark.xfail(raises=MemoryBoundError, strict=False, reason=(
-    "Monte Carlo keeps its control variate where the control's models push even its smallest batch over the "
-    "bound (sampled.py), where without it the plan would fit; the check plans it without (a lower bound)"))
-def test_monte_carlo_suggested_between_its_peak_without_and_with_its_control_variate():
+def test_monte_carlo_drops_its_control_variate_where_only_that_exceeds_the_bound():
+    """Monte Carlo kept its control variate where the control's models pushed
+    even its smallest batch over the bound, where without it the plan fits:
+    suggested (the check plans without it, a lower bound), then refused.  The
+    control variate is now dropped there, as it is over the budget."""
     a, b = _deep_pair()
-    with pytest.raises(MemoryBoundError) as info:  # its smallest batch, without the control variate (refused)
+    with pytest.raises(MemoryBoundError) as info:  # nothing fits: the smaller need (without the control) is stated
         ts.plan_inner(a, b, method="sampled", max_memory=1)
     lower = info.value.needed
-    with pytest.raises(MemoryBoundError) as info:  # with it: its exact plan fits this bound
-        ts.plan_inner(a, b, method="sampled", max_memory=int(lower))
-    bound = int((lower + info.value.needed) / 2)
-    if not lower < bound < info.value.needed:
-        pytest.skip("the control variate adds nothing here")
+    full = ts.plan_inner(a, b, method="sampled")  # at the default bound, with its control variate
+    assert full.facts["control_variate"]
+    smallest_with = Sampled()._peak_bytes(full.problem, MIN_BATCH, MIN_BATCH, full.payload[2])
+    assert lower < smallest_with  # the control variate's models add to the peak
+    bound = int((lower + smallest_with) / 2)
     refused = _refusal(lambda **kw: ts.inner(a, b, **kw), max_memory=bound)
     assert ("method", "sampled") in {(alt.option, alt.value) for alt in refused.alternatives}
+    plan = ts.plan_inner(a, b, method="sampled", samples=100, max_memory=bound)
+    assert not plan.facts["control_variate"] and any("over the memory bound" in n for n in plan.notes)
+    assert plan.peak_bytes <= bound
     ts.inner(a, b, method="sampled", samples=100, max_memory=bound)
 
 
-@pytest.mark.xfail(raises=MemoryBoundError, strict=False, reason=(
-    "ts.similarity merges the refusals of <a,b>, <a,a> and <b,b> by the union of their suggestions "
-    "(inner._refusal_of): what fits <a,a> alone is suggested for the pair, though <a,b>'s refusal left it out"))
 def test_a_similarity_suggests_nothing_that_fits_a_self_product_only():
+    """ts.similarity merged the refusals of <a,b>, <a,a> and <b,b> by the
+    union of their suggestions: what fitted <a,a> alone was suggested for
+    the pair (inner='network', then refused for memory when taken).  Another
+    question is now suggested only where every refused product offers it."""
     a, b, between, _ = _narrow_and_wide()
     refused = _refusal(lambda **kw: ts.similarity(a, b, **kw), budget=1, max_memory=between)
-    assert ("inner", "network") in {(alt.option, alt.value) for alt in refused.alternatives}
-    ts.similarity(a, b, "network", budget=1e15, max_memory=between)
+    assert ("inner", "network") not in {(alt.option, alt.value) for alt in refused.alternatives}
+    with pytest.raises(MemoryBoundError):  # the suggestion it no longer makes would have been refused
+        ts.similarity(a, b, "network", budget=1e15, max_memory=between)
+    for alt in refused.alternatives:  # what it suggests runs (the budget lifted, as each other question is planned)
+        if alt.option in ("inner", "method"):
+            ts.similarity(a, b, **{alt.option: alt.value}, budget=1e15, max_memory=between, samples=100)

@@ -298,6 +298,10 @@ def _refusal_of(refused: list[tuple[str, CostError]]) -> CostError:
             key = a.option if a.option in ("budget", "max_memory") else (a.option, repr(a.value))
             if key not in merged or a.value > merged[key].value:
                 merged[key] = a
+    # another question (inner=, method=) is asked of all three products: only what every refusal offers
+    # (each offers what plans within its bound), else what fits <a,a> alone was suggested for the pair
+    offered = [{(a.option, repr(a.value)) for a in e.alternatives} for _, e in refused]
+    merged = {k: a for k, a in merged.items() if isinstance(k, str) or all(k in o for o in offered)}
     others = ", ".join(f"{label} ({format_count(e.needed)} bytes at the smallest)" if isinstance(e, MemoryBoundError)
                        else f"{label} ({format_count(e.flops)} flops at the cheapest)" if e.flops < math.inf else label
                        for label, e in refused[1:])

@@ -418,6 +418,14 @@ class Sampled(Algorithm):
         control = self._control(problem)
         cv = control if isinstance(control, _Control) else None
         batch, piece = self._batch(problem, default, cv)
+        if cv is not None and self._peak_bytes(problem, batch, piece, cv) > problem.memory:
+            # optional too where its models (or its exact plan) take even the smallest batch over the memory
+            # bound: without it the estimate may fit (and a refusal states the smaller need)
+            plain = self._batch(problem, default, None)
+            if self._peak_bytes(problem, *plain, None) < self._peak_bytes(problem, batch, piece, cv):  # fits, or needs less
+                control, cv = "none (its models' forward passes or exact products would take the estimate over " \
+                              "the memory bound)", None
+                batch, piece = plain
         per_sample, fixed = per_sample_of(batch, cv), (cv.flops if cv is not None else 0.0)
         if cv is not None and over(per_sample, fixed) is not None:
             # the control variate is optional: without it the samples the limit affords are asked for
