@@ -389,7 +389,6 @@ class PairingPlan:
     orbit_sizes: tuple[int, ...]
     plans: tuple[ContractionPlan, ...]
     variant_flops: int = 0
-    compiled: tuple[Any, ...] = field(default=(), repr=False)
     refs: tuple[list[tuple[Any, ...]], ...] = field(default=(), repr=False)
     # how the plan was counted, to replay a refusal under a lower limit:
     # each orbit's greedy flops (search mode), or each orbit's stratum and
@@ -402,6 +401,14 @@ class PairingPlan:
     @property
     def orbits(self) -> int:
         return len(self.orbit_sizes)
+
+    @cached_property
+    def compiled(self) -> tuple[Any, ...]:
+        """Each orbit's contraction compiled (opt_einsum expressions), at the
+        first run: a plan only costed (a refusal, ts.plan, an estimate) never
+        pays it (a quarter of planning 9,496 orbits of a tiny attention pair)."""
+        return tuple(oe.contract_expression(p.equation, *p.shapes, optimize=[tuple(q) for q in p.path] or [(0,)])
+                     for p in self.plans)
 
     @property
     def flops(self) -> int:
@@ -636,10 +643,8 @@ def plan_pairings(A: Network, B: Network | None, joins: Joins, out_mask: Any, li
         raise _refusal(*verdict)
     done = tuple(p for p in plans if p is not None)
     assert len(done) == N
-    compiled = tuple(oe.contract_expression(p.equation, *p.shapes, optimize=[tuple(q) for q in p.path] or [(0,)])
-                     for p in done)
     found = PairingPlan(joins.kind, n, raw, tuple(size for _, size in orbits), done, joiner.variant_flops(),
-                        compiled, tuple(refs), counts, strata, tuple(trace))
+                        tuple(refs), counts, strata, tuple(trace))
     _PLANS[key] = found
     if len(_PLANS) > _PLANS_MAX:
         _PLANS.popitem(last=False)
