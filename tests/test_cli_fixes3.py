@@ -134,16 +134,17 @@ def test_a_refusal_lists_only_what_its_command_takes(files):
     alts = (Alternative("budget", 2.5e13, "the cheapest estimate"), Alternative("inner", "network", "layer-wise"),
             Alternative("method", "sampled", "an estimate"), Alternative("route", "pairwise", "pair by pair"),
             Alternative("algorithm", "pairings", "an algorithm"), Alternative("samples", 3.09e8, "samples"),
-            Alternative("max_memory", 1e30, "more than any machine"))
+            Alternative("max_memory", 1e30, "more than any machine"))  # a finite size --max-memory takes
     parser = cli.build_parser()
     verify = parser.parse_args(["verify", "a", "b"])
-    assert [a.option for a in cli._passable(alts, verify)] == ["budget", "method", "samples"]
+    assert [a.option for a in cli._passable(alts, verify)] == ["budget", "method", "samples", "max_memory"]
     exact = parser.parse_args(["verify", "a", "b", "--exact"])
-    assert [a.option for a in cli._passable(alts, exact)] == ["budget", "samples"]
+    assert [a.option for a in cli._passable(alts, exact)] == ["budget", "samples", "max_memory"]
     similarity = parser.parse_args(["similarity", "a", "b"])
-    assert [a.option for a in cli._passable(alts, similarity)] == ["budget", "inner", "method", "samples"]
+    assert [a.option for a in cli._passable(alts, similarity)] == ["budget", "inner", "method", "samples", "max_memory"]
     matrix = parser.parse_args(["matrix", "a", "b"])
-    assert [a.option for a in cli._passable(alts, matrix)] == ["budget", "inner", "method", "route", "samples"]
+    assert [a.option for a in cli._passable(alts, matrix)] == ["budget", "inner", "method", "route", "samples",
+                                                               "max_memory"]
     # the count a refusal spells as 3.09e+08 is one --samples takes
     assert parser.parse_args(["similarity", "a", "b", "--samples", "3.09e+08"]).samples == 309_000_000
 
@@ -182,7 +183,7 @@ def test_unrecognized_arguments_show_the_commands_usage(files, capsys):
 
 
 @pytest.mark.parametrize("args, flag", [(["summary", "--seed", "-5"], "--seed"),
-                                        (["similarity", "a", "b", "--max-memory", "1e20"], "--max-memory"),
+                                        (["similarity", "a", "b", "--max-memory", "inf"], "--max-memory"),
                                         (["matrix", "a", "b", "--workers", "100000"], "--workers")])
 def test_option_values_out_of_range_name_their_flag(args, flag, capsys):
     code, _, err = exit_code(capsys, *args)
@@ -222,12 +223,13 @@ def test_a_question_no_algorithm_answers_is_a_usage_error(tmp_path, capsys):
     got = json.loads(out)
     assert code == 2 and got["exit_code"] == 2 and "no exact algorithm applies" in got["error"], err
     # a refusal over the budget is still 3
-    assert cli._inapplicable(ts.CostError("x refused: every exact algorithm would exceed the budget", flops=1e20)) \
-        is False
+    code, out, err = exit_code(capsys, "similarity", tmp_path / "m1.pt", tmp_path / "m2.pt", "--template",
+                               f"{tmp_path / 'arch_net.py'}:build", "--budget", "1", "--json")
+    assert code == 3 and json.loads(out)["exit_code"] == 3 and "budget" in json.loads(out)["error"], err
 
 
 def test_counts_agree_with_their_nouns(files, capsys, tmp_path):
     (tmp_path / "one.txt").write_text("a^2\n")
     code, _, err = exit_code(capsys, "verify", tmp_path / "one.txt", files[0], "--symbols", "a")
     assert code == 2 and "--symbols names 1 input," in err, err
-    assert cli._count(1, "contraction") == "1 contraction" and cli._count(3, "orbit") == "3 orbits"
+    assert cli.counted(1, "contraction") == "1 contraction" and cli.counted(3, "orbit") == "3 orbits"

@@ -199,7 +199,7 @@ xr1, xr2 = sympy.symbols("x1 x2", real=True)
     ([xr1 * xr2, xr2], {}, ValueError, "assumptions"),
     ([x1 * x2, x2], {"symbols": ["x1", "x2"]}, TypeError, "symbols must be sympy Symbols"),
     ([x1 * x2, x2], {"symbols": [x1, x1]}, ValueError, "more than once"),
-    ([x1 * x2, x2], {"symbols": [x1]}, ValueError, "symbols names 1 inputs"),
+    ([x1 * x2, x2], {"symbols": [x1]}, ValueError, "symbols names 1 input,"),
     ([sympy.sin(x1), x2], {}, ValueError, "not a polynomial"),
     ([1 / x1, x2], {}, ValueError, "not a polynomial"),
     ([sympy.I * x1, x2], {}, ValueError, "not a finite real number"),
@@ -279,7 +279,7 @@ def test_cli_verify_input_errors(cli_files, capsys):
     assert "--symbols" in err and "Traceback" not in err
     assert main(["verify", "divzero.txt", "comp.safetensors"]) == 1
     err = capsys.readouterr().err
-    assert "divzero.txt:3" in err and "division by zero" in err and "complex" not in err
+    assert "divzero.txt:3" in err and "divides by zero" in err and "complex" not in err
     for tol in ("nan", "-1"):
         with pytest.raises(SystemExit) as exc:
             main(["verify", "eq.txt", "comp.safetensors", "--tol", tol])

@@ -20,7 +20,7 @@ from .inner import SimilarityPlan, inner, norm, plan_inner, plan_similarity, sim
 from .invariance import InvarianceReport, check_invariance
 from .measure import Gaussian, Measure, Tokens, sequence_measure
 from .planner import ContractionPlan, ContractionStep, plan, plan_cache
-from .problem import CostError, InnerProblem, InnerResult, Plan
+from .problem import CostError, InnerProblem, InnerResult, MemoryBoundError, NotApplicableError, Plan
 from .symbolic import Polynomial, from_sympy, to_sympy
 from .symmetries import Symmetry, random_symmetry
 from .verify import Verification, exactify, verify
@@ -46,7 +46,7 @@ def __getattr__(name: str):  # noqa: ANN201
 
 
 __all__ = [
-    "Bilinear", "BilinearAttention", "Component", "ContractionPlan", "ContractionStep", "CostError", "Embedding",
+    "Bilinear", "BilinearAttention", "Component", "ContractionPlan", "ContractionStep", "CostError", "Embedding", "MemoryBoundError", "NotApplicableError",
     "Gaussian",
     "InnerProblem", "InnerResult", "InvarianceReport", "Linear", "Measure", "Network", "Plan", "Polynomial", "PositionWise",
     "Sequential", "SimilarityPlan", "Sum", "Symmetry", "Tensor", "Tokens", "Transformer", "Verification", "algorithms",

@@ -15,6 +15,7 @@ import numpy as np
 
 from .components import Bilinear, Component, Linear, Sequential
 from .folding import fold
+from .messages import counted
 
 __all__ = ["project", "interaction_matrix", "top_eigen", "EigenCircuit"]
 
@@ -22,7 +23,7 @@ __all__ = ["project", "interaction_matrix", "top_eigen", "EigenCircuit"]
 def _direction(model: Component, output: Any) -> np.ndarray:
     if isinstance(output, (int, np.integer)):
         if not 0 <= output < model.out_features:
-            raise ValueError(f"output {output} out of range for {model.out_features} outputs")
+            raise ValueError(f"output {output} out of range for {counted(model.out_features, 'output')}")
         u = np.zeros(model.out_features)
         u[output] = 1.0
         return u

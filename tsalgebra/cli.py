@@ -55,9 +55,9 @@ from .engine import evaluation_network
 from .io import run_of
 from .jsonable import dumps
 from .matrix.api import ROUTES
-from .messages import message_of, raised
+from .messages import counted, message_of, raised
 from .planner import plan, plan_cache
-from .problem import DEFAULT_BUDGET, Alternative, CostError, MemoryBoundError, format_count
+from .problem import DEFAULT_BUDGET, Alternative, CostError, NotApplicableError, format_count
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as a shell reports a process it interrupted
@@ -67,11 +67,12 @@ class UsageError(Exception):
     """Bad usage detected after parsing (exit code 2)."""
 
 
-def _number(kind: type, least: float, strict: bool, below: float | None = None) -> Any:
+def _number(kind: type, least: float, strict: bool, below: float | None = None, finite: bool = False) -> Any:
     """An argparse type: a number of ``kind`` above ``least`` (``strict``) or
-    at least it (and under ``below``, when given), so that a value out of
-    range is a usage error (exit 2) named by its flag."""
-    what = f"{'an integer' if kind is int else 'a number'} {'>' if strict else '>='} {least:g}"
+    at least it (and under ``below``, when given; not inf with ``finite``),
+    so that a value out of range is a usage error (exit 2) named by its flag."""
+    noun = "a finite number" if finite else "an integer" if kind is int else "a number"
+    what = f"{noun} {'>' if strict else '>='} {least:g}"
     if below is not None:
         what += f" and < {below:g}"
 
@@ -82,7 +83,8 @@ def _number(kind: type, least: float, strict: bool, below: float | None = None) 
             value = _whole(text) if kind is int else None  # a count in float spelling, as refusals write 3.09e+08
             if value is None:
                 raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not (value > least if strict else value >= least) or (below is not None and not value < below):
+        if not (value > least if strict else value >= least) or (below is not None and not value < below) or (
+                finite and not math.isfinite(value)):
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}")  # NaN fails too
         return value
 
@@ -100,8 +102,8 @@ def _whole(text: str) -> int | None:
 
 
 _COUNT, _POSITIVE, _NON_NEGATIVE = _number(int, 0, True), _number(float, 0, True), _number(float, 0, False)
-# --max-memory: bytes, in any float spelling (2e9), under 2^63 (the library holds a byte count in an int64)
-_BYTES = _number(float, 1, False, below=2.0**63)
+# --max-memory: bytes, in any float spelling (2e9), any finite size (the library holds it in a Python int)
+_BYTES = _number(float, 1, False, finite=True)
 # the sampling options, in the library's ranges (ts.inner checks them too, in its own spelling)
 _SAMPLES, _FRACTION, _SEED = _number(int, 2, False), _number(float, 0, True, below=1), _number(int, 0, False)
 
@@ -248,7 +250,9 @@ def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
     on the way join the payload's notes, or follow the text as note lines."""
     notes = _notes(args)
     if notes and isinstance(payload, dict):
-        payload = dict(payload, notes=[*payload.get("notes", ()), *notes])
+        given = list(payload.get("notes", ()))
+        # a warning the result also notes (a dead output channel) is said once
+        payload = dict(payload, notes=[*given, *(n for n in notes if n not in given)])
     if notes:
         text = "\n".join([text, *(f"note: {n}" for n in notes)])
     _write(dumps(payload, indent=2) if args.json else text)
@@ -341,11 +345,6 @@ def _file_names(message: str, args: argparse.Namespace) -> str:
                          lambda m: str(files[int(m.group(1))]) if int(m.group(1)) < len(files) else m.group(0),
                          message)
     return message
-
-
-def _count(n: int, noun: str) -> str:
-    """``n`` and ``noun``, plural unless one: "1 input", "3 inputs"."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _template(spec: str | None) -> Callable[[], Any] | None:
@@ -843,8 +842,8 @@ def _check_formula_size(exprs: Sequence[Any], symbols: Sequence[Any], lines: Seq
     if entries > MAX_ENTRIES:
         lineno = lines[degrees.index(max(degrees))]
         d, n = len(symbols), len(exprs)
-        raise ValueError(f"{source}:{lineno}: refused: degree {k} over {d} input{'s' * (d > 1)} and {n} "
-                         f"output{'s' * (n > 1)} is a padded tensor of {entries:.3g} entries ((outputs+1) "
+        raise ValueError(f"{source}:{lineno}: refused: degree {k} over {counted(d, 'input')} and "
+                         f"{counted(n, 'output')} is a padded tensor of {entries:.3g} entries ((outputs+1) "
                          f"(inputs+1)^degree), above the limit of {MAX_ENTRIES:,}; symbolic verification is for "
                          "small circuits")
 
@@ -874,7 +873,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         names = args.symbols.replace(",", " ").split() if args.symbols else (
             [f"x{i}" for i in range(1, component.in_features + 1)])
         if len(names) != component.in_features:
-            raise UsageError(f"--symbols names {_count(len(names), 'input')}, the component has "
+            raise UsageError(f"--symbols names {counted(len(names), 'input')}, the component has "
                              f"{component.in_features}")
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
@@ -887,12 +886,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
         circuit = parse_formulas(text, names, str(cpath))
         import sympy
 
+        from .verify import not_finite
+
         # a constant division by zero (3/0) parses to sympy's complex infinity:
-        # name the file and line rather than fail later on complex numbers
-        lines = [n for n, raw in enumerate(text.splitlines(), start=1) if raw.split("#", 1)[0].strip()]
-        for lineno, e in zip(lines, circuit):
-            if e.has(sympy.zoo, sympy.oo, -sympy.oo, sympy.nan):
-                raise ValueError(f"{cpath}:{lineno}: the formula is not finite (a division by zero?): {e}")
+        # said in words with the file, line and its text (not "x1 + zoo")
+        written = [(n, raw.split("#", 1)[0].strip()) for n, raw in enumerate(text.splitlines(), start=1)]
+        written = [(n, line) for n, line in written if line]
+        for (lineno, line), e in zip(written, circuit):
+            why = not_finite(e, line)
+            if why is not None:
+                raise ValueError(f"{cpath}:{lineno}: {why}")
+        lines = [n for n, _ in written]
 
         symbols = [sympy.Symbol(n) for n in names]
         _check_formula_size(circuit, symbols, lines, cpath)
@@ -944,15 +948,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
             continue
         joint = " (one joint computation for <a,b>, <a,a> and <b,b>)" if p.joint else ""
         lines.append(f"  {label}: {p.algorithm}{joint}{accuracy_of(p)}: {p.flops:.3g} flops, "
-                     f"{_count(p.contractions, 'contraction')}, peak {p.peak_bytes / 1e6:.3g} MB")
+                     f"{counted(p.contractions, 'contraction')}, peak {p.peak_bytes / 1e6:.3g} MB")
         for s in p.facts.get("sums", ()):
             r = s["representative"]
-            lines.append(f"      sum {s['sum']}: {_count(s['pairings'], 'pairing')} of {_count(s['input_legs'], 'leg')} "
-                         f"in {_count(s['orbits'], 'orbit')}, {s['flops_total']:.3g} flops; costliest orbit "
-                         f"{r['equation']}  [{_count(len(r['steps']), 'pairwise step')}, {r['optimizer']}, "
+            lines.append(f"      sum {s['sum']}: {counted(s['pairings'], 'pairing')} of "
+                         f"{counted(s['input_legs'], 'leg')} in {counted(s['orbits'], 'orbit')}, "
+                         f"{s['flops_total']:.3g} flops; costliest orbit "
+                         f"{r['equation']}  [{counted(len(r['steps']), 'pairwise step')}, {r['optimizer']}, "
                          f"{s['flops_per_orbit_max']:.3g} flops]")
         lines += [f"      {name} refused: {why}" for name, why in p.refusals]
-    lines.append(f"total: {_count(rep['total_contractions'], 'contraction')}, {rep['total_flops']:.3g} flops: "
+    lines.append(f"total: {counted(rep['total_contractions'], 'contraction')}, {rep['total_flops']:.3g} flops: "
                  f"{'within the budget' if rep['within_budget'] else 'REFUSED'}")
     lines += [f"--method {m}: {_cli_spelling(o.summary() if not isinstance(o, str) else o, _given_paths(args))[0]}"
               for m, o in sp.others]
@@ -1175,7 +1180,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return EXIT_OK
     except CostError as exc:  # the alternatives spelled as this command's flags
         alternatives = [a.spelled(cli=True) for a in _passable(exc.alternatives, args)]
-        if _inapplicable(exc):  # no algorithm answers this question at any cost: an option that does not apply
+        if isinstance(exc, NotApplicableError):  # no algorithm answers it at any cost: an option that does not apply
             return _fail(args, EXIT_USAGE, _refusal(exc, args), **({"alternatives": alternatives} if alternatives
                                                                     else {}))
         return _fail(args, EXIT_REFUSED, _refusal(exc, args), alternatives=alternatives)
@@ -1198,20 +1203,6 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     finally:
         for note in _notes(args):  # warnings not reported with an output (a failure, say)
             _write(f"tsalgebra: note: {note}", sys.stderr)
-
-
-# The registry's refusal where no algorithm of the method asked supports the
-# problem (the refusal of similarity's <a,b> quoting it): no budget or memory
-# bound would answer it.
-_NOTHING_APPLIES = re.compile(r"\brefused: no (?:exact|closure|sampled) algorithm applies\b")
-
-
-def _inapplicable(exc: CostError) -> bool:
-    """Whether ``exc`` refuses a question that no algorithm supports (not one
-    over the budget or the memory bound): an option that does not apply to
-    these models (--inner network on attention layers), exit 2."""
-    return not isinstance(exc, MemoryBoundError) and exc.flops == math.inf and bool(
-        _NOTHING_APPLIES.search(exc.reason.split("; refused too:", 1)[0]))
 
 
 def _passable(alternatives: Sequence[Alternative], args: argparse.Namespace) -> list[Alternative]:

@@ -3,14 +3,13 @@
 Pairs (:func:`tsalgebra.similarity`, one value or one per output channel) and
 matrices (:func:`tsalgebra.similarity_matrix`, broadcast over rows and
 columns) finish the same way: an undefined cosine (a zero norm) is refused or,
-for a dead output channel, NaN with a warning; round-off beyond [-1, 1]
+for a dead output channel, NaN (which the caller says); round-off beyond [-1, 1]
 within ``tol`` is clipped; more means the inner product is not positive
 definite on these models, which is a bug, and raises.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,7 @@ def cosines(cross: Any, self_a: Any, self_b: Any, inner: str, *, tol: float = 1e
 
     A self product that is not positive raises ValueError naming the side (and
     the index, for several models) unless ``dead_channels`` (per-output
-    values: such channels give NaN and a RuntimeWarning)."""
+    values: such channels give NaN, said by the caller with its note)."""
     x, y, z = (np.asarray(v, dtype=float) for v in (cross, self_a, self_b))
     if not dead_channels:
         for s, side in ((y, sides[0]), (z, sides[1])):
@@ -35,8 +34,6 @@ def cosines(cross: Any, self_a: Any, self_b: Any, inner: str, *, tol: float = 1e
                 raise ValueError(f"{which} has zero norm under the {inner} inner product; the similarity is undefined")
     with np.errstate(invalid="ignore", divide="ignore"):
         cos = x / np.sqrt(y) / np.sqrt(z)  # sqrt(y * z) can overflow where each factor does not
-    if dead_channels and not np.isfinite(cos).all():
-        warnings.warn("some output channels have zero norm; their similarity is NaN", RuntimeWarning, stacklevel=3)
     excess = float(np.nanmax(np.abs(cos))) - 1.0 if np.isfinite(cos).any() else 0.0
     if excess > tol:
         raise ArithmeticError(f"|cosine| exceeds 1 by {excess:.3g}: the inner product is not positive definite here")

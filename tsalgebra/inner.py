@@ -33,8 +33,9 @@ from .cosine import cosines
 from .measure import Measure
 from .rescale import canonical, without_output_bias
 from .progress import labelled
-from .problem import (DEFAULT_BUDGET, FUNCTIONAL, CostError, InnerProblem, InnerResult, MemoryBoundError, Plan,
-                      checked_memory, default_max_memory, degree_of, format_count, resolve_inner)
+from .problem import (DEAD_CHANNELS, DEAD_ESTIMATED, DEFAULT_BUDGET, FUNCTIONAL, CostError, InnerProblem,
+                      InnerResult, MemoryBoundError, NotApplicableError, Plan, checked_memory, default_max_memory,
+                      degree_of, format_count, resolve_inner)
 
 __all__ = ["InnerResult", "CostError", "SimilarityPlan", "inner", "norm", "plan_inner", "plan_similarity",
            "similarity", "DEFAULT_BUDGET"]
@@ -288,7 +289,8 @@ def _one_bound(options: dict[str, Any]) -> dict[str, Any]:
 def _refusal_of(refused: list[tuple[str, CostError]]) -> CostError:
     """One refusal for the products of a similarity refused: their reasons,
     their alternatives, each budget and memory bound the larger of theirs
-    (the one that admits them all); a MemoryBoundError where one is."""
+    (the one that admits them all); a NotApplicableError where one is (no
+    bound answers the pair then), else a MemoryBoundError where one is."""
     if [label for label, _ in refused] == ["<a,b>"]:
         return refused[0][1]
     first = refused[0][1]
@@ -308,6 +310,8 @@ def _refusal_of(refused: list[tuple[str, CostError]]) -> CostError:
     worst = max((e for _, e in refused), key=lambda e: e.flops)
     fields = dict(flops=worst.flops, extrapolated=worst.extrapolated, alternatives=tuple(merged.values()))
     reason = f"{refused[0][0]}: {first.reason}" + (f"; refused too: {others}" if others else "")
+    if any(isinstance(e, NotApplicableError) for _, e in refused):
+        return NotApplicableError(reason, alternatives=fields["alternatives"])
     memory = [e for _, e in refused if isinstance(e, MemoryBoundError)]
     if memory:
         return MemoryBoundError(reason, needed=max(e.needed for e in memory), **fields)
@@ -338,7 +342,7 @@ def similarity(a: Any, b: Any, inner: str | None = None, method: str = "auto", m
         if r is not None:
             _scaled(r, 0.0, what)
     if ab.estimate is not None:  # a Monte Carlo estimate: its cosine's error from the same samples
-        return _estimated_similarity(ab, None, None) if a is b else _estimated_similarity(ab, aa, bb)
+        return _said_dead(_estimated_similarity(ab, None, None) if a is b else _estimated_similarity(ab, aa, bb))
     spent = [ab]  # a joint computation (closure, attention moments) yields all three at its own cost
     if a is b:
         aa = bb = ab
@@ -349,7 +353,7 @@ def similarity(a: Any, b: Any, inner: str | None = None, method: str = "auto", m
                 runs.append(_scaled(run(p)[0], 0.0, what))
         aa, bb = runs
         spent += [aa, bb]
-    return replace(
+    return _said_dead(replace(
         ab,
         value=_cosine(ab, aa, bb),
         quantity="similarity",
@@ -359,7 +363,18 @@ def similarity(a: Any, b: Any, inner: str | None = None, method: str = "auto", m
         pairings=sum(r.pairings for r in spent),
         orbits=sum(r.orbits for r in spent),
         notes=tuple(dict.fromkeys(n for r in spent for n in r.notes)),
-    )
+    ))
+
+
+def _said_dead(r: InnerResult) -> InnerResult:
+    """``r`` with its dead output channels (NaN: a self-product not
+    positive; non-finite products were refused before the cosine) said by a
+    warning and in its notes too (a filtered warning left a bare nan)."""
+    if not (r.per_output and np.isnan(np.asarray(r.value, dtype=float)).any()):
+        return r
+    note = DEAD_ESTIMATED if r.estimated else DEAD_CHANNELS
+    warnings.warn(note, RuntimeWarning, stacklevel=4)  # _said_dead, similarity, its decorator, the caller
+    return replace(r, notes=r.notes + (note,))
 
 
 def _not_positive(r: InnerResult, what: str) -> str | None:
@@ -395,9 +410,7 @@ def _estimated_similarity(ab: InnerResult, aa: InnerResult | None, bb: InnerResu
                 raise ValueError(why)
     cos, se = ab.estimate.cosine()  # per channel
     dead = ~((np.asarray(aa.value) > 0) & (np.asarray(bb.value) > 0))
-    if dead.any():  # per output only (a single channel was refused above)
-        warnings.warn("some output channels have a self-product estimated at or below 0; their similarity is NaN",
-                      RuntimeWarning, stacklevel=3)
+    if dead.any():  # per output only (a single channel was refused above); said by the caller
         cos = np.where(dead, np.nan, cos)
     excess = np.abs(cos) - 1.0
     # Near +-1 the delta method's error vanishes (the three means move

@@ -424,16 +424,27 @@ def _native_layer(keys: dict[str, Any], where: str, name: str, source: Any) -> L
         try:
             return inner.with_residual()
         except ValueError as exc:
-            raise ValueError(f"{where}inner: {exc}") from None
+            raise _malformed(source, name, where, keys, exc) from None
     names = set(keys)
     for kind in (Linear, Bilinear):
         native = {_native_key(f): f for f in kind.weight_fields}
         matrices = {k for k in native if k.endswith("weight")}  # required; the biases are optional
         if names and names <= set(native) and matrices <= names:
-            return kind(**{native[k]: _f64(v, where + k, source) for k, v in keys.items()},
-                        name=f"{kind.__name__}[{name}]")
+            weights = {native[k]: _f64(v, where + k, source) for k, v in keys.items()}
+            try:
+                return kind(**weights, name=f"{kind.__name__}[{name}]")
+            except (ValueError, TypeError) as exc:
+                raise _malformed(source, name, where, keys, exc) from None
     raise ValueError(f"keys {sorted(where + k for k in names)[:6]} are not a native layer "
                      "(weight[/bias], or left/right/down.weight[/bias], optionally under inner.)")
+
+
+def _malformed(source: Any, name: str, where: str, keys: dict[str, Any], exc: Exception) -> LoadError:
+    """A layer whose keys are the native layout's but whose shapes make no
+    layer: a malformed checkpoint, named with its shapes (no template would
+    read it, so none is suggested)."""
+    shapes = ", ".join(f"{where}{k} {tuple(np.shape(v))}" for k, v in sorted(keys.items()))
+    return LoadError(source, f"malformed checkpoint in tsalgebra's native layout: layer {name} ({shapes}): {exc}")
 
 
 def _native_model(sd: Mapping[str, Any], source: Any) -> Component:
@@ -445,7 +456,10 @@ def _native_model(sd: Mapping[str, Any], source: Any) -> Component:
         if sorted(groups) != list(range(len(groups))):
             raise ValueError(f"layer indices {sorted(groups)} are not 0..{len(groups) - 1}")
         layers = [_native_layer(groups[i], f"{i}.", str(i), source) for i in range(len(groups))]
-        return layers[0] if len(layers) == 1 else Sequential(*layers)
+        try:
+            return layers[0] if len(layers) == 1 else Sequential(*layers)
+        except ValueError as exc:  # each layer is one; their widths do not chain
+            raise LoadError(source, f"malformed checkpoint in tsalgebra's native layout: {exc}") from None
     return _native_layer(dict(sd), "", "0", source)
 
 

@@ -1,4 +1,5 @@
-"""The text of an exception raised by the user's code, said on one line.
+"""The wording shared by messages: a count with its noun, and the text of an
+exception raised by the user's code, said on one line.
 
 An exception is named in a message by its type and text; where its
 ``__str__`` itself raises, the text is said to be unprintable, so that the
@@ -7,9 +8,15 @@ error being reported is never replaced by that second one.
 
 from __future__ import annotations
 
-__all__ = ["UNPRINTABLE", "message_of", "raised"]
+__all__ = ["UNPRINTABLE", "counted", "message_of", "raised"]
 
 UNPRINTABLE = "(its message cannot be printed)"
+
+
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless one: "1 input", "3 inputs" (the
+    nouns of messages take an s)."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def message_of(exc: BaseException) -> str | None:

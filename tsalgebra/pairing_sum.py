@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import opt_einsum as oe
 
+from . import messages
 from . import pairings as P
 from .expr import Network, Tensor
 from .measure import Gaussian, Tokens, block_diagonal
@@ -543,8 +544,9 @@ def _refusal(kind: str, orbits: int, raw: int, got: tuple[float, float, int], se
     if estimate == low and (searched or counted == orbits):  # nothing left uncounted
         return CostError(f"{what}, {format_count(estimate)} flops", flops=estimate)
     if searched:  # an upper bound: the budget it suggests does not fall short
-        return CostError(f"{what}, between {format_count(low)} and {format_count(estimate)} flops (the {counted} "
-                         f"costliest orbits searched, the others counted by their greedy orders)", flops=estimate)
+        return CostError(f"{what}, between {format_count(low)} and {format_count(estimate)} flops (the "
+                         f"{messages.counted(counted, 'costliest orbit')} searched, the others counted by their "
+                         "greedy orders)", flops=estimate)
     return CostError(f"{what}, about {format_count(estimate)} flops (extrapolated stratum by stratum from "
                      f"{counted:,} of {orbits:,} orbits, which alone take {format_count(low)})", flops=estimate,
                      extrapolated=True)

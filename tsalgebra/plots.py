@@ -36,6 +36,15 @@ def pyplot() -> Any:
     return plt
 
 
+def _ink(rgba: np.ndarray) -> np.ndarray:
+    """The text colour legible on each cell of colours ``rgba`` (..., 4), as
+    drawn (over the white axes where transparent: a NaN cell): black on
+    light cells, white on dark, by perceived brightness, whatever the scale."""
+    rgb = rgba[..., :3] * rgba[..., 3:] + (1.0 - rgba[..., 3:])
+    light = rgb @ np.array([0.299, 0.587, 0.114]) > 0.5
+    return np.where(light, "black", "white")
+
+
 def plot_matrix(values: Any, path: str | Path | None = None, ax: Any = None, labels: Sequence[str] | None = None,
                 col_labels: Sequence[str] | None = None, title: str | None = None, annotate: bool | None = None,
                 vmin: float = -1.0, vmax: float = 1.0, stderr: Any = None, flagged: Any = None) -> Any:
@@ -47,7 +56,7 @@ def plot_matrix(values: Any, path: str | Path | None = None, ax: Any = None, lab
     number differs from the matrix's); more than 25 are thinned.  The colour
     scale runs from ``vmin`` to ``vmax`` (default the cosine's range, [-1, 1],
     diverging at 0).  ``annotate`` writes the values in the cells (default:
-    for matrices up to 12 x 12).  Estimates: ``stderr`` (the matrix's shape)
+    for matrices up to 12 x 12), black or white by each cell's colour.  Estimates: ``stderr`` (the matrix's shape)
     writes each value's standard error under it (where nonzero), and the
     cells ``flagged`` (a boolean matrix: heavy tails, their errors doubtful)
     are outlined.  A title of several lines is drawn smaller.
@@ -83,13 +92,13 @@ def plot_matrix(values: Any, path: str | Path | None = None, ax: Any = None, lab
     if annotate is None:
         annotate = max(n, m) <= _ANNOTATE_UP_TO
     if annotate:
+        ink = _ink(im.cmap(im.norm(vals))).tolist()
         for i in range(n):
             for j in range(m):
                 text = f"{vals[i, j]:.2f}"
                 if se is not None and se[i, j] > 0:
                     text += f"\n\u00b1{se[i, j]:.2f}"
-                ax.text(j, i, text, ha="center", va="center", fontsize=7 if se is None else 6,
-                        color="white" if abs(vals[i, j]) > 0.6 else "black")
+                ax.text(j, i, text, ha="center", va="center", fontsize=7 if se is None else 6, color=ink[i][j])
     if marked is not None:
         from matplotlib.patches import Rectangle
 

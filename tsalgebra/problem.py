@@ -26,8 +26,10 @@ import numpy as np
 from .components import Component
 from .expr import Network, Sum
 from .measure import Gaussian, Measure, Tokens
+from .messages import counted
 
-__all__ = ["Alternative", "CostError", "MemoryBoundError", "DEFAULT_BUDGET", "INNERS", "METHODS", "InnerProblem", "InnerResult", "Plan",
+__all__ = ["Alternative", "CostError", "MemoryBoundError", "NotApplicableError", "DEFAULT_BUDGET", "INNERS", "METHODS",
+           "InnerProblem", "InnerResult", "Plan",
            "available_memory", "bound_measure", "cgroup_memory", "check_arguments", "check_flags", "check_sampling", "checked_budget",
            "checked_memory", "default_max_memory", "degree_of", "format_count", "positions_of", "resolve_inner", "rounded_up"]
 
@@ -210,8 +212,8 @@ def format_count(x: float | int) -> str:
     return f"{x:.3g}"
 
 
-# What a per-output similarity with dead channels (NaN) says, in its notes and
-# in the warning of ts.similarity: exact (a zero norm) or estimated.
+# What ts.similarity says of a per-output similarity with dead channels (NaN),
+# in its warning and in the result's notes: exact (a zero norm) or estimated.
 DEAD_CHANNELS = "some output channels have zero norm; their similarity is NaN"
 DEAD_ESTIMATED = "some output channels have a self-product estimated at or below 0; their similarity is NaN"
 # How an estimate whose samples are heavy-tailed is labelled, alone or in a matrix.
@@ -279,6 +281,23 @@ class MemoryBoundError(CostError, MemoryError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_memory_bound_error, (self.reason, self.needed, self.flops, self.alternatives, self.extrapolated))
+
+
+class NotApplicableError(CostError):
+    """A refusal because no algorithm of the method asked supports the
+    question, at any cost (the network product of attention layers, say): no
+    budget or memory bound answers it; ``alternatives`` name another inner
+    product or method where one does.  ``flops`` is inf."""
+
+    def __init__(self, reason: str, *, alternatives: tuple[Alternative, ...] = ()) -> None:
+        super().__init__(reason, alternatives=alternatives)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_not_applicable_error, (self.reason, self.alternatives))
+
+
+def _not_applicable_error(reason: str, alternatives: tuple[Alternative, ...]) -> NotApplicableError:
+    return NotApplicableError(reason, alternatives=alternatives)
 
 
 def _cost_error(reason: str, flops: float, alternatives: tuple[Alternative, ...],
@@ -463,7 +482,7 @@ def bound_measure(model: Any, mean: Any, cov: Any, measure: Measure | None, *oth
         read.setdefault(getattr(m, "token_input", None) or (0, 0), m)
     read.pop((0, 0), None)
     if len(read) > 1:
-        said = "; ".join(f"{m!r} reads {n} token{'s' if n > 1 else ''} of a vocabulary of {v}"
+        said = "; ".join(f"{m!r} reads {counted(n, 'token')} of a vocabulary of {v}"
                          for (v, n), m in read.items())
         raise ValueError(f"the models read different tokens ({said}): no one measure is the input of all")
     if read and isinstance(law, Tokens):
@@ -472,8 +491,8 @@ def bound_measure(model: Any, mean: Any, cov: Any, measure: Measure | None, *oth
         # 4 features, as 2 tokens of 2), so the measure is checked against them.
         (vocab, n), m = next(iter(read.items()))
         if law.vocab != vocab or law.n_ctx not in (None, n):
-            has = f"{law.n_ctx} token{'s' if law.n_ctx > 1 else ''}" if law.n_ctx else "tokens"
-            raise ValueError(f"measure={law!r} does not fit {m!r}: the model reads {n} token{'s' if n > 1 else ''} "
+            has = counted(law.n_ctx, "token") if law.n_ctx else "tokens"
+            raise ValueError(f"measure={law!r} does not fit {m!r}: the model reads {counted(n, 'token')} "
                              f"of a vocabulary of {vocab}, the measure draws {has} of a vocabulary of {law.vocab} "
                              f"(give measure=ts.Tokens({vocab}, {n}, probs=...) or leave it out)")
     shapes = {(_width(m), positions_of(m)): None for m in (model, *others)}  # each shape bound once
@@ -695,20 +714,6 @@ class InnerResult:
     interval: Any = None
     samples: int = 0
     estimate: Any = field(default=None, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        # A per-output similarity's NaN channels are dead ones (non-finite
-        # products are refused before the cosine): said in the notes too, as
-        # ts.similarity's warning says it (a filtered warning left a bare nan).
-        # The same words, so that a report of both can drop the repeat.
-        if self.quantity == "similarity" and self.per_output:
-            try:
-                dead = bool(np.isnan(np.asarray(self.value, dtype=float)).any())
-            except (TypeError, ValueError):  # exact or symbolic values: no NaN to say
-                dead = False
-            note = DEAD_ESTIMATED if self.stderr is not None else DEAD_CHANNELS
-            if dead and note not in self.notes:
-                object.__setattr__(self, "notes", tuple(self.notes) + (note,))
 
     @property
     def estimated(self) -> bool:

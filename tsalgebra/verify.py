@@ -38,6 +38,7 @@ from .circuits import EigenCircuit, top_eigen
 from .components import Component
 from .inner import inner as inner_product
 from .inner import joint_inner
+from .messages import counted
 from .problem import InnerResult
 from .problem import function_level
 from .symbolic import default_symbols, from_sympy, to_sympy
@@ -141,7 +142,7 @@ def _input_symbols(symbols: Sequence[Any] | None, width: int) -> tuple[sympy.Sym
     if dup:
         raise ValueError(f"symbols names {dup} more than once; one distinct symbol per input")
     if len(xs) != width:
-        raise ValueError(f"symbols names {len(xs)} inputs, the component has {width}")
+        raise ValueError(f"symbols names {counted(len(xs), 'input')}, the component has {width}")
     return xs
 
 
@@ -156,21 +157,28 @@ def _formula(expr: Any, k: int) -> sympy.Expr:
     return e
 
 
+def not_finite(e: sympy.Expr, given: Any = None) -> str | None:
+    """Why the formula ``e`` is not finite, in words, or None; ``given``: the
+    formula as its writer wrote it (a string), named instead of sympy's
+    reading, where 3/0 reads as "zoo" (complex infinity) and 0/0 as "nan"."""
+    said = repr(given) if isinstance(given, str) else None
+    if e.has(sympy.zoo):
+        return f"{said + ' ' if said else ''}divides by zero (an infinite or undefined coefficient)"
+    if e.has(sympy.nan):
+        return (f"{said or e} is undefined (0/0, or infinity minus infinity: an infinite or undefined "
+                "coefficient)")
+    if e.has(sympy.oo, -sympy.oo):
+        return f"{said or e} has an infinite or undefined coefficient (infinity)"
+    return None
+
+
 def _check_polynomial(e: sympy.Expr, xs: tuple[sympy.Symbol, ...], k: int, given: Any = None) -> None:
     """Output k, checked to be a polynomial in ``xs`` with finite real
     coefficients (anything else would fail deep in sympy or numpy, or turn
     into NaN); ``given``: the formula as the caller wrote it."""
-    # in words, not sympy's: 3/0 reads as "zoo" (complex infinity), 0/0 as "nan"
-    if e.has(sympy.zoo):
-        said = f"{given!r} divides by zero" if isinstance(given, str) else "divides by zero"
-        raise ValueError(f"circuit output {k}: {said} (an infinite or undefined coefficient)")
-    if e.has(sympy.nan):
-        said = repr(given) if isinstance(given, str) else str(e)
-        raise ValueError(f"circuit output {k}: {said} is undefined (0/0, or infinity minus infinity: an infinite or "
-                         "undefined coefficient)")
-    if e.has(sympy.oo, -sympy.oo):
-        said = repr(given) if isinstance(given, str) else str(e)
-        raise ValueError(f"circuit output {k}: {said} has an infinite or undefined coefficient (infinity)")
+    why = not_finite(e, given)
+    if why is not None:
+        raise ValueError(f"circuit output {k}: {why}")
     if not e.is_polynomial(*xs):
         raise ValueError(f"circuit output {k}: {e} is not a polynomial in {', '.join(map(str, xs))} "
                          "(a circuit is a polynomial: no functions, roots or division by an input)")
@@ -200,7 +208,8 @@ def _as_model(circuit: Any, component: Component, symbols: Sequence[sympy.Symbol
         for k, e in enumerate(exprs):
             _check_polynomial(e, xs, k, given[k])
         if len(exprs) != component.out_features:
-            raise ValueError(f"the circuit has {len(exprs)} outputs, the component {component.out_features}")
+            raise ValueError(f"the circuit has {counted(len(exprs), 'output')}, the component "
+                             f"{component.out_features}")
         return from_sympy(exprs, xs)
     raise TypeError(f"a circuit is a sympy formula, a list of formulas or a tsalgebra model, not {type(circuit).__name__}")
 

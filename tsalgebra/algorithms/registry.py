@@ -19,7 +19,8 @@ the cheapest plan so far (its flops per product); a plan whose peak bytes
 exceed the memory bound (``max_memory``) is skipped as one over the budget
 is, and the cheapest plan per product within both wins.  When none fits,
 one CostError (a MemoryBoundError where some plan was within the budget but
-over the memory bound) states every algorithm's estimate or reason and the
+over the memory bound, a NotApplicableError where no algorithm supports the
+problem at all) states every algorithm's estimate or reason and the
 alternatives: another inner product or method only where its plan fits the
 memory bound (:func:`alternatives`).
 """
@@ -34,8 +35,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..measure import Measure
-from ..problem import (Alternative, CostError, InnerProblem, InnerResult, MemoryBoundError, Plan, format_count,
-                       rounded_up)
+from ..problem import (Alternative, CostError, InnerProblem, InnerResult, MemoryBoundError, NotApplicableError, Plan,
+                       format_count, rounded_up)
 from ..progress import planned
 
 __all__ = ["Algorithm", "Triple", "alternatives", "choose", "register", "registered", "run", "solve", "unregister"]
@@ -360,6 +361,8 @@ def _choose(problem: InnerProblem) -> Plan:
             # a plan within the budget exists: a larger budget would only buy a costlier algorithm
             raise MemoryBoundError(reason, needed=needed, flops=cheapest[0], extrapolated=cheapest[1],
                                    alternatives=alternatives(problem, [], needed))
+        if not bounds:  # every algorithm declined the question itself: no budget answers it
+            raise NotApplicableError(reason, alternatives=alternatives(problem, []))
         raise CostError(reason, flops=cheapest[0], extrapolated=cheapest[1],
                         alternatives=alternatives(problem, estimates))
     return replace(best, method=_method(problem), refusals=tuple(r for r in refusals if r[0] != best.algorithm))

@@ -233,13 +233,7 @@ def plot_cosines(m: np.ndarray, ax: Any, **kwargs: Any) -> None:
     from ..plots import plot_matrix
 
     vmin, vmax = colour_range(m)
-    texts = len(ax.texts)
-    plot_matrix(m, ax=ax, vmin=vmin, vmax=vmax, **kwargs)
-    image, values = ax.images[-1], np.asarray(m, dtype=float)
-    for text in ax.texts[texts:]:  # the cell values: black on light colours, white on dark, whatever the scale
-        j, i = (int(round(v)) for v in text.get_position())
-        r, g, b, _ = image.cmap(image.norm(values[i, j]))
-        text.set_color("black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")
+    plot_matrix(m, ax=ax, vmin=vmin, vmax=vmax, **kwargs)  # its cell values take their colours from the scale
 
 
 def drop_empty_panels(fig: Any, axes: Sequence[Any], used: int) -> None:

@@ -54,6 +54,7 @@ from ..baselines import weight_cosine
 from ..inner import plan_similarity
 from ..matrix import similarity_matrix
 from ..plots import pyplot
+from ..messages import counted
 from ..problem import DEFAULT_BUDGET, format_count
 from .common import (Checks, DemoResult, cosine_matrix, demo_main, drop_empty_panels, grid, pearson, plot_cosines,
                      start, torch_threads, training_bar, upper, write_outputs)
@@ -365,10 +366,6 @@ def _phase_change(steps: Sequence[int], icl: Sequence[float]) -> int | None:
     return next(k for k, v in enumerate(icl) if v - lo >= 0.5 * (hi - lo))
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
 def _closure_how(result: Any, n_attention: int, closed: int | None, notes: Sequence[str]) -> str:
     """How the Gaussian matrix by closure was obtained, from what the result
     reports (its exact flag) and what closure's plan says it closes (``closed``
@@ -376,7 +373,7 @@ def _closure_how(result: Any, n_attention: int, closed: int | None, notes: Seque
     where = f"{result.method}, {result.route} route"
     if result.exact:
         return (f"exact: closure closes no layer as if Gaussian here (its exact first stage is the whole model, "
-                f"{_plural(n_attention, 'attention layer')}) ({where})")
+                f"{counted(n_attention, 'attention layer')}) ({where})")
     if closed is not None and closed == n_attention - 1 >= 1:
         span = "layer 1" if closed == 1 else f"layers 1-{closed}"
         return f"approximate: exact through attention layer 0, {span} closed as if Gaussian ({where})"
@@ -414,9 +411,9 @@ def _figure(path: Path, steps: list[int], mats: dict[str, np.ndarray], curve: di
     ax.set_title("similarity to the final checkpoint", fontsize=9)
     ax.legend(fontsize=6)
     drop_empty_panels(fig, axes, n_mats + 2)
-    fig.suptitle(f"language model: vocab {cfg.vocab}, d_model {cfg.d_model}, {_plural(cfg.n_head, 'head')}, "
-                 f"{_plural(cfg.n_layers, 'layer')}, {cfg.steps} steps; analysis at "
-                 f"{_plural(cfg.n_ctx, 'position')}", fontsize=11)
+    fig.suptitle(f"language model: vocab {cfg.vocab}, d_model {cfg.d_model}, {counted(cfg.n_head, 'head')}, "
+                 f"{counted(cfg.n_layers, 'layer')}, {cfg.steps} steps; analysis at "
+                 f"{counted(cfg.n_ctx, 'position')}", fontsize=11)
     fig.tight_layout()
     fig.savefig(str(path), dpi=100)
     plt.close(fig)
@@ -475,7 +472,7 @@ def run(cfg: LanguageConfig | None = None, **overrides: Any) -> DemoResult:
     for i in range(n):
         for j in range(i + 1, n):
             wmat[i, j] = wmat[j, i] = weight_cosine(models[i], models[j])
-    names = {"tokens": f"tensor similarity, tokens ({_plural(cfg.n_ctx, 'position')})",
+    names = {"tokens": f"tensor similarity, tokens ({counted(cfg.n_ctx, 'position')})",
              "gaussian": "tensor similarity, Gaussian (closure)"}
     names.update({f"layer {i}": f"attention layer {i} alone, Gaussian" for i in range(len(attention))})
     mats: dict[str, np.ndarray] = {names[k]: np.asarray(r.values) for k, r in results.items()}
@@ -543,7 +540,7 @@ def run(cfg: LanguageConfig | None = None, **overrides: Any) -> DemoResult:
             ", the final checkpoint" if phase == n - 1 else "")
     lines = [
         f"language demo: a bilinear-attention language model (vocab {cfg.vocab}, d_model {cfg.d_model}, "
-        f"{_plural(cfg.n_head, 'head')}, {_plural(cfg.n_layers, 'layer')}, rotary, causal) on a bigram span and "
+        f"{counted(cfg.n_head, 'head')}, {counted(cfg.n_layers, 'layer')}, rotary, causal) on a bigram span and "
         f"its repeat ({cfg.seq_len} tokens); AdamW lr {cfg.lr}, batch {cfg.batch}, {cfg.steps} steps "
         f"(training {t_train:.1f} s); {n} checkpoints in the papers' layout under {out}",
         f"  held-out loss {curve['loss'][0]:.3f} -> {curve['loss'][-1]:.3f} nats; in-context-learning score "
@@ -581,9 +578,9 @@ def run(cfg: LanguageConfig | None = None, **overrides: Any) -> DemoResult:
         + (f"the tensor similarity under the token measure is the cosine of the logits summed over every token "
            f"sequence of length {cfg.n_ctx} (not sampled); " if tokens.exact else
            "the tensor similarity under the token measure is not exact here; ")
-        + (f"the Gaussian number through {_plural(len(attention), 'attention layer')} is closure's approximation "
+        + (f"the Gaussian number through {counted(len(attention), 'attention layer')} is closure's approximation "
            "(docs/inner-products.md measures its error); " if not gaussian.exact else
-           f"the Gaussian number is exact: with {_plural(len(attention), 'attention layer')} closure closes "
+           f"the Gaussian number is exact: with {counted(len(attention), 'attention layer')} closure closes "
            "nothing as if Gaussian; ")
         + "the per-layer numbers compare each layer's map in each checkpoint's own residual basis, so they are not "
         "invariant to a change of that basis; the logit cosines are exact on the sequences drawn, an estimate of "
