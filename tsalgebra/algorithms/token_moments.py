@@ -62,6 +62,87 @@ def _blocks(n: int, size: int) -> list[slice]:
     return [slice(a, min(a + size, n)) for a in range(0, n, size)]
 
 
+def _read_pairs(n: int, reading: bool, causal: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(query positions, key positions) i != j that a mask reads, row by row
+    (j < i when causal; none when it reads no other position)."""
+    if not reading or n < 2:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    if causal:
+        return tuple(a.astype(np.int64) for a in np.tril_indices(n, -1))  # type: ignore[return-value]
+    i, j = np.nonzero(~np.eye(n, dtype=bool))
+    return i.astype(np.int64), j.astype(np.int64)
+
+
+class _Laws:
+    """The positions' token laws (``law[i]``, numbered from 0): the number of
+    distinct laws over ranges of positions and of distinct (query law, key
+    law) pairs over the pairs a mask reads, which the dry run counts by,
+    in closed form or vectorised over positions and offsets (a loop over the
+    (i, j) pairs took 6.8 s to plan 1,000 positions, and grew as n^2)."""
+
+    # Elements of one block of (offset, position) codes counted at once (8 MiB)
+    _ELEMENTS = 2**20
+
+    def __init__(self, law: list[int]) -> None:
+        g = np.asarray(law, dtype=np.int64)
+        self.g, self.n = g, len(g)
+        self.L = int(g.max()) + 1
+        self.count = np.bincount(g, minlength=self.L)
+        self.first = np.unique(g, return_index=True)[1]  # by law: its first position
+        self.last = self.n - 1 - np.unique(g[::-1], return_index=True)[1]  # and its last
+        is_first, is_last = np.zeros(self.n, dtype=np.int64), np.zeros(self.n, dtype=np.int64)
+        is_first[self.first], is_last[self.last] = 1, 1
+        # prefix[k]: the distinct laws of the positions [0, k); suffix[k]: of [k, n)
+        self.prefix = np.concatenate([[0], np.cumsum(is_first)])
+        self.suffix = np.concatenate([np.cumsum(is_last[::-1])[::-1], [0]])
+
+    def read_pairs(self, causal: bool) -> int:
+        """Distinct (law[i], law[j]) over every i != j (j < i when causal)."""
+        if causal:  # (a, b) is read when b's first position precedes a's last
+            return int(np.searchsorted(np.sort(self.first), self.last).sum())
+        return self.L * (self.L - 1) + int(np.count_nonzero(self.count > 1))
+
+    def key_laws(self, causal: bool) -> int:
+        """The sum over query positions of the distinct laws of the keys they
+        read: [0, i) when causal, every j != i otherwise."""
+        if causal:
+            return int(self.prefix[1 : self.n].sum())
+        return self.n * self.L - int(np.count_nonzero(self.count[self.g] == 1))
+
+    def diagonal_pairs(self, offsets: np.ndarray) -> np.ndarray:
+        """Per offset o, distinct (law[i], law[i + o]) over the positions
+        where both are positions; the same for -o transposed, so each |o|
+        is counted once."""
+        n, g, L = self.n, self.g, self.L
+        offsets = np.asarray(offsets, dtype=np.int64)
+        out = n - np.abs(offsets)
+        if L == 1 or not offsets.size:
+            return np.minimum(out, 1)
+        o = np.unique(np.abs(offsets))  # query positions [0, n - o)
+        counts = n - o
+        # A query law of one position gives one pair of its own: only the
+        # positions whose law others share can repeat a pair.
+        shared = np.flatnonzero(self.count[g] > 1)
+        if shared.size:
+            counts -= np.searchsorted(shared, n - o)
+            q = np.unique(g[shared], return_inverse=True)[1].ravel()  # the shared laws renumbered
+            space = int(q.max() + 1) * L  # codes q * L + key law
+            rows = max(1, self._ELEMENTS // max(shared.size, space))
+            for a in range(0, len(o), rows):
+                oc = o[a : a + rows, None]
+                j = shared[None, :] + oc
+                code = np.where(j < n, q[None, :] * L + g[np.minimum(j, n - 1)], -1)  # -1: past the end
+                if space <= 8 * shared.size:  # few laws: mark a table of the codes (no sort)
+                    seen = np.zeros((len(oc), space + 1), dtype=bool)
+                    seen[np.arange(len(oc))[:, None], code] = True  # -1 marks the last column
+                    counts[a : a + rows] += seen[:, :space].sum(axis=1)
+                else:
+                    code.sort(axis=1)
+                    new = (code[:, 1:] >= 0) & (code[:, 1:] != code[:, :-1])  # a code unlike the one before it
+                    counts[a : a + rows] += (code[:, 0] >= 0) + new.sum(axis=1)
+        return counts[np.searchsorted(o, np.abs(offsets))]
+
+
 class _Side:
     """One model's tables over the vocabulary (x~(t) = Z[:, t], t a token)."""
 
@@ -72,13 +153,33 @@ class _Side:
         self.dv = side.attn.v.shape[1]
         self.d_out = side.attn.d_out + 1
         self.rotary = side.attn.rotary_base is not None
-        c = side.mask  # (heads, n, n)
-        i, j = np.nonzero(np.any(c != 0, axis=0))
-        self.reads = [(int(a), int(b)) for a, b in zip(i, j) if a != b]  # (query, key) positions, j != i
-        self.keys_read: dict[int, list[int]] = {}  # the key positions each query position reads
-        for a, b in self.reads:
-            self.keys_read.setdefault(a, []).append(b)
-        self.c = c
+        # The mask (score_mask) is the scale where i reads j (j <= i when
+        # causal): which positions are read follows from these two, and the
+        # plan never forms the (heads, n, n) mask.
+        self.causal = side.attn.causal
+        self.reading = self.n > 1 and self.H > 0 and float(side.attn.scale) != 0.0  # reads some j != i
+
+    @cached_property
+    def c(self) -> np.ndarray:
+        """The mask (heads, n, n), for a run: checked to read what the plan counted."""
+        c = self.side.mask
+        reads = np.any(c != 0, axis=0)
+        np.fill_diagonal(reads, False)
+        expect = np.zeros_like(reads)
+        expect[_read_pairs(self.n, self.reading, self.causal)] = True
+        if not np.array_equal(reads, expect):
+            raise RuntimeError("token-moments: the attention's mask reads other positions than its plan counted")
+        return c
+
+    def read_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(query, key) positions, j != i, row by row."""
+        return _read_pairs(self.n, self.reading, self.causal)
+
+    def keys_read(self, i: int) -> list[int]:
+        """The key positions j != i that position i reads, in order."""
+        if not self.reading:
+            return []
+        return list(range(i)) if self.causal else [j for j in range(self.n) if j != i]
 
     @cached_property
     def tables(self) -> dict[str, Any]:
@@ -112,25 +213,41 @@ class _Side:
         return self.side.couplings(which, [offset])[0, 0]  # R = Rot_(j - i), the identity without rotary
 
 
+def _token_laws(measure: Tokens) -> tuple[list[int], np.ndarray]:
+    """(each position's law, the distinct laws (laws, vocab)): the rows of
+    ``measure.token_probs()``, without forming that (positions, vocab) table
+    when one law serves every position (1.2 GB at 3,000 positions of a
+    vocabulary of 50,000, to be found one law)."""
+    n = measure.n_ctx or 1
+    if measure.probs is None:  # the rows token_probs() would give
+        return [0] * n, np.full((1, measure.vocab), 1 / measure.vocab)
+    if measure.probs.ndim == 1:
+        return [0] * n, measure.probs[None].astype(float)
+    probs = measure.token_probs()
+    first: dict[bytes, int] = {}  # a law's index by its bytes: np.unique(axis=0) sorted 64 x 4096 in 30 ms
+    law = [first.setdefault(np.ascontiguousarray(row).tobytes(), len(first)) for row in probs]
+    rows = np.unique(law, return_index=True)[1]  # each law's first position
+    return law, probs[rows]
+
+
 class _TokenEngine:
     """The second moments (or covariances) of the models' outputs at every
     position, for the pairs of sides asked; counts its flops and the
     elements it holds at its peak (``dry``: only counts).
 
-    ``probs`` (positions, vocab): each position's token distribution.  The
-    work that depends on a law (carried key sides, Grams over the query
-    tokens) is done once per distinct law (``law[i]`` is position i's), so
-    tokens of one law pay for one."""
+    ``law`` (positions,): each position's token distribution, a row of
+    ``laws`` (distributions, vocab).  The work that depends on a law (carried
+    key sides, Grams over the query tokens) is done once per distinct law
+    (``law[i]`` is position i's), so tokens of one law pay for one."""
 
-    def __init__(self, sides: list[AttentionSide], pairs: dict[str, tuple[int, int]], probs: np.ndarray,
-                 dry: bool) -> None:
+    def __init__(self, sides: list[AttentionSide], pairs: dict[str, tuple[int, int]], law: list[int],
+                 laws: np.ndarray, dry: bool) -> None:
         self.dry, self.pairs = dry, pairs
-        first: dict[bytes, int] = {}  # a law's index by its bytes: np.unique(axis=0) sorted 64 x 4096 in 30 ms
-        self.law = [first.setdefault(np.ascontiguousarray(row).tobytes(), len(first)) for row in probs]
-        self.laws = probs[[self.law.index(k) for k in range(len(first))]]  # (laws, vocab)
+        self.law, self.laws = law, laws
+        self.positions = _Laws(law)
         self.sides = [_Side(s) for s in sides]
         self.flops, self.held, self.peak = 0.0, 0, 0
-        self.V = probs.shape[1]
+        self.V = laws.shape[1]
         self.tick = None if dry else advancer()  # the running plan's bar, when one shows
 
     def _count(self, flops: float, transient: int = 0, held: int = 0) -> None:
@@ -151,7 +268,22 @@ class _TokenEngine:
 
     def carried_keys(self, s: _Side) -> list[tuple[int, int]]:
         """(the key position's law, the key arithmetic) of every carried key side."""
-        return sorted({(self.law[j], s.key(j - i)) for i, j in s.reads})
+        i, j = s.read_pairs()
+        n = s.n
+        codes = np.unique(self.positions.g[j] * (2 * n) + (j - i if s.rotary else 0) + n)  # key + n in [1, 2n)
+        return [(int(c // (2 * n)), int(c % (2 * n) - n)) for c in codes]
+
+    def carried_counts(self, s: _Side) -> tuple[int, int]:
+        """(carried key sides, distinct key laws among them), in closed form:
+        len(carried_keys(s)) and its laws."""
+        P, n = self.positions, s.n
+        if not s.reading:
+            return 0, 0
+        laws = int(P.prefix[n - 1]) if s.causal else P.L  # the keys [0, n - 1) when causal, else all
+        if not s.rotary:
+            return laws, laws
+        # offset o < 0 reads the keys [0, n + o); o > 0 (not causal) the keys [o, n)
+        return int(P.prefix[1:n].sum()) + (0 if s.causal else int(P.suffix[1:n].sum())), laws
 
     # ------------------------------------------------------- per side
     def _tables(self, s: _Side) -> dict[str, Any] | None:
@@ -164,15 +296,19 @@ class _TokenEngine:
         keys per (key law, key arithmetic) (heads, dv, vocab)): E[a head's
         value sum | query token]."""
         V, H, w1, w2, dv = self.V, s.H, s.w1, s.w2, s.dv
-        carried_keys = self.carried_keys(s)
-        laws = sorted({law for law, _ in carried_keys})
+        if self.dry:
+            n_carried, n_laws = self.carried_counts(s)
+        else:
+            carried_keys = self.carried_keys(s)
+            laws = sorted({law for law, _ in carried_keys})
+            n_carried, n_laws = len(carried_keys), len(laws)
         T = self._tables(s)
         block = max(1, min(V, _PAIR_ELEMENTS // (H * w1 * w2)))
         self._count(2.0 * H * V * (w1 + w2 + dv)  # the keys at the query's position
-                    + H * V * w1 * w2 * (3 + 2 * dv * (len(laws) + len(carried_keys)))  # pair products, K, carried keys
-                    + 4.0 * H * w1 * w2 * dv * (w1 + w2) * len(carried_keys),  # K rotated per offset
-                    transient=H * w1 * w2 * block + H * V * (w1 + w2 + dv * (1 + len(laws))),
-                    held=(len(carried_keys) + 1) * H * dv * V)
+                    + H * V * w1 * w2 * (3 + 2 * dv * (n_laws + n_carried))  # pair products, K, carried keys
+                    + 4.0 * H * w1 * w2 * dv * (w1 + w2) * n_carried,  # K rotated per offset
+                    transient=H * w1 * w2 * block + H * V * (w1 + w2 + dv * (1 + n_laws)),
+                    held=(n_carried + 1) * H * dv * V)
         if self.dry:
             return None
         import torch  # batched over heads: 0.23 s per model against 0.29 s head by head in numpy (best of 5)
@@ -203,14 +339,16 @@ class _TokenEngine:
             carried[:, :, tb] = torch.bmm(rotated, pair(T["q1"], T["q2"], tb))
         return local, {ck: carried[:, n * dv : (n + 1) * dv] for n, ck in enumerate(carried_keys)}
 
+    def _query_cost(self, s: _Side, keys: int) -> tuple[float, int]:
+        """(flops, transient elements) of G_i at a position reading ``keys`` other positions."""
+        return (2.0 * s.H * s.dv * self.V * (keys + 1) + 2.0 * s.d_out * s.H * s.dv * self.V,
+                3 * s.d_out * self.V + s.H * s.dv * self.V)  # G of both sides, p G, the heads' sum
+
     def _given_query(self, s: _Side, parts: Any, i: int, U: Any) -> Any:
         """G_i (d_out + 1, vocab): E[output at i | the query token]; U the
         virtual head's part (the same at every position)."""
-        keys = s.keys_read.get(i, [])
-        self._count(2.0 * s.H * s.dv * self.V * (len(keys) + 1) + 2.0 * s.d_out * s.H * s.dv * self.V,
-                    transient=3 * s.d_out * self.V + s.H * s.dv * self.V)  # G of both sides, p G, the heads' sum
-        if self.dry:
-            return None
+        keys = s.keys_read(i)
+        self._count(*self._query_cost(s, len(keys)))
         import torch
 
         local, carried = parts
@@ -243,6 +381,53 @@ class _TokenEngine:
         out["values by token"] = [v.permute(2, 0, 1).contiguous() for v in out["values"]]  # (vocab, heads, dv)
         return out
 
+    def _gram_heads(self) -> tuple[slice, slice]:
+        """The Grams' heads, rows x columns: an inner product of two models
+        needs only the cross block (0.49 ms against 0.95 ms per block of
+        256 x 256 tokens at 8 + 8 heads); a similarity, every head pair."""
+        starts = [0] + list(np.cumsum([s.H for s in self.sides]).tolist())
+        if list(self.pairs.values()) == [(0, 1)]:
+            return slice(0, starts[1]), slice(starts[1], starts[2])
+        return slice(0, starts[-1]), slice(0, starts[-1])
+
+    def _shared_cost(self, queries: int) -> tuple[float, int, float]:
+        """(flops before the score blocks, transient elements, the score
+        blocks' flops) of one offset's shared keys with ``queries`` query laws."""
+        V, sides = self.V, self.sides
+        Hs = sum(s.H for s in sides)
+        Bq, Bk = min(_QUERY_BLOCK, V), min(_KEY_BLOCK, V)
+        rows, cols = self._gram_heads()
+        nr, nc = rows.stop - rows.start, cols.stop - cols.start
+        scores, per_query = self._score_cost()
+        scores += per_query * queries
+        return (sum(4.0 * s.H * V * (s.w1 ** 2 + s.w2 ** 2) for s in sides),
+                (2 + (queries > 1)) * Hs * Bq * Bk + V * nr * nc * queries
+                + max(s.H * max(s.w1, s.w2) for s in sides) * V
+                + 3 * max(s.H * s.dv for s in sides) * V  # a pair's carried keys as rows, p-weighted
+                + sum(s.H * s.dv for s in sides) * V  # the values by token, weighted by the key law
+                + sum(3 * sides[x].H * sides[x].dv * sides[y].H * sides[y].dv + sides[x].H * Bk * sides[y].H * sides[y].dv
+                      for x, y in self.pairs.values()),
+                scores)
+
+    def _score_cost(self) -> tuple[float, float]:
+        """Flops of one offset's score blocks: (the score matrices, the Grams per query law)."""
+        V, sides = self.V, self.sides
+        rows, cols = self._gram_heads()
+        nr, nc = rows.stop - rows.start, cols.stop - cols.start
+        return 2.0 * V * V * sum(s.H * (s.w1 + s.w2) for s in sides), 2.0 * V * V * nr * nc
+
+    def _law_pair_cost(self, x: int, y: int) -> float:
+        """Flops of D for one pair and one (query law, key law) at one offset."""
+        X, Y = self.sides[x], self.sides[y]
+        return 4.0 * X.H * X.dv * Y.H * Y.dv * self.V
+
+    def _position_cost(self, x: int, y: int) -> tuple[float, float]:
+        """Flops of the shared keys' term at one query position: (fixed, per
+        distinct law of the keys it reads at the offsets of one group)."""
+        X, Y = self.sides[x], self.sides[y]
+        return (2.0 * X.H * Y.H * X.dv * Y.dv * Y.d_out + 2.0 * X.d_out * Y.H * Y.dv * Y.d_out,
+                4.0 * X.H * Y.H * X.dv * Y.dv)
+
     def _shared_keys(self, offset: int, needed: dict[str, set[tuple[int, int]]], parts: list[Any],
                      tables: dict[str, Any]) -> dict[tuple[int, int], dict[str, Any]]:
         """D[(query law, key law)][pair] (hx, hy, dv_x, dv_y) at one offset,
@@ -253,28 +438,13 @@ class _TokenEngine:
         V, sides = self.V, self.sides
         Hs = sum(s.H for s in sides)
         Bq, Bk = min(_QUERY_BLOCK, V), min(_KEY_BLOCK, V)
-        starts = np.cumsum([0] + [s.H for s in sides])
         queries = sorted({q for q, _ in laws})  # one Gram over the query tokens per query law
-        # The Grams' heads, rows x columns: an inner product of two models
-        # needs only the cross block (0.49 ms against 0.95 ms per block of
-        # 256 x 256 tokens at 8 + 8 heads); a similarity, every head pair.
-        cross = list(self.pairs.values()) == [(0, 1)]
-        rows, cols = (slice(0, starts[1]), slice(starts[1], starts[2])) if cross else (slice(0, Hs), slice(0, Hs))
+        rows, cols = self._gram_heads()
         nr, nc = rows.stop - rows.start, cols.stop - cols.start
-        scores = 2.0 * V * V * sum(s.H * (s.w1 + s.w2) for s in sides) + 2.0 * V * V * nr * nc * len(queries)
-        self._count(sum(4.0 * s.H * V * (s.w1 ** 2 + s.w2 ** 2) for s in sides),
-                    transient=(2 + (len(queries) > 1)) * Hs * Bq * Bk + V * nr * nc * len(queries)
-                    + max(s.H * max(s.w1, s.w2) for s in sides) * V
-                    + 3 * max(s.H * s.dv for s in sides) * V  # a pair's carried keys as rows, p-weighted
-                    + sum(s.H * s.dv for s in sides) * V  # the values by token, weighted by the key law
-                    + sum(3 * sides[x].H * sides[x].dv * sides[y].H * sides[y].dv + sides[x].H * Bk * sides[y].H * sides[y].dv
-                          for x, y in self.pairs.values()))
+        flops, transient, scores = self._shared_cost(len(queries))
+        self._count(flops, transient=transient)
         for name, (x, y) in self.pairs.items():
-            X, Y = sides[x], sides[y]
-            self._count(4.0 * X.H * X.dv * Y.H * Y.dv * V * len(needed[name]))
-        if self.dry:
-            self._count(scores)
-            return {}
+            self._count(self._law_pair_cost(x, y) * len(needed[name]))
         import torch  # the score blocks' batched products run at twice numpy's rate here
 
         k1, k2, q1, q2 = tables["k1"], tables["k2"], tables["q1"], tables["q2"]
@@ -347,65 +517,140 @@ class _TokenEngine:
             out[name] = shared - product.permute(0, 2, 1, 3)
 
     # -------------------------------------------------------- results
+    def _moment_cost(self, x: int, y: int, centered: bool) -> tuple[float, int]:
+        """(flops, transient elements) of one pair's E[G G'] at one position."""
+        X, Y = self.sides[x], self.sides[y]
+        return 2.0 * X.d_out * Y.d_out * self.V, (X.d_out + Y.d_out) * self.V * (3 if centered else 2)
+
+    def _pattern(self, x: int, y: int) -> tuple[bool, bool]:
+        """(whether any, causal): the pairs (i, j != i) that both sides read."""
+        X, Y = self.sides[x], self.sides[y]
+        return X.reading and Y.reading, X.causal or Y.causal
+
+    def _group_pairs(self, pattern: tuple[bool, bool], members: list[int],
+                     rotary: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(query, key) positions a pair reads at the offsets of one group,
+        row by row: one offset with rotary, else all of them."""
+        reading, causal = pattern
+        n = self.sides[0].n
+        if not rotary:
+            return _read_pairs(n, reading, causal)
+        (o,) = members
+        if not reading or (causal and o > 0):
+            return _read_pairs(0, False, False)
+        i = np.arange(max(0, -o), min(n, n - o), dtype=np.int64)
+        return i, i + o
+
+    def _count_positions(self, centered: bool) -> None:
+        """The dry count of the loop over query positions, in closed form."""
+        n, flops, transient = self.sides[0].n, 0.0, 0
+        for s in self.sides:
+            f, t = self._query_cost(s, 0)
+            reads = (n * (n - 1) // (2 if s.causal else 1)) if s.reading else 0  # sum of the keys read
+            flops += n * f + 2.0 * s.H * s.dv * self.V * reads
+            transient = max(transient, t)
+        for x, y in self.pairs.values():
+            f, t = self._moment_cost(x, y, centered)
+            flops += n * f
+            transient = max(transient, t)
+        self._count(flops, transient=transient)
+
+    def _count_groups(self, read: dict[str, tuple[bool, bool]], rotary: bool) -> None:
+        """The dry count of the shared keys over the offsets' groups, in
+        closed form: what the loops over groups, pairs and positions count."""
+        P, n = self.positions, self.sides[0].n
+        names = [(x, y, read[name][1]) for name, (x, y) in self.pairs.items() if read[name][0]]
+        if not names:
+            return
+        not_causal = not all(causal for _, _, causal in names)
+        if rotary:  # one group per offset o: queries [-o, n) below 0, [0, n - o) above
+            groups = (n - 1) * (1 + not_causal)
+            queries = int(P.suffix[1:n].sum()) + (int(P.prefix[1:n].sum()) if not_causal else 0)
+            most = max(int(P.suffix[1]), int(P.prefix[n - 1]) if not_causal else 0)
+            diagonal = int(P.diagonal_pairs(np.arange(1, n)).sum())  # offsets -o and o read alike
+        else:  # one group: every offset
+            groups = 1
+            queries = most = P.L if not_causal else int(P.suffix[1])
+        fixed, transient, _ = self._shared_cost(most)
+        scores, per_query = self._score_cost()
+        flops = groups * (fixed + scores) + per_query * queries
+        for x, y, causal in names:
+            base, per_law = self._position_cost(x, y)
+            if rotary:  # each position reads one key per offset
+                sides = 1 + (not causal)
+                flops += self._law_pair_cost(x, y) * diagonal * sides + (base + per_law) * (n * (n - 1) // 2) * sides
+            else:
+                positions = n - 1 if causal else n
+                flops += (self._law_pair_cost(x, y) * P.read_pairs(causal) + base * positions
+                          + per_law * P.key_laws(causal))
+        self._count(flops, transient=transient)
+
     def run(self, centered: bool) -> dict[str, np.ndarray]:
         """{pair: M (n, d_out_x + 1, d_out_y + 1)}: the second moments of the
         outputs at every position, or ``centered`` their covariances (the
-        shared-key terms D are covariances already)."""
+        shared-key terms D are covariances already).  Dry, the loops over
+        positions and offsets are counted in closed form."""
         sides, V, dry = self.sides, self.V, self.dry
         n = sides[0].n
         if not dry:
             import torch
+        # each side's mask (heads, n, n), formed at its first use and held to the end (0.6 GB for 8 heads at
+        # n = 2,896, where nothing else is that large), and its reads checked on (n, n) booleans
+        self._count(0, held=sum(s.H * n * n for s in sides), transient=n * n)
         parts = [self._conditional(s) for s in sides]
         U = [None if dry else torch.from_numpy(s.side.out_maps[1]) @ torch.from_numpy(s.side.T) for s in sides]  # virtual head
         for s in sides:
             self._count(2.0 * s.d_out * s.side.T.shape[0] * V, held=s.d_out * V)
         M = {name: None if dry else torch.zeros((n, sides[x].d_out, sides[y].d_out), dtype=torch.float64)
              for name, (x, y) in self.pairs.items()}
-        for i in range(n):  # the conditional means given the query token
+        if dry:
+            self._count_positions(centered)
+        for i in range(0 if dry else n):  # the conditional means given the query token
             G = [self._given_query(s, part, i, u) for s, part, u in zip(sides, parts, U)]
             for name, (x, y) in self.pairs.items():
-                self._count(2.0 * sides[x].d_out * sides[y].d_out * V,
-                            transient=(sides[x].d_out + sides[y].d_out) * V * (3 if centered else 2))
-                if not dry:
-                    p = self.p(self.law[i])
-                    Gx, Gy = G[x], G[y]
-                    if centered:  # the covariance over the query token as such: E[G G'] - E[G] E[G]' lost every digit to large biases
-                        Gx, Gy = Gx - (Gx @ p)[:, None], Gy - (Gy @ p)[:, None]
-                    M[name][i] = (Gx * p) @ Gy.T
-        # (query position, key position) pairs that both models of a pair read
-        read = {name: set(sides[x].reads) & set(sides[y].reads)
-                for name, (x, y) in self.pairs.items()}
-        offsets = sorted({j - i for pairs in read.values() for i, j in pairs})
-        groups = sorted({tuple(s.key(o) for s in sides) for o in offsets})
+                self._count(*self._moment_cost(x, y, centered))
+                p = self.p(self.law[i])
+                Gx, Gy = G[x], G[y]
+                if centered:  # the covariance over the query token as such: E[G G'] - E[G] E[G]' lost every digit to large biases
+                    Gx, Gy = Gx - (Gx @ p)[:, None], Gy - (Gy @ p)[:, None]
+                M[name][i] = (Gx * p) @ Gy.T
+        # (query position, key position) pairs that both models of a pair read: (any, causal)
+        read = {name: self._pattern(x, y) for name, (x, y) in self.pairs.items()}
+        offsets = list(range(-(n - 1), 0)) if any(r for r, _ in read.values()) else []
+        offsets += list(range(1, n)) if any(r and not c for r, c in read.values()) else []
+        rotary = any(s.rotary for s in sides)  # the keys' arithmetic differs per offset
+        groups = [[o] for o in offsets] if rotary else [offsets] if offsets else []
         if groups:  # every head's score tables, stacked, and the values laid out by token
             self._count(0, held=sum(s.H for s in sides) * V * sum(max(s.width(f) for s in sides)
                                                                   for f in ("q1", "k1", "q2", "k2"))
                         + sum(s.H * s.dv for s in sides) * V)
-        tables = None if dry or not groups else self._score_tables()
-        for keys in groups:  # both models' keys at one position j != i, once per distinct arithmetic
-            members = [o for o in offsets if tuple(s.key(o) for s in sides) == keys]
-            needed = {name: {(self.law[i], self.law[i + o]) for o in members for i in range(n) if (i, i + o) in pairs}
-                      for name, pairs in read.items()}  # (query law, key law) of the positions each pair reads
+        if dry:
+            self._count_groups(read, rotary)
+            return {name: None for name in self.pairs}  # type: ignore[misc]
+        tables = None if not groups else self._score_tables()
+        g, L = self.positions.g, self.positions.L
+        for members in groups:  # both models' keys at one position j != i, once per distinct arithmetic
+            pairs = {name: self._group_pairs(pattern, members, rotary) for name, pattern in read.items()}
+            needed = {name: {(int(c // L), int(c % L)) for c in np.unique(g[i] * L + g[j])}
+                      for name, (i, j) in pairs.items()}  # (query law, key law) of the positions each pair reads
             D = self._shared_keys(members[0], needed, parts, tables)
             for name, (x, y) in self.pairs.items():
                 X, Y = sides[x], sides[y]
-                for i in range(n):
-                    keys_read = [i + o for o in members if (i, i + o) in read[name]]
-                    if not keys_read:
-                        continue
-                    self._count(2.0 * X.H * Y.H * X.dv * Y.dv * (2 * len({self.law[j] for j in keys_read}) + Y.d_out)
-                                + 2.0 * X.d_out * Y.H * Y.dv * Y.d_out)
-                    if dry:
-                        continue
-                    weights: dict[tuple[int, int], Any] = {}  # (hx, hy) per (query law, key law)
-                    for j in keys_read:
-                        law = (self.law[i], self.law[j])
-                        weights[law] = weights.get(law, 0) + np.outer(X.c[:, i, j], Y.c[:, i, j])
-                    N = sum(torch.from_numpy(c)[:, :, None, None] * D[law][name] for law, c in weights.items())
+                base, per_law = self._position_cost(x, y)
+                i_all, j_all = pairs[name]
+                rows = np.flatnonzero(np.diff(i_all)) + 1  # the pairs' rows: one query position each
+                for i, keys in zip(i_all[np.r_[0, rows]] if i_all.size else [], np.split(j_all, rows)):
+                    key_laws = g[keys]
+                    laws = np.unique(key_laws)
+                    self._count(base + per_law * len(laws))
+                    # the masks' products (hx, hy) summed over the keys of each (query law, key law)
+                    cx, cy = X.c[:, i, keys], Y.c[:, i, keys]
+                    N = 0
+                    for k in laws.tolist():
+                        on = key_laws == k
+                        N = N + torch.from_numpy(cx[:, on] @ cy[:, on].T)[:, :, None, None] * D[(int(g[i]), k)][name]
                     N = N.permute(0, 2, 1, 3).reshape(X.H * X.dv, Y.H * Y.dv)
                     M[name][i] += X.output_map @ N @ Y.output_map.T
-        if dry:
-            return {name: None for name in self.pairs}  # type: ignore[misc]
         return {name: M[name].numpy() for name in self.pairs}
 
 
@@ -433,7 +678,7 @@ class TokenMoments(Algorithm):
             sides, pairs = sides[:1], {"ab": (0, 0)}
         else:
             pairs = {"ab": (0, 1), "aa": (0, 0), "bb": (1, 1)} if problem.joint else {"ab": (0, 1)}
-        return _TokenEngine(sides, pairs, problem.measure.token_probs(), dry), sides  # type: ignore[union-attr]
+        return _TokenEngine(sides, pairs, *_token_laws(problem.measure), dry), sides  # type: ignore[arg-type]
 
     def plan(self, problem: InnerProblem, limit: float) -> Plan:
         positions_fit(problem, 2)
