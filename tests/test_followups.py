@@ -205,3 +205,56 @@ def test_the_demos_colours_are_plot_matrixs_own():
                                                      plot_matrix(m, vmin=vmin, vmax=vmax).axes[0].texts]
     finally:
         plt.close(fig)
+
+
+def test_an_estimated_store_of_the_old_heavy_tail_rule_is_not_resumed(tmp_path):
+    """Tiles keep their heavy-tail flags: a store written under the old rule
+    (one sample's 5 % share: its manifest has no heavy_tails) was resumed and
+    its flags reported under the new one (6 of 6 flagged, 0 of 6 computed
+    afresh).  Exact stores carry no such record."""
+    import json as _json
+
+    rng = np.random.default_rng(0)
+    models = [ts.Bilinear(rng.normal(size=(6, 4)), rng.normal(size=(6, 4)), rng.normal(size=(3, 6))) for _ in range(3)]
+    kw = dict(method="sampled", samples=200, seed=1, tile=2, progress=False)
+    ts.similarity_matrix(models, store=tmp_path / "est", **kw)
+    manifest = tmp_path / "est" / "manifest.json"
+    record = _json.loads(manifest.read_text())
+    assert record["options"]["heavy_tails"].startswith("variance error over")
+    del record["options"]["heavy_tails"]  # as the old rule's stores were written
+    manifest.write_text(_json.dumps(record))
+    with pytest.raises(ValueError, match="heavy_tails=None, this call has heavy_tails='variance error over"):
+        ts.similarity_matrix(models, store=tmp_path / "est", **kw)
+    ts.similarity_matrix(models, store=tmp_path / "exact", tile=2, progress=False)
+    assert "heavy_tails" not in _json.loads((tmp_path / "exact" / "manifest.json").read_text())["options"]
+
+
+def test_labels_nest_inside_a_matrix_pair():
+    """The similarity's own product label replaced the matrix's pair label
+    (every pair's bar read 'Monte Carlo estimate <a,b>')."""
+    from tsalgebra import progress
+
+    with progress.labelled("<0,1>"):
+        with progress.labelled("<a,b>"):
+            assert progress._LABEL.get() == "<0,1> <a,b>"
+        assert progress._LABEL.get() == "<0,1>"
+    assert not progress._LABEL.get()
+
+
+def test_a_template_whose_attention_has_no_positions_is_named_when_loaded(tmp_path):
+    """The message spoke of an nn.Flatten the template does not have; it now
+    names the layer from_torch refused, and asks for n_ctx=."""
+    import torch
+    from torch import nn
+
+    from tsalgebra.adapters import BilinearAttentionModule
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Embedding(6, 8), BilinearAttentionModule(2, 4, 8, causal=True), nn.Linear(8, 6))
+
+    torch.save(build().state_dict(), tmp_path / "lm.pt")
+    with pytest.raises(LoadError, match=r"BilinearAttention\[1\].*pass n_ctx=") as info:
+        ts.load(tmp_path / "lm.pt", build)
+    assert "Flatten" not in str(info.value)
+    assert ts.load(tmp_path / "lm.pt", build, n_ctx=3).in_features == 3 * 6

@@ -272,3 +272,32 @@ def test_exact_weights_of_finite_reals_and_symbols_are_kept():
 
     w = np.array([[sympy.Rational(1, 3), sympy.Symbol("a"), sympy.Integer(2), sympy.sqrt(2)]], dtype=object)
     assert ts.Linear(w).weight.shape == (1, 4)
+
+
+@pytest.mark.parametrize("entry", [1 + 1j, np.complex128(1 + 2j), 1 + 0j])
+def test_an_exact_weight_of_complex_type_is_refused(entry):
+    """A Python or numpy complex in an object array passed (only finiteness
+    was checked): the norm came out sqrt(0.25 + 2.0*I) labelled exact."""
+    from fractions import Fraction
+
+    with pytest.raises(TypeError, match="Linear: weight holds complex entries .*expected real numbers"):
+        ts.Linear(np.array([[entry, Fraction(1, 2)]], dtype=object))
+
+
+def test_a_token_measure_too_wide_to_build_does_not_refuse_the_gaussian_question():
+    """Vocabulary 50,000 at 400 positions: beyond the token measure's one-hot
+    features, which the models' default measure built even under
+    inner='gaussian' (every Gaussian similarity of such models refused)."""
+    rng = np.random.default_rng(0)
+    vocab, d, n_ctx = 50_000, 4, 400
+    w = lambda *s: rng.normal(size=s) * 0.1  # noqa: E731
+
+    def lm():
+        return ts.Sequential(ts.PositionWise(ts.Embedding(w(d, vocab)), n_ctx),
+                             ts.BilinearAttention(w(1, 2, d), w(1, 2, d), w(1, 2, d), w(1, 2, d), w(1, 2, d),
+                                                  w(1, d, 2), causal=True, residual=True, n_ctx=n_ctx))
+
+    a, b = lm(), lm()
+    ts.plan_similarity(a, b, "gaussian", budget=1e12)
+    with pytest.raises(ValueError, match=r"n_ctx=400: .*; or the Gaussian question of these models: inner='gaussian'"):
+        ts.plan_similarity(a, b)

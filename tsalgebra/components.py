@@ -74,7 +74,9 @@ def _check_exact_entries(arr: np.ndarray, what: str, layer: str) -> None:
                     raise ValueError(f"{layer}: {what} contains a non-real entry ({value})")
                 continue
             raise TypeError(f"{layer}: {what} holds {type(value).__name__} entries ({value!r}); expected numbers")
-        if isinstance(value, (float, complex, np.floating)) and not np.isfinite(value):
+        if isinstance(value, (complex, np.complexfloating)):  # as a complex dtype is: else a complex 'exact' cosine
+            raise TypeError(f"{layer}: {what} holds complex entries ({value!r}); expected real numbers")
+        if isinstance(value, (float, np.floating)) and not np.isfinite(value):
             raise ValueError(f"{layer}: {what} contains NaN or Inf entries")
 
 

@@ -519,8 +519,8 @@ def model_from_state_dict(sd: Mapping[str, Any], template: Template = None,
         if n_ctx is not None:
             _refused_at(module, n_ctx, exc, source)
         elif _needs_positions(module):  # said as load's n_ctx= (--n-ctx on the command line), not from_torch's
-            raise LoadError(source, "the template reads tokens at positions its weights do not fix (per-position "
-                                    "layers, then an nn.Flatten: torch runs it on any number of tokens); pass "
+            why = str(exc).split(" Pass from_torch(")[0].rstrip(". ")  # its own advice is from_torch's spelling
+            raise LoadError(source, f"the template reads tokens at positions its weights do not fix ({why}); pass "
                                     "n_ctx= (the number of token positions to read)") from None
         raise LoadError(source, f"cannot convert the loaded module: {exc}") from None
 

@@ -411,12 +411,19 @@ def resolve_inner(inner: str | None, measure: Measure | None, *models: Any) -> t
     one, so a hand-written circuit on one-hot tokens is compared with a
     language model under the model's measure, in either order), else the
     Gaussian one; "tokens" without a measure takes that default."""
-    default = next((d for d in (getattr(m, "default_measure", None) for m in models) if d is not None), None)
+    def models_default() -> Measure | None:  # read only where asked for: a Tokens too wide to build is no
+        # reason to refuse the Gaussian question (vocab 50,000 at 400 positions)
+        return next((d for d in (getattr(m, "default_measure", None) for m in models) if d is not None), None)
+
     if inner is None:
-        if measure is None and default is not None:
-            measure = default
+        if measure is None:
+            try:
+                measure = models_default()
+            except ValueError as exc:  # the models' token measure cannot be built: the other question can be asked
+                raise ValueError(f"{exc}; or the Gaussian question of these models: inner='gaussian'") from None
         inner = "tokens" if isinstance(measure, Tokens) else "gaussian"
     if inner == "tokens" and measure is None:
+        default = models_default()
         if not isinstance(default, Tokens):
             raise ValueError("inner='tokens' needs measure=ts.Tokens(vocab) (or a model converted from a token "
                              "embedding, which carries it)")

@@ -103,8 +103,11 @@ def progress_bar(total: float | None, desc: str, unit: str, progress: bool | Non
 
 @contextlib.contextmanager
 def labelled(label: str) -> Iterator[None]:
-    """Runs inside name their bars' product: ``desc <a,b>``."""
-    token = _LABEL.set(label)
+    """Runs inside name their bars' product: ``desc <a,b>``; inside another
+    label, after it (a matrix's pair, then the similarity's product: ``<0,1>
+    <a,b>``)."""
+    outer = _LABEL.get()
+    token = _LABEL.set(f"{outer} {label}" if outer else label)
     try:
         yield
     finally:

@@ -191,10 +191,15 @@ def _options_record(spec: Any, size: int, symmetric: bool) -> dict[str, Any]:
         h = hashlib.sha256()
         _feed(h, spec.measure)
         measure = {"label": spec.measure.label, "digest": h.hexdigest()}
-    return {"inner": spec.inner, "method": spec.method, "centered": spec.centered, "measure": measure,
-            "dtype": parse_dtype(spec.dtype), "options": {k: repr(v) for k, v in sorted(spec.options.items())
-                                                  if k not in _NOT_IDENTITY and v is not None},
-            "tile": size, "symmetric": symmetric}
+    record = {"inner": spec.inner, "method": spec.method, "centered": spec.centered, "measure": measure,
+              "dtype": parse_dtype(spec.dtype), "options": {k: repr(v) for k, v in sorted(spec.options.items())
+                                                    if k not in _NOT_IDENTITY and v is not None},
+              "tile": size, "symmetric": symmetric}
+    if spec.method == "sampled":  # estimates' tiles keep heavy-tail flags: resumed only under the rule that set them
+        from ..algorithms.sampled import HEAVY_TAIL_VARIANCE_ERROR
+
+        record["heavy_tails"] = f"variance error over {HEAVY_TAIL_VARIANCE_ERROR}"
+    return record
 
 
 def store_path(path: Any) -> Path:
