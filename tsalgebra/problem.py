@@ -30,7 +30,7 @@ from .messages import counted
 
 __all__ = ["Alternative", "CostError", "MemoryBoundError", "NotApplicableError", "DEFAULT_BUDGET", "INNERS", "METHODS",
            "InnerProblem", "InnerResult", "Plan",
-           "available_memory", "bound_measure", "cgroup_memory", "check_arguments", "check_flags", "check_sampling", "checked_budget",
+           "available_memory", "bound_measure", "cgroup_memory", "check_arguments", "check_degree", "check_flags", "check_sampling", "checked_budget",
            "checked_memory", "default_max_memory", "degree_of", "format_count", "positions_of", "resolve_inner", "rounded_up"]
 
 INNERS = ("gaussian", "tokens", "symmetric", "network")
@@ -436,6 +436,20 @@ def resolve_inner(inner: str | None, measure: Measure | None, *models: Any) -> t
     return inner, measure
 
 
+def check_degree(inner: str, options: dict[str, Any]) -> None:
+    """``degree=`` in ``options``: None, or a positive int (stored as int)
+    of the symmetric product only (elsewhere it would be silently ignored)."""
+    degree = options.get("degree")
+    if degree is None:
+        return
+    if isinstance(degree, (bool, np.bool_)) or not isinstance(degree, (int, np.integer)) or degree < 1:
+        raise ValueError(f"degree must be a positive integer or None, got {degree!r}")
+    if inner != "symmetric":
+        raise ValueError(f"degree belongs to inner='symmetric' (the common degree of the Bombieri "
+                         f"product), not to {inner!r}")
+    options["degree"] = int(degree)
+
+
 def checked_budget(budget: Any) -> float:
     """``budget=`` as a float: a non-negative real number (numpy's too; not
     a bool, a string or NaN); inf, or an integer beyond float's range, is no
@@ -554,14 +568,7 @@ class InnerProblem:
             if given is None and measure is not None:
                 notes = (default_measure_note(measure),)
         check_flags(options)
-        if options.get("degree") is not None:
-            degree = options["degree"]
-            if isinstance(degree, (bool, np.bool_)) or not isinstance(degree, (int, np.integer)) or degree < 1:
-                raise ValueError(f"degree must be a positive integer or None, got {degree!r}")
-            if inner != "symmetric":  # it would be silently ignored
-                raise ValueError(f"degree belongs to inner='symmetric' (the common degree of the Bombieri "
-                                 f"product), not to {inner!r}")
-            options["degree"] = int(degree)
+        check_degree(inner, options)
         check_arguments(inner, method, options.get("centered", False))
         if "budget" in options:
             options["budget"] = checked_budget(options["budget"])

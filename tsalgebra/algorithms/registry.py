@@ -164,8 +164,18 @@ def alternatives(problem: InnerProblem, estimates: list[tuple[float, bool]],
     Another inner product or method is suggested only where the question so
     changed has a plan within the problem's memory bound (:func:`_need`; its
     flops are not judged: the budget is suggested on its own).  When none
-    has, the memory bound suggested says what the least demanding of them
-    needs (a bound of its own where the refusal was over the budget alone)."""
+    has, the message says what the least demanding of them needs (in the
+    first suggestion's text): a max_memory is suggested only for the
+    question asked, as a bound that fits only another question is refused
+    when taken alone."""
+    return _suggestions(problem, estimates, needed)[0]
+
+
+def _suggestions(problem: InnerProblem, estimates: list[tuple[float, bool]],
+                 needed: float | None = None) -> tuple[tuple[Alternative, ...], str]:
+    """:func:`alternatives`, and the note on the other questions where none
+    fits the bound ("" otherwise), folded into the first suggestion's text
+    (returned for a caller that has none to carry it)."""
     fitting: list[Alternative] = []
     least: tuple[float, str] | None = None  # (bytes, name) of the other question needing the least
     for change, why, name in _OTHERS:
@@ -187,11 +197,13 @@ def alternatives(problem: InnerProblem, estimates: list[tuple[float, bool]],
         per_product, extrapolated = min(finite)
         why = "about the cheapest estimate (extrapolated): it may take more" if extrapolated else \
             "the cheapest estimate"
+        if least is not None and not out:  # refused over the budget alone: the others stated, not suggested
+            why += (f"; no other question fits the bound: {least[1]}, the least of them, needs "
+                    f"{format_count(least[0])} bytes")
         out.append(Alternative("budget", rounded_up(per_product), why))
-    if least is not None and not any(alt.option == "max_memory" for alt in out):  # refused over the budget alone
-        out.append(Alternative("max_memory", rounded_up(least[0]), f"what {least[1]}, the least of the other "
-                                                                   "questions, needs: none fits the bound"))
-    return tuple(out + fitting)
+    note = "" if least is None else (f"; no other question fits {_bound(problem)}: {least[1]}, the least "
+                                     f"of them, needs {format_count(least[0])} bytes")
+    return tuple(out + fitting), note
 
 
 def _changed(problem: InnerProblem, change: dict[str, str]) -> InnerProblem | None:
@@ -362,7 +374,8 @@ def _choose(problem: InnerProblem) -> Plan:
             raise MemoryBoundError(reason, needed=needed, flops=cheapest[0], extrapolated=cheapest[1],
                                    alternatives=alternatives(problem, [], needed))
         if not bounds:  # every algorithm declined the question itself: no budget answers it
-            raise NotApplicableError(reason, alternatives=alternatives(problem, []))
+            others, note = _suggestions(problem, [])
+            raise NotApplicableError(reason + ("" if others else note), alternatives=others)
         raise CostError(reason, flops=cheapest[0], extrapolated=cheapest[1],
                         alternatives=alternatives(problem, estimates))
     return replace(best, method=_method(problem), refusals=tuple(r for r in refusals if r[0] != best.algorithm))

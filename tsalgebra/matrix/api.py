@@ -22,7 +22,7 @@ from ..cosine import cosines
 from ..measure import Measure
 from ..rescale import without_output_bias
 from ..problem import (DEFAULT_BUDGET, FUNCTIONAL, Alternative, CostError, InnerProblem, MemoryBoundError, bound_measure,
-                       check_arguments, check_sampling, checked_budget, checked_memory, default_measure_note, degree_of,
+                       check_arguments, check_degree, check_flags, check_sampling, checked_budget, checked_memory, default_measure_note, degree_of,
                        format_count, resolve_inner, rounded_up)
 from . import materialize, node_gram, pairwise, pairwise_gram
 from .job import Gram, Job, Route, TileGram, Tiling
@@ -56,6 +56,9 @@ def _compute(rows_in: Any, cols_in: Any | None, inner: str | None, method: str, 
     if inner is None or inner in FUNCTIONAL:
         inner, measure = resolve_inner(inner, measure, *rows, *(cols or []))
     said = (default_measure_note(measure),) if given is None and measure is not None else ()
+    flags = {"centered": centered, **options}  # ts.similarity's checks, before any route: every route agrees
+    check_flags(flags)
+    centered, options = flags.pop("centered"), flags
     options = _checked(inner, method, centered, route, options)
     max_memory = checked_memory(max_memory)
     said += _common_degree(rows + (cols or []), inner, options)
@@ -134,6 +137,7 @@ def _checked(inner: str, method: str, centered: bool, route: str, options: dict[
     unknown = set(options) - {"degree", "budget", "orbits", "samples", "seed", "rel_error"}
     if unknown:
         raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
+    check_degree(inner, options)
     check_sampling(method, options)  # samples= without method='sampled' was silently ignored
     if "budget" in options:
         options["budget"] = checked_budget(options["budget"])
