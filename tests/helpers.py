@@ -104,3 +104,45 @@ def saved_bilinears(directory: Path, n: int = 3, seed: int = 0) -> list[Path]:
         ts.save(ts.Bilinear(L, R, D), directory / f"m{i}.safetensors")
         paths.append(directory / f"m{i}.safetensors")
     return paths
+
+
+def dead_channel_pair() -> tuple[ts.Bilinear, ts.Bilinear]:
+    """Two bilinear layers, the second's output channel 1 dead (zero norm):
+    a per-output cosine undefined there."""
+    rng = np.random.default_rng(3)
+    up, down = rng.normal(size=(5, 4)), rng.normal(size=(3, 5))
+    dead = down.copy()
+    dead[1] = 0
+    return ts.Bilinear(up, rng.normal(size=(5, 4)), down), ts.Bilinear(up, rng.normal(size=(5, 4)), dead)
+
+
+TINY_LM_TEMPLATE = (
+    "from torch import nn\n"
+    "from tsalgebra.adapters import BilinearAttentionModule\n"
+    "def build():\n"
+    "    return nn.Sequential(nn.Embedding(6, 4), BilinearAttentionModule(2, 2, 4, n_ctx=3, causal=True),\n"
+    "                         nn.Linear(4, 6)).double()\n")
+
+
+def template_checkpoints(directory: Path, name: str, source: str, seeds: tuple[int, ...] = (1, 2)) -> tuple[str, list[Path]]:
+    """A model file ``name``.py (``source``, defining build()) in
+    ``directory`` and one torch checkpoint m{seed}.pt per seed of its
+    module: (the --template argument, the checkpoint paths)."""
+    import importlib
+    import sys
+
+    import torch
+
+    (directory / f"{name}.py").write_text(source)
+    sys.path.insert(0, str(directory))
+    try:
+        module = importlib.import_module(name)
+        paths = []
+        for s in seeds:
+            torch.manual_seed(s)
+            paths.append(directory / f"m{s}.pt")
+            torch.save(module.build().state_dict(), paths[-1])
+    finally:
+        sys.path.remove(str(directory))
+        sys.modules.pop(name, None)
+    return f"{directory / name}.py:build", paths

@@ -17,11 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import tsalgebra as ts
 import tsalgebra.cli as cli
-from helpers import exit_code, saved_bilinears
+from helpers import TINY_LM_TEMPLATE, exit_code, saved_bilinears, template_checkpoints
 from tsalgebra.problem import Alternative
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,29 +201,12 @@ def test_notes_and_route_refusals_are_spelled_as_flags(files, capsys):
 def test_a_question_no_algorithm_answers_is_a_usage_error(tmp_path, capsys):
     """--inner network on attention layers: no algorithm applies at any
     cost; no budget or memory bound answers it (exit 2, not the refusal's 3)."""
-    (tmp_path / "arch_net.py").write_text(
-        "from torch import nn\n"
-        "from tsalgebra.adapters import BilinearAttentionModule\n"
-        "def build():\n"
-        "    return nn.Sequential(nn.Embedding(6, 4), BilinearAttentionModule(2, 2, 4, n_ctx=3, causal=True),\n"
-        "                         nn.Linear(4, 6)).double()\n")
-    sys.path.insert(0, str(tmp_path))
-    try:
-        import arch_net
-
-        for s in (1, 2):
-            torch.manual_seed(s)
-            torch.save(arch_net.build().state_dict(), tmp_path / f"m{s}.pt")
-    finally:
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop("arch_net", None)
-    code, out, err = exit_code(capsys, "similarity", tmp_path / "m1.pt", tmp_path / "m2.pt", "--template",
-                               f"{tmp_path / 'arch_net.py'}:build", "--inner", "network", "--json")
+    template, (m1, m2) = template_checkpoints(tmp_path, "arch_net", TINY_LM_TEMPLATE)
+    code, out, err = exit_code(capsys, "similarity", m1, m2, "--template", template, "--inner", "network", "--json")
     got = json.loads(out)
     assert code == 2 and got["exit_code"] == 2 and "no exact algorithm applies" in got["error"], err
     # a refusal over the budget is still 3
-    code, out, err = exit_code(capsys, "similarity", tmp_path / "m1.pt", tmp_path / "m2.pt", "--template",
-                               f"{tmp_path / 'arch_net.py'}:build", "--budget", "1", "--json")
+    code, out, err = exit_code(capsys, "similarity", m1, m2, "--template", template, "--budget", "1", "--json")
     assert code == 3 and json.loads(out)["exit_code"] == 3 and "budget" in json.loads(out)["error"], err
 
 

@@ -18,7 +18,7 @@ import sympy
 from safetensors.numpy import save_file
 
 import tsalgebra as ts
-from helpers import exit_code, saved_bilinears
+from helpers import dead_channel_pair, exit_code, saved_bilinears
 from tsalgebra.io import NATIVE_FORMAT, LoadError, model_from_state_dict
 from tsalgebra.messages import counted
 from tsalgebra.problem import DEAD_CHANNELS, DEAD_ESTIMATED, CostError, InnerResult, NotApplicableError
@@ -31,21 +31,13 @@ def files(tmp_path_factory):
     return saved_bilinears(tmp_path_factory.mktemp("ck"))  # 3 -> 4 -> 2
 
 
-def _dead_pair():
-    rng = np.random.default_rng(3)
-    up, down = rng.normal(size=(5, 4)), rng.normal(size=(3, 5))
-    dead = down.copy()
-    dead[1] = 0
-    return ts.Bilinear(up, rng.normal(size=(5, 4)), down), ts.Bilinear(up, rng.normal(size=(5, 4)), dead)
-
-
 # ------------------------------------------------------------ 1: dead channels
 
 
 @pytest.mark.parametrize("kw, note", [({}, DEAD_CHANNELS),
                                       ({"method": "sampled", "samples": 300, "seed": 0}, DEAD_ESTIMATED)])
 def test_a_dead_channel_is_one_warning_and_one_note_of_the_same_text(kw, note):
-    a, b = _dead_pair()
+    a, b = dead_channel_pair()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         r = ts.similarity(a, b, per_output=True, **kw)
@@ -60,7 +52,7 @@ def test_a_result_made_by_hand_is_not_given_notes():
 
 
 def test_the_json_says_a_dead_channel_once(tmp_path, capsys):
-    a, b = _dead_pair()
+    a, b = dead_channel_pair()
     ts.save(a, tmp_path / "a.safetensors")
     ts.save(b, tmp_path / "dead.safetensors")
     code, out, err = exit_code(capsys, "similarity", tmp_path / "a.safetensors", tmp_path / "dead.safetensors",

@@ -14,6 +14,7 @@ import pytest
 import sympy
 
 import tsalgebra as ts
+from helpers import dead_channel_pair
 from tsalgebra.algorithms.enumeration import Enumeration
 from tsalgebra.algorithms.sampled import Sampled
 from tsalgebra import measure as measures
@@ -205,19 +206,11 @@ def test_per_output_estimates_print_their_errors():
     assert "±" not in repr(ts.inner(a, b, per_output=True))  # exact: the array as it was
 
 
-def _dead_pair():
-    rng = np.random.default_rng(3)
-    up, down = rng.normal(size=(5, 4)), rng.normal(size=(3, 5))
-    dead = down.copy()
-    dead[1] = 0
-    return ts.Bilinear(up, rng.normal(size=(5, 4)), down), ts.Bilinear(up, rng.normal(size=(5, 4)), dead)
-
-
 @pytest.mark.parametrize("kw, note", [({}, "some output channels have zero norm; their similarity is NaN"),
                                       ({"method": "sampled", "samples": 300, "seed": 0},
                                        "some output channels have a self-product estimated at or below 0")])
 def test_a_dead_output_channel_is_said_in_the_notes_too(kw, note):
-    a, b = _dead_pair()
+    a, b = dead_channel_pair()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         r = ts.similarity(a, b, per_output=True, **kw)
