@@ -250,3 +250,39 @@ def test_a_template_whose_attention_has_no_positions_is_named_when_loaded(tmp_pa
         ts.load(tmp_path / "lm.pt", build)
     assert "Flatten" not in str(info.value)
     assert ts.load(tmp_path / "lm.pt", build, n_ctx=3).in_features == 3 * 6
+
+
+def test_the_pairing_tables_are_shared_safely_by_threads(monkeypatch):
+    """Lookups marked a key recently used after another thread could have
+    evicted it (move_to_end: KeyError); the plan and refusal tables are now
+    read and written under one lock, least recently used dropped first."""
+    import threading
+    from collections import OrderedDict
+
+    from tsalgebra import pairing_sum as S
+
+    monkeypatch.setattr(S, "_PLANS_MAX", 3)
+    table: OrderedDict = OrderedDict()
+    errors: list = []
+
+    def work(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        try:
+            for _ in range(3000):
+                k = int(rng.integers(6))
+                if S._looked_up(table, k) is None:
+                    S._kept(table, k, k)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(table) <= 3
+    for k in (1, 2, 3):
+        S._kept(table, k, k)
+    S._looked_up(table, 1)
+    S._kept(table, 4, 4)  # 2, the least recently used, goes
+    assert list(table) == [3, 1, 4]

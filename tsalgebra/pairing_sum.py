@@ -18,6 +18,7 @@ per orbit, weighted by the orbit size.
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -440,6 +441,28 @@ _PLANS_MAX = 64
 # refusal of a language model's 9,496 orbits took 0.25 s of a 1.0 s similarity
 # each time (its orbits' strata and 32 greedy plans).
 _REFUSALS: "OrderedDict[Any, tuple[Any, ...]]" = OrderedDict()
+# Both tables are shared by the threads that plan at once (a Dask worker's,
+# a thread pool's): a lookup's move_to_end after another thread evicted the
+# key raised KeyError.
+_TABLES_LOCK = threading.Lock()
+
+
+def _looked_up(table: "OrderedDict[Any, Any]", key: Any) -> Any:
+    """``table[key]`` marked recently used, or None."""
+    with _TABLES_LOCK:
+        found = table.get(key)
+        if found is not None:
+            table.move_to_end(key)
+        return found
+
+
+def _kept(table: "OrderedDict[Any, Any]", key: Any, value: Any) -> None:
+    """``table[key] = value``, the least recently used dropped beyond _PLANS_MAX."""
+    with _TABLES_LOCK:
+        table[key] = value
+        table.move_to_end(key)
+        if len(table) > _PLANS_MAX:
+            table.popitem(last=False)
 
 
 def _side_by_side(A: Network, B: Network | None, out_mask: Any, use_orbits: bool, same: bool | None = None
@@ -590,15 +613,13 @@ def plan_pairings(A: Network, B: Network | None, joins: Joins, out_mask: Any, li
     tensors, legs, out_legs, gens = _side_by_side(A, B, out_mask, use_orbits, same)
     mode = out_mask if isinstance(out_mask, str) else out_mask is not None
     key = (tuple((t.name, t.legs, t.shape) for t in tensors), legs, out_legs, joins.key, mode, gens)
-    found = _PLANS.get(key)
+    found = _looked_up(_PLANS, key)
     if found is not None:
-        _PLANS.move_to_end(key)
         if found.flops > limit:
             raise _replay(found, limit)
         return found
-    refused = _REFUSALS.get((key, limit))
+    refused = _looked_up(_REFUSALS, (key, limit))
     if refused is not None:
-        _REFUSALS.move_to_end((key, limit))
         raise _refusal(*refused)
     orbits = P.orbits(joins.kind, n, gens)
     N = len(orbits)
@@ -639,17 +660,14 @@ def plan_pairings(A: Network, B: Network | None, joins: Joins, out_mask: Any, li
         strata = tuple(strata_of.setdefault(_stratum(q, A.degree, joins.by_tokens), len(strata_of)) for q, _ in orbits)
         got = _sampled_refusal(strata, limit, visit)
     if got is not None:
-        _REFUSALS[(key, limit)] = verdict = (joins.kind, N, raw, got, N <= _SEARCH_ORBITS)
-        if len(_REFUSALS) > _PLANS_MAX:
-            _REFUSALS.popitem(last=False)
+        verdict = (joins.kind, N, raw, got, N <= _SEARCH_ORBITS)
+        _kept(_REFUSALS, (key, limit), verdict)
         raise _refusal(*verdict)
     done = tuple(p for p in plans if p is not None)
     assert len(done) == N
     found = PairingPlan(joins.kind, n, raw, tuple(size for _, size in orbits), done, joiner.variant_flops(),
                         tuple(refs), counts, strata, tuple(trace))
-    _PLANS[key] = found
-    if len(_PLANS) > _PLANS_MAX:
-        _PLANS.popitem(last=False)
+    _kept(_PLANS, key, found)
     return found
 
 
