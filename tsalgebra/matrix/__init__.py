@@ -20,7 +20,7 @@ pairwise fallback), one module each:
 - ``"pairwise"`` (:mod:`.pairwise`): each norm once with
   :func:`tsalgebra.inner` and each pair with it, for anything the batched
   routes do not cover (deeper models under the gaussian or symmetric product,
-  Polynomial models, exact/symbolic weights that do not convert to floats,
+  Polynomial models, exact weights (taken as floats; symbolic ones refused),
   ``method="closure"``, another ``degree``).
 
 The flops of the batched routes are counted by the planner

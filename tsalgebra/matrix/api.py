@@ -19,6 +19,7 @@ from ..algorithms.registry import alternatives
 from ..arrays import is_torch
 from ..components import Component
 from ..cosine import cosines
+from ..inner import LOG_FLOAT_MAX, LOG_FLOAT_TINY
 from ..measure import Measure
 from ..rescale import without_output_bias
 from ..problem import (DEFAULT_BUDGET, FUNCTIONAL, Alternative, CostError, InnerProblem, MemoryBoundError, bound_measure,
@@ -63,6 +64,7 @@ def _compute(rows_in: Any, cols_in: Any | None, inner: str | None, method: str, 
     max_memory = checked_memory(max_memory)
     said += _common_degree(rows + (cols or []), inner, options)
     law = _measure(rows + (cols or []), inner, mean, cov, measure)
+    _numbers_only(rows, cols, law)
     if centered:  # the same covariances without the output biases, whose size float64 would subtract
         dropped: dict[int, Any] = {}  # one copy per model: a model in both rows and columns stays one object
         rows = [dropped.setdefault(id(m), without_output_bias(m)) for m in rows]
@@ -79,16 +81,24 @@ def _compute(rows_in: Any, cols_in: Any | None, inner: str | None, method: str, 
     return _result(job, gram, chosen, costs, said + notes, labels, col_labels, time.perf_counter() - started)
 
 
-def _gram(job: Job, route: str) -> tuple[Gram, str, dict[str, RouteCost], tuple[str, ...]]:
-    """Cost the routes that apply, choose one and run it."""
-    costs = {name: r.layout(job) for name, r in REGISTRY.items() if r.COSTED and r.applies(job) is None}
-    chosen, notes = _choose(route, job, costs)
-    _within_budget(job, costs.get(chosen), job.options.get("budget", DEFAULT_BUDGET))
+def _gram(job: Job, route: str, judged: bool = False) -> tuple[Gram, str, dict[str, RouteCost], tuple[str, ...]]:
+    """Cost the routes that apply, choose one and run it (``judged``: the
+    budget was judged on the whole matrix already, see :func:`judge_tiles`)."""
+    costs, chosen, notes = _costed(job, route)
+    if not judged:
+        _within_budget(job, costs.get(chosen), job.options.get("budget", DEFAULT_BUDGET))
     clock = Clock(job.ops)
     if job.prepared is not None:
         clock.add("prepare", job.prepared.seconds, 0)  # folding and normalizing, on the host
     gram = REGISTRY[chosen].run(job, costs[chosen] if chosen in costs else REGISTRY[chosen].layout(job), clock)
     return gram, chosen, costs, notes
+
+
+def _costed(job: Job, route: str) -> tuple[dict[str, RouteCost], str, tuple[str, ...]]:
+    """The costs of the routes that apply, the route chosen and notes on the choice."""
+    costs = {name: r.layout(job) for name, r in REGISTRY.items() if r.COSTED and r.applies(job) is None}
+    chosen, notes = _choose(route, job, costs)
+    return costs, chosen, notes
 
 
 @dataclass(frozen=True)
@@ -113,9 +123,8 @@ def compute_tile(rows: list[Any], cols: list[Any] | None, spec: TileSpec, selfs:
     False lets the pairwise route skip the self products (the norms come from
     other tiles).  Runs on a worker."""
     t0 = time.perf_counter()
-    job = _job(rows, cols, spec.inner, spec.method, spec.measure, spec.centered, spec.dtype, spec.device,
-               spec.max_memory, False, dict(spec.options), spec.route, selfs)
-    gram, chosen, _, _ = _gram(job, spec.route)
+    job = _tile_job(rows, cols, spec, selfs)
+    gram, chosen, _, _ = _gram(job, spec.route, judged=True)  # judge_tiles judged the whole matrix's flops
     zeros = np.zeros(len(rows)), np.zeros(len(cols) if cols is not None else len(rows))
     return TileGram(np.asarray(gram.cross, dtype=float), np.asarray(gram.row_self, dtype=float),
                     np.asarray(gram.col_self, dtype=float),
@@ -123,7 +132,46 @@ def compute_tile(rows: list[Any], cols: list[Any] | None, spec: TileSpec, selfs:
                     zeros[1] if gram.col_log_scale is None else np.asarray(gram.col_log_scale, dtype=float),
                     chosen, int(gram.flops), bool(gram.exact), gram.method, time.perf_counter() - t0,
                     gram.cosines, None if gram.stderr is None else np.asarray(gram.stderr, dtype=float),
-                    None if gram.heavy is None else np.asarray(gram.heavy, dtype=bool))
+                    None if gram.heavy is None else np.asarray(gram.heavy, dtype=bool), gram.algorithms,
+                    gram.device, job.memory)
+
+
+def _tile_job(rows: list[Any], cols: list[Any] | None, spec: TileSpec, selfs: bool,
+              shapes: dict[int, Any] | None = None) -> Job:
+    """The job of one tile (``shapes``: in shapes only, see :func:`_job`)."""
+    return _job(rows, cols, spec.inner, spec.method, spec.measure, spec.centered, spec.dtype, spec.device,
+                spec.max_memory, False, dict(spec.options), spec.route, selfs, shapes)
+
+
+def judge_tiles(rows: list[Any], cols: list[Any] | None, spec: TileSpec,
+                tiles: Sequence[tuple[list[Any], list[Any] | None, bool]]) -> None:
+    """The flop budget of a tiled matrix, judged on the whole matrix before
+    any tile runs, as :func:`_within_budget` judges a matrix on one machine:
+    the flops every tile's route plans (``tiles``: each tile's rows, columns
+    or None, and whether it computes its self products; laid out from the
+    models' shapes, nothing prepared) over the products of those tiles.
+    Judged tile by tile, a refusal named one tile's cost, and the budget it
+    suggested need not admit the next tile (nor the finished tiles of a
+    cluster be kept); so the tiles do not judge it again.  A tile that goes
+    pair by pair plans each product within the budget itself, as on one
+    machine, and is not counted."""
+    budget = spec.options.get("budget", DEFAULT_BUDGET)
+    if math.isinf(budget) or spec.route in REGISTRY and not REGISTRY[spec.route].COSTED:
+        return  # no bound, or every tile pair by pair
+    shapes: dict[int, Any] = {}  # each model prepared in shapes once, for all its tiles
+    flops, products, routes, job = 0, 0, set(), None
+    for r, c, selfs in tiles:
+        job = _tile_job(r, c, spec, selfs, shapes)
+        costs, chosen, _ = _costed(job, spec.route)
+        if chosen in costs:
+            flops += costs[chosen].flops
+            products += _products(job)
+            routes.add(chosen)
+    if job is None or not routes:
+        return
+    whole = replace(job, rows=rows, cols=cols, prepared=None)  # the alternatives are planned for one pair of it
+    _within_budget(whole, RouteCost(", ".join(sorted(routes)), flops, 0, True, ""), budget, products,
+                   f"the tiled matrix ({len(tiles)} tiles; routes {', '.join(sorted(routes))})")
 
 
 def _checked(inner: str, method: str, centered: bool, route: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -133,7 +181,9 @@ def _checked(inner: str, method: str, centered: bool, route: str, options: dict[
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     if options.get("per_output"):
         raise TypeError("per_output is not available for similarity matrices; use ts.similarity per pair")
-    options = {k: v for k, v in options.items() if k != "per_output"}
+    # numpy numbers as Python's (a store identifies its options by their repr: np.int64(1) is seed=1)
+    options = {k: v.item() if isinstance(v, (np.number, np.bool_)) else v for k, v in options.items()
+               if k != "per_output"}
     unknown = set(options) - {"degree", "budget", "orbits", "samples", "seed", "rel_error"}
     if unknown:
         raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
@@ -254,21 +304,30 @@ def _admitting(job: Job, route: str, start: float) -> float:
 
 
 def _in_shapes(rows: list[Any], cols: list[Any] | None, inner: str, method: str, centered: bool,
-               measure: Measure | None, degree: Any) -> Prepared | None:
+               measure: Measure | None, degree: Any, cache: dict[int, Any] | None = None) -> Prepared | None:
     """The models as :func:`prepare_models` gives them, in shapes only (every
     array a broadcast zero, no memory): what the routes lay out, for a
-    refusal's suggestion, one model prepared at a time.  None where no
-    batched route covers them."""
+    refusal's suggestion, one model prepared at a time (``cache``: id of a
+    model -> its chain in shapes, for calls with the same arguments).  None
+    where no batched route covers them."""
+    cache = {} if cache is None else cache
+
+    def shaped(m: Any) -> Chain | None:
+        one = prepare_models([m], None, inner, method, centered, measure, degree)
+        if one is None:
+            return None
+        ch = one.rows[0]
+        return replace(ch, blocks=tuple(tuple(np.broadcast_to(np.float64(0.0), x.shape) for x in blk)
+                                        for blk in ch.blocks))
 
     def side(models: list[Any]) -> list[Chain] | None:
         out = []
         for m in models:
-            one = prepare_models([m], None, inner, method, centered, measure, degree)
-            if one is None:
+            if id(m) not in cache:
+                cache[id(m)] = shaped(m)
+            if cache[id(m)] is None:
                 return None
-            ch = one.rows[0]
-            out.append(replace(ch, blocks=tuple(tuple(np.broadcast_to(np.float64(0.0), x.shape) for x in blk)
-                                                for blk in ch.blocks)))
+            out.append(cache[id(m)])
         return out
 
     try:
@@ -283,8 +342,10 @@ def _in_shapes(rows: list[Any], cols: list[Any] | None, inner: str, method: str,
 
 def _job(rows: list[Any], cols: list[Any] | None, inner: str, method: str, measure: Measure | None, centered: bool,
          dtype: Any, device: Any, max_memory: int | None, progress: bool | None, options: dict[str, Any],
-         route_named: str = "auto", selfs: bool = True) -> Job:
-    """The job: the engine, the memory bound, and the models prepared."""
+         route_named: str = "auto", selfs: bool = True, shapes: dict[int, Any] | None = None) -> Job:
+    """The job: the engine, the memory bound, and the models prepared
+    (``shapes`` given: in shapes only, to be costed, not run; see
+    :func:`_in_shapes`)."""
     _widths(rows + (cols or []))
     dname = parse_dtype(dtype)
     if device is None and any(is_torch(w) for m in rows + (cols or []) if isinstance(m, Component) for w in m.weights()):
@@ -330,20 +391,32 @@ def _job(rows: list[Any], cols: list[Any] | None, inner: str, method: str, measu
         if route_named != "auto":  # a route asked for by name must fit
             raise
         unprepared = f"{exc.reason}: each pair with ts.inner"  # auto falls back, pair by pair
-    prepared = None if unprepared else prepare_models(rows, cols, inner, method, centered, measure,
-                                                      options.get("degree"))
+    if unprepared:
+        prepared = None
+    elif shapes is not None:
+        prepared = _in_shapes(rows, cols, inner, method, centered, measure, options.get("degree"), shapes)
+    else:
+        prepared = prepare_models(rows, cols, inner, method, centered, measure, options.get("degree"))
     ops_used, threads = engine(prepared)
     return Job(rows, cols, inner, method, centered, MappingProxyType(options), progress, measure, prepared, ops_used,
                memory, threads, selfs, unprepared, checked_memory(max_memory))
 
 
-def _within_budget(job: Job, cost: RouteCost | None, budget: float) -> None:
+def _products(job: Job) -> int:
+    """The inner products of a job: its pairs and its models' norms."""
+    n, m = len(job.rows), len(job.cols) if job.cols is not None else 0
+    return n * (n + 1) // 2 if job.cols is None else n * m + n + m
+
+
+def _within_budget(job: Job, cost: RouteCost | None, budget: float, products: int | None = None,
+                   what: str | None = None) -> None:
     """The flop budget of the pairwise API, per inner product: a batched
-    route is refused when its planned flops exceed it times the products."""
+    route is refused when its planned flops exceed it times the products
+    (``products``: the job's unless given; ``what`` plans them: the route
+    unless given)."""
     if cost is None:
         return  # the pairwise route plans (and refuses) every product itself
-    n, m = len(job.rows), len(job.cols) if job.cols is not None else 0
-    products = n * (n + 1) // 2 if job.cols is None else n * m + n + m
+    products = products or _products(job)
     if cost.flops > budget * products:
         per = cost.flops / products
         a, b = job.rows[0], (job.cols or job.rows)[-1]  # the other methods that would answer, as ts.similarity's refusal names them
@@ -353,8 +426,8 @@ def _within_budget(job: Job, cost: RouteCost | None, budget: float) -> None:
         # its plan fits that bound, else the suggestion is refused for memory when taken
         others = tuple(alt for alt in alternatives(problem, []) if alt.option == "method" and _method_fits(
             job, alt.value))
-        raise CostError(f"the {cost.route} route plans {cost.flops:.3g} flops ({per:.3g} per inner product), over "
-                        f"the budget of {budget:.3g} per product", flops=cost.flops,
+        raise CostError(f"{what or f'the {cost.route} route'} plans {cost.flops:.3g} flops ({per:.3g} per inner "
+                        f"product), over the budget of {budget:.3g} per product", flops=cost.flops,
                         alternatives=(Alternative("budget", rounded_up(per), "the planned cost"),) + others)
 
 
@@ -413,13 +486,16 @@ def _result(job: Job, gram: Gram, route: str, costs: Mapping[str, RouteCost], no
         notes += (pairwise.JOINT_NOTE,) + (() if gram.heavy is None else pairwise.heavy_note(gram.heavy, sym))
     else:
         cos = _cosines(gram.cross, gram.row_self, gram.col_self, job.inner, gram.dtype, sym)
-    norms = _norms(gram.row_self, gram.row_log_scale)
+    log_norms = log_norms_of(gram.row_self, gram.row_log_scale)
+    col_log_norms = log_norms if sym else log_norms_of(gram.col_self, gram.col_log_scale)
+    norms, col_norms, said = norms_of(log_norms, col_log_norms, sym)
     return SimilarityMatrix(
         values=cos, route=route, flops=int(gram.flops), inner=job.inner, method=gram.method, exact=gram.exact,
-        norms=norms, col_norms=norms if sym else _norms(gram.col_self, gram.col_log_scale), symmetric=sym,
+        norms=norms, col_norms=col_norms, symmetric=sym,
         centered=job.centered, measure=job.measure.label if job.measure is not None else "", dtype=gram.dtype, device=gram.device, max_memory=job.memory,
         candidates=dict(costs), steps=gram.steps, seconds=seconds, labels=labels,
-        col_labels=labels if sym else col_labels, notes=notes, stderr=gram.stderr, heavy_tailed=gram.heavy,
+        col_labels=labels if sym else col_labels, notes=notes + said, stderr=gram.stderr, heavy_tailed=gram.heavy,
+        log_norms=log_norms, col_log_norms=col_log_norms, algorithms=gram.algorithms,
     )
 
 
@@ -434,13 +510,61 @@ def _cosines(K: np.ndarray, sA: np.ndarray, sB: np.ndarray, inner: str, dtype: s
     return cos.astype(dtype)
 
 
-def _norms(s: np.ndarray, logU: np.ndarray | None) -> np.ndarray:
-    """sqrt(s U^2) per model, in float64 logarithms where scaled (U = exp(logU))."""
-    s = np.maximum(np.asarray(s, dtype=float), 0.0)
-    if logU is None:
-        return np.sqrt(s)
-    with np.errstate(over="ignore", divide="ignore"):
-        return np.exp(0.5 * np.log(s) + logU)
+def log_norms_of(s: np.ndarray, logU: np.ndarray | None) -> np.ndarray:
+    """log sqrt(s U^2) per model (U = exp(logU); -inf for a norm of 0), in
+    float64 logarithms, which hold any norm."""
+    with np.errstate(divide="ignore"):
+        log = 0.5 * np.log(np.maximum(np.asarray(s, dtype=float), 0.0))
+    return log if logU is None else log + np.asarray(logU, dtype=float)
+
+
+def norms_of(log_norms: np.ndarray, col_log_norms: np.ndarray,
+             sym: bool) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """The norms of the rows and columns from their logs, and a note per
+    side whose norms float64 cannot hold.  Those are NaN: ts.norm refuses
+    them, and an inf or a 0 would read as a norm (a 0 beside finite cosines,
+    which a zero norm would have refused); their cosines are unaffected."""
+    sides = [("model" if sym else "row model", "norms", "log_norms", log_norms)] + (
+        [] if sym else [("column model", "col_norms", "col_log_norms", col_log_norms)])
+    out: list[np.ndarray] = []
+    notes: tuple[str, ...] = ()
+    for side, attr, log_attr, log in sides:
+        outside = (log > LOG_FLOAT_MAX) | (np.isfinite(log) & (log < LOG_FLOAT_TINY))  # -inf: a norm of 0
+        out.append(np.exp(np.where(outside, np.nan, log)))
+        if outside.any():
+            k = int(np.flatnonzero(outside)[0])
+            big = log[k] > 0
+            more = int(outside.sum()) - 1
+            notes += (f"the norm of {side} {k}, 10^{log[k] / math.log(10):.0f}, {'overflows' if big else 'underflows'} "
+                      f"float64 (its weights are that {'large' if big else 'small'})"
+                      + (f" (and {more} more {side}s' norms beyond float64)" if more else "")
+                      + f": NaN in {attr}, its natural log in {log_attr}; the cosines are unaffected",)
+    return out[0], out[0] if sym else out[1], notes
+
+
+def _numbers_only(rows: list[Any], cols: list[Any] | None, law: Measure | None) -> None:
+    """Refuse symbolic weights (sympy expressions in free symbols) before
+    anything is computed: a matrix holds floats, and a symbolic product has
+    none (exact numbers are taken as floats, as every route takes them)."""
+    sides = [("model" if cols is None else "row model", rows)] + ([] if cols is None else [("column model", cols)])
+    for side, models in sides:
+        for k, m in enumerate(models):
+            free = _free_symbols(m.weights() if isinstance(m, Component) else [])
+            if free:
+                raise TypeError(f"{side} {k} has symbolic weights (in {free}): a similarity matrix holds numbers; "
+                                "use ts.similarity per pair for a symbolic cosine, or substitute numbers for the "
+                                "symbols")
+    free = _free_symbols([getattr(law, "mean", None), getattr(law, "cov", None)])
+    if free:
+        raise TypeError(f"the measure is symbolic (in {free}): a similarity matrix holds numbers; use "
+                        "ts.similarity per pair, or substitute numbers for the symbols")
+
+
+def _free_symbols(arrays: Sequence[Any]) -> str:
+    """The free symbols of the entries of exact (object) arrays, named, '' if none."""
+    free = {str(x) for a in arrays if isinstance(a, np.ndarray) and a.dtype == object for v in a.flat
+            for x in getattr(v, "free_symbols", ())}
+    return ", ".join(sorted(free))
 
 
 # ------------------------------------------------------------ public functions
@@ -497,7 +621,8 @@ def similarity_matrix(
     workers), each by the best route above, on the workers.  ``store`` (a
     directory) keeps every finished tile; a rerun with the same models and
     options computes only the missing ones (alone, it tiles in this process).
-    The result's ``tiles`` says how.
+    The flop budget is judged on the whole matrix (every tile's planned
+    flops) before any tile runs.  The result's ``tiles`` says how.
     """
     return _compute(models, None, inner, method, mean, cov, centered, route, dtype, device, max_memory, progress,
                     dict(kwargs, measure=measure), Tiling(client, scheduler, workers, store, tile))

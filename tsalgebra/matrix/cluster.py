@@ -30,6 +30,12 @@ again; a store that cannot be written is refused before any tile is
 computed.  A worker that dies mid-tile loses that tile
 only (the scheduler runs it again elsewhere); Ctrl-C on the client keeps
 every tile already written.
+
+The flop budget (``budget=``) is judged once, on the whole matrix, before any
+tile runs (:func:`tsalgebra.matrix.api.judge_tiles`: every tile costed from
+its models' shapes), so that a refusal states the whole cost and the budget it
+suggests admits the run.  A client or scheduler with no worker is given
+WORKERS_SECONDS for one to join, then refused naming it.
 """
 
 from __future__ import annotations
@@ -74,6 +80,12 @@ STORE_VERSION = 3
 TILES_PER_WORKER = 4
 # How long scheduler= may take to answer before the call fails naming it.
 CONNECT_SECONDS = 10
+# How long a client or scheduler with no worker is given for one to join
+# before the call fails naming it (the tiles would wait for ever).
+WORKERS_SECONDS = 30
+# workers=: local processes beyond a few per CPU only share the CPUs and
+# multiply the memory (the command line's --workers has the same bound).
+WORKERS_PER_CPU = 4
 
 
 @dataclass(frozen=True)
@@ -251,15 +263,18 @@ class Store:
         # from another store) cannot pass for this call's models and options.
         self.identity = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
         file = self.path / "manifest.json"
-        if file.exists():
-            self._same(self._manifest_of(file))
-        else:
+        if not file.exists():
             try:
                 (self.path / "tiles").mkdir(parents=True, exist_ok=True)
-                self._write(file, json.dumps(self.manifest, indent=1).encode())
+                # exclusively: two first calls on one new store, each finding no manifest, would both write
+                # theirs, and the later one's options win though the other's tiles were computed under its own
+                if self._write(file, json.dumps(self.manifest, indent=1).encode(), exclusive=True):
+                    return
             except OSError as exc:
                 raise ValueError(f"store {self.path} cannot be created ({exc.strerror or exc}); store= takes a "
                                  "directory this process can write") from None
+        # an existing manifest, or one another call created first: its models and options must be these
+        self._same(self._manifest_of(file))
 
     def writable(self) -> None:
         """Refuse, before a tile is computed, a store whose tiles cannot be
@@ -331,17 +346,27 @@ class Store:
                                  "or the models it was written for")
 
     @staticmethod
-    def _write(file: Path, data: bytes) -> None:
-        """Atomically: a temporary file in the same directory, then renamed."""
+    def _write(file: Path, data: bytes, exclusive: bool = False) -> bool:
+        """Atomically: a temporary file in the same directory, then renamed
+        (``exclusive``: linked, and only where ``file`` does not exist: False
+        then, the file left as it is)."""
         fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=".tmp-", suffix=file.suffix)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            os.replace(tmp, file)
-        except BaseException:
-            with contextlib.suppress(OSError):
+            if not exclusive:
+                os.replace(tmp, file)
+                return True
+            try:
+                os.link(tmp, file)  # whole or absent, and never over another's
+            except FileExistsError:
+                return False
+            except OSError:  # a file system without hard links: renamed, as before (the race stays open there)
+                os.replace(tmp, file)
+            return True
+        finally:
+            with contextlib.suppress(OSError):  # gone where renamed
                 os.unlink(tmp)
-            raise
 
     def _file(self, tile: Tile) -> Path:
         return self.path / "tiles" / f"{tile.key}.npz"
@@ -371,7 +396,10 @@ class Store:
                 g = TileGram(z["cross"], z["row_self"], z["col_self"], z["row_log_scale"], z["col_log_scale"],
                              str(meta["route"]), int(meta["flops"]), bool(meta["exact"]), str(meta["method"]),
                              float(meta["seconds"]), bool(meta["cosines"]),
-                             z["stderr"] if "stderr" in z.files else None, z["heavy"] if "heavy" in z.files else None)
+                             z["stderr"] if "stderr" in z.files else None, z["heavy"] if "heavy" in z.files else None,
+                             # what an older tile did not record: unknown
+                             tuple(str(a) for a in meta.get("algorithms", ())), str(meta.get("device", "")),
+                             int(meta.get("memory", 0)))
             _check(tile, g)
             return g
         except Exception as exc:  # noqa: BLE001 - whatever a damaged file raises (BadZipFile, EOFError...)
@@ -384,7 +412,8 @@ class Store:
 
         meta = json.dumps({"store": self.identity, "rows": [tile.r0, tile.r1], "cols": [tile.c0, tile.c1],
                            "route": g.route, "flops": g.flops, "exact": g.exact, "method": g.method,
-                           "seconds": g.seconds, "cosines": g.cosines})
+                           "seconds": g.seconds, "cosines": g.cosines, "algorithms": list(g.algorithms),
+                           "device": g.device, "memory": g.memory})
         buf = io.BytesIO()
         errors = {} if g.stderr is None else {"stderr": g.stderr, "heavy": g.heavy}
         np.savez(buf, cross=g.cross, row_self=g.row_self, col_self=g.col_self, row_log_scale=g.row_log_scale,
@@ -434,8 +463,10 @@ def _client(tiling: Tiling) -> Iterator[tuple[Any, str, int]]:
         if not isinstance(tiling.client, Client):
             raise TypeError(f"client= takes a dask.distributed.Client, got {type(tiling.client).__name__} "
                             f"{tiling.client!r:.60}")
-        n = len(tiling.client.scheduler_info().get("workers", {}))
-        yield tiling.client, f"client of {tiling.client.scheduler.address}", n
+        if tiling.client.status in ("closing", "closed") or tiling.client.scheduler is None:
+            raise ValueError(f"client= is {tiling.client.status}: give an open dask.distributed.Client")
+        where = f"client of {tiling.client.scheduler.address}"
+        yield tiling.client, where, _workers_of(tiling.client, where)
     elif tiling.scheduler is not None:
         try:
             client = Client(tiling.scheduler, timeout=CONNECT_SECONDS)
@@ -443,17 +474,37 @@ def _client(tiling: Tiling) -> Iterator[tuple[Any, str, int]]:
             raise OSError(f"cannot reach the dask scheduler at {tiling.scheduler!r} within {CONNECT_SECONDS} s: "
                           f"{exc}") from None
         with client:
-            yield client, f"scheduler {tiling.scheduler}", len(client.scheduler_info().get("workers", {}))
+            where = f"scheduler {tiling.scheduler}"
+            yield client, where, _workers_of(client, where)
     else:
-        n = tiling.workers
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        n, most = tiling.workers, WORKERS_PER_CPU * (os.cpu_count() or 1)
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"workers must be a positive number of worker processes, got {n!r}")
+        if n > most:
+            raise ValueError(f"workers={n} is more than {most} local worker processes ({WORKERS_PER_CPU} per CPU of "
+                             f"this machine's {os.cpu_count() or 1}); for a larger cluster start one and give "
+                             "scheduler= its address")
+        n = int(n)
         # one thread per worker process: each tile's BLAS has the process to itself
         with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
                 Client(cluster) as client:
             print(f"tsalgebra: local dask cluster of {n} workers, dashboard {client.dashboard_link}",
                   file=sys.stderr)
             yield client, f"local cluster of {n} workers", n
+
+
+def _workers_of(client: Any, where: str) -> int:
+    """The workers of a client's cluster, waiting up to WORKERS_SECONDS for
+    the first to join: with none, the tiles would wait for ever."""
+    n = len(client.scheduler_info().get("workers", {}))
+    if n == 0:
+        try:
+            client.wait_for_workers(1, timeout=WORKERS_SECONDS)
+        except TimeoutError:  # dask's WorkerStartTimeoutError is one
+            raise TimeoutError(f"the {where} has no workers: none joined within {WORKERS_SECONDS} s; start "
+                               "workers for it, or give workers= for a local cluster") from None
+        n = len(client.scheduler_info().get("workers", {}))
+    return n
 
 
 def _stored_size(store: Any) -> int | None:
@@ -479,14 +530,16 @@ def tiled(rows: list[Any], cols: list[Any] | None, labels: Sequence[str] | None,
     :func:`tsalgebra.cross_similarity_matrix`, in tiles (module docstring)."""
     from dataclasses import replace
 
-    from .api import compute_tile, preparation_bytes
+    from .api import compute_tile, judge_tiles, preparation_bytes
 
     n, m = len(rows), None if cols is None else len(cols)
     if tiling.store is not None:
         store_path(tiling.store)  # a path that cannot be a store: said before a cluster starts
-    if tiling.tile is not None and (isinstance(tiling.tile, bool) or not isinstance(tiling.tile, int)
+    if tiling.tile is not None and (isinstance(tiling.tile, bool) or not isinstance(tiling.tile, (int, np.integer))
                                     or tiling.tile < 1):
         raise ValueError(f"tile must be a positive number of models, got {tiling.tile!r}")
+    if tiling.tile is not None:
+        tiling = replace(tiling, tile=int(tiling.tile))  # a numpy integer as Python's (the manifest records it)
     with _client(tiling) as (client, where, workers):
         memory = _worker_memory(client) if client is not None else None
         if memory is not None and spec.max_memory is None:  # the routes' blocks within a quarter of a worker's
@@ -510,6 +563,8 @@ def tiled(rows: list[Any], cols: list[Any] | None, labels: Sequence[str] | None,
         todo = [t for t in tiles if t not in done]
         if store is not None and todo:  # before any is computed (a complete store is only read)
             store.writable()
+        if todo:  # the budget on the whole matrix's cost, before any tile runs (a complete store is only read)
+            judge_tiles(rows, cols, spec, [_parts(rows, cols, t) for t in tiles])
         from_store = len(done)
         bar = progress_bar(len(tiles), f"similarity matrix ({len(tiles)} tiles of {size}, {where})", "tile", progress,
                            len(todo) > 1)
@@ -560,16 +615,22 @@ def tiled(rows: list[Any], cols: list[Any] | None, labels: Sequence[str] | None,
                      None if store is None else str(store.path), started)
 
 
+def _parts(rows: list[Any], cols: list[Any] | None, t: Tile) -> tuple[list[Any], list[Any] | None, bool]:
+    """A tile's rows, its columns (None: a diagonal tile, its rows) and whether it computes its self products."""
+    return rows[t.r0:t.r1], None if t.diagonal else (rows if cols is None else cols)[t.c0:t.c1], t.row_self or t.col_self
+
+
 def _run_tile(compute: Any, rows: list[Any], cols: list[Any] | None, t: Tile, spec: Any) -> TileGram:
-    r = rows[t.r0:t.r1]
-    c = None if t.diagonal else (rows if cols is None else cols)[t.c0:t.c1]
-    return compute(r, c, spec, t.row_self or t.col_self)
+    r, c, selfs = _parts(rows, cols, t)
+    return compute(r, c, spec, selfs)
 
 
 def _assemble(rows: list[Any], cols: list[Any] | None, tiles: list[Tile], done: dict[Tile, TileGram], spec: Any,
               labels: Sequence[str] | None, col_labels: Sequence[str] | None, size: int, computed: list[Tile],
               from_store: int, where: str, store: str | None, started: float) -> SimilarityMatrix:
     """Cosines from the tiles, each on its own scale (module docstring)."""
+    from .api import norms_of
+
     sym = cols is None
     n, m = len(rows), len(rows) if sym else len(cols)  # type: ignore[arg-type]
     log_norm_r, log_norm_c = np.full(n, np.nan), np.full(m, np.nan)
@@ -620,17 +681,23 @@ def _assemble(rows: list[Any], cols: list[Any] | None, tiles: list[Tile], done: 
     flops = sum(g.flops for g in grams)
     worker_seconds = sum(done[t].seconds for t in computed)
     report = TileReport(size, len(tiles), len(computed), from_store, dict(routes), where, store, worker_seconds)
-    norms_r, norms_c = np.exp(log_norm_r), np.exp(log_norm_c)
+    norms_r, norms_c, said = norms_of(log_norm_r, log_norm_c, sym)
+    # what the tiles ran on and within (tiles stored by an older tsalgebra did not say: the call's arguments)
+    devices = sorted({g.device for g in grams if g.device})
+    memory = max((g.memory for g in grams), default=0) or int(spec.max_memory or 0)
     return SimilarityMatrix(
         values=cos, route="tiles:" + "+".join(sorted({g.route for g in grams})), flops=int(flops), inner=spec.inner,
         method="/".join(methods), exact=exact, norms=norms_r, col_norms=norms_c, symmetric=sym,
         centered=spec.centered, measure=spec.measure.label if spec.measure is not None else "", dtype=dtype,
-        device=str(spec.device or "numpy"), max_memory=int(spec.max_memory or 0), steps=(StepTime("tiles", int(flops), worker_seconds),),
+        device="/".join(devices) or str(spec.device or "numpy"), max_memory=memory,
+        steps=(StepTime("tiles", int(flops), worker_seconds),),
         seconds=time.perf_counter() - started, labels=tuple(labels) if labels else None,
         col_labels=(tuple(labels) if labels else None) if sym else (tuple(col_labels) if col_labels else None),
         notes=(f"{len(tiles)} tiles of {size} models a side ({len(computed)} computed, {from_store} from the store) "
                f"on {where}",) + ((JOINT_NOTE,) if any(g.cosines for g in grams) else ())
-        + (() if heavy is None else heavy_note(heavy, sym)), tiles=report, stderr=se, heavy_tailed=heavy)
+        + (() if heavy is None else heavy_note(heavy, sym)) + said, tiles=report, stderr=se, heavy_tailed=heavy,
+        log_norms=log_norm_r, col_log_norms=log_norm_c,
+        algorithms=tuple(sorted({a for g in grams for a in g.algorithms})))
 
 
 def _log_norms(selfs: np.ndarray, log_scale: np.ndarray, side: str, offset: int) -> np.ndarray:

@@ -76,6 +76,8 @@ class Gram:
     errors of those estimated cosines (None for exact or approximate values);
     ``heavy``: per cosine, whether its samples were heavy-tailed (its error
     doubtful, as :attr:`tsalgebra.algorithms.sampled.Estimate.heavy_tailed`).
+    ``algorithms``: the registered algorithms (``algorithm=``'s vocabulary)
+    that computed the products, () where a batched route computed them.
     """
 
     cross: np.ndarray
@@ -92,6 +94,7 @@ class Gram:
     cosines: bool = False
     stderr: np.ndarray | None = None
     heavy: np.ndarray | None = None
+    algorithms: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,9 @@ class TileGram:
     rows and columns (see :class:`Gram`; zeros where unscaled), the route
     that ran, its flops, exactness and method, the seconds it took,
     whether ``cross`` holds cosines, their standard errors and heavy-tail
-    flags (see :class:`Gram`)."""
+    flags, the algorithms and device (see :class:`Gram`), and the memory
+    bound its blocks were laid out within (0 where not known: a tile
+    stored by an older tsalgebra, as its device "")."""
 
     cross: np.ndarray
     row_self: np.ndarray
@@ -134,6 +139,9 @@ class TileGram:
     cosines: bool = False
     stderr: np.ndarray | None = None
     heavy: np.ndarray | None = None
+    algorithms: tuple[str, ...] = ()
+    device: str = ""
+    memory: int = 0
 
 
 class Route(Protocol):

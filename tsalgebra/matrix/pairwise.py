@@ -5,9 +5,10 @@ however few they are; each product's own bar, labelled with its pair,
 offered as ts.similarity offers it).
 
 The fallback for anything the batched routes do not cover (deeper models
-under the gaussian or symmetric product, Polynomial models, exact/symbolic
-weights that do not convert to floats, ``method="closure"``, another
-``degree``); it applies to every job.  It is not costed: ts.inner plans each
+under the gaussian or symmetric product, Polynomial models, exact weights
+(their products taken as floats; symbolic weights, which have no float, are
+refused before any route), ``method="closure"``, another ``degree``); it
+applies to every job.  It is not costed: ts.inner plans each
 pair itself, so :func:`layout` reports 0 flops and no memory (unknown, not an
 estimate), and ``route="auto"`` takes it only where no costed route applies.
 Each product is planned within the matrix's budget and the ``max_memory``
@@ -165,7 +166,8 @@ def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
     exact = all(r.exact for r in results)
     methods = sorted({r.method for r in results}) or ["exact"]
     return Gram(K, sA, sB, logA, logB, sum(r.flops for r in results), (), "float64", "numpy", exact,
-                "/".join(methods), cosines=joint, stderr=se, heavy=heavy)
+                "/".join(methods), cosines=joint, stderr=se, heavy=heavy,
+                algorithms=tuple(sorted({r.algorithm for r in results})))
 
 
 def seconds_of(job: Job, a: Any, b: Any, n_pairs: int, n_self: int) -> float:
@@ -214,4 +216,8 @@ def _as_float(v: Any) -> float:
     except TypeError:
         import sympy
 
-        return float(sympy.N(v))
+        try:
+            return float(sympy.N(v))
+        except TypeError:  # symbolic weights are refused before any route (api._numbers_only): a backstop
+            raise TypeError(f"an inner product of the matrix is symbolic ({str(v):.60}), not a number; use "
+                            "ts.similarity per pair") from None

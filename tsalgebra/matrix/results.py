@@ -83,6 +83,12 @@ class SimilarityMatrix:
     intervals :attr:`interval`; ``heavy_tailed`` marks the entries whose
     samples were heavy-tailed, their standard errors doubtful (as
     :func:`tsalgebra.similarity` flags a pair; None where nothing was sampled).
+    ``log_norms`` / ``col_log_norms`` are the natural logs of the norms,
+    which float64 holds for any model: a norm beyond float64's range is NaN
+    in ``norms``, with a note (the cosines do not need it).  ``algorithms``
+    names the registered algorithms (as :attr:`tsalgebra.InnerResult.algorithm`)
+    that computed the products pair by pair, () where a batched route
+    computed them all.
     """
 
     values: np.ndarray
@@ -108,6 +114,9 @@ class SimilarityMatrix:
     tiles: "TileReport | None" = None
     stderr: np.ndarray | None = None
     heavy_tailed: np.ndarray | None = None
+    log_norms: np.ndarray | None = None
+    col_log_norms: np.ndarray | None = None
+    algorithms: tuple[str, ...] = ()
 
     @property
     def estimated(self) -> bool:
@@ -168,7 +177,8 @@ class SimilarityMatrix:
 
     def __repr__(self) -> str:
         n, m = self.values.shape
-        flags = [self.inner, self.accuracy, f"route {self.route}"]
+        flags = [self.inner, self.accuracy] + (["/".join(self.algorithms)] if self.algorithms else []) + [
+            f"route {self.route}"]
         if self.centered:
             flags.append("centred")
         if self.measure:
