@@ -686,6 +686,8 @@ def _names_in(line: str) -> list[str] | None:
     return names
 
 
+MAX_CIRCUIT_BYTES = 2**22  # 4 MiB of formulas: far above a circuit symbolic verification can expand
+QUOTE_CHARS = 60  # an offending line is quoted this far: a data file passed by mistake is one long line
 FORMULA_MAX_DEGREE = 64  # far above any model here (two attention layers: 25); (x+1)^400 is refused at once
 FORMULA_MAX_TERMS = 100_000  # monomials of the expanded line: sympy expands 1e5 terms in about a second
 FORMULA_MAX_DIGITS = 60  # digits of one literal
@@ -788,6 +790,15 @@ class _FormulaBound:
         raise ValueError(f"unexpected {tok.group().strip()!r}")
 
 
+def _quoted(line: str) -> str:
+    """``line`` for a message: its first QUOTE_CHARS characters (repr), and
+    its length where it is longer (the whole line was copied into the error,
+    and the command line's rewriting of the message ran over all of it)."""
+    if len(line) <= QUOTE_CHARS:
+        return repr(line)
+    return f"{line[:QUOTE_CHARS]!r}... ({len(line):,} characters)"
+
+
 def parse_formulas(text: str, names: Sequence[str], source: str = "<formulas>") -> list[Any]:
     """Polynomial formulas, one per non-empty line ('#' starts a comment),
     in the symbols ``names``, with numbers and + - * / ^ ** ( ) only.  The
@@ -806,21 +817,23 @@ def parse_formulas(text: str, names: Sequence[str], source: str = "<formulas>") 
             continue
         found = _names_in(line)
         if found is None:
-            raise ValueError(f"{source}:{lineno}: only numbers, symbols and + - * / ^ ( ) are allowed: {line!r}")
+            raise ValueError(f"{source}:{lineno}: only numbers, symbols and + - * / ^ ( ) are allowed: "
+                             f"{_quoted(line)}")
         stray = sorted(set(found) - set(names))
         if stray:
-            raise ValueError(f"{source}:{lineno}: unknown names {stray}; the inputs are {list(names)[:4]}"
-                             f"{'...' if len(names) > 4 else ''} (see --symbols)")
+            raise ValueError(f"{source}:{lineno}: unknown names {[n[:QUOTE_CHARS] for n in stray[:6]]}"
+                             f"{f' and {len(stray) - 6:,} more' if len(stray) > 6 else ''}; the inputs are "
+                             f"{list(names)[:4]}{'...' if len(names) > 4 else ''} (see --symbols)")
         try:
             _FormulaBound(line, len(names)).check()
         except ValueError as exc:
-            raise ValueError(f"{source}:{lineno}: refused: {exc}: {line[:80]!r}") from None
+            raise ValueError(f"{source}:{lineno}: refused: {exc}: {_quoted(line)}") from None
         try:
             e = parse_expr(line, local_dict=dict(symbols), global_dict={"Integer": sympy.Integer, "Float": sympy.Float,
                            "Rational": sympy.Rational, "Symbol": sympy.Symbol},
                            transformations=standard_transformations + (convert_xor,))
         except Exception as exc:  # noqa: BLE001 - any parse failure is the file's fault
-            raise ValueError(f"{source}:{lineno}: cannot parse {line!r}: {exc}") from None
+            raise ValueError(f"{source}:{lineno}: cannot parse {_quoted(line)}: {str(exc)[:200]}") from None
         exprs.append(e)
     if not exprs:
         raise ValueError(f"{source}: no formulas (one polynomial per output line)")
@@ -878,11 +891,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise UsageError(f"--symbols names {repeated} more than once; give one distinct name per input")
+        with open(cpath, "rb") as fh:  # bounded: a large data file given by mistake is not read whole
+            data = fh.read(MAX_CIRCUIT_BYTES + 1)
+        if len(data) > MAX_CIRCUIT_BYTES:
+            raise ValueError(f"{cpath}: over {MAX_CIRCUIT_BYTES:,} bytes, the limit for a text file of formulas "
+                             "(and not a checkpoint)")
         try:
-            text = cpath.read_text()
+            text = data.decode("utf-8")
         except UnicodeDecodeError:
             raise ValueError(f"{cpath}: neither a checkpoint nor a text file of formulas") from None
         _check_n_ctx(args, (component,))
+        formulas = sum(1 for raw in text.splitlines() if raw.split("#", 1)[0].strip())
+        if formulas > component.out_features:  # before sympy reads them (about 0.1 ms a line): one is an output
+            raise ValueError(f"{cpath}: the circuit has {counted(formulas, 'output')} (one formula a line), the "
+                             f"component {component.out_features}")
         circuit = parse_formulas(text, names, str(cpath))
         import sympy
 
@@ -893,7 +915,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         written = [(n, raw.split("#", 1)[0].strip()) for n, raw in enumerate(text.splitlines(), start=1)]
         written = [(n, line) for n, line in written if line]
         for (lineno, line), e in zip(written, circuit):
-            why = not_finite(e, line)
+            why = not_finite(e, line if len(line) <= QUOTE_CHARS else line[:QUOTE_CHARS] + "...")  # quoted short
             if why is not None:
                 raise ValueError(f"{cpath}:{lineno}: {why}")
         lines = [n for n, _ in written]

@@ -9,10 +9,10 @@ Formats, recognized by their first bytes (not their names):
   containers only and refuses every other Python object.
 
 A checkpoint is a state dict (names -> tensors).  A dict that also holds
-other entries is accepted when exactly one of ``state_dict``,
-``model_state_dict``, ``model``, ``module``, ``weights`` holds the tensors
-(the usual ``{"step": ..., "model": state_dict, "optimizer": ...}`` training
-checkpoint).
+other entries is accepted when exactly one of its entries, whatever its name,
+is a mapping of tensors (the usual ``{"step": ..., "model": state_dict,
+"optimizer": ...}`` training checkpoint); several such entries (a model and
+an EMA, metrics saved as tensors) are chosen between with ``state_key``.
 
 The architecture comes from one of two places:
 
@@ -39,7 +39,9 @@ The architecture comes from one of two places:
   are read and converted without importing torch.
 
 Directories load every checkpoint file inside (``.safetensors``, ``.pt``,
-``.pth``, ``.ckpt``, ``.bin``) in natural order: ``step_2`` before ``step_10``.
+``.pth``, ``.ckpt``, ``.bin``) in natural order: ``step_2`` before ``step_10``;
+hidden files (a name starting with ".": macOS's ``._step_2.pt`` companions)
+are not checkpoints and are skipped.
 Every failure to read or interpret a file raises :class:`LoadError` (a
 ValueError) whose message starts with the file's path; a missing path raises
 FileNotFoundError.
@@ -67,7 +69,7 @@ if TYPE_CHECKING:  # torch is imported only where a torch file or a template nee
 
 import numpy as np
 
-from .arrays import is_torch, no_real_values, real_float64
+from .arrays import exact_float64, is_torch, no_real_values
 from .layouts import SIZES, attention_lm, is_run_directory, missing_sizes, read_config
 from .components import Bilinear, Component, Linear, Sequential
 from .messages import raised
@@ -106,7 +108,9 @@ def checkpoint_paths(path: str | Path) -> list[Path]:
         return [p]
     if not p.is_dir():
         raise LoadError(p, "not a regular file (a device, a pipe or a socket?)")
-    files = [f for f in p.iterdir() if f.is_file() and f.suffix.lower() in CHECKPOINT_SUFFIXES]
+    # hidden files are no checkpoints: macOS's AppleDouble companions ("._step_1.pt") failed the whole folder
+    files = [f for f in p.iterdir()
+             if f.is_file() and f.suffix.lower() in CHECKPOINT_SUFFIXES and not f.name.startswith(".")]
     if not files:
         hint = ""
         if (p / "checkpoints").is_dir():  # a run folder: say where its checkpoints are, and why not as a run
@@ -139,14 +143,14 @@ def _sniff(path: Path) -> str:
     if size == 0:
         raise LoadError(path, "file is empty")
     torch_magic = head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"  # zip, or pickle protocol >= 2 (legacy)
-    # safetensors first: its header length can begin with the byte 0x80 too
-    # (a 128-byte header), while a torch file never has '{' at byte 8
-    if len(head) == 9 and head[8:9] == b"{":
+    # safetensors first: its header length can begin with the byte 0x80 too (a 128-byte header), while a
+    # torch file never has '{' at byte 8 (a zip has its compression method there, a legacy file the pickled
+    # magic number): a short file with '{' there is a truncated safetensors file, not a torch one
+    if len(head) == 9 and head[8:9] == b"{" and head[:4] != b"PK\x03\x04":
         (n,) = struct.unpack("<Q", head[:8])
         if 8 + n <= size:
             return "safetensors"
-        if not torch_magic:
-            raise LoadError(path, f"truncated safetensors file: header claims {n} bytes, file has {size}")
+        raise LoadError(path, f"truncated safetensors file: header claims {n:,} bytes, file has {size:,}")
     if torch_magic:
         return "torch"
     raise LoadError(path, "not a safetensors file or a torch checkpoint (unrecognized first bytes)")
@@ -322,6 +326,24 @@ def _check_legacy_storages(p: Path, size: int) -> None:
                            "(a truncated or forged legacy torch file)")
 
 
+def _check_max_bytes(max_bytes: Any) -> None:
+    """``max_bytes`` is a positive integer, or a ValueError naming it (a
+    comparison with None raised a bare TypeError)."""
+    if not (isinstance(max_bytes, numbers.Integral) and not isinstance(max_bytes, bool) and max_bytes > 0):
+        raise ValueError(f"max_bytes={max_bytes!r}: the bound on a file's tensors must be a positive integer "
+                         f"(bytes; the default is {MAX_CHECKPOINT_BYTES:,})")
+
+
+def _torchscript(p: Path) -> bool:
+    """Whether ``p`` is a TorchScript archive (``torch.jit.save``): a torch
+    zip holding ``constants.pkl``, as torch.load itself tells them apart."""
+    try:
+        with zipfile.ZipFile(p) as z:
+            return any(n.split("/", 1)[-1] == "constants.pkl" for n in z.namelist())
+    except _MALFORMED:  # not a zip (legacy), or one torch reports as malformed
+        return False
+
+
 def _check_declared(sd: Mapping[str, Any], p: Path, max_bytes: int) -> None:
     """Refuse before any conversion: the bytes the tensors will occupy as
     float64, from their declared shapes (a stride-0 view of one stored
@@ -342,6 +364,7 @@ def read_state_dict(path: str | Path, *, max_bytes: int = MAX_CHECKPOINT_BYTES,
     whose tensors would exceed ``max_bytes`` are refused before they are read,
     and state dicts whose declared shapes would exceed it as float64 before
     they are converted."""
+    _check_max_bytes(max_bytes)
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or directory")
@@ -349,6 +372,9 @@ def read_state_dict(path: str | Path, *, max_bytes: int = MAX_CHECKPOINT_BYTES,
         raise LoadError(p, "is a directory; load it with tsalgebra.load(dir) for a list of models")
     kind = _sniff(p)
     _check_size(p, kind, max_bytes)
+    if kind == "torch" and _torchscript(p):  # torch.load would call it malformed, and warn
+        raise LoadError(p, "a TorchScript archive (torch.jit.save): a program, not a state dict; save the "
+                           "module's weights with torch.save(module.state_dict(), path)")
     try:
         if kind == "safetensors":
             obj = _read_safetensors(p)
@@ -360,9 +386,14 @@ def read_state_dict(path: str | Path, *, max_bytes: int = MAX_CHECKPOINT_BYTES,
         raise
     except Exception as exc:  # noqa: BLE001 - every reader failure becomes one clear error
         if re.search("unsupported global", str(exc), re.IGNORECASE):  # "Unsupported global", "unsupported GLOBAL os.system"
-            raise LoadError(p, f"refused: the {kind} file holds Python objects other than tensors, and tsalgebra "
-                               "loads with weights_only=True (save model.state_dict() instead of the model "
-                               "object)") from None
+            found = re.search(r"GLOBAL\s+([\w.]+)", str(exc))
+            if found and found.group(1).startswith("numpy."):  # a state dict of numpy arrays: saved as asked
+                raise LoadError(p, f"refused: the {kind} file holds numpy arrays ({found.group(1)}), which "
+                                   "torch.load(weights_only=True) does not read; save torch tensors "
+                                   "(torch.from_numpy) or a safetensors file") from None
+            raise LoadError(p, f"refused: the {kind} file holds Python objects other than tensors"
+                               f"{f' ({found.group(1)})' if found else ''}, and tsalgebra loads with "
+                               "weights_only=True (save model.state_dict() instead of the model object)") from None
         # the unpickler's own complaint where it gives one: a corrupted pickle is no object refused
         detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(exc))
         msg = detail.group(1) if detail else str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -393,14 +424,36 @@ def _read_safetensors(p: Path) -> dict[str, Any]:
     return load_torch(str(p), device="cpu")
 
 
-def _f64(v: Any, key: str, source: Any) -> np.ndarray:
-    """The weight ``key`` as float64 numpy (from numpy or torch, any real
-    dtype), finite; else a LoadError naming ``source`` and ``key``."""
-    try:
-        arr = real_float64(v)
-    except TypeError as exc:
-        raise LoadError(source, f"{key}: {exc}") from None
-    if not np.isfinite(arr).all():
+def _values(v: Any, key: str, source: Any) -> np.ndarray:
+    """The weight ``key`` (numpy or torch) as numpy in its stored dtype,
+    checked as float64 weights are: real, finite, integers float64 holds
+    exactly, no bool; else a LoadError naming ``source`` and ``key``.  No
+    float64 copy is made (a view where numpy has the dtype; bfloat16 and
+    float8 as float32, which holds them exactly): the layer's constructor
+    makes the one float64 copy kept (a conversion here first doubled the
+    peak memory of loading)."""
+    if (why := no_real_values(v)) is not None:
+        raise LoadError(source, f"{key}: {why}")
+    if is_torch(v):
+        try:
+            t = v.detach().to("cpu").resolve_conj().resolve_neg()
+            try:
+                v = t.numpy()
+            except TypeError:  # a dtype numpy lacks
+                if not t.is_floating_point():
+                    raise
+                v = t.float().numpy()
+        except (RuntimeError, TypeError) as exc:  # sparse, quantized: torch names the layout or dtype
+            raise LoadError(source, f"{key}: a torch tensor numpy cannot read ({exc})") from None
+    arr = np.asarray(v)
+    if np.issubdtype(arr.dtype, np.integer):
+        try:
+            exact_float64(arr)  # refuses an integer float64 would round
+        except TypeError as exc:
+            raise LoadError(source, f"{key}: {exc}") from None
+    elif not np.issubdtype(arr.dtype, np.floating):
+        raise LoadError(source, f"{key}: dtype {arr.dtype}: weights are real numbers")
+    elif not np.isfinite(arr).all():
         raise LoadError(source, f"{key} contains NaN or Inf entries")
     return arr
 
@@ -430,7 +483,8 @@ def _native_layer(keys: dict[str, Any], where: str, name: str, source: Any) -> L
         native = {_native_key(f): f for f in kind.weight_fields}
         matrices = {k for k in native if k.endswith("weight")}  # required; the biases are optional
         if names and names <= set(native) and matrices <= names:
-            weights = {native[k]: _f64(v, where + k, source) for k, v in keys.items()}
+            # as stored: the constructor's float64 copy is the only one
+            weights = {native[k]: _values(v, where + k, source) for k, v in keys.items()}
             try:
                 return kind(**weights, name=f"{kind.__name__}[{name}]")
             except (ValueError, TypeError) as exc:
@@ -506,10 +560,17 @@ def model_from_state_dict(sd: Mapping[str, Any], template: Template = None,
             raise TypeError(f"template must be an nn.Module or a function returning one, got {type(module).__name__}")
         # float64, as the conversion is: a float32 template would round the checkpoint's values on the copy in
         module = copy.deepcopy(module).double()
+        target = module.state_dict()
+        stripped = strip_prefixes(sd, target)
+        for k, v in stripped.items():  # the native path's checks where load_state_dict casts into a float: it
+            if isinstance(target.get(k), torch.Tensor) and target[k].is_floating_point():  # would round 2**60 + 1,
+                _values(v, k, source)  # read bool as 0/1, keep a NaN (a bool or integer buffer takes them as they are)
         tensors = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))
-                   for k, v in strip_prefixes(sd, module.state_dict()).items()}
+                   for k, v in stripped.items()}
         module.load_state_dict(tensors, strict=strict)
         module.eval()
+    except LoadError:
+        raise
     except (ValueError, TypeError, RuntimeError, KeyError) as exc:
         msg = str(exc).strip().replace("\n", " ")
         raise LoadError(source, f"cannot interpret the state dict with the template: {msg}") from None
@@ -583,11 +644,15 @@ def load(path: str | Path, template: Template = None, *, strict: bool = True,
     read at it; without a template it rebinds the native model's positions.
     ``strict`` is passed to ``load_state_dict``.
     ``max_bytes`` bounds the tensors of one file (checked before reading),
-    and their declared shapes as float64 (checked before converting).
+    and their declared shapes as float64 (checked before converting, which
+    holds about that much: each layer's own float64 copy, made from the
+    values as read; a language-model run up to about 1.5 times, for its
+    working copy of a layer or of the unembedding); a positive integer.
     Raises FileNotFoundError for a missing path and :class:`LoadError` (naming
     the file) for anything unreadable, malformed or of the wrong layout.
     """
     p = Path(path)
+    _check_max_bytes(max_bytes)
     _check_n_ctx(n_ctx, p)
     run = run_of(p)
     if template is None and run is not None:  # a language-model run, its checkpoints/ folder, or one of its files
@@ -654,29 +719,57 @@ def _at_positions(model: Component, n_ctx: int | None, source: Any) -> Component
         raise LoadError(source, f"n_ctx={n_ctx}: the model cannot be rebound to {n_ctx} positions ({exc})") from None
 
 
+SAVE_DTYPES = (np.float64, np.float32, np.float16)  # the float dtypes safetensors writes from numpy
+
+
 def save(model: Component, path: str | Path, *, dtype: Any = np.float64,
          metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``model`` (Linear, Bilinear or a Sequential of them, float
     weights) as a safetensors file in the native layout, float64 unless
-    ``dtype`` says otherwise (a numpy float dtype); :func:`load` reads it
-    back without a template.  Returns the path."""
+    ``dtype`` says otherwise (float32 or float16: rounded, and refused where
+    a weight overflows it; a non-float dtype is a ValueError, as it would
+    truncate the weights); ``metadata``: extra strings stored in the file.
+    :func:`load` reads it back without a template.  Returns the path; the
+    folder must exist."""
     if not isinstance(model, Component):
         raise TypeError(f"save expects a tsalgebra model, got {type(model).__name__}")
     if model.exact:
         raise TypeError("save: exact (object-array) weights have no safetensors form; convert to float first")
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt not in SAVE_DTYPES:  # an integer dtype truncated every weight (0.377 saved as 0), and load read it back
+        raise ValueError(f"save: dtype={dtype!r} is not one of float64, float32, float16 (weights are real numbers)")
+    if metadata is not None and not (isinstance(metadata, Mapping)
+                                     and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        bad = (next((f"{k!r}: {type(v).__name__}" for k, v in metadata.items()
+                     if not (isinstance(k, str) and isinstance(v, str))), "")
+               if isinstance(metadata, Mapping) else type(metadata).__name__)
+        raise TypeError(f"save: metadata must map strings to strings (safetensors stores text), got {bad}; "
+                        "write numbers as str(value)")
     sd: dict[str, np.ndarray] = {}
     for k, layer in enumerate(model.layers):
-        arr = lambda a: np.ascontiguousarray(np.asarray(a, dtype=dtype))  # noqa: E731
         if type(layer) not in (Linear, Bilinear):
             raise TypeError(f"save: the native layout has no form for {layer!r}")
         pre = f"{k}.inner." if isinstance(layer, Bilinear) and layer.residual else f"{k}."
         for field, w in layer.named_weights().items():
             if w is not None:
-                sd[pre + _native_key(field)] = arr(w)
+                with np.errstate(over="ignore"):  # named below
+                    arr = np.ascontiguousarray(np.asarray(w, dtype=dt))
+                if not np.isfinite(arr).all():
+                    raise ValueError(f"save: {layer.name}'s {field} overflows {dt} (largest magnitude "
+                                     f"{np.abs(w).max():.3g}); save as float64")
+                sd[pre + _native_key(field)] = arr
     meta = {"format": "pt", "tsalgebra": NATIVE_FORMAT, "model": repr(model)}
     meta.update(metadata or {})
     from safetensors.numpy import save_file
 
     p = Path(path)
-    save_file(sd, str(p), metadata=meta)
+    if not p.parent.is_dir():  # safetensors names a hidden temporary file there instead
+        raise FileNotFoundError(f"{p.parent}: no such directory (save writes {p.name} into an existing folder)")
+    try:
+        save_file(sd, str(p), metadata=meta)
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error type: said as an OSError naming the file
+        raise OSError(f"{p}: cannot write: {exc}") from None
     return p
