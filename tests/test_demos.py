@@ -89,7 +89,8 @@ def lm(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("lm")
     return language.run(vocab=8, d_model=8, n_head=2, seq_len=12, steps=400, checkpoint_every=50, lr=3e-3,
-                        n_ctx=3, held_out=128, out=out, progress=False)
+                        n_ctx=3, held_out=128, out=out, progress=False,
+                        threads=1)  # tiny: two threads spin against each other (training 5 s, 20 times that under load)
 
 
 def test_language_demo_writes_a_run_in_the_papers_layout(lm):

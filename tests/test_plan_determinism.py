@@ -141,3 +141,36 @@ def test_a_refusal_is_replayed_without_planning_again(cold, monkeypatch):
     again = refusal(a, b, 1e5)
     assert (str(again), again.flops, again.extrapolated) == (str(first), first.flops, first.extrapolated)
     assert again is not first  # a new exception each time (a raised one keeps its traceback)
+
+
+def test_plan_counts_are_opt_einsums():
+    """The planner counts a path's flops, largest intermediate and steps
+    itself (opt_einsum's contract_path parses and checks every step: a
+    quarter of a pairing orbit's planning); the twin is contract_path, on
+    random equations with shared, traced, broadcast and open indices and
+    random paths of pairs and triples."""
+    import opt_einsum as oe
+
+    from tsalgebra.planner import ContractionStep, _walk
+
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyzABCD"
+    compared = 0
+    for _ in range(1500):
+        indices = letters[: rng.randint(1, 14)]
+        size = {c: rng.choice([1, 2, 3, 5]) for c in indices}
+        terms = ["".join(rng.sample(indices, rng.randint(0, min(4, len(indices))))) for _ in range(rng.randint(1, 9))]
+        output = "".join(c for c in sorted(set("".join(terms))) if rng.random() < 0.3)
+        equation = ",".join(terms) + "->" + output
+        shapes = tuple(tuple(size[c] if rng.random() > 0.1 else 1 for c in t) for t in terms)
+        left, path = len(terms), []
+        while left > 1:
+            k = 3 if left > 2 and rng.random() < 0.25 else 2
+            path.append(tuple(rng.sample(range(left), k)))
+            left -= k - 1
+        path = path or [(0,)]
+        _, info = oe.contract_path(equation, *shapes, shapes=True, optimize=path)
+        steps = tuple(ContractionStep(tuple(c[0]), c[2]) for c in info.contraction_list)
+        assert _walk(equation, shapes, path) == (info.opt_cost, info.largest_intermediate, steps), equation
+        compared += 1
+    assert compared == 1500

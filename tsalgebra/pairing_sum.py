@@ -236,6 +236,7 @@ class _Joiner:
         self.out_leg = out_leg
         self.cache: dict[tuple[int, tuple[tuple[str, str], ...]], Tensor] = {}
         self.variants: set[tuple[int, tuple[tuple[str, str], ...]]] = set()  # planned, for their flops
+        self._variant_flops = 0  # of self.variants, kept as they are added (asked after each of thousands of orbits)
 
     def _variant_shape(self, key: tuple[int, tuple[tuple[str, str], ...]]) -> Tensor:
         """The variant's legs and shape, without data."""
@@ -256,9 +257,14 @@ class _Joiner:
         """Flops of forming every variant the planned networks use (each
         applied role is one pass over the owner's entries; selecting a
         token's block or the constant channel is a view)."""
-        return sum(2 * int(np.prod(self.tensors[k].shape)) * sum(r not in ("raw", "const") and not r.startswith("tok")
-                                                                 for _, r in roles)
-                   for k, roles in self.variants)
+        return self._variant_flops
+
+    def _add_variant(self, key: tuple[int, tuple[tuple[str, str], ...]]) -> None:
+        if key not in self.variants:
+            self.variants.add(key)
+            k, roles = key
+            passes = sum(r not in ("raw", "const") and not r.startswith("tok") for _, r in roles)
+            self._variant_flops += 2 * int(math.prod(self.tensors[k].shape)) * passes
 
     def _apply(self, data: Any, legs: list[str], leg: str, role: str, vector: Any) -> Any:
         ax = legs.index(leg)
@@ -330,7 +336,7 @@ class _Joiner:
         for k, t in enumerate(self.tensors):
             if k in touched:
                 key = (k, tuple(sorted((l, r) for l, r in roles.items() if l in t.legs)))
-                self.variants.add(key)
+                self._add_variant(key)
                 entries.append((self._variant_shape(key), ("variant", key)))
             else:
                 entries.append((Tensor(t.name, t.legs, t.shape), ("tensor", k)))
