@@ -17,6 +17,7 @@ per orbit, weighted by the orbit size.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import weakref
@@ -35,6 +36,7 @@ from .measure import Gaussian, Tokens, block_diagonal
 from .planner import ContractionPlan, choose_optimizer, plan, plan_equation
 from .problem import CostError, format_count
 from .progress import advancer
+from .threads import one_blas_thread
 
 __all__ = ["Joins", "PairingPlan", "Tally", "orbit_sum", "plan_pairings", "run_pairings", "lift", "MAX_ORBITS",
            "MAX_PAIRINGS", "OUTER"]
@@ -677,6 +679,15 @@ def plan_pairings(A: Network, B: Network | None, joins: Joins, out_mask: Any, li
     return found
 
 
+# An orbit sum is many small products: two BLAS threads gain little on them
+# and, when another process holds one of two cores, each product waits for the
+# descheduled thread (the grokking demo's token matrix, 231 sums of 1.2e8
+# flops: 3.3 s on one thread either way, 3.5-3.8 s on two when quiet, 9-12 s
+# beside one busy process, 30-100 s beside a test run).  Setting the limit
+# costs 0.7 ms, so sums below this many flops (a few ms of work) keep it as it is.
+ONE_THREAD_FLOPS = 1e7
+
+
 def run_pairings(pp: PairingPlan, A: Network, B: Network | None, joins: Joins, out_mask: Any) -> tuple[Any, Tally]:
     """Execute a plan of :func:`plan_pairings` on the weights of A (and B)."""
     tensors, legs, out_legs, _ = _side_by_side(A, B, out_mask, False)
@@ -685,10 +696,11 @@ def run_pairings(pp: PairingPlan, A: Network, B: Network | None, joins: Joins, o
     backend = "object" if exact else "numpy"
     total: Any = 0
     tick = advancer()  # the running plan's bar, when one shows
-    for size, expr, refs, plan in zip(pp.orbit_sizes, pp.compiled, pp.refs, pp.plans):
-        total = total + size * expr(*(joiner.resolve(r, out_mask) for r in refs), backend=backend)
-        if tick is not None:
-            tick(plan.flops)
+    with one_blas_thread() if pp.flops >= ONE_THREAD_FLOPS and not exact else contextlib.nullcontext():
+        for size, expr, refs, plan in zip(pp.orbit_sizes, pp.compiled, pp.refs, pp.plans):
+            total = total + size * expr(*(joiner.resolve(r, out_mask) for r in refs), backend=backend)
+            if tick is not None:
+                tick(plan.flops)
     return total, Tally(len(pp.plans), pp.flops, pp.pairings, pp.orbits)
 
 
