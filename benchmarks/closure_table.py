@@ -276,7 +276,7 @@ def main() -> None:
                     ref = {k: (float(v.value), 0.0) for k, v in exact.items()}
                     ref["cos"] = (ref["ab"][0] / np.sqrt(ref["aa"][0] * ref["bb"][0]), 0.0)
                     for k in ("aa", "ab"):
-                        if exact[k].algorithm == "pairing orbits":
+                        if exact[k].algorithm == "pairings":
                             cell = f"{exact[k].orbits:,} / {exact[k].pairings:,}"
                         else:  # enumeration refused or dearer: tsalgebra integrated on a Gauss-Hermite grid
                             cell = f"quadrature ({exact[k].contractions:,} nodes)"

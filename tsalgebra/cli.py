@@ -108,12 +108,11 @@ _BYTES = _number(float, 1, False, finite=True)
 _SAMPLES, _FRACTION, _SEED = _number(int, 2, False), _number(float, 0, True, below=1), _number(int, 0, False)
 
 
-WORKERS_PER_CPU = 4  # --workers: local processes beyond a few per CPU only share the CPUs and multiply the memory
-
-
 def _workers(text: str) -> int:
     """--workers: a count of local processes, at most a few per CPU of this
     machine (a larger cluster is one --scheduler names)."""
+    from .matrix.cluster import WORKERS_PER_CPU  # the bound workers= has (the tiles' module: imported when asked)
+
     n = _COUNT(text)
     most = WORKERS_PER_CPU * (os.cpu_count() or 1)
     if n > most:
@@ -648,7 +647,11 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     payload = {"labels": labels, "files": [str(f) for f in files], "values": values, "inner": res.inner,
                "method": res.method, "exact": res.exact, "route": res.route, "flops": res.flops,
                "centered": bool(args.centered), "measure": res.measure, "estimated": res.estimated,
-               "stderr": res.stderr, "heavy_tailed": res.heavy_tailed, "figure": out, "csv": csv_path,
+               "stderr": res.stderr, "heavy_tailed": res.heavy_tailed, "algorithms": list(res.algorithms),
+               # each model's norm (null beyond float64, with a note) and its natural log, which float64 holds
+               "norms": res.norms, "log_norms": res.log_norms,
+               **({} if res.symmetric else {"col_norms": res.col_norms, "col_log_norms": res.col_log_norms}),
+               "figure": out, "csv": csv_path,
                "notes": list(res.notes), "tiles": None if res.tiles is None else asdict(res.tiles)}
     lines = [f"{len(files)} checkpoints, {res.inner}{' centred' if args.centered else ''} similarity "
              f"({res.method}{'' if res.exact else ', not exact'}; route: {res.route}; {res.flops:.3g} flops)"]
@@ -1018,7 +1021,17 @@ def cmd_summary(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------- parser
 
 
+def _seed_help(parser: argparse.ArgumentParser) -> None:
+    """A demo's --seed (its module declares it without a help) said with
+    its default, as --help says every option's."""
+    for action in parser._actions:
+        if "--seed" in action.option_strings and not action.help:
+            action.help = f"random seed of the data and the training, >= 0 (default {action.default})"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .matrix.cluster import TILES_PER_WORKER, WORKERS_PER_CPU  # --workers and --tile say the tiles' defaults
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     models = argparse.ArgumentParser(add_help=False)
@@ -1042,15 +1055,17 @@ def build_parser() -> argparse.ArgumentParser:
         """How each inner product is computed and what it may cost: the
         options a refusal suggests, shared by similarity, plan and verify."""
         parser.add_argument("--method", choices=("auto", "exact", "closure", "sampled"), default="auto",
-                            help=method_help)
+                            help=method_help + " (default auto)")
         parser.add_argument("--budget", type=_NON_NEGATIVE, default=DEFAULT_BUDGET,
                             help=f"flop budget per inner product (default {DEFAULT_BUDGET:g})")
         parser.add_argument("--max-memory", type=_BYTES, metavar="BYTES", help=memory_help)
         parser.add_argument("--samples", type=_SAMPLES,
                             help="--method sampled: number of samples, at least 2 (default 10000)")
         parser.add_argument("--rel-error", type=_FRACTION,
-                            help="--method sampled: sample until this relative standard error (in (0, 1))")
-        parser.add_argument("--seed", type=_SEED, help="--method sampled: random seed, >= 0 (reproducible estimates)")
+                            help="--method sampled: sample until this relative standard error (in (0, 1); default: "
+                                 "none, the --samples alone)")
+        parser.add_argument("--seed", type=_SEED, help="--method sampled: random seed, >= 0 (reproducible estimates; "
+                                                       "default: none, a fresh seed each run)")
 
     # the question about one pair, as similarity asks it and plan plans it
     pair = argparse.ArgumentParser(add_help=False)
@@ -1089,18 +1104,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--token-probs", metavar="PATH",
                    help=token_probs_help)
     m.add_argument("--method", choices=("auto", "exact", "closure", "sampled"), default="auto",
-                   help="as for similarity; sampled estimates each product pair by pair")
+                   help="as for similarity; sampled estimates each product pair by pair (default auto)")
     m.add_argument("--budget", type=_NON_NEGATIVE, default=DEFAULT_BUDGET,
                    help=f"flop budget per inner product (default {DEFAULT_BUDGET:g})")
     m.add_argument("--max-memory", type=_BYTES, metavar="BYTES",
                    help="memory bound in bytes on the route's blocks and each pairwise product (default: a quarter "
                         "of the available memory)")
     m.add_argument("--route", choices=ROUTES, default="auto",
-                   help="auto: the cheapest route within --max-memory, else pair by pair; or one route by name")
+                   help="auto: the cheapest route within --max-memory, else pair by pair; or one route by name "
+                        "(default auto)")
     m.add_argument("--samples", type=_SAMPLES, help="--method sampled: samples per product, at least 2 (default 10000)")
     m.add_argument("--rel-error", type=_FRACTION,
-                   help="--method sampled: sample each pair until this relative standard error (in (0, 1))")
-    m.add_argument("--seed", type=_SEED, help="--method sampled: random seed, >= 0")
+                   help="--method sampled: sample each pair until this relative standard error (in (0, 1); "
+                        "default: none, the --samples alone)")
+    m.add_argument("--seed", type=_SEED, help="--method sampled: random seed, >= 0 (default: none, a fresh seed "
+                                              "each run)")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     where = m.add_mutually_exclusive_group()
     where.add_argument("--workers", type=_workers, metavar="N",
@@ -1110,7 +1128,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--store", metavar="DIR",
                    help="keep every finished tile in DIR; a rerun with the same checkpoints and options computes "
                         "only the missing tiles")
-    m.add_argument("--tile", type=_COUNT, metavar="N", help="models a tile side (default: from the workers)")
+    m.add_argument("--tile", type=_COUNT, metavar="N",
+                   help=f"models a tile side (default: the largest side giving at least {TILES_PER_WORKER} tiles "
+                        "per worker whose models fit the memory bound; a --store's own side when it has one)")
     m.set_defaults(func=cmd_matrix, _usage=m)
 
     v = sub.add_parser("verify", parents=[common, models], help="is a circuit faithful to a component?",
@@ -1129,7 +1149,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--exact", action="store_true",
                    help="exact arithmetic on the stored floats (small models; not with --method closure or sampled)")
     v.add_argument("--tol", type=_NON_NEGATIVE, default=1e-9,
-                   help="tolerance (>= 0) on the relative residual (float mode)")
+                   help="tolerance (>= 0) on the relative residual (float mode; default 1e-09)")
     v.add_argument("--symbols", help="input names in order, e.g. 'a b c' (default x1..xd)")
     add_limits(v)  # what a refusal of verify's inner products suggests is an option of verify
     v.set_defaults(func=cmd_verify, _usage=v)
@@ -1151,22 +1171,25 @@ def build_parser() -> argparse.ArgumentParser:
     g = dsub.add_parser("grokking", parents=[common], help="modular addition: memorization, grokking, similarity",
                         description=_gk.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _gk.add_arguments(g)
+    _seed_help(g)
     g.set_defaults(_usage=g)
     b = dsub.add_parser("backdoor", parents=[common], help="digits with a trigger: which class changed",
                         description=_bd.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _bd.add_arguments(b)
+    _seed_help(b)
     b.set_defaults(_usage=b)
     from .demos import language as _lm
 
     lm = dsub.add_parser("language", parents=[common], help="a bilinear-attention language model learns induction",
                          description=_lm.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _lm.add_arguments(lm)
+    _seed_help(lm)
     lm.set_defaults(_usage=lm)
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("summary", parents=[common], help="build two small models and print their expressions and contraction plans")
     s.add_argument("--seed", type=_SEED, default=0, help="random seed of the models and inputs, >= 0 (default 0)")
-    s.add_argument("--batch", type=_COUNT, default=32, help="batch size of the evaluation plan")
+    s.add_argument("--batch", type=_COUNT, default=32, help="batch size of the evaluation plan (default 32)")
     s.set_defaults(func=cmd_summary, _usage=s)
     return parser
 

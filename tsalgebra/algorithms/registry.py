@@ -22,7 +22,9 @@ one CostError (a MemoryBoundError where some plan was within the budget but
 over the memory bound, a NotApplicableError where no algorithm supports the
 problem at all) states every algorithm's estimate or reason and the
 alternatives: another inner product or method only where its plan fits the
-memory bound (:func:`alternatives`).
+memory bound (:func:`alternatives`); for a question of the weights (the
+network or symmetric product) the other inner products include the models'
+functional one (:func:`_others`).
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..measure import Measure
-from ..problem import (Alternative, CostError, InnerProblem, InnerResult, MemoryBoundError, NotApplicableError, Plan,
-                       format_count, rounded_up)
+from ..problem import (FUNCTIONAL, Alternative, CostError, InnerProblem, InnerResult, MemoryBoundError,
+                       NotApplicableError, Plan, bound_measure, format_count, resolve_inner, rounded_up)
 from ..progress import planned
 
 __all__ = ["Algorithm", "Triple", "alternatives", "choose", "register", "registered", "run", "solve", "unregister"]
@@ -151,6 +153,39 @@ _OTHERS = (({"inner": "network"}, "the layer-wise product, a property of the fac
            ({"method": "sampled"}, "a Monte Carlo estimate with standard errors", "the Monte Carlo estimate"))
 
 
+def _others(problem: InnerProblem) -> list[tuple[dict[str, str], str, str]]:
+    """The other questions for ``problem``: :data:`_OTHERS`, and for a
+    question of the weights (the network or symmetric product) the models'
+    functional one after the network product: under their token measure
+    where they read tokens, else under the standard Gaussian (what
+    ``inner=None`` asks of them).  A refusal no budget answers (the network
+    product of attention layers) then still names a question that has an
+    answer, where one does."""
+    own = _own_measure(problem)
+    if own is None:
+        return list(_OTHERS)
+    inner, measure = own
+    what = (f"the functional product under the models' token measure, {measure.label}" if inner == "tokens" else
+            f"the functional product under {measure.label}")
+    name = "the token inner product" if inner == "tokens" else "the Gaussian inner product"
+    return [_OTHERS[0], ({"inner": inner}, f"{what}, a property of the function", name), *_OTHERS[1:]]
+
+
+def _own_measure(problem: InnerProblem) -> tuple[str, Any] | None:
+    """(inner, measure bound to the models' input) of the models' own
+    functional question, as ``inner=None`` resolves it; None where
+    ``problem`` asks a functional product already or that question cannot
+    be asked of these models (a token measure too wide to build, models
+    that read different tokens)."""
+    if problem.inner in FUNCTIONAL:
+        return None
+    try:
+        inner, measure = resolve_inner(None, None, problem.a, problem.b)
+        return inner, bound_measure(problem.a, None, None, measure, problem.b)
+    except (ValueError, TypeError):
+        return None
+
+
 def alternatives(problem: InnerProblem, estimates: list[tuple[float, bool]],
                  needed: float | None = None) -> tuple[Alternative, ...]:
     """Other questions some registered algorithm would answer: a larger
@@ -178,7 +213,7 @@ def _suggestions(problem: InnerProblem, estimates: list[tuple[float, bool]],
     (returned for a caller that has none to carry it)."""
     fitting: list[Alternative] = []
     least: tuple[float, str] | None = None  # (bytes, name) of the other question needing the least
-    for change, why, name in _OTHERS:
+    for change, why, name in _others(problem):
         other = _changed(problem, change)
         if other is None:
             continue
@@ -212,6 +247,11 @@ def _changed(problem: InnerProblem, change: dict[str, str]) -> InnerProblem | No
     other = problem.replace(**change, algorithm=None)
     if other.inner == "network":
         other = other.replace(measure=None, centered=False, method="auto")
+    elif other.inner != problem.inner:  # the models' functional question (_others): their measure, bound
+        own = _own_measure(problem)
+        if own is None or own[0] != other.inner:
+            return None
+        other = other.replace(measure=own[1], degree=None, method="auto")
     if other.method == "sampled" and other.inner not in ("gaussian", "tokens"):
         return None
     if all(getattr(other, k) == getattr(problem, k) for k in change) or not _supporting(other):

@@ -10,7 +10,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..algorithms.sampled import Z95
-from ..plots import _ANNOTATE_UP_TO
 from ..planner import ContractionPlan
 from ..problem import HEAVY_TAILS
 
@@ -161,6 +160,8 @@ class SimilarityMatrix:
         ``annotated``: whether the cells are written out (default: as
         :meth:`plot` does, up to 12 x 12), each estimate with its error."""
         if annotated is None:
+            from ..plots import _ANNOTATE_UP_TO  # at call time: the renderer is above this layer
+
             annotated = max(self.values.shape) <= _ANNOTATE_UP_TO
         lines = [f"{self.inner}{' centred' if self.centered else ''} similarity: {self.accuracy}",
                  ", ".join(([self.measure] if self.measure else []) + [f"route {self.route}"])]
