@@ -112,7 +112,7 @@ LAYERS = [  # docs/architecture.md's table, top to bottom
     ["expr", "arrays", "threads", "progress", "messages"], ["planner", "engine"],
     ["components", "attention", "symbolic", "rescale"], ["measure"], ["problem"],
     ["pairings", "pairing_sum", "folding", "form_moments", "node_sums"], ["algorithms"], ["inner", "cosine"],
-    ["matrix"], ["invariance", "verify", "circuits", "symmetries", "baselines", "testing"],
+    ["matrix"], ["invariance", "verify", "formulas", "circuits", "symmetries", "baselines", "testing"],
     ["adapters", "io", "layouts", "jsonable", "plots"], ["cli", "demos"]]
 RANK = {m: k for k, layer in enumerate(LAYERS) for m in layer}
 # the lazy upward imports the map names, each inside a function

@@ -216,7 +216,9 @@ class BilinearAttention(_Sequence, Component):
         the virtual head (last) acts only at j = i, with factor 1."""
         n, H, exact = self._positions(), self.heads, self.exact
         mask = zeros((H + 1, n, n), exact)
-        scale = self.scale if not exact else Fraction(self.scale).limit_denominator() if isinstance(self.scale, float) else self.scale
+        scale = self.scale
+        if exact and isinstance(scale, (float, np.floating)):
+            scale = Fraction(float(scale))  # the exact rational the float stores, as exactify reads float weights
         reads = np.tril(np.ones((n, n), dtype=bool)) if self.causal else np.ones((n, n), dtype=bool)
         mask[:H, reads] = scale
         mask[H, np.arange(n), np.arange(n)] = 1

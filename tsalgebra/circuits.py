@@ -21,16 +21,30 @@ __all__ = ["project", "interaction_matrix", "top_eigen", "EigenCircuit"]
 
 
 def _direction(model: Component, output: Any) -> np.ndarray:
+    if isinstance(output, (bool, np.bool_)):  # True is no output index 1
+        raise TypeError(f"output must be an output index or a direction of {model.out_features} numbers, "
+                        f"not the bool {output!r}")
     if isinstance(output, (int, np.integer)):
         if not 0 <= output < model.out_features:
             raise ValueError(f"output {output} out of range for {counted(model.out_features, 'output')}")
         u = np.zeros(model.out_features)
         u[output] = 1.0
         return u
-    u = np.asarray(output, dtype=float)
+    try:
+        u = np.asarray(output, dtype=float)
+    except (TypeError, ValueError):
+        raise TypeError(f"output must be an output index or a direction of {model.out_features} numbers, "
+                        f"got {output!r}") from None
     if u.shape != (model.out_features,):
         raise ValueError(f"output direction has shape {u.shape}, expected ({model.out_features},)")
+    if not np.all(np.isfinite(u)):
+        raise ValueError(f"output direction {output!r} has entries that are not finite (NaN or inf)")
     return u
+
+
+def _check_k(k: Any) -> None:
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"k must be an integer (the eigenvectors to keep), got {type(k).__name__} {k!r}")
 
 
 def project(model: Component, output: Any) -> Sequential:
@@ -56,6 +70,7 @@ class EigenCircuit(Bilinear):
     so that :func:`tsalgebra.verify` can report faithfulness against k."""
 
     def __init__(self, source: Component, output: Any, k: int) -> None:
+        _check_k(k)
         Q = interaction_matrix(source, output)
         if not 1 <= k <= Q.shape[0]:
             raise ValueError(f"k must be in 1..{Q.shape[0]} (padded input width), got {k}")
@@ -71,5 +86,8 @@ class EigenCircuit(Bilinear):
 def top_eigen(component: Component, output: Any, k: int) -> EigenCircuit:
     """The circuit keeping the k largest eigenvectors (by |eigenvalue|) of
     the component's interaction matrix for ``output`` (index or direction).
-    Compare it with ``project(component, output)``; k = d+1 is exact."""
+    Compare it with ``project(component, output)``; k = d+1 is exact.
+    TypeError for a k that is no integer or an ``output`` that is a bool;
+    ValueError for one out of range or a direction that is not finite."""
+    _check_k(k)
     return EigenCircuit(component, output, k)

@@ -38,6 +38,7 @@ import csv
 import importlib
 import importlib.util
 import json
+import keyword
 import math
 import os
 import re
@@ -52,6 +53,7 @@ import numpy as np
 
 from .components import Bilinear, Component, Sequential
 from .engine import evaluation_network
+from .formulas import QUOTE_CHARS, parse_formulas
 from .io import run_of
 from .jsonable import dumps
 from .matrix.api import ROUTES
@@ -106,6 +108,10 @@ _COUNT, _POSITIVE, _NON_NEGATIVE = _number(int, 0, True), _number(float, 0, True
 _BYTES = _number(float, 1, False, finite=True)
 # the sampling options, in the library's ranges (ts.inner checks them too, in its own spelling)
 _SAMPLES, _FRACTION, _SEED = _number(int, 2, False), _number(float, 0, True, below=1), _number(int, 0, False)
+# verify --tol: a relative residual in [0, 1), ts.verify's bound (tsalgebra.verify.MAX_TOL, not imported:
+# it would load sympy at every start); inf, NaN and 1e400 are refused by the flag, a usage error
+TOL_BELOW = 1.0
+_TOL = _number(float, 0, False, below=TOL_BELOW)
 
 
 def _workers(text: str) -> int:
@@ -671,176 +677,41 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------- verify
 
-_TOKEN = re.compile(r"\s*(?:(?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)|(?P<name>[A-Za-z_]\w*)"
-                    r"|(?P<op>\*\*|[-+*/^()]))")
+MAX_CIRCUIT_BYTES = 2**22  # 4 MiB of formulas: far above a circuit symbolic verification can expand
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# names a formula cannot use as an input: Python's keywords (True, lambda) and
+# the constructors the formula parser writes numbers and names with
+_RESERVED_NAMES = frozenset(keyword.kwlist) | {"Integer", "Float", "Rational", "Symbol"}
 
 
-def _names_in(line: str) -> list[str] | None:
-    """The identifiers of a formula line, or None when it holds anything but
-    numbers, identifiers, + - * / ^ ** ( ) and spaces."""
-    names, pos = [], 0
-    while pos < len(line):
-        m = _TOKEN.match(line, pos)
-        if m is None or m.end() == pos:
-            return None if line[pos:].strip() else names
-        if m.group("name"):
-            names.append(m.group("name"))
-        pos = m.end()
+def _symbol_names(text: str) -> list[str]:
+    """--symbols: the input names in order (spaces or commas between), each
+    an ASCII identifier that is no Python keyword, as the formula reader
+    takes them; else a UsageError naming --symbols (said before any model
+    is read, not as an unknown name of a formula line)."""
+    names = text.replace(",", " ").split()
+    if not names:
+        raise UsageError("--symbols names no input; give the input names in order, e.g. --symbols 'a b c'")
+    for n in names:
+        if not _NAME.fullmatch(n):
+            raise UsageError(f"--symbols: {n[:QUOTE_CHARS]!r} is not a name a formula can use: ASCII letters, digits "
+                             "and _, not starting with a digit (e.g. --symbols 'a b c' or 'x1 x2')")
+        if n in _RESERVED_NAMES:
+            why = "a Python keyword" if keyword.iskeyword(n) else "a name the formula parser uses"
+            raise UsageError(f"--symbols: {n!r} is reserved ({why}); choose another input name")
     return names
 
 
-MAX_CIRCUIT_BYTES = 2**22  # 4 MiB of formulas: far above a circuit symbolic verification can expand
-QUOTE_CHARS = 60  # an offending line is quoted this far: a data file passed by mistake is one long line
-FORMULA_MAX_DEGREE = 64  # far above any model here (two attention layers: 25); (x+1)^400 is refused at once
-FORMULA_MAX_TERMS = 100_000  # monomials of the expanded line: sympy expands 1e5 terms in about a second
-FORMULA_MAX_DIGITS = 60  # digits of one literal
-FORMULA_MAX_EXPONENT = 308  # decimal exponent of a literal: beyond it, not a float64 (and sympy may hang)
-
-
-class _FormulaBound:
-    """A recursive-descent reading of one formula line that bounds, before
-    sympy sees it, the degree and the number of monomials of its expansion;
-    ValueError (the message without the file:line) for what would hang or
-    exhaust memory: huge literals, symbolic or huge exponents, division by a
-    polynomial, an expansion beyond the limits."""
-
-    def __init__(self, line: str, symbols: int) -> None:
-        self.tokens = [m for m in _TOKEN.finditer(line) if m.group().strip()]
-        self.pos, self.symbols = 0, symbols
-
-    def peek(self) -> str | None:
-        return self.tokens[self.pos].group().strip() if self.pos < len(self.tokens) else None
-
-    def take(self) -> Any:
-        self.pos += 1
-        return self.tokens[self.pos - 1]
-
-    def check(self) -> None:
-        self.expr()
-        if self.peek() is not None:
-            raise ValueError(f"unexpected {self.peek()!r}")
-
-    def _terms(self, degree: int) -> float:
-        """Monomials of degree <= ``degree`` in the symbols (log-safe float)."""
-        return math.comb(self.symbols + degree, degree) if degree <= FORMULA_MAX_DEGREE else math.inf
-
-    def _bounded(self, degree: int, terms: float) -> tuple[int, float, Any]:
-        if degree > FORMULA_MAX_DEGREE:
-            raise ValueError(f"degree {degree} exceeds {FORMULA_MAX_DEGREE}")
-        terms = min(terms, self._terms(degree))
-        if terms > FORMULA_MAX_TERMS:
-            raise ValueError(f"its expansion may hold {terms:.3g} monomials (more than {FORMULA_MAX_TERMS:,})")
-        return degree, terms, None
-
-    def expr(self) -> tuple[int, float, Any]:
-        d, t, _ = self.term()
-        while self.peek() in ("+", "-"):
-            self.take()
-            d2, t2, _ = self.term()
-            d, t, _ = self._bounded(max(d, d2), t + t2)
-        return d, t, None
-
-    def term(self) -> tuple[int, float, Any]:
-        d, t, c = self.unary()
-        while self.peek() in ("*", "/"):
-            op = self.take().group().strip()
-            d2, t2, c2 = self.unary()
-            if op == "/":
-                if d2 > 0:
-                    raise ValueError("division by a polynomial (a circuit is a polynomial)")
-                continue
-            d, t, c = *self._bounded(d + d2, t * t2)[:2], None
-        return d, t, c
-
-    def unary(self) -> tuple[int, float, Any]:
-        if self.peek() in ("+", "-"):
-            self.take()
-        return self.power()
-
-    def power(self) -> tuple[int, float, Any]:
-        d, t, c = self.atom()
-        if self.peek() in ("^", "**"):
-            self.take()
-            tok = self.take() if self.pos < len(self.tokens) else None
-            if tok is None or not tok.group("num") or not tok.group("num").isdigit():
-                raise ValueError("an exponent must be a non-negative integer literal")
-            k = int(tok.group("num")) if len(tok.group("num")) < 6 else FORMULA_MAX_DEGREE + 1
-            if d * k > FORMULA_MAX_DEGREE or (d == 0 and k > FORMULA_MAX_DEGREE):
-                raise ValueError(f"power {tok.group('num')} (degree {d * k if d else k} exceeds {FORMULA_MAX_DEGREE})")
-            return self._bounded(d * k, t ** k if k else 1)
-        return d, t, c
-
-    def atom(self) -> tuple[int, float, Any]:
-        tok = self.take() if self.pos < len(self.tokens) else None
-        if tok is None:
-            raise ValueError("unexpected end of line")
-        if tok.group("num"):
-            mantissa, _, exponent = tok.group("num").lower().partition("e")
-            if len(mantissa.replace(".", "")) > FORMULA_MAX_DIGITS:
-                raise ValueError(f"a literal of more than {FORMULA_MAX_DIGITS} digits")
-            if exponent and abs(int(exponent)) > FORMULA_MAX_EXPONENT:
-                raise ValueError(f"the literal {tok.group('num')[:20]} is beyond float64 (exponent over "
-                                 f"{FORMULA_MAX_EXPONENT})")
-            return 0, 1, tok.group("num")
-        if tok.group("name"):
-            return 1, 1, None
-        if tok.group().strip() == "(":
-            inner = self.expr()
-            if self.peek() != ")":
-                raise ValueError("unbalanced parentheses")
-            self.take()
-            return inner
-        raise ValueError(f"unexpected {tok.group().strip()!r}")
-
-
-def _quoted(line: str) -> str:
-    """``line`` for a message: its first QUOTE_CHARS characters (repr), and
-    its length where it is longer (the whole line was copied into the error,
-    and the command line's rewriting of the message ran over all of it)."""
-    if len(line) <= QUOTE_CHARS:
-        return repr(line)
-    return f"{line[:QUOTE_CHARS]!r}... ({len(line):,} characters)"
-
-
-def parse_formulas(text: str, names: Sequence[str], source: str = "<formulas>") -> list[Any]:
-    """Polynomial formulas, one per non-empty line ('#' starts a comment),
-    in the symbols ``names``, with numbers and + - * / ^ ** ( ) only.  The
-    text is checked before sympy sees it, so no other names can be evaluated
-    and nothing can hang or exhaust memory: literals, exponents, degree and
-    the size of the expansion are bounded (:class:`_FormulaBound`), division
-    only by constants.  Raises ValueError naming ``source`` and the line."""
-    import sympy
-    from sympy.parsing.sympy_parser import convert_xor, parse_expr, standard_transformations
-
-    symbols = {n: sympy.Symbol(n) for n in names}
-    exprs = []
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        found = _names_in(line)
-        if found is None:
-            raise ValueError(f"{source}:{lineno}: only numbers, symbols and + - * / ^ ( ) are allowed: "
-                             f"{_quoted(line)}")
-        stray = sorted(set(found) - set(names))
-        if stray:
-            raise ValueError(f"{source}:{lineno}: unknown names {[n[:QUOTE_CHARS] for n in stray[:6]]}"
-                             f"{f' and {len(stray) - 6:,} more' if len(stray) > 6 else ''}; the inputs are "
-                             f"{list(names)[:4]}{'...' if len(names) > 4 else ''} (see --symbols)")
-        try:
-            _FormulaBound(line, len(names)).check()
-        except ValueError as exc:
-            raise ValueError(f"{source}:{lineno}: refused: {exc}: {_quoted(line)}") from None
-        try:
-            e = parse_expr(line, local_dict=dict(symbols), global_dict={"Integer": sympy.Integer, "Float": sympy.Float,
-                           "Rational": sympy.Rational, "Symbol": sympy.Symbol},
-                           transformations=standard_transformations + (convert_xor,))
-        except Exception as exc:  # noqa: BLE001 - any parse failure is the file's fault
-            raise ValueError(f"{source}:{lineno}: cannot parse {_quoted(line)}: {str(exc)[:200]}") from None
-        exprs.append(e)
-    if not exprs:
-        raise ValueError(f"{source}: no formulas (one polynomial per output line)")
-    return exprs
+def _on_lines(exc: ValueError, source: Path, lines: Sequence[int]) -> ValueError | None:
+    """A library message about output k of the circuit (``output k: ...``,
+    ``circuit output k: ...``) as one about the formula file's line of that
+    output, or None for any other message."""
+    m = re.match(r"(?:circuit )?output (\d+): ", str(exc))
+    if m is None or isinstance(exc, CostError) or not int(m.group(1)) < len(lines):
+        return None
+    text = str(exc)[m.end():].replace("(exact=True)", "(--exact)")  # the command line's spelling
+    return ValueError(f"{source}:{lines[int(m.group(1))]}: {text}")
 
 
 def _check_formula_size(exprs: Sequence[Any], symbols: Sequence[Any], lines: Sequence[int], source: Path) -> None:
@@ -865,10 +736,12 @@ def _check_formula_size(exprs: Sequence[Any], symbols: Sequence[Any], lines: Seq
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    checked_names = _symbol_names(args.symbols) if args.symbols else None  # before any file is read
     _check_files(args.circuit, args.component)
     from .io import CHECKPOINT_SUFFIXES, is_checkpoint
     from .verify import verify
 
+    lines: Sequence[int] = ()
     cpath = Path(args.circuit)
     if cpath.is_dir():  # as a checkpoint that is a directory is said (_load_one)
         raise UsageError(f"{cpath} is a directory; CIRCUIT is one checkpoint or one text file of formulas")
@@ -886,7 +759,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         symbols = None
         _check_n_ctx(args, (component, circuit))
     else:
-        names = args.symbols.replace(",", " ").split() if args.symbols else (
+        names = checked_names if checked_names is not None else (
             [f"x{i}" for i in range(1, component.in_features + 1)])
         if len(names) != component.in_features:
             raise UsageError(f"--symbols names {counted(len(names), 'input')}, the component has "
@@ -900,7 +773,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             raise ValueError(f"{cpath}: over {MAX_CIRCUIT_BYTES:,} bytes, the limit for a text file of formulas "
                              "(and not a checkpoint)")
         try:
-            text = data.decode("utf-8")
+            text = data.decode("utf-8-sig")  # a byte order mark (as Windows editors write) is no part of line 1
         except UnicodeDecodeError:
             raise ValueError(f"{cpath}: neither a checkpoint nor a text file of formulas") from None
         _check_n_ctx(args, (component,))
@@ -927,8 +800,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         _check_formula_size(circuit, symbols, lines, cpath)
     exact = True if args.exact else None
     measure = _token_measure(args, component)
-    rep = verify(circuit, component, args.inner, exact, symbols=symbols, tol=args.tol, method=args.method,
-                 **limits, **({} if measure is None else {"measure": measure}))
+    try:
+        rep = verify(circuit, component, args.inner, exact, symbols=symbols, tol=args.tol, method=args.method,
+                     **limits, **({} if measure is None else {"measure": measure}))
+    except ValueError as exc:  # about one formula (a coefficient beyond float64): said with its file and line
+        said = _on_lines(exc, cpath, lines)
+        if said is None:
+            raise
+        raise said from None
     payload = {
         "verdict": rep.verdict, "exact": rep.exact, "inner": rep.inner, "similarity": rep.similarity,
         "relative_residual": rep.relative_residual, "explained": rep.explained, "scale": rep.scale,
@@ -943,7 +822,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         payload["exact_figures"] = {k: str(getattr(rep, k)) for k in
                                     ("similarity", "relative_residual", "explained", "scale")}
     _emit(args, payload, f"{args.circuit} vs {args.component}\n{rep!r}")
-    return EXIT_FAILED if rep.verdict == "different" else EXIT_OK  # like cmp: a difference is exit 1
+    # like cmp: a difference is exit 1, and so is a doubtful estimate (not a pass)
+    return EXIT_OK if rep.verdict.startswith("equal") else EXIT_FAILED
 
 
 # ------------------------------------------------------------------- plan
@@ -1148,8 +1028,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--token-probs", metavar="PATH", help=token_probs_help)
     v.add_argument("--exact", action="store_true",
                    help="exact arithmetic on the stored floats (small models; not with --method closure or sampled)")
-    v.add_argument("--tol", type=_NON_NEGATIVE, default=1e-9,
-                   help="tolerance (>= 0) on the relative residual (float mode; default 1e-09)")
+    v.add_argument("--tol", type=_TOL, default=1e-9,
+                   help=f"tolerance (>= 0 and < {TOL_BELOW:g}) on the relative residual (float mode; default 1e-09)")
     v.add_argument("--symbols", help="input names in order, e.g. 'a b c' (default x1..xd)")
     add_limits(v)  # what a refusal of verify's inner products suggests is an option of verify
     v.set_defaults(func=cmd_verify, _usage=v)

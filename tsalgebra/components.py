@@ -110,6 +110,33 @@ def all_exact(*arrays: np.ndarray | None) -> bool:
     return all(a.dtype == object for a in arrays if a is not None)
 
 
+def exact_entry(value: Any) -> bool:
+    """True for an exact number (an int, a Fraction, a sympy rational or
+    another sympy number without floats: sqrt(2)) or a symbolic entry (a
+    sympy expression in symbols, which only exact arithmetic can carry); False
+    for a float (Python's, numpy's, a sympy Float, or a number holding one)."""
+    import numbers
+
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, (numbers.Rational, np.integer)):  # int, Fraction (numbers.Rational), numpy ints
+        return True
+    if type(value).__module__.split(".")[0] == "sympy":
+        if getattr(value, "is_Float", False):
+            return False
+        if getattr(value, "free_symbols", None):
+            return True  # symbolic: carried exactly whatever numbers it holds
+        import sympy
+
+        return not value.has(sympy.Float)
+    return False
+
+
+def exact_entries(a: np.ndarray) -> bool:
+    """True when every entry of the object array ``a`` is exact (:func:`exact_entry`)."""
+    return all(exact_entry(v) for v in a.flat)
+
+
 def cast(a: np.ndarray | None, exact: bool) -> np.ndarray | None:
     """``a`` for arithmetic of the kind :func:`all_exact` chose: an exact
     array as it is, else a float64 copy; None stays None."""
@@ -164,8 +191,13 @@ class Component(ABC):
 
     @property
     def exact(self) -> bool:
-        """True when the weights are exact numbers (object arrays)."""
-        return any(w.dtype == object for w in self.weights())
+        """True when every weight is exact: an object array whose entries are
+        all exact numbers (ints, Fractions, sympy rationals or other exact
+        sympy numbers) or symbolic expressions (see :func:`exact_entries`).
+        A model that mixes exact weights with float ones (a float64 array, or
+        a float entry in an object array) is not exact: its arithmetic is
+        float64, as :func:`all_exact` rules for arithmetic on weights."""
+        return all(w.dtype == object and exact_entries(w) for w in self.weights())
 
     def named_weights(self) -> dict[str, np.ndarray | None]:
         """Every weight field by name in ``weight_fields`` order, an absent

@@ -169,6 +169,11 @@ def canonical(model: Any) -> tuple[Any, float]:
     bare networks, layers of other kinds)."""
     if not isinstance(model, Component) or model.exact:
         return model, 0.0
+    if any(w.dtype == object for w in model.weights()):  # a mixed model (exact beside float weights): float64
+        try:
+            model = model.map_weights(lambda w: np.asarray(w, dtype=float) if w.dtype == object else w)
+        except (TypeError, ValueError, OverflowError):  # symbols, or beyond float64: left as it is
+            return model, 0.0
     layers, c = [], 0.0
     for layer in model.layers:
         done = _layer(layer, c)

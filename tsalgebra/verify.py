@@ -10,9 +10,17 @@ with <f,f>, <c,c>, <f,c> for the component f and the circuit c,
 - explained         <f,c>^2 / (<f,f><c,c>): the share of ||f||^2 captured by
                     the best multiple of c, which is scale = <f,c> / <c,c>.
 
-With exact weights (Fractions, sympy numbers) the verdict is exact: "equal",
-"equal up to scale" or "different", the last with the residual polynomial as
-a certificate.  In floating point it is a tolerance verdict and says so.
+With exact numbers throughout (every weight of both sides and the measure's
+parameters: ints, Fractions, sympy rationals or other exact sympy numbers)
+the verdict is exact: "equal", "equal up to scale" or "different", the last
+with the residual polynomial as a certificate.  Where any number is a float
+it is a tolerance verdict in float64 and says so (a float is never read as a
+guessed rational); ``exact=True`` takes every float, the measure's included,
+as the binary rational it stores.  A tolerance verdict judges every output
+against its own norm as well as the whole: one output wrong beside a large
+one is "different".  Under a measure that does not reach every input (a
+singular covariance, a token of probability 0) the verdict holds on its
+support only, and a note says so.
 
 The three products come from one computation (:func:`tsalgebra.inner.joint_inner`):
 with ``method="sampled"`` one set of Monte Carlo samples gives all three, so
@@ -21,11 +29,14 @@ circuit equal to the component as 0.994 similar, "different").  The report
 carries how its numbers were obtained (method, algorithm, exact, approximate
 or estimated) and, for estimates, the standard errors and 95 % intervals of
 the figures; an estimated "equal" means equal within the tolerance plus the
-95 % sampling error, and says so.
+95 % sampling error, and says so; where only the interval reaches within
+the tolerance and the samples are heavy-tailed (their error bar itself
+doubtful) the verdict is "doubtful", not "equal".
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Sequence
@@ -33,17 +44,36 @@ from typing import Any, Sequence
 import numpy as np
 import sympy
 
-from .algorithms.sampled import Z95
+from .algorithms.sampled import FEW_SAMPLES, Z95
 from .circuits import EigenCircuit, top_eigen
-from .components import Component
+from .components import Component, exact_entry
 from .inner import inner as inner_product
 from .inner import joint_inner
+from .measure import Gaussian, Measure, Tokens
 from .messages import counted
 from .problem import InnerResult
 from .problem import function_level
 from .symbolic import default_symbols, from_sympy, to_sympy
 
-__all__ = ["Verification", "verify", "exactify"]
+__all__ = ["Verification", "verify", "exactify", "MIN_SAMPLES", "MAX_TOL"]
+
+# The fewest Monte Carlo samples a sampled verdict takes: below it the normal
+# 95 % interval and the heavy-tail check mean nothing (2 samples gave "equal"
+# for a residual estimated at 1.37 +- 1.96); the estimator's own FEW_SAMPLES.
+MIN_SAMPLES = FEW_SAMPLES
+# tol is a relative residual: 0 <= tol < MAX_TOL (at 1 the zero circuit passes
+# as "equal"; tol=inf made every circuit equal).
+MAX_TOL = 1.0
+# Relative to the largest output's squared norm, the floor under an output's
+# own norm when each output is judged against it: an output that is zero in
+# the component (a dead channel) is judged against the largest output's
+# round-off, not against 0.
+OUTPUT_FLOOR = float(np.finfo(float).eps)
+# An exact zero test of an irrational sympy number: the size of expression it
+# simplifies at most (sympy's equals/simplify, whose time grows with it), and
+# the digits of the numeric test that first rules out a nonzero value.
+ZERO_TEST_OPS = 400
+ZERO_TEST_DIGITS = 50
 
 
 @dataclass(frozen=True)
@@ -116,14 +146,168 @@ class Verification:
         return "\n".join(lines)
 
 
+def _exact_value(v: Any) -> Any:
+    """``v`` as an exact number: a float (Python's, numpy's) as the Fraction
+    it stores, a sympy Float, or the Floats inside a sympy expression, as the
+    sympy Rational they store (never a guessed "nice" rational); exact
+    numbers as they are."""
+    if isinstance(v, (bool, np.bool_)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return Fraction(float(v))
+    if isinstance(v, sympy.Basic) and v.has(sympy.Float):
+        return v.xreplace({x: sympy.Rational(x) for x in v.atoms(sympy.Float)})
+    return v
+
+
 def _fractions(a: np.ndarray) -> np.ndarray:
-    return a if a.dtype == object else np.vectorize(lambda v: Fraction(float(v)), otypes=[object])(a)
+    if a.dtype != object:
+        return np.vectorize(lambda v: Fraction(float(v)), otypes=[object])(a)
+    return np.vectorize(_exact_value, otypes=[object])(a) if not _exact_numbers(a) else a
 
 
 def exactify(model: Component) -> Component:
-    """The same model with every float weight replaced by the exact rational
-    it stores (a binary fraction), so exact verdicts apply to float weights."""
+    """The same model with every float weight, and every float entry of an
+    object array, replaced by the exact rational it stores (a binary
+    fraction), so exact verdicts apply to float weights."""
     return model.map_weights(_fractions)
+
+
+def _strict_entry(v: Any) -> bool:
+    """An exact number or a symbolic entry without floats in it (a symbolic
+    entry holding a float, 1.5*a, is exact to the model's arithmetic, not to
+    a verdict)."""
+    return exact_entry(v) and not (isinstance(v, sympy.Basic) and v.has(sympy.Float))
+
+
+def _exact_numbers(a: np.ndarray | None) -> bool:
+    """True when the array holds exact numbers only (None: nothing to hold)."""
+    return a is None or (a.dtype == object and all(_strict_entry(v) for v in a.flat))
+
+
+def _model_exact(model: Component) -> bool:
+    """Every weight of ``model`` exact (a mixed model, float arrays beside
+    exact ones or float entries in object arrays, is not)."""
+    return all(_exact_numbers(w) for w in model.weights())
+
+
+def _symbolic(model: Component) -> list[str]:
+    """The names of the symbols that weights of ``model`` hold (sympy
+    expressions in symbols: only exact arithmetic can carry them)."""
+    names: set[str] = set()
+    for w in model.weights():
+        if w.dtype == object:
+            for v in w.flat:
+                if isinstance(v, sympy.Basic) and v.free_symbols:
+                    names.update(str(x) for x in v.free_symbols)
+    return sorted(names)
+
+
+def _float_model(model: Component, side: str) -> Component:
+    """``model`` with every weight as float64 (a float verdict computes in
+    float64 throughout); ValueError naming ``side`` where a weight is
+    symbolic or beyond float64."""
+    if all(w.dtype != object for w in model.weights()):
+        return model
+    names = _symbolic(model)
+    if names:
+        raise ValueError(f"the {side} has symbolic weights ({', '.join(names[:6])}) beside floats: a float verdict "
+                         "cannot carry symbols; exact=True takes its floats as the rationals they store")
+    try:
+        with np.errstate(over="ignore"):
+            out = model.map_weights(lambda w: np.asarray(w, dtype=float) if w.dtype == object else w)
+    except OverflowError:
+        out = None
+    if out is None or not all(np.all(np.isfinite(w)) for w in out.weights()):
+        raise ValueError(f"the {side} has an exact weight beyond float64 (as a float it is infinite): exact=True "
+                         "compares it exactly, or rescale it")
+    return out
+
+
+# --------------------------------------------------------------- measures
+
+
+def _law(inner: str, measure: Measure | None, kw: dict[str, Any]) -> Measure | None:
+    """The measure the products average over, as given (None: the symmetric
+    product, or N(0, I) or uniform tokens, whose numbers are exact)."""
+    if measure is not None or inner != "gaussian":
+        return measure
+    if kw.get("mean") is None and kw.get("cov") is None:
+        return None
+    return Gaussian(kw.get("mean"), kw.get("cov"))
+
+
+def _law_exact(law: Measure | None) -> bool:
+    """Every parameter of the measure an exact number (N(0, I) and uniform tokens are)."""
+    if law is None:
+        return True
+    if isinstance(law, Gaussian):
+        return _exact_numbers(law.mean) and _exact_numbers(law.cov)
+    if isinstance(law, Tokens):
+        return _exact_numbers(law.probs)
+    return False
+
+
+def _law_as(law: Measure, exact: bool) -> Measure:
+    """``law`` with its parameters as exact numbers (the rationals its floats
+    store; token probabilities then renormalised exactly, each row by its
+    exact sum) or as float64."""
+    if isinstance(law, Gaussian):
+        conv = (lambda a: None if a is None else _fractions(a)) if exact else (
+            lambda a: None if a is None else np.asarray(a, dtype=float))
+        try:
+            return Gaussian(conv(law.mean), conv(law.cov), positions=law.positions, dim=law.dim)
+        except ValueError as exc:
+            if not exact:
+                raise
+            raise ValueError(f"exact=True takes the measure's floats as the rationals they store, and so taken "
+                             f"{exc} (float round-off); give the measure exact numbers (Fractions), or exact=False"
+                             ) from None
+    if isinstance(law, Tokens):
+        if law.probs is None:
+            return law
+        if not exact:
+            return Tokens(law.vocab, law.n_ctx, np.asarray(law.probs, dtype=float))
+        p = _fractions(np.asarray(law.probs))
+        rows = p.reshape(-1, law.vocab)
+        rows = np.array([[v / sum(row) for v in row] for row in rows], dtype=object).reshape(p.shape)
+        return Tokens(law.vocab, law.n_ctx, rows)
+    raise TypeError(f"verify cannot convert the parameters of {law!r}")
+
+
+def _support_note(law: Measure | None, width: int, names: Sequence[str]) -> str | None:
+    """Where the measure does not reach every input: a note that the verdict
+    holds on its support only, naming it (the covariance's rank, the tokens
+    of probability 0), else None."""
+    if isinstance(law, Gaussian) and law.cov is not None:
+        d = law.dim or law.cov.shape[0]
+        r = len(law.decomposition[1])
+        if r < d:
+            per = " per position" if law.positions > 1 or (width and width > d) else ""
+            return (f"the verdict holds on the measure's support only: cov has rank {r} of {d}{per}, so the inputs "
+                    f"lie on an affine subspace of dimension {r}{per}, where circuit and component are compared; "
+                    "off it they may differ")
+        return None
+    if isinstance(law, Tokens) and law.probs is not None:
+        p = np.asarray(law.probs)
+        n = law.n_ctx or max(width // law.vocab, 1)
+        rows = p.reshape(-1, law.vocab) if p.ndim == 2 else np.tile(p.reshape(1, -1), (n, 1))
+        zero = [(pos, t) for pos, row in enumerate(rows) for t, v in enumerate(row) if v == 0]
+        if not zero:
+            return None
+        inputs = [names[pos * law.vocab + t] if pos * law.vocab + t < len(names) else f"x{pos * law.vocab + t + 1}"
+                  for pos, t in zero]
+        if p.ndim == 1:
+            ids = sorted({t for _, t in zero})
+            which = f"token{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids[:8]))}{' ...' if len(ids) > 8 else ''}"
+            said = f"{which} (ids from 0) of probability 0 at every position"
+        else:
+            said = ", ".join(f"token {t} at position {pos}" for pos, t in zero[:8]) + (" ..." if len(zero) > 8 else "")
+            said += " (ids from 0) of probability 0"
+        shown = ", ".join(inputs[:8]) + (" ..." if len(inputs) > 8 else "")
+        return (f"the verdict holds on the measure's support only: {said} (inputs {shown} never 1), so only "
+                "sequences of the other tokens are compared; on the others circuit and component may differ")
+    return None
 
 
 def _input_symbols(symbols: Sequence[Any] | None, width: int) -> tuple[sympy.Symbol, ...]:
@@ -146,15 +330,107 @@ def _input_symbols(symbols: Sequence[Any] | None, width: int) -> tuple[sympy.Sym
     return xs
 
 
-def _formula(expr: Any, k: int) -> sympy.Expr:
-    """Output k of a formula circuit as a sympy expression."""
+def _formula(expr: Any, k: int, xs: Sequence[sympy.Symbol]) -> sympy.Expr:
+    """Output k of a formula circuit as a sympy expression.  A string is read
+    as the command line reads a formula file's line (:func:`tsalgebra.formulas.parse_formulas`):
+    numbers, the input names and + - * / ^ ** ( ) only, its size bounded
+    before sympy sees it, never evaluated as Python; anything else must
+    already be a sympy expression or a number (never converted through its
+    text)."""
+    if isinstance(expr, str):
+        from .formulas import parse_formulas
+
+        names = [str(x) for x in xs]
+        try:
+            found = parse_formulas(expr, names, f"circuit output {k}")
+        except ValueError as exc:
+            why = str(exc).replace("(see --symbols)", "(see symbols=)")
+            for prefix in (f"circuit output {k}:1: ", f"circuit output {k}: "):
+                why = why[len(prefix):] if why.startswith(prefix) else why
+            shown = repr(expr) if len(expr) <= 60 else repr(expr[:60]) + "..."
+            raise ValueError(f"circuit output {k}: cannot read {shown} as a formula: {why}") from None
+        if len(found) != 1:
+            raise ValueError(f"circuit output {k}: {len(found)} formulas in one string; give one string per output")
+        # the parser's symbols are plain sympy.Symbol(name): the caller's (same names) are used
+        return found[0].xreplace({sympy.Symbol(str(x)): x for x in xs})
     try:
-        e = sympy.sympify(expr)
+        e = sympy.sympify(expr, strict=True)  # numbers and sympy objects only: no text is parsed (or evaluated)
     except (sympy.SympifyError, SyntaxError, TypeError) as exc:
-        raise ValueError(f"circuit output {k}: cannot read {expr!r} as a formula ({exc})") from None
+        raise ValueError(f"circuit output {k}: cannot read {type(expr).__name__} {str(expr)[:60]!r} as a formula "
+                         f"({str(exc)[:200]}); give a sympy expression, a number, or a string of numbers, the "
+                         "input names and + - * / ^ ( )") from None
     if not isinstance(e, sympy.Expr):
         raise ValueError(f"circuit output {k}: {e} is not a formula but a {type(e).__name__}; give a polynomial")
     return e
+
+
+def _bound_formula(e: sympy.Expr, xs: tuple[sympy.Symbol, ...], k: int) -> int:
+    """The degree and the monomials of the expansion of output k, bounded
+    before anything expands it (a short formula, (x1 + x2 + x3 + 1)**400,
+    expanded for ever): the command line's bounds
+    (:data:`tsalgebra.formulas.FORMULA_MAX_DEGREE`, ``FORMULA_MAX_TERMS``), read
+    off the formula's tree.  Subtrees without inputs are constants; what is
+    not a polynomial is left to :func:`_check_polynomial`.  Returns the
+    degree as written (at least that of the expansion)."""
+    from .formulas import FORMULA_MAX_DEGREE, FORMULA_MAX_TERMS
+
+    inputs = set(xs)
+    n = len(xs)
+
+    def monomials(degree: int) -> float:
+        return float(math.comb(n + degree, degree))
+
+    def bounded(degree: int, terms: float) -> tuple[int, float]:
+        if degree > FORMULA_MAX_DEGREE:
+            raise ValueError(f"circuit output {k}: refused: degree {degree} exceeds {FORMULA_MAX_DEGREE} (the bound "
+                             "on a circuit's formula, as the command line's)")
+        terms = min(terms, monomials(degree))
+        if terms > FORMULA_MAX_TERMS:
+            raise ValueError(f"circuit output {k}: refused: its expansion may hold {terms:.3g} monomials (more than "
+                             f"{FORMULA_MAX_TERMS:,}, the bound on a circuit's formula, as the command line's)")
+        return degree, terms
+
+    def walk(node: sympy.Basic) -> tuple[int, float]:
+        if node in inputs:
+            return 1, 1.0
+        if not (node.free_symbols & inputs):
+            return 0, 1.0
+        if node.is_Add:
+            parts = [walk(a) for a in node.args]
+            return bounded(max(d for d, _ in parts), sum(t for _, t in parts))
+        if node.is_Mul:
+            degree, terms = 0, 1.0
+            for a in node.args:
+                d, t = walk(a)
+                degree, terms = bounded(degree + d, terms * t)
+            return degree, terms
+        if node.is_Pow and node.exp.is_Integer and node.exp >= 0:
+            d, t = walk(node.base)
+            power = int(node.exp) if node.exp <= FORMULA_MAX_DEGREE else FORMULA_MAX_DEGREE + 1
+            if d * power > FORMULA_MAX_DEGREE:
+                bounded(d * power, 1.0)
+            grown = math.inf if power * math.log(max(t, 1.0)) > 700 else t ** power
+            return bounded(d * power, min(grown, monomials(d * power)))
+        return 0, 1.0  # not a polynomial in the inputs: _check_polynomial says so
+
+    return walk(e)[0]
+
+
+def _bound_tensor(degrees: Sequence[int], width: int) -> None:
+    """The circuit's padded tensor, (outputs+1) (inputs+1)^k entries for the
+    highest degree k as written, within :data:`tsalgebra.symbolic.MAX_ENTRIES`
+    before anything expands the formulas (the bound from_sympy applies after
+    expanding them: (x1 + x2 + x3 + 1)^60 took 10 s to be refused)."""
+    from .symbolic import MAX_ENTRIES
+
+    k = max([1, *degrees])
+    entries = (len(degrees) + 1) * (width + 1) ** k
+    if entries > MAX_ENTRIES:
+        out = degrees.index(max(degrees))
+        raise ValueError(f"circuit output {out}: refused: degree {k} (as written) over {counted(width, 'input')} and "
+                         f"{counted(len(degrees), 'output')} is a padded tensor of {entries:.3g} entries ((outputs+1) "
+                         f"(inputs+1)^degree), above the limit of {MAX_ENTRIES:,}; symbolic verification is for small "
+                         "circuits")
 
 
 def not_finite(e: sympy.Expr, given: Any = None) -> str | None:
@@ -182,8 +458,8 @@ def _check_polynomial(e: sympy.Expr, xs: tuple[sympy.Symbol, ...], k: int, given
     if not e.is_polynomial(*xs):
         raise ValueError(f"circuit output {k}: {e} is not a polynomial in {', '.join(map(str, xs))} "
                          "(a circuit is a polynomial: no functions, roots or division by an input)")
-    bad = [c for c in sympy.Poly(e, *xs).coeffs() if not (c.is_real and c.is_finite)] if xs else (
-        [] if e.is_real and e.is_finite else [e])
+    coeffs = sympy.Poly(e, *xs).coeffs() if xs else [e]
+    bad = [c for c in coeffs if not (c.is_real and c.is_finite)]
     if bad:
         raise ValueError(f"circuit output {k}: the coefficient {bad[0]} of {e} is not a finite real number")
 
@@ -193,7 +469,7 @@ def _as_model(circuit: Any, component: Component, symbols: Sequence[sympy.Symbol
         return circuit
     if isinstance(circuit, (sympy.Basic, list, tuple, str)):
         xs = _input_symbols(symbols, component.in_features)
-        exprs = [_formula(c, k) for k, c in enumerate(circuit if isinstance(circuit, (list, tuple)) else [circuit])]
+        exprs = [_formula(c, k, xs) for k, c in enumerate(circuit if isinstance(circuit, (list, tuple)) else [circuit])]
         stray = set().union(*(e.free_symbols for e in exprs)) - set(xs)
         if stray:
             # same names, other assumptions (sympy.symbols('x1', real=True)): different symbols to sympy
@@ -204,29 +480,110 @@ def _as_model(circuit: Any, component: Component, symbols: Sequence[sympy.Symbol
                                  "assumptions, or pass the circuit's own symbols as symbols=[...] in input order")
             raise ValueError(f"the circuit uses symbols {sorted(map(str, stray))} that are not inputs {list(map(str, xs))}; "
                              "pass symbols=[...] in input order")
-        given = list(circuit) if isinstance(circuit, (list, tuple)) else [circuit]
-        for k, e in enumerate(exprs):
-            _check_polynomial(e, xs, k, given[k])
-        if len(exprs) != component.out_features:
+        if len(exprs) != component.out_features:  # before anything is expanded
             raise ValueError(f"the circuit has {counted(len(exprs), 'output')}, the component "
                              f"{component.out_features}")
+        given = list(circuit) if isinstance(circuit, (list, tuple)) else [circuit]
+        _bound_tensor([_bound_formula(e, xs, k) for k, e in enumerate(exprs)], len(xs))
+        for k, e in enumerate(exprs):
+            _check_polynomial(e, xs, k, given[k])
         return from_sympy(exprs, xs)
     raise TypeError(f"a circuit is a sympy formula, a list of formulas or a tsalgebra model, not {type(circuit).__name__}")
 
 
+def _exact_number(v: Any) -> sympy.Expr:
+    """A product of exact arithmetic as a sympy number; a float there would be
+    a wrong exact figure (it used to become a guessed rational): refused."""
+    if isinstance(v, Fraction):
+        return sympy.Rational(v.numerator, v.denominator)
+    if isinstance(v, (float, np.floating)) or (isinstance(v, sympy.Basic) and v.has(sympy.Float)):
+        raise ArithmeticError(f"an exact product came out as a float ({v!r}): some number in it was not exact; "
+                              "exact=False for a tolerance verdict")
+    return sympy.sympify(v, strict=True) if not isinstance(v, sympy.Basic) else v
+
+
+def _is_zero(x: Any, what: str) -> bool:
+    """Whether the exact number ``x`` is 0, decided exactly: a rational at
+    once; an irrational (sympy's sqrt(3 + 2 sqrt(2)) - 1 - sqrt(2)) by a
+    numeric test that rules out what is plainly nonzero, then by sympy's
+    simplification (``equals``), bounded in size (:data:`ZERO_TEST_OPS`).
+    ArithmeticError naming ``what`` where it cannot be decided."""
+    x = sympy.sympify(x)
+    if x.is_Rational:
+        return bool(x == 0)
+    if x.is_zero is not None and not x.free_symbols:
+        return bool(x.is_zero)
+    if x.free_symbols:  # symbolic weights: zero as an expression in their symbols
+        e = sympy.expand(x)
+        if e == 0:
+            return True
+        if sympy.count_ops(e) > ZERO_TEST_OPS:
+            raise ArithmeticError(f"cannot decide whether the {what} {str(e)[:80]} is zero within the bound of "
+                                  f"{ZERO_TEST_OPS} operations")
+        return bool(sympy.simplify(e) == 0)
+    value = x.evalf(ZERO_TEST_DIGITS)
+    if value.is_Number and abs(value) > sympy.Float(10) ** (10 - ZERO_TEST_DIGITS):
+        return False
+    if sympy.count_ops(x) > ZERO_TEST_OPS:
+        raise ArithmeticError(f"cannot decide exactly whether the {what} (about {sympy.N(x, 3)}) is zero: an "
+                              f"expression of more than {ZERO_TEST_OPS} operations; exact=False for a tolerance verdict")
+    decided = x.equals(0)
+    if decided is None:
+        decided = sympy.simplify(sympy.sqrtdenest(sympy.radsimp(x))) == 0 or None
+    if decided is None:
+        raise ArithmeticError(f"cannot decide exactly whether the {what} (0 to {ZERO_TEST_DIGITS} digits) is zero: "
+                              "sympy's simplification is inconclusive; exact=False for a tolerance verdict")
+    return bool(decided)
+
+
+def _scaled_ratios(*values: Any) -> tuple[Any, ...]:
+    """The values over the largest magnitude among them (per output for
+    arrays): figures formed from these ratios neither overflow nor underflow
+    where the products themselves are finite (<f,f> near 1e154 squared to inf,
+    and 1e-200 to 0)."""
+    arrs = [np.asarray(v, dtype=float) for v in values]
+    top = np.max(np.abs(np.stack(arrs)), axis=0)
+    top = np.where(top > 0, top, 1.0)
+    return tuple(a / top for a in arrs)
+
+
 def _figures(ff: Any, cc: Any, fc: Any, exact: bool) -> tuple[Any, Any, Any, Any]:
     if exact:
-        ff, cc, fc = (sympy.nsimplify(v) if isinstance(v, float) else sympy.sympify(
-            sympy.Rational(v.numerator, v.denominator) if isinstance(v, Fraction) else v) for v in (ff, cc, fc))
-        sim = sympy.simplify(fc / sympy.sqrt(ff * cc)) if ff and cc else sympy.nan
-        return sim, (ff + cc - 2 * fc) / ff, (fc**2 / (ff * cc) if cc else 0), (fc / cc if cc else 0)
+        ff, cc, fc = (_exact_number(v) for v in (ff, cc, fc))
+        sim = sympy.simplify(fc / sympy.sqrt(ff * cc)) if ff != 0 and cc != 0 else sympy.nan
+        return sim, (ff + cc - 2 * fc) / ff, (fc**2 / (ff * cc) if cc != 0 else 0), (fc / cc if cc != 0 else 0)
     ff, cc, fc = (np.asarray(v, dtype=float) for v in (ff, cc, fc))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        sim = fc / np.sqrt(ff * cc)
-        residual = (ff + cc - 2 * fc) / ff
-        explained = np.where(cc > 0, fc**2 / (ff * cc), 0.0)
+    a, b, ab = _scaled_ratios(ff, cc, fc)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        sim = ab / (np.sqrt(a) * np.sqrt(b))
+        residual = ((a + b) - 2 * ab) / a
+        explained = np.where(cc > 0, sim * sim, 0.0)
         scale = np.where(cc > 0, fc / cc, 0.0)
     return sim, np.maximum(residual, 0.0), explained, scale
+
+
+def _misfits(pf: np.ndarray, pc: np.ndarray, pfc: np.ndarray, scale: float, tol: float) -> list[tuple[int, float]]:
+    """The outputs k whose own residual ||f_k - scale c_k||^2 exceeds tol
+    times their own squared norm ||f_k||^2, that norm floored at
+    :data:`OUTPUT_FLOOR` times the largest output's (a dead output is judged
+    against round-off, not 0): (k, that relative residual) each."""
+    pf, pc, pfc = (np.atleast_1d(np.asarray(v, dtype=float)) for v in (pf, pc, pfc))
+    a, b, ab = _scaled_ratios(pf, pc, pfc)  # per output: finite where the products are
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        num = a - 2 * scale * ab + scale * scale * b  # ||f_k - s c_k||^2 over the output's largest product
+        top = np.max(np.abs(np.stack([pf, pc, pfc])), axis=0)
+        own = np.maximum(pf, OUTPUT_FLOOR * float(np.max(pf)))  # the floored squared norm
+        rel = num / (own / np.where(top > 0, top, 1.0))
+    rel = np.where(own > 0, rel, np.where(num > 0, np.inf, 0.0))
+    return [(k, float(r)) for k, r in enumerate(rel) if not r <= tol]
+
+
+def _misfit_note(misfits: list[tuple[int, float]], tol: float, kind: str) -> str:
+    shown = ", ".join(f"output {k + 1}: {r:.3g}" for k, r in misfits[:6]) + (" ..." if len(misfits) > 6 else "")
+    return (f"not {kind}: the whole-model figure is within tol, but {counted(len(misfits), 'output')} "
+            f"{'is' if len(misfits) == 1 else 'are'} not within tol ({tol:g}) of {'its' if len(misfits) == 1 else 'their'} "
+            f"own norm ({shown}, relative residual against the output's own squared norm); each output is judged "
+            "on its own scale")
 
 
 # The float64 rounding of a figure computed from sample means, per log2(n) + 4
@@ -247,6 +604,47 @@ def _products(f: Component, c: Component, inner: str, kw: dict[str, Any], per_ou
     return ff, cc, fc
 
 
+def _scales(ff: InnerResult, cc: InnerResult, fc: InnerResult) -> tuple[float, float]:
+    """(s_f^2, s_c^2): the squared canonical scales of a joint Monte Carlo
+    estimate's models, read back from the reported values (the means times
+    them)."""
+    m = np.asarray(fc.estimate.means, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (float(np.sum(ff.value)) / float(np.sum(m[1])), float(np.sum(cc.value)) / float(np.sum(m[2])))
+
+
+def _estimated_residual(est: Any, r: float, floor: float | None = None
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per channel, the relative residual |f' - r c'|^2 / |f'|^2 of a joint
+    Monte Carlo estimate of the canonical models f', c' (r: the multiple of
+    c' compared, s c_scale / f_scale for the multiple s of c) and its
+    standard error by the delta method over the means' covariance; with
+    ``floor``, each channel's |f'|^2 floored at that share of the largest
+    (a dead output judged against round-off, not 0).
+
+    Per sample the numerator is D + 2 (1 - r) ab + (r^2 - 1) bb: for r = 1
+    the measured |f' - c'|^2 itself, whose spread vanishes for a circuit equal
+    to the component (the three products' spreads would cancel to round-off);
+    without a measured D: aa + r^2 bb - 2 r ab.  Third: the float64
+    rounding of the estimate alone (the standard error's floor)."""
+    m, cov = np.asarray(est.means, dtype=float), np.asarray(est.cov, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        w = np.array([2 * (1 - r), 0.0, r**2 - 1, 1.0]) if len(m) > 3 else np.array([-2 * r, 1.0, r**2])
+        num, aa = w @ m, m[1]
+        own = aa >= 0 if floor is None else aa >= floor * float(np.max(aa))
+        den = np.where(own, aa, 0.0 if floor is None else floor * float(np.max(aa)))
+        res = num / den
+        var_num = np.einsum("i,ijk,j->k", w, cov, w)
+        cov_num_aa = np.einsum("i,ik->k", w, cov[:, 1])
+        var_res = (var_num - np.where(own, 2 * res * cov_num_aa - res**2 * cov[1, 1], 0.0)) / den**2
+        rounding = ROUNDING * (np.log2(max(est.samples, 2)) + 4) * (np.abs(w) @ np.abs(m)) / np.abs(den)
+        se = np.maximum(np.sqrt(np.maximum(var_res, 0.0)), rounding)
+    if floor is not None:  # a dead channel of both sides: 0 over 0, nothing wrong in it
+        dead = (den == 0) & (num == 0)
+        res, se, rounding = np.where(dead, 0.0, res), np.where(dead, 0.0, se), np.where(dead, 0.0, rounding)
+    return res, se, rounding
+
+
 def _estimated_figures(ff: InnerResult, cc: InnerResult, fc: InnerResult
                        ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[str]]:
     """The figures of a joint Monte Carlo estimate, per channel, their
@@ -255,30 +653,14 @@ def _estimated_figures(ff: InnerResult, cc: InnerResult, fc: InnerResult
     The estimate's means (<a,b>, <a,a>, <b,b>, |a - b|^2) are of the models at
     their canonical scales f = s_f f', c = s_c c' (the reported values are the
     means times those scales, so the scales are read back from them).  With
-    rho = s_c / s_f the residual's numerator is, per sample,
-    |f' - rho c'|^2 = D + 2 (1 - rho) ab + (rho^2 - 1) bb: for rho = 1 the
-    measured |f' - c'|^2 itself, whose spread vanishes for a circuit equal to
-    the component (the three products' spreads would cancel to round-off).
-    Errors by the delta method over the means' covariance."""
+    rho = s_c / s_f the residual is |f' - rho c'|^2 / |f'|^2
+    (:func:`_estimated_residual`)."""
     est = fc.estimate
-    m, cov = np.asarray(est.means, dtype=float), np.asarray(est.cov, dtype=float)
+    s_f2, s_c2 = _scales(ff, cc, fc)
     with np.errstate(divide="ignore", invalid="ignore"):
-        s_f2 = float(np.sum(ff.value)) / float(np.sum(m[1]))
-        s_c2 = float(np.sum(cc.value)) / float(np.sum(m[2]))
-        rho = np.sqrt(s_c2 / s_f2)
-        cos, se_cos = est.cosine()
-        # weights of the per-sample numerator over the means (without a measured
-        # |a - b|^2 row: aa + rho^2 bb - 2 rho ab, the same value, its spread
-        # found by cancellation)
-        w = (np.array([2 * (1 - rho), 0.0, rho**2 - 1, 1.0]) if len(m) > 3
-             else np.array([-2 * rho, 1.0, rho**2]))
-        num, aa = w @ m, m[1]
-        res = num / aa
-        var_num = np.einsum("i,ijk,j->k", w, cov, w)
-        cov_num_aa = np.einsum("i,ik->k", w, cov[:, 1])
-        var_res = (var_num - 2 * res * cov_num_aa + res**2 * cov[1, 1]) / aa**2
-        rounding = ROUNDING * (np.log2(max(est.samples, 2)) + 4) * (np.abs(w) @ np.abs(m)) / np.abs(aa)
-    se_res = np.maximum(np.sqrt(np.maximum(var_res, 0.0)), rounding)
+        rho = float(np.sqrt(s_c2 / s_f2))
+    cos, se_cos = est.cosine()
+    res, se_res, _ = _estimated_residual(est, rho)
     notes: list[str] = []
     if np.any(np.abs(cos) > 1):
         over = float(np.nanmax(np.abs(cos)))
@@ -290,12 +672,29 @@ def _estimated_figures(ff: InnerResult, cc: InnerResult, fc: InnerResult
         cos = np.clip(cos, -1.0, 1.0)
     if np.any(res < 0):  # a squared norm: an estimate below 0 is sampling error around 0
         res = np.maximum(res, 0.0)
-    figures = {"similarity": cos, "relative_residual": res, "explained": cos**2,
-               "scale": np.atleast_1d(np.where(np.asarray(cc.value, dtype=float) > 0,
-                                               np.asarray(fc.value, dtype=float) / np.asarray(cc.value, dtype=float),
-                                               0.0))}
+    with np.errstate(divide="ignore", invalid="ignore"):  # a dead circuit channel: scale 0
+        scale = np.atleast_1d(np.where(np.asarray(cc.value, dtype=float) > 0,
+                                       np.asarray(fc.value, dtype=float) / np.asarray(cc.value, dtype=float), 0.0))
+    figures = {"similarity": cos, "relative_residual": res, "explained": cos**2, "scale": scale}
     errors = {"similarity": se_cos, "relative_residual": se_res, "explained": 2 * np.abs(cos) * se_cos}
     return figures, errors, notes
+
+
+def _estimated_misfits(ff: InnerResult, cc: InnerResult, fc: InnerResult, scale: float, tol: float
+                       ) -> tuple[list[tuple[int, float, float]], bool]:
+    """From a joint per-output Monte Carlo estimate: the outputs whose own
+    residual against ``scale`` times the circuit (each output's squared norm
+    floored as :func:`_misfits` floors it) lies beyond tol by more than its
+    95 % sampling error, as (k, estimate, standard error); and whether every
+    output's estimate itself is within tol (not only its interval; allowing
+    for the estimate's own float64 rounding, which no sample count removes)."""
+    s_f2, s_c2 = _scales(ff, cc, fc)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = float(scale * np.sqrt(s_c2 / s_f2))
+    res, se, rounding = _estimated_residual(fc.estimate, r, OUTPUT_FLOOR)
+    res = np.maximum(np.nan_to_num(res, nan=np.inf), 0.0)
+    bad = [(k, float(v), float(e)) for k, (v, e) in enumerate(zip(res, se)) if not v - Z95 * e <= tol]
+    return bad, bool(np.all(res - Z95 * rounding <= tol))
 
 
 def _curve_point(ff: InnerResult, cc: InnerResult, fc: InnerResult) -> tuple[float, float]:
@@ -305,6 +704,22 @@ def _curve_point(ff: InnerResult, cc: InnerResult, fc: InnerResult) -> tuple[flo
         return float(figures["similarity"][0]), float(figures["relative_residual"][0])
     s_, r_, _, _ = _figures(ff.value, cc.value, fc.value, False)
     return float(s_), float(r_)
+
+
+def _check_tol(tol: Any) -> float:
+    if isinstance(tol, (bool, np.bool_)) or not isinstance(tol, (int, float, np.integer, np.floating)) or not (
+            0 <= tol < MAX_TOL):
+        raise ValueError(f"tol must be a number with 0 <= tol < {MAX_TOL:g} (a relative residual: at 1 even the zero "
+                         f"circuit would pass), got tol={tol!r}")
+    return float(tol)
+
+
+def _check_samples(kw: dict[str, Any]) -> None:
+    samples = kw.get("samples")
+    if samples is not None and not isinstance(samples, (bool, np.bool_)) and isinstance(samples, (int, np.integer)) \
+            and 0 <= samples < MIN_SAMPLES:
+        raise ValueError(f"samples={samples}: a sampled verdict needs at least {MIN_SAMPLES} samples (MIN_SAMPLES): "
+                         "fewer cannot estimate the variance behind its 95 % interval")
 
 
 def verify(
@@ -318,24 +733,32 @@ def verify(
     **inner_kwargs: Any,
 ) -> Verification:
     """Compare ``circuit`` (a sympy formula or list of formulas in ``symbols``,
-    default x1..xd; a tsalgebra model; or ``circuits.top_eigen(...)``) with
-    ``component`` over all inputs.
+    default x1..xd, or strings of numbers, input names and + - * / ^ ( ),
+    each bounded in degree and size as the command line's; a tsalgebra
+    model; or ``circuits.top_eigen(...)``) with ``component`` over all
+    inputs.
 
-    ``exact=None`` uses exact arithmetic when both sides have exact weights;
-    ``exact=True`` converts float weights to the rationals they store
-    (slow; small models); ``exact=False`` works in float64 with tolerance
-    ``tol`` on the relative residual.  ``inner`` is "gaussian", "tokens" (extra
-    keyword arguments such as measure, mean and cov pass through) or
-    "symmetric"; None (default) the component's own measure, as in
+    ``exact=None`` uses exact arithmetic when every number involved is exact:
+    every weight of both sides and the measure's parameters (mean, cov,
+    token probabilities); else float64.  ``exact=True`` converts every float,
+    the measure's included, to the rational it stores (slow; small models);
+    ``exact=False`` works in float64 with tolerance ``tol`` (0 <= tol < 1)
+    on the relative residual of the whole model and of every output against
+    its own norm.  ``inner`` is "gaussian", "tokens" (extra keyword
+    arguments such as measure, mean and cov pass through) or "symmetric";
+    None (default) the component's own measure, as in
     :func:`tsalgebra.similarity` (tokens for a model that reads token ids,
-    else the Gaussian).
+    else the Gaussian).  ``method="sampled"`` takes at least
+    :data:`MIN_SAMPLES` samples.
     """
     if not isinstance(component, Component):
         raise TypeError(f"component must be a tsalgebra model, got {type(component).__name__} "
                         "(load a checkpoint with tsalgebra.load)")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)) or not tol >= 0:
-        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+    tol = _check_tol(tol)
     kw = dict(inner_kwargs)
+    method = kw.get("method", "auto")
+    if method == "sampled":
+        _check_samples(kw)
     c = _as_model(circuit, component, symbols)
     inner, measure = function_level(inner, kw.get("measure"), kw.get("mean"), kw.get("cov"), "verify", component, c)
     if measure is not None:
@@ -343,7 +766,6 @@ def verify(
     if c.in_features != component.in_features or c.out_features != component.out_features:
         raise ValueError(f"the circuit maps {c.in_features} -> {c.out_features}, "
                          f"the component {component.in_features} -> {component.out_features}")
-    method = kw.get("method", "auto")
     if method in ("sampled", "closure"):
         # an estimate or an approximation is a float64 figure: no exact verdict can rest on it
         if exact:
@@ -354,12 +776,27 @@ def verify(
             # one seed for the whole-model and per-output estimates (the same
             # samples), drawn here and reported so that the verdict can be rerun
             kw["seed"] = int(np.random.default_rng().integers(2**63))
-    if exact is None:
-        exact = component.exact and c.exact
-    f = exactify(component) if exact and not component.exact else component
-    c = exactify(c) if exact and not c.exact else c
-    if not exact:
-        f, c = (m.map_weights(lambda w: np.asarray(w, dtype=float)) if m.exact else m for m in (f, c))
+    law = _law(inner, measure, kw) if inner != "symmetric" else None
+    if exact is None:  # exact only where every number is: both sides' weights and the measure's
+        exact = _model_exact(component) and _model_exact(c) and _law_exact(law)
+    notes: list[str] = []
+    if exact:
+        f = component if _model_exact(component) else exactify(component)
+        c = c if _model_exact(c) else exactify(c)
+        if law is not None and not _law_exact(law):
+            law = _law_as(law, exact=True)
+            notes.append("exact arithmetic on the measure's float parameters as the rationals they store"
+                         + (" (token probabilities renormalised to sum to exactly 1)" if isinstance(law, Tokens) else ""))
+    else:
+        f, c = _float_model(component, "component"), _float_model(c, "circuit")
+        if law is not None and _law_has_objects(law):
+            law = _law_as(law, exact=False)
+    if law is not None and law is not measure:
+        kw.pop("mean", None)
+        kw.pop("cov", None)
+        kw["measure"] = law
+    names = [str(x) for x in (symbols if symbols is not None else default_symbols(component.in_features))]
+    support = _support_note(law, component.in_features, names)
     if inner == "symmetric":
         kw.setdefault("degree", max(f.degree, c.degree))
     r_ff, r_cc, r_fc = _products(f, c, inner, kw, per_output=False)
@@ -370,10 +807,13 @@ def verify(
     if r_fc.estimated and not float(cc) > 0:
         raise ValueError(f"the Monte Carlo estimate of the circuit's norm is {float(cc):.3g}, not positive: "
                          "too few samples (pass more samples=), or the circuit is zero")
+    if r_fc.estimated and r_fc.samples < MIN_SAMPLES:
+        raise ValueError(f"the estimate drew {r_fc.samples} samples: a sampled verdict needs at least {MIN_SAMPLES} "
+                         "(MIN_SAMPLES); pass samples=")
     spent = (r_ff, r_cc, r_fc)
     accuracy = "estimated" if r_fc.estimated else "exact" if all(r.exact for r in spent) else "approximate"
     algorithm = "+".join(dict.fromkeys(r.algorithm for r in spent if r.algorithm))
-    notes = list(dict.fromkeys(n for r in spent for n in r.notes))
+    notes += list(dict.fromkeys(n for r in spent for n in r.notes))
     stderr = interval = None
     p_ff, p_cc, p_fc = _products(f, c, inner, kw, per_output=True)
     if accuracy == "estimated":
@@ -391,50 +831,96 @@ def verify(
         sim, residual, explained, scale = _figures(ff, cc, fc, exact)
         if not exact:  # the float figures of whole models are numbers, not 0-d arrays
             sim, residual, explained, scale = (float(v) for v in (sim, residual, explained, scale))
-        pf, pc, pfc = p_ff.value, p_cc.value, p_fc.value
+            if not all(np.isfinite(v) for v in ((sim, residual, explained, scale) if float(cc) > 0 else (residual,))):
+                raise ArithmeticError(f"the figures are not finite (similarity {sim}, relative residual {residual}) "
+                                      f"from the products <f,f> = {float(ff):.3g}, <c,c> = {float(cc):.3g}, "
+                                      f"<f,c> = {float(fc):.3g}: float64 cannot hold them")
         po = dict(zip(("similarity", "relative_residual", "explained", "scale"),
-                      (np.asarray(v, dtype=float) for v in _figures(pf.astype(float), pc.astype(float),
-                                                                     pfc.astype(float), False))))
+                      (np.asarray(v, dtype=float) for v in _figures(*(_floats(r.value) for r in (p_ff, p_cc, p_fc)),
+                                                                     False))))
     certificate = None
     if exact:
-        if residual == 0:
+        if _is_zero(residual, "relative residual"):
             verdict = "equal"
-        elif explained == 1:
+            sim, residual, explained, scale = sympy.Integer(1), sympy.Integer(0), sympy.Integer(1), sympy.Integer(1)
+        elif cc != 0 and _is_zero(explained - 1, "unexplained share"):
             verdict = "equal up to scale"
+            explained = sympy.Integer(1)
+            sim = sympy.sign(scale) if scale.is_number else sim
         else:
             verdict = "different"
             try:
-                certificate = [sympy.expand(p - q) for p, q in zip(to_sympy(f, symbols), to_sympy(c, symbols))]
+                certificate = _certificate(f, c, symbols)
             except ValueError:
                 certificate = None
     elif accuracy == "estimated":
-        # equal only where the 95 % interval reaches within tol: the samples
-        # cannot exclude equality; "different" where it lies beyond tol
+        # equal only where the 95 % interval reaches within tol, for the whole
+        # model and every output on its own scale: the samples cannot exclude
+        # equality; "different" where it lies beyond tol.  Where only the
+        # interval reaches (the estimate itself is beyond tol) and the samples
+        # are heavy-tailed, the interval is itself doubtful: "doubtful"
         assert stderr is not None
         how = "within tolerance and the 95 % sampling error; estimated"
+        heavy = any(getattr(r.estimate, "heavy_tailed", False) for r in (r_fc, p_fc))
+        # the estimate's own float64 rounding (no sample count removes it): within it, the estimate is within tol
+        _, _, rounding = _estimated_residual(r_fc.estimate, float(np.sqrt(_scales(r_ff, r_cc, r_fc)[1]
+                                                                          / _scales(r_ff, r_cc, r_fc)[0])))
+        slack = Z95 * float(rounding[0])
+        candidates = []
         if residual - Z95 * stderr["relative_residual"] <= tol:
-            verdict = f"equal ({how})"
-        elif (1 - explained) - Z95 * stderr["explained"] <= tol:
-            verdict = f"equal up to scale ({how})"
-        else:
-            verdict = "different"
-        if verdict != "different" and (residual if verdict.startswith("equal (") else 1 - explained) > tol:
-            notes.append("the estimate itself is beyond tol; only its 95 % interval reaches within it, so the "
-                         "samples do not exclude equality: more samples, or an exact method, to decide")
+            candidates.append(("equal", 1.0, residual - slack <= tol))
+        if (1 - explained) - Z95 * stderr["explained"] <= tol:
+            candidates.append(("equal up to scale", scale, 1 - explained - slack <= tol))
+        verdict, misfit_notes = "different", []
+        doubtful = None
+        for kind, s, point in candidates:
+            bad, outputs_point = _estimated_misfits(p_ff, p_cc, p_fc, s, tol)
+            if bad:
+                misfit_notes.append(_misfit_note([(k, v) for k, v, _ in bad], tol, kind)
+                                    + " (beyond tol by more than the 95 % sampling error)")
+                continue
+            if not (point and outputs_point) and heavy:
+                doubtful = doubtful or kind
+                continue
+            verdict = f"{kind} ({how})"
+            if not (point and outputs_point):
+                notes.append("the estimate itself is beyond tol; only its 95 % interval reaches within it, so the "
+                             "samples do not exclude equality: more samples, or an exact method, to decide")
+            break
+        if verdict == "different" and doubtful is not None:
+            verdict = (f"doubtful ({doubtful} within tolerance only by the 95 % sampling error, and the samples are "
+                       "heavy-tailed: that error is itself doubtful; estimated)")
+            notes.append("doubtful: the estimate is beyond tol and only its 95 % interval reaches within it, while "
+                         "heavy tails make that interval unreliable (it covered the true value far less than 95 % of "
+                         "the time on such models): more samples, or an exact or closure method, to decide")
+        elif verdict == "different":
+            notes += misfit_notes[:1]
     else:
         suffix = "" if accuracy == "exact" else f"; {accuracy}: {r_fc.method}"
-        verdict = (f"equal (within tolerance{suffix})" if residual <= tol
-                   else f"equal up to scale (within tolerance{suffix})" if 1 - explained <= tol else "different")
+        pf, pc, pfc = (_floats(r.value) for r in (p_ff, p_cc, p_fc))
+        verdict = "different"
+        for kind, ok, s in (("equal", residual <= tol, 1.0), ("equal up to scale", 1 - explained <= tol, scale)):
+            if not ok:
+                continue
+            bad = _misfits(pf, pc, pfc, s, tol)
+            if bad:
+                if not any(n.startswith("not equal") for n in notes):
+                    notes.append(_misfit_note(bad, tol, kind))
+                continue
+            verdict = f"{kind} (within tolerance{suffix})"
+            break
         if accuracy == "approximate":
             notes.append(f"{r_fc.method} values are approximate, without an error bar: the verdict compares them "
                          "with tol as if they were exact")
+    if support is not None:
+        notes.append(support)
     curve: tuple[tuple[int, float, float], ...] = ()
     if isinstance(circuit, EigenCircuit):
         # measured against the component given (not the circuit's own source):
         # the curve's last point (k = d+1, all eigenvectors) is then the
         # full projection's figures against that component; each point's
         # products jointly, as the verdict's
-        target = component.map_weights(lambda w: np.asarray(w, dtype=float)) if component.exact else component
+        target = _float_model(component, "component")
         rows = []
         for k in range(1, circuit.source.in_features + 2):
             cut = top_eigen(circuit.source, circuit.output, k)
@@ -444,4 +930,50 @@ def verify(
     return Verification(verdict, bool(exact), inner, sim, residual, explained, scale, po, certificate,
                         None if exact else tol, curve, method=r_fc.method, algorithm=algorithm, accuracy=accuracy,
                         stderr=stderr, interval=interval, samples=r_fc.samples if r_fc.estimated else 0,
-                        seed=kw.get("seed") if r_fc.estimated else None, notes=tuple(notes))
+                        seed=kw.get("seed") if r_fc.estimated else None, notes=tuple(dict.fromkeys(notes)))
+
+
+def _floats(v: Any) -> np.ndarray:
+    """Per-output products as float64 (NaN where a value is symbolic)."""
+    a = np.atleast_1d(np.asarray(v))
+    if a.dtype != object:
+        return a.astype(float)
+    out = np.full(a.shape, np.nan)
+    for i, x in enumerate(a.flat):
+        try:
+            out.flat[i] = float(x)
+        except (TypeError, ValueError):
+            pass
+    return out
+
+
+def _law_has_objects(law: Measure) -> bool:
+    if isinstance(law, Gaussian):
+        return any(a is not None and a.dtype == object for a in (law.mean, law.cov))
+    if isinstance(law, Tokens):
+        return law.probs is not None and law.probs.dtype == object
+    return False
+
+
+def _certificate(f: Component, c: Component, symbols: Sequence[sympy.Symbol] | None) -> list[sympy.Expr]:
+    """The residual polynomials f - c, each coefficient that is not a rational
+    simplified (an irrational that is 0 dropped: a certificate shows only
+    what differs)."""
+    polys = [sympy.expand(p - q) for p, q in zip(to_sympy(f, symbols), to_sympy(c, symbols))]
+    xs = tuple(symbols) if symbols is not None else default_symbols(f.in_features)
+    out = []
+    for p in polys:
+        terms = sympy.Poly(p, *xs).terms() if p != 0 else []
+        if any(not cf.is_Rational for _, cf in terms):
+            p = sympy.Add(*[sympy.Mul(_simplified(cf), *(x**e for x, e in zip(xs, expo))) for expo, cf in terms
+                            if not _is_zero(cf, "certificate coefficient")])
+        out.append(p)
+    return out
+
+
+def _simplified(x: sympy.Expr) -> sympy.Expr:
+    """An irrational coefficient denested and simplified (for the reader: the
+    value is the same), within the size bound of the zero test."""
+    if x.is_Rational or sympy.count_ops(x) > ZERO_TEST_OPS:
+        return x
+    return sympy.simplify(sympy.sqrtdenest(x))
