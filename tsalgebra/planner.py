@@ -202,8 +202,8 @@ class PlanCache:
 plan_cache = PlanCache()
 
 
-# RandomGreedy seeds the global ``random`` generator per trial: one search at a
-# time (two threads would interleave their draws), the caller's state restored.
+# RandomGreedy seeds its generator per trial: one search at a time (two would
+# interleave their draws on the generator _search lends it).
 _RANDOM_LOCK = threading.Lock()
 
 
@@ -229,11 +229,18 @@ def _search(equation: str, shapes: tuple[tuple[int, ...], ...], optimizer: Any) 
     if optimizer in ("greedy", "optimal", "dp"):  # no random draws
         return [tuple(p) for p in fn(inputs, output, sizes, None)]
     with _RANDOM_LOCK:
-        state = random.getstate()
+        # opt_einsum draws from the process's generator (its trials' random.seed and random.choices, bound
+        # at its import, and its cost jitter's random.gauss): another thread drawing meanwhile changed the
+        # order found (and its flops), and each trial's seed reset that thread's stream.  A generator of our
+        # own for the search's duration: the same draws as the process's seeded alike.
+        own = random.Random()
+        drawn, jitter = oe.path_random, oe.paths
+        kept = drawn.random_seed, drawn.random_choices, jitter.random
+        drawn.random_seed, drawn.random_choices, jitter.random = own.seed, own.choices, own
         try:
             return [tuple(p) for p in fn(inputs, output, sizes, None)]
         finally:
-            random.setstate(state)
+            drawn.random_seed, drawn.random_choices, jitter.random = kept
 
 
 def _walk(equation: str, shapes: tuple[tuple[int, ...], ...],

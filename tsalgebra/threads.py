@@ -13,17 +13,19 @@ __all__ = ["blas_threads", "blas_worker_pool", "one_blas_thread"]
 
 _LOCK = threading.Lock()
 _held = 0  # computations inside the one-thread limit now
-_limiter: Any = None
+# From just before the limit is set until it is restored: an interrupt (Ctrl-C)
+# between the two leaves it True, so the next computation keeps the count saved
+# below instead of reading the 1 left behind as the original (BLAS stayed at one
+# thread for the rest of the process).
+_limited = False
 _original = 1  # BLAS threads before the first of them set the limit
 
 
 def blas_threads() -> int:
     """Threads of the BLAS library numpy calls (1 when none is found); while
     computations hold BLAS at one thread, the count they will restore."""
-    with _LOCK:
-        if _held:
-            return _original
-    return _current_threads()
+    with _LOCK:  # read under the lock: a computation starting meanwhile would show its 1
+        return _original if _held or _limited else _current_threads()
 
 
 def _current_threads() -> int:
@@ -32,27 +34,36 @@ def _current_threads() -> int:
     return max((lib.num_threads for lib in ThreadpoolController().select(user_api="blas").lib_controllers), default=1)
 
 
+def _set_blas(threads: int) -> None:
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=threads, user_api="blas")
+
+
 @contextlib.contextmanager
 def one_blas_thread() -> Iterator[None]:
     """BLAS at one thread, process wide, while any computation holds it: the
     first to enter saves and sets the limit, the last to leave restores it
     (a limit per call would let overlapping calls restore each other's 1)."""
-    global _held, _limiter, _original
-    from threadpoolctl import threadpool_limits
-
-    with _LOCK:
-        if _held == 0:
-            _original = _current_threads()
-            _limiter = threadpool_limits(limits=1, user_api="blas")
-        _held += 1
+    global _held, _limited, _original
+    counted = False
     try:
+        with _LOCK:
+            if _held == 0:
+                if not _limited:  # a clean state: this is the count to restore
+                    _original = _current_threads()
+                _limited = True
+                _set_blas(1)
+            _held += 1
+            counted = True
         yield
     finally:
         with _LOCK:
-            _held -= 1
-            if _held == 0:
-                _limiter.restore_original_limits()
-                _limiter = None
+            if counted:
+                _held -= 1
+            if _held == 0 and _limited:
+                _set_blas(_original)
+                _limited = False
 
 
 def blas_worker_pool(stack: contextlib.ExitStack, workers: int) -> Any:

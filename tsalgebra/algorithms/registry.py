@@ -30,6 +30,7 @@ functional one (:func:`_others`).
 from __future__ import annotations
 
 import math
+import threading
 from contextvars import ContextVar
 from dataclasses import replace
 from typing import Any, Iterator
@@ -99,27 +100,35 @@ class Algorithm:
         return f"<algorithm {self.name!r}: {self.title}>"
 
 
+# Replaced, never changed in place, so that a choice iterating it in one thread
+# is not broken by register() in another (dictionary changed size during iteration).
 _REGISTRY: dict[str, Algorithm] = {}
+_WRITING = threading.Lock()
 
 
 def register(algorithm: Algorithm, *, before: str | None = None) -> Algorithm:
     """Add ``algorithm`` (placed before the algorithm named ``before``, else
     last); its name must be new.  Returns it."""
-    if not algorithm.name or algorithm.name in _REGISTRY:
-        raise ValueError(f"an algorithm needs a new name, got {algorithm.name!r}")
+    global _REGISTRY
     if algorithm.method not in ("exact", "closure", "sampled"):
         raise ValueError(f"method must be 'exact', 'closure' or 'sampled', got {algorithm.method!r}")
-    items = list(_REGISTRY.items())
-    at = next((k for k, (name, _) in enumerate(items) if name == before), len(items))
-    items.insert(at, (algorithm.name, algorithm))
-    _REGISTRY.clear()
-    _REGISTRY.update(items)
+    with _WRITING:
+        if not algorithm.name or algorithm.name in _REGISTRY:
+            raise ValueError(f"an algorithm needs a new name, got {algorithm.name!r}")
+        items = list(_REGISTRY.items())
+        at = next((k for k, (name, _) in enumerate(items) if name == before), len(items))
+        items.insert(at, (algorithm.name, algorithm))
+        _REGISTRY = dict(items)  # a new dict: a choice iterating the old one in another thread goes on
     return algorithm
 
 
 def unregister(name: str) -> None:
     """Remove the algorithm named ``name``."""
-    del _REGISTRY[name]
+    global _REGISTRY
+    with _WRITING:
+        if name not in _REGISTRY:
+            raise KeyError(name)
+        _REGISTRY = {k: v for k, v in _REGISTRY.items() if k != name}
 
 
 def registered() -> tuple[Algorithm, ...]:
