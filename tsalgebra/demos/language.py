@@ -83,7 +83,9 @@ class LanguageConfig:
     budget: float = DEFAULT_BUDGET  # flops per inner product of the analysis
     held_out: int = 512  # held-out sequences for the behavioural similarity
     seed: int = 0
-    threads: int = 1  # torch threads while training: at the default size 2.9 s for 150 steps on one, 11.6-13.8 s on two
+    # torch threads while training: at the default size 150 steps took 1.7 s on two, 2.5 s on one on a quiet
+    # 2-core machine; beside another busy process 11.6-13.8 s on two, 2.9-5.1 s on one (--threads 1 then)
+    threads: int = 2
     out: Path = Path("language-demo")
     progress: bool | None = None  # None: bars on a terminal only
 
@@ -612,7 +614,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"flop budget per inner product of the analysis (default {d.budget:g})")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--threads", type=int, default=d.threads,
-                        help=f"torch threads while training (default {d.threads}: fastest for this size)")
+                        help=f"torch threads while training (default {d.threads}; 1 is faster when other work holds a core)")
     parser.add_argument("--out", type=Path, default=d.out, help=f"output directory (default {d.out})")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars (they show on a terminal only)")
