@@ -146,3 +146,19 @@ def template_checkpoints(directory: Path, name: str, source: str, seeds: tuple[i
         sys.path.remove(str(directory))
         sys.modules.pop(name, None)
     return f"{directory / name}.py:build", paths
+
+
+def tile_counter(monkeypatch: Any) -> list[int]:
+    """A list that grows by one per tile a similarity matrix computes
+    (tsalgebra.matrix.api.compute_tile wrapped for the test)."""
+    from tsalgebra.matrix import api
+
+    calls: list[int] = []
+    real = api.compute_tile
+
+    def compute_tile(*a: Any, **k: Any) -> Any:
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(api, "compute_tile", compute_tile)
+    return calls

@@ -20,7 +20,8 @@ import pytest
 import sympy
 
 import tsalgebra as ts
-from tsalgebra.matrix import api, cluster
+from helpers import tile_counter
+from tsalgebra.matrix import cluster
 from tsalgebra.problem import CostError
 from tsalgebra.symbolic import from_sympy
 
@@ -34,18 +35,6 @@ def bils(n, seed=0, d=3, h=4, o=2):
 def scaled(m, s):
     """``m`` with every factor times ``s``: its norm times s^3, its cosines unchanged."""
     return m.replace(left=m.left * s, right=m.right * s, down=m.down * s, left_bias=m.left_bias * s)
-
-
-def counted(monkeypatch):
-    calls = []
-    real = api.compute_tile
-
-    def compute_tile(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(api, "compute_tile", compute_tile)
-    return calls
 
 
 # ------------------------------------------------------------ 1. norms beyond float64
@@ -127,7 +116,7 @@ def test_closed_client_said_so():
 def test_tiled_budget_judged_on_the_whole_matrix_before_any_tile(tmp_path, monkeypatch):
     ms = bils(5)
     ms[4] = bils(1, seed=9, h=30)[0]  # one wider model: its tiles cost more per product
-    calls = counted(monkeypatch)
+    calls = tile_counter(monkeypatch)
     with pytest.raises(CostError) as info:
         ts.similarity_matrix(ms, inner="gaussian", progress=False, store=tmp_path / "a", tile=2, budget=10)
     assert not calls  # refused before any tile ran
@@ -147,7 +136,7 @@ def test_tiled_budget_judged_on_the_whole_matrix_before_any_tile(tmp_path, monke
 
 def test_symbolic_weights_refused_up_front_exact_ones_computed(tmp_path, monkeypatch):
     x, y, a = sympy.symbols("x y a")
-    calls = counted(monkeypatch)
+    calls = tile_counter(monkeypatch)
     sym = [from_sympy([x * y + 1], [x, y]), from_sympy([x**2 + a * y], [x, y])]
     for kw in ({}, {"store": tmp_path / "st", "tile": 1}):
         with pytest.raises(TypeError, match=r"model 1 has symbolic weights \(in a\).*ts.similarity"):

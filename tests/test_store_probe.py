@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import tsalgebra as ts
-from helpers import exit_code
-from tsalgebra.matrix import api, cluster
+from helpers import exit_code, tile_counter
+from tsalgebra.matrix import cluster
 
 
 def bilinears(n, seed=0, d=5, h=6, o=3):
@@ -37,15 +37,7 @@ def stored(path, models, **kw):
 @pytest.fixture
 def counted(monkeypatch):
     """How many tiles are computed (the store's checks come before any)."""
-    calls = []
-    real = api.compute_tile
-
-    def compute_tile(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(api, "compute_tile", compute_tile)
-    return calls
+    return tile_counter(monkeypatch)
 
 
 def checkpoints(tmp_path, models):
