@@ -285,3 +285,26 @@ def test_hidden_files_in_a_directory_are_skipped(tmp_path):
     ts.save(m, tmp_path / "step_2.safetensors")
     (tmp_path / "._step_1.safetensors").write_bytes(b"\x00\x05\x16\x07" + b"\0" * 80)
     assert ts.load(tmp_path).names == ("step_1", "step_2")
+
+
+def test_a_relu_acting_on_a_tenth_of_inputs_is_caught():
+    """Failed before: the forward check ran 8 random inputs, all of which
+    missed the region (about 10 % of inputs) where the ReLU acts, and the
+    conversion was accepted 66 % wrong there; a narrow model now gets 64."""
+    import torch
+    from torch import nn
+
+    class GLUHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.left, self.right, self.down = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 2)
+            with torch.no_grad():
+                self.down.weight[0] *= 1e7
+
+        def forward(self, x):
+            y = self.down(self.left(x) * self.right(x))
+            return torch.stack([y[..., 0], torch.relu(y[..., 1])], -1)
+
+    torch.manual_seed(0)
+    with pytest.raises(ts.AdapterError, match="output 1"):
+        ts.from_torch(GLUHead().double().eval())
