@@ -65,6 +65,7 @@ def _compute(rows_in: Any, cols_in: Any | None, inner: str | None, method: str, 
     said += _common_degree(rows + (cols or []), inner, options)
     law = _measure(rows + (cols or []), inner, mean, cov, measure)
     _numbers_only(rows, cols, law)
+    _finite_weights(rows, cols)  # before any route (auto, named or tiled) is judged
     if centered:  # the same covariances without the output biases, whose size float64 would subtract
         dropped: dict[int, Any] = {}  # one copy per model: a model in both rows and columns stays one object
         rows = [dropped.setdefault(id(m), without_output_bias(m)) for m in rows]
@@ -124,7 +125,7 @@ def compute_tile(rows: list[Any], cols: list[Any] | None, spec: TileSpec, selfs:
     other tiles).  Runs on a worker."""
     t0 = time.perf_counter()
     job = _tile_job(rows, cols, spec, selfs)
-    gram, chosen, _, _ = _gram(job, spec.route, judged=True)  # judge_tiles judged the whole matrix's flops
+    gram, chosen, _, notes = _gram(job, spec.route, judged=True)  # judge_tiles judged the whole matrix's flops
     zeros = np.zeros(len(rows)), np.zeros(len(cols) if cols is not None else len(rows))
     return TileGram(np.asarray(gram.cross, dtype=float), np.asarray(gram.row_self, dtype=float),
                     np.asarray(gram.col_self, dtype=float),
@@ -133,7 +134,7 @@ def compute_tile(rows: list[Any], cols: list[Any] | None, spec: TileSpec, selfs:
                     chosen, int(gram.flops), bool(gram.exact), gram.method, time.perf_counter() - t0,
                     gram.cosines, None if gram.stderr is None else np.asarray(gram.stderr, dtype=float),
                     None if gram.heavy is None else np.asarray(gram.heavy, dtype=bool), gram.algorithms,
-                    gram.device, job.memory)
+                    gram.device, job.memory, tuple(notes))
 
 
 def _tile_job(rows: list[Any], cols: list[Any] | None, spec: TileSpec, selfs: bool,
@@ -558,6 +559,34 @@ def _numbers_only(rows: list[Any], cols: list[Any] | None, law: Measure | None) 
     if free:
         raise TypeError(f"the measure is symbolic (in {free}): a similarity matrix holds numbers; use "
                         "ts.similarity per pair, or substitute numbers for the symbols")
+
+
+def _finite_weights(rows: list[Any], cols: list[Any] | None) -> None:
+    """Refuse a weight with a NaN or Inf entry (written into a model's
+    writable arrays after its constructor checked them), naming the model and
+    the weight, before any route is judged: a route named would otherwise
+    refuse the models as ones it does not cover, and auto found it only where
+    the pairwise route rebuilt the layer."""
+    from ..components import _check_exact_entries
+
+    sides = [("model" if cols is None else "row model", rows)] + ([] if cols is None else [("column model", cols)])
+    for side, models in sides:
+        for k, m in enumerate(models):
+            if not isinstance(m, Component):
+                continue
+            layers = m.layers
+            for j, layer in enumerate(layers):
+                name = layer.name if len(layers) == 1 else f"layer {j} ({layer.name})"
+                for what, w in layer.named_weights().items():
+                    if not isinstance(w, np.ndarray):
+                        continue
+                    try:
+                        if w.dtype == object:
+                            _check_exact_entries(w, what, name)
+                        elif not np.isfinite(w).all():
+                            raise ValueError(f"{name}: {what} contains NaN or Inf entries")
+                    except (TypeError, ValueError) as exc:
+                        raise type(exc)(f"{side} {k}: {exc}") from None
 
 
 def _free_symbols(arrays: Sequence[Any]) -> str:

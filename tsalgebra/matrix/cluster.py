@@ -399,7 +399,7 @@ class Store:
                              z["stderr"] if "stderr" in z.files else None, z["heavy"] if "heavy" in z.files else None,
                              # what an older tile did not record: unknown
                              tuple(str(a) for a in meta.get("algorithms", ())), str(meta.get("device", "")),
-                             int(meta.get("memory", 0)))
+                             int(meta.get("memory", 0)), _notes_of(meta.get("notes", [])))
             _check(tile, g)
             return g
         except Exception as exc:  # noqa: BLE001 - whatever a damaged file raises (BadZipFile, EOFError...)
@@ -413,12 +413,19 @@ class Store:
         meta = json.dumps({"store": self.identity, "rows": [tile.r0, tile.r1], "cols": [tile.c0, tile.c1],
                            "route": g.route, "flops": g.flops, "exact": g.exact, "method": g.method,
                            "seconds": g.seconds, "cosines": g.cosines, "algorithms": list(g.algorithms),
-                           "device": g.device, "memory": g.memory})
+                           "device": g.device, "memory": g.memory, "notes": list(g.notes)})
         buf = io.BytesIO()
         errors = {} if g.stderr is None else {"stderr": g.stderr, "heavy": g.heavy}
         np.savez(buf, cross=g.cross, row_self=g.row_self, col_self=g.col_self, row_log_scale=g.row_log_scale,
                  col_log_scale=g.col_log_scale, meta=np.array(meta), **errors)
         self._write(self._file(tile), buf.getvalue())
+
+
+def _notes_of(stored: Any) -> tuple[str, ...]:
+    """A stored tile's notes (a list of strings; none in a tile of an older tsalgebra)."""
+    if not isinstance(stored, list) or not all(isinstance(x, str) for x in stored):
+        raise ValueError("its notes are not a list of strings")
+    return tuple(stored)
 
 
 def _check(t: Tile, g: TileGram) -> None:
@@ -695,9 +702,17 @@ def _assemble(rows: list[Any], cols: list[Any] | None, tiles: list[Tile], done: 
         col_labels=(tuple(labels) if labels else None) if sym else (tuple(col_labels) if col_labels else None),
         notes=(f"{len(tiles)} tiles of {size} models a side ({len(computed)} computed, {from_store} from the store) "
                f"on {where}",) + ((JOINT_NOTE,) if any(g.cosines for g in grams) else ())
-        + (() if heavy is None else heavy_note(heavy, sym)) + said, tiles=report, stderr=se, heavy_tailed=heavy,
+        + _tile_notes(tiles, done) + (() if heavy is None else heavy_note(heavy, sym)) + said, tiles=report,
+        stderr=se, heavy_tailed=heavy,
         log_norms=log_norm_r, col_log_norms=log_norm_c,
         algorithms=tuple(sorted({a for g in grams for a in g.algorithms})))
+
+
+def _tile_notes(tiles: list[Tile], done: dict[Tile, TileGram]) -> tuple[str, ...]:
+    """The tiles' own notes (on their routes' choice: a tile that went pair
+    by pair says so), each once, in the order of the tiles that first said
+    it (tiles stored by an older tsalgebra have none)."""
+    return tuple(dict.fromkeys(note for t in tiles if t in done for note in done[t].notes))
 
 
 def _log_norms(selfs: np.ndarray, log_scale: np.ndarray, side: str, offset: int) -> np.ndarray:

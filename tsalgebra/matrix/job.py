@@ -122,9 +122,11 @@ class TileGram:
     rows and columns (see :class:`Gram`; zeros where unscaled), the route
     that ran, its flops, exactness and method, the seconds it took,
     whether ``cross`` holds cosines, their standard errors and heavy-tail
-    flags, the algorithms and device (see :class:`Gram`), and the memory
+    flags, the algorithms and device (see :class:`Gram`), the memory
     bound its blocks were laid out within (0 where not known: a tile
-    stored by an older tsalgebra, as its device "")."""
+    stored by an older tsalgebra, as its device ""), and the notes on its
+    route's choice (e.g. that it went pair by pair; none from an older
+    tsalgebra's store)."""
 
     cross: np.ndarray
     row_self: np.ndarray
@@ -142,6 +144,7 @@ class TileGram:
     algorithms: tuple[str, ...] = ()
     device: str = ""
     memory: int = 0
+    notes: tuple[str, ...] = ()
 
 
 class Route(Protocol):
