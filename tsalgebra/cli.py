@@ -812,15 +812,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         "verdict": rep.verdict, "exact": rep.exact, "inner": rep.inner, "similarity": rep.similarity,
         "relative_residual": rep.relative_residual, "explained": rep.explained, "scale": rep.scale,
         "tolerance": rep.tolerance, "per_output": rep.per_output,
-        "certificate": None if rep.certificate is None else [str(c) for c in rep.certificate],
+        "certificate": None if rep.certificate is None else rep.certificate_text(),
         "circuit": args.circuit, "component": args.component,
         # how the figures were obtained; under --method sampled their errors and the samples drawn
         "method": rep.method, "algorithm": rep.algorithm, "accuracy": rep.accuracy, "stderr": rep.stderr,
         "interval": rep.interval, "samples": rep.samples, "seed": rep.seed, "notes": list(rep.notes),
     }
     if rep.exact:  # the exact figures as sympy writes them, beside their float values
-        payload["exact_figures"] = {k: str(getattr(rep, k)) for k in
-                                    ("similarity", "relative_residual", "explained", "scale")}
+        payload["exact_figures"] = rep.exact_figures()  # a number too long to print: rounded
     _emit(args, payload, f"{args.circuit} vs {args.component}\n{rep!r}")
     # like cmp: a difference is exit 1, and so is a doubtful estimate (not a pass)
     return EXIT_OK if rep.verdict.startswith("equal") else EXIT_FAILED

@@ -145,6 +145,28 @@ class Polynomial(Component):
                 raise ValueError(self._beyond_message(where))
         return Polynomial(new, self.name, exact_tensor=exact_tensor, symbols=self.symbols)
 
+    def replace(self, **changes: Any) -> "Polynomial":
+        """:meth:`Component.replace`, carrying ``symbols`` and the exact
+        values of the float coefficients (``exact_tensor``; both may be given
+        as changes too).  The exact values survive a change of the name, and
+        of the tensor to the same values: the same floats (a dtype check), or
+        those floats as exact numbers (:func:`tsalgebra.exactify` of a
+        :class:`~tsalgebra.Sequential` holding this polynomial replaces its
+        tensor so), which then reads the exact values, as :meth:`map_weights`
+        does; a tensor of other values drops them."""
+        exact_tensor = changes.pop("exact_tensor", _UNCHANGED)
+        symbols = changes.pop("symbols", self.symbols)
+        built = super().replace(**changes)  # validated by the constructor; unknown names raise
+        tensor = built.tensor
+        if exact_tensor is _UNCHANGED:
+            exact_tensor = None
+            if self.exact_tensor is not None and tensor.shape == self.tensor.shape:
+                if "tensor" not in changes or (tensor.dtype != object and np.array_equal(tensor, self.tensor)):
+                    exact_tensor = self.exact_tensor
+                elif tensor.dtype == object and _same_values(tensor, self.tensor):
+                    tensor = self.exact_tensor.copy()
+        return Polynomial(tensor, built.name, exact_tensor=exact_tensor, symbols=symbols)
+
     def _beyond_message(self, idx: tuple[int, ...]) -> str:
         """Entry ``idx`` of the tensor (one ordering of a monomial's share) is
         beyond float64: said as the coefficient of that monomial."""
@@ -160,6 +182,19 @@ class Polynomial(Component):
 
 
 FLOAT64_MAX = float(np.finfo(float).max)
+_UNCHANGED = object()  # Polynomial.replace: no exact_tensor given
+
+
+def _same_values(exact: np.ndarray, floats: np.ndarray) -> bool:
+    """True when the object array ``exact`` holds exactly the values of the
+    float array ``floats``, entry by entry (compared as exact rationals)."""
+    for v, f in zip(exact.flat, floats.flat):
+        try:
+            if Fraction(v) != Fraction(float(f)):
+                return False
+        except (TypeError, ValueError, OverflowError):
+            return False
+    return True
 
 
 def _short(c: Any) -> str:

@@ -135,15 +135,88 @@ class Verification:
                 for name, digits in (("similarity", 8), ("relative_residual", 4), ("explained", 6)))
                 + f", best scale {float(self.scale):.6g}")
         else:
-            lines.append(f"  similarity {float(self.similarity):.12g}, relative residual "
-                         f"{float(self.relative_residual):.6g}, explained {float(self.explained):.6g}, "
-                         f"best scale {float(self.scale):.6g}")
+            lines.append(f"  similarity {_figure(self.similarity, 12)}, relative residual "
+                         f"{_figure(self.relative_residual, 6)}, explained {_figure(self.explained, 6)}, "
+                         f"best scale {_figure(self.scale, 6)}")
         if self.certificate is not None:
-            lines.append(f"  certificate (component - circuit): {self.certificate}")
+            cert = self.certificate_text()
+            text = "[" + ", ".join(cert) + "]" if isinstance(self.certificate, list) else cert[0]
+            lines.append(f"  certificate (component - circuit): {text}")
         if self.faithfulness:
             lines.append("  faithfulness as k grows: " + ", ".join(f"k={k}: {s:.4f}" for k, s, _ in self.faithfulness))
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+    def certificate_text(self) -> list[str]:
+        """The certificate's polynomials as text, one per output (:func:`bounded_text`)."""
+        cert = self.certificate
+        return [bounded_text(c) for c in (cert if isinstance(cert, list) else [cert])]
+
+    def exact_figures(self) -> dict[str, str]:
+        """The whole-model figures as text (:func:`bounded_text`: exactly as
+        sympy writes them, a number too long to print rounded to 15 digits)."""
+        return {k: bounded_text(getattr(self, k)) for k in ("similarity", "relative_residual", "explained", "scale")}
+
+
+# Exact numbers whose numerator or denominator has more digits than this are
+# printed rounded (:func:`bounded_text`): Python refuses to print an int of
+# over 4,300 digits, and such a figure is no reading matter.
+PRINT_DIGITS = 1000
+_PRINT_BITS = int(PRINT_DIGITS / math.log10(2))  # a bound on bit_length below which an int has <= PRINT_DIGITS digits
+
+
+def _digit_count(n: int) -> int:
+    """The decimal digits of int ``n``, without printing it."""
+    n = abs(n)
+    d = int(n.bit_length() * math.log10(2))
+    return d + 1 if n >= 10**d else max(d, 1)
+
+
+def _long_rationals(x: Any) -> list[Any]:
+    """The sympy rationals in ``x`` with a numerator or denominator too long to print."""
+    if isinstance(x, (int, Fraction)) and not isinstance(x, bool):
+        x = sympy.Rational(x)
+    if not isinstance(x, sympy.Basic):
+        return []
+    return [r for r in x.atoms(sympy.Rational)
+            if max(abs(int(r.p)).bit_length(), int(r.q).bit_length()) > _PRINT_BITS
+            and max(_digit_count(int(r.p)), _digit_count(int(r.q))) > PRINT_DIGITS]
+
+
+def bounded_text(x: Any, digits: int = 15) -> str:
+    """``str(x)`` for a figure or certificate polynomial, where every exact
+    number in it is short; an exact number of over ``PRINT_DIGITS`` digits
+    (in its numerator or denominator) is written rounded to ``digits``
+    significant digits instead, saying how long its exact form is (str
+    fails beyond 4,300 digits)."""
+    long = _long_rationals(x)
+    if not long:
+        return str(x)
+    x = sympy.sympify(x) if not isinstance(x, sympy.Basic) else x
+    size = max(_digit_count(int(v)) for r in long for v in (r.p, r.q))
+    if x.is_number:
+        number = str(sympy.N(x, digits)).replace("E", "e")  # mpmath writes 1.0E+4440 at 15 digits
+        return f"{number} (rounded; the exact form holds a {size:,}-digit integer)"
+    return str(x.xreplace({r: sympy.Float(sympy.N(r, digits), digits) for r in long}))
+
+
+def _figure(x: Any, digits: int) -> str:
+    """A figure of the report to ``digits`` significant digits: as float64,
+    or, where an exact figure is beyond float64 (its float infinite, or 0
+    though the figure is not), as sympy rounds it."""
+    try:
+        v = float(x)
+    except OverflowError:  # a Fraction beyond float64
+        v = math.inf
+    if isinstance(x, (int, Fraction)) and not isinstance(x, bool):
+        x = sympy.Rational(x)
+    if isinstance(x, sympy.Basic) and (not math.isfinite(v) or v == 0) and x.is_number and x.is_finite \
+            and x.is_zero is not True:
+        try:
+            return str(sympy.N(x, digits))
+        except (TypeError, ValueError):
+            pass
+    return f"{v:.{digits}g}"
 
 
 def _exact_value(v: Any) -> Any:
