@@ -109,7 +109,7 @@ def test_the_command_line_spells_the_other_inner_product(tmp_path, capsys):
 
 
 LAYERS = [  # docs/architecture.md's table, top to bottom
-    ["expr", "arrays", "threads", "progress", "messages"], ["planner", "engine"],
+    ["expr", "arrays", "threads", "heap", "progress", "messages"], ["planner", "engine"],
     ["components", "attention", "symbolic", "rescale"], ["measure"], ["problem"],
     ["pairings", "pairing_sum", "folding", "form_moments", "node_sums"], ["algorithms"], ["inner", "cosine"],
     ["matrix"], ["invariance", "verify", "formulas", "circuits", "symmetries", "baselines", "testing"],

@@ -41,6 +41,7 @@ from ..measure import Measure
 from ..problem import (FUNCTIONAL, Alternative, CostError, InnerProblem, InnerResult, MemoryBoundError,
                        NotApplicableError, Plan, bound_measure, format_count, resolve_inner, rounded_up)
 from ..progress import planned
+from ..heap import kept_heap
 
 __all__ = ["Algorithm", "Triple", "alternatives", "choose", "register", "registered", "run", "solve", "unregister"]
 
@@ -434,7 +435,7 @@ def run(plan: Plan) -> Triple:
     """Execute a plan of :func:`choose`, with a bar over its flops while it
     runs (:mod:`tsalgebra.progress`, as the problem's ``progress`` asks)."""
     algorithm = _named(plan.algorithm)
-    with planned(plan.flops, algorithm.title, plan.problem.progress):
+    with planned(plan.flops, algorithm.title, plan.problem.progress), kept_heap(plan.peak_bytes):
         return algorithm.run(plan)
 
 

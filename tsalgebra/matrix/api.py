@@ -20,6 +20,7 @@ from ..arrays import is_torch
 from ..components import Component
 from ..cosine import cosines
 from ..inner import LOG_FLOAT_MAX, LOG_FLOAT_TINY
+from ..heap import kept_heap
 from ..measure import Measure
 from ..rescale import without_output_bias
 from ..problem import (DEFAULT_BUDGET, FUNCTIONAL, Alternative, CostError, InnerProblem, MemoryBoundError, bound_measure,
@@ -91,7 +92,9 @@ def _gram(job: Job, route: str, judged: bool = False) -> tuple[Gram, str, dict[s
     clock = Clock(job.ops)
     if job.prepared is not None:
         clock.add("prepare", job.prepared.seconds, 0)  # folding and normalizing, on the host
-    gram = REGISTRY[chosen].run(job, costs[chosen] if chosen in costs else REGISTRY[chosen].layout(job), clock)
+    cost = costs[chosen] if chosen in costs else REGISTRY[chosen].layout(job)
+    with kept_heap(cost.peak_bytes):
+        gram = REGISTRY[chosen].run(job, cost, clock)
     return gram, chosen, costs, notes
 
 
