@@ -325,6 +325,8 @@ _MEMORY_SCRIPT = """
 import sys, threading, time
 import numpy as np
 import tsalgebra as ts
+import tsalgebra.heap
+tsalgebra.heap._MALLOPT = None  # malloc as the environment sets it (kept_heap would keep the warm call's memory)
 sys.path.insert(0, sys.argv[1])
 from test_tokens import attention_lm
 flags = dict(causal=True, rotary_base=10000.0, residual=True)
