@@ -57,7 +57,9 @@ class _Hermite:
         exps = [np.bincount(np.array(c, dtype=int), minlength=r) if c else np.zeros(r, dtype=int)
                 for deg in range(k + 1) for c in combinations_with_replacement(range(r), deg)]
         self.r, self.k = r, k
-        self.exps = np.array(exps, dtype=np.int64).reshape(-1, r)
+        # r = 0 (a rank-0 law: the input is constant): one monomial, the constant 1, whose
+        # coefficient is the mean; no covariance (len(exps), not -1: a 0-wide reshape is ambiguous)
+        self.exps = np.array(exps, dtype=np.int64).reshape(len(exps), r)
         self.sizes = [math.comb(r + j, j) for j in range(k + 1)]
         self.norms = np.array([math.prod(math.factorial(int(e)) for e in row) for row in self.exps], dtype=float)
         powers = (k + 1) ** np.arange(r, dtype=np.int64)

@@ -34,13 +34,27 @@ COSTED = True
 
 
 def _problem(job: Job, memory: int | None = None) -> InnerProblem:
-    """A pair standing for every pair: the models of the highest degree on
-    each side (quadrature's grid then integrates every pair exactly), within
-    the matrix's memory bound (``job.memory``, as the pairwise route plans
-    each pair; the product default, half the memory, would choose the
-    algorithm under another bound) unless ``memory`` says."""
+    """A pair standing for every product the route computes, within the
+    matrix's memory bound (``job.memory``, as the pairwise route plans each
+    pair; the product default, half the memory, would choose the algorithm
+    under another bound) unless ``memory`` says.
+
+    The route sums every cross product *and* every self product (the norms
+    of the rows and of the columns) over the stand-in's nodes, so its nodes
+    must integrate products of degree up to 2 D exactly, D the highest
+    degree of any model on either side: quadrature's grid for a pair is
+    exact for the sum of the pair's degrees only, so the stand-in is two
+    models of degree D (the highest-degree row model and the highest-degree
+    column model where their degrees agree, else the one of higher degree
+    twice; of a symmetric matrix, its highest-degree model twice).  Its plan
+    then counts the nodes the route runs on."""
     a = max(job.rows, key=degree_of)
-    b = max(job.cols if job.cols is not None else job.rows, key=degree_of)
+    b = max(job.cols, key=degree_of) if job.cols is not None else a
+    da, db = degree_of(a), degree_of(b)
+    if da < db:  # every product (rows: 2 da, crosses: da + db, columns: 2 db) is exact on the grid of (b, b)
+        a = b
+    elif db < da:
+        b = a
     return InnerProblem.of(a, b, job.inner, job.method, measure=job.measure, centered=job.centered,
                            **dict(job.options, max_memory=memory or job.memory))
 
