@@ -8,11 +8,12 @@ scaled 1/sqrt(width)), without and with residual connections, 3 seeds each;
 two independent models a and b per seed.  For each pair it reports
 
 * the Gaussian (x ~ N(0, I)) self inner product <a,a> and cross inner
-  product <a,b>: the reference is tsalgebra's exact pairing enumeration; where
-  exact enumeration is refused (``ts.CostError``: depth 3 has 16 input legs,
-  46,206,736 partial matchings, beyond the enumeration limit) the reference is
-  Monte Carlo with 2e6 samples (direct numpy forward pass) and its standard
-  error, marked "MC" in the table;
+  product <a,b>: the reference is tsalgebra's exact value (the algorithm its
+  default chooses: pairing orbits at depths 1-2, Gauss-Hermite quadrature at
+  depth 3, whose 16 input legs make 46,206,736 partial matchings), marked
+  "exact"; only where every exact algorithm is refused (``ts.CostError``) the
+  reference is Monte Carlo with 2e6 samples (direct numpy forward pass) and
+  its standard error, marked "MC" in the table;
 * Gaussian moment closure (``method="closure"``) and its relative error
   against the reference;
 * the Gaussian cosine (reference), the cosine under ``inner="network"`` and
@@ -37,7 +38,7 @@ as two calls (first calls include planning and orbit enumeration).
 Everything is float64 with fixed seeds; tables are Markdown so they can be
 pasted into docs.
 
-Run:  python benchmarks/closure_table.py        (20-60 s on 2 cores)
+Run:  python benchmarks/closure_table.py        (about 2 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -333,9 +334,9 @@ def main() -> None:
 
     print("### Gaussian inner products (x ~ N(0, I)): closure against the reference, and cosines")
     print()
-    print("Reference: `exact` = exact pairing enumeration; `MC` = Monte Carlo, 2e6 samples, ± one standard error "
-          "(exact enumeration refused with CostError). Relative errors against MC carry the MC noise shown in "
-          "brackets.")
+    print("Reference: `exact` = tsalgebra's exact value (pairing orbits, or quadrature at depth 3); `MC` = Monte "
+          "Carlo, 2e6 samples, ± one standard error (every exact algorithm refused with CostError). Relative errors "
+          "against MC carry the MC noise shown in brackets.")
     print()
     head = ["depth", "residual", "seed", "ref", "<a,a> ref", "<a,a> closure", "rel err", "<a,b> ref",
             "<a,b> closure", "rel err", "cos gaussian", "cos network", "cos symmetric", "gap sym-net"]

@@ -367,7 +367,7 @@ def main() -> None:
         print(f"  max |cosine difference| loop vs batched on the pairs the loop ran: "
               f"{'n/a' if check is None else f'{check:.2e}'}")
         speed = t_loop / t_b
-        print(f"speedup batched vs loop: {speed:.1f}x")
+        print(f"speedup batched vs loop: {speed:.3g}x")
         print()
         rows.append((label, res.route, t_b, t_loop, full, speed, dom, shape, check, ref, b_threads, l_threads))
 
@@ -389,7 +389,7 @@ def main() -> None:
         want = SPEEDUP_TARGETS.get(shape, 1.0)
         ok = speed >= want
         ok_all &= ok
-        print(f"  {'PASS' if ok else 'FAIL'}  speedup >= {want:g}x at {label}: {speed:.1f}x")
+        print(f"  {'PASS' if ok else 'FAIL'}  speedup >= {want:g}x at {label}: {speed:.3g}x")
     for label, route, t_b, t_loop, full, speed, dom, shape, check, ref, bt, lt in rows:
         ok = dom.rate >= 0.5 * ref
         ok_all &= ok

@@ -864,8 +864,8 @@ class GaussianClosure(Algorithm):
         bilinear = [sum(_bilinear_count(s.chains[k]) for s in tail.stages) + _bilinear_count(tail.closing[k])
                     for k in (0, 1)]
         approx = max(bilinear[k] + sum(s.attentions[k] is not None for s in tail.stages) for k in (0, 1))
-        notes = (f"Gaussian closure over {approx} layer(s) after an exact first stage ({tail.attentions} attention, "
-                 f"{max(bilinear)} bilinear): approximate",) if approx else ()
+        notes = (f"Gaussian closure over {approx} layer(s) ({tail.attentions} attention, {max(bilinear)} bilinear) "
+                 "after an exact first stage: approximate",) if approx else ()
         if flops > limit:
             raise CostError(f"closure would cost {format_count(flops)} flops", flops=flops)
         schedule = _Schedule(head, tuple(tuple(s) for s in steps), tail.readout, widths, per_position, tuple(parts))
