@@ -91,4 +91,12 @@ def checked_device(device: Any, argument: str = "device") -> Any:
             raise ValueError(f"{argument}={device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
     if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise ValueError(f"{argument}={device!r}: MPS is not available here")
+    if dev.type == "meta":
+        raise ValueError(f"{argument}={device!r}: the meta device holds shapes, not values; use None (numpy), 'cpu' "
+                         "or a GPU")
+    if dev.type not in ("cpu", "cuda", "mps"):  # xpu, hip, ...: torch's own module says whether one is here
+        backend = getattr(torch, dev.type, None)
+        if not callable(getattr(backend, "is_available", None)) or not backend.is_available():  # type: ignore[union-attr]
+            raise ValueError(f"{argument}={device!r}: no {dev.type} device is available here; use None (numpy) or "
+                             "'cpu'")
     return dev
