@@ -54,7 +54,7 @@ import numpy as np
 from .components import Bilinear, Component, Sequential
 from .engine import evaluation_network
 from .formulas import QUOTE_CHARS, parse_formulas
-from .io import run_of
+from .io import TemplateError, run_of
 from .jsonable import dumps
 from .matrix.api import ROUTES
 from .messages import counted, message_of, raised
@@ -212,6 +212,42 @@ def summary(seed: int = 0, batch: int = 32) -> list[dict[str, Any]]:
     return rows
 
 
+def summary_bytes(batch: int, seed: int = 0) -> int:
+    """Bytes :func:`summary`'s self-check holds at its peak for ``batch``
+    samples (an upper estimate, from shapes alone), for the costlier model:
+    the inputs and their padded copy, the direct forward pass's arrays of
+    each layer, the output, and the evaluation plan's two largest operands
+    (its largest intermediate, twice)."""
+    most = 0
+    for model in example_models(seed).values():
+        floats = 2 * model.in_features + 1 + model.out_features + 1  # x, x~, the padded output
+        for layer in model.layers:  # left, right, their product, the output (and the residual's sum)
+            floats += 3 * layer.left.shape[0] + 2 * layer.out_features
+        largest = plan(evaluation_network(model.expression, batch)).largest_intermediate
+        most = max(most, 8 * (batch * floats + 2 * int(largest)))
+    return most
+
+
+def _check_batch(batch: int, seed: int) -> None:
+    """--batch whose self-check would not fit half the available memory (as
+    a product's default bound): a usage error naming the estimate and a
+    --batch that fits, before anything is allocated."""
+    from .problem import available_memory
+
+    need, bound = summary_bytes(batch, seed), available_memory() // 2
+    if need <= bound:
+        return
+    fits = max(1, int(batch * bound // need))
+    if fits > 100:  # two significant digits, rounded down
+        unit = 10 ** (len(str(fits)) - 2)
+        fits = fits // unit * unit
+    while fits > 1 and summary_bytes(fits, seed) > bound:
+        fits //= 2
+    raise UsageError(f"--batch {batch}: the self-check evaluates each model on {batch:,} samples, about "
+                     f"{need / 1e9:.3g} GB ({need / batch:.0f} bytes a sample), over half the available memory "
+                     f"({bound / 1e9:.3g} GB); give --batch {fits} or less")
+
+
 def _print_summary(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         print(f"== {r['name']}: {r['model']}")
@@ -272,7 +308,8 @@ _OPTIONS = {
     "samples": ("--samples", "N"), "rel_error": ("--rel-error", "R"), "seed": ("--seed", "S"),
     "budget": ("--budget", "F"), "per_output": ("--per-output", ""), "store": ("--store", "DIR"),
     "workers": ("--workers", "N"), "scheduler": ("--scheduler", "ADDRESS"), "tile": ("--tile", "N"),
-    "max_memory": ("--max-memory", "BYTES"), "route": ("--route", "NAME"),
+    "max_memory": ("--max-memory", "BYTES"), "route": ("--route", "NAME"), "exact": ("--exact", ""),
+    "tol": ("--tol", "T"),
 }
 _KEYS = "|".join(sorted(_OPTIONS, key=len, reverse=True))
 # keyword=value as a message spells an argument (not inside a model's repr,
@@ -382,6 +419,9 @@ def _template(spec: str | None) -> Callable[[], Any] | None:
     fn = getattr(module, fn_name, None)
     if fn is None:
         raise UsageError(f"--template: {mod_name} has no attribute {fn_name!r}")
+    if not callable(fn):  # (a torch module is callable): said before any checkpoint is read
+        raise UsageError(f"--template {spec}: {fn_name} is {type(fn).__name__}, not a function that builds the torch "
+                         "module (or a module)")
     return fn
 
 
@@ -808,6 +848,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if said is None:
             raise
         raise said from None
+    said = tuple(_cli_spelling(n, _given_paths(args))[0] for n in rep.notes)  # ts.verify's keywords as its flags
+    if said != rep.notes:
+        from dataclasses import replace
+
+        rep = replace(rep, notes=said)
     payload = {
         "verdict": rep.verdict, "exact": rep.exact, "inner": rep.inner, "similarity": rep.similarity,
         "relative_residual": rep.relative_residual, "explained": rep.explained, "scale": rep.scale,
@@ -889,6 +934,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
+    _check_batch(args.batch, args.seed)  # estimated before anything is allocated
     rows = summary(args.seed, args.batch)
     if args.json:
         print(dumps(rows, indent=2))
@@ -1099,6 +1145,11 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return _fail(args, EXIT_USAGE, str(exc))
     except FileNotFoundError as exc:
         return _fail(args, EXIT_USAGE, str(exc))
+    except TemplateError as exc:  # the option the checkpoints need is the wrong one: usage, named by its flag
+        getattr(args, "_usage", parser).print_usage(sys.stderr)
+        spec = getattr(args, "template", None)
+        return _fail(args, EXIT_USAGE, f"--template {spec} cannot read {exc.path}: {exc.problem}" if spec
+                     else str(exc))
     except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`): not our failure
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
@@ -1118,8 +1169,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             return _fail(args, EXIT_FAILED, _unexpected(exc))
         return _fail(args, EXIT_FAILED, _file_names(_cli_spelling(str(exc), _given_paths(args))[0], args))
     except MemoryError as exc:  # an allocation this machine refused: said as such, not a traceback
-        return _fail(args, EXIT_FAILED, f"out of memory ({exc or 'an allocation failed'}); try a smaller --n-ctx, "
-                                        "fewer models, or a smaller --budget or --max-memory")
+        return _fail(args, EXIT_FAILED, f"out of memory ({exc or 'an allocation failed'}); {_memory_advice(args)}")
     except Exception as exc:  # noqa: BLE001 - the last resort: a kind of error not foreseen, said, not a traceback
         return _fail(args, EXIT_FAILED, _unexpected(exc))
     except KeyboardInterrupt:  # Ctrl-C: an error as any other (the JSON error object with --json)
@@ -1127,6 +1177,25 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     finally:
         for note in _notes(args):  # warnings not reported with an output (a failure, say)
             _write(f"tsalgebra: note: {note}", sys.stderr)
+
+
+# the options that make a command hold less memory, in the order advised: a
+# command's out-of-memory message names those it takes (its parser's options)
+_SMALLER = ("--batch", "--n-ctx", "--samples", "--tile", "--budget", "--max-memory",
+            "--modulus", "--width", "--hidden", "--vocab", "--d-model", "--n-head", "--n-layers", "--seq-len")
+
+
+def _memory_advice(args: argparse.Namespace) -> str:
+    """What to try after an allocation this machine refused, in options of
+    the command that was run only (``matrix`` also: fewer checkpoints)."""
+    command = getattr(args, "_usage", None)
+    flags = {f for action in getattr(command, "_actions", ()) for f in action.option_strings}
+    smaller = [f for f in _SMALLER if f in flags]
+    advice = ["fewer checkpoints"] if getattr(command, "prog", "").endswith(" matrix") else []
+    if smaller:
+        advice.append("a smaller " + (smaller[0] if len(smaller) == 1 else
+                                      ", ".join(smaller[:-1]) + " or " + smaller[-1]))
+    return ("try " + " or ".join(advice)) if advice else "free some memory, or run it on a larger machine"
 
 
 def _passable(alternatives: Sequence[Alternative], args: argparse.Namespace) -> list[Alternative]:

@@ -39,7 +39,8 @@ The architecture comes from one of two places:
   are read and converted without importing torch.
 
 Directories load every checkpoint file inside (``.safetensors``, ``.pt``,
-``.pth``, ``.ckpt``, ``.bin``) in natural order: ``step_2`` before ``step_10``;
+``.pth``, ``.ckpt``, ``.bin``) in natural order of their stems: ``step_2``
+before ``step_10``, ``run`` before ``run2``;
 hidden files (a name starting with ".": macOS's ``._step_2.pt`` companions)
 are not checkpoints and are skipped.
 Every failure to read or interpret a file raises :class:`LoadError` (a
@@ -53,12 +54,9 @@ import copy
 import io
 import math
 import numbers
-import os
 import pickle
 import re
 import struct
-import sys
-import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -72,10 +70,10 @@ import numpy as np
 from .arrays import exact_float64, is_torch, no_real_values
 from .layouts import SIZES, attention_lm, is_run_directory, missing_sizes, read_config
 from .components import Bilinear, Component, Linear, Sequential
-from .messages import raised
+from .messages import counted, raised, warn_at_caller
 
-__all__ = ["LoadError", "load", "save", "checkpoint_paths", "read_state_dict", "model_from_state_dict", "run_of",
-           "natural_key", "is_checkpoint", "CHECKPOINT_SUFFIXES", "NATIVE_FORMAT"]
+__all__ = ["LoadError", "TemplateError", "load", "save", "checkpoint_paths", "read_state_dict", "model_from_state_dict",
+           "run_of", "natural_key", "is_checkpoint", "CHECKPOINT_SUFFIXES", "NATIVE_FORMAT"]
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
 NATIVE_FORMAT = "tsalgebra-native-v1"
@@ -90,6 +88,50 @@ class LoadError(ValueError):
     def __init__(self, path: Any, message: str) -> None:
         self.path, self.message = str(path), message
         super().__init__(f"{self.path}: {message}")
+
+
+class TemplateError(LoadError):
+    """The template given cannot read the file: it is not a torch module (or
+    a function building one), or its state dict's keys or shapes are not the
+    checkpoint's.  ``problem``: what is wrong, without the file."""
+
+    def __init__(self, path: Any, problem: str) -> None:
+        self.problem = problem
+        super().__init__(path, problem)
+
+
+def _mismatch(sd: Mapping[str, Any], target: Mapping[str, Any], strict: bool) -> str | None:
+    """How the checkpoint's state dict ``sd`` and the template's ``target``
+    differ (the keys torch's load_state_dict would refuse), in words: the
+    keys whose shapes differ, the template's keys the checkpoint lacks and
+    the checkpoint's keys the template lacks (those two with ``strict``
+    only, as torch ignores them without); None where they fit."""
+
+    def listed(keys: list[str], n: int = 6) -> str:
+        return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+    def shape(v: Any) -> tuple[int, ...] | None:
+        s = getattr(v, "shape", None)
+        return None if s is None else tuple(int(x) for x in s)
+
+    parts = []
+    sized = [k for k in sd if k in target and shape(sd[k]) is not None and shape(target[k]) is not None
+             and shape(sd[k]) != shape(target[k])]
+    if sized:
+        shown = "; ".join(f"{k} is {shape(sd[k])} in the checkpoint, {shape(target[k])} in the template"
+                          for k in sized[:6]) + (f"; and {len(sized) - 6} more" if len(sized) > 6 else "")
+        parts.append(f"size mismatch for {len(sized)} of the keys: {shown}")
+    if strict:
+        missing = [k for k in target if k not in sd]
+        extra = [k for k in sd if k not in target]
+        if missing:
+            parts.append(f"{counted(len(missing), 'key')} of the template missing from the checkpoint: "
+                         f"{listed(missing)}")
+        if extra:
+            parts.append(f"{counted(len(extra), 'key')} of the checkpoint not in the template: {listed(extra)}")
+    if not parts:
+        return None
+    return "the checkpoint's state dict does not fit the template: " + "; ".join(parts)
 
 
 def natural_key(name: str) -> tuple:
@@ -119,7 +161,9 @@ def checkpoint_paths(path: str | Path) -> list[Path]:
                 hint += (f" (its config.json does not name {', '.join(missing_sizes(p) or SIZES)}, so it is not a "
                          "language-model run in the papers' layout)")
         raise LoadError(p, f"directory holds no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}){hint}")
-    return sorted(files, key=lambda f: natural_key(f.name))
+    # by the stem (the model's name): "run" before "run2" before "run10" (on the whole file name the
+    # suffix's "." sorted "run.pt" after "run10.pt"); the whole name breaks a tie (step_2.pt, step_2.safetensors)
+    return sorted(files, key=lambda f: (natural_key(f.stem), natural_key(f.name)))
 
 
 MAX_CHECKPOINT_BYTES = 2**32  # 4 GiB of tensors: far above the field's checkpoints; raise with max_bytes=
@@ -207,8 +251,8 @@ def _unwrap(obj: Any, path: Path, state_key: str | None = None) -> dict[str, Any
         if not flat:
             raise LoadError(path, f"state_key={state_key!r}: no state dict there, nor keys prefixed {prefix!r} in "
                                   f"one; the entries holding tensors are {list(holders) or 'none'}")
-        _warn_at_caller(f"{path}: state_key={state_key!r} not used: the file is one state dict, with no key "
-                        f"prefixed {prefix!r}; read as it is")
+        warn_at_caller(f"{path}: state_key={state_key!r} not used: the file is one state dict, with no key "
+                       f"prefixed {prefix!r}; read as it is")
     if len(holders) == 1:
         return {str(k): v for k, v in next(iter(holders.values())).items()}
     if holders:
@@ -217,16 +261,6 @@ def _unwrap(obj: Any, path: Path, state_key: str | None = None) -> dict[str, Any
     keys = ", ".join(map(str, list(obj)[:8]))
     raise LoadError(path, f"holds no state dict: top-level keys are [{keys}]; expected tensors, or an entry "
                           f"(such as {', '.join(_NESTED)}) holding them")
-
-
-def _warn_at_caller(message: str) -> None:
-    """A UserWarning pointing at the user's call, the first frame outside this
-    package: its depth differs by entry point (load, read_state_dict)."""
-    package = os.path.dirname(__file__) + os.sep
-    frame, level = sys._getframe(), 1
-    while frame is not None and frame.f_code.co_filename.startswith(package):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, UserWarning, stacklevel=level)
 
 
 PREFIXES = ("module.", "_orig_mod.", "model.")  # DDP, torch.compile, Lightning
@@ -555,13 +589,17 @@ def model_from_state_dict(sd: Mapping[str, Any], template: Template = None,
             name = getattr(template, "__qualname__", None)
             what = f"{getattr(template, '__module__', None) or '?'}.{name}()" if name else repr(template)
             raise LoadError(source, f"the template builder {what} raised {raised(exc)}") from None
+    if not isinstance(module, nn.Module):
+        got = f"its builder returned {type(module).__name__}" if module is not template else \
+            f"it is {type(module).__name__}"
+        raise TemplateError(source, f"the template is not an nn.Module or a function returning one ({got})")
     try:
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"template must be an nn.Module or a function returning one, got {type(module).__name__}")
         # float64, as the conversion is: a float32 template would round the checkpoint's values on the copy in
         module = copy.deepcopy(module).double()
         target = module.state_dict()
         stripped = strip_prefixes(sd, target)
+        if (mismatch := _mismatch(stripped, target, strict)) is not None:  # said in words, not torch's text
+            raise TemplateError(source, mismatch)
         for k, v in stripped.items():  # the native path's checks where load_state_dict casts into a float: it
             if isinstance(target.get(k), torch.Tensor) and target[k].is_floating_point():  # would round 2**60 + 1,
                 _values(v, k, source)  # read bool as 0/1, keep a NaN (a bool or integer buffer takes them as they are)
@@ -571,9 +609,9 @@ def model_from_state_dict(sd: Mapping[str, Any], template: Template = None,
         module.eval()
     except LoadError:
         raise
-    except (ValueError, TypeError, RuntimeError, KeyError) as exc:
-        msg = str(exc).strip().replace("\n", " ")
-        raise LoadError(source, f"cannot interpret the state dict with the template: {msg}") from None
+    except (ValueError, TypeError, RuntimeError, KeyError) as exc:  # what the checks above did not foresee
+        msg = " ".join(str(exc).split())
+        raise TemplateError(source, f"the template cannot read the checkpoint's state dict: {msg}") from None
     try:
         return from_torch(module, n_ctx=n_ctx)
     except AdapterError as exc:

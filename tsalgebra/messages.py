@@ -8,7 +8,11 @@ error being reported is never replaced by that second one.
 
 from __future__ import annotations
 
-__all__ = ["UNPRINTABLE", "counted", "message_of", "raised"]
+import os
+import sys
+import warnings
+
+__all__ = ["UNPRINTABLE", "counted", "message_of", "raised", "warn_at_caller"]
 
 UNPRINTABLE = "(its message cannot be printed)"
 
@@ -33,3 +37,13 @@ def raised(exc: BaseException) -> str:
     text = message_of(exc)
     name = type(exc).__name__
     return f"{name} {UNPRINTABLE}" if text is None else f"{name}: {text}" if text else name
+
+
+def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
+    """A warning pointing at the user's call, the first frame outside this
+    package (its depth differs by entry point)."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

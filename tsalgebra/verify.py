@@ -659,6 +659,14 @@ def _misfit_note(misfits: list[tuple[int, float]], tol: float, kind: str) -> str
             "on its own scale")
 
 
+# A float64 relative residual (or unexplained share) this small can be
+# rounding alone: each product sums many float64 terms, and the residual
+# <f,f> - 2<f,c> + <c,c> cancels them.  A tol below it can call a circuit
+# equal to the component "different" (a note says so, and that exact=True
+# decides in exact arithmetic).
+FLOAT_ROUNDING = 1e-12
+
+
 # The float64 rounding of a figure computed from sample means, per log2(n) + 4
 # of the pairwise sums (as the Monte Carlo cosine's own floor): on a circuit
 # equal to the component the measured spread of the residual is 0, and its
@@ -982,6 +990,14 @@ def verify(
                 continue
             verdict = f"{kind} (within tolerance{suffix})"
             break
+        if verdict == "different" and accuracy == "exact" and tol < FLOAT_ROUNDING:
+            near = [figure for figure, s in ((residual, 1.0), (1 - explained, scale))
+                    if figure <= FLOAT_ROUNDING and not _misfits(pf, pc, pfc, s, FLOAT_ROUNDING)]
+            if near:
+                notes.append(f"tol={tol:g} is below the float64 rounding of these figures (about {FLOAT_ROUNDING:g}): "
+                             f"the relative residual {residual:.3g} (unexplained share {1 - explained:.3g}) can be "
+                             "rounding alone, so a circuit equal to the component may be called different; exact=True "
+                             "(--exact on the command line) decides in exact arithmetic")
         if accuracy == "approximate":
             notes.append(f"{r_fc.method} values are approximate, without an error bar: the verdict compares them "
                          "with tol as if they were exact")

@@ -61,6 +61,7 @@ import sympy
 from ..arrays import is_torch, torch_to_numpy
 from ..components import Component
 from ..cosine import cosines
+from ..messages import warn_at_caller
 from ..progress import progress_bar
 from .job import TileGram, Tiling
 from .ops import parse_dtype
@@ -257,6 +258,7 @@ class Store:
 
     def __init__(self, path: Any, options: dict[str, Any], rows: list[str], cols: list[str] | None) -> None:
         self.path = store_path(path)
+        self.notes: list[str] = []  # the tiles found unusable (computed again): notes of the result
         self.manifest = {"version": STORE_VERSION, "options": options, "rows": rows, "cols": cols}
         # Every tile records this digest of the manifest and is read back only
         # under it: a tile left without its manifest (deleted, lost, copied in
@@ -387,12 +389,12 @@ class Store:
             with np.load(file, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
                 if not isinstance(meta, dict):
-                    raise ValueError("its metadata is not a JSON object")
+                    raise _Unusable("its metadata is not a JSON object")
                 if meta.get("store") != self.identity:
-                    raise ValueError("it was not computed under this manifest (other models or options)")
+                    raise _Unusable("it was not computed under this manifest (other models or options)")
                 if meta.get("rows") != [tile.r0, tile.r1] or meta.get("cols") != [tile.c0, tile.c1]:
-                    raise ValueError(f"it holds rows {meta.get('rows')} and columns {meta.get('cols')}, not this "
-                                     "tile's (a tile file moved or copied)")
+                    raise _Unusable(f"it holds rows {meta.get('rows')} and columns {meta.get('cols')}, not this "
+                                    "tile's (a tile file moved or copied)")
                 g = TileGram(z["cross"], z["row_self"], z["col_self"], z["row_log_scale"], z["col_log_scale"],
                              str(meta["route"]), int(meta["flops"]), bool(meta["exact"]), str(meta["method"]),
                              float(meta["seconds"]), bool(meta["cosines"]),
@@ -402,9 +404,14 @@ class Store:
                              int(meta.get("memory", 0)), _notes_of(meta.get("notes", [])))
             _check(tile, g)
             return g
-        except Exception as exc:  # noqa: BLE001 - whatever a damaged file raises (BadZipFile, EOFError...)
-            print(f"tsalgebra: store tile {file.name} is unusable ({str(exc) or type(exc).__name__}); computing it "
-                  "again", file=sys.stderr)
+        except _Unusable as exc:  # a tile file, but not one for this call's models, options and position
+            self.notes.append(f"store tile {file.name} is unusable ({exc}): computed again")
+            return None
+        except Exception:  # noqa: BLE001 - whatever a damaged file raises (BadZipFile, EOFError, numpy's errors)
+            # said in the store's words: the libraries' texts describe their own readers (numpy's suggests
+            # allow_pickle=, which no tile needs and no untrusted file should be read with)
+            why = "an empty file" if _size(file) == 0 else "not a tile this store wrote: truncated or corrupted"
+            self.notes.append(f"store tile {file.name} is unreadable ({why}): computed again")
             return None
 
     def write(self, tile: Tile, g: TileGram) -> None:
@@ -421,10 +428,28 @@ class Store:
         self._write(self._file(tile), buf.getvalue())
 
 
+class _Unusable(ValueError):
+    """Why a readable tile file is not used (said in the note as it is)."""
+
+
+def _size(file: Path) -> int | None:
+    try:
+        return file.stat().st_size
+    except OSError:
+        return None
+
+
+def _said_unusable(notes: Sequence[str]) -> None:
+    """The store's unusable tiles as warnings too (at the caller: the command
+    line's notes), as they are in the result's notes."""
+    for note in notes:
+        warn_at_caller(note)
+
+
 def _notes_of(stored: Any) -> tuple[str, ...]:
     """A stored tile's notes (a list of strings; none in a tile of an older tsalgebra)."""
     if not isinstance(stored, list) or not all(isinstance(x, str) for x in stored):
-        raise ValueError("its notes are not a list of strings")
+        raise _Unusable("its notes are not a list of strings")
     return tuple(stored)
 
 
@@ -435,19 +460,19 @@ def _check(t: Tile, g: TileGram) -> None:
               "col_self": (g.col_self.shape, (m,)), "row_log_scale": (g.row_log_scale.shape, (n,)),
               "col_log_scale": (g.col_log_scale.shape, (m,))}
     if g.cosines and g.stderr is None and "sampled" in g.method.split("/"):
-        raise ValueError("its estimated cosines have no standard errors")
+        raise _Unusable("its estimated cosines have no standard errors")
     if g.stderr is not None:
         if g.heavy is None or g.heavy.dtype != bool:
-            raise ValueError("its estimated cosines have no heavy-tail flags")
+            raise _Unusable("its estimated cosines have no heavy-tail flags")
         shapes["stderr"] = (g.stderr.shape, (n, m))
         shapes["heavy"] = (g.heavy.shape, (n, m))
     for name, (got, want) in shapes.items():
         if tuple(got) != want:
-            raise ValueError(f"{name} has shape {tuple(got)}, the tile needs {want}")
+            raise _Unusable(f"{name} has shape {tuple(got)}, the tile needs {want}")
     needed = [g.cross, g.row_log_scale, g.col_log_scale] + ([g.row_self] if t.row_self else []) + (
         [g.col_self] if t.col_self and not t.diagonal else [])
     if not all(np.isfinite(np.asarray(a, dtype=float)).all() for a in needed):
-        raise ValueError("a value is not finite")
+        raise _Unusable("a value is not finite")
 
 
 # ------------------------------------------------------------ the cluster
@@ -618,8 +643,10 @@ def tiled(rows: list[Any], cols: list[Any] | None, labels: Sequence[str] | None,
                     raise
         finally:
             bar.close()
+    unusable = () if store is None else tuple(dict.fromkeys(store.notes))
+    _said_unusable(unusable)
     return _assemble(rows, cols, tiles, done, spec, labels, col_labels, size, todo, from_store, where,
-                     None if store is None else str(store.path), started)
+                     None if store is None else str(store.path), started, unusable)
 
 
 def _parts(rows: list[Any], cols: list[Any] | None, t: Tile) -> tuple[list[Any], list[Any] | None, bool]:
@@ -634,7 +661,8 @@ def _run_tile(compute: Any, rows: list[Any], cols: list[Any] | None, t: Tile, sp
 
 def _assemble(rows: list[Any], cols: list[Any] | None, tiles: list[Tile], done: dict[Tile, TileGram], spec: Any,
               labels: Sequence[str] | None, col_labels: Sequence[str] | None, size: int, computed: list[Tile],
-              from_store: int, where: str, store: str | None, started: float) -> SimilarityMatrix:
+              from_store: int, where: str, store: str | None, started: float,
+              unusable: tuple[str, ...] = ()) -> SimilarityMatrix:
     """Cosines from the tiles, each on its own scale (module docstring)."""
     from .api import norms_of
 
@@ -702,7 +730,8 @@ def _assemble(rows: list[Any], cols: list[Any] | None, tiles: list[Tile], done: 
         col_labels=(tuple(labels) if labels else None) if sym else (tuple(col_labels) if col_labels else None),
         notes=(f"{len(tiles)} tiles of {size} models a side ({len(computed)} computed, {from_store} from the store) "
                f"on {where}",) + ((JOINT_NOTE,) if any(g.cosines for g in grams) else ())
-        + _tile_notes(tiles, done) + (() if heavy is None else heavy_note(heavy, sym)) + said, tiles=report,
+        + unusable + _tile_notes(tiles, done) + (() if heavy is None else heavy_note(heavy, sym)) + said,
+        tiles=report,
         stderr=se, heavy_tailed=heavy,
         log_norms=log_norm_r, col_log_norms=log_norm_c,
         algorithms=tuple(sorted({a for g in grams for a in g.algorithms})))
