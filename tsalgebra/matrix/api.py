@@ -134,7 +134,7 @@ def compute_tile(rows: list[Any], cols: list[Any] | None, spec: TileSpec, selfs:
                     np.asarray(gram.col_self, dtype=float),
                     zeros[0] if gram.row_log_scale is None else np.asarray(gram.row_log_scale, dtype=float),
                     zeros[1] if gram.col_log_scale is None else np.asarray(gram.col_log_scale, dtype=float),
-                    chosen, int(gram.flops), bool(gram.exact), gram.method, time.perf_counter() - t0,
+                    chosen, int(gram.flops), exact_in(gram), gram.method, time.perf_counter() - t0,
                     gram.cosines, None if gram.stderr is None else np.asarray(gram.stderr, dtype=float),
                     None if gram.heavy is None else np.asarray(gram.heavy, dtype=bool), gram.algorithms,
                     gram.device, job.memory, tuple(notes))
@@ -493,14 +493,26 @@ def _result(job: Job, gram: Gram, route: str, costs: Mapping[str, RouteCost], no
     log_norms = log_norms_of(gram.row_self, gram.row_log_scale)
     col_log_norms = log_norms if sym else log_norms_of(gram.col_self, gram.col_log_scale)
     norms, col_norms, said = norms_of(log_norms, col_log_norms, sym)
+    if gram.exact and not exact_in(gram):
+        said += (FLOAT32_NOTE,)
     return SimilarityMatrix(
-        values=cos, route=route, flops=int(gram.flops), inner=job.inner, method=gram.method, exact=gram.exact,
+        values=cos, route=route, flops=int(gram.flops), inner=job.inner, method=gram.method, exact=exact_in(gram),
         norms=norms, col_norms=col_norms, symmetric=sym,
         centered=job.centered, measure=job.measure.label if job.measure is not None else "", dtype=gram.dtype, device=gram.device, max_memory=job.memory,
         candidates=dict(costs), steps=gram.steps, seconds=seconds, labels=labels,
         col_labels=labels if sym else col_labels, notes=notes + said, stderr=gram.stderr, heavy_tailed=gram.heavy,
         log_norms=log_norms, col_log_norms=col_log_norms, algorithms=gram.algorithms,
     )
+
+
+FLOAT32_NOTE = ("computed in float32 (about 7 significant digits): an exact algorithm, not an exact value; "
+                "dtype float64 (the default) for exact values")
+
+
+def exact_in(gram: Gram) -> bool:
+    """Whether the products are exact values: an exact algorithm computed in
+    float64 (float32 keeps about 7 digits, which no exact label should hide)."""
+    return bool(gram.exact) and str(gram.dtype) == "float64"
 
 
 def _cosines(K: np.ndarray, sA: np.ndarray, sB: np.ndarray, inner: str, dtype: str, sym: bool) -> np.ndarray:
