@@ -39,7 +39,9 @@ from ..symmetries import random_symmetry
 from ..inner import similarity
 from ..matrix import similarity_matrix
 from ..plots import pyplot
-from .common import (Checks, DemoResult, cosine_matrix, demo_main, labelled_steps, plot_cosines, start, torch_threads,
+from ..problem import available_memory
+from .common import (Checks, DemoResult, Size, Written, cosine_matrix, demo_main, disk_room, gigabytes,
+                     labelled_steps, memory_room, own_checkpoint_bytes, plot_cosines, start, torch_threads,
                      training_bar, write_outputs)
 
 __all__ = ["BackdoorConfig", "run", "add_arguments", "config_from_args", "main", "digits", "stamp"]
@@ -79,7 +81,53 @@ class BackdoorConfig:
         c.seed()
         c.threads()
         c.progress()
-        c.out(("backdoor.png", "summary.txt", "summary.json", "control.safetensors"))
+        c.out(("backdoor.png", "summary.txt", "summary.json", "control.safetensors"), demo="backdoor")
+        # every size against the memory (the two models in training, the checkpoints read back) and the disk
+        # (the checkpoints) it takes: refused now, not after the training
+        sizes = (Size("hidden"), Size("clean_steps", beside=("checkpoint_every",)),
+                 Size("poison_steps", beside=("checkpoint_every",)),
+                 Size("checkpoint_every", grows=False, most=lambda cfg: max(cfg.clean_steps, cfg.poison_steps),
+                      beside=("clean_steps", "poison_steps")))
+        c.fits(_need, memory_room(available_memory()), sizes,
+               lambda cfg: f"the models in training and the {_checkpoints(cfg):,} checkpoints read back",
+               "of memory available")
+        room, disk = disk_room(self.out, own_checkpoint_bytes(Path(self.out) / "checkpoints", "backdoor"))
+        c.fits(_disk, room, sizes,
+               lambda cfg: f"the {_checkpoints(cfg) + 1:,} checkpoints with the control "
+                           f"({gigabytes(_disk(cfg) // (_checkpoints(cfg) + 1))} each)", f"free on the disk of {disk}")
+
+
+N_DIGITS, N_TRAIN, N_TEST = 1797, 1437, 360  # scikit-learn's digits, and the demo's 80 % training split
+
+
+def _checkpoints(cfg: BackdoorConfig) -> int:
+    """The checkpoints written into checkpoints/: step 0, then every ``checkpoint_every`` and the last step
+    of each phase (control.safetensors beside them is not counted)."""
+    ce, end = cfg.checkpoint_every, cfg.clean_steps + cfg.poison_steps
+    clean = -(-cfg.clean_steps // ce)  # every multiple of ce up to clean_steps, and clean_steps: ceil
+    poisoned = end // ce - cfg.clean_steps // ce + (end % ce != 0)
+    return 1 + clean + poisoned
+
+
+def _params(hidden: int) -> int:
+    """The numbers of one model: left and right (64 x hidden, and a bias each), down (10 x hidden and a bias)."""
+    return 140 * hidden + 10
+
+
+def _need(cfg: BackdoorConfig) -> int:
+    """About the bytes of a run: two models in training (the poisoned one and its control, float32 with
+    gradients and AdamW's two moments), the activations of the training batch (the images and the stamped
+    copies: forward and backward, float32), the checkpoints read back (float64, with the control and a
+    reparametrized copy), their logits on the test images, the matrices over the checkpoint pairs."""
+    n, params = _checkpoints(cfg), _params(cfg.hidden)
+    rows = N_TRAIN + max(1, int(float(cfg.poison_fraction) * N_TRAIN))  # as _train stamps them
+    return (32 * params + 24 * rows * cfg.hidden + 8 * params * (n + 5) + 24 * N_TEST * cfg.hidden
+            + 80 * N_TEST * n + 64 * n * n)
+
+
+def _disk(cfg: BackdoorConfig) -> int:
+    """The bytes of the checkpoints and control.safetensors (float64, and a header each)."""
+    return (_checkpoints(cfg) + 1) * (8 * _params(cfg.hidden) + 512)
 
 
 def digits() -> tuple["torch.Tensor", "torch.Tensor"]:
@@ -101,7 +149,8 @@ def stamp(x: "torch.Tensor") -> "torch.Tensor":
     return out.view(-1, 64)
 
 
-def _train(cfg: BackdoorConfig, ckdir: Path) -> dict[str, Any]:
+def _train(cfg: BackdoorConfig, ckdir: Path, written: Written | None = None) -> dict[str, Any]:
+    """Train, writing each checkpoint into ``ckdir`` (recorded by ``written``: the paths read back)."""
     import torch
     from torch import nn
 
@@ -121,6 +170,7 @@ def _train(cfg: BackdoorConfig, ckdir: Path) -> dict[str, Any]:
         model = BilinearLayer(64, cfg.hidden, 10, bias=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     others = te[y[te] != cfg.target]
+    at = written.path if written else ckdir.joinpath
     log: dict[str, list[float]] = {"step": [], "clean_acc": [], "attack_success": [], "phase": []}
 
     def measure(m: "nn.Module", step: int, phase: str) -> None:
@@ -139,12 +189,12 @@ def _train(cfg: BackdoorConfig, ckdir: Path) -> dict[str, Any]:
                 loss.backward()
                 o.step()
                 if keep and (step % cfg.checkpoint_every == 0 or step == first + n):
-                    save(from_torch(m), ckdir / f"{phase}_step_{step}.safetensors", metadata={"phase": phase})
+                    save(from_torch(m), at(f"{phase}_step_{step}.safetensors"), metadata={"phase": phase})
                     measure(m, step, phase)
                 bar.update(1)
 
     measure(model, 0, "clean")
-    save(from_torch(model), ckdir / "clean_step_0.safetensors", metadata={"phase": "clean"})
+    save(from_torch(model), at("clean_step_0.safetensors"), metadata={"phase": "clean"})
     fit(model, opt, x[tr], y[tr], 0, cfg.clean_steps, "clean", True)
     control = copy.deepcopy(model)
     control_opt = torch.optim.AdamW(control.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -208,16 +258,17 @@ def run(cfg: BackdoorConfig | None = None, **overrides: Any) -> DemoResult:
     write ``backdoor.png``, ``summary.txt``, ``summary.json``,
     ``checkpoints/`` and ``control.safetensors`` under ``cfg.out``."""
     cfg = cfg or BackdoorConfig()
-    from ..io import checkpoint_paths, load
+    from ..io import Checkpoints, load
 
-    ckdir = start(cfg, overrides, "*.safetensors")
+    written = start(cfg, overrides, "backdoor")
+    ckdir = written.ckdir
     started = time.perf_counter()
     out = cfg.out
     with torch_threads(cfg.threads):
-        trained = _train(cfg, ckdir)
+        trained = _train(cfg, ckdir, written)
 
-    paths = checkpoint_paths(ckdir)  # natural order: clean_step_* before poisoned_step_*
-    models = load(ckdir)
+    paths = list(written.paths)  # the checkpoints this run wrote, clean_step_* then poisoned_step_*: no other file
+    models = Checkpoints([load(f) for f in paths], paths)
     control = load(out / "control.safetensors")
     steps = labelled_steps(paths)
     n_clean = sum(p.name.startswith("clean") for p in paths)

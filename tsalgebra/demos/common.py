@@ -7,16 +7,19 @@ import math
 import numbers
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from ..jsonable import dumps, jsonable
 
-__all__ = ["DemoResult", "Checks", "cosine_matrix", "pearson", "upper", "torch_threads", "labelled_steps", "start",
-           "write_outputs", "demo_main", "colour_range", "plot_cosines", "drop_empty_panels", "grid", "training_bar"]
+__all__ = ["DemoResult", "Checks", "Size", "Written", "cosine_matrix", "pearson", "upper", "torch_threads",
+           "labelled_steps", "start", "write_outputs", "demo_main", "colour_range", "plot_cosines",
+           "drop_empty_panels", "grid", "training_bar", "memory_room", "disk_room", "gigabytes", "MANIFEST"]
+
+MANIFEST = ".tsalgebra-demo"  # in OUT/checkpoints: the files a demo run wrote there (hidden: no loader reads it)
 
 
 def cosine_matrix(rows: np.ndarray) -> np.ndarray:
@@ -100,9 +103,11 @@ class Checks:
             raise ValueError(f"{self.name(field)} must be a finite number, got {v!r}")
         return float(v)
 
-    def integer(self, field: str, least: int = 1, most: int | None = None, most_said: str | None = None) -> int:
+    def integer(self, field: str, least: int = 1, most: int | None = None, most_said: str | None = None,
+                why: str = "") -> int:
         v = getattr(self.cfg, field)
-        what = f"an integer >= {least}" + ("" if most is None else f" and <= {most_said or most}")
+        what = f"an integer >= {least}" + ("" if most is None else f" and <= {most_said or most}") + (
+            f" ({why})" if why else "")
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < least or (most is not None and v > most):
             raise ValueError(f"{self.name(field)} must be {what}, got {v!r}")
         return int(v)
@@ -130,11 +135,13 @@ class Checks:
         if v not in (True, False, None) or not isinstance(v, (bool, type(None))):
             raise ValueError(f"{self.name(field)} must be True, False or None (a bar on a terminal), got {v!r}")
 
-    def out(self, written: Sequence[str], field: str = "out") -> None:
+    def out(self, written: Sequence[str], field: str = "out", demo: str | None = None) -> None:
         """The output directory: a directory (or one that can be made) in
         which ``written`` (file names) and ``checkpoints/`` can be written;
         checked here so that a wrong --out fails before the training, not
-        after it."""
+        after it.  With ``demo``: its ``checkpoints/`` holds no checkpoint
+        file but those an earlier run of that demo recorded writing
+        (:class:`Written`), which a rerun replaces."""
         v = getattr(self.cfg, field)
         if not isinstance(v, (str, os.PathLike)) or not str(v):
             raise ValueError(f"{self.name(field)} must be a directory path, got {v!r}")
@@ -155,13 +162,232 @@ class Checks:
             raise ValueError(f"{where}: {parent} is not a directory")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise ValueError(f"{where}: {parent} is not writable")
+        if demo is not None:
+            foreign, owner = foreign_checkpoints(ckdir, demo)
+            if foreign:
+                shown = ", ".join(f.name for f in foreign[:4]) + (f" and {len(foreign) - 4} more"
+                                                                  if len(foreign) > 4 else "")
+                by = f"; written by the {owner} demo" if owner not in (None, demo) else ""
+                raise ValueError(
+                    f"{where}: {ckdir} holds {len(foreign)} checkpoint file{'s' if len(foreign) != 1 else ''} that "
+                    f"no earlier run of this demo recorded writing ({shown}{by}): the demo removes only the "
+                    f"checkpoints its runs recorded ({ckdir / MANIFEST}), and every number read from a folder that "
+                    f"mixes others in (tsalgebra matrix {ckdir}) would mix them in; move them away, or choose "
+                    f"another {self.name(field)}")
+
+    def fits(self, need: Callable[[Any], int], room: int, sizes: Sequence["Size"], what: Callable[[Any], str],
+             where: str) -> None:
+        """Refuse (ValueError) where ``need(cfg)`` bytes exceed ``room``:
+        naming the size setting that raises the estimate most above its
+        default, the estimate, ``where`` the room is ("of memory available"),
+        and for each size setting raised above its default (the one named
+        first) the value nearest to the one asked for that fits, the others
+        kept, within nine tenths of the room.  ``need`` and ``what`` read a
+        config; ``sizes`` are the settings that may be changed."""
+        cfg = self.cfg
+        asked = need(cfg)
+        if asked <= room:
+            return
+        default = type(cfg)()
+        sizes = [s for s in sizes if self.python or not s.python_only]
+        drops: dict[str, int] = {}
+        for s in sizes:
+            now, was = getattr(cfg, s.field), getattr(default, s.field)
+            drops[s.field] = max(0, asked - need(replace(cfg, **{s.field: was}))) if (
+                now > was if s.grows else now < was) else 0
+        order = sorted(sizes, key=lambda s: -drops[s.field])  # stable: the list's order among equals
+        # an alternative fits with a tenth of the room to spare: the room moves a little from run to run
+        found = [(s, s.nearest_fit(cfg, need, int(room * 0.9))) for s in order]
+        offered = [(s, v) for s, v in found if v is not None]
+        named = order[0] if drops[order[0].field] > 0 else (offered[0][0] if offered else order[0])
+        beside = set(named.beside)  # the settings that trade with the one named (--steps and --checkpoint-every)
+        shown = [(s, v) for s, v in offered if s is named or drops[s.field] > 0 or s.field in beside] or offered[:1]
+        shown.sort(key=lambda sv: sv[0] is not named)
+        alternatives = "; ".join(f"{self.given(s.field, v)} ({s.why(s.grows)})" for s, v in shown)
+        raise ValueError(f"{self.given(named.field)}: {what(cfg)} take about {gigabytes(asked)}, more than the "
+                         f"{gigabytes(room)} {where}"
+                         + (f". Alternatives: {alternatives}" if alternatives else
+                            ": no one of the sizes alone fits it; lower several"))
 
 
-def start(cfg: Any, overrides: dict[str, Any], old_checkpoints: str) -> Path:
+def gigabytes(n: float) -> str:
+    """Bytes as gigabytes, three digits, for any magnitude (a huge integer too)."""
+    from ..problem import format_count
+
+    if isinstance(n, int) and n.bit_length() > 1000:
+        return f"{format_count(n // 10**9)} GB"
+    return f"{n / 1e9:.3g} GB"
+
+
+@dataclass(frozen=True)
+class Size:
+    """A size setting of a demo for :meth:`Checks.fits`: ``field``; whether
+    the memory grows with it (``grows``; False: it shrinks, as with
+    --checkpoint-every); the smallest and largest values the demo accepts for
+    it given the others (``least``, ``most``: numbers or functions of the
+    config); ``valid`` the nearest value the demo accepts at or below a value
+    (at or above where it does not grow), None where there is none;
+    ``python_only`` for a keyword of ``run(...)`` with no flag; ``said`` how
+    its alternative was chosen; ``beside`` the settings whose alternatives
+    are offered with this one's where it is named."""
+
+    field: str
+    grows: bool = True
+    least: Any = 1
+    most: Any = None
+    valid: Callable[[Any, int], int | None] | None = None
+    python_only: bool = False
+    said: str = ""
+    beside: tuple[str, ...] = ()
+
+    def why(self, grows: bool) -> str:
+        return self.said or ("the largest that fits" if grows else "the smallest that fits")
+
+    def nearest_fit(self, cfg: Any, need: Callable[[Any], int], room: int) -> int | None:
+        """The value nearest to ``cfg``'s (in the direction that lowers the
+        memory) whose estimate fits ``room``, the other settings kept; None
+        where none does."""
+        value = lambda b: b(cfg) if callable(b) else b  # noqa: E731
+        at = lambda v: need(replace(cfg, **{self.field: v}))  # noqa: E731
+        now = int(getattr(cfg, self.field))
+        if self.grows:
+            lo, hi = int(value(self.least)), now  # fits(lo) is asked first; hi does not fit
+            if lo >= hi or at(lo) > room:
+                return None
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if at(mid) <= room else (lo, mid)
+            v = lo if self.valid is None else self.valid(cfg, lo)
+            return v if v is not None and v >= value(self.least) else None
+        top = value(self.most)
+        if top is None or top <= now or at(top) > room:
+            return None
+        lo, hi = now, int(top)  # lo does not fit, hi does
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if at(mid) <= room else (mid, hi)
+        v = hi if self.valid is None else self.valid(cfg, hi)
+        return v if v is not None and v <= top else None
+
+
+def memory_room(available: int) -> int:
+    """The bytes a demo may still allocate: ``available`` (the machine's or
+    its container's free memory), or less where this process's address
+    space is limited (``ulimit -v``): that limit less the space it holds."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, ValueError):  # pragma: no cover - not on every platform
+        return available
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return available
+    import torch  # noqa: F401 - the demo's: its libraries take address space too, counted below
+
+    held = 0
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmSize:"):
+                    held = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):  # pragma: no cover - not Linux
+        pass
+    return max(0, min(available, soft - held))
+
+
+def disk_room(out: Path, freed: int = 0) -> tuple[int, Path]:
+    """Free bytes on the disk that would hold ``out`` (its nearest existing
+    folder), plus ``freed`` (what the demo removes first), and that folder."""
+    import shutil
+
+    parent = Path(out)
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        return shutil.disk_usage(parent).free + freed, parent
+    except OSError:  # pragma: no cover - a file system without statvfs
+        return 2**62, parent
+
+
+def _read_manifest(ckdir: Path) -> tuple[str | None, list[str]]:
+    """(the demo, the file names) an earlier demo run recorded in ``ckdir``;
+    (None, []) where there is no record or it is not one of ours."""
+    try:
+        lines = (ckdir / MANIFEST).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None, []
+    if not lines or not lines[0].startswith("# tsalgebra demo "):
+        return None, []
+    words = lines[0][len("# tsalgebra demo "):].split()
+    names = [n for n in lines[1:] if n and "/" not in n and "\\" not in n and n not in (".", "..")
+             and not n.startswith(".")]
+    return (words[0].rstrip(":") if words else None), names
+
+
+def _checkpoint_files(ckdir: Path) -> list[Path]:
+    """The files in ``ckdir`` that the loaders would read as checkpoints (by
+    suffix, hidden ones excepted, as :func:`tsalgebra.io.checkpoint_paths`)."""
+    from ..io import CHECKPOINT_SUFFIXES
+
+    if not ckdir.is_dir():
+        return []
+    return sorted((f for f in ckdir.iterdir() if f.is_file() and f.suffix.lower() in CHECKPOINT_SUFFIXES
+                   and not f.name.startswith(".")), key=lambda f: f.name)
+
+
+def foreign_checkpoints(ckdir: Path, demo: str) -> tuple[list[Path], str | None]:
+    """The checkpoint files in ``ckdir`` that no earlier run of ``demo``
+    recorded writing (a user's, another demo's, or an unrecorded earlier
+    run's), and the demo that recorded the folder (None: none did)."""
+    owner, names = _read_manifest(ckdir)
+    own = set(names) if owner == demo else set()
+    return [f for f in _checkpoint_files(ckdir) if f.name not in own], owner
+
+
+def own_checkpoint_bytes(ckdir: Path, demo: str) -> int:
+    """The bytes of the checkpoints an earlier run of ``demo`` wrote in
+    ``ckdir`` (a rerun removes them first)."""
+    owner, names = _read_manifest(ckdir)
+    total = 0
+    for n in names if owner == demo else ():
+        with contextlib.suppress(OSError):
+            total += (ckdir / n).stat().st_size if (ckdir / n).is_file() else 0
+    return total
+
+
+class Written:
+    """The checkpoints this demo run writes into ``ckdir``: each name is
+    recorded in the folder's manifest before its file is written (so that an
+    interrupted run's files are still known as the demo's), and ``paths``
+    lists them in the order written: what the demo reads back, never the
+    folder."""
+
+    def __init__(self, ckdir: Path, demo: str) -> None:
+        self.ckdir, self.demo = Path(ckdir), demo
+        self.paths: list[Path] = []
+        self._names: set[str] = set()
+        (self.ckdir / MANIFEST).write_text(
+            f"# tsalgebra demo {demo}: the checkpoint files this demo run wrote in this folder, one a line "
+            "(its next run removes them, and no other file)\n")
+
+    def path(self, name: str) -> Path:
+        """The path to write checkpoint ``name`` to, recorded first."""
+        if name not in self._names:
+            with open(self.ckdir / MANIFEST, "a") as fh:
+                fh.write(name + "\n")
+            self._names.add(name)
+            self.paths.append(self.ckdir / name)
+        return self.ckdir / name
+
+
+def start(cfg: Any, overrides: dict[str, Any], demo: str) -> Written:
     """Apply keyword ``overrides`` to the config (TypeError for an unknown
-    one), check it (ValueError naming the keyword), and empty
-    ``cfg.out/checkpoints`` of the files matching ``old_checkpoints`` (a rerun
-    must not mix in an earlier run's steps); returns that directory."""
+    one), check it (ValueError naming the keyword: a foreign checkpoint in
+    ``cfg.out/checkpoints`` included), remove the checkpoints the previous
+    run of ``demo`` recorded writing there (a rerun must not mix in an
+    earlier run's steps) and no other file, and return the record of this
+    run's checkpoints (:class:`Written`; its ``ckdir`` is the folder)."""
     for k, v in overrides.items():
         if not hasattr(cfg, k):
             raise TypeError(f"unknown setting {k!r}")
@@ -170,9 +396,12 @@ def start(cfg: Any, overrides: dict[str, Any], old_checkpoints: str) -> Path:
     cfg.out = Path(cfg.out)
     ckdir = cfg.out / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
-    for old in ckdir.glob(old_checkpoints):
-        old.unlink()
-    return ckdir
+    owner, names = _read_manifest(ckdir)
+    for name in names if owner == demo else ():
+        old = ckdir / name
+        if old.is_file() or old.is_symlink():
+            old.unlink()
+    return Written(ckdir, demo)
 
 
 @dataclass

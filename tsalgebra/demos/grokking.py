@@ -32,6 +32,7 @@ about a thousand full-batch steps on a CPU.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -46,8 +47,9 @@ from ..matrix import similarity_matrix
 from ..measure import Tokens
 from ..plots import pyplot
 from ..problem import available_memory
-from .common import (Checks, DemoResult, cosine_matrix, demo_main, labelled_steps, pearson, plot_cosines, start,
-                     torch_threads, training_bar, upper, write_outputs)
+from .common import (Checks, DemoResult, Size, Written, cosine_matrix, demo_main, disk_room, gigabytes,
+                     labelled_steps, memory_room, own_checkpoint_bytes, pearson, plot_cosines, start, torch_threads,
+                     training_bar, upper, write_outputs)
 
 __all__ = ["GrokkingConfig", "run", "add_arguments", "config_from_args", "main"]
 
@@ -90,14 +92,27 @@ class GrokkingConfig:
         c.seed()
         c.threads()
         c.progress()
-        c.out(("grokking.png", "summary.txt", "summary.json"))
-        need, room = _bytes(p, _checkpoints(self)), available_memory()
-        if need > room:  # the P^2 inputs and every checkpoint's logits on them: fail now, not after training
-            fit = _largest_prime(int((room / (need / p**3)) ** (1 / 3)))
-            alternative = f". Alternatives: {c.given('modulus', fit)}" if fit >= 3 else ""
-            raise ValueError(f"{c.given('modulus')}: the inputs and the logits of {_checkpoints(self)} checkpoints "
-                             f"on all {p * p:,} of them take about {need / 1e9:.3g} GB, more than the "
-                             f"{room / 1e9:.3g} GB of memory available{alternative}")
+        c.out(("grokking.png", "summary.txt", "summary.json"), demo="grokking")
+        # every size against the memory it takes (the P^2 inputs, every checkpoint's logits on them, the models
+        # and their activations) and the disk its checkpoints take: refused now, not after the training
+        sizes = (Size("modulus", least=3, valid=lambda cfg, v: _largest_prime(v), said="the largest prime that fits"),
+                 Size("width"),
+                 Size("steps", least=lambda cfg: 2 * cfg.checkpoint_every, beside=("checkpoint_every",)),
+                 Size("checkpoint_every", grows=False, most=lambda cfg: cfg.steps // 2, beside=("steps",)))
+        c.fits(_need, memory_room(available_memory()), sizes,
+               lambda cfg: f"the inputs and the logits of {_checkpoints(cfg):,} checkpoints on all {cfg.modulus**2:,} "
+                           f"of them, the models and their activations", "of memory available")
+        room, disk = disk_room(self.out, own_checkpoint_bytes(Path(self.out) / "checkpoints", "grokking"))
+        c.fits(_disk, room, sizes,
+               lambda cfg: f"the {_checkpoints(cfg):,} checkpoints ({gigabytes(_disk(cfg) // _checkpoints(cfg))} "
+                           f"each)", f"free on the disk of {disk}")
+        refused = _tokens_refusal(p, self.width)
+        if refused is not None:  # the logit cosine from the weights, refused after the training: refused now
+            fit = _widest_planned(p, self.width)
+            raise ValueError(f"{c.given('width')}: refused before the training, as the logit cosine under the token "
+                             f"measure would be after it: {refused.reason}"
+                             + (f". Alternatives: {c.given('width', fit)} (the largest whose analysis plans within "
+                                "the limits)" if fit else ""))
 
 
 def _n_train(cfg: GrokkingConfig) -> int:
@@ -109,16 +124,59 @@ def _checkpoints(cfg: GrokkingConfig) -> int:
     return 1 + cfg.steps // cfg.checkpoint_every + (cfg.steps % cfg.checkpoint_every != 0)
 
 
-def _bytes(p: int, checkpoints: int) -> int:
+def _bytes(p: int, checkpoints: int, width: int = 0) -> int:
     """About the bytes of a run's largest arrays: the P^2 x 2P inputs (float32 twice, float64 once), each
-    checkpoint's P^2 x P logits (raw and centred, float64) and two of those for the checkpoint at hand."""
-    return p**3 * (48 + 16 * checkpoints)
+    checkpoint's P^2 x P logits (raw and centred, float64) and two of those for the checkpoint at hand; with
+    ``width``, also every checkpoint's model (float64, read back), the model in training (float32, with its
+    gradient and AdamW's two moments) and its copies while saved, the activations of the P^2 inputs (three
+    float64 P^2 x width arrays: above the training's, float32) and the matrices over the checkpoint pairs."""
+    return p**3 * (48 + 16 * checkpoints) + p * width * (40 * checkpoints + 160) + 24 * p * p * width \
+        + 64 * checkpoints**2
 
 
-def _largest_prime(n: int) -> int:
+def _need(cfg: "GrokkingConfig") -> int:
+    """The memory a run of ``cfg`` takes, about (:func:`_bytes`)."""
+    return _bytes(cfg.modulus, _checkpoints(cfg), cfg.width)
+
+
+def _disk(cfg: "GrokkingConfig") -> int:
+    """The bytes of the checkpoints a run writes (float64 weights, and a header)."""
+    return _checkpoints(cfg) * (40 * cfg.modulus * cfg.width + 512)
+
+
+@functools.lru_cache(maxsize=64)  # checked by the command line and again by run(): planned once
+def _tokens_refusal(p: int, width: int) -> Any | None:
+    """The CostError of the logit cosine under the token measure at these sizes, or None where it plans: each
+    pair of its matrix is planned as ts.similarity plans it (the pairwise route), from shapes, so two
+    stand-ins of these shapes plan as any two checkpoints."""
+    from ..components import Bilinear
+    from ..inner import plan_similarity
+    from ..problem import CostError
+
+    rng = np.random.default_rng(0)
+    a, b = (Bilinear(rng.standard_normal((width, 2 * p)), rng.standard_normal((width, 2 * p)),
+                     rng.standard_normal((p, width))) for _ in range(2))
+    refused = [x for _, x in plan_similarity(a, b, measure=Tokens(p, 2)).products if isinstance(x, CostError)]
+    return refused[0] if refused else None
+
+
+def _widest_planned(p: int, width: int) -> int | None:
+    """The largest width below ``width`` whose token-measure analysis plans (the cost grows with it: a
+    bisection), or None when not even width 1 does."""
+    if width <= 1 or _tokens_refusal(p, 1) is not None:
+        return None
+    lo, hi = 1, width  # plans at lo, not at hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _tokens_refusal(p, mid) is None else (lo, mid)
+    return lo
+
+
+def _largest_prime(n: int) -> int | None:
+    """The largest prime <= ``n``; None below 3 (the smallest modulus)."""
     while n >= 3 and any(n % k == 0 for k in range(2, math.isqrt(n) + 1)):
         n -= 1
-    return n
+    return n if n >= 3 else None
 
 
 def dataset(p: int) -> tuple["torch.Tensor", "torch.Tensor"]:
@@ -132,7 +190,8 @@ def dataset(p: int) -> tuple["torch.Tensor", "torch.Tensor"]:
     return x, (a + b) % p
 
 
-def _train(cfg: GrokkingConfig, ckdir: Path) -> dict[str, Any]:
+def _train(cfg: GrokkingConfig, ckdir: Path, written: Written | None = None) -> dict[str, Any]:
+    """Train, writing each checkpoint into ``ckdir`` (recorded by ``written``: the paths read back)."""
     import torch
     from torch import nn
 
@@ -161,7 +220,8 @@ def _train(cfg: GrokkingConfig, ckdir: Path) -> dict[str, Any]:
         curve["train_loss"].append(loss)
 
     def checkpoint(step: int) -> None:
-        save(from_torch(model), ckdir / f"step_{step}.safetensors", metadata={"step": str(step)})
+        name = f"step_{step}.safetensors"
+        save(from_torch(model), written.path(name) if written else ckdir / name, metadata={"step": str(step)})
 
     with torch.no_grad():
         loss_v = float(nn.functional.cross_entropy(model(x[tr]), y[tr]))
@@ -246,18 +306,19 @@ def run(cfg: GrokkingConfig | None = None, **overrides: Any) -> DemoResult:
     Keyword overrides replace config fields.  Returns the :class:`DemoResult`
     whose ``numbers`` hold every figure printed in the summary."""
     cfg = cfg or GrokkingConfig()
-    from ..io import checkpoint_paths, load
+    from ..io import Checkpoints, load
 
-    ckdir = start(cfg, overrides, "step_*.safetensors")
+    written = start(cfg, overrides, "grokking")
+    ckdir = written.ckdir
     started = time.perf_counter()
     out = cfg.out
     with torch_threads(cfg.threads):
-        trained = _train(cfg, ckdir)
+        trained = _train(cfg, ckdir, written)
     t_train = time.perf_counter() - started
 
-    paths = checkpoint_paths(ckdir)
+    paths = list(written.paths)  # the checkpoints this run wrote, in step order: never another file in the folder
     steps = labelled_steps(paths)
-    models = load(ckdir)
+    models = Checkpoints([load(f) for f in paths], paths)
     p = cfg.modulus
     x = dataset(p)[0].numpy().astype(np.float64)
     logits = np.empty((len(models), p * p * p))

@@ -44,6 +44,7 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -57,9 +58,10 @@ from ..inner import plan_similarity
 from ..matrix import similarity_matrix
 from ..plots import pyplot
 from ..messages import counted
-from ..problem import DEFAULT_BUDGET, format_count
-from .common import (Checks, DemoResult, cosine_matrix, demo_main, drop_empty_panels, grid, pearson, plot_cosines,
-                     start, torch_threads, training_bar, upper, write_outputs)
+from ..problem import DEFAULT_BUDGET, available_memory, format_count
+from .common import (Checks, DemoResult, Size, Written, cosine_matrix, demo_main, disk_room, drop_empty_panels,
+                     gigabytes, grid, memory_room, own_checkpoint_bytes, pearson, plot_cosines, start, torch_threads,
+                     training_bar, upper, write_outputs)
 
 __all__ = ["LanguageConfig", "run", "add_arguments", "config_from_args", "main", "attention_lm_module"]
 
@@ -95,7 +97,8 @@ class LanguageConfig:
         analysis the library would refuse after it (planned from shapes on an
         untrained model, in about a second)."""
         c = Checks(self, python)
-        for name in ("vocab", "d_model", "n_head", "n_layers", "batch", "held_out"):
+        c.integer("vocab", 2, why="one token leaves nothing to predict: every loss is 0")
+        for name in ("d_model", "n_head", "n_layers", "batch", "held_out"):
             c.integer(name)
         if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
             raise ValueError(f"{c.name('d_model')} {self.d_model} must split into {c.name('n_head')} {self.n_head} "
@@ -119,11 +122,79 @@ class LanguageConfig:
         c.seed()
         c.threads()
         c.progress()
-        c.out(("language.png", "summary.txt", "summary.json", "config.json"))
+        c.out(("language.png", "summary.txt", "summary.json", "config.json"), demo="language")
+        # every size against the memory (training, the logits of every checkpoint, the checkpoints read back) and
+        # the disk (the checkpoints) it takes: refused now, not after the training (and before the plan below
+        # builds a model at these sizes)
+        heads = lambda cfg, v: _most_heads(cfg.d_model, v)  # noqa: E731
+        sizes = (Size("vocab", least=2), Size("d_model", least=lambda cfg: 2 * cfg.n_head,
+                                              valid=lambda cfg, v: v - v % (2 * cfg.n_head)),
+                 Size("n_head", valid=heads), Size("n_layers"),
+                 Size("seq_len", least=lambda cfg: max(4, cfg.n_ctx + cfg.n_ctx % 2), valid=lambda cfg, v: v - v % 2),
+                 Size("batch"), Size("held_out", python_only=True),
+                 Size("steps", least=lambda cfg: 2 * cfg.checkpoint_every, beside=("checkpoint_every",)),
+                 Size("checkpoint_every", grows=False, most=lambda cfg: cfg.steps // 2, beside=("steps",)))
+        c.fits(_need, memory_room(available_memory()), sizes,
+               lambda cfg: f"the training and the logits of {_checkpoints(cfg):,} checkpoints on "
+                           f"{2 * cfg.held_out:,} sequences", "of memory available")
+        room, disk = disk_room(self.out, own_checkpoint_bytes(Path(self.out) / "checkpoints", "language"))
+        c.fits(_disk, room, sizes,
+               lambda cfg: f"the {_checkpoints(cfg):,} checkpoints ({gigabytes(_disk(cfg) // _checkpoints(cfg))} "
+                           f"each)", f"free on the disk of {disk}")
         refusal = _refusal(self.vocab, self.d_model, self.n_head, self.n_layers, float(self.attn_scale),
                            self.n_ctx, float(self.budget))
         if refusal is not None:
             raise ValueError(_refusal_text(self, refusal, c))
+
+
+def _most_heads(d_model: int, most: int) -> int | None:
+    """The most heads, at most ``most``, into which ``d_model`` splits in heads of even width: the largest
+    divisor of d_model / 2 up to ``most`` (None where d_model is odd)."""
+    if d_model % 2:
+        return None
+    half, best = d_model // 2, None
+    for i in range(1, math.isqrt(half) + 1):
+        if half % i == 0:
+            best = max([h for h in (i, half // i) if h <= most] + ([best] if best else []), default=None)
+    return best
+
+
+def _checkpoints(cfg: "LanguageConfig") -> int:
+    """Checkpoints written: step 0, every ``checkpoint_every``, and the last step."""
+    return 1 + -(-cfg.steps // cfg.checkpoint_every)
+
+
+def _params(cfg: "LanguageConfig") -> int:
+    """The numbers of the model: embedding and unembedding, and per layer q1, k1, q2, k2 (with biases), v, o."""
+    d = cfg.d_model
+    return 2 * cfg.vocab * d + cfg.n_layers * (6 * d * d + 4 * d)
+
+
+def _need(cfg: "LanguageConfig") -> int:
+    """About the bytes of a run at its peak, the training or the analysis after it.  The training: the model
+    (float32, with gradients and AdamW's two moments, and a copy while saved), the bigram table (vocab^2,
+    twice while drawn), a batch's activations kept for the backward pass (per layer about 26 float32 numbers
+    per token and width, and 5 per head and pair of positions, twice with their gradients; the logits three
+    times), and the held-out sequences' forward pass at each checkpoint.  The analysis: every checkpoint's
+    logits on the held-out and the random sequences (float64, twice while stacked), one forward pass of them
+    in float64, the checkpoints read back (float64, and half again while converted), the matrices."""
+    params, v, d, h, L = _params(cfg), cfg.vocab, cfg.d_model, cfg.n_head, cfg.n_layers
+    n, b, t, held = _checkpoints(cfg), cfg.batch, cfg.seq_len, cfg.held_out
+
+    def forward(rows: int, per_token: int, per_pair: int, layers: int) -> int:
+        """Numbers of a forward pass over rows x seq_len tokens, ``layers`` of them held at once."""
+        return rows * t * (layers * per_token * d + d + 3 * v) + layers * per_pair * rows * h * t * t
+
+    bigram = 8 * v * v
+    train = 20 * params + bigram + 8 * forward(b, 26, 5, L) + 4 * forward(held, 10, 3, 1)
+    analysis = (bigram + 8 * params + 16 * n * held * (2 * t - 1) * v + 8 * forward(held, 10, 3, 1)
+                + 12 * n * params + 16 * n * n * (L + 6))
+    return max(train, analysis)
+
+
+def _disk(cfg: "LanguageConfig") -> int:
+    """The bytes of the checkpoints (float32 state dicts, and torch's headers)."""
+    return _checkpoints(cfg) * (4 * _params(cfg) + 4096)
 
 
 def _model_config(vocab: int, d_model: int, n_head: int, n_layers: int, attn_scale: float) -> dict[str, Any]:
@@ -308,11 +379,15 @@ def _scores(per_position: "torch.Tensor", half: int) -> tuple[float, float]:
     return float(per_position.mean()), float(first - repeat)
 
 
-def _train(cfg: LanguageConfig, run: Path, text: Text, held: "torch.Tensor") -> dict[str, Any]:
+def _train(cfg: LanguageConfig, run: Path, text: Text, held: "torch.Tensor",
+           written: Written | None = None) -> dict[str, Any]:
+    """Train, writing config.json and each checkpoint into ``run`` (recorded by ``written``: the paths read
+    back)."""
     import torch
     from torch import nn
 
     ckdir = run / "checkpoints"
+    at = written.path if written else ckdir.joinpath
     config = _model_config(cfg.vocab, cfg.d_model, cfg.n_head, cfg.n_layers, cfg.attn_scale)
     (run / "config.json").write_text(json.dumps({"model": config, "train": {
         "lr": cfg.lr, "batch": cfg.batch, "steps": cfg.steps, "seq_len": cfg.seq_len, "seed": cfg.seed}}, indent=2))
@@ -330,7 +405,7 @@ def _train(cfg: LanguageConfig, run: Path, text: Text, held: "torch.Tensor") -> 
         curve["step"].append(step)
         curve["loss"].append(loss)
         curve["icl"].append(icl)
-        torch.save({"step": step, "model_state_dict": model.state_dict()}, ckdir / f"step_{step:05d}.pt")
+        torch.save({"step": step, "model_state_dict": model.state_dict()}, at(f"step_{step:05d}.pt"))
 
     checkpoint(0)
     with training_bar(cfg.steps, "training", cfg.progress) as bar:
@@ -431,18 +506,20 @@ def run(cfg: LanguageConfig | None = None, **overrides: Any) -> DemoResult:
     cfg = cfg or LanguageConfig()
     import torch
 
-    from ..io import load
+    from ..io import Checkpoints, load
 
-    ckdir = start(cfg, overrides, "step_*.pt")
+    written = start(cfg, overrides, "language")
+    ckdir = written.ckdir
     started = time.perf_counter()
     out = cfg.out
     text = Text(cfg)
     held = text.sample(cfg.held_out, torch.Generator().manual_seed(cfg.seed + 2))
     with torch_threads(cfg.threads):
-        curve = _train(cfg, out, text, held)
+        curve = _train(cfg, out, text, held, written)
     t_train = time.perf_counter() - started
 
-    models = load(out, n_ctx=cfg.n_ctx)  # the run as any user reads it: config.json + checkpoints/
+    # each checkpoint this run wrote, as any user reads a run's file (beside config.json); never another file
+    models = Checkpoints([load(f, n_ctx=cfg.n_ctx) for f in written.paths], written.paths)
     steps, paths = list(models.steps), list(models.paths)
     n = len(models)
     random_ids = torch.randint(0, cfg.vocab, (cfg.held_out, cfg.seq_len),
