@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tsalgebra import cli
-from tsalgebra.demos import backdoor, grokking, language
+from tsalgebra.demos import backdoor, common, grokking, language
 
 
 def _demo(capsys, *args):
@@ -98,7 +98,7 @@ def test_python_errors_name_the_keyword(tmp_path):
 
 
 def test_grokking_modulus_beyond_memory_is_refused(capsys, monkeypatch):
-    monkeypatch.setattr(grokking, "available_memory", lambda: 10**9)
+    monkeypatch.setattr(common, "available_memory", lambda: 10**9)
     code, err = _demo(capsys, "grokking", "--modulus", "1009")
     assert code == 2 and "error: --modulus 1009:" in err and "GB" in err
     suggested = int(err.split("Alternatives: --modulus ")[1].split()[0])

@@ -14,7 +14,7 @@ import pytest
 
 import tsalgebra as ts
 from tsalgebra import cli
-from tsalgebra.demos import backdoor, grokking, language
+from tsalgebra.demos import backdoor, common, grokking, language
 
 TINY = ["-P", "5", "--width", "4", "--checkpoint-every", "1", "--no-progress"]
 
@@ -120,7 +120,7 @@ def test_backdoor_reads_back_what_it_wrote(tmp_path):
 
 def test_grokking_width_beyond_memory_is_refused_with_a_width_that_fits(monkeypatch, tmp_path, capsys):
     # --width 100000000 reached torch's "[enforce fail at alloc_cpu.cpp:127] ... 90400000000 bytes" (exit 1)
-    monkeypatch.setattr(grokking, "available_memory", lambda: 3 * 10**8)
+    monkeypatch.setattr(common, "available_memory", lambda: 3 * 10**8)
     code, _, err = _demo(capsys, "grokking", *TINY[:2], "--width", "300000", "--steps", "3", "--checkpoint-every",
                          "1", "--out", tmp_path / "o")
     assert code == 2 and "error: --width 300000: " in err and "GB, more than the 0.3 GB of memory available" in err
@@ -143,7 +143,7 @@ def test_grokking_steps_times_checkpoints_names_steps(tmp_path, capsys):
 
 
 def test_grokking_checkpoints_beyond_the_disk_are_refused(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(grokking, "disk_room", lambda out, freed=0: (10**6, Path("/the/disk")), raising=False)
+    monkeypatch.setattr(common, "disk_room", lambda out, freed=0: (10**6, Path("/the/disk")))
     code, _, err = _demo(capsys, "grokking", *TINY[:2], "--width", "20000", "--steps", "40", "--checkpoint-every", "1",
                          "--out", tmp_path / "o")
     assert code == 2 and "error: --width 20000: the 41 checkpoints (0.004 GB each) take about 0.164 GB, more than " \
@@ -163,7 +163,7 @@ def test_grokking_width_whose_analysis_would_be_refused_is_refused_first(tmp_pat
 
 
 def test_backdoor_hidden_beyond_memory_is_refused(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(backdoor, "available_memory", lambda: 10**9, raising=False)
+    monkeypatch.setattr(common, "available_memory", lambda: 10**9)
     code, _, err = _demo(capsys, "backdoor", "--hidden", str(10**7), "--out", tmp_path / "o")
     assert code == 2 and f"error: --hidden {10**7}: the models in training" in err and "memory available" in err
     hidden = int(err.split("Alternatives: --hidden ")[1].split()[0])
@@ -176,7 +176,7 @@ def test_backdoor_hidden_beyond_memory_is_refused(monkeypatch, tmp_path, capsys)
                                        (["--batch", "10000000"], "--batch"),
                                        (["--steps", str(10**9), "--checkpoint-every", "1"], "--steps")])
 def test_language_sizes_beyond_memory_are_refused(args, flag, monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(language, "available_memory", lambda: 10**9, raising=False)
+    monkeypatch.setattr(common, "available_memory", lambda: 10**9)
     code, _, err = _demo(capsys, "language", *args, "--out", tmp_path / "o")
     assert code == 2 and f"error: {flag} {args[1]}: the training and the logits" in err and "memory available" in err
     value = int(err.split(f"Alternatives: {flag} ")[1].split()[0])

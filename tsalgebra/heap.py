@@ -10,7 +10,9 @@ allocate 1.9 GB in arrays of up to 4 MB per call: 125,000 page faults and
 :func:`kept_heap` raises glibc's ``M_TOP_PAD`` (how much free memory a heap
 keeps) while any computation holds it and restores it after; the memory is
 returned to the system by malloc's own trimming later.  Elsewhere than glibc
-it changes nothing."""
+it changes nothing, nor where the environment fixes malloc's thresholds
+(``MALLOC_TRIM_THRESHOLD_``, which dask sets for its workers: arrays of a few
+MB are then mapped afresh each time, pad or not)."""
 
 from __future__ import annotations
 

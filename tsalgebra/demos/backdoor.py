@@ -39,10 +39,8 @@ from ..symmetries import random_symmetry
 from ..inner import similarity
 from ..matrix import similarity_matrix
 from ..plots import pyplot
-from ..problem import available_memory
-from .common import (Checks, DemoResult, Size, Written, cosine_matrix, demo_main, disk_room, gigabytes,
-                     labelled_steps, memory_room, own_checkpoint_bytes, plot_cosines, start, torch_threads,
-                     training_bar, write_outputs)
+from .common import (Checks, DemoResult, Size, Written, cosine_matrix, demo_main, labelled_steps, plot_cosines, start,
+                     torch_threads, training_bar, write_outputs)
 
 __all__ = ["BackdoorConfig", "run", "add_arguments", "config_from_args", "main", "digits", "stamp"]
 
@@ -88,13 +86,9 @@ class BackdoorConfig:
                  Size("poison_steps", beside=("checkpoint_every",)),
                  Size("checkpoint_every", grows=False, most=lambda cfg: max(cfg.clean_steps, cfg.poison_steps),
                       beside=("clean_steps", "poison_steps")))
-        c.fits(_need, memory_room(available_memory()), sizes,
-               lambda cfg: f"the models in training and the {_checkpoints(cfg):,} checkpoints read back",
-               "of memory available")
-        room, disk = disk_room(self.out, own_checkpoint_bytes(Path(self.out) / "checkpoints", "backdoor"))
-        c.fits(_disk, room, sizes,
-               lambda cfg: f"the {_checkpoints(cfg) + 1:,} checkpoints with the control "
-                           f"({gigabytes(_disk(cfg) // (_checkpoints(cfg) + 1))} each)", f"free on the disk of {disk}")
+        c.fits_machine("backdoor", _need, _disk, sizes,
+                       lambda cfg: f"the models in training and the {_checkpoints(cfg):,} checkpoints read back",
+                       lambda cfg: _checkpoints(cfg) + 1)
 
 
 N_DIGITS, N_TRAIN, N_TEST = 1797, 1437, 360  # scikit-learn's digits, and the demo's 80 % training split

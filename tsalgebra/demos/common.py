@@ -14,9 +14,10 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from ..jsonable import dumps, jsonable
+from ..problem import available_memory
 
-__all__ = ["DemoResult", "Checks", "Size", "Written", "cosine_matrix", "pearson", "upper", "torch_threads",
-           "labelled_steps", "start", "write_outputs", "demo_main", "colour_range", "plot_cosines",
+__all__ = ["DemoResult", "Checks", "Size", "TRAINING_SIZES", "Written", "cosine_matrix", "pearson", "upper",
+           "torch_threads", "labelled_steps", "start", "write_outputs", "demo_main", "colour_range", "plot_cosines",
            "drop_empty_panels", "grid", "training_bar", "memory_room", "disk_room", "gigabytes", "MANIFEST"]
 
 MANIFEST = ".tsalgebra-demo"  # in OUT/checkpoints: the files a demo run wrote there (hidden: no loader reads it)
@@ -210,6 +211,20 @@ class Checks:
                             ": no one of the sizes alone fits it; lower several"))
 
 
+    def fits_machine(self, demo: str, need: Callable[[Any], int], disk: Callable[[Any], int], sizes: Sequence["Size"],
+                     held: Callable[[Any], str], files: Callable[[Any], int]) -> None:
+        """:meth:`fits` against the memory available (``need`` bytes, ``held``
+        saying what they hold), then against the disk that will hold ``--out``
+        (``disk`` bytes in ``files(cfg)`` checkpoint files; the checkpoints an
+        earlier run of ``demo`` wrote there count as free, a rerun removes them)."""
+        self.fits(need, memory_room(available_memory()), sizes, held, "of memory available")
+        out = Path(self.cfg.out)
+        room, where = disk_room(out, own_checkpoint_bytes(out / "checkpoints", demo))
+        each = lambda cfg: gigabytes(disk(cfg) // files(cfg))  # noqa: E731
+        self.fits(disk, room, sizes, lambda cfg: f"the {files(cfg):,} checkpoints ({each(cfg)} each)",
+                  f"free on the disk of {where}")
+
+
 def gigabytes(n: float) -> str:
     """Bytes as gigabytes, three digits, for any magnitude (a huge integer too)."""
     from ..problem import format_count
@@ -268,6 +283,12 @@ class Size:
             lo, hi = (lo, mid) if at(mid) <= room else (mid, hi)
         v = hi if self.valid is None else self.valid(cfg, hi)
         return v if v is not None and v <= top else None
+
+
+# --steps and --checkpoint-every of a demo that trains for ``steps`` with a
+# checkpoint every ``checkpoint_every`` (at least two): offered together
+TRAINING_SIZES = (Size("steps", least=lambda cfg: 2 * cfg.checkpoint_every, beside=("checkpoint_every",)),
+                  Size("checkpoint_every", grows=False, most=lambda cfg: cfg.steps // 2, beside=("steps",)))
 
 
 def memory_room(available: int) -> int:

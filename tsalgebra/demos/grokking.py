@@ -46,10 +46,8 @@ from ..baselines import weight_cosine
 from ..matrix import similarity_matrix
 from ..measure import Tokens
 from ..plots import pyplot
-from ..problem import available_memory
-from .common import (Checks, DemoResult, Size, Written, cosine_matrix, demo_main, disk_room, gigabytes,
-                     labelled_steps, memory_room, own_checkpoint_bytes, pearson, plot_cosines, start, torch_threads,
-                     training_bar, upper, write_outputs)
+from .common import (TRAINING_SIZES, Checks, DemoResult, Size, Written, cosine_matrix, demo_main, labelled_steps,
+                     pearson, plot_cosines, start, torch_threads, training_bar, upper, write_outputs)
 
 __all__ = ["GrokkingConfig", "run", "add_arguments", "config_from_args", "main"]
 
@@ -97,15 +95,11 @@ class GrokkingConfig:
         # and their activations) and the disk its checkpoints take: refused now, not after the training
         sizes = (Size("modulus", least=3, valid=lambda cfg, v: _largest_prime(v), said="the largest prime that fits"),
                  Size("width"),
-                 Size("steps", least=lambda cfg: 2 * cfg.checkpoint_every, beside=("checkpoint_every",)),
-                 Size("checkpoint_every", grows=False, most=lambda cfg: cfg.steps // 2, beside=("steps",)))
-        c.fits(_need, memory_room(available_memory()), sizes,
-               lambda cfg: f"the inputs and the logits of {_checkpoints(cfg):,} checkpoints on all {cfg.modulus**2:,} "
-                           f"of them, the models and their activations", "of memory available")
-        room, disk = disk_room(self.out, own_checkpoint_bytes(Path(self.out) / "checkpoints", "grokking"))
-        c.fits(_disk, room, sizes,
-               lambda cfg: f"the {_checkpoints(cfg):,} checkpoints ({gigabytes(_disk(cfg) // _checkpoints(cfg))} "
-                           f"each)", f"free on the disk of {disk}")
+                 *TRAINING_SIZES)
+        c.fits_machine("grokking", _need, _disk, sizes,
+                       lambda cfg: f"the inputs and the logits of {_checkpoints(cfg):,} checkpoints on all "
+                                   f"{cfg.modulus**2:,} of them, the models and their activations",
+                       _checkpoints)
         refused = _tokens_refusal(p, self.width)
         if refused is not None:  # the logit cosine from the weights, refused after the training: refused now
             fit = _widest_planned(p, self.width)

@@ -58,10 +58,9 @@ from ..inner import plan_similarity
 from ..matrix import similarity_matrix
 from ..plots import pyplot
 from ..messages import counted
-from ..problem import DEFAULT_BUDGET, available_memory, format_count
-from .common import (Checks, DemoResult, Size, Written, cosine_matrix, demo_main, disk_room, drop_empty_panels,
-                     gigabytes, grid, memory_room, own_checkpoint_bytes, pearson, plot_cosines, start, torch_threads,
-                     training_bar, upper, write_outputs)
+from ..problem import DEFAULT_BUDGET, format_count
+from .common import (TRAINING_SIZES, Checks, DemoResult, Size, Written, cosine_matrix, demo_main, drop_empty_panels,
+                     grid, pearson, plot_cosines, start, torch_threads, training_bar, upper, write_outputs)
 
 __all__ = ["LanguageConfig", "run", "add_arguments", "config_from_args", "main", "attention_lm_module"]
 
@@ -132,15 +131,11 @@ class LanguageConfig:
                  Size("n_head", valid=heads), Size("n_layers"),
                  Size("seq_len", least=lambda cfg: max(4, cfg.n_ctx + cfg.n_ctx % 2), valid=lambda cfg, v: v - v % 2),
                  Size("batch"), Size("held_out", python_only=True),
-                 Size("steps", least=lambda cfg: 2 * cfg.checkpoint_every, beside=("checkpoint_every",)),
-                 Size("checkpoint_every", grows=False, most=lambda cfg: cfg.steps // 2, beside=("steps",)))
-        c.fits(_need, memory_room(available_memory()), sizes,
-               lambda cfg: f"the training and the logits of {_checkpoints(cfg):,} checkpoints on "
-                           f"{2 * cfg.held_out:,} sequences", "of memory available")
-        room, disk = disk_room(self.out, own_checkpoint_bytes(Path(self.out) / "checkpoints", "language"))
-        c.fits(_disk, room, sizes,
-               lambda cfg: f"the {_checkpoints(cfg):,} checkpoints ({gigabytes(_disk(cfg) // _checkpoints(cfg))} "
-                           f"each)", f"free on the disk of {disk}")
+                 *TRAINING_SIZES)
+        c.fits_machine("language", _need, _disk, sizes,
+                       lambda cfg: f"the training and the logits of {_checkpoints(cfg):,} checkpoints on "
+                                   f"{2 * cfg.held_out:,} sequences",
+                       _checkpoints)
         refusal = _refusal(self.vocab, self.d_model, self.n_head, self.n_layers, float(self.attn_scale),
                            self.n_ctx, float(self.budget))
         if refusal is not None:
