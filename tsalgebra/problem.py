@@ -63,11 +63,12 @@ def available_memory() -> int:
     """Bytes of RAM available now: the host's (psutil, else /proc/meminfo,
     else 8 GiB), or less where this process's memory cgroup allows less
     (:func:`cgroup_memory`: a container's limit, which the host's figures do
-    not see); the one reading of it, for the products' and the matrices'
-    defaults."""
-    host = _host_memory()
-    limited = cgroup_memory()
-    return host if limited is None else min(host, limited)
+    not see) or its address-space limit does (``ulimit -v``, RLIMIT_AS: the
+    limit less the process's virtual size, where ``resource`` and
+    /proc/self/statm can be read); the one reading of it, for the products'
+    and the matrices' defaults."""
+    room = [r for r in (_host_memory(), cgroup_memory(), _address_space_room()) if r is not None]
+    return min(room)
 
 
 def _host_memory() -> int:
@@ -85,6 +86,24 @@ def _host_memory() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return _FALLBACK_MEMORY
+
+
+def _address_space_room() -> int | None:
+    """Bytes of address space RLIMIT_AS leaves this process: its soft limit
+    less the virtual size (every mapping counts against it, reserved or
+    touched, so an allocation beyond this fails however much RAM is free);
+    None without a finite limit or where it cannot be read."""
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit == resource.RLIM_INFINITY or limit < 0:
+            return None
+        with open("/proc/self/statm") as fh:
+            size = int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (ImportError, AttributeError, OSError, ValueError, IndexError):
+        return None
+    return max(int(limit) - size, 0)
 
 
 def cgroup_memory(root: str | os.PathLike[str] | None = None) -> int | None:

@@ -517,12 +517,36 @@ def _client(tiling: Tiling) -> Iterator[tuple[Any, str, int]]:
                              f"this machine's {os.cpu_count() or 1}); for a larger cluster start one and give "
                              "scheduler= its address")
         n = int(n)
-        # one thread per worker process: each tile's BLAS has the process to itself
-        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-                Client(cluster) as client:
-            print(f"tsalgebra: local dask cluster of {n} workers, dashboard {client.dashboard_link}",
-                  file=sys.stderr)
-            yield client, f"local cluster of {n} workers", n
+        # The nannies run in this process and, before spawning each worker, write the workers' environment (one
+        # BLAS thread, dask's malloc trim and hash seed: distributed.nanny.pre-spawn-environ) into its os.environ,
+        # where every later subprocess of the caller would inherit it.  A spawned worker has its own copy (a nanny
+        # restarting one writes it again first), so the keys the start changed are put back once the cluster is
+        # up, and again on leaving.
+        before = dict(os.environ)
+        changed: set[str] | None = None
+        try:
+            # one thread per worker process: each tile's BLAS has the process to itself
+            with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+                    Client(cluster) as client:
+                changed = _restore_environ(before)
+                print(f"tsalgebra: local dask cluster of {n} workers, dashboard {client.dashboard_link}",
+                      file=sys.stderr)
+                yield client, f"local cluster of {n} workers", n
+        finally:
+            _restore_environ(before, changed)
+
+
+def _restore_environ(before: Mapping[str, str], keys: set[str] | None = None) -> set[str]:
+    """Put ``keys`` of os.environ (None: every key) back as in ``before``,
+    absent where they were absent; the keys that differed."""
+    keys = set(before) | set(os.environ) if keys is None else keys
+    differ = {k for k in keys if os.environ.get(k) != before.get(k)}
+    for k in differ:
+        if k in before:
+            os.environ[k] = before[k]
+        else:
+            os.environ.pop(k, None)
+    return differ
 
 
 def _workers_of(client: Any, where: str) -> int:
