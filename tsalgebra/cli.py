@@ -282,20 +282,25 @@ def _notes(args: argparse.Namespace) -> list[str]:
             out.append(text)
     caught.clear()
     args._noted = said
-    # a note is about the options given: said as flags (state_key='ema' is --state-key ema)
-    return [_file_names(_cli_spelling(n, _given_paths(args))[0], args) for n in out]
+    return [_note_text(n, args) for n in out]
 
 
-def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
+def _note_text(note: str, args: argparse.Namespace) -> str:
+    """A note as the command line says it: on one line, about the options
+    given as flags (state_key='ema' is --state-key ema), the models as files."""
+    return _file_names(_cli_spelling(" ".join(note.split()), _given_paths(args))[0], args)
+
+
+def _emit(args: argparse.Namespace, payload: Any, text: str, shown: Sequence[str] = ()) -> None:
     """The payload as JSON with --json, else the text; the warnings raised
-    on the way join the payload's notes, or follow the text as note lines."""
+    on the way join the payload's notes, or follow the text as note lines
+    (but those in ``shown``, the notes the text already says: once each)."""
     notes = _notes(args)
     if notes and isinstance(payload, dict):
         given = list(payload.get("notes", ()))
         # a warning the result also notes (a dead output channel) is said once
         payload = dict(payload, notes=[*given, *(n for n in notes if n not in given)])
-    if notes:
-        text = "\n".join([text, *(f"note: {n}" for n in notes)])
+    text = "\n".join([text, *(f"note: {n}" for n in notes if n not in shown)])
     _write(dumps(payload, indent=2) if args.json else text)
 
 
@@ -706,12 +711,15 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         lines.append(" " * (width + 1) + " ".join(f"{i:>7d}" for i in range(len(files))))
         for k, (lab, row) in enumerate(zip(labels, values)):
             lines.append(f"{lab:>{width}} " + " ".join(f"{v:7.4f}" for v in row) + f"   [{k}]")
+    # every note of the result, once (as --json gives them; a tile's note may repeat another's), in flags
+    notes = list(dict.fromkeys(_note_text(n, args) for n in res.notes))
+    doubts = [n for n in notes if n.startswith("HEAVY TAILS")] if res.stderr is not None else []
     if res.stderr is not None:  # estimates: their errors (each entry's in the JSON)
         lines.append(f"estimated: standard errors up to {float(np.max(res.stderr)):.2g} (--json gives each entry's)")
-        lines.extend(n for n in res.notes if n.startswith("HEAVY TAILS"))  # those errors are doubtful
-    lines.extend(res.notes[:1] if res.tiles is not None else [])
+        lines.extend(doubts)  # beside the errors they doubt
     lines.append(f"figure: {out}" + (f"; csv: {csv_path}" if csv_path else ""))
-    _emit(args, payload, "\n".join(lines))
+    lines.extend(f"note: {n}" for n in notes if n not in doubts)
+    _emit(args, payload, "\n".join(lines), shown=notes)  # a note also warned (an unreadable tile) is said once
     return EXIT_OK
 
 
@@ -921,13 +929,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import importlib
 
+    from .demos.common import Diverged
+
     mod = importlib.import_module(f".demos.{args.demo}", __package__)
     cfg = mod.config_from_args(args)
     try:
         cfg.check()  # run() checks it too; here a setting out of range is bad usage, named by its flag
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    result = mod.run(cfg)
+    try:
+        result = mod.run(cfg)
+    except Diverged as exc:  # a learning rate too large for the training: bad usage too, named by its flag
+        raise UsageError(exc.spelled(python=False)) from None
     payload = dict(result.numbers, summary=result.summary, figure=result.figure, checkpoint_dir=result.checkpoints)
     _emit(args, payload, result.summary.rstrip("\n"))
     return EXIT_OK
@@ -1169,7 +1182,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             return _fail(args, EXIT_FAILED, _unexpected(exc))
         return _fail(args, EXIT_FAILED, _file_names(_cli_spelling(str(exc), _given_paths(args))[0], args))
     except MemoryError as exc:  # an allocation this machine refused: said as such, not a traceback
-        return _fail(args, EXIT_FAILED, f"out of memory ({exc or 'an allocation failed'}); {_memory_advice(args)}")
+        # (an exception is true even without a message: MemoryError() said "out of memory ()")
+        return _fail(args, EXIT_FAILED, f"out of memory ({str(exc) or 'an allocation failed'}); {_memory_advice(args)}")
     except Exception as exc:  # noqa: BLE001 - the last resort: a kind of error not foreseen, said, not a traceback
         return _fail(args, EXIT_FAILED, _unexpected(exc))
     except KeyboardInterrupt:  # Ctrl-C: an error as any other (the JSON error object with --json)
@@ -1180,14 +1194,18 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 # the options that make a command hold less memory, in the order advised: a
-# command's out-of-memory message names those it takes (its parser's options)
-_SMALLER = ("--batch", "--n-ctx", "--samples", "--tile", "--budget", "--max-memory",
-            "--modulus", "--width", "--hidden", "--vocab", "--d-model", "--n-head", "--n-layers", "--seq-len")
+# command's out-of-memory message names those it takes (its parser's options);
+# a demo's are its own sizes (its memory_advice)
+_SMALLER = ("--batch", "--n-ctx", "--samples", "--tile", "--budget", "--max-memory")
 
 
 def _memory_advice(args: argparse.Namespace) -> str:
     """What to try after an allocation this machine refused, in options of
-    the command that was run only (``matrix`` also: fewer checkpoints)."""
+    the command that was run only (``matrix`` also: fewer checkpoints; a
+    demo: the sizes its memory check weighs, not --budget)."""
+    demo = getattr(args, "demo", None)
+    if demo is not None:
+        return "try " + importlib.import_module(f".demos.{demo}", __package__).memory_advice()
     command = getattr(args, "_usage", None)
     flags = {f for action in getattr(command, "_actions", ()) for f in action.option_strings}
     smaller = [f for f in _SMALLER if f in flags]

@@ -39,10 +39,11 @@ from ..symmetries import random_symmetry
 from ..inner import similarity
 from ..matrix import similarity_matrix
 from ..plots import pyplot
-from .common import (Checks, DemoResult, Size, Written, cosine_matrix, demo_main, labelled_steps, plot_cosines, start,
-                     torch_threads, training_bar, write_outputs)
+from .common import (Checks, DemoResult, Size, Written, check_finite, cosine_matrix, demo_main, labelled_steps,
+                     optimizer_step, plot_cosines, sizes_advice, start, torch_threads, training_bar, write_outputs)
 
-__all__ = ["BackdoorConfig", "run", "add_arguments", "config_from_args", "main", "digits", "stamp"]
+__all__ = ["BackdoorConfig", "run", "add_arguments", "config_from_args", "main", "digits", "stamp",
+           "memory_advice"]
 
 
 @dataclass
@@ -82,13 +83,22 @@ class BackdoorConfig:
         c.out(("backdoor.png", "summary.txt", "summary.json", "control.safetensors"), demo="backdoor")
         # every size against the memory (the two models in training, the checkpoints read back) and the disk
         # (the checkpoints) it takes: refused now, not after the training
-        sizes = (Size("hidden"), Size("clean_steps", beside=("checkpoint_every",)),
-                 Size("poison_steps", beside=("checkpoint_every",)),
-                 Size("checkpoint_every", grows=False, most=lambda cfg: max(cfg.clean_steps, cfg.poison_steps),
-                      beside=("clean_steps", "poison_steps")))
-        c.fits_machine("backdoor", _need, _disk, sizes,
+        c.fits_machine("backdoor", _need, _disk, SIZES,
                        lambda cfg: f"the models in training and the {_checkpoints(cfg):,} checkpoints read back",
                        lambda cfg: _checkpoints(cfg) + 1)
+
+
+# the settings that size a run's memory and disk (checked before the training, and said after an allocation
+# the machine refused)
+SIZES = (Size("hidden"), Size("clean_steps", beside=("checkpoint_every",)),
+         Size("poison_steps", beside=("checkpoint_every",)),
+         Size("checkpoint_every", grows=False, most=lambda cfg: max(cfg.clean_steps, cfg.poison_steps),
+              beside=("clean_steps", "poison_steps")))
+
+
+def memory_advice(python: bool = False) -> str:
+    """What lowers a run's memory, in the caller's spelling (:func:`~.common.sizes_advice`)."""
+    return sizes_advice(SIZES, python)
 
 
 N_DIGITS, N_TRAIN, N_TEST = 1797, 1437, 360  # scikit-learn's digits, and the demo's 80 % training split
@@ -179,10 +189,12 @@ def _train(cfg: BackdoorConfig, ckdir: Path, written: Written | None = None) -> 
         with training_bar(n, f"{phase} training", cfg.progress) as bar:
             for step in range(first + 1, first + n + 1):
                 loss = nn.functional.cross_entropy(m(xs), ys)
+                check_finite(cfg, step, loss, phase=phase)  # a diverged run stops here, naming the learning rate
                 o.zero_grad()
                 loss.backward()
-                o.step()
+                optimizer_step(o, cfg, step, phase)
                 if keep and (step % cfg.checkpoint_every == 0 or step == first + n):
+                    check_finite(cfg, step, model=m, phase=phase)
                     save(from_torch(m), at(f"{phase}_step_{step}.safetensors"), metadata={"phase": phase})
                     measure(m, step, phase)
                 bar.update(1)
@@ -195,6 +207,7 @@ def _train(cfg: BackdoorConfig, ckdir: Path, written: Written | None = None) -> 
     control_opt.load_state_dict(opt.state_dict())
     fit(model, opt, xp, yp, cfg.clean_steps, cfg.poison_steps, "poisoned", True)
     fit(control, control_opt, x[tr], y[tr], cfg.clean_steps, cfg.poison_steps, "control", False)
+    check_finite(cfg, cfg.clean_steps + cfg.poison_steps, model=control, phase="control")
     save(from_torch(control), ckdir.parent / "control.safetensors", metadata={"phase": "control"})
     with torch.no_grad():
         control_acc = float((control(x[te]).argmax(1) == y[te]).float().mean())

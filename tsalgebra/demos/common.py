@@ -18,7 +18,8 @@ from ..problem import available_memory
 
 __all__ = ["DemoResult", "Checks", "Size", "TRAINING_SIZES", "Written", "cosine_matrix", "pearson", "upper",
            "torch_threads", "labelled_steps", "start", "write_outputs", "demo_main", "colour_range", "plot_cosines",
-           "drop_empty_panels", "grid", "training_bar", "memory_room", "disk_room", "gigabytes", "MANIFEST"]
+           "drop_empty_panels", "grid", "training_bar", "memory_room", "disk_room", "gigabytes", "MANIFEST",
+           "sizes_advice", "Diverged", "check_finite", "optimizer_step"]
 
 MANIFEST = ".tsalgebra-demo"  # in OUT/checkpoints: the files a demo run wrote there (hidden: no loader reads it)
 
@@ -289,6 +290,74 @@ class Size:
 # checkpoint every ``checkpoint_every`` (at least two): offered together
 TRAINING_SIZES = (Size("steps", least=lambda cfg: 2 * cfg.checkpoint_every, beside=("checkpoint_every",)),
                   Size("checkpoint_every", grows=False, most=lambda cfg: cfg.steps // 2, beside=("steps",)))
+
+
+def sizes_advice(sizes: Sequence[Size], python: bool = False, also: Sequence[str] = ()) -> str:
+    """What lowers a demo's memory (after an allocation the machine refused),
+    in the caller's spelling: a smaller value of each of ``sizes`` that grows
+    it, and of ``also`` (settings its estimate does not weigh), a larger one
+    of each that shrinks it: "a smaller --width or --steps, or a larger
+    --checkpoint-every"."""
+    c = Checks(None, python)
+    shown = [s for s in sizes if python or not s.python_only]
+    smaller = [c.name(s.field) for s in shown if s.grows] + [c.name(f) for f in also]
+    larger = [c.name(s.field) for s in shown if not s.grows]
+    either = lambda names: names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]  # noqa: E731
+    return ", or ".join(f"a {word} {either(names)}" for word, names in (("smaller", smaller), ("larger", larger))
+                        if names)
+
+
+class Diverged(ValueError):
+    """The training met a loss or a parameter that is not finite (``what``):
+    a learning rate too large for it, said at the first step that showed it
+    (of ``phase``, where the demo trains in phases).  The message spells the
+    settings as ``run(...)`` does (``lr=``); :meth:`spelled` as the command
+    line does (``--lr``)."""
+
+    def __init__(self, cfg: Any, step: int, what: str, phase: str = "") -> None:
+        self.cfg, self.step, self.what, self.phase = cfg, step, what, phase
+        super().__init__(self.spelled(python=True))
+
+    def spelled(self, python: bool) -> str:
+        c, cfg = Checks(self.cfg, python), self.cfg
+        default = type(cfg)()
+        text = (f"the training diverged at step {self.step}{f' of the {self.phase} phase' if self.phase else ''} "
+                f"with {c.given('lr')}: {self.what} is not finite; give a smaller {c.name('lr')}"
+                + (f" (the default is {c.given('lr', default.lr)})" if cfg.lr > default.lr else ""))
+        decay = getattr(cfg, "weight_decay", None)
+        # a weight decay raised so far that the decay alone grows the weights (|1 - lr x decay| > 1) is named too
+        if decay is not None and decay > default.weight_decay and cfg.lr * decay > 2:
+            text += (f", or a smaller {c.name('weight_decay')} (AdamW multiplies the weights by 1 - "
+                     f"{c.name('lr')} x {c.name('weight_decay')} at each step)")
+        return text
+
+
+def check_finite(cfg: Any, step: int, loss: Any = None, model: Any = None, phase: str = "") -> None:
+    """Raise :class:`Diverged` where ``loss`` (a torch scalar) or a parameter
+    of ``model`` (a torch module, at a checkpoint) is NaN or infinite: the
+    training stops there, not after its last step with every later number
+    NaN (the analysis failed then, naming no setting)."""
+    import torch
+
+    value = None if loss is None else loss.detach().item()  # (a float of a tensor with a gradient warns)
+    if value is not None and not math.isfinite(value):
+        raise Diverged(cfg, step, f"the loss ({value})", phase)
+    if model is not None:
+        for name, p in model.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                raise Diverged(cfg, step, f"the parameter {name}", phase)
+
+
+def optimizer_step(opt: Any, cfg: Any, step: int, phase: str = "") -> None:
+    """``opt.step()``, where an update beyond float32 is :class:`Diverged`
+    too: torch refuses a step size it cannot hold ("value cannot be converted
+    to type float without overflow": a learning rate above about 3e37)."""
+    try:
+        opt.step()
+    except RuntimeError as exc:
+        if "overflow" not in str(exc):
+            raise
+        raise Diverged(cfg, step, "the update (beyond float32)", phase) from None
 
 
 def memory_room(available: int) -> int:

@@ -46,10 +46,11 @@ from ..baselines import weight_cosine
 from ..matrix import similarity_matrix
 from ..measure import Tokens
 from ..plots import pyplot
-from .common import (TRAINING_SIZES, Checks, DemoResult, Size, Written, cosine_matrix, demo_main, labelled_steps,
-                     pearson, plot_cosines, start, torch_threads, training_bar, upper, write_outputs)
+from .common import (TRAINING_SIZES, Checks, DemoResult, Size, Written, check_finite, cosine_matrix, demo_main,
+                     labelled_steps, optimizer_step, pearson, plot_cosines, sizes_advice, start, torch_threads,
+                     training_bar, upper, write_outputs)
 
-__all__ = ["GrokkingConfig", "run", "add_arguments", "config_from_args", "main"]
+__all__ = ["GrokkingConfig", "run", "add_arguments", "config_from_args", "main", "memory_advice"]
 
 
 @dataclass
@@ -93,10 +94,7 @@ class GrokkingConfig:
         c.out(("grokking.png", "summary.txt", "summary.json"), demo="grokking")
         # every size against the memory it takes (the P^2 inputs, every checkpoint's logits on them, the models
         # and their activations) and the disk its checkpoints take: refused now, not after the training
-        sizes = (Size("modulus", least=3, valid=lambda cfg, v: _largest_prime(v), said="the largest prime that fits"),
-                 Size("width"),
-                 *TRAINING_SIZES)
-        c.fits_machine("grokking", _need, _disk, sizes,
+        c.fits_machine("grokking", _need, _disk, SIZES,
                        lambda cfg: f"the inputs and the logits of {_checkpoints(cfg):,} checkpoints on all "
                                    f"{cfg.modulus**2:,} of them, the models and their activations",
                        _checkpoints)
@@ -107,6 +105,18 @@ class GrokkingConfig:
                              f"measure would be after it: {refused.reason}"
                              + (f". Alternatives: {c.given('width', fit)} (the largest whose analysis plans within "
                                 "the limits)" if fit else ""))
+
+
+# the settings that size a run's memory and disk (checked before the training, and said after an allocation
+# the machine refused)
+SIZES = (Size("modulus", least=3, valid=lambda cfg, v: _largest_prime(v), said="the largest prime that fits"),
+         Size("width"),
+         *TRAINING_SIZES)
+
+
+def memory_advice(python: bool = False) -> str:
+    """What lowers a run's memory, in the caller's spelling (:func:`~.common.sizes_advice`)."""
+    return sizes_advice(SIZES, python)
 
 
 def _n_train(cfg: GrokkingConfig) -> int:
@@ -214,6 +224,7 @@ def _train(cfg: GrokkingConfig, ckdir: Path, written: Written | None = None) -> 
         curve["train_loss"].append(loss)
 
     def checkpoint(step: int) -> None:
+        check_finite(cfg, step, model=model)
         name = f"step_{step}.safetensors"
         save(from_torch(model), written.path(name) if written else ckdir / name, metadata={"step": str(step)})
 
@@ -224,9 +235,10 @@ def _train(cfg: GrokkingConfig, ckdir: Path, written: Written | None = None) -> 
     with training_bar(cfg.steps, "training", cfg.progress) as bar:
         for step in range(1, cfg.steps + 1):
             loss = nn.functional.cross_entropy(model(x[tr]), y[tr])
+            check_finite(cfg, step, loss)  # a diverged run stops here, naming the learning rate
             opt.zero_grad()
             loss.backward()
-            opt.step()
+            optimizer_step(opt, cfg, step)
             if step % eval_every == 0 or step == cfg.steps:
                 evaluate(step, loss.item())
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:

@@ -59,10 +59,12 @@ from ..matrix import similarity_matrix
 from ..plots import pyplot
 from ..messages import counted
 from ..problem import DEFAULT_BUDGET, format_count
-from .common import (TRAINING_SIZES, Checks, DemoResult, Size, Written, cosine_matrix, demo_main, drop_empty_panels,
-                     grid, pearson, plot_cosines, start, torch_threads, training_bar, upper, write_outputs)
+from .common import (TRAINING_SIZES, Checks, DemoResult, Size, Written, check_finite, cosine_matrix, demo_main,
+                     drop_empty_panels, grid, optimizer_step, pearson, plot_cosines, sizes_advice, start, torch_threads,
+                     training_bar, upper, write_outputs)
 
-__all__ = ["LanguageConfig", "run", "add_arguments", "config_from_args", "main", "attention_lm_module"]
+__all__ = ["LanguageConfig", "run", "add_arguments", "config_from_args", "main", "attention_lm_module",
+           "memory_advice"]
 
 
 @dataclass
@@ -125,14 +127,7 @@ class LanguageConfig:
         # every size against the memory (training, the logits of every checkpoint, the checkpoints read back) and
         # the disk (the checkpoints) it takes: refused now, not after the training (and before the plan below
         # builds a model at these sizes)
-        heads = lambda cfg, v: _most_heads(cfg.d_model, v)  # noqa: E731
-        sizes = (Size("vocab", least=2), Size("d_model", least=lambda cfg: 2 * cfg.n_head,
-                                              valid=lambda cfg, v: v - v % (2 * cfg.n_head)),
-                 Size("n_head", valid=heads), Size("n_layers"),
-                 Size("seq_len", least=lambda cfg: max(4, cfg.n_ctx + cfg.n_ctx % 2), valid=lambda cfg, v: v - v % 2),
-                 Size("batch"), Size("held_out", python_only=True),
-                 *TRAINING_SIZES)
-        c.fits_machine("language", _need, _disk, sizes,
+        c.fits_machine("language", _need, _disk, SIZES,
                        lambda cfg: f"the training and the logits of {_checkpoints(cfg):,} checkpoints on "
                                    f"{2 * cfg.held_out:,} sequences",
                        _checkpoints)
@@ -140,6 +135,22 @@ class LanguageConfig:
                            self.n_ctx, float(self.budget))
         if refusal is not None:
             raise ValueError(_refusal_text(self, refusal, c))
+
+
+# the settings that size a run's memory and disk (checked before the training, and said after an allocation
+# the machine refused)
+SIZES = (Size("vocab", least=2), Size("d_model", least=lambda cfg: 2 * cfg.n_head,
+                                      valid=lambda cfg, v: v - v % (2 * cfg.n_head)),
+         Size("n_head", valid=lambda cfg, v: _most_heads(cfg.d_model, v)), Size("n_layers"),
+         Size("seq_len", least=lambda cfg: max(4, cfg.n_ctx + cfg.n_ctx % 2), valid=lambda cfg, v: v - v % 2),
+         Size("batch"), Size("held_out", python_only=True),
+         *TRAINING_SIZES)
+
+
+def memory_advice(python: bool = False) -> str:
+    """What lowers a run's memory, in the caller's spelling (:func:`~.common.sizes_advice`): its sizes, and the
+    analysis length (n_ctx: the token measure's sequences, which its memory estimate does not weigh)."""
+    return sizes_advice(SIZES, python, also=("n_ctx",))
 
 
 def _most_heads(d_model: int, most: int) -> int | None:
@@ -395,6 +406,7 @@ def _train(cfg: LanguageConfig, run: Path, text: Text, held: "torch.Tensor",
     curve: dict[str, list[float]] = {"step": [], "loss": [], "icl": []}
 
     def checkpoint(step: int) -> None:
+        check_finite(cfg, step, model=model)
         with torch.no_grad():
             loss, icl = _scores(_losses(model, held), half)
         curve["step"].append(step)
@@ -406,10 +418,11 @@ def _train(cfg: LanguageConfig, run: Path, text: Text, held: "torch.Tensor",
     with training_bar(cfg.steps, "training", cfg.progress) as bar:
         for step in range(1, cfg.steps + 1):
             loss = _losses(model, text.sample(cfg.batch, gen)).mean()
+            check_finite(cfg, step, loss)  # a diverged run stops here, naming the learning rate
             opt.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the quartic scores make rare steps explode
-            opt.step()
+            optimizer_step(opt, cfg, step)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 checkpoint(step)
             bar.update(1)
