@@ -31,16 +31,19 @@ sequence.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import queue
+from concurrent.futures import as_completed
 from functools import cached_property
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
 from ..measure import Tokens
 from ..problem import CostError, InnerProblem, Plan, format_count, positions_of
 from ..progress import advancer
-from ..threads import one_blas_thread
+from ..threads import blas_threads, blas_worker_pool, one_blas_thread
 from .moments import AttentionMoments, AttentionSide, moment_head, moment_tail, positions_fit
 from .registry import Algorithm, Triple
 
@@ -50,12 +53,12 @@ __all__ = ["TokenMoments"]
 # in the conditional tables (16 MiB): at vocabulary 4096, 8 heads of 32,
 # 0.23 s per model, against 0.27 s at half and 0.24 s at twice.
 _PAIR_ELEMENTS = 2**21
-# Query x key tokens per block of the score matrices (a block of 16 heads is
-# 8 MiB, in the shared cache): 256 x 256 ran fastest of the shapes measured
-# at vocabulary 4096 (key blocks of 128 within noise; key blocks of 64 or
-# 512, or query blocks of 128, 40-55 % slower): 0.71-0.9 s per offset for
-# 16 heads of width 32.
-_QUERY_BLOCK, _KEY_BLOCK = 256, 256
+# Query x key tokens per block of the score matrices, each block on one
+# worker thread (a block of 16 heads is 4 MiB, a worker's two 8 MiB): at
+# vocabulary 4096, 8 + 8 heads of width 32, 4 positions, the inner product took
+# 2.9-3.1 s with key blocks of 128 or 64, 3.4-3.8 s with 256 (3.1-3.5 s with
+# query blocks of 128 or 512; key blocks of 32: 3.8-3.9 s).
+_QUERY_BLOCK, _KEY_BLOCK = 256, 128
 
 
 def _blocks(n: int, size: int) -> list[slice]:
@@ -249,6 +252,13 @@ class _TokenEngine:
         self.flops, self.held, self.peak = 0.0, 0, 0
         self.V = laws.shape[1]
         self.tick = None if dry else advancer()  # the running plan's bar, when one shows
+        # The score blocks run on this many worker threads, each product on one
+        # thread (the pool, None: in this thread), planned alike: the products
+        # batched on torch's own threads met a barrier per product, about 3,000
+        # per call, and another busy process on one of two cores stretched the
+        # call 3.5-fold (11.3-11.9 s against 3.2-3.9 s alone).
+        self.workers = max(1, blas_threads())
+        self.pool: Any = None
 
     def _count(self, flops: float, transient: int = 0, held: int = 0) -> None:
         """Flops, and elements: ``held`` kept to the end of the run (tables,
@@ -401,7 +411,7 @@ class _TokenEngine:
         scores, per_query = self._score_cost()
         scores += per_query * queries
         return (sum(4.0 * s.H * V * (s.w1 ** 2 + s.w2 ** 2) for s in sides),
-                (2 + (queries > 1)) * Hs * Bq * Bk + V * nr * nc * queries
+                (2 + (queries > 1)) * Hs * Bq * Bk * self.workers + V * nr * nc * queries
                 + max(s.H * max(s.w1, s.w2) for s in sides) * V
                 + 3 * max(s.H * s.dv for s in sides) * V  # a pair's carried keys as rows, p-weighted
                 + sum(s.H * s.dv for s in sides) * V  # the values by token, weighted by the key law
@@ -458,23 +468,41 @@ class _TokenEngine:
             q1.mul_(self.p(queries[0]).sqrt()[:, None])
         # per query law, the sum over query tokens of p scores scores', per key token
         W = {q: torch.zeros((V, nr, nc), dtype=torch.float64) for q in queries}
-        # Both score blocks are written into buffers allocated once (a fresh
-        # 8 MiB block per product: 0.74 s against 0.71 s per offset, best of 10).
-        # Several query laws weight a copy of the block, one each.
-        first, second, third = (torch.empty(Hs * Bk * Bq if k < 2 or len(queries) > 1 else 0, dtype=torch.float64)
-                                for k in range(3))
+        # Both score blocks are written into buffers allocated once per worker
+        # (a fresh 8 MiB block per product: 0.74 s against 0.71 s per offset,
+        # best of 10).  Several query laws weight a copy of the block, one each.
+        sizes = [Hs * Bk * Bq if k < 2 or len(queries) > 1 else 0 for k in range(3)]
+        spare: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        for _ in range(self.workers):
+            spare.put(tuple(torch.empty(n, dtype=torch.float64) for n in sizes))
         P = {q: self.p(q) for q in queries}
-        for kb in _blocks(V, Bk):
-            for qb in _blocks(V, Bq):
-                shape = (Hs, kb.stop - kb.start, qb.stop - qb.start)
-                S, T, R = (b[: math.prod(shape)].view(shape) if b.numel() else None for b in (first, second, third))
-                torch.bmm(k1[:, kb], q1[:, qb].transpose(1, 2), out=S)
-                S.mul_(torch.bmm(k2[:, kb], q2[:, qb].transpose(1, 2), out=T))  # (heads, key, query)
-                for q in queries:
-                    weighted = S if R is None else torch.mul(S, P[q][qb], out=R)
-                    # per key token, (heads, query): strided, read as is by the product
-                    W[q][kb].baddbmm_(weighted.permute(1, 0, 2)[:, rows], S.permute(1, 0, 2)[:, cols].transpose(1, 2))
-            self._count(scores * (kb.stop - kb.start) / V)  # as the blocks run: the plan's bar moves with them
+
+        def key_block(kb: slice) -> int:
+            """One block of key tokens against every query token, on one thread."""
+            if self.pool is not None:
+                torch.set_num_threads(1)  # this worker's own (per thread): the blocks run side by side
+            buffers = spare.get()
+            try:
+                for qb in _blocks(V, Bq):
+                    shape = (Hs, kb.stop - kb.start, qb.stop - qb.start)
+                    S, T, R = (b[: math.prod(shape)].view(shape) if b.numel() else None for b in buffers)
+                    torch.bmm(k1[:, kb], q1[:, qb].transpose(1, 2), out=S)
+                    S.mul_(torch.bmm(k2[:, kb], q2[:, qb].transpose(1, 2), out=T))  # (heads, key, query)
+                    for q in queries:
+                        weighted = S if R is None else torch.mul(S, P[q][qb], out=R)
+                        # per key token, (heads, query): strided, read as is by the product
+                        W[q][kb].baddbmm_(weighted.permute(1, 0, 2)[:, rows],
+                                          S.permute(1, 0, 2)[:, cols].transpose(1, 2))
+            finally:
+                spare.put(buffers)
+            return kb.stop - kb.start
+
+        if self.pool is None:
+            done: Iterable[int] = map(key_block, _blocks(V, Bk))
+        else:
+            done = (f.result() for f in as_completed([self.pool.submit(key_block, kb) for kb in _blocks(V, Bk)]))
+        for keys in done:
+            self._count(scores * keys / V)  # as the blocks run: the plan's bar moves with them
         out: dict[tuple[int, int], dict[str, Any]] = {law: {} for law in laws}
         for k in sorted({k for _, k in laws}):
             pk = self.p(k)[:, None, None]
@@ -700,8 +728,11 @@ class TokenMoments(Algorithm):
         # meanwhile, since its helper threads, spinning after a product, took
         # the cores from torch's (measured: the mean key-value feature 0.09 s
         # against 0.045 s per model right after a numpy product).
-        with one_blas_thread():
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(one_blas_thread())
             engine, sides = self._engine(plan.problem, dry=False)
+            if engine.workers > 1:
+                engine.pool = blas_worker_pool(stack, engine.workers)
             out = engine.run(plan.problem.centered)
         return AttentionMoments.finish(plan, {name: (sides[x].tail, sides[y].tail, out[name], None)
                                               for name, (x, y) in engine.pairs.items()})
