@@ -282,16 +282,16 @@ class BilinearAttention(_Sequence, Component):
 
     def direct_elements(self, batch: int) -> float | None:
         """Elements the position-by-position forward holds at once besides its
-        input and output: a block's five forms, three score matrices (two
-        products and theirs), their product with the values and its copy by
-        position, and the output maps' product, each at most about
+        input and output: a block's five forms beside three score matrices
+        (two products and theirs), or beside the scores, their product with
+        the values and its copy by position, each at most about
         _FORWARD_ELEMENTS, and two copies of the block's padded input."""
         if self.exact:
             return None
         n, H = self._positions(), self.heads + 1
         per_input = H * n * max(n, self.v.shape[1] + 1, *(getattr(self, k).shape[1] + 1 for k in ("q1", "k1", "q2", "k2")))
         rows = min(batch, max(1, _FORWARD_ELEMENTS // per_input))
-        return 11.0 * rows * per_input + 2.0 * rows * n * (self.d_model + 1)
+        return 8.0 * rows * per_input + 2.0 * rows * n * (self.d_model + 1)
 
     def network(self, symmetric: bool = False, tag: str = "", data: bool = True) -> Network:
         n, d, H = self._positions(), self.d_model, self.heads
