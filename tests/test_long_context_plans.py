@@ -109,7 +109,7 @@ def old_dry_counts(e, centered):
                   for name, r in read.items()}
         queries = {q for q, _ in set().union(*needed.values())}
         count(sum(4.0 * s.H * V * (s.w1 ** 2 + s.w2 ** 2) for s in sides),
-              transient=(2 + (len(queries) > 1)) * Hs * Bq * Bk * e.workers + V * nr * nc * len(queries)
+              transient=((2 + (len(queries) > 1)) * Hs * Bq + nr * nc) * Bk * e.workers + V * nr * nc * len(queries)
               + max(s.H * max(s.w1, s.w2) for s in sides) * V + 3 * max(s.H * s.dv for s in sides) * V
               + sum(s.H * s.dv for s in sides) * V
               + sum(3 * sides[x].H * sides[x].dv * sides[y].H * sides[y].dv + sides[x].H * Bk * sides[y].H * sides[y].dv
