@@ -81,7 +81,8 @@ def old_dry_counts(e, centered):
         block = max(1, min(V, tm._PAIR_ELEMENTS // (H * w1 * w2)))
         count(2.0 * H * V * (w1 + w2 + dv) + H * V * w1 * w2 * (3 + 2 * dv * (len(laws) + len(carried)))
               + 4.0 * H * w1 * w2 * dv * (w1 + w2) * len(carried),
-              transient=H * w1 * w2 * block + H * V * (w1 + w2 + dv * (1 + len(laws))),
+              transient=H * w1 * w2 * (block + dv * (2 * len(laws) + len(carried)))
+              + H * V * (w1 + w2 + dv * (1 + len(laws))),
               held=(len(carried) + 1) * H * dv * V)
     for s in sides:
         count(2.0 * s.d_out * s.side.T.shape[0] * V, held=s.d_out * V)
