@@ -110,7 +110,9 @@ def old_dry_counts(e, centered):
                   for name, r in read.items()}
         queries = {q for q, _ in set().union(*needed.values())}
         count(sum(4.0 * s.H * V * (s.w1 ** 2 + s.w2 ** 2) for s in sides),
-              transient=((2 + (len(queries) > 1)) * Hs * Bq + nr * nc) * Bk * e.workers + V * nr * nc * len(queries)
+              transient=((2 + (len(queries) > 1 or any(x == y for x, y in pairs.values()))) * Hs * Bq
+                         + max(sides[x].H * sides[y].H for x, y in pairs.values())) * Bk * e.workers
+              + V * nr * nc * len(queries)
               + max(s.H * max(s.w1, s.w2) for s in sides) * V + 3 * max(s.H * s.dv for s in sides) * V
               + sum(s.H * s.dv for s in sides) * V
               + sum(3 * sides[x].H * sides[x].dv * sides[y].H * sides[y].dv + sides[x].H * Bk * sides[y].H * sides[y].dv
@@ -118,7 +120,8 @@ def old_dry_counts(e, centered):
         for name, (x, y) in pairs.items():
             X, Y = sides[x], sides[y]
             count(4.0 * X.H * X.dv * Y.H * Y.dv * V * len(needed[name]))
-        count(2.0 * V * V * sum(s.H * (s.w1 + s.w2) for s in sides) + 2.0 * V * V * nr * nc * len(queries))
+        count(2.0 * V * V * sum(s.H * (s.w1 + s.w2) for s in sides)
+              + 2.0 * V * V * sum(sides[x].H * sides[y].H for x, y in pairs.values()) * len(queries))
         for name, (x, y) in pairs.items():
             X, Y = sides[x], sides[y]
             for i in range(n):

@@ -428,8 +428,10 @@ class _TokenEngine:
         nr, nc = rows.stop - rows.start, cols.stop - cols.start
         scores, per_query = self._score_cost()
         scores += per_query * queries
+        weigh = queries > 1 or any(x == y for x, y in self.pairs.values())  # a weighted copy of the block
+        gram = max(sides[x].H * sides[y].H for x, y in self.pairs.values())
         return (sum(4.0 * s.H * V * (s.w1 ** 2 + s.w2 ** 2) for s in sides),
-                ((2 + (queries > 1)) * Hs * Bq + nr * nc) * Bk * self.workers + V * nr * nc * queries
+                ((2 + weigh) * Hs * Bq + gram) * Bk * self.workers + V * nr * nc * queries
                 + max(s.H * max(s.w1, s.w2) for s in sides) * V
                 + 3 * max(s.H * s.dv for s in sides) * V  # a pair's carried keys as rows, p-weighted
                 + sum(s.H * s.dv for s in sides) * V  # the values by token, weighted by the key law
@@ -440,9 +442,8 @@ class _TokenEngine:
     def _score_cost(self) -> tuple[float, float]:
         """Flops of one offset's score blocks: (the score matrices, the Grams per query law)."""
         V, sides = self.V, self.sides
-        rows, cols = self._gram_heads()
-        nr, nc = rows.stop - rows.start, cols.stop - cols.start
-        return 2.0 * V * V * sum(s.H * (s.w1 + s.w2) for s in sides), 2.0 * V * V * nr * nc
+        return (2.0 * V * V * sum(s.H * (s.w1 + s.w2) for s in sides),
+                2.0 * V * V * sum(sides[x].H * sides[y].H for x, y in self.pairs.values()))
 
     def _law_pair_cost(self, x: int, y: int) -> float:
         """Flops of D for one pair and one (query law, key law) at one offset."""
@@ -473,7 +474,7 @@ class _TokenEngine:
         self._count(flops, transient=transient)
         for name, (x, y) in self.pairs.items():
             self._count(self._law_pair_cost(x, y) * len(needed[name]))
-        import torch  # the score blocks' batched products run at twice numpy's rate here
+        import torch
 
         k1, k2, q1, q2 = tables["k1"], tables["k2"], tables["q1"], tables["q2"]
         h = 0
@@ -482,8 +483,15 @@ class _TokenEngine:
                 F = s.tables[f"q{which}"].transpose(1, 2)
                 q[h : h + s.H, :, : F.shape[2]] = F @ torch.from_numpy(s.rotation(which, s.key(offset)))
             h += s.H
-        if len(queries) == 1:  # p(query) folded in as sqrt(p) on both score matrices of a product
+        # A model against itself would read one score block as both operands of
+        # its Gram, which numpy takes for a symmetric update (syrk): 1.13 ms
+        # for 16 x 16 heads against 0.59 ms for operands apart, and the copy
+        # 0.12 ms.  So such Grams, and several query laws, read a weighted copy.
+        weigh = len(queries) > 1 or any(x == y for x, y in self.pairs.values())
+        if not weigh:  # p(query) folded in as sqrt(p) on both score matrices of a product
             q1.mul_(self.p(queries[0]).sqrt()[:, None])
+        starts = np.cumsum([0] + [s.H for s in sides])
+        grams = [(slice(starts[x], starts[x + 1]), slice(starts[y], starts[y + 1])) for x, y in self.pairs.values()]
         # per query law, the sum over query tokens of p scores scores', per key token
         W = {q: torch.zeros((V, nr, nc), dtype=torch.float64) for q in queries}
         # Both score blocks are written into buffers allocated once per worker
@@ -493,7 +501,8 @@ class _TokenEngine:
         # block of 16 heads in 3.0 ms against torch's (MKL) 3.2-4.5 ms, the
         # Gram's 128 products of 8 x 256 x 8 at 34 GF/s against 12 GF/s, and
         # the inner product 3.2-3.8 s against 4.4-4.7 s (warm, alternating).
-        sizes = [Hs * Bk * Bq if k < 2 or len(queries) > 1 else 0 for k in range(3)] + [Bk * nr * nc]
+        sizes = [Hs * Bk * Bq if k < 2 or weigh else 0 for k in range(3)]
+        sizes.append(Bk * max((hx.stop - hx.start) * (hy.stop - hy.start) for hx, hy in grams))
         spare: queue.SimpleQueue[tuple[np.ndarray, ...]] = queue.SimpleQueue()
         for _ in range(self.workers):
             spare.put(tuple(np.empty(n) for n in sizes))
@@ -512,11 +521,14 @@ class _TokenEngine:
                     np.matmul(k1[:, kb], q1[:, qb].transpose(0, 2, 1), out=S)
                     S *= np.matmul(k2[:, kb], q2[:, qb].transpose(0, 2, 1), out=T)  # (heads, key, query)
                     for q in queries:
-                        weighted = S if R is None else np.multiply(S, P[q][qb], out=R)
                         # per key token, (heads, query): strided, read as is by the product
-                        np.matmul(weighted.transpose(1, 0, 2)[:, rows], S.transpose(1, 2, 0)[:, :, cols],
-                                  out=gram[: nk * nr * nc].reshape(nk, nr, nc))
-                        Wn[q][kb] += gram[: nk * nr * nc].reshape(nk, nr, nc)
+                        weighted = (S if R is None else np.multiply(S, P[q][qb], out=R)).transpose(1, 0, 2)
+                        for hx, hy in grams:  # each pair's block of heads
+                            shape = (nk, hx.stop - hx.start, hy.stop - hy.start)
+                            block = np.matmul(weighted[:, hx], S.transpose(1, 2, 0)[:, :, hy],
+                                              out=gram[: math.prod(shape)].reshape(shape))
+                            Wn[q][kb, hx.start - rows.start : hx.stop - rows.start,
+                                  hy.start - cols.start : hy.stop - cols.start] += block
             finally:
                 spare.put((*buffers, gram))
             return nk
