@@ -107,7 +107,8 @@ def test_every_note_of_a_matrix_is_printed_once(tiled, mixed, tmp_path, capsys):
     assert any(" tiles of 2 models a side " in n for n in notes) == tiled
     code, out, err = run()
     assert code == 0, err
-    assert _notes(out) == notes  # each once, in the result's order, after the figure
+    # each once, in the result's order (in the command line's spelling: --degree K), after the figure
+    assert _notes(out) == [cli._cli_spelling(n)[0] for n in notes]
     assert out.splitlines()[-len(notes) - 1].startswith("figure: ")
 
 

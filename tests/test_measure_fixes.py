@@ -155,7 +155,7 @@ def test_options_of_the_wrong_kind_are_named():
     assert ts.inner(a, b, centered=np.bool_(True)).centered is True
     with pytest.raises(ValueError, match="degree must be a positive integer"):
         ts.inner(a, b, inner="symmetric", degree=2.0)
-    with pytest.raises(ValueError, match="degree belongs to inner='symmetric'"):
+    with pytest.raises(ValueError, match="degree= belongs to inner='symmetric'"):
         ts.inner(a, b, degree=3)  # silently ignored before
     assert ts.inner(a, b, inner="symmetric", degree=np.int64(3)).value == ts.inner(a, b, inner="symmetric",
                                                                                    degree=3).value

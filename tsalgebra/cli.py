@@ -314,7 +314,7 @@ _OPTIONS = {
     "budget": ("--budget", "F"), "per_output": ("--per-output", ""), "store": ("--store", "DIR"),
     "workers": ("--workers", "N"), "scheduler": ("--scheduler", "ADDRESS"), "tile": ("--tile", "N"),
     "max_memory": ("--max-memory", "BYTES"), "route": ("--route", "NAME"), "exact": ("--exact", ""),
-    "tol": ("--tol", "T"),
+    "tol": ("--tol", "T"), "degree": ("--degree", "K"),
 }
 _KEYS = "|".join(sorted(_OPTIONS, key=len, reverse=True))
 # keyword=value as a message spells an argument (not inside a model's repr,
@@ -572,6 +572,8 @@ def _limits(args: argparse.Namespace) -> dict[str, Any]:
     """The keywords of --budget, --max-memory and the sampling options
     (a usage error where these are given without --method sampled)."""
     kw: dict[str, Any] = {"budget": args.budget, "max_memory": args.max_memory}
+    if getattr(args, "degree", None) is not None:
+        kw["degree"] = args.degree
     if args.method == "sampled":
         kw.update(samples=args.samples, rel_error=args.rel_error, seed=args.seed)
     elif args.samples is not None or args.rel_error is not None or args.seed is not None:
@@ -986,6 +988,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "else gaussian)")
     memory_help = ("memory bound in bytes on what one product's plan holds at its peak (default: half the available "
                    "memory)")
+    degree_help = ("--inner symmetric: the common degree of the Bombieri product, at least the models' degree "
+                   "(default: the largest model degree)")
     method_help = ("auto: exact within the budget, else an error (never an approximation); closure: Gaussian moment "
                    "closure (approximate); sampled: Monte Carlo estimate with a standard error")
 
@@ -1011,6 +1015,7 @@ def build_parser() -> argparse.ArgumentParser:
     pair.add_argument("--per-output", action="store_true", help="one similarity per output channel")
     pair.add_argument("--centered", action="store_true", help="centred gaussian (covariance of the outputs)")
     pair.add_argument("--token-probs", metavar="PATH", help=token_probs_help)
+    pair.add_argument("--degree", type=_COUNT, metavar="K", help=degree_help)
     add_limits(pair)
 
     parser = _Parser(prog="tsalgebra", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1039,6 +1044,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the matrix as CSV (default: the figure path with .csv)")
     m.add_argument("--inner", choices=inners, default=None, help=inner_help)
     m.add_argument("--centered", action="store_true", help="centred gaussian")
+    m.add_argument("--degree", type=_COUNT, metavar="K", help=degree_help)
     m.add_argument("--token-probs", metavar="PATH",
                    help=token_probs_help)
     m.add_argument("--method", choices=("auto", "exact", "closure", "sampled"), default="auto",

@@ -464,7 +464,7 @@ def check_degree(inner: str, options: dict[str, Any]) -> None:
     if isinstance(degree, (bool, np.bool_)) or not isinstance(degree, (int, np.integer)) or degree < 1:
         raise ValueError(f"degree must be a positive integer or None, got {degree!r}")
     if inner != "symmetric":
-        raise ValueError(f"degree belongs to inner='symmetric' (the common degree of the Bombieri "
+        raise ValueError(f"degree= belongs to inner='symmetric' (the common degree of the Bombieri "
                          f"product), not to {inner!r}")
     options["degree"] = int(degree)
 

@@ -211,7 +211,7 @@ def _common_degree(models: list[Any], inner: str, options: dict[str, Any]) -> tu
     if min(degrees) == k:
         return ()
     return (f"symmetric product at the set's common degree {k}: models of lower degree are lifted to it in every "
-            "pair (ts.similarity of one pair lifts only to that pair's larger degree; pass degree= to choose)",)
+            "pair (a single pair's similarity lifts only to that pair's larger degree; pass degree= to choose)",)
 
 
 def _models(models: Any, what: str) -> tuple[list[Any], tuple[str, ...] | None]:
