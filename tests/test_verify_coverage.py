@@ -95,3 +95,22 @@ def test_a_scaled_circuit_is_equal_up_to_scale_under_sampling():
     assert v.relative_residual - Z95 * v.stderr["relative_residual"] > v.tolerance  # not equal at scale 1
     m2, c = _near_orthogonal(seed=1)
     assert ts.verify(c, m2, method="sampled", samples=1000, seed=0).verdict == "different"
+
+
+def test_the_intervals_stay_within_the_figures_ranges():
+    """A circuit equal to the component (m + m - m, its float64 products not
+    quite m's): its residual 0 has an error bar, and the interval's lower end
+    went below 0 (a squared norm), the similarity's upper end beyond 1."""
+    rng = np.random.default_rng(2)
+    m = _layer(rng)
+    c = _joined(_joined(m, m, 1.0), m, -1.0)
+    seen = set()
+    for seed in range(3):
+        v = ts.verify(c, m, method="sampled", samples=300, seed=seed)
+        lo, hi = v.interval["relative_residual"]
+        assert lo >= 0.0 and hi == pytest.approx(v.relative_residual + Z95 * v.stderr["relative_residual"])
+        assert lo == pytest.approx(max(0.0, v.relative_residual - Z95 * v.stderr["relative_residual"]))
+        s_lo, s_hi = v.interval["similarity"]
+        assert -1.0 <= s_lo <= v.similarity <= s_hi <= 1.0
+        seen.add((lo == 0.0, s_hi == 1.0))
+    assert (True, True) in seen  # the clipping was needed at both ends in some seed

@@ -933,6 +933,10 @@ def verify(
                                                                          "explained", "scale"))
         stderr = {k: float(v[0]) for k, v in errors.items()}
         interval = {k: (float(whole[k][0]) - Z95 * stderr[k], float(whole[k][0]) + Z95 * stderr[k]) for k in stderr}
+        # each within the figure's range: a similarity in [-1, 1], a residual (a squared norm) at least 0
+        lo, hi = interval["similarity"]
+        interval["similarity"] = (max(lo, -1.0), min(hi, 1.0))
+        interval["relative_residual"] = (max(interval["relative_residual"][0], 0.0), interval["relative_residual"][1])
         interval["explained"] = _squared(*interval["similarity"])
         po_fig, po_err, _ = _estimated_figures(p_ff, p_cc, p_fc)
         po = {k: np.asarray(v, dtype=float) for k, v in po_fig.items()}
