@@ -63,11 +63,10 @@ def available_memory() -> int:
     """Bytes of RAM available now: the host's (psutil, else /proc/meminfo,
     else 8 GiB), or less where this process's memory cgroup allows less
     (:func:`cgroup_memory`: a container's limit, which the host's figures do
-    not see) or its address-space limit does (``ulimit -v``, RLIMIT_AS: the
-    limit less the process's virtual size, where ``resource`` and
-    /proc/self/statm can be read); the one reading of it, for the products'
-    and the matrices' defaults."""
-    room = [r for r in (_host_memory(), cgroup_memory(), _address_space_room()) if r is not None]
+    not see) or its limits do (:func:`_limit_room`: ``ulimit -v`` and
+    ``ulimit -d``); the one reading of it, for the products' and the
+    matrices' defaults."""
+    room = [r for r in (_host_memory(), cgroup_memory(), _limit_room()) if r is not None]
     return min(room)
 
 
@@ -88,22 +87,36 @@ def _host_memory() -> int:
     return _FALLBACK_MEMORY
 
 
-def _address_space_room() -> int | None:
-    """Bytes of address space RLIMIT_AS leaves this process: its soft limit
-    less the virtual size (every mapping counts against it, reserved or
-    touched, so an allocation beyond this fails however much RAM is free);
-    None without a finite limit or where it cannot be read."""
+# The resource limits on memory and what each counts, as /proc/self/status
+# reports it: RLIMIT_AS every mapping (VmSize), RLIMIT_DATA the private
+# writable ones (VmData: the heap and numpy's and torch's large arrays, which
+# are anonymous mappings; Linux 4.7 on).
+_LIMITS = (("RLIMIT_AS", "VmSize:"), ("RLIMIT_DATA", "VmData:"))
+
+
+def _limit_room() -> int | None:
+    """Bytes this process's resource limits leave it: over ``ulimit -v``
+    (RLIMIT_AS) and ``ulimit -d`` (RLIMIT_DATA), the soft limit less what it
+    counts now (an allocation beyond fails however much RAM is free); None
+    without a finite limit, or where ``resource`` or /proc/self/status
+    cannot be read."""
     try:
         import resource
 
-        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
-        if limit == resource.RLIM_INFINITY or limit < 0:
+        limits = {key: resource.getrlimit(getattr(resource, name))[0] for name, key in _LIMITS}
+        limits = {key: int(v) for key, v in limits.items() if v != resource.RLIM_INFINITY and v >= 0}
+        if not limits:
             return None
-        with open("/proc/self/statm") as fh:
-            size = int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        used = {}
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key + ":" in limits:
+                    used[key + ":"] = int(value.split()[0]) * 1024  # kB
     except (ImportError, AttributeError, OSError, ValueError, IndexError):
         return None
-    return max(int(limit) - size, 0)
+    room = [max(limit - used[key], 0) for key, limit in limits.items() if key in used]
+    return min(room) if room else None
 
 
 def cgroup_memory(root: str | os.PathLike[str] | None = None) -> int | None:

@@ -218,7 +218,7 @@ class Checks:
         saying what they hold), then against the disk that will hold ``--out``
         (``disk`` bytes in ``files(cfg)`` checkpoint files; the checkpoints an
         earlier run of ``demo`` wrote there count as free, a rerun removes them)."""
-        self.fits(need, memory_room(available_memory()), sizes, held, "of memory available")
+        self.fits(need, memory_room(), sizes, held, "of memory available")
         out = Path(self.cfg.out)
         room, where = disk_room(out, own_checkpoint_bytes(out / "checkpoints", demo))
         each = lambda cfg: gigabytes(disk(cfg) // files(cfg))  # noqa: E731
@@ -360,30 +360,14 @@ def optimizer_step(opt: Any, cfg: Any, step: int, phase: str = "") -> None:
         raise Diverged(cfg, step, "the update (beyond float32)", phase) from None
 
 
-def memory_room(available: int) -> int:
-    """The bytes a demo may still allocate: ``available`` (the machine's or
-    its container's free memory), or less where this process's address
-    space is limited (``ulimit -v``): that limit less the space it holds."""
-    try:
-        import resource
+def memory_room() -> int:
+    """The bytes a demo may still allocate: :func:`available_memory` (the
+    machine's or its container's free memory, or less where this process's
+    ``ulimit -v`` or ``-d`` leaves less), read once torch is loaded (its
+    libraries take address space too)."""
+    import torch  # noqa: F401 - the demo's, counted against the limits
 
-        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    except (ImportError, OSError, ValueError):  # pragma: no cover - not on every platform
-        return available
-    if soft == resource.RLIM_INFINITY or soft <= 0:
-        return available
-    import torch  # noqa: F401 - the demo's: its libraries take address space too, counted below
-
-    held = 0
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmSize:"):
-                    held = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError, IndexError):  # pragma: no cover - not Linux
-        pass
-    return max(0, min(available, soft - held))
+    return available_memory()
 
 
 def disk_room(out: Path, freed: int = 0) -> tuple[int, Path]:
