@@ -18,6 +18,7 @@ from tsalgebra.matrix import cluster
 from helpers import tiny_lm
 
 distributed = pytest.importorskip("dask.distributed")
+_ENVIRON_AT_IMPORT = dict(os.environ)
 
 
 def bilinears(n, seed=0, d=5, h=6, o=3):
@@ -35,9 +36,24 @@ def stacks(n, seed=1):
 
 @pytest.fixture(scope="module")
 def client():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as lc, \
-            distributed.Client(lc) as c:
-        yield c
+    # the nannies write their workers' environment (one BLAS thread, a malloc trim threshold) into this
+    # process's os.environ, where every later test's subprocess inherited it: put back as cluster.workers= does
+    before = dict(os.environ)
+    changed = None
+    try:
+        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                      dashboard_address=None) as lc, distributed.Client(lc) as c:
+            changed = cluster._restore_environ(before)
+            yield c
+    finally:
+        cluster._restore_environ(before, changed)
+
+
+def test_the_fixture_cluster_leaves_the_environment(client):
+    """With the cluster up, the keys its nannies write are as before it."""
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_",
+                "__DASK_PARENT_PID"):
+        assert os.environ.get(key) == _ENVIRON_AT_IMPORT.get(key), key
 
 
 @pytest.mark.parametrize("case", ["one-layer", "stacks-network", "attention-tokens", "attention-gaussian"])

@@ -126,8 +126,8 @@ def test_freed_pages_are_kept_only_while_held() -> None:
             kept = faults()
         print(plain, kept, faults())
     """)
-    # glibc's defaults: a dask LocalCluster earlier in the process sets MALLOC_TRIM_THRESHOLD_ in os.environ
-    # (for its workers), which fixes the mmap threshold: arrays of 4 MiB are then mapped afresh, pad or not
+    # glibc's defaults: an environment with MALLOC_TRIM_THRESHOLD_ (a dask LocalCluster started directly writes
+    # it for its workers) fixes the mmap threshold: arrays of 4 MiB are then mapped afresh, pad or not
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
     plain, kept, after = (int(v) for v in out.stdout.split())
