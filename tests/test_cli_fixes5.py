@@ -128,3 +128,40 @@ def test_a_note_that_is_also_a_warning_is_printed_once(tmp_path, capsys):
     assert len(unreadable) == 1, out  # a note of the result and a warning: once
     assert said[0].startswith("3 tiles of 2 models a side (1 computed, 2 from the store)")
     assert len(said) == len(set(said))
+
+
+# ------------------------------------------------------------ a demo's run(...) out of memory, in Python
+
+
+REFUSALS = {
+    "numpy": lambda: MemoryError("Unable to allocate 8.00 TiB for an array with shape (2**40,)"),
+    "torch": lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                                  "allocate memory: you tried to allocate 281474976710656 bytes."),
+}
+
+
+@pytest.mark.parametrize("library", sorted(REFUSALS))
+@pytest.mark.parametrize("demo", sorted(ADVICE))
+def test_a_demo_run_out_of_memory_says_its_keywords(demo, library, monkeypatch, capsys, tmp_path):
+    """run(...) in Python raised numpy's or torch's allocation error alone;
+    it now says the sizes in run's keywords, and the command line its flags,
+    once (torch's refusal was a plain error there, with no advice)."""
+    if demo == "backdoor":
+        pytest.importorskip("sklearn")
+
+    def refused(*args, **kwargs):
+        raise REFUSALS[library]()
+
+    monkeypatch.setattr(MODULES[demo], "_train", refused)
+    cfg = MODULES[demo].config_from_args(cli.build_parser().parse_args(
+        ["demo", demo, *TINY[demo], "--out", str(tmp_path / demo), "--no-progress"]))
+    with pytest.raises(MemoryError) as caught:
+        MODULES[demo].run(cfg)
+    text = str(caught.value)
+    assert text.startswith("out of memory (") and text.endswith(f"; try {MODULES[demo].memory_advice(python=True)}")
+    assert str(REFUSALS[library]())[:20] in text and "--" not in text
+    code, out, err = exit_code(capsys, "demo", demo, *TINY[demo], "--out", tmp_path / demo, "--no-progress", "--json")
+    assert code == cli.EXIT_FAILED == 1, err
+    said = json.loads(out)["error"]
+    assert said.startswith("out of memory (") and said.endswith(f"; {ADVICE[demo]}") and said.count("try ") == 1
+    assert str(REFUSALS[library]())[:20] in said

@@ -57,7 +57,7 @@ from .formulas import QUOTE_CHARS, parse_formulas
 from .io import TemplateError, run_of
 from .jsonable import dumps
 from .matrix.api import ROUTES
-from .messages import counted, message_of, raised
+from .messages import counted, message_of, out_of_memory, raised
 from .planner import plan, plan_cache
 from .problem import DEFAULT_BUDGET, Alternative, CostError, NotApplicableError, format_count
 
@@ -931,7 +931,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import importlib
 
-    from .demos.common import Diverged
+    from .demos.common import Diverged, OutOfMemory
 
     mod = importlib.import_module(f".demos.{args.demo}", __package__)
     cfg = mod.config_from_args(args)
@@ -943,6 +943,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         result = mod.run(cfg)
     except Diverged as exc:  # a learning rate too large for the training: bad usage too, named by its flag
         raise UsageError(exc.spelled(python=False)) from None
+    except OutOfMemory as exc:  # its advice in run()'s keywords: the command line says its own flags
+        raise MemoryError(exc.original) from None
     payload = dict(result.numbers, summary=result.summary, figure=result.figure, checkpoint_dir=result.checkpoints)
     _emit(args, payload, result.summary.rstrip("\n"))
     return EXIT_OK
@@ -1183,13 +1185,14 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             return _fail(args, EXIT_FAILED, _unexpected(exc))
         text, usage = _cli_spelling(str(exc), _given_paths(args))
         return _fail(args, EXIT_USAGE if usage else EXIT_FAILED, _file_names(text, args))
-    except (ArithmeticError, RuntimeError, OSError, ImportError) as exc:
+    except (ArithmeticError, RuntimeError, OSError, ImportError, MemoryError) as exc:
+        refused = out_of_memory(exc)
+        if refused is not None:  # an allocation this machine refused (torch's is a RuntimeError): said as such
+            # (an exception is true even without a message: MemoryError() said "out of memory ()")
+            return _fail(args, EXIT_FAILED, f"out of memory ({refused}); {_memory_advice(args)}")
         if message_of(exc) is None:
             return _fail(args, EXIT_FAILED, _unexpected(exc))
         return _fail(args, EXIT_FAILED, _file_names(_cli_spelling(str(exc), _given_paths(args))[0], args))
-    except MemoryError as exc:  # an allocation this machine refused: said as such, not a traceback
-        # (an exception is true even without a message: MemoryError() said "out of memory ()")
-        return _fail(args, EXIT_FAILED, f"out of memory ({str(exc) or 'an allocation failed'}); {_memory_advice(args)}")
     except Exception as exc:  # noqa: BLE001 - the last resort: a kind of error not foreseen, said, not a traceback
         return _fail(args, EXIT_FAILED, _unexpected(exc))
     except KeyboardInterrupt:  # Ctrl-C: an error as any other (the JSON error object with --json)

@@ -12,7 +12,7 @@ import os
 import sys
 import warnings
 
-__all__ = ["UNPRINTABLE", "counted", "message_of", "raised", "warn_at_caller"]
+__all__ = ["UNPRINTABLE", "counted", "message_of", "out_of_memory", "raised", "warn_at_caller"]
 
 UNPRINTABLE = "(its message cannot be printed)"
 
@@ -29,6 +29,17 @@ def message_of(exc: BaseException) -> str | None:
         return " ".join(str(exc).split())
     except Exception:  # noqa: BLE001 - whatever the failing __str__ raised
         return None
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """The message of an allocation the machine refused ("an allocation
+    failed" where it has none): numpy's MemoryError, or torch's allocator's
+    RuntimeError (it says "can't allocate memory"); None for any other
+    exception."""
+    text = message_of(exc)
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't allocate memory" in (text or "")):
+        return text or "an allocation failed"
+    return None
 
 
 def raised(exc: BaseException) -> str:

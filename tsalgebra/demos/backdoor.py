@@ -39,8 +39,9 @@ from ..symmetries import random_symmetry
 from ..inner import similarity
 from ..matrix import similarity_matrix
 from ..plots import pyplot
-from .common import (Checks, DemoResult, Size, Written, check_finite, cosine_matrix, demo_main, labelled_steps,
-                     optimizer_step, plot_cosines, sizes_advice, start, torch_threads, training_bar, write_outputs)
+from .common import (Checks, DemoResult, Size, Written, advising_memory, check_finite, cosine_matrix, demo_main,
+                     labelled_steps, optimizer_step, plot_cosines, sizes_advice, start, torch_threads, training_bar,
+                     write_outputs)
 
 __all__ = ["BackdoorConfig", "run", "add_arguments", "config_from_args", "main", "digits", "stamp",
            "memory_advice"]
@@ -260,6 +261,7 @@ def _figure(path: Path, labels: list[str], mats: dict[str, np.ndarray], n_clean:
     plt.close(fig)
 
 
+@advising_memory(memory_advice)
 def run(cfg: BackdoorConfig | None = None, **overrides: Any) -> DemoResult:
     """Train clean, fine-tune poisoned (and a clean control), compare, and
     write ``backdoor.png``, ``summary.txt``, ``summary.json``,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 import os
@@ -14,12 +15,13 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from ..jsonable import dumps, jsonable
+from ..messages import out_of_memory
 from ..problem import available_memory
 
 __all__ = ["DemoResult", "Checks", "Size", "TRAINING_SIZES", "Written", "cosine_matrix", "pearson", "upper",
            "torch_threads", "labelled_steps", "start", "write_outputs", "demo_main", "colour_range", "plot_cosines",
            "drop_empty_panels", "grid", "training_bar", "memory_room", "disk_room", "gigabytes", "MANIFEST",
-           "sizes_advice", "Diverged", "check_finite", "optimizer_step"]
+           "sizes_advice", "Diverged", "check_finite", "optimizer_step", "OutOfMemory", "advising_memory"]
 
 MANIFEST = ".tsalgebra-demo"  # in OUT/checkpoints: the files a demo run wrote there (hidden: no loader reads it)
 
@@ -305,6 +307,39 @@ def sizes_advice(sizes: Sequence[Size], python: bool = False, also: Sequence[str
     either = lambda names: names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]  # noqa: E731
     return ", or ".join(f"a {word} {either(names)}" for word, names in (("smaller", smaller), ("larger", larger))
                         if names)
+
+
+class OutOfMemory(MemoryError):
+    """An allocation the machine refused during a demo's ``run(...)``, said
+    with what lowers the run's memory in ``run``'s keywords; ``original`` is
+    the allocation's own message (the command line adds its flags to it)."""
+
+    def __init__(self, original: str, advice: str) -> None:
+        self.original = original
+        super().__init__(f"out of memory ({original}); try {advice}")
+
+
+def advising_memory(advice: Callable[[bool], str]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A demo's ``run`` whose refused allocations (numpy's MemoryError,
+    torch's allocator's RuntimeError) raise :class:`OutOfMemory` with
+    ``advice(True)``: the sizes to lower, as ``run`` spells them."""
+
+    def decorate(run: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(run)
+        def advised(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return run(*args, **kwargs)
+            except OutOfMemory:
+                raise
+            except (MemoryError, RuntimeError) as exc:
+                original = out_of_memory(exc)
+                if original is None:
+                    raise
+                raise OutOfMemory(original, advice(True)) from exc
+
+        return advised
+
+    return decorate
 
 
 class Diverged(ValueError):

@@ -46,9 +46,9 @@ from ..baselines import weight_cosine
 from ..matrix import similarity_matrix
 from ..measure import Tokens
 from ..plots import pyplot
-from .common import (TRAINING_SIZES, Checks, DemoResult, Size, Written, check_finite, cosine_matrix, demo_main,
-                     labelled_steps, optimizer_step, pearson, plot_cosines, sizes_advice, start, torch_threads,
-                     training_bar, upper, write_outputs)
+from .common import (TRAINING_SIZES, Checks, DemoResult, Size, Written, advising_memory, check_finite,
+                     cosine_matrix, demo_main, labelled_steps, optimizer_step, pearson, plot_cosines, sizes_advice,
+                     start, torch_threads, training_bar, upper, write_outputs)
 
 __all__ = ["GrokkingConfig", "run", "add_arguments", "config_from_args", "main", "memory_advice"]
 
@@ -306,6 +306,7 @@ def _figure(path: Path, steps: list[int], mats: dict[str, np.ndarray], curve: di
     plt.close(fig)
 
 
+@advising_memory(memory_advice)
 def run(cfg: GrokkingConfig | None = None, **overrides: Any) -> DemoResult:
     """Train, checkpoint, compare, and write ``grokking.png``,
     ``summary.txt``, ``summary.json`` and ``checkpoints/`` under ``cfg.out``.

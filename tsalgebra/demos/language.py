@@ -59,9 +59,9 @@ from ..matrix import similarity_matrix
 from ..plots import pyplot
 from ..messages import counted
 from ..problem import DEFAULT_BUDGET, format_count
-from .common import (TRAINING_SIZES, Checks, DemoResult, Size, Written, check_finite, cosine_matrix, demo_main,
-                     drop_empty_panels, grid, optimizer_step, pearson, plot_cosines, sizes_advice, start, torch_threads,
-                     training_bar, upper, write_outputs)
+from .common import (TRAINING_SIZES, Checks, DemoResult, Size, Written, advising_memory, check_finite,
+                     cosine_matrix, demo_main, drop_empty_panels, grid, optimizer_step, pearson, plot_cosines,
+                     sizes_advice, start, torch_threads, training_bar, upper, write_outputs)
 
 __all__ = ["LanguageConfig", "run", "add_arguments", "config_from_args", "main", "attention_lm_module",
            "memory_advice"]
@@ -506,6 +506,7 @@ def _figure(path: Path, steps: list[int], mats: dict[str, np.ndarray], curve: di
     plt.close(fig)
 
 
+@advising_memory(memory_advice)
 def run(cfg: LanguageConfig | None = None, **overrides: Any) -> DemoResult:
     """Train, checkpoint, compare, and write ``language.png``, ``summary.txt``,
     ``summary.json`` and the run (``config.json``, ``checkpoints/``) under
