@@ -357,7 +357,7 @@ class _TokenEngine:
         # The heads split among the workers, each product on one thread, in
         # numpy: 0.47-0.53 s for both models (tables included) against
         # 0.56-0.74 s batched over every head on torch's two threads.
-        shares = [hs for hs in _blocks(H, -(-H // self.workers))]
+        shares = _blocks(H, -(-H // self.workers))
         if self.pool is None or len(shares) == 1:
             for hs in shares:
                 heads(hs)
@@ -496,7 +496,7 @@ class _TokenEngine:
         W = {q: torch.zeros((V, nr, nc), dtype=torch.float64) for q in queries}
         # Both score blocks are written into buffers allocated once per worker
         # (a fresh 8 MiB block per product: 0.74 s against 0.71 s per offset,
-        # best of 10).  Several query laws weight a copy of the block, one each.
+        # best of 10).  A weighted copy (above) takes a third buffer.
         # The blocks' products run in numpy: its BLAS here (OpenBLAS) took a
         # block of 16 heads in 3.0 ms against torch's (MKL) 3.2-4.5 ms, the
         # Gram's 128 products of 8 x 256 x 8 at 34 GF/s against 12 GF/s, and
@@ -524,9 +524,9 @@ class _TokenEngine:
                         # per key token, (heads, query): strided, read as is by the product
                         weighted = (S if R is None else np.multiply(S, P[q][qb], out=R)).transpose(1, 0, 2)
                         for hx, hy in grams:  # each pair's block of heads
-                            shape = (nk, hx.stop - hx.start, hy.stop - hy.start)
+                            cut = (nk, hx.stop - hx.start, hy.stop - hy.start)
                             block = np.matmul(weighted[:, hx], S.transpose(1, 2, 0)[:, :, hy],
-                                              out=gram[: math.prod(shape)].reshape(shape))
+                                              out=gram[: math.prod(cut)].reshape(cut))
                             Wn[q][kb, hx.start - rows.start : hx.stop - rows.start,
                                   hy.start - cols.start : hy.stop - cols.start] += block
             finally:
