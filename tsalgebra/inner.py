@@ -157,6 +157,24 @@ def joint_inner(a: Any, b: Any, inner: str | None = None, method: str = "auto", 
             None if bb is None else _scaled(bb, 2 * lb, "<b, b>"))
 
 
+@_overflow_named()
+def relative_products(a: Any, b: Any, inner: str | None = None, method: str = "auto", mean: Any = None,
+                      cov: Any = None, *, measure: Measure | None = None, **options: Any
+                      ) -> tuple[InnerResult, InnerResult, InnerResult]:
+    """(<a, b>, <a, a>, <b, b>) as :func:`joint_inner` plans them (the self
+    products by themselves where its computation does not give them), all
+    divided by e^{2 log_scale(a)}, the square of a's canonical scale: the
+    ratios :func:`tsalgebra.verify` reads (a similarity, a residual, a
+    scale), which float64 holds where the products themselves overflow
+    (weights of 1e160)."""
+    centered = bool(options.get("centered"))
+    (ca, la), (cb, lb) = _canonical_pair(a, b, centered)
+    ab, aa, bb = solve(_problem(ca, cb, inner, method, mean, cov, measure, options, joint=a is not b))
+    aa = aa if aa is not None else solve(_problem(ca, ca, inner, method, mean, cov, measure, options))[0]
+    bb = bb if bb is not None else solve(_problem(cb, cb, inner, method, mean, cov, measure, options))[0]
+    return _scaled(ab, lb - la, "<a, b>"), _scaled(aa, 0.0, "<a, a>"), _scaled(bb, 2 * (lb - la), "<b, b>")
+
+
 def _canonical_pair(a: Any, b: Any, centered: bool) -> tuple[tuple[Any, float], tuple[Any, float]]:
     """Both models at their canonical scale (:func:`tsalgebra.rescale.canonical`),
     for centred products without their output biases (the same covariance,

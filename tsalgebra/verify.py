@@ -22,7 +22,8 @@ one is "different".  Under a measure that does not reach every input (a
 singular covariance, a token of probability 0) the verdict holds on its
 support only, and a note says so.
 
-The three products come from one computation (:func:`tsalgebra.inner.joint_inner`):
+The three products come from one computation (:func:`tsalgebra.inner.relative_products`, at the
+component's scale):
 with ``method="sampled"`` one set of Monte Carlo samples gives all three, so
 their errors cancel in the figures (three independent estimates read a
 circuit equal to the component as 0.994 similar, "different").  The report
@@ -58,8 +59,7 @@ import sympy
 from .algorithms.sampled import FEW_SAMPLES, Z95
 from .circuits import EigenCircuit, top_eigen
 from .components import Component, exact_entry
-from .inner import inner as inner_product
-from .inner import joint_inner
+from .inner import relative_products
 from .measure import Gaussian, Measure, Tokens
 from .messages import counted
 from .problem import InnerResult
@@ -695,10 +695,10 @@ def _products(f: Component, c: Component, inner: str, kw: dict[str, Any], per_ou
               ) -> tuple[InnerResult, InnerResult, InnerResult]:
     """(<f,f>, <c,c>, <f,c>) from one computation where the algorithm gives
     all three (closure; Monte Carlo: one set of samples), as
-    :func:`tsalgebra.similarity` plans them; else the self-products beside it."""
-    fc, ff, cc = joint_inner(f, c, inner, per_output=per_output, **kw)
-    ff = ff if ff is not None else inner_product(f, f, inner, per_output=per_output, **kw)
-    cc = cc if cc is not None else inner_product(c, c, inner, per_output=per_output, **kw)
+    :func:`tsalgebra.similarity` plans them; else the self-products beside it.
+    All three divided by the square of f's scale (every figure is a ratio
+    of them): weights of 1e160 overflowed the products, not the figures."""
+    fc, ff, cc = relative_products(f, c, inner, per_output=per_output, **kw)
     return ff, cc, fc
 
 
@@ -951,8 +951,7 @@ def verify(
                                       f"from the products <f,f> = {float(ff):.3g}, <c,c> = {float(cc):.3g}, "
                                       f"<f,c> = {float(fc):.3g}: float64 cannot hold them")
         po = dict(zip(("similarity", "relative_residual", "explained", "scale"),
-                      (np.asarray(v, dtype=float) for v in _figures(*(_floats(r.value) for r in (p_ff, p_cc, p_fc)),
-                                                                     False))))
+                      (np.asarray(v, dtype=float) for v in _figures(*_floats(p_ff, p_cc, p_fc), False))))
     certificate = None
     if exact:
         if _is_zero(residual, "relative residual"):
@@ -1013,7 +1012,7 @@ def verify(
             notes += misfit_notes[:1]
     else:
         suffix = "" if accuracy == "exact" else f"; {accuracy}: {r_fc.method}"
-        pf, pc, pfc = (_floats(r.value) for r in (p_ff, p_cc, p_fc))
+        pf, pc, pfc = _floats(p_ff, p_cc, p_fc)
         verdict = "different"
         for kind, ok, s in (("equal", residual <= tol, 1.0), ("equal up to scale", 1 - explained <= tol, scale)):
             if not ok:
@@ -1057,17 +1056,31 @@ def verify(
                         seed=kw.get("seed") if r_fc.estimated else None, notes=tuple(dict.fromkeys(notes)))
 
 
-def _floats(v: Any) -> np.ndarray:
-    """Per-output products as float64 (NaN where a value is symbolic)."""
-    a = np.atleast_1d(np.asarray(v))
-    if a.dtype != object:
-        return a.astype(float)
-    out = np.full(a.shape, np.nan)
-    for i, x in enumerate(a.flat):
-        try:
-            out.flat[i] = float(x)
-        except (TypeError, ValueError):
-            pass
+def _floats(*products: InnerResult) -> list[np.ndarray]:
+    """The per-output products' values as float64 (NaN where a value is
+    symbolic), exact ones first divided by one power of two common to all,
+    so that float64 holds them: every figure is a ratio of them, and exact
+    products of weights of 1e160 (10^640) overflowed float()."""
+    def rational(x: Any) -> Any:
+        return sympy.Rational(x) if isinstance(x, (int, Fraction)) and not isinstance(x, bool) else x
+
+    arrays = [np.atleast_1d(np.asarray(r.value)) for r in products]
+    rationals = [rational(x) for a in arrays if a.dtype == object for x in a.flat]
+    sizes = [x.p.bit_length() - x.q.bit_length() for x in rationals if isinstance(x, sympy.Rational) and x != 0]
+    shift = max(sizes) if sizes and not -900 < max(sizes) < 900 else 0  # 2^shift divided out, exactly
+    out = []
+    for a in arrays:
+        if a.dtype != object:
+            out.append(a.astype(float))
+            continue
+        f = np.full(a.shape, np.nan)
+        for i, x in enumerate(a.flat):
+            x = rational(x)
+            try:
+                f.flat[i] = float(x / sympy.Integer(2) ** shift if shift and isinstance(x, sympy.Rational) else x)
+            except (TypeError, ValueError):
+                pass
+        out.append(f)
     return out
 
 
