@@ -34,3 +34,22 @@ def test_the_figures_do_not_depend_on_the_models_common_scale(scale, kw):
             assert float(getattr(got, figure)) == pytest.approx(float(getattr(want, figure)), rel=1e-9, abs=1e-12)
         assert np.allclose(np.asarray(got.per_output["similarity"], dtype=float),
                            np.asarray(want.per_output["similarity"], dtype=float), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1e100, 1e150])
+def test_a_circuit_far_larger_than_the_component_has_a_finite_error_bar(scale):
+    """Sampled, a circuit 1e100 times the component (plus noise): the
+    residual's standard error was NaN (the multiple r = 1e100 squared again
+    in its variance: inf - inf), and its interval (nan, nan).  It now
+    covers the exact residual like any other."""
+    rng = np.random.default_rng(0)
+    L, R, D = rng.normal(size=(3, 2)), rng.normal(size=(3, 2)), rng.normal(size=(2, 3))
+    m = ts.Bilinear(L, R, D)
+    c = ts.Bilinear(L, R, D * scale + 1e-3 * scale * rng.normal(size=D.shape))
+    exact = ts.verify(c, m).relative_residual
+    v = ts.verify(c, m, method="sampled", samples=2000, seed=1)
+    se = v.stderr["relative_residual"]
+    assert np.isfinite(se) and 0 < se < 1e-3 * v.relative_residual
+    lo, hi = v.interval["relative_residual"]
+    assert np.isfinite(lo) and np.isfinite(hi)
+    assert abs(v.relative_residual - exact) < 4 * se

@@ -728,6 +728,10 @@ def _estimated_residual(est: Any, r: float, floor: float | None = None
     m, cov = np.asarray(est.means, dtype=float), np.asarray(est.cov, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         w = np.array([2 * (1 - r), 0.0, r**2 - 1, 1.0]) if len(m) > 3 else np.array([-2 * r, 1.0, r**2])
+        # the weights' scale k divided out, and the residual, its error and rounding multiplied by it at the
+        # end: for a circuit 1e100 times the component, r^2 in the variance squared to 1e400 (inf - inf: NaN)
+        k = float(np.max(np.abs(w)))
+        w = w / k
         num, aa = w @ m, m[1]
         own = aa >= 0 if floor is None else aa >= floor * float(np.max(aa))
         den = np.where(own, aa, 0.0 if floor is None else floor * float(np.max(aa)))
@@ -740,7 +744,7 @@ def _estimated_residual(est: Any, r: float, floor: float | None = None
     if floor is not None:  # a dead channel of both sides: 0 over 0, nothing wrong in it
         dead = (den == 0) & (num == 0)
         res, se, rounding = np.where(dead, 0.0, res), np.where(dead, 0.0, se), np.where(dead, 0.0, rounding)
-    return res, se, rounding
+    return res * k, se * k, rounding * k
 
 
 def _estimated_figures(ff: InnerResult, cc: InnerResult, fc: InnerResult
