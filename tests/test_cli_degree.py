@@ -58,3 +58,21 @@ def test_matrix_takes_the_degree_and_its_note_names_the_option(folder, capsys, t
 def test_a_wrong_degree_is_a_usage_error_naming_the_option(folder, capsys, extra, says):
     code, out, err = exit_code(capsys, "similarity", folder / "m0.safetensors", folder / "m1.safetensors", *extra)
     assert code == 2 and says in err and "Traceback" not in err, err
+
+
+def test_a_refusal_at_a_lifted_degree_offers_the_models_own(folder, capsys):
+    """Lifting adds input legs (the pairings grow factorially): a symmetric
+    product refused at degree 12 is offered at the models' degree 2, where it
+    plans within the same budget; not offered when asked at that degree."""
+    a, b = (ts.load(folder / f"m{k}.safetensors") for k in (0, 1))
+    with pytest.raises(ts.CostError) as refused:
+        ts.similarity(a, b, "symmetric", degree=12, budget=1e6)
+    offered = [alt for alt in refused.value.alternatives if alt.option == "degree"]
+    assert [alt.value for alt in offered] == [2] and "degree=2 (the models' own degree" in str(refused.value)
+    assert ts.similarity(a, b, "symmetric", degree=2, budget=1e6).degree == 2
+    code, out, err = exit_code(capsys, "similarity", folder / "m0.safetensors", folder / "m1.safetensors",
+                               "--inner", "symmetric", "--degree", "12", "--budget", "1e6")
+    assert code == 3 and "--degree 2 (the models' own degree" in err, err
+    with pytest.raises(ts.CostError) as unlifted:
+        ts.similarity(a, b, "symmetric", degree=2, budget=10)
+    assert not any(alt.option == "degree" for alt in unlifted.value.alternatives)

@@ -163,22 +163,28 @@ _OTHERS = (({"inner": "network"}, "the layer-wise product, a property of the fac
            ({"method": "sampled"}, "a Monte Carlo estimate with standard errors", "the Monte Carlo estimate"))
 
 
-def _others(problem: InnerProblem) -> list[tuple[dict[str, str], str, str]]:
+def _others(problem: InnerProblem) -> list[tuple[dict[str, Any], str, str]]:
     """The other questions for ``problem``: :data:`_OTHERS`, and for a
     question of the weights (the network or symmetric product) the models'
     functional one after the network product: under their token measure
     where they read tokens, else under the standard Gaussian (what
     ``inner=None`` asks of them).  A refusal no budget answers (the network
     product of attention layers) then still names a question that has an
-    answer, where one does."""
+    answer, where one does.  A symmetric product asked at a degree above
+    the models' own is offered at their own first (lifting adds input legs,
+    and the pairings grow factorially with them)."""
+    lower: list[tuple[dict[str, Any], str, str]] = []
+    if problem.inner == "symmetric" and problem.degree is not None and problem.degree > max(problem.degrees):
+        own_degree = max(problem.degrees)
+        lower = [({"degree": own_degree}, "the models' own degree, not lifted", f"degree {own_degree}")]
     own = _own_measure(problem)
     if own is None:
-        return list(_OTHERS)
+        return lower + list(_OTHERS)
     inner, measure = own
     what = (f"the functional product under the models' token measure, {measure.label}" if inner == "tokens" else
             f"the functional product under {measure.label}")
     name = "the token inner product" if inner == "tokens" else "the Gaussian inner product"
-    return [_OTHERS[0], ({"inner": inner}, f"{what}, a property of the function", name), *_OTHERS[1:]]
+    return [*lower, _OTHERS[0], ({"inner": inner}, f"{what}, a property of the function", name), *_OTHERS[1:]]
 
 
 def _own_measure(problem: InnerProblem) -> tuple[str, Any] | None:
@@ -251,7 +257,7 @@ def _suggestions(problem: InnerProblem, estimates: list[tuple[float, bool]],
     return tuple(out + fitting), note
 
 
-def _changed(problem: InnerProblem, change: dict[str, str]) -> InnerProblem | None:
+def _changed(problem: InnerProblem, change: dict[str, Any]) -> InnerProblem | None:
     """``problem`` asked with ``change`` (another inner product or method);
     None where that asks nothing new or no registered algorithm supports it."""
     other = problem.replace(**change, algorithm=None)
