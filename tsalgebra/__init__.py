@@ -20,7 +20,7 @@ from .inner import SimilarityPlan, inner, norm, plan_inner, plan_similarity, sim
 from .invariance import InvarianceReport, check_invariance
 from .measure import Gaussian, Measure, Tokens, sequence_measure
 from .planner import ContractionPlan, ContractionStep, plan, plan_cache
-from .problem import CostError, InnerProblem, InnerResult, MemoryBoundError, NotApplicableError, Plan
+from .problem import CostError, InnerProblem, InnerResult, MemoryBoundError, NotApplicableError, Plan, RoundingError
 from .symbolic import Polynomial, from_sympy, to_sympy
 from .symmetries import Symmetry, random_symmetry
 from .verify import Verification, exactify, verify
@@ -49,6 +49,7 @@ __all__ = [
     "Bilinear", "BilinearAttention", "Component", "ContractionPlan", "ContractionStep", "CostError", "Embedding", "MemoryBoundError", "NotApplicableError",
     "Gaussian",
     "InnerProblem", "InnerResult", "InvarianceReport", "Linear", "Measure", "Network", "Plan", "Polynomial", "PositionWise",
+    "RoundingError",
     "Sequential", "SimilarityPlan", "Sum", "Symmetry", "Tensor", "Tokens", "Transformer", "Verification", "algorithms",
     "baselines", "check_invariance", "circuits", "contract", "cross_similarity_matrix", "evaluate", "exactify",
     "from_sympy", "inner", "norm", "plan", "plan_cache", "plan_inner", "plan_similarity", "position_wise",

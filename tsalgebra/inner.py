@@ -371,6 +371,8 @@ def similarity(a: Any, b: Any, inner: str | None = None, method: str = "auto", m
                 runs.append(_scaled(run(p)[0], 0.0, what))
         aa, bb = runs
         spent += [aa, bb]
+        ab = _cross_again(plans, ab, runs)
+        spent[0] = ab
     return _said_dead(replace(
         ab,
         value=_cosine(ab, aa, bb),
@@ -381,7 +383,29 @@ def similarity(a: Any, b: Any, inner: str | None = None, method: str = "auto", m
         pairings=sum(r.pairings for r in spent),
         orbits=sum(r.orbits for r in spent),
         notes=tuple(dict.fromkeys(n for r in spent for n in r.notes)),
+        passed_over=tuple(dict.fromkeys(n for r in spent for n in r.passed_over)),
     ))
+
+
+def _cross_again(plans: list[Plan], ab: InnerResult, selves: list[InnerResult]) -> InnerResult:
+    """<a, b> again where the algorithm that computed it was passed over for
+    a self product (its run lost that variance's digits to rounding: a
+    centred product with means far above the spread, :func:`registry.run`):
+    the cross product carries the same rounding, judged against those
+    variances.  By the next algorithm of the automatic choice; where none
+    plans, <a, b> stays and the result says it is not exact."""
+    passed = {name for r in selves for name in r.passed_over}
+    if ab.algorithm not in passed or plans[0].problem.algorithm is not None:
+        return ab
+    why = f"{ab.algorithm} lost the digits of a variance to rounding, and <a, b> shares its rounding"
+    try:
+        instead = choose(plans[0].problem.replace(excluded=tuple(sorted(passed))))
+    except (CostError, ValueError):
+        return replace(ab, exact=False, notes=ab.notes + (f"{why}: no other algorithm plans it (not exact)",))
+    with labelled("<a,b>"):
+        again = _scaled(run(instead)[0], 0.0, "<a, b>")
+    return replace(again, notes=again.notes + (f"{ab.algorithm} was passed over: {why}",),
+                   passed_over=tuple(sorted(passed)) + again.passed_over)
 
 
 def _said_dead(r: InnerResult) -> InnerResult:

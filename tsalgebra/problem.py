@@ -29,7 +29,7 @@ from .measure import Gaussian, Measure, Tokens
 from .messages import counted
 
 __all__ = ["Alternative", "CostError", "MemoryBoundError", "NotApplicableError", "DEFAULT_BUDGET", "INNERS", "METHODS",
-           "InnerProblem", "InnerResult", "Plan",
+           "InnerProblem", "InnerResult", "Plan", "RoundingError",
            "available_memory", "bound_measure", "cgroup_memory", "check_arguments", "check_degree", "check_flags", "check_sampling", "checked_budget",
            "checked_memory", "default_max_memory", "degree_of", "format_count", "positions_of", "resolve_inner", "rounded_up"]
 
@@ -298,6 +298,12 @@ class CostError(ValueError):
 
     def __reduce__(self) -> tuple[Any, ...]:  # picklable across processes with its fields
         return (_cost_error, (self.reason, self.flops, self.alternatives, self.extrapolated))
+
+
+class RoundingError(ArithmeticError):
+    """A run whose float64 rounding left no digit of its answer (a centred
+    product taken as E[f.g] - E[f].E[g] with means far above the spread):
+    the automatic choice hands the problem to the next algorithm."""
 
 
 class MemoryBoundError(CostError, MemoryError):
@@ -589,6 +595,7 @@ class InnerProblem:
     device: Any = None
     progress: bool | None = None  # a bar while it runs: always, never, or None (on a terminal when long)
     notes: tuple[str, ...] = ()
+    excluded: tuple[str, ...] = ()  # algorithms the automatic choice passes over (their run lost the answer)
 
     @classmethod
     def of(cls, a: Any, b: Any, inner: str | None = None, method: str = "auto", mean: Any = None, cov: Any = None,
@@ -685,6 +692,18 @@ def _with_errors(values: np.ndarray, errors: np.ndarray, shown: int = 10) -> str
     return "[" + ", ".join(pairs) + "]"
 
 
+# A covariance taken as E[f.g] - E[f].E[g]: the relative rounding of the two
+# products (sums over pairings or moments, each term rounded at 2^-53 of its
+# size; 8 of those is a digit above what was measured: the centred token
+# similarity of a model whose embedding is 1e-4..1e-7 of its biases lost
+# 8e-11..6.5e-4, about 2^-53 times the terms over the difference), and the
+# digits of the difference kept below which it is no longer called exact (the
+# attention algorithms keep 9 at an output constant 1e7 times the spread;
+# docs/inner-products.md).
+CENTRED_ROUNDING = 8 * 2.0 ** -53
+CENTRED_DIGITS = 8
+
+
 @dataclass(frozen=True, eq=False)
 class Plan:
     """What one algorithm would run for a problem, planned from shapes.
@@ -721,6 +740,39 @@ class Plan:
                     contractions=self.contractions, flops=self.flops, notes=p.notes + self.notes)
         base.update(fields)
         return InnerResult(value, **base)
+
+    def centred_result(self, moment: Any, means: Any, magnitude: Any, **fields: Any) -> "InnerResult":
+        """The result of a covariance taken as ``moment - means`` (E[f.g]
+        and E[f].E[g], per output or summed), whose digits are those of the
+        difference: ``magnitude`` (>= |moment| and |means| alike, per output)
+        sizes the float rounding of both.  A model's variance (a self
+        product) that keeps fewer than CENTRED_DIGITS digits is not exact (a
+        note says how many are left), and one that keeps none is refused
+        (RoundingError: the automatic choice tries the next algorithm): the
+        model's mean was too large against its spread for the sum of products
+        to centre it.  A cross product's rounding is judged against the two
+        variances, whose digits bound its share of a cosine (its own size may
+        be 0, the models uncorrelated)."""
+        value = moment - means
+        if self.problem.exact_numbers or self.problem.a is not self.problem.b:  # rationals: the difference is exact
+            return self.result(value, **fields)
+        rounding = CENTRED_ROUNDING * np.asarray(magnitude, dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            digits = float(np.min(np.log10(np.abs(np.asarray(value, dtype=float)) / rounding), initial=np.inf))
+        if digits >= CENTRED_DIGITS or not np.isfinite(np.max(rounding, initial=0.0)):
+            return self.result(value, **fields)
+        worst = int(np.argmin(np.abs(np.asarray(value, dtype=float)) / rounding)) if np.ndim(value) else 0
+        size, rest = (float(np.ravel(a)[worst]) for a in (magnitude, value))
+        why = (f"the centred product is E[f.g] - E[f].E[g] by {self.algorithm}, terms of about {size:.3g} "
+               f"against a difference of {rest:.3g}" + (f" (output {worst})" if np.ndim(value) else ""))
+        if not digits >= 1:
+            raise RoundingError(f"{self.problem.describe()}: {why}: float64's rounding of the terms leaves no "
+                                f"digit of the difference (the model's mean is too large against its spread, or "
+                                f"it is constant); an algorithm that sums over inputs (algorithm='enumeration' "
+                                f"or 'quadrature', where one applies) centres each output first")
+        note = f"{why}: about {counted(int(digits), 'digit')} of it left (not exact)"
+        return self.result(value, exact=False, notes=tuple(fields.pop("notes", self.problem.notes + self.notes))
+                           + (note,), **fields)
 
 
 # ----------------------------------------------------------------- results
@@ -760,6 +812,9 @@ class InnerResult:
     interval: Any = None
     samples: int = 0
     estimate: Any = field(default=None, repr=False, compare=False)
+    # algorithms the automatic choice ran and passed over, their rounding
+    # having lost digits of this product (said in the notes too)
+    passed_over: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def estimated(self) -> bool:

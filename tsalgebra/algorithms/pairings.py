@@ -133,14 +133,22 @@ class PairingOrbits(Algorithm):
         if problem.inner == "symmetric":
             k = plan.facts["degree"]
             total = total * Fraction(1, math.factorial(k)) if problem.exact_numbers else total / math.factorial(k)
+        fields = dict(degree=plan.facts.get("degree"), lifted=plan.facts.get("lifted", False),
+                      pairings=plan.facts["pairings"], orbits=plan.facts["orbits"])
         if problem.centered:
-            prod = means["E[a]"] * means["E[b]"]  # per padded channel; channel 0 is dropped below
-            total = total - (prod if problem.per_output else prod[1:].sum())
-        if problem.per_output:
-            total = total[1:]
-        if not problem.exact_numbers:
-            value = total if problem.per_output else float(total)
-        else:
-            value = np.vectorize(exact_number, otypes=[object])(total) if problem.per_output else exact_number(total)
-        return plan.result(value, degree=plan.facts.get("degree"), lifted=plan.facts.get("lifted", False),
-                           pairings=plan.facts["pairings"], orbits=plan.facts["orbits"]), None, None
+            prod = means["E[a]"] * means["E[b]"]  # per padded channel; channel 0 is dropped
+            if problem.per_output:
+                moment, subtracted = _number(problem, total[1:]), _number(problem, prod[1:])
+            else:
+                moment, subtracted = _number(problem, total), _number(problem, prod[1:].sum())
+            magnitude = None if problem.exact_numbers else np.maximum(  # the means' products before their sum
+                np.abs(moment), np.abs(prod[1:]) if problem.per_output else float(np.abs(prod[1:]).sum()))
+            return plan.centred_result(moment, subtracted, magnitude, **fields), None, None
+        return plan.result(_number(problem, total[1:] if problem.per_output else total), **fields), None, None
+
+
+def _number(problem: InnerProblem, total: Any) -> Any:
+    """A sum's value: a float (or float vector), or exact numbers."""
+    if not problem.exact_numbers:
+        return total if problem.per_output else float(total)
+    return np.vectorize(exact_number, otypes=[object])(total) if problem.per_output else exact_number(total)

@@ -39,7 +39,7 @@ import numpy as np
 
 from ..measure import Measure
 from ..problem import (FUNCTIONAL, Alternative, CostError, InnerProblem, InnerResult, MemoryBoundError,
-                       NotApplicableError, Plan, bound_measure, format_count, resolve_inner, rounded_up)
+                       NotApplicableError, Plan, RoundingError, bound_measure, format_count, resolve_inner, rounded_up)
 from ..progress import planned
 from ..heap import kept_heap
 
@@ -393,7 +393,7 @@ def _choose(problem: InnerProblem) -> Plan:
     estimates: list[tuple[float, bool]] = []  # (flops per product, extrapolated) over the budget
     needs: list[tuple[float, float]] = []  # (peak bytes, flops per product) within the budget, over the memory bound
     for alg in _REGISTRY.values():
-        if alg.method != _method(problem):
+        if alg.method != _method(problem) or alg.name in problem.excluded:
             continue
         why = alg.supports(problem)
         if why is not None:
@@ -439,10 +439,39 @@ def _choose(problem: InnerProblem) -> Plan:
 
 def run(plan: Plan) -> Triple:
     """Execute a plan of :func:`choose`, with a bar over its flops while it
-    runs (:mod:`tsalgebra.progress`, as the problem's ``progress`` asks)."""
+    runs (:mod:`tsalgebra.progress`, as the problem's ``progress`` asks).
+    A run of the automatic choice whose rounding lost digits of an answer
+    planned exact (a centred product taken as E[f.g] - E[f].E[g]: results
+    not exact, or none, RoundingError) hands the problem to the next
+    algorithm that plans within the bounds, its results saying so; where
+    none does, the results stand as they are (or the error is raised).  A
+    named algorithm's run is what it is."""
     algorithm = _named(plan.algorithm)
-    with planned(plan.flops, algorithm.title, plan.problem.progress), kept_heap(plan.peak_bytes):
-        return algorithm.run(plan)
+    try:
+        with planned(plan.flops, algorithm.title, plan.problem.progress), kept_heap(plan.peak_bytes):
+            out = algorithm.run(plan)
+    except RoundingError as exc:
+        lost: RoundingError | None = exc
+        out = None
+    else:
+        lost = None
+        if not plan.exact or plan.problem.algorithm is not None or all(r is None or r.exact for r in out):
+            return out
+    if plan.problem.algorithm is None:
+        try:
+            instead = choose(plan.problem.replace(excluded=plan.problem.excluded + (plan.algorithm,)))
+        except (CostError, ValueError):
+            instead = None
+        if instead is not None and instead.exact:
+            why = str(lost) if lost is not None else "; ".join(n for r in out if r is not None  # type: ignore[union-attr]
+                                                               for n in r.notes if n not in plan.problem.notes)
+            note = f"{plan.algorithm} was passed over ({why})"
+            return tuple(None if r is None else replace(r, notes=r.notes + (note,),  # type: ignore[return-value]
+                                                        passed_over=(plan.algorithm,) + r.passed_over)
+                         for r in run(instead))
+    if lost is not None:
+        raise lost
+    return out  # type: ignore[return-value]
 
 
 def solve(problem: InnerProblem) -> Triple:

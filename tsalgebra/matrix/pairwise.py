@@ -21,6 +21,7 @@ is granted here.
 from __future__ import annotations
 
 import sys
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -119,19 +120,28 @@ def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
         bar.update(1)
         return out
 
+    # a model's self product: the algorithm that gave it, and those the automatic choice passed over
+    answered: dict[int, tuple[str, tuple[str, ...]]] = {}
+
     def self_of(m: Any) -> float:
         if id(m) not in selfs:
-            selfs[id(m)] = _as_float(call(m, m, inner).value)
+            r = call(m, m, inner)
+            selfs[id(m)], answered[id(m)] = _as_float(r.value), (r.algorithm, r.passed_over)
         return selfs[id(m)]
 
     def ip(a: Any, b: Any) -> float:
         if a is b:
             return self_of(a)
+        if job.centered and (sym or job.selfs):  # the norms first: an algorithm their rounding passed over
+            self_of(a), self_of(b)
         ab, aa, bb = call(a, b, joint_inner)
         for m, r in ((a, aa), (b, bb)):  # a joint plan's self products: the norms ts.similarity takes
             if r is not None and (sym or job.selfs) and id(m) not in selfs:
                 selfs[id(m)] = _as_float(r.value)
                 bar.update(1)
+        instead = [answered[id(m)][0] for m in (a, b) if ab.algorithm in answered.get(id(m), ("", ()))[1]]
+        if instead and options.get("algorithm") is None:  # the cross product shares the rounding that lost a norm
+            ab = call(a, b, partial(joint_inner, algorithm=instead[0]))[0]
         return _as_float(ab.value)
 
     try:
