@@ -640,10 +640,24 @@ def _matrix_outputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
     csv_path = None
     if args.csv is not None:
         csv_path = out.with_suffix(".csv") if args.csv is True else Path(args.csv)
+        if args.csv is not True:
+            _not_a_checkpoint(csv_path)
         if csv_path.is_dir():
             csv_path = csv_path / "matrix.csv"
         _writable(csv_path, "--csv")
     return out, csv_path
+
+
+def _not_a_checkpoint(path: Path) -> None:
+    """``--csv PATH`` before the paths takes the first checkpoint (or folder
+    of checkpoints) as its PATH: a CSV written there destroyed the file and
+    left it out of the matrix, so such a PATH is bad usage."""
+    from .io import CHECKPOINT_SUFFIXES
+
+    folder = path.is_dir() and any(f.is_file() and f.suffix.lower() in CHECKPOINT_SUFFIXES for f in path.iterdir())
+    if path.suffix.lower() in CHECKPOINT_SUFFIXES or folder:
+        raise UsageError(f"--csv {path}: a checkpoint{' folder' if folder else ''}, taken as the CSV's PATH (the "
+                         f"option's value is optional): give --csv after the checkpoints, or --csv=PATH")
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:
