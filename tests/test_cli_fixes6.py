@@ -27,3 +27,64 @@ def test_csv_before_the_paths_does_not_overwrite_a_checkpoint(tmp_path, capsys):
     assert code == 2 and "a checkpoint folder" in json.loads(out)["error"]
     code, out, err = exit_code(capsys, "matrix", *paths, "--out", tmp_path / "m.png", "--no-progress", "--csv")
     assert code == 0 and (tmp_path / "m.csv").exists(), err
+
+
+TORCH_MODEL = '''
+import torch
+
+
+class Bil(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.left = torch.nn.Linear(4, 6, bias=False)
+        self.right = torch.nn.Linear(4, 6, bias=False)
+        self.down = torch.nn.Linear(6, 3, bias=False)
+
+    def forward(self, x):
+        return self.down(self.left(x) * self.right(x))
+'''
+
+
+@pytest.fixture()
+def torch_run(tmp_path):
+    """A torch checkpoint of a model whose class lives in mymodel.py."""
+    import sys
+
+    import torch
+
+    (tmp_path / "mymodel.py").write_text(TORCH_MODEL)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from mymodel import Bil
+
+        torch.save(Bil().state_dict(), tmp_path / "a.pt")
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("mymodel", None)
+    return tmp_path
+
+
+@pytest.mark.parametrize("source,says,code", [
+    ("import argparse\nfrom mymodel import Bil\nargparse.ArgumentParser().parse_args(['--lr'])\n"
+     "def build():\n    return Bil()\n", "train.py exited (SystemExit: 2)", 2),
+    ("import sys\nfrom mymodel import Bil\ndef build():\n    return Bil()\nsys.exit(0)\n",
+     "train.py exited (SystemExit: 0)", 2),
+    ("def build():\n    raise SystemExit(3)\n", "train.build() raised RuntimeError: it called exit (SystemExit: 3)", 1),
+])
+def test_a_template_that_exits_is_an_error_said(torch_run, capsys, source, says, code):
+    """A training script's argparse or sys.exit at import (or an exit in the
+    builder) ended the command with its own code and nothing on stdout: exit
+    0 with no result, or 3 ('refused') with nothing said."""
+    (torch_run / "train.py").write_text(source)
+    got, out, err = exit_code(capsys, "similarity", torch_run / "a.pt", torch_run / "a.pt",
+                              "--template", f"{torch_run / 'train.py'}:build", "--json")
+    assert got == code and says in json.loads(out)["error"], (out, err)
+
+
+def test_a_builder_imports_the_code_beside_it_when_called(torch_run, capsys):
+    """The template's folder was on the path only while its module ran: a
+    builder importing its model inside the function found nothing."""
+    (torch_run / "lazy.py").write_text("def build():\n    from mymodel import Bil\n    return Bil()\n")
+    code, out, err = exit_code(capsys, "similarity", torch_run / "a.pt", torch_run / "a.pt",
+                               "--template", f"{torch_run / 'lazy.py'}:build", "--json")
+    assert code == 0 and json.loads(out)["value"] == pytest.approx(1.0), err

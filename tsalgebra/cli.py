@@ -34,9 +34,12 @@ after the text output, and in the JSON's "notes".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import functools
 import importlib
 import importlib.util
+import inspect
 import json
 import keyword
 import math
@@ -47,7 +50,7 @@ import traceback
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -401,6 +404,7 @@ def _template(spec: str | None) -> Callable[[], Any] | None:
     mod_name, _, fn_name = spec.rpartition(":")
     if not mod_name or not fn_name:
         raise UsageError(f"--template {spec!r}: expected MODULE:FUNCTION or FILE.py:FUNCTION")
+    folder = None
     try:
         if mod_name.endswith(".py"):
             path = Path(mod_name)
@@ -410,15 +414,15 @@ def _template(spec: str | None) -> Callable[[], Any] | None:
             module = importlib.util.module_from_spec(spec_)
             assert spec_.loader is not None
             folder = str(path.resolve().parent)  # a template imports the user's model code beside it
-            sys.path.insert(0, folder)
-            try:
+            with _on_path(folder):
                 spec_.loader.exec_module(module)
-            finally:
-                sys.path.remove(folder)
         else:
             module = importlib.import_module(mod_name)
     except UsageError:
         raise
+    except SystemExit as exc:  # a training script's argparse (or exit) at import: it would end the command silently
+        raise UsageError(f"--template: importing {mod_name} exited (SystemExit: {exc.code}): a module that parses "
+                         "arguments or exits when imported; keep that under if __name__ == '__main__'") from None
     except Exception as exc:  # noqa: BLE001 - user code: report, do not crash
         raise UsageError(f"--template: cannot import {mod_name}: {exc}") from None
     fn = getattr(module, fn_name, None)
@@ -427,7 +431,34 @@ def _template(spec: str | None) -> Callable[[], Any] | None:
     if not callable(fn):  # (a torch module is callable): said before any checkpoint is read
         raise UsageError(f"--template {spec}: {fn_name} is {type(fn).__name__}, not a function that builds the torch "
                          "module (or a module)")
-    return fn
+    if not inspect.isfunction(fn):  # a class, or a module (which io.load takes as it is)
+        return fn
+
+    @functools.wraps(fn)
+    def build() -> Any:
+        """The builder with its folder on the path (a builder importing the
+        code beside it inside the function found nothing), an exit it calls
+        an error (it ended the command with its code and nothing said)."""
+        try:
+            with _on_path(folder):
+                return fn()
+        except SystemExit as exc:
+            raise RuntimeError(f"it called exit (SystemExit: {exc.code})") from None
+
+    return build
+
+
+@contextlib.contextmanager
+def _on_path(folder: str | None) -> Iterator[None]:
+    """``folder`` first on sys.path meanwhile (nothing for None)."""
+    if folder is None:
+        yield
+        return
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        sys.path.remove(folder)
 
 
 def _check_files(*paths: str) -> None:
