@@ -869,7 +869,15 @@ def verify(
         raise TypeError(f"component must be a tsalgebra model, got {type(component).__name__} "
                         "(load a checkpoint with tsalgebra.load)")
     tol = _check_tol(tol)
+    if exact is not None and not isinstance(exact, (bool, np.bool_)):
+        raise TypeError(f"exact must be True, False or None, got {exact!r}")
     kw = dict(inner_kwargs)
+    if "centered" in kw:  # a centred residual is blind to a constant: x1 + 5 was 'equal' to x1, exactly
+        raise ValueError("centered= is not an option of verify: it decides whether the circuit is the component, "
+                         "constants included (ts.similarity(..., centered=True) compares them up to a constant)")
+    if "per_output" in kw:
+        raise ValueError("per_output= is not an option of verify: it reports every output already "
+                         "(Verification.per_output)")
     method = kw.get("method", "auto")
     if method == "sampled":
         _check_samples(kw)
