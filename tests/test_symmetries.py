@@ -340,7 +340,7 @@ def test_check_invariance_falls_back_when_exact_is_over_budget(monkeypatch):
     rng = np.random.default_rng(9)
     model = model_of(O.random_spec(rng, [2, 2, 2], ["bilinear", "linear"], hidden=2))
     sym = S.random_symmetry(model, 4)
-    real = inv.inner_product
+    real = inv.relative_products
 
     def refuse(kinds):
         def inner(a, b, kind, **kw):
@@ -349,11 +349,11 @@ def test_check_invariance_falls_back_when_exact_is_over_budget(monkeypatch):
             return real(a, b, kind, **kw)
         return inner
 
-    monkeypatch.setattr(inv, "inner_product", refuse({"gaussian"}))
+    monkeypatch.setattr(inv, "relative_products", refuse({"gaussian"}))
     r = check_invariance(model, sym)
     assert r.invariant and r.method == "symmetric (exact, degree 2); gaussian over budget"
     assert any("gaussian refused" in n for n in r.notes)
-    monkeypatch.setattr(inv, "inner_product", refuse({"gaussian", "symmetric"}))
+    monkeypatch.setattr(inv, "relative_products", refuse({"gaussian", "symmetric"}))
     r = check_invariance(model, sym)
     assert r.invariant and not r.exact_available and r.method == "samples only"
     assert "unavailable" in repr(r) and any("samples only" in n for n in r.notes)

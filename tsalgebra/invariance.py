@@ -41,9 +41,10 @@ from typing import Any, Callable
 import numpy as np
 
 from .components import Component
-from .inner import inner as inner_product
-from .measure import Measure
+from .inner import relative_products
+from .measure import Measure, support_note
 from .problem import DEFAULT_BUDGET, CostError, bound_measure, function_level
+from .rescale import canonical
 
 __all__ = ["InvarianceReport", "check_invariance"]
 
@@ -170,14 +171,21 @@ def _not_a_model(value: Any, lead: str) -> TypeError:
 
 def _products(f: Component, g: Component, kind: str, measure: Measure, budget: float) -> tuple[Any, Any, Any, int]:
     """(<f_o,f_o>, <g_o,g_o>, ||f_o - g_o||^2 per output channel, degree)
-    under ``kind``; CostError when over budget."""
+    under ``kind``, each divided by the square of f's canonical scale (the
+    distance is their ratio, which float64 holds where the products of
+    weights of 1e200 overflow: :func:`_unit`); CostError when over budget."""
     # one Bombieri degree for all three products: norms taken at each
     # model's own degree would not combine into a distance
     kw = {"measure": measure} if kind != "symmetric" else {"degree": max(f.degree, g.degree)}
-    ff = inner_product(f, f, kind, per_output=True, budget=budget, **kw)
-    gg = inner_product(g, g, kind, per_output=True, budget=budget, **kw)
-    fg = inner_product(f, g, kind, per_output=True, budget=budget, **kw)
+    fg, ff, gg = relative_products(f, g, kind, per_output=True, budget=budget, **kw)
     return ff.value, gg.value, ff.value + gg.value - 2 * fg.value, ff.degree
+
+
+def _unit(f: Component) -> float:
+    """f's canonical scale (the unit of :func:`_products`), a float where it
+    is one (0.0: beyond float64, which only a zero allowance meets)."""
+    with np.errstate(over="ignore"):
+        return float(np.exp(canonical(f)[1]))
 
 
 def _exact_distance(f: Component, g: Component, inner: str, measure: Measure, budget: float
@@ -430,9 +438,15 @@ def check_invariance(
     inner, measure = function_level(inner, measure, mean, cov, "check_invariance", model, other)
 
     law = bound_measure(model, mean, cov, measure, other)
+    if not (rng is None or isinstance(rng, np.random.Generator)
+            or isinstance(rng, (int, np.integer)) and not isinstance(rng, (bool, np.bool_)) and rng >= 0):
+        raise TypeError(f"rng must be a numpy Generator, a non-negative integer seed or None, got {rng!r}")
     rel, per, method, notes, norms = _exact_distance(model, other, inner, law, budget)
+    support = support_note(law, model.in_features)
+    if support is not None:  # a zero distance says nothing off the support (a token never drawn)
+        notes.append(support)
 
-    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(0 if rng is None else rng)
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(0 if rng is None else int(rng))
     x = law.sample(n_samples, rng)
     fx, gx = _outputs(model, x), _outputs(other, x)
     # the round-off allowance, in output units: a multiple of the float64
@@ -483,13 +497,15 @@ def check_invariance(
         # difference the round-off allowance admits at every input), so that
         # the distance passes only within that allowance.  Never a size of
         # the terms: it grows with the degree and hid real changes.
-        resolvable = floor**2 / tol if tol > 0 else 0.0
+        unit = _unit(model)  # the products' unit (f's canonical scale), the allowance's in output units
+        resolvable = (floor / unit) ** 2 / tol if tol > 0 and 0 < unit < np.inf else 0.0
         if zero_f and ff < resolvable:
             denominator = resolvable
             rel, per = float(diff.sum()) / resolvable, tuple(float(d) / resolvable for d in diff)
-            notes.append(f"||f||^2 = {ff:.3g} (||g||^2 = {gg:.3g}) is at float64 round-off level: the distance is "
-                         f"relative to {resolvable:.3g}, the squared round-off allowance ({floor:.3g})^2 over tol, "
-                         "so that only a distance above that allowance counts")
+            notes.append(f"||f||^2 = {ff * unit * unit:.3g} (||g||^2 = {gg * unit * unit:.3g}) is at float64 "
+                         f"round-off level: the distance is relative to {resolvable * unit * unit:.3g}, the squared "
+                         f"round-off allowance ({floor:.3g})^2 over tol, so that only a distance above that allowance "
+                         "counts")
         values = [*per, rel]
         # tol = 0: every difference counts, round-off too (as for sample_tol);
         # an infinite distance (f zero, g not) is no round-off

@@ -20,13 +20,13 @@ import math
 import numbers
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from .arrays import is_torch, torch_to_numpy
 
-__all__ = ["Measure", "Gaussian", "Tokens", "TOLERANCE", "block_diagonal", "sequence_measure"]
+__all__ = ["Measure", "Gaussian", "Tokens", "TOLERANCE", "block_diagonal", "sequence_measure", "support_note"]
 
 # Relative tolerance of every check on a covariance (symmetry, positive
 # semi-definiteness) and of the rank cut of its factorisations: eigenvalues
@@ -570,3 +570,39 @@ class Tokens(Measure):
 
     def __repr__(self) -> str:
         return f"Tokens({self.label})"
+
+
+def support_note(law: Measure | None, width: int, names: Sequence[str] | None = None) -> str | None:
+    """Where the measure does not reach every input: a note that the verdict
+    holds on its support only, naming it (the covariance's rank, the tokens
+    of probability 0), else None.  ``names``: the inputs' (default x1, x2, ...)."""
+    names = names if names is not None else [f"x{k + 1}" for k in range(width)]
+    if isinstance(law, Gaussian) and law.cov is not None:
+        d = law.dim or law.cov.shape[0]
+        r = len(law.decomposition[1])
+        if r < d:
+            per = " per position" if law.positions > 1 or (width and width > d) else ""
+            return (f"the verdict holds on the measure's support only: cov has rank {r} of {d}{per}, so the inputs "
+                    f"lie on an affine subspace of dimension {r}{per}, where the two models are compared; "
+                    "off it they may differ")
+        return None
+    if isinstance(law, Tokens) and law.probs is not None:
+        p = np.asarray(law.probs)
+        n = law.n_ctx or max(width // law.vocab, 1)
+        rows = p.reshape(-1, law.vocab) if p.ndim == 2 else np.tile(p.reshape(1, -1), (n, 1))
+        zero = [(pos, t) for pos, row in enumerate(rows) for t, v in enumerate(row) if v == 0]
+        if not zero:
+            return None
+        inputs = [names[pos * law.vocab + t] if pos * law.vocab + t < len(names) else f"x{pos * law.vocab + t + 1}"
+                  for pos, t in zero]
+        if p.ndim == 1:
+            ids = sorted({t for _, t in zero})
+            which = f"token{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids[:8]))}{' ...' if len(ids) > 8 else ''}"
+            said = f"{which} (ids from 0) of probability 0 at every position"
+        else:
+            said = ", ".join(f"token {t} at position {pos}" for pos, t in zero[:8]) + (" ..." if len(zero) > 8 else "")
+            said += " (ids from 0) of probability 0"
+        shown = ", ".join(inputs[:8]) + (" ..." if len(inputs) > 8 else "")
+        return (f"the verdict holds on the measure's support only: {said} (inputs {shown} never 1), so only "
+                "sequences of the other tokens are compared; on the others the two models may differ")
+    return None

@@ -60,7 +60,7 @@ from .algorithms.sampled import FEW_SAMPLES, Z95
 from .circuits import EigenCircuit, top_eigen
 from .components import Component, exact_entry
 from .inner import relative_products
-from .measure import Gaussian, Measure, Tokens
+from .measure import Gaussian, Measure, Tokens, support_note
 from .messages import counted
 from .problem import InnerResult
 from .problem import function_level
@@ -363,41 +363,6 @@ def _law_as(law: Measure, exact: bool) -> Measure:
         rows = np.array([[v / sum(row) for v in row] for row in rows], dtype=object).reshape(p.shape)
         return Tokens(law.vocab, law.n_ctx, rows)
     raise TypeError(f"verify cannot convert the parameters of {law!r}")
-
-
-def _support_note(law: Measure | None, width: int, names: Sequence[str]) -> str | None:
-    """Where the measure does not reach every input: a note that the verdict
-    holds on its support only, naming it (the covariance's rank, the tokens
-    of probability 0), else None."""
-    if isinstance(law, Gaussian) and law.cov is not None:
-        d = law.dim or law.cov.shape[0]
-        r = len(law.decomposition[1])
-        if r < d:
-            per = " per position" if law.positions > 1 or (width and width > d) else ""
-            return (f"the verdict holds on the measure's support only: cov has rank {r} of {d}{per}, so the inputs "
-                    f"lie on an affine subspace of dimension {r}{per}, where circuit and component are compared; "
-                    "off it they may differ")
-        return None
-    if isinstance(law, Tokens) and law.probs is not None:
-        p = np.asarray(law.probs)
-        n = law.n_ctx or max(width // law.vocab, 1)
-        rows = p.reshape(-1, law.vocab) if p.ndim == 2 else np.tile(p.reshape(1, -1), (n, 1))
-        zero = [(pos, t) for pos, row in enumerate(rows) for t, v in enumerate(row) if v == 0]
-        if not zero:
-            return None
-        inputs = [names[pos * law.vocab + t] if pos * law.vocab + t < len(names) else f"x{pos * law.vocab + t + 1}"
-                  for pos, t in zero]
-        if p.ndim == 1:
-            ids = sorted({t for _, t in zero})
-            which = f"token{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids[:8]))}{' ...' if len(ids) > 8 else ''}"
-            said = f"{which} (ids from 0) of probability 0 at every position"
-        else:
-            said = ", ".join(f"token {t} at position {pos}" for pos, t in zero[:8]) + (" ..." if len(zero) > 8 else "")
-            said += " (ids from 0) of probability 0"
-        shown = ", ".join(inputs[:8]) + (" ..." if len(inputs) > 8 else "")
-        return (f"the verdict holds on the measure's support only: {said} (inputs {shown} never 1), so only "
-                "sequences of the other tokens are compared; on the others circuit and component may differ")
-    return None
 
 
 def _input_symbols(symbols: Sequence[Any] | None, width: int) -> tuple[sympy.Symbol, ...]:
@@ -918,7 +883,7 @@ def verify(
         kw.pop("cov", None)
         kw["measure"] = law
     names = [str(x) for x in (symbols if symbols is not None else default_symbols(component.in_features))]
-    support = _support_note(law, component.in_features, names)
+    support = support_note(law, component.in_features, names)
     if inner == "symmetric":
         kw.setdefault("degree", max(f.degree, c.degree))
     r_ff, r_cc, r_fc = _products(f, c, inner, kw, per_output=False)
