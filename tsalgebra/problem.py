@@ -453,6 +453,9 @@ def resolve_inner(inner: str | None, measure: Measure | None, *models: Any) -> t
         # reason to refuse the Gaussian question (vocab 50,000 at 400 positions)
         return next((d for d in (getattr(m, "default_measure", None) for m in models) if d is not None), None)
 
+    if measure is not None and not isinstance(measure, Measure):  # was blamed on an inner= never given
+        what = f"the class {measure.__name__}, not an instance" if isinstance(measure, type) else repr(measure)
+        raise TypeError(f"measure must be a ts.Gaussian(...) or ts.Tokens(...), got {what}")
     if inner is None:
         if measure is None:
             try:

@@ -495,6 +495,8 @@ def _result(job: Job, gram: Gram, route: str, costs: Mapping[str, RouteCost], no
     norms, col_norms, said = norms_of(log_norms, col_log_norms, sym)
     if gram.exact and not exact_in(gram):
         said += (FLOAT32_NOTE,)
+    elif job.ops.dtype_name != str(gram.dtype):  # a route that computes in float64 only (node-gram, pairwise)
+        said += (f"dtype {job.ops.dtype_name} does not apply to the {route} route: computed in {gram.dtype}",)
     return SimilarityMatrix(
         values=cos, route=route, flops=int(gram.flops), inner=job.inner, method=gram.method, exact=exact_in(gram),
         norms=norms, col_norms=col_norms, symmetric=sym,

@@ -1,0 +1,34 @@
+"""Python API arguments and notes found by probing as a user (each test fails before its fix)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tsalgebra as ts
+
+
+@pytest.mark.parametrize("bad,says", [("tokens", "got 'tokens'"), (ts.Tokens, "the class Tokens, not an instance"),
+                                      (3, "got 3")])
+def test_a_measure_of_the_wrong_type_is_named(bad, says):
+    """It was blamed on inner='gaussian', which the user never gave ('leave
+    inner out')."""
+    m = ts.Linear(np.ones((1, 4)))
+    for call in (lambda: ts.similarity(m, m, measure=bad), lambda: ts.check_invariance(m, m, measure=bad),
+                 lambda: ts.similarity_matrix([m, m], measure=bad, progress=False)):
+        with pytest.raises(TypeError, match="measure must be a ts.Gaussian.* or ts.Tokens") as err:
+            call()
+        assert says in str(err.value) and "inner=" not in str(err.value)
+
+
+def test_a_dtype_a_route_does_not_compute_in_is_said():
+    """float32 asked of the node-gram and pairwise routes (float64 only) was
+    dropped without a word."""
+    rng = np.random.default_rng(0)
+    models = [ts.Bilinear(rng.normal(size=(3, 6)), rng.normal(size=(3, 6)), rng.normal(size=(2, 3))) for _ in range(3)]
+    for route in ("node-gram", "pairwise"):
+        m = ts.similarity_matrix(models, measure=ts.Tokens(3, 2), dtype="float32", route=route, progress=False)
+        assert m.values.dtype == np.float64 and m.exact
+        assert f"dtype float32 does not apply to the {route} route: computed in float64" in m.notes
+    m = ts.similarity_matrix(models, measure=ts.Tokens(3, 2), route="pairwise", progress=False)
+    assert not any("dtype" in n for n in m.notes)
