@@ -31,3 +31,16 @@ def test_per_output_and_a_non_boolean_exact_are_named():
         with pytest.raises(TypeError, match="exact must be True, False or None"):
             ts.verify(X1, COMPONENT, None, bad)
     assert ts.verify(X1, COMPONENT, None, np.bool_(True)).verdict == "equal"
+
+
+@pytest.mark.parametrize("factor,power", [(1e200, "10^-600"), (1e-200, "10^600")])
+def test_a_scale_beyond_float64_is_said_as_the_ratio(factor, power):
+    """A component 1e600 times the circuit was said as the circuit's weights
+    being 'that small' (10^-599 underflows), and the converse 'that large'."""
+    rng = np.random.default_rng(0)
+    circuit = ts.Bilinear(rng.normal(size=(3, 4)), rng.normal(size=(3, 4)), rng.normal(size=(2, 3)))
+    component = circuit.map_weights(lambda w: w * factor)  # three weight matrices: 1e600
+    with pytest.raises((OverflowError, FloatingPointError)) as err:
+        ts.verify(circuit, component)
+    said = str(err.value)
+    assert f"the circuit is about {power} times the component" in said and "weights are that" not in said, said

@@ -172,7 +172,11 @@ def relative_products(a: Any, b: Any, inner: str | None = None, method: str = "a
     ab, aa, bb = solve(_problem(ca, cb, inner, method, mean, cov, measure, options, joint=a is not b))
     aa = aa if aa is not None else solve(_problem(ca, ca, inner, method, mean, cov, measure, options))[0]
     bb = bb if bb is not None else solve(_problem(cb, cb, inner, method, mean, cov, measure, options))[0]
-    return _scaled(ab, lb - la, "<a, b>"), _scaled(aa, 0.0, "<a, a>"), _scaled(bb, 2 * (lb - la), "<b, b>")
+    try:
+        return _scaled(ab, lb - la, "<a, b>"), _scaled(aa, 0.0, "<a, a>"), _scaled(bb, 2 * (lb - la), "<b, b>")
+    except (OverflowError, FloatingPointError) as exc:  # the ratio of the scales, not the weights' size
+        raise type(exc)(f"b is about 10^{(lb - la) / np.log(10):.0f} times a (their canonical scales): <b, b> / "
+                        f"<a, a> is beyond float64's range, although their cosine is not") from None
 
 
 def _canonical_pair(a: Any, b: Any, centered: bool) -> tuple[tuple[Any, float], tuple[Any, float]]:

@@ -663,7 +663,12 @@ def _products(f: Component, c: Component, inner: str, kw: dict[str, Any], per_ou
     :func:`tsalgebra.similarity` plans them; else the self-products beside it.
     All three divided by the square of f's scale (every figure is a ratio
     of them): weights of 1e160 overflowed the products, not the figures."""
-    fc, ff, cc = relative_products(f, c, inner, per_output=per_output, **kw)
+    try:
+        fc, ff, cc = relative_products(f, c, inner, per_output=per_output, **kw)
+    except (OverflowError, FloatingPointError) as exc:
+        said = str(exc).replace("b is about", "the circuit is about").replace("times a", "times the component")
+        raise type(exc)(said.replace("<b, b> / <a, a>", "the ratio of their norms")
+                        + ": they differ by that factor, which float64 cannot express") from None
     return ff, cc, fc
 
 
