@@ -168,3 +168,18 @@ def test_a_module_outside_the_attention_layout_is_an_adapter_error_naming_it():
     # the error was built with one argument: a TypeError in place of the refusal
     with pytest.raises(AdapterError, match=r"^blocks\.0: not in the bilinear-attention layout"):
         attention_adapter(nn.Linear(2, 2), "blocks.0")
+
+
+@pytest.mark.parametrize("field,value,why", [("rows", 5, "rows or cols are not lists"), ("rows", [1, 2, 3], "rows or"),
+                                             ("cols", "x", "rows or cols"), ("options", [], "options are not")])
+def test_an_edited_manifest_is_unreadable_not_a_python_error(tmp_path, files, capsys, field, value, why):
+    """A manifest whose rows were edited to 5 gave exit 1, "object of type 'int' has no len()"."""
+    store = tmp_path / "st"
+    assert exit_code(capsys, "matrix", *files, "--store", store, "--out", tmp_path)[0] == 0
+    manifest = store / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data[field] = value
+    manifest.write_text(json.dumps(data))
+    code, out, err = exit_code(capsys, "matrix", *files, "--store", store, "--out", tmp_path, "--json")
+    said = json.loads(out)["error"]
+    assert code == 2 and f"its manifest {manifest} is unreadable (" in said and why in said, said

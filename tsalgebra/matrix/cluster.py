@@ -297,7 +297,15 @@ class Store:
         another version is: the directory given is what to change, said with
         store= (the command line reads it as --store DIR, a usage error)."""
         try:
-            return json.loads(file.read_text(encoding="utf-8"))
+            old = json.loads(file.read_text(encoding="utf-8"))
+            digests = lambda v: isinstance(v, list) and all(isinstance(d, str) for d in v)  # noqa: E731
+            versioned = isinstance(old, dict) and "version" in old  # else: "no store version" (_same)
+            if versioned and not isinstance(old.get("options"), dict):
+                why = "its options are not an object"
+            elif versioned and not (digests(old.get("rows")) and (old.get("cols") is None or digests(old.get("cols")))):
+                why = "its rows or cols are not lists of model digests"  # edited: "'int' has no len()" was said
+            else:
+                return old
         except OSError as exc:
             why = exc.strerror or type(exc).__name__  # "Is a directory", "Permission denied"
         except UnicodeDecodeError:
