@@ -88,3 +88,16 @@ def test_a_builder_imports_the_code_beside_it_when_called(torch_run, capsys):
     code, out, err = exit_code(capsys, "similarity", torch_run / "a.pt", torch_run / "a.pt",
                                "--template", f"{torch_run / 'lazy.py'}:build", "--json")
     assert code == 0 and json.loads(out)["value"] == pytest.approx(1.0), err
+
+
+def test_the_size_bound_is_an_option_of_the_command_line(tmp_path, capsys):
+    """The refusal of a file over the bound on its tensors said 'raise it with
+    max_bytes=', an argument the command line did not have."""
+    a, b = saved_bilinears(tmp_path, n=2)
+    for command in (["similarity", a, b], ["verify", a, b], ["plan", a, b],
+                    ["matrix", a, b, "--out", tmp_path / "m.png", "--no-progress"]):
+        code, out, err = exit_code(capsys, *command, "--max-bytes", "100", "--json")
+        said = json.loads(out)["error"]
+        assert code == 2 and "exceed the bound of 100 (raise it with --max-bytes BYTES)" in said, said
+        code, out, err = exit_code(capsys, *command, "--max-bytes", "100000", "--json")
+        assert code == (1 if command[0] == "verify" else 0) and "error" not in json.loads(out), err  # 1: 'different'

@@ -317,7 +317,7 @@ _OPTIONS = {
     "budget": ("--budget", "F"), "per_output": ("--per-output", ""), "store": ("--store", "DIR"),
     "workers": ("--workers", "N"), "scheduler": ("--scheduler", "ADDRESS"), "tile": ("--tile", "N"),
     "max_memory": ("--max-memory", "BYTES"), "route": ("--route", "NAME"), "exact": ("--exact", ""),
-    "tol": ("--tol", "T"), "degree": ("--degree", "K"),
+    "tol": ("--tol", "T"), "degree": ("--degree", "K"), "max_bytes": ("--max-bytes", "BYTES"),
 }
 _KEYS = "|".join(sorted(_OPTIONS, key=len, reverse=True))
 # keyword=value as a message spells an argument (not inside a model's repr,
@@ -468,7 +468,8 @@ def _check_files(*paths: str) -> None:
             raise FileNotFoundError(f"{path}: no such file or directory")
 
 
-def _load_one(path: str, template: Any, state_key: str | None = None, n_ctx: int | None = None) -> Component:
+def _load_one(path: str, template: Any, state_key: str | None = None, n_ctx: int | None = None,
+              max_bytes: int | None = None) -> Component:
     _check_files(path)
     p = Path(path)
     if p.is_dir():
@@ -476,24 +477,25 @@ def _load_one(path: str, template: Any, state_key: str | None = None, n_ctx: int
     if template is None and n_ctx is None and run_of(p) is not None:  # as matrix says it
         raise UsageError(f"{p} is a checkpoint of the language-model run {run_of(p)}: give --n-ctx (the token "
                          "positions to analyse; the weights do not depend on it)")
-    return _load_at(p, template, state_key, n_ctx)
+    return _load_at(p, template, state_key, n_ctx, max_bytes)
 
 
-def _load_at(path: Any, template: Any, state_key: str | None, n_ctx: int | None) -> Any:
+def _load_at(path: Any, template: Any, state_key: str | None, n_ctx: int | None, max_bytes: int | None = None) -> Any:
     """ts.load at --n-ctx positions; a model without token positions (a
     hand-written circuit beside a language model) is loaded as it is:
     --n-ctx is the analysis length of the models that have positions.  The
     error at --n-ctx stands for a language-model run (its config.json, its
     weights) and wherever loading without --n-ctx fails too."""
-    from .io import LoadError, load
+    from .io import MAX_CHECKPOINT_BYTES, LoadError, load
 
+    bound = MAX_CHECKPOINT_BYTES if max_bytes is None else max_bytes
     try:
-        return load(path, template, state_key=state_key, n_ctx=n_ctx)
+        return load(path, template, state_key=state_key, n_ctx=n_ctx, max_bytes=bound)
     except LoadError as exc:
         if n_ctx is None or (template is None and run_of(Path(path)) is not None):
             raise
         try:
-            model = load(path, template, state_key=state_key)
+            model = load(path, template, state_key=state_key, max_bytes=bound)
         except LoadError:
             raise exc from None  # the cause is the first error, not the missing n_ctx
         if _has_positions(model):
@@ -618,7 +620,7 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     _check_files(args.a, args.b)
     _check_inner(args)
     tpl = _template(args.template)
-    a, b = _load_one(args.a, tpl, args.state_key, args.n_ctx), _load_one(args.b, tpl, args.state_key, args.n_ctx)
+    a, b = (_load_one(path, tpl, args.state_key, args.n_ctx, args.max_bytes) for path in (args.a, args.b))
     args._sides = {"a": args.a, "b": args.b}  # the library's "model a" is this file
     _check_n_ctx(args, (a, b))
     _check_inner(args, (a, b))
@@ -720,9 +722,10 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     models = []
     for p in args.paths:
         if p in runs:
-            models.extend(load(p, n_ctx=args.n_ctx, state_key=args.state_key))
+            models.extend(load(p, n_ctx=args.n_ctx, state_key=args.state_key,
+                               **({} if args.max_bytes is None else {"max_bytes": args.max_bytes})))
         else:
-            models.extend(_load_at(f, tpl, args.state_key, args.n_ctx) for f in checkpoint_paths(p))
+            models.extend(_load_at(f, tpl, args.state_key, args.n_ctx, args.max_bytes) for f in checkpoint_paths(p))
     args._files = files  # the library's "model k" is files[k]
     _check_n_ctx(args, models)
     _check_inner(args, models)
@@ -845,12 +848,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
                          f"{'an estimate' if args.method == 'sampled' else 'an approximation'} (leave out --exact)")
     limits = _limits(args)  # before the models are read: a misplaced --samples loses nothing
     tpl = _template(args.template)
-    component = _load_one(args.component, tpl, args.state_key, args.n_ctx)
+    component = _load_one(args.component, tpl, args.state_key, args.n_ctx, args.max_bytes)
     _check_inner(args, (component,))  # the component's measure is the one verify uses
     if not cpath.exists():
         raise FileNotFoundError(f"{cpath}: no such file or directory")
     if cpath.suffix.lower() in CHECKPOINT_SUFFIXES or is_checkpoint(cpath):
-        circuit: Any = _load_one(args.circuit, tpl, args.state_key, args.n_ctx)
+        circuit: Any = _load_one(args.circuit, tpl, args.state_key, args.n_ctx, args.max_bytes)
         symbols = None
         _check_n_ctx(args, (component, circuit))
     else:
@@ -934,7 +937,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     _check_files(args.a, args.b)
     _check_inner(args)
     tpl = _template(args.template)
-    a, b = _load_one(args.a, tpl, args.state_key, args.n_ctx), _load_one(args.b, tpl, args.state_key, args.n_ctx)
+    a, b = (_load_one(path, tpl, args.state_key, args.n_ctx, args.max_bytes) for path in (args.a, args.b))
     args._sides = {"a": args.a, "b": args.b}
     _check_n_ctx(args, (a, b))
     _check_inner(args, (a, b))
@@ -1028,6 +1031,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="token positions at which a language-model run (config.json + checkpoints/) is analysed")
     models.add_argument("--state-key", metavar="KEY",
                         help="the state dict to read from checkpoints holding several (e.g. ema beside model)")
+    models.add_argument("--max-bytes", type=_COUNT, metavar="BYTES", default=None,
+                        help="bound on the tensors of one checkpoint file, checked before it is read "
+                             "(default 2^32, 4 GiB)")
     inners = ("gaussian", "tokens", "symmetric", "network")
     token_probs_help = ("token frequencies for the token measure: a .npy or text file (.csv, or whitespace) "
                         "holding one distribution over the vocabulary or one per position (uniform without it)")

@@ -319,7 +319,7 @@ def _check_size(p: Path, kind: str, max_bytes: int) -> None:
         _check_legacy_storages(p, size)
     if size > max_bytes:
         raise LoadError(p, f"refused: {size:,} bytes of tensors exceed the bound of {max_bytes:,} "
-                           "(raise it with max_bytes=)")
+                           "(raise it with max_bytes=...)")
 
 
 def _check_legacy_storages(p: Path, size: int) -> None:
@@ -387,7 +387,7 @@ def _check_declared(sd: Mapping[str, Any], p: Path, max_bytes: int) -> None:
     if total > max_bytes:
         big = max(entries, key=entries.get)
         raise LoadError(p, f"refused: its tensors declare {total:,} bytes as float64 (the largest, {big!r}, has "
-                           f"shape {tuple(sd[big].shape)}), over the bound of {max_bytes:,} (raise it with max_bytes=)")
+                           f"shape {tuple(sd[big].shape)}), over the bound of {max_bytes:,} (raise it with max_bytes=...)")
 
 
 def read_state_dict(path: str | Path, *, max_bytes: int = MAX_CHECKPOINT_BYTES,
