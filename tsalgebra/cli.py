@@ -592,7 +592,10 @@ def _token_measure(args: argparse.Namespace, *models: Any) -> Any:
         probs = np.load(path, allow_pickle=False) if path.suffix == ".npy" else \
             np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=1)
     except (OSError, ValueError) as e:
-        raise UsageError(f"--token-probs {path}: not a numeric array ({e})") from None
+        # numpy reads any file not in its format as pickled objects and advises
+        # allow_pickle=, which no distribution needs and no untrusted file should be read with
+        why = "not in numpy's .npy format" if "allow_pickle" in str(e) else str(e)
+        raise UsageError(f"--token-probs {path}: not a numeric array ({why})") from None
     from .measure import Tokens
 
     try:
