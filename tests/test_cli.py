@@ -427,7 +427,8 @@ def test_token_frequencies_from_a_file(tmp_path, capsys):
         np.savetxt(tmp_path / "one.txt", p[0])
         (tmp_path / "short.csv").write_text("0.5,0.5\n")
         (tmp_path / "words.txt").write_text("x y\n")
-        (tmp_path / "renamed.npy").write_bytes((tmp_path / "m1.pt").read_bytes())  # numpy: 'pickled' (allow_pickle=)
+        (tmp_path / "renamed.npy").write_bytes(b"\x08" + bytes(7) + b"{}      ")  # numpy: 'pickled' (allow_pickle=)
+        (tmp_path / "zipped.npy").write_bytes((tmp_path / "m1.pt").read_bytes())  # a zip: numpy opens it as .npz
         base = ["similarity", tmp_path / "m1.pt", tmp_path / "m2.pt", "--template", f"{tmp_path / 'arch_lm.py'}:build"]
         for name, probs in (("p.npy", p), ("p.csv", p), ("one.txt", p[0])):
             code, out, err = call(capsys, *base, "--token-probs", tmp_path / name, "--json")
@@ -445,6 +446,7 @@ def test_token_frequencies_from_a_file(tmp_path, capsys):
                             (["--token-probs", tmp_path / "short.csv"], "vocabulary"),
                             (["--token-probs", tmp_path / "words.txt"], "not a numeric array"),
                             (["--token-probs", tmp_path / "renamed.npy"], "not in numpy's .npy format)"),
+                            (["--token-probs", tmp_path / "zipped.npy"], "an archive of arrays (.npz), not one"),
                             (["--token-probs", tmp_path / "p.npy", "--inner", "gaussian"], "token measure")):
             code, _, err = call(capsys, *base, *extra)
             assert code == 2 and "--token-probs" in err and says in err and "pickle" not in err, err

@@ -591,6 +591,9 @@ def _token_measure(args: argparse.Namespace, *models: Any) -> Any:
     try:
         probs = np.load(path, allow_pickle=False) if path.suffix == ".npy" else \
             np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=1)
+        if not isinstance(probs, np.ndarray):  # a zip (a torch file too) opens as an .npz archive
+            probs.close()
+            raise ValueError("an archive of arrays (.npz), not one")
     except (OSError, ValueError) as e:
         # numpy reads any file not in its format as pickled objects and advises
         # allow_pickle=, which no distribution needs and no untrusted file should be read with
