@@ -101,3 +101,26 @@ def test_the_size_bound_is_an_option_of_the_command_line(tmp_path, capsys):
         assert code == 2 and "exceed the bound of 100 (raise it with --max-bytes BYTES)" in said, said
         code, out, err = exit_code(capsys, *command, "--max-bytes", "100000", "--json")
         assert code == (1 if command[0] == "verify" else 0) and "error" not in json.loads(out), err  # 1: 'different'
+
+
+def test_a_matrix_refusal_costs_every_product_and_names_the_files(tmp_path, capsys):
+    """The pairwise route refused at its first product and suggested that
+    product's budget (1.6e5 flops), which the second model's norm (5.3e5)
+    refused again; the message named no file."""
+    rng = np.random.default_rng(3)
+    bil = lambda d, h, o: ts.Bilinear(rng.normal(size=(h, d)), rng.normal(size=(h, d)), rng.normal(size=(o, h)))  # noqa: E731
+    ts.save(bil(4, 6, 3), tmp_path / "one.safetensors")
+    ts.save(ts.Sequential(bil(4, 6, 4), bil(4, 6, 3)), tmp_path / "stack.safetensors")
+    files = [tmp_path / "one.safetensors", tmp_path / "stack.safetensors"]
+    models = [ts.load(f) for f in files]
+    with pytest.raises(ts.CostError) as refused:
+        ts.similarity_matrix(models, budget=0, route="pairwise", progress=False)
+    said = str(refused.value)
+    assert said.startswith("model 0 with model 1: ") and "the norm of model 1" in said, said
+    budget = next(a.value for a in refused.value.alternatives if a.option == "budget")
+    assert ts.similarity_matrix(models, budget=budget, route="pairwise", progress=False).values.shape == (2, 2)
+    code, out, err = exit_code(capsys, "matrix", *files, "--out", tmp_path / "m.png", "--budget", "0",
+                               "--route", "pairwise", "--no-progress", "--json")
+    got = json.loads(out)
+    assert code == 3 and got["error"].startswith(f"{files[0]} with {files[1]}: "), got
+    assert f"the norm of {files[1]}" in got["error"] and any(a.startswith("--budget") for a in got["alternatives"])

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from ..inner import _one_bound, _similarity_plans, inner, joint_inner, similarity
-from ..problem import CostError, Plan
+from ..inner import _one_bound, _refusal_of, _similarity_plans, inner, joint_inner, similarity
+from ..problem import CostError, MemoryBoundError, Plan
 from ..progress import LONG_SECONDS, estimated_seconds, labelled, progress_bar
 from ..rescale import canonical
 from .job import Gram, Job
@@ -171,6 +171,8 @@ def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
             sA, sB = np.full(len(A), np.nan), np.full(len(Bs), np.nan)
         if sym:
             K[np.diag_indices(len(A))] = 1.0 if joint else sA
+    except CostError as first:  # the budget it suggests must admit every product, not the first refused
+        raise _every_refusal(job, A, Bs, options, first) from None
     finally:
         bar.close()
     exact = all(r.exact for r in results)
@@ -178,6 +180,49 @@ def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
     return Gram(K, sA, sB, logA, logB, sum(r.flops for r in results), (), "float64", "numpy", exact,
                 "/".join(methods), cosines=joint, stderr=se, heavy=heavy,
                 algorithms=tuple(sorted({r.algorithm for r in results})))
+
+
+# A refusal plans the matrix's other products too (at most this many pairs,
+# each as ts.similarity plans it), so that its budget admits them all: a
+# matrix of a bilinear layer and a stack suggested the pair's 1.6e5 flops,
+# which its second norm (5.3e5) refused again.
+_REFUSAL_PAIRS = 200
+
+
+def _every_refusal(job: Job, A: list[Any], Bs: list[Any], options: dict[str, Any], first: CostError) -> CostError:
+    """One refusal for the matrix's products refused (pairs and norms, by
+    the models' numbers, which the command line says as its files), merged
+    as ts.similarity merges a pair's: each bound the largest asked."""
+    sym = job.cols is None
+    pairs = [(i, j) for i in range(len(A)) for j in range(len(Bs)) if not sym or j > i] or [(0, 0)]
+    names = (lambda i: f"model {i}", lambda j: f"model {j}") if sym else \
+        (lambda i: f"row model {i}", lambda j: f"column model {j}")
+    refused: dict[str, CostError] = {}
+    for i, j in pairs[:_REFUSAL_PAIRS]:
+        labels = {"<a,b>": f"{names[0](i)} with {names[1](j)}", "<a,a>": f"the norm of {names[0](i)}",
+                  "<b,b>": f"the norm of {names[1](j)}"}
+        try:
+            products = _similarity_plans(A[i], Bs[j], job.inner, job.method, None, None, job.measure,
+                                         dict(options, centered=job.centered))
+        except (CostError, ValueError, TypeError):
+            continue
+        for label, p in products:
+            if isinstance(p, CostError):
+                refused.setdefault(labels[label], p)
+    if not refused:
+        return first
+    items = list(refused.items())
+    # said: the first refused and those that set the bounds (the most flops, the most bytes); the rest counted
+    worst = {items[0][0]} | {max(items, key=lambda kv: kv[1].flops)[0]}
+    needs = [kv for kv in items if isinstance(kv[1], MemoryBoundError)]
+    worst |= {max(needs, key=lambda kv: kv[1].needed)[0]} if needs else set()
+    said = [kv for kv in items if kv[0] in worst]
+    rest = len(items) - len(said) + (0 if len(pairs) <= _REFUSAL_PAIRS else len(pairs) - _REFUSAL_PAIRS)
+    if rest:
+        more = f"{rest} more product{'s' if rest > 1 else ''} refused" if len(pairs) <= _REFUSAL_PAIRS else \
+            f"the others of the first {_REFUSAL_PAIRS} pairs planned"
+        said[-1] = (f"{said[-1][0]} (and {more})", said[-1][1])
+    return _refusal_of(said)
 
 
 def seconds_of(job: Job, a: Any, b: Any, n_pairs: int, n_self: int) -> float:
