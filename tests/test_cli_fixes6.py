@@ -124,3 +124,12 @@ def test_a_matrix_refusal_costs_every_product_and_names_the_files(tmp_path, caps
     got = json.loads(out)
     assert code == 3 and got["error"].startswith(f"{files[0]} with {files[1]}: "), got
     assert f"the norm of {files[1]}" in got["error"] and any(a.startswith("--budget") for a in got["alternatives"])
+
+
+@pytest.mark.parametrize("flag", ["--js", "--jso", "--json"])
+def test_an_abbreviated_json_flag_gets_json_errors_too(tmp_path, capsys, flag):
+    """argparse takes --js for --json: the output was JSON, but a usage error
+    argparse itself reports printed none."""
+    a, b = saved_bilinears(tmp_path, n=2)
+    code, out, err = exit_code(capsys, "similarity", a, b, flag, "--budget", "-1")
+    assert code == 2 and "--budget" in json.loads(out)["error"], (out, err)

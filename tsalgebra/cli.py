@@ -1201,7 +1201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (argparse itself exits
     with 2 on a usage error)."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    _Parser.json_errors = "--json" in argv
+    options = argv[: argv.index("--")] if "--" in argv else argv
+    _Parser.json_errors = any(len(a) >= 3 and "--json".startswith(a) for a in options)  # argparse takes --js too
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
