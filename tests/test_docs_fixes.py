@@ -230,7 +230,8 @@ def test_matrix_json_gives_the_algorithms_and_the_logs_of_the_norms(tmp_path, ca
     assert got["log_norms"][0] == pytest.approx(601 * np.log(10), rel=1e-3)
     np.testing.assert_allclose(np.exp(got["log_norms"][1:]), got["norms"][1:], rtol=1e-12)
     assert "col_log_norms" not in got  # one list of models: a symmetric matrix
-    assert any("NaN in norms, its natural log in log_norms" in n for n in got["notes"])
+    assert any("NaN (null in JSON) in norms, its natural log in log_norms" in n for n in got["notes"])
+    assert any(n.startswith(f"the norm of {files[0]}, 10^601") for n in got["notes"])  # the file, as the text says
 
 
 # ------------------------------------------------------------ 4. the benchmark's algorithm names

@@ -57,7 +57,7 @@ def test_norm_beyond_float64_is_nan_with_a_note_on_every_route(tmp_path, s, caus
         np.testing.assert_allclose(m.norms[[0, 2]], ref.norms[[0, 2]], rtol=1e-12)
         assert m.log_norms[1] == pytest.approx(math.log(ref.norms[1]) + 3 * math.log(s), rel=1e-9)
         note = [n for n in m.notes if "norm of model 1" in n]
-        assert note and cause in note[0] and "NaN in norms" in note[0], (kw, m.notes)
+        assert note and cause in note[0] and "NaN (null in JSON) in norms" in note[0], (kw, m.notes)
 
 
 def test_column_norm_beyond_float64_named_on_its_side(tmp_path):

@@ -758,8 +758,9 @@ def cmd_matrix(args: argparse.Namespace) -> int:
                # each model's norm (null beyond float64, with a note) and its natural log, which float64 holds
                "norms": res.norms, "log_norms": res.log_norms,
                **({} if res.symmetric else {"col_norms": res.col_norms, "col_log_norms": res.col_log_norms}),
-               "figure": out, "csv": csv_path,
-               "notes": list(res.notes), "tiles": None if res.tiles is None else asdict(res.tiles)}
+               "figure": out, "csv": csv_path,  # the notes as the text says them: the models as files
+               "notes": list(dict.fromkeys(_note_text(n, args) for n in res.notes)),
+               "tiles": None if res.tiles is None else asdict(res.tiles)}
     lines = [f"{len(files)} checkpoints, {res.inner}{' centred' if args.centered else ''} similarity "
              f"({res.method}{'' if res.exact else ', not exact'}; route: {res.route}; {res.flops:.3g} flops)"]
     if len(files) <= 12:
@@ -768,7 +769,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         for k, (lab, row) in enumerate(zip(labels, values)):
             lines.append(f"{lab:>{width}} " + " ".join(f"{v:7.4f}" for v in row) + f"   [{k}]")
     # every note of the result, once (as --json gives them; a tile's note may repeat another's), in flags
-    notes = list(dict.fromkeys(_note_text(n, args) for n in res.notes))
+    notes = payload["notes"]
     doubts = [n for n in notes if n.startswith("HEAVY TAILS")] if res.stderr is not None else []
     if res.stderr is not None:  # estimates: their errors (each entry's in the JSON)
         lines.append(f"estimated: standard errors up to {float(np.max(res.stderr)):.2g} (--json gives each entry's)")

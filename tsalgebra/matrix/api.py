@@ -556,7 +556,7 @@ def norms_of(log_norms: np.ndarray, col_log_norms: np.ndarray,
             notes += (f"the norm of {side} {k}, 10^{log[k] / math.log(10):.0f}, {'overflows' if big else 'underflows'} "
                       f"float64 (its weights are that {'large' if big else 'small'})"
                       + (f" (and {more} more {side}s' norms beyond float64)" if more else "")
-                      + f": NaN in {attr}, its natural log in {log_attr}; the cosines are unaffected",)
+                      + f": NaN (null in JSON) in {attr}, its natural log in {log_attr}; the cosines are unaffected",)
     return out[0], out[0] if sym else out[1], notes
 
 
