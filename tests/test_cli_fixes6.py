@@ -133,3 +133,14 @@ def test_an_abbreviated_json_flag_gets_json_errors_too(tmp_path, capsys, flag):
     a, b = saved_bilinears(tmp_path, n=2)
     code, out, err = exit_code(capsys, "similarity", a, b, flag, "--budget", "-1")
     assert code == 2 and "--budget" in json.loads(out)["error"], (out, err)
+
+
+def test_an_integer_in_float_spelling_is_read_exactly():
+    """--seed 1e30 was read through a float: 1000000000000000019884624838656,
+    another seed than 10^30."""
+    from tsalgebra.cli import _COUNT
+
+    assert _COUNT("1e30") == 10**30 and _COUNT("3.09e+08") == 309_000_000 and _COUNT("12") == 12
+    for bad in ("1.5", "nan", "inf", "1e5000", "-1e3"):
+        with pytest.raises(Exception, match="is not an integer"):
+            _COUNT(bad)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import decimal
 import functools
 import importlib
 import importlib.util
@@ -98,12 +99,16 @@ def _number(kind: type, least: float, strict: bool, below: float | None = None, 
 
 
 def _whole(text: str) -> int | None:
-    """``text`` as a whole number written as a float (1e4, 3.09e+08), else None."""
+    """``text`` as a whole number written as a float (1e4, 3.09e+08), else
+    None: read exactly (Decimal), so that 1e30 is 10^30 (through a float it
+    was 1000000000000000019884624838656, another seed)."""
     try:
-        value = float(text)
-    except ValueError:
+        value = decimal.Decimal(text.strip())
+    except decimal.InvalidOperation:
         return None
-    return int(value) if math.isfinite(value) and value == int(value) else None
+    if not value.is_finite() or value != value.to_integral_value() or abs(value.adjusted()) > 4300:
+        return None  # (int() of 10^4300 digits is Python's own limit)
+    return int(value)
 
 
 _COUNT, _POSITIVE, _NON_NEGATIVE = _number(int, 0, True), _number(float, 0, True), _number(float, 0, False)
