@@ -108,7 +108,9 @@ def test_a_matrix_refusal_costs_every_product_and_names_the_files(tmp_path, caps
     product's budget (1.6e5 flops), which the second model's norm (5.3e5)
     refused again; the message named no file."""
     rng = np.random.default_rng(3)
-    bil = lambda d, h, o: ts.Bilinear(rng.normal(size=(h, d)), rng.normal(size=(h, d)), rng.normal(size=(o, h)))  # noqa: E731
+    def bil(d, h, o):
+        return ts.Bilinear(rng.normal(size=(h, d)), rng.normal(size=(h, d)), rng.normal(size=(o, h)))
+
     ts.save(bil(4, 6, 3), tmp_path / "one.safetensors")
     ts.save(ts.Sequential(bil(4, 6, 4), bil(4, 6, 3)), tmp_path / "stack.safetensors")
     files = [tmp_path / "one.safetensors", tmp_path / "stack.safetensors"]

@@ -387,7 +387,8 @@ def _check_declared(sd: Mapping[str, Any], p: Path, max_bytes: int) -> None:
     if total > max_bytes:
         big = max(entries, key=entries.get)
         raise LoadError(p, f"refused: its tensors declare {total:,} bytes as float64 (the largest, {big!r}, has "
-                           f"shape {tuple(sd[big].shape)}), over the bound of {max_bytes:,} (raise it with max_bytes=...)")
+                           f"shape {tuple(sd[big].shape)}), over the bound of {max_bytes:,} "
+                           "(raise it with max_bytes=...)")
 
 
 def read_state_dict(path: str | Path, *, max_bytes: int = MAX_CHECKPOINT_BYTES,

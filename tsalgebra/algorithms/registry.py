@@ -463,8 +463,8 @@ def run(plan: Plan) -> Triple:
         except (CostError, ValueError):
             instead = None
         if instead is not None and instead.exact:
-            why = str(lost) if lost is not None else "; ".join(n for r in out if r is not None  # type: ignore[union-attr]
-                                                               for n in r.notes if n not in plan.problem.notes)
+            said = [n for r in out or () if r is not None for n in r.notes if n not in plan.problem.notes + plan.notes]
+            why = str(lost) if lost is not None else "; ".join(said)
             note = f"{plan.algorithm} was passed over ({why})"
             return tuple(None if r is None else replace(r, notes=r.notes + (note,),  # type: ignore[return-value]
                                                         passed_over=(plan.algorithm,) + r.passed_over)
