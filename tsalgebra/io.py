@@ -60,7 +60,7 @@ import struct
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, Union
 
 if TYPE_CHECKING:  # torch is imported only where a torch file or a template needs it
     import torch
@@ -391,6 +391,29 @@ def _check_declared(sd: Mapping[str, Any], p: Path, max_bytes: int) -> None:
                            "(raise it with max_bytes=...)")
 
 
+def _untied(module: Any, tensors: Mapping[str, Any], source: Any) -> None:
+    """A template whose parameters are tied (one tensor under two names, an
+    embedding shared with the unembedding) reads one value for them: a
+    checkpoint holding different values under those names is refused (torch
+    copied both into the one tensor, the later winning: the loaded model was
+    another function, with no error)."""
+    import torch
+
+    shared: dict[int, list[str]] = {}
+    for name, p in list(module.named_parameters(remove_duplicate=False)) + \
+            list(module.named_buffers(remove_duplicate=False)):
+        shared.setdefault(id(p), []).append(name)
+    for names in shared.values():
+        given = [n for n in names if n in tensors]
+        first = given[0] if given else None
+        for other in given[1:]:
+            a, b = tensors[first], tensors[other]
+            if a.shape != b.shape or not torch.equal(a.to(torch.float64), b.to(torch.float64)):
+                raise TemplateError(source, f"the template ties {first!r} and {other!r} (one tensor), and the "
+                                            "checkpoint holds different values under the two names: a template "
+                                            "with them untied reads it")
+
+
 def read_state_dict(path: str | Path, *, max_bytes: int = MAX_CHECKPOINT_BYTES,
                     state_key: str | None = None) -> dict[str, Any]:
     """The state dict stored in one file, never unpickling anything but
@@ -606,6 +629,7 @@ def model_from_state_dict(sd: Mapping[str, Any], template: Template = None,
                 _values(v, k, source)  # read bool as 0/1, keep a NaN (a bool or integer buffer takes them as they are)
         tensors = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))
                    for k, v in stripped.items()}
+        _untied(module, tensors, source)
         module.load_state_dict(tensors, strict=strict)
         module.eval()
     except LoadError:

@@ -48,6 +48,7 @@ from part of the model is refused naming it (docs/user-guide.md, section
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -93,7 +94,20 @@ def _raw_config(run: Path) -> Any:
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise ValueError(f"over {MAX_CONFIG_BYTES:,} bytes, not a model's settings")
     raw = json.loads(path.read_text())
-    return raw.get("model", raw) if isinstance(raw, dict) else None
+    if not isinstance(raw, dict):
+        return None
+    if not isinstance(raw.get("model"), dict):  # the settings at the top level ("model" there: a name)
+        return {k: v for k, v in raw.items() if not (k == "model" and isinstance(v, str))}
+    # the settings under "model", beside sections of other things ("train"): a setting of the layout
+    # (or a near miss of one) among those sections would be dropped, the run read as another function
+    names = list(SETTINGS) + list(FIXED) + sorted(INERT)
+    for key in raw:
+        near = difflib.get_close_matches(key, names, n=1, cutoff=0.8)
+        if key != "model" and near:
+            said = f"the setting {key!r}" if near[0] == key else f"{key!r} (the setting {near[0]!r}?)"
+            raise ValueError(f"{said} stands beside \"model\", which holds the model's settings: put it "
+                             "inside \"model\", where it is read or refused")
+    return raw["model"]
 
 
 def _json(value: Any) -> str:
