@@ -129,3 +129,12 @@ def test_a_tied_template_refuses_an_untied_checkpoint(tmp_path):
     ids = torch.randint(0, 6, (4, 3))
     model = ts.load(tmp_path / "tied.pt", template=_lm(True))
     assert np.allclose(model(ids.numpy()), tied(ids).detach().numpy(), rtol=1e-12)
+
+
+def test_an_attention_without_positions_and_an_integer_dtype_are_named():
+    """A bare attention module with no n_ctx raised the layer's ValueError
+    with no path; to_torch(dtype=torch.int64) torch's own message."""
+    with pytest.raises(ts.AdapterError, match=r"^<root>: .*set the number of positions.*from_torch\(module, n_ctx="):
+        ts.from_torch(BilinearAttentionModule(2, 2, 4, n_ctx=None, causal=True, residual=True))
+    with pytest.raises(TypeError, match="dtype must be a torch floating dtype"):
+        ts.to_torch(ts.Linear(np.eye(2)), dtype=torch.int64)

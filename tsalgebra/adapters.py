@@ -903,7 +903,12 @@ def from_torch(module: Any, *, check: bool = True, n_ctx: int | None = None) -> 
         raise AdapterError("", f"{type(module).__name__} converts to the identity (only skipped parts); "
                                "there is no layer to compare")
     if check:
-        err, how = _forward_mismatch(module, model)
+        try:
+            err, how = _forward_mismatch(module, model)
+        except ValueError as exc:  # an attention with no positions bound: its width is not known
+            if isinstance(exc, AdapterError):
+                raise
+            raise AdapterError("", f"{exc}: pass from_torch(module, n_ctx=...)") from None
         if not err <= _CHECK_RTOL:
             raise AdapterError("", f"the converted model differs from {type(module).__name__}'s own forward "
                                    f"({how}): an adapter "
@@ -937,6 +942,8 @@ def to_torch(model: Component, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A torch module computing ``model`` (Linear -> nn.Linear, Bilinear ->
     :class:`BilinearLayer`, wrapped in :class:`Residual` when residual,
     Sequential -> nn.Sequential).  Float weights only."""
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a torch floating dtype (torch.float32, torch.float64), got {dtype!r}")
     def t(a: np.ndarray | None) -> nn.Parameter | None:
         return None if a is None else nn.Parameter(torch.as_tensor(np.asarray(a, dtype=float), dtype=dtype))
 
