@@ -46,3 +46,33 @@ def test_rng_is_checked_by_name(rng):
     with pytest.raises(TypeError, match="rng must be a numpy Generator"):  # numpy's SeedSequence said it
         ts.check_invariance(model, model, measure=ts.Tokens(2, 2), rng=rng)
     assert ts.check_invariance(model, model, measure=ts.Tokens(2, 2), rng=np.int64(3)).invariant
+
+
+def test_a_small_output_is_judged_on_its_own_scale():
+    """An output 1e8 times smaller than another flipped sign: distance 4e-16
+    of the whole model, INVARIANT even in exact arithmetic (verify: different)."""
+    from fractions import Fraction as F
+
+    o = lambda rows: np.array(rows, dtype=object)  # noqa: E731
+    L, R = o([[F(1), F(0)], [F(1), F(0)]]), o([[F(1), F(0)], [F(0), F(1)]])
+    f = ts.Bilinear(L, R, o([[F(10**8), F(0)], [F(0), F(1)]]))  # (1e8 x1^2, x1 x2)
+    g = ts.Bilinear(L, R, o([[F(10**8), F(0)], [F(0), F(-1)]]))  # (1e8 x1^2, -x1 x2)
+    floats = [m.map_weights(lambda w: np.asarray(w, dtype=float)) for m in (f, g)]
+    for a, b in ((f, g), floats):
+        r = ts.check_invariance(a, b)
+        assert not r.invariant and r.changed_outputs == (1,), r
+        assert ts.check_invariance(a, a).invariant
+
+
+def test_a_transform_that_edits_the_model_in_place_is_compared_with_the_original():
+    """It compared the edited model with itself: INVARIANT at distance 0."""
+    model = _layer()
+    x = np.random.default_rng(1).normal(size=(4, 6))
+    before = model(x)
+
+    def transform(m):
+        m.down[0, 0] += 1.0  # changes the function, in place
+        return m
+
+    r = ts.check_invariance(model, transform)
+    assert not r.invariant and r.relative_distance > 1e-3 and not np.allclose(model(x), before)

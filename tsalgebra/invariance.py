@@ -214,8 +214,19 @@ def _exact_distance(f: Component, g: Component, inner: str, measure: Measure, bu
         label = f"{kind} (exact" + (f", degree {degree})" if kind == "symmetric" else ")")
         if kind != inner:
             label += f"; {inner} over budget"
-        return rel, per, label, refused, (total_f, gg.sum(), diff, kind)
+        return rel, per, label, refused, (total_f, gg.sum(), diff, kind, ff)
     return None, None, "samples only", refused + ["exact check unavailable: the verdict rests on samples only"], None
+
+
+def _own_distances(norms: Any, tol: float) -> tuple[list[Any], list[float]]:
+    """Each output's distance ||f_o - g_o||^2 / ||f_o||^2 on its own scale,
+    and its limit before the round-off is measured (tol; unbounded for an
+    output of f that is zero, which the whole model's distance judges)."""
+    if norms is None:
+        return [], []
+    _, _, diff, _, ff = norms
+    own = [d / f if f != 0 else 0 for d, f in zip(diff, ff)]
+    return own, [tol if f != 0 else np.inf for f in ff]
 
 
 # The distance's round-off allowance: this many times its measured float64
@@ -404,7 +415,9 @@ def check_invariance(
     may agree on every token sequence and differ as polynomials.)
 
     ``invariant`` requires the exact relative distance <= ``tol`` or within
-    its measured float64 round-off allowance (when available), and the worst
+    its measured float64 round-off allowance (when available), each
+    output's on its own scale too (as :func:`tsalgebra.verify` judges
+    outputs), and the worst
     sampled difference, relative to max |f(x)|, <= ``sample_tol`` or within
     the outputs' measured round-off allowance (see
     :class:`InvarianceReport`; ``tol`` or ``sample_tol`` 0: no allowance,
@@ -425,7 +438,11 @@ def check_invariance(
         raise _not_a_model(transform, "check_invariance: transform must be a callable model -> model or a tsalgebra "
                                       "model (a Component)")
     elif callable(transform):
+        # the original kept apart: a transform that edits the weights in place compared the changed model
+        # with itself (INVARIANT at distance 0); a model's arrays are shared, not frozen
+        original = model.map_weights(lambda w: w.copy() if isinstance(w, np.ndarray) else w)
         other = transform(model)
+        model = original
         label = repr(transform) if hasattr(transform, "description") else getattr(transform, "__name__", repr(transform))
         if not isinstance(other, Component):
             raise _not_a_model(other, "check_invariance: the transform must return a tsalgebra model (a Component)")
@@ -487,8 +504,9 @@ def check_invariance(
 
     distance_roundoff, distance_allowance = None, 0.0
     per_limit: tuple[float, ...] = ()
+    own, own_limit = _own_distances(norms, tol)
     if isinstance(rel, float) and norms is not None:
-        ff, gg, diff, kind = norms
+        ff, gg, diff, kind, _ = norms
         ff, gg, diff = float(ff), float(gg), np.asarray(diff, dtype=float)
         denominator = ff
         # The float distance, relative to ||f||^2 -- unless f is zero to
@@ -509,13 +527,15 @@ def check_invariance(
         values = [*per, rel]
         # tol = 0: every difference counts, round-off too (as for sample_tol);
         # an infinite distance (f zero, g not) is no round-off
-        unresolved = tol > 0 and any(not abs(v) <= tol for v in values)
+        unresolved = tol > 0 and any(not abs(v) <= tol for v in values + own)
         measured = (_distance_roundoff(model, other, kind, law, budget, diff, denominator, values, tol)
                     if unresolved and denominator > 0 and np.isfinite(values).all() else None)
         if measured is not None:
             distance_roundoff = measured[0]
             distance_allowance = DISTANCE_ROUNDOFF_FACTOR * distance_roundoff
             per_limit = tuple(max(tol, DISTANCE_ROUNDOFF_FACTOR * float(d)) for d in measured[1])
+            own_limit = [max(tol, DISTANCE_ROUNDOFF_FACTOR * float(d) * denominator / float(f)) if f > 0 else np.inf
+                         for d, f in zip(measured[1], np.asarray(norms[4], dtype=float))]
             if distance_allowance > tol:
                 notes.append(f"float64 resolves the distance only down to {distance_allowance:.3g} "
                              f"({DISTANCE_ROUNDOFF_FACTOR:g} times {distance_roundoff:.3g}, the most it moved when "
@@ -530,7 +550,10 @@ def check_invariance(
                          "with tol alone")
     distance_limit = max(tol, distance_allowance)
 
-    exact_ok = rel is None or rel <= distance_limit
+    # each output on its own scale too (as verify judges them): the whole model's norm hid a sign flip of an
+    # output 1e8 times smaller than another, even at an exact nonzero distance
+    flipped = {o for o, (d, lim) in enumerate(zip(own, own_limit)) if not abs(d) <= lim and d > 0}
+    exact_ok = (rel is None or rel <= distance_limit) and not flipped
     samples_ok = worst <= sample_limit
     # an exact-arithmetic distance of 0 proves the same polynomial (or the same
     # outputs on every token sequence): float samples cannot overturn it
@@ -547,7 +570,7 @@ def check_invariance(
     moved = set() if proof else {o for o, d in enumerate(per_sample) if d > sample_limit}
     if rel is not None:
         limits = per_limit or (distance_limit,) * len(per)
-        moved |= {o for o, (d, lim) in enumerate(zip(per, limits)) if d > lim}
+        moved |= {o for o, (d, lim) in enumerate(zip(per, limits)) if d > lim} | flipped
     changed_out = tuple(sorted(moved))
     changed_layers, how = compare_layers(model, other)
     return InvarianceReport(
