@@ -32,3 +32,14 @@ def test_a_dtype_a_route_does_not_compute_in_is_said():
         assert f"dtype float32 does not apply to the {route} route: computed in float64" in m.notes
     m = ts.similarity_matrix(models, measure=ts.Tokens(3, 2), route="pairwise", progress=False)
     assert not any("dtype" in n for n in m.notes)
+
+
+def test_an_unseeded_estimate_reports_the_seed_it_drew():
+    """'300 samples (seed None)': an unseeded estimate could not be rerun."""
+    rng = np.random.default_rng(0)
+    a, b = (ts.Bilinear(rng.normal(size=(3, 4)), rng.normal(size=(3, 4)), rng.normal(size=(2, 3))) for _ in range(2))
+    r = ts.similarity(a, b, method="sampled", samples=300)
+    seed = r.estimate.seed
+    assert isinstance(seed, int) and f"300 samples (seed {seed})" in r.notes
+    again = ts.similarity(a, b, method="sampled", samples=300, seed=seed)
+    assert again.value == r.value and again.stderr == r.stderr

@@ -41,7 +41,7 @@ is sound.  The threshold's measurement is at the constant.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import reduce
 from typing import Any
 
@@ -520,6 +520,8 @@ class Sampled(Algorithm):
 
     # ------------------------------------------------------------- running
     def run(self, plan: Plan) -> Triple:
+        if plan.problem.seed is None:  # drawn and reported (estimate.seed, the notes): the estimate can be rerun
+            plan = replace(plan, problem=plan.problem.replace(seed=int(np.random.default_rng().integers(2**63))))
         p = plan.problem
         batch, samples, cv, piece, default = plan.payload
         rng = np.random.default_rng(p.seed)
