@@ -43,3 +43,26 @@ def test_an_unseeded_estimate_reports_the_seed_it_drew():
     assert isinstance(seed, int) and f"300 samples (seed {seed})" in r.notes
     again = ts.similarity(a, b, method="sampled", samples=300, seed=seed)
     assert again.value == r.value and again.stderr == r.stderr
+
+
+def test_exact_weights_give_exact_values_per_output_too():
+    """Per output, the norm and the similarity of Fraction weights came out as
+    float64, labelled exact, where the whole model's are sympy numbers."""
+    import sympy
+    from fractions import Fraction as F
+
+    def o(*rows):
+        return np.array(rows, dtype=object)
+
+    m = ts.Bilinear(o([F(1), F(0)], [F(0), F(1)]), o([F(1), F(0)], [F(1), F(1)]), o([F(1), F(0)], [F(0), F(2)]))
+    c = ts.Bilinear(o([F(1), F(0)], [F(0), F(1)]), o([F(1), F(0)], [F(1), F(2)]), o([F(1), F(0)], [F(0), F(1)]))
+    norms = ts.norm(m, per_output=True)
+    assert norms.exact and list(norms.value) == [sympy.sqrt(3), 4]
+    sims = ts.similarity(m, c, per_output=True)
+    assert sims.exact and list(sims.value) == [1, 7 * sympy.sqrt(13) / 26]
+    floats = ts.similarity(*(x.map_weights(lambda w: np.asarray(w, dtype=float)) for x in (m, c)), per_output=True)
+    np.testing.assert_allclose(np.asarray(sims.value, dtype=float), floats.value, rtol=1e-14)
+    dead = c.replace(down=o([F(1), F(0)], [F(0), F(0)]))
+    with pytest.warns(RuntimeWarning, match="zero norm"):
+        r = ts.similarity(m, dead, per_output=True)
+    assert r.value[0] == 1 and np.isnan(float(r.value[1]))

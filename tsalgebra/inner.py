@@ -241,6 +241,8 @@ def norm(a: Any, inner: str | None = None, method: str = "auto", mean: Any = Non
     _scaled(r, 0.0, "<a, a>")  # finite, or an error naming the cause
     if not r.per_output and not isinstance(r.value, float):
         return replace(r, value=sympy.sqrt(_to_sympy(r.value)), quantity="norm")
+    if r.per_output and np.asarray(r.value).dtype == object:  # exact per output: each channel's root kept exact
+        return replace(r, value=np.array([sympy.sqrt(_to_sympy(v)) for v in r.value], dtype=object), quantity="norm")
     v = np.sqrt(np.maximum(np.asarray(r.value, dtype=float), 0.0))
     v = v if r.per_output else float(v)
     if r.stderr is None:
@@ -276,6 +278,12 @@ def _cosine(ab: InnerResult, aa: InnerResult, bb: InnerResult) -> Any:
             raise ValueError(f"model {'a' if y == 0 else 'b'} has zero norm under the {ab.inner} inner product; "
                              "the similarity is undefined")
         return sympy.simplify(x / (sympy.sqrt(y) * sympy.sqrt(z)))
+    if ab.per_output and np.asarray(ab.value).dtype == object:  # exact per output: each channel kept so
+        out = []
+        for x, y, z in zip(*(np.asarray(r.value, dtype=object) for r in (ab, aa, bb))):
+            x, y, z = (_to_sympy(v) for v in (x, y, z))
+            out.append(sympy.nan if y == 0 or z == 0 else sympy.simplify(x / (sympy.sqrt(y) * sympy.sqrt(z))))
+        return np.array(out, dtype=object)  # (a dead channel NaN, said as the float route says it)
     cos = cosines(ab.value, aa.value, bb.value, ab.inner, dead_channels=ab.per_output)
     return cos if ab.per_output else float(cos)
 
