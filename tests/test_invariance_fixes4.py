@@ -76,3 +76,9 @@ def test_a_transform_that_edits_the_model_in_place_is_compared_with_the_original
 
     r = ts.check_invariance(model, transform)
     assert not r.invariant and r.relative_distance > 1e-3 and not np.allclose(model(x), before)
+
+
+@pytest.mark.parametrize("rng", ["x", 1.5, -1])
+def test_random_symmetry_names_rng(rng):
+    with pytest.raises(TypeError, match="rng must be a numpy Generator"):  # numpy's SeedSequence said it
+        ts.random_symmetry(_layer(), rng)

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["checked_device", "exact_float64", "is_torch", "no_real_values", "real_float64", "torch_to_numpy"]
+__all__ = ["checked_device", "exact_float64", "generator", "is_torch", "no_real_values", "real_float64",
+           "torch_to_numpy"]
 
 
 def is_torch(x: Any) -> bool:
@@ -100,3 +101,16 @@ def checked_device(device: Any, argument: str = "device") -> Any:
             raise ValueError(f"{argument}={device!r}: no {dev.type} device is available here; use None (numpy) or "
                              "'cpu'")
     return dev
+
+
+def generator(rng: Any, default: int | None = None) -> np.random.Generator:
+    """``rng=`` as a numpy Generator: one given, a non-negative integer seed,
+    or None (``default``: a fixed seed; None draws one); anything else a
+    TypeError naming rng= (numpy's SeedSequence said "entropy" of a string)."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if rng is None:
+        return np.random.default_rng(default)
+    if isinstance(rng, (int, np.integer)) and not isinstance(rng, (bool, np.bool_)) and rng >= 0:
+        return np.random.default_rng(int(rng))
+    raise TypeError(f"rng must be a numpy Generator, a non-negative integer seed or None, got {rng!r}")

@@ -40,6 +40,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .arrays import generator
 from .components import Component
 from .inner import relative_products
 from .measure import Measure, support_note
@@ -455,15 +456,12 @@ def check_invariance(
     inner, measure = function_level(inner, measure, mean, cov, "check_invariance", model, other)
 
     law = bound_measure(model, mean, cov, measure, other)
-    if not (rng is None or isinstance(rng, np.random.Generator)
-            or isinstance(rng, (int, np.integer)) and not isinstance(rng, (bool, np.bool_)) and rng >= 0):
-        raise TypeError(f"rng must be a numpy Generator, a non-negative integer seed or None, got {rng!r}")
+    rng = generator(rng, default=0)  # None: seed 0, so that reports are reproducible
     rel, per, method, notes, norms = _exact_distance(model, other, inner, law, budget)
     support = support_note(law, model.in_features)
     if support is not None:  # a zero distance says nothing off the support (a token never drawn)
         notes.append(support)
 
-    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(0 if rng is None else int(rng))
     x = law.sample(n_samples, rng)
     fx, gx = _outputs(model, x), _outputs(other, x)
     # the round-off allowance, in output units: a multiple of the float64

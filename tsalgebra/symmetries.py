@@ -44,6 +44,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
+from .arrays import generator
 from .attention import BilinearAttention, rotary_matrices
 from .components import (Bilinear, Component, Linear, PositionWise, Sequential, all_exact, cast, postcompose,
                          precompose)
@@ -849,7 +850,7 @@ def random_generators(model: Component, rng: np.random.Generator | int | None = 
     ``exact`` (default: ``model.exact``) draws rational numbers instead, so an
     exact model stays exact.  A lone Linear layer has no generators: [].
     """
-    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    rng = generator(rng)
     layers = _layers_of(model)
     exact = model.exact if exact is None else exact
     out: list[Symmetry] = []
