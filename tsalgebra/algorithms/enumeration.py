@@ -83,7 +83,7 @@ class Enumeration(Algorithm):
 
     def run(self, plan: Plan) -> Triple:
         p = plan.problem
-        value = node_sum(Forward(p.a), Forward(p.b), self.nodes(p), p.centered, p.per_output)
+        value = node_sum(Forward(p.a), Forward(p.b), self.nodes(p), p.centered, p.per_output, p.a is p.b)
         return plan.result(value), None, None
 
     def nodes(self, problem: InnerProblem) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -46,7 +46,7 @@ def quadrature_inner(a: Any, b: Any, measure: Gaussian, centered: bool, per_outp
     (value, nodes).  The caller checks the cost first (:class:`Quadrature`)."""
     k = degree_of(a) + degree_of(b)
     points = (k // 2 + 1) ** measure.rank
-    return node_sum(Forward(a), Forward(b), _grid(measure, k), centered, per_output), points
+    return node_sum(Forward(a), Forward(b), _grid(measure, k), centered, per_output, a is b), points
 
 
 class Quadrature(Algorithm):

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..algorithms.registry import _named, choose
 from ..problem import CostError, InnerProblem, MemoryBoundError, Plan, degree_of, format_count
-from ..node_sums import CHUNK, CentredSums, Forward
+from ..node_sums import CHUNK, FORWARD_ROUNDING, CentredSums, Forward
 from ..progress import is_long, progress_bar
 from .job import Gram, Job
 from .ops import Clock
@@ -165,7 +165,18 @@ def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
         bar.close()
     if job.centered:
         K, sA, sB = cross.total, own_a.total, own_b.total
+        if origin is not None:  # a variance within its mean's float64 rounding is 0 (as node_sum says it)
+            sA = _rounded_to_zero(sA, origin[0] + own_a.mean_f)
+            sB = sA if sym else _rounded_to_zero(sB, origin[1] + own_b.mean_f)
     if sym:
         K = (K + K.T) / 2
         K[np.diag_indices(len(A))] = sA
     return Gram(K, sA, sB, logA, logB, cost.flops, clock.steps(), "float64", "numpy", True, "exact")
+
+
+def _rounded_to_zero(variances: np.ndarray, means: np.ndarray) -> np.ndarray:
+    """Each model's summed variance, 0 where it is within the float64
+    rounding of its outputs' means (node_sums.FORWARD_ROUNDING): a model
+    constant on every token sequence gave 7.8e-33 and cosines of 1e-17."""
+    floor = np.sum((FORWARD_ROUNDING * np.abs(means)) ** 2, axis=-1)
+    return np.where(variances <= floor, 0.0, variances)
