@@ -183,3 +183,23 @@ def test_an_edited_manifest_is_unreadable_not_a_python_error(tmp_path, files, ca
     code, out, err = exit_code(capsys, "matrix", *files, "--store", store, "--out", tmp_path, "--json")
     said = json.loads(out)["error"]
     assert code == 2 and f"its manifest {manifest} is unreadable (" in said and why in said, said
+
+
+def test_a_truncated_tile_leaves_no_file_open(tmp_path):
+    """numpy's np.load(path) kept the file open where the zip was truncated:
+    one descriptor per damaged tile over a long resume."""
+    import gc
+    import warnings
+
+    rng = np.random.default_rng(0)
+    models = [ts.Bilinear(rng.normal(size=(3, 4)), rng.normal(size=(3, 4)), rng.normal(size=(2, 3))) for _ in range(4)]
+    want = ts.similarity_matrix(models, store=tmp_path / "st", tile=2, progress=False).values
+    tile = next((tmp_path / "st" / "tiles").glob("*.npz"))
+    data = tile.read_bytes()
+    tile.write_bytes(data[: len(data) // 2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = ts.similarity_matrix(models, store=tmp_path / "st", progress=False).values
+        gc.collect()
+    assert np.allclose(got, want, rtol=1e-12)
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning) and tile.name in str(w.message)]

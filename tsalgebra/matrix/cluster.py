@@ -394,7 +394,8 @@ class Store:
         if not file.exists():
             return None
         try:
-            with np.load(file, allow_pickle=False) as z:
+            # the file opened here, closed here: numpy's own open stayed open where the zip was truncated
+            with open(file, "rb") as fh, np.load(fh, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
                 if not isinstance(meta, dict):
                     raise _Unusable("its metadata is not a JSON object")
