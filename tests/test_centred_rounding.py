@@ -93,3 +93,17 @@ def test_a_variance_within_the_rounding_of_the_mean_is_zero():
     varied = constant.replace(weight=constant.weight + 1e-6 * rng.normal(size=(2, 6)))
     assert ts.norm(varied, measure=law, centered=True).value > 0
     assert abs(ts.similarity(other, varied, measure=law, centered=True).value) > 1e-3
+
+
+def test_a_constant_model_per_output_is_nan_not_plus_minus_one():
+    """Its per-channel variances 0, the cross products' round-off (1e-43)
+    over them gave +-inf, which the clip to [-1, 1] turned into +-1 'exact',
+    with no dead-channel warning."""
+    rng = np.random.default_rng(0)
+    law = ts.Tokens(3, 2)
+    constant = ts.Linear(np.tile(rng.normal(size=(2, 1)), (1, 6)))
+    other = ts.Bilinear(rng.normal(size=(3, 6)), rng.normal(size=(3, 6)), rng.normal(size=(2, 3)),
+                        left_bias=rng.normal(size=3), right_bias=rng.normal(size=3))
+    with pytest.warns(RuntimeWarning, match="zero norm"):
+        r = ts.similarity(other, constant, measure=law, centered=True, per_output=True)
+    assert np.isnan(r.value).all(), r.value

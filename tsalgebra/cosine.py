@@ -34,6 +34,8 @@ def cosines(cross: Any, self_a: Any, self_b: Any, inner: str, *, tol: float = 1e
                 raise ValueError(f"{which} has zero norm under the {inner} inner product; the similarity is undefined")
     with np.errstate(invalid="ignore", divide="ignore"):
         cos = x / np.sqrt(y) / np.sqrt(z)  # sqrt(y * z) can overflow where each factor does not
+    # a dead channel is NaN whatever the cross product's round-off (x / 0 was +-inf, clipped to +-1)
+    cos = np.where((y > 0) & (z > 0), cos, np.nan)
     excess = float(np.nanmax(np.abs(cos))) - 1.0 if np.isfinite(cos).any() else 0.0
     if excess > tol:
         raise ArithmeticError(f"|cosine| exceeds 1 by {excess:.3g}: the inner product is not positive definite here")
