@@ -107,3 +107,23 @@ def test_a_constant_model_per_output_is_nan_not_plus_minus_one():
     with pytest.warns(RuntimeWarning, match="zero norm"):
         r = ts.similarity(other, constant, measure=law, centered=True, per_output=True)
     assert np.isnan(r.value).all(), r.value
+
+
+def test_a_constant_deep_model_per_output_is_nan_under_the_gaussian():
+    """The same through quadrature: a Transformer whose embedding is 0 is
+    constant; its channels' similarities came out as -1 and 1 'exact'."""
+    rng = np.random.default_rng(0)
+
+    def w(*s):
+        return rng.normal(size=s) / np.sqrt(s[-1])
+
+    def att():
+        return ts.BilinearAttention(w(1, 2, 1), w(1, 2, 1), w(1, 2, 1), w(1, 2, 1), w(1, 2, 1), w(1, 1, 2),
+                                    causal=True, residual=True, scale=0.5, n_ctx=2)
+
+    const = ts.Transformer(ts.Linear(np.zeros((1, 1)), bias=[0.7]), [(att(), None), (att(), None)],
+                           ts.Linear(w(2, 1)), n_ctx=2)
+    other = ts.Transformer(ts.Linear(w(1, 1), bias=[0.7]), [(att(), None), (att(), None)], ts.Linear(w(2, 1)), n_ctx=2)
+    with pytest.warns(RuntimeWarning, match="zero norm"):
+        r = ts.similarity(const, other, centered=True, per_output=True)
+    assert np.isnan(np.asarray(r.value, dtype=float)).all(), r.value
