@@ -757,7 +757,7 @@ class Plan:
         variances, whose digits bound its share of a cosine (its own size may
         be 0, the models uncorrelated)."""
         value = moment - means
-        if self.problem.exact_numbers or self.problem.a is not self.problem.b:  # rationals: the difference is exact
+        if self.problem.exact_numbers or self.problem.a is not self.problem.b:  # exact; a cross product
             return self.result(value, **fields)
         rounding = CENTRED_ROUNDING * np.asarray(magnitude, dtype=float)
         with np.errstate(divide="ignore", invalid="ignore"):
