@@ -11,6 +11,8 @@ alone, so the flops planned are the flops run.  Monte Carlo
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
@@ -20,10 +22,11 @@ from .components import Component, PositionWise, Sequential
 from .engine import evaluation_network, pad_input, to_backend
 from .expr import Network
 from .planner import ContractionPlan, plan as plan_network
-from .problem import _terms
+from .problem import CENTRED_ROUNDING, InnerResult, Plan, _terms
 from .progress import advancer
 
-__all__ = ["CHUNK", "CentredSums", "Forward", "chunk_sizes", "node_flops", "node_peak_bytes", "node_sum"]
+__all__ = ["CHUNK", "CentredSums", "Forward", "NodeSum", "chunk_sizes", "node_flops", "node_peak_bytes", "node_sum",
+           "rounded_variances"]
 
 CHUNK = 4096  # inputs evaluated at once
 
@@ -251,22 +254,70 @@ class CentredSums:
         self.weight = merged
 
 
-# A model's variance below the float64 rounding of its outputs' mean is 0 to
-# float64: a forward rounds each output at 2^-53 of the constant it carries
-# (times the terms summed: 2^10 covers the 6 digits kept at a mean 1e7 times
-# the spread, docs/inner-products.md); a model constant on every token
-# sequence gave 7.8e-33 beside its mean of 1, and a cosine of 1e-17 'exact'.
-FORWARD_ROUNDING = 2.0**10 * 2.0**-53
+# A forward rounds each output at about 2^-53 of the constant (the mean) it
+# carries, so a variance sd^2 summed from such outputs is off by about
+# 2 sd 2^-53 |mean|: at an output constant 1e3 to 1e11 times the spread of an
+# attention LM's, by at most 0.4 times that.  Its rounding is taken as
+# 2 sd CENTRED_ROUNDING |mean| (20-fold room), and a variance that keeps no
+# digit of it (sd below 20 CENTRED_ROUNDING |mean|) is 0: the model is
+# constant to float64 (one constant on every token sequence gave 7.8e-33
+# beside its mean of 1, sd 0.8 2^-53, and a cosine of 1e-17 'exact').
+FORWARD_ROUNDING = 20 * CENTRED_ROUNDING
+
+
+def rounded_variances(variances: np.ndarray, means: np.ndarray,
+                      per_output: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(the variances, their float64 rounding, whether each was taken as 0)
+    of centred self products over the outputs (the last axis) whose means
+    are ``means``: 0 within FORWARD_ROUNDING of the means (per output, or
+    over the last axis summed), else rounded at 2 sd CENTRED_ROUNDING |mean|.
+    An output taken as 0 from a variance that was not 0 is ``zeroed``."""
+    means = np.abs(means)
+    floor = (FORWARD_ROUNDING * means) ** 2
+    below = variances <= floor
+    if not per_output:
+        below = np.broadcast_to((variances.sum(-1) <= floor.sum(-1))[..., None], np.shape(variances))
+    kept = np.where(below, 0.0, variances)
+    return kept, 2 * np.sqrt(np.maximum(kept, 0.0)) * CENTRED_ROUNDING * means, below & (variances != 0)
+
+
+@dataclass(frozen=True)
+class NodeSum:
+    """A sum over nodes (:func:`node_sum`) and how far float64 took it:
+    ``rounding`` (the float64 rounding of a centred self product, per
+    output or summed; 0 where not judged: a cross product, an uncentred one,
+    an output taken as 0) and ``zeroed`` (where a variance was taken as 0,
+    the largest of those outputs' means over their spread; else None)."""
+
+    value: Any
+    rounding: Any = 0.0
+    zeroed: float | None = None
+
+    def result(self, plan: Plan) -> InnerResult:
+        """``plan``'s result: a variance that the rounding leaves with fewer
+        than CENTRED_DIGITS digits is not exact, and one taken as 0 (the
+        model constant to float64) is not exact either, unless it was 0;
+        each says so."""
+        said = f"the centred product by {plan.algorithm} sums outputs whose mean is about"
+        result = plan.rounded_result(
+            self.value, self.rounding, lambda size, rest: f"{said} {size / (2 * CENTRED_ROUNDING * rest):.2g} times "
+            "their spread", self.rounding, "the model is constant to float64 on these inputs")
+        if self.zeroed is None:
+            return result
+        note = (f"{said} {self.zeroed:.2g} times their spread: their variance is within the float64 rounding of the "
+                "mean and taken as 0, the model constant to float64 (not exact)")
+        return dataclasses.replace(result, exact=False, notes=result.notes + (note,), digits=0.0)
 
 
 def node_sum(fa: Forward, fb: Forward, chunks: Iterable[tuple[np.ndarray, np.ndarray]], centered: bool,
-             per_output: bool, self_product: bool = False) -> Any:
+             per_output: bool, self_product: bool = False) -> NodeSum:
     """sum_k w_k f(x_k) . g(x_k) (the weights summing to 1; ``centered``:
     the covariance, :class:`CentredSums`), summed over channels unless
-    ``per_output``; ``chunks`` yields (inputs (m, width), weights (m,)) of at
-    most :data:`CHUNK` rows.  A ``self_product``'s variance within the
-    rounding of its mean (FORWARD_ROUNDING) is 0: the model is constant to
-    float64 (per output, or as a whole)."""
+    ``per_output``; ``chunks`` yields (inputs (m, width), weights (m,)) of
+    at most :data:`CHUNK` rows.  A centred ``self_product``'s variance
+    within the rounding of its mean (FORWARD_ROUNDING) is 0: the model is
+    constant to float64 (per output, or as a whole); above it, its rounding
+    is ``2 sd CENTRED_ROUNDING |mean|`` per output (see :class:`NodeSum`)."""
     acc_fg: Any = 0
     sums = CentredSums(lambda df, dg: df * dg)
     origin: Any = None
@@ -286,10 +337,15 @@ def node_sum(fa: Forward, fb: Forward, chunks: Iterable[tuple[np.ndarray, np.nda
         else:
             acc_fg = acc_fg + (w[:, None] * f * g).sum(axis=0)
     value = sums.total if centered else acc_fg
+    rounding: Any = np.zeros(np.shape(value))
+    zeroed = None
     if centered and self_product and origin is not None:
-        floor = (FORWARD_ROUNDING * np.abs(origin[0] + sums.mean_f)) ** 2
-        if per_output:
-            value = np.where(value <= floor, 0.0, value)
-        elif float(np.sum(value)) <= float(np.sum(floor)):
-            return 0.0
-    return value if per_output else float(np.sum(value))
+        mean = origin[0] + sums.mean_f
+        kept, rounding, below = rounded_variances(value, mean, per_output)
+        if np.any(below):  # rounding taken as 0, not an exact 0
+            with np.errstate(divide="ignore"):
+                zeroed = float(np.max(np.abs(mean[below]) / np.sqrt(np.maximum(value[below], 0.0))))
+        value = kept
+    if per_output:
+        return NodeSum(value, rounding, zeroed)
+    return NodeSum(float(np.sum(value)), float(np.sum(rounding)), zeroed)

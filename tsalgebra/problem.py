@@ -748,34 +748,49 @@ class Plan:
         """The result of a covariance taken as ``moment - means`` (E[f.g]
         and E[f].E[g], per output or summed), whose digits are those of the
         difference: ``magnitude`` (>= |moment| and |means| alike, per output)
-        sizes the float rounding of both.  A model's variance (a self
-        product) that keeps fewer than CENTRED_DIGITS digits is not exact (a
-        note says how many are left), and one that keeps none is refused
-        (RoundingError: the automatic choice tries the next algorithm): the
-        model's mean was too large against its spread for the sum of products
-        to centre it.  A cross product's rounding is judged against the two
-        variances, whose digits bound its share of a cosine (its own size may
-        be 0, the models uncorrelated)."""
+        sizes the float rounding of both (see :meth:`rounded_result`).  A
+        cross product's rounding is judged against the two variances, whose
+        digits bound its share of a cosine (its own size may be 0, the models
+        uncorrelated), so only self products are judged."""
         value = moment - means
         if self.problem.exact_numbers or self.problem.a is not self.problem.b:  # exact; a cross product
             return self.result(value, **fields)
         rounding = CENTRED_ROUNDING * np.asarray(magnitude, dtype=float)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            digits = float(np.min(np.log10(np.abs(np.asarray(value, dtype=float)) / rounding), initial=np.inf))
-        if digits >= CENTRED_DIGITS or not np.isfinite(np.max(rounding, initial=0.0)):
+        return self.rounded_result(
+            value, rounding, lambda size, rest: f"the centred product is E[f.g] - E[f].E[g] by {self.algorithm}, "
+            f"terms of about {size:.3g} against a difference of {rest:.3g}", magnitude,
+            "an algorithm that sums over inputs (algorithm='enumeration' or 'quadrature', where one applies) "
+            "centres each output first", **fields)
+
+    def rounded_result(self, value: Any, rounding: Any, why: Any, sizes: Any, remedy: str,
+                       **fields: Any) -> "InnerResult":
+        """The result of a model's centred self product (a variance) whose
+        float64 rounding is about ``rounding`` (per output, or summed; 0
+        where nothing is judged): one that keeps fewer than CENTRED_DIGITS
+        digits is not exact (a note says how many are left, ``why(size,
+        value)`` of the worst output, ``sizes`` its terms' size), and one
+        that keeps none is refused (RoundingError, saying ``remedy``: the
+        automatic choice tries the next algorithm): the model's mean was too
+        large against its spread for the algorithm to centre it."""
+        r, v = np.asarray(rounding, dtype=float), np.abs(np.asarray(value, dtype=float))
+        judged = r > 0  # an output whose terms are 0, or one taken as constant: nothing to lose
+        if not np.any(judged) or not np.all(np.isfinite(r)):
             return self.result(value, **fields)
-        worst = int(np.argmin(np.abs(np.asarray(value, dtype=float)) / rounding)) if np.ndim(value) else 0
-        size, rest = (float(np.ravel(a)[worst]) for a in (magnitude, value))
-        why = (f"the centred product is E[f.g] - E[f].E[g] by {self.algorithm}, terms of about {size:.3g} "
-               f"against a difference of {rest:.3g}" + (f" (output {worst})" if np.ndim(value) else ""))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kept = np.where(judged, v / np.where(judged, r, 1.0), np.inf)
+            digits = float(np.log10(np.min(kept)))
+        if digits >= CENTRED_DIGITS:
+            return self.result(value, **fields)
+        worst = int(np.argmin(kept)) if np.ndim(value) else 0
+        size, rest = (float(np.ravel(a)[worst]) for a in (sizes, value))
+        said = why(size, rest) + (f" (output {worst})" if np.ndim(value) else "")
         if not digits >= 1:
-            raise RoundingError(f"{self.problem.describe()}: {why}: float64's rounding of the terms leaves no "
+            raise RoundingError(f"{self.problem.describe()}: {said}: float64's rounding of the terms leaves no "
                                 f"digit of the difference (the model's mean is too large against its spread, or "
-                                f"it is constant); an algorithm that sums over inputs (algorithm='enumeration' "
-                                f"or 'quadrature', where one applies) centres each output first")
-        note = f"{why}: about {counted(int(digits), 'digit')} of it left (not exact)"
+                                f"it is constant); {remedy}")
+        note = f"{said}: about {counted(int(digits), 'digit')} of it left (not exact)"
         return self.result(value, exact=False, notes=tuple(fields.pop("notes", self.problem.notes + self.notes))
-                           + (note,), **fields)
+                           + (note,), digits=digits, **fields)
 
 
 # ----------------------------------------------------------------- results
@@ -792,7 +807,10 @@ class InnerResult:
     and the sampled statistics (``estimate``); ``algorithm`` names the registered algorithm that computed it
     (the vocabulary of the ``algorithm=`` argument); ``contractions``/``flops``
     are what was spent; ``pairings`` and ``orbits`` count the raw and the
-    contracted terms of exact enumeration.
+    contracted terms of exact enumeration.  ``digits``: where an exact
+    algorithm's float64 rounding left fewer than 8 digits of a centred
+    variance (the result then not exact), about how many it left (0: none,
+    the variance taken as 0); None where it left more or did not judge.
     """
 
     value: Any
@@ -818,6 +836,7 @@ class InnerResult:
     # algorithms the automatic choice ran and passed over, their rounding
     # having lost digits of this product (said in the notes too)
     passed_over: tuple[str, ...] = field(default=(), repr=False)
+    digits: float | None = field(default=None, repr=False)
 
     @property
     def estimated(self) -> bool:
@@ -836,7 +855,9 @@ class InnerResult:
         elif self.per_output and self.stderr is not None:  # each estimate with its error, which can exceed it
             val = _with_errors(np.ravel(np.asarray(val, dtype=float)), np.ravel(np.asarray(self.stderr, dtype=float)))
         heavy = f", {HEAVY_TAILS}" if getattr(self.estimate, "heavy_tailed", False) else ""
-        kind = f" (estimated{heavy})" if self.estimated else " (approximate)" if not self.exact else ""
+        # an exact algorithm whose float64 rounding left too few digits (see Plan.rounded_result)
+        lost = " (digits lost: approximate)" if self.method == "exact" else " (approximate)"
+        kind = f" (estimated{heavy})" if self.estimated else lost if not self.exact else ""
         flags = [self.inner, self.method + kind, self.algorithm]
         if self.centered:
             flags.append("centred")

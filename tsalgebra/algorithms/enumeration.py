@@ -83,8 +83,8 @@ class Enumeration(Algorithm):
 
     def run(self, plan: Plan) -> Triple:
         p = plan.problem
-        value = node_sum(Forward(p.a), Forward(p.b), self.nodes(p), p.centered, p.per_output, p.a is p.b)
-        return plan.result(value), None, None
+        summed = node_sum(Forward(p.a), Forward(p.b), self.nodes(p), p.centered, p.per_output, p.a is p.b)
+        return summed.result(plan), None, None
 
     def nodes(self, problem: InnerProblem) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         return _sequences(problem.measure)  # type: ignore[arg-type]

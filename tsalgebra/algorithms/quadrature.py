@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..measure import Gaussian
-from ..node_sums import CHUNK, Forward, chunk_sizes, node_flops, node_peak_bytes, node_sum
+from ..node_sums import CHUNK, Forward, NodeSum, chunk_sizes, node_flops, node_peak_bytes, node_sum
 from ..problem import CostError, InnerProblem, Plan, degree_of, format_count
 from .registry import Algorithm, Triple
 
@@ -41,9 +41,9 @@ def _grid(measure: Gaussian, degree: int) -> Iterator[tuple[np.ndarray, np.ndarr
         yield mean[None, :] + nodes[idx] @ F.T, np.prod(weights[idx], axis=1)
 
 
-def quadrature_inner(a: Any, b: Any, measure: Gaussian, centered: bool, per_output: bool) -> tuple[Any, int]:
+def quadrature_inner(a: Any, b: Any, measure: Gaussian, centered: bool, per_output: bool) -> tuple[NodeSum, int]:
     """E[f . g] (or the covariance form) for x under ``measure``; returns
-    (value, nodes).  The caller checks the cost first (:class:`Quadrature`)."""
+    (the sum, nodes).  The caller checks the cost first (:class:`Quadrature`)."""
     k = degree_of(a) + degree_of(b)
     points = (k // 2 + 1) ** measure.rank
     return node_sum(Forward(a), Forward(b), _grid(measure, k), centered, per_output, a is b), points
@@ -80,8 +80,8 @@ class Quadrature(Algorithm):
 
     def run(self, plan: Plan) -> Triple:
         p = plan.problem
-        value, _ = quadrature_inner(p.a, p.b, p.measure, p.centered, p.per_output)  # type: ignore[arg-type]
-        return plan.result(value), None, None
+        summed, _ = quadrature_inner(p.a, p.b, p.measure, p.centered, p.per_output)  # type: ignore[arg-type]
+        return summed.result(plan), None, None
 
     def nodes(self, problem: InnerProblem) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         return _grid(problem.measure, sum(problem.degrees))  # type: ignore[arg-type]

@@ -441,11 +441,11 @@ def run(plan: Plan) -> Triple:
     """Execute a plan of :func:`choose`, with a bar over its flops while it
     runs (:mod:`tsalgebra.progress`, as the problem's ``progress`` asks).
     A run of the automatic choice whose rounding lost digits of an answer
-    planned exact (a centred product taken as E[f.g] - E[f].E[g]: results
-    not exact, or none, RoundingError) hands the problem to the next
-    algorithm that plans within the bounds, its results saying so; where
-    none does, the results stand as they are (or the error is raised).  A
-    named algorithm's run is what it is."""
+    planned exact (a centred variance: results not exact, or none,
+    RoundingError) hands the problem to the next algorithm that plans within
+    the bounds, its results saying so, unless that one keeps fewer digits
+    (``InnerResult.digits``); where none does, the results stand as they are
+    (or the error is raised).  A named algorithm's run is what it is."""
     algorithm = _named(plan.algorithm)
     try:
         with planned(plan.flops, algorithm.title, plan.problem.progress), kept_heap(plan.peak_bytes):
@@ -463,15 +463,26 @@ def run(plan: Plan) -> Triple:
         except (CostError, ValueError):
             instead = None
         if instead is not None and instead.exact:
-            said = [n for r in out or () if r is not None for n in r.notes if n not in plan.problem.notes + plan.notes]
-            why = str(lost) if lost is not None else "; ".join(said)
-            note = f"{plan.algorithm} was passed over ({why})"
-            return tuple(None if r is None else replace(r, notes=r.notes + (note,),  # type: ignore[return-value]
-                                                        passed_over=(plan.algorithm,) + r.passed_over)
-                         for r in run(instead))
+            try:
+                other = run(instead)
+            except RoundingError:  # it kept no digit: the first run's, if any, stand
+                other = None
+            if other is not None and (out is None or _digits(other) > _digits(out)):
+                own = plan.problem.notes + plan.notes
+                said = [n for r in out or () if r is not None for n in r.notes if n not in own]
+                why = str(lost) if lost is not None else "; ".join(said)
+                note = f"{plan.algorithm} was passed over ({why})"
+                return tuple(None if r is None else replace(r, notes=r.notes + (note,),  # type: ignore[return-value]
+                                                            passed_over=(plan.algorithm,) + r.passed_over)
+                             for r in other)
     if lost is not None:
         raise lost
     return out  # type: ignore[return-value]
+
+
+def _digits(results: Triple) -> float:
+    """The fewest digits any of a run's results kept (inf: all exact)."""
+    return min((math.inf if r.exact else r.digits or 0.0 for r in results if r is not None), default=math.inf)
 
 
 def solve(problem: InnerProblem) -> Triple:

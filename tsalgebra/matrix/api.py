@@ -495,6 +495,8 @@ def _result(job: Job, gram: Gram, route: str, costs: Mapping[str, RouteCost], no
     norms, col_norms, said = norms_of(log_norms, col_log_norms, sym)
     if gram.exact and not exact_in(gram):
         said += (FLOAT32_NOTE,)
+    elif not gram.exact and gram.method == "exact":
+        said += (DIGITS_NOTE,)
     elif job.ops.dtype_name != str(gram.dtype):  # a route that computes in float64 only (node-gram, pairwise)
         said += (f"dtype {job.ops.dtype_name} does not apply to the {route} route: computed in {gram.dtype}",)
     return SimilarityMatrix(
@@ -507,6 +509,10 @@ def _result(job: Job, gram: Gram, route: str, costs: Mapping[str, RouteCost], no
     )
 
 
+# an exact algorithm's value whose float64 rounding the algorithm judged (Plan.rounded_result)
+DIGITS_NOTE = ("not exact: the float64 rounding of an exact algorithm left fewer than 8 digits of some model's "
+               "centred variance (its outputs' mean far above their spread), or none (taken as 0); "
+               "ts.norm(model, centered=True) says which and how many")
 FLOAT32_NOTE = ("computed in float32 (about 7 significant digits): an exact algorithm, not an exact value; "
                 "dtype float64 (the default) for exact values")
 

@@ -697,7 +697,7 @@ def _assemble(rows: list[Any], cols: list[Any] | None, tiles: list[Tile], done: 
               from_store: int, where: str, store: str | None, started: float,
               unusable: tuple[str, ...] = ()) -> SimilarityMatrix:
     """Cosines from the tiles, each on its own scale (module docstring)."""
-    from .api import FLOAT32_NOTE, norms_of
+    from .api import DIGITS_NOTE, FLOAT32_NOTE, norms_of
 
     sym = cols is None
     n, m = len(rows), len(rows) if sym else len(cols)  # type: ignore[arg-type]
@@ -764,6 +764,7 @@ def _assemble(rows: list[Any], cols: list[Any] | None, tiles: list[Tile], done: 
         notes=(f"{len(tiles)} tiles of {size} models a side ({len(computed)} computed, {from_store} from the store) "
                f"on {where}",) + ((JOINT_NOTE,) if any(g.cosines for g in grams) else ())
         + ((FLOAT32_NOTE,) if str(dtype) == "float32" and "exact" in methods else ())
+        + ((DIGITS_NOTE,) if not exact and methods == ["exact"] and str(dtype) == "float64" else ())
         + unusable + _tile_notes(tiles, done) + (() if heavy is None else heavy_note(heavy, sym)) + said,
         tiles=report,
         stderr=se, heavy_tailed=heavy,

@@ -21,8 +21,8 @@ import math
 import numpy as np
 
 from ..algorithms.registry import _named, choose
-from ..problem import CostError, InnerProblem, MemoryBoundError, Plan, degree_of, format_count
-from ..node_sums import CHUNK, FORWARD_ROUNDING, CentredSums, Forward
+from ..problem import CENTRED_DIGITS, CostError, InnerProblem, MemoryBoundError, Plan, degree_of, format_count
+from ..node_sums import CHUNK, CentredSums, Forward, rounded_variances
 from ..progress import is_long, progress_bar
 from .job import Gram, Job
 from .ops import Clock
@@ -128,8 +128,8 @@ def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
     K = np.zeros((len(A), len(Bs)))
     sA, sB = np.zeros(len(A)), np.zeros(len(Bs))
     # centred: the cross and self co-moments about the running means, chunk by chunk (CentredSums)
-    cross, own_a, own_b = (CentredSums(p) for p in (lambda a, b: a @ b.T, lambda a, b: np.sum(a * b, axis=1),
-                                                     lambda a, b: np.sum(a * b, axis=1)))
+    # (the self co-moments per output: their rounding is judged per output, as node_sum's)
+    cross, own_a, own_b = (CentredSums(p) for p in (lambda a, b: a @ b.T, np.multiply, np.multiply))
     origin = None
     clock.start()
     try:
@@ -151,8 +151,8 @@ def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
                 FB = FA if sym else FB - mB[:, None, :]
             WA = FA * w[None, :, None]
             Kc = WA.reshape(len(A), -1) @ FB.reshape(len(Bs), -1).T
-            sAc = np.einsum("mno,mno->m", WA, FA)
-            sBc = sAc if sym else np.einsum("mno,mno->m", FB * w[None, :, None], FB)
+            sAc = np.einsum("mno,mno->mo" if job.centered else "mno,mno->m", WA, FA)
+            sBc = sAc if sym else np.einsum("mno,mno->mo" if job.centered else "mno,mno->m", FB * w[None, :, None], FB)
             if job.centered:
                 cross.add(weight, mA, mB, Kc)
                 own_a.add(weight, mA, mA, sAc)
@@ -163,20 +163,28 @@ def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
             bar.update(len(x))
     finally:
         bar.close()
+    exact = True
     if job.centered:
         K, sA, sB = cross.total, own_a.total, own_b.total
-        if origin is not None:  # a variance within its mean's float64 rounding is 0 (as node_sum says it)
-            sA = _rounded_to_zero(sA, origin[0] + own_a.mean_f)
-            sB = sA if sym else _rounded_to_zero(sB, origin[1] + own_b.mean_f)
+        if origin is not None:  # each variance judged as node_sum judges it
+            sA, exact = _judged(sA, origin[0] + own_a.mean_f)
+            if not sym:
+                sB, exact_b = _judged(sB, origin[1] + own_b.mean_f)
+                exact = exact and exact_b
+            else:
+                sB = sA
     if sym:
         K = (K + K.T) / 2
         K[np.diag_indices(len(A))] = sA
-    return Gram(K, sA, sB, logA, logB, cost.flops, clock.steps(), "float64", "numpy", True, "exact")
+    return Gram(K, sA, sB, logA, logB, cost.flops, clock.steps(), "float64", "numpy", exact, "exact")
 
 
-def _rounded_to_zero(variances: np.ndarray, means: np.ndarray) -> np.ndarray:
-    """Each model's summed variance, 0 where it is within the float64
-    rounding of its outputs' means (node_sums.FORWARD_ROUNDING): a model
-    constant on every token sequence gave 7.8e-33 and cosines of 1e-17."""
-    floor = np.sum((FORWARD_ROUNDING * np.abs(means)) ** 2, axis=-1)
-    return np.where(variances <= floor, 0.0, variances)
+def _judged(variances: np.ndarray, means: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Each model's variance summed over its outputs (models, outputs) ->
+    (models,), 0 within the float64 rounding of its outputs' means (a model
+    constant on every token sequence gave 7.8e-33 and cosines of 1e-17), and
+    whether all are exact: none taken as 0 from a rounding, and each keeping
+    CENTRED_DIGITS digits of its rounding (node_sums.rounded_variances)."""
+    kept, rounding, zeroed = rounded_variances(variances, means, per_output=False)
+    total, rounding = kept.sum(-1), rounding.sum(-1)
+    return total, not zeroed.any() and bool(np.all(total >= 10.0**CENTRED_DIGITS * rounding))
