@@ -147,3 +147,16 @@ def test_the_faithfulness_curve_is_estimated_jointly():
                   method="sampled", samples=2000)  # no seed: one is drawn for every product
     assert v.faithfulness[-1][1] == pytest.approx(1, abs=1e-9)
     assert v.faithfulness[-1][2] == pytest.approx(0, abs=1e-9)
+
+
+def test_a_formula_over_the_degree_bound_is_refused_at_its_written_degree():
+    """(x1 + x2 + 1)^400 was 'degree 65 exceeds 64' (the exponent capped
+    before the message)."""
+    import sympy
+
+    x1, x2 = sympy.symbols("x1 x2")
+    layer = ts.Bilinear(np.ones((1, 2)), np.ones((1, 2)), np.ones((1, 1)))
+    with pytest.raises(ValueError, match="degree 400 exceeds 64"):
+        ts.verify((x1 + x2 + 1) ** 400, layer)
+    with pytest.raises(ValueError, match="degree over 1,000,000,000,000 exceeds 64"):
+        ts.verify((x1 + x2) ** (10**30), layer)

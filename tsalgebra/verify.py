@@ -437,7 +437,8 @@ def _bound_formula(e: sympy.Expr, xs: tuple[sympy.Symbol, ...], k: int) -> int:
 
     def bounded(degree: int, terms: float) -> tuple[int, float]:
         if degree > FORMULA_MAX_DEGREE:
-            raise ValueError(f"circuit output {k}: refused: degree {degree} exceeds {FORMULA_MAX_DEGREE} (the bound "
+            written = f"{degree:,}" if degree <= _SHOWN_DEGREE else f"over {_SHOWN_DEGREE:,}"
+            raise ValueError(f"circuit output {k}: refused: degree {written} exceeds {FORMULA_MAX_DEGREE} (the bound "
                              "on a circuit's formula, as the command line's)")
         terms = min(terms, monomials(degree))
         if terms > FORMULA_MAX_TERMS:
@@ -461,7 +462,8 @@ def _bound_formula(e: sympy.Expr, xs: tuple[sympy.Symbol, ...], k: int) -> int:
             return degree, terms
         if node.is_Pow and node.exp.is_Integer and node.exp >= 0:
             d, t = walk(node.base)
-            power = int(node.exp) if node.exp <= FORMULA_MAX_DEGREE else FORMULA_MAX_DEGREE + 1
+            # the degree as written (x^400 is 'degree 400'), up to a size any message can show
+            power = int(node.exp) if node.exp <= _SHOWN_DEGREE else _SHOWN_DEGREE + 1
             if d * power > FORMULA_MAX_DEGREE:
                 bounded(d * power, 1.0)
             grown = math.inf if power * math.log(max(t, 1.0)) > 700 else t ** power
@@ -469,6 +471,9 @@ def _bound_formula(e: sympy.Expr, xs: tuple[sympy.Symbol, ...], k: int) -> int:
         return 0, 1.0  # not a polynomial in the inputs: _check_polynomial says so
 
     return walk(e)[0]
+
+
+_SHOWN_DEGREE = 10**12
 
 
 def _bound_tensor(degrees: Sequence[int], width: int) -> None:
