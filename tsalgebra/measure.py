@@ -212,7 +212,9 @@ class Gaussian(Measure):
                 scale = max(1.0, float(np.abs(cov).max()))
                 if not np.allclose(cov, cov.T, rtol=0, atol=TOLERANCE * scale):
                     raise ValueError("cov is not symmetric")
-                if self._spectrum[0].min(initial=0.0) < -TOLERANCE * scale:
+                scaled = self._scaled_spectrum[0]  # the same at the scale of each feature's own variance
+                if self._spectrum[0].min(initial=0.0) < -TOLERANCE * scale or \
+                        scaled.min(initial=0.0) < -TOLERANCE * max(1.0, float(scaled.max(initial=0.0))):
                     raise ValueError("cov is not positive semi-definite")
 
     # ----------------------------------------------------------- facts
@@ -253,8 +255,21 @@ class Gaussian(Measure):
         return np.linalg.eigh((C + C.T) / 2)
 
     @cached_property
+    def _scaled_spectrum(self) -> tuple[np.ndarray, np.ndarray]:
+        """(eigenvalues, D U) of the per-position covariance taken to a unit
+        diagonal first, cov = D C' D with C' = U diag(eigenvalues) U^T: the
+        rank cut is then relative to each feature's own variance, not to
+        the largest (a feature of variance 1e-10 beside one of 1, read
+        through weights 1e5, was dropped: a cosine of 1 for 0.82, exact)."""
+        C = np.eye(self.dim or 0) if self.cov is None else self.cov.astype(float)
+        sd = np.sqrt(np.clip(np.diag(C), 0.0, None))
+        scale = np.where(sd > 0, sd, 1.0)
+        vals, vecs = np.linalg.eigh((C + C.T) / 2 / np.outer(scale, scale))
+        return vals, vecs * scale[:, None]
+
+    @cached_property
     def _kept(self) -> np.ndarray:
-        vals = self._spectrum[0]
+        vals = self._scaled_spectrum[0]
         return vals > TOLERANCE * max(float(vals.max(initial=0.0)), 1e-300)
 
     @property
@@ -325,12 +340,13 @@ class Gaussian(Measure):
 
     @cached_property
     def decomposition(self) -> tuple[np.ndarray, np.ndarray]:
-        """(F, w) with the per-position cov = F diag(w) F^T: eigenvectors and
-        eigenvalues for floats, an exact LDL^T for exact numbers; zero
-        directions dropped."""
+        """(F, w) with the per-position cov = F diag(w) F^T: the eigenvectors
+        and eigenvalues of the covariance at a unit diagonal, scaled back,
+        for floats (F orthonormal where the variances are equal), an exact
+        LDL^T for exact numbers; zero directions dropped."""
         if self.cov is not None and self.cov.dtype == object:
             return _ldl(self.cov)
-        vals, vecs = self._spectrum
+        vals, vecs = self._scaled_spectrum
         return vecs[:, self._kept], vals[self._kept]
 
     def factor(self) -> np.ndarray:
@@ -360,9 +376,16 @@ class Gaussian(Measure):
         # already white (no product with an identity of the input's width)
         images = [W.astype(float) if self.standard else W.astype(float) @ self.whitening() for W in maps]
         J = np.concatenate([T[1:, 1:] for T in images])
-        vals, vecs = np.linalg.eigh(J @ J.T)  # J = U sqrt(lam) V^T: keep U sqrt(lam), drop V (orthonormal)
+        # Each row taken to unit norm first, J = D J', so that the rank cut is
+        # relative to each row, not to the largest: a residual channel scaled
+        # by 1e5 (its readers by 1e-5, the same function) put every other
+        # direction below TOLERANCE of it, and similarities changed sign.
+        norms = np.sqrt(np.einsum("ij,ij->i", J, J))
+        rows = np.where(norms > 0, norms, 1.0)[:, None]
+        unit = J / rows
+        vals, vecs = np.linalg.eigh(unit @ unit.T)  # J' = U sqrt(lam) V^T: keep D U sqrt(lam), drop V (orthonormal)
         keep = vals > TOLERANCE * max(float(vals.max(initial=0.0)), 1e-300)
-        B = vecs[:, keep] * np.sqrt(vals[keep])
+        B = rows * vecs[:, keep] * np.sqrt(vals[keep])
         out, row = [], 0
         for T in images:
             k = T.shape[0] - 1
