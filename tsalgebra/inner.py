@@ -293,18 +293,27 @@ def _similarity_plans(a: Any, b: Any, inner: str | None, method: str, mean: Any,
     """The plan of <a,b> (joint: one computation gives all three products)
     and, where it is not joint, of <a,a> and <b,b>; a product refused carries
     its CostError instead."""
-    calls = [("<a,b>", a, b, a is not b)] + ([] if a is b else [("<a,a>", a, a, False), ("<b,b>", b, b, False)])
     options = _one_bound(options)
-    # the self-products under the pair's measure (a model's own default would
-    # judge a hand-written circuit on one-hot tokens by the Gaussian)
-    pair = resolve_inner(inner, measure, a, b) if inner is None or inner in FUNCTIONAL else (inner, measure)
+    try:
+        products: list[tuple[str, Plan | CostError]] = [
+            ("<a,b>", choose(_problem(a, b, inner, method, mean, cov, measure, options, a is not b)))]
+    except CostError as exc:
+        products = [("<a,b>", exc)]
+    if a is b or (isinstance(products[0][1], Plan) and products[0][1].joint):
+        return products
+    return products + _self_plans(a, b, inner, method, mean, cov, measure, options)
+
+
+def _self_plans(a: Any, b: Any, inner: str | None, method: str, mean: Any, cov: Any, measure: Measure | None,
+                options: dict[str, Any]) -> list[tuple[str, "Plan | CostError"]]:
+    """The plans of <a,a> and <b,b> (or their CostErrors), under the pair's
+    measure (a model's own default would judge a hand-written circuit on
+    one-hot tokens by the Gaussian)."""
+    how, law = resolve_inner(inner, measure, a, b) if inner is None or inner in FUNCTIONAL else (inner, measure)
     products: list[tuple[str, Plan | CostError]] = []
-    for label, x, y, joint in calls:
-        if label != "<a,b>" and isinstance(products[0][1], Plan) and products[0][1].joint:
-            break
-        how, law = (inner, measure) if label == "<a,b>" else pair  # <a,b> notes a default measure
+    for label, x in (("<a,a>", a), ("<b,b>", b)):
         try:
-            products.append((label, choose(_problem(x, y, how, method, mean, cov, law, options, joint))))
+            products.append((label, choose(_problem(x, x, how, method, mean, cov, law, options, False))))
         except CostError as exc:
             products.append((label, exc))
     return products
@@ -377,25 +386,32 @@ def similarity(a: Any, b: Any, inner: str | None = None, method: str = "auto", m
     if a is b:
         aa = bb = ab
     elif aa is None or bb is None:
+        # planned with <a,b> unless its plan was joint and the run passed it over for one that is not
+        selves = products[1:] or _self_plans(a, b, inner, method, mean, cov, measure, _one_bound(options))
+        refused = [(label, p) for label, p in selves if isinstance(p, CostError)]
+        if refused:
+            raise _refusal_of(refused)
         runs = []
-        for (label, p), what in zip(products[1:], ("<a, a>", "<b, b>")):
+        for (label, p), what in zip(selves, ("<a, a>", "<b, b>")):
             with labelled(label):
                 runs.append(_scaled(run(p)[0], 0.0, what))
         aa, bb = runs
         spent += [aa, bb]
         ab = _cross_again(plans, ab, runs)
         spent[0] = ab
+    judged = [ab, aa, bb]  # a joint run's self products too: one of them may have lost digits (not exact)
     return _said_dead(replace(
         ab,
         value=_cosine(ab, aa, bb),
         quantity="similarity",
-        exact=all(r.exact for r in spent),
+        exact=all(r.exact for r in judged),
         contractions=sum(r.contractions for r in spent),
         flops=sum(r.flops for r in spent),
         pairings=sum(r.pairings for r in spent),
         orbits=sum(r.orbits for r in spent),
-        notes=tuple(dict.fromkeys(n for r in spent for n in r.notes)),
-        passed_over=tuple(dict.fromkeys(n for r in spent for n in r.passed_over)),
+        notes=tuple(dict.fromkeys(n for r in judged for n in r.notes)),
+        passed_over=tuple(dict.fromkeys(n for r in judged for n in r.passed_over)),
+        digits=min((r.digits for r in judged if r.digits is not None), default=None),
     ))
 
 

@@ -42,7 +42,7 @@ from ..problem import CostError, InnerProblem, InnerResult, Plan, format_count, 
 from ..progress import advance
 from ..threads import blas_threads, blas_worker_pool
 from .hermite import MAX_WHITENED, HermiteMoments, attention_moments
-from .moments import AttentionMoments, AttentionSide, moment_head, output_moment, position_maps
+from .moments import AttentionMoments, AttentionSide, moment_head, moment_result, position_maps
 from .registry import Algorithm, Triple
 
 __all__ = ["GaussianClosure", "attention_closure", "attention_closure_cost", "closure_steps"]
@@ -900,7 +900,8 @@ class GaussianClosure(Algorithm):
             oa = a.out_features + 1
 
             def result(x: slice, y: slice) -> InnerResult:
-                return plan.result(output_moment(M[x, y], mu[x], mu[y], p.centered, p.per_output))
+                eye = np.eye(M.shape[0])  # the padded outputs themselves: read without a map
+                return moment_result(plan, M[x, y], [mu[x], mu[y]], eye[x][1:, x], eye[y][1:, y], x == y or a is b)
 
             A, B = slice(0, oa), slice(oa, None)
             return result(A, B), result(A, A), result(B, B)
@@ -1015,7 +1016,7 @@ def _readout(plan: Plan, schedule: _Schedule, mu: np.ndarray, M: np.ndarray) -> 
 
     def result(x: int, y: int) -> InnerResult:
         Wx, Wy, mx, my = W[x], W[y], mu[sl[x]], mu[sl[y]]
-        return plan.result(output_moment(M[sl[x], sl[y]], mx, my, p.centered, p.per_output, (Wx, Wy)))
+        return moment_result(plan, M[sl[x], sl[y]], [mx, my], Wx[1:], Wy[1:], x == y or p.a is p.b)
 
     return result(0, 1), result(0, 0), result(1, 1)
 

@@ -38,7 +38,7 @@ from ..components import Component, Linear, PositionWise, Sequential
 from ..folding import fold
 from ..measure import Gaussian
 from ..problem import CostError, InnerProblem, InnerResult, Plan, format_count, positions_of
-from .moments import attention_rank, moment_head, output_moment, positions_fit
+from .moments import attention_rank, moment_head, moment_result, positions_fit
 from .registry import Algorithm, Triple
 
 __all__ = ["HermiteMoments", "attention_moments", "moment_products", "moments_cost", "MAX_WHITENED"]
@@ -465,7 +465,7 @@ class HermiteMoments(Algorithm):
         Wa, Wb = _padded_tail(p.a), _padded_tail(p.b)
 
         def result(Wx: np.ndarray, mx: np.ndarray, M: np.ndarray, Wy: np.ndarray, my: np.ndarray) -> InnerResult:
-            return plan.result(output_moment(M, mx, my, p.centered, p.per_output, (Wx, Wy)))
+            return moment_result(plan, M, [mx, my], Wx[1:], Wy[1:], Wx is Wy or p.a is p.b)
 
         ab = result(Wa, hm.mean_a, hm.ab, Wb, hm.mean_b)
         if not plan.joint:

@@ -44,7 +44,7 @@ from ..attention import BilinearAttention, rotary_matrices
 from ..components import Component, Linear, PositionWise
 from ..form_moments import Factor, Leg, MomentCost, moment
 from ..measure import Gaussian
-from ..problem import CostError, InnerProblem, InnerResult, Plan, format_count, positions_of
+from ..problem import CENTRED_ROUNDING, CostError, InnerProblem, InnerResult, Plan, format_count, positions_of
 from ..progress import advancer
 from ..threads import blas_threads, blas_worker_pool
 from .registry import Algorithm, Triple
@@ -72,7 +72,7 @@ def positions_fit(problem: InnerProblem, power: int) -> None:
         raise CostError(f"{n:,} positions give {n ** power:,} {what} to enumerate (more than "
                         f"{MAX_POSITION_TUPLES:,})")
 
-__all__ = ["AttentionMoments", "AttentionSide", "OutputMoments", "covariance", "attention_images", "attention_rank", "form_shapes", "moment_head", "moment_tail", "output_moment", "position_maps"]
+__all__ = ["AttentionMoments", "AttentionSide", "OutputMoments", "covariance", "attention_images", "attention_rank", "form_shapes", "moment_head", "moment_result", "moment_tail", "position_maps"]
 
 
 # ------------------------------------------------------------- the models
@@ -202,18 +202,44 @@ def covariance(M: np.ndarray, mean_x: np.ndarray, mean_y: np.ndarray) -> np.ndar
     return C
 
 
-def output_moment(M: np.ndarray, mean_x: np.ndarray, mean_y: np.ndarray, centered: bool, per_output: bool,
-                  maps: tuple[np.ndarray, np.ndarray] | None = None) -> Any:
-    """Sum (or per channel) of E[x_c y_c] over the non-constant padded
-    channels of Wx M Wy' (``maps`` (Wx, Wy), padded; M itself without them)
-    for the padded second moment M, centred on request (before the maps:
-    :func:`covariance`)."""
-    if centered:
-        M = covariance(M, mean_x, mean_y)
-    if maps is not None:
-        M = maps[0] @ M @ maps[1].T
-    v = np.diag(M)[1:]
-    return v if per_output else float(v.sum())
+def _read(M: np.ndarray, Wx: np.ndarray, Wy: np.ndarray, per_output: bool) -> Any:
+    """diag(Wx M_i Wy') per position i (M (..., dx + 1, dy + 1), W (outputs,
+    d + 1): the output channels), or its sum, without forming the square."""
+    if per_output:
+        return np.einsum("...or,or->...o", np.matmul(Wx, M), Wy).ravel()
+    return float(np.sum((Wx.T @ Wy) * M.reshape(-1, *M.shape[-2:]).sum(axis=0)))
+
+
+def moment_result(plan: Plan, M: np.ndarray, means: Any, Wx: np.ndarray, Wy: np.ndarray, self_product: bool,
+                  covariance_given: bool = False) -> InnerResult:
+    """``plan``'s result from the padded second moment M (..., dx + 1,
+    dy + 1) of the features that the output channels Wx, Wy (outputs,
+    d + 1) read: summed or per output, centred (the problem's) on ``means``
+    [(..., dx + 1), (..., dy + 1)] before the maps read them (M is the
+    covariance already if ``covariance_given``).  A self product's
+    covariance keeps only the digits of its difference from the terms it
+    took, |C| + |m m'| read through |Wx|, |Wy| (Plan.rounded_result, at
+    CENTRED_ROUNDING of them): a feature whose mean is far above its spread
+    (an embedding 1e-8 of its biases, a value bias read through nearly
+    constant scores) lost 2 to 16 digits, and a sign, labelled exact."""
+    p = plan.problem
+    if not p.centered or means is None:
+        return plan.result(_read(M, Wx, Wy, p.per_output))
+    C = M if covariance_given else covariance(M, means[0], means[1])
+    value = _read(C, Wx, Wy, p.per_output)
+    if not self_product or p.exact_numbers:
+        return plan.result(value)
+    T = np.abs(C) + np.abs(means[0][..., :, None] * means[1][..., None, :])
+    T[..., 0, :], T[..., :, 0] = 0.0, 0.0  # the constant channel: a map's bias, never subtracted
+    if p.per_output:
+        terms = _read(T, np.abs(Wx), np.abs(Wy), True)
+    else:
+        terms = float(np.sum(np.abs(Wx.T @ Wy) * T.reshape(-1, *T.shape[-2:]).sum(axis=0)))
+    return plan.rounded_result(
+        value, CENTRED_ROUNDING * np.asarray(terms), lambda size, rest: f"the centred product by {plan.algorithm} "
+        f"subtracts the features' E[x x'] and E[x] E[x]', about {size / abs(rest) if rest else math.inf:.2g} times "
+        "the variance they leave", terms, "an algorithm that sums over inputs (algorithm='enumeration' or "
+        "'quadrature', where one applies) keeps more")
 
 
 # ------------------------------------------------------------- one side
@@ -675,21 +701,16 @@ class AttentionMoments(Algorithm):
         return self.finish(plan, moments)
 
     @staticmethod
-    def finish(plan: Plan, moments: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, Any]]) -> Triple:
+    def finish(plan: Plan, moments: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, Any]],
+               covariance_given: bool = False) -> Triple:
         """The products from each pair's tails, per-position second moments
         M (n, d_x + 1, d_y + 1) and, centred, means [(n, d_x + 1), (n, d_y + 1)]
-        (or None: M is then already the covariance)."""
+        (None: not judged; ``covariance_given``: M is the covariance already);
+        see :func:`moment_result`."""
         p = plan.problem
-        out = {}
-        for key, (tail_x, tail_y, M, means) in moments.items():
-            if p.centered and means is not None:
-                M = covariance(M, means[0], means[1])
-            Wx, Wy = tail_x[1:], tail_y[1:]  # the output channels, the constant one dropped
-            if p.per_output:  # diag(Wx M_i Wy') per position, without forming the square
-                value = np.einsum("icr,cr->ic", np.matmul(Wx, M), Wy).ravel()
-            else:  # sum_i tr(Wx M_i Wy') = <Wx' Wy, sum_i M_i>
-                value = float(np.sum((Wx.T @ Wy) * M.sum(axis=0)))
-            out[key] = plan.result(value)
+        out = {key: moment_result(plan, M, means, tail_x[1:], tail_y[1:],  # the output channels, not the constant
+                                  key != "ab" or p.a is p.b, covariance_given)
+               for key, (tail_x, tail_y, M, means) in moments.items()}
         return out["ab"], out.get("aa"), out.get("bb")
 
 
