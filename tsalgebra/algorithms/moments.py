@@ -72,7 +72,8 @@ def positions_fit(problem: InnerProblem, power: int) -> None:
         raise CostError(f"{n:,} positions give {n ** power:,} {what} to enumerate (more than "
                         f"{MAX_POSITION_TUPLES:,})")
 
-__all__ = ["AttentionMoments", "AttentionSide", "OutputMoments", "covariance", "attention_images", "attention_rank", "form_shapes", "moment_head", "moment_result", "moment_tail", "position_maps"]
+__all__ = ["AttentionMoments", "AttentionSide", "OutputMoments", "covariance", "attention_images", "attention_rank",
+           "form_shapes", "moment_head", "moment_result", "moment_tail", "position_maps"]
 
 
 # ------------------------------------------------------------- the models
