@@ -92,3 +92,14 @@ def test_one_possible_sequence_is_a_constant_model(V_, probs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert np.isnan(ts.similarity(a, b, measure=law, centered=True, per_output=True).value).all()
+
+
+@pytest.mark.parametrize("base", [0.0, -10.0, float("nan"), float("inf"), True, "10000"])
+def test_a_rotary_base_that_is_no_base_is_refused_by_name(base):
+    """0, negative or NaN made every forward NaN, and similarity blamed 'a
+    weight too large or too small'."""
+    w = np.ones((1, 2, 2))
+    with pytest.raises(ValueError, match="rotary_base must be a positive finite number"):
+        ts.BilinearAttention(w, w, w, w, w, w, rotary_base=base, n_ctx=2)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        ts.BilinearAttention(w, w, w, w, w, w, scale=float("nan"), n_ctx=2)

@@ -19,6 +19,8 @@ channel, the output bias and the residual, so the whole layer is one network.
 
 from __future__ import annotations
 
+import math
+import numbers
 from fractions import Fraction
 from typing import Any
 
@@ -130,6 +132,13 @@ class BilinearAttention(_Sequence, Component):
             as_bias(b, shapes[k], k, name) for k, b in (("q1_bias", q1_bias), ("k1_bias", k1_bias),
                                                        ("q2_bias", q2_bias), ("k2_bias", k2_bias),
                                                        ("v_bias", v_bias), ("o_bias", o_bias)))
+        if rotary_base is not None and (isinstance(rotary_base, (bool, np.bool_)) or not isinstance(
+                rotary_base, numbers.Real) or not (math.isfinite(float(rotary_base)) and float(rotary_base) > 0)):
+            # a base of 0, below 0 or NaN made every forward NaN, blamed on the weights' scale
+            raise ValueError(f"{name}: rotary_base must be a positive finite number (RoPE's base, such as 10000) "
+                             f"or None, got {rotary_base!r}")
+        if isinstance(scale, numbers.Real) and not math.isfinite(float(scale)):
+            raise ValueError(f"{name}: scale must be finite, got {scale!r}")
         self.causal, self.rotary_base, self.residual = bool(causal), rotary_base, bool(residual)
         self.scale = scale
         if self.residual and self.d_out != d:
