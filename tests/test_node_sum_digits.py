@@ -74,17 +74,20 @@ def test_enumeration_says_the_digits_its_forwards_leave(c):
 
 
 def test_a_variance_taken_as_zero_says_so():
-    """A model constant on every token sequence: its variance is its
-    forwards' rounding, taken as 0 (the zero-norm refusal follows) and not
-    called exact; a model that is 0 exactly is."""
+    """A model constant in exact arithmetic whose float64 forwards round
+    differently per sequence (0.1 * 3a - 0.3 * a): its variance is their
+    rounding, taken as 0 (the zero-norm refusal follows) and not called
+    exact.  A model whose outputs are the same float on every sequence (one
+    weight per position), or 0, has variance 0 exactly: exact."""
     rng = np.random.default_rng(0)
     law = ts.Tokens(3, 2)
-    constant = ts.Linear(np.tile(rng.normal(size=(2, 1)), (1, 6)))
-    r = ts.norm(constant, measure=law, centered=True, algorithm="enumeration")
-    assert r.value == 0.0 and not r.exact and any("taken as 0" in n for n in r.notes), r
-    zero = ts.Linear(np.zeros((2, 6)))
-    r = ts.norm(zero, measure=law, centered=True, algorithm="enumeration")
-    assert r.value == 0.0 and r.exact, r
+    a = rng.normal(size=6)
+    rounded = ts.Sequential(ts.Linear(np.vstack([3 * a, -a]), np.ones(2)), ts.Linear(np.array([[0.1, 0.3]])))
+    r = ts.norm(rounded, measure=law, centered=True, algorithm="enumeration")
+    assert r.value == 0.0 and not r.exact and r.digits == 0 and any("taken as 0" in n for n in r.notes), r
+    for constant in (ts.Linear(np.tile(rng.normal(size=(2, 1)), (1, 6))), ts.Linear(np.zeros((2, 6)))):
+        r = ts.norm(constant, measure=law, centered=True, algorithm="enumeration")
+        assert r.value == 0.0 and r.exact, r
 
 
 def _token_layers(c):

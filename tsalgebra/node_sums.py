@@ -321,6 +321,7 @@ def node_sum(fa: Forward, fb: Forward, chunks: Iterable[tuple[np.ndarray, np.nda
     acc_fg: Any = 0
     sums = CentredSums(lambda df, dg: df * dg)
     origin: Any = None
+    spread: Any = None  # a self product's outputs' range over the nodes drawn: 0 where an output is constant
     tick = advancer()  # the running plan's bar, when one shows
     for x, w in chunks:
         f, g = fa(x), fb(x)
@@ -332,6 +333,10 @@ def node_sum(fa: Forward, fb: Forward, chunks: Iterable[tuple[np.ndarray, np.nda
                 if origin is None:  # the first chunk's means, taken out of every output: the means merged below
                     origin = ((w[:, None] * f).sum(axis=0) / weight, (w[:, None] * g).sum(axis=0) / weight)
                 f, g = f - origin[0], g - origin[1]  # are then of the outputs' spread, not of their constant
+                if self_product:
+                    drawn = f[w != 0]
+                    lo, hi = drawn.min(axis=0), drawn.max(axis=0)
+                    spread = (lo, hi) if spread is None else (np.minimum(spread[0], lo), np.maximum(spread[1], hi))
                 mf, mg = (w[:, None] * f).sum(axis=0) / weight, (w[:, None] * g).sum(axis=0) / weight
                 sums.add(weight, mf, mg, (w[:, None] * (f - mf) * (g - mg)).sum(axis=0))
         else:
@@ -341,6 +346,8 @@ def node_sum(fa: Forward, fb: Forward, chunks: Iterable[tuple[np.ndarray, np.nda
     zeroed = None
     if centered and self_product and origin is not None:
         mean = origin[0] + sums.mean_f
+        # an output the same on every node drawn has variance 0 exactly, whatever the sums' rounding made of it
+        value = np.where(spread[0] == spread[1], 0.0, value)
         kept, rounding, below = rounded_variances(value, mean, per_output)
         if np.any(below):  # rounding taken as 0, not an exact 0
             with np.errstate(divide="ignore"):
