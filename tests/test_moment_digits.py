@@ -17,6 +17,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
 import tsalgebra as ts
 
@@ -103,3 +104,5 @@ def test_a_rotary_base_that_is_no_base_is_refused_by_name(base):
         ts.BilinearAttention(w, w, w, w, w, w, rotary_base=base, n_ctx=2)
     with pytest.raises(ValueError, match="scale must be finite"):
         ts.BilinearAttention(w, w, w, w, w, w, scale=float("nan"), n_ctx=2)
+    for base in (np.array(10000.0), np.float32(10000.0), torch.tensor(10000.0)):  # a number in an array: accepted
+        assert ts.BilinearAttention(w, w, w, w, w, w, rotary_base=base, n_ctx=2).rotary_base == 10000.0

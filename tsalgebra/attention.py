@@ -132,6 +132,8 @@ class BilinearAttention(_Sequence, Component):
             as_bias(b, shapes[k], k, name) for k, b in (("q1_bias", q1_bias), ("k1_bias", k1_bias),
                                                        ("q2_bias", q2_bias), ("k2_bias", k2_bias),
                                                        ("v_bias", v_bias), ("o_bias", o_bias)))
+        if getattr(rotary_base, "shape", None) == () and hasattr(rotary_base, "item"):  # a 0-d array or tensor
+            rotary_base = rotary_base.item()
         if rotary_base is not None and (isinstance(rotary_base, (bool, np.bool_)) or not isinstance(
                 rotary_base, numbers.Real) or not (math.isfinite(float(rotary_base)) and float(rotary_base) > 0)):
             # a base of 0, below 0 or NaN made every forward NaN, blamed on the weights' scale
