@@ -106,3 +106,27 @@ def test_a_rotary_base_that_is_no_base_is_refused_by_name(base):
         ts.BilinearAttention(w, w, w, w, w, w, scale=float("nan"), n_ctx=2)
     for base in (np.array(10000.0), np.float32(10000.0), torch.tensor(10000.0)):  # a number in an array: accepted
         assert ts.BilinearAttention(w, w, w, w, w, w, rotary_base=base, n_ctx=2).rotary_base == 10000.0
+
+
+def test_a_fixed_first_token_is_a_zero_variance_not_a_lost_one():
+    """A BOS token at position 0 (its law one-hot): that position's outputs
+    are constant and their variance came out 0 exactly, which the digits
+    check read as 'no digit left' and refused (token-moments over budget for
+    anything else).  Against the enumeration of every sequence."""
+    rng = np.random.default_rng(3)
+    Vb, n = 4, 3
+    W = lambda *s: rng.normal(size=s)  # noqa: E731
+    att = lambda: ts.BilinearAttention(W(2, 2, Vb), W(2, 2, Vb), W(2, 2, Vb), W(2, 2, Vb), W(2, 2, Vb),  # noqa: E731
+                                       W(2, 2, 2), causal=True, rotary_base=10000.0, n_ctx=n, v_bias=W(2, 2))
+    a, b = att(), att()
+    bos = np.full((n, Vb), 1.0 / Vb)
+    bos[0] = [1.0, 0.0, 0.0, 0.0]
+    law = ts.Tokens(Vb, n, bos)
+    for per_output in (False, True):
+        got = ts.inner(a, a, measure=law, centered=True, per_output=per_output, algorithm="token-moments")
+        want = ts.inner(a, a, measure=law, centered=True, per_output=per_output, algorithm="enumeration")
+        assert got.exact and np.allclose(got.value, want.value, rtol=1e-9, atol=0), (got, want)
+    s = ts.similarity(a, b, measure=law, centered=True)
+    assert s.exact and s.algorithm == "token-moments"
+    assert s.value == pytest.approx(ts.similarity(a, b, measure=law, centered=True, algorithm="enumeration").value,
+                                    rel=1e-9)

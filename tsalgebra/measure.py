@@ -33,6 +33,13 @@ __all__ = ["Measure", "Gaussian", "Tokens", "TOLERANCE", "block_diagonal", "sequ
 # within TOLERANCE of the largest are zero directions, the same ones the
 # validation accepts as round-off below zero.
 TOLERANCE = 1e-10
+# A feature of a covariance whose standard deviation is below this fraction
+# of the largest is float64 rounding of a zero, not a direction: the rank cut
+# is relative to each feature's own variance above it (a constant feature in
+# a covariance from np.cov had a variance of 5e-33 beside 1e-2; 2^-40 is
+# 1e-12).  The maps' rows have no such floor: a residual channel scaled by
+# 1e30 leaves the others 1e-30 of it, and they are directions.
+ROUNDED_SCALE = 2.0**-40
 
 
 # The most one-hot features (n_ctx * vocab) a token measure takes: one input
@@ -212,9 +219,7 @@ class Gaussian(Measure):
                 scale = max(1.0, float(np.abs(cov).max()))
                 if not np.allclose(cov, cov.T, rtol=0, atol=TOLERANCE * scale):
                     raise ValueError("cov is not symmetric")
-                scaled = self._scaled_spectrum[0]  # the same at the scale of each feature's own variance
-                if self._spectrum[0].min(initial=0.0) < -TOLERANCE * scale or \
-                        scaled.min(initial=0.0) < -TOLERANCE * max(1.0, float(scaled.max(initial=0.0))):
+                if self._spectrum[0].min(initial=0.0) < -TOLERANCE * scale:
                     raise ValueError("cov is not positive semi-definite")
 
     # ----------------------------------------------------------- facts
@@ -263,8 +268,10 @@ class Gaussian(Measure):
         through weights 1e5, was dropped: a cosine of 1 for 0.82, exact)."""
         C = np.eye(self.dim or 0) if self.cov is None else self.cov.astype(float)
         sd = np.sqrt(np.clip(np.diag(C), 0.0, None))
-        scale = np.where(sd > 0, sd, 1.0)
-        vals, vecs = np.linalg.eigh((C + C.T) / 2 / np.outer(scale, scale))
+        live = sd > ROUNDED_SCALE * sd.max(initial=0.0)  # below: a constant feature's rounding (np.cov's 5e-33)
+        scale = np.where(live, sd, 1.0)
+        unit = (C + C.T) / 2 / np.outer(scale, scale) * np.outer(live, live)
+        vals, vecs = np.linalg.eigh(unit)
         return vals, vecs * scale[:, None]
 
     @cached_property

@@ -232,10 +232,15 @@ def moment_result(plan: Plan, M: np.ndarray, means: Any, Wx: np.ndarray, Wy: np.
         return plan.result(value)
     T = np.abs(C) + np.abs(means[0][..., :, None] * means[1][..., None, :])
     T[..., 0, :], T[..., :, 0] = 0.0, 0.0  # the constant channel: a map's bias, never subtracted
+    # A variance that came out 0 exactly (a position whose token is fixed: a
+    # BOS token) is not judged: a zero norm is refused, a channel's cosine NaN.
     if p.per_output:
-        terms = _read(T, np.abs(Wx), np.abs(Wy), True)
+        terms = np.where(value == 0, 0.0, _read(T, np.abs(Wx), np.abs(Wy), True))
     else:
-        terms = float(np.sum(np.abs(Wx.T @ Wy) * T.reshape(-1, *T.shape[-2:]).sum(axis=0)))
+        WW = Wx.T @ Wy
+        C_, T_ = C.reshape(-1, *C.shape[-2:]), T.reshape(-1, *T.shape[-2:])  # per position
+        live = np.einsum("icr,cr->i", C_, WW) != 0
+        terms = float(np.sum(np.abs(WW) * T_[live].sum(axis=0)))
     return plan.rounded_result(
         value, CENTRED_ROUNDING * np.asarray(terms), lambda size, rest: f"the centred product by {plan.algorithm} "
         f"subtracts the features' E[x x'] and E[x] E[x]', about {size / abs(rest) if rest else math.inf:.2g} times "
