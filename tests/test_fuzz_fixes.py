@@ -137,7 +137,11 @@ def test_hermite_rank_zero_law(centered, case):
         got = ts.inner(x, y, measure=measure, centered=centered, algorithm="hermite")
         assert got.algorithm == "hermite" and got.exact
         for other in ("moments", "quadrature"):
-            twin = ts.inner(x, y, measure=measure, centered=centered, algorithm=other)
+            try:
+                twin = ts.inner(x, y, measure=measure, centered=centered, algorithm=other)
+            except ts.RoundingError:  # moments' E[x x'] - E[x] E[x]' of a constant: round-off, no digit, said
+                assert centered and x is y and other == "moments"
+                continue
             assert got.value == pytest.approx(twin.value, rel=1e-10, abs=1e-10)
         # the input is constant: the moments are the function at one input
         x0 = np.tile(measure.padded_mean()[1:], 2)[None]
