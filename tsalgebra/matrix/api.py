@@ -95,6 +95,22 @@ def _gram(job: Job, route: str, judged: bool = False) -> tuple[Gram, str, dict[s
     cost = costs[chosen] if chosen in costs else REGISTRY[chosen].layout(job)
     with kept_heap(cost.peak_bytes):
         gram = REGISTRY[chosen].run(job, cost, clock)
+    if route == "auto" and gram.method == "exact" and not exact_in(gram) and str(gram.dtype) == "float64":
+        # digits lost to rounding (centred products cancel each output's mean): another route that fits and
+        # is within the budget may round less (materialize cancels it within each model's tensor)
+        budget = job.options.get("budget", DEFAULT_BUDGET)
+        first = chosen
+        for other in sorted((c for c in costs.values() if c.route != chosen and c.fits
+                             and c.flops <= budget * _products(job)), key=lambda c: c.flops):
+            with kept_heap(other.peak_bytes):
+                again = REGISTRY[other.route].run(job, other, Clock(job.ops))
+            if (again.digits or 0.0) > (gram.digits or 0.0):
+                gram, chosen = again, other.route
+            if exact_in(gram):
+                break
+        if chosen != first:
+            notes += (f"the {first} route kept fewer digits of some model's centred variance (its outputs' mean far "
+                      f"above their spread) than the {chosen} route, which computed the matrix",)
     return gram, chosen, costs, notes
 
 
@@ -489,13 +505,19 @@ def _result(job: Job, gram: Gram, route: str, costs: Mapping[str, RouteCost], no
                        gram.dtype, sym)
         notes += (pairwise.JOINT_NOTE,) + (() if gram.heavy is None else pairwise.heavy_note(gram.heavy, sym))
     else:
-        cos = _cosines(gram.cross, gram.row_self, gram.col_self, job.inner, gram.dtype, sym)
+        try:
+            cos = _cosines(gram.cross, gram.row_self, gram.col_self, job.inner, gram.dtype, sym)
+        except ValueError as e:
+            if gram.method != "exact" or gram.exact:
+                raise
+            raise ValueError(f"{e} (its centred variance is within the {gram.dtype} rounding of its outputs' mean "
+                             f"on the {route} route, taken as 0: the model is constant to {gram.dtype} there)") from None
     log_norms = log_norms_of(gram.row_self, gram.row_log_scale)
     col_log_norms = log_norms if sym else log_norms_of(gram.col_self, gram.col_log_scale)
     norms, col_norms, said = norms_of(log_norms, col_log_norms, sym)
-    if gram.exact and not exact_in(gram):
+    if gram.method == "exact" and str(gram.dtype) != "float64":
         said += (FLOAT32_NOTE,)
-    elif not gram.exact and gram.method == "exact":
+    if not gram.exact and gram.method == "exact":
         said += (DIGITS_NOTE,)
     elif job.ops.dtype_name != str(gram.dtype):  # a route that computes in float64 only (node-gram, pairwise)
         said += (f"dtype {job.ops.dtype_name} does not apply to the {route} route: computed in {gram.dtype}",)
@@ -510,7 +532,7 @@ def _result(job: Job, gram: Gram, route: str, costs: Mapping[str, RouteCost], no
 
 
 # an exact algorithm's value whose float64 rounding the algorithm judged (Plan.rounded_result)
-DIGITS_NOTE = ("not exact: the float64 rounding of an exact algorithm left fewer than 8 digits of some model's "
+DIGITS_NOTE = ("not exact: the floating-point rounding of an exact algorithm left fewer than 8 digits of some model's "
                "centred variance (its outputs' mean far above their spread), or none (taken as 0); "
                "ts.norm(model, centered=True) says which and how many")
 FLOAT32_NOTE = ("computed in float32 (about 7 significant digits): an exact algorithm, not an exact value; "

@@ -5,14 +5,16 @@ these names, listed in ``tsalgebra.matrix.api.REGISTRY``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Protocol
 
 import numpy as np
 
 from ..measure import Measure
 from .ops import Clock, Ops
-from .prepare import Prepared
+from ..problem import CENTRED_DIGITS
+from .prepare import Prepared, centred_rounding, judged_selfs
 from .results import RouteCost, StepTime
 
 
@@ -78,6 +80,8 @@ class Gram:
     doubtful, as :attr:`tsalgebra.algorithms.sampled.Estimate.heavy_tailed`).
     ``algorithms``: the registered algorithms (``algorithm=``'s vocabulary)
     that computed the products, () where a batched route computed them.
+    ``digits``: the fewest digits that the route's rounding left of any
+    centred self product (0: one taken as 0), None where not judged.
     """
 
     cross: np.ndarray
@@ -95,6 +99,24 @@ class Gram:
     stderr: np.ndarray | None = None
     heavy: np.ndarray | None = None
     algorithms: tuple[str, ...] = ()
+    digits: float | None = None
+
+
+def judged_gram(prep: Prepared, gram: Gram, formed: bool, itemsize: int) -> Gram:
+    """A route's Gram with both sides' self products judged (:func:`.prepare.judged_selfs`)
+    at the rounding of a route that forms its tensors or not
+    (:func:`.prepare.centred_rounding`): exact where every one kept
+    CENTRED_DIGITS digits, none taken as 0 that was not.  A symmetric
+    matrix's sides are one."""
+    rows, digits = judged_selfs(gram.row_self, centred_rounding(prep.rows, formed, itemsize))
+    if prep.cols is None:
+        cols = rows
+    else:
+        cols, col_digits = judged_selfs(gram.col_self, centred_rounding(prep.cols, formed, itemsize))
+        digits = min(digits, col_digits)
+    if math.isinf(digits):
+        return gram
+    return replace(gram, row_self=rows, col_self=cols, exact=gram.exact and digits >= CENTRED_DIGITS, digits=digits)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .costs import COSTS
-from .job import Gram, Job
+from .job import Gram, Job, judged_gram
 from ..progress import LONG_FLOPS, progress_bar
 from ..threads import blas_worker_pool
 from .ops import THREADED_FLOPS, Clock, Ops, partition
@@ -87,7 +87,8 @@ def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
     # one layer: U is the product of the scales taken out of L~, R~ and D~
     logA = np.array([c.log_scales.sum() for c in prep.rows])
     logB = logA if prep.cols is None else np.array([c.log_scales.sum() for c in prep.cols])
-    return Gram(K, kA, kB, logA, logB, clock.total_flops, clock.steps(), job.ops.dtype_name, job.ops.name)
+    gram = Gram(K, kA, kB, logA, logB, clock.total_flops, clock.steps(), job.ops.dtype_name, job.ops.name)
+    return judged_gram(prep, gram, True, job.ops.itemsize)
 
 
 # ------------------------------------------------------------ formation and layout

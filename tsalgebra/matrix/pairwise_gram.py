@@ -22,7 +22,7 @@ import numpy as np
 
 from ..planner import ContractionPlan
 from .costs import COSTS
-from .job import Gram, Job
+from .job import Gram, Job, judged_gram
 from ..progress import LONG_FLOPS, progress_bar
 from ..threads import blas_worker_pool
 from .ops import THREADED_FLOPS, Clock, Ops, partition, run_tasks
@@ -92,7 +92,8 @@ def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
     assert prep is not None and isinstance(blocks, _Blocks)
     K, kA, kB, logA, logB = _run(prep.rows, prep.cols, prep.dims, job.ops, blocks, clock, job.progress,
                                  cost.flops > LONG_FLOPS)
-    return Gram(K, kA, kB, logA, logB, clock.total_flops, clock.steps(), job.ops.dtype_name, job.ops.name)
+    gram = Gram(K, kA, kB, logA, logB, clock.total_flops, clock.steps(), job.ops.dtype_name, job.ops.name)
+    return judged_gram(prep, gram, False, job.ops.itemsize)
 
 
 # ------------------------------------------------------------ costs and layout

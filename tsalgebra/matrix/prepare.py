@@ -39,6 +39,7 @@ from ..components import Bilinear, Component
 from ..folding import fold
 from ..rescale import canonical
 from ..measure import Gaussian, Measure
+from ..problem import CENTRED_DIGITS, CENTRED_ROUNDING
 from .ops import Ops
 
 _SQRT2 = math.sqrt(2.0)
@@ -53,10 +54,15 @@ _MODERATE = (1e-60, 1e60)  # largest weight entries of a layer padded as it is (
 class Chain:
     """A model as normalized bilinear blocks (L, R, D) on padded widths; the
     last D without the constant channel.  ``log_scales[l]`` is
-    log(|L~| |R~| |D~|) of the layer (Frobenius norms divided out)."""
+    log(|L~| |R~| |D~|) of the layer (Frobenius norms divided out).
+    ``cancelled`` (centred Gaussian only, else None): per output, the size
+    of the constant terms that centring cancels, sum_h |D'[o, h] L'[h, 0]
+    R'[h, 0]| over the hidden units and the added one (see
+    :func:`centred_rounding`)."""
 
     blocks: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...]
     log_scales: np.ndarray
+    cancelled: np.ndarray | None = None
 
 
 def _unit(x: np.ndarray) -> tuple[np.ndarray, float]:
@@ -157,18 +163,56 @@ def to_chains(models: Sequence[Any], inner: str, centered: bool, P: np.ndarray |
             norm_blocks.append((L, R, D))
             logs.append(a + b + c + (pre.sum() if not logs else 0.0))
         logs[-1] += model_log  # the output's scale: counted once, as the last layer's
+        cancelled = None
         if inner == "gaussian":
             L, R, D = norm_blocks[0]
             const = L[:, 0] * R[:, 0]
             if centered:
                 mprime = -_SQRT2 * (D @ const)
+                cancelled = _SQRT2 * (np.abs(D) @ np.abs(const)) + np.abs(mprime)
             else:
                 mprime = D @ ((1.0 - _SQRT2) * const + np.einsum("hi,hi->h", L[:, 1:], R[:, 1:]))
             e0 = np.zeros((1, L.shape[1]))
             e0[0, 0] = 1.0
             norm_blocks[0] = (np.vstack([L, e0]), np.vstack([R, e0]), np.hstack([_SQRT2 * D, mprime[:, None]]))
-        chains.append(Chain(tuple(norm_blocks), np.asarray(logs)))
+        chains.append(Chain(tuple(norm_blocks), np.asarray(logs), cancelled))
     return chains
+
+
+def centred_rounding(chains: Sequence[Chain], formed: bool, itemsize: int) -> np.ndarray | None:
+    """Per chain, the rounding of its centred self product as a route
+    computes it (None where nothing cancels: uncentred products).  Centring
+    cancels each output's constant term, whose parts are of size c_o
+    (:attr:`Chain.cancelled`): a route that forms each model's tensor keeps
+    about CENTRED_ROUNDING c_o of it in the constant entry, which the self
+    product squares (``formed``: materialize); one that multiplies factor
+    Grams cancels it only in the sum of terms of size c_o^2, keeping about
+    CENTRED_ROUNDING c_o^2 (pairwise-gram).  float32 rounds 2^29 times
+    coarser.  (A model whose outputs' mean was 1e8 times their spread kept
+    8 digits of its cosines on the first, 0 on the second.)"""
+    if all(ch.cancelled is None for ch in chains):
+        return None
+    unit = CENTRED_ROUNDING * (1.0 if itemsize >= 8 else 2.0**29)
+    sizes = [np.zeros(1) if ch.cancelled is None else ch.cancelled for ch in chains]
+    return np.array([float(np.sum((unit * c) ** 2)) if formed else unit * float(np.sum(c * c)) for c in sizes])
+
+
+def judged_selfs(selfs: np.ndarray, rounding: np.ndarray | None) -> tuple[np.ndarray, float]:
+    """The self products with each one within its ``rounding`` taken as 0
+    (the model constant to the route's arithmetic: its similarity is then
+    undefined, as for a model constant in exact arithmetic), and the fewest
+    digits any kept of its rounding (0 for one taken as 0 that was not 0,
+    inf where nothing was judged)."""
+    if rounding is None:
+        return selfs, math.inf
+    selfs = np.asarray(selfs, dtype=float)
+    below = selfs <= rounding
+    kept = np.where(below, 0.0, selfs)
+    if (below & (selfs != 0)).any():
+        return kept, 0.0
+    with np.errstate(divide="ignore"):
+        digits = np.log10(kept[~below] / rounding[~below]) if (~below).any() else np.array([math.inf])
+    return kept, float(digits.min())
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,109 @@
+"""The batched matrix routes' centred products when the outputs' mean is far
+above their spread: each route's float64 rounding is judged, as the pair
+algorithms judge theirs, against an exact oracle in rationals.
+
+Centring cancels each output's constant term: materialize cancels it within
+each model's tensor (an error of about 2^-50 of the term, squared in the
+self product), pairwise-gram only in the sum of the pair's products (2^-50
+of the term squared), so the second keeps about half the digits."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+import tsalgebra as ts
+
+D, H, O = 48, 3, 2  # wide input, few hidden units: the automatic choice is pairwise-gram
+
+
+def _models(scale: float, d: int = D) -> list[ts.Sequential]:
+    """Two ordinary layers, and one whose input-dependent part is ``scale``
+    of its constant part (its outputs' mean 1/scale times their spread)."""
+    rng = np.random.default_rng(0)
+    out = []
+    for s in (1.0, 1.0, scale):
+        L, R = rng.normal(size=(H, d)) * s, rng.normal(size=(H, d)) * s
+        lb, rb = rng.normal(size=H), rng.normal(size=H)
+        out.append(ts.Sequential(ts.Bilinear(L, R, rng.normal(size=(O, H)), left_bias=lb, right_bias=rb)))
+    return out
+
+
+def _quadratic(model: ts.Sequential) -> list[tuple[list[list[Fraction]], list[Fraction]]]:
+    """Per output, the exact quadratic and linear parts (A symmetric, b) of
+    f(x) = c + b.x + x'Ax, in rationals from the float weights."""
+    layer = model.layers[0]
+    F = np.vectorize(Fraction, otypes=[object])
+    L, R, Dm = F(np.asarray(layer.left)), F(np.asarray(layer.right)), F(np.asarray(layer.down))
+    lb, rb = F(np.asarray(layer.left_bias)), F(np.asarray(layer.right_bias))
+    out = []
+    for o in range(Dm.shape[0]):
+        A = sum(Dm[o, h] * (np.outer(L[h], R[h]) + np.outer(R[h], L[h])) / 2 for h in range(L.shape[0]))
+        b = sum(Dm[o, h] * (lb[h] * R[h] + rb[h] * L[h]) for h in range(L.shape[0]))
+        out.append((A, b))
+    return out
+
+
+def _exact_cosines(models: list[ts.Sequential]) -> np.ndarray:
+    """The centred Gaussian cosines in rationals: under N(0, I) the
+    covariance of two quadratics is 2 tr(A_f A_g) + b_f . b_g per output."""
+    parts = [_quadratic(m) for m in models]
+
+    def cov(p: list, q: list) -> Fraction:
+        return sum(2 * (Af * Ag).sum() + (bf * bg).sum() for (Af, bf), (Ag, bg) in zip(p, q))
+
+    n = len(models)
+    K = [[cov(parts[i], parts[j]) for j in range(n)] for i in range(n)]
+    return np.array([[float(K[i][j]) / float(np.sqrt(float(K[i][i]) * float(K[j][j]))) for j in range(n)]
+                     for i in range(n)])
+
+
+def test_ordinary_models_are_exact_on_both_routes() -> None:
+    models = _models(1.0)
+    oracle = _exact_cosines(models)
+    for route in ("pairwise-gram", "materialize"):
+        S = ts.similarity_matrix(models, centered=True, route=route)
+        assert S.exact and not S.notes
+        np.testing.assert_allclose(S.values, oracle, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1e-5, 1e-8])
+def test_the_automatic_choice_takes_the_route_that_keeps_the_digits(scale: float) -> None:
+    models = _models(scale)
+    oracle = _exact_cosines(models)
+    lossy = ts.similarity_matrix(models, centered=True, route="pairwise-gram")
+    assert not lossy.exact and any("fewer than 8 digits" in n for n in lossy.notes)
+    S = ts.similarity_matrix(models, centered=True)
+    assert S.route == "materialize" and S.exact
+    assert any("pairwise-gram route kept fewer digits" in n for n in S.notes)
+    np.testing.assert_allclose(S.values, oracle, atol=1e-9)
+    # the cross matrix judges both sides the same way
+    C = ts.cross_similarity_matrix(models[:2], models[2:], centered=True)
+    assert C.route == "materialize" and C.exact
+    np.testing.assert_allclose(C.values, oracle[:2, 2:], atol=1e-9)
+
+
+def test_digits_lost_on_every_route_are_said() -> None:
+    models = _models(1e-12)
+    S = ts.similarity_matrix(models, centered=True)
+    assert not S.exact and any("fewer than 8 digits" in n for n in S.notes)
+    np.testing.assert_allclose(S.values, _exact_cosines(models), atol=1e-6)
+
+
+@pytest.mark.parametrize("route", ["auto", "materialize", "pairwise-gram"])
+def test_a_constant_model_has_no_centred_similarity(route: str) -> None:
+    # the input-dependent part 0: a model constant in exact arithmetic, whose
+    # centred norm float64 left at 1e-16 (materialize: cosines of 0 and 1, exact)
+    with pytest.raises(ValueError, match="row model 2 has zero norm.*constant to float64"):
+        ts.similarity_matrix(_models(0.0, d=4), centered=True, route=route)
+
+
+def test_float32_judges_at_its_own_rounding() -> None:
+    # float32 rounds 2^29 times coarser: a mean 1e3 times the spread leaves fewer than 8 digits, 1e8 none
+    S = ts.similarity_matrix(_models(1e-3, d=4), centered=True, route="materialize", dtype="float32")
+    assert not S.exact and any("fewer than 8 digits" in n for n in S.notes) and any("float32" in n for n in S.notes)
+    np.testing.assert_allclose(S.values, _exact_cosines(_models(1e-3, d=4)), atol=1e-5)
+    with pytest.raises(ValueError, match="constant to float32"):
+        ts.similarity_matrix(_models(1e-8, d=4), centered=True, route="materialize", dtype="float32")
