@@ -510,8 +510,9 @@ def _result(job: Job, gram: Gram, route: str, costs: Mapping[str, RouteCost], no
         except ValueError as e:
             if gram.method != "exact" or gram.exact:
                 raise
-            raise ValueError(f"{e} (its centred variance is within the {gram.dtype} rounding of its outputs' mean "
-                             f"on the {route} route, taken as 0: the model is constant to {gram.dtype} there)") from None
+            raise ValueError(f"{e} (its centred variance is within the {gram.dtype} rounding of its outputs' "
+                             f"mean on the {route} route, taken as 0: the model is constant to {gram.dtype} "
+                             "there)") from None
     log_norms = log_norms_of(gram.row_self, gram.row_log_scale)
     col_log_norms = log_norms if sym else log_norms_of(gram.col_self, gram.col_log_scale)
     norms, col_norms, said = norms_of(log_norms, col_log_norms, sym)
