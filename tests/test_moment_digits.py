@@ -13,6 +13,7 @@ ArithmeticError."""
 from __future__ import annotations
 
 import itertools
+from fractions import Fraction
 import warnings
 
 import numpy as np
@@ -130,3 +131,46 @@ def test_a_fixed_first_token_is_a_zero_variance_not_a_lost_one():
     assert s.exact and s.algorithm == "token-moments"
     assert s.value == pytest.approx(ts.similarity(a, b, measure=law, centered=True, algorithm="enumeration").value,
                                     rel=1e-9)
+
+
+def _biased(vb, ks):
+    """One causal head whose value bias is ``vb`` and whose query and key
+    maps are ``ks`` of their biases: the outputs' mean about vb times their
+    spread, and the scores nearly the same for every key (the shared-key
+    term D a difference of two terms far above it)."""
+    rng = np.random.default_rng(1)
+    W = lambda *sh: rng.normal(size=sh)  # noqa: E731
+    att = ts.BilinearAttention(ks * W(1, 2, 2), ks * W(1, 2, 2), ks * W(1, 2, 2), ks * W(1, 2, 2), W(1, 2, 2),
+                               W(1, 2, 2), causal=True, n_ctx=3, v_bias=vb * W(1, 2), q1_bias=W(1, 2),
+                               k1_bias=W(1, 2), q2_bias=W(1, 2), k2_bias=W(1, 2))
+    return ts.Transformer(ts.Linear(W(2, 3), W(2)), [(att, None)], ts.Linear(W(2, 2)), n_ctx=3)
+
+
+def _exact_variance(model):
+    """The centred <a, a> in rationals: the model with its float weights as
+    Fractions (the attention then evaluates exactly), over all 27 sequences."""
+    exact = model.map_weights(lambda w: np.vectorize(Fraction, otypes=[object])(np.asarray(w, dtype=float)))
+    x = np.array([np.eye(3, dtype=int)[list(t)].ravel() for t in itertools.product(range(3), repeat=3)], dtype=object)
+    f = np.asarray(exact(x), dtype=object).reshape(len(x), -1)
+    mean = f.sum(0) / len(x)
+    return float(sum(((f - mean) ** 2).sum(0)) / len(x))
+
+
+@pytest.mark.parametrize("vb, ks", [(1.0, 1.0), (1e6, 1e-4), (1e7, 1e-5), (1e8, 1e-6)])
+def test_token_moments_digits_follow_what_it_subtracted(vb, ks):
+    """Token-moments' rounding is the size of what it subtracted: the query
+    token's conditional means (2 |m| sd per feature) and the shared-key
+    term's two parts, whose entries' roundings add through the maps in
+    quadrature.  It used to count |m m'| through |maps|, 2 digits below the
+    digits kept (a 512-wide LM with a value bias 30 times its spread: 7.97
+    said, about 12 kept).  Against the exact variance: said digits are kept,
+    and (1e6, 1e-4: 9.6 kept) exact now, where 7.7 digits were said."""
+    a = _biased(vb, ks)
+    want = _exact_variance(a)
+    got = ts.inner(a, a, measure=ts.Tokens(3, 3), centered=True, algorithm="token-moments")
+    error = abs(float(got.value) - want) / want
+    if got.exact:
+        assert error < 1e-8, (got, want)
+    else:
+        assert vb >= 1e7 and error < 10.0 ** -got.digits and got.digits > -np.log10(error) - 1.5, (got, want)
+    assert got.exact == (vb <= 1e6)

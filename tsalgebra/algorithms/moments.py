@@ -211,26 +211,29 @@ def _read(M: np.ndarray, Wx: np.ndarray, Wy: np.ndarray, per_output: bool) -> An
     return float(np.sum((Wx.T @ Wy) * M.reshape(-1, *M.shape[-2:]).sum(axis=0)))
 
 
-def moment_result(plan: Plan, M: np.ndarray, means: Any, Wx: np.ndarray, Wy: np.ndarray, self_product: bool,
+def moment_result(plan: Plan, M: np.ndarray, centring: Any, Wx: np.ndarray, Wy: np.ndarray, self_product: bool,
                   covariance_given: bool = False) -> InnerResult:
     """``plan``'s result from the padded second moment M (..., dx + 1,
     dy + 1) of the features that the output channels Wx, Wy (outputs,
-    d + 1) read: summed or per output, centred (the problem's) on ``means``
-    [(..., dx + 1), (..., dy + 1)] before the maps read them (M is the
-    covariance already if ``covariance_given``).  A self product's
-    covariance keeps only the digits of its difference from the terms it
-    took, |C| + |m m'| read through |Wx|, |Wy| (Plan.rounded_result, at
-    CENTRED_ROUNDING of them): a feature whose mean is far above its spread
-    (an embedding 1e-8 of its biases, a value bias read through nearly
-    constant scores) lost 2 to 16 digits, and a sign, labelled exact."""
+    d + 1) read: summed or per output, centred (the problem's) on the means
+    ``centring`` [(..., dx + 1), (..., dy + 1)] before the maps read them.
+    A self product's covariance keeps only the digits of its difference
+    from the terms it took, |C| + |m m'| read through |Wx|, |Wy|
+    (Plan.rounded_result, at CENTRED_ROUNDING of them): a feature whose mean
+    is far above its spread (an embedding 1e-8 of its biases, a value bias
+    read through nearly constant scores) lost 2 to 16 digits, and a sign,
+    labelled exact.  With ``covariance_given``, M is the covariance already
+    and ``centring`` the size of those terms per entry of M, as the
+    algorithm that centred it took them (token-moments)."""
     p = plan.problem
-    if not p.centered or means is None:
+    if not p.centered or centring is None:
         return plan.result(_read(M, Wx, Wy, p.per_output))
-    C = M if covariance_given else covariance(M, means[0], means[1])
+    C = M if covariance_given else covariance(M, centring[0], centring[1])
     value = _read(C, Wx, Wy, p.per_output)
     if not self_product or p.exact_numbers:
         return plan.result(value)
-    T = np.abs(C) + np.abs(means[0][..., :, None] * means[1][..., None, :])
+    T = (np.array(centring, dtype=float) if covariance_given
+         else np.abs(C) + np.abs(centring[0][..., :, None] * centring[1][..., None, :]))
     T[..., 0, :], T[..., :, 0] = 0.0, 0.0  # the constant channel: a map's bias, never subtracted
     # A variance that came out 0 exactly (a position whose token is fixed: a
     # BOS token) is not judged: a zero norm is refused, a channel's cosine NaN.
@@ -711,8 +714,8 @@ class AttentionMoments(Algorithm):
                covariance_given: bool = False) -> Triple:
         """The products from each pair's tails, per-position second moments
         M (n, d_x + 1, d_y + 1) and, centred, means [(n, d_x + 1), (n, d_y + 1)]
-        (None: not judged; ``covariance_given``: M is the covariance already);
-        see :func:`moment_result`."""
+        (None: not judged; ``covariance_given``: M is the covariance already,
+        given with the sizes of its terms); see :func:`moment_result`."""
         p = plan.problem
         out = {key: moment_result(plan, M, means, tail_x[1:], tail_y[1:],  # the output channels, not the constant
                                   key != "ab" or p.a is p.b, covariance_given)

@@ -61,6 +61,11 @@ _PAIR_ELEMENTS = 2**21
 _QUERY_BLOCK, _KEY_BLOCK = 256, 128
 
 
+def _sizes(name: str) -> str:
+    """The key of a pair's term sizes beside its shared-key term D (centred self products)."""
+    return f"|{name}|"
+
+
 def _blocks(n: int, size: int) -> list[slice]:
     return [slice(a, min(a + size, n)) for a in range(0, n, size)]
 
@@ -259,7 +264,8 @@ class _TokenEngine:
         # call 3.5-fold (11.3-11.9 s against 3.2-3.9 s alone).
         self.workers = max(1, blas_threads())
         self.pool: Any = None
-        self.means: dict[int, np.ndarray] = {}  # centred: a side's features' means per position (n, d + 1)
+        # centred self products: per position, the size of what float64 subtracted (see moment_result)
+        self.terms: dict[str, Any] = {}
 
     def _count(self, flops: float, transient: int = 0, held: int = 0) -> None:
         """Flops, and elements: ``held`` kept to the end of the run (tables,
@@ -578,8 +584,10 @@ class _TokenEngine:
                 shared.baddbmm_(vx[:, :, kb], R.view(X.H, -1, Y.H * Y.dv))
             shared = shared.view(X.H, X.dv, Y.H, Y.dv).permute(0, 2, 1, 3)
             cx, cy = (parts[z][1][(k, sides[z].key(offset))].reshape(-1, V) for z in (x, y))  # (heads dv, vocab)
-            product = ((cx * p) @ cy.T).reshape(X.H, X.dv, Y.H, Y.dv)
-            out[name] = shared - product.permute(0, 2, 1, 3)
+            product = ((cx * p) @ cy.T).reshape(X.H, X.dv, Y.H, Y.dv).permute(0, 2, 1, 3)
+            out[name] = shared - product
+            if name in self.terms:  # the sizes of the two terms, which a value bias makes far above D
+                out[_sizes(name)] = shared.abs() + product.abs()
 
     # -------------------------------------------------------- results
     def _moment_cost(self, x: int, y: int, centered: bool) -> tuple[float, int]:
@@ -668,6 +676,8 @@ class _TokenEngine:
             self._count(2.0 * s.d_out * s.side.T.shape[0] * V, held=s.d_out * V)
         M = {name: None if dry else torch.zeros((n, sides[x].d_out, sides[y].d_out), dtype=torch.float64)
              for name, (x, y) in self.pairs.items()}
+        if centered and not dry:
+            self.terms = {name: torch.zeros_like(M[name]) for name, (x, y) in self.pairs.items() if x == y}
         if dry:
             self._count_positions(centered)
         for i in range(0 if dry else n):  # the conditional means given the query token
@@ -678,10 +688,13 @@ class _TokenEngine:
                 Gx, Gy = G[x], G[y]
                 if centered:  # the covariance over the query token as such: E[G G'] - E[G] E[G]' lost every digit to large biases
                     mx, my = Gx @ p, Gy @ p
-                    if x == y:  # a self product's means, which size its rounding (moment_result)
-                        self.means.setdefault(x, np.zeros((n, Gx.shape[0])))[i] = mx.numpy()
                     Gx, Gy = Gx - mx[:, None], Gy - my[:, None]
                 M[name][i] = (Gx * p) @ Gy.T
+                if name in self.terms:
+                    # G - E[G] rounds at |E[G]|, read against the other side's spread: about 2 (|m| sd' + sd |m'|),
+                    # and sd sd' for the product's own rounding (moment_result takes 2^-50 of it)
+                    sd, am = torch.diagonal(M[name][i]).clamp(min=0).sqrt(), mx.abs()
+                    self.terms[name][i] = 3 * torch.outer(sd, sd) + 2 * (torch.outer(am, sd) + torch.outer(sd, am))
         # (query position, key position) pairs that both models of a pair read: (any, causal)
         read = {name: self._pattern(x, y) for name, (x, y) in self.pairs.items()}
         offsets = list(range(-(n - 1), 0)) if any(r for r, _ in read.values()) else []
@@ -713,12 +726,20 @@ class _TokenEngine:
                     self._count(base + per_law * len(laws))
                     # the masks' products (hx, hy) summed over the keys of each (query law, key law)
                     cx, cy = X.c[:, i, keys], Y.c[:, i, keys]
-                    N = 0
+                    N, sizes = 0, 0
                     for k in laws.tolist():
-                        on = key_laws == k
-                        N = N + torch.from_numpy(cx[:, on] @ cy[:, on].T)[:, :, None, None] * D[(int(g[i]), k)][name]
+                        on, Dk = key_laws == k, D[(int(g[i]), k)]
+                        N = N + torch.from_numpy(cx[:, on] @ cy[:, on].T)[:, :, None, None] * Dk[name]
+                        if name in self.terms:  # squared: see below
+                            sizes = sizes + torch.from_numpy(cx[:, on] ** 2 @ (cy[:, on] ** 2).T)[
+                                :, :, None, None] * Dk[_sizes(name)] ** 2
                     N = N.permute(0, 2, 1, 3).reshape(X.H * X.dv, Y.H * Y.dv)
                     M[name][i] += X.output_map @ N @ Y.output_map.T
+                    if name in self.terms:
+                        # D's entries round independently, so their errors add through the maps in quadrature
+                        # (through |maps|, a 512-wide model's estimate was 1e5 times the error measured)
+                        sizes = sizes.permute(0, 2, 1, 3).reshape(X.H * X.dv, Y.H * Y.dv)
+                        self.terms[name][i] += (X.output_map ** 2 @ sizes @ (Y.output_map ** 2).T).sqrt()
         return {name: M[name].numpy() for name in self.pairs}
 
 
@@ -775,5 +796,5 @@ class TokenMoments(Algorithm):
                 engine.pool = blas_worker_pool(stack, engine.workers)
             out = engine.run(plan.problem.centered)
         return AttentionMoments.finish(plan, {name: (sides[x].tail, sides[y].tail, out[name],
-                                                     [engine.means[x]] * 2 if x == y and x in engine.means else None)
+                                                     engine.terms[name].numpy() if name in engine.terms else None)
                                               for name, (x, y) in engine.pairs.items()}, covariance_given=True)
