@@ -507,12 +507,19 @@ def _result(job: Job, gram: Gram, route: str, costs: Mapping[str, RouteCost], no
     else:
         try:
             cos = _cosines(gram.cross, gram.row_self, gram.col_self, job.inner, gram.dtype, sym)
-        except ValueError as e:
+        except (ValueError, ArithmeticError) as e:
             if gram.method != "exact" or gram.exact:
                 raise
-            raise ValueError(f"{e} (its centred variance is within the {gram.dtype} rounding of its outputs' "
-                             f"mean on the {route} route, taken as 0: the model is constant to {gram.dtype} "
-                             "there)") from None
+            # materialize cancels each model's mean within its tensor, pairwise-gram only in the pair's sum
+            hint = "; route='materialize' rounds less" if route == pairwise_gram.NAME else ""
+            if isinstance(e, ValueError):  # a zero norm
+                raise ValueError(f"{e} (its centred variance is within the {route} route's {gram.dtype} rounding of "
+                                 f"its outputs' mean, so taken as 0: "
+                                 + (hint[2:] if hint else f"the model is constant to {gram.dtype}") + ")") from None
+            # |cosine| above 1: the rounding, not a product that is not positive definite
+            raise ArithmeticError(f"{str(e).split(':')[0]}: the {route} route's {gram.dtype} rounding left "
+                                  f"{gram.digits:.1f} digits of some model's centred variance (its outputs' mean far "
+                                  f"above their spread){hint}") from None
     log_norms = log_norms_of(gram.row_self, gram.row_log_scale)
     col_log_norms = log_norms if sym else log_norms_of(gram.col_self, gram.col_log_scale)
     norms, col_norms, said = norms_of(log_norms, col_log_norms, sym)

@@ -201,14 +201,16 @@ def judged_selfs(selfs: np.ndarray, rounding: np.ndarray | None) -> tuple[np.nda
     """The self products with each one within its ``rounding`` taken as 0
     (the model constant to the route's arithmetic: its similarity is then
     undefined, as for a model constant in exact arithmetic), and the fewest
-    digits any kept of its rounding (0 for one taken as 0 that was not 0,
-    inf where nothing was judged)."""
+    digits any kept of its rounding (0 where one was taken as 0, inf where
+    nothing was judged).  A product that came out 0.0 within a rounding is
+    no exact 0: pairwise-gram's cross self products rounded to 0.0 for a
+    model of variance 1.2e4 whose outputs' mean was 1e10."""
     if rounding is None:
         return selfs, math.inf
     selfs = np.asarray(selfs, dtype=float)
     below = selfs <= rounding
     kept = np.where(below, 0.0, selfs)
-    if (below & (selfs != 0)).any():
+    if (below & (rounding > 0)).any():
         return kept, 0.0
     with np.errstate(divide="ignore"):
         digits = np.log10(kept[~below] / rounding[~below]) if (~below).any() else np.array([math.inf])
