@@ -79,7 +79,7 @@ def test_the_automatic_choice_takes_the_route_that_keeps_the_digits(scale: float
     assert not lossy.exact and any("fewer than 8 digits" in n for n in lossy.notes)
     S = ts.similarity_matrix(models, centered=True)
     assert S.route == "materialize" and S.exact
-    assert any("pairwise-gram route kept fewer digits" in n for n in S.notes)
+    assert any("pairwise-gram route's rounding kept fewer digits" in n for n in S.notes)
     np.testing.assert_allclose(S.values, oracle, atol=1e-9)
     # the cross matrix judges both sides the same way
     C = ts.cross_similarity_matrix(models[:2], models[2:], centered=True)
@@ -98,7 +98,7 @@ def test_digits_lost_on_every_route_are_said() -> None:
 def test_a_constant_model_has_no_centred_similarity(route: str) -> None:
     # the input-dependent part 0: a model constant in exact arithmetic, whose
     # centred norm float64 left at 1e-16 (materialize: cosines of 0 and 1, exact)
-    with pytest.raises(ValueError, match="row model 2 has zero norm.*rounding of its outputs' mean, so taken as 0"):
+    with pytest.raises(ValueError, match="row model 2 has zero norm.*rounding of the terms it sums, so taken as 0"):
         ts.similarity_matrix(_models(0.0, d=4), centered=True, route=route)
 
 
@@ -151,7 +151,7 @@ def test_a_cosine_beyond_1_from_rounding_says_so() -> None:
         plain.append(ts.Sequential(ts.Bilinear(L, R, P @ Dm, left_bias=lb, right_bias=rb)))
     mean = 1000 * rng.normal(size=2)
     law = ts.Gaussian(mean, np.eye(2))
-    with pytest.raises(ArithmeticError, match="rounding left .* digits of some model's centred variance"):
+    with pytest.raises(ArithmeticError, match="rounding left .* digits of some model's self product; route='materialize'"):
         ts.cross_similarity_matrix(models[:2], models[2:], centered=True, route="pairwise-gram", measure=law)
     C = ts.cross_similarity_matrix(models[:2], models[2:], centered=True, measure=law)
     assert C.route == "materialize"

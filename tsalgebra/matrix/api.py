@@ -96,22 +96,28 @@ def _gram(job: Job, route: str, judged: bool = False) -> tuple[Gram, str, dict[s
     with kept_heap(cost.peak_bytes):
         gram = REGISTRY[chosen].run(job, cost, clock)
     if route == "auto" and gram.method == "exact" and not exact_in(gram) and str(gram.dtype) == "float64":
-        # digits lost to rounding (centred products cancel each output's mean): another route that fits and
-        # is within the budget may round less (materialize cancels it within each model's tensor)
+        # digits lost to rounding (centring cancels each output's mean, hidden units may cancel each other):
+        # another route that fits and is within the budget may round less (materialize cancels them within
+        # each model's tensor, pairwise-gram in the sum over each pair's products)
         budget = job.options.get("budget", DEFAULT_BUDGET)
         first = chosen
         for other in sorted((c for c in costs.values() if c.route != chosen and c.fits
                              and c.flops <= budget * _products(job)), key=lambda c: c.flops):
             with kept_heap(other.peak_bytes):
                 again = REGISTRY[other.route].run(job, other, Clock(job.ops))
-            if (again.digits or 0.0) > (gram.digits or 0.0):
+            if _digits(again) > _digits(gram):
                 gram, chosen = again, other.route
             if exact_in(gram):
                 break
         if chosen != first:
-            notes += (f"the {first} route kept fewer digits of some model's centred variance (its outputs' mean far "
-                      f"above their spread) than the {chosen} route, which computed the matrix",)
+            notes += (f"the {first} route's rounding kept fewer digits of some model's self product than the {chosen} "
+                      "route, which computed the matrix",)
     return gram, chosen, costs, notes
+
+
+def _digits(gram: Gram) -> float:
+    """The digits a route's rounding kept of the products it judged (all, where it judged none)."""
+    return math.inf if gram.digits is None else gram.digits
 
 
 def _costed(job: Job, route: str) -> tuple[dict[str, RouteCost], str, tuple[str, ...]]:
@@ -510,16 +516,17 @@ def _result(job: Job, gram: Gram, route: str, costs: Mapping[str, RouteCost], no
         except (ValueError, ArithmeticError) as e:
             if gram.method != "exact" or gram.exact:
                 raise
-            # materialize cancels each model's mean within its tensor, pairwise-gram only in the pair's sum
-            hint = "; route='materialize' rounds less" if route == pairwise_gram.NAME else ""
+            # materialize cancels within each model's tensor (it judges centring only), pairwise-gram in each
+            # pair's sum
+            hint = "route='materialize' rounds less" if route == pairwise_gram.NAME else ""
             if isinstance(e, ValueError):  # a zero norm
-                raise ValueError(f"{e} (its centred variance is within the {route} route's {gram.dtype} rounding of "
-                                 f"its outputs' mean, so taken as 0: "
-                                 + (hint[2:] if hint else f"the model is constant to {gram.dtype}") + ")") from None
+                raise ValueError(f"{e} (its self product is within the {route} route's {gram.dtype} rounding of the "
+                                 "terms it sums, so taken as 0: "
+                                 + (hint or f"the model is constant to {gram.dtype}") + ")") from None
             # |cosine| above 1: the rounding, not a product that is not positive definite
             raise ArithmeticError(f"{str(e).split(':')[0]}: the {route} route's {gram.dtype} rounding left "
-                                  f"{gram.digits:.1f} digits of some model's centred variance (its outputs' mean far "
-                                  f"above their spread){hint}") from None
+                                  f"{gram.digits:.1f} digits of some model's self product"
+                                  + (f"; {hint}" if hint else "")) from None
     log_norms = log_norms_of(gram.row_self, gram.row_log_scale)
     col_log_norms = log_norms if sym else log_norms_of(gram.col_self, gram.col_log_scale)
     norms, col_norms, said = norms_of(log_norms, col_log_norms, sym)
@@ -541,8 +548,8 @@ def _result(job: Job, gram: Gram, route: str, costs: Mapping[str, RouteCost], no
 
 # an exact algorithm's value whose float64 rounding the algorithm judged (Plan.rounded_result)
 DIGITS_NOTE = ("not exact: the floating-point rounding of an exact algorithm left fewer than 8 digits of some model's "
-               "centred variance (its outputs' mean far above their spread), or none (taken as 0); "
-               "ts.norm(model, centered=True) says which and how many")
+               "self product, or none (taken as 0): the terms it sums far above their sum (an output mean that "
+               "centring removes, hidden units that cancel)")
 FLOAT32_NOTE = ("computed in float32 (about 7 significant digits): an exact algorithm, not an exact value; "
                 "dtype float64 (the default) for exact values")
 

@@ -14,7 +14,7 @@ import numpy as np
 from ..measure import Measure
 from .ops import Clock, Ops
 from ..problem import CENTRED_DIGITS
-from .prepare import Prepared, centred_rounding, judged_selfs
+from .prepare import Prepared, judged_selfs
 from .results import RouteCost, StepTime
 
 
@@ -102,17 +102,16 @@ class Gram:
     digits: float | None = None
 
 
-def judged_gram(prep: Prepared, gram: Gram, formed: bool, itemsize: int) -> Gram:
-    """A route's Gram with both sides' self products judged (:func:`.prepare.judged_selfs`)
-    at the rounding of a route that forms its tensors or not
-    (:func:`.prepare.centred_rounding`): exact where every one kept
-    CENTRED_DIGITS digits, none taken as 0 that was not.  A symmetric
-    matrix's sides are one."""
-    rows, digits = judged_selfs(gram.row_self, centred_rounding(prep.rows, formed, itemsize))
-    if prep.cols is None:
+def judged_gram(gram: Gram, rounding: np.ndarray | None, col_rounding: np.ndarray | None, symmetric: bool) -> Gram:
+    """A route's Gram with both sides' self products judged at their
+    rounding (:func:`.prepare.judged_selfs`; None: not judged): exact where
+    every one kept CENTRED_DIGITS digits, none taken as 0 that was not.  A
+    symmetric matrix's sides are one."""
+    rows, digits = judged_selfs(gram.row_self, rounding)
+    if symmetric:
         cols = rows
     else:
-        cols, col_digits = judged_selfs(gram.col_self, centred_rounding(prep.cols, formed, itemsize))
+        cols, col_digits = judged_selfs(gram.col_self, col_rounding)
         digits = min(digits, col_digits)
     if math.isinf(digits):
         return gram

@@ -26,7 +26,7 @@ from .job import Gram, Job, judged_gram
 from ..progress import LONG_FLOPS, progress_bar
 from ..threads import blas_worker_pool
 from .ops import THREADED_FLOPS, Clock, Ops, partition
-from .prepare import Chain, Dims, uncovered
+from .prepare import Chain, Dims, centred_rounding, uncovered
 from .results import RouteCost
 
 NAME = "materialize"
@@ -88,7 +88,8 @@ def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
     logA = np.array([c.log_scales.sum() for c in prep.rows])
     logB = logA if prep.cols is None else np.array([c.log_scales.sum() for c in prep.cols])
     gram = Gram(K, kA, kB, logA, logB, clock.total_flops, clock.steps(), job.ops.dtype_name, job.ops.name)
-    return judged_gram(prep, gram, True, job.ops.itemsize)
+    rounding = [None if side is None else centred_rounding(side, job.ops.itemsize) for side in (prep.rows, prep.cols)]
+    return judged_gram(gram, *rounding, prep.cols is None)
 
 
 # ------------------------------------------------------------ formation and layout

@@ -173,6 +173,12 @@ def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
             K[np.diag_indices(len(A))] = 1.0 if joint else sA
     except CostError as first:  # the budget it suggests must admit every product, not the first refused
         raise _every_refusal(job, A, Bs, options, first) from None
+    except FloatingPointError as e:  # ts.inner's advice names this very call: the batched route is the way here
+        said = str(e).split("; similarity_matrix(")[0]
+        if said == str(e) or job.inner != "network":
+            raise
+        raise FloatingPointError(f"{said}; route='pairwise-gram' (or 'auto') computes the cosines with Grams "
+                                 "normalised per layer") from None
     finally:
         bar.close()
     exact = all(r.exact for r in results)

@@ -26,7 +26,7 @@ from .job import Gram, Job, judged_gram
 from ..progress import LONG_FLOPS, progress_bar
 from ..threads import blas_worker_pool
 from .ops import THREADED_FLOPS, Clock, Ops, partition, run_tasks
-from .prepare import Chain, Dims, stack_models, uncovered
+from .prepare import Chain, Dims, rounding_unit, stack_models, uncovered
 from .results import RouteCost
 
 NAME = "pairwise-gram"
@@ -90,10 +90,11 @@ def run(job: Job, cost: RouteCost, clock: Clock) -> Gram:
     """The Gram of the job, block pair by block pair as ``cost.layout`` says."""
     prep, blocks = job.prepared, cost.layout
     assert prep is not None and isinstance(blocks, _Blocks)
-    K, kA, kB, logA, logB = _run(prep.rows, prep.cols, prep.dims, job.ops, blocks, clock, job.progress,
-                                 cost.flops > LONG_FLOPS)
+    K, kA, kB, logA, logB, terms = _run(prep.rows, prep.cols, prep.dims, job.ops, blocks, clock, job.progress,
+                                        cost.flops > LONG_FLOPS)
     gram = Gram(K, kA, kB, logA, logB, clock.total_flops, clock.steps(), job.ops.dtype_name, job.ops.name)
-    return judged_gram(prep, gram, False, job.ops.itemsize)
+    unit = rounding_unit(job.ops.itemsize)
+    return judged_gram(gram, *(None if t is None else unit * t for t in terms), prep.cols is None)
 
 
 # ------------------------------------------------------------ costs and layout
@@ -277,9 +278,10 @@ def _layout(NA: int, NB: int, sym: bool, dims: Dims, itemsize: int, memory: int,
 # ------------------------------------------------------------ computation
 
 
-def _diag(ops: Ops, Xs: list[Any], Ds: list[Any], dims: Dims) -> tuple[np.ndarray, np.ndarray]:
-    """Self terms of a block of models: (K^[a, a], r[layer, a]) with r the
-    rescaling 1/sqrt(|G[a,a]|_F) of each intermediate Gram (1 at the last layer)."""
+def _diag(ops: Ops, Xs: list[Any], Ds: list[Any], dims: Dims) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Self terms of a block of models: (K^[a, a], r[layer, a], the size of
+    their terms) with r the rescaling 1/sqrt(|G[a,a]|_F) of each intermediate
+    Gram (1 at the last layer); see :func:`_term_sizes`."""
     c = Xs[0].shape[0]
     rs = np.ones((dims.depth, c))
     G = None
@@ -294,6 +296,7 @@ def _diag(ops: Ops, Xs: list[Any], Ds: list[Any], dims: Dims) -> tuple[np.ndarra
         if l == dims.depth - 1:
             DD = ops.mT(D) @ D
             K = ops.get((core * DD).sum(dim=(1, 2)) if ops.is_torch else (core * DD).sum(axis=(1, 2)))
+            sizes = _term_sizes(ops, core, DD) if dims.depth == 1 else None
         else:
             G = D @ core @ ops.mT(D)
             fro = np.sqrt(ops.row_sq(G.reshape(G.shape[0], -1)))
@@ -301,7 +304,18 @@ def _diag(ops: Ops, Xs: list[Any], Ds: list[Any], dims: Dims) -> tuple[np.ndarra
             rs[l] = r
             rr = ops.put(r * r)
             G = G * rr[:, None, None]
-    return np.asarray(K, dtype=float), rs
+    return np.asarray(K, dtype=float), rs, sizes
+
+
+def _term_sizes(ops: Ops, core: Any, DD: Any) -> np.ndarray:
+    """Per model (the leading axis), sum |core| |DD| over its hidden pairs:
+    the size of the terms whose sum is its self product at one layer, which
+    float64 keeps to about CENTRED_ROUNDING of it.  The terms cancel where
+    centring removes an output mean (only in this sum, on this route) and
+    where hidden units nearly cancel (down weights +K and -K on rows 1/K
+    apart: 2e-3 off at K = 1e7, labelled exact)."""
+    size = ops.t.abs(core) * ops.t.abs(DD) if ops.is_torch else np.abs(core) * np.abs(DD)
+    return np.asarray(ops.get(size.sum(dim=(-2, -1)) if ops.is_torch else size.sum(axis=(-2, -1))), dtype=float)
 
 
 def _right_product(ops: Ops, QB: Any, Y: Any, cI: int, cJ: int, x: int) -> Any:
@@ -371,7 +385,10 @@ def _block(ops: Ops, A: tuple[list[Any], list[Any], list[Any]], B: tuple[list[An
             clock.lap("down-gram", ph["out"])
             K = ops.einsum("ahbk,ahbk->ab" if l == 0 else "bahk,ahbk->ab", core, DD)
             clock.lap("hadamard", ph["reduce"])
-            return K
+            if same and dims.depth == 1:  # each model against itself: its terms' sizes (the self products' rounding)
+                own = np.arange(cI)
+                return K, _term_sizes(ops, core[own, :, own, :], DD[own, :, own, :])
+            return K, None
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -386,8 +403,10 @@ def _log_scale(chains: Sequence[Chain], rs: np.ndarray) -> np.ndarray:
 
 
 def _run(A: list[Chain], B: list[Chain] | None, dims: Dims, ops: Ops, blocks: _Blocks, clock: Clock,
-         progress: bool | None, long: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(K^ (NA, NB), K^ diagonal of A, of B, log U of A, of B) as ``blocks``
+         progress: bool | None, long: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                                     list[np.ndarray | None]]:
+    """(K^ (NA, NB), K^ diagonal of A, of B, log U of A, of B, and per side the
+    sizes of the self products' terms, None at depth > 1) as ``blocks``
     lays them out: with ``keep``, each block stacked once and kept for all
     its block pairs; with ``workers`` > 1 (numpy), the blocks' self terms and
     the block pairs in that many threads, each with one BLAS thread (see
@@ -414,20 +433,24 @@ def _run(A: list[Chain], B: list[Chain] | None, dims: Dims, ops: Ops, blocks: _B
     def diag(side: str, part: int, clk: Clock) -> tuple[np.ndarray, np.ndarray]:
         Xs, Ds, _ = stacked(side, part, clk, with_p=False)
         clk.start()
-        k, r = _diag(ops, Xs, Ds, dims)
+        k, r, sizes = _diag(ops, Xs, Ds, dims)
         a0, a1 = (parts_a if side == "a" else parts_b)[part]
         clk.lap("self-terms", _diag_flops(a1 - a0, dims))
-        return k, r
+        return k, r, sizes
 
     K = np.zeros((len(A), len(A) if sym else len(B)))
+    # per side, the size of each self product's terms (depth 1; None where not known): see _term_sizes
+    terms: list[np.ndarray | None] = [np.zeros(len(A)) if sym and dims.depth == 1 else None, None]
 
     def block(i: int, j: int, clk: Clock) -> None:
         (a0, a1), (b0, b1) = parts_a[i], parts_b[j]
         same = sym and i == j
         SA = stacked("a", i, clk)
         SB = SA if same else stacked("a" if sym else "b", j, clk)
-        blk = ops.get(_block(ops, SA, SB, rA[:, a0:a1], rB[:, b0:b1], dims, same, clk, numpy_syrk)).astype(float)
-        K[a0:a1, b0:b1] = blk  # disjoint blocks: the workers write K in place
+        blk, sizes = _block(ops, SA, SB, rA[:, a0:a1], rB[:, b0:b1], dims, same, clk, numpy_syrk)
+        K[a0:a1, b0:b1] = ops.get(blk).astype(float)  # disjoint blocks: the workers write K in place
+        if sizes is not None:
+            terms[0][a0:a1] = sizes
         if sym and not same:
             K[b0:b1, a0:a1] = blk.T
 
@@ -439,13 +462,14 @@ def _run(A: list[Chain], B: list[Chain] | None, dims: Dims, ops: Ops, blocks: _B
                 for part in range(len(parts_a if side == "a" else parts_b)):
                     kept[(side, part)] = stacked(side, part, clock)
         if need_diag:
-            def side_diag(side: str) -> tuple[np.ndarray, np.ndarray]:
+            def side_diag(side: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
                 parts = parts_a if side == "a" else parts_b
                 out = run_tasks([lambda clk, p=p: diag(side, p, clk) for p in range(len(parts))], clock, pool, workers)
-                return np.concatenate([k for k, _ in out]), np.concatenate([r for _, r in out], axis=1)
+                sizes = None if out[0][2] is None else np.concatenate([t for _, _, t in out])
+                return np.concatenate([k for k, _, _ in out]), np.concatenate([r for _, r, _ in out], axis=1), sizes
 
-            kA, rA = side_diag("a")
-            kB, rB = (kA, rA) if sym else side_diag("b")
+            kA, rA, terms[0] = side_diag("a")
+            kB, rB, terms[1] = (kA, rA, terms[0]) if sym else side_diag("b")
         else:
             rA = rB = np.ones((dims.depth, len(A)))
             kA = kB = None
@@ -456,4 +480,6 @@ def _run(A: list[Chain], B: list[Chain] | None, dims: Dims, ops: Ops, blocks: _B
             bar.close()
     if sym:
         kA = kB = np.diag(K).copy()
-    return K, kA, kB, _log_scale(A, rA), _log_scale(B if B is not None else A, rB)
+    if sym:
+        terms[1] = terms[0]
+    return K, kA, kB, _log_scale(A, rA), _log_scale(B if B is not None else A, rB), terms

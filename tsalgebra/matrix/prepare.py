@@ -179,22 +179,26 @@ def to_chains(models: Sequence[Any], inner: str, centered: bool, P: np.ndarray |
     return chains
 
 
-def centred_rounding(chains: Sequence[Chain], formed: bool, itemsize: int) -> np.ndarray | None:
-    """Per chain, the rounding of its centred self product as a route
-    computes it (None where nothing cancels: uncentred products).  Centring
-    cancels each output's constant term, whose parts are of size c_o
-    (:attr:`Chain.cancelled`): a route that forms each model's tensor keeps
-    about CENTRED_ROUNDING c_o of it in the constant entry, which the self
-    product squares (``formed``: materialize); one that multiplies factor
-    Grams cancels it only in the sum of terms of size c_o^2, keeping about
-    CENTRED_ROUNDING c_o^2 (pairwise-gram).  float32 rounds 2^29 times
-    coarser.  (A model whose outputs' mean was 1e8 times their spread kept
-    8 digits of its cosines on the first, 0 on the second.)"""
+def rounding_unit(itemsize: int) -> float:
+    """The rounding of a sum relative to its terms' sizes in a route's
+    float arithmetic (CENTRED_ROUNDING in float64; float32 rounds 2^29 times
+    coarser)."""
+    return CENTRED_ROUNDING * (1.0 if itemsize >= 8 else 2.0**29)
+
+
+def centred_rounding(chains: Sequence[Chain], itemsize: int) -> np.ndarray | None:
+    """Per chain, the rounding of its centred self product on a route that
+    forms each model's tensor (None where nothing cancels: uncentred
+    products).  Centring cancels each output's constant term, whose parts
+    are of size c_o (:attr:`Chain.cancelled`): the tensor keeps about
+    rounding_unit c_o of it in its constant entry, which the self product
+    squares.  (A model whose outputs' mean was 1e8 times their spread kept
+    8 digits of its cosines so, none on pairwise-gram, where the mean
+    cancels only in the sum of a pair's products.)"""
     if all(ch.cancelled is None for ch in chains):
         return None
-    unit = CENTRED_ROUNDING * (1.0 if itemsize >= 8 else 2.0**29)
-    sizes = [np.zeros(1) if ch.cancelled is None else ch.cancelled for ch in chains]
-    return np.array([float(np.sum((unit * c) ** 2)) if formed else unit * float(np.sum(c * c)) for c in sizes])
+    unit = rounding_unit(itemsize)
+    return np.array([0.0 if ch.cancelled is None else float(np.sum((unit * ch.cancelled) ** 2)) for ch in chains])
 
 
 def judged_selfs(selfs: np.ndarray, rounding: np.ndarray | None) -> tuple[np.ndarray, float]:
