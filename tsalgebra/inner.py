@@ -400,6 +400,9 @@ def similarity(a: Any, b: Any, inner: str | None = None, method: str = "auto", m
         ab = _cross_again(plans, ab, runs)
         spent[0] = ab
     judged = [ab, aa, bb]  # a joint run's self products too: one of them may have lost digits (not exact)
+    mixed = () if aa.algorithm == bb.algorithm == ab.algorithm else (  # the label names <a, b>'s algorithm only
+        f"the products by different algorithms: <a, b> by {ab.algorithm}, <a, a> by {aa.algorithm}, <b, b> by "
+        f"{bb.algorithm}",)
     return _said_dead(replace(
         ab,
         value=_cosine(ab, aa, bb),
@@ -409,7 +412,7 @@ def similarity(a: Any, b: Any, inner: str | None = None, method: str = "auto", m
         flops=sum(r.flops for r in spent),
         pairings=sum(r.pairings for r in spent),
         orbits=sum(r.orbits for r in spent),
-        notes=tuple(dict.fromkeys(n for r in judged for n in r.notes)),
+        notes=tuple(dict.fromkeys(n for r in judged for n in r.notes)) + mixed,
         passed_over=tuple(dict.fromkeys(n for r in judged for n in r.passed_over)),
         digits=min((r.digits for r in judged if r.digits is not None), default=None),
     ))
