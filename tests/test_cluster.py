@@ -90,6 +90,37 @@ def test_tiles_of_cover_every_pair_once():
     assert cluster.default_size(200, None, 2, most=10) == 10  # a worker's memory holds 2 x 10 models
 
 
+def test_a_cancelled_tile_is_sent_again(client):
+    """The scheduler cancels a tile whose worker died with its inputs (seen
+    under load: the killed-worker run below then raised FutureCancelledError);
+    such a tile is sent again with its models, as the scheduler cancelling
+    it here (twice) shows: the matrix as computed serially."""
+    models = [tiny_lm(s) for s in range(6)]
+    kw = dict(inner="gaussian", method="closure")
+    serial = ts.similarity_matrix(models, progress=False, **kw)
+    out: dict = {}
+
+    def run():
+        try:
+            out["m"] = ts.similarity_matrix(models, client=client, tile=1, progress=False, **kw)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            out["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    cancelled, deadline = 0, time.time() + 60
+    while cancelled < 2 and thread.is_alive() and time.time() < deadline:
+        pending = [k for k, state in list(client.futures.items())
+                   if "compute_tile" in str(k) and state.status == "pending"]
+        if pending:
+            client.cancel([distributed.Future(pending[0], client)])
+            cancelled += 1
+        time.sleep(0.02)
+    thread.join(120)
+    assert cancelled == 2 and not thread.is_alive() and "error" not in out, out.get("error")
+    np.testing.assert_allclose(out["m"].values, serial.values, atol=1e-12)
+
+
 def test_a_killed_worker_loses_only_its_tile(client, tmp_path):
     models = [tiny_lm(s) for s in range(9)]
     kw = dict(inner="gaussian", method="closure")  # pair by pair: slow enough to kill a worker mid-run

@@ -50,6 +50,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -79,6 +80,9 @@ STORE_VERSION = 3
 # tile does not leave the others idle at the end, few enough that each tile
 # still batches (the batched routes' cost per pair falls with the block).
 TILES_PER_WORKER = 4
+# A tile cancelled by the scheduler (its worker killed, its inputs dropped) is
+# sent again, its models with it, at most this many times.
+TILE_RETRIES = 2
 # How long scheduler= may take to answer before the call fails naming it.
 CONNECT_SECONDS = 10
 # How long a client or scheduler with no worker is given for one to join
@@ -661,16 +665,33 @@ def tiled(rows: list[Any], cols: list[Any] | None, labels: Sequence[str] | None,
                 scattered_cols = None if cols is None else client.scatter(cols, hash=False)
                 if workers > 1:
                     client.replicate(scattered_rows + (scattered_cols or []), n=2)
-                futures = {}
-                for t in todo:
-                    r = scattered_rows[t.r0:t.r1]
-                    c = (scattered_rows[t.c0:t.c1] if cols is None else scattered_cols[t.c0:t.c1])
-                    f = client.submit(compute_tile, r, None if t.diagonal else c, spec, t.row_self or t.col_self,
-                                      pure=False)
-                    futures[f] = t
+
+                def submit(t: Tile, r: list[Any], c: list[Any] | None) -> Any:
+                    return client.submit(compute_tile, r, c, spec, t.row_self or t.col_self, pure=False)
+
+                columns = scattered_rows if cols is None else scattered_cols
+                futures = {submit(t, scattered_rows[t.r0:t.r1], None if t.diagonal else columns[t.c0:t.c1]): t
+                           for t in todo}
+                retried: dict[Tile, int] = {}
+                pending = as_completed(list(futures))
                 try:
-                    for f in as_completed(list(futures)):
-                        finish(futures[f], f.result())
+                    for f in pending:
+                        t = futures.pop(f)
+                        try:
+                            g = f.result()
+                        except CancelledError:
+                            # a killed worker's tile whose inputs the scheduler dropped with it (seen under
+                            # load, the copies replicated or not): its models sent again, the tile again
+                            if retried.get(t, 0) >= TILE_RETRIES:
+                                raise
+                            retried[t] = retried.get(t, 0) + 1
+                            r, c, _ = _parts(rows, cols, t)
+                            again = submit(t, client.scatter(r, hash=False),
+                                           None if c is None else client.scatter(c, hash=False))
+                            futures[again] = t
+                            pending.add(again)
+                            continue
+                        finish(t, g)
                 except BaseException:
                     client.cancel(list(futures))
                     raise
