@@ -81,7 +81,7 @@ class Gram:
     ``algorithms``: the registered algorithms (``algorithm=``'s vocabulary)
     that computed the products, () where a batched route computed them.
     ``digits``: the fewest digits that the route's rounding left of any
-    centred self product (0: one taken as 0), None where not judged.
+    self product it judged (0: one taken as 0), None where it judged none.
     """
 
     cross: np.ndarray

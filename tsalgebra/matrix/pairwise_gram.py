@@ -430,7 +430,7 @@ def _run(A: list[Chain], B: list[Chain] | None, dims: Dims, ops: Ops, blocks: _B
         clk.lap("stack", 0)
         return S
 
-    def diag(side: str, part: int, clk: Clock) -> tuple[np.ndarray, np.ndarray]:
+    def diag(side: str, part: int, clk: Clock) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         Xs, Ds, _ = stacked(side, part, clk, with_p=False)
         clk.start()
         k, r, sizes = _diag(ops, Xs, Ds, dims)
@@ -448,7 +448,8 @@ def _run(A: list[Chain], B: list[Chain] | None, dims: Dims, ops: Ops, blocks: _B
         SA = stacked("a", i, clk)
         SB = SA if same else stacked("a" if sym else "b", j, clk)
         blk, sizes = _block(ops, SA, SB, rA[:, a0:a1], rB[:, b0:b1], dims, same, clk, numpy_syrk)
-        K[a0:a1, b0:b1] = ops.get(blk).astype(float)  # disjoint blocks: the workers write K in place
+        blk = ops.get(blk).astype(float)
+        K[a0:a1, b0:b1] = blk  # disjoint blocks: the workers write K in place
         if sizes is not None:
             terms[0][a0:a1] = sizes
         if sym and not same:
@@ -480,6 +481,5 @@ def _run(A: list[Chain], B: list[Chain] | None, dims: Dims, ops: Ops, blocks: _B
             bar.close()
     if sym:
         kA = kB = np.diag(K).copy()
-    if sym:
         terms[1] = terms[0]
     return K, kA, kB, _log_scale(A, rA), _log_scale(B if B is not None else A, rB), terms

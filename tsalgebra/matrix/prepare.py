@@ -39,7 +39,7 @@ from ..components import Bilinear, Component
 from ..folding import fold
 from ..rescale import canonical
 from ..measure import Gaussian, Measure
-from ..problem import CENTRED_DIGITS, CENTRED_ROUNDING
+from ..problem import CENTRED_ROUNDING
 from .ops import Ops
 
 _SQRT2 = math.sqrt(2.0)
