@@ -115,3 +115,20 @@ def test_a_diagonal_covariance_is_not_cut():
     for route in ("materialize", "pairwise-gram", "pairwise"):
         S = ts.similarity_matrix([f, g], measure=law, centered=True, route=route)
         assert S.values[0, 1] == pytest.approx(float(want), abs=1e-12), route
+
+
+@pytest.mark.parametrize("below", [-1e-12, -1e-300])
+def test_a_diagonal_variance_rounded_below_zero_is_zero(below):
+    """The validation accepts round-off below 0 (to 1e-10 of the largest); a
+    diagonal covariance's factor took its square root (NaN on every batched
+    route) and the pairings weighted by it.  Now the same as a 0 there."""
+    rng = np.random.default_rng(0)
+    models = [ts.Bilinear(rng.normal(size=(3, 4)), rng.normal(size=(3, 4)), rng.normal(size=(2, 3)),
+                          left_bias=rng.normal(size=3), right_bias=rng.normal(size=3)) for _ in range(3)]
+    mean = rng.normal(size=4)
+    want = ts.similarity_matrix(models, mean=mean, cov=np.diag([1.0, 2.0, 0.5, 0.0]), route="pairwise").values
+    law = ts.Gaussian(mean, np.diag([1.0, 2.0, 0.5, below]))
+    assert law.rank == 3
+    for route in ("materialize", "pairwise-gram", "pairwise"):
+        np.testing.assert_allclose(ts.similarity_matrix(models, measure=law, route=route).values, want, atol=1e-14)
+    assert ts.similarity(models[0], models[1], measure=law).value == pytest.approx(want[0, 1], abs=1e-14)

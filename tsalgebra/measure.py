@@ -253,6 +253,16 @@ class Gaussian(Measure):
         return not off.any()
 
     @property
+    def variances(self) -> np.ndarray:
+        """The per-position diagonal of the covariance (ones for none), its
+        round-off below 0 (which the validation accepts) taken as 0: a
+        diagonal of -1e-12 made the factor NaN."""
+        if self.cov is None:
+            return np.ones(self.dim or 0, dtype=int)
+        diag = np.diag(self.cov)
+        return diag if diag.dtype == object else np.clip(diag.astype(float), 0.0, None)
+
+    @property
     def width(self) -> int:
         """Features of one whole input (dim x positions)."""
         if self.dim is None:
@@ -291,7 +301,7 @@ class Gaussian(Measure):
         if self.cov is None:
             return self.width
         if self.diagonal:
-            return self.positions * int(np.count_nonzero(np.diag(self.cov)))
+            return self.positions * int(np.count_nonzero(self.variances))
         return self.positions * int(self._kept.sum())
 
     # ----------------------------------------------------------- binding
@@ -360,10 +370,10 @@ class Gaussian(Measure):
         if self.cov is not None and self.cov.dtype == object:
             return _ldl(self.cov)
         if self.cov is not None and self.diagonal:  # exact as given: no rounding to cut (a variance of 1e-26 is one)
-            live = np.flatnonzero(np.diag(self.cov))
+            live = np.flatnonzero(self.variances)
             F = np.zeros((self.dim, live.size))
             F[live, np.arange(live.size)] = 1.0
-            return F, np.diag(self.cov).astype(float)[live]
+            return F, self.variances[live]
         vals, vecs = self._scaled_spectrum
         return vecs[:, self._kept], vals[self._kept]
 

@@ -158,7 +158,7 @@ class Joins:
             return None
         if self.rank is None:  # the padded diagonal [0; diag C per position], without forming C (width^2)
             m = self.measure
-            diag = np.ones(m.dim, dtype=int) if m.cov is None else np.diag(m.cov)  # type: ignore[union-attr]
+            diag = m.variances  # type: ignore[union-attr]
             diag = np.tile(diag.astype(object) if self.exact else diag.astype(float), m.positions)  # type: ignore[union-attr]
             return np.concatenate([np.zeros(1, dtype=diag.dtype), diag])
         w = self.measure.decomposition[1]
