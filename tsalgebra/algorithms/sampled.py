@@ -94,6 +94,20 @@ Z95 = 1.959963984540054  # the normal quantile of a 95 % interval
 # kurtosis is outgrown.  At 0.5 the light pairs were flagged in up to 24 %
 # at 500 samples; at 0.7 the depth-3 stacks in only 71 % at 10,000.
 HEAVY_TAIL_VARIANCE_ERROR = 0.6
+# The samples can only check tails they reach.  Under a Gaussian a per-sample
+# product of degree k has kurtosis at most 9^k (hypercontractivity:
+# ||p||_4 <= 3^(k/2) ||p||_2), so its variance error is at most
+# sqrt((9^k - 1) / n) whatever the samples show; where that ceiling is over
+# DEGREE_CEILING the sample kurtosis cannot vouch for the error bar: the
+# exact kurtoses of bilinear stacks (Gauss-Hermite quadrature of s^4) are
+# 90-250 at depth 1 (degree-4 products), 2e4-7e4 at depth 2 and 2e9-6e9 at
+# depth 3, where n samples reach a sample kurtosis of at most about n; the
+# depth-2 estimates the sample kurtosis left unflagged covered 67-92 % at
+# 500-10,000 samples, the depth-3 ones 10-34 %.  At 3 the ceiling flags
+# depth 1 below 729 samples (true variance error 0.4-0.7 at 500), depth 2
+# below 4.8e6 and depth 3 always; one bilinear layer from 729 samples on is
+# judged by its samples as before.
+DEGREE_CEILING = 3.0
 # Below this many samples the normal interval means nothing, nor does the
 # tail check (the sample kurtosis of 2 samples is 1): 2 samples gave
 # 0.505 +- 0.13 for an exact -0.039, unflagged.
@@ -121,7 +135,11 @@ class Estimate:
     near 1 where one sample rules); ``variance_error``: the largest
     relative standard error of a product's sample variance,
     sqrt((kurtosis - 1) / n) over the three products and the channels (the
-    error of the error bar), which :attr:`heavy_tailed` judges."""
+    error of the error bar), which :attr:`heavy_tailed` judges;
+    ``degree_ceiling``: the most that error can be for the products' degree
+    under a Gaussian, sqrt((9^k - 1) / n) (0 under other measures): over
+    :data:`DEGREE_CEILING` the samples cannot check their own tails, and
+    ``variance_error`` is 1 (its cap), whatever they showed."""
 
     means: np.ndarray
     cov: np.ndarray
@@ -130,6 +148,7 @@ class Estimate:
     variance_saved: float = 1.0
     tail_share: float = 0.0
     variance_error: float = 0.0
+    degree_ceiling: float = 0.0
 
     @property
     def heavy_tailed(self) -> bool:
@@ -356,6 +375,19 @@ class _Fit:
     def beta(self) -> np.ndarray:
         """The candidate where the fits did better than none out of sample, else 0."""
         return np.where(self.with_cv < self.without, self.candidate(), 0.0)
+
+
+def _degree_ceiling(p: InnerProblem, n: int) -> float:
+    """The largest variance error, sqrt((9^k - 1) / n), that a per-sample
+    product of degree k (twice the larger model degree) can have under a
+    Gaussian; 0 under other measures (bounded outputs) or without degrees."""
+    if not isinstance(p.measure, Gaussian) or n < 1:
+        return 0.0
+    try:
+        k = 2 * max(p.degrees)
+    except (AttributeError, TypeError, ValueError):
+        return 0.0
+    return math.sqrt(max(9.0 ** min(k, 300) - 1.0, 0.0) / n)
 
 
 def _rounded_up3(x: float) -> float:
@@ -669,7 +701,9 @@ class Sampled(Algorithm):
         kept = np.diagonal(stream.covariance(), axis1=0, axis2=1).T[:PRODUCTS]
         with np.errstate(divide="ignore", invalid="ignore"):
             saved = float(np.nanmean(np.where(kept > 0, raw / kept, 1.0)))
-        return Estimate(means, cov, stream.n, p.seed, saved, stream.tail_share(), stream.variance_error())
+        ceiling = _degree_ceiling(p, stream.n)
+        error = 1.0 if ceiling > DEGREE_CEILING else stream.variance_error()
+        return Estimate(means, cov, stream.n, p.seed, saved, stream.tail_share(), error, ceiling)
 
     def _results(self, plan: Plan, stream: _Stream) -> Triple:
         p = plan.problem
@@ -678,7 +712,15 @@ class Sampled(Algorithm):
         if stream.n < FEW_SAMPLES:
             notes.append(f"FEW SAMPLES: the 95 % interval assumes a normal mean, which {stream.n} samples do not give "
                          f"(fewer than {FEW_SAMPLES}); the standard error is itself a rough estimate: pass more samples")
-        if est.heavy_tailed:
+        if est.degree_ceiling > DEGREE_CEILING:
+            k = 2 * max(p.degrees)
+            notes.append(f"HEAVY TAILS: a product's sample variance, and so the standard error, may itself be uncertain "
+                         f"by about {est.variance_error:.0%} or more: the products have degree {k} under a Gaussian, "
+                         f"whose kurtosis can reach 9^{k} (hypercontractivity), a variance error up to "
+                         f"{est.degree_ceiling:.3g}, beyond what "
+                         f"{stream.n:,} samples can check (about {format_count(9.0 ** k / DEGREE_CEILING ** 2)} "
+                         "would); the standard error is likely underestimated (an exact or closure value, to check)")
+        elif est.heavy_tailed:
             notes.append(f"HEAVY TAILS: a product's sample variance, and so the standard error, is itself uncertain "
                          f"by about {est.variance_error:.0%} (its kurtosis; one sample carries {est.tail_share:.0%} of "
                          "its spread); the standard error is likely underestimated (more samples, or an exact or "
