@@ -714,8 +714,8 @@ class Sampled(Algorithm):
                          f"(fewer than {FEW_SAMPLES}); the standard error is itself a rough estimate: pass more samples")
         if est.degree_ceiling > DEGREE_CEILING:
             k = 2 * max(p.degrees)
-            notes.append(f"HEAVY TAILS: a product's sample variance, and so the standard error, may itself be uncertain "
-                         f"by about {est.variance_error:.0%} or more: the products have degree {k} under a Gaussian, "
+            notes.append(f"HEAVY TAILS: a product's sample variance, and so the standard error, may itself be "
+                         f"uncertain by about {est.variance_error:.0%} or more: the products have degree {k} under a Gaussian, "
                          f"whose kurtosis can reach 9^{k} (hypercontractivity), a variance error up to "
                          f"{est.degree_ceiling:.3g}, beyond what "
                          f"{stream.n:,} samples can check (about {format_count(9.0 ** k / DEGREE_CEILING ** 2)} "
