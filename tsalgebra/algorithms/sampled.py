@@ -714,12 +714,11 @@ class Sampled(Algorithm):
                          f"(fewer than {FEW_SAMPLES}); the standard error is itself a rough estimate: pass more samples")
         if est.degree_ceiling > DEGREE_CEILING:
             k = 2 * max(p.degrees)
-            notes.append(f"HEAVY TAILS: a product's sample variance, and so the standard error, may itself be "
-                         f"uncertain by about {est.variance_error:.0%} or more: the products have degree {k} under a Gaussian, "
-                         f"whose kurtosis can reach 9^{k} (hypercontractivity), a variance error up to "
-                         f"{est.degree_ceiling:.3g}, beyond what "
-                         f"{stream.n:,} samples can check (about {format_count(9.0 ** k / DEGREE_CEILING ** 2)} "
-                         "would); the standard error is likely underestimated (an exact or closure value, to check)")
+            notes.append(f"HEAVY TAILS: the products have degree {k} under a Gaussian, whose kurtosis can reach 9^{k} "
+                         "(hypercontractivity): a product's sample variance, and so the standard error, may be off by "
+                         f"up to {est.degree_ceiling:.3g} times itself, which {stream.n:,} samples cannot check (about "
+                         f"{format_count(9.0 ** k / DEGREE_CEILING ** 2)} could); the standard error is likely "
+                         "underestimated (an exact or closure value, to check)")
         elif est.heavy_tailed:
             notes.append(f"HEAVY TAILS: a product's sample variance, and so the standard error, is itself uncertain "
                          f"by about {est.variance_error:.0%} (its kurtosis; one sample carries {est.tail_share:.0%} of "
