@@ -213,6 +213,11 @@ class _Side:
         O = self.side.out_maps[0]
         return torch.from_numpy(np.ascontiguousarray(O.transpose(1, 0, 2).reshape(self.d_out, -1)))
 
+    @cached_property
+    def output_squares(self) -> Any:
+        """The output map's entries squared (the rounding's sizes add through it in quadrature)."""
+        return self.output_map**2
+
     def key(self, offset: int) -> int:
         """The offset that the key side's arithmetic depends on (0 without rotary)."""
         return offset if self.rotary else 0
@@ -586,8 +591,8 @@ class _TokenEngine:
             cx, cy = (parts[z][1][(k, sides[z].key(offset))].reshape(-1, V) for z in (x, y))  # (heads dv, vocab)
             product = ((cx * p) @ cy.T).reshape(X.H, X.dv, Y.H, Y.dv).permute(0, 2, 1, 3)
             out[name] = shared - product
-            if name in self.terms:  # the sizes of the two terms, which a value bias makes far above D
-                out[_sizes(name)] = shared.abs() + product.abs()
+            if name in self.terms:  # the sizes of the two terms, which a value bias makes far above D, squared
+                out[_sizes(name)] = (shared.abs() + product.abs()) ** 2
 
     # -------------------------------------------------------- results
     def _moment_cost(self, x: int, y: int, centered: bool) -> tuple[float, int]:
@@ -710,6 +715,9 @@ class _TokenEngine:
             return {name: None for name in self.pairs}  # type: ignore[misc]
         tables = None if not groups else self._score_tables()
         g, L = self.positions.g, self.positions.L
+        # per judged pair and query position, the squared sizes of D's terms over every group (see below)
+        pending = {name: torch.zeros((n, sides[x].H * sides[x].dv, sides[y].H * sides[y].dv), dtype=torch.float64)
+                   for name, (x, y) in self.pairs.items() if name in self.terms}
         for members in groups:  # both models' keys at one position j != i, once per distinct arithmetic
             pairs = {name: self._group_pairs(pattern, members, rotary) for name, pattern in read.items()}
             needed = {name: {(int(c // L), int(c % L)) for c in np.unique(g[i] * L + g[j])}
@@ -726,20 +734,24 @@ class _TokenEngine:
                     self._count(base + per_law * len(laws))
                     # the masks' products (hx, hy) summed over the keys of each (query law, key law)
                     cx, cy = X.c[:, i, keys], Y.c[:, i, keys]
+                    judged = name in self.terms
+                    cx2, cy2 = (cx**2, cy**2) if judged else (None, None)
                     N, sizes = 0, 0
                     for k in laws.tolist():
                         on, Dk = key_laws == k, D[(int(g[i]), k)]
                         N = N + torch.from_numpy(cx[:, on] @ cy[:, on].T)[:, :, None, None] * Dk[name]
-                        if name in self.terms:  # squared: see below
-                            sizes = sizes + torch.from_numpy(cx[:, on] ** 2 @ (cy[:, on] ** 2).T)[
-                                :, :, None, None] * Dk[_sizes(name)] ** 2
+                        if judged:  # squared: see below
+                            sizes = sizes + torch.from_numpy(cx2[:, on] @ cy2[:, on].T)[:, :, None, None] * Dk[
+                                _sizes(name)]
                     N = N.permute(0, 2, 1, 3).reshape(X.H * X.dv, Y.H * Y.dv)
                     M[name][i] += X.output_map @ N @ Y.output_map.T
-                    if name in self.terms:
-                        # D's entries round independently, so their errors add through the maps in quadrature
-                        # (through |maps|, a 512-wide model's estimate was 1e5 times the error measured)
-                        sizes = sizes.permute(0, 2, 1, 3).reshape(X.H * X.dv, Y.H * Y.dv)
-                        self.terms[name][i] += (X.output_map ** 2 @ sizes @ (Y.output_map ** 2).T).sqrt()
+                    if judged:
+                        pending[name][i] += sizes.permute(0, 2, 1, 3).reshape(X.H * X.dv, Y.H * Y.dv)
+        for name, sizes in pending.items():
+            # D's entries round independently, so their errors add through the maps in quadrature (through
+            # |maps|, a 512-wide model's estimate was 1e5 times the error measured), over the groups too
+            X, Y = (sides[z] for z in self.pairs[name])
+            self.terms[name] += (X.output_squares @ sizes @ Y.output_squares.T).sqrt()
         return {name: M[name].numpy() for name in self.pairs}
 
 
