@@ -103,10 +103,13 @@ def test_a_constant_model_has_no_centred_similarity(route: str) -> None:
 
 
 def test_float32_judges_at_its_own_rounding() -> None:
-    # float32 rounds 2^29 times coarser: a mean 1e3 times the spread leaves fewer than 8 digits, 1e8 none
-    S = ts.similarity_matrix(_models(1e-3, d=4), centered=True, route="materialize", dtype="float32")
-    assert not S.exact and any("fewer than 8 digits" in n for n in S.notes) and any("float32" in n for n in S.notes)
-    np.testing.assert_allclose(S.values, _exact_cosines(_models(1e-3, d=4)), atol=1e-5)
+    # float32 rounds 2^29 times coarser: a mean 1e5 times the spread leaves about 3 digits of the variance
+    # (said), 1e8 none (refused); an ordinary model only the float32 note
+    S = ts.similarity_matrix(_models(1e-5, d=4), centered=True, route="materialize", dtype="float32")
+    assert not S.exact and any("float32's rounding left about 3 digits" in n for n in S.notes)
+    np.testing.assert_allclose(S.values, _exact_cosines(_models(1e-5, d=4)), atol=1e-4)
+    plain = ts.similarity_matrix(_models(1.0, d=4), route="pairwise-gram", dtype="float32")
+    assert not plain.exact and len(plain.notes) == 1 and "computed in float32" in plain.notes[0]
     with pytest.raises(ValueError, match="constant to float32"):
         ts.similarity_matrix(_models(1e-8, d=4), centered=True, route="materialize", dtype="float32")
 

@@ -532,7 +532,10 @@ def _result(job: Job, gram: Gram, route: str, costs: Mapping[str, RouteCost], no
     norms, col_norms, said = norms_of(log_norms, col_log_norms, sym)
     if gram.method == "exact" and str(gram.dtype) != "float64":
         said += (FLOAT32_NOTE,)
-    if not gram.exact and gram.method == "exact":
+        if gram.digits is not None and gram.digits < FLOAT32_DIGITS:  # far fewer than float32's own
+            said += (f"float32's rounding left about {max(gram.digits, 0.0):.0f} digits of some model's self product "
+                     "(the terms it sums far above their sum); float64 keeps more",)
+    elif not gram.exact and gram.method == "exact":
         said += (DIGITS_NOTE,)
     elif job.ops.dtype_name != str(gram.dtype):  # a route that computes in float64 only (node-gram, pairwise)
         said += (f"dtype {job.ops.dtype_name} does not apply to the {route} route: computed in {gram.dtype}",)
@@ -550,6 +553,9 @@ def _result(job: Job, gram: Gram, route: str, costs: Mapping[str, RouteCost], no
 DIGITS_NOTE = ("not exact: the floating-point rounding of an exact algorithm left fewer than 8 digits of some model's "
                "self product, or none (taken as 0): the terms it sums far above their sum (an output mean that "
                "centring removes, hidden units that cancel)")
+# float32 keeps 6 to 7 digits of ordinary models' self products by the routes' own judgement
+# (rounding_unit's 2^-21 against terms a few times their sum); below this a note says how few
+FLOAT32_DIGITS = 4
 FLOAT32_NOTE = ("computed in float32 (about 7 significant digits): an exact algorithm, not an exact value; "
                 "dtype float64 (the default) for exact values")
 
