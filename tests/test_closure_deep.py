@@ -282,8 +282,8 @@ def test_flags_and_notes_for_deep_models():
     two = ts.Sequential(att(), att())
     plan = ts.plan_inner(two, two, method="closure")
     assert plan.facts["approximate_layers"] == 1 and not plan.exact
-    assert plan.notes == ("Gaussian closure over 1 layer(s) (1 attention, 0 bilinear) after an exact first stage: "
-                          "approximate",)
+    assert plan.notes[0] == ("Gaussian closure over 1 layer(s) (1 attention, 0 bilinear) after an exact first stage: "
+                             "approximate") and "orders of magnitude" in plan.notes[1] and len(plan.notes) == 2
     got = ts.similarity(two, ts.Sequential(att(), att()), method="closure")
     assert not got.exact and got.method == "closure" and got.notes == plan.notes and np.isfinite(got.value)
     block = ts.Sequential(att(), mlp, att(), mlp, att())

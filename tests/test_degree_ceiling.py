@@ -6,7 +6,7 @@ products) have exact kurtoses near 5e4 (quadrature of s^4 below), and their
 estimates that the sample kurtosis left unflagged covered the exact value in
 67-92 % of seeds (three layers: 10-34 %).  Hypercontractivity bounds a
 degree-k product's kurtosis by 9^k whatever the samples show; where the
-variance error that allows, sqrt((9^k - 1) / n), is over DEGREE_CEILING, the
+variance error that allows, sqrt((9^k - 1) / n), is over TAIL_CEILING, the
 estimate is flagged.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 from numpy.polynomial.hermite_e import hermegauss
 
 import tsalgebra as ts
-from tsalgebra.algorithms.sampled import DEGREE_CEILING, HEAVY_TAIL_VARIANCE_ERROR, Z95
+from tsalgebra.algorithms.sampled import TAIL_CEILING, HEAVY_TAIL_VARIANCE_ERROR, Z95
 from tsalgebra.node_sums import Forward
 
 
@@ -54,7 +54,7 @@ def test_the_ceiling_is_the_hypercontractive_bound_and_holds_the_exact_kurtosis(
     assert 1e3 < kurtosis < 9.0 ** k  # far beyond what 2,000 samples show, within the ceiling
     r = ts.inner(a, a, method="sampled", samples=2000, seed=0)
     est = r.estimate
-    assert math.isclose(est.degree_ceiling, math.sqrt((9.0 ** k - 1) / 2000), rel_tol=1e-12)
+    assert math.isclose(est.tail_ceiling, math.sqrt((9.0 ** k - 1) / 2000), rel_tol=1e-12)
     # the true variance error is far over the threshold: the estimate must be flagged
     assert math.sqrt((kurtosis - 1) / 2000) > HEAVY_TAIL_VARIANCE_ERROR
     assert est.heavy_tailed and est.variance_error == 1.0
@@ -75,20 +75,9 @@ def test_depth_2_estimates_the_sample_kurtosis_left_unflagged_are_now_flagged():
 def test_one_bilinear_layer_is_judged_by_its_samples_from_729_on():
     a, b = pair(1)
     k = 4
-    assert (9.0 ** k - 1) / DEGREE_CEILING ** 2 < 729 < 9.0 ** k / DEGREE_CEILING ** 2 + 1
+    assert (9.0 ** k - 1) / TAIL_CEILING ** 2 < 729 < 9.0 ** k / TAIL_CEILING ** 2 + 1
     few = ts.similarity(a, b, method="sampled", samples=500, seed=0).estimate
-    assert few.degree_ceiling > DEGREE_CEILING and few.heavy_tailed
+    assert few.tail_ceiling > TAIL_CEILING and few.heavy_tailed
     enough = [ts.similarity(a, b, method="sampled", samples=2000, seed=s).estimate for s in range(10)]
-    assert all(e.degree_ceiling <= DEGREE_CEILING for e in enough)
+    assert all(e.tail_ceiling <= TAIL_CEILING for e in enough)
     assert sum(e.heavy_tailed for e in enough) <= 1
-
-
-def test_the_token_measure_has_no_degree_ceiling():
-    """Outputs on finitely many sequences (the token measure) are bounded: no a-priori ceiling."""
-    from tsalgebra.algorithms.sampled import _degree_ceiling
-
-    class P:  # a problem under a measure other than the Gaussian
-        measure = object()
-        degrees = (8, 8)
-
-    assert _degree_ceiling(P(), 1000) == 0.0

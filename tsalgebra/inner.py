@@ -139,7 +139,8 @@ def inner(
                    orbits=orbits, algorithm=algorithm, samples=samples, rel_error=rel_error, seed=seed, device=device,
                    progress=progress)
     (a, la), (b, lb) = _canonical_pair(a, b, centered)
-    return _scaled(solve(_problem(a, b, inner, method, mean, cov, measure, options))[0], la + lb, "<a, b>")
+    ab = solve(_problem(a, b, inner, method, mean, cov, measure, options))[0]
+    return _scales_said(_scaled(ab, la + lb, "<a, b>"), la, lb)
 
 
 @_overflow_named()
@@ -153,8 +154,9 @@ def joint_inner(a: Any, b: Any, inner: str | None = None, method: str = "auto", 
     grants a pair what :func:`similarity` grants it."""
     (a, la), (b, lb) = _canonical_pair(a, b, bool(options.get("centered")))
     ab, aa, bb = solve(_problem(a, b, inner, method, mean, cov, measure, options, joint=a is not b))
-    return (_scaled(ab, la + lb, "<a, b>"), None if aa is None else _scaled(aa, 2 * la, "<a, a>"),
-            None if bb is None else _scaled(bb, 2 * lb, "<b, b>"))
+    return (_scales_said(_scaled(ab, la + lb, "<a, b>"), la, lb),
+            None if aa is None else _scales_said(_scaled(aa, 2 * la, "<a, a>"), la, la),
+            None if bb is None else _scales_said(_scaled(bb, 2 * lb, "<b, b>"), lb, lb))
 
 
 @_overflow_named()
@@ -186,6 +188,12 @@ def _canonical_pair(a: Any, b: Any, centered: bool) -> tuple[tuple[Any, float], 
     object."""
     ca = canonical(without_output_bias(a) if centered else a)
     return ca, (ca if b is a else canonical(without_output_bias(b) if centered else b))
+
+
+def _scales_said(r: InnerResult, la: float, lb: float) -> InnerResult:
+    """``r`` with its Monte Carlo statistics (of the canonical models) told
+    the models' canonical scales, which give them back in the models' units."""
+    return r if r.estimate is None else replace(r, estimate=replace(r.estimate, log_scales=(la, lb)))
 
 
 def _scaled(r: InnerResult, log_scale: float, what: str) -> InnerResult:
@@ -369,7 +377,8 @@ def similarity(a: Any, b: Any, inner: str | None = None, method: str = "auto", m
     """
     measure = options.pop("measure", None)
     options = _common_degree(a, b, inner, options)
-    (a, _), (b, _) = _canonical_pair(a, b, bool(options.get("centered")))  # a cosine is blind to the scales; float64 is not
+    # a cosine is blind to the scales; float64 is not (an estimate keeps them, to give its products back)
+    (a, la), (b, lb) = _canonical_pair(a, b, bool(options.get("centered")))
     products = _similarity_plans(a, b, inner, method, mean, cov, measure, options)
     refused = [(label, p) for label, p in products if isinstance(p, CostError)]
     if refused:  # before anything runs
@@ -381,7 +390,8 @@ def similarity(a: Any, b: Any, inner: str | None = None, method: str = "auto", m
         if r is not None:
             _scaled(r, 0.0, what)
     if ab.estimate is not None:  # a Monte Carlo estimate: its cosine's error from the same samples
-        return _said_dead(_estimated_similarity(ab, None, None) if a is b else _estimated_similarity(ab, aa, bb))
+        return _scales_said(_said_dead(_estimated_similarity(ab, None, None) if a is b else
+                                       _estimated_similarity(ab, aa, bb)), la, lb)
     spent = [ab]  # a joint computation (closure, attention moments) yields all three at its own cost
     if a is b:
         aa = bb = ab

@@ -71,7 +71,7 @@ def format_bytes(n: float) -> str:
 def format_power(log10: float) -> str:
     """A count known by its log10, as text: "about 3.27e+150" in float range,
     "about 10^150515" beyond it."""
-    if log10 < 300:
+    if abs(log10) < 300:
         return f"about {10 ** log10:.3g}"
     return f"about 10^{math.floor(log10)}"
 
@@ -593,6 +593,19 @@ class Tokens(Measure):
         if any(k == 0 for k, _ in sizes):  # a position of no token at all (probs rows are checked to sum to 1)
             return -math.inf
         return sum(m * math.log10(k) for k, m in sizes)
+
+    @property
+    def log10_rarest(self) -> float:
+        """log10 of the smallest nonzero probability of a whole sequence (the
+        product of each token's rarest possible value), in constant time for
+        a uniform or shared law: what bounds how heavy a sampled product's
+        tails can be (a value carried by that one sequence alone)."""
+        n = self.n_ctx or 1
+        if self.probs is None:
+            return -n * math.log10(self.vocab)
+        p = np.asarray(self.probs, dtype=float)
+        rarest = np.min(np.where(p > 0, p, np.inf), axis=-1)
+        return n * math.log10(float(rarest)) if p.ndim == 1 else float(np.sum(np.log10(rarest)))
 
     @property
     def sequences(self) -> int:

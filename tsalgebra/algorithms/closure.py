@@ -69,6 +69,15 @@ def _gaussian_state(measure: Gaussian) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([mu0, mu0]), np.block([[M0, M0], [M0, M0]])
 
 
+# What closure keeps of a closed layer is its output's mean and covariance,
+# not its tails, on which the products of the layers after it feed: its
+# products and norms can be far from the exact ones, mostly below (residual
+# bilinear stacks of depth 2-3, widths 3-4, 8 pairs: 0.7 to 350 times below;
+# two-layer transformers at d_model 1-6, 15 pairs: 3e5 to 1e14 times, some of
+# the opposite sign), its cosines much less (measured in docs/inner-products.md).
+_MAGNITUDES = ("closure keeps each closed layer's output mean and covariance, not its tails: its products and norms "
+               "can be orders of magnitude from the exact ones (mostly below); its cosines are what was measured")
+
 # Tile side of the hidden x hidden products of a closure step.  The old step
 # held LMR, LML, RMR and Q whole, with their temporaries about 7 H^2 floats at
 # H joint hidden units (3.9 GB at H = 8194, a 3-layer stack of hidden 4096);
@@ -865,7 +874,7 @@ class GaussianClosure(Algorithm):
                     for k in (0, 1)]
         approx = max(bilinear[k] + sum(s.attentions[k] is not None for s in tail.stages) for k in (0, 1))
         notes = (f"Gaussian closure over {approx} layer(s) ({tail.attentions} attention, {max(bilinear)} bilinear) "
-                 "after an exact first stage: approximate",) if approx else ()
+                 "after an exact first stage: approximate", _MAGNITUDES) if approx else ()
         if flops > limit:
             raise CostError(f"closure would cost {format_count(flops)} flops", flops=flops)
         schedule = _Schedule(head, tuple(tuple(s) for s in steps), tail.readout, widths, per_position, tuple(parts))
@@ -883,7 +892,7 @@ class GaussianClosure(Algorithm):
         if flops > limit:
             raise CostError(f"closure would cost {format_count(flops)} flops", flops=flops)
         notes = (f"Gaussian closure over {approx} bilinear layer(s) after an exact first stage: approximate",
-                 ) if approx else ()
+                 _MAGNITUDES) if approx else ()
         state = max(width, sum(c[-1][2][0] for c in chains))
         peak = max(peak, 8.0 * 6 * state * state)  # the input's state; the output's moments read off the last
         return Plan(self.name, problem, float(flops), peak, max(len(chains[0]), len(chains[1])),

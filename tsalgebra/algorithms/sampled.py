@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from ..components import PositionWise, Sequential
-from ..measure import Gaussian, Tokens
+from ..measure import Gaussian, Tokens, format_power
 from ..node_sums import Forward
 from ..problem import Alternative, CostError, InnerProblem, InnerResult, Plan, format_count, rounded_up
 from ..progress import advancer
@@ -98,7 +98,7 @@ HEAVY_TAIL_VARIANCE_ERROR = 0.6
 # product of degree k has kurtosis at most 9^k (hypercontractivity:
 # ||p||_4 <= 3^(k/2) ||p||_2), so its variance error is at most
 # sqrt((9^k - 1) / n) whatever the samples show; where that ceiling is over
-# DEGREE_CEILING the sample kurtosis cannot vouch for the error bar: the
+# TAIL_CEILING the sample kurtosis cannot vouch for the error bar: the
 # exact kurtoses of bilinear stacks (Gauss-Hermite quadrature of s^4) are
 # 90-250 at depth 1 (degree-4 products), 2e4-7e4 at depth 2 and 2e9-6e9 at
 # depth 3, where n samples reach a sample kurtosis of at most about n; the
@@ -106,8 +106,14 @@ HEAVY_TAIL_VARIANCE_ERROR = 0.6
 # 500-10,000 samples, the depth-3 ones 10-34 %.  At 3 the ceiling flags
 # depth 1 below 729 samples (true variance error 0.4-0.7 at 500), depth 2
 # below 4.8e6 and depth 3 always; one bilinear layer from 729 samples on is
-# judged by its samples as before.
-DEGREE_CEILING = 3.0
+# judged by its samples as before.  Under the token measure any function of
+# the sequence has kurtosis at most 1/p, p the rarest sequence's probability
+# (with Y the squared deviation, E[Y^2] <= max Y E[Y] and E[Y] >= p max Y):
+# two-layer attention models with a token of probability 1e-3 (3 positions)
+# or 0.02 gave unflagged intervals covering 4-64 % at 500-10,000 samples, the
+# runs that drew no sequence carrying the product reporting it 10-25
+# standard errors off; the ceiling flags them below 1/(9p) samples.
+TAIL_CEILING = 3.0
 # Below this many samples the normal interval means nothing, nor does the
 # tail check (the sample kurtosis of 2 samples is 1): 2 samples gave
 # 0.505 +- 0.13 for an exact -0.039, unflagged.
@@ -136,10 +142,16 @@ class Estimate:
     relative standard error of a product's sample variance,
     sqrt((kurtosis - 1) / n) over the three products and the channels (the
     error of the error bar), which :attr:`heavy_tailed` judges;
-    ``degree_ceiling``: the most that error can be for the products' degree
-    under a Gaussian, sqrt((9^k - 1) / n) (0 under other measures): over
-    :data:`DEGREE_CEILING` the samples cannot check their own tails, and
-    ``variance_error`` is 1 (its cap), whatever they showed."""
+    ``tail_ceiling``: the most that error can be a priori, sqrt((K - 1) / n)
+    with K the largest kurtosis the products can have: 9^k for degree-k
+    products under a Gaussian, 1/p under tokens (p the rarest sequence's
+    probability); over :data:`TAIL_CEILING` the samples cannot check their
+    own tails, and ``variance_error`` is 1 (its cap), whatever they showed.
+
+    The statistics are those of the models at their canonical scale (each
+    divided by e^{log_scale}, so that float64 holds them whatever their
+    weights' size; :mod:`tsalgebra.rescale`): ``log_scales`` (a's, b's)
+    gives them back, as :meth:`products` does."""
 
     means: np.ndarray
     cov: np.ndarray
@@ -148,7 +160,8 @@ class Estimate:
     variance_saved: float = 1.0
     tail_share: float = 0.0
     variance_error: float = 0.0
-    degree_ceiling: float = 0.0
+    tail_ceiling: float = 0.0
+    log_scales: tuple[float, float] = (0.0, 0.0)
 
     @property
     def heavy_tailed(self) -> bool:
@@ -162,6 +175,15 @@ class Estimate:
 
     def stderr(self, k: int) -> np.ndarray:
         return np.sqrt(np.maximum(self.cov[k, k], 0.0))
+
+    def products(self) -> tuple[np.ndarray, np.ndarray]:
+        """(<a,b>, <a,a>, <b,b>) of the models as given, (3, C), and their
+        standard errors: the means and errors times e^{la + lb}, e^{2 la},
+        e^{2 lb} (infinite beyond float64's range, as the products are)."""
+        la, lb = self.log_scales
+        with np.errstate(over="ignore"):
+            factor = np.exp(np.array([la + lb, 2 * la, 2 * lb]))[:, None]
+            return self.means[:PRODUCTS] * factor, np.array([self.stderr(k) for k in range(PRODUCTS)]) * factor
 
     def cosine(self) -> tuple[np.ndarray, np.ndarray]:
         """(ab / sqrt(aa bb), its delta-method standard error), per channel:
@@ -377,17 +399,25 @@ class _Fit:
         return np.where(self.with_cv < self.without, self.candidate(), 0.0)
 
 
-def _degree_ceiling(p: InnerProblem, n: int) -> float:
-    """The largest variance error, sqrt((9^k - 1) / n), that a per-sample
-    product of degree k (twice the larger model degree) can have under a
-    Gaussian; 0 under other measures (bounded outputs) or without degrees."""
-    if not isinstance(p.measure, Gaussian) or n < 1:
-        return 0.0
-    try:
-        k = 2 * max(p.degrees)
-    except (AttributeError, TypeError, ValueError):
-        return 0.0
-    return math.sqrt(max(9.0 ** min(k, 300) - 1.0, 0.0) / n)
+def _tail_ceiling(p: InnerProblem, n: int) -> tuple[float, str]:
+    """The largest variance error, sqrt((K - 1) / n), that a per-sample
+    product can have, K its largest possible kurtosis (see TAIL_CEILING), and
+    what bounds K, for the note; (0, "") where nothing does (no degrees)."""
+    if n < 1:
+        return 0.0, ""
+    if isinstance(p.measure, Tokens):
+        rarest = p.measure.log10_rarest
+        log10_k = -rarest  # K = 1 / p
+        why = (f"the rarest token sequence has probability {format_power(rarest)}, and a product carried by it alone "
+               f"has kurtosis {format_power(log10_k)}")
+    else:
+        try:
+            k = 2 * max(p.degrees)
+        except (AttributeError, TypeError, ValueError):
+            return 0.0, ""
+        log10_k = k * math.log10(9.0)
+        why = f"the products have degree {k} under a Gaussian, whose kurtosis can reach 9^{k} (hypercontractivity)"
+    return math.sqrt(max(10.0 ** min(log10_k, 300.0) - 1.0, 0.0) / n), why
 
 
 def _rounded_up3(x: float) -> float:
@@ -701,8 +731,8 @@ class Sampled(Algorithm):
         kept = np.diagonal(stream.covariance(), axis1=0, axis2=1).T[:PRODUCTS]
         with np.errstate(divide="ignore", invalid="ignore"):
             saved = float(np.nanmean(np.where(kept > 0, raw / kept, 1.0)))
-        ceiling = _degree_ceiling(p, stream.n)
-        error = 1.0 if ceiling > DEGREE_CEILING else stream.variance_error()
+        ceiling, _ = _tail_ceiling(p, stream.n)
+        error = 1.0 if ceiling > TAIL_CEILING else stream.variance_error()
         return Estimate(means, cov, stream.n, p.seed, saved, stream.tail_share(), error, ceiling)
 
     def _results(self, plan: Plan, stream: _Stream) -> Triple:
@@ -712,18 +742,19 @@ class Sampled(Algorithm):
         if stream.n < FEW_SAMPLES:
             notes.append(f"FEW SAMPLES: the 95 % interval assumes a normal mean, which {stream.n} samples do not give "
                          f"(fewer than {FEW_SAMPLES}); the standard error is itself a rough estimate: pass more samples")
-        if est.degree_ceiling > DEGREE_CEILING:
-            k = 2 * max(p.degrees)
-            notes.append(f"HEAVY TAILS: the products have degree {k} under a Gaussian, whose kurtosis can reach 9^{k} "
-                         "(hypercontractivity): a product's sample variance, and so the standard error, may be off by "
-                         f"up to {est.degree_ceiling:.3g} times itself, which {stream.n:,} samples cannot check (about "
-                         f"{format_count(9.0 ** k / DEGREE_CEILING ** 2)} could); the standard error is likely "
-                         "underestimated (an exact or closure value, to check)")
-        elif est.heavy_tailed:
+        check = "an exact value" if isinstance(p.measure, Tokens) else "an exact or closure value"  # closure: Gaussian
+        if est.tail_ceiling > TAIL_CEILING:
+            _, why = _tail_ceiling(p, stream.n)
+            notes.append(f"HEAVY TAILS: {why}: a product's sample variance, and so the standard error, may be off by "
+                         f"up to {est.tail_ceiling:.3g} times itself, which {stream.n:,} samples cannot check (about "
+                         f"{format_count(est.tail_ceiling ** 2 * stream.n / TAIL_CEILING ** 2)} could; of these, one "
+                         f"carries {est.tail_share:.0%} of a product's spread); the standard error may be "
+                         f"underestimated ({check}, to check)")
+        elif est.heavy_tailed:  # judged by the samples
             notes.append(f"HEAVY TAILS: a product's sample variance, and so the standard error, is itself uncertain "
                          f"by about {est.variance_error:.0%} (its kurtosis; one sample carries {est.tail_share:.0%} of "
-                         "its spread); the standard error is likely underestimated (more samples, or an exact or "
-                         "closure value, to check)")
+                         f"its spread); the standard error is likely underestimated (more samples, or {check}, to "
+                         "check)")
         if plan.payload[2] is not None:
             notes.append(f"the control variate divided the variance by {est.variance_saved:.3g}")
         if p.rel_error is not None:
