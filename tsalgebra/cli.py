@@ -63,7 +63,7 @@ from .jsonable import dumps
 from .matrix.api import ROUTES
 from .messages import counted, message_of, out_of_memory, raised
 from .planner import plan, plan_cache
-from .problem import DEFAULT_BUDGET, Alternative, CostError, NotApplicableError, format_count
+from .problem import DEFAULT_BUDGET, Alternative, CostError, NotApplicableError, format_count, resolve_inner
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as a shell reports a process it interrupted
@@ -954,9 +954,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     _check_n_ctx(args, (a, b))
     _check_inner(args, (a, b))
     _check_widths([(args.a, a), (args.b, b)])
+    measure = _token_measure(args, a, b)
     sp = plan_similarity(a, b, args.inner, args.method, centered=args.centered, per_output=args.per_output,
-                         measure=_token_measure(args, a, b), **_limits(args))
-    inner_used = next((p.problem.inner for _, p in sp.products if not isinstance(p, CostError)), args.inner or "gaussian")
+                         measure=measure, **_limits(args))
+    inner_used = resolve_inner(args.inner, measure, a, b)[0]  # what was planned, every product refused or not
     rep = dict(sp.describe(), inner=inner_used, method=args.method, centered=args.centered, a=args.a, b=args.b,
                model_a=repr(a), model_b=repr(b))
     lines = [f"{inner_used}{' centred' if args.centered else ''} similarity of {args.a} and {args.b}, planned from "

@@ -157,7 +157,10 @@ def checkpoint_paths(path: str | Path) -> list[Path]:
         hint = ""
         if (p / "checkpoints").is_dir():  # a run folder: say where its checkpoints are, and why not as a run
             hint = f"; they load from {p / 'checkpoints'}"
-            if (p / "config.json").is_file():
+            if run_of(p) is not None:  # a run, read by a template: only its checkpoints/ folder is
+                hint += (" with the template, or as the language-model run in the papers' layout that its config.json "
+                         "names, without one (no template= / --template)")
+            elif (p / "config.json").is_file():
                 hint += (f" (its config.json does not name {', '.join(missing_sizes(p) or SIZES)}, so it is not a "
                          "language-model run in the papers' layout)")
         raise LoadError(p, f"directory holds no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}){hint}")

@@ -58,6 +58,7 @@ import sympy
 
 from .algorithms.sampled import FEW_SAMPLES, Z95
 from .circuits import EigenCircuit, top_eigen
+from .attention import BilinearAttention
 from .components import Component, exact_entry
 from .inner import _not_positive, relative_products
 from .measure import Gaussian, Measure, Tokens, support_note
@@ -277,8 +278,17 @@ def _exact_numbers(a: np.ndarray | None) -> bool:
 
 def _model_exact(model: Component) -> bool:
     """Every weight of ``model`` exact (a mixed model, float arrays beside
-    exact ones or float entries in object arrays, is not)."""
-    return all(_exact_numbers(w) for w in model.weights())
+    exact ones or float entries in object arrays, is not), and no rotary
+    embedding (:func:`_rotary`)."""
+    return _rotary(model) is None and all(_exact_numbers(w) for w in model.weights())
+
+
+def _rotary(model: Component) -> BilinearAttention | None:
+    """The first attention layer that rotates by position: its cosines and
+    sines are computed in float64, irrational numbers that no exact
+    arithmetic holds (exact=True failed after its whole run)."""
+    return next((layer for layer in model.layers if isinstance(layer, BilinearAttention)
+                 and layer.rotary_base is not None), None)
 
 
 def _symbolic(model: Component) -> list[str]:
@@ -878,6 +888,12 @@ def verify(
         exact = _model_exact(component) and _model_exact(c) and _law_exact(law)
     notes: list[str] = []
     if exact:
+        for model, side in ((component, "component"), (c, "circuit")):
+            if (rotating := _rotary(model)) is not None:
+                raise ValueError(f"exact=True cannot hold the {side}'s rotary embedding ({rotating.name}, rotary_base="
+                                 f"{rotating.rotary_base:g}): its rotations by position are cosines and sines, "
+                                 "irrational, computed in float64; exact=False (without --exact on the command line) "
+                                 "gives a tolerance verdict")
         f = component if _model_exact(component) else exactify(component)
         c = c if _model_exact(c) else exactify(c)
         if law is not None and not _law_exact(law):

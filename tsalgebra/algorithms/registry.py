@@ -47,6 +47,30 @@ __all__ = ["Algorithm", "Triple", "alternatives", "choose", "register", "registe
 
 Triple = tuple[InnerResult, "InnerResult | None", "InnerResult | None"]
 
+# A plan's flops in exact arithmetic (Fractions, sympy numbers) are counted
+# at this many float64 flops each, against the budget and in the reports: a
+# numpy matrix product of Fractions runs at 0.9-1.3e6 operations per second
+# on this machine, float64 contractions at about 1e9 (progress.RATES), so an
+# exact plan of 4e9 operations (verify --exact of a one-layer language model
+# at vocabulary 8) fitted the default budget and ran for hours.
+EXACT_FLOP_COST = 1000.0
+
+
+def _plan_of(alg: "Algorithm", problem: InnerProblem, limit: float) -> Plan:
+    """``alg.plan(problem, limit)``, an exact-number problem's operations
+    counted at :data:`EXACT_FLOP_COST` float64 flops each."""
+    if not problem.exact_numbers:
+        return alg.plan(problem, limit)
+    try:
+        plan = alg.plan(problem, limit / EXACT_FLOP_COST)
+    except CostError as exc:
+        if exc.flops == math.inf:
+            raise
+        raise CostError(f"{exc.reason} (in exact arithmetic: {format_count(exc.flops * EXACT_FLOP_COST)} float64 "
+                        f"flops, each exact operation counted as {EXACT_FLOP_COST:,.0f})",
+                        flops=exc.flops * EXACT_FLOP_COST, extrapolated=exc.extrapolated) from None
+    return replace(plan, flops=plan.flops * EXACT_FLOP_COST)
+
 
 class Algorithm:
     """An inner-product algorithm.  Subclasses set the class attributes and
@@ -376,7 +400,7 @@ def _choose(problem: InnerProblem) -> Plan:
         share = problem.shares(alg.joint)
         named = problem.replace(algorithm=alg.name)
         try:
-            plan = alg.plan(problem, problem.budget * share)
+            plan = _plan_of(alg, problem, problem.budget * share)
         except CostError as exc:
             raise CostError(f"{problem.describe()}: {alg.name}: {exc.reason}; the budget is "
                             f"{_limit(problem)}", flops=exc.flops, extrapolated=exc.extrapolated,
@@ -402,9 +426,11 @@ def _choose(problem: InnerProblem) -> Plan:
             continue
         share = problem.shares(alg.joint)
         try:
-            plan = alg.plan(problem, share * min(problem.budget, best_each))
+            plan = _plan_of(alg, problem, share * min(problem.budget, best_each))
         except CostError as exc:
-            if exc.flops / share > problem.budget or best is None:
+            if exc.flops == math.inf:  # over a fixed limit of the algorithm (pairings to walk): no budget lifts it
+                refusals.append((alg.name, exc.reason))
+            elif exc.flops / share > problem.budget or best is None:
                 refusals.append((alg.name, exc.reason))
                 estimates.append((exc.flops / share, exc.extrapolated))
             else:
@@ -421,7 +447,7 @@ def _choose(problem: InnerProblem) -> Plan:
         what = "; ".join(f"{name}: {why}" for name, why in refusals) or "none is registered"
         bounds = ([f"the budget of {_limit(problem)}"] if estimates else []) + ([_bound(problem)] if needs else [])
         why = (f"every {_method(problem)} algorithm would exceed {' or '.join(bounds)} or does not apply" if bounds
-               else f"no {_method(problem)} algorithm applies")
+               else f"no {_method(problem)} algorithm applies within its fixed limits")
         cheapest = min(estimates + [(f, False) for _, f in needs], default=(math.inf, False))
         reason = f"{problem.describe()} refused: {why} ({what})"
         if needs:
