@@ -85,11 +85,12 @@ def test_the_cause_below_0_is_named_only_where_a_control_variate_ran():
     base = ts.inner(*_deep(1), method="sampled", samples=100, seed=0)
 
     def said(value, saved):
-        est = Estimate(np.array([[value]] * 4), np.ones((4, 4, 1)), 100, 0, variance_saved=saved)
+        raw = None if saved == 1.0 else np.full((4, 4, 1), saved)  # 1.0: no control variate ran
+        est = Estimate(np.array([[value]] * 4), np.ones((4, 4, 1)), 100, 0, raw, product=1)
         from dataclasses import replace
         return _not_positive(replace(base, value=value, stderr=1.0, estimate=est), "<a, a>")
 
     assert "control variate" not in said(-2.0, 1.0)  # no control variate: nothing to blame on it
-    assert "by 40 (their mean)" in said(-2.0, 0.025) and "by 8 (their mean)" in said(-2.0, 0.125)
+    assert "its variance by 40 instead" in said(-2.0, 0.025) and "its variance by 8 instead" in said(-2.0, 0.125)
     assert "control variate's correction:" in said(-2.0, 3.0)  # it reduced the variance, and still went below 0
     assert said(0.5, 0.025) is None

@@ -28,7 +28,7 @@ import numpy as np
 import sympy
 
 from .algorithms import choose, describe, run, solve
-from .algorithms.sampled import Z95
+from .algorithms.sampled import Z95, control_note
 from .cosine import cosines
 from .measure import Measure
 from .rescale import canonical, without_output_bias
@@ -154,9 +154,10 @@ def joint_inner(a: Any, b: Any, inner: str | None = None, method: str = "auto", 
     grants a pair what :func:`similarity` grants it."""
     (a, la), (b, lb) = _canonical_pair(a, b, bool(options.get("centered")))
     ab, aa, bb = solve(_problem(a, b, inner, method, mean, cov, measure, options, joint=a is not b))
+    # one computation: a Monte Carlo estimate there is the pair's, <a, a> and <b, b> among its products
     return (_scales_said(_scaled(ab, la + lb, "<a, b>"), la, lb),
-            None if aa is None else _scales_said(_scaled(aa, 2 * la, "<a, a>"), la, la),
-            None if bb is None else _scales_said(_scaled(bb, 2 * lb, "<b, b>"), lb, lb))
+            None if aa is None else _scales_said(_scaled(aa, 2 * la, "<a, a>"), la, lb),
+            None if bb is None else _scales_said(_scaled(bb, 2 * lb, "<b, b>"), la, lb))
 
 
 @_overflow_named()
@@ -474,12 +475,12 @@ def _not_positive(r: InnerResult, what: str) -> str | None:
     if np.all((value == 0) & (se == 0)):
         return f"{what} is 0 on every sample: a zero model, whose similarity is undefined"
     tails = " (its samples are heavy-tailed)" if r.estimate is not None and r.estimate.heavy_tailed else ""
-    saved = r.estimate.variance_saved if r.estimate is not None else 1.0
+    ran = r.estimate is not None and r.estimate.raw_cov is not None
+    saved = r.estimate.variance_saved if ran else 1.0  # type: ignore[union-attr]
     cause = ""
-    if np.min(value) < 0 and saved != 1.0:  # 1.0 exactly: no control variate
+    if np.min(value) < 0 and ran:
         cause = ("; a mean of squares, taken below 0 by the control variate's correction"
-                 + (f", which multiplied the products' variance by {1 / saved:.3g} (their mean) instead of reducing it"
-                    if saved < 1 else ""))
+                 + (f", which multiplied its variance by {1 / saved:.3g} instead of reducing it" if saved < 1 else ""))
     return (f"the Monte Carlo estimate of {what} is {np.min(value):.4g} +- {np.max(se):.2g}, not positive{tails}"
             f"{cause}: too few samples for this model; pass more samples= (or rel_error=), or ask for an exact value")
 
@@ -496,6 +497,11 @@ def _estimated_similarity(ab: InnerResult, aa: InnerResult | None, bb: InnerResu
         zero = one * 0.0
         return replace(ab, value=one, quantity="similarity", stderr=zero, interval=(one, one))
     notes = ("cosine: ratio of the sample means, standard error by the delta method",)
+    est = ab.estimate
+    own = ab.notes
+    if est.raw_cov is not None:  # the control variate's effect on the value returned, the cosine, not on <a, b>
+        own = tuple(n for n in own if n != control_note("<a, b>", est.saved(0)))
+        notes += (control_note("the cosine", est.cosine_saved()),)
     if not ab.per_output:
         for r, what in ((aa, "<a, a>"), (bb, "<b, b>")):
             why = _not_positive(r, what)
@@ -523,7 +529,7 @@ def _estimated_similarity(ab: InnerResult, aa: InnerResult | None, bb: InnerResu
         cos = np.clip(cos, -1.0, 1.0)
     value, se = (cos, se) if ab.per_output else (float(cos[0]), float(se[0]))
     return replace(ab, value=value, quantity="similarity", stderr=se, interval=(value - Z95 * se, value + Z95 * se),
-                   notes=ab.notes + notes)
+                   notes=own + notes)
 
 
 @dataclass(frozen=True)

@@ -156,13 +156,15 @@ def checkpoint_paths(path: str | Path) -> list[Path]:
     if not files:
         hint = ""
         if (p / "checkpoints").is_dir():  # a run folder: say where its checkpoints are, and why not as a run
-            hint = f"; they load from {p / 'checkpoints'}"
             if run_of(p) is not None:  # a run, read by a template: only its checkpoints/ folder is
-                hint += (" with the template, or as the language-model run in the papers' layout that its config.json "
-                         "names, without one (no template= / --template)")
-            elif (p / "config.json").is_file():
-                hint += (f" (its config.json does not name {', '.join(missing_sizes(p) or SIZES)}, so it is not a "
-                         "language-model run in the papers' layout)")
+                hint = (f"; it loads as the language-model run in the papers' layout that its config.json names, "
+                        f"without a template (no template= / --template), or from {p / 'checkpoints'} with a "
+                        "template whose module converts (the papers' own modules need the run's layout instead)")
+            else:
+                hint = f"; they load from {p / 'checkpoints'}"
+                if (p / "config.json").is_file():
+                    hint += (f" (its config.json does not name {', '.join(missing_sizes(p) or SIZES)}, so it is not a "
+                             "language-model run in the papers' layout)")
         raise LoadError(p, f"directory holds no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}){hint}")
     # by the stem (the model's name): "run" before "run2" before "run10" (on the whole file name the
     # suffix's "." sorted "run.pt" after "run10.pt"); the whole name breaks a tie (step_2.pt, step_2.safetensors)

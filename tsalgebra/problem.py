@@ -13,6 +13,7 @@ Nothing here computes: algorithms live in :mod:`tsalgebra.algorithms`.
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import os
@@ -508,6 +509,19 @@ def default_measure_note(measure: Measure) -> str:
     return f"measure: {measure.label}, the models' default (they read tokens)"
 
 
+def function_level_refusal(exc: CostError) -> CostError:
+    """``exc`` without the alternatives that a function-level comparison
+    cannot take (another inner product than a functional or the symmetric
+    one: the network product)."""
+    kept = tuple(a for a in exc.alternatives if a.option != "inner" or a.value in FUNCTIONAL + ("symmetric",))
+    if kept == exc.alternatives:
+        return exc
+    out = copy.copy(exc)
+    out.alternatives = kept
+    out.args = (out.explain(),)
+    return out
+
+
 def function_level(inner: str | None, measure: Measure | None, mean: Any, cov: Any, caller: str,
                    *models: Any) -> tuple[str, Measure | None]:
     """The function-level inner product that ``caller`` compares ``models``
@@ -569,6 +583,12 @@ def _exact_weights(model: Any) -> bool:
     if isinstance(model, Component):
         return model.exact
     return any(getattr(t.data, "dtype", None) == object for _, n in _terms(model) for t in n.tensors)
+
+
+def _symbolic_weights(model: Any) -> bool:
+    arrays = model.weights() if isinstance(model, Component) else [t.data for _, n in _terms(model) for t in n.tensors]
+    return any(getattr(w, "dtype", None) == object and any(getattr(v, "free_symbols", None) for v in w.flat)
+               for w in arrays)
 
 
 @dataclass(frozen=True, eq=False)
@@ -661,6 +681,12 @@ class InnerProblem:
     def exact_numbers(self) -> bool:
         """True when some weight is an exact number (Fraction, sympy)."""
         return _exact_weights(self.a) or _exact_weights(self.b)
+
+    @cached_property
+    def symbolic_numbers(self) -> bool:
+        """True when some weight is a sympy expression in symbols (whose
+        arithmetic is far slower than exact numbers', and slows as it grows)."""
+        return self.exact_numbers and (_symbolic_weights(self.a) or _symbolic_weights(self.b))
 
     @cached_property
     def widths(self) -> tuple[int, int]:

@@ -64,7 +64,7 @@ from .inner import _not_positive, relative_products
 from .measure import Gaussian, Measure, Tokens, support_note
 from .messages import counted
 from .problem import InnerResult
-from .problem import function_level
+from .problem import CostError, function_level, function_level_refusal
 from .symbolic import default_symbols, from_sympy, to_sympy
 
 __all__ = ["Verification", "verify", "exactify", "MIN_SAMPLES", "MAX_TOL"]
@@ -680,6 +680,8 @@ def _products(f: Component, c: Component, inner: str, kw: dict[str, Any], per_ou
     of them): weights of 1e160 overflowed the products, not the figures."""
     try:
         fc, ff, cc = relative_products(f, c, inner, per_output=per_output, **kw)
+    except CostError as exc:  # its alternatives as verify takes them
+        raise function_level_refusal(exc) from None
     except (OverflowError, FloatingPointError) as exc:
         said = str(exc).replace("b is about", "the circuit is about").replace("times a", "times the component")
         raise type(exc)(said.replace("<b, b> / <a, a>", "the ratio of their norms")
@@ -892,8 +894,7 @@ def verify(
             if (rotating := _rotary(model)) is not None:
                 raise ValueError(f"exact=True cannot hold the {side}'s rotary embedding ({rotating.name}, rotary_base="
                                  f"{rotating.rotary_base:g}): its rotations by position are cosines and sines, "
-                                 "irrational, computed in float64; exact=False (without --exact on the command line) "
-                                 "gives a tolerance verdict")
+                                 "irrational, computed in float64; exact=False gives a tolerance verdict")
         f = component if _model_exact(component) else exactify(component)
         c = c if _model_exact(c) else exactify(c)
         if law is not None and not _law_exact(law):

@@ -54,22 +54,36 @@ Triple = tuple[InnerResult, "InnerResult | None", "InnerResult | None"]
 # exact plan of 4e9 operations (verify --exact of a one-layer language model
 # at vocabulary 8) fitted the default budget and ran for hours.
 EXACT_FLOP_COST = 1000.0
+# The same for symbolic weights (sympy expressions in symbols), whose speed
+# falls as the expressions grow: 1.2e5 operations per second for two layers
+# of width 1, 2-9e4 for one layer of width 2-3, 690 for two of width 2 (22
+# symbols; so a plan there can take 20 times its estimate).
+SYMBOLIC_FLOP_COST = 1e5
+
+
+def exact_flop_cost(problem: InnerProblem) -> float:
+    """Float64 flops one exact operation of ``problem`` counts as (1 for float weights)."""
+    return 1.0 if not problem.exact_numbers else SYMBOLIC_FLOP_COST if problem.symbolic_numbers else EXACT_FLOP_COST
 
 
 def _plan_of(alg: "Algorithm", problem: InnerProblem, limit: float) -> Plan:
     """``alg.plan(problem, limit)``, an exact-number problem's operations
     counted at :data:`EXACT_FLOP_COST` float64 flops each."""
-    if not problem.exact_numbers:
+    cost = exact_flop_cost(problem)
+    if cost == 1.0:
         return alg.plan(problem, limit)
+    what = "symbolic" if problem.symbolic_numbers else "exact"
     try:
-        plan = alg.plan(problem, limit / EXACT_FLOP_COST)
+        plan = alg.plan(problem, limit / cost)
     except CostError as exc:
         if exc.flops == math.inf:
             raise
-        raise CostError(f"{exc.reason} (in exact arithmetic: {format_count(exc.flops * EXACT_FLOP_COST)} float64 "
-                        f"flops, each exact operation counted as {EXACT_FLOP_COST:,.0f})",
-                        flops=exc.flops * EXACT_FLOP_COST, extrapolated=exc.extrapolated) from None
-    return replace(plan, flops=plan.flops * EXACT_FLOP_COST)
+        raise CostError(f"in {what} operations, {exc.reason}; each counted as {cost:,.0f} float64 flops, "
+                        f"{format_count(exc.flops * cost)} flops",
+                        flops=exc.flops * cost, extrapolated=exc.extrapolated) from None
+    return replace(plan, flops=plan.flops * cost, facts={**plan.facts, "flops_per_exact_operation": cost},
+                   notes=plan.notes + (f"{what} arithmetic: each operation counted as {cost:,.0f} float64 flops in "
+                                       "the plan's flops (its other counts are exact operations)",))
 
 
 class Algorithm:
@@ -402,6 +416,11 @@ def _choose(problem: InnerProblem) -> Plan:
         try:
             plan = _plan_of(alg, problem, problem.budget * share)
         except CostError as exc:
+            if exc.flops == math.inf:  # a fixed limit of the algorithm (pairings to walk): no budget lifts it
+                others, note = _suggestions(named, [])
+                raise NotApplicableError(f"{problem.describe()}: {alg.name} does not apply within its fixed "
+                                         f"limits: {exc.reason}" + ("" if others else note),
+                                         alternatives=_fitting(problem, alg) + others) from None
             raise CostError(f"{problem.describe()}: {alg.name}: {exc.reason}; the budget is "
                             f"{_limit(problem)}", flops=exc.flops, extrapolated=exc.extrapolated,
                             alternatives=alternatives(named, [(exc.flops / share, exc.extrapolated)])) from None
@@ -414,6 +433,7 @@ def _choose(problem: InnerProblem) -> Plan:
     best: Plan | None = None
     best_each = math.inf  # the best plan's flops per product answered: a joint plan's over three
     refusals: list[tuple[str, str]] = []
+    limited = False  # some algorithm refused over a fixed limit of its own
     estimates: list[tuple[float, bool]] = []  # (flops per product, extrapolated) over the budget
     needs: list[tuple[float, float]] = []  # (peak bytes, flops per product) within the budget, over the memory bound
     for alg in _REGISTRY.values():
@@ -430,6 +450,7 @@ def _choose(problem: InnerProblem) -> Plan:
         except CostError as exc:
             if exc.flops == math.inf:  # over a fixed limit of the algorithm (pairings to walk): no budget lifts it
                 refusals.append((alg.name, exc.reason))
+                limited = True
             elif exc.flops / share > problem.budget or best is None:
                 refusals.append((alg.name, exc.reason))
                 estimates.append((exc.flops / share, exc.extrapolated))
@@ -447,7 +468,7 @@ def _choose(problem: InnerProblem) -> Plan:
         what = "; ".join(f"{name}: {why}" for name, why in refusals) or "none is registered"
         bounds = ([f"the budget of {_limit(problem)}"] if estimates else []) + ([_bound(problem)] if needs else [])
         why = (f"every {_method(problem)} algorithm would exceed {' or '.join(bounds)} or does not apply" if bounds
-               else f"no {_method(problem)} algorithm applies within its fixed limits")
+               else f"no {_method(problem)} algorithm applies" + (" within its fixed limits" if limited else ""))
         cheapest = min(estimates + [(f, False) for _, f in needs], default=(math.inf, False))
         reason = f"{problem.describe()} refused: {why} ({what})"
         if needs:

@@ -41,6 +41,7 @@ is sound.  The threshold's measurement is at the constant.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
 from functools import reduce
 from typing import Any
@@ -114,6 +115,7 @@ HEAVY_TAIL_VARIANCE_ERROR = 0.6
 # runs that drew no sequence carrying the product reporting it 10-25
 # standard errors off; the ceiling flags them below 1/(9p) samples.
 TAIL_CEILING = 3.0
+DEGREE_CEILING = TAIL_CEILING  # its former name (a Gaussian's ceiling was by degree alone)
 # Below this many samples the normal interval means nothing, nor does the
 # tail check (the sample kurtosis of 2 samples is 1): 2 samples gave
 # 0.505 +- 0.13 for an exact -0.039, unflagged.
@@ -133,8 +135,11 @@ class Estimate:
     """What Monte Carlo measured: ``means`` (4, C) of the per-sample
     products <a,b>, <a,a>, <b,b> and |a - b|^2 (C channels: 1, or the
     outputs with ``per_output``), ``cov`` (4, 4, C) the covariance of those
-    means (the per-sample covariance over n), ``samples`` n, ``seed``, and
-    the variance factor the control variate saved (1.0: none).
+    means (the per-sample covariance over n), ``samples`` n, ``seed``;
+    ``raw_cov`` the same covariance before the control variate (None: none
+    ran), which :meth:`saved` and :meth:`cosine_saved` read, and ``product``
+    the product (0, 1, 2) the result holding this estimate reports, whose
+    factor :attr:`variance_saved` is.
 
     ``tail_share``: the largest share of a product's sum of squared
     deviations that one sample carries (about 2 ln(n) / n for light tails,
@@ -145,7 +150,7 @@ class Estimate:
     ``tail_ceiling``: the most that error can be a priori, sqrt((K - 1) / n)
     with K the largest kurtosis the products can have: 9^k for degree-k
     products under a Gaussian, 1/p under tokens (p the rarest sequence's
-    probability); over :data:`TAIL_CEILING` the samples cannot check their
+    probability; inf beyond float64); over :data:`TAIL_CEILING` the samples cannot check their
     own tails, and ``variance_error`` is 1 (its cap), whatever they showed.
 
     The statistics are those of the models at their canonical scale (each
@@ -157,11 +162,47 @@ class Estimate:
     cov: np.ndarray
     samples: int
     seed: int | None
-    variance_saved: float = 1.0
+    raw_cov: np.ndarray | None = None
     tail_share: float = 0.0
     variance_error: float = 0.0
     tail_ceiling: float = 0.0
     log_scales: tuple[float, float] = (0.0, 0.0)
+    product: int = 0
+
+    def saved(self, k: int) -> np.ndarray:
+        """The factor by which the control variate divided product k's
+        variance, per channel (below 1: it added variance; 1 without a
+        control variate; inf where it made the product exact, its spread
+        within float64's rounding of its mean)."""
+        if self.raw_cov is None:
+            return np.ones(self.means.shape[1])
+        kept, raw = self.cov[k, k], self.raw_cov[k, k]
+        exact = np.sqrt(np.maximum(kept * self.samples, 0.0)) <= CANCELLED * np.abs(self.means[k])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(exact, np.where(raw > 0, np.inf, 1.0), raw / kept)
+
+    @property
+    def degree_ceiling(self) -> float:
+        """:attr:`tail_ceiling` by its former name (deprecated)."""
+        warnings.warn("Estimate.degree_ceiling is now Estimate.tail_ceiling", DeprecationWarning, stacklevel=2)
+        return self.tail_ceiling
+
+    @property
+    def variance_saved(self) -> float:
+        """:meth:`saved` of the product reported, its least over the channels."""
+        return float(np.min(self.saved(self.product)))
+
+    def cosine_saved(self) -> np.ndarray:
+        """The factor by which the control variate divided the cosine's
+        delta-method variance, per channel (the products' own factors say
+        nothing of it: each product's coefficient is fitted to that product,
+        and their errors combine in the ratio; inf where the cosine came out
+        within rounding)."""
+        if self.raw_cov is None:
+            return np.ones(self.means.shape[1])
+        raw, kept = self._cosine_variance(self.raw_cov)[1], self._cosine_variance(self.cov)[1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(kept > 0, raw / kept, np.where(raw > 0, np.inf, 1.0))
 
     @property
     def heavy_tailed(self) -> bool:
@@ -200,21 +241,44 @@ class Estimate:
         (:data:`ROUNDING`): on models equal to the last bit the measured
         spread fell below one float64 step, and the intervals missed the
         exact cosine in 13 of 20 seeds."""
+        cos, var = self._cosine_variance(self.cov)
+        rounding = ROUNDING * (np.log2(max(self.samples, 2)) + 4) * np.nan_to_num(np.abs(cos))
+        return cos, np.maximum(np.sqrt(np.maximum(var, 0.0)), rounding)
+
+    def _cosine_variance(self, cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The cosine and its delta-method variance over the means'
+        covariance ``cov`` (see :meth:`cosine`)."""
         ab, aa, bb = self.means[:3]
         with np.errstate(divide="ignore", invalid="ignore"):
             root = np.sqrt(aa) * np.sqrt(bb)
             cos = ab / root
             grad = np.stack([cos / ab, -0.5 * cos / aa, -0.5 * cos / bb])  # d cos / d (ab, aa, bb)
             grad = np.where(ab == 0, np.stack([1 / root, 0 * aa, 0 * bb]), grad)
-        terms = np.einsum("ic,ijc,jc->ijc", grad, self.cov[:3, :3], grad)
+        terms = np.einsum("ic,ijc,jc->ijc", grad, cov[:3, :3], grad)
         var = terms.sum(axis=(0, 1))
         if len(self.means) > 3:
             cancelled = var <= CANCELLED * np.abs(terms).sum(axis=(0, 1))
             with np.errstate(divide="ignore", invalid="ignore"):  # d cos / d (aa, bb, D)
                 near = np.stack([0.5 / root - 0.5 * cos / aa, 0.5 / root - 0.5 * cos / bb, -0.5 / root])
-            var = np.where(cancelled, np.einsum("ic,ijc,jc->c", near, self.cov[1:4, 1:4], near), var)
-        rounding = ROUNDING * (np.log2(max(self.samples, 2)) + 4) * np.nan_to_num(np.abs(cos))
-        return cos, np.maximum(np.sqrt(np.maximum(var, 0.0)), rounding)
+            var = np.where(cancelled, np.einsum("ic,ijc,jc->c", near, cov[1:4, 1:4], near), var)
+        return cos, var
+
+
+def control_note(what: str, factors: np.ndarray) -> str:
+    """What the control variate did to the variance of ``what`` (per
+    channel ``factors``, :meth:`Estimate.saved`), for a result's notes."""
+    factors = np.asarray(factors, dtype=float).ravel()
+    if np.all(np.isinf(factors)):
+        return f"the control variate made {what} exact (its spread within float64's rounding)"
+
+    def span(values: np.ndarray) -> str:
+        low, high = float(np.min(values)), float(np.max(values))
+        return f"by {low:.3g}" if np.isclose(low, high, rtol=5e-3) else f"by {low:.3g} to {high:.3g} over the channels"
+
+    if np.max(factors) < 1:
+        return f"the control variate multiplied the variance of {what} {span(1 / factors)} (it added variance)"
+    return f"the control variate divided the variance of {what} {span(factors)}" + (
+        " (below 1: it added variance there)" if np.min(factors) < 1 else "")
 
 
 def interval(value: Any, stderr: Any) -> tuple[Any, Any]:
@@ -260,7 +324,7 @@ class _Stream:
         self.first: tuple[np.ndarray, np.ndarray] | None = None  # (m, sd), set by the first batch
         self.powers = np.zeros((4,) + centre[:PRODUCTS].shape)  # sums of u, u^2, u^3, u^4
         self.raw_sum = np.zeros_like(centre)
-        self.raw_squares = np.zeros_like(centre)
+        self.raw_outer = np.zeros(centre.shape[:1] + centre.shape)
         self.vec: list[Any] = [0.0, 0.0]  # sums of the centred outputs (centred products' correction)
 
     def add(self, s: np.ndarray, raw: np.ndarray) -> None:
@@ -269,7 +333,7 @@ class _Stream:
         self.n += len(s)
         r = raw - self.raw_centre
         self.raw_sum += r.sum(0)
-        self.raw_squares += (r * r).sum(0)
+        self.raw_outer += np.einsum("nic,njc->ijc", r, r)
         del r
         d = s - self.centre
         self.sum += d.sum(0)
@@ -291,9 +355,10 @@ class _Stream:
         m = self.sum / self.n
         return (self.outer - self.n * np.einsum("ic,jc->ijc", m, m)) / max(self.n - 1, 1)
 
-    def raw_variance(self) -> np.ndarray:
+    def raw_covariance(self) -> np.ndarray:
+        """:meth:`covariance` of the products before the control variate."""
         m = self.raw_sum / self.n
-        return (self.raw_squares - self.n * m * m) / max(self.n - 1, 1)
+        return (self.raw_outer - self.n * np.einsum("ic,jc->ijc", m, m)) / max(self.n - 1, 1)
 
     def tail_share(self) -> float:
         """The largest share of a product's sum of squared deviations that one
@@ -400,11 +465,12 @@ class _Fit:
 
 
 def _tail_ceiling(p: InnerProblem, n: int) -> tuple[float, str]:
-    """The largest variance error, sqrt((K - 1) / n), that a per-sample
-    product can have, K its largest possible kurtosis (see TAIL_CEILING), and
-    what bounds K, for the note; (0, "") where nothing does (no degrees)."""
+    """The log10 of the largest variance error, sqrt((K - 1) / n), that a
+    per-sample product can have, K its largest possible kurtosis (see
+    TAIL_CEILING; K of 10^361 and more under tokens, so in logs), and what
+    bounds K, for the note; (-inf, "") where nothing does (no degrees)."""
     if n < 1:
-        return 0.0, ""
+        return -math.inf, ""
     if isinstance(p.measure, Tokens):
         rarest = p.measure.log10_rarest
         log10_k = -rarest  # K = 1 / p
@@ -414,10 +480,11 @@ def _tail_ceiling(p: InnerProblem, n: int) -> tuple[float, str]:
         try:
             k = 2 * max(p.degrees)
         except (AttributeError, TypeError, ValueError):
-            return 0.0, ""
+            return -math.inf, ""
         log10_k = k * math.log10(9.0)
         why = f"the products have degree {k} under a Gaussian, whose kurtosis can reach 9^{k} (hypercontractivity)"
-    return math.sqrt(max(10.0 ** min(log10_k, 300.0) - 1.0, 0.0) / n), why
+    excess = log10_k if log10_k > 15 else math.log10(max(10.0 ** log10_k - 1.0, 1e-300))  # log10(K - 1)
+    return (excess - math.log10(n)) / 2, why
 
 
 def _rounded_up3(x: float) -> float:
@@ -711,14 +778,14 @@ class Sampled(Algorithm):
     def _shortfall(self, stream: _Stream, p: InnerProblem, target: float) -> float:
         """The largest standard error over ``target`` times its value (at most
         1: the target is reached; inf for a value of 0)."""
-        est = self._estimate(stream, p)
+        est = self._estimate(stream, p, False)
         value, se = est.cosine() if p.joint and p.a is not p.b else (est.means[0], est.stderr(0))
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(se == 0, 0.0, se / (target * np.abs(value)))
         return float(np.max(np.nan_to_num(ratio, nan=np.inf)))
 
     @staticmethod
-    def _estimate(stream: _Stream, p: InnerProblem) -> Estimate:
+    def _estimate(stream: _Stream, p: InnerProblem, controlled: bool) -> Estimate:
         means = stream.means()
         if p.centered and stream.n > 1:  # unbiased sample covariance about the pilot origin
             n = stream.n
@@ -727,36 +794,33 @@ class Sampled(Algorithm):
             corr = corr if p.per_output else corr.sum(axis=1, keepdims=True)
             means = n / (n - 1) * (means - corr)
         cov = stream.covariance() / stream.n
-        raw = stream.raw_variance()[:PRODUCTS]
-        kept = np.diagonal(stream.covariance(), axis1=0, axis2=1).T[:PRODUCTS]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            saved = float(np.nanmean(np.where(kept > 0, raw / kept, 1.0)))
-        ceiling, _ = _tail_ceiling(p, stream.n)
+        raw = stream.raw_covariance() / stream.n if controlled else None
+        log10_ceiling, _ = _tail_ceiling(p, stream.n)
+        ceiling = 10.0 ** log10_ceiling if log10_ceiling < 300 else math.inf
         error = 1.0 if ceiling > TAIL_CEILING else stream.variance_error()
-        return Estimate(means, cov, stream.n, p.seed, saved, stream.tail_share(), error, ceiling)
+        return Estimate(means, cov, stream.n, p.seed, raw, stream.tail_share(), error, ceiling)
 
     def _results(self, plan: Plan, stream: _Stream) -> Triple:
         p = plan.problem
-        est = self._estimate(stream, p)
+        est = self._estimate(stream, p, plan.payload[2] is not None)
         notes = [f"{stream.n:,} samples (seed {p.seed})"]
         if stream.n < FEW_SAMPLES:
             notes.append(f"FEW SAMPLES: the 95 % interval assumes a normal mean, which {stream.n} samples do not give "
                          f"(fewer than {FEW_SAMPLES}); the standard error is itself a rough estimate: pass more samples")
         check = "an exact value" if isinstance(p.measure, Tokens) else "an exact or closure value"  # closure: Gaussian
         if est.tail_ceiling > TAIL_CEILING:
-            _, why = _tail_ceiling(p, stream.n)
+            log10_ceiling, why = _tail_ceiling(p, stream.n)
+            could = 2 * (log10_ceiling - math.log10(TAIL_CEILING)) + math.log10(stream.n)
             notes.append(f"HEAVY TAILS: {why}: a product's sample variance, and so the standard error, may be off by "
-                         f"up to {est.tail_ceiling:.3g} times itself, which {stream.n:,} samples cannot check (about "
-                         f"{format_count(est.tail_ceiling ** 2 * stream.n / TAIL_CEILING ** 2)} could; of these, one "
-                         f"carries {est.tail_share:.0%} of a product's spread); the standard error may be "
-                         f"underestimated ({check}, to check)")
+                         f"up to {format_power(log10_ceiling)} times itself, which {stream.n:,} samples cannot check "
+                         f"({format_power(could)} could; of the {stream.n:,} drawn, one carries "
+                         f"{est.tail_share:.0%} of a product's spread); the standard error may be underestimated "
+                         f"({check}, to check)")
         elif est.heavy_tailed:  # judged by the samples
             notes.append(f"HEAVY TAILS: a product's sample variance, and so the standard error, is itself uncertain "
                          f"by about {est.variance_error:.0%} (its kurtosis; one sample carries {est.tail_share:.0%} of "
                          f"its spread); the standard error is likely underestimated (more samples, or {check}, to "
                          "check)")
-        if plan.payload[2] is not None:
-            notes.append(f"the control variate divided the variance by {est.variance_saved:.3g}")
         if p.rel_error is not None:
             reached = self._shortfall(stream, p, p.rel_error) <= 1
             notes.append(f"relative error {p.rel_error:g} {'reached' if reached else 'NOT reached within the budget'}")
@@ -766,8 +830,11 @@ class Sampled(Algorithm):
             value, se = est.means[k], est.stderr(k)
             if not p.per_output:
                 value, se = float(value[0]), float(se[0])
-            return plan.result(value, stderr=se, interval=interval(value, se), samples=stream.n, estimate=est,
-                               flops=flops, notes=plan.problem.notes + plan.notes + tuple(notes))
+            name = ("<a, b>", "<a, a>", "<b, b>")[k]
+            control = (control_note(name, est.saved(k)),) if est.raw_cov is not None else ()
+            return plan.result(value, stderr=se, interval=interval(value, se), samples=stream.n,
+                               estimate=replace(est, product=k), flops=flops,
+                               notes=plan.problem.notes + plan.notes + tuple(notes) + control)
 
         return result(0), result(1), result(2)
 

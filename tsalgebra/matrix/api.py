@@ -539,6 +539,8 @@ def _result(job: Job, gram: Gram, route: str, costs: Mapping[str, RouteCost], no
         said += (DIGITS_NOTE,)
     elif job.ops.dtype_name != str(gram.dtype):  # a route that computes in float64 only (node-gram, pairwise)
         said += (f"dtype {job.ops.dtype_name} does not apply to the {route} route: computed in {gram.dtype}",)
+    if any(isinstance(m, Component) and m.exact for m in job.rows + (job.cols or [])):
+        said += (EXACT_WEIGHTS_NOTE,)
     return SimilarityMatrix(
         values=cos, route=route, flops=int(gram.flops), inner=job.inner, method=gram.method, exact=exact_in(gram),
         norms=norms, col_norms=col_norms, symmetric=sym,
@@ -556,6 +558,8 @@ DIGITS_NOTE = ("not exact: the floating-point rounding of an exact algorithm lef
 # float32 keeps 6 to 7 digits of ordinary models' self products by the routes' own judgement
 # (rounding_unit's 2^-21 against terms a few times their sum); below this a note says how few
 FLOAT32_DIGITS = 4
+EXACT_WEIGHTS_NOTE = ("some models' weights are exact numbers (Fractions, sympy): the matrix's entries are floating "
+                      "point, its products of exact algorithms rounded; ts.similarity of a pair keeps exact numbers")
 FLOAT32_NOTE = ("computed in float32 (about 7 significant digits): an exact algorithm, not an exact value; "
                 "dtype float64 (the default) for exact values")
 
