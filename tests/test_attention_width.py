@@ -122,3 +122,23 @@ def test_runs_in_pieces_within_the_planned_memory(monkeypatch):
     assert cut.value == pytest.approx(whole.value, rel=1e-12)
     assert ts.inner(a, b, algorithm="moments", centered=True).value == pytest.approx(centered.value, rel=1e-12)
     assert used <= max(p.peak_bytes for p in plan.plans) + 2e6  # plus the interpreter's own bookkeeping
+
+
+@pytest.mark.parametrize("flags", [{"rotary_base": 7.0}, {"causal": True, "residual": True}])
+def test_self_products_run_on_head_pairs(flags):
+    """<a, a> runs only the head pairs A <= B where its key positions
+    coincide and the key tuples j < j' where they differ (the rest are its
+    mirror images): equal to the Hermite algorithm, and to the same product
+    against a copy of a, which runs every head pair and every tuple."""
+    rng = np.random.default_rng(5)
+    a = random_attention(rng, heads=3, dh=2, d=2, n_ctx=4, **flags)
+    twin = random_attention(np.random.default_rng(5), heads=3, dh=2, d=2, n_ctx=4, **flags)
+    mean, cov = np.array([0.3, -0.2]), np.array([[1.0, 0.3], [0.3, 0.7]])
+    for kw in ({}, {"centered": True}, {"per_output": True}):
+        mirrored = ts.inner(a, a, mean=mean, cov=cov, algorithm="moments", **kw)
+        full = ts.inner(a, twin, mean=mean, cov=cov, algorithm="moments", **kw)
+        slow = ts.inner(a, a, mean=mean, cov=cov, algorithm="hermite", **kw)
+        scale = np.max(np.abs(slow.value))
+        np.testing.assert_allclose(mirrored.value, slow.value, rtol=1e-10, atol=1e-12 * scale)
+        np.testing.assert_allclose(mirrored.value, full.value, rtol=1e-12, atol=1e-14 * scale)
+        assert mirrored.flops < 0.8 * full.flops

@@ -30,7 +30,10 @@ Tensors carry a fixed axis layout ``(P, A, B, E, F, S, X)``: position tuples,
 the heads of side a and of side b (each factor belongs to one side; a side's
 factors share its head), the open outputs of side a's and side b's linear
 factors (at most one each), a cycle's start leg, and the current exit leg;
-absent axes have size 1 and broadcast.  The same dynamic programme runs on
+absent axes have size 1 and broadcast.  With ``paired`` the two sides' heads
+share axis A: the providers then answer for a list of head pairs (one entry
+per pair on A, B of size 1), which lets a caller run only the pairs it needs
+(one model against itself: the pairs A <= B).  The same dynamic programme runs on
 shapes alone (:func:`moment` with ``dry=True``) to count the flops and the
 largest tensor before anything is computed.
 """
@@ -215,9 +218,11 @@ Mean = Callable[[Leg], Any]
 
 
 class _Engine:
-    def __init__(self, factors: list[Factor], gram: Gram, mean: Mean, dry: bool) -> None:
+    def __init__(self, factors: list[Factor], gram: Gram, mean: Mean, dry: bool, paired: bool = False) -> None:
         self.factors, self.gram_of, self.mean_of = factors, gram, mean
         self.ops = _Ops(dry)
+        self.heads = (_A, _A if paired else _B)  # each side's head axis
+        self.paired = paired
         self._links: dict[tuple[Leg, Leg], Any] = {}
         self._steps: dict[tuple[Any, ...], Any] = {}
 
@@ -228,8 +233,8 @@ class _Engine:
         if (x, y) not in self._links:
             g = self.gram_of(x, y)
             if g is not None:
-                if x.side == y.side:  # (heads, dx, dy), one head for both
-                    axes: tuple[int, ...] = (_A if x.side == 0 else _B, _S, _X)
+                if x.side == y.side or self.paired:  # (heads, dx, dy), one head (or head pair) for both
+                    axes: tuple[int, ...] = (self.heads[x.side], _S, _X)
                 else:  # (heads of x, dx, heads of y, dy)
                     axes = (_A, _S, _B, _X) if x.side == 0 else (_B, _S, _A, _X)
                 g = self.ops.kept(self.ops.as7(g, axes if len(g.shape) == len(axes) else (_P,) + axes))  # optionally per tuple
@@ -247,13 +252,13 @@ class _Engine:
 
     def bond(self, f: Factor, entry: int) -> Any:
         """The bond as a matrix (entry leg index, exit leg index)."""
-        W = self.ops.as7(f.bond, (_P, _A if f.side == 0 else _B, _S, _X))
+        W = self.ops.as7(f.bond, (_P, self.heads[f.side], _S, _X))
         return W if entry == 0 else self.ops.swap(W, _S, _X)
 
     def mean(self, x: Leg) -> Any:
         """The leg's mean as a row vector on X."""
         m = self.mean_of(x)
-        axes = (_A if x.side == 0 else _B, _X)
+        axes = (self.heads[x.side], _X)
         return self.ops.as7(m, axes if len(m.shape) == 2 else (_P,) + axes)  # optionally per tuple
 
     def to_open(self, T: Any, f: Factor) -> Any:
@@ -345,18 +350,22 @@ class _Engine:
         return memo[mask]
 
 
-def moment(factors: list[Factor], gram: Gram, mean: Mean, dry: bool = False) -> tuple[Any, MomentCost]:
+def moment(factors: list[Factor], gram: Gram, mean: Mean, dry: bool = False,
+           paired: bool = False) -> tuple[Any, MomentCost]:
     """E[product of the factors] as a tensor (P, A, B, E, F, 1, 1) (see the
-    module docstring), and the cost of computing it.
+    module docstring), and the cost of computing it; ``paired``: (P, pairs,
+    1, E, F, 1, 1), the providers answering per head pair.
 
     ``gram(x, y)``: the covariance of legs x and y, (heads, dx, dy) when they
     are on one side (the head shared), (heads of x, dx, heads of y, dy)
-    across sides, None when they are uncorrelated; ``mean(x)``: (heads, dx).
+    across sides (paired: (pairs, dx, dy) either way), None when they are
+    uncorrelated; ``mean(x)``: (heads, dx) (paired: (pairs, dx)); a bond's
+    heads axis 1 or, paired, the pairs'.
     Either may carry a leading axis of the position tuples (P or 1), for
     legs whose law differs from tuple to tuple (correlated positions).
     With ``dry`` the providers and bonds may answer anything with a
     ``.shape``: the same programme runs on shapes, returns the result's shape
     and its cost, and computes nothing."""
-    engine = _Engine(factors, gram, mean, dry)
+    engine = _Engine(factors, gram, mean, dry, paired)
     value = engine.moment()
     return value, MomentCost(engine.ops.flops, engine.ops.largest, engine.ops.ledger.peak)

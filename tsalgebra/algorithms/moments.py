@@ -20,7 +20,8 @@ width:
   bilinear and linear factors, legs at different positions uncorrelated:
   :mod:`tsalgebra.form_moments` sums its Isserlis pairings as joint
   cumulants, by dynamic programming over Gram blocks.  Tuples with the same
-  pattern of equal positions run as one batch.
+  pattern of equal positions run as one batch; a model against itself runs
+  one of each mirror image (:meth:`OutputMoments.second_moments`).
 - Position-wise tails W act per position: <f, g> = sum_i sum_c (W_a M_ii
   W_b')_cc, so only the diagonal blocks M_ii are formed.
 
@@ -347,6 +348,18 @@ class _Batch:
     tuples: np.ndarray  # (tuples, 1 + keys)
     entry_of: np.ndarray  # (tuples,)
 
+    def where(self, keep: np.ndarray) -> "_Batch":
+        """The tuples ``keep`` selects, with only the entries they use."""
+        used, entry_of = np.unique(self.entry_of[keep], return_inverse=True)
+        return _Batch(self.entries[used], self.tuples[keep], entry_of.ravel())
+
+
+# Head pairs (heads of side a, heads of side b), and a job of the programme:
+# the sides with attention, its batch, its factors, and the head pairs it
+# runs (None: every pair, on axes A and B).
+_Pairs = tuple[np.ndarray, np.ndarray]
+_Job = tuple[tuple[int, ...], _Batch, Callable[[_Batch], list[Factor]], "_Pairs | None"]
+
 
 class _Grams:
     """Covariances of every form of two models, one matrix product per pair
@@ -410,6 +423,8 @@ class OutputMoments:
         self.peak = 0  # the most elements one run holds at once (its transients included)
         self.held = 0  # the most elements of runs' values summed by position, held at once
         self.pool: Any = None  # worker threads for the runs, set by the caller
+        self._paired: dict[tuple[str, int, str, int], np.ndarray] = {}  # covariance blocks gathered for head pairs
+        self.gathered = 0  # their elements
 
     def side(self, s: int) -> AttentionSide:
         return self.x if s == 0 else self.y
@@ -422,23 +437,72 @@ class OutputMoments:
     def mean(self, a: Leg) -> np.ndarray:
         return self.side(a.side).forms[a.family][..., 0]
 
-    def _cost(self, factors: list[Factor]) -> tuple[tuple[int, ...], MomentCost]:
+    def _gather(self, block: tuple[str, int, str, int], pairs: _Pairs) -> np.ndarray:
+        """The covariance block (family x, side x, family y, side y) at the
+        head pairs, (pairs, dx, dy): a copy, kept for every run (planning:
+        counted, not made)."""
+        if block not in self._paired:
+            fx, sx, fy, sy = block
+            G = self.grams.block(self.side(sx), fx, self.side(sy), fy, sx == sy)  # (h, dx, dy) or (h, dx, h, dy)
+            shape = (len(pairs[0]), G.shape[1], G.shape[-1])
+            self.gathered += math.prod(shape)
+            self._paired[block] = (np.broadcast_to(0.0, shape) if self.dry else G[pairs[sx]] if sx == sy
+                                   else G[pairs[sx], :, pairs[sy]])
+        return self._paired[block]
+
+    def _providers(self, pairs: _Pairs | None, queried: set[Any] | None = None
+                   ) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        """The programme's covariance and mean providers: every head pair, or
+        the head pairs (heads of side a, heads of side b) on one axis (the
+        blocks asked for added to ``queried``)."""
+        if pairs is None:
+            return self.gram, self.mean
+
+        def gram(a: Leg, b: Leg) -> Any:
+            if a.slot != b.slot:
+                return None
+            block = (a.family, a.side, b.family, b.side)
+            if queried is not None:
+                queried.add(block)
+            return self._gather(block, pairs)
+
+        return gram, lambda a: self.mean(a)[pairs[a.side]]
+
+    def _cost(self, factors: list[Factor], pairs: _Pairs | None) -> tuple[tuple[int, ...], MomentCost]:
         """The shape of the programme's value on these factors and its cost,
         from a dry run: a function of the structure and the shapes, so
         planned once per kind."""
         forms = tuple(tuple((f, F.shape) for f, F in self.side(s).forms.items()) for s in (0, 1))
         key = (tuple((tuple((l.family, l.side, l.slot) for l in f.legs), getattr(f.bond, "shape", None))
-                     for f in factors), forms)
+                     for f in factors), forms, None if pairs is None else len(pairs[0]))
         if key not in _DRY:
-            value, cost = moment(factors, self.gram, self.mean, dry=True)
-            _DRY[key] = value.shape, cost
-        return _DRY[key]
+            queried: set[Any] = set()
+            value, cost = moment(factors, *self._providers(pairs, queried), dry=True, paired=pairs is not None)
+            _DRY[key] = value.shape, cost, frozenset(queried)
+        shape, cost, queried = _DRY[key]
+        for block in queried:  # gathered here, before the runs, and counted cold or warm
+            self._gather(block, pairs)  # type: ignore[arg-type]
+        return shape, cost
 
-    def _pieces(self, which: tuple[int, ...], batch: "_Batch", factors: Callable[["_Batch"], list[Factor]]) -> list["_Batch"]:
+    def _value(self, factors: list[Factor], pairs: _Pairs | None) -> np.ndarray:
+        """The programme's value (entries, heads or 1, heads or 1, e, f, 1, 1);
+        run on head pairs, those of one model against itself: the value at
+        (B, A) is the one at (A, B) with its outputs swapped."""
+        value = moment(factors, *self._providers(pairs), paired=pairs is not None)[0]
+        if pairs is None:
+            return value
+        heads = self.x.heads
+        out = np.empty((value.shape[0], heads, heads) + value.shape[3:])
+        out[:, pairs[1], pairs[0]] = np.swapaxes(value[:, :, 0], 2, 3)
+        out[:, pairs[0], pairs[1]] = value[:, :, 0]  # the diagonal as computed
+        return out
+
+    def _pieces(self, job: _Job) -> list["_Batch"]:
         """The batch cut along its entries into pieces whose runs each hold
         at most _RUN_ELEMENTS at once (every tensor of the programme but the
         covariance blocks carries the entries' axis)."""
-        _, cost = self._cost(factors(batch))
+        _, batch, factors, pairs = job
+        _, cost = self._cost(factors(batch), pairs)
         per_entry = max(cost.peak + 3 * cost.largest, 1) / len(batch.entries)
         size = max(1, int(_RUN_ELEMENTS // per_entry))
         if size >= len(batch.entries):
@@ -449,32 +513,33 @@ class OutputMoments:
             pieces.append(_Batch(batch.entries[start : start + size], batch.tuples[keep], batch.entry_of[keep] - start))
         return pieces
 
-    def _execute(self, jobs: list[tuple[tuple[int, ...], "_Batch", Callable[["_Batch"], list[Factor]]]]
-                 ) -> Callable[[], list[Any]]:
+    def _execute(self, jobs: list[_Job]) -> Callable[[], list[Any]]:
         """Starts each job's runs (its batch in pieces), each summed by query
         position (:meth:`_by_position`) where it is made: in the worker
         threads of ``pool`` when there is one, queued at once, so that the
         caller may start another pair's runs before waiting.  Returns what
         waits for them and sums the pieces back into their jobs."""
-        pieces = [self._pieces(which, batch, factors) for which, batch, factors in jobs]
-        work = [(which, piece, factors) for (which, _, factors), cut in zip(jobs, pieces) for piece in cut]
+        pieces = [self._pieces(job) for job in jobs]
+        work = [(which, piece, factors, pairs) for (which, _, factors, pairs), cut in zip(jobs, pieces)
+                for piece in cut]
         held, flops = 0, []
-        for which, piece, factors in work:  # counted in the caller's thread: the same whether run or planned
-            shape, cost = self._cost(factors(piece))
+        for which, piece, factors, pairs in work:  # counted in the caller's thread: the same whether run or planned
+            shape, cost = self._cost(factors(piece), pairs)
             flops.append(cost.flops)
             self.flops += cost.flops
             self.largest = max(self.largest, cost.largest)
             self.peak = max(self.peak, cost.peak + 3 * cost.largest)
-            held += self.x.attn.n_ctx * math.prod(shape[1:5])  # its values summed by position
+            heads = shape[1:3] if pairs is None else (self.x.heads, self.x.heads)
+            held += self.x.attn.n_ctx * math.prod(heads + shape[3:5])  # its values summed by position
         self.held += held  # every call's runs may be done and waiting at once
         if self.dry:
             return lambda: [None] * len(jobs)
 
         tick = advancer()  # the running plan's bar, when one shows
 
-        def run(item: tuple[tuple[int, ...], _Batch, Any], flops: int) -> np.ndarray:
-            which, piece, factors = item
-            out = self._by_position(which, piece, moment(factors(piece), self.gram, self.mean)[0])
+        def run(item: _Job, flops: int) -> np.ndarray:
+            which, piece, factors, pairs = item
+            out = self._by_position(which, piece, self._value(factors(piece), pairs))
             if tick is not None:
                 tick(flops)
             return out
@@ -546,22 +611,29 @@ class OutputMoments:
         For one model against itself, a configuration and its mirror image
         (the two key positions' roles swapped; one side's virtual head
         against the other's heads and the converse) give transposed terms:
-        only one of each is run."""
+        only one of each is run.  A configuration that is its own mirror
+        runs only the head pairs A <= B where its key positions coincide
+        (the query's, or one other), and only the tuples j < j' of distinct
+        keys where they differ."""
         x, y = self.x, self.y
         n, mirror = x.attn.n_ctx, x is y
         (Ox, Vx), (Oy, Vy) = x.out_maps, y.out_maps
-        jobs: list[tuple[tuple[int, ...], _Batch, Any]] = []  # sides with attention, batch, its factors
+        jobs: list[_Job] = []
         mirrored: list[bool] = []
+        upper = np.triu_indices(x.heads)
         for slots, batch in self._configs((0, 1)).items():  # attention x attention
             if mirror and slots == (1, 0):
                 continue
+            if mirror and slots == (1, 2):
+                batch = batch.where(batch.tuples[:, 1] < batch.tuples[:, 2])
             jobs.append(((0, 1), batch, lambda b, slots=slots: x.factors(0, b.entries[:, 0], slots[0])
-                         + y.factors(1, b.entries[:, 1], slots[1])))
-            mirrored.append(mirror and slots == (0, 1))
+                         + y.factors(1, b.entries[:, 1], slots[1]),
+                         upper if mirror and slots[0] == slots[1] else None))
+            mirrored.append(mirror and slots in ((0, 1), (1, 2)))
         for s in (0, 1) if not mirror else (1,):  # one side's virtual head x the other's attention
             for slots, batch in self._configs((1 - s,)).items():
                 jobs.append(((1 - s,), batch, lambda b, s=s, slot=slots[0]: [Factor((Leg("z", s, 0),))]
-                             + self.side(1 - s).factors(1 - s, b.entries[:, 0], slot)))
+                             + self.side(1 - s).factors(1 - s, b.entries[:, 0], slot), None))
                 mirrored.append(mirror)
         gather = self._execute(jobs)
 
@@ -569,7 +641,7 @@ class OutputMoments:
             if self.dry:
                 return None  # type: ignore[return-value]
             sums: dict[tuple[tuple[int, ...], bool], np.ndarray] = {}  # per position, by sides and mirroring
-            for part, (which, _, _), flip in zip(gather(), jobs, mirrored):
+            for part, (which, *_), flip in zip(gather(), jobs, mirrored):
                 sums[(which, flip)] = part if (which, flip) not in sums else sums[(which, flip)] + part
             M = np.zeros((n, Ox.shape[1], Oy.shape[1]))
             M += Vx @ self._input_moment() @ Vy.T  # the virtual heads, at every position
@@ -598,8 +670,8 @@ class OutputMoments:
         side = self.side(s)
         n = side.attn.n_ctx
         O, V = side.out_maps
-        jobs = [((s,), batch, lambda b, slot=slots[0]: side.factors(s, b.entries[:, 0], slot))
-                for slots, batch in self._configs((s,)).items()]
+        jobs: list[_Job] = [((s,), batch, lambda b, slot=slots[0]: side.factors(s, b.entries[:, 0], slot), None)
+                            for slots, batch in self._configs((s,)).items()]
         gather = self._execute(jobs)
 
         def assembled() -> np.ndarray:
@@ -684,7 +756,8 @@ class AttentionMoments(Algorithm):
             raise CostError(f"the attention-moments algorithm would cost about {format_count(flops)} flops",
                             flops=flops)
         threads = blas_threads() if flops > _THREADED_FLOPS else 1  # runs at once, each at most its peak
-        held = threads * max(p.peak for p in pairs.values()) + sum(p.held for p in pairs.values())  # all queued at once
+        held = (threads * max(p.peak for p in pairs.values())  # the runs at once, every run's values queued,
+                + sum(p.held + p.gathered for p in pairs.values()))  # and the gathered blocks
         grams = next(iter(pairs.values())).grams
         sides = {id(s): s for p in pairs.values() for s in (p.x, p.y)}.values()
         inputs = sum(2 * (sum(h * w for h, w in form_shapes(x)) + x.T.shape[0]) * (r + 1)  # forms, stacked for the Grams
